@@ -1,0 +1,140 @@
+"""Run test bodies in N gloo processes.
+
+Starting a process costs ~6 s here (importing megatron-core), so a :class:`ProcessWorld`
+spawns its ranks once and then runs any number of test bodies in them: ``world.run(fn,
+*args)`` calls ``fn(*args)`` on every rank and returns the per-rank results. A failure on
+any rank raises :class:`RankFailure` carrying that rank's traceback; a body that does not
+finish within the timeout (a hang in a collective, say) kills the world and raises
+``TimeoutError``; the next ``run`` then finds the world closed and the fixture builds a new
+one.
+
+``fn`` must be importable by the children (a module-level function in a test module).
+Inside it, ``tst.platform.initialize(tp=..., pp=...)`` sets up megatron-core for the layout
+the body needs; the process group itself is created once per world.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import traceback
+
+import torch.multiprocessing as mp
+
+DEFAULT_TIMEOUT_S = 180.0
+
+
+class RankFailure(AssertionError):
+    """A test body failed on one or more ranks; the message holds their tracebacks."""
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        from tst import cpu_compat
+
+        cpu_compat.apply()
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+        return
+    results.put((rank, True, "ready"))
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args, kwargs = task
+        try:
+            results.put((rank, True, fn(*args, **kwargs)))
+        except BaseException:
+            results.put((rank, False, traceback.format_exc()))
+        finally:
+            _reset_parallel_state()
+    dist.destroy_process_group()
+
+
+def _reset_parallel_state() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+
+
+class ProcessWorld:
+    """``world_size`` spawned gloo ranks that run test bodies on request."""
+
+    def __init__(self, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S):
+        from tst.platform import free_port
+
+        self.world_size = world_size
+        self.timeout_s = timeout_s
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        port = free_port()
+        self._procs = [
+            ctx.Process(
+                target=_worker,
+                args=(rank, world_size, port, self._tasks[rank], self._results),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for proc in self._procs:
+            proc.start()
+        self.closed = False
+        self._collect("start-up", timeout_s=max(timeout_s, 120.0))
+
+    def run(self, fn, *args, timeout_s: float | None = None, **kwargs) -> list:
+        """Run ``fn(*args, **kwargs)`` on every rank; return the results in rank order."""
+        if self.closed:
+            raise RuntimeError("this process world was closed after an earlier failure")
+        for task_queue in self._tasks:
+            task_queue.put((fn, args, kwargs))
+        return self._collect(getattr(fn, "__name__", repr(fn)), timeout_s or self.timeout_s)
+
+    def _collect(self, what: str, timeout_s: float) -> list:
+        results: dict[int, object] = {}
+        failures: dict[int, str] = {}
+        try:
+            while len(results) + len(failures) < self.world_size:
+                rank, ok, value = self._results.get(timeout=timeout_s)
+                (results if ok else failures)[rank] = value
+        except queue.Empty:
+            missing = sorted(set(range(self.world_size)) - set(results) - set(failures))
+            self.close(force=True)
+            detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+            raise TimeoutError(
+                f"{what}: ranks {missing} did not finish within {timeout_s:.0f} s "
+                f"(world of {self.world_size}){detail}"
+            ) from None
+        if failures:
+            self.close(force=True)
+            detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
+            raise RankFailure(f"{what} failed on ranks {sorted(failures)}:{detail}")
+        return [results[r] for r in range(self.world_size)]
+
+    def close(self, force: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if not force:
+            for task_queue in self._tasks:
+                task_queue.put(None)
+            for proc in self._procs:
+                proc.join(timeout=10)
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)

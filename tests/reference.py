@@ -1,0 +1,86 @@
+"""Plain single-process reference of the TST math, written from the paper's description.
+
+The test oracle only: no tensor parallelism, no fused tricks, loops where the paper loops.
+Nothing in ``tst/`` imports it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def multi_hot_ce(logits, targets, ignore_index=-100, slot_weights=None):
+    """The paper's MCE: weighted mean over valid slots of ``bag_size`` separate CE calls.
+
+    logits ``[..., V]``, targets ``[..., bag_size]`` -> ``[...]`` fp32.
+    """
+    logits = logits.float()
+    bag_size = targets.shape[-1]
+    weights = torch.ones(bag_size) if slot_weights is None else slot_weights.float()
+    total = torch.zeros(targets.shape[:-1])
+    weight_sum = torch.zeros(targets.shape[:-1])
+    for j in range(bag_size):
+        y = targets[..., j]
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            y.reshape(-1),
+            ignore_index=ignore_index,
+            reduction="none",
+        ).reshape(y.shape)
+        valid = (y != ignore_index).float()
+        total = total + weights[j] * ce * valid
+        weight_sum = weight_sum + weights[j] * valid
+    return torch.where(weight_sum > 0, total / weight_sum.clamp_min(1e-30), 0.0)
+
+
+def multi_hot_ce_alt(logits, targets, ignore_index=-100, slot_weights=None):
+    """MCEAlt: ``-log sum_j w_j p(y_j)`` over valid slots, 0 where none is valid."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    bag_size = targets.shape[-1]
+    weights = torch.ones(bag_size) if slot_weights is None else slot_weights.float()
+    mass = torch.zeros(targets.shape[:-1])
+    any_valid = torch.zeros(targets.shape[:-1], dtype=torch.bool)
+    for j in range(bag_size):
+        y = targets[..., j]
+        valid = y != ignore_index
+        p = torch.gather(probs, -1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        mass = mass + weights[j] * p * valid
+        any_valid = any_valid | (valid & (weights[j] > 0))
+    return torch.where(any_valid, -torch.log(mass.clamp_min(1e-45)), 0.0)
+
+
+def bag_embedding(table, input_ids, bag_size):
+    """Mean of each bag's token embeddings: ids ``[b, L*bag_size]`` -> ``[L, b, h]``."""
+    batch, n = input_ids.shape
+    rows = table[input_ids].float()  # [b, n, h]
+    out = torch.stack(
+        [rows[:, j * bag_size : (j + 1) * bag_size].mean(dim=1) for j in range(n // bag_size)],
+        dim=1,
+    )  # [b, L, h]
+    return out.transpose(0, 1).to(table.dtype)
+
+
+def tst_batch(chunk, bag_size, layout="full", ignore_index=-100):
+    """Inputs, targets and loss mask built per position, the paper's way.
+
+    ``paper``: next-token labels shifted left by ``bag_size - 1``, padded with ignore_index.
+    ``full``:  the chunk holds ``bag_size * (L + 1)`` tokens; bag j's targets are bag j+1.
+    """
+    batch, n = chunk.shape
+    if layout == "paper":
+        num_bags = (n - 1) // bag_size
+        labels = chunk[:, 1:]  # ordinary next-token labels, length n - 1 = L * bag_size
+        shifted = torch.full_like(labels, ignore_index)
+        shifted[:, : labels.shape[1] - (bag_size - 1)] = labels[:, bag_size - 1 :]
+    else:
+        num_bags = n // bag_size - 1
+        shifted = chunk[:, bag_size:]
+    inputs = chunk[:, : num_bags * bag_size]
+    targets = torch.full((batch, num_bags, bag_size), ignore_index, dtype=torch.long)
+    for b in range(batch):
+        for j in range(num_bags):
+            for k in range(bag_size):
+                targets[b, j, k] = shifted[b, j * bag_size + k]
+    loss_mask = (targets != ignore_index).any(-1).float()
+    return inputs, targets, loss_mask

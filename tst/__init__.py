@@ -1,0 +1,14 @@
+"""Token Superposition Training on megatron-core.
+
+Library map (each module one job):
+
+- ``tst.losses``      vocab-parallel multi-hot cross-entropy (MCE, MCEAlt) and slot weights
+- ``tst.embedding``   bag-aware input embedding (a ``LanguageModelEmbedding`` subclass)
+- ``tst.data``        raw token chunks -> TST batches; datasets for both phases
+- ``tst.platform``    device, backend, megatron-core parallel state, seeds
+- ``tst.cpu_compat``  the patches megatron-core needs where CUDA is absent
+
+The pure TST math (``tst.losses``, ``tst.data.batch``) imports only torch.
+"""
+
+__version__ = "0.1.0"

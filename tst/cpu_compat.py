@@ -1,0 +1,261 @@
+"""megatron-core on a machine without CUDA: the patches that make it run on CPU over gloo.
+
+megatron-core is written for GPUs and calls CUDA in a few dozen places that matter even
+when no kernel does: tensors placed with ``device="cuda"`` or ``.cuda()``, pinned host
+buffers, streams and events, the CUDA RNG state behind the tensor-parallel RNG tracker,
+and ``param.type() == "torch.cuda.FloatTensor"`` checks in the optimizer.
+
+:func:`apply` patches exactly those, and only when CUDA is absent; on a GPU machine it
+does nothing. The patches are narrow on purpose: a process-wide ``TorchFunctionMode``
+would catch everything in one place, but it intercepts every op of every forward pass
+(about 25% of step time on a tiny model). Instead, the megatron-core modules that
+hard-code CUDA tensor placement see a thin ``torch`` stand-in whose factory functions
+place tensors on the CPU; everywhere else ``torch`` is untouched.
+
+Applying twice is harmless. The patches change library modules, so they are
+process-wide by nature; :func:`apply` returns whether it patched anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import types
+from typing import Any
+
+import torch
+
+__all__ = ["apply", "is_applied"]
+
+_APPLIED_FLAG = "_tst_cpu_compat_applied"
+
+# megatron-core modules that name the CUDA device in tensor factories or call `torch.cuda.*`
+# directly (megatron-core 0.16.x). Each sees `_CpuTorch` in place of its `torch` global.
+_MODULES_WITH_CUDA_FACTORIES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.transformer.moe.moe_utils",
+    "megatron.core.transformer.moe.token_dispatcher",
+    "megatron.core.transformer.utils",
+    "megatron.core.models.common.embeddings.rope_utils",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.utils",
+    "megatron.core.parallel_state",
+)
+
+_FACTORIES = (
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+    "rand",
+    "randn",
+    "randint",
+)
+
+
+def _cpu_device(device: Any) -> Any:
+    """Map any CUDA device designation (str, int, torch.device) to the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _cpu_factory(fn):
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    factory.__name__ = fn.__name__
+    return factory
+
+
+class _NullStream:
+    """Stands in for `torch.cuda.Stream` / `Event`: every method is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuCuda(types.ModuleType):
+    """`torch.cuda` as megatron-core sees it without CUDA: CPU RNG, no-op streams."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    Stream = _NullStream
+    Event = _NullStream
+
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _NullStream()
+
+    @staticmethod
+    def stream(*args, **kwargs):
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def synchronize(*args, **kwargs):
+        return None
+
+    @staticmethod
+    def is_available():
+        return False
+
+    @staticmethod
+    def get_rng_state(*args, **kwargs):
+        return torch.get_rng_state()
+
+    @staticmethod
+    def set_rng_state(state, *args, **kwargs):
+        torch.set_rng_state(state)
+
+    @staticmethod
+    def manual_seed(seed):
+        torch.manual_seed(seed)
+
+    @staticmethod
+    def manual_seed_all(seed):
+        torch.manual_seed(seed)
+
+
+class _CpuTorch(types.ModuleType):
+    """`torch` as a CUDA-hard-coding megatron-core module sees it: CPU placement."""
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+        self.cuda = _CpuCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def device(*args, **kwargs):
+        if args and isinstance(args[0], str) and args[0].startswith("cuda"):
+            return torch.device("cpu")
+        return torch.device(*args, **kwargs)
+
+
+def is_applied() -> bool:
+    return getattr(torch, _APPLIED_FLAG, False)
+
+
+def apply() -> bool:
+    """Patch megatron-core and torch for CPU execution; a no-op where CUDA is available.
+
+    Returns True when the patches are in place after the call (applied now or before).
+    """
+    if torch.cuda.is_available():
+        return False
+    if is_applied():
+        return True
+
+    # Tensor methods that name CUDA: stay on the CPU, never pin.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
+    torch.Tensor.record_stream = lambda self, *args, **kwargs: None
+    _original_type = torch.Tensor.type
+
+    def _type(self, dtype=None, non_blocking=False, **kwargs):
+        # megatron-core's optimizer compares `param.type()` against CUDA type names.
+        if dtype is None and not kwargs:
+            name = _original_type(self)
+            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+        return _original_type(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = _type
+
+    # Process-wide `torch.cuda` calls made outside the stand-in modules.
+    cpu_cuda = _CpuCuda()
+    torch.cuda.current_device = cpu_cuda.current_device
+    torch.cuda.synchronize = cpu_cuda.synchronize
+    torch.cuda.current_stream = cpu_cuda.current_stream
+    torch.cuda.Stream = _NullStream
+    torch.cuda.Event = _NullStream
+    torch.cuda.stream = cpu_cuda.stream
+
+    cpu_torch = _CpuTorch()
+    for module_name in _MODULES_WITH_CUDA_FACTORIES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if getattr(module, "torch", None) is torch:
+            module.torch = cpu_torch
+
+    # The tensor-parallel RNG tracker keeps CUDA generator states: use the CPU generator.
+    from megatron.core.tensor_parallel import random as tp_random
+
+    tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    # With one generator for "CPU" and "CUDA", every fork changes the CPU state by design.
+    logging.getLogger(tp_random.__name__).setLevel(logging.ERROR)
+
+    # MoE without Transformer Engine: the router reads a name defined only under TE's guard.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    _patch_alltoall_split_sizes()
+    setattr(torch, _APPLIED_FLAG, True)
+    return True
+
+
+def _patch_alltoall_split_sizes() -> None:
+    """gloo's all_to_all_single rejects split sizes given as tensors.
+
+    The MoE alltoall dispatcher asks `maybe_move_tensor_to_cpu(..., as_numpy=True)` for its
+    split sizes, which converts only CUDA tensors; on the CPU the tensor is returned as is.
+    """
+    from megatron.core.transformer.moe import token_dispatcher
+
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu

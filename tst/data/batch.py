@@ -1,0 +1,102 @@
+"""Raw token chunks -> TST batches: bag inputs, bag targets and a loss mask.
+
+A superposition sample of ``L`` positions reads ``bag_size * L`` input tokens, folded into
+``L`` contiguous bags; bag ``j`` predicts the tokens of bag ``j + 1``. Two chunk layouts:
+
+``full`` (the default, :data:`FULL_BAG`)
+    A chunk of ``bag_size * (L + 1)`` tokens. Every position, the last included, has a full
+    target bag, so every position's loss has the same form and the same ``log(bag_size)``
+    floor. It costs ``bag_size - 1`` extra raw tokens per sample, and megatron-core's
+    ``GPTDataset`` serves it when asked for sequence length ``bag_size * (L + 1) - 1``.
+``paper`` (:data:`PAPER`)
+    A chunk of ``bag_size * L + 1`` tokens, as the paper builds it: the ordinary next-token
+    labels shifted left by ``bag_size - 1`` and padded with ``ignore_index``, so the last
+    position has a single valid target slot.
+
+With ``bag_size == 1`` both layouts are ordinary next-token training on ``L + 1`` tokens,
+which is also what the recovery phase uses. Shapes: chunk ``[b, n]`` -> input ids
+``[b, L * bag_size]``, targets ``[b, L, bag_size]``, loss mask ``[b, L]``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["FULL_BAG", "PAPER", "TSTBatch", "chunk_length", "make_tst_batch"]
+
+FULL_BAG = "full"
+PAPER = "paper"
+_LAYOUTS = (FULL_BAG, PAPER)
+
+
+class TSTBatch(NamedTuple):
+    input_ids: torch.Tensor  # [b, L * bag_size] int64
+    targets: torch.Tensor  # [b, L, bag_size] int64, ignore_index in empty slots
+    loss_mask: torch.Tensor  # [b, L] float, 1 where a position has a valid slot
+
+
+def chunk_length(seq_length: int, bag_size: int, layout: str = FULL_BAG) -> int:
+    """Raw tokens a sample of ``seq_length`` positions reads: ``bag_size * (L + 1)`` or
+    ``bag_size * L + 1``."""
+    _check_layout(layout)
+    if seq_length < 1 or bag_size < 1:
+        raise ValueError(f"seq_length and bag_size must be >= 1, got {seq_length}, {bag_size}")
+    if layout == FULL_BAG:
+        return bag_size * (seq_length + 1)
+    return bag_size * seq_length + 1
+
+
+def make_tst_batch(
+    chunk: torch.Tensor,
+    bag_size: int,
+    layout: str = FULL_BAG,
+    ignore_index: int = -100,
+    token_loss_mask: torch.Tensor | None = None,
+) -> TSTBatch:
+    """Fold raw token chunks ``[b, n]`` into a TST batch of ``L`` bag positions.
+
+    ``n`` must be :func:`chunk_length` of some ``L`` for the layout. ``token_loss_mask``
+    (optional, ``[b, n]``, 1 = keep) marks raw tokens that must not be predicted (for
+    example EOD when a dataset masks it); their target slots become ``ignore_index``.
+    """
+    _check_layout(layout)
+    if bag_size < 1:
+        raise ValueError(f"bag_size must be >= 1, got {bag_size}")
+    if chunk.dim() != 2:
+        raise ValueError(f"chunk must be [batch, tokens], got shape {tuple(chunk.shape)}")
+    batch, n = chunk.shape
+    extra = bag_size if layout == FULL_BAG else 1
+    if n <= extra or (n - extra) % bag_size != 0:
+        raise ValueError(
+            f"a chunk of {n} tokens does not fit bag_size={bag_size} in the {layout!r} layout: "
+            f"it must be {'bag_size * (L + 1)' if layout == FULL_BAG else 'bag_size * L + 1'} "
+            f"tokens for some L >= 1"
+        )
+    num_bags = (n - extra) // bag_size
+    chunk = chunk.long()
+    input_ids = chunk[:, : num_bags * bag_size]
+
+    # Raw token t + bag_size is slot (t mod bag_size) of bag (t // bag_size)'s target:
+    # bag j predicts tokens (j + 1) * bag_size .. (j + 2) * bag_size - 1.
+    labels = chunk[:, bag_size:]
+    if token_loss_mask is not None:
+        if token_loss_mask.shape != chunk.shape:
+            raise ValueError(
+                f"token_loss_mask shape {tuple(token_loss_mask.shape)} must equal the chunk's "
+                f"{tuple(chunk.shape)}"
+            )
+        labels = labels.masked_fill(token_loss_mask[:, bag_size:] == 0, ignore_index)
+    if layout == PAPER:
+        # Only one token follows the last bag: pad its other bag_size - 1 slots.
+        pad = labels.new_full((batch, bag_size - 1), ignore_index)
+        labels = torch.cat([labels, pad], dim=1)
+    targets = labels.reshape(batch, num_bags, bag_size)
+    loss_mask = (targets != ignore_index).any(dim=-1).float()
+    return TSTBatch(input_ids, targets, loss_mask)
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in _LAYOUTS:
+        raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")

@@ -1,0 +1,292 @@
+"""Multi-hot cross-entropy over tensor-parallel vocabulary shards.
+
+In the superposition phase each position predicts a *bag* of ``bag_size`` tokens. The
+loss (the paper's "MCE") is the weighted mean of ordinary cross-entropies against one
+set of logits::
+
+    loss = sum_j w_j * CE(z, y_j) / sum_j w_j   =   logsumexp(z) - sum_j wn_j * z[y_j]
+
+with ``wn_j`` the weights normalised over the position's valid slots. It needs one
+log-sum-exp per position, not one per slot, so it costs what single-target CE costs.
+
+Layout: logits ``[..., V/tp]`` are this rank's contiguous vocabulary shard in rank order
+(megatron-core's ``ColumnParallelLinear`` output), targets ``[..., bag_size]`` hold global
+token ids. Collectives per call, whatever ``bag_size`` is, all over ``tp_group``:
+
+1. all-reduce MAX of the per-position logit maximum ``[...]``;
+2. all-reduce SUM of the per-position sum of exponentials ``[...]``;
+3. all-reduce SUM of the gathered target logits (``[...]`` for MCE, the weighted sum is
+   formed locally first; ``[..., bag_size]`` for MCEAlt, which needs each one).
+
+The backward needs no communication: the gradient is ``softmax(z) - target distribution``
+restricted to the local shard. No tensor of shape ``[..., bag_size, V/tp]`` is created.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "vocab_parallel_multi_hot_cross_entropy",
+    "vocab_parallel_multi_hot_cross_entropy_alt",
+    "power_law_slot_weights",
+    "slot_weights_for",
+]
+
+
+def power_law_slot_weights(bag_size: int, exponent: float = 1.0) -> torch.Tensor:
+    """The paper's power-law slot weights ``w_i = 1 / i**exponent`` for slots ``i = 1..bag_size``.
+
+    Earlier tokens of the target bag weigh more; the paper found this better than uniform
+    weights for ``bag_size >= 8``. Returned unnormalised, fp32, ``[bag_size]``.
+    """
+    if bag_size < 1:
+        raise ValueError(f"bag_size must be >= 1, got {bag_size}")
+    return 1.0 / torch.arange(1, bag_size + 1, dtype=torch.float32) ** exponent
+
+
+def slot_weights_for(kind: str, bag_size: int) -> torch.Tensor | None:
+    """Slot weights by name, as ``--tst-slot-weights`` spells them: ``uniform`` or ``power``."""
+    if kind == "uniform":
+        return None
+    if kind == "power":
+        return power_law_slot_weights(bag_size)
+    raise ValueError(f"--tst-slot-weights must be 'uniform' or 'power', got {kind!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers (no autograd, no communication unless a group is given)
+
+
+def _group_info(tp_group) -> tuple[int, int]:
+    if tp_group is None:
+        return 0, 1
+    return dist.get_rank(group=tp_group), dist.get_world_size(group=tp_group)
+
+
+def _all_reduce(tensor: torch.Tensor, op, tp_group) -> None:
+    if tp_group is not None and dist.get_world_size(group=tp_group) > 1:
+        dist.all_reduce(tensor, op=op, group=tp_group)
+
+
+def _check_inputs(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    vocab_size: int,
+    ignore_index: int,
+    slot_weights: torch.Tensor | None,
+) -> None:
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a float tensor, got {logits.dtype}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must hold integer token ids, got {target.dtype}")
+    if target.dim() != logits.dim() or target.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must be logits shape "
+            f"{tuple(logits.shape[:-1])} plus a trailing bag dimension [..., bag_size]"
+        )
+    if target.shape[-1] < 1:
+        raise ValueError("target has an empty bag dimension (bag_size must be >= 1)")
+    valid = target != ignore_index
+    if valid.any():
+        ids = target[valid]
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"target token id {bad} is outside the vocabulary [0, {vocab_size}) "
+                f"(vocab shard size x tensor-parallel size); mark empty slots with "
+                f"ignore_index={ignore_index} and check the tokenizer's vocabulary size"
+            )
+    if slot_weights is not None:
+        if slot_weights.dim() != 1 or slot_weights.numel() != target.shape[-1]:
+            raise ValueError(
+                f"slot_weights must have shape [bag_size] = [{target.shape[-1]}], "
+                f"got {tuple(slot_weights.shape)}"
+            )
+        if not torch.isfinite(slot_weights).all() or (slot_weights < 0).any():
+            raise ValueError(
+                f"slot_weights must be finite and non-negative, got {slot_weights.tolist()}"
+            )
+
+
+def _normalised_slot_weights(
+    target: torch.Tensor, ignore_index: int, slot_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``[..., bag_size]`` fp32 weights that sum to 1 over valid slots (0 if none is valid)."""
+    valid = (target != ignore_index).float()
+    if slot_weights is not None:
+        valid = valid * slot_weights.to(device=target.device, dtype=torch.float32)
+    total = valid.sum(dim=-1, keepdim=True)
+    return valid / total.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _local_targets(
+    target: torch.Tensor, ignore_index: int, vocab_start: int, vocab_end: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shard-local target indices (0 where off-shard) and the on-shard mask, ``[..., bag]``."""
+    on_shard = (target >= vocab_start) & (target < vocab_end) & (target != ignore_index)
+    local = torch.where(on_shard, target - vocab_start, torch.zeros_like(target))
+    return local, on_shard
+
+
+def _shifted_logits(logits: torch.Tensor, tp_group) -> torch.Tensor:
+    """A fresh fp32 tensor ``z - max(z)`` with the max taken over the whole vocabulary."""
+    logits_fp32 = logits.float()
+    logits_max = logits_fp32.max(dim=-1).values
+    _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)  # collective 1
+    if logits_fp32 is logits:
+        return logits_fp32 - logits_max.unsqueeze(-1)
+    # `.float()` already made a copy: shift it in place rather than holding two.
+    return logits_fp32.sub_(logits_max.unsqueeze(-1))
+
+
+def _exp_and_sum(shifted: torch.Tensor, tp_group) -> torch.Tensor:
+    """Exponentiate ``shifted`` in place; return the global sum of exponentials ``[...]``."""
+    sum_exp = shifted.exp_().sum(dim=-1)
+    _all_reduce(sum_exp, dist.ReduceOp.SUM, tp_group)  # collective 2
+    return sum_exp
+
+
+class _VocabParallelMultiHotCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, tp_group, ignore_index, slot_weights):
+        rank, _ = _group_info(tp_group)
+        shard = logits.shape[-1]
+        vocab_start, vocab_end = rank * shard, (rank + 1) * shard
+
+        shifted = _shifted_logits(logits, tp_group)
+        weights = _normalised_slot_weights(target, ignore_index, slot_weights)  # [..., bag]
+        local, on_shard = _local_targets(target, ignore_index, vocab_start, vocab_end)
+        local_weights = weights * on_shard  # this shard's part of the target distribution
+        # sum_j wn_j * (z[y_j] - max), this shard's part; one value per position.
+        target_logit = (torch.gather(shifted, -1, local) * local_weights).sum(-1)
+        sum_exp = _exp_and_sum(shifted, tp_group)
+        _all_reduce(target_logit, dist.ReduceOp.SUM, tp_group)  # collective 3
+
+        has_target = weights.sum(-1) > 0
+        loss = torch.where(has_target, torch.log(sum_exp) - target_logit, 0.0)
+
+        # Keep softmax(z) in place of the shifted logits: the backward needs nothing else.
+        softmax = shifted.div_(sum_exp.unsqueeze(-1))
+        softmax.mul_(has_target.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local, local_weights)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, local_weights = ctx.saved_tensors
+        grad = softmax  # reused in place: forward's softmax is not needed again
+        grad.scatter_add_(-1, local, -local_weights)
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_multi_hot_cross_entropy(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group=None,
+    ignore_index: int = -100,
+    slot_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Weighted mean of cross-entropies of one set of logits against a bag of targets.
+
+    Args:
+        vocab_parallel_logits: ``[..., V/tp]`` this rank's contiguous vocabulary shard (any
+            float dtype; computed in fp32).
+        target: ``[..., bag_size]`` int64 global token ids; ``ignore_index`` marks empty slots.
+        tp_group: tensor-parallel process group over which the vocabulary is split; None
+            means no tensor parallelism.
+        ignore_index: the id of an empty slot.
+        slot_weights: optional ``[bag_size]`` non-negative weights; uniform when None.
+
+    Returns:
+        ``[...]`` fp32 loss: ``sum_j w_j CE(z, y_j) / sum_j w_j`` over valid slots ``j``,
+        and 0 where a position has no valid slot. Duplicate ids in a bag count once per
+        occurrence. Gradient wrt the logits: ``softmax(z) - weighted multi-hot(y)``.
+
+    Collectives (over ``tp_group``): all-reduce MAX ``[...]``, all-reduce SUM ``[...]``
+    (sum of exponentials), all-reduce SUM ``[...]`` (weighted target logits).
+    """
+    _, tp = _group_info(tp_group)
+    _check_inputs(
+        vocab_parallel_logits,
+        target,
+        vocab_parallel_logits.shape[-1] * tp,
+        ignore_index,
+        slot_weights,
+    )
+    return _VocabParallelMultiHotCE.apply(
+        vocab_parallel_logits, target.long(), tp_group, ignore_index, slot_weights
+    )
+
+
+class _VocabParallelMultiHotCEAlt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, tp_group, ignore_index, slot_weights):
+        rank, _ = _group_info(tp_group)
+        shard = logits.shape[-1]
+        vocab_start, vocab_end = rank * shard, (rank + 1) * shard
+
+        shifted = _shifted_logits(logits, tp_group)
+        local, on_shard = _local_targets(target, ignore_index, vocab_start, vocab_end)
+        # Each slot's logit lives on exactly one shard: gather locally, sum across shards.
+        slot_logit = torch.gather(shifted, -1, local) * on_shard  # [..., bag]
+        sum_exp = _exp_and_sum(shifted, tp_group)
+        _all_reduce(slot_logit, dist.ReduceOp.SUM, tp_group)  # collective 3
+
+        weights = (target != ignore_index).float()
+        if slot_weights is not None:
+            weights = weights * slot_weights.to(device=target.device, dtype=torch.float32)
+        has_target = (weights > 0).any(-1)
+        # log sum_j w_j exp(z_j - max), stably; slots of weight 0 drop out as -inf.
+        log_w = torch.where(weights > 0, weights.log(), float("-inf"))
+        log_mass = torch.logsumexp(slot_logit + log_w, dim=-1)
+        loss = torch.where(has_target, torch.log(sum_exp) - log_mass, 0.0)
+
+        # Posterior over slots: q_j = w_j p(y_j) / sum_k w_k p(y_k), this shard's part.
+        posterior = torch.exp(slot_logit + log_w - log_mass.unsqueeze(-1))
+        posterior = torch.where(has_target.unsqueeze(-1), posterior, 0.0) * on_shard
+        softmax = shifted.div_(sum_exp.unsqueeze(-1))
+        softmax.mul_(has_target.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local, posterior)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, posterior = ctx.saved_tensors
+        grad = softmax
+        grad.scatter_add_(-1, local, -posterior)
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_multi_hot_cross_entropy_alt(
+    vocab_parallel_logits: torch.Tensor,
+    target: torch.Tensor,
+    tp_group=None,
+    ignore_index: int = -100,
+    slot_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The paper's "MCEAlt": ``-log sum_j w_j p(y_j)`` over valid slots (``w_j = 1`` if None).
+
+    Same layout, arguments and errors as :func:`vocab_parallel_multi_hot_cross_entropy`.
+    Unweighted it is exactly ``-log sum_j p(y_j)``, whose floor is 0 rather than
+    ``log(bag_size)``. 0 where a position has no valid slot. Gradient wrt the logits:
+    ``softmax(z) - q`` with ``q_j = w_j p(y_j) / sum_k w_k p(y_k)`` placed at ``y_j``.
+
+    Collectives (over ``tp_group``): all-reduce MAX ``[...]``, all-reduce SUM ``[...]``
+    (sum of exponentials), all-reduce SUM ``[..., bag_size]`` (each slot's logit).
+    """
+    _, tp = _group_info(tp_group)
+    _check_inputs(
+        vocab_parallel_logits,
+        target,
+        vocab_parallel_logits.shape[-1] * tp,
+        ignore_index,
+        slot_weights,
+    )
+    return _VocabParallelMultiHotCEAlt.apply(
+        vocab_parallel_logits, target.long(), tp_group, ignore_index, slot_weights
+    )

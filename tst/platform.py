@@ -1,0 +1,202 @@
+"""Where and how a process runs: device, backend, megatron-core parallel state, seeds.
+
+One entry point, :func:`initialize`, returns a :class:`Layout` value that describes this
+rank's place in the TP x PP x DP (x EP) grid and holds the process groups. Callers pass
+that value (or the groups in it) on explicitly; nothing in ``tst`` reads a global of its
+own. megatron-core keeps its own module-level parallel state, which :func:`initialize`
+fills and :func:`shutdown` clears.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from tst import cpu_compat
+
+__all__ = ["Layout", "initialize", "seed_everything", "shutdown", "select_device", "free_port"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """This rank's place in the parallel grid. Sizes multiply to the world size."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str  # "nccl" on CUDA, "gloo" on CPU
+    tp: int
+    pp: int
+    vpp: int | None  # virtual pipeline stages per rank (interleaved 1F1B); None when off
+    dp: int
+    ep: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    ep_rank: int
+    cpu_patched: bool  # megatron-core CPU compatibility patches are in place
+    tp_group: Any = None
+    pp_group: Any = None
+    dp_group: Any = None
+    ep_group: Any = None
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    def describe(self) -> str:
+        vpp = f" VPP={self.vpp}" if self.vpp else ""
+        return (
+            f"world={self.world_size} TP={self.tp} PP={self.pp}{vpp} DP={self.dp} EP={self.ep} "
+            f"on {self.device.type} ({self.backend})"
+        )
+
+
+def select_device(local_rank: int = 0) -> tuple[torch.device, str]:
+    """CUDA + NCCL where CUDA is present, CPU + gloo otherwise."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device()), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _init_process_group(backend: str, device: torch.device, timeout_minutes: float) -> None:
+    if dist.is_initialized():
+        return
+    # A plain `python script.py` is a world of one; torchrun/Slurm launchers set these.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())
+    kwargs = {}
+    if device.type == "cuda":
+        kwargs["device_id"] = device
+    dist.init_process_group(
+        backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
+    )
+
+
+def initialize(
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    ep: int = 1,
+    seed: int = 1234,
+    timeout_minutes: float = 30.0,
+) -> Layout:
+    """Start (or join) the process group, set up megatron-core parallel state, seed RNGs.
+
+    Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun sets them;
+    without them the process is a world of one. Data parallelism takes what is left:
+    ``dp = world_size / (tp * pp)``. Expert parallelism is carved out of DP (megatron-core's
+    rule), so ``ep`` must divide ``dp * tp`` per megatron-core's expert grid.
+    """
+    for name, value in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp)):
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    if vpp is not None and (vpp < 1 or pp < 2):
+        raise ValueError(
+            "virtual pipeline stages need --pipeline-model-parallel-size >= 2 and a positive "
+            f"count, got PP={pp} VPP={vpp}"
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device, backend = select_device(local_rank)
+    patched = cpu_compat.apply()
+    _init_process_group(backend, device, timeout_minutes)
+    world = dist.get_world_size()
+    if world % (tp * pp) != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by TP={tp} x PP={pp}: launch a multiple of "
+            f"{tp * pp} processes or change --tensor-model-parallel-size / "
+            "--pipeline-model-parallel-size"
+        )
+    dp = world // (tp * pp)
+    if (dp * tp) % ep != 0:
+        raise ValueError(
+            f"--expert-model-parallel-size {ep} must divide DP x TP = {dp * tp} (world {world})"
+        )
+
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        expert_model_parallel_size=ep,
+        distributed_timeout_minutes=int(timeout_minutes),
+    )
+    layout = Layout(
+        rank=dist.get_rank(),
+        world_size=world,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        tp=tp,
+        pp=pp,
+        vpp=vpp,
+        dp=dp,
+        ep=ep,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        cpu_patched=patched,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        ep_group=ps.get_expert_model_parallel_group(),
+    )
+    seed_everything(seed, layout)
+    return layout
+
+
+def seed_everything(seed: int, layout: Layout | None = None) -> None:
+    """Seed Python, NumPy and torch, and megatron-core's tensor-parallel RNG tracker.
+
+    The default generators get the same seed on every rank (megatron-core's CPU weight
+    initialisation draws the full matrix on every rank and keeps its shard, so identical
+    seeds make weights independent of the TP layout). The tracker gives TP ranks distinct
+    dropout streams, as megatron-core does.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if layout is not None:
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        # The tracker routes through the default generator on CPU: restore the common seed.
+        torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down megatron-core parallel state and the process group (tests, clean exits)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
