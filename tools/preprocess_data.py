@@ -1,0 +1,123 @@
+"""Tokenize text into Megatron .bin/.idx files (same flags as Megatron-LM's preprocess_data.py).
+
+    python tools/preprocess_data.py --input data/sotu.jsonl --output-prefix data/sotu \\
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model data/tok.model \\
+        --append-eod --workers 2
+
+writes data/sotu_text_document.bin/.idx (one prefix per --json-keys key). Inputs are JSONL,
+plain text (one document per line, or per blank-line-separated block with --text-mode block),
+or gzip of either. Output goes to temporary files renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# megatron-core warns at import that apex/TE are absent; irrelevant to preprocessing.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+
+from tst.data.corpus import INPUT_FORMATS, TEXT_MODES, CorpusError  # noqa: E402
+from tst.data.indexed import IndexedDatasetError  # noqa: E402
+from tst.data.preprocess import (  # noqa: E402
+    PreprocessConfig,
+    PreprocessError,
+    PreprocessSummary,
+    TokenizerSpec,
+    preprocess,
+)
+from tst.data.tokenizers import TOKENIZER_TYPES, TokenizerFileError  # noqa: E402
+
+
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (Megatron-LM's flag names, plus input-format options)."""
+    p = argparse.ArgumentParser(
+        prog="preprocess_data.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("input data")
+    g.add_argument(
+        "--input", nargs="+", required=True, help="input files, globs or folders (.gz is read)"
+    )
+    g.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="JSONL keys to extract, one output each"
+    )
+    g.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default="auto",
+        help="auto: .jsonl/.json/.ndjson (optionally .gz) are JSONL, other files plain text",
+    )
+    g.add_argument(
+        "--text-mode",
+        choices=TEXT_MODES,
+        default="line",
+        help="plain text: one document per line, or per blank-line-separated block",
+    )
+    g.add_argument(
+        "--on-bad-utf8",
+        choices=("skip", "fail"),
+        default="skip",
+        help="records with invalid UTF-8: skip them (counted, file:line reported) or stop",
+    )
+    g = p.add_argument_group("tokenizer")
+    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    g.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
+    g.add_argument("--vocab-file", help="GPT-2 vocab.json")
+    g.add_argument("--merge-file", help="GPT-2 merges.txt")
+    g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size (>= 257)")
+    g.add_argument("--append-eod", action="store_true", help="append EOD to every document")
+    g = p.add_argument_group("output data")
+    g.add_argument(
+        "--output-prefix",
+        required=True,
+        help="writes PREFIX_<key>_document.bin/.idx for each json key",
+    )
+    g = p.add_argument_group("runtime")
+    g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    g.add_argument(
+        "--chunk-records",
+        type=int,
+        default=64,
+        help="records per worker task (any value gives the same output)",
+    )
+    g.add_argument("--log-interval", type=float, default=2.0, help="seconds between progress lines")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> PreprocessSummary:
+    """Run the tool; returns the summary (tests call this in-process)."""
+    args = get_args(argv)
+    cfg = PreprocessConfig(
+        inputs=tuple(args.input),
+        output_prefix=args.output_prefix,
+        tokenizer=TokenizerSpec(
+            args.tokenizer_type,
+            args.tokenizer_model,
+            args.vocab_file,
+            args.merge_file,
+            args.vocab_size,
+        ),
+        json_keys=tuple(args.json_keys),
+        append_eod=args.append_eod,
+        workers=args.workers,
+        input_format=args.input_format,
+        text_mode=args.text_mode,
+        on_bad_utf8=args.on_bad_utf8,
+        chunk_records=args.chunk_records,
+        log_interval_s=args.log_interval,
+    )
+    return preprocess(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (PreprocessError, CorpusError, TokenizerFileError, IndexedDatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
