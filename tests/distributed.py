@@ -37,9 +37,13 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
+    import warnings
+
     import torch
     import torch.distributed as dist
 
+    # megatron-core warns at import about every optional GPU package it cannot find.
+    warnings.filterwarnings("ignore", module="megatron")
     torch.set_num_threads(1)
     try:
         from tst import cpu_compat

@@ -90,8 +90,9 @@ def _embedding_body(tp: int, sp: bool, seed: int) -> int:
             )
 
         if bag_size == 1:
-            _check_bit_identical_to_stock(module, ids, position_ids, grad_full[rows], tp, sp,
-                                          position_type, msg)
+            _check_bit_identical_to_stock(
+                module, ids, position_ids, grad_full[rows], tp, sp, position_type, msg
+            )
         checked += 1
     return checked
 

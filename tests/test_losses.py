@@ -13,13 +13,14 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import reference as ref
 from tst.losses import (
     power_law_slot_weights,
     slot_weights_for,
     vocab_parallel_multi_hot_cross_entropy,
     vocab_parallel_multi_hot_cross_entropy_alt,
 )
+
+import reference as ref
 
 BAG_SIZES = (1, 2, 4, 6, 16)
 LOSSES = {
@@ -34,8 +35,11 @@ TOL = {
 
 def fresh_seed() -> int:
     """A new seed per test, reported in failures so a failing draw can be replayed."""
-    return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(
-        torch.seed() % 2**31)).item())
+    return int(
+        torch.randint(
+            0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed() % 2**31)
+        ).item()
+    )
 
 
 def make_case(seed, bag_size, vocab=96, shape=(3, 5), dtype=torch.float32):
@@ -88,8 +92,9 @@ def test_gradient_is_softmax_minus_weighted_multi_hot():
     norm = valid / valid.sum(-1, keepdim=True).clamp_min(1e-30)
     multi_hot = torch.zeros_like(logits).scatter_add_(-1, target.clamp_min(0), norm)
     has = (valid.sum(-1, keepdim=True) > 0).float()
-    torch.testing.assert_close(x.grad, (torch.softmax(logits, -1) - multi_hot) * has, atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        x.grad, (torch.softmax(logits, -1) - multi_hot) * has, atol=1e-6, rtol=0
+    )
 
 
 def test_mce_floor_is_log_bag_size():

@@ -239,6 +239,7 @@ def apply() -> bool:
         moe_utils.te_general_gemm = None
 
     _patch_alltoall_split_sizes()
+    _patch_pipeline_p2p_tags()
     setattr(torch, _APPLIED_FLAG, True)
     return True
 
@@ -259,3 +260,45 @@ def _patch_alltoall_split_sizes() -> None:
         return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+# Tags for pipeline point-to-point messages: activations travel to the next stage, gradients
+# to the previous one.
+_FORWARD_TAG, _BACKWARD_TAG = 1, 2
+
+
+def _patch_pipeline_p2p_tags() -> None:
+    """Tag pipeline messages by direction so that gloo cannot pair them up wrongly.
+
+    With PP=2 the previous and next stage are the same peer. In the interleaved schedule a
+    rank then receives an activation and a gradient of one shape from one peer in the same
+    batch; NCCL pairs them by posting order, but gloo pairs untagged messages first come,
+    first served and can hand the gradient to the activation's buffer (seen: wrong losses
+    from the third micro-batch on). Distinct tags per direction make the pairing exact.
+    """
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    dist = torch.distributed
+
+    def batched_p2p_ops(
+        *,
+        tensor_send_prev,
+        tensor_recv_prev,
+        tensor_send_next,
+        tensor_recv_next,
+        group,
+        prev_pipeline_rank,
+        next_pipeline_rank,
+    ):
+        ops = []
+        for tensor, fn, peer, tag in (
+            (tensor_send_prev, dist.isend, prev_pipeline_rank, _BACKWARD_TAG),
+            (tensor_recv_prev, dist.irecv, prev_pipeline_rank, _FORWARD_TAG),
+            (tensor_send_next, dist.isend, next_pipeline_rank, _FORWARD_TAG),
+            (tensor_recv_next, dist.irecv, next_pipeline_rank, _BACKWARD_TAG),
+        ):
+            if tensor is not None:
+                ops.append(dist.P2POp(fn, tensor, peer, group, tag))
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    p2p_communication._batched_p2p_ops = batched_p2p_ops

@@ -54,6 +54,20 @@ class BagEmbedding(LanguageModelEmbedding):
         super().__init__(*args, **kwargs)
         self.bag_size = bag_size
 
+    @classmethod
+    def upgrade(cls, embedding: LanguageModelEmbedding) -> BagEmbedding:
+        """Turn a built ``LanguageModelEmbedding`` into a ``BagEmbedding`` in place.
+
+        No parameter is re-allocated or re-initialised (and no RNG draw is made), so a
+        ``GPTModel`` built by megatron-core keeps exactly the weights it would have had.
+        ``BagEmbedding`` adds no parameters or buffers, only the ``bag_size`` attribute.
+        """
+        if not isinstance(embedding, LanguageModelEmbedding):
+            raise TypeError(f"expected a LanguageModelEmbedding, got {type(embedding).__name__}")
+        embedding.__class__ = cls
+        embedding.bag_size = 1
+        return embedding
+
     @property
     def bag_size(self) -> int:
         return self._bag_size
@@ -119,9 +133,7 @@ class BagEmbedding(LanguageModelEmbedding):
         """This shard's contribution to each bag mean: ``[b, L * bag_size] -> [b, L, h]`` fp32."""
         table = self.word_embeddings
         if table.tp_group.size() > 1:
-            off_shard = (input_ids < table.vocab_start_index) | (
-                input_ids >= table.vocab_end_index
-            )
+            off_shard = (input_ids < table.vocab_start_index) | (input_ids >= table.vocab_end_index)
             local_ids = (input_ids - table.vocab_start_index).masked_fill_(off_shard, 0)
             rows = F.embedding(local_ids, table.weight)
             rows = rows.masked_fill(off_shard.unsqueeze(-1), 0.0)

@@ -1,0 +1,129 @@
+"""A tiny megatron-core GPT run through megatron-core's pipeline schedule, for parallel tests.
+
+Used inside spawned ranks: builds the model for the current layout with layout-independent
+weights, runs one forward/backward over a few micro-batches of TST batches, and reports the
+loss sums and the squared gradient norm so that layouts can be compared with each other.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tst.data.batch import chunk_length, make_tst_batch
+from tst.losses import vocab_parallel_multi_hot_cross_entropy
+
+VOCAB, SEQ, MBS, MICRO = 128, 8, 2, 4
+
+
+def tiny_config(tp=1, pp=1, vpp=None, sp=False, **overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(
+        num_layers=4,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=sp,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        pipeline_dtype=torch.float32,
+        calculate_per_token_loss=True,
+        init_method_std=0.02,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_chunks(config, layout, seed, untie=True):
+    from megatron.core import parallel_state as ps
+
+    from tst.init import initialize_layout_independent
+    from tst.model import ModelShape, build_gpt
+
+    shape = ModelShape(
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        untie_embeddings_and_output_weights=untie,
+    )
+    chunks = []
+    for vp in range(layout.vpp or 1):
+        vp_stage = vp if layout.vpp else None
+        chunks.append(
+            build_gpt(
+                config,
+                shape,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+        )
+    initialize_layout_independent(chunks, config, seed, layout)
+    return chunks
+
+
+def _forward_step(bag_size, tp_group, data_iterator, model):
+    chunk = next(data_iterator)
+    batch = make_tst_batch(chunk, bag_size)
+    positions = torch.arange(SEQ).expand(chunk.shape[0], -1)
+    logits = model(batch.input_ids, positions, attention_mask=None)
+
+    def loss_func(output):
+        loss = vocab_parallel_multi_hot_cross_entropy(output, batch.targets, tp_group=tp_group)
+        total = (loss * batch.loss_mask).sum()
+        count = batch.loss_mask.sum()
+        return total, count.int(), {"lm": torch.stack([total.detach(), count])}
+
+    return logits, loss_func
+
+
+def run_one_step(tp, pp, vpp, seed, bag_size):
+    """Forward/backward of MICRO micro-batches; returns (loss sums per micro-batch, |grad|^2)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from tst.model import set_bag_size
+    from tst.platform import initialize
+
+    layout = initialize(tp=tp, pp=pp, vpp=vpp, seed=seed)
+    config = tiny_config(tp, pp, vpp)
+    chunks = build_chunks(config, layout, seed)
+    set_bag_size(chunks, bag_size)
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, VOCAB, (MICRO, MBS, chunk_length(SEQ, bag_size)), generator=gen)
+    iterators = [iter(data) for _ in chunks]
+    losses = get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, bag_size, layout.tp_group),
+        data_iterator=iterators if layout.vpp else iterators[0],
+        model=chunks if layout.vpp else chunks[0],
+        num_microbatches=MICRO,
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+        forward_only=False,
+    )
+    sums = [entry["lm"].tolist() for entry in losses] if layout.is_last_stage else []
+    norm_sq = torch.zeros(())
+    for chunk in chunks:
+        for param in chunk.parameters():
+            if param.grad is not None and (
+                getattr(param, "tensor_model_parallel", False) or layout.tp_rank == 0
+            ):
+                norm_sq += param.grad.double().pow(2).sum().float()
+    dist.all_reduce(norm_sq)
+    return sums, norm_sq.item() / layout.dp

@@ -1,0 +1,110 @@
+"""Layout-independent weight initialisation.
+
+megatron-core draws initial weights from a generator whose state depends on which layers a
+pipeline stage builds, so the same seed gives different models under PP=1 and PP=2. Here
+every parameter is drawn from a generator seeded by the seed and the parameter's *global*
+name (layer numbers and expert ids as in the unsplit model), for its *full* shape, and each
+rank keeps its tensor-parallel shard. The model is then the same under any TP / PP / VPP /
+EP layout, which makes layouts comparable and lets tests check them against each other.
+
+Distributions follow megatron-core's defaults: normal(0, std) for weights,
+normal(0, std / sqrt(2 * num_layers)) for the two output projections of each block
+(``linear_proj``, ``linear_fc2``), ones for norm weights, zeros for biases.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import torch
+
+__all__ = ["global_parameter_name", "initialize_layout_independent"]
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT = re.compile(r"local_experts\.(\d+)\.")
+
+
+def global_parameter_name(name: str, layer_offset: int, expert_offset: int) -> str:
+    """Rename a stage-local parameter to its name in the unsplit model.
+
+    ``decoder.layers.{i}`` -> ``decoder.layers.{i + layer_offset}`` and
+    ``local_experts.{j}`` -> ``local_experts.{j + expert_offset}``.
+    """
+    name = _LAYER.sub(
+        lambda m: m.group(0).replace(m.group(1), str(int(m.group(1)) + layer_offset)), name, count=1
+    )
+    return _EXPERT.sub(lambda m: f"local_experts.{int(m.group(1)) + expert_offset}.", name)
+
+
+def _full_shape_and_shard(param, tp_rank: int, tp: int):
+    """Full tensor shape, and a function that cuts this rank's shard out of it."""
+    shape = list(param.shape)
+    if not getattr(param, "tensor_model_parallel", False) or tp == 1:
+        return shape, lambda full: full
+    dim = param.partition_dim
+    stride = getattr(param, "partition_stride", 1)
+    shape[dim] *= tp
+
+    def shard(full):
+        # megatron-core's split rule: stride-interleaved pieces, every tp-th to this rank.
+        piece = param.shape[dim] // stride
+        pieces = torch.split(full, piece, dim=dim)
+        return torch.cat(pieces[tp_rank::tp], dim=dim)
+
+    return shape, shard
+
+
+def _draw(name: str, shape, std: float, num_layers: int, seed: int) -> torch.Tensor:
+    leaf = name.rsplit(".", 1)[-1]
+    if leaf == "bias" or name.endswith("_bias"):
+        return torch.zeros(shape)
+    if "norm" in name and leaf == "weight":
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    if "linear_proj" in name or "linear_fc2" in name:
+        std = std / math.sqrt(2.0 * num_layers)
+    return torch.randn(shape, generator=gen) * std
+
+
+@torch.no_grad()
+def initialize_layout_independent(model_chunks, config, seed: int, layout) -> int:
+    """Overwrite every parameter of ``model_chunks`` with its layout-independent value.
+
+    ``config`` is the TransformerConfig (``init_method_std``, ``num_layers``,
+    ``num_moe_experts``); ``layout`` a :class:`tst.platform.Layout`. Expert weights are
+    sharded over the expert-tensor-parallel group, the rest over the TP group. Tied output
+    weights share the embedding's tensor and get the same value. Returns the number of
+    parameters written.
+    """
+    from megatron.core import parallel_state as ps
+
+    etp_rank = ps.get_expert_tensor_parallel_rank()
+    etp = ps.get_expert_tensor_parallel_world_size()
+    num_experts = config.num_moe_experts or 0
+    local_experts = num_experts // layout.ep
+    written = 0
+    for chunk in model_chunks:
+        layer_offset = _layer_offset(chunk)
+        for name, param in chunk.named_parameters():
+            global_name = global_parameter_name(name, layer_offset, layout.ep_rank * local_experts)
+            while global_name.startswith("module."):
+                global_name = global_name[len("module.") :]
+            is_expert = not getattr(param, "allreduce", True)
+            rank, size = (etp_rank, etp) if is_expert else (layout.tp_rank, layout.tp)
+            shape, shard = _full_shape_and_shard(param, rank, size)
+            full = _draw(global_name, shape, config.init_method_std, config.num_layers, seed)
+            param.copy_(shard(full).to(param.dtype))
+            written += 1
+    return written
+
+
+def _layer_offset(chunk) -> int:
+    """Global index of this chunk's first transformer layer (0 when it has none)."""
+    for module in chunk.modules():
+        number = getattr(module, "layer_number", None)
+        if isinstance(number, int) and hasattr(module, "self_attention"):
+            # layer_number is 1-based and global; local index 0 is the first built here.
+            return number - 1
+    return 0

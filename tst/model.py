@@ -1,0 +1,105 @@
+"""megatron-core GPT / MoE models with the bag embedding wired in.
+
+The model is a stock megatron-core ``GPTModel`` built from a layer spec (Transformer
+Engine's where TE is importable and asked for, the local PyTorch spec elsewhere), whose
+embedding is upgraded in place to :class:`tst.embedding.BagEmbedding`. Parameter names,
+weight tying and the pipeline embedding group are megatron-core's, so checkpoints and an
+exported model are an ordinary GPT. The model returns vocab-parallel logits ``[b, L, V/tp]``
+(no labels are passed), and the trainer applies the phase's loss to them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from tst.embedding import BagEmbedding
+
+__all__ = ["ModelShape", "build_gpt", "set_bag_size", "transformer_engine_available"]
+
+
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine can be imported here (never on a CPU-only machine)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What GPTModel needs beyond TransformerConfig."""
+
+    vocab_size: int  # padded so that it divides by TP
+    max_sequence_length: int
+    position_embedding_type: str = "rope"  # "rope" | "learned_absolute"
+    rotary_base: int = 10000
+    untie_embeddings_and_output_weights: bool = False
+    qk_layernorm: bool = False
+    normalization: str = "RMSNorm"
+    num_experts: int | None = None
+    use_transformer_engine: bool = False
+
+
+def layer_spec(shape: ModelShape):
+    """The transformer-layer spec: TE's where asked for (and present), else the local one."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if shape.use_transformer_engine:
+        if not transformer_engine_available():
+            raise RuntimeError(
+                "Transformer Engine is not installed: drop --transformer-impl "
+                "transformer_engine (and FP8 flags) or install transformer-engine on a GPU host"
+            )
+        return specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=shape.num_experts,
+            moe_grouped_gemm=shape.num_experts is not None,
+            qk_layernorm=shape.qk_layernorm,
+        )
+    return specs.get_gpt_layer_local_spec(
+        num_experts=shape.num_experts,
+        moe_grouped_gemm=False,
+        qk_layernorm=shape.qk_layernorm,
+        normalization=shape.normalization,
+    )
+
+
+def build_gpt(
+    config,
+    shape: ModelShape,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> torch.nn.Module:
+    """One pipeline stage (or virtual stage) of a GPT model with a bag embedding.
+
+    ``config`` is a megatron-core ``TransformerConfig``. The stage holds the embedding when
+    ``pre_process`` and the output layer when ``post_process``.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(shape),
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
+        position_embedding_type=shape.position_embedding_type,
+        rotary_base=shape.rotary_base,
+        vp_stage=vp_stage,
+    )
+    if pre_process:
+        BagEmbedding.upgrade(model.embedding)
+    return model
+
+
+def set_bag_size(model_chunks, bag_size: int) -> None:
+    """Set the input bag size on every chunk that embeds (the first pipeline stage)."""
+    for chunk in model_chunks:
+        module = chunk
+        while not hasattr(module, "embedding") and hasattr(module, "module"):
+            module = module.module  # unwrap DDP / Float16Module
+        embedding = getattr(module, "embedding", None)
+        if isinstance(embedding, BagEmbedding):
+            embedding.bag_size = bag_size
