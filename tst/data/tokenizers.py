@@ -276,10 +276,13 @@ def _require_json(path: str, kind: str, tokenizer_type: str):
 
 
 def _is_text(data: bytes) -> bool:
+    """UTF-8 without NULs; ``data`` is a file's head, so a character cut at its end is fine."""
+    if b"\x00" in data:
+        return False
     try:
         data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
+    except UnicodeDecodeError as err:
+        return err.reason == "unexpected end of data"
     return True
 
 
@@ -287,7 +290,7 @@ def _check_merges(path: str) -> None:
     """A merges.txt is text whose lines (after an optional ``#version`` line) are pairs."""
     with open(path, "rb") as f:
         head = f.read(4096)
-    if not _is_text(head[:4000]) or head.lstrip()[:1] in (b"{", b"["):
+    if not _is_text(head) or head.lstrip()[:1] in (b"{", b"["):
         raise TokenizerFileError(
             f"{path} is not a GPT-2 merges.txt (text lines of two space-separated symbols), "
             "which GPT2BPETokenizer expects as --merge-file"
