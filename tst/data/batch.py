@@ -24,7 +24,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["FULL_BAG", "PAPER", "TSTBatch", "chunk_length", "make_tst_batch"]
+__all__ = [
+    "FULL_BAG",
+    "PAPER",
+    "TSTBatch",
+    "chunk_length",
+    "make_output_only_batch",
+    "make_tst_batch",
+]
 
 FULL_BAG = "full"
 PAPER = "paper"
@@ -100,3 +107,25 @@ def make_tst_batch(
 def _check_layout(layout: str) -> None:
     if layout not in _LAYOUTS:
         raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+
+
+def make_output_only_batch(
+    chunk: torch.Tensor, bag_size: int, ignore_index: int = -100
+) -> TSTBatch:
+    """Output-only superposition: ordinary inputs, each position predicts the next
+    ``bag_size`` tokens.
+
+    ``chunk [b, L + 1]`` (an ordinary next-token sample, so this mode reads no extra data)
+    -> input ids ``[b, L]``, targets ``[b, L, bag_size]`` with ``targets[t, k] = chunk[t+1+k]``
+    where that token exists in the chunk and ``ignore_index`` beyond its end.
+    """
+    if chunk.dim() != 2 or chunk.shape[1] < 2:
+        raise ValueError(f"chunk must be [batch, L + 1] with L >= 1, got {tuple(chunk.shape)}")
+    chunk = chunk.long()
+    batch, n = chunk.shape
+    num_positions = n - 1
+    padded = torch.cat([chunk, chunk.new_full((batch, bag_size - 1), ignore_index)], dim=1)
+    # [b, L, bag]: window k of position t is padded[t + 1 + k].
+    targets = padded[:, 1:].unfold(1, bag_size, 1)[:, :num_positions]
+    loss_mask = (targets != ignore_index).any(dim=-1).float()
+    return TSTBatch(chunk[:, :num_positions], targets.contiguous(), loss_mask)

@@ -1,0 +1,107 @@
+"""Resumable checkpoints through megatron-core ``dist_checkpointing``, written atomically.
+
+Layout under ``--save``::
+
+    iter_0000100/                 one complete checkpoint (dist_checkpointing format)
+    latest_checkpointed_iteration.txt   the newest complete one, replaced atomically
+
+A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed into place only after every
+rank has finished writing; then the tracker file is replaced through a rename. A save
+killed at any moment leaves the previous checkpoint and tracker intact. Sharded tensors
+carry global names, so a checkpoint loads under another TP / PP layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import torch.distributed as dist
+
+__all__ = ["TRACKER", "checkpoint_dir", "latest_iteration", "save", "load"]
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the files and the fix."""
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> int:
+    """The iteration recorded in ``root``'s tracker file, checked against the directory."""
+    tracker = os.path.join(root, TRACKER)
+    if not os.path.isfile(tracker):
+        raise CheckpointError(
+            f"--load {root}: no {TRACKER} there, so no complete checkpoint was saved in this "
+            "directory (check the path, or start without --load)"
+        )
+    with open(tracker) as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number")
+    iteration = int(text)
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise CheckpointError(
+            f"{tracker} names iteration {iteration} but {path} is missing or incomplete "
+            "(no metadata.json); restore that directory or point the tracker at an older one"
+        )
+    return iteration
+
+
+def _sharded_model_state(chunks) -> dict:
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def save(root: str, iteration: int, chunks, optimizer, common: dict) -> str:
+    """Write checkpoint ``iteration`` under ``root`` (collective: every rank calls it)."""
+    from megatron.core import dist_checkpointing
+
+    final = checkpoint_dir(root, iteration)
+    tmp = final + ".tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous save that was killed
+        os.makedirs(tmp)
+    dist.barrier()
+    state = _sharded_model_state(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state)
+    state["common"] = common
+    dist_checkpointing.save(state, tmp)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    return final
+
+
+def load(root: str, chunks, optimizer) -> dict:
+    """Load the latest complete checkpoint into ``chunks`` and ``optimizer``; return its
+    common state (iteration, data position, scheduler, ...)."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    path = checkpoint_dir(root, iteration)
+    template = _sharded_model_state(chunks)
+    template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True)
+    common = dist_checkpointing.load_common_state_dict(path)
+    try:
+        state = dist_checkpointing.load(template, path)
+    except Exception as error:  # report which checkpoint failed, then the cause
+        raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"model{i}"])
+    optimizer.load_state_dict(state["optimizer"])
+    return common["common"]

@@ -1,0 +1,564 @@
+"""The TST training loop on megatron-core: model, optimizer, schedule, phases, checkpoints.
+
+One step = ``num_microbatches`` micro-batches through ``get_forward_backward_func`` (no
+pipelining, 1F1B or interleaved), megatron-core DDP gradient reduction and its optimizer.
+Losses come back from the last stage as (sum, count) and are normalised once over the
+global batch (``calculate_per_token_loss``), so gradient accumulation, DP and PP are exact.
+
+The phase of a step is :meth:`PhaseSchedule.phase_at`; a step of either phase sends
+``[L, b, h]`` between pipeline stages, so switching needs no new communication plan: the
+first stage changes its embedding's bag size, the last stage its targets and loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tst import checkpointing
+from tst.config import Config
+from tst.data.batch import PAPER, make_output_only_batch, make_tst_batch
+from tst.losses import (
+    slot_weights_for,
+    vocab_parallel_multi_hot_cross_entropy,
+    vocab_parallel_multi_hot_cross_entropy_alt,
+)
+from tst.metrics import MetricsWriter, flops_per_position, measure_cpu_peak_tflops
+from tst.model import ModelShape, build_gpt, set_bag_size, transformer_engine_available
+from tst.phases import RECOVERY, Phase, PhaseSchedule
+from tst.platform import Layout
+
+__all__ = ["Trainer"]
+
+_LOSSES = {
+    "mce": vocab_parallel_multi_hot_cross_entropy,
+    "mce-alt": vocab_parallel_multi_hot_cross_entropy_alt,
+    "lm": vocab_parallel_multi_hot_cross_entropy,  # one target slot: ordinary CE
+}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def transformer_config(cfg: Config, derived: dict, layout: Layout):
+    """megatron-core TransformerConfig for this run and device."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    on_gpu = layout.device.type == "cuda"
+    ffn = m.ffn_hidden_size or (
+        int(8 * m.hidden_size / 3 / 64 + 0.999) * 64 if m.swiglu else 4 * m.hidden_size
+    )
+    moe = {}
+    if m.num_experts:
+        moe = dict(
+            num_moe_experts=m.num_experts,
+            moe_router_topk=m.moe_router_topk,
+            moe_ffn_hidden_size=m.moe_ffn_hidden_size or ffn,
+            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
+            moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff else "none",
+            moe_grouped_gemm=False,
+            moe_permute_fusion=False,
+        )
+    fp8 = {}
+    if t.fp8_format:
+        fp8 = dict(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
+    dtype = torch.bfloat16 if t.bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        ffn_hidden_size=ffn,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        normalization=m.normalization,
+        add_bias_linear=m.add_bias_linear,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=derived["vpp"],
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        sequence_parallel=p.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=t.bf16,
+        calculate_per_token_loss=True,
+        use_cpu_initialization=not on_gpu,
+        # Fused kernels exist only on CUDA.
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        persist_layer_norm=False,
+        **moe,
+        **fp8,
+    )
+
+
+def use_transformer_engine(cfg: Config, layout: Layout) -> bool:
+    impl = cfg.model.transformer_impl
+    if impl == "local":
+        return False
+    if impl == "transformer_engine":
+        return True
+    return layout.device.type == "cuda" and transformer_engine_available()
+
+
+class Trainer:
+    """Builds everything for one run and trains it; one instance per process."""
+
+    def __init__(self, cfg: Config, layout: Layout, derived: dict, tokenizer, datasets):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        from tst.data.stream import SampleStream
+        from tst.init import initialize_layout_independent
+
+        self.cfg, self.layout, self.derived = cfg, layout, derived
+        self.tokenizer = tokenizer
+        m, t, tst = cfg.model, cfg.training, cfg.tst
+        self.schedule = PhaseSchedule.build(
+            t.train_iters,
+            tst.tst_bag_size,
+            tst.tst_iters,
+            tst.tst_fraction,
+            tst.tst_mode,
+            tst.tst_loss,
+        )
+        self.bag_size = tst.tst_bag_size
+        self.seq_length = m.seq_length
+        self.slot_weights = slot_weights_for(tst.tst_slot_weights, tst.tst_bag_size)
+        self.config = transformer_config(cfg, derived, layout)
+        self.shape = ModelShape(
+            vocab_size=derived["padded_vocab_size"],
+            max_sequence_length=m.max_position_embeddings,
+            position_embedding_type=m.position_embedding_type,
+            rotary_base=m.rotary_base,
+            untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+            qk_layernorm=m.qk_layernorm,
+            normalization=m.normalization,
+            num_experts=m.num_experts,
+            use_transformer_engine=use_transformer_engine(cfg, layout),
+        )
+        chunks = []
+        for vp in range(derived["vpp"] or 1):
+            vp_stage = vp if derived["vpp"] else None
+            chunk = build_gpt(
+                self.config,
+                self.shape,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+            chunk.to(layout.device)
+            chunks.append(chunk)
+        initialize_layout_independent(chunks, self.config, t.seed, layout)
+        self.raw_chunks = chunks
+        if t.bf16:
+            chunks = [Float16Module(self.config, c) for c in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        self.model = [
+            DistributedDataParallel(
+                config=self.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
+            )
+            for i, c in enumerate(chunks)
+        ]
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=t.lr,
+            min_lr=t.min_lr,
+            weight_decay=t.weight_decay,
+            adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2,
+            adam_eps=t.adam_eps,
+            clip_grad=t.clip_grad,
+            bf16=t.bf16,
+            params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        decay_style = {"wsd": "WSD"}.get(t.lr_decay_style, t.lr_decay_style)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=t.lr,
+            min_lr=t.min_lr,
+            lr_warmup_steps=t.lr_warmup_iters,
+            lr_decay_steps=t.train_iters,
+            lr_decay_style=decay_style,
+            start_wd=t.weight_decay,
+            end_wd=t.weight_decay,
+            wd_incr_steps=t.train_iters,
+            wd_incr_style="constant",
+            wsd_decay_steps=t.lr_wsd_decay_iters,
+            lr_wsd_decay_style="linear" if t.lr_decay_style == "wsd" else None,
+        )
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.no_sync_func = [c.no_sync for c in self.model]
+        if len(self.model) == 1:
+            self.config.no_sync_func = self.config.no_sync_func[0]
+        self.config.grad_scale_func = self.optimizer.scale_loss
+
+        train, valid, _ = datasets
+        mbs, dp = t.micro_batch_size, layout.dp
+        self.train_stream = SampleStream(
+            train, m.seq_length, self.bag_size, mbs, layout.dp_rank, dp
+        )
+        self.valid = valid
+        self.iteration = 0
+        self.writer = MetricsWriter(layout.rank == 0, cfg.run.metrics_file, cfg.run.tensorboard_dir)
+        self.flops_per_position = flops_per_position(cfg, derived["padded_vocab_size"])
+        self.peak_tflops = cfg.run.peak_tflops or (
+            989.0 if layout.device.type == "cuda" else measure_cpu_peak_tflops()
+        )
+        self._stop_signal = None
+        self.start_time = time.time()
+        self.elapsed_before = 0.0
+
+    # ---------------------------------------------------------------- data and loss
+
+    def _batch(self, chunk: torch.Tensor, phase: Phase):
+        """Rows from the stream -> (input ids, targets, loss mask) for this phase."""
+        if phase.name == RECOVERY or (phase.input_bag == 1 and phase.target_bag == 1):
+            return make_tst_batch(chunk, 1)
+        if phase.input_bag == 1:  # output-only: ordinary inputs, next bag_size tokens as targets
+            return make_output_only_batch(chunk, phase.target_bag)
+        if self.cfg.tst.tst_layout == PAPER:
+            chunk = chunk[:, : phase.input_bag * self.seq_length + 1]
+            batch = make_tst_batch(chunk, phase.input_bag, PAPER)
+        else:
+            batch = make_tst_batch(chunk, phase.input_bag)
+        if phase.target_bag == 1:  # input-only: predict the first token of the next bag
+            targets = batch.targets[..., :1]
+            return batch._replace(targets=targets, loss_mask=(targets != -100).any(-1).float())
+        return batch
+
+    def _forward_step(self, phase: Phase, data_iterator, model):
+        batch = next(data_iterator)
+        b = batch.input_ids.shape[0]
+        device = self.layout.device
+        positions = torch.arange(self.seq_length, device=device).expand(b, -1)
+        logits = model(batch.input_ids.to(device), positions, attention_mask=None)
+        loss_fn = _LOSSES[phase.loss]
+        weights = self.slot_weights if phase.target_bag > 1 else None
+        targets, mask = batch.targets.to(device), batch.loss_mask.to(device)
+
+        def loss_func(output):
+            loss = loss_fn(output, targets, tp_group=self.layout.tp_group, slot_weights=weights)
+            total = (loss * mask).sum()
+            count = mask.sum()
+            return total, count.int(), {"loss": torch.stack([total.detach(), count])}
+
+        return logits, loss_func
+
+    def _run_schedule(self, batches, phase: Phase, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        iterators = [iter(batches) for _ in self.model]
+        vpp = self.derived["vpp"]
+        return get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, phase),
+            data_iterator=iterators if vpp else iterators[0],
+            model=self.model if vpp else self.model[0],
+            num_microbatches=len(batches),
+            seq_length=self.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _global_loss(self, outputs) -> tuple[float, float]:
+        """(sum, count) over micro-batches and DP, known on every rank."""
+        local = torch.zeros(2, dtype=torch.float64)
+        if self.layout.is_last_stage and self.layout.tp_rank == 0:
+            for out in outputs:
+                local += out["loss"].double().cpu()
+        dist.all_reduce(local)
+        return local[0].item(), local[1].item()
+
+    # ---------------------------------------------------------------- steps
+
+    def _seed_step(self) -> None:
+        """Reseed from (seed, iteration): a resumed run draws what the unbroken one drew."""
+        from tst.platform import seed_everything
+
+        seed_everything(self.cfg.training.seed * 100_003 + self.iteration, self.layout)
+
+    def train_step(self, phase: Phase) -> dict:
+        self._seed_step()
+        set_bag_size(self.model, phase.input_bag)
+        batches = [
+            self._batch(self.train_stream.next_micro_batch(phase.units_per_row), phase)
+            for _ in range(self.derived["num_microbatches"])
+        ]
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(batches, phase, forward_only=False)
+        loss_sum, count = self._global_loss(outputs)
+        loss = loss_sum / max(count, 1)
+        if not math.isfinite(loss):
+            return {"loss": loss, "skipped": True, "grad_norm": float("nan")}
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if not update_ok or grad_norm is None or not math.isfinite(grad_norm):
+            return {"loss": loss, "skipped": True, "grad_norm": float(grad_norm or float("nan"))}
+        self.scheduler.step(increment=1)
+        return {"loss": loss, "skipped": False, "grad_norm": float(grad_norm)}
+
+    def evaluate(self) -> float:
+        """Held-out next-token loss: ordinary inputs and targets, in either phase."""
+        from tst.data.stream import SampleStream
+
+        if self.valid is None:
+            return float("nan")
+        recovery = Phase(RECOVERY, 0, 1, 1, 1, "lm", 1)
+        set_bag_size(self.model, 1)
+        stream = SampleStream(
+            self.valid,
+            self.seq_length,
+            self.bag_size,
+            self.cfg.training.micro_batch_size,
+            self.layout.dp_rank,
+            self.layout.dp,
+        )
+        for chunk in self.model:
+            chunk.eval()
+        total = count = 0.0
+        with torch.no_grad():
+            for _ in range(self.cfg.run.eval_iters):
+                batches = [
+                    self._batch(stream.next_micro_batch(1), recovery)
+                    for _ in range(self.derived["num_microbatches"])
+                ]
+                outputs = self._run_schedule(batches, recovery, forward_only=True)
+                s, c = self._global_loss(outputs)
+                total, count = total + s, count + c
+        for chunk in self.model:
+            chunk.train()
+        return total / max(count, 1)
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def state(self) -> dict:
+        return {
+            "iteration": self.iteration,
+            "phase": self.schedule.phase_at(
+                min(self.iteration, self.cfg.training.train_iters - 1)
+            ).name,
+            "data": self.train_stream.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "elapsed_s": self.elapsed(),
+            "config": self.cfg.to_dict(),
+        }
+
+    def save(self) -> None:
+        path = checkpointing.save(
+            self.cfg.run.save, self.iteration, self.model, self.optimizer, self.state()
+        )
+        self.writer.print(f"saved checkpoint {path} (iteration {self.iteration})")
+
+    def load(self) -> None:
+        common = checkpointing.load(self.cfg.run.load, self.model, self.optimizer)
+        self.iteration = common["iteration"]
+        self.train_stream.load_state_dict(common["data"])
+        self.scheduler.load_state_dict(common["scheduler"])
+        self.elapsed_before = common.get("elapsed_s", 0.0)
+        self.writer.print(
+            f"resumed from {self.cfg.run.load} at iteration {self.iteration} "
+            f"({common['phase']} phase)"
+        )
+
+    # ---------------------------------------------------------------- the loop
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.start_time
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, handler)
+
+    def _should_stop(self) -> str | None:
+        run = self.cfg.run
+        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
+        if run.exit_duration_in_mins and self.elapsed() / 60 >= run.exit_duration_in_mins:
+            flag.fill_(2.0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if flag.item() == 1.0:
+            return "signal"
+        if flag.item() == 2.0:
+            return "--exit-duration-in-mins"
+        if run.exit_interval and self.iteration % run.exit_interval == 0:
+            return "--exit-interval"
+        return None
+
+    def write_manifest(self) -> None:
+        if self.layout.rank != 0 or not self.cfg.run.save:
+            return
+        os.makedirs(self.cfg.run.save, exist_ok=True)
+        manifest = {
+            "config": self.cfg.to_dict(),
+            "derived": self.derived,
+            "layout": self.layout.describe(),
+            "phases": self.schedule.to_dict(),
+            "git": _git_hash(),
+            "versions": _versions(),
+            "command": sys.argv,
+        }
+        with open(os.path.join(self.cfg.run.save, "run_manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=2, default=str)
+
+    def train(self) -> int:
+        t, run = self.cfg.training, self.cfg.run
+        self._install_signal_handlers()
+        self.write_manifest()
+        self.writer.print(f"layout: {self.layout.describe()}")
+        self.writer.print("phase schedule:\n" + self.schedule.table())
+        gbs = self.derived["global_batch_size"]
+        window = {
+            "t0": time.time(),
+            "positions": 0,
+            "raw": self.train_stream.consumed_raw_tokens,
+            "steps": 0,
+            "loss": 0.0,
+        }
+        skipped_in_a_row = 0
+        while self.iteration < t.train_iters:
+            phase = self.schedule.phase_at(self.iteration)
+            if self.iteration == phase.start and phase.name == RECOVERY and self.iteration > 0:
+                self.writer.print(
+                    f"iteration {self.iteration}: switching to the recovery phase "
+                    f"(raw tokens so far {self.train_stream.consumed_raw_tokens})"
+                )
+            result = self.train_step(phase)
+            self.iteration += 1
+            if result["skipped"]:
+                skipped_in_a_row += 1
+                self.writer.print(
+                    f"iteration {self.iteration}: non-finite loss "
+                    f"{result['loss']} or grad norm {result['grad_norm']} in the "
+                    f"{phase.name} phase on rank {self.layout.rank}: step skipped"
+                )
+                if skipped_in_a_row >= t.max_skipped_steps:
+                    if run.save:
+                        self.save()
+                    raise NonFiniteLossError(
+                        f"{skipped_in_a_row} consecutive non-finite steps up to iteration "
+                        f"{self.iteration} ({phase.name} phase): lower --lr, raise "
+                        "--lr-warmup-iters or check the data; a checkpoint was saved"
+                        if run.save
+                        else ""
+                    )
+                continue
+            skipped_in_a_row = 0
+            window["steps"] += 1
+            window["positions"] += gbs * self.seq_length
+            window["loss"] += result["loss"]
+            if self.iteration % run.log_interval == 0 or self.iteration == t.train_iters:
+                self._log(phase, result, window)
+            if self.iteration % run.eval_interval == 0 or self.iteration == t.train_iters:
+                val = self.evaluate()
+                record = {
+                    "iteration": self.iteration,
+                    "val_loss": val,
+                    "elapsed_s": round(self.elapsed(), 3),
+                    "phase": phase.name,
+                    "raw_tokens": self.train_stream.consumed_raw_tokens,
+                }
+                self.writer.write(record, "eval")
+                self.writer.print(f"  eval at {self.iteration}: next-token loss {val:.4f}")
+            if run.save and run.save_interval and self.iteration % run.save_interval == 0:
+                self.save()
+            reason = self._should_stop()
+            if reason:
+                if run.save:
+                    self.save()
+                self.writer.print(f"stopping at iteration {self.iteration}: {reason}")
+                return 0
+        if run.save and (not run.save_interval or self.iteration % run.save_interval != 0):
+            self.save()
+        self.writer.close()
+        return 0
+
+    def _log(self, phase: Phase, result: dict, window: dict) -> None:
+        now = time.time()
+        span = max(now - window["t0"], 1e-9)
+        raw = self.train_stream.consumed_raw_tokens
+        steps = max(window["steps"], 1)
+        tflops = (
+            window["positions"] * self.flops_per_position / span / 1e12 / self.layout.world_size
+        )
+        name = phase.loss
+        record = {
+            "iteration": self.iteration,
+            "phase": phase.name,
+            "loss_name": name,
+            "loss": window["loss"] / steps,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": result["grad_norm"],
+            "raw_tokens": raw,
+            "positions": self.iteration * self.derived["global_batch_size"] * self.seq_length,
+            "raw_tokens_per_s": (raw - window["raw"]) / span,
+            "positions_per_s": window["positions"] / span,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak_tflops,
+            "elapsed_s": round(self.elapsed(), 3),
+        }
+        self.writer.write(record, "train")
+        self.writer.print(
+            f"iter {self.iteration:>6}/{self.cfg.training.train_iters} | {phase.name:<13} | "
+            f"{name} {record['loss']:.4f} | lr {record['lr']:.3e} | grad {result['grad_norm']:.3f}"
+            f" | raw tok {raw} | {record['raw_tokens_per_s']:.0f} raw tok/s | "
+            f"{record['positions_per_s']:.0f} pos/s | {tflops:.3f} TFLOP/s | "
+            f"MFU {100 * record['mfu']:.1f}%"
+        )
+        window.update(t0=now, positions=0, raw=raw, steps=0, loss=0.0)
+
+
+def _git_hash() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.check_output(
+            ["git", "-C", root, "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _versions() -> dict:
+    import megatron.core
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "megatron-core": getattr(megatron.core, "__version__", "unknown"),
+    }
