@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             trainer.load()
         return trainer.train()
     finally:
-        shutdown()
+        shutdown(layout)
 
 
 def _world_size() -> int:

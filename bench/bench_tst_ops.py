@@ -108,8 +108,10 @@ def paper_loop(logits, targets):
 
 def bench_losses(tokens, repeats):
     print(f"\n## Loss forward+backward, {tokens} positions, fp32 logits, 2 threads")
-    print(f"{'vocab':>7} {'bag':>4} {'CE ms':>8} {'MCE ms':>8} {'loop ms':>8} "
-          f"{'MCE/CE':>7} {'loop/MCE':>8} {'CE MB':>7} {'MCE MB':>7} {'loop MB':>8}")
+    print(
+        f"{'vocab':>7} {'bag':>4} {'CE ms':>8} {'MCE ms':>8} {'loop ms':>8} "
+        f"{'MCE/CE':>7} {'loop/MCE':>8} {'CE MB':>7} {'MCE MB':>7} {'loop MB':>8}"
+    )
     for vocab in (32_000, 128_000):
         for bag_size in (4, 8, 16):
             gen = torch.Generator().manual_seed(0)
@@ -122,9 +124,11 @@ def bench_losses(tokens, repeats):
             }
             t = {k: timed(v, repeats) for k, v in runs.items()}
             m = {k: peak_bytes(v) / 2**20 for k, v in runs.items()}
-            print(f"{vocab:>7} {bag_size:>4} {t['ce'] * 1e3:8.1f} {t['mce'] * 1e3:8.1f} "
-                  f"{t['loop'] * 1e3:8.1f} {t['mce'] / t['ce']:7.3f} {t['loop'] / t['mce']:8.2f} "
-                  f"{m['ce']:7.0f} {m['mce']:7.0f} {m['loop']:8.0f}")
+            print(
+                f"{vocab:>7} {bag_size:>4} {t['ce'] * 1e3:8.1f} {t['mce'] * 1e3:8.1f} "
+                f"{t['loop'] * 1e3:8.1f} {t['mce'] / t['ce']:7.3f} {t['loop'] / t['mce']:8.2f} "
+                f"{m['ce']:7.0f} {m['mce']:7.0f} {m['loop']:8.0f}"
+            )
             del logits
 
 
@@ -138,8 +142,13 @@ def bench_embedding(tokens, repeats):
 
     print(f"\n## Embedding forward+backward, {tokens} raw tokens, hidden 1024, vocab 32000")
     print(f"{'bag':>4} {'plain ms':>9} {'bag ms':>8} {'bag/plain':>9}")
-    config = TransformerConfig(num_layers=1, hidden_size=1024, num_attention_heads=8,
-                               use_cpu_initialization=True, hidden_dropout=0.0)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=1024,
+        num_attention_heads=8,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+    )
     for bag_size in (4, 8, 16):
         plain = LanguageModelEmbedding(config, 32_000, tokens, position_embedding_type="rope")
         bag = LanguageModelEmbedding(config, 32_000, tokens, position_embedding_type="rope")

@@ -44,6 +44,7 @@ class Layout:
     dp_rank: int
     ep_rank: int
     cpu_patched: bool  # megatron-core CPU compatibility patches are in place
+    owns_process_group: bool = True  # initialize() created it (so shutdown() may destroy it)
     tp_group: Any = None
     pp_group: Any = None
     dp_group: Any = None
@@ -123,6 +124,7 @@ def initialize(
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device, backend = select_device(local_rank)
     patched = cpu_compat.apply()
+    owns_process_group = not dist.is_initialized()
     _init_process_group(backend, device, timeout_minutes)
     world = dist.get_world_size()
     if world % (tp * pp) != 0:
@@ -164,6 +166,7 @@ def initialize(
         dp_rank=ps.get_data_parallel_rank(),
         ep_rank=ps.get_expert_model_parallel_rank(),
         cpu_patched=patched,
+        owns_process_group=owns_process_group,
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
@@ -192,11 +195,11 @@ def seed_everything(seed: int, layout: Layout | None = None) -> None:
         torch.manual_seed(seed)
 
 
-def shutdown() -> None:
-    """Tear down megatron-core parallel state and the process group (tests, clean exits)."""
+def shutdown(layout: Layout | None = None) -> None:
+    """Tear down megatron-core parallel state, and the process group if ``initialize`` made it."""
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and (layout is None or layout.owns_process_group):
         dist.destroy_process_group()

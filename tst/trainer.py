@@ -380,12 +380,12 @@ class Trainer:
 
     def save(self) -> None:
         path = checkpointing.save(
-            self.cfg.run.save, self.iteration, self.model, self.optimizer, self.state()
+            self.cfg.run.save, self.iteration, self.raw_chunks, self.optimizer, self.state()
         )
         self.writer.print(f"saved checkpoint {path} (iteration {self.iteration})")
 
     def load(self) -> None:
-        common = checkpointing.load(self.cfg.run.load, self.model, self.optimizer)
+        common = checkpointing.load(self.cfg.run.load, self.raw_chunks, self.optimizer)
         self.iteration = common["iteration"]
         self.train_stream.load_state_dict(common["data"])
         self.scheduler.load_state_dict(common["scheduler"])
