@@ -163,7 +163,11 @@ def check_dtype_holds_vocab(info: IndexInfo, vocab_size: int) -> None:
 
 
 def open_indexed_dataset(prefix: str, vocab_size: int | None = None) -> IndexedDataset:
-    """Check ``prefix`` (and, given ``vocab_size``, its dtype), then open it with megatron-core."""
+    """Check ``prefix`` (and, given ``vocab_size``, its dtype), then open it with megatron-core.
+
+    The arrays it returns view a memory map that megatron-core closes when the dataset object
+    is collected: keep the dataset referenced while using them (or copy them).
+    """
     info = check_indexed_dataset(prefix)
     if vocab_size is not None:
         check_dtype_holds_vocab(info, vocab_size)
