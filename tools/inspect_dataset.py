@@ -156,7 +156,7 @@ def _sample_counts(args: argparse.Namespace, lengths: np.ndarray) -> dict:
 
 def _decode(args: argparse.Namespace, tokens: np.ndarray, lengths: np.ndarray) -> None:
     tok = build_tokenizer(
-        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size
+        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file
     )
     starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     eods = int(np.count_nonzero(tokens == tok.eod)) if tokens.size else 0
