@@ -54,8 +54,14 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         results.put((rank, False, traceback.format_exc()))
         return
     results.put((rank, True, "ready"))
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # the test session is gone: do not linger
+                break
+            continue
         if task is None:
             break
         fn, args, kwargs = task
@@ -91,7 +97,8 @@ class ProcessWorld:
             ctx.Process(
                 target=_worker,
                 args=(rank, world_size, port, self._tasks[rank], self._results),
-                daemon=True,
+                # Not daemonic: dist_checkpointing starts writer processes of its own.
+                daemon=False,
             )
             for rank in range(world_size)
         ]

@@ -108,6 +108,9 @@ class _NullStream:
     def query(self) -> bool:
         return True
 
+    def record_event(self, *args, **kwargs):
+        return _NullStream()
+
 
 class _CpuCuda(types.ModuleType):
     """`torch.cuda` as megatron-core sees it without CUDA: CPU RNG, no-op streams."""
