@@ -76,7 +76,8 @@ class PreprocessConfig:
     input_format: str = "auto"  # --input-format
     text_mode: str = "line"  # --text-mode
     on_bad_utf8: str = "skip"  # --on-bad-utf8
-    chunk_records: int = 64  # records per worker task; fixed so output never depends on workers
+    chunk_records: int = 64  # records per worker task, at most
+    chunk_bytes: int = 1 << 18  # bytes per worker task, at most (long documents: more tasks)
     log_interval_s: float = 2.0  # seconds between progress lines
 
     def __post_init__(self) -> None:
@@ -86,8 +87,8 @@ class PreprocessConfig:
             raise ValueError(f"--on-bad-utf8 must be skip or fail, got {self.on_bad_utf8!r}")
         if not self.json_keys:
             raise ValueError("--json-keys needs at least one key")
-        if self.chunk_records < 1:
-            raise ValueError("chunk_records must be >= 1")
+        if self.chunk_records < 1 or self.chunk_bytes < 1:
+            raise ValueError("--chunk-records and chunk_bytes must be >= 1")
 
 
 @dataclass
@@ -192,13 +193,17 @@ def _encode_in_worker(records: list[Record]) -> _Chunk:
     return _WORKER_ENCODER.encode(records)
 
 
-def _chunks(records: Iterator[Record], size: int) -> Iterator[list[Record]]:
+def _chunks(records: Iterator[Record], size: int, max_bytes: int) -> Iterator[list[Record]]:
+    # Cut by record count and by bytes: a few long documents must still make enough tasks to
+    # keep every worker busy. The cut depends on the input only, never on the worker count.
     chunk: list[Record] = []
+    nbytes = 0
     for rec in records:
         chunk.append(rec)
-        if len(chunk) == size:
+        nbytes += len(rec.data)
+        if len(chunk) == size or nbytes >= max_bytes:
             yield chunk
-            chunk = []
+            chunk, nbytes = [], 0
     if chunk:
         yield chunk
 
@@ -255,7 +260,7 @@ def preprocess(
     writers = [AtomicIndexedWriter(summary.outputs[k], dtype) for k in keys]
     disk = [0]
     progress = _Progress(sum(f.size for f in files), cfg.log_interval_s, sys.stderr)
-    chunks = _chunks(read_records(files, cfg.text_mode, disk), cfg.chunk_records)
+    chunks = _chunks(read_records(files, cfg.text_mode, disk), cfg.chunk_records, cfg.chunk_bytes)
     pool = None
     try:
         if cfg.workers == 1:
@@ -265,7 +270,7 @@ def preprocess(
             pool = multiprocessing.get_context().Pool(
                 cfg.workers, _init_worker, (cfg.tokenizer, formats, keys, cfg.append_eod)
             )
-            results = pool.imap(_encode_in_worker, chunks, chunksize=4)
+            results = pool.imap(_encode_in_worker, chunks)
         for chunk in results:
             _consume(chunk, writers, files, cfg, summary)
             progress.update(summary, disk[0])

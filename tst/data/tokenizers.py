@@ -168,7 +168,9 @@ class HuggingFaceTokenizer:
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         """Many documents at once: the Rust side spreads them over its threads."""
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast skips character offsets, which only ids-wanting callers don't need.
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def detokenize(self, ids: list[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
