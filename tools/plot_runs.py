@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Plot runs from their ``--metrics-file`` records into one PNG.
+
+    python tools/plot_runs.py --runs base=base.jsonl tst=tst.jsonl --output runs.png
+
+Panels: next-token validation loss against iteration, wall-clock and raw tokens (each run's
+phase switch marked), and the training loss of the superposition phase on its own panel
+(multi-hot CE is not comparable with next-token loss).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from run_metrics import read_metrics  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="NAME=metrics.jsonl ...")
+    parser.add_argument("--output", required=True, help="PNG to write")
+    args = parser.parse_args(argv)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = []
+    for spec in args.runs:
+        name, sep, path = spec.partition("=")
+        if not sep:
+            parser.error(f"--runs takes NAME=PATH, got {spec!r}")
+        runs.append(read_metrics(path, name))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    axes_by_key = {"iteration": axes[0, 0], "elapsed_s": axes[0, 1], "raw_tokens": axes[1, 0]}
+    for run in runs:
+        for key, ax in axes_by_key.items():
+            xs = [e[key] for e in run.evals]
+            (line,) = ax.plot(xs, [e["val_loss"] for e in run.evals], marker=".", label=run.name)
+            switch = run.switch_iteration
+            if switch is not None:
+                at = next((r for r in run.train if r["iteration"] >= switch), None)
+                if at is not None:
+                    ax.axvline(at[key], color=line.get_color(), linestyle="--", alpha=0.6)
+        sup = [r for r in run.train if r["phase"] == "superposition"]
+        if sup:
+            axes[1, 1].plot([r["iteration"] for r in sup], [r["loss"] for r in sup],
+                            label=f"{run.name} ({sup[0]['loss_name']})")  # fmt: skip
+    for key, ax in axes_by_key.items():
+        ax.set_xlabel({"iteration": "iteration", "elapsed_s": "wall-clock (s)",
+                       "raw_tokens": "raw tokens consumed"}[key])  # fmt: skip
+        ax.set_ylabel("next-token validation loss")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[1, 1].set_title("superposition-phase training loss (dashed lines: phase switch)")
+    axes[1, 1].set_xlabel("iteration")
+    axes[1, 1].grid(alpha=0.3)
+    if axes[1, 1].lines:
+        axes[1, 1].legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    fig.savefig(args.output, dpi=110)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
