@@ -15,7 +15,7 @@ class RunMetrics:
     @property
     def switch_iteration(self) -> int | None:
         """First logged recovery step after a superposition step, if the run switched."""
-        for before, after in zip(self.train, self.train[1:]):
+        for before, after in zip(self.train, self.train[1:], strict=False):
             if before["phase"] == "superposition" and after["phase"] == "recovery":
                 return before["iteration"]
         return None
