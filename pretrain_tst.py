@@ -69,15 +69,7 @@ def main(argv=None) -> int:
     )
     try:
         derived = validate(cfg, layout.world_size, vocab_size)
-        t = cfg.training
-        schedule = PhaseSchedule.build(
-            t.train_iters,
-            cfg.tst.tst_bag_size,
-            cfg.tst.tst_iters,
-            cfg.tst.tst_fraction,
-            cfg.tst.tst_mode,
-            cfg.tst.tst_loss,
-        )
+        schedule = PhaseSchedule.from_config(cfg)
         datasets = build_datasets(cfg, derived, tokenizer, vocab_size, schedule)
         trainer = Trainer(cfg, layout, derived, tokenizer, datasets)
         if cfg.run.load:

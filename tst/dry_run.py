@@ -52,14 +52,7 @@ def dry_run(cfg: Config, vocab_size: int, world_size: int | None = None) -> int:
     derived = validate(cfg, world, vocab_size)
     counts = parameter_counts(cfg, derived["padded_vocab_size"])
     t = cfg.training
-    schedule = PhaseSchedule.build(
-        t.train_iters,
-        cfg.tst.tst_bag_size,
-        cfg.tst.tst_iters,
-        cfg.tst.tst_fraction,
-        cfg.tst.tst_mode,
-        cfg.tst.tst_loss,
-    )
+    schedule = PhaseSchedule.from_config(cfg)
     print(
         f"parameters: total {counts['total'] / 1e6:.1f}M, active per token "
         f"{counts['active'] / 1e6:.1f}M (embedding + output {counts['embedding_and_output'] / 1e6:.1f}M)"

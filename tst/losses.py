@@ -149,6 +149,13 @@ def _exp_and_sum(shifted: torch.Tensor, tp_group) -> torch.Tensor:
     return sum_exp
 
 
+def _checked_apply(function, logits, target, tp_group, ignore_index, slot_weights):
+    """Validate the inputs against the global vocabulary, then apply the autograd function."""
+    _, tp = _group_info(tp_group)
+    _check_inputs(logits, target, logits.shape[-1] * tp, ignore_index, slot_weights)
+    return function.apply(logits, target.long(), tp_group, ignore_index, slot_weights)
+
+
 class _VocabParallelMultiHotCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp_group, ignore_index, slot_weights):
@@ -209,17 +216,10 @@ def vocab_parallel_multi_hot_cross_entropy(
     Collectives (over ``tp_group``): all-reduce MAX ``[...]``, all-reduce SUM ``[...]``
     (sum of exponentials), all-reduce SUM ``[...]`` (weighted target logits).
     """
-    _, tp = _group_info(tp_group)
-    _check_inputs(
-        vocab_parallel_logits,
-        target,
-        vocab_parallel_logits.shape[-1] * tp,
-        ignore_index,
+    return _checked_apply(
+        _VocabParallelMultiHotCE, vocab_parallel_logits, target, tp_group, ignore_index,
         slot_weights,
-    )
-    return _VocabParallelMultiHotCE.apply(
-        vocab_parallel_logits, target.long(), tp_group, ignore_index, slot_weights
-    )
+    )  # fmt: skip
 
 
 class _VocabParallelMultiHotCEAlt(torch.autograd.Function):
@@ -279,14 +279,7 @@ def vocab_parallel_multi_hot_cross_entropy_alt(
     Collectives (over ``tp_group``): all-reduce MAX ``[...]``, all-reduce SUM ``[...]``
     (sum of exponentials), all-reduce SUM ``[..., bag_size]`` (each slot's logit).
     """
-    _, tp = _group_info(tp_group)
-    _check_inputs(
-        vocab_parallel_logits,
-        target,
-        vocab_parallel_logits.shape[-1] * tp,
-        ignore_index,
+    return _checked_apply(
+        _VocabParallelMultiHotCEAlt, vocab_parallel_logits, target, tp_group, ignore_index,
         slot_weights,
-    )
-    return _VocabParallelMultiHotCEAlt.apply(
-        vocab_parallel_logits, target.long(), tp_group, ignore_index, slot_weights
-    )
+    )  # fmt: skip

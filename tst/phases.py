@@ -72,6 +72,13 @@ class PhaseSchedule:
             phases.append(Phase(RECOVERY, switch, train_iters, 1, 1, "lm", 1))
         return cls(tuple(phases))
 
+    @classmethod
+    def from_config(cls, cfg) -> PhaseSchedule:
+        """The schedule a :class:`tst.config.Config` asks for."""
+        tst = cfg.tst
+        return cls.build(cfg.training.train_iters, tst.tst_bag_size, tst.tst_iters,
+                         tst.tst_fraction, tst.tst_mode, tst.tst_loss)  # fmt: skip
+
     @property
     def switch_iteration(self) -> int:
         """First step of the recovery phase (= train_iters when there is none)."""

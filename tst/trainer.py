@@ -141,14 +141,7 @@ class Trainer:
         self.cfg, self.layout, self.derived = cfg, layout, derived
         self.tokenizer = tokenizer
         m, t, tst = cfg.model, cfg.training, cfg.tst
-        self.schedule = PhaseSchedule.build(
-            t.train_iters,
-            tst.tst_bag_size,
-            tst.tst_iters,
-            tst.tst_fraction,
-            tst.tst_mode,
-            tst.tst_loss,
-        )
+        self.schedule = PhaseSchedule.from_config(cfg)
         self.bag_size = tst.tst_bag_size
         self.seq_length = m.seq_length
         self.slot_weights = slot_weights_for(tst.tst_slot_weights, tst.tst_bag_size)
