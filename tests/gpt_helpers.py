@@ -53,28 +53,15 @@ def tiny_config(tp=1, pp=1, vpp=None, sp=False, **overrides):
 
 
 def build_chunks(config, layout, seed, untie=True):
-    from megatron.core import parallel_state as ps
-
     from tst.init import initialize_layout_independent
-    from tst.model import ModelShape, build_gpt
+    from tst.model import ModelShape, build_model_chunks
 
     shape = ModelShape(
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
         untie_embeddings_and_output_weights=untie,
     )
-    chunks = []
-    for vp in range(layout.vpp or 1):
-        vp_stage = vp if layout.vpp else None
-        chunks.append(
-            build_gpt(
-                config,
-                shape,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage,
-            )
-        )
+    chunks = build_model_chunks(config, shape, layout.vpp, layout.device)
     initialize_layout_independent(chunks, config, seed, layout)
     return chunks
 

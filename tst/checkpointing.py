@@ -96,7 +96,6 @@ def load(root: str, chunks, optimizer) -> dict:
     path = checkpoint_dir(root, iteration)
     template = _sharded_model_state(chunks)
     template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True)
-    common = dist_checkpointing.load_common_state_dict(path)
     try:
         state = dist_checkpointing.load(template, path)
     except Exception as error:  # report which checkpoint failed, then the cause
@@ -104,4 +103,4 @@ def load(root: str, chunks, optimizer) -> dict:
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"model{i}"])
     optimizer.load_state_dict(state["optimizer"])
-    return common["common"]
+    return state["common"]  # the non-sharded entries come back with the sharded ones

@@ -108,6 +108,15 @@ class ModelConfig:
                 "--moe-router-topk must be between 1 and --num-experts",
             )
 
+    @property
+    def resolved_ffn_hidden_size(self) -> int:
+        """``--ffn-hidden-size``, or 4 x hidden (8/3 x hidden rounded up to 64 with SwiGLU)."""
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        if self.swiglu:
+            return -(-8 * self.hidden_size // (3 * 64)) * 64
+        return 4 * self.hidden_size
+
 
 @dataclass
 class ParallelConfig:

@@ -241,13 +241,13 @@ def apply() -> bool:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
-    _patch_alltoall_split_sizes()
+    _patch_moe_split_sizes_to_numpy()
     _patch_pipeline_p2p_tags()
     setattr(torch, _APPLIED_FLAG, True)
     return True
 
 
-def _patch_alltoall_split_sizes() -> None:
+def _patch_moe_split_sizes_to_numpy() -> None:
     """gloo's all_to_all_single rejects split sizes given as tensors.
 
     The MoE alltoall dispatcher asks `maybe_move_tensor_to_cpu(..., as_numpy=True)` for its

@@ -19,7 +19,7 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     heads = m.num_attention_heads
     groups = m.num_query_groups or heads
     head_dim = h // heads
-    ffn = m.ffn_hidden_size or (int(8 * h / 3 / 64 + 0.999) * 64 if m.swiglu else 4 * h)
+    ffn = m.resolved_ffn_hidden_size
     attn = h * head_dim * (heads + 2 * groups) + heads * head_dim * h
     attn += 2 * head_dim if m.qk_layernorm else 0
     glu = 3 if m.swiglu else 2

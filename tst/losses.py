@@ -149,6 +149,17 @@ def _exp_and_sum(shifted: torch.Tensor, tp_group) -> torch.Tensor:
     return sum_exp
 
 
+def _softmax_minus_target(softmax, local, target_mass, grad_loss) -> torch.Tensor:
+    """``(softmax - target distribution) * grad_loss``, in place of the saved softmax.
+
+    ``target_mass [..., bag]`` is this shard's share of the target distribution at the
+    shard-local ids ``local``; the forward's softmax is not needed again, so it is reused.
+    """
+    grad = softmax
+    grad.scatter_add_(-1, local, -target_mass)
+    return grad.mul_(grad_loss.unsqueeze(-1))
+
+
 def _checked_apply(function, logits, target, tp_group, ignore_index, slot_weights):
     """Validate the inputs against the global vocabulary, then apply the autograd function."""
     _, tp = _group_info(tp_group)
@@ -183,11 +194,7 @@ class _VocabParallelMultiHotCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local, local_weights = ctx.saved_tensors
-        grad = softmax  # reused in place: forward's softmax is not needed again
-        grad.scatter_add_(-1, local, -local_weights)
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None
+        return _softmax_minus_target(*ctx.saved_tensors, grad_loss), None, None, None, None
 
 
 def vocab_parallel_multi_hot_cross_entropy(
@@ -255,11 +262,7 @@ class _VocabParallelMultiHotCEAlt(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local, posterior = ctx.saved_tensors
-        grad = softmax
-        grad.scatter_add_(-1, local, -posterior)
-        grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None
+        return _softmax_minus_target(*ctx.saved_tensors, grad_loss), None, None, None, None
 
 
 def vocab_parallel_multi_hot_cross_entropy_alt(

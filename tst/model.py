@@ -17,7 +17,13 @@ import torch
 
 from tst.embedding import BagEmbedding
 
-__all__ = ["ModelShape", "build_gpt", "set_bag_size", "transformer_engine_available"]
+__all__ = [
+    "ModelShape",
+    "build_gpt",
+    "build_model_chunks",
+    "set_bag_size",
+    "transformer_engine_available",
+]
 
 
 def transformer_engine_available() -> bool:
@@ -92,6 +98,24 @@ def build_gpt(
     if pre_process:
         BagEmbedding.upgrade(model.embedding)
     return model
+
+
+def build_model_chunks(config, shape: ModelShape, vpp: int | None, device) -> list:
+    """This rank's model chunks: one per virtual pipeline stage (one when ``vpp`` is None)."""
+    from megatron.core import parallel_state as ps
+
+    chunks = []
+    for vp in range(vpp or 1):
+        vp_stage = vp if vpp else None
+        chunk = build_gpt(
+            config,
+            shape,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            vp_stage=vp_stage,
+        )
+        chunks.append(chunk.to(device))
+    return chunks
 
 
 def set_bag_size(model_chunks, bag_size: int) -> None:

@@ -34,7 +34,12 @@ from tst.losses import (
     vocab_parallel_multi_hot_cross_entropy_alt,
 )
 from tst.metrics import MetricsWriter, flops_per_position, measure_cpu_peak_tflops
-from tst.model import ModelShape, build_gpt, set_bag_size, transformer_engine_available
+from tst.model import (
+    ModelShape,
+    build_model_chunks,
+    set_bag_size,
+    transformer_engine_available,
+)
 from tst.phases import RECOVERY, Phase, PhaseSchedule
 from tst.platform import Layout
 
@@ -57,9 +62,7 @@ def transformer_config(cfg: Config, derived: dict, layout: Layout):
 
     m, p, t = cfg.model, cfg.parallel, cfg.training
     on_gpu = layout.device.type == "cuda"
-    ffn = m.ffn_hidden_size or (
-        int(8 * m.hidden_size / 3 / 64 + 0.999) * 64 if m.swiglu else 4 * m.hidden_size
-    )
+    ffn = m.resolved_ffn_hidden_size
     moe = {}
     if m.num_experts:
         moe = dict(
@@ -125,7 +128,6 @@ class Trainer:
     """Builds everything for one run and trains it; one instance per process."""
 
     def __init__(self, cfg: Config, layout: Layout, derived: dict, tokenizer, datasets):
-        from megatron.core import parallel_state as ps
         from megatron.core.distributed import (
             DistributedDataParallel,
             DistributedDataParallelConfig,
@@ -157,18 +159,7 @@ class Trainer:
             num_experts=m.num_experts,
             use_transformer_engine=use_transformer_engine(cfg, layout),
         )
-        chunks = []
-        for vp in range(derived["vpp"] or 1):
-            vp_stage = vp if derived["vpp"] else None
-            chunk = build_gpt(
-                self.config,
-                self.shape,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage,
-            )
-            chunk.to(layout.device)
-            chunks.append(chunk)
+        chunks = build_model_chunks(self.config, self.shape, derived["vpp"], layout.device)
         initialize_layout_independent(chunks, self.config, t.seed, layout)
         self.raw_chunks = chunks
         if t.bf16:
@@ -240,7 +231,7 @@ class Trainer:
 
     def _batch(self, chunk: torch.Tensor, phase: Phase):
         """Rows from the stream -> (input ids, targets, loss mask) for this phase."""
-        if phase.name == RECOVERY or (phase.input_bag == 1 and phase.target_bag == 1):
+        if phase.input_bag == 1 and phase.target_bag == 1:  # recovery (or plain) step
             return make_tst_batch(chunk, 1)
         if phase.input_bag == 1:  # output-only: ordinary inputs, next bag_size tokens as targets
             return make_output_only_batch(chunk, phase.target_bag)
