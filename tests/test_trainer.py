@@ -54,6 +54,7 @@ def _assert_close(got, want, rel, label):
 LAYOUTS = {
     "TP2": ["--tensor-model-parallel-size", "2"],
     "PP2": ["--pipeline-model-parallel-size", "2"],
+    "TP2-SP": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "TP2xPP2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
     "PP2-interleaved": [
         "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",

@@ -10,6 +10,7 @@ exported model are an ordinary GPT. The model returns vocab-parallel logits ``[b
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass
 
@@ -46,6 +47,60 @@ class ModelShape:
     use_transformer_engine: bool = False
 
 
+class TorchNorm:
+    """megatron-core's torch-norm wrapper, also under sequence parallelism.
+
+    megatron-core's ``WrappedTorchNorm`` (the local spec's norm without apex) refuses
+    ``sequence_parallel``, though nothing in a norm needs more than what megatron-core
+    already does for its fused norms: each TP rank normalises its own slice of positions,
+    and the weights, marked ``sequence_parallel``, get their partial gradients summed over
+    TP by ``finalize_model_grads``. Same signature, same torch modules, same parameters.
+    """
+
+    def __new__(
+        cls,
+        config,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ):
+        if config.layernorm_zero_centered_gamma:
+            raise ValueError("zero-centred gamma needs Transformer Engine or apex norms")
+        kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in kinds:
+            raise ValueError(f"--normalization must be one of {sorted(kinds)}")
+        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _with_sequence_parallel_norms(spec):
+    """The local layer spec with megatron-core's torch norms replaced by :class:`TorchNorm`."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    submodules = spec.submodules
+    changes = {
+        name: TorchNorm
+        for name in ("input_layernorm", "pre_mlp_layernorm")
+        if getattr(submodules, name) is WrappedTorchNorm
+    }
+    if changes:
+        spec = dataclasses.replace(spec, submodules=dataclasses.replace(submodules, **changes))
+    return spec
+
+
+def _block_norm():
+    """The final norm megatron-core's block would use, with :class:`TorchNorm` for torch's."""
+    from megatron.core.transformer import transformer_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    norm = transformer_block.LayerNormImpl
+    return TorchNorm if norm is WrappedTorchNorm else norm
+
+
 def layer_spec(shape: ModelShape):
     """The transformer-layer spec: TE's where asked for (and present), else the local one."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -61,12 +116,13 @@ def layer_spec(shape: ModelShape):
             moe_grouped_gemm=shape.num_experts is not None,
             qk_layernorm=shape.qk_layernorm,
         )
-    return specs.get_gpt_layer_local_spec(
+    local = specs.get_gpt_layer_local_spec(
         num_experts=shape.num_experts,
         moe_grouped_gemm=False,
         qk_layernorm=shape.qk_layernorm,
         normalization=shape.normalization,
     )
+    return _with_sequence_parallel_norms(local)
 
 
 def build_gpt(
@@ -82,10 +138,18 @@ def build_gpt(
     ``pre_process`` and the output layer when ``post_process``.
     """
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
+    block = TransformerBlockSubmodules(
+        layer_specs=[layer_spec(shape)] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=_block_norm(),
+    )
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(shape),
+        transformer_layer_spec=block,
         vocab_size=shape.vocab_size,
         max_sequence_length=shape.max_sequence_length,
         pre_process=pre_process,
