@@ -285,10 +285,19 @@ class RunConfig:
         "Build the model on the meta device, print parameter counts and "
         "the per-rank layout, and exit.",
     )
+    dry_run_world_size: int | None = _f(
+        None,
+        "Processes (GPUs) the --dry-run lays the model out on "
+        "(default: the smallest world that fits TP x PP x EP).",
+    )
 
     def __post_init__(self):
         for name in ("eval_interval", "eval_iters", "log_interval"):
             _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        _require(
+            self.dry_run_world_size is None or self.dry_run_world_size >= 1,
+            "--dry-run-world-size must be >= 1",
+        )
 
 
 @dataclass

@@ -1,43 +1,87 @@
-"""``--dry-run``: check a configuration and print its size and layout without training.
+"""``--dry-run``: check a configuration, build its model on the meta device, print its layout.
 
-Parameter counts are computed from the shapes megatron-core's GPT layers have (no model is
-built and no memory is used), so a 10B configuration can be checked on a laptop.
+The whole model is built once, at TP=1 / PP=1, inside ``torch.device("meta")``: parameters
+get shapes but no storage, so a 10B MoE builds in about a second on a laptop. megatron-core
+needs its parallel state for that, so the build runs in a single-process gloo world created
+for the call (an in-memory store, no port, no environment variables) and torn down after it.
+The built parameters are
+
+1. counted (total, and active per token: experts count ``topk / num_experts`` of their size)
+   and checked against the closed form of :func:`parameter_counts`;
+2. laid out on the requested grid by megatron-core's rules: column/row-parallel linears and
+   the vocab-parallel embedding/output are split over TP, norms and the router are
+   replicated, decoder layers go to PP stages (VPP chunks round-robin), the word embedding
+   to the first stage and the output layer and final norm to the last (with tied weights and
+   PP > 1 the last stage holds its own copy of the embedding), and each expert lives whole
+   on one EP rank, split over the expert-TP size (= TP);
+3. turned into per-rank memory: model states exactly, activations roughly (see
+   :func:`activation_bytes`).
+
+Nothing reads data; a tokenizer is used only when one is given (else ``--vocab-size``).
 """
 
 from __future__ import annotations
 
-from tst.config import Config, validate
+import dataclasses
+import re
+from dataclasses import dataclass
+
+import torch
+
+from tst.config import Config, ParallelConfig, validate
 from tst.phases import PhaseSchedule
 
-__all__ = ["parameter_counts", "dry_run"]
+__all__ = [
+    "Grid",
+    "ParamInfo",
+    "parameter_counts",
+    "meta_parameters",
+    "built_counts",
+    "per_rank_parameters",
+    "activation_bytes",
+    "dry_run",
+]
+
+_GIB = 2**30
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
-    """Total and per-token-active parameters, with the embedding/output share."""
+    """Closed-form total and per-token-active parameters of megatron-core's GPT layers.
+
+    ``vocab_size`` is the padded vocabulary. Used as a check on the meta-device build.
+    """
     m = cfg.model
     h = m.hidden_size
     heads = m.num_attention_heads
     groups = m.num_query_groups or heads
     head_dim = h // heads
-    ffn = m.resolved_ffn_hidden_size
-    attn = h * head_dim * (heads + 2 * groups) + heads * head_dim * h
-    attn += 2 * head_dim if m.qk_layernorm else 0
-    glu = 3 if m.swiglu else 2
-    norms = 2 * h
+    bias = m.add_bias_linear
+    norm = 2 * h if m.normalization == "LayerNorm" else h  # LayerNorm has a bias too
+    qkv_out = head_dim * (heads + 2 * groups)
+    attn = h * qkv_out + heads * head_dim * h + ((qkv_out + h) if bias else 0)
+    if m.qk_layernorm:
+        attn += 2 * (norm // h) * head_dim
+    glu = 2 if m.swiglu else 1
+
+    def mlp(ffn: int) -> int:
+        return (glu + 1) * h * ffn + ((glu * ffn + h) if bias else 0)
+
     if m.num_experts:
-        expert = glu * h * (m.moe_ffn_hidden_size or ffn)
-        shared = glu * h * (m.moe_shared_expert_intermediate_size or 0)
-        router = h * m.num_experts
+        expert = mlp(m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size)
+        shared_ffn = m.moe_shared_expert_intermediate_size
+        shared = mlp(shared_ffn) if shared_ffn else 0
+        router = (h + bias) * m.num_experts
         mlp_total = m.num_experts * expert + shared + router
         mlp_active = m.moe_router_topk * expert + shared + router
     else:
-        mlp_total = mlp_active = glu * h * ffn
+        mlp_total = mlp_active = mlp(m.resolved_ffn_hidden_size)
     embedding = vocab_size * h
-    output = 0 if not m.untie_embeddings_and_output_weights else vocab_size * h
+    output = vocab_size * h if m.untie_embeddings_and_output_weights else 0
     if m.position_embedding_type == "learned_absolute":
         embedding += m.max_position_embeddings * h
-    layers_total = m.num_layers * (attn + mlp_total + norms) + h
-    layers_active = m.num_layers * (attn + mlp_active + norms) + h
+    layers_total = m.num_layers * (attn + mlp_total + 2 * norm) + norm
+    layers_active = m.num_layers * (attn + mlp_active + 2 * norm) + norm
     return {
         "total": layers_total + embedding + output,
         "active": layers_active + embedding + output,
@@ -46,33 +90,389 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     }
 
 
-def dry_run(cfg: Config, vocab_size: int, world_size: int | None = None) -> int:
-    p = cfg.parallel
-    world = world_size or max(p.tensor_model_parallel_size * p.pipeline_model_parallel_size, 1)
-    derived = validate(cfg, world, vocab_size)
-    counts = parameter_counts(cfg, derived["padded_vocab_size"])
-    t = cfg.training
-    schedule = PhaseSchedule.from_config(cfg)
-    print(
-        f"parameters: total {counts['total'] / 1e6:.1f}M, active per token "
-        f"{counts['active'] / 1e6:.1f}M (embedding + output {counts['embedding_and_output'] / 1e6:.1f}M)"
+@dataclass(frozen=True)
+class ParamInfo:
+    """One parameter of the TP=1 / PP=1 model, and how the parallel layout splits it."""
+
+    name: str
+    numel: int
+    tp_dim: int | None  # dimension split over TP (None: replicated over TP)
+    tp_size: int  # its size along tp_dim (0 when replicated)
+    layer: int | None  # decoder layer index, None outside the decoder layers
+    expert: bool  # a routed expert's weight (split over EP, and over expert-TP)
+
+
+def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
+    """Build the full model (TP=1, PP=1) on the meta device and describe its parameters.
+
+    ``vocab_size`` is the padded vocabulary of the requested layout. Runs in a private
+    single-process gloo world and leaves no process group or parallel state behind.
+    """
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
     )
-    print(
-        f"layout for a world of {world}: TP={p.tensor_model_parallel_size} "
-        f"PP={p.pipeline_model_parallel_size} VPP={derived['vpp']} DP={derived['dp']} "
-        f"EP={p.expert_model_parallel_size}; global batch {derived['global_batch_size']} = "
-        f"{derived['num_microbatches']} micro-batches x {t.micro_batch_size} x DP"
-    )
-    per_stage = cfg.model.num_layers // p.pipeline_model_parallel_size
-    for stage in range(p.pipeline_model_parallel_size):
-        extras = []
-        if stage == 0:
-            extras.append("bag embedding")
-        if stage == p.pipeline_model_parallel_size - 1:
-            extras.append("output layer + multi-hot loss")
-        print(
-            f"  stage {stage}: layers {stage * per_stage}..{(stage + 1) * per_stage - 1}"
-            + (f" + {', '.join(extras)}" if extras else "")
+
+    from tst.model import ModelShape, build_gpt
+    from tst.platform import initialize, shutdown
+    from tst.trainer import transformer_config
+
+    if dist.is_initialized():
+        raise ValueError(
+            "--dry-run builds its model in a process of its own: run it with `python "
+            "pretrain_tst.py --dry-run ...`, not inside a distributed job"
         )
-    print("phase schedule:\n" + schedule.table())
+    m = cfg.model
+    # One process, TP=PP=EP=1; FP8 needs Transformer Engine to configure and changes no
+    # parameter, so the count uses the bf16 configuration and megatron-core's local spec
+    # (the same parameters as the TE spec, whose linears carry the norms' weights).
+    single = dataclasses.replace(
+        cfg,
+        parallel=ParallelConfig(),
+        training=dataclasses.replace(cfg.training, fp8_format=None, global_batch_size=None),
+    )
+    # An in-memory store: no port, no RANK/WORLD_SIZE in the environment, gone with the group.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    layout = None
+    try:
+        layout = initialize(tp=1, pp=1, seed=cfg.training.seed)
+        config = transformer_config(single, validate(single, 1, vocab_size), layout)
+        # Shapes only: no init kernels, and no allocation on an explicit CUDA device.
+        config.use_cpu_initialization = True
+        config.perform_initialization = False
+        shape = ModelShape(
+            vocab_size=vocab_size,
+            max_sequence_length=m.max_position_embeddings,
+            position_embedding_type=m.position_embedding_type,
+            rotary_base=m.rotary_base,
+            untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+            qk_layernorm=m.qk_layernorm,
+            normalization=m.normalization,
+            num_experts=m.num_experts,
+            use_transformer_engine=False,
+        )
+        try:
+            with torch.device("meta"):
+                model = build_gpt(config, shape)
+        except AssertionError as error:  # megatron-core checks its arguments with asserts
+            raise ValueError(f"megatron-core cannot build this model: {error}") from error
+        # The dimension each tensor-parallel module splits its weight along.
+        split = ((ColumnParallelLinear, 0), (RowParallelLinear, 1), (VocabParallelEmbedding, 0))
+        infos = []
+        for module_name, module in model.named_modules():
+            for local, param in module.named_parameters(recurse=False):
+                name = f"{module_name}.{local}" if module_name else local
+                dim = next((d for kind, d in split if isinstance(module, kind)), None)
+                if local == "bias" and isinstance(module, RowParallelLinear):
+                    dim = None  # a row-parallel bias is added after the all-reduce
+                layer = _LAYER.search(name)
+                infos.append(
+                    ParamInfo(
+                        name=name,
+                        numel=param.numel(),
+                        tp_dim=dim,
+                        tp_size=param.shape[dim] if dim is not None else 0,
+                        layer=int(layer.group(1)) if layer else None,
+                        expert="experts" in name.split("."),
+                    )
+                )
+        return infos
+    finally:
+        shutdown(layout)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def built_counts(params: list[ParamInfo], cfg: Config) -> dict[str, int]:
+    """Total and per-token-active parameters of the built model, with the main groups."""
+    m = cfg.model
+    total = sum(p.numel for p in params)
+    experts = sum(p.numel for p in params if p.expert)
+    # Each token runs topk of num_experts equally sized experts.
+    active = total - experts + (experts * m.moe_router_topk // m.num_experts if experts else 0)
+    return {
+        "total": total,
+        "active": active,
+        "embedding": sum(p.numel for p in params if p.name.startswith("embedding.")),
+        "output": sum(p.numel for p in params if p.name.startswith("output_layer.")),
+        "experts": experts,
+    }
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The requested process grid (megatron-core's: expert-TP = TP)."""
+
+    world: int
+    tp: int
+    pp: int
+    vpp: int | None
+    dp: int
+    ep: int
+
+    @property
+    def expert_dp(self) -> int:
+        return self.world // (self.tp * self.ep * self.pp)
+
+    def stage_of_layer(self, layer: int, num_layers: int) -> int:
+        """PP rank that holds ``layer`` (virtual chunks are dealt out round-robin)."""
+        chunks = self.pp * (self.vpp or 1)
+        return (layer // (num_layers // chunks)) % self.pp
+
+
+def _shard_check(p: ParamInfo, cfg: Config, tp: int) -> None:
+    if p.tp_dim is None or p.tp_size % tp == 0:
+        return
+    m = cfg.model
+    if ".linear_fc" in p.name:
+        if "shared_experts" in p.name:
+            flag, size = (
+                "--moe-shared-expert-intermediate-size",
+                m.moe_shared_expert_intermediate_size,
+            )
+        elif p.expert:
+            flag, size = (
+                "--moe-ffn-hidden-size",
+                m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size,
+            )
+        else:
+            flag, size = "--ffn-hidden-size", m.resolved_ffn_hidden_size
+        raise ValueError(
+            f"{flag} {size} is not divisible by --tensor-model-parallel-size {tp} "
+            f"({p.name} is split over TP)"
+        )
+    raise ValueError(
+        f"{p.name} has {p.tp_size} rows along its tensor-parallel dimension, "
+        f"not divisible by --tensor-model-parallel-size {tp}"
+    )
+
+
+def per_rank_parameters(params: list[ParamInfo], cfg: Config, grid: Grid) -> list[dict]:
+    """Parameters held by one rank of each PP stage (every TP / EP rank of a stage holds as many).
+
+    Returns one dict per stage: ``layers`` (indices), ``dense`` (non-expert parameters per
+    rank) and ``experts`` (routed-expert parameters per rank).
+    """
+    m = cfg.model
+    for p in params:
+        _shard_check(p, cfg, grid.tp)
+    stages = [{"layers": [], "dense": 0, "experts": 0} for _ in range(grid.pp)]
+    for layer in range(m.num_layers):
+        stages[grid.stage_of_layer(layer, m.num_layers)]["layers"].append(layer)
+    last = grid.pp - 1
+    for p in params:
+        local = p.numel // grid.tp if p.tp_dim is not None else p.numel
+        if p.layer is not None:
+            stage = grid.stage_of_layer(p.layer, m.num_layers)
+        elif p.name.startswith("embedding."):
+            stage = 0
+            tied_copy = p.name == "embedding.word_embeddings.weight" and grid.pp > 1
+            if tied_copy and not m.untie_embeddings_and_output_weights:
+                stages[last]["dense"] += local  # the last stage's copy for the output layer
+        else:  # output_layer, decoder.final_layernorm
+            stage = last
+        if p.expert:
+            stages[stage]["experts"] += local // grid.ep
+        else:
+            stages[stage]["dense"] += local
+    return stages
+
+
+def activation_bytes(cfg: Config, tp: int, micro_batch: int, vocab_size: int) -> tuple[int, int]:
+    """Rough activation memory of one micro-batch: (per decoder layer, output layer + loss).
+
+    Counts the tensors each block keeps for its backward, without recomputation, with fused
+    (flash) attention as Transformer Engine provides (no ``[s, s]`` scores), per
+    ``seq_length x micro_batch`` positions:
+
+    - attention: norm input and QKV input (``2h``), then Q, K, V and the attention output
+      (``2h + 2 kv``) split over TP;
+    - dense MLP: norm input and FC1 input (``2h``), FC1 output (``2f`` with SwiGLU) and the
+      activation output (``f``) split over TP;
+    - MoE: norm input and router input (``2h``), ``topk`` routed copies of the token (``k h``)
+      and ``k`` expert FC1 / activation outputs, split over expert-TP.
+
+    With ``--sequence-parallel`` the ``h``-sized terms are split over TP too. Elements are
+    2 bytes in bf16 (4 in fp32). The last stage adds its logits ``[L, b, V/tp]`` in the
+    activation dtype plus the fp32 softmax the loss keeps for the backward (``vocab_size`` is
+    the padded vocabulary).
+    """
+    m, p = cfg.model, cfg.parallel
+    h, s = m.hidden_size, m.seq_length * micro_batch
+    kv = h // m.num_attention_heads * (m.num_query_groups or m.num_attention_heads)
+    glu = 2 if m.swiglu else 1
+    sp = tp if p.sequence_parallel else 1
+    size = 2 if cfg.training.bf16 else 4
+    attn = 2 * h / sp + (2 * h + 2 * kv) / tp
+    if m.num_experts:
+        f, k = m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size, m.moe_router_topk
+        mlp = 2 * h / sp + k * h / sp + k * (glu + 1) * f / tp
+        if m.moe_shared_expert_intermediate_size:
+            mlp += (glu + 1) * m.moe_shared_expert_intermediate_size / tp
+    else:
+        mlp = 2 * h / sp + (glu + 1) * m.resolved_ffn_hidden_size / tp
+    layer = int(s * (attn + mlp) * size)
+    logits = s * (vocab_size // tp) * (size + 4)
+    return layer, logits
+
+
+def _in_flight(stage: int, grid: Grid, num_micro: int) -> float:
+    """Micro-batches of this stage's layers alive at the 1F1B peak (chunks / vpp interleaved)."""
+    if grid.pp == 1:
+        return 1.0
+    if not grid.vpp:
+        return float(min(grid.pp - stage, num_micro))
+    chunks = (grid.pp - stage - 1) * 2 + (grid.vpp - 1) * grid.pp + 1
+    return min(chunks, num_micro * grid.vpp) / grid.vpp
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    ranges, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            ranges.append(f"{start}-{layer}" if layer != start else f"{layer}")
+            start = None
+    return ",".join(ranges)
+
+
+def _default_world(cfg: Config) -> int:
+    p = cfg.parallel
+    ep = p.expert_model_parallel_size if cfg.model.num_experts else 1
+    return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * ep
+
+
+def _m(n: float) -> str:
+    return f"{n / 1e6:,.1f}M"
+
+
+def dry_run(cfg: Config, vocab_size: int, world_size: int | None = None) -> int:
+    """Check ``cfg`` for a world of ``world_size`` processes and print what it would build.
+
+    ``world_size`` defaults to ``--dry-run-world-size``, else the smallest world that fits
+    TP x PP (x EP). Raises ``ValueError`` naming the flag when the layout cannot work.
+    """
+    m, p = cfg.model, cfg.parallel
+    world = world_size or cfg.run.dry_run_world_size or _default_world(cfg)
+    derived = validate(cfg, world, vocab_size)
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    ep = p.expert_model_parallel_size
+    if m.num_experts and world % (tp * ep * pp):
+        raise ValueError(
+            f"world size {world} is not divisible by TP x EP x PP = {tp * ep * pp} (megatron-core's "
+            "expert grid: expert-TP (= TP) x EP x expert-DP x PP): change "
+            "--expert-model-parallel-size or the number of processes"
+        )
+    grid = Grid(world=world, tp=tp, pp=pp, vpp=derived["vpp"], dp=derived["dp"], ep=ep)
+    padded = derived["padded_vocab_size"]
+    params = meta_parameters(cfg, padded)
+    stages = per_rank_parameters(params, cfg, grid)
+    _print_model(cfg, vocab_size, padded, params)
+    _print_layout(cfg, grid, derived, stages)
+    _print_phases(cfg, derived["global_batch_size"])
     return 0
+
+
+def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamInfo]) -> None:
+    m, t = cfg.model, cfg.training
+    built = built_counts(params, cfg)
+    analytic = parameter_counts(cfg, padded)
+    groups = m.num_query_groups or m.num_attention_heads
+    mlp = f"FFN {m.resolved_ffn_hidden_size}"
+    if m.num_experts:
+        mlp = (
+            f"MoE {m.num_experts} experts, top-{m.moe_router_topk}, expert FFN "
+            f"{m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size}"
+        )
+    precision = "bf16" if t.bf16 else "fp32"
+    if t.fp8_format:
+        precision += f" + FP8 ({t.fp8_format}, {t.fp8_recipe} recipe, Transformer Engine)"
+    print(
+        f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
+        f"({groups} query groups), {mlp}, vocabulary {vocab_size} (padded to {padded} for "
+        f"TP={cfg.parallel.tensor_model_parallel_size}); {precision}"
+    )
+    print(
+        f"parameters (built on the meta device): total {_m(built['total'])}, "
+        f"active per token {_m(built['active'])}"
+    )
+    print(
+        f"  word embedding {_m(built['embedding'])}, output layer {_m(built['output'])}"
+        + (f", routed experts {_m(built['experts'])}" if m.num_experts else "")
+    )
+    same = (analytic["total"], analytic["active"]) == (built["total"], built["active"])
+    print(
+        f"  analytic count: total {_m(analytic['total'])}, active {_m(analytic['active'])} "
+        + ("(agrees)" if same else "(DIFFERS from the built model: tst/dry_run.py is out of date)")
+    )
+    if t.fp8_format or m.transformer_impl != "local":
+        print(
+            "  counted with megatron-core's local layer spec; the Transformer Engine spec has "
+            "the same parameters and FP8 adds none"
+        )
+
+
+def _print_layout(cfg: Config, grid: Grid, derived: dict, stages: list[dict]) -> None:
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    num_micro, gbs = derived["num_microbatches"], derived["global_batch_size"]
+    vpp = f" VPP={grid.vpp}" if grid.vpp else ""
+    expert = f" EP={grid.ep} expert-DP={grid.expert_dp}" if m.num_experts else ""
+    print(
+        f"layout for a world of {grid.world}: TP={grid.tp} PP={grid.pp}{vpp} DP={grid.dp}"
+        f"{expert}{' +SP' if p.sequence_parallel else ''}; global batch {gbs} = {num_micro} "
+        f"micro-batches x {t.micro_batch_size} x DP {grid.dp} "
+        f"({gbs * m.seq_length / 1e6:,.2f}M positions per step)"
+    )
+    weight_b = 2 if t.bf16 else 4
+    grad_b = 4  # the trainer reduces gradients in an fp32 buffer
+    optim_b = 12 if t.bf16 else 8  # Adam m, v (+ fp32 main weights under bf16)
+    dist_opt = p.use_distributed_optimizer
+    layer_act, logits_act = activation_bytes(
+        cfg, grid.tp, t.micro_batch_size, derived["padded_vocab_size"]
+    )
+    print(
+        "per rank (every TP/EP rank of a stage holds as much); memory in GiB: weights "
+        f"{weight_b} B, grads {grad_b} B, Adam {optim_b} B per parameter"
+        + (" (Adam sharded over DP)" if dist_opt else "")
+        + ("; FP8 weight casts not counted" if t.fp8_format else "")
+        + "; activations rough (1F1B peak, no recompute, fused attention)"
+    )
+    print(
+        f"  {'stage':>5} {'layers':>15} {'params':>10} {'weights':>8} {'grads':>7} "
+        f"{'Adam':>7} {'activ.':>7} {'total':>7}"
+    )
+    for stage, info in enumerate(stages):
+        n = info["dense"] + info["experts"]
+        optim = optim_b * n
+        if dist_opt:
+            optim = optim_b * (info["dense"] / grid.dp + info["experts"] / grid.expert_dp)
+        act = _in_flight(stage, grid, num_micro) * len(info["layers"]) * layer_act
+        act += logits_act if stage == grid.pp - 1 else 0
+        cols = [weight_b * n, grad_b * n, optim, act]
+        print(
+            f"  {stage:>5} {_layer_ranges(info['layers']):>15} {_m(n):>10} "
+            + " ".join(f"{c / _GIB:>7.1f}" for c in cols)
+            + f" {sum(cols) / _GIB:>7.1f}"
+        )
+    if cfg.tst.tst_bag_size > 1:
+        bag_tokens = cfg.tst.tst_bag_size * m.seq_length * t.micro_batch_size
+        print(
+            f"  superposition phase: stage 0 also holds a transient bag lookup of {bag_tokens:,} "
+            f"tokens ({bag_tokens * m.hidden_size * (weight_b + 4) / _GIB:.1f} GiB, fp32 sum)"
+        )
+
+
+def _print_phases(cfg: Config, gbs: int) -> None:
+    seq, iters = cfg.model.seq_length, cfg.training.train_iters
+    schedule = PhaseSchedule.from_config(cfg)
+    print("phase schedule:\n" + schedule.table())
+    # A row of either phase consumes units of seq + 1 tokens from the one data stream.
+    raw = {ph.name: ph.steps * gbs * ph.units_per_row * (seq + 1) for ph in schedule.phases}
+    print(
+        "raw tokens read: "
+        + ", ".join(f"{name} {n / 1e9:,.1f}B" for name, n in raw.items())
+        + f"; total {sum(raw.values()) / 1e9:,.1f}B for {iters * gbs * seq / 1e9:,.1f}B positions"
+    )

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# TST pretraining on one node: torchrun, one process per GPU, a paper-scale config.
+#
+#   CONFIG=examples/configs/dense_270m.sh DATA_PATH=/data/dclm_text_document \
+#   TOKENIZER_MODEL=/data/qwen3/tokenizer.json SAVE_DIR=/ckpt/tst-270m \
+#     bash examples/train_single_node.sh
+#
+#   PRECISION=fp8 ...        FP8 (hybrid: E4M3 forward, E5M2 gradients) through Transformer Engine
+#   DRY_RUN=1 ...            no GPU, no data: build the model on the meta device, print its
+#                            parameter counts, per-GPU memory and phase table, and exit
+#   ... train_single_node.sh --eval-interval 500    extra flags go to pretrain_tst.py (last wins)
+#
+# Re-running the same command resumes from the newest checkpoint in SAVE_DIR.
+# The configs (examples/configs/*.sh) are bash files that set MODEL_ARGS, TST_ARGS,
+# TRAIN_ARGS and PARALLEL_ARGS; this script adds data, precision, checkpoints and logging.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONFIG=${CONFIG:-examples/configs/dense_270m.sh}
+PRECISION=${PRECISION:-bf16}                       # bf16 | fp8
+GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+DATA_PATH=${DATA_PATH:-/data/dclm_text_document}   # prefix, or a blend: "0.7 a_text_document 0.3 b_text_document"
+TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer}
+TOKENIZER_MODEL=${TOKENIZER_MODEL:-/data/qwen3/tokenizer.json}
+SAVE_DIR=${SAVE_DIR:-checkpoints/$(basename "$CONFIG" .sh)-$PRECISION}
+DRY_RUN=${DRY_RUN:-0}
+VOCAB_SIZE=${VOCAB_SIZE:-151669}  # dry run without a tokenizer file: the Qwen3 tokenizer's size
+PYTHON=${PYTHON:-python}
+
+# shellcheck source=examples/configs/dense_270m.sh
+source "$CONFIG"  # MODEL_ARGS TST_ARGS TRAIN_ARGS PARALLEL_ARGS
+
+case "$PRECISION" in
+  bf16) PRECISION_ARGS=(--bf16) ;;
+  fp8) PRECISION_ARGS=(--bf16 --fp8-format hybrid --transformer-impl transformer_engine) ;;
+  *) echo "PRECISION must be bf16 or fp8, got '$PRECISION'" >&2; exit 2 ;;
+esac
+read -r -a DATA_PREFIXES <<<"$DATA_PATH"
+DATA_ARGS=(--data-path "${DATA_PREFIXES[@]}" --split 998,2,0 --data-cache-path "$SAVE_DIR/index-cache")
+if [[ "$DRY_RUN" == 1 && ! -e "$TOKENIZER_MODEL" ]]; then
+  TOKENIZER_ARGS=(--tokenizer-type NullTokenizer --vocab-size "$VOCAB_SIZE")
+else
+  TOKENIZER_ARGS=(--tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL")
+fi
+CHECKPOINT_ARGS=(--save "$SAVE_DIR" --save-interval 1000)
+if [[ -f "$SAVE_DIR/latest_checkpointed_iteration.txt" ]]; then
+  CHECKPOINT_ARGS+=(--load "$SAVE_DIR")
+fi
+LOG_ARGS=(
+  --log-interval 10 --eval-interval 1000 --eval-iters 20
+  --metrics-file "$SAVE_DIR/metrics.jsonl" --tensorboard-dir "$SAVE_DIR/tensorboard"
+)
+ARGS=(
+  "${MODEL_ARGS[@]}" "${TST_ARGS[@]}" "${TRAIN_ARGS[@]}" "${PARALLEL_ARGS[@]}"
+  "${PRECISION_ARGS[@]}" "${DATA_ARGS[@]}" "${TOKENIZER_ARGS[@]}" "${CHECKPOINT_ARGS[@]}"
+  "${LOG_ARGS[@]}" "$@"
+)
+
+if [[ "$DRY_RUN" == 1 ]]; then
+  exec "$PYTHON" pretrain_tst.py "${ARGS[@]}" --dry-run --dry-run-world-size "$GPUS_PER_NODE"
+fi
+
+# megatron-core's tensor-parallel communication overlap relies on in-order kernel launches.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+mkdir -p "$SAVE_DIR"
+exec torchrun --standalone --nnodes 1 --nproc-per-node "$GPUS_PER_NODE" \
+  pretrain_tst.py "${ARGS[@]}"

@@ -1,0 +1,277 @@
+"""Launch scripts and paper-scale configs: syntax, the arguments they assemble, the dry run.
+
+Each script is run for real with ``DRY_RUN=1`` and a stand-in ``python`` that prints the
+argument list it would have started ``pretrain_tst.py`` with; those arguments then go to
+``pretrain_tst.main`` in this process (one megatron-core import for the whole file), which
+builds the model on the meta device. The per-rank layout rules of the dry run are checked
+against models really built under TP / PP / VPP / EP in a spawned gloo world of four.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+CONFIGS = sorted((EXAMPLES / "configs").glob("*.sh"))
+SCRIPTS = sorted([*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("*.sbatch"), *CONFIGS])
+SINGLE_NODE = EXAMPLES / "train_single_node.sh"
+SLURM = EXAMPLES / "train_slurm.sbatch"
+
+_COUNTS = re.compile(r"total ([\d,.]+)M, active per token ([\d,.]+)M")
+
+
+def test_every_launch_file_is_found():
+    names = {p.name for p in SCRIPTS}
+    assert {"train_single_node.sh", "train_slurm.sbatch", "quickstart_cpu.sh"} <= names
+    assert [p.stem for p in CONFIGS] == ["dense_270m", "dense_3b", "dense_600m", "moe_10b_a1b"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_pass_bash_n(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def script_argv(script: Path, tmp_path: Path, *extra: str, **env: str) -> list[str]:
+    """The ``pretrain_tst.py`` arguments ``script`` assembles in its ``DRY_RUN=1`` mode."""
+    stub = tmp_path / "python-stub"
+    stub.write_text('#!/bin/sh\nprintf "%s\\0" "$@"\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    clean = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path))}
+    clean.update(
+        DRY_RUN="1",
+        PYTHON=str(stub),
+        TOKENIZER_MODEL=str(tmp_path / "no-tokenizer.json"),  # absent: the dry run's --vocab-size
+        SAVE_DIR=str(tmp_path / "ckpt"),
+        **env,
+    )
+    result = subprocess.run(
+        ["bash", str(script), *extra], env=clean, capture_output=True, cwd=tmp_path, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    argv = result.stdout.decode().split("\0")[:-1]
+    assert argv[0] == "pretrain_tst.py"
+    return argv[1:]
+
+
+def run_dry(argv: list[str], capsys) -> str:
+    """``pretrain_tst.main(argv)`` in this process; checks it leaves no distributed state."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    import pretrain_tst
+
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    try:
+        assert pretrain_tst.main(argv) == 0
+    finally:
+        assert not dist.is_initialized()
+        assert not ps.model_parallel_is_initialized()
+        assert {k: os.environ.get(k) for k in env} == env
+    return capsys.readouterr().out
+
+
+def named_sizes(stem: str) -> tuple[float, float]:
+    """(total, active) parameters a config's name promises: dense_270m, moe_10b_a1b."""
+    scale = {"m": 1e6, "b": 1e9}
+    match = re.search(r"_(\d+)([mb])(?:_a(\d+)([mb]))?$", stem)
+    total = int(match.group(1)) * scale[match.group(2)]
+    active = int(match.group(3)) * scale[match.group(4)] if match.group(3) else total
+    return total, active
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_config_dry_run_matches_its_name(config, precision, tmp_path, capsys):
+    argv = script_argv(SINGLE_NODE, tmp_path, CONFIG=str(config), PRECISION=precision)
+    assert ("--fp8-format" in argv) == (precision == "fp8")
+    out = run_dry(argv, capsys)
+    total, active = (float(x.replace(",", "")) * 1e6 for x in _COUNTS.search(out).groups())
+    want_total, want_active = named_sizes(config.stem)
+    assert abs(total / want_total - 1) < 0.10, out
+    assert abs(active / want_active - 1) < 0.10, out
+    assert "(agrees)" in out  # the meta-device build and the closed form count the same
+    assert "layout for a world of 8:" in out
+    assert "superposition" in out and "recovery" in out  # the phase table
+
+
+def test_slurm_script_lays_out_the_whole_job(tmp_path, capsys):
+    moe = EXAMPLES / "configs" / "moe_10b_a1b.sh"
+    argv = script_argv(SLURM, tmp_path, CONFIG=str(moe), PRECISION="fp8", NNODES="4")
+    assert "--exit-duration-in-mins" in argv
+    out = run_dry(argv, capsys)
+    assert "layout for a world of 32: TP=1 PP=1 DP=32 EP=8 expert-DP=4" in out
+    assert "FP8 (hybrid" in out
+
+
+def test_scripts_pass_extra_flags_and_resume(tmp_path):
+    config = str(EXAMPLES / "configs" / "dense_270m.sh")
+    argv = script_argv(SINGLE_NODE, tmp_path, "--eval-interval", "7", CONFIG=config)
+    last = len(argv) - 1 - argv[::-1].index("--eval-interval")
+    assert argv[last + 1] == "7" and "--load" not in argv  # the caller's flag comes last
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1000\n")
+    argv = script_argv(SLURM, tmp_path, CONFIG=config, DATA_PATH="0.7 a_doc 0.3 b_doc")
+    assert argv[argv.index("--load") + 1] == str(tmp_path / "ckpt")
+    assert argv[argv.index("--data-path") + 1 :][:4] == ["0.7", "a_doc", "0.3", "b_doc"]
+
+
+def test_bad_precision_is_refused(tmp_path):
+    stub_env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "PRECISION": "fp16"}
+    result = subprocess.run(["bash", str(SINGLE_NODE)], env=stub_env, capture_output=True)
+    assert result.returncode == 2
+    assert b"PRECISION must be bf16 or fp8" in result.stderr
+
+
+TINY = [
+    "--mock-data", "--vocab-size", "500", "--num-layers", "4", "--hidden-size", "64",
+    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+    "--micro-batch-size", "2", "--train-iters", "10", "--tst-bag-size", "4", "--swiglu",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tensor-model-parallel-size", "3"], "--num-attention-heads 4 is not divisible by"),
+        (
+            ["--tensor-model-parallel-size", "2", "--ffn-hidden-size", "99"],
+            "--ffn-hidden-size 99 is not divisible by --tensor-model-parallel-size 2",
+        ),
+        (
+            ["--num-experts", "4", "--expert-model-parallel-size", "4",
+             "--tensor-model-parallel-size", "2", "--dry-run-world-size", "4"],
+            "not divisible by TP x EP x PP = 8",
+        ),
+        (["--pipeline-model-parallel-size", "3"], "--num-layers 4 is not divisible by"),
+    ],
+)  # fmt: skip
+def test_invalid_layout_fails_clearly(extra, message):
+    import torch.distributed as dist
+
+    import pretrain_tst
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        pretrain_tst.main([*TINY, "--dry-run", *extra])
+    assert not dist.is_initialized()
+
+
+def test_paper_config_with_an_invalid_layout_fails_clearly(tmp_path):
+    import pretrain_tst
+
+    config = str(EXAMPLES / "configs" / "dense_270m.sh")
+    argv = script_argv(SINGLE_NODE, tmp_path, CONFIG=config, TP="2")  # 9 heads
+    with pytest.raises(ValueError, match="--num-attention-heads 9 is not divisible"):
+        pretrain_tst.main(argv)
+
+
+def test_a_model_megatron_core_refuses_fails_clearly():
+    import torch.distributed as dist
+
+    import pretrain_tst
+
+    extra = ["--num-experts", "4", "--moe-shared-expert-intermediate-size", "32"]
+    with pytest.raises(ValueError, match="megatron-core cannot build this model: bias"):
+        pretrain_tst.main([*TINY, "--dry-run", *extra, "--add-bias-linear"])
+    assert not dist.is_initialized()  # torn down after the failed build
+
+
+def test_dry_run_refuses_to_run_inside_a_process_group():
+    import torch.distributed as dist
+
+    import pretrain_tst
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="in a process of its own"):
+            pretrain_tst.main([*TINY, "--dry-run"])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--normalization", "LayerNorm", "--add-bias-linear",
+         "--position-embedding-type", "learned_absolute"],
+        ["--num-experts", "8", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "48",
+         "--moe-shared-expert-intermediate-size", "32", "--qk-layernorm",
+         "--normalization", "LayerNorm", "--untie-embeddings-and-output-weights"],
+        ["--num-experts", "8", "--moe-router-topk", "3", "--add-bias-linear"],
+    ],
+    ids=["layernorm-bias-learned", "moe-shared-qknorm", "moe-bias"],
+)  # fmt: skip
+def test_analytic_count_agrees_with_the_built_model(extra, capsys):
+    out = run_dry([*TINY, "--dry-run", *extra], capsys)
+    assert "(agrees)" in out, out
+
+
+# ------------------------------------------------------------- per-rank layout vs a real build
+
+LAYOUTS = {
+    "tp2-pp2-untied": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                       "--untie-embeddings-and-output-weights"],
+    "pp2-vpp2-tied": ["--pipeline-model-parallel-size", "2",
+                     "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "8"],
+    "tp2-ep2-moe": ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+                    "--num-experts", "4", "--moe-ffn-hidden-size", "32",
+                    "--untie-embeddings-and-output-weights"],
+}  # fmt: skip
+
+
+def _real_rank_parameters(argv: list[str]) -> tuple[int, int]:
+    """On a rank: build this rank's model chunks for ``argv`` and count their parameters."""
+    import torch
+
+    from tst.config import parse_args, validate
+    from tst.model import ModelShape, build_model_chunks
+    from tst.platform import initialize
+    from tst.trainer import transformer_config
+
+    cfg = parse_args(argv)
+    p, m = cfg.parallel, cfg.model
+    derived = validate(cfg, 4, cfg.data.vocab_size)
+    layout = initialize(
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        vpp=derived["vpp"],
+        ep=p.expert_model_parallel_size,
+    )
+    shape = ModelShape(
+        vocab_size=derived["padded_vocab_size"],
+        max_sequence_length=m.max_position_embeddings,
+        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
+        num_experts=m.num_experts,
+    )
+    config = transformer_config(cfg, derived, layout)
+    chunks = build_model_chunks(config, shape, derived["vpp"], torch.device("cpu"))
+    return layout.pp_rank, sum(q.numel() for c in chunks for q in c.parameters())
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_per_rank_counts_match_a_real_build(layout, world4):
+    from tst.config import parse_args, validate
+    from tst.dry_run import Grid, meta_parameters, per_rank_parameters
+
+    argv = [*TINY, *LAYOUTS[layout]]
+    cfg = parse_args(argv)
+    p = cfg.parallel
+    derived = validate(cfg, 4, cfg.data.vocab_size)
+    grid = Grid(
+        world=4,
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        vpp=derived["vpp"],
+        dp=derived["dp"],
+        ep=p.expert_model_parallel_size,
+    )
+    stages = per_rank_parameters(meta_parameters(cfg, derived["padded_vocab_size"]), cfg, grid)
+    for pp_rank, count in world4.run(_real_rank_parameters, argv):
+        assert count == stages[pp_rank]["dense"] + stages[pp_rank]["experts"], (pp_rank, stages)
