@@ -91,6 +91,14 @@ def test_resume_is_exact_and_reshards(world2, tmp_path):
                             str(tmp_path / f"b{stop}.jsonl"))[0]  # fmt: skip
         assert latest_iteration(ckpt) == 6
         _assert_close(_losses(first) + _losses(second), _losses(want), 1e-6, f"stop {stop}")
+    # The distributed optimizer (DP-sharded Adam state) resumes exactly too.
+    distopt = BASE + ["--use-distributed-optimizer"]
+    want_d = world2.run(_train, distopt, str(tmp_path / "full_d.jsonl"))[0]
+    ckpt = str(tmp_path / "ckpt_d")
+    first = world2.run(_train, distopt + ["--save", ckpt, "--exit-interval", "2"],
+                       str(tmp_path / "a_d.jsonl"))[0]  # fmt: skip
+    second = world2.run(_train, distopt + ["--load", ckpt], str(tmp_path / "b_d.jsonl"))[0]
+    _assert_close(_losses(first) + _losses(second), _losses(want_d), 1e-6, "distributed optimizer")
     # The same checkpoint resumed under TP=2 (saved under TP=1, DP=2).
     ckpt = str(tmp_path / "ckpt_tp")
     world2.run(_train, BASE + ["--save", ckpt, "--exit-interval", "4"], str(tmp_path / "c.jsonl"))

@@ -16,11 +16,15 @@ from __future__ import annotations
 import os
 import shutil
 
+import torch
 import torch.distributed as dist
 
 __all__ = ["TRACKER", "checkpoint_dir", "latest_iteration", "save", "load"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
+# The distributed optimizer's state, sharded by data-parallel rank (megatron-core's
+# "dp_reshardable"; its default format is refused by dist_checkpointing 0.16).
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 class CheckpointError(RuntimeError):
@@ -70,7 +74,7 @@ def save(root: str, iteration: int, chunks, optimizer, common: dict) -> str:
         os.makedirs(tmp)
     dist.barrier()
     state = _sharded_model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
     state["common"] = common
     dist_checkpointing.save(state, tmp)
     dist.barrier()
@@ -95,12 +99,63 @@ def load(root: str, chunks, optimizer) -> dict:
     iteration = latest_iteration(root)
     path = checkpoint_dir(root, iteration)
     template = _sharded_model_state(chunks)
-    template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True)
+    _allocate_empty_adam_state(optimizer)
+    template["optimizer"] = optimizer.sharded_state_dict(
+        template, is_loading=True, metadata=_OPTIMIZER_METADATA
+    )
     try:
         state = dist_checkpointing.load(template, path)
     except Exception as error:  # report which checkpoint failed, then the cause
         raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"model{i}"])
-    optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # the distributed optimizer copies into leaf parameters
+        optimizer.load_state_dict(state["optimizer"])
+    _restore_adam_steps(optimizer, state["optimizer"])
     return state["common"]  # the non-sharded entries come back with the sharded ones
+
+
+# megatron-core's distributed optimizer over torch's Adam (used whenever apex and Transformer
+# Engine are absent) restores its state incorrectly in two ways (megatron-core 0.16.1):
+# building the load template asserts when the optimizer has taken no step yet, and the
+# restored state gives every parameter one shared `step` tensor, which torch's Adam then
+# increments once per parameter, corrupting the bias correction from the next step on.
+
+
+def _torch_adams(optimizer):
+    """The torch optimizers inside a (chained) megatron-core distributed optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and isinstance(opt.optimizer, torch.optim.Adam):
+            yield opt.optimizer
+
+
+def _allocate_empty_adam_state(optimizer) -> None:
+    """Give a fresh optimizer zero Adam state (step 0), to be overwritten by the load."""
+    for adam in _torch_adams(optimizer):
+        for group in adam.param_groups:
+            for param in group["params"]:
+                if not adam.state[param]:
+                    adam.state[param] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(param),
+                        "exp_avg_sq": torch.zeros_like(param),
+                    }
+
+
+def _restore_adam_steps(optimizer, loaded: dict) -> None:
+    """One `step` tensor per parameter, holding the step count the checkpoint recorded.
+
+    The per-parameter `step` does not survive the sharded load (it comes back as the
+    template's); the count saved with the param groups is the one to trust.
+    """
+    adams = list(_torch_adams(optimizer))
+    parts = [loaded] if len(adams) == 1 else [loaded[i] for i in range(len(adams))]
+    for adam, part in zip(adams, parts, strict=True):
+        steps = {group["step"] for group in part["optimizer"]["param_groups"]}
+        if len(steps) != 1:
+            raise CheckpointError(f"optimizer param groups disagree on the step count: {steps}")
+        step = float(steps.pop())
+        for state in adam.state.values():
+            state["step"] = torch.tensor(step)
