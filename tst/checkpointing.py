@@ -41,7 +41,7 @@ def latest_iteration(root: str) -> int:
     if not os.path.isfile(tracker):
         raise CheckpointError(
             f"--load {root}: no {TRACKER} there, so no complete checkpoint was saved in this "
-            "directory (check the path, or start without --load)"
+            "directory (check the path)"
         )
     with open(tracker) as f:
         text = f.read().strip()

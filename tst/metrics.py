@@ -24,7 +24,7 @@ def flops_per_position(cfg, vocab_size: int) -> float:
     groups = m.num_query_groups or heads
     kv = h // heads * groups
     attn = h * (h + 2 * kv) + h * h
-    ffn = m.ffn_hidden_size or 4 * h
+    ffn = m.resolved_ffn_hidden_size
     mlp_mult = 3 if m.swiglu else 2
     if m.num_experts:
         expert_ffn = m.moe_ffn_hidden_size or ffn

@@ -73,7 +73,8 @@ def transformer_config(cfg: Config, derived: dict, layout: Layout):
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
             moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff else "none",
-            moe_grouped_gemm=False,
+            # The TE spec builds grouped-GEMM experts, the local spec sequential ones.
+            moe_grouped_gemm=use_transformer_engine(cfg, layout),
             moe_permute_fusion=False,
         )
     fp8 = {}
