@@ -107,12 +107,9 @@ def test_resume_is_exact_and_reshards(world2, tmp_path):
     _assert_close(_losses(second), _losses(want)[4:], 2e-4, "resume at TP=2")
 
 
-def test_bag_size_one_is_plain_training(world2, tmp_path):
-    """Bag size 1: one recovery phase of ordinary next-token steps reading L+1 tokens a row.
-
-    (Its pieces are each checked exactly elsewhere: the bag embedding is bit-identical to the
-    stock embedding and the loss equals megatron-core's vocab-parallel CE at bag size 1.)
-    """
+def test_raw_token_accounting_in_both_phases(world2, tmp_path):
+    """Bag size 1: one recovery phase of ordinary next-token steps reading L+1 tokens a row;
+    a TST run reads bag_size units a row in phase 1, then one, from where phase 1 stopped."""
     plain = _with(tst_bag_size=1)
     got = world2.run(_train, plain, str(tmp_path / "bag1.jsonl"))[0]
     train = [r for r in got if "loss" in r]
@@ -179,3 +176,19 @@ def test_load_of_missing_or_incomplete_checkpoint(tmp_path):
     os.makedirs(tmp_path / "iter_0000020")
     with pytest.raises(CheckpointError, match="missing or incomplete"):
         latest_iteration(str(tmp_path))
+
+
+def test_bag_size_one_equals_a_plain_megatron_loop(tmp_path):
+    """--tst-bag-size 1 trains exactly like a stock megatron-core GPT loop (same weights and
+    data): same losses to rel 1e-6 over 6 steps (only fp32 summation order may differ)."""
+    from plain_loop import plain_training
+
+    argv = _with(tst_bag_size=1, lr_decay_style="constant", lr_warmup_iters=0)
+    metrics = str(tmp_path / "bag1.jsonl")
+    assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
+    with open(metrics) as f:
+        ours = [json.loads(line)["loss"] for line in f if '"loss"' in line]
+    plain, _ = plain_training(argv)
+    assert len(ours) == len(plain) == 6
+    for i, (a, b) in enumerate(zip(ours, plain, strict=True)):
+        assert a == pytest.approx(b, rel=1e-6), f"step {i + 1}: {ours} vs {plain}"
