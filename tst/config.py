@@ -247,9 +247,23 @@ class TSTConfig:
         "paper's bag*L+1 tokens with one target at the end.",
         choices=["full", "paper"],
     )
+    tst_reinit_embeddings_at_switch: bool = _f(
+        False,
+        "Control (the paper's ablation): re-initialise the input embeddings and the output "
+        "layer to their initial values at the phase switch.",
+    )
+    tst_reset_optimizer_at_switch: bool = _f(
+        False, "Control: zero Adam's moments and step count at the phase switch."
+    )
 
     def __post_init__(self):
         _require(1 <= self.tst_bag_size <= 64, "--tst-bag-size must be between 1 and 64")
+        _require(
+            self.tst_bag_size > 1
+            or not (self.tst_reinit_embeddings_at_switch or self.tst_reset_optimizer_at_switch),
+            "--tst-reinit-embeddings-at-switch and --tst-reset-optimizer-at-switch need "
+            "--tst-bag-size > 1 (with bag size 1 there is no switch)",
+        )
         _require(
             self.tst_fraction is None or self.tst_iters is None,
             "give --tst-fraction or --tst-iters, not both",

@@ -349,6 +349,59 @@ class Trainer:
             chunk.train()
         return total / max(count, 1)
 
+    # ---------------------------------------------------------------- switch controls
+
+    @torch.no_grad()
+    def apply_switch_controls(self) -> None:
+        """The paper's ablations, applied once at the phase switch (both off by default).
+
+        ``--tst-reinit-embeddings-at-switch``: the input word embeddings and the output layer
+        get their initial values again (the same layout-independent draw as step 0), so what
+        they learned in the superposition phase is lost. Under bf16 the optimizer's fp32 main
+        weights are reloaded from the model (rounding the other main weights to bf16 once).
+        ``--tst-reset-optimizer-at-switch``: Adam's moments and step count go back to zero in
+        place (the LR schedule is kept). Both act before the first recovery step; a run resumed
+        from a checkpoint taken at the switch applies them when it reaches it, as the unbroken
+        run does.
+        """
+        tst = self.cfg.tst
+        if tst.tst_reinit_embeddings_at_switch:
+            from tst.init import initialize_layout_independent
+
+            # Views that keep the upstream global names, so each tensor gets its step-0 draw.
+            heads = []
+            for chunk in self.raw_chunks:
+                parts = {}
+                if getattr(chunk, "pre_process", False):
+                    word = chunk.embedding.word_embeddings
+                    parts["embedding"] = torch.nn.ModuleDict({"word_embeddings": word})
+                if getattr(chunk, "post_process", False) and chunk.output_layer.weight is not None:
+                    parts["output_layer"] = chunk.output_layer
+                if parts:
+                    heads.append(torch.nn.ModuleDict(parts))
+            initialize_layout_independent(heads, self.config, self.cfg.training.seed, self.layout)
+            self.optimizer.reload_model_params()
+        if tst.tst_reset_optimizer_at_switch:
+            inner = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+            for opt in (o.optimizer for o in inner if getattr(o, "optimizer", None)):
+                for state in opt.state.values():
+                    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                        if key in state:
+                            state[key].zero_()
+                    if torch.is_tensor(state.get("step")):
+                        state["step"].zero_()
+                    elif "step" in state:
+                        state["step"] = 0
+                for group in opt.param_groups:  # fused Adams keep the step per group
+                    if "step" in group:
+                        group["step"] = 0
+        if tst.tst_reinit_embeddings_at_switch or tst.tst_reset_optimizer_at_switch:
+            self.writer.print(
+                f"iteration {self.iteration}: switch controls applied (re-initialised "
+                f"embeddings/output: {tst.tst_reinit_embeddings_at_switch}, optimizer state "
+                f"reset: {tst.tst_reset_optimizer_at_switch})"
+            )
+
     # ---------------------------------------------------------------- checkpoints
 
     def state(self) -> dict:
@@ -444,6 +497,7 @@ class Trainer:
                     f"iteration {self.iteration}: switching to the recovery phase "
                     f"(raw tokens so far {self.train_stream.consumed_raw_tokens})"
                 )
+                self.apply_switch_controls()
             result = self.train_step(phase)
             self.iteration += 1
             if result["skipped"]:
