@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# GPU check on one H200: the trainer in bf16 on a ~370M-parameter GPT (mock data), both TST
+# phases, tokens/s and MFU against the H200's dense bf16 peak (989 TFLOP/s); then the FP8 path
+# (Transformer Engine, hybrid format) where TE is importable, else a line saying why not.
+# About 3 minutes on an H200 (imports and weight init included; under 8 with FP8).
+#
+#   bash bench/gpu_check.sh                # on the GPU host
+#   DRY_RUN=1 bash bench/gpu_check.sh      # anywhere, no GPU: the same command lines with --dry-run
+#
+# The device machine has no internet: megatron-core travels as its cp312 wheel. Once, here:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 -d runs/wheels megatron-core==0.16.1
+# then run `bash bench/gpu_check.sh` there with `runs/wheels` carried. torch (CUDA), numpy,
+# psutil, sentencepiece and tensorboard are already there; Transformer Engine is not (its
+# wheels are far over what can travel), so the FP8 part is skipped there unless it appears.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+DRY_RUN=${DRY_RUN:-0}
+WHEELS=${WHEELS:-runs/wheels}
+OUT_DIR=${OUT_DIR:-${OUT:-runs/gpu_check}}
+ITERS=${ITERS:-40}                  # optimizer steps per run, both phases
+TST_ITERS=${TST_ITERS:-20}          # of which superposition
+BAG_SIZE=${BAG_SIZE:-6}             # the paper's dense-model bag size
+SEQ_LENGTH=${SEQ_LENGTH:-2048}
+MICRO_BATCH_SIZE=${MICRO_BATCH_SIZE:-4}
+GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-32}   # 64k positions per step
+PEAK_TFLOPS=${PEAK_TFLOPS:-989}     # H200 dense bf16 (FP8 dense is 2x; MFU stays on bf16)
+LOG_INTERVAL=${LOG_INTERVAL:-5}
+
+MODEL_ARGS=(
+  --num-layers 24 --hidden-size 1024 --num-attention-heads 16 --seq-length "$SEQ_LENGTH"
+  --swiglu --normalization RMSNorm --position-embedding-type rope
+  --untie-embeddings-and-output-weights
+)
+DATA_ARGS=(--mock-data --vocab-size 32000)
+TRAIN_ARGS=(
+  --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+  --train-iters "$ITERS" --lr 3e-4 --lr-warmup-iters 5 --lr-decay-style constant
+  --bf16 --seed 1
+)
+TST_ARGS=(--tst-bag-size "$BAG_SIZE" --tst-iters "$TST_ITERS")
+LOG_ARGS=(
+  --log-interval "$LOG_INTERVAL" --eval-interval "$ITERS" --eval-iters 1
+  --peak-tflops "$PEAK_TFLOPS"
+)
+
+if ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
+  if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "== installing the carried wheels from $WHEELS"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$WHEELS"/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "megatron-core is not importable and no wheel is in $WHEELS (see this script's header)" >&2
+    exit 1
+  fi
+fi
+
+# run NAME EXTRA_ARGS...: one training (or its --dry-run), its records in $OUT_DIR/NAME.jsonl.
+run() {
+  local name=$1; shift
+  local args=("${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAIN_ARGS[@]}" "${TST_ARGS[@]}" "$@")
+  if [[ "$DRY_RUN" == 1 ]]; then
+    echo "== $name (dry run)"
+    "$PYTHON" pretrain_tst.py --dry-run "${args[@]}" "${LOG_ARGS[@]}"
+    return
+  fi
+  mkdir -p "$OUT_DIR"
+  rm -f "$OUT_DIR/$name.jsonl"
+  echo "== $name"
+  "$PYTHON" pretrain_tst.py "${args[@]}" "${LOG_ARGS[@]}" --metrics-file "$OUT_DIR/$name.jsonl"
+  summarize "$name"
+}
+
+# summarize NAME: per phase, the median of the logging windows after each phase's first.
+summarize() {
+  "$PYTHON" - "$OUT_DIR/$1.jsonl" "$1" "$PEAK_TFLOPS" <<'EOF'
+import json, statistics, sys
+path, name, peak = sys.argv[1], sys.argv[2], float(sys.argv[3])
+records = [json.loads(line) for line in open(path) if '"tflops_per_device"' in line]
+for phase in ("superposition", "recovery"):
+    windows = [r for r in records if r["phase"] == phase][1:]  # the first holds warm-up
+    if not windows:
+        print(f"{name} {phase}: no timed window (raise ITERS)")
+        continue
+    pos, raw, tflops = (statistics.median(r[k] for r in windows)
+                        for k in ("positions_per_s", "raw_tokens_per_s", "tflops_per_device"))
+    print(f"{name} {phase:<13}: {pos:>9,.0f} tokens/s through the model, {raw:>10,.0f} raw "
+          f"tokens/s, {tflops:6.1f} TFLOP/s, MFU {100 * tflops / peak:4.1f}% of {peak:.0f} "
+          f"TFLOP/s (median of {len(windows)} windows)")
+EOF
+}
+
+if [[ "$DRY_RUN" != 1 ]]; then
+  "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
+print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
+fi
+run bf16 --transformer-impl auto
+
+if "$PYTHON" -c "import transformer_engine.pytorch" 2>/dev/null; then
+  run fp8 --transformer-impl transformer_engine --fp8-format hybrid
+else
+  reason=$("$PYTHON" -c "import transformer_engine.pytorch" 2>&1 | tail -n 1 || true)
+  echo "FP8: skipped, Transformer Engine is not importable here (${reason:-unknown reason})"
+  if [[ "$DRY_RUN" == 1 ]]; then  # still check that the FP8 command line is accepted
+    run fp8 --transformer-impl transformer_engine --fp8-format hybrid
+  fi
+fi

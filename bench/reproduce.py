@@ -1,0 +1,594 @@
+#!/usr/bin/env python
+"""Reproduce TST's effect at small scale on real text, on CPU, and measure MFU against the limit.
+
+    python bench/reproduce.py            # reduced: 1 seed, 150 iterations, ~7 min on 2 cores
+    python bench/reproduce.py --full     # the study: 3 seeds, 1000 iterations, ~2 h on 2 cores
+    python bench/reproduce.py --plots-dir docs   # also write the PNGs there
+
+Trains the quickstart's GPT (examples/quickstart_cpu.sh's MODEL_ARGS: 3.3M parameters with
+its 4,096-entry tokenizer; the exact count is printed from ``pretrain_tst.py --dry-run``) on
+the State of the Union corpus, every arm at the same iterations, so at equal FLOPs:
+
+======================  ===================================================================
+baseline                 bag size 1 (plain next-token training)
+tst_b2, tst_b4, tst_b6   TST, bag size 2 / 4 / 6, superposition fraction 0.3
+tst_b4_reinit            tst_b4, embedding and output layer re-initialised at the switch
+tst_b4_optreset          tst_b4, Adam state reset at the switch
+baseline_1.5x, _2x       the baseline at 1.5x and 2x the iterations (the iso-loss reading)
+======================  ===================================================================
+
+Each run writes ``WORK/ARM/seedK/metrics.jsonl`` and a ``done`` marker; a rerun skips finished
+runs. An interrupted run restarts, or with ``--full`` resumes from its checkpoint
+(``--save``/``--load``; its metrics file is cut back to the checkpoint first). Held-out loss is
+next-token loss on (nearly) the whole validation split, so every arm is scored on the same
+tokens. The iso-loss speed-up interpolates, in log-iterations, the final losses of the three
+baseline lengths (each with its own full LR schedule) at each arm's final loss.
+
+Throughput: this machine's fp32 matrix-multiply peak is measured before and after the runs
+(best of several sizes and repeats); MFU per phase is the median ``tflops_per_device`` of the
+runs' logging windows (the first window and those holding an evaluation left out) over it.
+Writes ``WORK/results.json`` and ``WORK/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+from run_metrics import read_metrics  # noqa: E402
+
+# examples/quickstart_cpu.sh's model and optimizer; the schedule scales with the run length.
+MODEL_ARGS = [
+    "--num-layers", "4", "--hidden-size", "192", "--ffn-hidden-size", "512",
+    "--num-attention-heads", "6", "--seq-length", "64", "--swiglu", "--normalization", "RMSNorm",
+    "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+]  # fmt: skip
+OPTIM_ARGS = [
+    "--micro-batch-size", "16", "--global-batch-size", "16", "--lr", "3e-3", "--min-lr", "3e-4",
+    "--lr-decay-style", "wsd", "--weight-decay", "0.1", "--clip-grad", "1.0",
+]  # fmt: skip
+SEQ, MICRO_BATCH, SPLIT = 64, 16, "98,2,0"
+FRACTION = "0.3"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    flags: tuple[str, ...]
+    length: float = 1.0  # iterations, as a multiple of the study's
+    bag_size: int = 1
+
+
+def _tst(bag_size: int, *control: str) -> tuple[str, ...]:
+    return ("--tst-bag-size", str(bag_size), "--tst-fraction", FRACTION, *control)
+
+
+ARMS = [
+    Arm("baseline", ("--tst-bag-size", "1")),
+    *[Arm(f"tst_b{b}", _tst(b), 1.0, b) for b in (2, 4, 6)],
+    Arm("tst_b4_reinit", _tst(4, "--tst-reinit-embeddings-at-switch"), 1.0, 4),
+    Arm("tst_b4_optreset", _tst(4, "--tst-reset-optimizer-at-switch"), 1.0, 4),
+    Arm("baseline_1.5x", ("--tst-bag-size", "1"), 1.5),
+    Arm("baseline_2x", ("--tst-bag-size", "1"), 2.0),
+]
+BASELINES = ("baseline", "baseline_1.5x", "baseline_2x")
+
+
+@dataclass
+class Plan:
+    work: str
+    iters: int
+    seeds: list[int]
+    arms: list[Arm]
+    eval_interval: int
+    eval_iters: int
+    save_interval: int | None  # None: an interrupted run restarts from scratch
+    data_prefix: str
+    tokenizer: str
+    peak_tflops: float = 0.0
+    runs: list[tuple[Arm, int]] = field(default_factory=list)
+
+    def run_dir(self, arm: Arm, seed: int) -> str:
+        return os.path.join(self.work, arm.name, f"seed{seed}")
+
+    def arm_iters(self, arm: Arm) -> int:
+        return round(arm.length * self.iters)
+
+
+# ---------------------------------------------------------------- measurement of the limit
+
+
+def measure_peak_tflops(sizes=(512, 1024, 2048, 3072), repeats: int = 5) -> dict:
+    """fp32 GEMM TFLOP/s with torch's threads: the best of ``repeats`` ~0.2 s batches per size.
+
+    Best-of rather than mean, since the cores are shared: the peak is what the machine can do
+    when nothing else runs. ``tst.metrics.measure_cpu_peak_tflops`` (the trainer's default, one
+    1024 GEMM batch of 0.5 s) is reported beside it.
+    """
+    import torch
+
+    from tst.metrics import measure_cpu_peak_tflops
+
+    per_size = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        k = max(1, int(0.2 * 0.3e12 / (2 * n**3)))  # ~0.2 s at 0.3 TFLOP/s
+        best = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(k):
+                a @ b
+            best = max(best, 2 * n**3 * k / (time.perf_counter() - start) / 1e12)
+        per_size[n] = round(best, 4)
+    return {
+        "tflops": max(per_size.values()),
+        "per_size": per_size,
+        "trainer_default_measure": round(measure_cpu_peak_tflops(), 4),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def record_peak(work: str, measured: list[dict]) -> float:
+    """Add this invocation's measurements to WORK/peaks.json; the best over all is the peak.
+
+    A study resumed over several invocations keeps one peak for all its runs.
+    """
+    path = os.path.join(work, "peaks.json")
+    history = []
+    if os.path.exists(path):
+        with open(path) as f:
+            history = json.load(f)
+    history += measured
+    with open(path, "w") as f:
+        json.dump(history, f, indent=1)
+    return max(m["tflops"] for m in history)
+
+
+# ---------------------------------------------------------------- data and model size
+
+
+def ensure_corpus(prefix: str, tokenizer: str, python: str) -> None:
+    """Prepare the corpus as examples/quickstart_cpu.sh does, unless it is already there."""
+    if os.path.exists(prefix + ".idx") and os.path.exists(tokenizer):
+        return
+    work = os.path.dirname(prefix)
+    os.makedirs(work, exist_ok=True)
+    jsonl = os.path.join(work, "sotu.jsonl")
+    steps = [
+        ["tools/get_corpus.py", "--output", jsonl],
+        ["tools/train_tokenizer.py", "--input", jsonl, "--model-prefix",
+         tokenizer[: -len(".model")], "--vocab-size", "4096"],
+        ["tools/preprocess_data.py", "--input", jsonl, "--output-prefix",
+         prefix[: -len("_text_document")], "--tokenizer-type", "SentencePieceTokenizer",
+         "--tokenizer-model", tokenizer, "--append-eod", "--workers", "2"],
+    ]  # fmt: skip
+    for step in steps:
+        print("preparing the corpus: " + " ".join(step[:1]), flush=True)
+        subprocess.run([python, *step], cwd=ROOT, check=True)
+
+
+def validation_eval_iters(prefix: str, python: str, bags: list[int]) -> int:
+    """Evaluation batches that read (nearly) all of the validation split under every bag size.
+
+    A run's validation samples are ``bag * (L + 1)`` tokens cut from the split; reading every
+    whole one (and never a second epoch) scores all arms on the same tokens.
+    """
+    out = subprocess.run(
+        [python, "tools/inspect_dataset.py", "--data-prefix", prefix, "--split", SPLIT,
+         "--seq-length", str(SEQ), "--num-samples", "0"],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    match = re.search(r"valid\s+\d+ docs\s+([\d,]+) tokens", out)
+    if not match:
+        raise SystemExit(f"could not read the validation split size from:\n{out}")
+    tokens = int(match.group(1).replace(",", ""))
+    units = min((tokens - 1) // (b * (SEQ + 1)) * b for b in bags)
+    return max(1, units // MICRO_BATCH)
+
+
+def model_size(plan: Plan, python: str) -> dict:
+    """The study model's size: ``pretrain_tst.py --dry-run``'s report and the exact count."""
+    from tst.config import parse_args
+    from tst.dry_run import parameter_counts
+
+    argv = [*MODEL_ARGS, *OPTIM_ARGS, *data_args(plan), "--train-iters", str(plan.iters)]
+    out = subprocess.run(
+        [python, "pretrain_tst.py", "--dry-run", *argv],
+        cwd=ROOT, check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    lines = [ln.strip() for ln in out.splitlines() if "parameters" in ln or "word embedding" in ln]
+    vocab = int(re.search(r"padded to (\d+)", out).group(1))
+    counts = parameter_counts(parse_args(argv), vocab)
+    return {"dry_run": lines, "exact": counts, "padded_vocab": vocab}
+
+
+def data_args(plan: Plan) -> list[str]:
+    return ["--data-path", plan.data_prefix, "--split", SPLIT,
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", plan.tokenizer,
+            "--data-cache-path", os.path.join(plan.work, "index-cache")]  # fmt: skip
+
+
+# ---------------------------------------------------------------- one run
+
+
+def run_argv(plan: Plan, arm: Arm, seed: int) -> list[str]:
+    iters = plan.arm_iters(arm)
+    out = plan.run_dir(arm, seed)
+    argv = [
+        *MODEL_ARGS, *OPTIM_ARGS, *data_args(plan), *arm.flags,
+        "--train-iters", str(iters), "--seed", str(seed),
+        "--lr-warmup-iters", str(max(1, round(0.05 * plan.iters))),
+        "--lr-wsd-decay-iters", str(max(1, iters // 10)),
+        "--log-interval", "10", "--eval-interval", str(plan.eval_interval),
+        "--eval-iters", str(plan.eval_iters), "--peak-tflops", f"{plan.peak_tflops:.4f}",
+        "--metrics-file", os.path.join(out, "metrics.jsonl"),
+    ]  # fmt: skip
+    if plan.save_interval:
+        ckpt = os.path.join(out, "ckpt")
+        argv += ["--save", ckpt, "--save-interval", str(plan.save_interval)]
+    return argv
+
+
+def _prepare_resume(plan: Plan, out: str) -> list[str]:
+    """Flags to resume ``out``'s run from its checkpoint (metrics cut back to it), or restart."""
+    from tst.checkpointing import CheckpointError, latest_iteration
+
+    metrics = os.path.join(out, "metrics.jsonl")
+    ckpt = os.path.join(out, "ckpt")
+    try:
+        resume_at = latest_iteration(ckpt) if plan.save_interval else None
+    except CheckpointError:
+        resume_at = None
+    if resume_at is None:
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        return []
+    with open(metrics) as f:
+        kept = [ln for ln in f if ln.strip() and json.loads(ln)["iteration"] <= resume_at]
+    with open(metrics, "w") as f:
+        f.writelines(kept)
+    print(f"    resuming from its checkpoint at iteration {resume_at}", flush=True)
+    return ["--load", ckpt]
+
+
+_ITER = re.compile(r"^iter\s+(\d+)/(\d+) \| (\S+)\s*\| (\S+) ([\d.]+)")
+_EVAL = re.compile(r"eval at (\d+): next-token loss ([\d.]+)")
+
+
+def train_one(plan: Plan, arm: Arm, seed: int, python: str, progress: str) -> None:
+    """Train one arm/seed in a child process, echoing a compact progress line per log."""
+    out = plan.run_dir(arm, seed)
+    extra = _prepare_resume(plan, out)
+    argv = [python, "pretrain_tst.py", *run_argv(plan, arm, seed), *extra]
+    with open(os.path.join(out, "command.json"), "w") as f:
+        json.dump({"argv": argv, "git": _git_hash()}, f, indent=1)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    start = time.time()
+    with open(os.path.join(out, "train.log"), "a") as log:
+        child = subprocess.Popen(argv, cwd=ROOT, env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+        for line in child.stdout:
+            log.write(line)
+            if m := _ITER.match(line):
+                print(f"  {progress} iter {m[1]:>4}/{m[2]} {m[3]:<13} {m[4]} {float(m[5]):.3f}"
+                      f"  ({time.time() - start:.0f} s)", flush=True)  # fmt: skip
+            elif m := _EVAL.search(line):
+                print(f"  {progress} eval at {m[1]}: next-token loss {float(m[2]):.4f}", flush=True)
+        if child.wait() != 0:
+            raise SystemExit(f"{arm.name} seed {seed} failed: see {out}/train.log")
+    shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)  # finished: keep the records
+    open(os.path.join(out, "done"), "w").close()
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
+
+
+def arm_results(plan: Plan) -> dict[str, dict]:
+    """Final held-out loss, wall-clock and raw tokens per arm (per seed, mean and spread)."""
+    results = {}
+    for arm in plan.arms:
+        finals, walls, raws = [], [], []
+        for seed in plan.seeds:
+            run = read_metrics(os.path.join(plan.run_dir(arm, seed), "metrics.jsonl"), arm.name)
+            finals.append(run.evals[-1]["val_loss"])
+            walls.append(run.evals[-1]["elapsed_s"])
+            raws.append(run.train[-1]["raw_tokens"])
+        mean, std = _mean_std(finals)
+        results[arm.name] = {
+            "bag_size": arm.bag_size,
+            "iterations": plan.arm_iters(arm),
+            "seeds": plan.seeds,
+            "final_val_loss": finals,
+            "final_val_loss_mean": mean,
+            "final_val_loss_std": std,
+            "elapsed_s": walls,
+            "elapsed_s_mean": statistics.fmean(walls),
+            "raw_tokens": raws[0],
+            "positions": plan.arm_iters(arm) * MICRO_BATCH * SEQ,
+        }
+    return results
+
+
+def _log_interp(x, x0, x1, y0, y1):
+    """y at x on the line through (x0, y0), (x1, y1), x on a log axis."""
+    return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+
+
+def iso_loss(baselines: list[tuple[int, float, float]], loss: float) -> dict:
+    """Baseline iterations and wall-clock that reach ``loss``, from (iters, loss, wall) points.
+
+    Piecewise linear in log-iterations between the baseline lengths; outside them the nearest
+    segment is extended and the result is marked extrapolated. None when the baselines do not
+    improve with length on that segment (noise).
+    """
+    pts = sorted(baselines)
+    segments = list(zip(pts, pts[1:], strict=False))
+    inside = next(((a, b) for a, b in segments if b[1] <= loss <= a[1]), None)
+    a, b = inside or (segments[0] if loss > pts[0][1] else segments[-1])
+    if b[1] >= a[1]:
+        return {"iterations": None, "wall_s": None, "extrapolated": inside is None}
+    # Solve loss = a.loss + (b.loss - a.loss) * t for t along log-iterations.
+    t = (loss - a[1]) / (b[1] - a[1])
+    iters = math.exp(math.log(a[0]) + t * (math.log(b[0]) - math.log(a[0])))
+    wall = a[2] + (b[2] - a[2]) * (iters - a[0]) / (b[0] - a[0])
+    return {"iterations": iters, "wall_s": wall, "extrapolated": inside is None}
+
+
+def _step_seconds(tput: dict, phase: str) -> float | None:
+    t = tput.get(phase)
+    return MICRO_BATCH * SEQ / t["positions_per_s_median"] if t else None
+
+
+def speedups(plan: Plan, results: dict, tput: dict) -> dict[str, dict]:
+    """Iso-loss speed-up of every non-baseline arm, in iterations and wall-clock.
+
+    Wall-clock twice: measured (each run's elapsed time, evaluations included; on shared cores
+    it carries the neighbours' load) and estimated from the median step time of each phase
+    (steps x seconds per step, no evaluations), which only the phases' own costs move.
+    """
+    from tst.phases import PhaseSchedule
+
+    points = [(results[n]["iterations"], results[n]["final_val_loss_mean"],
+               results[n]["elapsed_s_mean"]) for n in BASELINES if n in results]  # fmt: skip
+    if len(points) < 2:
+        return {}
+    rec_s, sup_s = _step_seconds(tput, "recovery"), _step_seconds(tput, "superposition")
+    out = {}
+    for arm in plan.arms:
+        r = results[arm.name]
+        if arm.name in BASELINES:
+            continue
+        eq = iso_loss(points, r["final_val_loss_mean"])
+        switch = PhaseSchedule.build(r["iterations"], arm.bag_size, None, float(FRACTION))
+        switch = switch.switch_iteration
+        est = None
+        if eq["iterations"] and rec_s and sup_s:
+            own = switch * sup_s + (r["iterations"] - switch) * rec_s
+            est = eq["iterations"] * rec_s / own
+        out[arm.name] = {
+            "switch_iteration": switch,
+            "baseline_iterations_to_equal_loss": eq["iterations"],
+            "speedup_iterations": eq["iterations"] / r["iterations"] if eq["iterations"] else None,
+            "speedup_wall_clock": eq["wall_s"] / r["elapsed_s_mean"] if eq["wall_s"] else None,
+            "speedup_wall_clock_from_step_times": est,
+            "extrapolated": eq["extrapolated"],
+        }
+    return out
+
+
+def throughput(plan: Plan, peak: float) -> dict[str, dict]:
+    """Median TFLOP/s, positions/s and raw tokens/s per phase over clean logging windows."""
+    by_phase: dict[str, dict[str, list[float]]] = {}
+    for arm, seed in plan.runs:
+        run = read_metrics(os.path.join(plan.run_dir(arm, seed), "metrics.jsonl"), arm.name)
+        eval_at = {e["iteration"] for e in run.evals}
+        for before, rec in zip(run.train, run.train[1:], strict=False):
+            if before["iteration"] in eval_at:  # this window also timed an evaluation
+                continue
+            phase = by_phase.setdefault(rec["phase"], {"tflops": [], "pos": [], "raw": []})
+            phase["tflops"].append(rec["tflops_per_device"])
+            phase["pos"].append(rec["positions_per_s"])
+            phase["raw"].append(rec["raw_tokens_per_s"])
+    return {
+        name: {
+            "windows": len(v["tflops"]),
+            "tflops_median": statistics.median(v["tflops"]),
+            "tflops_best": max(v["tflops"]),
+            "mfu_median": statistics.median(v["tflops"]) / peak,
+            "positions_per_s_median": statistics.median(v["pos"]),
+            "raw_tokens_per_s_median": statistics.median(v["raw"]),
+        }
+        for name, v in by_phase.items()
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def summary_markdown(report: dict) -> str:
+    results, speed = report["arms"], report["speedups"]
+    multi = len(report["plan"]["seeds"]) > 1
+    lines = [
+        "| arm | bag | iterations | final held-out loss"
+        + (" (mean ± std, min-max)" if multi else "")
+        + " | raw tokens | positions | wall-clock s"
+        + " | iso-loss speed-up: iterations | wall-clock | wall-clock from step times |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        loss = f"{r['final_val_loss_mean']:.4f}"
+        if multi:
+            loss += (f" ± {r['final_val_loss_std']:.4f}, {min(r['final_val_loss']):.4f}-"
+                     f"{max(r['final_val_loss']):.4f}")  # fmt: skip
+        s = speed.get(name, {})
+        mark = " (extrap.)" if s.get("extrapolated") else ""
+        it = f"{s['speedup_iterations']:.2f}x{mark}" if s.get("speedup_iterations") else "-"
+        wall = f"{s['speedup_wall_clock']:.2f}x{mark}" if s.get("speedup_wall_clock") else "-"
+        est = s.get("speedup_wall_clock_from_step_times")
+        est = f"{est:.2f}x{mark}" if est else "-"
+        lines.append(
+            f"| {name} | {r['bag_size']} | {r['iterations']} | {loss} | {r['raw_tokens']:,} | "
+            f"{r['positions']:,} | {r['elapsed_s_mean']:.1f} | {it} | {wall} | {est} |"
+        )
+    peak = report["peak"]
+    lines += ["", f"fp32 GEMM peak (best of sizes and repeats, before and after the runs): "
+              f"{peak['tflops']:.3f} TFLOP/s", "",
+              "| phase | windows | s/step | TFLOP/s (median) | MFU (median) | positions/s | "
+              "raw tokens/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for phase, t in report["throughput"].items():
+        lines.append(
+            f"| {phase} | {t['windows']} | {MICRO_BATCH * SEQ / t['positions_per_s_median']:.3f} | "
+            f"{t['tflops_median']:.4f} | "
+            f"{100 * t['mfu_median']:.1f}% | {t['positions_per_s_median']:.0f} | "
+            f"{t['raw_tokens_per_s_median']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(plan: Plan, python: str, plots_dir: str) -> list[str]:
+    seed = plan.seeds[0]
+    names = {a.name for a in plan.arms}
+    groups = {
+        "reproduce_bags.png": ["baseline", "baseline_1.5x", "baseline_2x",
+                               "tst_b2", "tst_b4", "tst_b6"],
+        "reproduce_controls.png": ["baseline", "tst_b4", "tst_b4_reinit", "tst_b4_optreset"],
+    }  # fmt: skip
+    written = []
+    for png, arms in groups.items():
+        runs = [f"{a}={plan.work}/{a}/seed{seed}/metrics.jsonl" for a in arms if a in names]
+        if len(runs) < 2:
+            continue
+        path = os.path.join(plots_dir, png)
+        subprocess.run([python, "tools/plot_runs.py", "--runs", *runs, "--output", path],
+                       cwd=ROOT, check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------- main
+
+
+def _git_hash() -> str | None:
+    try:
+        return subprocess.check_output(["git", "-C", ROOT, "rev-parse", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def build_plan(args) -> Plan:
+    full = args.full
+    iters = args.iters or (1000 if full else 150)
+    seeds = args.seeds or ([1, 2, 3] if full else [1])
+    arms = [a for a in ARMS if not args.arms or a.name in args.arms]
+    unknown = set(args.arms or []) - {a.name for a in ARMS}
+    if unknown:
+        raise SystemExit(f"unknown --arms {sorted(unknown)}; choose from {[a.name for a in ARMS]}")
+    work = args.work or os.path.join(ROOT, "runs", "reproduce-full" if full else "reproduce")
+    plan = Plan(
+        work=os.path.abspath(work),
+        iters=iters,
+        seeds=seeds,
+        arms=arms,
+        eval_interval=max(1, iters // (10 if full else 3)),
+        eval_iters=0,
+        save_interval=max(1, iters // 4) if full else None,
+        data_prefix=os.path.abspath(args.data_prefix),
+        tokenizer=os.path.abspath(args.tokenizer_model),
+    )
+    plan.runs = [(arm, seed) for seed in seeds for arm in arms]
+    return plan
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--full", action="store_true", help="the whole study (3 seeds, 1000 its)")
+    p.add_argument("--iters", type=int, help="iterations of the equal-FLOPs arms")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 1, or 1 2 3 with --full)")
+    p.add_argument("--arms", nargs="+", help="a subset of: " + " ".join(a.name for a in ARMS))
+    p.add_argument("--work", help="run folder (default runs/reproduce[-full])")
+    p.add_argument("--data-prefix", default=os.path.join(ROOT, "runs/qs/sotu_text_document"))
+    p.add_argument("--tokenizer-model", default=os.path.join(ROOT, "runs/qs/tokenizer.model"))
+    p.add_argument("--plots-dir", help="where the PNGs go (default: the run folder)")
+    p.add_argument("--python", default=sys.executable)
+    args = p.parse_args(argv)
+    # Share the cores politely: this process and every training it starts run at nice >= 10.
+    os.setpriority(os.PRIO_PROCESS, 0, max(10, os.getpriority(os.PRIO_PROCESS, 0)))
+    started = time.time()
+    plan = build_plan(args)
+    os.makedirs(plan.work, exist_ok=True)
+    ensure_corpus(plan.data_prefix, plan.tokenizer, args.python)
+    plan.eval_iters = validation_eval_iters(plan.data_prefix, args.python,
+                                            sorted({a.bag_size for a in plan.arms}))  # fmt: skip
+    size = model_size(plan, args.python)
+    print(f"model: {size['exact']['total']:,} parameters exactly "
+          f"({size['exact']['embedding_and_output']:,} in embedding + output layer); "
+          + "; ".join(size["dry_run"]), flush=True)  # fmt: skip
+    peak_before = measure_peak_tflops()
+    plan.peak_tflops = peak_before["tflops"]
+    print(f"fp32 GEMM peak now: {peak_before['tflops']:.3f} TFLOP/s {peak_before['per_size']}")
+    total_steps = sum(plan.arm_iters(a) for a, _ in plan.runs)
+    done_steps = 0
+    for i, (arm, seed) in enumerate(plan.runs, 1):
+        tag = f"[{i}/{len(plan.runs)} {arm.name} seed {seed}]"
+        if os.path.exists(os.path.join(plan.run_dir(arm, seed), "done")):
+            print(f"{tag} finished earlier: skipped", flush=True)
+        else:
+            print(f"{tag} training {plan.arm_iters(arm)} iterations "
+                  f"({100 * done_steps / total_steps:.0f}% of the study's steps done, "
+                  f"{time.time() - started:.0f} s so far)", flush=True)  # fmt: skip
+            train_one(plan, arm, seed, args.python, tag)
+        done_steps += plan.arm_iters(arm)
+    peak_after = measure_peak_tflops()
+    peak = record_peak(plan.work, [peak_before, peak_after])
+    results = arm_results(plan)
+    tput = throughput(plan, peak)
+    report = {
+        "plan": dict(
+            iters=plan.iters,
+            seeds=plan.seeds,
+            arms=[a.name for a in plan.arms],
+            eval_interval=plan.eval_interval,
+            eval_iters=plan.eval_iters,
+            split=SPLIT,
+            full=args.full,
+        ),
+        "model": size,
+        "peak": {"tflops": peak, "this_invocation": [peak_before, peak_after]},
+        "arms": results,
+        "throughput": tput,
+        "speedups": speedups(plan, results, tput),
+        "git": _git_hash(),
+    }
+    report["plots"] = plot(plan, args.python, args.plots_dir or plan.work)
+    report["wall_s"] = round(time.time() - started, 1)
+    with open(os.path.join(plan.work, "results.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    text = summary_markdown(report)
+    with open(os.path.join(plan.work, "summary.md"), "w") as f:
+        f.write(text)
+    print(text + f"\nwrote {plan.work}/results.json, summary.md and {report['plots']} "
+          f"in {report['wall_s']:.0f} s")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
