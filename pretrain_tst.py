@@ -12,7 +12,9 @@ from __future__ import annotations
 import sys
 import warnings
 
+from tst.checkpointing import CheckpointError
 from tst.config import Config, parse_args, validate
+from tst.errors import NonFiniteLossError
 
 
 def build_tokenizer(cfg: Config):
@@ -91,3 +93,6 @@ if __name__ == "__main__":
     except ValueError as error:  # bad flags or inputs: the message names the cause and the fix
         print(f"pretrain_tst.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except (NonFiniteLossError, CheckpointError) as error:
+        print(f"pretrain_tst.py: error: {error}", file=sys.stderr)
+        sys.exit(3)

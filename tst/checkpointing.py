@@ -13,8 +13,11 @@ carry global names, so a checkpoint loads under another TP / PP layout.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
+import signal
 
 import torch
 import torch.distributed as dist
@@ -57,6 +60,73 @@ def latest_iteration(root: str) -> int:
     return iteration
 
 
+MANIFEST = "tst_manifest.json"
+# Files up to this size are also checksummed (metadata, common state, small shards); larger
+# ones are checked by size, which catches truncation without reading terabytes at start-up.
+_HASH_LIMIT = 64 * 2**20
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(path: str) -> None:
+    """Record every file of the finished checkpoint with its size (and hash when small)."""
+    files = {}
+    for directory, _, names in os.walk(path):
+        for name in names:
+            full = os.path.join(directory, name)
+            size = os.path.getsize(full)
+            entry = {"size": size}
+            if size <= _HASH_LIMIT:
+                entry["sha256"] = _file_digest(full)
+            files[os.path.relpath(full, path)] = entry
+    manifest = os.path.join(path, MANIFEST)
+    with open(manifest, "w") as f:
+        json.dump({"files": files}, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(path: str) -> None:
+    """Refuse a checkpoint whose files are missing, truncated or altered since it was saved."""
+    manifest = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest):
+        raise CheckpointError(
+            f"{path} has no {MANIFEST}: it was not completed by this trainer's save; "
+            "restore it or point the tracker at an older checkpoint"
+        )
+    with open(manifest) as f:
+        files = json.load(f)["files"]
+    bad = []
+    for name, entry in sorted(files.items()):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            bad.append(f"{full} (missing)")
+        elif os.path.getsize(full) != entry["size"]:
+            bad.append(f"{full} ({os.path.getsize(full)} bytes, saved {entry['size']})")
+        elif "sha256" in entry and _file_digest(full) != entry["sha256"]:
+            bad.append(f"{full} (contents changed)")
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} failed its integrity check, nothing was loaded: "
+            + "; ".join(bad)
+            + ". Restore these files, or point the tracker at an older checkpoint."
+        )
+
+
 def _sharded_model_state(chunks) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
@@ -77,10 +147,16 @@ def save(root: str, iteration: int, chunks, optimizer, common: dict) -> str:
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
     state["common"] = common
     dist_checkpointing.save(state, tmp)
+    if os.environ.get("TST_FAULT_INJECTION") == "kill-during-save":
+        # Fault-injection tests: die with the shards written but the checkpoint not yet
+        # complete (no manifest, not renamed, tracker untouched).
+        os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if rank == 0:
+        _write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync_dir(root)
         tracker_tmp = os.path.join(root, TRACKER + ".tmp")
         with open(tracker_tmp, "w") as f:
             f.write(str(iteration))
@@ -98,6 +174,7 @@ def load(root: str, chunks, optimizer) -> dict:
 
     iteration = latest_iteration(root)
     path = checkpoint_dir(root, iteration)
+    verify(path)
     template = _sharded_model_state(chunks)
     _allocate_empty_adam_state(optimizer)
     template["optimizer"] = optimizer.sharded_state_dict(

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tst import checkpointing
 from tst.config import Config
 from tst.data.batch import PAPER, make_output_only_batch, make_tst_batch
+from tst.errors import NonFiniteLossError
 from tst.losses import (
     slot_weights_for,
     vocab_parallel_multi_hot_cross_entropy,
@@ -43,17 +44,13 @@ from tst.model import (
 from tst.phases import RECOVERY, Phase, PhaseSchedule
 from tst.platform import Layout
 
-__all__ = ["Trainer"]
+__all__ = ["NonFiniteLossError", "Trainer"]
 
 _LOSSES = {
     "mce": vocab_parallel_multi_hot_cross_entropy,
     "mce-alt": vocab_parallel_multi_hot_cross_entropy_alt,
     "lm": vocab_parallel_multi_hot_cross_entropy,  # one target slot: ordinary CE
 }
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def transformer_config(cfg: Config, derived: dict, layout: Layout):
@@ -309,13 +306,37 @@ class Trainer:
         outputs = self._run_schedule(batches, phase, forward_only=False)
         loss_sum, count = self._global_loss(outputs)
         loss = loss_sum / max(count, 1)
-        if not math.isfinite(loss):
+        if not math.isfinite(loss) or not self._gradients_finite():
+            # Skip before the optimizer sees anything: weights, Adam moments and step count,
+            # and the LR schedule stay as they were.
             return {"loss": loss, "skipped": True, "grad_norm": float("nan")}
         update_ok, grad_norm, _ = self.optimizer.step()
         if not update_ok or grad_norm is None or not math.isfinite(grad_norm):
             return {"loss": loss, "skipped": True, "grad_norm": float(grad_norm or float("nan"))}
         self.scheduler.step(increment=1)
         return {"loss": loss, "skipped": False, "grad_norm": float(grad_norm)}
+
+    def _gradients_finite(self) -> bool:
+        """Whether every rank's reduced gradients are finite (one all-reduce of a flag).
+
+        megatron-core's bf16/fp32 optimizers clip and step whatever the gradients hold; only
+        its fp16 loss scaler checks for inf/NaN. One NaN would reach every weight.
+        """
+        finite = all(
+            bool(torch.isfinite(buffer.grad_data).all())
+            for chunk in self.model
+            for buffer in chunk.buffers + chunk.expert_parallel_buffers
+        )
+        if not finite:  # every rank that sees it says so: the log names the ranks
+            print(
+                f"rank {self.layout.rank} (TP {self.layout.tp_rank}, PP {self.layout.pp_rank}, "
+                f"DP {self.layout.dp_rank}): non-finite gradients at iteration "
+                f"{self.iteration + 1}",
+                flush=True,
+            )
+        flag = torch.tensor([1.0 if finite else 0.0], device=self.layout.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def evaluate(self) -> float:
         """Held-out next-token loss: ordinary inputs and targets, in either phase."""
@@ -503,19 +524,24 @@ class Trainer:
             if result["skipped"]:
                 skipped_in_a_row += 1
                 self.writer.print(
-                    f"iteration {self.iteration}: non-finite loss "
-                    f"{result['loss']} or grad norm {result['grad_norm']} in the "
-                    f"{phase.name} phase on rank {self.layout.rank}: step skipped"
+                    f"iteration {self.iteration}: non-finite loss {result['loss']} or "
+                    f"gradients in the {phase.name} phase: step skipped (weights, optimizer "
+                    f"state and LR schedule unchanged; {skipped_in_a_row} in a row)"
                 )
+                self.writer.write(
+                    {"iteration": self.iteration, "phase": phase.name, "skipped": True,
+                     "loss": None, "elapsed_s": round(self.elapsed(), 3)},
+                    "train",
+                )  # fmt: skip
                 if skipped_in_a_row >= t.max_skipped_steps:
+                    saved = ""
                     if run.save:
                         self.save()
+                        saved = f"; the last good state was saved to {run.save}"
                     raise NonFiniteLossError(
                         f"{skipped_in_a_row} consecutive non-finite steps up to iteration "
                         f"{self.iteration} ({phase.name} phase): lower --lr, raise "
-                        "--lr-warmup-iters or check the data; a checkpoint was saved"
-                        if run.save
-                        else ""
+                        f"--lr-warmup-iters or --clip-grad, or check the data{saved}"
                     )
                 continue
             skipped_in_a_row = 0
@@ -565,6 +591,7 @@ class Trainer:
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": result["grad_norm"],
             "raw_tokens": raw,
+            "data_units": self.train_stream.consumed_units,  # the data position, for audits
             "positions": self.iteration * self.derived["global_batch_size"] * self.seq_length,
             "raw_tokens_per_s": (raw - window["raw"]) / span,
             "positions_per_s": window["positions"] / span,

@@ -1,0 +1,104 @@
+"""No lost work under faults: killed runs resume exactly, bad checkpoints are refused,
+non-finite steps are skipped without touching the model, and preemption saves cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+import pretrain_tst
+from tst import trainer as trainer_module
+from tst.checkpointing import CheckpointError, verify
+from tst.errors import NonFiniteLossError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+
+import fault_injection  # noqa: E402
+
+ARGS = fault_injection.ARGS[:]
+
+
+def test_fault_injection_loses_no_data():
+    """Every scenario of bench/fault_injection.py: resumed runs repeat the uninterrupted
+    run's (loss, data position) at every step, exactly."""
+    rows = fault_injection.run(runs=1, seed=int(torch.randint(0, 1000, ()).item()))
+    assert len(rows) == len(fault_injection.SCENARIOS)
+    for row in rows:
+        assert row["recovered"] == row["runs"] and row["data_lost"] == 0, row
+
+
+def _snapshot(trainer) -> dict:
+    state = {f"p{i}": p.detach().clone() for i, p in enumerate(trainer.raw_chunks[0].parameters())}
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        for j, s in enumerate(opt.optimizer.state.values()):
+            for k, v in s.items():
+                state[f"opt{j}.{k}"] = v.detach().clone()
+    state["lr"] = torch.tensor(trainer.optimizer.param_groups[0]["lr"])
+    state["sched"] = torch.tensor(trainer.scheduler.num_steps)
+    return state
+
+
+def test_non_finite_steps_are_skipped_untouched_then_the_run_stops(tmp_path, monkeypatch):
+    real_loss = trainer_module._LOSSES["lm"]
+    poisoned = {4, 6, 7, 8}  # 1-based steps whose loss (and so gradients) are NaN
+    calls = {"n": 0}
+    micro = 2  # micro-batches per step below
+
+    def loss(logits, *args, **kwargs):
+        step = calls["n"] // micro + 1
+        calls["n"] += 1
+        value = real_loss(logits, *args, **kwargs)
+        return value * float("nan") if step in poisoned else value
+
+    monkeypatch.setitem(trainer_module._LOSSES, "lm", loss)
+    checks = []
+    real_step = trainer_module.Trainer.train_step
+
+    def train_step(self, phase):
+        before = _snapshot(self)
+        result = real_step(self, phase)
+        if result["skipped"]:
+            after = _snapshot(self)
+            checks.append(all(torch.equal(before[k], after[k]) for k in before))
+        return result
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
+    argv = ARGS[:]
+    argv[argv.index("--tst-bag-size") + 1] = "1"
+    argv += ["--global-batch-size", "8", "--max-skipped-steps", "3"]
+    metrics = str(tmp_path / "m.jsonl")
+    save = str(tmp_path / "ckpt")
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"3 consecutive non-finite steps up to iteration 8 \(recovery phase\).*saved to",
+    ):  # noqa: E501
+        pretrain_tst.main(argv + ["--metrics-file", metrics, "--save", save])
+    assert checks == [True, True, True, True]  # steps 4, 6, 7, 8 left everything as it was
+    with open(metrics) as f:
+        records = [json.loads(line) for line in f]
+    skipped = [r["iteration"] for r in records if r.get("skipped")]
+    assert skipped == [4, 6, 7, 8]
+    assert all(r["loss"] == r["loss"] for r in records if "data_units" in r)  # finite ones
+    with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+        assert f.read() == "8"
+
+
+def test_integrity_check_names_the_damaged_files(tmp_path):
+    argv = ARGS[:] + ["--save", str(tmp_path)]
+    argv[argv.index("--tst-iters") + 1] = "1"
+    argv[argv.index("--train-iters") + 1] = "2"
+    assert pretrain_tst.main(argv) == 0
+    path = str(tmp_path / "iter_0000002")
+    verify(path)  # intact
+    shard = next(os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".distcp"))
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) - 1)
+    with pytest.raises(CheckpointError, match=rf"failed its integrity check.*{shard}"):
+        verify(path)
+    os.remove(os.path.join(path, "tst_manifest.json"))
+    with pytest.raises(CheckpointError, match="not completed by this trainer's save"):
+        verify(path)
