@@ -76,6 +76,7 @@ def transformer_config(cfg: Config, derived: dict, layout: Layout):
         )
     fp8 = {}
     if t.fp8_format:
+        _check_fp8_possible(cfg, layout)
         fp8 = dict(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     return TransformerConfig(
@@ -111,6 +112,20 @@ def transformer_config(cfg: Config, derived: dict, layout: Layout):
         **moe,
         **fp8,
     )
+
+
+def _check_fp8_possible(cfg: Config, layout: Layout) -> None:
+    """FP8 runs through Transformer Engine on Hopper (sm_89/90) or Blackwell GPUs only."""
+    if layout.device.type != "cuda":
+        raise ValueError("--fp8-format needs a CUDA GPU (Hopper or Blackwell); this run is on "
+                         f"{layout.device.type}: drop --fp8-format")  # fmt: skip
+    if not use_transformer_engine(cfg, layout):
+        raise ValueError("--fp8-format needs Transformer Engine, which is not importable here: "
+                         "install transformer-engine or drop --fp8-format")  # fmt: skip
+    major, minor = torch.cuda.get_device_capability(layout.device)
+    if (major, minor) < (8, 9):
+        raise ValueError(f"--fp8-format needs an FP8-capable GPU (sm_89 or newer); this one is "
+                         f"sm_{major}{minor}: drop --fp8-format")  # fmt: skip
 
 
 def use_transformer_engine(cfg: Config, layout: Layout) -> bool:
