@@ -36,6 +36,9 @@ ARGS = [
 ]  # fmt: skip
 
 
+_RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _records(path: str) -> dict[int, tuple[float, int]]:
     """Last (loss, data position) logged for each step; a redone step must match the first."""
     steps: dict[int, tuple[float, int]] = {}
@@ -69,7 +72,9 @@ def _launch(run_dir: str, extra: list[str], env: dict | None = None) -> subproce
     # stderr to a file, not a pipe: a killed run's helper processes (checkpoint writers)
     # could hold a pipe open. A session of its own, so SIGKILL can take them all.
     stderr = open(os.path.join(run_dir, "stderr.log"), "a")  # noqa: SIM115 (owned by the child)
-    return subprocess.Popen(cmd, cwd=run_dir, env={**os.environ, **(env or {})},
+    # Each run is a world of its own: no rendezvous variables from whoever started us.
+    base_env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARIABLES}
+    return subprocess.Popen(cmd, cwd=run_dir, env={**base_env, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)  # fmt: skip
 
 

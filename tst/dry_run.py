@@ -142,17 +142,7 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
         # Shapes only: no init kernels, and no allocation on an explicit CUDA device.
         config.use_cpu_initialization = True
         config.perform_initialization = False
-        shape = ModelShape(
-            vocab_size=vocab_size,
-            max_sequence_length=m.max_position_embeddings,
-            position_embedding_type=m.position_embedding_type,
-            rotary_base=m.rotary_base,
-            untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
-            qk_layernorm=m.qk_layernorm,
-            normalization=m.normalization,
-            num_experts=m.num_experts,
-            use_transformer_engine=False,
-        )
+        shape = ModelShape.from_config(m, vocab_size, False)
         try:
             with torch.device("meta"):
                 model = build_gpt(config, shape)

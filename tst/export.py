@@ -212,17 +212,7 @@ def load_checkpoint(load: str, layout, iteration: int | None = None) -> LoadedCh
     derived = validate(local, 1, padded)
     config = transformer_config(local, derived, layout)
     m = local.model
-    shape = ModelShape(
-        vocab_size=padded,
-        max_sequence_length=m.max_position_embeddings,
-        position_embedding_type=m.position_embedding_type,
-        rotary_base=m.rotary_base,
-        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
-        qk_layernorm=m.qk_layernorm,
-        normalization=m.normalization,
-        num_experts=m.num_experts,
-        use_transformer_engine=False,
-    )
+    shape = ModelShape.from_config(m, padded, False)
     model = build_gpt(config, shape).to(layout.device)
     try:
         state = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path)

@@ -46,6 +46,21 @@ class ModelShape:
     num_experts: int | None = None
     use_transformer_engine: bool = False
 
+    @classmethod
+    def from_config(cls, model, vocab_size: int, use_transformer_engine: bool) -> ModelShape:
+        """The shape a :class:`tst.config.ModelConfig` describes, for a (padded) vocabulary."""
+        return cls(
+            vocab_size=vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            position_embedding_type=model.position_embedding_type,
+            rotary_base=model.rotary_base,
+            untie_embeddings_and_output_weights=model.untie_embeddings_and_output_weights,
+            qk_layernorm=model.qk_layernorm,
+            normalization=model.normalization,
+            num_experts=model.num_experts,
+            use_transformer_engine=use_transformer_engine,
+        )
+
 
 class TorchNorm:
     """megatron-core's torch-norm wrapper, also under sequence parallelism.

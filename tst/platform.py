@@ -84,15 +84,14 @@ def free_port() -> int:
 def _init_process_group(backend: str, device: torch.device, timeout_minutes: float) -> None:
     if dist.is_initialized():
         return
-    # A plain `python script.py` is a world of one; torchrun/Slurm launchers set these.
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(free_port())
     kwargs = {}
     if device.type == "cuda":
         kwargs["device_id"] = device
+    if "WORLD_SIZE" not in os.environ:
+        # A plain `python script.py` is a world of one (torchrun/Slurm set the variables).
+        # Its rendezvous address stays out of os.environ, so that processes this one starts
+        # do not inherit a port that is no longer ours.
+        kwargs.update(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     dist.init_process_group(
         backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
     )

@@ -161,16 +161,8 @@ class Trainer:
         self.seq_length = m.seq_length
         self.slot_weights = slot_weights_for(tst.tst_slot_weights, tst.tst_bag_size)
         self.config = transformer_config(cfg, derived, layout)
-        self.shape = ModelShape(
-            vocab_size=derived["padded_vocab_size"],
-            max_sequence_length=m.max_position_embeddings,
-            position_embedding_type=m.position_embedding_type,
-            rotary_base=m.rotary_base,
-            untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
-            qk_layernorm=m.qk_layernorm,
-            normalization=m.normalization,
-            num_experts=m.num_experts,
-            use_transformer_engine=use_transformer_engine(cfg, layout),
+        self.shape = ModelShape.from_config(
+            m, derived["padded_vocab_size"], use_transformer_engine(cfg, layout)
         )
         chunks = build_model_chunks(self.config, self.shape, derived["vpp"], layout.device)
         initialize_layout_independent(chunks, self.config, t.seed, layout)
