@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -54,14 +56,9 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         results.put((rank, False, traceback.format_exc()))
         return
     results.put((rank, True, "ready"))
-    parent = os.getppid()
+    _exit_with_parent(os.getppid())
     while True:
-        try:
-            task = tasks.get(timeout=5)
-        except queue.Empty:
-            if os.getppid() != parent:  # the test session is gone: do not linger
-                break
-            continue
+        task = tasks.get()
         if task is None:
             break
         fn, args, kwargs = task
@@ -74,11 +71,22 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     dist.destroy_process_group()
 
 
-def _reset_parallel_state() -> None:
-    from megatron.core import parallel_state as ps
+def _exit_with_parent(parent: int) -> None:
+    """End this rank when the test session is gone, even if the rank is stuck in a collective
+    (a killed session would otherwise leave it waiting out gloo's 30-minute timeout)."""
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _reset_parallel_state() -> None:
+    from tst.platform import reset_parallel_state
+
+    reset_parallel_state()
 
 
 class ProcessWorld:

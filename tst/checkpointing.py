@@ -149,7 +149,12 @@ def save(root: str, iteration: int, chunks, optimizer, common: dict) -> str:
     dist_checkpointing.save(state, tmp)
     if os.environ.get("TST_FAULT_INJECTION") == "kill-during-save":
         # Fault-injection tests: die with the shards written but the checkpoint not yet
-        # complete (no manifest, not renamed, tracker untouched).
+        # complete (no manifest, not renamed, tracker untouched). The writer processes
+        # dist_checkpointing started die too, as they would with a killed job.
+        import psutil
+
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
     if rank == 0:

@@ -22,7 +22,15 @@ import torch.distributed as dist
 
 from tst import cpu_compat
 
-__all__ = ["Layout", "initialize", "seed_everything", "shutdown", "select_device", "free_port"]
+__all__ = [
+    "Layout",
+    "free_port",
+    "initialize",
+    "reset_parallel_state",
+    "seed_everything",
+    "select_device",
+    "shutdown",
+]
 
 
 @dataclass(frozen=True)
@@ -140,8 +148,7 @@ def initialize(
 
     from megatron.core import parallel_state as ps
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    reset_parallel_state()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
@@ -194,11 +201,26 @@ def seed_everything(seed: int, layout: Layout | None = None) -> None:
         torch.manual_seed(seed)
 
 
-def shutdown(layout: Layout | None = None) -> None:
-    """Tear down megatron-core parallel state, and the process group if ``initialize`` made it."""
+def reset_parallel_state() -> None:
+    """Clear megatron-core's parallel state and destroy the groups it created.
+
+    megatron-core's ``destroy_model_parallel`` forgets its groups without destroying them; a
+    process that sets up layouts repeatedly (tests, tools) would keep every gloo group and its
+    threads alive (seen: a thousand threads per rank after a test session).
+    """
     from megatron.core import parallel_state as ps
 
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    if not ps.model_parallel_is_initialized():
+        return
+    ps.destroy_model_parallel()
+    world = dist.group.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not world:
+            dist.destroy_process_group(group)
+
+
+def shutdown(layout: Layout | None = None) -> None:
+    """Tear down megatron-core parallel state, and the process group if ``initialize`` made it."""
+    reset_parallel_state()
     if dist.is_initialized() and (layout is None or layout.owns_process_group):
         dist.destroy_process_group()
