@@ -52,8 +52,8 @@ def plain_training(argv: list[str], steps: int | None = None) -> tuple[list[floa
 
     from tst.data.stream import SampleStream
     from tst.init import initialize_layout_independent
+    from tst.megatron_config import transformer_config
     from tst.platform import initialize, shutdown
-    from tst.trainer import transformer_config
 
     cfg = parse_args(argv)
     tokenizer = pretrain_tst.build_tokenizer(cfg)

@@ -231,9 +231,9 @@ def _real_rank_parameters(argv: list[str]) -> tuple[int, int]:
     import torch
 
     from tst.config import parse_args, validate
+    from tst.megatron_config import transformer_config
     from tst.model import ModelShape, build_model_chunks
     from tst.platform import initialize
-    from tst.trainer import transformer_config
 
     cfg = parse_args(argv)
     p, m = cfg.parallel, cfg.model

@@ -181,7 +181,7 @@ def test_cli_tokenizer_files_and_generate(dense_run, tmp_path, capsys):
 )
 def test_refuses_what_transformers_cannot_express(flags, names):
     from tst.config import parse_args, validate
-    from tst.trainer import transformer_config
+    from tst.megatron_config import transformer_config
 
     swiglu = [] if names == "--swiglu" else ["--swiglu"]
     cfg = parse_args(["--mock-data", *swiglu, *flags])
@@ -193,7 +193,7 @@ def test_refuses_what_transformers_cannot_express(flags, names):
 
 def test_router_pre_softmax_needs_qwen3_moe():
     from tst.config import parse_args, validate
-    from tst.trainer import transformer_config
+    from tst.megatron_config import transformer_config
 
     plain = parse_args(["--mock-data", "--swiglu", *MOE])
     qk = parse_args(["--mock-data", "--swiglu", "--qk-layernorm", *MOE])

@@ -5,6 +5,13 @@ Library map (each module one job):
 - ``tst.losses``      vocab-parallel multi-hot cross-entropy (MCE, MCEAlt) and slot weights
 - ``tst.embedding``   bag-aware input embedding (a ``LanguageModelEmbedding`` subclass)
 - ``tst.data``        raw token chunks -> TST batches; datasets for both phases
+- ``tst.model``       GPT / MoE models from layer specs, with the bag embedding
+- ``tst.megatron_config``  flags -> megatron-core ``TransformerConfig`` for the device
+- ``tst.init``        layout-independent weight initialisation
+- ``tst.phases``      the phase schedule, ``phase_at(iteration)``
+- ``tst.trainer``     the training loop; ``tst.checkpointing``, ``tst.metrics`` beside it
+- ``tst.config``      one dataclass per concern; the command line is built from them
+- ``tst.dry_run``, ``tst.export``   meta-device sizing; Hugging Face export
 - ``tst.platform``    device, backend, megatron-core parallel state, seeds
 - ``tst.cpu_compat``  the patches megatron-core needs where CUDA is absent
 

@@ -115,9 +115,9 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
         VocabParallelEmbedding,
     )
 
+    from tst.megatron_config import transformer_config
     from tst.model import ModelShape, build_gpt
     from tst.platform import initialize, shutdown
-    from tst.trainer import transformer_config
 
     if dist.is_initialized():
         raise ValueError(

@@ -191,8 +191,8 @@ def load_checkpoint(load: str, layout, iteration: int | None = None) -> LoadedCh
     from megatron.core import dist_checkpointing
 
     from tst.config import validate
+    from tst.megatron_config import transformer_config
     from tst.model import ModelShape, build_gpt
-    from tst.trainer import transformer_config
 
     if not dist.is_initialized() or dist.get_world_size() != 1:
         raise ExportError("load_checkpoint needs a world of one: use single_process_world()")

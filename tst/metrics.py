@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
 
-__all__ = ["MetricsWriter", "flops_per_position", "measure_cpu_peak_tflops"]
+__all__ = [
+    "MetricsWriter",
+    "flops_per_position",
+    "git_hash",
+    "library_versions",
+    "measure_cpu_peak_tflops",
+]
 
 
 def flops_per_position(cfg, vocab_size: int) -> float:
@@ -86,3 +94,23 @@ class MetricsWriter:
             self._file.close()
         if self._tb:
             self._tb.close()
+
+
+def git_hash() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.check_output(
+            ["git", "-C", root, "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def library_versions() -> dict:
+    import megatron.core
+
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "megatron-core": getattr(megatron.core, "__version__", "unknown"),
+    }

@@ -16,14 +16,12 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from tst import checkpointing
 from tst.config import Config
@@ -34,12 +32,18 @@ from tst.losses import (
     vocab_parallel_multi_hot_cross_entropy,
     vocab_parallel_multi_hot_cross_entropy_alt,
 )
-from tst.metrics import MetricsWriter, flops_per_position, measure_cpu_peak_tflops
+from tst.megatron_config import transformer_config, use_transformer_engine
+from tst.metrics import (
+    MetricsWriter,
+    flops_per_position,
+    git_hash,
+    library_versions,
+    measure_cpu_peak_tflops,
+)
 from tst.model import (
     ModelShape,
     build_model_chunks,
     set_bag_size,
-    transformer_engine_available,
 )
 from tst.phases import RECOVERY, Phase, PhaseSchedule
 from tst.platform import Layout
@@ -51,90 +55,6 @@ _LOSSES = {
     "mce-alt": vocab_parallel_multi_hot_cross_entropy_alt,
     "lm": vocab_parallel_multi_hot_cross_entropy,  # one target slot: ordinary CE
 }
-
-
-def transformer_config(cfg: Config, derived: dict, layout: Layout):
-    """megatron-core TransformerConfig for this run and device."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    m, p, t = cfg.model, cfg.parallel, cfg.training
-    on_gpu = layout.device.type == "cuda"
-    ffn = m.resolved_ffn_hidden_size
-    moe = {}
-    if m.num_experts:
-        moe = dict(
-            num_moe_experts=m.num_experts,
-            moe_router_topk=m.moe_router_topk,
-            moe_ffn_hidden_size=m.moe_ffn_hidden_size or ffn,
-            moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
-            moe_aux_loss_coeff=m.moe_aux_loss_coeff,
-            moe_token_dispatcher_type=m.moe_token_dispatcher_type,
-            moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff else "none",
-            # The TE spec builds grouped-GEMM experts, the local spec sequential ones.
-            moe_grouped_gemm=use_transformer_engine(cfg, layout),
-            moe_permute_fusion=False,
-        )
-    fp8 = {}
-    if t.fp8_format:
-        _check_fp8_possible(cfg, layout)
-        fp8 = dict(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
-    dtype = torch.bfloat16 if t.bf16 else torch.float32
-    return TransformerConfig(
-        num_layers=m.num_layers,
-        hidden_size=m.hidden_size,
-        ffn_hidden_size=ffn,
-        num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
-        gated_linear_unit=m.swiglu,
-        activation_func=F.silu if m.swiglu else F.gelu,
-        normalization=m.normalization,
-        add_bias_linear=m.add_bias_linear,
-        qk_layernorm=m.qk_layernorm,
-        init_method_std=m.init_method_std,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=derived["vpp"],
-        expert_model_parallel_size=p.expert_model_parallel_size,
-        sequence_parallel=p.sequence_parallel,
-        pipeline_dtype=dtype,
-        params_dtype=dtype,
-        bf16=t.bf16,
-        calculate_per_token_loss=True,
-        use_cpu_initialization=not on_gpu,
-        # Fused kernels exist only on CUDA.
-        bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=False,
-        **moe,
-        **fp8,
-    )
-
-
-def _check_fp8_possible(cfg: Config, layout: Layout) -> None:
-    """FP8 runs through Transformer Engine on Hopper (sm_89/90) or Blackwell GPUs only."""
-    if layout.device.type != "cuda":
-        raise ValueError("--fp8-format needs a CUDA GPU (Hopper or Blackwell); this run is on "
-                         f"{layout.device.type}: drop --fp8-format")  # fmt: skip
-    if not use_transformer_engine(cfg, layout):
-        raise ValueError("--fp8-format needs Transformer Engine, which is not importable here: "
-                         "install transformer-engine or drop --fp8-format")  # fmt: skip
-    major, minor = torch.cuda.get_device_capability(layout.device)
-    if (major, minor) < (8, 9):
-        raise ValueError(f"--fp8-format needs an FP8-capable GPU (sm_89 or newer); this one is "
-                         f"sm_{major}{minor}: drop --fp8-format")  # fmt: skip
-
-
-def use_transformer_engine(cfg: Config, layout: Layout) -> bool:
-    impl = cfg.model.transformer_impl
-    if impl == "local":
-        return False
-    if impl == "transformer_engine":
-        return True
-    return layout.device.type == "cuda" and transformer_engine_available()
 
 
 class Trainer:
@@ -496,8 +416,8 @@ class Trainer:
             "derived": self.derived,
             "layout": self.layout.describe(),
             "phases": self.schedule.to_dict(),
-            "git": _git_hash(),
-            "versions": _versions(),
+            "git": git_hash(),
+            "versions": library_versions(),
             "command": sys.argv,
         }
         with open(os.path.join(self.cfg.run.save, "run_manifest.json"), "w") as f:
@@ -615,23 +535,3 @@ class Trainer:
             f"MFU {100 * record['mfu']:.1f}%"
         )
         window.update(t0=now, positions=0, raw=raw, steps=0, loss=0.0)
-
-
-def _git_hash() -> str | None:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        return subprocess.check_output(
-            ["git", "-C", root, "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
-        ).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _versions() -> dict:
-    import megatron.core
-
-    return {
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "megatron-core": getattr(megatron.core, "__version__", "unknown"),
-    }
