@@ -1,11 +1,12 @@
 """megatron-core GPT / MoE models with the bag embedding wired in.
 
-The model is a stock megatron-core ``GPTModel`` built from a layer spec (Transformer
-Engine's where TE is importable and asked for, the local PyTorch spec elsewhere), whose
-embedding is upgraded in place to :class:`tst.embedding.BagEmbedding`. Parameter names,
-weight tying and the pipeline embedding group are megatron-core's, so checkpoints and an
-exported model are an ordinary GPT. The model returns vocab-parallel logits ``[b, L, V/tp]``
-(no labels are passed), and the trainer applies the phase's loss to them.
+The model is a megatron-core ``GPTModel`` (:class:`TSTGPTModel`, which only adds scoring of
+target bags) built from a layer spec (Transformer Engine's where TE is importable and asked
+for, the local PyTorch spec elsewhere), whose embedding is upgraded in place to
+:class:`tst.embedding.BagEmbedding`. Parameter names, weight tying and the pipeline embedding
+group are megatron-core's, so checkpoints and an exported model are an ordinary GPT. Called
+without labels it returns vocab-parallel logits ``[b, L, V/tp]``; with target bags
+``[b, L, slots]`` the last stage returns the phase's per-position loss ``[b, L]``.
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
+from megatron.core.models.gpt import GPTModel
 
 from tst.embedding import BagEmbedding
 
 __all__ = [
     "ModelShape",
+    "TSTGPTModel",
     "build_gpt",
     "build_model_chunks",
     "set_bag_size",
+    "set_target_loss",
     "transformer_engine_available",
 ]
 
@@ -116,6 +120,23 @@ def _block_norm():
     return TorchNorm if norm is WrappedTorchNorm else norm
 
 
+class TSTGPTModel(GPTModel):
+    """``GPTModel`` whose labels may be target bags ``[b, L, slots]``.
+
+    megatron-core hands ``compute_language_model_loss`` the logits as the output layer made
+    them, ``[L, b, V/tp]``; scoring bags there (with ``tst_loss``, set per phase by the
+    trainer) spares the transposed copy of the logits that returning them would cost.
+    Plain ``[b, L]`` labels keep megatron-core's own loss; no labels return the logits.
+    """
+
+    tst_loss = None  # callable(logits [L, b, V/tp], targets [L, b, slots]) -> [L, b]
+
+    def compute_language_model_loss(self, labels, logits):
+        if labels.dim() == 2 or self.tst_loss is None:
+            return super().compute_language_model_loss(labels, logits)
+        return self.tst_loss(logits, labels.transpose(0, 1)).transpose(0, 1).contiguous()
+
+
 def layer_spec(shape: ModelShape):
     """The transformer-layer spec: TE's where asked for (and present), else the local one."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
@@ -152,7 +173,6 @@ def build_gpt(
     ``config`` is a megatron-core ``TransformerConfig``. The stage holds the embedding when
     ``pre_process`` and the output layer when ``post_process``.
     """
-    from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -162,7 +182,7 @@ def build_gpt(
         layer_specs=[layer_spec(shape)] * get_num_layers_to_build(config, vp_stage=vp_stage),
         layer_norm=_block_norm(),
     )
-    model = GPTModel(
+    model = TSTGPTModel(
         config=config,
         transformer_layer_spec=block,
         vocab_size=shape.vocab_size,
@@ -197,12 +217,22 @@ def build_model_chunks(config, shape: ModelShape, vpp: int | None, device) -> li
     return chunks
 
 
+def _unwrap(chunk):
+    """The GPT model inside DDP / Float16Module wrappers."""
+    while not isinstance(chunk, TSTGPTModel) and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def set_bag_size(model_chunks, bag_size: int) -> None:
     """Set the input bag size on every chunk that embeds (the first pipeline stage)."""
     for chunk in model_chunks:
-        module = chunk
-        while not hasattr(module, "embedding") and hasattr(module, "module"):
-            module = module.module  # unwrap DDP / Float16Module
-        embedding = getattr(module, "embedding", None)
+        embedding = getattr(_unwrap(chunk), "embedding", None)
         if isinstance(embedding, BagEmbedding):
             embedding.bag_size = bag_size
+
+
+def set_target_loss(model_chunks, loss) -> None:
+    """Set the loss the last stage applies to bag targets (see :class:`TSTGPTModel`)."""
+    for chunk in model_chunks:
+        _unwrap(chunk).tst_loss = loss

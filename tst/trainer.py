@@ -44,6 +44,7 @@ from tst.model import (
     ModelShape,
     build_model_chunks,
     set_bag_size,
+    set_target_loss,
 )
 from tst.phases import RECOVERY, Phase, PhaseSchedule
 from tst.platform import Layout
@@ -175,22 +176,23 @@ class Trainer:
         b = batch.input_ids.shape[0]
         device = self.layout.device
         positions = torch.arange(self.seq_length, device=device).expand(b, -1)
-        logits = model(batch.input_ids.to(device), positions, attention_mask=None)
-        loss_fn = _LOSSES[phase.loss]
-        weights = self.slot_weights if phase.target_bag > 1 else None
         targets, mask = batch.targets.to(device), batch.loss_mask.to(device)
+        # The last stage scores the targets inside the model: [b, L] per-position losses.
+        output = model(batch.input_ids.to(device), positions, attention_mask=None, labels=targets)
 
-        def loss_func(output):
-            loss = loss_fn(output, targets, tp_group=self.layout.tp_group, slot_weights=weights)
+        def loss_func(loss):
             total = (loss * mask).sum()
             count = mask.sum()
             return total, count.int(), {"loss": torch.stack([total.detach(), count])}
 
-        return logits, loss_func
+        return output, loss_func
 
     def _run_schedule(self, batches, phase: Phase, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        weights = self.slot_weights if phase.target_bag > 1 else None
+        loss = partial(_LOSSES[phase.loss], tp_group=self.layout.tp_group, slot_weights=weights)
+        set_target_loss(self.model, loss)
         iterators = [iter(batches) for _ in self.model]
         vpp = self.derived["vpp"]
         return get_forward_backward_func()(
