@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce TST's effect at small scale on real text, on CPU, and measure MFU against the limit.
 
-    python bench/reproduce.py            # reduced: 1 seed, 150 iterations, ~7 min on 2 cores
+    python bench/reproduce.py            # reduced: 1 seed, 150 iterations, ~8 min on 2 free cores
     python bench/reproduce.py --full     # the study: 3 seeds, 1000 iterations, ~2 h on 2 cores
     python bench/reproduce.py --plots-dir docs   # also write the PNGs there
 
@@ -24,9 +24,11 @@ next-token loss on (nearly) the whole validation split, so every arm is scored o
 tokens. The iso-loss speed-up interpolates, in log-iterations, the final losses of the three
 baseline lengths (each with its own full LR schedule) at each arm's final loss.
 
-Throughput: this machine's fp32 matrix-multiply peak is measured before and after the runs
-(best of several sizes and repeats); MFU per phase is the median ``tflops_per_device`` of the
-runs' logging windows (the first window and those holding an evaluation left out) over it.
+Throughput: this machine's fp32 matrix-multiply peak is measured (best of several sizes and
+repeats) around a short probe run of the quickstart model with TST (both phases) and again
+after the study; MFU per phase is the probe's ``tflops_per_device`` per logging window (median
+and best; first window of each phase left out) over the best peak. The same statistics over
+the study's own runs (windows holding an evaluation left out) are reported beside it.
 Writes ``WORK/results.json`` and ``WORK/summary.md``.
 """
 
@@ -61,6 +63,7 @@ OPTIM_ARGS = [
     "--lr-decay-style", "wsd", "--weight-decay", "0.1", "--clip-grad", "1.0",
 ]  # fmt: skip
 SEQ, MICRO_BATCH, SPLIT = 64, 16, "98,2,0"
+PROBE_ITERS = 60  # the throughput probe's steps (30 per phase, logged every 5)
 FRACTION = "0.3"
 
 
@@ -332,8 +335,8 @@ def _log_interp(x, x0, x1, y0, y1):
     return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
 
 
-def iso_loss(baselines: list[tuple[int, float, float]], loss: float) -> dict:
-    """Baseline iterations and wall-clock that reach ``loss``, from (iters, loss, wall) points.
+def iso_loss(baselines: list[tuple[int, float]], loss: float) -> dict:
+    """Baseline iterations that reach ``loss``, from the baselines' (iterations, final loss).
 
     Piecewise linear in log-iterations between the baseline lengths; outside them the nearest
     segment is extended and the result is marked extrapolated. None when the baselines do not
@@ -344,12 +347,10 @@ def iso_loss(baselines: list[tuple[int, float, float]], loss: float) -> dict:
     inside = next(((a, b) for a, b in segments if b[1] <= loss <= a[1]), None)
     a, b = inside or (segments[0] if loss > pts[0][1] else segments[-1])
     if b[1] >= a[1]:
-        return {"iterations": None, "wall_s": None, "extrapolated": inside is None}
-    # Solve loss = a.loss + (b.loss - a.loss) * t for t along log-iterations.
-    t = (loss - a[1]) / (b[1] - a[1])
+        return {"iterations": None, "extrapolated": inside is None}
+    t = (loss - a[1]) / (b[1] - a[1])  # 0 at a, 1 at b, along log-iterations
     iters = math.exp(math.log(a[0]) + t * (math.log(b[0]) - math.log(a[0])))
-    wall = a[2] + (b[2] - a[2]) * (iters - a[0]) / (b[0] - a[0])
-    return {"iterations": iters, "wall_s": wall, "extrapolated": inside is None}
+    return {"iterations": iters, "extrapolated": inside is None}
 
 
 def _step_seconds(tput: dict, phase: str) -> float | None:
@@ -360,48 +361,56 @@ def _step_seconds(tput: dict, phase: str) -> float | None:
 def speedups(plan: Plan, results: dict, tput: dict) -> dict[str, dict]:
     """Iso-loss speed-up of every non-baseline arm, in iterations and wall-clock.
 
-    Wall-clock twice: measured (each run's elapsed time, evaluations included; on shared cores
-    it carries the neighbours' load) and estimated from the median step time of each phase
-    (steps x seconds per step, no evaluations), which only the phases' own costs move.
+    Wall-clock twice. Measured: the baseline's seconds per iteration (its runs' elapsed time,
+    evaluations included, over their iterations) times the iterations it needs, against the
+    arm's own elapsed time; on shared cores both carry the neighbours' load. From step times:
+    the same with each phase's median step time from the throughput probe (no evaluations),
+    which only the phases' own costs move.
     """
     from tst.phases import PhaseSchedule
 
-    points = [(results[n]["iterations"], results[n]["final_val_loss_mean"],
-               results[n]["elapsed_s_mean"]) for n in BASELINES if n in results]  # fmt: skip
+    points = [(results[n]["iterations"], results[n]["final_val_loss_mean"])
+              for n in BASELINES if n in results]  # fmt: skip
     if len(points) < 2:
         return {}
+    per_iter = statistics.median(
+        results[n]["elapsed_s_mean"] / results[n]["iterations"] for n in BASELINES if n in results
+    )
     rec_s, sup_s = _step_seconds(tput, "recovery"), _step_seconds(tput, "superposition")
     out = {}
     for arm in plan.arms:
-        r = results[arm.name]
         if arm.name in BASELINES:
             continue
-        eq = iso_loss(points, r["final_val_loss_mean"])
-        switch = PhaseSchedule.build(r["iterations"], arm.bag_size, None, float(FRACTION))
-        switch = switch.switch_iteration
-        est = None
-        if eq["iterations"] and rec_s and sup_s:
-            own = switch * sup_s + (r["iterations"] - switch) * rec_s
-            est = eq["iterations"] * rec_s / own
+        r = results[arm.name]
+        iso = iso_loss(points, r["final_val_loss_mean"])
+        eq = iso["iterations"]
+        schedule = PhaseSchedule.build(r["iterations"], arm.bag_size, None, float(FRACTION))
+        switch = schedule.switch_iteration
+        own = switch * sup_s + (r["iterations"] - switch) * rec_s if rec_s and sup_s else None
         out[arm.name] = {
             "switch_iteration": switch,
-            "baseline_iterations_to_equal_loss": eq["iterations"],
-            "speedup_iterations": eq["iterations"] / r["iterations"] if eq["iterations"] else None,
-            "speedup_wall_clock": eq["wall_s"] / r["elapsed_s_mean"] if eq["wall_s"] else None,
-            "speedup_wall_clock_from_step_times": est,
-            "extrapolated": eq["extrapolated"],
+            "baseline_iterations_to_equal_loss": eq,
+            "speedup_iterations": eq / r["iterations"] if eq else None,
+            "speedup_wall_clock": eq * per_iter / r["elapsed_s_mean"] if eq else None,
+            "speedup_wall_clock_from_step_times": eq * rec_s / own if eq and own else None,
+            "extrapolated": iso["extrapolated"],
         }
     return out
 
 
-def throughput(plan: Plan, peak: float) -> dict[str, dict]:
-    """Median TFLOP/s, positions/s and raw tokens/s per phase over clean logging windows."""
+def window_stats(metrics_files: list[str], peak: float) -> dict[str, dict]:
+    """Per phase: TFLOP/s, MFU, positions/s and raw tokens/s over clean logging windows.
+
+    Left out: each run's first window of each phase (start-up, the switch) and windows that
+    also timed an evaluation. Median and best: on shared cores the best window is the closest
+    to what the trainer does with the cores to itself, as the best-of peak is for the GEMM.
+    """
     by_phase: dict[str, dict[str, list[float]]] = {}
-    for arm, seed in plan.runs:
-        run = read_metrics(os.path.join(plan.run_dir(arm, seed), "metrics.jsonl"), arm.name)
+    for path in metrics_files:
+        run = read_metrics(path)
         eval_at = {e["iteration"] for e in run.evals}
         for before, rec in zip(run.train, run.train[1:], strict=False):
-            if before["iteration"] in eval_at:  # this window also timed an evaluation
+            if before["iteration"] in eval_at or before["phase"] != rec["phase"]:
                 continue
             phase = by_phase.setdefault(rec["phase"], {"tflops": [], "pos": [], "raw": []})
             phase["tflops"].append(rec["tflops_per_device"])
@@ -413,11 +422,30 @@ def throughput(plan: Plan, peak: float) -> dict[str, dict]:
             "tflops_median": statistics.median(v["tflops"]),
             "tflops_best": max(v["tflops"]),
             "mfu_median": statistics.median(v["tflops"]) / peak,
+            "mfu_best": max(v["tflops"]) / peak,
             "positions_per_s_median": statistics.median(v["pos"]),
             "raw_tokens_per_s_median": statistics.median(v["raw"]),
         }
-        for name, v in by_phase.items()
+        for name, v in sorted(by_phase.items(), reverse=True)  # superposition first
     }
+
+
+def probe_throughput(plan: Plan, python: str) -> str:
+    """A short TST run of the quickstart model (bag 4, half the steps in each phase), timed
+    between two peak measurements; returns its metrics file."""
+    out = os.path.join(plan.work, "throughput")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    metrics = os.path.join(out, "metrics.jsonl")
+    argv = [*MODEL_ARGS, *OPTIM_ARGS, *data_args(plan), "--tst-bag-size", "4",
+            "--train-iters", str(PROBE_ITERS), "--tst-iters", str(PROBE_ITERS // 2),
+            "--lr-warmup-iters", "5", "--log-interval", "5", "--eval-interval", str(PROBE_ITERS),
+            "--eval-iters", "1", "--peak-tflops", f"{plan.peak_tflops:.4f}",
+            "--metrics-file", metrics]  # fmt: skip
+    with open(os.path.join(out, "train.log"), "w") as log:
+        subprocess.run([python, "pretrain_tst.py", *argv], cwd=ROOT, check=True,
+                       stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    return metrics
 
 
 # ---------------------------------------------------------------- report
@@ -449,17 +477,19 @@ def summary_markdown(report: dict) -> str:
             f"{r['positions']:,} | {r['elapsed_s_mean']:.1f} | {it} | {wall} | {est} |"
         )
     peak = report["peak"]
-    lines += ["", f"fp32 GEMM peak (best of sizes and repeats, before and after the runs): "
-              f"{peak['tflops']:.3f} TFLOP/s", "",
-              "| phase | windows | s/step | TFLOP/s (median) | MFU (median) | positions/s | "
-              "raw tokens/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for phase, t in report["throughput"].items():
-        lines.append(
-            f"| {phase} | {t['windows']} | {MICRO_BATCH * SEQ / t['positions_per_s_median']:.3f} | "
-            f"{t['tflops_median']:.4f} | "
-            f"{100 * t['mfu_median']:.1f}% | {t['positions_per_s_median']:.0f} | "
-            f"{t['raw_tokens_per_s_median']:.0f} |"
-        )
+    lines += ["", f"fp32 GEMM peak (best of sizes and repeats, measured before the probe, after "
+              f"it and after the study): {peak['tflops']:.3f} TFLOP/s", "",
+              "| phase | windows | s/step | TFLOP/s median (best) | MFU median (best) | "
+              "positions/s | raw tokens/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for source, label in (("throughput", "probe"), ("throughput_study_runs", "study runs")):
+        for phase, t in report[source].items():
+            lines.append(
+                f"| {phase} ({label}) | {t['windows']} | "
+                f"{MICRO_BATCH * SEQ / t['positions_per_s_median']:.3f} | "
+                f"{t['tflops_median']:.4f} ({t['tflops_best']:.4f}) | "
+                f"{100 * t['mfu_median']:.1f}% ({100 * t['mfu_best']:.1f}%) | "
+                f"{t['positions_per_s_median']:.0f} | {t['raw_tokens_per_s_median']:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -545,6 +575,10 @@ def main(argv=None) -> int:
     peak_before = measure_peak_tflops()
     plan.peak_tflops = peak_before["tflops"]
     print(f"fp32 GEMM peak now: {peak_before['tflops']:.3f} TFLOP/s {peak_before['per_size']}")
+    print("throughput probe: the quickstart model, TST bag 4, both phases ...", flush=True)
+    probe = probe_throughput(plan, args.python)
+    peak_probe = measure_peak_tflops()
+    print(f"fp32 GEMM peak now: {peak_probe['tflops']:.3f} TFLOP/s {peak_probe['per_size']}")
     total_steps = sum(plan.arm_iters(a) for a, _ in plan.runs)
     done_steps = 0
     for i, (arm, seed) in enumerate(plan.runs, 1):
@@ -558,9 +592,10 @@ def main(argv=None) -> int:
             train_one(plan, arm, seed, args.python, tag)
         done_steps += plan.arm_iters(arm)
     peak_after = measure_peak_tflops()
-    peak = record_peak(plan.work, [peak_before, peak_after])
+    peak = record_peak(plan.work, [peak_before, peak_probe, peak_after])
     results = arm_results(plan)
-    tput = throughput(plan, peak)
+    tput = window_stats([probe], peak)
+    study_files = [os.path.join(plan.run_dir(a, s), "metrics.jsonl") for a, s in plan.runs]
     report = {
         "plan": dict(
             iters=plan.iters,
@@ -572,9 +607,10 @@ def main(argv=None) -> int:
             full=args.full,
         ),
         "model": size,
-        "peak": {"tflops": peak, "this_invocation": [peak_before, peak_after]},
+        "peak": {"tflops": peak, "this_invocation": [peak_before, peak_probe, peak_after]},
         "arms": results,
         "throughput": tput,
+        "throughput_study_runs": window_stats(study_files, peak),
         "speedups": speedups(plan, results, tput),
         "git": _git_hash(),
     }
