@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
                 base = str
             if f.metadata["choices"]:
                 kwargs["choices"] = f.metadata["choices"]
+            else:
+                kwargs["metavar"] = f.name.upper()  # not the "section.name" destination
             group.add_argument(flag, type=base, **kwargs)
     return parser
 
