@@ -2,7 +2,8 @@
 # GPU check on one H200: the trainer in bf16 on a ~370M-parameter GPT (mock data), both TST
 # phases, tokens/s and MFU against the H200's dense bf16 peak (989 TFLOP/s); then the FP8 path
 # (Transformer Engine, hybrid format) where TE is importable, else a line saying why not.
-# About 3 minutes on an H200 (imports and weight init included; under 8 with FP8).
+# Estimated 2-4 minutes on an H200 (imports and weight init included; not yet measured), well
+# under 8 with FP8.
 #
 #   bash bench/gpu_check.sh                # on the GPU host
 #   DRY_RUN=1 bash bench/gpu_check.sh      # anywhere, no GPU: the same command lines with --dry-run
