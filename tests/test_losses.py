@@ -82,6 +82,38 @@ def test_single_process_matches_reference(name, bag_size, dtype, weights):
     assert loss[2, 2] == 0 and torch.all(x.grad[2, 2] == 0)
 
 
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_trainer_options_match_reference(name, dtype):
+    """``overwrite_logits`` / ``check_targets=False`` (the trainer's settings) change no number.
+
+    The logits come out of an op that autograd tracks (as the output layer's do), so an
+    in-place use of them that broke the graph would fail the backward here.
+    """
+    seed = fresh_seed()
+    fn, ref_fn = LOSSES[name]
+    logits, target, grad_out = make_case(seed, 4, dtype=dtype)
+    weights = power_law_slot_weights(4)
+    scale = torch.ones((), dtype=dtype, requires_grad=True)
+    produced = logits * scale  # a non-leaf, like the output layer's logits
+    loss = fn(produced, target, slot_weights=weights, check_targets=False, overwrite_logits=True)
+    (loss * grad_out).sum().backward()
+    want_loss, want_grad = reference_loss_and_grad(ref_fn, logits, target, grad_out, weights)
+    torch.testing.assert_close(loss, want_loss, **TOL[dtype]["loss"], msg=f"seed {seed}")
+    # d(loss)/d(scale) = sum(dL/dlogits * logits): the gradient flowed through the product.
+    want_scale = (want_grad * logits.float()).sum()
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(scale.grad.float(), want_scale, **tol, msg=f"seed {seed}")
+    # fp32 logits were the work buffer; lower precisions were copied and are untouched.
+    assert torch.equal(produced.detach(), logits) == (dtype != torch.float32)
+    # Without the check an id past the vocabulary is not caught (the caller vouched for it).
+    bad = target.clone()
+    bad[0, 0, 0] = logits.shape[-1]
+    fn(logits.float(), bad, check_targets=False)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        fn(logits.float(), bad)
+
+
 def test_gradient_is_softmax_minus_weighted_multi_hot():
     seed = fresh_seed()
     logits, target, _ = make_case(seed, 4)

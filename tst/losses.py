@@ -76,7 +76,10 @@ def _check_inputs(
     vocab_size: int,
     ignore_index: int,
     slot_weights: torch.Tensor | None,
+    check_values: bool = True,
 ) -> None:
+    """Dtypes and shapes always; with ``check_values`` also the target ids' range and the
+    slot weights' values (each a device-to-host sync on a GPU)."""
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a float tensor, got {logits.dtype}")
     if target.dtype not in (torch.int64, torch.int32):
@@ -88,6 +91,15 @@ def _check_inputs(
         )
     if target.shape[-1] < 1:
         raise ValueError("target has an empty bag dimension (bag_size must be >= 1)")
+    if slot_weights is not None and (
+        slot_weights.dim() != 1 or slot_weights.numel() != target.shape[-1]
+    ):
+        raise ValueError(
+            f"slot_weights must have shape [bag_size] = [{target.shape[-1]}], "
+            f"got {tuple(slot_weights.shape)}"
+        )
+    if not check_values:
+        return
     valid = target != ignore_index
     if valid.any():
         ids = target[valid]
@@ -99,16 +111,12 @@ def _check_inputs(
                 f"(vocab shard size x tensor-parallel size); mark empty slots with "
                 f"ignore_index={ignore_index} and check the tokenizer's vocabulary size"
             )
-    if slot_weights is not None:
-        if slot_weights.dim() != 1 or slot_weights.numel() != target.shape[-1]:
-            raise ValueError(
-                f"slot_weights must have shape [bag_size] = [{target.shape[-1]}], "
-                f"got {tuple(slot_weights.shape)}"
-            )
-        if not torch.isfinite(slot_weights).all() or (slot_weights < 0).any():
-            raise ValueError(
-                f"slot_weights must be finite and non-negative, got {slot_weights.tolist()}"
-            )
+    if slot_weights is not None and (
+        not torch.isfinite(slot_weights).all() or (slot_weights < 0).any()
+    ):
+        raise ValueError(
+            f"slot_weights must be finite and non-negative, got {slot_weights.tolist()}"
+        )
 
 
 def _normalised_slot_weights(
@@ -131,14 +139,17 @@ def _local_targets(
     return local, on_shard
 
 
-def _shifted_logits(logits: torch.Tensor, tp_group) -> torch.Tensor:
-    """A fresh fp32 tensor ``z - max(z)`` with the max taken over the whole vocabulary."""
+def _shifted_logits(logits: torch.Tensor, tp_group, overwrite: bool) -> torch.Tensor:
+    """An fp32 tensor ``z - max(z)`` with the max taken over the whole vocabulary.
+
+    A fresh tensor unless ``overwrite`` and ``logits`` are fp32: then ``logits`` itself.
+    """
     logits_fp32 = logits.float()
     logits_max = logits_fp32.max(dim=-1).values
     _all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)  # collective 1
-    if logits_fp32 is logits:
+    if logits_fp32 is logits and not overwrite:
         return logits_fp32 - logits_max.unsqueeze(-1)
-    # `.float()` already made a copy: shift it in place rather than holding two.
+    # `.float()` already made a copy (or the caller gave the logits up): shift in place.
     return logits_fp32.sub_(logits_max.unsqueeze(-1))
 
 
@@ -160,21 +171,23 @@ def _softmax_minus_target(softmax, local, target_mass, grad_loss) -> torch.Tenso
     return grad.mul_(grad_loss.unsqueeze(-1))
 
 
-def _checked_apply(function, logits, target, tp_group, ignore_index, slot_weights):
+def _checked_apply(
+    function, logits, target, tp_group, ignore_index, slot_weights, check_targets, overwrite
+):
     """Validate the inputs against the global vocabulary, then apply the autograd function."""
     _, tp = _group_info(tp_group)
-    _check_inputs(logits, target, logits.shape[-1] * tp, ignore_index, slot_weights)
-    return function.apply(logits, target.long(), tp_group, ignore_index, slot_weights)
+    _check_inputs(logits, target, logits.shape[-1] * tp, ignore_index, slot_weights, check_targets)
+    return function.apply(logits, target.long(), tp_group, ignore_index, slot_weights, overwrite)
 
 
 class _VocabParallelMultiHotCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, tp_group, ignore_index, slot_weights):
+    def forward(ctx, logits, target, tp_group, ignore_index, slot_weights, overwrite):
         rank, _ = _group_info(tp_group)
         shard = logits.shape[-1]
         vocab_start, vocab_end = rank * shard, (rank + 1) * shard
 
-        shifted = _shifted_logits(logits, tp_group)
+        shifted = _shifted_logits(logits, tp_group, overwrite)
         weights = _normalised_slot_weights(target, ignore_index, slot_weights)  # [..., bag]
         local, on_shard = _local_targets(target, ignore_index, vocab_start, vocab_end)
         local_weights = weights * on_shard  # this shard's part of the target distribution
@@ -194,7 +207,7 @@ class _VocabParallelMultiHotCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _softmax_minus_target(*ctx.saved_tensors, grad_loss), None, None, None, None
+        return _softmax_minus_target(*ctx.saved_tensors, grad_loss), None, None, None, None, None
 
 
 def vocab_parallel_multi_hot_cross_entropy(
@@ -203,6 +216,9 @@ def vocab_parallel_multi_hot_cross_entropy(
     tp_group=None,
     ignore_index: int = -100,
     slot_weights: torch.Tensor | None = None,
+    *,
+    check_targets: bool = True,
+    overwrite_logits: bool = False,
 ) -> torch.Tensor:
     """Weighted mean of cross-entropies of one set of logits against a bag of targets.
 
@@ -214,6 +230,13 @@ def vocab_parallel_multi_hot_cross_entropy(
             means no tensor parallelism.
         ignore_index: the id of an empty slot.
         slot_weights: optional ``[bag_size]`` non-negative weights; uniform when None.
+        check_targets: check that every valid target id lies in the vocabulary and that the
+            slot weights are finite and non-negative (a device sync on a GPU). Callers whose
+            targets were checked on the host (the trainer's datasets do) turn it off; an
+            unchecked out-of-range id would silently count as a logit of 0.
+        overwrite_logits: the caller does not need ``vocab_parallel_logits`` again: fp32
+            logits are used as the work buffer (as megatron-core's cross-entropy does),
+            sparing a copy of the size of the logits. Lower precisions are copied anyway.
 
     Returns:
         ``[...]`` fp32 loss: ``sum_j w_j CE(z, y_j) / sum_j w_j`` over valid slots ``j``,
@@ -225,18 +248,18 @@ def vocab_parallel_multi_hot_cross_entropy(
     """
     return _checked_apply(
         _VocabParallelMultiHotCE, vocab_parallel_logits, target, tp_group, ignore_index,
-        slot_weights,
+        slot_weights, check_targets, overwrite_logits,
     )  # fmt: skip
 
 
 class _VocabParallelMultiHotCEAlt(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, tp_group, ignore_index, slot_weights):
+    def forward(ctx, logits, target, tp_group, ignore_index, slot_weights, overwrite):
         rank, _ = _group_info(tp_group)
         shard = logits.shape[-1]
         vocab_start, vocab_end = rank * shard, (rank + 1) * shard
 
-        shifted = _shifted_logits(logits, tp_group)
+        shifted = _shifted_logits(logits, tp_group, overwrite)
         local, on_shard = _local_targets(target, ignore_index, vocab_start, vocab_end)
         # Each slot's logit lives on exactly one shard: gather locally, sum across shards.
         slot_logit = torch.gather(shifted, -1, local) * on_shard  # [..., bag]
@@ -262,7 +285,7 @@ class _VocabParallelMultiHotCEAlt(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _softmax_minus_target(*ctx.saved_tensors, grad_loss), None, None, None, None
+        return _softmax_minus_target(*ctx.saved_tensors, grad_loss), None, None, None, None, None
 
 
 def vocab_parallel_multi_hot_cross_entropy_alt(
@@ -271,6 +294,9 @@ def vocab_parallel_multi_hot_cross_entropy_alt(
     tp_group=None,
     ignore_index: int = -100,
     slot_weights: torch.Tensor | None = None,
+    *,
+    check_targets: bool = True,
+    overwrite_logits: bool = False,
 ) -> torch.Tensor:
     """The paper's "MCEAlt": ``-log sum_j w_j p(y_j)`` over valid slots (``w_j = 1`` if None).
 
@@ -284,5 +310,5 @@ def vocab_parallel_multi_hot_cross_entropy_alt(
     """
     return _checked_apply(
         _VocabParallelMultiHotCEAlt, vocab_parallel_logits, target, tp_group, ignore_index,
-        slot_weights,
+        slot_weights, check_targets, overwrite_logits,
     )  # fmt: skip

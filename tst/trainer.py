@@ -150,6 +150,7 @@ class Trainer:
             989.0 if layout.device.type == "cuda" else measure_cpu_peak_tflops()
         )
         self._stop_signal = None
+        self._stop_votes = [0.0, 0.0]  # summed over ranks by each training step
         self.start_time = time.time()
         self.elapsed_before = 0.0
 
@@ -191,7 +192,16 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         weights = self.slot_weights if phase.target_bag > 1 else None
-        loss = partial(_LOSSES[phase.loss], tp_group=self.layout.tp_group, slot_weights=weights)
+        # Every target id was checked against the vocabulary on the host when its sample was
+        # read (TSTGPTDataset), so the loss skips its own check (a device sync on a GPU); the
+        # logits are dead after the loss, so fp32 ones double as its work buffer.
+        loss = partial(
+            _LOSSES[phase.loss],
+            tp_group=self.layout.tp_group,
+            slot_weights=weights,
+            check_targets=False,
+            overwrite_logits=True,
+        )
         set_target_loss(self.model, loss)
         iterators = [iter(batches) for _ in self.model]
         vpp = self.derived["vpp"]
@@ -205,14 +215,18 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def _global_loss(self, outputs) -> tuple[float, float]:
-        """(sum, count) over micro-batches and DP, known on every rank."""
-        local = torch.zeros(2, dtype=torch.float64)
+    def _global_loss(self, outputs, *flags: float) -> list[float]:
+        """[loss sum, count, *flags] summed over micro-batches and ranks, known on every rank.
+
+        ``flags`` are per-rank votes that ride along in the same (single) all-reduce.
+        """
+        local = torch.zeros(2 + len(flags), dtype=torch.float64)
         if self.layout.is_last_stage and self.layout.tp_rank == 0:
             for out in outputs:
-                local += out["loss"].double().cpu()
+                local[:2] += out["loss"].double().cpu()
+        local[2:] = torch.tensor(flags, dtype=torch.float64)
         dist.all_reduce(local)
-        return local[0].item(), local[1].item()
+        return local.tolist()
 
     # ---------------------------------------------------------------- steps
 
@@ -239,9 +253,12 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run_schedule(batches, phase, forward_only=False)
-        loss_sum, count = self._global_loss(outputs)
+        # One all-reduce per step carries the loss, the gradients' health and the stop votes.
+        loss_sum, count, non_finite, *self._stop_votes = self._global_loss(
+            outputs, float(not self._gradients_finite()), *self._local_stop_votes()
+        )
         loss = loss_sum / max(count, 1)
-        if not math.isfinite(loss) or not self._gradients_finite():
+        if not math.isfinite(loss) or non_finite:
             # Skip before the optimizer sees anything: weights, Adam moments and step count,
             # and the LR schedule stay as they were.
             return {"loss": loss, "skipped": True, "grad_norm": float("nan")}
@@ -252,18 +269,19 @@ class Trainer:
         return {"loss": loss, "skipped": False, "grad_norm": float(grad_norm)}
 
     def _gradients_finite(self) -> bool:
-        """Whether every rank's reduced gradients are finite (one all-reduce of a flag).
+        """Whether this rank's reduced gradients are all finite (the step reduces the vote).
 
         megatron-core's bf16/fp32 optimizers clip and step whatever the gradients hold; only
         its fp16 loss scaler checks for inf/NaN. One NaN would reach every weight.
         """
         # The sum of a buffer is NaN/inf if any element is; a reduction needs no full-size
         # mask (an fp32 sum of real gradients cannot overflow to inf).
-        finite = all(
-            bool(torch.isfinite(buffer.grad_data.sum()))
+        sums = [
+            buffer.grad_data.sum()
             for chunk in self.model
             for buffer in chunk.buffers + chunk.expert_parallel_buffers
-        )
+        ]
+        finite = not sums or bool(torch.isfinite(torch.stack(sums)).all())
         if not finite:  # every rank that sees it says so: the log names the ranks
             print(
                 f"rank {self.layout.rank} (TP {self.layout.tp_rank}, PP {self.layout.pp_rank}, "
@@ -271,9 +289,7 @@ class Trainer:
                 f"{self.iteration + 1}",
                 flush=True,
             )
-        flag = torch.tensor([1.0 if finite else 0.0], device=self.layout.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return finite
 
     def evaluate(self) -> float:
         """Held-out next-token loss: ordinary inputs and targets, in either phase."""
@@ -403,15 +419,21 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, handler)
 
+    def _local_stop_votes(self) -> tuple[float, float]:
+        """This rank's (signalled, out of time) votes; the step's all-reduce sums them."""
+        limit = self.cfg.run.exit_duration_in_mins
+        return (
+            float(self._stop_signal is not None),
+            float(bool(limit) and self.elapsed() / 60 >= limit),
+        )
+
     def _should_stop(self) -> str | None:
+        """Every rank reads the same reduced votes, so all stop at the same step."""
         run = self.cfg.run
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
-        if run.exit_duration_in_mins and self.elapsed() / 60 >= run.exit_duration_in_mins:
-            flag.fill_(2.0)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        if flag.item() == 1.0:
+        signalled, out_of_time = self._stop_votes
+        if signalled:
             return "signal"
-        if flag.item() == 2.0:
+        if out_of_time:
             return "--exit-duration-in-mins"
         if run.exit_interval and self.iteration % run.exit_interval == 0:
             return "--exit-interval"
