@@ -304,15 +304,42 @@ def _mean_std(xs: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
+def training_seconds(run) -> float:
+    """A run's training time as each phase's steps times its median seconds per step.
+
+    The median is over logging windows, leaving out each phase's first window (start-up,
+    the switch) and windows that also timed an evaluation; every step is counted. A run that
+    was paused, or shared the cores for a while, has a few slow windows that the median
+    ignores, where its elapsed time would carry them in full.
+    """
+    steps: dict[str, int] = {}
+    per_step: dict[str, list[float]] = {}
+    eval_at = {e["iteration"] for e in run.evals}
+    last_iteration = 0
+    for before, rec in zip([None, *run.train], run.train, strict=False):
+        phase = rec["phase"]
+        steps[phase] = steps.get(phase, 0) + rec["iteration"] - last_iteration
+        last_iteration = rec["iteration"]
+        if before is None or before["phase"] != phase or before["iteration"] in eval_at:
+            continue
+        span = rec["elapsed_s"] - before["elapsed_s"]
+        per_step.setdefault(phase, []).append(span / (rec["iteration"] - before["iteration"]))
+    missing = sorted(set(steps) - set(per_step))
+    if missing:
+        raise ValueError(f"{run.name}: no clean logging window in phase(s) {missing}")
+    return sum(n * statistics.median(per_step[phase]) for phase, n in steps.items())
+
+
 def arm_results(plan: Plan) -> dict[str, dict]:
     """Final held-out loss, wall-clock and raw tokens per arm (per seed, mean and spread)."""
     results = {}
     for arm in plan.arms:
-        finals, walls, raws = [], [], []
+        finals, walls, trains, raws = [], [], [], []
         for seed in plan.seeds:
             run = read_metrics(os.path.join(plan.run_dir(arm, seed), "metrics.jsonl"), arm.name)
             finals.append(run.evals[-1]["val_loss"])
             walls.append(run.evals[-1]["elapsed_s"])
+            trains.append(training_seconds(run))
             raws.append(run.train[-1]["raw_tokens"])
         mean, std = _mean_std(finals)
         results[arm.name] = {
@@ -324,6 +351,8 @@ def arm_results(plan: Plan) -> dict[str, dict]:
             "final_val_loss_std": std,
             "elapsed_s": walls,
             "elapsed_s_mean": statistics.fmean(walls),
+            "training_s": trains,
+            "training_s_mean": statistics.fmean(trains),
             "raw_tokens": raws[0],
             "positions": plan.arm_iters(arm) * MICRO_BATCH * SEQ,
         }
@@ -361,11 +390,11 @@ def _step_seconds(tput: dict, phase: str) -> float | None:
 def speedups(plan: Plan, results: dict, tput: dict) -> dict[str, dict]:
     """Iso-loss speed-up of every non-baseline arm, in iterations and wall-clock.
 
-    Wall-clock twice. Measured: the baseline's seconds per iteration (its runs' elapsed time,
-    evaluations included, over their iterations) times the iterations it needs, against the
-    arm's own elapsed time; on shared cores both carry the neighbours' load. From step times:
-    the same with each phase's median step time from the throughput probe (no evaluations),
-    which only the phases' own costs move.
+    Wall-clock twice, evaluations left out of both. From the study's runs: the baselines'
+    seconds per iteration (:func:`training_seconds` over iterations, median of the three
+    lengths) times the iterations the baseline needs, against the arm's own training seconds.
+    From the probe: the same with each phase's median step time from the throughput probe,
+    which ran on the same model minutes apart (one measurement for every arm).
     """
     from tst.phases import PhaseSchedule
 
@@ -374,7 +403,7 @@ def speedups(plan: Plan, results: dict, tput: dict) -> dict[str, dict]:
     if len(points) < 2:
         return {}
     per_iter = statistics.median(
-        results[n]["elapsed_s_mean"] / results[n]["iterations"] for n in BASELINES if n in results
+        results[n]["training_s_mean"] / results[n]["iterations"] for n in BASELINES if n in results
     )
     rec_s, sup_s = _step_seconds(tput, "recovery"), _step_seconds(tput, "superposition")
     out = {}
@@ -391,7 +420,7 @@ def speedups(plan: Plan, results: dict, tput: dict) -> dict[str, dict]:
             "switch_iteration": switch,
             "baseline_iterations_to_equal_loss": eq,
             "speedup_iterations": eq / r["iterations"] if eq else None,
-            "speedup_wall_clock": eq * per_iter / r["elapsed_s_mean"] if eq else None,
+            "speedup_wall_clock": eq * per_iter / r["training_s_mean"] if eq else None,
             "speedup_wall_clock_from_step_times": eq * rec_s / own if eq and own else None,
             "extrapolated": iso["extrapolated"],
         }
@@ -457,9 +486,9 @@ def summary_markdown(report: dict) -> str:
     lines = [
         "| arm | bag | iterations | final held-out loss"
         + (" (mean ± std, min-max)" if multi else "")
-        + " | raw tokens | positions | wall-clock s"
-        + " | iso-loss speed-up: iterations | wall-clock | wall-clock from step times |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        + " | raw tokens | positions | elapsed s | training s"
+        + " | iso-loss speed-up: iterations | wall-clock | wall-clock (probe's step times) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         loss = f"{r['final_val_loss_mean']:.4f}"
@@ -474,10 +503,14 @@ def summary_markdown(report: dict) -> str:
         est = f"{est:.2f}x{mark}" if est else "-"
         lines.append(
             f"| {name} | {r['bag_size']} | {r['iterations']} | {loss} | {r['raw_tokens']:,} | "
-            f"{r['positions']:,} | {r['elapsed_s_mean']:.1f} | {it} | {wall} | {est} |"
+            f"{r['positions']:,} | {r['elapsed_s_mean']:.1f} | {r['training_s_mean']:.1f} | "
+            f"{it} | {wall} | {est} |"
         )
     peak = report["peak"]
-    lines += ["", f"fp32 GEMM peak (best of sizes and repeats, measured before the probe, after "
+    lines += ["", "elapsed s: start to the last evaluation (evaluations, start-up and any pause "
+              "included); training s: each phase's steps times its median step time. The "
+              "wall-clock speed-ups compare training seconds.", ""]  # fmt: skip
+    lines += [f"fp32 GEMM peak (best of sizes and repeats, measured before the probe, after "
               f"it and after the study): {peak['tflops']:.3f} TFLOP/s", "",
               "| phase | windows | s/step | TFLOP/s median (best) | MFU median (best) | "
               "positions/s | raw tokens/s |", "|---|---|---|---|---|---|---|"]  # fmt: skip

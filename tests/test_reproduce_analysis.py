@@ -1,0 +1,106 @@
+"""bench/reproduce.py's arithmetic: iso-loss interpolation, training seconds, speed-ups.
+
+Expected values are worked out by hand in the comments (exact up to float rounding: rel 1e-9).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import reproduce as rp  # noqa: E402
+from run_metrics import RunMetrics  # noqa: E402
+
+BASELINES = [(100, 5.0), (150, 4.6), (200, 4.4)]
+
+
+def test_iso_loss_interpolates_in_log_iterations():
+    # A loss on a baseline point: that baseline's length.
+    assert rp.iso_loss(BASELINES, 4.6) == {"iterations": pytest.approx(150), "extrapolated": False}
+    # Half-way in loss between 100 and 150 its: the geometric mean sqrt(100 * 150).
+    got = rp.iso_loss(BASELINES, 4.8)
+    assert got["iterations"] == pytest.approx(math.sqrt(100 * 150), rel=1e-9)
+    assert not got["extrapolated"]
+    # Half-way between 150 and 200: sqrt(150 * 200).
+    assert rp.iso_loss(BASELINES, 4.5)["iterations"] == pytest.approx(math.sqrt(3e4), rel=1e-9)
+
+
+def test_iso_loss_extrapolates_and_marks_it():
+    # Worse than the shortest baseline by half its first step: t = -0.5 on 100..150.
+    got = rp.iso_loss(BASELINES, 5.2)
+    assert got["iterations"] == pytest.approx(100 / math.sqrt(1.5), rel=1e-9)
+    assert got["extrapolated"]
+    # Better than the longest by one more step of the last segment: t = 2 on 150..200.
+    got = rp.iso_loss(BASELINES, 4.2)
+    assert got["iterations"] == pytest.approx(150 * (200 / 150) ** 2, rel=1e-9)
+    assert got["extrapolated"]
+
+
+def test_iso_loss_refuses_baselines_that_do_not_improve():
+    flat = [(100, 5.0), (150, 5.1), (200, 4.9)]
+    assert rp.iso_loss(flat, 5.3)["iterations"] is None  # 100..150 got worse: no reading
+
+
+def _train(iteration, phase, elapsed):
+    return {"iteration": iteration, "phase": phase, "elapsed_s": elapsed}
+
+
+def test_training_seconds_uses_median_step_per_phase():
+    # Superposition 0..30 (logs every 10), recovery 30..60. Step times: superposition 1 s
+    # (first window 5 s: start-up, left out), recovery 2 s with one window paused for 500 s,
+    # and one window that also timed the evaluation at 40 (left out).
+    train = [
+        _train(10, "superposition", 50.0),  # first window: start-up
+        _train(20, "superposition", 60.0),  # 1 s/step
+        _train(30, "superposition", 70.0),  # 1 s/step
+        _train(40, "recovery", 100.0),  # first recovery window (the switch): left out
+        _train(50, "recovery", 170.0),  # timed the evaluation at 40: left out
+        _train(60, "recovery", 190.0),  # 2 s/step
+        _train(70, "recovery", 710.0),  # paused: 52 s/step
+        _train(80, "recovery", 730.0),  # 2 s/step
+    ]
+    run = RunMetrics("r", train, [{"iteration": 40, "val_loss": 5.0, "elapsed_s": 150.0}])
+    # 30 superposition steps x 1 s + 50 recovery steps x median(2, 52, 2) = 2 s.
+    assert rp.training_seconds(run) == pytest.approx(30 * 1.0 + 50 * 2.0, rel=1e-9)
+
+
+def test_training_seconds_needs_a_clean_window_per_phase():
+    run = RunMetrics("r", [_train(10, "recovery", 5.0)], [{"iteration": 10, "val_loss": 1.0}])
+    with pytest.raises(ValueError, match="no clean logging window"):
+        rp.training_seconds(run)
+
+
+def test_speedups_in_iterations_and_wall_clock():
+    plan = rp.Plan(work="/nonexistent", iters=100, seeds=[1], arms=[], eval_interval=10,
+                   eval_iters=1, save_interval=None, data_prefix="", tokenizer="")  # fmt: skip
+    plan.arms = [a for a in rp.ARMS if a.name in (*rp.BASELINES, "tst_b4")]
+    results = {
+        # Baselines: 0.5 s per iteration in every length.
+        "baseline": {"iterations": 100, "final_val_loss_mean": 5.0, "training_s_mean": 50.0},
+        "baseline_1.5x": {"iterations": 150, "final_val_loss_mean": 4.6, "training_s_mean": 75.0},
+        "baseline_2x": {"iterations": 200, "final_val_loss_mean": 4.4, "training_s_mean": 100.0},
+        # TST reaches 4.8 (the baseline needs sqrt(100 * 150) its) in 100 its and 60 s.
+        "tst_b4": {"iterations": 100, "final_val_loss_mean": 4.8, "training_s_mean": 60.0},
+    }
+    positions = rp.MICRO_BATCH * rp.SEQ
+    # Probe: superposition 0.6 s/step, recovery 0.5 s/step.
+    tput = {
+        "superposition": {"positions_per_s_median": positions / 0.6},
+        "recovery": {"positions_per_s_median": positions / 0.5},
+    }
+    got = rp.speedups(plan, results, tput)
+    assert set(got) == {"tst_b4"}
+    s, eq = got["tst_b4"], math.sqrt(100 * 150)
+    assert s["switch_iteration"] == 30  # fraction 0.3 of 100
+    assert s["baseline_iterations_to_equal_loss"] == pytest.approx(eq, rel=1e-9)
+    assert s["speedup_iterations"] == pytest.approx(eq / 100, rel=1e-9)
+    assert s["speedup_wall_clock"] == pytest.approx(eq * 0.5 / 60.0, rel=1e-9)
+    # The probe's step times: 30 x 0.6 + 70 x 0.5 = 53 s for TST, eq x 0.5 for the baseline.
+    assert s["speedup_wall_clock_from_step_times"] == pytest.approx(eq * 0.5 / 53.0, rel=1e-9)
+    assert not s["extrapolated"]
