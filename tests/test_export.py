@@ -110,6 +110,48 @@ def test_dense_llama_matches_trainer(dense_run, tmp_path):
     assert want.std() > 0.5  # the logits are far from trivial
 
 
+def test_sharded_export_replaces_an_earlier_one_and_survives_a_failure(
+    dense_run, tmp_path, monkeypatch
+):
+    """Small shards load in ``transformers``; a re-export replaces the earlier weights but
+    keeps the user's other files; an export that fails half-way leaves the folder as it was."""
+    import safetensors.torch
+
+    out = str(tmp_path / "hf")
+    _, ids, want = _export_and_reference(dense_run, out, 400)  # one model.safetensors
+    with open(os.path.join(out, "NOTES.md"), "w") as f:
+        f.write("the user's own file")
+    real_save, written = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        written.append(path)
+        if fail_at and len(written) == fail_at:
+            raise OSError("disk full (injected)")
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    with single_process_world() as layout:
+        ckpt = load_checkpoint(dense_run, layout)
+        fail_at = None
+        result = export_loaded(ckpt, out, max_shard_bytes=20_000)
+        shards = [f for f in result.files if f.endswith(".safetensors")]
+        assert len(shards) >= 3, result.files
+        written.clear()
+        fail_at = 2  # a bf16 re-export dies writing its second shard
+        with pytest.raises(OSError, match="injected"):
+            export_loaded(ckpt, out, max_shard_bytes=20_000, dtype="bfloat16")
+    assert all(os.path.dirname(p) != out for p in written)  # only the staging folder
+    files = set(os.listdir(out))
+    assert files >= {*shards, "model.safetensors.index.json", "config.json", "NOTES.md"}
+    assert "model.safetensors" not in files  # the first export's weights were replaced
+    assert not [f for f in os.listdir(tmp_path) if ".partial-" in f]  # staging cleaned up
+    on_disk = safetensors.torch.load_file(os.path.join(out, shards[0]))
+    assert {t.dtype for t in on_disk.values()} == {torch.float32}  # not the failed bf16 one
+    got, _ = _hf_logits(out, ids)  # the complete sharded export loads and matches
+    diff = (got - want).abs().max().item()
+    assert got.shape == want.shape and diff < TOLERANCE, diff
+
+
 @pytest.mark.parametrize(
     "name, flags, architecture",
     [

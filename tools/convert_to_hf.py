@@ -8,7 +8,7 @@ written as safetensors + config.json + the tokenizer files, as LlamaForCausalLM 
 Qwen3ForCausalLM (dense, --qk-layernorm), Qwen3MoeForCausalLM (MoE, --qk-layernorm) or
 MixtralForCausalLM (MoE). The padded vocabulary rows are dropped (--keep-padded-vocab keeps
 them). The tokenizer is the run's own; give its files here when they have moved since
-training. See tst/export.py for the mapping and what is refused.
+training. See tst/export/ for the mapping and what is refused.
 """
 
 from __future__ import annotations

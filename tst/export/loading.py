@@ -1,0 +1,145 @@
+"""Load a checkpoint of any TP / PP / VPP / EP layout into one TP=1 / PP=1 model."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from tst import checkpointing
+from tst.config import Config
+from tst.export.common import ExportError
+
+
+def config_from_dict(values: dict) -> Config:
+    """The :class:`Config` saved in a checkpoint (``common["config"]``).
+
+    Fields a newer or older version does not know are dropped; missing ones take defaults.
+    """
+    hints = typing.get_type_hints(Config)
+    sections = {}
+    for f in dataclasses.fields(Config):
+        cls = hints[f.name]
+        known = {g.name for g in dataclasses.fields(cls)}
+        sections[f.name] = cls(**{k: v for k, v in values.get(f.name, {}).items() if k in known})
+    return Config(**sections)
+
+
+def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, int | None]:
+    """``(directory, iteration)`` of the checkpoint to read.
+
+    ``load`` is a ``--save`` root (its latest complete checkpoint, or ``iteration``) or one
+    ``iter_XXXXXXX`` directory itself.
+    """
+    if os.path.isfile(os.path.join(load, "metadata.json")):
+        if iteration is not None:
+            raise ExportError(f"--load {load} is one checkpoint directory: drop --iteration")
+        name = os.path.basename(os.path.normpath(load))
+        digits = name.removeprefix("iter_")
+        return load, int(digits) if digits.isdigit() else None
+    if iteration is None:
+        iteration = checkpointing.latest_iteration(load)
+    path = checkpointing.checkpoint_dir(load, iteration)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        raise ExportError(f"--iteration {iteration}: {path} is missing or incomplete")
+    return path, iteration
+
+
+def single_process_config(cfg: Config) -> Config:
+    """``cfg`` laid out for one CPU/GPU process: TP = PP = EP = 1, local spec, no FP8."""
+    parallel = dataclasses.replace(
+        cfg.parallel,
+        tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1,
+        num_layers_per_virtual_pipeline_stage=None,
+        expert_model_parallel_size=1,
+        sequence_parallel=False,
+        use_distributed_optimizer=False,
+    )
+    model = dataclasses.replace(cfg.model, transformer_impl="local")
+    training = dataclasses.replace(cfg.training, fp8_format=None)
+    return dataclasses.replace(cfg, parallel=parallel, model=model, training=training)
+
+
+@contextlib.contextmanager
+def single_process_world(seed: int = 1234) -> Iterator:
+    """A world of one process with megatron-core parallel state (TP = PP = 1).
+
+    Yields the :class:`tst.platform.Layout`; tears the state (and a process group it
+    created) down on exit, so megatron models built inside are only usable inside.
+    """
+    from tst.platform import initialize, shutdown
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != 1:
+        raise ExportError(
+            f"WORLD_SIZE={world}: export and generation run as one process "
+            "(python tools/..., not torchrun); the checkpoint is resharded on load"
+        )
+    layout = initialize(tp=1, pp=1, seed=seed)
+    try:
+        yield layout
+    finally:
+        shutdown(layout)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A checkpoint loaded into one TP=1 / PP=1 megatron-core ``GPTModel`` (eval mode)."""
+
+    model: torch.nn.Module  # returns logits [b, L, padded_vocab_size]
+    cfg: Config  # as saved (the training layout)
+    transformer_config: typing.Any  # megatron-core TransformerConfig of ``model``
+    path: str
+    iteration: int | None
+    padded_vocab_size: int
+
+
+def load_checkpoint(load: str, layout, iteration: int | None = None) -> LoadedCheckpoint:
+    """Rebuild the saved model at TP=1 / PP=1 and load its weights (not the optimizer).
+
+    Needs megatron-core's parallel state for one process: call inside
+    :func:`single_process_world`, passing the ``layout`` it yields.
+    """
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    from tst.config import validate
+    from tst.megatron_config import transformer_config
+    from tst.model import ModelShape, build_gpt
+
+    if not dist.is_initialized() or dist.get_world_size() != 1:
+        raise ExportError("load_checkpoint needs a world of one: use single_process_world()")
+    path, iteration = resolve_checkpoint(load, iteration)
+    common = dist_checkpointing.load_common_state_dict(path)
+    saved = common.get("common", common) if isinstance(common, dict) else None
+    if not isinstance(saved, dict) or "config" not in saved:
+        raise ExportError(f"{path} holds no saved config (common['config']): not a tst checkpoint")
+    cfg = config_from_dict(saved["config"])
+    local = single_process_config(cfg)
+    # The padded vocabulary depends on the training TP: read the saved embedding's shape.
+    metadata = dist_checkpointing.load_tensors_metadata(path)
+    embedding = metadata.get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise ExportError(f"{path} has no embedding.word_embeddings.weight: not a GPT checkpoint")
+    padded = int(embedding.global_shape[0])
+    derived = validate(local, 1, padded)
+    config = transformer_config(local, derived, layout)
+    m = local.model
+    shape = ModelShape.from_config(m, padded, False)
+    model = build_gpt(config, shape).to(layout.device)
+    try:
+        state = dist_checkpointing.load({"model0": model.sharded_state_dict()}, path)
+    except Exception as error:  # name the checkpoint, then the cause
+        raise ExportError(f"could not load the model from {path}: {error}") from error
+    model.load_state_dict(state["model0"])
+    model.eval()
+    return LoadedCheckpoint(model, cfg, config, path, iteration, padded)
+
+
+# ---------------------------------------------------------------- architecture and config

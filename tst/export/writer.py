@@ -1,0 +1,273 @@
+"""Write a loaded checkpoint as a ``transformers`` folder: weights, config, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from tst.config import Config
+from tst.export.common import DTYPES, EXPORT_INFO, ExportError
+from tst.export.loading import LoadedCheckpoint, load_checkpoint, single_process_world
+from tst.export.mapping import hf_architecture, hf_config, hf_tensors, materialise
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor],
+    output: str,
+    max_shard_bytes: int,
+    dtype: torch.dtype | None = None,
+) -> list[str]:
+    """``model.safetensors``, or numbered shards plus ``model.safetensors.index.json``.
+
+    ``tensors`` may be views of a model's parameters on any device: each shard is copied to
+    CPU (in ``dtype``, default each tensor's own) just before it is written and dropped
+    after, so the writer holds at most one shard beside the model. Returns the file names.
+    """
+    from safetensors.torch import save_file
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * torch.empty((), dtype=dtype or t.dtype).element_size()
+
+    shards: list[list[str]] = [[]]  # planned from the shapes alone
+    size = total = 0
+    for name, tensor in tensors.items():
+        if shards[-1] and size + nbytes(tensor) > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes(tensor)
+        total += nbytes(tensor)
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for file, keys in zip(names, shards, strict=True):
+        shard = {k: materialise(tensors[k], dtype or tensors[k].dtype) for k in keys}
+        save_file(shard, os.path.join(output, file), metadata={"format": "pt"})
+        del shard
+        weight_map.update(dict.fromkeys(keys, file))
+    if len(shards) == 1:
+        return names
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    with open(os.path.join(output, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return [*names, "model.safetensors.index.json"]
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """What :func:`tst.data.tokenizers.build_tokenizer` needs, with the files resolved."""
+
+    tokenizer_type: str
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    vocab_size: int | None = None  # --vocab-size as trained (NullTokenizer's floor)
+
+    def build(self):
+        from tst.data.tokenizers import build_tokenizer
+
+        return build_tokenizer(
+            self.tokenizer_type,
+            self.tokenizer_model,
+            self.vocab_file,
+            self.merge_file,
+            self.vocab_size,
+        )
+
+
+def tokenizer_spec(
+    cfg: Config,
+    tokenizer_model: str | None = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+) -> TokenizerSpec:
+    """The run's tokenizer, with files given here replacing the paths saved at training."""
+    d = cfg.data
+    return TokenizerSpec(
+        d.tokenizer_type,
+        tokenizer_model or d.tokenizer_model,
+        vocab_file or d.vocab_file,
+        merge_file or d.merge_file,
+        d.vocab_size,
+    )
+
+
+def _copy_tokenizer(spec: TokenizerSpec, tokenizer, output: str, max_length: int) -> dict:
+    """Copy the tokenizer files into ``output``; returns their names in ``output``."""
+    kind = spec.tokenizer_type
+    files: dict[str, str] = {}
+    hf: dict = {
+        "model_max_length": max_length,
+        "add_bos_token": False,  # the trainer sees no BOS: documents are split by EOD only
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # decode(encode(text)) == text, as ours
+    }
+    if kind == "SentencePieceTokenizer":
+        import sentencepiece as spm
+
+        files["tokenizer_model"] = "tokenizer.model"
+        shutil.copyfile(spec.tokenizer_model, os.path.join(output, "tokenizer.model"))
+        sp = spm.SentencePieceProcessor(model_file=spec.tokenizer_model)
+        # legacy=False: no extra dummy prefix after special tokens; transformers then encodes
+        # as SentencePiece does, except runs of spaces at the very start of a text.
+        hf.update(
+            tokenizer_class="LlamaTokenizer", legacy=False, eos_token=sp.IdToPiece(tokenizer.eod)
+        )
+    elif kind in ("HuggingFaceTokenizer", "GPT2BPETokenizer"):
+        if kind == "HuggingFaceTokenizer":
+            source = spec.tokenizer_model or spec.vocab_file
+            if os.path.isdir(source):
+                source = os.path.join(source, "tokenizer.json")
+            files["tokenizer_model"] = "tokenizer.json"
+            shutil.copyfile(source, os.path.join(output, "tokenizer.json"))
+        else:
+            files.update(vocab_file="vocab.json", merge_file="merges.txt")
+            shutil.copyfile(spec.vocab_file, os.path.join(output, "vocab.json"))
+            shutil.copyfile(spec.merge_file, os.path.join(output, "merges.txt"))
+        eos = _token_string(spec, tokenizer.eod)
+        cls = "PreTrainedTokenizerFast" if kind == "HuggingFaceTokenizer" else "GPT2Tokenizer"
+        hf.update(tokenizer_class=cls, eos_token=eos)
+    else:  # NullTokenizer: UTF-8 bytes, no file; tst_export.json names it.
+        return files
+    with open(os.path.join(output, "tokenizer_config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    return files
+
+
+def _token_string(spec: TokenizerSpec, token_id: int) -> str:
+    """The text of ``token_id`` in a tokenizer.json or GPT-2 vocab.json."""
+    if spec.tokenizer_type == "GPT2BPETokenizer":
+        with open(spec.vocab_file, encoding="utf-8") as f:
+            return {v: k for k, v in json.load(f).items()}[token_id]
+    from tokenizers import Tokenizer
+
+    path = spec.tokenizer_model or spec.vocab_file
+    if os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    return Tokenizer.from_file(path).id_to_token(token_id)
+
+
+# ---------------------------------------------------------------- export
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    output: str
+    architecture: str
+    vocab_size: int  # rows written
+    padded_vocab_size: int  # rows in the checkpoint
+    files: tuple[str, ...]
+
+
+def export_loaded(
+    ckpt: LoadedCheckpoint,
+    output: str,
+    tokenizer: TokenizerSpec | None = None,
+    keep_padded_vocab: bool = False,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> ExportResult:
+    """Write ``ckpt`` to ``output`` as a ``transformers`` checkpoint (see the module doc).
+
+    ``tokenizer`` defaults to the run's own (:func:`tokenizer_spec`); ``dtype`` (float32,
+    bfloat16, float16) to the checkpoint's parameter dtype.
+    """
+    architecture = hf_architecture(ckpt.cfg, ckpt.transformer_config)
+    spec = tokenizer or tokenizer_spec(ckpt.cfg)
+    try:
+        tok = spec.build()
+    except (OSError, ValueError) as error:
+        raise ExportError(
+            f"the run's tokenizer could not be built ({error}): pass --tokenizer-model "
+            "(and --vocab-file / --merge-file for GPT2BPETokenizer) with the files it was "
+            "trained with"
+        ) from error
+    vocab = spec.vocab_size or tok.vocab_size  # what the trainer used (pretrain_tst.py's rule)
+    if vocab > ckpt.padded_vocab_size:
+        raise ExportError(
+            f"the tokenizer has {vocab} ids but the checkpoint only {ckpt.padded_vocab_size} "
+            "embedding rows: wrong --tokenizer-model for this checkpoint"
+        )
+    rows = ckpt.padded_vocab_size if keep_padded_vocab else vocab
+    if dtype is None:
+        torch_dtype = ckpt.model.embedding.word_embeddings.weight.dtype
+    elif dtype in DTYPES:
+        torch_dtype = DTYPES[dtype]
+    else:
+        raise ExportError(f"--dtype {dtype} is not one of {sorted(DTYPES)}")
+    # Everything is written to a staging folder beside ``output`` and moved in at the end:
+    # an export that fails half-way leaves ``output`` as it was (a killed one also leaves
+    # the staging folder, which the next export to ``output`` from that pid replaces).
+    final = os.path.abspath(output)
+    output = f"{final}.partial-{os.getpid()}"
+    shutil.rmtree(output, ignore_errors=True)
+    os.makedirs(output)
+    try:
+        tensors = hf_tensors(ckpt, architecture, rows)
+        files = write_safetensors(tensors, output, max_shard_bytes, torch_dtype)
+        config = hf_config(ckpt, architecture, rows, torch_dtype, tok.eod)
+        with open(os.path.join(output, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        tokenizer_files = _copy_tokenizer(spec, tok, output, ckpt.cfg.model.max_position_embeddings)
+        info = {
+            "architecture": architecture,
+            "tokenizer_type": spec.tokenizer_type,
+            "tokenizer_files": tokenizer_files,
+            "vocab_size": vocab,
+            "rows": rows,
+            "padded_vocab_size": ckpt.padded_vocab_size,
+            "seq_length": ckpt.cfg.model.seq_length,
+            "source": {"checkpoint": os.path.abspath(ckpt.path), "iteration": ckpt.iteration},
+            "config": ckpt.cfg.to_dict(),
+        }
+        with open(os.path.join(output, EXPORT_INFO), "w") as f:
+            json.dump(info, f, indent=2, default=str)
+        names = [*files, "config.json", *tokenizer_files.values(), EXPORT_INFO]
+        if tokenizer_files:
+            names.append("tokenizer_config.json")
+    except BaseException:  # an error or Ctrl-C: no half-written folder is left behind
+        shutil.rmtree(output, ignore_errors=True)
+        raise
+    _move_into(output, final)
+    return ExportResult(final, architecture, rows, ckpt.padded_vocab_size, tuple(names))
+
+
+def _move_into(staging: str, output: str) -> None:
+    """Move a finished export from ``staging`` into ``output`` (other files there are kept).
+
+    Weight files of an earlier export are removed first (``transformers`` would read them
+    with ours); ``config.json`` and the index, which make the folder loadable, move last.
+    """
+    os.makedirs(output, exist_ok=True)
+    for name in os.listdir(output):
+        if name.startswith("model") and ".safetensors" in name:
+            os.remove(os.path.join(output, name))
+    last = ("model.safetensors.index.json", "config.json")
+    for name in sorted(os.listdir(staging), key=lambda n: n in last):
+        os.replace(os.path.join(staging, name), os.path.join(output, name))
+    os.rmdir(staging)
+
+
+def convert(
+    load: str,
+    output: str,
+    iteration: int | None = None,
+    tokenizer: TokenizerSpec | None = None,
+    tokenizer_model: str | None = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    keep_padded_vocab: bool = False,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> ExportResult:
+    """Load ``load`` (any layout) in a world of one and export it to ``output``."""
+    with single_process_world() as layout:
+        ckpt = load_checkpoint(load, layout, iteration)
+        spec = tokenizer or tokenizer_spec(ckpt.cfg, tokenizer_model, vocab_file, merge_file)
+        return export_loaded(ckpt, output, spec, keep_padded_vocab, dtype, max_shard_bytes)
