@@ -62,6 +62,7 @@ REFUSED = [
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
       "--global-batch-size", "6"], 2, r"interleaved pipelining needs the number of micro-batches \(3\) to be a multiple of PP=2"),  # noqa: E501
     (["--fp8-format", "hybrid", "--transformer-impl", "local"], 1, r"FP8 needs Transformer Engine"),
+    (["--make-vocab-size-divisible-by", "0"], 1, r"--make-vocab-size-divisible-by must be >= 1"),
 ]  # fmt: skip
 
 
@@ -69,6 +70,18 @@ REFUSED = [
 def test_refused_with_a_message_naming_the_flag(extra, world, message):
     with pytest.raises(ValueError, match=message):
         validate(parse_args(BASE + extra), world, 512)
+
+
+@pytest.mark.parametrize(
+    "vocab, divisible_by, tp, padded",
+    [(512, 128, 1, 512), (300, 128, 1, 384), (300, 128, 2, 512), (300, 192, 2, 384),
+     (300, 1, 1, 300), (301, 1, 2, 302)],
+)  # fmt: skip
+def test_vocabulary_padding(vocab, divisible_by, tp, padded):
+    """Megatron's rule: the next multiple of --make-vocab-size-divisible-by x TP."""
+    argv = BASE + ["--make-vocab-size-divisible-by", str(divisible_by),
+                   "--tensor-model-parallel-size", str(tp)]  # fmt: skip
+    assert validate(parse_args(argv), tp, vocab)["padded_vocab_size"] == padded
 
 
 def test_missing_data_is_refused():

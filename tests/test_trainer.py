@@ -107,6 +107,28 @@ def test_resume_is_exact_and_reshards(world2, tmp_path):
     _assert_close(_losses(second), _losses(want)[4:], 2e-4, "resume at TP=2")
 
 
+def _resume_refused(argv: list[str], metrics: str) -> str:
+    with pytest.raises(CheckpointError) as error:
+        pretrain_tst.main(argv + ["--metrics-file", metrics])
+    return str(error.value)
+
+
+def test_resume_at_another_tp_with_another_vocabulary_padding(world2, tmp_path):
+    """300 ids pad to 384 rows at TP=1 but 512 at TP=2: the resume is refused with the fix,
+    and with --make-vocab-size-divisible-by 192 (384 rows at TP=2) it continues the run."""
+    odd = _with(vocab_size=300)
+    want = world2.run(_train, odd, str(tmp_path / "full.jsonl"))[0]
+    ckpt = str(tmp_path / "ckpt")
+    world2.run(_train, odd + ["--save", ckpt, "--exit-interval", "4"], str(tmp_path / "a.jsonl"))
+    tp2 = odd + ["--load", ckpt, "--tensor-model-parallel-size", "2"]
+    message = world2.run(_resume_refused, tp2, str(tmp_path / "b.jsonl"))[0]
+    assert "does not fit this model" in message and "saved (384, 32), this run (512, 32)" in message
+    assert "--make-vocab-size-divisible-by" in message and "384 / TP" in message
+    second = world2.run(_train, tp2 + ["--make-vocab-size-divisible-by", "192"],
+                        str(tmp_path / "c.jsonl"))[0]  # fmt: skip
+    _assert_close(_losses(second), _losses(want)[4:], 2e-4, "resume at TP=2, 384 rows")
+
+
 def test_raw_token_accounting_in_both_phases(world2, tmp_path):
     """Bag size 1: one recovery phase of ordinary next-token steps reading L+1 tokens a row;
     a TST run reads bag_size units a row in phase 1, then one, from where phase 1 stopped."""

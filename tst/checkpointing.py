@@ -181,6 +181,7 @@ def load(root: str, chunks, optimizer) -> dict:
     path = checkpoint_dir(root, iteration)
     verify(path)
     template = _sharded_model_state(chunks)
+    _check_shapes(template, path)
     _allocate_empty_adam_state(optimizer)
     template["optimizer"] = optimizer.sharded_state_dict(
         template, is_loading=True, metadata=_OPTIMIZER_METADATA
@@ -195,6 +196,53 @@ def load(root: str, chunks, optimizer) -> dict:
         optimizer.load_state_dict(state["optimizer"])
     _restore_adam_steps(optimizer, state["optimizer"])
     return state["common"]  # the non-sharded entries come back with the sharded ones
+
+
+def _check_shapes(template: dict, path: str) -> None:
+    """Refuse a checkpoint whose tensors have other global shapes than this run's model.
+
+    dist_checkpointing reshards across TP / PP / EP but cannot change a shape; its own error
+    names neither the cause nor the fix. The padded vocabulary is the usual culprit: it is a
+    multiple of --make-vocab-size-divisible-by x TP, so it can change with TP.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(path)
+    ours: dict[str, tuple] = {}
+
+    def walk(value) -> None:
+        if isinstance(value, ShardedTensor):
+            ours[value.key] = tuple(value.global_shape)
+        elif isinstance(value, dict):
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                walk(item)
+
+    walk(template)
+    wrong = {
+        key: (tuple(saved[key].global_shape), shape)
+        for key, shape in ours.items()
+        if key in saved and tuple(saved[key].global_shape) != shape
+    }
+    if not wrong:
+        return
+    listed = "; ".join(f"{k}: saved {a}, this run {b}" for k, (a, b) in sorted(wrong.items())[:4])
+    hint = "the model flags must match the run that saved it"
+    vocab_keys = [k for k in wrong if "word_embeddings" in k or "output_layer" in k]
+    if vocab_keys:
+        rows = wrong[vocab_keys[0]][0][0]
+        hint = (
+            f"the padded vocabulary differs ({rows} rows saved): it is a multiple of "
+            "--make-vocab-size-divisible-by x TP, so set --make-vocab-size-divisible-by to "
+            f"a value that pads to {rows} at this TP (e.g. {rows} / TP)"
+        )
+    raise CheckpointError(
+        f"checkpoint {path} does not fit this model ({len(wrong)} tensors differ in shape: "
+        f"{listed}): {hint}"
+    )
 
 
 # megatron-core's distributed optimizer over torch's Adam (used whenever apex and Transformer

@@ -207,6 +207,11 @@ class DataArgs:
     vocab_file: str | None = _f(None, "GPT-2 BPE vocab.json.")
     merge_file: str | None = _f(None, "GPT-2 BPE merges.txt.")
     vocab_size: int | None = _f(None, "Vocabulary size (default: the tokenizer's).")
+    make_vocab_size_divisible_by: int = _f(
+        128,
+        "Pad the vocabulary to a multiple of this value x TP (even shards, aligned GEMMs). "
+        "A checkpoint resumes at another TP only if the padded size stays the same.",
+    )
     data_cache_path: str | None = _f(None, "Where dataset sample indices are cached.")
     pad_documents_to_bag: bool = _f(
         False,
@@ -442,8 +447,13 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> dict:
     if tst.tst_iters is not None:
         _require(tst.tst_iters <= t.train_iters, "--tst-iters must be <= --train-iters")
     _require(vocab_size >= 1, "vocabulary size must be >= 1")
-    # Megatron's rule: pad the vocabulary to a multiple of 128 x TP (even shards, aligned GEMMs).
-    multiple = 128 * tp
+    divisible_by = cfg.data.make_vocab_size_divisible_by
+    _require(
+        divisible_by >= 1,
+        f"--make-vocab-size-divisible-by must be >= 1, got {divisible_by}",
+    )
+    # Megatron's rule: pad to a multiple of --make-vocab-size-divisible-by x TP.
+    multiple = divisible_by * tp
     padded = -(-vocab_size // multiple) * multiple
     if t.fp8_format is not None:
         _require(

@@ -33,8 +33,9 @@ with, per query group, its ``np/ng`` query heads then one key head then one valu
 ``linear_fc1.weight`` is ``[gate; up]`` (``[2 * ffn, h]``), the first half going through SiLU.
 RoPE is the non-interleaved rotate-half form over the whole head, as in ``transformers``.
 
-Vocabulary. The trainer pads the vocabulary to a multiple of 128 x TP. Padded ids never
-occur as inputs or targets; their output rows only add to the softmax normaliser. The
+Vocabulary. The trainer pads the vocabulary to a multiple of 128 x TP (the 128 is
+``--make-vocab-size-divisible-by``). Padded ids never occur as inputs or targets; their
+output rows only add to the softmax normaliser. The
 export trims embedding and output rows back to the real vocabulary (``--vocab-size``, or
 the tokenizer's size), so real-token logits are unchanged and sampling can never produce a
 padded id; ``keep_padded_vocab=True`` keeps the training-time rows instead.
