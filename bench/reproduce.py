@@ -527,7 +527,7 @@ def summary_markdown(report: dict) -> str:
 
 
 def plot(plan: Plan, python: str, plots_dir: str) -> list[str]:
-    seed = plan.seeds[0]
+    """The arms' held-out loss curves (mean over seeds, min-max band) with tools/plot_runs.py."""
     names = {a.name for a in plan.arms}
     groups = {
         "reproduce_bags.png": ["baseline", "baseline_1.5x", "baseline_2x",
@@ -536,8 +536,9 @@ def plot(plan: Plan, python: str, plots_dir: str) -> list[str]:
     }  # fmt: skip
     written = []
     for png, arms in groups.items():
-        runs = [f"{a}={plan.work}/{a}/seed{seed}/metrics.jsonl" for a in arms if a in names]
-        if len(runs) < 2:
+        runs = [f"{a}={plan.work}/{a}/seed{seed}/metrics.jsonl"
+                for a in arms if a in names for seed in plan.seeds]  # fmt: skip
+        if len({r.partition("=")[0] for r in runs}) < 2:
             continue
         path = os.path.join(plots_dir, png)
         subprocess.run([python, "tools/plot_runs.py", "--runs", *runs, "--output", path],

@@ -2,10 +2,13 @@
 """Plot runs from their ``--metrics-file`` records into one PNG.
 
     python tools/plot_runs.py --runs base=base.jsonl tst=tst.jsonl --output runs.png
+    python tools/plot_runs.py --runs base=s1/m.jsonl base=s2/m.jsonl tst=s1/t.jsonl ...
 
 Panels: next-token validation loss against iteration, wall-clock and raw tokens (each run's
 phase switch marked), and the training loss of the superposition phase on its own panel
-(multi-hot CE is not comparable with next-token loss).
+(multi-hot CE is not comparable with next-token loss). Runs given under one NAME are seeds
+of one arm: its line is their mean at each evaluation, with a band from their min to max
+(the x value is their mean too: wall-clock differs between seeds).
 """
 
 from __future__ import annotations
@@ -19,6 +22,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run_metrics import read_metrics  # noqa: E402
 
 
+def seed_curve(runs: list, key: str, value=lambda e: e["val_loss"]) -> tuple[list, ...]:
+    """(x, mean, min, max) per evaluation over ``runs`` (seeds of one arm), x = mean ``key``.
+
+    The seeds must have evaluated at the same iterations.
+    """
+    iterations = [[e["iteration"] for e in run.evals] for run in runs]
+    if any(its != iterations[0] for its in iterations):
+        raise SystemExit(
+            f"{runs[0].name}: its runs evaluated at different iterations "
+            f"({[its[:3] + ['...'] for its in iterations]}); give each seed its own NAME"
+        )
+    xs, mean, lo, hi = [], [], [], []
+    for records in zip(*(run.evals for run in runs), strict=True):
+        values = [value(e) for e in records]
+        xs.append(sum(e[key] for e in records) / len(records))
+        mean.append(sum(values) / len(values))
+        lo.append(min(values))
+        hi.append(max(values))
+    return xs, mean, lo, hi
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", nargs="+", required=True, help="NAME=metrics.jsonl ...")
@@ -29,18 +53,22 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = []
+    arms: dict[str, list] = {}
     for spec in args.runs:
         name, sep, path = spec.partition("=")
         if not sep:
             parser.error(f"--runs takes NAME=PATH, got {spec!r}")
-        runs.append(read_metrics(path, name))
+        arms.setdefault(name, []).append(read_metrics(path, name))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     axes_by_key = {"iteration": axes[0, 0], "elapsed_s": axes[0, 1], "raw_tokens": axes[1, 0]}
-    for run in runs:
+    for name, seeds in arms.items():
+        run = seeds[0]
+        label = name if len(seeds) == 1 else f"{name} (mean of {len(seeds)}, min-max band)"
         for key, ax in axes_by_key.items():
-            xs = [e[key] for e in run.evals]
-            (line,) = ax.plot(xs, [e["val_loss"] for e in run.evals], marker=".", label=run.name)
+            xs, mean, lo, hi = seed_curve(seeds, key)
+            (line,) = ax.plot(xs, mean, marker=".", label=label)
+            if len(seeds) > 1:
+                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
             switch = run.switch_iteration
             if switch is not None:
                 at = next((r for r in run.train if r["iteration"] >= switch), None)
@@ -49,7 +77,7 @@ def main(argv=None) -> int:
         sup = [r for r in run.train if r["phase"] == "superposition"]
         if sup:
             axes[1, 1].plot([r["iteration"] for r in sup], [r["loss"] for r in sup],
-                            label=f"{run.name} ({sup[0]['loss_name']})")  # fmt: skip
+                            label=f"{name} ({sup[0]['loss_name']}, first run)")  # fmt: skip
     for key, ax in axes_by_key.items():
         ax.set_xlabel({"iteration": "iteration", "elapsed_s": "wall-clock (s)",
                        "raw_tokens": "raw tokens consumed"}[key])  # fmt: skip
