@@ -107,6 +107,33 @@ def test_resume_is_exact_and_reshards(world2, tmp_path):
     _assert_close(_losses(second), _losses(want)[4:], 2e-4, "resume at TP=2")
 
 
+def _train_signalled_on_rank_1(argv: list[str], metrics: str, at: int) -> list[dict]:
+    """_train, with rank 1 alone voting to stop (as if it got SIGTERM) from iteration ``at``."""
+    import torch.distributed as dist
+
+    from tst.trainer import Trainer
+
+    original = Trainer._local_stop_votes
+
+    def votes(self):
+        signalled, out_of_time = original(self)
+        return float(signalled or (dist.get_rank() == 1 and self.iteration >= at)), out_of_time
+
+    Trainer._local_stop_votes = votes
+    try:
+        return _train(argv, metrics)
+    finally:
+        Trainer._local_stop_votes = original
+
+
+def test_one_signalled_rank_stops_every_rank_at_the_same_step(world2, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    records = world2.run(_train_signalled_on_rank_1, BASE + ["--save", ckpt],
+                         str(tmp_path / "m.jsonl"), 2)  # fmt: skip
+    assert [it for it, _, _ in _losses(records[0])] == [1, 2, 3]  # the vote at step 3's end
+    assert latest_iteration(ckpt) == 3  # saved before stopping, by both ranks together
+
+
 def _resume_refused(argv: list[str], metrics: str) -> str:
     with pytest.raises(CheckpointError) as error:
         pretrain_tst.main(argv + ["--metrics-file", metrics])
