@@ -152,6 +152,45 @@ def test_sharded_export_replaces_an_earlier_one_and_survives_a_failure(
     assert got.shape == want.shape and diff < TOLERANCE, diff
 
 
+def test_writer_holds_one_shard_at_a_time(tmp_path, monkeypatch):
+    """Views of 'parameters' go in; at each file written only that shard's copies are alive."""
+    import weakref
+
+    import safetensors.torch
+
+    from tst.export import mapping, write_safetensors, writer
+
+    weights = torch.randn(64, 256)  # 64 KiB in fp32; 8 views of 8 rows, 4 KiB each in bf16
+    views = {f"w{i}": weights[8 * i : 8 * (i + 1)] for i in range(8)}
+    alive: list[weakref.ref] = []
+
+    def tracked(tensor, dtype):
+        copy = mapping.materialise(tensor, dtype)
+        alive.append(weakref.ref(copy))
+        return copy
+
+    real_save, live_at_save = safetensors.torch.save_file, []
+
+    def save_file(tensors, path, metadata=None):
+        live_at_save.append(sum(1 for ref in alive if ref() is not None))
+        return real_save(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(writer, "materialise", tracked)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    files = write_safetensors(views, str(tmp_path), 3 * 4096, torch.bfloat16)
+    assert len(files) == 4 and files[-1] == "model.safetensors.index.json"  # 3 + 3 + 2 views
+    assert live_at_save == [3, 3, 2]  # the earlier shards' copies were already freed
+    with open(tmp_path / "model.safetensors.index.json") as f:
+        index = json.load(f)
+    assert index["metadata"]["total_size"] == 8 * 8 * 256 * 2
+    loaded = {}
+    for name in files[:-1]:
+        loaded.update(safetensors.torch.load_file(str(tmp_path / name)))
+    for name, view in views.items():
+        assert loaded[name].dtype == torch.bfloat16
+        assert torch.equal(loaded[name], view.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize(
     "name, flags, architecture",
     [
