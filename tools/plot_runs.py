@@ -8,13 +8,15 @@ Panels: next-token validation loss against iteration, wall-clock and raw tokens 
 phase switch marked), and the training loss of the superposition phase on its own panel
 (multi-hot CE is not comparable with next-token loss). Runs given under one NAME are seeds
 of one arm: its line is their mean at each evaluation, with a band from their min to max
-(the x value is their mean too: wall-clock differs between seeds).
+(the x value is their median: wall-clock differs between seeds, and one run slowed by a
+busy machine should not drag the line).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +25,7 @@ from run_metrics import read_metrics  # noqa: E402
 
 
 def seed_curve(runs: list, key: str, value=lambda e: e["val_loss"]) -> tuple[list, ...]:
-    """(x, mean, min, max) per evaluation over ``runs`` (seeds of one arm), x = mean ``key``.
+    """(x, mean, min, max) per evaluation over ``runs`` (seeds of one arm), x = median ``key``.
 
     The seeds must have evaluated at the same iterations.
     """
@@ -36,7 +38,7 @@ def seed_curve(runs: list, key: str, value=lambda e: e["val_loss"]) -> tuple[lis
     xs, mean, lo, hi = [], [], [], []
     for records in zip(*(run.evals for run in runs), strict=True):
         values = [value(e) for e in records]
-        xs.append(sum(e[key] for e in records) / len(records))
+        xs.append(statistics.median(e[key] for e in records))
         mean.append(sum(values) / len(values))
         lo.append(min(values))
         hi.append(max(values))
