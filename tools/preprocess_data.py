@@ -27,10 +27,9 @@ from tst.data.preprocess import (  # noqa: E402
     PreprocessConfig,
     PreprocessError,
     PreprocessSummary,
-    TokenizerSpec,
     preprocess,
 )
-from tst.data.tokenizers import TOKENIZER_TYPES, TokenizerFileError  # noqa: E402
+from tst.data.tokenizers import TOKENIZER_TYPES, TokenizerFileError, TokenizerSpec  # noqa: E402
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:

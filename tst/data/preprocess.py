@@ -32,7 +32,7 @@ from tst.data.corpus import (
     read_records,
 )
 from tst.data.indexed import AtomicIndexedWriter, token_dtype_for
-from tst.data.tokenizers import build_tokenizer
+from tst.data.tokenizers import TokenizerSpec
 
 __all__ = ["PreprocessConfig", "PreprocessError", "PreprocessSummary", "preprocess"]
 
@@ -41,26 +41,6 @@ _MAX_REPORTED_BAD = 10  # bad-UTF-8 locations printed in full; the rest are coun
 
 class PreprocessError(ValueError):
     """The run stopped on bad input; nothing was left at the output prefix."""
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """How to build the tokenizer (picklable, so each worker builds its own)."""
-
-    tokenizer_type: str
-    tokenizer_model: str | None = None
-    vocab_file: str | None = None
-    merge_file: str | None = None
-    vocab_size: int | None = None
-
-    def build(self):
-        return build_tokenizer(
-            self.tokenizer_type,
-            self.tokenizer_model,
-            self.vocab_file,
-            self.merge_file,
-            self.vocab_size,
-        )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -37,6 +38,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "TextTokenizer",
     "TokenizerFileError",
+    "TokenizerSpec",
     "build_tokenizer",
 ]
 
@@ -243,6 +245,27 @@ def build_tokenizer(
             _need(merge_file, "--merge-file", tokenizer_type),
         )
     raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of {TOKENIZER_TYPES}")
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """The arguments of :func:`build_tokenizer`, kept as a value: picklable (each
+    preprocessing worker builds its own tokenizer) and storable (an export names its files)."""
+
+    tokenizer_type: str
+    tokenizer_model: str | None = None
+    vocab_file: str | None = None
+    merge_file: str | None = None
+    vocab_size: int | None = None  # NullTokenizer's floor (--vocab-size as trained)
+
+    def build(self) -> TextTokenizer:
+        return build_tokenizer(
+            self.tokenizer_type,
+            self.tokenizer_model,
+            self.vocab_file,
+            self.merge_file,
+            self.vocab_size,
+        )
 
 
 def _need(value: str | None, flag: str, tokenizer_type: str) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from tst.config import Config
+from tst.data.tokenizers import TokenizerSpec
 from tst.export.common import DTYPES, EXPORT_INFO, ExportError
 from tst.export.loading import LoadedCheckpoint, load_checkpoint, single_process_world
 from tst.export.mapping import hf_architecture, hf_config, hf_tensors, materialise
@@ -57,28 +58,6 @@ def write_safetensors(
     with open(os.path.join(output, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
     return [*names, "model.safetensors.index.json"]
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """What :func:`tst.data.tokenizers.build_tokenizer` needs, with the files resolved."""
-
-    tokenizer_type: str
-    tokenizer_model: str | None = None
-    vocab_file: str | None = None
-    merge_file: str | None = None
-    vocab_size: int | None = None  # --vocab-size as trained (NullTokenizer's floor)
-
-    def build(self):
-        from tst.data.tokenizers import build_tokenizer
-
-        return build_tokenizer(
-            self.tokenizer_type,
-            self.tokenizer_model,
-            self.vocab_file,
-            self.merge_file,
-            self.vocab_size,
-        )
 
 
 def tokenizer_spec(
