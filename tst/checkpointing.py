@@ -207,21 +207,14 @@ def _check_shapes(template: dict, path: str) -> None:
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
 
     saved = dist_checkpointing.load_tensors_metadata(path)
-    ours: dict[str, tuple] = {}
-
-    def walk(value) -> None:
-        if isinstance(value, ShardedTensor):
-            ours[value.key] = tuple(value.global_shape)
-        elif isinstance(value, dict):
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                walk(item)
-
-    walk(template)
+    ours = {
+        value.key: tuple(value.global_shape)
+        for value in nested_values(template)
+        if isinstance(value, ShardedTensor)
+    }
     wrong = {
         key: (tuple(saved[key].global_shape), shape)
         for key, shape in ours.items()
