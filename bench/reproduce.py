@@ -304,6 +304,15 @@ def _mean_std(xs: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)
 
 
+def clean_windows(run):
+    """A run's logging windows as (record before, record) pairs, leaving out each phase's
+    first window (start-up, the switch) and windows that also timed an evaluation."""
+    eval_at = {e["iteration"] for e in run.evals}
+    for before, rec in zip(run.train, run.train[1:], strict=False):
+        if before["iteration"] not in eval_at and before["phase"] == rec["phase"]:
+            yield before, rec
+
+
 def training_seconds(run) -> float:
     """A run's training time as each phase's steps times its median seconds per step.
 
@@ -313,17 +322,16 @@ def training_seconds(run) -> float:
     ignores, where its elapsed time would carry them in full.
     """
     steps: dict[str, int] = {}
-    per_step: dict[str, list[float]] = {}
-    eval_at = {e["iteration"] for e in run.evals}
     last_iteration = 0
-    for before, rec in zip([None, *run.train], run.train, strict=False):
-        phase = rec["phase"]
-        steps[phase] = steps.get(phase, 0) + rec["iteration"] - last_iteration
+    for rec in run.train:
+        steps[rec["phase"]] = steps.get(rec["phase"], 0) + rec["iteration"] - last_iteration
         last_iteration = rec["iteration"]
-        if before is None or before["phase"] != phase or before["iteration"] in eval_at:
-            continue
+    per_step: dict[str, list[float]] = {}
+    for before, rec in clean_windows(run):
         span = rec["elapsed_s"] - before["elapsed_s"]
-        per_step.setdefault(phase, []).append(span / (rec["iteration"] - before["iteration"]))
+        per_step.setdefault(rec["phase"], []).append(
+            span / (rec["iteration"] - before["iteration"])
+        )
     missing = sorted(set(steps) - set(per_step))
     if missing:
         raise ValueError(f"{run.name}: no clean logging window in phase(s) {missing}")
@@ -436,11 +444,7 @@ def window_stats(metrics_files: list[str], peak: float) -> dict[str, dict]:
     """
     by_phase: dict[str, dict[str, list[float]]] = {}
     for path in metrics_files:
-        run = read_metrics(path)
-        eval_at = {e["iteration"] for e in run.evals}
-        for before, rec in zip(run.train, run.train[1:], strict=False):
-            if before["iteration"] in eval_at or before["phase"] != rec["phase"]:
-                continue
+        for _, rec in clean_windows(read_metrics(path)):
             phase = by_phase.setdefault(rec["phase"], {"tflops": [], "pos": [], "raw": []})
             phase["tflops"].append(rec["tflops_per_device"])
             phase["pos"].append(rec["positions_per_s"])
