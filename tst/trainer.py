@@ -218,13 +218,15 @@ class Trainer:
     def _global_loss(self, outputs, *flags: float) -> list[float]:
         """[loss sum, count, *flags] summed over micro-batches and ranks, known on every rank.
 
-        ``flags`` are per-rank votes that ride along in the same (single) all-reduce.
+        ``flags`` are per-rank votes that ride along in the same (single) all-reduce. The
+        buffer lives on the run's device: NCCL reduces no CPU tensors.
         """
-        local = torch.zeros(2 + len(flags), dtype=torch.float64)
+        device = self.layout.device
+        local = torch.zeros(2 + len(flags), dtype=torch.float64, device=device)
         if self.layout.is_last_stage and self.layout.tp_rank == 0:
             for out in outputs:
-                local[:2] += out["loss"].double().cpu()
-        local[2:] = torch.tensor(flags, dtype=torch.float64)
+                local[:2] += out["loss"].double()
+        local[2:] = torch.tensor(flags, dtype=torch.float64, device=device)
         dist.all_reduce(local)
         return local.tolist()
 
