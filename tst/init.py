@@ -68,15 +68,36 @@ def _draw(name: str, shape, std: float, num_layers: int, seed: int) -> torch.Ten
     return torch.randn(shape, generator=gen) * std
 
 
+_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def _global_name(name: str, param, layer_offset: int, expert_offset: int) -> str:
+    """The parameter's name in the unsplit model; a tied output copy is named as the embedding.
+
+    Under pipeline parallelism a tied output layer is a second tensor on the last stage
+    (megatron-core marks it ``shared_embedding`` and starts it as a copy of the embedding,
+    then keeps the two equal by summing their gradients). It must be drawn as the embedding,
+    or the two copies would start, and stay, different: an untied model in disguise.
+    """
+    global_name = global_parameter_name(name, layer_offset, expert_offset)
+    while global_name.startswith("module."):
+        global_name = global_name[len("module.") :]
+    if global_name.endswith("output_layer.weight") and getattr(param, "shared_embedding", False):
+        return global_name[: -len("output_layer.weight")] + _EMBEDDING
+    return global_name
+
+
 @torch.no_grad()
-def initialize_layout_independent(model_chunks, config, seed: int, layout) -> int:
+def initialize_layout_independent(model_chunks, config, seed: int, layout, only=None) -> int:
     """Overwrite every parameter of ``model_chunks`` with its layout-independent value.
 
     ``config`` is the TransformerConfig (``init_method_std``, ``num_layers``,
     ``num_moe_experts``); ``layout`` a :class:`tst.platform.Layout`. Expert weights are
-    sharded over the expert-tensor-parallel group, the rest over the TP group. Tied output
-    weights share the embedding's tensor and get the same value. Returns the number of
-    parameters written.
+    sharded over the expert-tensor-parallel group, the rest over the TP group. A tied output
+    weight gets the embedding's value on every layout (the same tensor under PP = 1, an
+    equal copy on the last stage under PP > 1). ``only(global_name) -> bool`` limits the
+    write to some parameters (the switch controls re-initialise the embeddings only).
+    Returns the number of parameters written.
     """
     from megatron.core import parallel_state as ps
 
@@ -88,9 +109,9 @@ def initialize_layout_independent(model_chunks, config, seed: int, layout) -> in
     for chunk in model_chunks:
         layer_offset = _layer_offset(chunk)
         for name, param in chunk.named_parameters():
-            global_name = global_parameter_name(name, layer_offset, layout.ep_rank * local_experts)
-            while global_name.startswith("module."):
-                global_name = global_name[len("module.") :]
+            global_name = _global_name(name, param, layer_offset, layout.ep_rank * local_experts)
+            if only is not None and not only(global_name):
+                continue
             is_expert = not getattr(param, "allreduce", True)
             rank, size = (etp_rank, etp) if is_expert else (layout.tp_rank, layout.tp)
             shape, shard = _full_shape_and_shard(param, rank, size)

@@ -344,18 +344,13 @@ class Trainer:
         if tst.tst_reinit_embeddings_at_switch:
             from tst.init import initialize_layout_independent
 
-            # Views that keep the upstream global names, so each tensor gets its step-0 draw.
-            heads = []
-            for chunk in self.raw_chunks:
-                parts = {}
-                if getattr(chunk, "pre_process", False):
-                    word = chunk.embedding.word_embeddings
-                    parts["embedding"] = torch.nn.ModuleDict({"word_embeddings": word})
-                if getattr(chunk, "post_process", False) and chunk.output_layer.weight is not None:
-                    parts["output_layer"] = chunk.output_layer
-                if parts:
-                    heads.append(torch.nn.ModuleDict(parts))
-            initialize_layout_independent(heads, self.config, self.cfg.training.seed, self.layout)
+            # Each tensor gets its step-0 draw again; a tied output copy on the last pipeline
+            # stage is drawn as the embedding, so the two stay equal.
+            heads = ("embedding.word_embeddings.weight", "output_layer.weight")
+            initialize_layout_independent(
+                self.raw_chunks, self.config, self.cfg.training.seed, self.layout,
+                only=lambda name: name.endswith(heads),
+            )  # fmt: skip
             self.optimizer.reload_model_params()
         if tst.tst_reset_optimizer_at_switch:
             inner = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
