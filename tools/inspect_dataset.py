@@ -23,10 +23,9 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
 import numpy as np  # noqa: E402
 
-from tst.data.indexed import IndexedDatasetError, check_indexed_dataset  # noqa: E402
+from tst.data.indexed import check_indexed_dataset  # noqa: E402
 from tst.data.tokenizers import (  # noqa: E402
     TOKENIZER_TYPES,
-    TokenizerFileError,
     build_tokenizer,
 )
 
@@ -168,8 +167,6 @@ def _decode(args: argparse.Namespace, tokens: np.ndarray, lengths: np.ndarray) -
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (IndexedDatasetError, TokenizerFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    from _cli import run_main
+
+    run_main(main)

@@ -241,8 +241,6 @@ def main(argv: list[str] | None = None) -> TrainSummary:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CorpusError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    from _cli import run_main
+
+    run_main(main)
