@@ -21,15 +21,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # megatron-core warns at import that apex/TE are absent; irrelevant to preprocessing.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 
-from tst.data.corpus import INPUT_FORMATS, TEXT_MODES, CorpusError  # noqa: E402
-from tst.data.indexed import IndexedDatasetError  # noqa: E402
+from tst.data.corpus import INPUT_FORMATS, TEXT_MODES  # noqa: E402
 from tst.data.preprocess import (  # noqa: E402
     PreprocessConfig,
-    PreprocessError,
     PreprocessSummary,
     preprocess,
 )
-from tst.data.tokenizers import TOKENIZER_TYPES, TokenizerFileError, TokenizerSpec  # noqa: E402
+from tst.data.tokenizers import TOKENIZER_TYPES, TokenizerSpec  # noqa: E402
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +67,9 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
     g.add_argument("--vocab-file", help="GPT-2 vocab.json")
     g.add_argument("--merge-file", help="GPT-2 merges.txt")
-    g.add_argument("--vocab-size", type=int, help="NullTokenizer vocabulary size (>= 257)")
+    g.add_argument(
+        "--vocab-size", type=int, help="NullTokenizer / ByteTokenizer: vocabulary size (>= 257)"
+    )
     g.add_argument("--append-eod", action="store_true", help="append EOD to every document")
     g = p.add_argument_group("output data")
     g.add_argument(
@@ -115,8 +115,6 @@ def main(argv: list[str] | None = None) -> PreprocessSummary:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (PreprocessError, CorpusError, TokenizerFileError, IndexedDatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    from _cli import run_main
+
+    run_main(main)

@@ -1,9 +1,30 @@
-"""Reading a run's ``--metrics-file`` (JSON lines): training and evaluation records."""
+"""Reading a run's ``--metrics-file`` (JSON lines): training and evaluation records.
+
+The one reader behind ``plot_runs.py``, ``compare_runs.py`` and ``bench/reproduce.py``. A run
+killed while writing a record leaves its last line cut short (no newline at its end): that
+line is dropped with a note on stderr, and the records before it are used. A damaged line
+anywhere else (or a last line that was written whole, newline included, but does not parse)
+is refused naming the file and line: that is damage, not a kill.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import dataclass
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from tst.errors import TSTError  # noqa: E402
+
+__all__ = ["MetricsFileError", "RunMetrics", "read_metrics"]
+
+
+class MetricsFileError(TSTError):
+    """A metrics file that is missing, damaged, or holds no evaluation records."""
 
 
 @dataclass
@@ -21,17 +42,42 @@ class RunMetrics:
         return None
 
 
+def _parse(line: bytes) -> dict:
+    """One record; ValueError (JSON or UTF-8) when the line is not one."""
+    record = json.loads(line.decode("utf-8"))
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
+    return record
+
+
 def read_metrics(path: str, name: str | None = None) -> RunMetrics:
+    """The records of ``path``, split into training and evaluation (``val_loss``) ones."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as error:
+        raise MetricsFileError(f"{path}: cannot read the metrics file ({error})") from None
+    # After split, a file ending in "\n" ends with b"": a last element that is not empty is
+    # a line without its newline, i.e. the one a kill can cut.
+    unterminated = len(lines) - 1 if lines[-1] else None
     train, evals = [], []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = _parse(line)
+        except ValueError as error:
+            if number - 1 == unterminated:
+                print(
+                    f"{path}:{number}: dropped the last line, cut short ({len(line)} bytes, no "
+                    "newline: the run was stopped while writing it); using the records before it",
+                    file=sys.stderr,
+                )
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise SystemExit(f"{path}:{number}: not a JSON record ({error})") from None
-            (evals if "val_loss" in record else train).append(record)
+            raise MetricsFileError(f"{path}:{number}: not a JSON record ({error})") from None
+        (evals if "val_loss" in record else train).append(record)
     if not evals:
-        raise SystemExit(f"{path}: no evaluation records (val_loss); was --eval-interval set?")
+        raise MetricsFileError(
+            f"{path}: no evaluation records (val_loss); was --eval-interval set?"
+        )
     return RunMetrics(name or path, train, evals)

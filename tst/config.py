@@ -13,6 +13,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from tst.data.tokenizers import TOKENIZER_TYPES
+
 __all__ = [
     "ModelConfig",
     "ParallelConfig",
@@ -196,12 +198,7 @@ class DataArgs:
     tokenizer_type: str = _f(
         "NullTokenizer",
         "Tokenizer.",
-        choices=[
-            "SentencePieceTokenizer",
-            "HuggingFaceTokenizer",
-            "GPT2BPETokenizer",
-            "NullTokenizer",
-        ],
+        choices=TOKENIZER_TYPES,
     )
     tokenizer_model: str | None = _f(None, "Tokenizer model file (.model / tokenizer.json).")
     vocab_file: str | None = _f(None, "GPT-2 BPE vocab.json.")

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from tst.errors import TSTError
+
 __all__ = [
     "INPUT_FORMATS",
     "TEXT_MODES",
@@ -47,11 +49,11 @@ TEXT_MODES = ("line", "block")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
-class CorpusError(ValueError):
+class CorpusError(TSTError):
     """An input file cannot be read as asked (missing, malformed JSON, missing key)."""
 
 
-class BadRecord(ValueError):
+class BadRecord(TSTError):
     """One record is not valid UTF-8; carries where, for the report."""
 
 
@@ -109,7 +111,8 @@ class _Opened:
     def __init__(self, path: str) -> None:
         self._raw: BinaryIO = open(path, "rb")  # noqa: SIM115 (closed by close())
         self._stream: BinaryIO = self._raw
-        if path.endswith(".gz"):
+        self.compressed = path.endswith(".gz")
+        if self.compressed:
             self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb")
         self._reader = io.BufferedReader(self._stream, buffer_size=1 << 20)  # type: ignore[arg-type]
 
@@ -152,9 +155,15 @@ def read_records(
 
 
 def _lines(opened: _Opened, progress: list[int] | None, done: int) -> Iterator[tuple[int, bytes]]:
+    # Progress moves with every line: a corpus of a few hundred long documents (one a line)
+    # must not sit at 0% until its file ends. A plain file counts the bytes of the lines read
+    # (exact); a .gz file can only tell how far its compressed stream was read, which runs
+    # ahead of the lines by the reader's buffer.
+    consumed = 0
     for line_no, line in enumerate(opened, start=1):
-        if progress is not None and line_no % 256 == 0:
-            progress[0] = done + opened.position
+        if progress is not None:
+            consumed += len(line)
+            progress[0] = done + (opened.position if opened.compressed else consumed)
         yield line_no, _strip_newline(line)
 
 

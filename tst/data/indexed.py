@@ -30,6 +30,8 @@ from megatron.core.datasets.indexed_dataset import (
     IndexedDatasetBuilder,
 )
 
+from tst.errors import TSTError
+
 __all__ = [
     "AtomicIndexedWriter",
     "IndexInfo",
@@ -44,7 +46,7 @@ _HEADER_BYTES = len(_INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype, n, 
 _REBUILD = "rebuild it with tools/preprocess_data.py"
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(TSTError):
     """A ``.bin/.idx`` pair is missing, truncated, corrupt or unusable for this model."""
 
 
@@ -134,6 +136,14 @@ def check_indexed_dataset(prefix: str) -> IndexInfo:
         )
     num_tokens = int(lengths.sum(dtype=np.int64))
     del arrays, lengths, pointers, docs
+    if num_tokens == 0:
+        # megatron-core would fail later with "cannot mmap an empty file", naming nothing.
+        held = "no documents" if n == 0 else f"{n} document(s) of 0 tokens"
+        raise IndexedDatasetError(
+            f"{prefix}.bin / .idx is an empty dataset ({held}): nothing to train on; rebuild it "
+            "with tools/preprocess_data.py from input that holds text (it now refuses empty "
+            "input), or drop the prefix from --data-path"
+        )
 
     bin_size = os.path.getsize(bin_path)
     if bin_size != num_tokens * itemsize:

@@ -32,14 +32,15 @@ from tst.data.corpus import (
     read_records,
 )
 from tst.data.indexed import AtomicIndexedWriter, token_dtype_for
-from tst.data.tokenizers import TokenizerSpec
+from tst.data.tokenizers import TokenizerSpec, lone_surrogate
+from tst.errors import TSTError
 
 __all__ = ["PreprocessConfig", "PreprocessError", "PreprocessSummary", "preprocess"]
 
 _MAX_REPORTED_BAD = 10  # bad-UTF-8 locations printed in full; the rest are counted
 
 
-class PreprocessError(ValueError):
+class PreprocessError(TSTError):
     """The run stopped on bad input; nothing was left at the output prefix."""
 
 
@@ -100,6 +101,7 @@ class _Chunk:
     bad: list[tuple[int, int, str]] = field(default_factory=list)  # (source, line, why)
     nbytes: int = 0
     error: tuple[int, int, str] | None = None  # fatal (source, line, why)
+    disk_end: int = 0  # input bytes on disk read up to this chunk's last record (progress)
 
 
 class _Encoder:
@@ -114,8 +116,9 @@ class _Encoder:
         self.keys = keys
         self.append_eod = eod
 
-    def encode(self, records: list[Record]) -> _Chunk:
-        chunk = _Chunk([], [])
+    def encode(self, task: tuple[list[Record], int]) -> _Chunk:
+        records, disk_end = task
+        chunk = _Chunk([], [], disk_end=disk_end)
         texts: list[list[str]] = [[] for _ in self.keys]
         for rec in records:
             chunk.nbytes += len(rec.data)
@@ -128,6 +131,12 @@ class _Encoder:
             except CorpusError as err:
                 chunk.error = (rec.source, rec.line, str(err))
                 return chunk
+            where = next((i for i in map(lone_surrogate, docs) if i is not None), None)
+            if where is not None:
+                # JSON "\ud800"-style escapes decode to lone surrogates, which no UTF-8 byte
+                # sequence encodes: the record is as unusable as one with invalid UTF-8.
+                chunk.bad.append((rec.source, rec.line, _surrogate_why(docs)))
+                continue
             for k, doc in enumerate(docs):
                 if doc.strip():
                     texts[k].append(doc)
@@ -168,24 +177,42 @@ def _init_worker(spec, formats, keys, eod) -> None:
     _WORKER_ENCODER = _Encoder(spec, formats, keys, eod)
 
 
-def _encode_in_worker(records: list[Record]) -> _Chunk:
+def _encode_in_worker(task: tuple[list[Record], int]) -> _Chunk:
     assert _WORKER_ENCODER is not None
-    return _WORKER_ENCODER.encode(records)
+    return _WORKER_ENCODER.encode(task)
 
 
-def _chunks(records: Iterator[Record], size: int, max_bytes: int) -> Iterator[list[Record]]:
-    # Cut by record count and by bytes: a few long documents must still make enough tasks to
-    # keep every worker busy. The cut depends on the input only, never on the worker count.
+def _surrogate_why(docs: list[str]) -> str:
+    for doc in docs:
+        at = lone_surrogate(doc)
+        if at is not None:
+            return (
+                f"a lone surrogate U+{ord(doc[at]):04X} (a JSON \\u escape of half a pair) at "
+                f"character {at} has no UTF-8 encoding"
+            )
+    raise AssertionError("no lone surrogate")
+
+
+def _chunks(
+    records: Iterator[Record], size: int, max_bytes: int, disk: list[int]
+) -> Iterator[tuple[list[Record], int]]:
+    """Chunks of records, each with the input bytes read (``disk[0]``) when it was cut.
+
+    Cut by record count and by bytes: a few long documents must still make enough tasks to
+    keep every worker busy. The cut depends on the input only, never on the worker count.
+    The position travels with the chunk because the pool reads ahead of what is written:
+    progress must count what was written, not what was read.
+    """
     chunk: list[Record] = []
     nbytes = 0
     for rec in records:
         chunk.append(rec)
         nbytes += len(rec.data)
         if len(chunk) == size or nbytes >= max_bytes:
-            yield chunk
+            yield chunk, disk[0]
             chunk, nbytes = [], 0
     if chunk:
-        yield chunk
+        yield chunk, disk[0]
 
 
 class _Progress:
@@ -239,8 +266,10 @@ def preprocess(
 
     writers = [AtomicIndexedWriter(summary.outputs[k], dtype) for k in keys]
     disk = [0]
-    progress = _Progress(sum(f.size for f in files), cfg.log_interval_s, sys.stderr)
-    chunks = _chunks(read_records(files, cfg.text_mode, disk), cfg.chunk_records, cfg.chunk_bytes)
+    total = sum(f.size for f in files)
+    progress = _Progress(total, cfg.log_interval_s, sys.stderr)
+    records = read_records(files, cfg.text_mode, disk)
+    chunks = _chunks(records, cfg.chunk_records, cfg.chunk_bytes, disk)
     pool = None
     try:
         if cfg.workers == 1:
@@ -253,10 +282,11 @@ def preprocess(
             results = pool.imap(_encode_in_worker, chunks)
         for chunk in results:
             _consume(chunk, writers, files, cfg, summary)
-            progress.update(summary, disk[0])
+            progress.update(summary, chunk.disk_end)
         summary.seconds = time.perf_counter() - progress.start
-        progress.update(summary, disk[0], force=True)
+        progress.update(summary, total, force=True)
         progress.close()
+        _refuse_empty(writers, keys, files, summary)
         for writer in writers:
             writer.commit()
     except BaseException:
@@ -270,6 +300,29 @@ def preprocess(
     summary.seconds = time.perf_counter() - progress.start
     _report(summary, log)
     return summary
+
+
+def _refuse_empty(
+    writers: list[AtomicIndexedWriter],
+    keys: tuple[str, ...],
+    files: list[InputFile],
+    summary: PreprocessSummary,
+) -> None:
+    """A dataset of 0 documents cannot be trained on (megatron-core cannot even map its
+    empty ``.bin``): stop here, naming the input, instead of writing one."""
+    for key, writer in zip(keys, writers, strict=True):
+        if writer.num_documents:
+            continue
+        names = ", ".join(f.path for f in files[:3]) + (" ..." if len(files) > 3 else "")
+        if summary.input_bytes == 0 and not summary.bad_utf8_records:
+            why = "it holds no text"
+        else:
+            skipped = summary.empty_documents + summary.bad_utf8_records
+            why = f"every one of its documents was empty or unreadable ({skipped:,} skipped)"
+        what = f" under json key {key!r}" if len(keys) > 1 else ""
+        raise PreprocessError(
+            f"--input {names}: no documents to write{what}: {why}; nothing was written"
+        )
 
 
 def _consume(

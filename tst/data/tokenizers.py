@@ -1,53 +1,100 @@
 """Text tokenizers under Megatron's type names, behind one small interface.
 
-Every tokenizer answers ``vocab_size``, ``eod``, ``tokenize(text) -> list[int]`` and
-``detokenize(ids) -> str``; that is all the preprocessor, the datasets and the trainer use.
+Every tokenizer answers ``vocab_size``, ``eod``, ``bos`` (``None`` when it adds none),
+``tokenize(text) -> list[int]`` and ``detokenize(ids) -> str``; that is all the
+preprocessor, the datasets, the trainer, the exporter and ``tools/generate.py`` use.
+``tokenize`` is what one document becomes in the ``.bin`` (before ``--append-eod``).
 
 ``SentencePieceTokenizer``
-    A SentencePiece ``.model`` file. EOD is the model's EOS piece (``tools/train_tokenizer.py``
-    makes one), or failing that a user-defined ``<eod>`` / ``<|endoftext|>`` piece.
+    A SentencePiece ``.model``: the model's pieces, no BOS added. EOD is the model's EOS
+    piece (``tools/train_tokenizer.py`` makes one), or failing that a user-defined ``<eod>`` /
+    ``<|endoftext|>`` piece. (Megatron-LM's type of this name appends ``<CLS>``, ``<SEP>``,
+    ``<EOD>``, ``<MASK>`` ... ids past the model's pieces; this one does not.)
+``GPTSentencePieceTokenizer``
+    Megatron-LM's: ``vocab_size`` is the piece count, ``tokenize`` the model's ids with no
+    BOS or EOS, EOD the model's EOS piece (a model without one is refused).
+``Llama2Tokenizer``
+    Megatron-LM's: as ``GPTSentencePieceTokenizer`` but ``tokenize`` puts the model's BOS
+    first (so each preprocessed document starts with BOS, and ``--append-eod`` ends it with
+    EOS, as Megatron-LM's preprocessor does); a model without BOS or EOS is refused.
 ``HuggingFaceTokenizer``
-    A Hugging Face ``tokenizer.json`` (or a folder holding one), read with the ``tokenizers``
-    library only, so no ``transformers`` install and no hub access. EOD is the first of
-    ``<|endoftext|>``, ``</s>``, ``<eod>``, ``<|end_of_text|>``, ``<eos>`` in its vocabulary.
+    A Hugging Face ``tokenizer.json``, or a folder holding one, read with the ``tokenizers``
+    library only (no ``transformers``, no hub). As Megatron-LM's (which calls
+    ``AutoTokenizer(text)``), ``tokenize`` adds what the file's post-processor adds (a
+    Llama-3 file puts BOS first; most add nothing). EOD is the folder's
+    ``tokenizer_config.json`` ``eos_token`` when there is one (Megatron-LM's ``eod`` is
+    ``eos_token_id``), else the first of ``<|endoftext|>``, ``</s>``, ``<eod>``,
+    ``<|end_of_text|>``, ``<eos>``, ``<EOD>`` in the vocabulary.
 ``GPT2BPETokenizer``
     GPT-2 byte-level BPE from ``vocab.json`` + ``merges.txt``; EOD is ``<|endoftext|>``.
+``ByteTokenizer``
+    UTF-8 bytes: ids 0..255 are byte values, EOD is 256, ``vocab_size`` 257. Needs no file.
+    ``tokenize`` is exact for every string that has a UTF-8 encoding (all of Unicode but lone
+    surrogates, which are refused); ``detokenize`` turns ids into bytes (ids above 255, EOD
+    and padding, are dropped) and decodes them with U+FFFD for each invalid UTF-8 sequence
+    (a model can emit any byte order), ``detokenize_bytes`` returns the bytes themselves.
 ``NullTokenizer``
-    Bytes: ids 0..255 are the UTF-8 bytes of the text, EOD is 256, ``vocab_size`` is 257 unless
-    a larger one is given. Needs no file, so tests and smoke runs use it.
+    ``ByteTokenizer`` with a larger ``--vocab-size`` allowed (the extra ids never occur);
+    tests and smoke runs use it. (Megatron-LM's type of this name reads space-separated
+    integers instead.)
 
 A file of the wrong kind (a ``tokenizer.json`` given as a SentencePiece model, a binary file
 given as JSON, ...) raises :class:`TokenizerFileError` naming the file and the kind expected,
-instead of the library's own parse error.
+instead of the library's own parse error. This module imports no third-party package at
+import time (``tst.config`` imports it for the flag's choices).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
+from tst.errors import TSTError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "TOKENIZER_TYPES",
+    "ByteTokenizer",
     "GPT2BPETokenizer",
+    "GPTSentencePieceTokenizer",
     "HuggingFaceTokenizer",
+    "Llama2Tokenizer",
     "NullTokenizer",
     "SentencePieceTokenizer",
     "TextTokenizer",
     "TokenizerFileError",
+    "TokenizerInputError",
     "TokenizerSpec",
     "build_tokenizer",
+    "lone_surrogate",
 ]
+
+TOKENIZER_TYPES = (
+    "SentencePieceTokenizer",
+    "GPTSentencePieceTokenizer",
+    "Llama2Tokenizer",
+    "HuggingFaceTokenizer",
+    "GPT2BPETokenizer",
+    "ByteTokenizer",
+    "NullTokenizer",
+)
 
 # Special-token spellings tried, in order, as the end-of-document token.
 _EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eod>", "<|end_of_text|>", "<eos>", "<EOD>")
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class TokenizerFileError(ValueError):
+class TokenizerFileError(TSTError):
     """A tokenizer file is missing, unreadable or of the wrong kind."""
+
+
+class TokenizerInputError(TSTError):
+    """A text a tokenizer cannot encode (a lone surrogate has no UTF-8 bytes)."""
 
 
 class TextTokenizer(Protocol):
@@ -55,43 +102,81 @@ class TextTokenizer(Protocol):
 
     vocab_size: int
     eod: int
+    bos: int | None
 
     def tokenize(self, text: str) -> list[int]: ...
 
     def detokenize(self, ids: list[int] | np.ndarray) -> str: ...
 
 
-class NullTokenizer:
-    """UTF-8 bytes as tokens; EOD is 256. The only tokenizer that needs no file."""
+def lone_surrogate(text: str) -> int | None:
+    """Index of the first lone surrogate in ``text`` (no UTF-8 encoding), or ``None``.
 
-    def __init__(self, vocab_size: int | None = None) -> None:
-        if vocab_size is not None and vocab_size < 257:
-            raise ValueError(
-                f"NullTokenizer needs --vocab-size >= 257 (256 byte ids + EOD), got {vocab_size}"
+    JSON ``\\ud800``-style escapes produce them; files decoded as UTF-8 never do."""
+    found = _LONE_SURROGATE.search(text)
+    return None if found is None else found.start()
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, EOD 256; see the module docstring for invalid UTF-8."""
+
+    BYTES = 256  # ids 0..255 are byte values
+
+    def __init__(self, vocab_size: int | None = None, name: str = "ByteTokenizer") -> None:
+        if vocab_size is not None and vocab_size < self.BYTES + 1:
+            raise TSTError(
+                f"{name} needs --vocab-size >= 257 (256 byte ids + EOD), got {vocab_size}"
             )
-        self.vocab_size = vocab_size or 257
-        self.eod = 256
+        self.vocab_size = self.BYTES + 1
+        self.eod = self.BYTES
+        self.bos = None
+
+    def _utf8(self, text: str) -> bytes:
+        try:
+            return text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise TokenizerInputError(
+                f"the text holds a lone surrogate U+{ord(text[err.start]):04X} at character "
+                f"{err.start}, which has no UTF-8 encoding (a JSON \\u escape of half a "
+                "surrogate pair?)"
+            ) from None
 
     def tokenize(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+        return list(self._utf8(text))
 
     def tokenize_array(self, text: str) -> np.ndarray:
         """The ids as a uint8 array: the preprocessor's fast path (no Python list)."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        import numpy as np
+
+        return np.frombuffer(self._utf8(text), dtype=np.uint8)
+
+    def detokenize_bytes(self, ids: list[int] | np.ndarray) -> bytes:
+        """The bytes of ``ids``; ids above 255 (EOD, padding) are no bytes and are dropped."""
+        return bytes(int(i) for i in ids if 0 <= int(i) < self.BYTES)
 
     def detokenize(self, ids: list[int] | np.ndarray) -> str:
-        # Ids above 255 (EOD, padding) are no bytes; dropping them keeps decoding total.
-        data = bytes(int(i) for i in ids if 0 <= int(i) < 256)
-        return data.decode("utf-8", errors="replace")
+        # errors="replace" puts one U+FFFD per maximal invalid subsequence (the Unicode
+        # standard's recommended practice), so decoding is total and never raises.
+        return self.detokenize_bytes(ids).decode("utf-8", errors="replace")
+
+
+class NullTokenizer(ByteTokenizer):
+    """:class:`ByteTokenizer` whose ``vocab_size`` may be set above 257 (unused ids)."""
+
+    def __init__(self, vocab_size: int | None = None) -> None:
+        super().__init__(vocab_size, "NullTokenizer")
+        self.vocab_size = vocab_size or self.BYTES + 1
 
 
 class SentencePieceTokenizer:
     """A SentencePiece ``.model``; see the module docstring for how EOD is found."""
 
+    TYPE = "SentencePieceTokenizer"
+
     def __init__(self, model_file: str) -> None:
         import sentencepiece as spm
 
-        _require_file(model_file, "SentencePieceTokenizer", "--tokenizer-model")
+        _require_file(model_file, self.TYPE, "--tokenizer-model")
         head = _head(model_file)
         if head.lstrip()[:1] in (b"{", b"["):
             raise TokenizerFileError(
@@ -108,6 +193,7 @@ class SentencePieceTokenizer:
             ) from err
         self.model_file = model_file
         self.vocab_size = int(self._sp.GetPieceSize())
+        self.bos: int | None = None
         self.eod = self._find_eod()
 
     def _find_eod(self) -> int:
@@ -124,11 +210,43 @@ class SentencePieceTokenizer:
             "the datasets need one; retrain with tools/train_tokenizer.py (it defines EOD)"
         )
 
+    def _special(self, which: str, token_id: int) -> int:
+        """The model's own BOS / EOS id, refused when the model was trained without it."""
+        if token_id < 0:
+            raise TokenizerFileError(
+                f"--tokenizer-model {self.model_file} has no {which} piece, which {self.TYPE} "
+                f"takes as its {'EOD' if which == 'EOS' else which}; train the model with one "
+                "(tools/train_tokenizer.py does), or use --tokenizer-type SentencePieceTokenizer"
+            )
+        return int(token_id)
+
     def tokenize(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)
 
     def detokenize(self, ids: list[int] | np.ndarray) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
+
+
+class GPTSentencePieceTokenizer(SentencePieceTokenizer):
+    """Megatron-LM's ``GPTSentencePieceTokenizer``: no BOS/EOS added, EOD = the model's EOS."""
+
+    TYPE = "GPTSentencePieceTokenizer"
+
+    def _find_eod(self) -> int:
+        return self._special("EOS", self._sp.eos_id())
+
+
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Megatron-LM's ``Llama2Tokenizer``: BOS first in every ``tokenize``, EOD = EOS."""
+
+    TYPE = "Llama2Tokenizer"
+
+    def _find_eod(self) -> int:
+        self.bos = self._special("BOS", self._sp.bos_id())
+        return self._special("EOS", self._sp.eos_id())
+
+    def tokenize(self, text: str) -> list[int]:
+        return [self.bos, *self._sp.EncodeAsIds(text)]
 
 
 class HuggingFaceTokenizer:
@@ -137,7 +255,9 @@ class HuggingFaceTokenizer:
     def __init__(self, tokenizer_file: str, flag: str = "--tokenizer-model") -> None:
         from tokenizers import Tokenizer
 
+        folder = None
         if os.path.isdir(tokenizer_file):
+            folder = tokenizer_file
             tokenizer_file = os.path.join(tokenizer_file, "tokenizer.json")
         _require_file(tokenizer_file, "HuggingFaceTokenizer", flag)
         _require_json(tokenizer_file, "a Hugging Face tokenizer.json", "HuggingFaceTokenizer")
@@ -148,34 +268,65 @@ class HuggingFaceTokenizer:
                 f"{tokenizer_file} is JSON but not a Hugging Face tokenizer.json ({err}); "
                 "a GPT-2 vocab.json goes with --tokenizer-type GPT2BPETokenizer --vocab-file"
             ) from err
-        self._init(tok, tokenizer_file)
+        self._init(tok, tokenizer_file, _config_eos(folder) if folder else None)
 
-    def _init(self, tok, source: str) -> None:
+    def _init(self, tok, source: str, eos: str | None = None) -> None:
         self._tok = tok
         self.source = source
         self.vocab_size = int(tok.get_vocab_size(with_added_tokens=True))
+        if eos is not None:
+            eod = tok.token_to_id(eos)
+            if eod is None:
+                raise TokenizerFileError(
+                    f"the tokenizer_config.json beside {source} names eos_token {eos!r}, which "
+                    "is not in the tokenizer's vocabulary"
+                )
+            self.eod = int(eod)
+        else:
+            self.eod = self._candidate_eod(tok, source)
+        # What the post-processor puts first (a Llama-3 file: BOS), for the exporter.
+        first = tok.encode("", add_special_tokens=True).ids
+        self.bos = int(first[0]) if first and first[0] != self.eod else None
+
+    @staticmethod
+    def _candidate_eod(tok, source: str) -> int:
         for piece in _EOD_CANDIDATES:
             pid = tok.token_to_id(piece)
             if pid is not None:
-                self.eod = int(pid)
-                break
-        else:
-            raise TokenizerFileError(
-                f"{source} has none of the end-of-document tokens {_EOD_CANDIDATES}; "
-                "add one as a special token when training the tokenizer"
-            )
+                return int(pid)
+        raise TokenizerFileError(
+            f"{source} has none of the end-of-document tokens {_EOD_CANDIDATES}; "
+            "add one as a special token when training the tokenizer"
+        )
 
     def tokenize(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         """Many documents at once: the Rust side spreads them over its threads."""
         # encode_batch_fast skips character offsets, which only ids-wanting callers don't need.
         encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return [e.ids for e in encode(texts, add_special_tokens=True)]
 
     def detokenize(self, ids: list[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _config_eos(folder: str) -> str | None:
+    """The ``eos_token`` of ``folder/tokenizer_config.json`` (a string or an added-token
+    object), or ``None`` when the folder has no such file or key."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TokenizerFileError(f"{path} is not valid JSON ({err})") from err
+    eos = config.get("eos_token") if isinstance(config, dict) else None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return eos if isinstance(eos, str) and eos else None
 
 
 class GPT2BPETokenizer(HuggingFaceTokenizer):
@@ -211,12 +362,11 @@ class GPT2BPETokenizer(HuggingFaceTokenizer):
         self._init(tok, vocab_file)
 
 
-TOKENIZER_TYPES = (
-    "SentencePieceTokenizer",
-    "HuggingFaceTokenizer",
-    "GPT2BPETokenizer",
-    "NullTokenizer",
-)
+_SENTENCEPIECE = {
+    "SentencePieceTokenizer": SentencePieceTokenizer,
+    "GPTSentencePieceTokenizer": GPTSentencePieceTokenizer,
+    "Llama2Tokenizer": Llama2Tokenizer,
+}
 
 
 def build_tokenizer(
@@ -228,12 +378,16 @@ def build_tokenizer(
 ) -> TextTokenizer:
     """Build a tokenizer by Megatron type name; the files it needs depend on the type.
 
-    ``vocab_size`` is used by ``NullTokenizer`` only (a floor of 257).
+    ``vocab_size`` (``--vocab-size``) is checked by the byte tokenizers (at least 257) and
+    sets ``NullTokenizer``'s size; the others ignore it (the trainer pads its rows).
     """
     if tokenizer_type == "NullTokenizer":
         return NullTokenizer(vocab_size)
-    if tokenizer_type == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(_need(tokenizer_model, "--tokenizer-model", tokenizer_type))
+    if tokenizer_type == "ByteTokenizer":
+        return ByteTokenizer(vocab_size)
+    if tokenizer_type in _SENTENCEPIECE:
+        model = _need(tokenizer_model, "--tokenizer-model", tokenizer_type)
+        return _SENTENCEPIECE[tokenizer_type](model)
     if tokenizer_type == "HuggingFaceTokenizer":
         # Megatron passes a tokenizer.json (or its folder) as --tokenizer-model.
         path = tokenizer_model or vocab_file
@@ -244,7 +398,7 @@ def build_tokenizer(
             _need(vocab_file, "--vocab-file", tokenizer_type),
             _need(merge_file, "--merge-file", tokenizer_type),
         )
-    raise ValueError(f"--tokenizer-type {tokenizer_type!r} is not one of {TOKENIZER_TYPES}")
+    raise TSTError(f"--tokenizer-type {tokenizer_type!r} is not one of {TOKENIZER_TYPES}")
 
 
 @dataclass(frozen=True)
@@ -256,7 +410,7 @@ class TokenizerSpec:
     tokenizer_model: str | None = None
     vocab_file: str | None = None
     merge_file: str | None = None
-    vocab_size: int | None = None  # NullTokenizer's floor (--vocab-size as trained)
+    vocab_size: int | None = None  # --vocab-size as trained (NullTokenizer's size)
 
     def build(self) -> TextTokenizer:
         return build_tokenizer(

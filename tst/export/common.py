@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from tst.errors import TSTError
+
 EXPORT_INFO = "tst_export.json"
 LLAMA, QWEN3, QWEN3_MOE, MIXTRAL = (
     "LlamaForCausalLM",
@@ -15,5 +17,5 @@ MODEL_TYPES = {LLAMA: "llama", QWEN3: "qwen3", QWEN3_MOE: "qwen3_moe", MIXTRAL: 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class ExportError(ValueError):
+class ExportError(TSTError):
     """A checkpoint that cannot be exported as asked; the message names the flag or file."""

@@ -86,6 +86,7 @@ def hf_config(
     vocab_size: int,
     dtype: torch.dtype,
     eos_token_id: int | None,
+    bos_token_id: int | None = None,
 ) -> dict:
     """``config.json`` for ``architecture``; RoPE written both ways (v4 and v5 readers)."""
     m, c = ckpt.cfg.model, ckpt.transformer_config
@@ -110,7 +111,7 @@ def hf_config(
         "initializer_range": m.init_method_std,
         "tie_word_embeddings": not m.untie_embeddings_and_output_weights,
         "use_cache": True,
-        "bos_token_id": None,
+        "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
         "pad_token_id": None,
         "dtype": dtype_name,

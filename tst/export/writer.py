@@ -14,6 +14,7 @@ from tst.data.tokenizers import TokenizerSpec
 from tst.export.common import DTYPES, EXPORT_INFO, ExportError
 from tst.export.loading import LoadedCheckpoint, load_checkpoint, single_process_world
 from tst.export.mapping import hf_architecture, hf_config, hf_tensors, materialise
+from tst.export.tokenizer_files import write_tokenizer_files
 
 
 def write_safetensors(
@@ -77,61 +78,6 @@ def tokenizer_spec(
     )
 
 
-def _copy_tokenizer(spec: TokenizerSpec, tokenizer, output: str, max_length: int) -> dict:
-    """Copy the tokenizer files into ``output``; returns their names in ``output``."""
-    kind = spec.tokenizer_type
-    files: dict[str, str] = {}
-    hf: dict = {
-        "model_max_length": max_length,
-        "add_bos_token": False,  # the trainer sees no BOS: documents are split by EOD only
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,  # decode(encode(text)) == text, as ours
-    }
-    if kind == "SentencePieceTokenizer":
-        import sentencepiece as spm
-
-        files["tokenizer_model"] = "tokenizer.model"
-        shutil.copyfile(spec.tokenizer_model, os.path.join(output, "tokenizer.model"))
-        sp = spm.SentencePieceProcessor(model_file=spec.tokenizer_model)
-        # legacy=False: no extra dummy prefix after special tokens; transformers then encodes
-        # as SentencePiece does, except runs of spaces at the very start of a text.
-        hf.update(
-            tokenizer_class="LlamaTokenizer", legacy=False, eos_token=sp.IdToPiece(tokenizer.eod)
-        )
-    elif kind in ("HuggingFaceTokenizer", "GPT2BPETokenizer"):
-        if kind == "HuggingFaceTokenizer":
-            source = spec.tokenizer_model or spec.vocab_file
-            if os.path.isdir(source):
-                source = os.path.join(source, "tokenizer.json")
-            files["tokenizer_model"] = "tokenizer.json"
-            shutil.copyfile(source, os.path.join(output, "tokenizer.json"))
-        else:
-            files.update(vocab_file="vocab.json", merge_file="merges.txt")
-            shutil.copyfile(spec.vocab_file, os.path.join(output, "vocab.json"))
-            shutil.copyfile(spec.merge_file, os.path.join(output, "merges.txt"))
-        eos = _token_string(spec, tokenizer.eod)
-        cls = "PreTrainedTokenizerFast" if kind == "HuggingFaceTokenizer" else "GPT2Tokenizer"
-        hf.update(tokenizer_class=cls, eos_token=eos)
-    else:  # NullTokenizer: UTF-8 bytes, no file; tst_export.json names it.
-        return files
-    with open(os.path.join(output, "tokenizer_config.json"), "w") as f:
-        json.dump(hf, f, indent=2)
-    return files
-
-
-def _token_string(spec: TokenizerSpec, token_id: int) -> str:
-    """The text of ``token_id`` in a tokenizer.json or GPT-2 vocab.json."""
-    if spec.tokenizer_type == "GPT2BPETokenizer":
-        with open(spec.vocab_file, encoding="utf-8") as f:
-            return {v: k for k, v in json.load(f).items()}[token_id]
-    from tokenizers import Tokenizer
-
-    path = spec.tokenizer_model or spec.vocab_file
-    if os.path.isdir(path):
-        path = os.path.join(path, "tokenizer.json")
-    return Tokenizer.from_file(path).id_to_token(token_id)
-
-
 # ---------------------------------------------------------------- export
 
 
@@ -190,10 +136,11 @@ def export_loaded(
     try:
         tensors = hf_tensors(ckpt, architecture, rows)
         files = write_safetensors(tensors, output, max_shard_bytes, torch_dtype)
-        config = hf_config(ckpt, architecture, rows, torch_dtype, tok.eod)
+        config = hf_config(ckpt, architecture, rows, torch_dtype, tok.eod, tok.bos)
         with open(os.path.join(output, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
-        tokenizer_files = _copy_tokenizer(spec, tok, output, ckpt.cfg.model.max_position_embeddings)
+        max_length = ckpt.cfg.model.max_position_embeddings
+        tokenizer_files, tokenizer_names = write_tokenizer_files(spec, tok, output, max_length)
         info = {
             "architecture": architecture,
             "tokenizer_type": spec.tokenizer_type,
@@ -207,9 +154,7 @@ def export_loaded(
         }
         with open(os.path.join(output, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=2, default=str)
-        names = [*files, "config.json", *tokenizer_files.values(), EXPORT_INFO]
-        if tokenizer_files:
-            names.append("tokenizer_config.json")
+        names = [*files, "config.json", *tokenizer_names, EXPORT_INFO]
     except BaseException:  # an error or Ctrl-C: no half-written folder is left behind
         shutil.rmtree(output, ignore_errors=True)
         raise
@@ -233,6 +178,23 @@ def _move_into(staging: str, output: str) -> None:
     os.rmdir(staging)
 
 
+def refuse_output_inside_checkpoint(load: str, output: str) -> None:
+    """Raise :class:`ExportError` when ``output`` is ``load`` or lies inside it (or inside
+    the ``--save`` folder around an ``iter_*`` ``load``): the export's files would mix with
+    the checkpoint's, and moving a finished export into place removes ``model*`` files."""
+    out = os.path.realpath(output)
+    folders = [os.path.realpath(load)]
+    if os.path.basename(folders[0]).startswith("iter_"):
+        folders.append(os.path.dirname(folders[0]))
+    for folder in folders:
+        if out == folder or out.startswith(folder.rstrip(os.sep) + os.sep):
+            raise ExportError(
+                f"--output {output} is inside the checkpoint folder {folder}: the export would "
+                "mix its files with the checkpoint's; give a folder outside it, e.g. "
+                f"{folder.rstrip(os.sep)}_hf"
+            )
+
+
 def convert(
     load: str,
     output: str,
@@ -246,6 +208,7 @@ def convert(
     max_shard_bytes: int = 5 * 2**30,
 ) -> ExportResult:
     """Load ``load`` (any layout) in a world of one and export it to ``output``."""
+    refuse_output_inside_checkpoint(load, output)
     with single_process_world() as layout:
         ckpt = load_checkpoint(load, layout, iteration)
         spec = tokenizer or tokenizer_spec(ckpt.cfg, tokenizer_model, vocab_file, merge_file)
