@@ -34,6 +34,31 @@ def multi_hot_ce(logits, targets, ignore_index=-100, slot_weights=None):
     return torch.where(weight_sum > 0, total / weight_sum.clamp_min(1e-30), 0.0)
 
 
+def paper_multi_hot_ce(logits, targets, ignore_index=-100, slot_weights=None):
+    """The paper's MCE over a whole batch: one mean CE per slot, then the mean over slots.
+
+    Written as the paper's listing computes it: for each slot ``k`` an ordinary
+    ``F.cross_entropy`` of all positions' logits against that slot's labels, which averages
+    over the positions where the slot is valid (``ignore_index`` elsewhere); then the
+    ``slot_weights``-weighted mean (plain mean when None) of those ``bag_size`` values. A
+    slot valid nowhere is left out (its ``F.cross_entropy`` would be 0 / 0).
+
+    logits ``[..., V]``, targets ``[..., bag_size]`` -> a scalar fp32 loss.
+    """
+    logits = logits.float().reshape(-1, logits.shape[-1])
+    bag_size = targets.shape[-1]
+    weights = torch.ones(bag_size) if slot_weights is None else slot_weights.float()
+    total = torch.zeros(())
+    weight_sum = torch.zeros(())
+    for k in range(bag_size):
+        y = targets[..., k].reshape(-1)
+        if (y == ignore_index).all():
+            continue
+        total = total + weights[k] * F.cross_entropy(logits, y, ignore_index=ignore_index)
+        weight_sum = weight_sum + weights[k]
+    return total / weight_sum
+
+
 def multi_hot_ce_alt(logits, targets, ignore_index=-100, slot_weights=None):
     """MCEAlt: ``-log sum_j w_j p(y_j)`` over valid slots, 0 where none is valid."""
     probs = torch.softmax(logits.float(), dim=-1)
@@ -84,3 +109,30 @@ def tst_batch(chunk, bag_size, layout="full", ignore_index=-100):
                 targets[b, j, k] = shifted[b, j * bag_size + k]
     loss_mask = (targets != ignore_index).any(-1).float()
     return inputs, targets, loss_mask
+
+
+def input_only_batch(chunk, bag_size, layout="full", ignore_index=-100):
+    """Input-only superposition: bag inputs as in :func:`tst_batch`, and each position
+    predicts one token, the first of the next bag (raw token ``(j + 1) * bag_size``)."""
+    inputs, targets, _ = tst_batch(chunk, bag_size, layout, ignore_index)
+    batch, num_bags = targets.shape[:2]
+    next_token = torch.full((batch, num_bags, 1), ignore_index, dtype=torch.long)
+    for b in range(batch):
+        for j in range(num_bags):
+            next_token[b, j, 0] = chunk[b, (j + 1) * bag_size]
+    return inputs, next_token, (next_token != ignore_index).any(-1).float()
+
+
+def output_only_batch(chunk, bag_size, ignore_index=-100):
+    """Output-only superposition: ordinary inputs ``chunk[:, :L]`` (chunk ``[b, L + 1]``);
+    position ``t`` predicts the next ``bag_size`` tokens ``chunk[t + 1 .. t + bag_size]``,
+    ``ignore_index`` for those past the chunk's end."""
+    batch, n = chunk.shape
+    num_positions = n - 1
+    targets = torch.full((batch, num_positions, bag_size), ignore_index, dtype=torch.long)
+    for b in range(batch):
+        for t in range(num_positions):
+            for k in range(bag_size):
+                if t + 1 + k < n:
+                    targets[b, t, k] = chunk[b, t + 1 + k]
+    return chunk[:, :num_positions], targets, (targets != ignore_index).any(-1).float()
