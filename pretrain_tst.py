@@ -13,8 +13,9 @@ import sys
 import warnings
 
 from tst.checkpointing import CheckpointError
-from tst.config import Config, parse_args, validate
+from tst.config import Config, parse_args
 from tst.errors import NonFiniteLossError
+from tst.plan import check_launchable, validate
 
 
 def build_tokenizer(cfg: Config):
@@ -24,27 +25,44 @@ def build_tokenizer(cfg: Config):
     return build(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file, d.vocab_size)
 
 
-def build_datasets(cfg: Config, derived: dict, tokenizer, vocab_size: int, schedule):
+def data_path(cfg: Config) -> list[str]:
+    """--data-path, or the blend written in the --data-args-path file."""
+    d = cfg.data
+    if not d.data_args_path:
+        return d.data_path
+    try:
+        with open(d.data_args_path) as f:
+            words = f.read().split()
+    except OSError as error:
+        raise ValueError(f"--data-args-path {d.data_args_path}: {error.strerror}") from None
+    if not words:
+        raise ValueError(f"--data-args-path {d.data_args_path} is empty: write the blend in it")
+    return words
+
+
+def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int):
     from tst.data.datasets import DataConfig, build_datasets
     from tst.data.stream import big_samples_needed
 
-    t, bag = cfg.training, cfg.tst.tst_bag_size
-    gbs = derived["global_batch_size"]
-    rows = [(phase.steps * gbs, phase.units_per_row) for phase in schedule.phases]
+    bag = cfg.tst.tst_bag_size
+    rows = [(plan.samples_between(phase.start, phase.end), phase.units_per_row)
+            for phase in plan.schedule.phases]  # fmt: skip
     train = big_samples_needed(rows, bag)
-    evals = t.train_iters // cfg.run.eval_interval + 1
-    valid = big_samples_needed([(cfg.run.eval_iters * gbs, 1)], bag) * (1 if evals else 0)
+    valid = 0
+    if plan.evaluate:
+        valid = big_samples_needed([(cfg.log.eval_iters * plan.global_batch_size, 1)], bag)
     data = DataConfig(
-        data_path=cfg.data.data_path,
+        data_path=data_path(cfg),
         split=cfg.data.split,
         seq_length=cfg.model.seq_length,
         bag_size=bag,
-        seed=t.seed,
+        seed=cfg.training.seed,
         mock=cfg.data.mock_data,
         vocab_size=vocab_size,
         eod_id=tokenizer.eod,
         pad_documents_to_bag=cfg.data.pad_documents_to_bag,
         cache_dir=cfg.data.data_cache_path,
+        mmap_bin_files=cfg.data.mmap_bin_files,
     )
     return build_datasets(data, (train, valid, 0))
 
@@ -52,28 +70,28 @@ def build_datasets(cfg: Config, derived: dict, tokenizer, vocab_size: int, sched
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module="megatron")
     cfg = parse_args(argv)
-    from tst.dry_run import dry_run
-    from tst.phases import PhaseSchedule
+    from tst.dry_run import dry_run, dry_run_vocab_size
     from tst.platform import initialize, shutdown
     from tst.trainer import Trainer
 
+    if cfg.run.dry_run:  # reads no data or tokenizer files
+        return dry_run(cfg, dry_run_vocab_size(cfg))
+    check_launchable(cfg)
+    if cfg.run.save:
+        from tst.checkpointing import check_writable
+
+        check_writable(cfg.run.save)
     tokenizer = build_tokenizer(cfg)
     vocab_size = cfg.data.vocab_size or tokenizer.vocab_size
-    p = cfg.parallel
-    if cfg.run.dry_run:
-        return dry_run(cfg, vocab_size)
+    plan = validate(cfg, _world_size(), vocab_size)  # every check, before any process group
+    p, grid = cfg.parallel, plan.grid
     layout = initialize(
-        tp=p.tensor_model_parallel_size,
-        pp=p.pipeline_model_parallel_size,
-        vpp=validate(cfg, _world_size(), vocab_size)["vpp"],
-        ep=p.expert_model_parallel_size,
-        seed=cfg.training.seed,
-    )
+        tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep, etp=grid.etp, cp=grid.cp,
+        seed=cfg.training.seed, timeout_minutes=p.distributed_timeout_minutes,
+    )  # fmt: skip
     try:
-        derived = validate(cfg, layout.world_size, vocab_size)
-        schedule = PhaseSchedule.from_config(cfg)
-        datasets = build_datasets(cfg, derived, tokenizer, vocab_size, schedule)
-        trainer = Trainer(cfg, layout, derived, tokenizer, datasets)
+        datasets = build_datasets(cfg, plan, tokenizer, vocab_size)
+        trainer = Trainer(cfg, layout, plan, tokenizer, datasets)
         if cfg.run.load:
             trainer.load()
         return trainer.train()

@@ -40,7 +40,9 @@ COMMON = [
     "--mock-data", "--vocab-size", "4096", "--swiglu", "--untie-embeddings-and-output-weights",
     "--micro-batch-size", "8", "--global-batch-size", "16", "--lr", "1e-3",
     "--lr-decay-style", "constant", "--log-interval", "1", "--eval-interval", "100000",
-    "--eval-iters", "1",
+    "--eval-iters", "1", "--position-embedding-type", "rope", "--normalization", "RMSNorm",
+    "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--adam-beta2", "0.95", "--weight-decay", "0.1",
 ]  # fmt: skip
 WARMUP = 3
 

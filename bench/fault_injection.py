@@ -32,7 +32,9 @@ ARGS = [
     "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "4",
     "--train-iters", str(ITERS), "--tst-bag-size", "3", "--tst-iters", str(SWITCH),
     "--lr", "3e-3", "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "1",
-    "--save-interval", "3",
+    "--save-interval", "3", "--position-embedding-type", "rope", "--normalization", "RMSNorm",
+    "--lr-decay-style", "cosine", "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--adam-beta2", "0.95", "--weight-decay", "0.1",
 ]  # fmt: skip
 
 

@@ -57,10 +57,12 @@ MODEL_ARGS = [
     "--num-layers", "4", "--hidden-size", "192", "--ffn-hidden-size", "512",
     "--num-attention-heads", "6", "--seq-length", "64", "--swiglu", "--normalization", "RMSNorm",
     "--position-embedding-type", "rope", "--untie-embeddings-and-output-weights",
+    "--disable-bias-linear", "--hidden-dropout", "0", "--attention-dropout", "0",
 ]  # fmt: skip
 OPTIM_ARGS = [
     "--micro-batch-size", "16", "--global-batch-size", "16", "--lr", "3e-3", "--min-lr", "3e-4",
-    "--lr-decay-style", "wsd", "--weight-decay", "0.1", "--clip-grad", "1.0",
+    "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "linear", "--adam-beta2", "0.95",
+    "--weight-decay", "0.1", "--clip-grad", "1.0",
 ]  # fmt: skip
 SEQ, MICRO_BATCH, SPLIT = 64, 16, "98,2,0"
 PROBE_ITERS = 60  # the throughput probe's steps (30 per phase, logged every 5)

@@ -34,12 +34,14 @@ PREFIX="$WORK/sotu_text_document"
 MODEL_ARGS=(
   --num-layers 4 --hidden-size 192 --ffn-hidden-size 512 --num-attention-heads 6
   --seq-length 64 --swiglu --normalization RMSNorm --position-embedding-type rope
-  --untie-embeddings-and-output-weights
+  --untie-embeddings-and-output-weights --disable-bias-linear
+  --hidden-dropout 0 --attention-dropout 0
 )
 TRAIN_ARGS=(
   --micro-batch-size 16 --global-batch-size 16 --train-iters "$ITERS"
-  --lr 3e-3 --min-lr 3e-4 --lr-decay-style wsd --lr-warmup-iters 30 --lr-wsd-decay-iters 60
-  --weight-decay 0.1 --clip-grad 1.0 --seed 1234
+  --lr 3e-3 --min-lr 3e-4 --lr-decay-style WSD --lr-wsd-decay-style linear
+  --lr-warmup-iters 30 --lr-wsd-decay-iters 60
+  --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0 --seed 1234
 )
 DATA_ARGS=(
   --data-path "$PREFIX" --split 98,2,0 --tokenizer-type SentencePieceTokenizer

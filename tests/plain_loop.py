@@ -16,8 +16,8 @@ from functools import partial
 import torch
 
 import pretrain_tst
-from tst.config import parse_args, validate
-from tst.phases import PhaseSchedule
+from tst.config import parse_args
+from tst.plan import validate
 
 
 def _forward_step(seq_length, device, data_iterator, model):
@@ -60,15 +60,15 @@ def plain_training(argv: list[str], steps: int | None = None) -> tuple[list[floa
     vocab = cfg.data.vocab_size or tokenizer.vocab_size
     layout = initialize(seed=cfg.training.seed)
     try:
-        derived = validate(cfg, layout.world_size, vocab)
+        plan = validate(cfg, layout.world_size, vocab)
         if layout.world_size != 1:
             raise ValueError("the plain loop runs in a world of one")
         m, t = cfg.model, cfg.training
-        config = transformer_config(cfg, derived, layout)
+        config = transformer_config(cfg, plan, layout)
         model = GPTModel(
             config=config,
             transformer_layer_spec=get_gpt_layer_local_spec(normalization=m.normalization),
-            vocab_size=derived["padded_vocab_size"],
+            vocab_size=plan.padded_vocab_size,
             max_sequence_length=m.max_position_embeddings,
             share_embeddings_and_output_weights=not m.untie_embeddings_and_output_weights,
             position_embedding_type=m.position_embedding_type,
@@ -95,17 +95,17 @@ def plain_training(argv: list[str], steps: int | None = None) -> tuple[list[floa
             lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.train_iters,
             lr_decay_style=t.lr_decay_style, start_wd=t.weight_decay, end_wd=t.weight_decay,
             wd_incr_steps=t.train_iters, wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=False,
         )  # fmt: skip
         config.finalize_model_grads_func = finalize_model_grads
         config.no_sync_func = ddp.no_sync
-        schedule = PhaseSchedule.from_config(cfg)
-        datasets = pretrain_tst.build_datasets(cfg, derived, tokenizer, vocab, schedule)
+        datasets = pretrain_tst.build_datasets(cfg, plan, tokenizer, vocab)
         stream = SampleStream(datasets[0], m.seq_length, cfg.tst.tst_bag_size,
                               t.micro_batch_size, 0, 1)  # fmt: skip
         losses, seconds = [], []
         for _ in range(steps or t.train_iters):
             start = time.perf_counter()
-            batches = [stream.next_micro_batch(1) for _ in range(derived["num_microbatches"])]
+            batches = [stream.next_micro_batch(1) for _ in range(plan.num_microbatches)]
             ddp.zero_grad_buffer()
             optimizer.zero_grad()
             out = get_forward_backward_func()(

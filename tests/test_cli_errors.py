@@ -6,24 +6,28 @@ The README's troubleshooting table lists these same messages; each row here chec
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from flags import SMALL_GPT
 
 import pretrain_tst
-from tst.config import parse_args, validate
+from tst.config import parse_args
+from tst.plan import validate
 
 BASE = [
     "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
     "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "2",
-    "--train-iters", "10",
+    "--train-iters", "10", "--lr", "1e-3", *SMALL_GPT,
 ]  # fmt: skip
 
 # (extra flags, world size, message regex): parse-time field checks and layout checks.
 REFUSED = [
     (["--num-layers", "0"], 1, r"--num-layers must be >= 1"),
     (["--hidden-size", "30"], 1, r"--hidden-size 30 must be divisible by --num-attention-heads 4"),
-    (["--num-query-groups", "3"], 1, r"--num-attention-heads must be divisible by --num-query-groups"),  # noqa: E501
+    (["--group-query-attention", "--num-query-groups", "3"], 1, r"--num-attention-heads must be divisible by --num-query-groups"),  # noqa: E501
     (["--max-position-embeddings", "4"], 1, r"--max-position-embeddings must be >= --seq-length"),
-    (["--num-experts", "0"], 1, r"--num-experts must be >= 1"),
+    (["--num-experts", "-1"], 1, r"--num-experts must be >= 1"),
     (["--num-experts", "2", "--moe-router-topk", "3"], 1, r"--moe-router-topk must be between 1 and --num-experts"),  # noqa: E501
     (["--tensor-model-parallel-size", "0"], 1, r"--tensor-model-parallel-size must be >= 1"),
     (["--micro-batch-size", "0"], 1, r"--micro-batch-size must be >= 1"),
@@ -37,12 +41,28 @@ REFUSED = [
     (["--tst-fraction", "1.0"], 1, r"--tst-fraction must be in \[0, 1\).*no recovery phase"),
     (["--tst-iters", "-1"], 1, r"--tst-iters must be >= 0"),
     (["--tst-iters", "11"], 1, r"--tst-iters must be <= --train-iters"),
-    (["--eval-iters", "0"], 1, r"--eval-iters must be >= 1"),
+    (["--exit-duration-in-mins", "-1"], 1, r"--exit-duration-in-mins must be > 0"),
+    (["--clip-grad", "-1"], 1, r"--clip-grad must be >= 0 \(0 turns clipping off\)"),
+    (["--save-interval", "0"], 1, r"--save-interval must be >= 1 \(omit it to turn it off\)"),
+    (["--split", "98,2,0"], 1, r"--split has no effect with --mock-data"),
+    (["--seed", "-1"], 1, r"--seed must be between 0 and 2\*\*63 - 1, got -1"),
+    (["--init-method-std", "nan"], 1, r"--init-method-std must be a positive number, got nan"),
+    (["--hidden-dropout", "1.5"], 1, r"--hidden-dropout must be in \[0, 1\)"),
+    (["--rampup-batch-size", "2", "2", "100"], 1, r"--rampup-batch-size needs sample-based"),
+    (["--finetune"], 1, r"--finetune loads the weights of --load"),
+    (["--ckpt-format", "torch"], 1, r"--ckpt-format torch is not supported"),
+    (["--overlap-param-gather"], 1, r"--overlap-param-gather needs --use-distributed-optimizer"),
+    (["--recompute-granularity", "full"], 1, r"--recompute-granularity full needs --recompute-method"),  # noqa: E501
+    (["--recompute-granularity", "selective", "--recompute-modules", "attn"], 1, r"--recompute-modules: unknown \['attn'\]"),  # noqa: E501
+    (["--fp16", "--bf16"], 1, r"give --bf16 or --fp16, not both"),
+    (["--exp-avg-dtype", "bf16"], 1, r"need --use-precision-aware-optimizer"),
+    (["--tensor-model-parallel-size", "2", "--tp-comm-overlap"], 2, r"--tp-comm-overlap needs --sequence-parallel"),  # noqa: E501
+    (["--eval-iters", "-1"], 1, r"--eval-iters must be >= 0 \(0 = no evaluation\)"),
     (["--log-interval", "0"], 1, r"--log-interval must be >= 1"),
-    (["--tensor-model-parallel-size", "3"], 4, r"world size 4 is not divisible by TP x PP = 3"),
+    (["--tensor-model-parallel-size", "3"], 4, r"world size 4 is not divisible by TP x PP x CP = 3"),
     (["--num-attention-heads", "2", "--tensor-model-parallel-size", "4"], 4,
      r"--num-attention-heads 2 is not divisible by --tensor-model-parallel-size 4"),
-    (["--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2,
+    (["--group-query-attention", "--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2,
      r"--num-query-groups 1 is not divisible by TP=2"),
     (["--num-layers", "3", "--pipeline-model-parallel-size", "2"], 2,
      r"--num-layers 3 is not divisible by --pipeline-model-parallel-size 2"),
@@ -50,13 +70,12 @@ REFUSED = [
      r"virtual pipeline stages need --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
      r"--num-layers / PP must be divisible by --num-layers-per-virtual-pipeline-stage"),
-    (["--sequence-parallel"], 1, r"--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "9",
       "--max-position-embeddings", "9"], 2, r"--seq-length must be divisible by TP"),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], 2,
-     r"--num-experts must be divisible by --expert-model-parallel-size"),
+     r"--num-experts 3 is not divisible by --expert-model-parallel-size 2"),
     (["--num-experts", "4", "--expert-model-parallel-size", "4"], 2,
-     r"--expert-model-parallel-size must divide DP x TP"),
+     r"world size 2 is not divisible by ETP x EP x PP = 4"),
     (["--expert-model-parallel-size", "2"], 2, r"--expert-model-parallel-size > 1 needs --num-experts"),  # noqa: E501
     (["--global-batch-size", "6"], 2, r"--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),  # noqa: E501
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
@@ -81,7 +100,53 @@ def test_vocabulary_padding(vocab, divisible_by, tp, padded):
     """Megatron's rule: the next multiple of --make-vocab-size-divisible-by x TP."""
     argv = BASE + ["--make-vocab-size-divisible-by", str(divisible_by),
                    "--tensor-model-parallel-size", str(tp)]  # fmt: skip
-    assert validate(parse_args(argv), tp, vocab)["padded_vocab_size"] == padded
+    assert validate(parse_args(argv), tp, vocab).padded_vocab_size == padded
+
+
+@pytest.mark.parametrize(
+    "split", ["0,0,0", "a,b", "1,2,3,4", "nan,1,0"]
+)  # fmt: skip
+def test_bad_splits_are_refused(split):
+    argv = [a for a in BASE if a != "--mock-data"] + ["--data-path", "x", "--split", split]
+    with pytest.raises(ValueError, match=r"--split .*: give up to three weights >= 0"):
+        parse_args(argv)
+
+
+def test_nan_blend_weight_is_refused():
+    from tst.data.datasets import parse_blend
+
+    with pytest.raises(ValueError, match=r"--data-path weights must be finite numbers"):
+        parse_blend(["nan", "a", "1", "b"])
+
+
+def test_read_only_save_is_refused_at_start(tmp_path):
+    from tst.checkpointing import CheckpointError
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        if os.access(read_only, os.W_OK):  # root ignores permissions: make it a file instead
+            read_only.chmod(0o700)
+            read_only.rmdir()
+            read_only.write_text("")
+        with pytest.raises(CheckpointError, match=r"--save .* is not writable"):
+            pretrain_tst.main(BASE + ["--save", str(read_only / "ckpt")])
+    finally:
+        if read_only.is_dir():
+            read_only.chmod(0o700)
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [["--context-parallel-size", "2", "--seq-length", "8"], ["--async-save"],
+     ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--tp-comm-overlap"]],
+)  # fmt: skip
+def test_launch_refuses_what_only_a_dry_run_can_lay_out(flag):
+    from tst.plan import check_launchable
+
+    with pytest.raises(ValueError, match=r"is not supported yet: .*--dry-run lays such a run out"):
+        check_launchable(parse_args(BASE + flag))
 
 
 def test_missing_data_is_refused():
@@ -90,11 +155,51 @@ def test_missing_data_is_refused():
         parse_args(argv)
 
 
-def test_unknown_choice_exits_with_usage(capsys):
-    with pytest.raises(SystemExit) as exit_info:
+def test_unknown_choice_is_one_line():
+    with pytest.raises(ValueError, match=r"argument --tst-mode: invalid choice: 'sideways'"):
         parse_args(BASE + ["--tst-mode", "sideways"])
-    assert exit_info.value.code == 2
-    assert "invalid choice: 'sideways'" in capsys.readouterr().err
+
+
+def test_unknown_flags_are_listed_with_the_nearest_known_one(capsys):
+    """Every unknown flag at once, each with a suggestion, before a bad choice value."""
+    argv = BASE + ["--hidden-sze", "64", "--tst-mode", "sideways", "--lr-decay-stlye", "cosine",
+                   "--no-such-thing-at-all"]  # fmt: skip
+    with pytest.raises(ValueError) as error:
+        parse_args(argv)
+    assert str(error.value) == (
+        "unknown flags: --hidden-sze (did you mean --hidden-size?), --lr-decay-stlye (did you "
+        "mean --lr-decay-style?), --no-such-thing-at-all (pretrain_tst.py --help lists every "
+        "flag)"
+    )
+    assert capsys.readouterr().err == ""  # no usage dump
+
+
+def test_sequence_parallel_is_turned_off_with_tp1_as_megatron_does():
+    cfg = parse_args(BASE + ["--sequence-parallel"])
+    with pytest.warns(UserWarning, match="Disabling sequence parallelism"):
+        validate(cfg, 1, 512)
+    assert cfg.parallel.sequence_parallel is False
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [("--use-legacy-models", "legacy"), ("--use-torch-fsdp2", "FSDP is not supported"),
+     ("--eod-mask-loss", "end-of-document tokens")],
+)  # fmt: skip
+def test_refused_megatron_flags_name_the_reason(flag, message):
+    with pytest.raises(ValueError, match=rf"not supported here: {flag}: .*{message}"):
+        parse_args(BASE + [flag])
+
+
+def test_accepted_megatron_flags_are_recorded_with_their_reason():
+    cfg = parse_args(BASE + ["--use-mcore-models", "--distributed-backend", "nccl"])
+    assert [flag for flag, _ in cfg.accepted_flags] == [
+        "--use-mcore-models",
+        "--distributed-backend",
+    ]
+    aliased = parse_args(BASE + ["--use-flash-attn", "--recompute-activations"])
+    assert aliased.model.attention_backend == "flash"
+    assert aliased.parallel.recompute_granularity == "selective"
 
 
 def test_fp8_on_cpu_is_refused_at_start():

@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from flags import SMALL_GPT
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -132,8 +133,10 @@ def test_bad_precision_is_refused(tmp_path):
 
 TINY = [
     "--mock-data", "--vocab-size", "500", "--num-layers", "4", "--hidden-size", "64",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "16",
+    "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2",
+    "--seq-length", "16",
     "--micro-batch-size", "2", "--train-iters", "10", "--tst-bag-size", "4", "--swiglu",
+    "--lr", "1e-3", *SMALL_GPT,
 ]  # fmt: skip
 
 
@@ -230,48 +233,31 @@ def _real_rank_parameters(argv: list[str]) -> tuple[int, int]:
     """On a rank: build this rank's model chunks for ``argv`` and count their parameters."""
     import torch
 
-    from tst.config import parse_args, validate
+    from tst.config import parse_args
     from tst.megatron_config import transformer_config
     from tst.model import ModelShape, build_model_chunks
+    from tst.plan import validate
     from tst.platform import initialize
 
     cfg = parse_args(argv)
-    p, m = cfg.parallel, cfg.model
-    derived = validate(cfg, 4, cfg.data.vocab_size)
-    layout = initialize(
-        tp=p.tensor_model_parallel_size,
-        pp=p.pipeline_model_parallel_size,
-        vpp=derived["vpp"],
-        ep=p.expert_model_parallel_size,
-    )
-    shape = ModelShape(
-        vocab_size=derived["padded_vocab_size"],
-        max_sequence_length=m.max_position_embeddings,
-        untie_embeddings_and_output_weights=m.untie_embeddings_and_output_weights,
-        num_experts=m.num_experts,
-    )
-    config = transformer_config(cfg, derived, layout)
-    chunks = build_model_chunks(config, shape, derived["vpp"], torch.device("cpu"))
+    plan = validate(cfg, 4, cfg.data.vocab_size)
+    grid = plan.grid
+    layout = initialize(tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep, etp=grid.etp)
+    shape = ModelShape.from_config(cfg.model, plan.padded_vocab_size, False)
+    config = transformer_config(cfg, plan, layout)
+    chunks = build_model_chunks(config, shape, plan.vpp, torch.device("cpu"))
     return layout.pp_rank, sum(q.numel() for c in chunks for q in c.parameters())
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_per_rank_counts_match_a_real_build(layout, world4):
-    from tst.config import parse_args, validate
-    from tst.dry_run import Grid, meta_parameters, per_rank_parameters
+    from tst.config import parse_args
+    from tst.dry_run import meta_parameters, per_rank_parameters
+    from tst.plan import validate
 
     argv = [*TINY, *LAYOUTS[layout]]
     cfg = parse_args(argv)
-    p = cfg.parallel
-    derived = validate(cfg, 4, cfg.data.vocab_size)
-    grid = Grid(
-        world=4,
-        tp=p.tensor_model_parallel_size,
-        pp=p.pipeline_model_parallel_size,
-        vpp=derived["vpp"],
-        dp=derived["dp"],
-        ep=p.expert_model_parallel_size,
-    )
-    stages = per_rank_parameters(meta_parameters(cfg, derived["padded_vocab_size"]), cfg, grid)
+    plan = validate(cfg, 4, cfg.data.vocab_size)
+    stages = per_rank_parameters(meta_parameters(cfg, plan.padded_vocab_size), cfg, plan.grid)
     for pp_rank, count in world4.run(_real_rank_parameters, argv):
         assert count == stages[pp_rank]["dense"] + stages[pp_rank]["experts"], (pp_rank, stages)

@@ -26,6 +26,7 @@ import os
 import pytest
 import torch
 import transformers
+from flags import SMALL_GPT
 from test_data_support import load_tool, make_tokenizers
 
 import pretrain_tst
@@ -44,12 +45,19 @@ SEQ = 16
 TOLERANCE = 1e-4
 TINY = [
     "--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-    "--num-query-groups", "2", "--swiglu", "--seq-length", str(SEQ), "--micro-batch-size", "2",
+    "--group-query-attention", "--num-query-groups", "2", "--swiglu", "--seq-length", str(SEQ),
+    "--micro-batch-size", "2",
     "--train-iters", "3", "--tst-bag-size", "2", "--tst-iters", "1", "--lr", "1e-2",
     "--init-method-std", "0.2", "--log-interval", "1", "--eval-interval", "100",
-    "--eval-iters", "1", "--peak-tflops", "1",
+    "--eval-iters", "1", "--peak-tflops", "1", *SMALL_GPT,
 ]  # fmt: skip
 MOE = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32"]
+# A model shape for the configuration-only checks.
+SHAPE = [
+    "--mock-data", "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "16", "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3",
+    *SMALL_GPT,
+]  # fmt: skip
 
 
 def _train(save: str, extra: list[str]) -> str:
@@ -255,17 +263,18 @@ def test_cli_tokenizer_files_and_generate(dense_run, tmp_path, capsys):
     [
         (["--position-embedding-type", "learned_absolute"], "--position-embedding-type"),
         (["--normalization", "LayerNorm"], "--normalization LayerNorm"),
-        (["--add-bias-linear"], "--add-bias-linear"),
+        (["--add-qkv-bias"], "linear biases"),
         ([], "--swiglu"),
         ([*MOE, "--moe-shared-expert-intermediate-size", "32"], "--moe-shared-expert"),
     ],
 )
 def test_refuses_what_transformers_cannot_express(flags, names):
-    from tst.config import parse_args, validate
+    from tst.config import parse_args
     from tst.megatron_config import transformer_config
+    from tst.plan import validate
 
     swiglu = [] if names == "--swiglu" else ["--swiglu"]
-    cfg = parse_args(["--mock-data", *swiglu, *flags])
+    cfg = parse_args([*SHAPE, *swiglu, *flags])
     with single_process_world() as layout:
         config = transformer_config(cfg, validate(cfg, 1, 512), layout)
     with pytest.raises(ExportError, match=names):
@@ -273,11 +282,12 @@ def test_refuses_what_transformers_cannot_express(flags, names):
 
 
 def test_router_pre_softmax_needs_qwen3_moe():
-    from tst.config import parse_args, validate
+    from tst.config import parse_args
     from tst.megatron_config import transformer_config
+    from tst.plan import validate
 
-    plain = parse_args(["--mock-data", "--swiglu", *MOE])
-    qk = parse_args(["--mock-data", "--swiglu", "--qk-layernorm", *MOE])
+    plain = parse_args([*SHAPE, "--swiglu", *MOE])
+    qk = parse_args([*SHAPE, "--swiglu", "--qk-layernorm", *MOE])
     with single_process_world() as layout:
         config = transformer_config(plain, validate(plain, 1, 512), layout)
     config.moe_router_pre_softmax = True  # top-k of the softmax, not renormalised
@@ -318,7 +328,7 @@ def test_bpe_tokenizer_files_load_in_transformers(dense_run, tokenizer_flags, tm
     from tst.config import parse_args
     from tst.export import convert, tokenizer_spec
 
-    cfg = parse_args(["--mock-data", "--tokenizer-type", kind, *tokenizer_flags[kind]])
+    cfg = parse_args([*SHAPE, "--tokenizer-type", kind, *tokenizer_flags[kind]])
     out = str(tmp_path / "hf")
     convert(dense_run, out, tokenizer=tokenizer_spec(cfg))  # these weights, another tokenizer
     ours = tokenizer_spec(cfg).build()

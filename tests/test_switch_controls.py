@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from flags import SMALL_GPT
 
 import pretrain_tst
-from tst.config import parse_args, validate
+from tst.config import parse_args
+from tst.plan import validate
 
 SWITCH = 2
 BASE = [
@@ -20,7 +22,7 @@ BASE = [
     "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "4",
     "--tst-bag-size", "3", "--tst-iters", str(SWITCH), "--lr", "1e-2",
     "--untie-embeddings-and-output-weights", "--log-interval", "1",
-    "--eval-interval", "100", "--eval-iters", "1", "--peak-tflops", "1",
+    "--eval-interval", "100", "--eval-iters", "1", "--peak-tflops", "1", *SMALL_GPT,
 ]  # fmt: skip
 HEADS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
@@ -40,7 +42,6 @@ def _adam_state(trainer) -> list[dict]:
 
 def _train(*flags: str) -> dict:
     """Train BASE + flags in this process; returns what the spy saw and the initial weights."""
-    from tst.phases import PhaseSchedule
     from tst.platform import initialize, shutdown
     from tst.trainer import Trainer
 
@@ -49,10 +50,9 @@ def _train(*flags: str) -> dict:
     vocab = cfg.data.vocab_size
     layout = initialize(seed=cfg.training.seed)
     try:
-        derived = validate(cfg, layout.world_size, vocab)
-        schedule = PhaseSchedule.from_config(cfg)
-        datasets = pretrain_tst.build_datasets(cfg, derived, tokenizer, vocab, schedule)
-        trainer = Trainer(cfg, layout, derived, tokenizer, datasets)
+        plan = validate(cfg, layout.world_size, vocab)
+        datasets = pretrain_tst.build_datasets(cfg, plan, tokenizer, vocab)
+        trainer = Trainer(cfg, layout, plan, tokenizer, datasets)
         seen = {"initial": _weights(trainer), "calls": []}
         apply = trainer.apply_switch_controls
 

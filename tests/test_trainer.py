@@ -12,18 +12,20 @@ import json
 import os
 
 import pytest
+from flags import SMALL_GPT
 
 import pretrain_tst
 from tst.checkpointing import CheckpointError, latest_iteration
-from tst.config import parse_args, validate
+from tst.config import parse_args
+from tst.plan import validate
 
 BASE = [
     "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--swiglu",
+    "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2", "--swiglu",
     "--seq-length", "8", "--micro-batch-size", "2", "--global-batch-size", "8",
     "--train-iters", "6", "--tst-bag-size", "3", "--tst-iters", "3", "--lr", "3e-3",
     "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "3",
-    "--eval-iters", "1", "--untie-embeddings-and-output-weights",
+    "--eval-iters", "1", "--untie-embeddings-and-output-weights", *SMALL_GPT,
 ]  # fmt: skip
 
 
@@ -271,7 +273,7 @@ def _with(**flags) -> list[str]:
         (_with(num_layers=3, pipeline_model_parallel_size=2), "--num-layers 3 is not divisible"),
         (_with(global_batch_size=6), "--global-batch-size 6 is not divisible"),
         (_with(tst_iters=9), "--tst-iters must be <= --train-iters"),
-        (_with(tensor_model_parallel_size=3), "world size 4 is not divisible by TP x PP = 3"),
+        (_with(tensor_model_parallel_size=3), "world size 4 is not divisible by TP x PP x CP = 3"),
     ],
 )  # fmt: skip
 def test_impossible_layouts_are_refused(argv, message):

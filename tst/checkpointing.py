@@ -22,7 +22,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-__all__ = ["TRACKER", "checkpoint_dir", "latest_iteration", "save", "load"]
+__all__ = ["TRACKER", "checkpoint_dir", "find_checkpoint", "latest_iteration", "save", "load"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state, sharded by data-parallel rank (megatron-core's
@@ -58,6 +58,57 @@ def latest_iteration(root: str) -> int:
             "(no metadata.json); restore that directory or point the tracker at an older one"
         )
     return iteration
+
+
+def _save_failure(root: str, tmp: str, error: Exception) -> str:
+    """Why a save failed, in the user's terms: a full disk is named as such."""
+    free = shutil.disk_usage(root).free if os.path.isdir(root) else None
+    cause = f"{type(error).__name__}: {error}"
+    if free is not None and free < 64 * 2**20 or "No space left" in cause:
+        cause = f"no space left on the device of {root} ({(free or 0) / 2**20:.0f} MiB free)"
+    return (
+        f"saving a checkpoint into {root} failed ({cause}); the staging folder {tmp} was "
+        "removed and the previous checkpoint is intact: free space or point --save elsewhere"
+    )
+
+
+def check_writable(root: str) -> None:
+    """Refuse an unwritable --save at start, not at the first save hours later."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise CheckpointError(
+            f"--save {root} is not writable ({error.strerror}): fix its permissions or point "
+            "--save elsewhere"
+        ) from None
+
+
+def find_checkpoint(root: str) -> int | None:
+    """The latest complete checkpoint's iteration, or None when ``root`` holds none at all.
+
+    "None at all" is a missing directory, or one with no tracker and no finished
+    ``iter_*`` directory (a first save killed before it completed leaves only its ``.tmp``
+    staging folder). Finished checkpoints without a tracker, or a tracker naming a damaged
+    one, are refused by name: they are data to restore, never a reason to start afresh.
+    """
+    if not os.path.isdir(root):
+        return None
+    if not os.path.isfile(os.path.join(root, TRACKER)):
+        finished = sorted(
+            name for name in os.listdir(root)
+            if name.startswith("iter_") and not name.endswith(".tmp")
+        )  # fmt: skip
+        if finished:
+            raise CheckpointError(
+                f"--load {root}: {len(finished)} checkpoint folder(s) ({', '.join(finished[-3:])})"
+                f" but no {TRACKER}: write the iteration to resume from into {TRACKER} there"
+            )
+        return None
+    return latest_iteration(root)
 
 
 MANIFEST = "tst_manifest.json"
@@ -131,7 +182,40 @@ def _sharded_model_state(chunks) -> dict:
     return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def save(root: str, iteration: int, chunks, optimizer, common: dict) -> str:
+def _dp_group():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def _save_strategy(fully_parallel: bool):
+    """megatron-core's torch_dist writer; fully parallel: each data-parallel replica writes a
+    share of the replicated tensors instead of DP rank 0 writing them all."""
+    if not fully_parallel or dist.get_world_size(_dp_group()) == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
+
+
+def _load_strategy(path: str, fully_parallel: bool):
+    """Fully parallel: each replica reads a share and they exchange the rest."""
+    if not fully_parallel or dist.get_world_size(_dp_group()) == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), _dp_group())
+
+
+def save(
+    root: str, iteration: int, chunks, optimizer, common: dict, fully_parallel: bool = False
+) -> str:
     """Write checkpoint ``iteration`` under ``root`` (collective: every rank calls it)."""
     from megatron.core import dist_checkpointing
 
@@ -144,9 +228,14 @@ def save(root: str, iteration: int, chunks, optimizer, common: dict) -> str:
         os.makedirs(tmp)
     dist.barrier()
     state = _sharded_model_state(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
+    if optimizer is not None:  # None: the weights only (--no-save-optim)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
     state["common"] = common
-    dist_checkpointing.save(state, tmp)
+    try:
+        dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(fully_parallel))
+    except Exception as error:  # the writers' own message rarely names the cause
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_save_failure(root, tmp, error)) from error
     if os.environ.get("TST_FAULT_INJECTION") == "kill-during-save":
         # Fault-injection tests: die with the shards written but the checkpoint not yet
         # complete (no manifest, not renamed, tracker untouched). The writer processes
@@ -172,9 +261,9 @@ def save(root: str, iteration: int, chunks, optimizer, common: dict) -> str:
     return final
 
 
-def load(root: str, chunks, optimizer) -> dict:
-    """Load the latest complete checkpoint into ``chunks`` and ``optimizer``; return its
-    common state (iteration, data position, scheduler, ...)."""
+def load(root: str, chunks, optimizer, fully_parallel: bool = False) -> dict:
+    """Load the latest complete checkpoint into ``chunks`` and ``optimizer`` (None: the
+    weights only); return its common state (iteration, data position, scheduler, ...)."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
@@ -182,19 +271,23 @@ def load(root: str, chunks, optimizer) -> dict:
     verify(path)
     template = _sharded_model_state(chunks)
     _check_shapes(template, path)
-    _allocate_empty_adam_state(optimizer)
-    template["optimizer"] = optimizer.sharded_state_dict(
-        template, is_loading=True, metadata=_OPTIMIZER_METADATA
-    )
+    if optimizer is not None:
+        _allocate_empty_adam_state(optimizer)
+        template["optimizer"] = optimizer.sharded_state_dict(
+            template, is_loading=True, metadata=_OPTIMIZER_METADATA
+        )
     try:
-        state = dist_checkpointing.load(template, path)
+        state = dist_checkpointing.load(
+            template, path, sharded_strategy=_load_strategy(path, fully_parallel)
+        )
     except Exception as error:  # report which checkpoint failed, then the cause
         raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"model{i}"])
-    with torch.no_grad():  # the distributed optimizer copies into leaf parameters
-        optimizer.load_state_dict(state["optimizer"])
-    _restore_adam_steps(optimizer, state["optimizer"])
+    if optimizer is not None:
+        with torch.no_grad():  # the distributed optimizer copies into leaf parameters
+            optimizer.load_state_dict(state["optimizer"])
+        _restore_adam_steps(optimizer, state["optimizer"])
     return state["common"]  # the non-sharded entries come back with the sharded ones
 
 

@@ -1,15 +1,20 @@
 """Run configuration: one small dataclass per concern, and the command line built from them.
 
-Every field is a Megatron-style flag (``num_layers`` is ``--num-layers``); its help text is
-declared with the field. Each dataclass checks its own fields in ``__post_init__`` with an
-error that names the flag; checks that span several concerns (and the world size) live in
-:func:`validate`.
+Every field is a Megatron-LM flag with Megatron-LM's name, meaning and default
+(``num_layers`` is ``--num-layers``; a few take Megatron's own spelling, e.g.
+``add_bias_linear`` is ``--disable-bias-linear``); its help text is declared with the field.
+Each dataclass checks its own fields in ``__post_init__`` with an error that names the flag;
+checks that span several concerns (and the world size) live in :func:`tst.plan.validate`.
+Megatron-LM flags that change nothing here, or cannot run here, are listed in
+:mod:`tst.megatron_flags`: accepted with the reason, or refused with one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -22,19 +27,24 @@ __all__ = [
     "DataArgs",
     "TSTConfig",
     "RunConfig",
+    "LoggingConfig",
     "Config",
     "build_parser",
     "parse_args",
-    "validate",
 ]
 
 
-def _f(default, help: str, choices=None, **kwargs):
-    """A dataclass field that carries its command-line help (and choices)."""
-    metadata = {"help": help, "choices": choices}
+def _f(default, help: str, choices=None, *, flag=None, nargs=None, type=None, metavar=None):
+    """A dataclass field that carries its command-line help, choices and spelling.
+
+    ``flag`` overrides the flag name; a bool field whose default is True is switched off by
+    its flag (Megatron-LM's ``--no-*`` / ``--disable-*`` flags).
+    """
+    metadata = {"help": help, "choices": choices, "flag": flag, "nargs": nargs, "type": type,
+                "metavar": metavar}  # fmt: skip
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
-    return field(default=default, metadata=metadata, **kwargs)
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -44,65 +54,165 @@ def _require(condition: bool, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    num_layers: int = _f(2, "Transformer layers.")
-    hidden_size: int = _f(64, "Hidden size.")
+    """The network: shape, position encoding, norms, biases, dropout, kernels, experts.
+
+    Every default is Megatron-LM's, so a Megatron launch script trains the model its author
+    meant (learned absolute positions, LayerNorm, biases, dropout 0.1, GELU MLP of 4 x hidden,
+    tied embeddings). Fused kernels default on, as in Megatron; they run where the device and
+    library have them (CUDA) and are off on CPU.
+    """
+
+    num_layers: int | None = _f(None, "Transformer layers (required).")
+    hidden_size: int | None = _f(None, "Hidden size (required).")
     ffn_hidden_size: int | None = _f(
         None,
-        "MLP hidden size (default 4 x hidden, or the "
-        "SwiGLU-equivalent 8/3 x hidden with --swiglu).",
+        "MLP hidden size (default 4 x hidden; with --swiglu Megatron's int(8/3 x hidden / 64) x 64).",
     )
-    num_attention_heads: int = _f(4, "Attention heads.")
-    num_query_groups: int | None = _f(None, "Key/value head groups (GQA); default = heads.")
-    seq_length: int = _f(
-        64,
-        "Positions the transformer sees per sample, in both phases; the "
+    num_attention_heads: int | None = _f(None, "Attention heads (required).")
+    kv_channels: int | None = _f(None, "Projection size per head (default hidden / heads).")
+    group_query_attention: bool = _f(False, "Grouped-query attention with --num-query-groups.")
+    num_query_groups: int = _f(
+        1, "Key/value head groups; used only with --group-query-attention (as in Megatron-LM)."
+    )
+    seq_length: int | None = _f(
+        None,
+        "Positions the transformer sees per sample, in both phases (required); the "
         "superposition phase reads bag_size times more raw tokens.",
     )
     max_position_embeddings: int | None = _f(None, "Maximum positions (default seq-length).")
     position_embedding_type: str = _f(
-        "rope", "Position embedding.", choices=["rope", "learned_absolute"]
+        "learned_absolute",
+        "Position embedding.",
+        choices=["learned_absolute", "rope", "none", "mrope", "relative"],
+    )
+    add_position_embedding: bool = _f(
+        True,
+        "Deprecated in Megatron-LM: accepted with --position-embedding-type rope (no effect), "
+        "refused otherwise (use --position-embedding-type none).",
+        flag="--no-position-embedding",
     )
     rotary_base: int = _f(10000, "RoPE base.")
-    normalization: str = _f("RMSNorm", "Normalisation layer.", choices=["RMSNorm", "LayerNorm"])
-    swiglu: bool = _f(False, "SwiGLU MLP (gated SiLU).")
+    rotary_percent: float = _f(1.0, "Share of each head's dimensions that RoPE rotates.")
+    rotary_seq_len_interpolation_factor: int | None = _f(
+        None, "RoPE position interpolation factor (positions divided by it)."
+    )
+    use_rope_scaling: bool = _f(False, "Llama-3.x RoPE frequency scaling.")
+    rope_scaling_factor: float = _f(8.0, "Llama-3.x RoPE scaling factor.")
+    normalization: str = _f("LayerNorm", "Normalisation layer.", choices=["LayerNorm", "RMSNorm"])
+    norm_epsilon: float = _f(1e-5, "Epsilon of the norms.")
+    apply_layernorm_1p: bool = _f(
+        False, "Zero-centred norm weights (weight + 1); needs Transformer Engine or apex norms."
+    )
+    swiglu: bool = _f(False, "SwiGLU MLP (gated SiLU) instead of GELU.")
     untie_embeddings_and_output_weights: bool = _f(False, "Separate input and output embeddings.")
     qk_layernorm: bool = _f(False, "Normalise queries and keys (Qwen3-style).")
     init_method_std: float = _f(0.02, "Std of the normal weight initialisation.")
-    add_bias_linear: bool = _f(False, "Biases in linear layers.")
+    add_bias_linear: bool = _f(True, "No biases in linear layers.", flag="--disable-bias-linear")
+    add_qkv_bias: bool = _f(False, "Biases in the QKV projection only (on with biases anyway).")
+    hidden_dropout: float = _f(0.1, "Dropout after attention and MLP outputs.")
+    attention_dropout: float = _f(0.1, "Dropout of attention probabilities.")
+    attention_backend: str = _f(
+        "auto",
+        "Attention kernel (megatron-core AttnBackend); the local spec runs 'local'/'unfused'.",
+        choices=["auto", "flash", "fused", "unfused", "local"],
+    )
+    attention_softmax_in_fp32: bool = _f(False, "Attention masking and softmax in fp32.")
+    masked_softmax_fusion: bool = _f(
+        True, "Unfused scale-mask-softmax.", flag="--no-masked-softmax-fusion"
+    )
+    bias_dropout_fusion: bool = _f(True, "Unfused bias + dropout.", flag="--no-bias-dropout-fusion")
+    bias_gelu_fusion: bool = _f(True, "Unfused bias + GELU.", flag="--no-bias-gelu-fusion")
+    bias_swiglu_fusion: bool = _f(True, "Unfused bias + SwiGLU.", flag="--no-bias-swiglu-fusion")
+    apply_rope_fusion: bool = _f(True, "Unfused RoPE.", flag="--no-rope-fusion")
+    persist_layer_norm: bool = _f(
+        True, "No persistent fused layer norm.", flag="--no-persist-layer-norm"
+    )
+    gradient_accumulation_fusion: bool = _f(
+        True,
+        "No fused weight-gradient accumulation (needs CUDA and APEX's/TE's kernel).",
+        flag="--no-gradient-accumulation-fusion",
+    )
+    cross_entropy_loss_fusion: bool = _f(
+        False, "Fused cross-entropy for the recovery phase's single-target loss (CUDA)."
+    )
+    cross_entropy_fusion_impl: str = _f(
+        "native", "Kernel of --cross-entropy-loss-fusion.", choices=["native", "te"]
+    )
+    delay_wgrad_compute: bool = _f(
+        False, "Delay weight-gradient GEMMs to overlap them with communication (TE, CUDA)."
+    )
     num_experts: int | None = _f(None, "MoE experts per layer (omit for a dense model).")
     moe_router_topk: int = _f(2, "Experts each token is routed to.")
     moe_ffn_hidden_size: int | None = _f(None, "Expert MLP hidden size (default ffn-hidden-size).")
     moe_shared_expert_intermediate_size: int | None = _f(None, "Shared-expert MLP hidden size.")
     moe_aux_loss_coeff: float = _f(0.0, "Load-balancing auxiliary loss coefficient.")
+    moe_router_load_balancing_type: str = _f(
+        "aux_loss",
+        "Load balancing of the router (weighted by --moe-aux-loss-coeff).",
+        choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"],
+    )
+    moe_grouped_gemm: bool = _f(
+        False,
+        "Grouped-GEMM experts (Transformer Engine spec, CUDA); the local spec computes the "
+        "same experts one by one.",
+    )
     moe_token_dispatcher_type: str = _f(
-        "alltoall", "MoE token dispatcher.", choices=["allgather", "alltoall"]
+        "allgather", "MoE token dispatcher.", choices=["allgather", "alltoall"]
     )
     transformer_impl: str = _f(
         "auto",
-        "Layer implementation: Transformer Engine where "
-        "importable (auto), or megatron-core's local PyTorch spec.",
+        "Layer implementation: Transformer Engine where importable (auto; Megatron-LM's default "
+        "is transformer_engine, which fails where TE is absent), or megatron-core's local spec.",
         choices=["auto", "local", "transformer_engine"],
     )
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
-            _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+            value = getattr(self, name)
+            flag = "--" + name.replace("_", "-")
+            _require(value is not None, f"{flag} is required")
+            _require(value >= 1, f"{flag} must be >= 1")
+        if self.kv_channels is None:
+            _require(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads "
+                f"{self.num_attention_heads} (or give --kv-channels)",
+            )
         _require(
-            self.hidden_size % self.num_attention_heads == 0,
-            f"--hidden-size {self.hidden_size} must be divisible by "
-            f"--num-attention-heads {self.num_attention_heads}",
+            self.position_embedding_type not in ("mrope", "relative"),
+            f"--position-embedding-type {self.position_embedding_type} is not supported for GPT "
+            "pretraining here: use learned_absolute, rope or none",
         )
-        if self.num_query_groups is not None:
+        _require(
+            self.add_position_embedding or self.position_embedding_type == "rope",
+            "--no-position-embedding is deprecated (Megatron-LM refuses it too unless RoPE is "
+            "used): use --position-embedding-type none",
+        )
+        _require(self.num_query_groups >= 1, "--num-query-groups must be >= 1")
+        if self.group_query_attention:
             _require(
                 self.num_attention_heads % self.num_query_groups == 0,
                 "--num-attention-heads must be divisible by --num-query-groups",
             )
+        _require(0 < self.rotary_percent <= 1, "--rotary-percent must be in (0, 1]")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            _require(0 <= value < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        _require(
+            math.isfinite(self.init_method_std) and self.init_method_std > 0,
+            f"--init-method-std must be a positive number, got {self.init_method_std}",
+        )
+        _require(self.norm_epsilon > 0, "--norm-epsilon must be > 0")
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
         _require(
             self.max_position_embeddings >= self.seq_length,
             "--max-position-embeddings must be >= --seq-length",
         )
+        if self.add_bias_linear:  # Megatron-LM keeps the two bias flags in step
+            self.add_qkv_bias = True
+        if self.num_experts == 0:  # Megatron-LM reads 0 experts as a dense model
+            self.num_experts = None
         if self.num_experts is not None:
             _require(self.num_experts >= 1, "--num-experts must be >= 1")
             _require(
@@ -111,79 +221,331 @@ class ModelConfig:
             )
 
     @property
+    def query_groups(self) -> int:
+        """Key/value groups the model has: --num-query-groups only with --group-query-attention."""
+        return self.num_query_groups if self.group_query_attention else self.num_attention_heads
+
+    @property
     def resolved_ffn_hidden_size(self) -> int:
-        """``--ffn-hidden-size``, or 4 x hidden (8/3 x hidden rounded up to 64 with SwiGLU)."""
+        """``--ffn-hidden-size``, or Megatron-LM's default: 4 x hidden, or with SwiGLU
+        ``int(4 x hidden x 2/3 / 64) x 64`` (the same parameters as a 4 x hidden GELU MLP)."""
         if self.ffn_hidden_size:
             return self.ffn_hidden_size
         if self.swiglu:
-            return -(-8 * self.hidden_size // (3 * 64)) * 64
+            return int((4 * self.hidden_size * 2 / 3) / 64) * 64
         return 4 * self.hidden_size
+
+    @property
+    def resolved_kv_channels(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
 
 @dataclass
 class ParallelConfig:
+    """How the model and batch are split over processes, and how their traffic overlaps."""
+
     tensor_model_parallel_size: int = _f(1, "Tensor-parallel size (TP).")
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size (PP).")
     num_layers_per_virtual_pipeline_stage: int | None = _f(
         None, "Layers per virtual pipeline stage (interleaved 1F1B)."
     )
+    context_parallel_size: int = _f(
+        1, "Context-parallel size (CP): the sequence split over ranks; needs Transformer Engine."
+    )
+    cp_comm_type: str = _f(
+        "p2p", "Context-parallel attention communication.", choices=["p2p", "a2a", "allgather"]
+    )
     expert_model_parallel_size: int = _f(1, "Expert-parallel size (EP).")
-    sequence_parallel: bool = _f(False, "Sequence parallelism in TP regions.")
+    expert_tensor_parallel_size: int | None = _f(
+        None, "Tensor-parallel size of the experts (ETP; default: TP)."
+    )
+    sequence_parallel: bool = _f(False, "Sequence parallelism in TP regions (off with TP 1).")
     use_distributed_optimizer: bool = _f(False, "Shard optimizer state over data parallel.")
+    overlap_grad_reduce: bool = _f(False, "Overlap the data-parallel gradient reduction.")
+    overlap_param_gather: bool = _f(
+        False, "Overlap the distributed optimizer's parameter all-gather with the forward."
+    )
+    align_grad_reduce: bool = _f(
+        True,
+        "Let each pipeline stage start its gradient reduction on its own.",
+        flag="--no-align-grad-reduce",
+    )
+    align_param_gather: bool = _f(
+        True,
+        "Let each pipeline stage start its parameter gather on its own.",
+        flag="--no-align-param-gather",
+    )
+    ddp_bucket_size: int | None = _f(
+        None, "Elements per data-parallel communication bucket (default megatron-core's)."
+    )
+    ddp_average_in_collective: bool = _f(
+        False, "Average in the data-parallel collective instead of pre-scaling."
+    )
+    grad_reduce_in_bf16: bool = _f(False, "Reduce gradients in bf16 (with --bf16).")
+    accumulate_allreduce_grads_in_fp32: bool = _f(
+        False, "Accumulate and all-reduce gradients in fp32 (on by itself with --bf16)."
+    )
+    tp_comm_overlap: bool = _f(
+        False, "Overlap TP communication with GEMMs (Transformer Engine userbuffers, CUDA)."
+    )
+    recompute_granularity: str | None = _f(
+        None,
+        "Activation recomputation: whole layers (full) or the memory-heavy parts (selective).",
+        choices=["full", "selective"],
+    )
+    recompute_method: str | None = _f(
+        None,
+        "Full recomputation: layers split in uniform groups, or the first N per stage (block).",
+        choices=["uniform", "block"],
+    )
+    recompute_num_layers: int | None = _f(
+        None, "Layers per group (uniform) or per stage (block) that full recomputation covers."
+    )
+    recompute_modules: list[str] | None = _f(
+        None,
+        "Selective recomputation's modules (megatron-core's names: core_attn, moe_act, "
+        "layernorm, mla_up_proj, mlp, moe, shared_experts; default core_attn).",
+    )
+    distributed_timeout_minutes: int = _f(
+        10, "Timeout of collectives: a rank lost mid-step ends the job after this long."
+    )
 
     def __post_init__(self):
         for name in (
             "tensor_model_parallel_size",
             "pipeline_model_parallel_size",
+            "context_parallel_size",
             "expert_model_parallel_size",
         ):
             _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        if self.expert_tensor_parallel_size is not None:
+            _require(
+                self.expert_tensor_parallel_size >= 1, "--expert-tensor-parallel-size must be >= 1"
+            )
+        _require(
+            self.distributed_timeout_minutes >= 1, "--distributed-timeout-minutes must be >= 1"
+        )
+        if self.ddp_bucket_size is not None:
+            _require(self.ddp_bucket_size >= 1, "--ddp-bucket-size must be >= 1")
+        _require(
+            not self.overlap_param_gather or self.use_distributed_optimizer,
+            "--overlap-param-gather needs --use-distributed-optimizer",
+        )
+        if self.recompute_granularity == "selective":
+            _require(
+                self.recompute_method is None,
+                "--recompute-method applies to --recompute-granularity full only",
+            )
+        if self.recompute_granularity == "full":
+            _require(
+                self.recompute_method is not None and self.recompute_num_layers is not None,
+                "--recompute-granularity full needs --recompute-method (uniform or block) and "
+                "--recompute-num-layers",
+            )
+        if self.recompute_granularity is None:
+            _require(
+                self.recompute_method is None and self.recompute_num_layers is None,
+                "--recompute-method / --recompute-num-layers need --recompute-granularity full",
+            )
+        if self.recompute_num_layers is not None:
+            _require(self.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
+        if self.recompute_modules is not None:
+            known = {"core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe",
+                     "shared_experts"}  # fmt: skip
+            bad = sorted(set(self.recompute_modules) - known)
+            _require(not bad, f"--recompute-modules: unknown {bad}; choose from {sorted(known)}")
 
 
 @dataclass
 class TrainingConfig:
-    micro_batch_size: int = _f(4, "Samples per micro-batch per data-parallel rank.")
+    """Batch, length of the run, optimizer, learning-rate schedule and precision.
+
+    The run's length is --train-iters, or --train-samples (Megatron-LM's sample-based
+    training); warm-up and decay lengths are then given in the same unit. As in Megatron-LM,
+    the LR scheduler counts samples, so a batch-size ramp-up moves it by the samples read.
+    """
+
+    micro_batch_size: int | None = _f(None, "Samples per micro-batch per data-parallel rank.")
     global_batch_size: int | None = _f(None, "Samples per optimizer step (default micro x DP).")
-    train_iters: int = _f(100, "Optimizer steps in the whole run (both phases).")
-    lr: float = _f(1e-3, "Peak learning rate.")
+    rampup_batch_size: list[int] | None = _f(
+        None,
+        "Batch-size ramp-up: START INCREMENT SAMPLES grows the global batch from START by "
+        "INCREMENT over SAMPLES samples (sample-based training).",
+        nargs=3,
+        type=int,
+        metavar=("START", "INCREMENT", "SAMPLES"),
+    )
+    train_iters: int | None = _f(None, "Optimizer steps in the whole run (both phases).")
+    train_samples: int | None = _f(None, "Samples in the whole run (instead of --train-iters).")
+    optimizer: str = _f(
+        "adam", "Optimizer (AdamW-style decoupled weight decay).", choices=["adam", "sgd"]
+    )
+    lr: float | None = _f(None, "Peak learning rate (required).")
     min_lr: float = _f(0.0, "Final learning rate.")
+    decoupled_lr: float | None = _f(None, "Separate learning rate of the input and output layers.")
+    decoupled_min_lr: float | None = _f(None, "Final learning rate of the input and output layers.")
     lr_decay_style: str = _f(
-        "cosine",
+        "linear",
         "LR decay after warm-up; one schedule spans both phases.",
-        choices=["cosine", "linear", "wsd", "constant"],
+        choices=["constant", "linear", "cosine", "inverse-square-root", "WSD", "wsd"],
+    )
+    lr_decay_iters: int | None = _f(None, "Steps the LR decays over (default --train-iters).")
+    lr_decay_samples: int | None = _f(
+        None, "Samples the LR decays over (sample-based; default --train-samples)."
+    )
+    lr_warmup_fraction: float | None = _f(
+        None, "Warm-up as a share of the decay length (instead of --lr-warmup-iters/samples)."
     )
     lr_warmup_iters: int = _f(0, "Linear warm-up steps.")
-    lr_wsd_decay_iters: int | None = _f(
-        None, "Decay steps at the end of a WSD schedule (default 10%% of train-iters)."
+    lr_warmup_samples: int = _f(0, "Linear warm-up samples (sample-based).")
+    lr_warmup_init: float = _f(0.0, "Learning rate at the start of warm-up.")
+    lr_wsd_decay_style: str = _f(
+        "exponential",
+        "Shape of a WSD schedule's final decay.",
+        choices=["exponential", "linear", "cosine", "minus_sqrt"],
     )
-    weight_decay: float = _f(0.1, "AdamW weight decay.")
+    lr_wsd_decay_iters: int | None = _f(
+        None, "Decay steps at the end of a WSD schedule (default 10%% of the run)."
+    )
+    lr_wsd_decay_samples: int | None = _f(
+        None, "Decay samples at the end of a WSD schedule (sample-based)."
+    )
+    weight_decay: float = _f(0.01, "Weight decay (decoupled, AdamW).")
+    start_weight_decay: float | None = _f(
+        None, "Weight decay at the start (default --weight-decay)."
+    )
+    end_weight_decay: float | None = _f(None, "Weight decay at the end (default --weight-decay).")
+    weight_decay_incr_style: str = _f(
+        "constant",
+        "How weight decay moves from start to end.",
+        choices=["constant", "linear", "cosine"],
+    )
     adam_beta1: float = _f(0.9, "Adam beta1.")
-    adam_beta2: float = _f(0.95, "Adam beta2.")
+    adam_beta2: float = _f(0.999, "Adam beta2.")
     adam_eps: float = _f(1e-8, "Adam epsilon.")
+    sgd_momentum: float = _f(0.9, "SGD momentum.")
     clip_grad: float = _f(1.0, "Gradient-norm clipping (0 = off).")
     seed: int = _f(1234, "Random seed (weights, data order, dropout).")
     bf16: bool = _f(False, "bf16 parameters and compute (fp32 master weights).")
+    fp16: bool = _f(False, "fp16 parameters and compute with loss scaling (fp32 master weights).")
+    loss_scale: float | None = _f(None, "Static loss scale for fp16 (default: dynamic scaling).")
+    initial_loss_scale: float = _f(2.0**32, "Initial dynamic loss scale (fp16).")
+    min_loss_scale: float = _f(1.0, "Minimum dynamic loss scale (fp16).")
+    loss_scale_window: float = _f(1000, "Steps without overflow before the scale grows (fp16).")
+    hysteresis: int = _f(2, "Overflows tolerated before the scale shrinks (fp16).")
+    use_precision_aware_optimizer: bool = _f(
+        False, "Transformer Engine's FusedAdam with low-precision optimizer state (CUDA + TE)."
+    )
     fp8_format: str | None = _f(None, "FP8 through Transformer Engine.", choices=["e4m3", "hybrid"])
     fp8_recipe: str = _f(
         "delayed",
         "Transformer Engine FP8 recipe.",
         choices=["delayed", "tensorwise", "mxfp8", "blockwise"],
     )
+    fp8_margin: int = _f(0, "FP8 scaling margin.")
+    fp8_amax_history_len: int = _f(1, "FP8 amax history length (delayed scaling).")
+    fp8_amax_compute_algo: str = _f(
+        "most_recent", "FP8 amax from the history.", choices=["most_recent", "max"]
+    )
+    fp8_param_gather: bool = _f(False, "Keep parameters in FP8 and gather them in FP8.")
+    first_last_layers_bf16: bool = _f(False, "Keep the first and last layers in bf16 under FP8.")
+    main_grads_dtype: str = _f("fp32", "Main gradients' dtype (precision-aware optimizer).",
+                               choices=["fp32", "bf16"])  # fmt: skip
+    main_params_dtype: str = _f("fp32", "Main parameters' dtype (precision-aware optimizer).",
+                                choices=["fp32", "fp16"])  # fmt: skip
+    exp_avg_dtype: str = _f("fp32", "Adam first moment's dtype (precision-aware optimizer).",
+                            choices=["fp32", "fp16", "bf16", "fp8"])  # fmt: skip
+    exp_avg_sq_dtype: str = _f("fp32", "Adam second moment's dtype (precision-aware optimizer).",
+                               choices=["fp32", "fp16", "bf16", "fp8"])  # fmt: skip
+    empty_unused_memory_level: int = _f(
+        0, "Return cached CUDA memory: 1 after each optimizer step, 2 also after each "
+        "forward-backward (less fragmentation, some speed).", choices=[0, 1, 2],
+    )  # fmt: skip
     max_skipped_steps: int = _f(5, "Consecutive non-finite steps before the run stops.")
 
     def __post_init__(self):
+        _require(self.micro_batch_size is not None, "--micro-batch-size is required")
+        low_precision_state = any(
+            value != "fp32" for value in (self.main_grads_dtype, self.main_params_dtype,
+                                          self.exp_avg_dtype, self.exp_avg_sq_dtype)
+        )  # fmt: skip
+        _require(
+            not low_precision_state or self.use_precision_aware_optimizer,
+            "--main-grads-dtype / --main-params-dtype / --exp-avg-dtype / --exp-avg-sq-dtype "
+            "other than fp32 need --use-precision-aware-optimizer",
+        )
         _require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
-        _require(self.train_iters >= 1, "--train-iters must be >= 1")
+        _require(self.lr is not None, "--lr is required (the peak learning rate)")
+        _require(
+            (self.train_iters is None) != (self.train_samples is None),
+            "give --train-iters (iteration-based) or --train-samples (sample-based), one of them",
+        )
+        if self.lr_decay_style == "wsd":
+            self.lr_decay_style = "WSD"
+        if self.train_iters is not None:
+            _require(self.train_iters >= 1, "--train-iters must be >= 1")
+            for flag, value in (("--lr-decay-samples", self.lr_decay_samples),
+                                ("--lr-wsd-decay-samples", self.lr_wsd_decay_samples),
+                                ("--rampup-batch-size", self.rampup_batch_size)):  # fmt: skip
+                _require(value is None, f"{flag} needs sample-based training (--train-samples)")
+            _require(self.lr_warmup_samples == 0,
+                     "--lr-warmup-samples needs sample-based training (--train-samples)")  # fmt: skip
+        else:
+            _require(self.train_samples >= 1, "--train-samples must be >= 1")
+            for flag, value in (("--lr-decay-iters", self.lr_decay_iters),
+                                ("--lr-wsd-decay-iters", self.lr_wsd_decay_iters)):  # fmt: skip
+                _require(value is None, f"{flag} needs iteration-based training (--train-iters)")
+            _require(self.lr_warmup_iters == 0,
+                     "--lr-warmup-iters needs iteration-based training (--train-iters)")  # fmt: skip
+        if self.lr_warmup_fraction is not None:
+            _require(0 <= self.lr_warmup_fraction <= 1, "--lr-warmup-fraction must be in [0, 1]")
+            _require(
+                self.lr_warmup_iters == 0 and self.lr_warmup_samples == 0,
+                "give --lr-warmup-fraction or --lr-warmup-iters/--lr-warmup-samples, not both",
+            )
+        _require(
+            all(math.isfinite(v) for v in (self.lr, self.min_lr, self.lr_warmup_init)),
+            "--lr, --min-lr and --lr-warmup-init must be finite numbers",
+        )
         _require(
             self.lr > 0 and self.min_lr >= 0 and self.min_lr <= self.lr,
             "need --lr > 0 and 0 <= --min-lr <= --lr",
         )
+        _require(self.lr_warmup_iters >= 0 and self.lr_warmup_samples >= 0,
+                 "--lr-warmup-iters / --lr-warmup-samples must be >= 0")  # fmt: skip
+        if self.train_iters is not None:
+            _require(
+                self.lr_warmup_iters <= self.train_iters,
+                "--lr-warmup-iters must be between 0 and --train-iters",
+            )
+        for flag, value in (("--lr-decay-iters", self.lr_decay_iters),
+                            ("--lr-decay-samples", self.lr_decay_samples),
+                            ("--lr-wsd-decay-iters", self.lr_wsd_decay_iters),
+                            ("--lr-wsd-decay-samples", self.lr_wsd_decay_samples)):  # fmt: skip
+            _require(value is None or value >= 1, f"{flag} must be >= 1")
+        if self.rampup_batch_size is not None:
+            start, increment, samples = self.rampup_batch_size
+            _require(start >= 1 and increment >= 1 and samples >= 0,
+                     "--rampup-batch-size START INCREMENT SAMPLES: START and INCREMENT >= 1, "
+                     "SAMPLES >= 0")  # fmt: skip
         _require(
-            0 <= self.lr_warmup_iters <= self.train_iters,
-            "--lr-warmup-iters must be between 0 and --train-iters",
+            math.isfinite(self.clip_grad) and self.clip_grad >= 0,
+            f"--clip-grad must be >= 0 (0 turns clipping off), got {self.clip_grad}",
         )
-        if self.lr_wsd_decay_iters is None:
-            self.lr_wsd_decay_iters = max(1, self.train_iters // 10)
+        _require(self.weight_decay >= 0, "--weight-decay must be >= 0")
+        _require(0 <= self.seed < 2**63, f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
+        _require(not (self.bf16 and self.fp16), "give --bf16 or --fp16, not both")
+        _require(self.loss_scale is None or self.loss_scale > 0, "--loss-scale must be > 0")
+        _require(self.hysteresis >= 1, "--hysteresis must be >= 1")
+        _require(self.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
+        if self.start_weight_decay is None:
+            self.start_weight_decay = self.weight_decay
+        if self.end_weight_decay is None:
+            self.end_weight_decay = self.weight_decay
+
+    @property
+    def sample_based(self) -> bool:
+        return self.train_samples is not None
 
 
 @dataclass
@@ -193,11 +555,14 @@ class DataArgs:
         "Dataset prefixes, optionally weighted: "
         "'0.7 corpusA_text_document 0.3 corpusB_text_document'.",
     )
-    split: str = _f("969,30,1", "Train/valid/test split of each prefix.")
+    split: str | None = _f(
+        None, "Train/valid/test split of each prefix, e.g. 98,2,0 (default 969,30,1)."
+    )
     mock_data: bool = _f(False, "Synthetic data (no --data-path needed).")
-    tokenizer_type: str = _f(
-        "NullTokenizer",
-        "Tokenizer.",
+    tokenizer_type: str | None = _f(
+        None,
+        "Tokenizer (default: GPT2BPETokenizer when --vocab-file and --merge-file are given, "
+        "as Megatron-LM's GPT example assumes; NullTokenizer with --mock-data).",
         choices=TOKENIZER_TYPES,
     )
     tokenizer_model: str | None = _f(None, "Tokenizer model file (.model / tokenizer.json).")
@@ -210,6 +575,21 @@ class DataArgs:
         "A checkpoint resumes at another TP only if the padded size stays the same.",
     )
     data_cache_path: str | None = _f(None, "Where dataset sample indices are cached.")
+    train_data_path: list[str] | None = _f(None, "Training-split prefixes (instead of --split).")
+    valid_data_path: list[str] | None = _f(None, "Validation-split prefixes.")
+    test_data_path: list[str] | None = _f(None, "Test-split prefixes.")
+    data_args_path: str | None = _f(
+        None, "A file holding the --data-path value (for blends too long for a command line)."
+    )
+    per_split_data_args_path: str | None = _f(
+        None, 'A JSON file {"train": [...], "valid": [...], "test": [...]} of per-split blends.'
+    )
+    mmap_bin_files: bool = _f(
+        True, "Read .bin files with read() instead of mmap.", flag="--no-mmap-bin-files"
+    )
+    dataloader_type: str = _f(
+        "single", "Sample order: single (each sample once per epoch).", choices=["single", "cyclic"]
+    )
     pad_documents_to_bag: bool = _f(
         False,
         "Pad each document with EOD to a multiple of the bag "
@@ -217,9 +597,53 @@ class DataArgs:
     )
 
     def __post_init__(self):
+        per_split = self.train_data_path or self.valid_data_path or self.test_data_path
+        sources = [bool(self.data_path), bool(self.data_args_path),
+                   bool(self.per_split_data_args_path), bool(per_split)]  # fmt: skip
         _require(
-            self.mock_data or bool(self.data_path),
-            "give --data-path PREFIX [...] (or --mock-data for synthetic data)",
+            self.mock_data or any(sources),
+            "give --data-path PREFIX [...] (or --train-data-path / --data-args-path / "
+            "--per-split-data-args-path, or --mock-data for synthetic data)",
+        )
+        _require(
+            sum(sources) <= 1,
+            "give one of --data-path, --data-args-path, --per-split-data-args-path and "
+            "--train/valid/test-data-path",
+        )
+        _require(
+            not (self.mock_data and any(sources)),
+            "--mock-data reads no files: drop it or the data path flags",
+        )
+        _require(
+            not (self.mock_data and self.split is not None),
+            "--split has no effect with --mock-data (synthetic data has no splits): drop it",
+        )
+        # A shell quirk some launch scripts have: --split "'99,1,0'" (Megatron-LM takes it).
+        self.split = (self.split or "969,30,1").strip("'\" ")
+        try:
+            weights = [float(w) for w in self.split.replace("/", ",").split(",")]
+        except ValueError:
+            weights = []
+        _require(
+            1 <= len(weights) <= 3 and all(math.isfinite(w) and w >= 0 for w in weights)
+            and sum(weights) > 0,
+            f"--split {self.split}: give up to three weights >= 0 with a positive sum, such as "
+            "98,2,0 (train, valid, test)",
+        )
+        if self.tokenizer_type is None:
+            if self.vocab_file and self.merge_file:
+                self.tokenizer_type = "GPT2BPETokenizer"
+            elif self.mock_data or self.vocab_size:
+                self.tokenizer_type = "NullTokenizer"
+            else:
+                raise ValueError(
+                    "give --tokenizer-type (e.g. HuggingFaceTokenizer --tokenizer-model PATH, "
+                    "or NullTokenizer --vocab-size N)"
+                )
+        _require(
+            self.dataloader_type == "single",
+            "--dataloader-type cyclic is not supported: samples are read in one pass per epoch "
+            "(single), which the resumable data position relies on",
         )
 
 
@@ -245,8 +669,11 @@ class TSTConfig:
     )
     tst_layout: str = _f(
         "full",
-        "Sample layout: full target bags (bag*(L+1) tokens) or the "
-        "paper's bag*L+1 tokens with one target at the end.",
+        "Sample layout and MCE batch average. full: bag*(L+1) tokens, every position has a "
+        "full target bag; the loss is each position's mean over its slots, then the mean over "
+        "positions. paper: the paper's bag*L+1 tokens (one target at the last position) and "
+        "its loss: each slot's CE averaged over the positions where it is valid, then the "
+        "(weighted) mean over slots, over the global batch.",
         choices=["full", "paper"],
     )
     tst_reinit_embeddings_at_switch: bool = _f(
@@ -257,14 +684,25 @@ class TSTConfig:
     tst_reset_optimizer_at_switch: bool = _f(
         False, "Control: zero Adam's moments and step count at the phase switch."
     )
+    tst_restart_schedule_at_switch: bool = _f(
+        False,
+        "Start the recovery phase afresh, as patch-level training (Shao et al.) does: zero "
+        "Adam's state and restart the LR schedule at the switch (warm-up of "
+        "--lr-warmup-iters, then the same decay style to --min-lr over the recovery steps).",
+    )
 
     def __post_init__(self):
         _require(1 <= self.tst_bag_size <= 64, "--tst-bag-size must be between 1 and 64")
         _require(
             self.tst_bag_size > 1
-            or not (self.tst_reinit_embeddings_at_switch or self.tst_reset_optimizer_at_switch),
-            "--tst-reinit-embeddings-at-switch and --tst-reset-optimizer-at-switch need "
-            "--tst-bag-size > 1 (with bag size 1 there is no switch)",
+            or not (
+                self.tst_reinit_embeddings_at_switch
+                or self.tst_reset_optimizer_at_switch
+                or self.tst_restart_schedule_at_switch
+            ),
+            "--tst-reinit-embeddings-at-switch, --tst-reset-optimizer-at-switch and "
+            "--tst-restart-schedule-at-switch need --tst-bag-size > 1 (with bag size 1 there "
+            "is no switch)",
         )
         _require(
             self.tst_fraction is None or self.tst_iters is None,
@@ -282,24 +720,56 @@ class TSTConfig:
 
 @dataclass
 class RunConfig:
+    """Checkpoints, resume, and when the run stops."""
+
     save: str | None = _f(None, "Checkpoint directory.")
-    load: str | None = _f(None, "Resume from the latest complete checkpoint here.")
+    load: str | None = _f(
+        None,
+        "Resume from the latest complete checkpoint here; a directory with no checkpoint at "
+        "all starts from scratch (so --save X --load X serves the first launch and every restart).",
+    )
     save_interval: int | None = _f(None, "Save every N steps (and at the end).")
-    eval_interval: int = _f(100, "Evaluate next-token loss every N steps.")
-    eval_iters: int = _f(4, "Batches per evaluation.")
-    log_interval: int = _f(10, "Log every N steps.")
-    tensorboard_dir: str | None = _f(None, "TensorBoard log directory.")
-    metrics_file: str | None = _f(None, "JSON-lines metrics file.")
+    finetune: bool = _f(
+        False,
+        "Load only the weights from --load: iteration, optimizer, LR schedule and data "
+        "position start fresh.",
+    )
+    no_load_optim: bool = _f(False, "Do not load the optimizer state from --load.")
+    no_save_optim: bool = _f(
+        False, "Save checkpoints without the optimizer state (resume them with --no-load-optim)."
+    )
+    ckpt_format: str = _f(
+        "torch_dist",
+        "Checkpoint format (megatron-core dist_checkpointing).",
+        choices=["torch_dist", "torch", "zarr", "fsdp_dtensor"],
+    )
+    async_save: bool = _f(
+        False, "Write checkpoints in the background while training goes on (torch_dist)."
+    )
+    ckpt_fully_parallel_save: bool = _f(
+        True,
+        "Every data-parallel replica writes only its share of the checkpoint.",
+        flag="--no-ckpt-fully-parallel-save",
+    )
+    ckpt_fully_parallel_load: bool = _f(
+        False, "Each data-parallel replica reads a share and exchanges it with the others."
+    )
+    override_opt_param_scheduler: bool = _f(
+        False,
+        "On resume, follow this run's LR / weight-decay schedule flags, not the checkpoint's.",
+        flag="--override-opt_param-scheduler",
+    )
+    use_checkpoint_opt_param_scheduler: bool = _f(
+        False,
+        "On resume, follow the checkpoint's LR / weight-decay schedule, whatever the flags say.",
+        flag="--use-checkpoint-opt_param-scheduler",
+    )
     exit_interval: int | None = _f(None, "Save and exit when the step is a multiple of N.")
     exit_duration_in_mins: float | None = _f(None, "Save and exit after this many minutes.")
-    peak_tflops: float | None = _f(
-        None,
-        "Per-device peak TFLOP/s for MFU (default: 989 on CUDA, a measured fp32 GEMM rate on CPU).",
-    )
     dry_run: bool = _f(
         False,
-        "Build the model on the meta device, print parameter counts and "
-        "the per-rank layout, and exit.",
+        "Build the model on the meta device, print the resolved architecture, parameter counts "
+        "and the per-rank layout, and exit (reads no data or tokenizer files).",
     )
     dry_run_world_size: int | None = _f(
         None,
@@ -308,11 +778,79 @@ class RunConfig:
     )
 
     def __post_init__(self):
-        for name in ("eval_interval", "eval_iters", "log_interval"):
-            _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         _require(
             self.dry_run_world_size is None or self.dry_run_world_size >= 1,
             "--dry-run-world-size must be >= 1",
+        )
+        for flag, value in (("--save-interval", self.save_interval),
+                            ("--exit-interval", self.exit_interval)):  # fmt: skip
+            _require(value is None or value >= 1, f"{flag} must be >= 1 (omit it to turn it off)")
+        _require(
+            self.exit_duration_in_mins is None
+            or (math.isfinite(self.exit_duration_in_mins) and self.exit_duration_in_mins > 0),
+            "--exit-duration-in-mins must be > 0 (omit it for no time limit)",
+        )
+        _require(
+            not (self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler),
+            "give --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler, not both",
+        )
+        _require(
+            self.ckpt_format == "torch_dist",
+            f"--ckpt-format {self.ckpt_format} is not supported: checkpoints are megatron-core "
+            "dist_checkpointing's torch_dist format (resumable under any TP / PP / DP layout); "
+            "drop the flag or use --ckpt-format torch_dist",
+        )
+        _require(
+            not self.finetune or self.load,
+            "--finetune loads the weights of --load: give --load CHECKPOINT_DIR",
+        )
+
+
+@dataclass
+class LoggingConfig:
+    """Evaluation, logs, metrics, TensorBoard / Weights & Biases, profiling."""
+
+    eval_interval: int = _f(1000, "Evaluate next-token loss every N steps.")
+    eval_iters: int = _f(100, "Batches per evaluation (0 = no evaluation).")
+    log_interval: int = _f(100, "Log every N steps.")
+    tensorboard_dir: str | None = _f(None, "TensorBoard log directory.")
+    tensorboard_log_interval: int = _f(1, "Write TensorBoard scalars every N steps.")
+    metrics_file: str | None = _f(None, "JSON-lines metrics file.")
+    log_memory_to_tensorboard: bool = _f(False, "Write memory use to TensorBoard.")
+    log_params_norm: bool = _f(False, "Log the parameters' L2 norm.")
+    log_num_zeros_in_grad: bool = _f(False, "Log the number of zeros in the gradients.")
+    log_validation_ppl_to_tensorboard: bool = _f(False, "Write validation perplexity too.")
+    log_loss_scale_to_tensorboard: bool = _f(
+        True, "No loss scale in TensorBoard.", flag="--no-log-loss-scale-to-tensorboard"
+    )
+    wandb_project: str | None = _f(None, "Weights & Biases project (logs the metrics there).")
+    wandb_exp_name: str | None = _f(None, "Weights & Biases run name.")
+    wandb_save_dir: str | None = _f(None, "Weights & Biases local directory.")
+    wandb_entity: str | None = _f(None, "Weights & Biases entity (team or user).")
+    logging_level: int | None = _f(None, "Python logging level (e.g. 20 = INFO, 30 = WARNING).")
+    profile: bool = _f(False, "Record a torch profiler trace (into --tensorboard-dir).")
+    profile_step_start: int = _f(10, "First profiled step.")
+    profile_step_end: int = _f(12, "Step after the last profiled one.")
+    profile_ranks: list[int] = _f([0], "Ranks that profile.", type=int)
+    manual_gc: bool = _f(False, "Disable automatic garbage collection; collect every interval.")
+    manual_gc_interval: int = _f(0, "Steps between manual collections (0: only at evaluation).")
+    manual_gc_eval: bool = _f(
+        True, "No collection around evaluation with --manual-gc.", flag="--no-manual-gc-eval"
+    )
+    peak_tflops: float | None = _f(
+        None,
+        "Per-device peak TFLOP/s for MFU (default: 989 on CUDA; on CPU the best fp32 GEMM rate "
+        "measured, re-measured whenever a window beats it).",
+    )
+
+    def __post_init__(self):
+        for name in ("eval_interval", "log_interval", "tensorboard_log_interval"):
+            _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        _require(self.eval_iters >= 0, "--eval-iters must be >= 0 (0 = no evaluation)")
+        _require(self.manual_gc_interval >= 0, "--manual-gc-interval must be >= 0")
+        _require(
+            self.profile_step_end > self.profile_step_start >= 0,
+            "--profile-step-end must be after --profile-step-start",
         )
 
 
@@ -324,6 +862,9 @@ class Config:
     data: DataArgs
     tst: TSTConfig
     run: RunConfig
+    log: LoggingConfig
+    # Megatron-LM flags given that change nothing here: (flag, why), see tst.megatron_flags.
+    accepted_flags: tuple[tuple[str, str], ...] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -336,128 +877,79 @@ _SECTIONS = {
     "data": DataArgs,
     "tst": TSTConfig,
     "run": RunConfig,
+    "log": LoggingConfig,
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (a ValueError the entry point prints), no usage."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def _add_field(group, section: str, f, kind) -> None:
+    meta = f.metadata
+    flag = meta["flag"] or "--" + f.name.replace("_", "-")
+    args = typing.get_args(kind)
+    base = next((a for a in args if a is not type(None)), kind) if args else kind
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    kwargs = dict(dest=f"{section}.{f.name}", help=meta["help"], default=default)
+    if base is bool:
+        group.add_argument(flag, action="store_false" if default else "store_true", **kwargs)
+        return
+    if typing.get_origin(kind) is list or typing.get_origin(base) is list:
+        kwargs["nargs"] = "+"
+        base = str
+    if meta["nargs"] is not None:
+        kwargs["nargs"] = meta["nargs"]
+    if meta["type"] is not None:
+        base = meta["type"]
+    if meta["choices"]:
+        kwargs["choices"] = meta["choices"]
+    else:  # a flag-shaped metavar, not the "section.name" destination
+        kwargs["metavar"] = meta["metavar"] or f.name.upper()
+    group.add_argument(flag, type=base, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from tst import megatron_flags
+
+    parser = _Parser(
         prog="pretrain_tst.py",
         description="Token Superposition Training of megatron-core GPT / MoE models.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,  # a misspelt flag is an error, never another flag's prefix
     )
     for section, cls in _SECTIONS.items():
         group = parser.add_argument_group(section)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
-            kind = hints[f.name]
-            args = typing.get_args(kind)
-            base = next((a for a in args if a is not type(None)), kind) if args else kind
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kwargs = dict(dest=f"{section}.{f.name}", help=f.metadata["help"], default=default)
-            if base is bool:
-                group.add_argument(flag, action="store_true", **kwargs)
-                continue
-            if typing.get_origin(kind) is list or typing.get_origin(base) is list:
-                kwargs["nargs"] = "+"
-                base = str
-            if f.metadata["choices"]:
-                kwargs["choices"] = f.metadata["choices"]
-            else:
-                kwargs["metavar"] = f.name.upper()  # not the "section.name" destination
-            group.add_argument(flag, type=base, **kwargs)
+            _add_field(group, section, f, hints[f.name])
+    megatron_flags.add_to_parser(parser)
     return parser
 
 
 def parse_args(argv=None) -> Config:
-    """Parse the command line into a :class:`Config` (field checks run; see :func:`validate`)."""
-    namespace = build_parser().parse_args(argv)
+    """Parse the command line into a :class:`Config` (field checks run; see tst.plan).
+
+    Unknown flags are reported first, all of them, each with the nearest known flag; then a
+    bad value; then Megatron-LM flags that cannot run here, each with the reason and the fix.
+    """
+    from tst import megatron_flags
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    megatron_flags.check_unknown(parser, argv)
+    namespace = parser.parse_args(megatron_flags.apply_aliases(argv))
     values: dict[str, dict] = {section: {} for section in _SECTIONS}
+    extra: dict[str, object] = {}
     for key, value in vars(namespace).items():
         section, name = key.split(".", 1)
-        values[section][name] = value
-    return Config(**{section: cls(**values[section]) for section, cls in _SECTIONS.items()})
-
-
-def validate(cfg: Config, world_size: int, vocab_size: int) -> dict:
-    """Checks across concerns; returns derived values (dp, num_microbatches, vpp, padded vocab)."""
-    m, p, t, tst = cfg.model, cfg.parallel, cfg.training, cfg.tst
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    _require(
-        world_size % (tp * pp) == 0,
-        f"world size {world_size} is not divisible by TP x PP = {tp * pp}",
-    )
-    dp = world_size // (tp * pp)
-    _require(
-        m.num_attention_heads % tp == 0,
-        f"--num-attention-heads {m.num_attention_heads} is not divisible by "
-        f"--tensor-model-parallel-size {tp}",
-    )
-    groups = m.num_query_groups or m.num_attention_heads
-    _require(groups % tp == 0, f"--num-query-groups {groups} is not divisible by TP={tp}")
-    _require(
-        m.num_layers % pp == 0,
-        f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}",
-    )
-    vpp = None
-    if p.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = m.num_layers // pp
-        _require(pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1")
-        _require(
-            per_stage % p.num_layers_per_virtual_pipeline_stage == 0,
-            "--num-layers / PP must be divisible by --num-layers-per-virtual-pipeline-stage",
-        )
-        vpp = per_stage // p.num_layers_per_virtual_pipeline_stage
-        vpp = vpp if vpp > 1 else None
-    if p.sequence_parallel:
-        _require(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
-        _require(
-            m.seq_length % tp == 0, "--seq-length must be divisible by TP with --sequence-parallel"
-        )
-    if m.num_experts is not None:
-        _require(
-            m.num_experts % p.expert_model_parallel_size == 0,
-            "--num-experts must be divisible by --expert-model-parallel-size",
-        )
-        _require(
-            (dp * tp) % p.expert_model_parallel_size == 0,
-            "--expert-model-parallel-size must divide DP x TP",
-        )
-    else:
-        _require(
-            p.expert_model_parallel_size == 1,
-            "--expert-model-parallel-size > 1 needs --num-experts",
-        )
-    gbs = t.global_batch_size or t.micro_batch_size * dp
-    _require(
-        gbs % (t.micro_batch_size * dp) == 0,
-        f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
-        f"{t.micro_batch_size} x data-parallel size {dp}",
-    )
-    num_micro = gbs // (t.micro_batch_size * dp)
-    if vpp:
-        _require(
-            num_micro % pp == 0,
-            "interleaved pipelining needs the number of "
-            f"micro-batches ({num_micro}) to be a multiple of PP={pp}",
-        )
-    if tst.tst_iters is not None:
-        _require(tst.tst_iters <= t.train_iters, "--tst-iters must be <= --train-iters")
-    _require(vocab_size >= 1, "vocabulary size must be >= 1")
-    divisible_by = cfg.data.make_vocab_size_divisible_by
-    _require(
-        divisible_by >= 1,
-        f"--make-vocab-size-divisible-by must be >= 1, got {divisible_by}",
-    )
-    # Megatron's rule: pad to a multiple of --make-vocab-size-divisible-by x TP.
-    multiple = divisible_by * tp
-    padded = -(-vocab_size // multiple) * multiple
-    if t.fp8_format is not None:
-        _require(
-            m.transformer_impl != "local",
-            "FP8 needs Transformer Engine: drop --fp8-format or use "
-            "--transformer-impl transformer_engine",
-        )
-    return dict(
-        dp=dp, vpp=vpp, global_batch_size=gbs, num_microbatches=num_micro, padded_vocab_size=padded
-    )
+        if section in values:
+            values[section][name] = value
+        else:
+            extra[key] = value
+    accepted = megatron_flags.resolve(extra)
+    sections = {section: cls(**values[section]) for section, cls in _SECTIONS.items()}
+    return Config(**sections, accepted_flags=accepted)

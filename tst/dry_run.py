@@ -23,13 +23,14 @@ Nothing reads data; a tokenizer is used only when one is given (else ``--vocab-s
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
 import torch
 
-from tst.config import Config, ParallelConfig, validate
-from tst.phases import PhaseSchedule
+from tst.config import Config, ParallelConfig
+from tst.plan import Grid, RunPlan, validate
 
 __all__ = [
     "Grid",
@@ -40,9 +41,11 @@ __all__ = [
     "per_rank_parameters",
     "activation_bytes",
     "dry_run",
+    "dry_run_vocab_size",
 ]
 
 _GIB = 2**30
+_NVTE = ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -54,12 +57,14 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     m = cfg.model
     h = m.hidden_size
     heads = m.num_attention_heads
-    groups = m.num_query_groups or heads
-    head_dim = h // heads
+    groups = m.query_groups
+    head_dim = m.resolved_kv_channels
     bias = m.add_bias_linear
     norm = 2 * h if m.normalization == "LayerNorm" else h  # LayerNorm has a bias too
     qkv_out = head_dim * (heads + 2 * groups)
-    attn = h * qkv_out + heads * head_dim * h + ((qkv_out + h) if bias else 0)
+    attn = (
+        h * qkv_out + heads * head_dim * h + (h if bias else 0) + (qkv_out if m.add_qkv_bias else 0)
+    )
     if m.qk_layernorm:
         attn += 2 * (norm // h) * head_dim
     glu = 2 if m.swiglu else 1
@@ -130,24 +135,36 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
     # (the same parameters as the TE spec, whose linears carry the norms' weights).
     single = dataclasses.replace(
         cfg,
+        model=dataclasses.replace(m, apply_layernorm_1p=False),  # same parameters
         parallel=ParallelConfig(),
-        training=dataclasses.replace(cfg.training, fp8_format=None, global_batch_size=None),
-    )
+        training=dataclasses.replace(
+            cfg.training, fp8_format=None, fp8_param_gather=False, global_batch_size=None,
+            rampup_batch_size=None, use_precision_aware_optimizer=False,
+        ),
+    )  # fmt: skip
     # An in-memory store: no port, no RANK/WORLD_SIZE in the environment, gone with the group.
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     layout = None
     try:
         layout = initialize(tp=1, pp=1, seed=cfg.training.seed)
-        config = transformer_config(single, validate(single, 1, vocab_size), layout)
+        plan = validate(single, 1, vocab_size)
+        config = transformer_config(single, plan, layout, check_device=False)
         # Shapes only: no init kernels, and no allocation on an explicit CUDA device.
         config.use_cpu_initialization = True
         config.perform_initialization = False
         shape = ModelShape.from_config(m, vocab_size, False)
+        # megatron-core records the attention backend in NVTE_* variables and refuses a
+        # different one later in the process: the count leaves the environment as it was.
+        saved = {k: os.environ.pop(k) for k in _NVTE if k in os.environ}
         try:
             with torch.device("meta"):
                 model = build_gpt(config, shape)
         except AssertionError as error:  # megatron-core checks its arguments with asserts
             raise ValueError(f"megatron-core cannot build this model: {error}") from error
+        finally:
+            for key in _NVTE:
+                os.environ.pop(key, None)
+            os.environ.update(saved)
         # The dimension each tensor-parallel module splits its weight along.
         split = ((ColumnParallelLinear, 0), (RowParallelLinear, 1), (VocabParallelEmbedding, 0))
         infos = []
@@ -191,27 +208,6 @@ def built_counts(params: list[ParamInfo], cfg: Config) -> dict[str, int]:
     }
 
 
-@dataclass(frozen=True)
-class Grid:
-    """The requested process grid (megatron-core's: expert-TP = TP)."""
-
-    world: int
-    tp: int
-    pp: int
-    vpp: int | None
-    dp: int
-    ep: int
-
-    @property
-    def expert_dp(self) -> int:
-        return self.world // (self.tp * self.ep * self.pp)
-
-    def stage_of_layer(self, layer: int, num_layers: int) -> int:
-        """PP rank that holds ``layer`` (virtual chunks are dealt out round-robin)."""
-        chunks = self.pp * (self.vpp or 1)
-        return (layer // (num_layers // chunks)) % self.pp
-
-
 def _shard_check(p: ParamInfo, cfg: Config, tp: int) -> None:
     if p.tp_dim is None or p.tp_size % tp == 0:
         return
@@ -253,7 +249,8 @@ def per_rank_parameters(params: list[ParamInfo], cfg: Config, grid: Grid) -> lis
         stages[grid.stage_of_layer(layer, m.num_layers)]["layers"].append(layer)
     last = grid.pp - 1
     for p in params:
-        local = p.numel // grid.tp if p.tp_dim is not None else p.numel
+        split = grid.etp if p.expert else grid.tp
+        local = p.numel // split if p.tp_dim is not None else p.numel
         if p.layer is not None:
             stage = grid.stage_of_layer(p.layer, m.num_layers)
         elif p.name.startswith("embedding."):
@@ -291,10 +288,10 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int, vocab_size: int) ->
     """
     m, p = cfg.model, cfg.parallel
     h, s = m.hidden_size, m.seq_length * micro_batch
-    kv = h // m.num_attention_heads * (m.num_query_groups or m.num_attention_heads)
+    kv = m.resolved_kv_channels * m.query_groups
     glu = 2 if m.swiglu else 1
     sp = tp if p.sequence_parallel else 1
-    size = 2 if cfg.training.bf16 else 4
+    size = 2 if cfg.training.bf16 or cfg.training.fp16 else 4
     attn = 2 * h / sp + (2 * h + 2 * kv) / tp
     if m.num_experts:
         f, k = m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size, m.moe_router_topk
@@ -339,45 +336,96 @@ def _m(n: float) -> str:
     return f"{n / 1e6:,.1f}M"
 
 
+def dry_run_vocab_size(cfg: Config) -> int:
+    """The vocabulary the dry run sizes the model with, reading no tokenizer file.
+
+    ``--vocab-size`` when given; GPT-2 BPE's 50,257 for ``GPT2BPETokenizer`` (a fixed
+    vocabulary); else an assumed 32,000 entries (Llama-2's), printed so that nobody takes
+    the counts for exact: pass ``--vocab-size`` for those.
+    """
+    d = cfg.data
+    if d.vocab_size:
+        return d.vocab_size
+    if d.tokenizer_type == "GPT2BPETokenizer":
+        return 50257
+    if d.tokenizer_type == "ByteTokenizer":
+        return 257
+    print(
+        f"vocabulary: not known without reading the tokenizer ({d.tokenizer_type}"
+        f"{', ' + d.tokenizer_model if d.tokenizer_model else ''}); sized with an assumed "
+        "32,000 entries: pass --vocab-size N for exact embedding counts"
+    )
+    return 32000
+
+
 def dry_run(cfg: Config, vocab_size: int, world_size: int | None = None) -> int:
     """Check ``cfg`` for a world of ``world_size`` processes and print what it would build.
 
     ``world_size`` defaults to ``--dry-run-world-size``, else the smallest world that fits
     TP x PP (x EP). Raises ``ValueError`` naming the flag when the layout cannot work.
     """
-    m, p = cfg.model, cfg.parallel
     world = world_size or cfg.run.dry_run_world_size or _default_world(cfg)
-    derived = validate(cfg, world, vocab_size)
-    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    ep = p.expert_model_parallel_size
-    if m.num_experts and world % (tp * ep * pp):
-        raise ValueError(
-            f"world size {world} is not divisible by TP x EP x PP = {tp * ep * pp} (megatron-core's "
-            "expert grid: expert-TP (= TP) x EP x expert-DP x PP): change "
-            "--expert-model-parallel-size or the number of processes"
-        )
-    grid = Grid(world=world, tp=tp, pp=pp, vpp=derived["vpp"], dp=derived["dp"], ep=ep)
-    padded = derived["padded_vocab_size"]
+    plan = validate(cfg, world, vocab_size)
+    grid = plan.grid
+    padded = plan.padded_vocab_size
     params = meta_parameters(cfg, padded)
     stages = per_rank_parameters(params, cfg, grid)
     _print_model(cfg, vocab_size, padded, params)
-    _print_layout(cfg, grid, derived, stages)
-    _print_phases(cfg, derived["global_batch_size"])
+    _print_architecture(cfg)
+    _print_layout(cfg, plan, stages)
+    _print_phases(cfg, plan)
     return 0
+
+
+def _print_architecture(cfg: Config) -> None:
+    """What the flags resolve to, so that no default changes a model silently."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    positions = {"learned_absolute": "learned absolute", "none": "none"}.get(
+        m.position_embedding_type,
+        f"RoPE (base {m.rotary_base}, {m.rotary_percent:g} of each head"
+        + (f", Llama-3 scaling x{m.rope_scaling_factor:g}" if m.use_rope_scaling else "")
+        + ")",
+    )
+    biases = "on" if m.add_bias_linear else ("QKV only" if m.add_qkv_bias else "off")
+    precision = (
+        "bf16"
+        if t.bf16
+        else "fp16 (loss scaling: "
+        + (f"static {t.loss_scale:g}" if t.loss_scale else "dynamic")
+        + ")"
+        if t.fp16
+        else "fp32"
+    )
+    recompute = "none"
+    if p.recompute_granularity == "full":
+        recompute = f"full, {p.recompute_method}, {p.recompute_num_layers} layers"
+    elif p.recompute_granularity == "selective":
+        recompute = f"selective ({', '.join(p.recompute_modules or ['core_attn'])})"
+    print(
+        f"architecture: positions {positions}; {m.normalization} (eps {m.norm_epsilon:g}"
+        f"{', 1p' if m.apply_layernorm_1p else ''}); biases {biases}; "
+        f"{'SwiGLU' if m.swiglu else 'GELU'} MLP; embeddings "
+        f"{'untied' if m.untie_embeddings_and_output_weights else 'tied'}; dropout hidden "
+        f"{m.hidden_dropout:g} / attention {m.attention_dropout:g}; precision {precision}; "
+        f"recompute {recompute}; overlap grad-reduce {'on' if p.overlap_grad_reduce else 'off'}"
+        f" / param-gather {'on' if p.overlap_param_gather else 'off'}"
+    )
+    for flag, reason in cfg.accepted_flags:
+        print(f"  accepted, no effect here: {flag}: {reason}")
 
 
 def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamInfo]) -> None:
     m, t = cfg.model, cfg.training
     built = built_counts(params, cfg)
     analytic = parameter_counts(cfg, padded)
-    groups = m.num_query_groups or m.num_attention_heads
+    groups = m.query_groups
     mlp = f"FFN {m.resolved_ffn_hidden_size}"
     if m.num_experts:
         mlp = (
             f"MoE {m.num_experts} experts, top-{m.moe_router_topk}, expert FFN "
             f"{m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size}"
         )
-    precision = "bf16" if t.bf16 else "fp32"
+    precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     if t.fp8_format:
         precision += f" + FP8 ({t.fp8_format}, {t.fp8_recipe} recipe, Transformer Engine)"
     print(
@@ -405,23 +453,25 @@ def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamIn
         )
 
 
-def _print_layout(cfg: Config, grid: Grid, derived: dict, stages: list[dict]) -> None:
+def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.training
-    num_micro, gbs = derived["num_microbatches"], derived["global_batch_size"]
+    grid = plan.grid
+    num_micro, gbs = plan.num_microbatches, plan.global_batch_size
     vpp = f" VPP={grid.vpp}" if grid.vpp else ""
-    expert = f" EP={grid.ep} expert-DP={grid.expert_dp}" if m.num_experts else ""
+    expert = f" EP={grid.ep} ETP={grid.etp} expert-DP={grid.expert_dp}" if m.num_experts else ""
+    cp = f" CP={grid.cp}" if grid.cp > 1 else ""
     print(
-        f"layout for a world of {grid.world}: TP={grid.tp} PP={grid.pp}{vpp} DP={grid.dp}"
+        f"layout for a world of {grid.world}: TP={grid.tp} PP={grid.pp}{vpp}{cp} DP={grid.dp}"
         f"{expert}{' +SP' if p.sequence_parallel else ''}; global batch {gbs} = {num_micro} "
         f"micro-batches x {t.micro_batch_size} x DP {grid.dp} "
         f"({gbs * m.seq_length / 1e6:,.2f}M positions per step)"
     )
-    weight_b = 2 if t.bf16 else 4
+    weight_b = 2 if t.bf16 or t.fp16 else 4
     grad_b = 4  # the trainer reduces gradients in an fp32 buffer
-    optim_b = 12 if t.bf16 else 8  # Adam m, v (+ fp32 main weights under bf16)
+    optim_b = 12 if t.bf16 or t.fp16 else 8  # Adam m, v (+ fp32 main weights under bf16)
     dist_opt = p.use_distributed_optimizer
     layer_act, logits_act = activation_bytes(
-        cfg, grid.tp, t.micro_batch_size, derived["padded_vocab_size"]
+        cfg, grid.tp, t.micro_batch_size, plan.padded_vocab_size
     )
     print(
         "per rank (every TP/EP rank of a stage holds as much); memory in GiB: weights "
@@ -455,14 +505,17 @@ def _print_layout(cfg: Config, grid: Grid, derived: dict, stages: list[dict]) ->
         )
 
 
-def _print_phases(cfg: Config, gbs: int) -> None:
-    seq, iters = cfg.model.seq_length, cfg.training.train_iters
-    schedule = PhaseSchedule.from_config(cfg)
-    print("phase schedule:\n" + schedule.table())
+def _print_phases(cfg: Config, plan: RunPlan) -> None:
+    seq = cfg.model.seq_length
+    print("phase schedule:\n" + plan.schedule.table())
     # A row of either phase consumes units of seq + 1 tokens from the one data stream.
-    raw = {ph.name: ph.steps * gbs * ph.units_per_row * (seq + 1) for ph in schedule.phases}
+    raw = {ph.name: plan.samples_between(ph.start, ph.end) * ph.units_per_row * (seq + 1)
+           for ph in plan.schedule.phases}  # fmt: skip
+    positions = plan.samples_before(plan.train_iters) * seq
     print(
         "raw tokens read: "
         + ", ".join(f"{name} {n / 1e9:,.1f}B" for name, n in raw.items())
-        + f"; total {sum(raw.values()) / 1e9:,.1f}B for {iters * gbs * seq / 1e9:,.1f}B positions"
+        + f"; total {sum(raw.values()) / 1e9:,.1f}B for {positions / 1e9:,.1f}B positions"
+        + f" in {plan.train_iters:,} steps"
+        + (f" (batch ramp-up {plan.rampup[0]} -> {plan.global_batch_size})" if plan.rampup else "")
     )

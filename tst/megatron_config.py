@@ -13,17 +13,24 @@ import torch.nn.functional as F
 
 from tst.config import Config
 from tst.model import transformer_engine_available
+from tst.optim import params_dtype
+from tst.plan import RunPlan
 from tst.platform import Layout
 
 __all__ = ["transformer_config", "use_transformer_engine"]
 
 
-def transformer_config(cfg: Config, derived: dict, layout: Layout):
-    """megatron-core TransformerConfig for this run and device."""
+def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device: bool = True):
+    """megatron-core TransformerConfig for this run and device (``check_device=False``: the
+    dry run, which lays out a GPU cluster's run from anywhere)."""
+    from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     m, p, t = cfg.model, cfg.parallel, cfg.training
     on_gpu = layout.device.type == "cuda"
+    te = use_transformer_engine(cfg, layout)
+    if check_device:
+        _check_device_features(cfg, layout, te)
     ffn = m.resolved_ffn_hidden_size
     moe = {}
     if m.num_experts:
@@ -34,49 +41,122 @@ def transformer_config(cfg: Config, derived: dict, layout: Layout):
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
-            moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff else "none",
-            # The TE spec builds grouped-GEMM experts, the local spec sequential ones.
-            moe_grouped_gemm=use_transformer_engine(cfg, layout),
+            # A zero coefficient balances nothing: skip computing the loss.
+            moe_router_load_balancing_type=(
+                m.moe_router_load_balancing_type if m.moe_aux_loss_coeff else "none"
+            ),
+            # The TE spec builds grouped-GEMM experts; the local spec sequential ones.
+            moe_grouped_gemm=te and m.moe_grouped_gemm,
             moe_permute_fusion=False,
+            expert_tensor_parallel_size=plan.grid.etp,
         )
     fp8 = {}
     if t.fp8_format:
         _check_fp8_possible(cfg, layout)
-        fp8 = dict(fp8=t.fp8_format, fp8_recipe=t.fp8_recipe)
-    dtype = torch.bfloat16 if t.bf16 else torch.float32
+        fp8 = dict(
+            fp8=t.fp8_format,
+            fp8_recipe=t.fp8_recipe,
+            fp8_margin=t.fp8_margin,
+            fp8_amax_history_len=t.fp8_amax_history_len,
+            fp8_amax_compute_algo=t.fp8_amax_compute_algo,
+            fp8_param=t.fp8_param_gather,
+            first_last_layers_bf16=t.first_last_layers_bf16,
+        )
+    recompute = {}
+    if p.recompute_granularity:
+        recompute = dict(
+            recompute_granularity=p.recompute_granularity,
+            recompute_method=p.recompute_method,
+            recompute_num_layers=p.recompute_num_layers,
+        )
+        if p.recompute_modules is not None:
+            recompute["recompute_modules"] = list(p.recompute_modules)
+    dtype = params_dtype(cfg)
+    # Fused kernels default on, as in Megatron-LM, and run only where they exist: CUDA (and
+    # for some of them Transformer Engine or apex). On CPU every one is off.
+    fused = dict(
+        bias_dropout_fusion=on_gpu and m.bias_dropout_fusion,
+        masked_softmax_fusion=on_gpu and m.masked_softmax_fusion,
+        apply_rope_fusion=on_gpu and te and m.apply_rope_fusion,
+        gradient_accumulation_fusion=on_gpu and te and m.gradient_accumulation_fusion,
+        persist_layer_norm=on_gpu and te and m.persist_layer_norm,
+        bias_activation_fusion=on_gpu
+        and (m.bias_swiglu_fusion if m.swiglu else m.bias_gelu_fusion),
+        cross_entropy_loss_fusion=on_gpu and m.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=m.cross_entropy_fusion_impl,
+    )
+    # The local spec has one attention, megatron-core's own, whatever the flag asks of TE.
+    backend = AttnBackend[m.attention_backend] if te else AttnBackend.local
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=ffn,
         num_attention_heads=m.num_attention_heads,
-        num_query_groups=m.num_query_groups,
+        num_query_groups=m.query_groups,
+        kv_channels=m.resolved_kv_channels,
         gated_linear_unit=m.swiglu,
         activation_func=F.silu if m.swiglu else F.gelu,
         normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        layernorm_zero_centered_gamma=m.apply_layernorm_1p,
         add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=p.tensor_model_parallel_size,
-        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=derived["vpp"],
-        expert_model_parallel_size=p.expert_model_parallel_size,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        attention_softmax_in_fp32=m.attention_softmax_in_fp32,
+        attention_backend=backend,
+        rotary_interleaved=False,
+        tensor_model_parallel_size=plan.grid.tp,
+        pipeline_model_parallel_size=plan.grid.pp,
+        virtual_pipeline_model_parallel_size=plan.vpp,
+        context_parallel_size=plan.grid.cp,
+        cp_comm_type=p.cp_comm_type if plan.grid.cp > 1 else None,
+        expert_model_parallel_size=plan.grid.ep,
         sequence_parallel=p.sequence_parallel,
+        tp_comm_overlap=p.tp_comm_overlap,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=t.bf16,
+        fp16=t.fp16,
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
-        # Fused kernels exist only on CUDA.
-        bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=on_gpu,
-        persist_layer_norm=False,
+        distribute_saved_activations=False,
+        delay_wgrad_compute=m.delay_wgrad_compute,
+        **fused,
+        **recompute,
         **moe,
         **fp8,
     )
+
+
+def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
+    """GPU-only features asked for where they cannot run: one line naming the flag and fix.
+
+    The dry run never gets here (it lays out a GPU cluster's run from anywhere)."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    on_gpu = layout.device.type == "cuda"
+    where = f"this run is on {layout.device.type}" + ("" if te else " without Transformer Engine")
+    needs_te = [
+        ("--tp-comm-overlap", p.tp_comm_overlap),
+        ("--use-precision-aware-optimizer", t.use_precision_aware_optimizer),
+        ("--context-parallel-size > 1", p.context_parallel_size > 1),
+        ("--apply-layernorm-1p", m.apply_layernorm_1p),
+        ("--fp8-param-gather", t.fp8_param_gather),
+        ("--delay-wgrad-compute", m.delay_wgrad_compute),
+        (
+            "--cross-entropy-fusion-impl te",
+            m.cross_entropy_fusion_impl == "te" and m.cross_entropy_loss_fusion,
+        ),
+    ]
+    for flag, asked in needs_te:
+        if asked and not (on_gpu and te):
+            raise ValueError(
+                f"{flag} needs a CUDA GPU with Transformer Engine; {where}: drop {flag.split()[0]}"
+                + (" (context parallelism runs through TE's attention only)"
+                   if flag.startswith("--context") else "")
+            )  # fmt: skip
 
 
 def _check_fp8_possible(cfg: Config, layout: Layout) -> None:

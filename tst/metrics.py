@@ -45,45 +45,150 @@ def flops_per_position(cfg, vocab_size: int) -> float:
     return 3.0 * forward
 
 
-def measure_cpu_peak_tflops(size: int = 1024, seconds: float = 0.5) -> float:
-    """This machine's fp32 GEMM rate (TFLOP/s) with torch's threads, measured now."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    runs, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+def measure_cpu_peak_tflops(sizes=(256, 512, 1024), repeats: int = 2,
+                            seconds: float = 0.15) -> float:
+    """This machine's best fp32 GEMM rate (TFLOP/s) with torch's threads.
+
+    The best of several sizes and repeats, so that it is an upper bound even when other
+    processes share the cores at the moment it is measured (a rate measured under load
+    made MFU read above 100%). :class:`PeakRate` raises it when a window beats it.
+    """
+    best = 0.0
+    for size in sizes:
+        a, b = torch.randn(size, size), torch.randn(size, size)
         a @ b
-        runs += 1
-    return 2 * size**3 * runs / (time.perf_counter() - start) / 1e12
+        for _ in range(repeats):
+            runs, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                a @ b
+                runs += 1
+            best = max(best, 2 * size**3 * runs / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+class PeakRate:
+    """The peak MFU is measured against: given (--peak-tflops, 989 on CUDA), or measured on
+    CPU (by the rank that logs); raised whenever a window runs faster, so that MFU never
+    reads above 100%, and the log says so."""
+
+    def __init__(self, given: float | None, device_type: str, measure: bool = True):
+        if given:
+            self.value, self.source = given, "--peak-tflops"
+        elif device_type == "cuda":
+            self.value, self.source = 989.0, "dense bf16 peak of an H100 / H200"
+        else:
+            self.value = measure_cpu_peak_tflops() if measure else 1.0
+            self.source = "measured fp32 GEMM, best of 3 sizes x 2 repeats"
+        self.measured = not given and device_type != "cuda"
+
+    def mfu(self, tflops: float) -> float:
+        if tflops > self.value:
+            again = measure_cpu_peak_tflops(sizes=(512, 1024)) if self.measured else 0.0
+            self.value = max(tflops, again)
+            self.source += "; raised: a training window beat it"
+        return tflops / self.value
+
+    def describe(self) -> str:
+        return f"MFU against a peak of {self.value:.3f} TFLOP/s per device ({self.source})"
 
 
 class MetricsWriter:
-    """Writes each record to stdout (formatted), TensorBoard and JSON lines (rank 0 only)."""
+    """Writes each record to stdout (formatted), JSON lines, TensorBoard and Weights & Biases
+    (rank 0 only). Training scalars go to TensorBoard / W&B every ``tensorboard_interval``
+    iterations (Megatron-LM's --tensorboard-log-interval); the metrics file gets them all."""
 
-    def __init__(self, enabled: bool, metrics_file: str | None, tensorboard_dir: str | None):
+    def __init__(
+        self,
+        enabled: bool,
+        metrics_file: str | None,
+        tensorboard_dir: str | None,
+        tensorboard_interval: int = 1,
+        wandb: dict | None = None,
+    ):
         self.enabled = enabled
+        self.path = metrics_file
+        self.interval = tensorboard_interval
         self._file = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         if metrics_file:
             os.makedirs(os.path.dirname(os.path.abspath(metrics_file)), exist_ok=True)
+            self._drop_cut_line(metrics_file)
             self._file = open(metrics_file, "a", buffering=1)  # noqa: SIM115 (lives with the run)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(tensorboard_dir)
+        if wandb and wandb.get("project"):
+            self._wandb = _start_wandb(wandb)
+
+    @staticmethod
+    def _drop_cut_line(path: str) -> None:
+        """A run killed mid-write leaves a last line without its newline: drop it."""
+        if not os.path.isfile(path) or os.path.getsize(path) == 0:
+            return
+        with open(path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            content = f.read()
+            keep = content[: content.rfind(b"\n") + 1]
+            f.seek(0)
+            f.truncate(len(keep))
+        print(f"{path}: dropped a cut last line (a run stopped while writing it)", flush=True)
+
+    def resume_at(self, iteration: int) -> None:
+        """Mark records past a resume point: the resumed run writes those iterations again.
+
+        Records of iterations after ``iteration`` (written after the checkpoint, before the
+        run stopped) are moved out to ``<file>.superseded`` so the file reads as one run;
+        nothing is deleted.
+        """
+        if not self.enabled or not self.path or not os.path.isfile(self.path):
+            return
+        self._file.close()
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep, moved = [], []
+        for line in lines:
+            try:
+                it = json.loads(line).get("iteration")
+            except json.JSONDecodeError:
+                it = None
+            (moved if isinstance(it, int) and it > iteration else keep).append(line)
+        if moved:
+            with open(self.path + ".superseded", "a") as f:
+                f.writelines(moved)
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+            print(f"{self.path}: {len(moved)} records after iteration {iteration} (written "
+                  f"after the checkpoint) moved to {self.path}.superseded", flush=True)  # fmt: skip
+        self._file = open(self.path, "a", buffering=1)  # noqa: SIM115
 
     def write(self, record: dict, prefix: str) -> None:
         if not self.enabled:
             return
         if self._file:
             self._file.write(json.dumps(record) + "\n")
+        step = record.get("iteration", 0)
+        if prefix == "train" and step % self.interval:
+            return
+        scalars = {
+            f"{prefix}/{key}": value for key, value in record.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            and key != "iteration"
+        }  # fmt: skip
         if self._tb:
-            step = record["iteration"]
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "iteration":
-                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        if self._wandb and scalars:
+            self._wandb.log(scalars, step=step)
 
     def print(self, text: str) -> None:
         if self.enabled:
@@ -94,6 +199,25 @@ class MetricsWriter:
             self._file.close()
         if self._tb:
             self._tb.close()
+        if self._wandb:
+            self._wandb.finish()
+
+
+def _start_wandb(options: dict):
+    """A Weights & Biases run (offline when WANDB_MODE=offline); the package is optional."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(
+            "--wandb-project needs the wandb package: pip install wandb (or drop the flag)"
+        ) from None
+    save_dir = options.get("save_dir")
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    return wandb.init(
+        project=options["project"], name=options.get("name"), dir=save_dir,
+        entity=options.get("entity"), config=options.get("config"),
+    )  # fmt: skip
 
 
 def git_hash() -> str | None:

@@ -42,12 +42,17 @@ class ModelShape:
 
     vocab_size: int  # padded so that it divides by TP
     max_sequence_length: int
-    position_embedding_type: str = "rope"  # "rope" | "learned_absolute"
+    position_embedding_type: str = "learned_absolute"  # | "rope" | "none"
     rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    rotary_seq_len_interpolation_factor: int | None = None
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
     untie_embeddings_and_output_weights: bool = False
     qk_layernorm: bool = False
-    normalization: str = "RMSNorm"
+    normalization: str = "LayerNorm"
     num_experts: int | None = None
+    moe_grouped_gemm: bool = False  # TE spec only
     use_transformer_engine: bool = False
 
     @classmethod
@@ -58,10 +63,15 @@ class ModelShape:
             max_sequence_length=model.max_position_embeddings,
             position_embedding_type=model.position_embedding_type,
             rotary_base=model.rotary_base,
+            rotary_percent=model.rotary_percent,
+            rotary_seq_len_interpolation_factor=model.rotary_seq_len_interpolation_factor,
+            rope_scaling=model.use_rope_scaling,
+            rope_scaling_factor=model.rope_scaling_factor,
             untie_embeddings_and_output_weights=model.untie_embeddings_and_output_weights,
             qk_layernorm=model.qk_layernorm,
             normalization=model.normalization,
             num_experts=model.num_experts,
+            moe_grouped_gemm=model.moe_grouped_gemm and use_transformer_engine,
             use_transformer_engine=use_transformer_engine,
         )
 
@@ -149,7 +159,7 @@ def layer_spec(shape: ModelShape):
             )
         return specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=shape.num_experts,
-            moe_grouped_gemm=shape.num_experts is not None,
+            moe_grouped_gemm=shape.moe_grouped_gemm,
             qk_layernorm=shape.qk_layernorm,
         )
     local = specs.get_gpt_layer_local_spec(
@@ -192,6 +202,10 @@ def build_gpt(
         share_embeddings_and_output_weights=not shape.untie_embeddings_and_output_weights,
         position_embedding_type=shape.position_embedding_type,
         rotary_base=shape.rotary_base,
+        rotary_percent=shape.rotary_percent,
+        seq_len_interpolation_factor=shape.rotary_seq_len_interpolation_factor,
+        rope_scaling=shape.rope_scaling,
+        rope_scaling_factor=shape.rope_scaling_factor,
         vp_stage=vp_stage,
     )
     if pre_process:

@@ -25,6 +25,9 @@ class Phase:
     target_bag: int  # target slots per position
     loss: str  # "mce" | "mce-alt" | "lm"
     units_per_row: int  # L+1-token units of the data stream one sample row consumes
+    # Sample layout of bag rows, "full" | "paper" (tst.data.batch); the MCE's batch average
+    # follows it (tst.losses). No effect on a phase without bags.
+    layout: str = "full"
 
     @property
     def steps(self) -> int:
@@ -44,8 +47,10 @@ class PhaseSchedule:
         tst_fraction: float | None,
         mode: str = "full",
         loss: str = "mce",
+        layout: str = "full",
     ):
-        """``tst_iters`` wins over ``tst_fraction``; the default fraction is the paper's 0.3."""
+        """``tst_iters`` wins over ``tst_fraction``; the default fraction is the paper's 0.3.
+        ``layout`` is the superposition phase's sample layout (``--tst-layout``)."""
         if bag_size == 1:
             switch = 0
         elif tst_iters is not None:
@@ -66,6 +71,7 @@ class PhaseSchedule:
                     target_bag,
                     loss if target_bag > 1 else "lm",
                     input_bag,
+                    layout,
                 )
             )
         if switch < train_iters:
@@ -73,11 +79,13 @@ class PhaseSchedule:
         return cls(tuple(phases))
 
     @classmethod
-    def from_config(cls, cfg) -> PhaseSchedule:
-        """The schedule a :class:`tst.config.Config` asks for."""
+    def from_config(cls, cfg, train_iters: int) -> PhaseSchedule:
+        """The schedule a :class:`tst.config.Config` asks for, over the run's ``train_iters``
+        steps (the run plan's: --train-iters, or the steps --train-samples comes to)."""
         tst = cfg.tst
-        return cls.build(cfg.training.train_iters, tst.tst_bag_size, tst.tst_iters,
-                         tst.tst_fraction, tst.tst_mode, tst.tst_loss)  # fmt: skip
+        return cls.build(train_iters, tst.tst_bag_size, tst.tst_iters,
+                         tst.tst_fraction, tst.tst_mode, tst.tst_loss,
+                         tst.tst_layout)  # fmt: skip
 
     @property
     def switch_iteration(self) -> int:

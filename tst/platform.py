@@ -112,13 +112,16 @@ def initialize(
     ep: int = 1,
     seed: int = 1234,
     timeout_minutes: float = 30.0,
+    etp: int | None = None,
+    cp: int = 1,
 ) -> Layout:
     """Start (or join) the process group, set up megatron-core parallel state, seed RNGs.
 
     Reads RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT as torchrun sets them;
     without them the process is a world of one. Data parallelism takes what is left:
-    ``dp = world_size / (tp * pp)``. Expert parallelism is carved out of DP (megatron-core's
-    rule), so ``ep`` must divide ``dp * tp`` per megatron-core's expert grid.
+    ``dp = world_size / (tp * pp * cp)``; the expert grid is ETP x EP x PP x expert-DP
+    (megatron-core's rule). The run plan (:func:`tst.plan.check_grid`) checks both before
+    anything starts; these checks guard direct callers.
     """
     for name, value in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp)):
         if value < 1:
@@ -134,16 +137,16 @@ def initialize(
     owns_process_group = not dist.is_initialized()
     _init_process_group(backend, device, timeout_minutes)
     world = dist.get_world_size()
-    if world % (tp * pp) != 0:
+    if world % (tp * pp * cp) != 0:
         raise ValueError(
-            f"world size {world} is not divisible by TP={tp} x PP={pp}: launch a multiple of "
-            f"{tp * pp} processes or change --tensor-model-parallel-size / "
-            "--pipeline-model-parallel-size"
+            f"world size {world} is not divisible by TP x PP x CP = {tp * pp * cp}: launch a "
+            "multiple of that many processes or change the parallel sizes"
         )
-    dp = world // (tp * pp)
-    if (dp * tp) % ep != 0:
+    dp = world // (tp * pp * cp)
+    if world % ((etp or tp) * ep * pp) != 0:
         raise ValueError(
-            f"--expert-model-parallel-size {ep} must divide DP x TP = {dp * tp} (world {world})"
+            f"world size {world} is not divisible by ETP x EP x PP = {(etp or tp) * ep * pp}: "
+            "change --expert-model-parallel-size / --expert-tensor-parallel-size"
         )
 
     from megatron.core import parallel_state as ps
@@ -154,6 +157,8 @@ def initialize(
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp,
         expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        context_parallel_size=cp,
         distributed_timeout_minutes=int(timeout_minutes),
     )
     layout = Layout(

@@ -12,6 +12,7 @@ first stage changes its embedding's bag size, the last stage its targets and los
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,9 +26,11 @@ import torch.distributed as dist
 
 from tst import checkpointing
 from tst.config import Config
-from tst.data.batch import PAPER, make_output_only_batch, make_tst_batch
+from tst.data.batch import PAPER, batch_for_phase
 from tst.errors import NonFiniteLossError
 from tst.losses import (
+    global_slot_counts,
+    paper_form_slot_weights,
     slot_weights_for,
     vocab_parallel_multi_hot_cross_entropy,
     vocab_parallel_multi_hot_cross_entropy_alt,
@@ -35,10 +38,10 @@ from tst.losses import (
 from tst.megatron_config import transformer_config, use_transformer_engine
 from tst.metrics import (
     MetricsWriter,
+    PeakRate,
     flops_per_position,
     git_hash,
     library_versions,
-    measure_cpu_peak_tflops,
 )
 from tst.model import (
     ModelShape,
@@ -46,7 +49,9 @@ from tst.model import (
     set_bag_size,
     set_target_loss,
 )
-from tst.phases import RECOVERY, Phase, PhaseSchedule
+from tst.optim import build_scheduler, ddp_config, optimizer_config
+from tst.phases import RECOVERY, Phase
+from tst.plan import RunPlan
 from tst.platform import Layout
 
 __all__ = ["NonFiniteLossError", "Trainer"]
@@ -61,81 +66,42 @@ _LOSSES = {
 class Trainer:
     """Builds everything for one run and trains it; one instance per process."""
 
-    def __init__(self, cfg: Config, layout: Layout, derived: dict, tokenizer, datasets):
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    def __init__(self, cfg: Config, layout: Layout, plan: RunPlan, tokenizer, datasets):
+        from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+        from megatron.core.optimizer import get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
 
         from tst.data.stream import SampleStream
         from tst.init import initialize_layout_independent
 
-        self.cfg, self.layout, self.derived = cfg, layout, derived
+        self.cfg, self.layout, self.plan = cfg, layout, plan
         self.tokenizer = tokenizer
         m, t, tst = cfg.model, cfg.training, cfg.tst
-        self.schedule = PhaseSchedule.from_config(cfg)
+        self.schedule = plan.schedule
         self.bag_size = tst.tst_bag_size
         self.seq_length = m.seq_length
         self.slot_weights = slot_weights_for(tst.tst_slot_weights, tst.tst_bag_size)
-        self.config = transformer_config(cfg, derived, layout)
+        self.config = transformer_config(cfg, plan, layout)
         self.shape = ModelShape.from_config(
-            m, derived["padded_vocab_size"], use_transformer_engine(cfg, layout)
+            m, plan.padded_vocab_size, use_transformer_engine(cfg, layout)
         )
-        chunks = build_model_chunks(self.config, self.shape, derived["vpp"], layout.device)
+        chunks = build_model_chunks(self.config, self.shape, plan.vpp, layout.device)
         initialize_layout_independent(chunks, self.config, t.seed, layout)
         self.raw_chunks = chunks
-        if t.bf16:
+        if t.bf16 or t.fp16:
             chunks = [Float16Module(self.config, c) for c in chunks]
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        )
+        ddp = ddp_config(cfg)
         self.model = [
             DistributedDataParallel(
-                config=self.config, ddp_config=ddp_config, module=c, disable_bucketing=i > 0
+                config=self.config, ddp_config=ddp, module=c, disable_bucketing=i > 0
             )
             for i, c in enumerate(chunks)
         ]
-        opt_config = OptimizerConfig(
-            optimizer="adam",
-            lr=t.lr,
-            min_lr=t.min_lr,
-            weight_decay=t.weight_decay,
-            adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2,
-            adam_eps=t.adam_eps,
-            clip_grad=t.clip_grad,
-            bf16=t.bf16,
-            params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        )
-        self.optimizer = get_megatron_optimizer(opt_config, self.model)
-        decay_style = {"wsd": "WSD"}.get(t.lr_decay_style, t.lr_decay_style)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0,
-            max_lr=t.lr,
-            min_lr=t.min_lr,
-            lr_warmup_steps=t.lr_warmup_iters,
-            lr_decay_steps=t.train_iters,
-            lr_decay_style=decay_style,
-            start_wd=t.weight_decay,
-            end_wd=t.weight_decay,
-            wd_incr_steps=t.train_iters,
-            wd_incr_style="constant",
-            wsd_decay_steps=t.lr_wsd_decay_iters,
-            lr_wsd_decay_style="linear" if t.lr_decay_style == "wsd" else None,
-        )
-        self.config.finalize_model_grads_func = finalize_model_grads
-        self.config.no_sync_func = [c.no_sync for c in self.model]
-        if len(self.model) == 1:
-            self.config.no_sync_func = self.config.no_sync_func[0]
-        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.optimizer = get_megatron_optimizer(optimizer_config(cfg), self.model)
+        self.scheduler = build_scheduler(self.optimizer, cfg, plan)
+        if tst.tst_restart_schedule_at_switch:
+            self._recovery_schedule_steps()  # refuse a warm-up that cannot fit, at start
+        self._wire_overlap(finalize_model_grads)
 
         train, valid, _ = datasets
         mbs, dp = t.micro_batch_size, layout.dp
@@ -144,33 +110,73 @@ class Trainer:
         )
         self.valid = valid
         self.iteration = 0
-        self.writer = MetricsWriter(layout.rank == 0, cfg.run.metrics_file, cfg.run.tensorboard_dir)
-        self.flops_per_position = flops_per_position(cfg, derived["padded_vocab_size"])
-        self.peak_tflops = cfg.run.peak_tflops or (
-            989.0 if layout.device.type == "cuda" else measure_cpu_peak_tflops()
-        )
+        log = cfg.log
+        wandb = dict(project=log.wandb_project, name=log.wandb_exp_name,
+                     save_dir=log.wandb_save_dir, entity=log.wandb_entity, config=cfg.to_dict())  # fmt: skip
+        self.writer = MetricsWriter(layout.rank == 0, log.metrics_file, log.tensorboard_dir,
+                                    log.tensorboard_log_interval, wandb)  # fmt: skip
+        self.flops_per_position = flops_per_position(cfg, plan.padded_vocab_size)
+        self.peak = PeakRate(cfg.log.peak_tflops, layout.device.type, measure=layout.rank == 0)
         self._stop_signal = None
         self._stop_votes = [0.0, 0.0]  # summed over ranks by each training step
         self.start_time = time.time()
         self.elapsed_before = 0.0
 
+    def _wire_overlap(self, finalize_model_grads) -> None:
+        """Hook megatron-core's DDP into the pipeline schedules, as Megatron-LM's loop does.
+
+        ``no_sync`` holds gradient reduction back until the last micro-batch; with
+        ``--overlap-grad-reduce`` the schedules start each bucket's reduction as soon as its
+        gradients are complete (``grad_sync_func``, aligned over pipeline stages unless
+        ``--no-align-grad-reduce``), and ``finalize_model_grads`` waits for them. With
+        ``--overlap-param-gather`` the distributed optimizer's parameter all-gather runs in the
+        next forward (pre-hooks, or ``param_sync_func`` when aligned).
+        """
+        p, config = self.cfg.parallel, self.config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        single = len(self.model) == 1
+
+        def per_chunk(name: str):
+            funcs = [getattr(chunk, name) for chunk in self.model]
+            return funcs[0] if single else funcs
+
+        config.no_sync_func = per_chunk("no_sync")
+        if p.overlap_grad_reduce and p.align_grad_reduce:
+            config.grad_sync_func = per_chunk("start_grad_sync")
+        if p.overlap_param_gather and p.align_param_gather:
+            config.param_sync_func = per_chunk("start_param_sync")
+        self._param_sync_func = config.param_sync_func
+        # Megatron-LM starts with the pre-hooks off (a bad load must not reach every rank
+        # through the first all-gather) and turns them on after the first good step.
+        self._pre_hooks_on = False
+        if self._gathers_in_forward:
+            for chunk in self.model:
+                chunk.disable_forward_pre_hook(param_sync=False)
+            config.param_sync_func = None
+
+    @property
+    def _gathers_in_forward(self) -> bool:
+        p = self.cfg.parallel
+        return p.use_distributed_optimizer and p.overlap_param_gather
+
+    def _set_pre_hooks(self, on: bool, param_sync: bool = True) -> None:
+        """Turn the distributed optimizer's forward pre-hooks on or off (evaluation, saves)."""
+        if not self._gathers_in_forward or on == self._pre_hooks_on:
+            return
+        for chunk in self.model:
+            if on:
+                chunk.enable_forward_pre_hook()
+            else:
+                chunk.disable_forward_pre_hook(param_sync=param_sync)
+        self.config.param_sync_func = self._param_sync_func if on else None
+        self._pre_hooks_on = on
+
     # ---------------------------------------------------------------- data and loss
 
     def _batch(self, chunk: torch.Tensor, phase: Phase):
         """Rows from the stream -> (input ids, targets, loss mask) for this phase."""
-        if phase.input_bag == 1 and phase.target_bag == 1:  # recovery (or plain) step
-            return make_tst_batch(chunk, 1)
-        if phase.input_bag == 1:  # output-only: ordinary inputs, next bag_size tokens as targets
-            return make_output_only_batch(chunk, phase.target_bag)
-        if self.cfg.tst.tst_layout == PAPER:
-            chunk = chunk[:, : phase.input_bag * self.seq_length + 1]
-            batch = make_tst_batch(chunk, phase.input_bag, PAPER)
-        else:
-            batch = make_tst_batch(chunk, phase.input_bag)
-        if phase.target_bag == 1:  # input-only: predict the first token of the next bag
-            targets = batch.targets[..., :1]
-            return batch._replace(targets=targets, loss_mask=(targets != -100).any(-1).float())
-        return batch
+        return batch_for_phase(chunk, phase)
 
     def _forward_step(self, phase: Phase, data_iterator, model):
         batch = next(data_iterator)
@@ -192,6 +198,15 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         weights = self.slot_weights if phase.target_bag > 1 else None
+        form = {}
+        if phase.loss == "mce" and phase.target_bag > 1 and phase.layout == PAPER:
+            # The paper's per-slot average over the global batch (tst.losses): per-slot
+            # weights from the step's valid-slot counts, summed over micro-batches and DP.
+            counts, positions = global_slot_counts(
+                [b.targets for b in batches], group=self.layout.dp_group, device=self.layout.device
+            )
+            weights = paper_form_slot_weights(counts, positions, weights)
+            form = {"normalise_slot_weights": False}
         # Every target id was checked against the vocabulary on the host when its sample was
         # read (TSTGPTDataset), so the loss skips its own check (a device sync on a GPU); the
         # logits are dead after the loss, so fp32 ones double as its work buffer.
@@ -201,10 +216,11 @@ class Trainer:
             slot_weights=weights,
             check_targets=False,
             overwrite_logits=True,
+            **form,
         )
         set_target_loss(self.model, loss)
         iterators = [iter(batches) for _ in self.model]
-        vpp = self.derived["vpp"]
+        vpp = self.plan.vpp
         return get_forward_backward_func()(
             forward_step_func=partial(self._forward_step, phase),
             data_iterator=iterators if vpp else iterators[0],
@@ -249,26 +265,44 @@ class Trainer:
         set_bag_size(self.model, phase.input_bag)
         batches = [
             self._batch(self.train_stream.next_micro_batch(phase.units_per_row), phase)
-            for _ in range(self.derived["num_microbatches"])
+            for _ in range(self.plan.microbatches_at(self.iteration))
         ]
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run_schedule(batches, phase, forward_only=False)
+        self._empty_cache(2)
         # One all-reduce per step carries the loss, the gradients' health and the stop votes.
+        # Under fp16 the loss scaler owns the gradients' health: an overflow is how it learns
+        # to lower the scale, so it must see them.
+        fp16 = self.cfg.training.fp16
+        healthy = fp16 or self._gradients_finite()
         loss_sum, count, non_finite, *self._stop_votes = self._global_loss(
-            outputs, float(not self._gradients_finite()), *self._local_stop_votes()
+            outputs, float(not healthy), *self._local_stop_votes()
         )
         loss = loss_sum / max(count, 1)
         if not math.isfinite(loss) or non_finite:
             # Skip before the optimizer sees anything: weights, Adam moments and step count,
             # and the LR schedule stay as they were.
             return {"loss": loss, "skipped": True, "grad_norm": float("nan")}
-        update_ok, grad_norm, _ = self.optimizer.step()
+        update_ok, grad_norm, num_zeros = self.optimizer.step()
+        if fp16 and not update_ok:  # the scaler halved its scale; nothing was updated
+            return {"loss": loss, "skipped": False, "overflow": True, "grad_norm": float("nan"),
+                    "num_zeros": None}  # fmt: skip
         if not update_ok or grad_norm is None or not math.isfinite(grad_norm):
             return {"loss": loss, "skipped": True, "grad_norm": float(grad_norm or float("nan"))}
-        self.scheduler.step(increment=1)
-        return {"loss": loss, "skipped": False, "grad_norm": float(grad_norm)}
+        self.scheduler.step(increment=self.plan.batch_size_at(self.iteration))
+        self._empty_cache(1)
+        return {"loss": loss, "skipped": False, "overflow": False, "grad_norm": float(grad_norm),
+                "num_zeros": num_zeros}  # fmt: skip
+
+    def _empty_cache(self, level: int) -> None:
+        """--empty-unused-memory-level: hand cached CUDA blocks back (Megatron-LM's points)."""
+        if (
+            self.cfg.training.empty_unused_memory_level >= level
+            and self.layout.device.type == "cuda"
+        ):
+            torch.cuda.empty_cache()
 
     def _gradients_finite(self) -> bool:
         """Whether this rank's reduced gradients are all finite (the step reduces the vote).
@@ -313,10 +347,10 @@ class Trainer:
             chunk.eval()
         total = count = 0.0
         with torch.no_grad():
-            for _ in range(self.cfg.run.eval_iters):
+            for _ in range(self.cfg.log.eval_iters):
                 batches = [
                     self._batch(stream.next_micro_batch(1), recovery)
-                    for _ in range(self.derived["num_microbatches"])
+                    for _ in range(self.plan.num_microbatches)
                 ]
                 outputs = self._run_schedule(batches, recovery, forward_only=True)
                 s, c = self._global_loss(outputs)
@@ -329,18 +363,21 @@ class Trainer:
 
     @torch.no_grad()
     def apply_switch_controls(self) -> None:
-        """The paper's ablations, applied once at the phase switch (both off by default).
+        """The paper's ablations and a restart, applied once at the phase switch (all off by
+        default).
 
         ``--tst-reinit-embeddings-at-switch``: the input word embeddings and the output layer
         get their initial values again (the same layout-independent draw as step 0), so what
         they learned in the superposition phase is lost. Under bf16 the optimizer's fp32 main
         weights are reloaded from the model (rounding the other main weights to bf16 once).
         ``--tst-reset-optimizer-at-switch``: Adam's moments and step count go back to zero in
-        place (the LR schedule is kept). Both act before the first recovery step; a run resumed
-        from a checkpoint taken at the switch applies them when it reaches it, as the unbroken
-        run does.
+        place (the LR schedule is kept). ``--tst-restart-schedule-at-switch``: the same reset,
+        and a fresh LR schedule for the recovery phase (:meth:`_restart_schedule`). All act
+        before the first recovery step; a run resumed from a checkpoint taken at the switch
+        applies them when it reaches it, as the unbroken run does.
         """
         tst = self.cfg.tst
+        fresh_optimizer = tst.tst_reset_optimizer_at_switch or tst.tst_restart_schedule_at_switch
         if tst.tst_reinit_embeddings_at_switch:
             from tst.init import initialize_layout_independent
 
@@ -352,7 +389,7 @@ class Trainer:
                 only=lambda name: name.endswith(heads),
             )  # fmt: skip
             self.optimizer.reload_model_params()
-        if tst.tst_reset_optimizer_at_switch:
+        if fresh_optimizer:
             inner = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
             for opt in (o.optimizer for o in inner if getattr(o, "optimizer", None)):
                 for state in opt.state.values():
@@ -366,42 +403,148 @@ class Trainer:
                 for group in opt.param_groups:  # fused Adams keep the step per group
                     if "step" in group:
                         group["step"] = 0
-        if tst.tst_reinit_embeddings_at_switch or tst.tst_reset_optimizer_at_switch:
+        if tst.tst_restart_schedule_at_switch:
+            self._restart_schedule()
+        if tst.tst_reinit_embeddings_at_switch or fresh_optimizer:
             self.writer.print(
                 f"iteration {self.iteration}: switch controls applied (re-initialised "
                 f"embeddings/output: {tst.tst_reinit_embeddings_at_switch}, optimizer state "
-                f"reset: {tst.tst_reset_optimizer_at_switch})"
+                f"reset: {fresh_optimizer}, LR schedule restarted: "
+                f"{tst.tst_restart_schedule_at_switch})"
             )
+
+    def _recovery_schedule_steps(self) -> int:
+        """Length of a schedule restarted at the switch, in the scheduler's unit (samples):
+        the recovery phase's. Refuses a warm-up that does not fit in it."""
+        switch, end = self.schedule.switch_iteration, self.plan.train_iters
+        samples = self.plan.samples_between(switch, end)
+        warmup = self.plan.lr_warmup_steps
+        if 0 < switch < end and warmup >= samples:
+            raise ValueError(
+                f"--tst-restart-schedule-at-switch restarts the LR warm-up ({warmup} samples) "
+                f"in the recovery phase, which has only {samples} samples ({end - switch} "
+                "steps): lower --lr-warmup-iters (or --lr-warmup-samples / "
+                "--lr-warmup-fraction), or give the recovery phase more steps"
+            )
+        return samples
+
+    def _schedule_restarted_before(self, iteration: int) -> bool:
+        """Whether a run at ``iteration`` has restarted its schedule (it does so just before
+        the first recovery step, under --tst-restart-schedule-at-switch)."""
+        switch = self.schedule.switch_iteration
+        return self.cfg.tst.tst_restart_schedule_at_switch and 0 < switch < iteration
+
+    def _restart_schedule(self) -> None:
+        """A fresh LR schedule for the recovery phase (--tst-restart-schedule-at-switch).
+
+        The run's own schedule (:func:`tst.optim.build_scheduler`: the same initial, peak and
+        minimum LR, warm-up length and decay style) with its clock at zero, decaying over the
+        recovery phase's samples, so it ends with the run. A checkpoint stores this schedule's
+        state; a run resumed past the switch restarts it before loading that state, so it
+        continues exactly.
+        """
+        switch = self.schedule.switch_iteration
+        self.scheduler = build_scheduler(
+            self.optimizer, self.cfg, self.plan,
+            start=self.plan.samples_before(switch), steps=self.plan.lr_decay_steps,
+        )  # fmt: skip
 
     # ---------------------------------------------------------------- checkpoints
 
     def state(self) -> dict:
+        """The checkpoint's common state: identical on every rank (dist_checkpointing
+        compares them), so the elapsed time is the slowest rank's."""
+        elapsed = torch.tensor([self.elapsed()], dtype=torch.float64, device=self.layout.device)
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return {
             "iteration": self.iteration,
-            "phase": self.schedule.phase_at(
-                min(self.iteration, self.cfg.training.train_iters - 1)
-            ).name,
+            "phase": self.schedule.phase_at(min(self.iteration, self.plan.train_iters - 1)).name,
             "data": self.train_stream.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "elapsed_s": self.elapsed(),
+            "elapsed_s": round(float(elapsed), 3),
             "config": self.cfg.to_dict(),
         }
 
     def save(self) -> None:
-        path = checkpointing.save(
-            self.cfg.run.save, self.iteration, self.raw_chunks, self.optimizer, self.state()
-        )
+        # The distributed optimizer's pending parameter gathers finish before the weights
+        # are read (Megatron-LM does the same around its saves).
+        hooks = self._pre_hooks_on
+        self._set_pre_hooks(False)
+        optimizer = None if self.cfg.run.no_save_optim else self.optimizer
+        run = self.cfg.run
+        path = checkpointing.save(run.save, self.iteration, self.raw_chunks, optimizer,
+                                  self.state(), run.ckpt_fully_parallel_save)  # fmt: skip
+        self._set_pre_hooks(hooks)
         self.writer.print(f"saved checkpoint {path} (iteration {self.iteration})")
 
     def load(self) -> None:
-        common = checkpointing.load(self.cfg.run.load, self.raw_chunks, self.optimizer)
+        """Resume from --load: everything (default), or only the weights (--finetune), or all
+        but the optimizer state (--no-load-optim). A directory with no checkpoint at all
+        starts the run from scratch, as Megatron-LM does; a damaged one is refused."""
+        run = self.cfg.run
+        if checkpointing.find_checkpoint(run.load) is None:
+            self.writer.print(f"--load {run.load}: no checkpoint there yet; starting from scratch")
+            return
+        weights_only = run.finetune or run.no_load_optim
+        common = checkpointing.load(run.load, self.raw_chunks,
+                                    None if weights_only else self.optimizer,
+                                    run.ckpt_fully_parallel_load)  # fmt: skip
+        if weights_only:
+            # The fp32 main weights of a mixed-precision optimizer follow the loaded model.
+            self.optimizer.reload_model_params()
+        if run.finetune:
+            self.writer.print(
+                f"--finetune: loaded the weights of {run.load} (iteration {common['iteration']});"
+                " iteration, optimizer, LR schedule and data position start fresh"
+            )
+            return
+        self._check_phase_order(common)
         self.iteration = common["iteration"]
+        self.writer.resume_at(self.iteration)
         self.train_stream.load_state_dict(common["data"])
-        self.scheduler.load_state_dict(common["scheduler"])
+        if self._schedule_restarted_before(self.iteration):
+            self._restart_schedule()  # the checkpoint holds the restarted schedule's state
+        self._load_scheduler(common["scheduler"])
         self.elapsed_before = common.get("elapsed_s", 0.0)
         self.writer.print(
-            f"resumed from {self.cfg.run.load} at iteration {self.iteration} "
-            f"({common['phase']} phase)"
+            f"resumed from {run.load} at iteration {self.iteration} ({common['phase']} phase)"
+            + (" without its optimizer state (--no-load-optim)" if run.no_load_optim else "")
+        )
+
+    def _check_phase_order(self, common: dict) -> None:
+        """A run never goes back to an earlier phase: a checkpoint taken in the recovery phase
+        resumed with a later switch would train in the superposition phase again."""
+        saved = common["phase"]
+        iteration = common["iteration"]
+        if iteration >= self.plan.train_iters:
+            return
+        now = self.schedule.phase_at(iteration).name
+        if saved == RECOVERY and now != RECOVERY:
+            raise ValueError(
+                f"--load {self.cfg.run.load}: the checkpoint (iteration {iteration}) is in the "
+                f"recovery phase, but this run's schedule puts iteration {iteration} in the "
+                f"{now} phase (switch at {self.schedule.switch_iteration}); a run never goes "
+                "back to an earlier phase: give --tst-iters / --tst-fraction that switch at or "
+                f"before iteration {iteration}"
+            )
+
+    def _load_scheduler(self, saved: dict) -> None:
+        """megatron-core's checkpoint-vs-flags schedule check, with the choice spelt out."""
+        run = self.cfg.run
+        try:
+            self.scheduler.load_state_dict(saved)
+        except AssertionError as error:
+            raise ValueError(
+                f"--load {run.load}: the checkpoint's LR / weight-decay schedule differs from "
+                f"this run's flags ({error}); pass --override-opt_param-scheduler to follow the "
+                "flags from here on, or --use-checkpoint-opt_param-scheduler to keep the "
+                "checkpoint's schedule"
+            ) from None
+        source = "the flags" if run.override_opt_param_scheduler else "the checkpoint"
+        s = self.scheduler
+        self.writer.print(
+            f"LR schedule from {source}: peak {s.max_lr:g}, min {s.min_lr:g}, warm-up "
+            f"{s.lr_warmup_steps} and decay {s.lr_decay_steps} samples ({s.lr_decay_style})"
         )
 
     # ---------------------------------------------------------------- the loop
@@ -410,10 +553,19 @@ class Trainer:
         return self.elapsed_before + time.time() - self.start_time
 
     def _install_signal_handlers(self) -> None:
+        """SIGTERM, SIGUSR1 (Slurm's warning) and Ctrl-C save at the next step and exit 0;
+        a second Ctrl-C exits at once (the last complete checkpoint stays as it was)."""
+
         def handler(signum, frame):
+            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+                print("second Ctrl-C: exiting now, without saving", file=sys.stderr, flush=True)
+                os._exit(130)
+            if signum == signal.SIGINT:
+                print("Ctrl-C: saving at the end of this step, then exiting (Ctrl-C again to "
+                      "exit at once)", file=sys.stderr, flush=True)  # fmt: skip
             self._stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, handler)
 
     def _local_stop_votes(self) -> tuple[float, float]:
@@ -442,7 +594,7 @@ class Trainer:
         os.makedirs(self.cfg.run.save, exist_ok=True)
         manifest = {
             "config": self.cfg.to_dict(),
-            "derived": self.derived,
+            "plan": dataclasses.asdict(self.plan),
             "layout": self.layout.describe(),
             "phases": self.schedule.to_dict(),
             "git": git_hash(),
@@ -453,12 +605,25 @@ class Trainer:
             json.dump(manifest, f, indent=2, default=str)
 
     def train(self) -> int:
-        t, run = self.cfg.training, self.cfg.run
+        t, run, log = self.cfg.training, self.cfg.run, self.cfg.log
+        train_iters = self.plan.train_iters
         self._install_signal_handlers()
+        if log.logging_level is not None:
+            import logging
+
+            logging.getLogger().setLevel(log.logging_level)
         self.write_manifest()
         self.writer.print(f"layout: {self.layout.describe()}")
         self.writer.print("phase schedule:\n" + self.schedule.table())
-        gbs = self.derived["global_batch_size"]
+        self.writer.print(self.peak.describe())
+        self.writer.write({"phases": self.schedule.to_dict(), "train_iters": train_iters},
+                          "plan")  # fmt: skip
+        evaluate = self.plan.evaluate and self.valid is not None
+        if self.plan.evaluate and self.valid is None:
+            self.writer.print("no validation data (the split gives it no documents): "
+                              "evaluation is skipped")  # fmt: skip
+        gc_state = _ManualGC(log.manual_gc, log.manual_gc_interval, log.manual_gc_eval)
+        profiler = _Profiler(log, self.layout.rank, self.writer)
         window = {
             "t0": time.time(),
             "positions": 0,
@@ -467,7 +632,7 @@ class Trainer:
             "loss": 0.0,
         }
         skipped_in_a_row = 0
-        while self.iteration < t.train_iters:
+        while self.iteration < train_iters:
             phase = self.schedule.phase_at(self.iteration)
             if self.iteration == phase.start and phase.name == RECOVERY and self.iteration > 0:
                 self.writer.print(
@@ -475,7 +640,10 @@ class Trainer:
                     f"(raw tokens so far {self.train_stream.consumed_raw_tokens})"
                 )
                 self.apply_switch_controls()
+            batch_size = self.plan.batch_size_at(self.iteration)
+            profiler.step_start(self.iteration)
             result = self.train_step(phase)
+            profiler.step_end(self.iteration)
             self.iteration += 1
             if result["skipped"]:
                 skipped_in_a_row += 1
@@ -501,13 +669,29 @@ class Trainer:
                     )
                 continue
             skipped_in_a_row = 0
+            if result.get("overflow"):
+                self.writer.print(
+                    f"iteration {self.iteration}: fp16 gradient overflow, step skipped; loss "
+                    f"scale now {self.optimizer.get_loss_scale().item():g}"
+                )
+                self.writer.write({"iteration": self.iteration, "phase": phase.name,
+                                   "overflow": True, "loss_scale":
+                                   self.optimizer.get_loss_scale().item()}, "train")  # fmt: skip
+            elif not self._pre_hooks_on:
+                self._set_pre_hooks(True)  # after the first good step, as Megatron-LM does
             window["steps"] += 1
-            window["positions"] += gbs * self.seq_length
+            window["positions"] += batch_size * self.seq_length
             window["loss"] += result["loss"]
-            if self.iteration % run.log_interval == 0 or self.iteration == t.train_iters:
+            if self.iteration % log.log_interval == 0 or self.iteration == train_iters:
                 self._log(phase, result, window)
-            if self.iteration % run.eval_interval == 0 or self.iteration == t.train_iters:
+            if evaluate and (
+                self.iteration % log.eval_interval == 0 or self.iteration == train_iters
+            ):
+                gc_state.before_eval()
+                self._set_pre_hooks(False)
                 val = self.evaluate()
+                self._set_pre_hooks(True)
+                gc_state.after_eval()
                 record = {
                     "iteration": self.iteration,
                     "val_loss": val,
@@ -515,22 +699,31 @@ class Trainer:
                     "phase": phase.name,
                     "raw_tokens": self.train_stream.consumed_raw_tokens,
                 }
+                if log.log_validation_ppl_to_tensorboard:
+                    record["val_ppl"] = math.exp(min(val, 700.0))
                 self.writer.write(record, "eval")
                 self.writer.print(f"  eval at {self.iteration}: next-token loss {val:.4f}")
             if run.save and run.save_interval and self.iteration % run.save_interval == 0:
                 self.save()
+            gc_state.step(self.iteration)
             reason = self._should_stop()
             if reason:
                 if run.save:
                     self.save()
                 self.writer.print(f"stopping at iteration {self.iteration}: {reason}")
+                self._finish()
                 return 0
         if run.save and (not run.save_interval or self.iteration % run.save_interval != 0):
             self.save()
-        self.writer.close()
+        self._finish()
         return 0
 
+    def _finish(self) -> None:
+        self._set_pre_hooks(False)
+        self.writer.close()
+
     def _log(self, phase: Phase, result: dict, window: dict) -> None:
+        log = self.cfg.log
         now = time.time()
         span = max(now - window["t0"], 1e-9)
         raw = self.train_stream.consumed_raw_tokens
@@ -546,21 +739,123 @@ class Trainer:
             "loss": window["loss"] / steps,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": result["grad_norm"],
+            "batch_size": self.plan.batch_size_at(self.iteration - 1),
             "raw_tokens": raw,
             "data_units": self.train_stream.consumed_units,  # the data position, for audits
-            "positions": self.iteration * self.derived["global_batch_size"] * self.seq_length,
+            "positions": self.plan.samples_before(self.iteration) * self.seq_length,
             "raw_tokens_per_s": (raw - window["raw"]) / span,
             "positions_per_s": window["positions"] / span,
             "tflops_per_device": tflops,
-            "mfu": tflops / self.peak_tflops,
+            "mfu": self.peak.mfu(tflops),
+            "peak_tflops": self.peak.value,
             "elapsed_s": round(self.elapsed(), 3),
         }
+        if self.cfg.training.fp16:
+            record["loss_scale"] = self.optimizer.get_loss_scale().item()
+        if log.log_params_norm:
+            record["params_norm"] = _params_norm(self.model)
+        if log.log_num_zeros_in_grad and result.get("num_zeros") is not None:
+            record["num_zeros_in_grad"] = int(result["num_zeros"])
+        if log.log_memory_to_tensorboard:
+            record.update(_memory_record(self.layout.device))
         self.writer.write(record, "train")
+        extra = "".join(
+            f" | {key} {record[key]:.4g}" for key in ("loss_scale", "params_norm") if key in record
+        )
         self.writer.print(
-            f"iter {self.iteration:>6}/{self.cfg.training.train_iters} | {phase.name:<13} | "
+            f"iter {self.iteration:>6}/{self.plan.train_iters} | {phase.name:<13} | "
             f"{name} {record['loss']:.4f} | lr {record['lr']:.3e} | grad {result['grad_norm']:.3f}"
             f" | raw tok {raw} | {record['raw_tokens_per_s']:.0f} raw tok/s | "
             f"{record['positions_per_s']:.0f} pos/s | {tflops:.3f} TFLOP/s | "
-            f"MFU {100 * record['mfu']:.1f}%"
+            f"MFU {100 * record['mfu']:.1f}%{extra}"
         )
         window.update(t0=now, positions=0, raw=raw, steps=0, loss=0.0)
+
+
+def _params_norm(model_chunks) -> float:
+    """L2 norm of all parameters, each counted once over the model-parallel grid.
+
+    megatron-core's helper: tensor-parallel duplicates (norms, biases) are counted on one TP
+    rank, shards on all, and the squares summed over the model-parallel group.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    total = torch.zeros((), dtype=torch.float64)
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if getattr(param, "shared", False) and not ps.is_pipeline_first_stage():
+                continue  # a tied output copy: the embedding is counted on the first stage
+            if param_is_not_tensor_parallel_duplicate(param):
+                total += param.detach().double().pow(2).sum().cpu()
+    total = total.to(next(model_chunks[0].parameters()).device)
+    dist.all_reduce(total, group=ps.get_model_parallel_group())
+    return float(total.sqrt())
+
+
+def _memory_record(device) -> dict:
+    """Memory in use on this rank (CUDA allocator figures, or the process's RSS on CPU)."""
+    if device.type == "cuda":
+        return {"mem_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
+                "mem_max_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}  # fmt: skip
+    import psutil
+
+    return {"mem_rss_gib": psutil.Process().memory_info().rss / 2**30}
+
+
+class _Profiler:
+    """--profile: a torch profiler trace of steps [--profile-step-start, --profile-step-end)
+    on --profile-ranks, written as a Chrome trace into --tensorboard-dir (else the cwd)."""
+
+    def __init__(self, log, rank: int, writer):
+        self.enabled = log.profile and rank in log.profile_ranks
+        self.start, self.end = log.profile_step_start, log.profile_step_end
+        self.out = log.tensorboard_dir or "."
+        self.rank, self.writer, self._prof = rank, writer, None
+
+    def step_start(self, iteration: int) -> None:
+        if self.enabled and iteration == self.start and self._prof is None:
+            self._prof = torch.profiler.profile(record_shapes=True, with_stack=False)
+            self._prof.__enter__()
+
+    def step_end(self, iteration: int) -> None:
+        if self._prof is not None and iteration + 1 >= self.end:
+            self._prof.__exit__(None, None, None)
+            os.makedirs(self.out, exist_ok=True)
+            path = os.path.join(
+                self.out, f"profile_rank{self.rank}_steps{self.start}-{self.end}.json"
+            )
+            self._prof.export_chrome_trace(path)
+            print(f"rank {self.rank}: profiler trace written to {path}", flush=True)
+            self._prof, self.enabled = None, False
+
+
+class _ManualGC:
+    """--manual-gc: Python's automatic collection off; collect every N steps and around
+    evaluation (Megatron-LM's switch against collection pauses at random steps)."""
+
+    def __init__(self, enabled: bool, interval: int, around_eval: bool):
+        import gc
+
+        self.enabled, self.interval, self.around_eval = enabled, interval, around_eval
+        if enabled:
+            gc.disable()
+            gc.collect()
+
+    def step(self, iteration: int) -> None:
+        import gc
+
+        if self.enabled and self.interval and iteration % self.interval == 0:
+            gc.collect()
+
+    def before_eval(self) -> None:
+        import gc
+
+        if self.enabled and self.around_eval:
+            gc.collect()
+
+    def after_eval(self) -> None:
+        import gc
+
+        if self.enabled and self.around_eval:
+            gc.collect(generation=0)

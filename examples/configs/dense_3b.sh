@@ -23,15 +23,16 @@ PP=${PP:-1}
 
 MODEL_ARGS=(
   --num-layers 30 --hidden-size 2048 --ffn-hidden-size 11008
-  --num-attention-heads 16 --num-query-groups 4
+  --num-attention-heads 16 --group-query-attention --num-query-groups 4
   --seq-length 4096 --max-position-embeddings 4096
   --position-embedding-type rope --rotary-base 10000
-  --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights
+  --normalization RMSNorm --swiglu --disable-bias-linear
+  --hidden-dropout 0 --attention-dropout 0 --untie-embeddings-and-output-weights
 )
 TST_ARGS=(--tst-bag-size 6 --tst-fraction 0.3)
 TRAIN_ARGS=(
   --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size 512 --train-iters "$TRAIN_ITERS"
-  --lr 2e-4 --min-lr 0 --lr-decay-style wsd --lr-warmup-iters 2000
+  --lr 2e-4 --min-lr 0 --lr-decay-style WSD --lr-wsd-decay-style linear --lr-warmup-iters 2000
   --lr-wsd-decay-iters $((TRAIN_ITERS / 10))
   --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0
 )

@@ -21,15 +21,16 @@ PP=${PP:-1}
 
 MODEL_ARGS=(
   --num-layers 32 --hidden-size 960 --ffn-hidden-size 2560
-  --num-attention-heads 15 --num-query-groups 5
+  --num-attention-heads 15 --group-query-attention --num-query-groups 5
   --seq-length 2048 --max-position-embeddings 2048
   --position-embedding-type rope --rotary-base 10000
-  --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights
+  --normalization RMSNorm --swiglu --disable-bias-linear
+  --hidden-dropout 0 --attention-dropout 0 --untie-embeddings-and-output-weights
 )
 TST_ARGS=(--tst-bag-size 6 --tst-fraction 0.3)
 TRAIN_ARGS=(
   --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size 1024 --train-iters "$TRAIN_ITERS"
-  --lr 1e-3 --min-lr 0 --lr-decay-style wsd --lr-warmup-iters 2000
+  --lr 1e-3 --min-lr 0 --lr-decay-style WSD --lr-wsd-decay-style linear --lr-warmup-iters 2000
   --lr-wsd-decay-iters $((TRAIN_ITERS / 10))
   --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0
 )

@@ -26,17 +26,18 @@ PP=${PP:-1}
 EP=${EP:-8}
 
 MODEL_ARGS=(
-  --num-layers 32 --hidden-size 1024 --num-attention-heads 8 --num-query-groups 4
+  --num-layers 32 --hidden-size 1024 --num-attention-heads 8 --group-query-attention --num-query-groups 4
   --seq-length 4096 --max-position-embeddings 4096
   --position-embedding-type rope --rotary-base 1000000
-  --normalization RMSNorm --swiglu --qk-layernorm --untie-embeddings-and-output-weights
+  --normalization RMSNorm --swiglu --disable-bias-linear
+  --hidden-dropout 0 --attention-dropout 0 --qk-layernorm --untie-embeddings-and-output-weights
   --num-experts 128 --moe-router-topk 8 --moe-ffn-hidden-size 768
   --moe-aux-loss-coeff 1e-3 --moe-token-dispatcher-type alltoall
 )
 TST_ARGS=(--tst-bag-size 16 --tst-fraction 0.25)
 TRAIN_ARGS=(
   --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size 2048 --train-iters "$TRAIN_ITERS"
-  --lr 3e-4 --min-lr 0 --lr-decay-style wsd --lr-warmup-iters 2000
+  --lr 3e-4 --min-lr 0 --lr-decay-style WSD --lr-wsd-decay-style linear --lr-warmup-iters 2000
   --lr-wsd-decay-iters $((TRAIN_ITERS / 10))
   --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0
 )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -92,6 +93,8 @@ class DataConfig:
     two documents); off as in the paper."""
     cache_dir: str | None = None
     """--data-cache-path: where sample indices are cached (default: <first prefix dir>/index-cache)."""
+    mmap_bin_files: bool = True
+    """--no-mmap-bin-files turns it off: samples are read with file reads, not a memory map."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
@@ -137,6 +140,8 @@ def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
             f"--data-path {' '.join(data_path)}: give prefixes only, or weight/prefix pairs "
             "such as 0.7 a 0.3 b"
         )
+    if any(not math.isfinite(w) for w in weights):
+        raise ValueError(f"--data-path weights must be finite numbers, got {weights}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"--data-path weights must be >= 0 with a positive sum, got {weights}")
     return [p.strip() for p in prefixes], [float(w) for w in weights]
@@ -233,7 +238,7 @@ class TSTGPTDataset(GPTDataset):
         if dataset_path is None:  # --mock-data
             low = MockGPTLowLevelDataset(config.tokenizer)
         else:
-            low = open_indexed_dataset(dataset_path, config.vocab_size)
+            low = open_indexed_dataset(dataset_path, config.vocab_size, config.mmap_bin_files)
             _scan_vocab(dataset_path, low, config.vocab_size)
         if config.pad_documents_to_bag and config.bag_size > 1:
             low = BagPaddedDocuments(low, config.bag_size, config.tokenizer.eod)
@@ -326,6 +331,7 @@ def build_datasets(
         bag_size=cfg.bag_size,
         pad_documents_to_bag=cfg.pad_documents_to_bag,
         vocab_size=cfg.vocab_size,
+        mmap_bin_files=cfg.mmap_bin_files,
     )
     # A split nobody reads is not built: stock megatron-core would otherwise try to build it
     # and, when the split holds no document, loop forever.

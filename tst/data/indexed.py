@@ -172,7 +172,9 @@ def check_dtype_holds_vocab(info: IndexInfo, vocab_size: int) -> None:
         )
 
 
-def open_indexed_dataset(prefix: str, vocab_size: int | None = None) -> IndexedDataset:
+def open_indexed_dataset(
+    prefix: str, vocab_size: int | None = None, mmap: bool = True
+) -> IndexedDataset:
     """Check ``prefix`` (and, given ``vocab_size``, its dtype), then open it with megatron-core.
 
     The arrays it returns view a memory map that megatron-core closes when the dataset object
@@ -181,7 +183,8 @@ def open_indexed_dataset(prefix: str, vocab_size: int | None = None) -> IndexedD
     info = check_indexed_dataset(prefix)
     if vocab_size is not None:
         check_dtype_holds_vocab(info, vocab_size)
-    return IndexedDataset(prefix, multimodal=info.multimodal)
+    # mmap=False (--no-mmap-bin-files) reads samples with file reads instead of a memory map.
+    return IndexedDataset(prefix, multimodal=info.multimodal, mmap=mmap)
 
 
 def _check_exists(prefix: str, idx_path: str, bin_path: str) -> None:

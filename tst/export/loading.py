@@ -22,12 +22,35 @@ def config_from_dict(values: dict) -> Config:
     Fields a newer or older version does not know are dropped; missing ones take defaults.
     """
     hints = typing.get_type_hints(Config)
+    values = _upgrade(values)
     sections = {}
     for f in dataclasses.fields(Config):
         cls = hints[f.name]
+        if not dataclasses.is_dataclass(cls):
+            continue
         known = {g.name for g in dataclasses.fields(cls)}
         sections[f.name] = cls(**{k: v for k, v in values.get(f.name, {}).items() if k in known})
     return Config(**sections)
+
+
+def _upgrade(values: dict) -> dict:
+    """A config saved before the flags took Megatron-LM's meaning, read as it was trained.
+
+    Such checkpoints used --num-query-groups without --group-query-attention (None: one
+    group per head) and kept the logging flags in the run section.
+    """
+    model = dict(values.get("model", {}))
+    if "group_query_attention" not in model:
+        groups = model.get("num_query_groups")
+        model["group_query_attention"] = groups is not None
+        model["num_query_groups"] = groups or 1
+    for key in ("add_position_embedding", "hidden_dropout", "attention_dropout"):
+        if key not in model:  # older runs had no dropout and always a position embedding
+            model[key] = {"add_position_embedding": True}.get(key, 0.0)
+    log = dict(values.get("log", {}))
+    for key, value in values.get("run", {}).items():
+        log.setdefault(key, value)  # unknown keys are dropped by the section's filter
+    return {**values, "model": model, "log": log}
 
 
 def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, int | None]:
@@ -58,11 +81,21 @@ def single_process_config(cfg: Config) -> Config:
         pipeline_model_parallel_size=1,
         num_layers_per_virtual_pipeline_stage=None,
         expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None,
+        context_parallel_size=1,
         sequence_parallel=False,
         use_distributed_optimizer=False,
+        overlap_param_gather=False,
+        tp_comm_overlap=False,
+        recompute_granularity=None,
+        recompute_method=None,
+        recompute_num_layers=None,
     )
     model = dataclasses.replace(cfg.model, transformer_impl="local")
-    training = dataclasses.replace(cfg.training, fp8_format=None)
+    training = dataclasses.replace(
+        cfg.training, fp8_format=None, fp8_param_gather=False, global_batch_size=None,
+        rampup_batch_size=None, use_precision_aware_optimizer=False,
+    )  # fmt: skip
     return dataclasses.replace(cfg, parallel=parallel, model=model, training=training)
 
 
@@ -109,9 +142,9 @@ def load_checkpoint(load: str, layout, iteration: int | None = None) -> LoadedCh
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from tst.config import validate
     from tst.megatron_config import transformer_config
     from tst.model import ModelShape, build_gpt
+    from tst.plan import validate
 
     if not dist.is_initialized() or dist.get_world_size() != 1:
         raise ExportError("load_checkpoint needs a world of one: use single_process_world()")
@@ -128,8 +161,8 @@ def load_checkpoint(load: str, layout, iteration: int | None = None) -> LoadedCh
     if embedding is None:
         raise ExportError(f"{path} has no embedding.word_embeddings.weight: not a GPT checkpoint")
     padded = int(embedding.global_shape[0])
-    derived = validate(local, 1, padded)
-    config = transformer_config(local, derived, layout)
+    plan = validate(local, 1, padded)
+    config = transformer_config(local, plan, layout)
     m = local.model
     shape = ModelShape.from_config(m, padded, False)
     model = build_gpt(config, shape).to(layout.device)

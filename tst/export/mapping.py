@@ -34,7 +34,11 @@ def hf_architecture(cfg: Config, config) -> str:
         f"--position-embedding-type {m.position_embedding_type}: the targets use RoPE",
     )
     _refuse(m.normalization != "RMSNorm", f"--normalization {m.normalization}: need RMSNorm")
-    _refuse(m.add_bias_linear, "--add-bias-linear: the targets have no linear biases")
+    _refuse(
+        m.add_bias_linear or m.add_qkv_bias,
+        "linear biases (Megatron-LM's default; train with --disable-bias-linear): the targets "
+        "have none",
+    )
     _refuse(not m.swiglu, "a GELU MLP: the targets need a gated SiLU MLP (--swiglu)")
     for name, ok in (
         ("rotary_interleaved", not config.rotary_interleaved),
@@ -99,7 +103,7 @@ def hf_config(
         "intermediate_size": m.resolved_ffn_hidden_size,
         "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": m.num_query_groups or m.num_attention_heads,
+        "num_key_value_heads": m.query_groups,
         "head_dim": c.kv_channels,
         "hidden_act": "silu",
         "max_position_embeddings": m.max_position_embeddings,
@@ -196,7 +200,7 @@ def hf_tensors(ckpt: LoadedCheckpoint, architecture: str, vocab_size: int) -> di
     """
     model, m = ckpt.model, ckpt.cfg.model
     heads = m.num_attention_heads
-    groups = m.num_query_groups or heads
+    groups = m.query_groups
     head_dim = ckpt.transformer_config.kv_channels
     out = {"model.embed_tokens.weight": model.embedding.word_embeddings.weight[:vocab_size]}
     for i, layer in enumerate(model.decoder.layers):

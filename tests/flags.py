@@ -1,0 +1,15 @@
+"""The architecture and optimizer settings the tests' small models state explicitly.
+
+The project's flag defaults are Megatron-LM's (learned absolute positions, LayerNorm, biases,
+dropout 0.1, Adam beta2 0.999, weight decay 0.01, linear decay, ...). The tests train the
+models the project's examples train (RoPE, RMSNorm, no biases, no dropout, AdamW 0.9 / 0.95,
+weight decay 0.1, cosine decay) and pass those flags, so a test never depends on a default
+by accident; tests of the defaults themselves leave them out.
+"""
+
+SMALL_GPT = [
+    "--position-embedding-type", "rope", "--normalization", "RMSNorm", "--disable-bias-linear",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--adam-beta2", "0.95",
+    "--weight-decay", "0.1", "--lr-decay-style", "cosine",
+    "--moe-token-dispatcher-type", "alltoall",
+]  # fmt: skip

@@ -1,0 +1,208 @@
+"""Megatron-LM's scale machinery through pretrain_tst.py, across the phase switch.
+
+Communication overlap, activation recomputation and the distributed optimizer change how a
+step is computed, not what: their losses equal the plain run's (fp32, no dropout; rel 1e-5
+for the ones that reorder reductions, 1e-6 for recomputation, which repeats the same ops).
+Each run also reports what megatron-core was given, so a flag that stops being wired fails
+here even where the numbers could not tell. fp16 with loss scaling tracks fp32 within 2e-3
+relative and skips overflowing steps without touching the weights. Checkpoint flags
+(--finetune, --no-load-optim, schedule checks, a --load with nothing in it) are checked
+against the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flags import SMALL_GPT
+
+import pretrain_tst
+
+BASE = [
+    "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
+    "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "2",
+    "--global-batch-size", "8", "--train-iters", "6", "--tst-bag-size", "3", "--tst-iters", "3",
+    "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "3",
+    "--eval-iters", "1", "--untie-embeddings-and-output-weights", *SMALL_GPT,
+]  # fmt: skip
+
+
+def _train(argv: list[str], metrics: str) -> dict:
+    """Run pretrain_tst.main; return the records and what megatron-core was configured with."""
+    import torch.distributed as dist
+
+    from tst.trainer import Trainer
+
+    original, seen = Trainer.train, {}
+
+    def train(self):
+        chunk = self.model[0]
+        seen.update(
+            overlap_grad_reduce=chunk.ddp_config.overlap_grad_reduce,
+            overlap_param_gather=chunk.ddp_config.overlap_param_gather,
+            bucket_size=chunk.ddp_config.bucket_size,
+            buckets=len(chunk.bucket_groups),
+            grad_sync_func=self.config.grad_sync_func is not None,
+            recompute=(self.config.recompute_granularity, self.config.recompute_method,
+                       self.config.recompute_num_layers),
+            fp16=self.config.fp16,
+        )  # fmt: skip
+        return original(self)
+
+    Trainer.train = train
+    try:
+        assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
+    finally:
+        Trainer.train = original
+    dist.barrier()
+    with open(metrics) as f:
+        seen["records"] = [json.loads(line) for line in f]
+    return seen
+
+
+def _losses(run: dict) -> list[tuple[int, float]]:
+    return [(r["iteration"], r["loss"]) for r in run["records"] if r.get("loss") is not None]
+
+
+def _close(got, want, rel, label):
+    assert [i for i, _ in got] == [i for i, _ in want], label
+    for (i, a), (_, b) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=rel), f"{label}, step {i}: {got} vs {want}"
+
+
+OVERLAP = {
+    "overlap-grad-reduce": ["--overlap-grad-reduce", "--ddp-bucket-size", "2000"],
+    "distributed-optimizer": ["--use-distributed-optimizer"],
+    "distopt+overlap": [
+        "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+        "--ddp-bucket-size", "2000",
+    ],
+    "average-in-collective": ["--ddp-average-in-collective"],
+}  # fmt: skip
+
+
+def test_overlap_and_distributed_optimizer_change_no_loss(world2, tmp_path):
+    want = world2.run(_train, BASE, str(tmp_path / "plain.jsonl"))[0]
+    assert not want["overlap_grad_reduce"] and not want["grad_sync_func"]
+    for name, extra in OVERLAP.items():
+        got = world2.run(_train, BASE + extra, str(tmp_path / f"{name}.jsonl"))[0]
+        _close(_losses(got), _losses(want), 1e-5, name)
+        if "--overlap-grad-reduce" in extra:
+            # Overlap reduces bucket by bucket during the backward: several buckets.
+            assert got["overlap_grad_reduce"] and got["grad_sync_func"], name
+            assert got["bucket_size"] == 2000 and got["buckets"] > 1, name
+        if "--overlap-param-gather" in extra:
+            assert got["overlap_param_gather"], name
+
+
+RECOMPUTE = {
+    "full-uniform": ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                     "--recompute-num-layers", "2"],
+    "full-block": ["--recompute-granularity", "full", "--recompute-method", "block",
+                   "--recompute-num-layers", "1"],
+    "selective": ["--recompute-granularity", "selective"],
+    "selective-mlp": ["--recompute-granularity", "selective", "--recompute-modules", "mlp",
+                      "layernorm"],
+}  # fmt: skip
+
+
+def test_recomputation_changes_no_loss(world2, tmp_path):
+    """Both phases (the switch is after step 3), with TP 2 so recomputed TP regions rerun."""
+    tp2 = BASE + ["--tensor-model-parallel-size", "2"]
+    want = world2.run(_train, tp2, str(tmp_path / "plain.jsonl"))[0]
+    assert want["recompute"] == (None, None, None)
+    for name, extra in RECOMPUTE.items():
+        got = world2.run(_train, tp2 + extra, str(tmp_path / f"{name}.jsonl"))[0]
+        _close(_losses(got), _losses(want), 1e-6, name)
+        assert got["recompute"][0] == extra[1], name
+
+
+def test_fp16_with_loss_scaling_tracks_fp32(world2, tmp_path):
+    want = world2.run(_train, BASE, str(tmp_path / "fp32.jsonl"))[0]
+    fp16 = BASE + ["--fp16", "--initial-loss-scale", "1024"]
+    got = world2.run(_train, fp16, str(tmp_path / "fp16.jsonl"))[0]
+    assert got["fp16"]
+    _close(_losses(got), _losses(want), 2e-3, "fp16")
+    scales = [r["loss_scale"] for r in got["records"] if "loss_scale" in r]
+    assert scales and all(s == 1024 for s in scales)
+
+
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(world2, tmp_path):
+    """A scale of 2**40 overflows fp16 gradients: those steps change no weight (the next
+    good step's loss equals the fp32 run's first loss), and the scale halves each time."""
+    want = world2.run(_train, BASE, str(tmp_path / "fp32.jsonl"))[0]
+    huge = BASE + ["--fp16", "--initial-loss-scale", str(2.0**40), "--hysteresis", "1"]
+    got = world2.run(_train, huge, str(tmp_path / "fp16.jsonl"))[0]
+    overflows = [r for r in got["records"] if r.get("overflow")]
+    assert overflows, "no overflow at a loss scale of 2**40"
+    scales = [r["loss_scale"] for r in overflows]
+    assert scales == [2.0**40 / 2 ** (i + 1) for i in range(len(scales))]
+    first = _losses(got)[0][1]  # every logged step before it overflowed: same weights
+    assert first == pytest.approx(_losses(want)[0][1], rel=2e-3)
+
+
+def test_finetune_and_no_load_optim(world2, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    full = world2.run(_train, BASE + ["--save", ckpt, "--save-interval", "4"],
+                      str(tmp_path / "full.jsonl"))[0]  # fmt: skip
+    fresh = _losses(full)
+    # --finetune: iteration 1 again, with the saved weights (a lower loss than step 1 of a
+    # fresh model) and a fresh warm-up (the same LR as the fresh run's step 1).
+    tuned = world2.run(_train, BASE + ["--load", ckpt, "--finetune"],
+                       str(tmp_path / "ft.jsonl"))[0]  # fmt: skip
+    assert [i for i, _ in _losses(tuned)] == [1, 2, 3, 4, 5, 6]
+    assert _losses(tuned)[0][1] < fresh[0][1] - 0.05
+    lr = [r["lr"] for r in tuned["records"] if "lr" in r]
+    assert lr == [r["lr"] for r in full["records"] if "lr" in r]
+    # --no-load-optim: the run continues at iteration 7 with fresh Adam moments; an exact
+    # resume would repeat the uninterrupted run, this one must not (Adam restarts).
+    ckpt4 = str(tmp_path / "ckpt4")
+    world2.run(_train, BASE + ["--save", ckpt4, "--exit-interval", "4"], str(tmp_path / "a.jsonl"))
+    exact = world2.run(_train, BASE + ["--load", ckpt4], str(tmp_path / "b.jsonl"))[0]
+    _close(_losses(exact), fresh[4:], 1e-6, "exact resume")
+    no_optim = world2.run(_train, BASE + ["--load", ckpt4, "--no-load-optim"],
+                          str(tmp_path / "c.jsonl"))[0]  # fmt: skip
+    assert [i for i, _ in _losses(no_optim)] == [5, 6]
+    assert _losses(no_optim)[0][1] == pytest.approx(fresh[4][1], rel=1e-6)  # same weights
+    assert abs(_losses(no_optim)[1][1] - fresh[5][1]) > 1e-5  # a different update
+
+
+def _resume_error(argv: list[str], metrics: str) -> str:
+    with pytest.raises(ValueError) as error:
+        pretrain_tst.main(argv + ["--metrics-file", metrics])
+    return str(error.value)
+
+
+def test_resume_with_changed_schedule_or_phase(world2, tmp_path):
+    """Extending a run on resume is refused until the user says which schedule wins; a
+    checkpoint in the recovery phase never goes back to superposition."""
+    ckpt = str(tmp_path / "ckpt")
+    world2.run(_train, BASE + ["--save", ckpt, "--exit-interval", "5"], str(tmp_path / "a.jsonl"))
+    longer = [a if a != "6" else "12" for a in BASE] + ["--load", ckpt]
+    message = world2.run(_resume_error, longer, str(tmp_path / "b.jsonl"))[0]
+    assert "--override-opt_param-scheduler" in message and "--use-checkpoint-opt_param" in message
+    flags = world2.run(_train, longer + ["--override-opt_param-scheduler"],
+                       str(tmp_path / "c.jsonl"))[0]  # fmt: skip
+    kept = world2.run(_train, longer + ["--use-checkpoint-opt_param-scheduler"],
+                      str(tmp_path / "d.jsonl"))[0]  # fmt: skip
+    lr_flags = [r["lr"] for r in flags["records"] if "lr" in r]
+    lr_kept = [r["lr"] for r in kept["records"] if "lr" in r]
+    assert len(lr_flags) == len(lr_kept) == 7  # iterations 6..12
+    assert lr_flags[0] > 0 and lr_kept[-1] == 0.0 and lr_flags[-1] == 0.0
+    assert lr_kept[1] == 0.0  # the checkpoint's schedule ended at iteration 6
+    later_switch = [a if a != "3" else "5" for a in BASE]
+    i = later_switch.index("--tst-iters")
+    later_switch[i + 1] = "5"
+    ckpt4 = str(tmp_path / "ckpt4")
+    world2.run(_train, BASE + ["--save", ckpt4, "--exit-interval", "4"], str(tmp_path / "e.jsonl"))
+    message = world2.run(_resume_error, later_switch + ["--load", ckpt4],
+                         str(tmp_path / "f.jsonl"))[0]  # fmt: skip
+    assert "never goes back to an earlier phase" in message and "--tst-iters" in message
+
+
+def test_load_of_an_empty_directory_starts_from_scratch(world2, tmp_path):
+    want = world2.run(_train, BASE, str(tmp_path / "a.jsonl"))[0]
+    ckpt = str(tmp_path / "new")
+    got = world2.run(_train, BASE + ["--save", ckpt, "--load", ckpt], str(tmp_path / "b.jsonl"))[0]
+    _close(_losses(got), _losses(want), 1e-6, "fresh start")

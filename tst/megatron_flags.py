@@ -1,0 +1,239 @@
+"""Megatron-LM flags beyond the ones the config implements: accepted, aliased or refused.
+
+A Megatron-LM launch script must run unchanged. Every flag it can pass is one of:
+
+1. implemented: a field of a :mod:`tst.config` dataclass (forwarded to megatron-core or done
+   here);
+2. an alias of an implemented flag (Megatron-LM's deprecated spellings, e.g.
+   ``--use-flash-attn`` is ``--attention-backend flash``);
+3. accepted because its value changes nothing here (``ACCEPTED``, with the reason, which the
+   dry run prints);
+4. refused with one line naming the flag, why, and what to do (``REFUSED``).
+
+Anything else is an unknown flag: all of them are reported at once, each with the nearest
+known flag, before any value is checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from typing import NamedTuple
+
+__all__ = ["ACCEPTED", "ALIASES", "REFUSED", "add_to_parser", "apply_aliases", "check_unknown",
+           "resolve"]  # fmt: skip
+
+
+class Flag(NamedTuple):
+    nargs: int | str  # 0 (a switch), 1, or "+"
+    reason: str
+
+
+# Deprecated Megatron-LM spellings of implemented flags: replaced before parsing.
+ALIASES: dict[str, list[str]] = {
+    "--use-flash-attn": ["--attention-backend", "flash"],
+    # Megatron-LM forks' spellings (e.g. the Swallow project's Llama-3 scripts).
+    "--rope-theta": ["--rotary-base"],
+    "--wandb-name": ["--wandb-exp-name"],
+    "--use-rotary-position-embeddings": ["--position-embedding-type", "rope"],
+    "--recompute-activations": ["--recompute-granularity", "selective"],
+}
+
+_SAME = "Megatron-LM's behaviour here too"
+
+ACCEPTED: dict[str, Flag] = {
+    "--use-mcore-models": Flag(0, "megatron-core models are the only models built here"),
+    "--use-dist-ckpt": Flag(0, "checkpoints are always megatron-core dist_checkpointing"),
+    "--ckpt-fully-parallel-save": Flag(0, "fully parallel saving is the default already"),
+    "--exit-signal-handler": Flag(
+        0, "SIGTERM / SIGUSR1 (and Ctrl-C) always save at the next step and exit"
+    ),
+    "--no-async-tensor-model-parallel-allreduce": Flag(
+        0, "deprecated in Megatron-LM; megatron-core overlaps TP all-reduces by itself"
+    ),
+    "--async-tensor-model-parallel-allreduce": Flag(
+        0, "deprecated in Megatron-LM; megatron-core overlaps TP all-reduces by itself"
+    ),
+    "--distributed-backend": Flag(1, "NCCL on CUDA and gloo on CPU, chosen by the device"),
+    "--no-create-attention-mask-in-dataloader": Flag(
+        0, "no attention mask is built by the loader: attention is causal inside the model"
+    ),
+    "--calculate-per-token-loss": Flag(
+        0, "losses are always normalised per token over the global batch, in both phases"
+    ),
+    "--num-dataset-builder-threads": Flag(
+        1, "sample indices are built once per rank and cached; the count changes no sample"
+    ),
+    "--dist-ckpt-strictness": Flag(
+        1, "checkpoints are checked key by key and shape by shape at load; a mismatch is refused"
+    ),
+    "--ckpt-assume-constant-structure": Flag(
+        0, "a speed-up for repeated saves; every save here is planned afresh"
+    ),
+    "--check-for-nan-in-loss-and-grad": Flag(
+        0, "non-finite losses and gradients are always checked; the step is skipped"
+    ),
+    "--log-progress": Flag(0, "progress is in the log and the metrics file already"),
+    "--log-world-size-to-tensorboard": Flag(0, "the layout is printed and in run_manifest.json"),
+    "--auto-detect-ckpt-format": Flag(0, "checkpoints are always torch_dist: nothing to detect"),
+    "--enable-experimental": Flag(0, "megatron-core's experimental features are not gated here"),
+    "--no-check-for-nan-in-loss-and-grad": Flag(
+        0,
+        "a non-finite step is always skipped before the optimizer (one reduction a step); "
+        "under fp16 the loss scaler handles overflows, as in Megatron-LM",
+    ),
+    "--tensorboard-queue-size": Flag(1, "TensorBoard events are flushed at every log line"),
+    "--num-workers": Flag(
+        1,
+        "samples are read in the training process (memory-mapped); loader worker processes "
+        "are not used yet: the batches are the same, only the prefetching differs",
+    ),
+    "--log-throughput": Flag(0, "TFLOP/s per device and MFU are always logged"),
+    "--log-timers-to-tensorboard": Flag(
+        0, "step time, tokens/s and MFU go to TensorBoard at every log; finer timers are not kept"
+    ),
+    "--timing-log-level": Flag(
+        1, "step time, tokens/s and MFU are logged; finer timers are not kept"
+    ),
+    "--no-load-rng": Flag(
+        0,
+        "no RNG state is saved: dropout streams are reseeded from (--seed, iteration) each "
+        "step, so a resumed run draws what the unbroken one drew",
+    ),
+}
+
+REFUSED: dict[str, Flag] = {
+    "--use-legacy-models": Flag(
+        0, "legacy (non-megatron-core) models are not built here: drop the flag"
+    ),
+    "--use-torch-fsdp2": Flag(
+        0, "FSDP is not supported: drop it and use --use-distributed-optimizer (ZeRO-1)"
+    ),
+    "--use-megatron-fsdp": Flag(
+        0, "FSDP is not supported: drop it and use --use-distributed-optimizer (ZeRO-1)"
+    ),
+    "--yaml-cfg": Flag(1, "YAML configs are not read: pass the flags on the command line"),
+    "--spec": Flag("+", "custom layer specs are not loaded: the layer spec follows the flags"),
+    "--enable-cuda-graph": Flag(0, "CUDA graphs are not supported yet: drop the flag"),
+    "--cuda-graph-impl": Flag(1, "CUDA graphs are not supported yet: drop the flag"),
+    "--vocab-extra-ids": Flag(1, "T5-style extra ids are not added: drop the flag"),
+    "--fp16-lm-cross-entropy": Flag(
+        0, "the TST losses always compute in fp32 (exact multi-hot targets): drop the flag"
+    ),
+    "--reset-position-ids": Flag(
+        0, "positions run across documents here (as in the paper): drop the flag"
+    ),
+    "--reset-attention-mask": Flag(
+        0, "attention runs across documents here (as in the paper): drop the flag"
+    ),
+    "--use-checkpoint-args": Flag(
+        0,
+        "model flags are not read from the checkpoint: pass them on the command line (a "
+        "checkpoint whose shapes differ is refused by name)",
+    ),
+    "--use-mpi": Flag(
+        0, "a Megatron-LM fork's flag: ranks come from torchrun / srun's environment; drop it"
+    ),
+    "--use-z-loss": Flag(
+        0, "a Megatron-LM fork's output-layer z-loss is not implemented here: drop it"
+    ),
+    "--dataset": Flag(1, "a Pai-Megatron-Patch flag (its own pretrain script): drop it"),
+    "--train-mode": Flag(1, "a Pai-Megatron-Patch flag (its own pretrain script): drop it"),
+    "--max-padding-length": Flag(1, "a Pai-Megatron-Patch flag (fine-tuning padding): drop it"),
+    "--patch-tokenizer-type": Flag(
+        1,
+        "a Pai-Megatron-Patch flag: use --tokenizer-type HuggingFaceTokenizer "
+        "--tokenizer-model PATH",
+    ),
+    "--padded-vocab-size": Flag(
+        1,
+        "the padded vocabulary follows Megatron-LM's rule (--vocab-size or the tokenizer's, "
+        "padded to --make-vocab-size-divisible-by x TP): drop it",
+    ),
+    "--eod-mask-loss": Flag(
+        0,
+        "end-of-document tokens are predicted as any token (the multi-hot bags hold them "
+        "too): drop the flag",
+    ),
+}
+
+
+def _dest(flag: str) -> str:
+    return "megatron." + flag[2:].replace("-", "_")
+
+
+def add_to_parser(parser: argparse.ArgumentParser) -> None:
+    """Register the accepted and refused flags (no default: absent ones stay absent)."""
+    for title, table in (("Megatron-LM flags accepted with no effect here", ACCEPTED),
+                         ("Megatron-LM flags refused here", REFUSED)):  # fmt: skip
+        group = parser.add_argument_group(title)
+        for flag, entry in table.items():
+            kwargs = dict(dest=_dest(flag), default=argparse.SUPPRESS, help=entry.reason)
+            if entry.nargs == 0:
+                group.add_argument(flag, action="store_true", **kwargs)
+            else:
+                nargs = None if entry.nargs == 1 else entry.nargs
+                group.add_argument(flag, nargs=nargs, metavar="VALUE", **kwargs)
+    group = parser.add_argument_group("Megatron-LM spellings of the flags above")
+    for flag, target in ALIASES.items():
+        group.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                           dest=_dest(flag), help=f"same as {' '.join(target)}")  # fmt: skip
+
+
+def apply_aliases(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        out.extend(ALIASES.get(arg, [arg]))
+    return out
+
+
+def check_unknown(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Report every flag nobody knows, each with its nearest known flag, in one line; then
+    every refused flag with its reason (both before any value is checked)."""
+    known = set(parser._option_string_actions)
+    unknown = []
+    for arg in argv:
+        if not arg.startswith("--") or arg == "--":
+            continue
+        flag = arg.split("=", 1)[0]
+        if flag not in known and flag not in unknown:
+            unknown.append(flag)
+    refused = [f"{flag}: {REFUSED[flag].reason}" for flag in dict.fromkeys(
+        arg.split("=", 1)[0] for arg in argv) if flag in REFUSED]  # fmt: skip
+    if not unknown and refused:  # before any value is parsed: the first thing to fix
+        raise ValueError("not supported here: " + "; ".join(refused))
+    if not unknown:
+        return
+    longs = sorted(f for f in known if f.startswith("--"))
+    parts = []
+    for flag in unknown:
+        near = difflib.get_close_matches(flag, longs, n=1, cutoff=0.6)
+        parts.append(f"{flag} (did you mean {near[0]}?)" if near else flag)
+    raise ValueError(
+        f"unknown flag{'s' if len(parts) > 1 else ''}: "
+        + ", ".join(parts)
+        + " (pretrain_tst.py --help lists every flag)"
+    )
+
+
+def resolve(given: dict[str, object]) -> tuple[tuple[str, str], ...]:
+    """Refuse the refused flags given (all at once); return the accepted ones with reasons."""
+    flags = {"--" + key.split(".", 1)[1].replace("_", "-"): value for key, value in given.items()}
+    refused = [f"{flag}: {REFUSED[flag].reason}" for flag in flags if flag in REFUSED]
+    if refused:
+        raise ValueError("not supported here: " + "; ".join(refused))
+    return tuple((flag, ACCEPTED[flag].reason) for flag in flags if flag in ACCEPTED)
+
+
+def classify(parser: argparse.ArgumentParser, flag: str) -> tuple[str, str]:
+    """(``implemented`` | ``alias`` | ``accepted`` | ``refused`` | ``unknown``, why / what)."""
+    if flag in ALIASES:
+        return "alias", "same as " + " ".join(ALIASES[flag])
+    if flag in ACCEPTED:
+        return "accepted", ACCEPTED[flag].reason
+    if flag in REFUSED:
+        return "refused", REFUSED[flag].reason
+    action = parser._option_string_actions.get(flag)
+    if action is None:
+        return "unknown", ""
+    return "implemented", (action.help or "").replace("%%", "%")

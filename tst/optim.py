@@ -1,0 +1,110 @@
+"""megatron-core's DDP wrapper, optimizer and LR scheduler as the flags describe them.
+
+One place maps the Megatron-LM flags onto megatron-core's ``DistributedDataParallelConfig``,
+``OptimizerConfig`` and ``OptimizerParamScheduler``, with Megatron-LM's semantics: gradients
+reduce in the parameters' dtype unless ``--accumulate-allreduce-grads-in-fp32`` (on by
+itself with ``--bf16``), fp16 gets megatron-core's loss scaler (dynamic unless
+``--loss-scale``), and the scheduler counts samples, so warm-up, decay and a batch-size
+ramp-up are all in one unit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tst.config import Config
+from tst.plan import RunPlan
+
+__all__ = ["ddp_config", "optimizer_config", "build_scheduler", "params_dtype"]
+
+
+# Megatron-LM's names for the precision-aware optimizer's dtypes (fp8 state is kept as uint8).
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+           "fp8": torch.uint8}  # fmt: skip
+
+
+def params_dtype(cfg: Config) -> torch.dtype:
+    t = cfg.training
+    return torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+
+
+def ddp_config(cfg: Config):
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    p = cfg.parallel
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=p.accumulate_allreduce_grads_in_fp32,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        align_param_gather=p.align_param_gather,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        # Non-finite gradients are caught by the trainer (one vote per step), not by DDP.
+        check_for_nan_in_grad=False,
+        bucket_size=p.ddp_bucket_size,
+        average_in_collective=p.ddp_average_in_collective,
+        fp8_param_gather=cfg.training.fp8_param_gather,
+    )
+
+
+def optimizer_config(cfg: Config):
+    from megatron.core.optimizer import OptimizerConfig
+
+    t, p, log = cfg.training, cfg.parallel, cfg.log
+    return OptimizerConfig(
+        optimizer=t.optimizer,
+        lr=t.lr,
+        min_lr=t.min_lr,
+        decoupled_lr=t.decoupled_lr,
+        decoupled_min_lr=t.decoupled_min_lr,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
+        sgd_momentum=t.sgd_momentum,
+        clip_grad=t.clip_grad,
+        bf16=t.bf16,
+        fp16=t.fp16,
+        params_dtype=params_dtype(cfg),
+        loss_scale=t.loss_scale,
+        initial_loss_scale=t.initial_loss_scale,
+        min_loss_scale=t.min_loss_scale,
+        loss_scale_window=t.loss_scale_window,
+        hysteresis=t.hysteresis,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        overlap_param_gather=p.overlap_param_gather,
+        use_precision_aware_optimizer=t.use_precision_aware_optimizer,
+        main_grads_dtype=_DTYPES[t.main_grads_dtype],
+        main_params_dtype=_DTYPES[t.main_params_dtype],
+        exp_avg_dtype=_DTYPES[t.exp_avg_dtype],
+        exp_avg_sq_dtype=_DTYPES[t.exp_avg_sq_dtype],
+        log_num_zeros_in_grad=log.log_num_zeros_in_grad,
+    )
+
+
+def build_scheduler(optimizer, cfg: Config, plan: RunPlan, *, start: int = 0, steps=None):
+    """megatron-core's ``OptimizerParamScheduler`` over the run (lengths in samples).
+
+    ``start`` / ``steps`` give a schedule that begins at sample ``start`` with its own
+    warm-up and decays over ``steps`` samples (``--tst-restart-schedule-at-switch``).
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t, run = cfg.training, cfg.run
+    decay = steps if steps is not None else plan.lr_decay_steps
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=t.lr_warmup_init,
+        max_lr=t.lr,
+        min_lr=t.min_lr,
+        lr_warmup_steps=plan.lr_warmup_steps,
+        lr_decay_steps=decay,
+        lr_decay_style=t.lr_decay_style,
+        start_wd=t.start_weight_decay,
+        end_wd=t.end_weight_decay,
+        wd_incr_steps=plan.wd_incr_steps,
+        wd_incr_style=t.weight_decay_incr_style,
+        use_checkpoint_opt_param_scheduler=run.use_checkpoint_opt_param_scheduler,
+        override_opt_param_scheduler=run.override_opt_param_scheduler,
+        wsd_decay_steps=plan.wsd_decay_steps,
+        lr_wsd_decay_style=t.lr_wsd_decay_style if t.lr_decay_style == "WSD" else None,
+    )

@@ -1,0 +1,332 @@
+"""The run plan: everything derived from the flags and the world size, computed once.
+
+:func:`validate` checks the flags against each other and the world (one place for the grid
+rules megatron-core enforces: TP x PP x CP and ETP x EP x PP divide the world) and returns a
+frozen :class:`RunPlan`: the parallel grid, batch sizes (with Megatron-LM's batch ramp-up),
+the run's length in steps, the LR scheduler's lengths (in samples, as Megatron-LM counts
+them), the phase schedule and the data budget. The entry point builds it once and passes it
+to the trainer, the dry run and the data builders; nothing else re-derives these values.
+
+Under sample-based training (``--train-samples``) the run's length in steps is Megatron-LM's
+(the ramp-up steps, then full batches); ``--tst-fraction`` is a share of those steps and
+``--tst-iters`` a step count, so the switch always falls on a step boundary.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+from tst.config import Config
+from tst.phases import PhaseSchedule
+
+__all__ = ["Grid", "RunPlan", "check_launchable", "validate"]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The process grid: model-parallel sizes and the data-parallel size they leave."""
+
+    world: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    etp: int
+    vpp: int | None  # virtual pipeline chunks per stage (None: no interleaving)
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.tp * self.pp * self.cp)
+
+    @property
+    def expert_dp(self) -> int:
+        return self.world // (self.etp * self.ep * self.pp)
+
+    def stage_of_layer(self, layer: int, num_layers: int) -> int:
+        """Pipeline stage holding decoder layer ``layer`` (VPP chunks round-robin)."""
+        chunks = self.pp * (self.vpp or 1)
+        per_chunk = num_layers // chunks
+        return (layer // per_chunk) % self.pp
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    grid: Grid
+    micro_batch_size: int
+    global_batch_size: int  # the full batch (after any ramp-up)
+    rampup: tuple[int, int, int] | None  # start, increment, samples
+    train_iters: int
+    padded_vocab_size: int
+    schedule: PhaseSchedule
+    # The LR scheduler's lengths, in samples (Megatron-LM's unit).
+    lr_warmup_steps: int
+    lr_decay_steps: int
+    wsd_decay_steps: int | None
+    wd_incr_steps: int
+    evaluate: bool
+
+    @property
+    def dp(self) -> int:
+        return self.grid.dp
+
+    @property
+    def vpp(self) -> int | None:
+        return self.grid.vpp
+
+    @property
+    def num_microbatches(self) -> int:
+        """Micro-batches per step at the full batch size."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    def batch_size_at(self, iteration: int) -> int:
+        """Global batch of 0-based step ``iteration`` (ramp-up by samples consumed)."""
+        if self.rampup is None:
+            return self.global_batch_size
+        return _rampup_batch(self.rampup, self.global_batch_size, self.samples_before(iteration))
+
+    def microbatches_at(self, iteration: int) -> int:
+        return self.batch_size_at(iteration) // (self.micro_batch_size * self.dp)
+
+    def samples_before(self, iteration: int) -> int:
+        """Samples the first ``iteration`` steps read."""
+        if self.rampup is None:
+            return iteration * self.global_batch_size
+        consumed = 0
+        for step in range(iteration):
+            batch = _rampup_batch(self.rampup, self.global_batch_size, consumed)
+            if batch == self.global_batch_size:  # past the ramp-up: full batches from here
+                return consumed + (iteration - step) * self.global_batch_size
+            consumed += batch
+        return consumed
+
+    def samples_between(self, start: int, end: int) -> int:
+        return self.samples_before(end) - self.samples_before(start)
+
+
+def _rampup_batch(rampup: tuple[int, int, int], full: int, consumed: int) -> int:
+    """Megatron-LM's ramp-up rule: START + INCREMENT x floor(consumed / samples per step-up),
+    the full batch once SAMPLES have been read."""
+    start, increment, samples = rampup
+    increments = (full - start) // increment
+    if consumed > samples or increments == 0:
+        return full
+    per_increment = samples / increments
+    return min(full, start + int(consumed / per_increment) * increment)
+
+
+def _train_iters(cfg: Config, gbs: int, rampup) -> int:
+    """Steps of the run; under --train-samples Megatron-LM's count (ramp-up steps first)."""
+    t = cfg.training
+    if not t.sample_based:
+        return t.train_iters
+    if rampup is None:
+        return t.train_samples // gbs
+    iterations = consumed = 0
+    while consumed <= rampup[2] and consumed <= t.train_samples:
+        consumed += _rampup_batch(rampup, gbs, consumed)
+        iterations += 1
+    return iterations + (t.train_samples - consumed) // gbs
+
+
+def check_grid(cfg: Config, world_size: int) -> Grid:
+    """megatron-core's layout rules, checked before anything is built, with the fix."""
+    m, p = cfg.model, cfg.parallel
+    tp, pp, cp = (
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.context_parallel_size,
+    )
+    ep = p.expert_model_parallel_size
+    etp = p.expert_tensor_parallel_size or tp
+    _require(
+        world_size % (tp * pp * cp) == 0,
+        f"world size {world_size} is not divisible by TP x PP x CP = {tp * pp * cp} "
+        f"(TP {tp}, PP {pp}, CP {cp}): change the parallel sizes or the number of processes",
+    )
+    if m.num_experts is not None:
+        _require(
+            world_size % (etp * ep * pp) == 0,
+            f"world size {world_size} is not divisible by ETP x EP x PP = {etp * ep * pp} "
+            f"(expert-TP {etp}, EP {ep}, PP {pp}; megatron-core's expert grid): change "
+            "--expert-model-parallel-size / --expert-tensor-parallel-size or the world size",
+        )
+        _require(
+            m.num_experts % ep == 0,
+            f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}",
+        )
+    else:
+        _require(ep == 1, "--expert-model-parallel-size > 1 needs --num-experts")
+        _require(
+            p.expert_tensor_parallel_size in (None, tp),
+            "--expert-tensor-parallel-size needs --num-experts",
+        )
+    _require(
+        m.num_attention_heads % tp == 0,
+        f"--num-attention-heads {m.num_attention_heads} is not divisible by "
+        f"--tensor-model-parallel-size {tp}",
+    )
+    _require(
+        m.query_groups % tp == 0,
+        f"--num-query-groups {m.query_groups} is not divisible by TP={tp}",
+    )
+    _require(
+        m.num_layers % pp == 0,
+        f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}",
+    )
+    vpp = None
+    if p.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = m.num_layers // pp
+        _require(pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1")
+        _require(
+            per_stage % p.num_layers_per_virtual_pipeline_stage == 0,
+            "--num-layers / PP must be divisible by --num-layers-per-virtual-pipeline-stage",
+        )
+        vpp = per_stage // p.num_layers_per_virtual_pipeline_stage
+        vpp = vpp if vpp > 1 else None
+    if cp > 1:
+        _require(
+            m.seq_length % (2 * cp) == 0,
+            f"--seq-length {m.seq_length} must be a multiple of 2 x CP = {2 * cp} "
+            "(load-balanced context-parallel chunks)",
+        )
+    return Grid(world=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp)
+
+
+def _adjust_like_megatron(cfg: Config, tp: int) -> None:
+    """Where Megatron-LM warns and adjusts a flag, do the same (in place, before freezing)."""
+    p, m, t = cfg.parallel, cfg.model, cfg.training
+    if p.sequence_parallel and tp == 1:
+        warnings.warn("Disabling sequence parallelism because tensor model parallelism is "
+                      "disabled (as Megatron-LM does)", stacklevel=3)  # fmt: skip
+        p.sequence_parallel = False
+    if m.position_embedding_type != "rope":
+        m.apply_rope_fusion = False
+    if not m.add_bias_linear:
+        m.bias_gelu_fusion = False
+    if t.bf16:
+        if p.grad_reduce_in_bf16:
+            p.accumulate_allreduce_grads_in_fp32 = False
+        else:
+            p.accumulate_allreduce_grads_in_fp32 = True
+    if m.num_query_groups != 1 and not m.group_query_attention:
+        warnings.warn(f"--num-query-groups {m.num_query_groups} has no effect without "
+                      "--group-query-attention (as in Megatron-LM): the model has one key/value "
+                      "head per attention head", stacklevel=3)  # fmt: skip
+
+
+def check_launchable(cfg: Config) -> None:
+    """What a dry run can lay out but a launch cannot run yet, refused before any process
+    group starts (one line: the flag, why, what to do)."""
+    p, run, d = cfg.parallel, cfg.run, cfg.data
+    not_yet = [
+        ("--context-parallel-size > 1", p.context_parallel_size > 1,
+         "the TST batches are not yet split along the sequence for context parallelism"),
+        ("--tp-comm-overlap", p.tp_comm_overlap,
+         "Transformer Engine's userbuffers are not initialised by this trainer yet"),
+        ("--async-save", run.async_save, "checkpoints are written synchronously for now"),
+        ("--train-data-path / --valid-data-path / --test-data-path",
+         bool(d.train_data_path or d.valid_data_path or d.test_data_path),
+         "per-split blends are not read yet: use --data-path with --split"),
+        ("--per-split-data-args-path", bool(d.per_split_data_args_path),
+         "per-split blends are not read yet: use --data-path (or --data-args-path) with --split"),
+    ]  # fmt: skip
+    for flag, asked, why in not_yet:
+        _require(not asked, f"{flag} is not supported yet: {why}; drop it (--dry-run lays "
+                            "such a run out, a launch cannot run it)")  # fmt: skip
+
+
+def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
+    """Checks across concerns, once per run; returns the run's :class:`RunPlan`."""
+    m, p, t, tst = cfg.model, cfg.parallel, cfg.training, cfg.tst
+    _adjust_like_megatron(cfg, p.tensor_model_parallel_size)
+    grid = check_grid(cfg, world_size)
+    tp, dp = grid.tp, grid.dp
+    _require(
+        not p.tp_comm_overlap or p.sequence_parallel,
+        "--tp-comm-overlap needs --sequence-parallel (Megatron-LM's rule; with TP 1 sequence "
+        "parallelism is off)",
+    )
+    if p.sequence_parallel:
+        _require(
+            m.seq_length % tp == 0, "--seq-length must be divisible by TP with --sequence-parallel"
+        )
+    _require(
+        m.resolved_ffn_hidden_size >= 1,
+        f"--hidden-size {m.hidden_size} gives no SwiGLU MLP width by Megatron-LM's rule "
+        "(int(8/3 x hidden / 64) x 64 = 0): give --ffn-hidden-size",
+    )
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    _require(
+        gbs % (t.micro_batch_size * dp) == 0,
+        f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+        f"{t.micro_batch_size} x data-parallel size {dp}",
+    )
+    rampup = tuple(t.rampup_batch_size) if t.rampup_batch_size else None
+    if rampup is not None:
+        start, increment, _ = rampup
+        _require(start <= gbs and (gbs - start) % increment == 0,
+                 f"--rampup-batch-size: the global batch {gbs} minus START {start} must be a "
+                 f"multiple of INCREMENT {increment}")  # fmt: skip
+        _require(start % (t.micro_batch_size * dp) == 0 and increment % (t.micro_batch_size * dp) == 0,
+                 "--rampup-batch-size: START and INCREMENT must be multiples of micro-batch x "
+                 f"data-parallel size = {t.micro_batch_size * dp}")  # fmt: skip
+    num_micro = gbs // (t.micro_batch_size * dp)
+    if grid.vpp:
+        _require(
+            num_micro % grid.pp == 0 and (rampup is None or all(
+                r // (t.micro_batch_size * dp) % grid.pp == 0 for r in rampup[:2])),
+            "interleaved pipelining needs the number of "
+            f"micro-batches ({num_micro}) to be a multiple of PP={grid.pp}",
+        )  # fmt: skip
+    train_iters = _train_iters(cfg, gbs, rampup)
+    _require(train_iters >= 1, f"--train-samples {t.train_samples} is less than one step")
+    if tst.tst_iters is not None:
+        _require(tst.tst_iters <= train_iters, "--tst-iters must be <= --train-iters")
+    _require(vocab_size >= 1, "vocabulary size must be >= 1")
+    divisible_by = cfg.data.make_vocab_size_divisible_by
+    _require(divisible_by >= 1, f"--make-vocab-size-divisible-by must be >= 1, got {divisible_by}")
+    multiple = divisible_by * tp  # Megatron-LM's rule
+    padded = -(-vocab_size // multiple) * multiple
+    if t.fp8_format is not None:
+        _require(
+            m.transformer_impl != "local",
+            "FP8 needs Transformer Engine: drop --fp8-format or use "
+            "--transformer-impl transformer_engine",
+        )
+    schedule = PhaseSchedule.from_config(cfg, train_iters)
+    # The LR scheduler counts samples, as Megatron-LM's does.
+    if t.sample_based:
+        decay = t.lr_decay_samples or t.train_samples
+        warmup = t.lr_warmup_samples
+        wsd = t.lr_wsd_decay_samples
+        wd_incr = t.train_samples
+    else:
+        decay = (t.lr_decay_iters or train_iters) * gbs
+        warmup = t.lr_warmup_iters * gbs
+        wsd = t.lr_wsd_decay_iters * gbs if t.lr_wsd_decay_iters else None
+        wd_incr = train_iters * gbs
+    if t.lr_warmup_fraction is not None:
+        warmup = int(t.lr_warmup_fraction * decay)
+    if t.lr_decay_style == "WSD" and wsd is None:
+        wsd = max(1, train_iters // 10) * gbs  # default: the last 10% of the run
+    evaluate = cfg.log.eval_iters > 0
+    return RunPlan(
+        grid=grid,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=gbs,
+        rampup=rampup,
+        train_iters=train_iters,
+        padded_vocab_size=padded,
+        schedule=schedule,
+        lr_warmup_steps=warmup,
+        lr_decay_steps=decay,
+        wsd_decay_steps=wsd,
+        wd_incr_steps=wd_incr,
+        evaluate=evaluate,
+    )
