@@ -446,7 +446,7 @@ class Trainer:
         switch = self.schedule.switch_iteration
         self.scheduler = build_scheduler(
             self.optimizer, self.cfg, self.plan,
-            start=self.plan.samples_before(switch), steps=self.plan.lr_decay_steps,
+            start=self.plan.samples_before(switch), steps=self._recovery_schedule_steps(),
         )  # fmt: skip
 
     # ---------------------------------------------------------------- checkpoints

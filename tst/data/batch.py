@@ -16,18 +16,25 @@ A superposition sample of ``L`` positions reads ``bag_size * L`` input tokens, f
 With ``bag_size == 1`` both layouts are ordinary next-token training on ``L + 1`` tokens,
 which is also what the recovery phase uses. Shapes: chunk ``[b, n]`` -> input ids
 ``[b, L * bag_size]``, targets ``[b, L, bag_size]``, loss mask ``[b, L]``.
+
+:func:`batch_for_phase` is what a training step calls: the rows the data stream serves for a
+phase (:class:`tst.phases.Phase`) -> that phase's batch, for every mode and layout.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+
+if TYPE_CHECKING:
+    from tst.phases import Phase
 
 __all__ = [
     "FULL_BAG",
     "PAPER",
     "TSTBatch",
+    "batch_for_phase",
     "chunk_length",
     "make_output_only_batch",
     "make_tst_batch",
@@ -129,3 +136,38 @@ def make_output_only_batch(
     targets = padded[:, 1:].unfold(1, bag_size, 1)[:, :num_positions]
     loss_mask = (targets != ignore_index).any(dim=-1).float()
     return TSTBatch(chunk[:, :num_positions], targets.contiguous(), loss_mask)
+
+
+def batch_for_phase(chunk: torch.Tensor, phase: Phase, ignore_index: int = -100) -> TSTBatch:
+    """Rows from the data stream -> the batch a step of ``phase`` trains on.
+
+    ``chunk [b, units_per_row * (L + 1)]``: a row of ``phase.units_per_row`` stream units of
+    ``L + 1`` tokens (:class:`tst.data.stream.SampleStream` serves these). By the phase's
+    input and target bag sizes:
+
+    - ``1, 1`` (recovery, or a run without bags): ordinary next-token training, ``[b, L + 1]``.
+    - ``1, bag`` (output-only): ordinary inputs, each position predicts the next ``bag``
+      tokens (:func:`make_output_only_batch`); reads no more than a recovery row.
+    - ``bag, bag`` (full): :func:`make_tst_batch` in ``phase.layout``; the ``paper`` layout
+      uses the row's first ``bag * L + 1`` tokens.
+    - ``bag, 1`` (input-only): the same bag inputs; each position predicts one token, the first
+      of the next bag.
+    """
+    if chunk.dim() != 2 or chunk.shape[1] % phase.units_per_row:
+        raise ValueError(
+            f"chunk must be [batch, units_per_row * (L + 1)] with units_per_row = "
+            f"{phase.units_per_row} for the {phase.name} phase, got {tuple(chunk.shape)}"
+        )
+    if phase.input_bag == 1 and phase.target_bag == 1:
+        return make_tst_batch(chunk, 1, ignore_index=ignore_index)
+    if phase.input_bag == 1:
+        return make_output_only_batch(chunk, phase.target_bag, ignore_index)
+    bag_size = phase.input_bag
+    if phase.layout == PAPER:
+        seq_length = chunk.shape[1] // phase.units_per_row - 1
+        chunk = chunk[:, : chunk_length(seq_length, bag_size, PAPER)]
+    batch = make_tst_batch(chunk, bag_size, phase.layout, ignore_index)
+    if phase.target_bag == 1:
+        targets = batch.targets[..., :1]
+        return batch._replace(targets=targets, loss_mask=(targets != ignore_index).any(-1).float())
+    return batch
