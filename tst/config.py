@@ -673,7 +673,8 @@ class TSTConfig:
         "full target bag; the loss is each position's mean over its slots, then the mean over "
         "positions. paper: the paper's bag*L+1 tokens (one target at the last position) and "
         "its loss: each slot's CE averaged over the positions where it is valid, then the "
-        "(weighted) mean over slots, over the global batch.",
+        "(weighted) mean over slots, over the global batch. Under --tst-mode output-only "
+        "(whose last positions lack slots in either layout) it picks only the loss form.",
         choices=["full", "paper"],
     )
     tst_reinit_embeddings_at_switch: bool = _f(
