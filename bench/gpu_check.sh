@@ -59,6 +59,12 @@ if ! "$PYTHON" -c "import megatron.core" 2>/dev/null; then
   fi
 fi
 
+# No biases, no dropout, whatever the trainer's defaults: flags given only where known.
+HELP=$("$PYTHON" pretrain_tst.py --help 2>/dev/null || true)
+known() { grep -qE -- "(^|[[ ])$1([] ]|$)" <<<"$HELP"; }
+if known --disable-bias-linear; then MODEL_ARGS+=(--disable-bias-linear); fi
+if known --hidden-dropout; then MODEL_ARGS+=(--hidden-dropout 0 --attention-dropout 0); fi
+
 # run NAME EXTRA_ARGS...: one training (or its --dry-run), its records in $OUT_DIR/NAME.jsonl.
 run() {
   local name=$1; shift

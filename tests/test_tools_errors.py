@@ -216,7 +216,7 @@ def test_training_on_an_empty_dataset_names_it(tmp_path):
 
 
 def _records(n: int) -> list[str]:
-    out = []
+    out = [json.dumps({"phases": [{"name": "recovery", "start": 0}], "train_iters": n})]
     for it in range(1, n + 1):
         out.append(json.dumps({"iteration": it, "phase": "recovery", "loss": 5.0 - it / 10,
                                "loss_name": "lm", "elapsed_s": it, "raw_tokens": 64 * it}))  # fmt: skip
@@ -234,8 +234,9 @@ def test_a_cut_last_line_is_dropped_with_a_note(tmp_path, capsys, cut):
     path.write_bytes(("\n".join(lines[:-1]) + "\n").encode() + last[:cut_at])
     run = run_metrics.read_metrics(str(path))
     assert len(run.train) == 4 and len(run.evals) == 3  # the cut evaluation is dropped
+    assert run.meta == [json.loads(lines[0])]  # the run's header: no step
     err = capsys.readouterr().err
-    assert f"{path}:8: dropped the last line, cut short" in err
+    assert f"{path}:9: dropped the last line, cut short" in err
 
 
 def test_a_damaged_line_elsewhere_is_refused(tmp_path):
@@ -247,7 +248,7 @@ def test_a_damaged_line_elsewhere_is_refused(tmp_path):
         run_metrics.read_metrics(str(path))
     # A last line written whole (newline and all) that does not parse is damage, not a kill.
     path.write_text("\n".join(lines[:-1] + ["{not json"]) + "\n")
-    with pytest.raises(run_metrics.MetricsFileError, match=rf"{path}:6: not a JSON record"):
+    with pytest.raises(run_metrics.MetricsFileError, match=rf"{path}:7: not a JSON record"):
         run_metrics.read_metrics(str(path))
     with pytest.raises(run_metrics.MetricsFileError, match="cannot read the metrics file"):
         run_metrics.read_metrics(str(tmp_path / "missing.jsonl"))
@@ -261,7 +262,7 @@ def test_compare_and_plot_read_a_killed_run(tmp_path, capsys):
     res = _tool("compare_runs.py", "--baseline", str(base), "--candidate", str(cut), "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["candidate_iterations"] == 3
-    assert f"{cut}:8: dropped the last line" in res.stderr
+    assert f"{cut}:9: dropped the last line" in res.stderr
     plot_runs = load_tool("plot_runs")
     out = str(tmp_path / "p.png")
     assert plot_runs.main(["--runs", f"base={base}", f"cut={cut}", "--output", out]) == 0

@@ -4,7 +4,8 @@ The one reader behind ``plot_runs.py``, ``compare_runs.py`` and ``bench/reproduc
 killed while writing a record leaves its last line cut short (no newline at its end): that
 line is dropped with a note on stderr, and the records before it are used. A damaged line
 anywhere else (or a last line that was written whole, newline included, but does not parse)
-is refused naming the file and line: that is damage, not a kill.
+is refused naming the file and line: that is damage, not a kill. Records without an
+``iteration`` (a run's header: its phase table) are kept apart in ``meta``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
@@ -32,6 +33,7 @@ class RunMetrics:
     name: str
     train: list[dict]
     evals: list[dict]
+    meta: list[dict] = field(default_factory=list)  # records that are no step (headers)
 
     @property
     def switch_iteration(self) -> int | None:
@@ -60,7 +62,7 @@ def read_metrics(path: str, name: str | None = None) -> RunMetrics:
     # After split, a file ending in "\n" ends with b"": a last element that is not empty is
     # a line without its newline, i.e. the one a kill can cut.
     unterminated = len(lines) - 1 if lines[-1] else None
-    train, evals = [], []
+    train, evals, meta = [], [], []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -75,9 +77,12 @@ def read_metrics(path: str, name: str | None = None) -> RunMetrics:
                 )
                 continue
             raise MetricsFileError(f"{path}:{number}: not a JSON record ({error})") from None
-        (evals if "val_loss" in record else train).append(record)
+        if "iteration" not in record:
+            meta.append(record)
+        else:
+            (evals if "val_loss" in record else train).append(record)
     if not evals:
         raise MetricsFileError(
             f"{path}: no evaluation records (val_loss); was --eval-interval set?"
         )
-    return RunMetrics(name or path, train, evals)
+    return RunMetrics(name or path, train, evals, meta)

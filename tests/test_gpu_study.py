@@ -1,0 +1,65 @@
+"""bench/gpu_study.sh end to end in its CPU dry mode (``DRY_RUN=1``): the GPU study's every
+step at tiny sizes (corpus from installed packages' sources, tokenizer, preprocessing,
+gpu_check's dry run, calibration, baseline and TST arms at equal steps, the summary and the
+archive), plus ``--dry-run`` of the GPU-sized command lines (a ~110M model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_study_dry_run_end_to_end(tmp_path):
+    out = tmp_path / "study"
+    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, WORK=str(tmp_path / "work"))
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_study.sh"), str(out)],
+        env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert sorted(os.listdir(out)) == ["results.tar.gz", "study.log", "summary.json", "summary.md"]
+    assert "== done in" in (out / "study.log").read_text()
+
+    # Data made on the spot, with the project's own tools.
+    assert re.search(r"corpus: [\d,]+ files", log)
+    assert "trained a huggingface bpe tokenizer" in log
+    assert re.search(r"done in [\d.]+ s: [\d,]+ documents", log)  # the preprocessor's summary
+
+    summary = json.loads((out / "summary.json").read_text())
+    arms = summary["arms"]
+    assert set(arms) == {"calibration", "baseline", "tst"}
+    base, tst = arms["baseline"], arms["tst"]
+    assert base["steps"] == tst["steps"] == 10  # equal steps
+    assert tst["raw_tokens"] > 2 * base["raw_tokens"]  # bag 6 for 30% of the steps
+    assert set(tst["phases"]) == {"superposition", "recovery"} and set(base["phases"]) == {
+        "recovery"
+    }
+    for arm in (base, tst):
+        assert arm["final_eval_iteration"] == 10 and 0 < arm["final_val_loss"] < 10
+        assert arm["peak_memory"]["host_max_rss_gib"] > 0.1
+        for phase in arm["phases"].values():
+            assert phase["positions_per_s"] > 0 and phase["mfu"] >= 0
+    table = (out / "summary.md").read_text()
+    assert "| arm | steps | raw tokens | final held-out next-token loss" in table
+    assert "at equal steps" in table and "3,000 steps at context 2,048" in table
+
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = set(tar.getnames())
+    for name in ("calibration", "baseline", "tst"):
+        for suffix in (".jsonl", ".memory.json", ".wall"):
+            assert f"results/metrics/{name}{suffix}" in names
+        assert f"results/logs/{name}.log" in names
+    assert {"results/logs/gpu_check.log", "results/tokenizer.json"} <= names
+
+    # The GPU arms' command lines pass --dry-run: a ~110M-parameter model, both phases.
+    total = float(re.search(r"parameters \(built on the meta device\): total ([\d.]+)M", log)[1])
+    assert 90 <= total <= 130, total
+    assert re.search(r"superposition\s+0\.\.89\s+6", log)  # r 0.3 of 300 steps, bag 6
