@@ -106,7 +106,7 @@ def test_config_dry_run_matches_its_name(config, precision, tmp_path, capsys):
 def test_slurm_script_lays_out_the_whole_job(tmp_path, capsys):
     moe = EXAMPLES / "configs" / "moe_10b_a1b.sh"
     argv = script_argv(SLURM, tmp_path, CONFIG=str(moe), PRECISION="fp8", NNODES="4")
-    assert "--exit-duration-in-mins" in argv
+    assert "--exit-duration-in-mins" not in argv  # the time-limit warning (USR1) saves instead
     out = run_dry(argv, capsys)
     assert "layout for a world of 32: TP=1 PP=1 DP=32 EP=8 expert-DP=4" in out
     assert "FP8 (hybrid" in out
@@ -116,7 +116,9 @@ def test_scripts_pass_extra_flags_and_resume(tmp_path):
     config = str(EXAMPLES / "configs" / "dense_270m.sh")
     argv = script_argv(SINGLE_NODE, tmp_path, "--eval-interval", "7", CONFIG=config)
     last = len(argv) - 1 - argv[::-1].index("--eval-interval")
-    assert argv[last + 1] == "7" and "--load" not in argv  # the caller's flag comes last
+    assert argv[last + 1] == "7"  # the caller's flag comes last
+    # --load always: a folder with no checkpoint yet starts afresh, so restarts resume
+    assert argv[argv.index("--load") + 1] == str(tmp_path / "ckpt")
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1000\n")
     argv = script_argv(SLURM, tmp_path, CONFIG=config, DATA_PATH="0.7 a_doc 0.3 b_doc")

@@ -1,0 +1,169 @@
+"""``examples/train_slurm.sbatch`` on a real two-node Slurm cluster (slurmctld + two slurmd on
+this host, see ``slurm_cluster.py``): a tiny TP 2 x DP 2 TST model on real text, one torchrun
+per node with two CPU processes each, meeting at a c10d rendezvous.
+
+What each test does to the job is what a cluster does to it: the time-limit warning is
+Slurm's own (``--signal=B:USR1@600`` in the script, reached by shortening the job's time
+limit), the requeue is the script's, a lost node is every task process of that node killed
+(or stopped) by pid. The times the README's "Multi-node and elastic launches" section quotes
+are printed by these tests.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from run_checks import (
+    assert_every_step_once,
+    assert_healthy,
+    checkpointed,
+    last_iteration,
+    wait_for,
+)
+from slurm_cluster import free_ports
+from tiny_run import ENDLESS, ROOT, RUN_FLAGS, SWITCH, launch_env
+
+pytestmark = pytest.mark.cluster
+
+SCRIPT = "examples/train_slurm.sbatch"
+# Two nodes, no GPUs; --time well away from the warning (600 s before the limit).
+SBATCH = ["--nodes", "2", "--gpus-per-node=0", "--time=30"]
+
+
+def report(capsys, text: str) -> None:
+    with capsys.disabled():
+        print(f"\n[cluster timing] {text}")
+
+
+def submit(slurm, tmp_path: Path, env: dict, *flags: str) -> tuple[int, Path]:
+    out = tmp_path / "job.out"
+    job = slurm.sbatch(*SBATCH, "--output", str(out), SCRIPT, *RUN_FLAGS, *flags, cwd=ROOT, **env)
+    return job, out
+
+
+def node_tasks(slurm, job: int, node: str) -> list[psutil.Process]:
+    """Every process the job runs on ``node``: torchrun and its workers (not slurmstepd)."""
+    return slurm.job_processes(SLURM_JOB_ID=str(job), SLURMD_NODENAME=node)
+
+
+def test_two_node_job_trains_through_the_switch(slurm, corpus, tmp_path, capsys):
+    iters = 8
+    env = launch_env(corpus, tmp_path, iters, MASTER_PORT=str(free_ports(1)[0]))
+    start = time.monotonic()
+    job, out = submit(slurm, tmp_path, env, "--save-interval", "4")
+    record = slurm.wait_job(job, 300)
+    wall = time.monotonic() - start
+    log = out.read_text()
+    assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
+    assert f"job {job} (start 0): 2 nodes x 2 GPUs" in log
+    assert "layout: world=4 TP=2 PP=1 DP=2" in log
+    assert log.count("switching to the recovery phase") == 1
+    assert_every_step_once(Path(env["SAVE_DIR"]) / "metrics.jsonl", iters, SWITCH)
+    assert checkpointed(Path(env["SAVE_DIR"])) == iters
+    assert_healthy(log)  # no per-save warning, no traceback at the end, torchrun found
+    report(capsys, f"two-node job, {iters} steps through the switch: {wall:.1f} s wall-clock")
+
+
+def test_time_limit_warning_saves_and_the_requeued_job_resumes(slurm, corpus, tmp_path, capsys):
+    env = launch_env(corpus, tmp_path, ENDLESS, MASTER_PORT=str(free_ports(1)[0]))
+    save, metrics = Path(env["SAVE_DIR"]), Path(env["SAVE_DIR"]) / "metrics.jsonl"
+    job, out = submit(slurm, tmp_path, env, "--save-interval", str(ENDLESS))
+    wait_for(lambda: last_iteration(metrics) > SWITCH + 1, 240, "training past the switch")
+    # 10 minutes: the warning (600 s before the limit) is due; slurmctld sends it at its next
+    # time-limit check (every 30 s).
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    warned = wait_for(lambda: "USR1 (time-limit warning)" in out.read_text(), 90, "the warning")
+    saved = wait_for(lambda: checkpointed(save) is not None, 60, "the checkpoint")
+    stopped_at = checkpointed(save)
+    wait_for(lambda: slurm.job(job).get("Restarts") == "1", 60, "the requeue")
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=30")  # no second warning
+    requeued = time.monotonic()
+    wait_for(lambda: last_iteration(metrics) > stopped_at + 2, 240, "the requeued job's steps")
+    resumed = time.monotonic()
+    # USR1 to the steps only (not the batch script): save and end, without a requeue.
+    slurm.run("scancel", "--signal=USR1", str(job))
+    record = slurm.wait_job(job, 120)
+    log = out.read_text()
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log
+    assert f"stopping at iteration {stopped_at}: signal" in log
+    assert log.count("saved after the warning; requeued") == 1
+    assert f"job {job} (start 1)" in log
+    assert f"at iteration {stopped_at} (recovery phase)" in log  # "resumed from ..."
+    last = checkpointed(save)
+    assert last > stopped_at + 2 and f"stopping at iteration {last}: signal" in log
+    assert_every_step_once(metrics, last, SWITCH)
+    assert_healthy(log)
+    report(
+        capsys,
+        f"time-limit warning -> checkpoint: {saved - warned:.1f} s (iteration {stopped_at}); "
+        f"requeued -> {stopped_at + 3} steps done: {resumed - requeued:.1f} s",
+    )
+
+
+def test_a_lost_node_ends_the_job_and_resubmission_resumes(slurm, corpus, tmp_path, capsys):
+    iters = 20
+    env = launch_env(corpus, tmp_path, iters, MASTER_PORT=str(free_ports(1)[0]))
+    save, metrics = Path(env["SAVE_DIR"]), Path(env["SAVE_DIR"]) / "metrics.jsonl"
+    flags = ("--save-interval", "5")
+    job, out = submit(slurm, tmp_path, env, *flags)
+    wait_for(lambda: (checkpointed(save) or 0) >= 5, 240, "a checkpoint past the switch")
+    victims = node_tasks(slurm, job, "n2")
+    assert any("torch.distributed.run" in " ".join(p.cmdline()) for p in victims), victims
+    lost = time.monotonic()
+    for proc in victims:
+        proc.send_signal(signal.SIGKILL)
+    record = slurm.wait_job(job, 120)
+    ended = time.monotonic()
+    assert record["JobState"] == "FAILED", out.read_text()
+    assert ended - lost < 60, f"the job took {ended - lost:.0f} s to end after losing n2"
+    resume_from = checkpointed(save)
+    assert resume_from < iters
+
+    out.rename(tmp_path / "lost.out")
+    again, out = submit(slurm, tmp_path, env, *flags)  # the same command again
+    record = slurm.wait_job(again, 300)
+    log = out.read_text()
+    assert record["JobState"] == "COMPLETED", log
+    assert f"at iteration {resume_from} (recovery phase)" in log  # "resumed from ..."
+    assert_every_step_once(metrics, iters, SWITCH)  # the lost job's later steps set aside
+    assert checkpointed(save) == iters
+    assert_healthy(log)
+    report(capsys, f"node n2 lost (SIGKILL) -> job ended: {ended - lost:.1f} s")
+
+
+def test_a_hung_node_ends_the_job_after_the_distributed_timeout(slurm, corpus, tmp_path, capsys):
+    env = launch_env(corpus, tmp_path, ENDLESS, MASTER_PORT=str(free_ports(1)[0]))
+    metrics = Path(env["SAVE_DIR"]) / "metrics.jsonl"
+    job, out = submit(slurm, tmp_path, env, "--save-interval", str(ENDLESS))
+    wait_for(lambda: last_iteration(metrics) > SWITCH, 240, "training past the switch")
+    # Freeze the node that does not host the rendezvous store (a worker node that hangs):
+    # its peers get no error, only silence, until --distributed-timeout-minutes (1) is up.
+    port = int(env["MASTER_PORT"])
+    host = [n for n in ("n1", "n2") if _listens(node_tasks(slurm, job, n), port)]
+    assert len(host) == 1, host
+    frozen = "n2" if host == ["n1"] else "n1"
+    victims = node_tasks(slurm, job, frozen)
+    hung = time.monotonic()
+    for proc in victims:
+        proc.send_signal(signal.SIGSTOP)
+    record = slurm.wait_job(job, 240)
+    ended = time.monotonic()
+    assert record["JobState"] == "FAILED", out.read_text()
+    assert 55 < ended - hung < 150, f"the job ended {ended - hung:.0f} s after {frozen} hung"
+    report(capsys, f"node {frozen} hung (SIGSTOP) -> job ended: {ended - hung:.1f} s")
+
+
+def _listens(procs: list[psutil.Process], port: int) -> bool:
+    for proc in procs:
+        try:
+            conns = proc.net_connections(kind="tcp")
+        except psutil.NoSuchProcess:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns):
+            return True
+    return False
