@@ -153,7 +153,7 @@ TINY = [
         (
             ["--num-experts", "4", "--expert-model-parallel-size", "4",
              "--tensor-model-parallel-size", "2", "--dry-run-world-size", "4"],
-            "not divisible by TP x EP x PP = 8",
+            "not divisible by ETP x EP x PP = 8",
         ),
         (["--pipeline-model-parallel-size", "3"], "--num-layers 4 is not divisible by"),
     ],
@@ -184,7 +184,7 @@ def test_a_model_megatron_core_refuses_fails_clearly():
 
     extra = ["--num-experts", "4", "--moe-shared-expert-intermediate-size", "32"]
     with pytest.raises(ValueError, match="megatron-core cannot build this model: bias"):
-        pretrain_tst.main([*TINY, "--dry-run", *extra, "--add-bias-linear"])
+        pretrain_tst.main([*_with_biases(TINY), "--dry-run", *extra])
     assert not dist.is_initialized()  # torn down after the failed build
 
 
@@ -201,20 +201,27 @@ def test_dry_run_refuses_to_run_inside_a_process_group():
         dist.destroy_process_group()
 
 
+BIASES = "<linear biases: Megatron-LM's default>"
+
+
+def _with_biases(argv: list[str]) -> list[str]:
+    return [a for a in argv if a != "--disable-bias-linear"]
+
+
 @pytest.mark.parametrize(
     "extra",
     [
-        ["--normalization", "LayerNorm", "--add-bias-linear",
-         "--position-embedding-type", "learned_absolute"],
+        ["--normalization", "LayerNorm", BIASES, "--position-embedding-type", "learned_absolute"],
         ["--num-experts", "8", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "48",
          "--moe-shared-expert-intermediate-size", "32", "--qk-layernorm",
          "--normalization", "LayerNorm", "--untie-embeddings-and-output-weights"],
-        ["--num-experts", "8", "--moe-router-topk", "3", "--add-bias-linear"],
+        ["--num-experts", "8", "--moe-router-topk", "3", BIASES],
     ],
     ids=["layernorm-bias-learned", "moe-shared-qknorm", "moe-bias"],
 )  # fmt: skip
 def test_analytic_count_agrees_with_the_built_model(extra, capsys):
-    out = run_dry([*TINY, "--dry-run", *extra], capsys)
+    base = _with_biases(TINY) if BIASES in extra else TINY
+    out = run_dry([*base, "--dry-run", *[a for a in extra if a != BIASES]], capsys)
     assert "(agrees)" in out, out
 
 

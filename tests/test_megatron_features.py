@@ -78,7 +78,6 @@ OVERLAP = {
         "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
         "--ddp-bucket-size", "2000",
     ],
-    "average-in-collective": ["--ddp-average-in-collective"],
 }  # fmt: skip
 
 

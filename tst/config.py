@@ -278,9 +278,6 @@ class ParallelConfig:
     ddp_bucket_size: int | None = _f(
         None, "Elements per data-parallel communication bucket (default megatron-core's)."
     )
-    ddp_average_in_collective: bool = _f(
-        False, "Average in the data-parallel collective instead of pre-scaling."
-    )
     grad_reduce_in_bf16: bool = _f(False, "Reduce gradients in bf16 (with --bf16).")
     accumulate_allreduce_grads_in_fp32: bool = _f(
         False, "Accumulate and all-reduce gradients in fp32 (on by itself with --bf16)."
@@ -618,18 +615,6 @@ class DataArgs:
             not (self.mock_data and self.split is not None),
             "--split has no effect with --mock-data (synthetic data has no splits): drop it",
         )
-        # A shell quirk some launch scripts have: --split "'99,1,0'" (Megatron-LM takes it).
-        self.split = (self.split or "969,30,1").strip("'\" ")
-        try:
-            weights = [float(w) for w in self.split.replace("/", ",").split(",")]
-        except ValueError:
-            weights = []
-        _require(
-            1 <= len(weights) <= 3 and all(math.isfinite(w) and w >= 0 for w in weights)
-            and sum(weights) > 0,
-            f"--split {self.split}: give up to three weights >= 0 with a positive sum, such as "
-            "98,2,0 (train, valid, test)",
-        )
         if self.tokenizer_type is None:
             if self.vocab_file and self.merge_file:
                 self.tokenizer_type = "GPT2BPETokenizer"
@@ -644,6 +629,21 @@ class DataArgs:
             self.dataloader_type == "single",
             "--dataloader-type cyclic is not supported: samples are read in one pass per epoch "
             "(single), which the resumable data position relies on",
+        )
+        if self.mock_data:
+            return
+        # A shell quirk some launch scripts have: --split "'99,1,0'" (Megatron-LM takes it).
+        self.split = (self.split or "969,30,1").strip("'\" ")
+        try:
+            weights = [float(w) for w in self.split.replace("/", ",").split(",")]
+        except ValueError:
+            weights = []
+        _require(
+            1 <= len(weights) <= 3
+            and all(math.isfinite(w) and w >= 0 for w in weights)
+            and sum(weights) > 0,
+            f"--split {self.split}: give up to three weights >= 0 with a positive sum, such as "
+            "98,2,0 (train, valid, test)",
         )
 
 

@@ -235,16 +235,37 @@ def apply() -> bool:
     # With one generator for "CPU" and "CUDA", every fork changes the CPU state by design.
     logging.getLogger(tp_random.__name__).setLevel(logging.ERROR)
 
-    # MoE without Transformer Engine: the router reads a name defined only under TE's guard.
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-
+    patch_without_transformer_engine()
     _patch_moe_split_sizes_to_numpy()
     _patch_pipeline_p2p_tags()
     setattr(torch, _APPLIED_FLAG, True)
     return True
+
+
+def patch_without_transformer_engine() -> None:
+    """Names and flags megatron-core 0.16.1 gets wrong when Transformer Engine is absent;
+    needed wherever TE is absent, on a GPU too (idempotent).
+
+    - MoE: the router reads ``moe_utils.te_general_gemm``, defined only under TE's guard.
+    - Selective recomputation of ``layernorm`` / ``mlp`` / ``moe_act``:
+      ``CheckpointWithoutOutput(fp8=False)`` sets ``self.fp8 = fp8 is not None`` (True), so
+      its forward takes the FP8 path, which needs TE. Without TE nothing runs in FP8.
+    """
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    cls = tp_random.CheckpointWithoutOutput
+    if not getattr(cls, "_tst_no_fp8", False):
+        original = cls.__init__
+
+        def __init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            self.fp8 = False
+
+        cls.__init__ = __init__
+        cls._tst_no_fp8 = True
 
 
 def _patch_moe_split_sizes_to_numpy() -> None:

@@ -132,6 +132,12 @@ class BagEmbedding(LanguageModelEmbedding):
     def _local_bag_sums(self, input_ids: torch.Tensor) -> torch.Tensor:
         """This shard's contribution to each bag mean: ``[b, L * bag_size] -> [b, L, h]`` fp32."""
         table = self.word_embeddings
+        # The table is read here, not called: run the hooks a call would run first. The
+        # distributed optimizer's --overlap-param-gather finishes the table's parameter
+        # all-gather in such a hook; without it the bags would read stale rows.
+        for key, hook in list(table._forward_pre_hooks.items()):
+            if key not in table._forward_pre_hooks_with_kwargs:
+                hook(table, (input_ids,))
         if table.tp_group.size() > 1:
             off_shard = (input_ids < table.vocab_start_index) | (input_ids >= table.vocab_end_index)
             local_ids = (input_ids - table.vocab_start_index).masked_fill_(off_shard, 0)

@@ -126,6 +126,11 @@ REFUSED: dict[str, Flag] = {
     "--reset-attention-mask": Flag(
         0, "attention runs across documents here (as in the paper): drop the flag"
     ),
+    "--ddp-average-in-collective": Flag(
+        0,
+        "losses are normalised per token over the global batch (exact under TST's two "
+        "phases), which megatron-core cannot combine with averaging in the collective: drop it",
+    ),
     "--use-checkpoint-args": Flag(
         0,
         "model flags are not read from the checkpoint: pass them on the command line (a "

@@ -45,8 +45,9 @@ def flops_per_position(cfg, vocab_size: int) -> float:
     return 3.0 * forward
 
 
-def measure_cpu_peak_tflops(sizes=(256, 512, 1024), repeats: int = 2,
-                            seconds: float = 0.15) -> float:
+def measure_cpu_peak_tflops(
+    sizes=(256, 512, 1024), repeats: int = 2, seconds: float = 0.15
+) -> float:
     """This machine's best fp32 GEMM rate (TFLOP/s) with torch's threads.
 
     The best of several sizes and repeats, so that it is an upper bound even when other

@@ -41,7 +41,6 @@ def ddp_config(cfg: Config):
         # Non-finite gradients are caught by the trainer (one vote per step), not by DDP.
         check_for_nan_in_grad=False,
         bucket_size=p.ddp_bucket_size,
-        average_in_collective=p.ddp_average_in_collective,
         fp8_param_gather=cfg.training.fp8_param_gather,
     )
 

@@ -105,6 +105,12 @@ def _init_process_group(backend: str, device: torch.device, timeout_minutes: flo
     )
 
 
+def transformer_engine_importable() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 def initialize(
     tp: int = 1,
     pp: int = 1,
@@ -134,6 +140,8 @@ def initialize(
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device, backend = select_device(local_rank)
     patched = cpu_compat.apply()
+    if not transformer_engine_importable():
+        cpu_compat.patch_without_transformer_engine()
     owns_process_group = not dist.is_initialized()
     _init_process_group(backend, device, timeout_minutes)
     world = dist.get_world_size()

@@ -171,12 +171,17 @@ class SlurmCluster:
         states = dict(line.split() for line in out.splitlines() if line.strip())
         return all(states.get(node) == "idle" for node in self.nodes)
 
+    def cancel_all(self, timeout_s: float = 30.0) -> None:
+        """Kill every job of this cluster and wait until none is left."""
+        self.run("scancel", "--full", "--signal=KILL", "--user", _user(), check=False)
+        self.run("scancel", "--user", _user(), check=False)  # pending ones too
+        with contextlib.suppress(TimeoutError):
+            self._wait(lambda: not self.run("squeue", "-h", check=False).stdout.strip(), timeout_s)
+
     def stop(self) -> None:
         """Cancel every job, stop the daemons by pid, end leftover job processes by pid."""
         if "slurmctld" in self.daemons and self.daemons["slurmctld"].poll() is None:
-            self.run("scancel", "--full", "--signal=KILL", "--user", _user(), check=False)
-            with contextlib.suppress(TimeoutError):
-                self._wait(lambda: not self.run("squeue", "-h", check=False).stdout.strip(), 20)
+            self.cancel_all(20)
         for name in reversed(list(self.daemons)):  # slurmd, slurmctld, then munged
             _terminate(self.daemons[name])
         for proc in self.job_processes():

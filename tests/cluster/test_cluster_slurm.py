@@ -26,13 +26,20 @@ from run_checks import (
     wait_for,
 )
 from slurm_cluster import free_ports
-from tiny_run import ENDLESS, ROOT, RUN_FLAGS, SWITCH, launch_env
+from tiny_run import ENDLESS, ROOT, RUN_FLAGS, SLOW_LEAVERS, SWITCH, launch_env
 
 pytestmark = pytest.mark.cluster
 
 SCRIPT = "examples/train_slurm.sbatch"
 # Two nodes, no GPUs; --time well away from the warning (600 s before the limit).
 SBATCH = ["--nodes", "2", "--gpus-per-node=0", "--time=30"]
+
+
+@pytest.fixture(autouse=True)
+def no_job_left(slurm):
+    """Whatever a test leaves queued or running is cancelled before the next one starts."""
+    yield
+    slurm.cancel_all()
 
 
 def report(capsys, text: str) -> None:
@@ -53,7 +60,8 @@ def node_tasks(slurm, job: int, node: str) -> list[psutil.Process]:
 
 def test_two_node_job_trains_through_the_switch(slurm, corpus, tmp_path, capsys):
     iters = 8
-    env = launch_env(corpus, tmp_path, iters, MASTER_PORT=str(free_ports(1)[0]))
+    port = str(free_ports(1)[0])
+    env = launch_env(corpus, tmp_path, iters, MASTER_PORT=port, **SLOW_LEAVERS)
     start = time.monotonic()
     job, out = submit(slurm, tmp_path, env, "--save-interval", "4")
     record = slurm.wait_job(job, 300)
@@ -65,7 +73,9 @@ def test_two_node_job_trains_through_the_switch(slurm, corpus, tmp_path, capsys)
     assert log.count("switching to the recovery phase") == 1
     assert_every_step_once(Path(env["SAVE_DIR"]) / "metrics.jsonl", iters, SWITCH)
     assert checkpointed(Path(env["SAVE_DIR"])) == iters
-    assert_healthy(log)  # no per-save warning, no traceback at the end, torchrun found
+    # No per-save warning; torchrun found without it on PATH; no store traceback at the end,
+    # although the torchruns not serving the store left their exit barrier last and slowly.
+    assert_healthy(log)
     report(capsys, f"two-node job, {iters} steps through the switch: {wall:.1f} s wall-clock")
 
 

@@ -47,10 +47,13 @@ def _upgrade(values: dict) -> dict:
     for key in ("add_position_embedding", "hidden_dropout", "attention_dropout"):
         if key not in model:  # older runs had no dropout and always a position embedding
             model[key] = {"add_position_embedding": True}.get(key, 0.0)
+    data = dict(values.get("data", {}))
+    if data.get("mock_data"):
+        data["split"] = None  # older runs stored the default split with synthetic data
     log = dict(values.get("log", {}))
     for key, value in values.get("run", {}).items():
         log.setdefault(key, value)  # unknown keys are dropped by the section's filter
-    return {**values, "model": model, "log": log}
+    return {**values, "model": model, "data": data, "log": log}
 
 
 def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, int | None]:
