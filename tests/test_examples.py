@@ -108,7 +108,7 @@ def test_slurm_script_lays_out_the_whole_job(tmp_path, capsys):
     argv = script_argv(SLURM, tmp_path, CONFIG=str(moe), PRECISION="fp8", NNODES="4")
     assert "--exit-duration-in-mins" not in argv  # the time-limit warning (USR1) saves instead
     out = run_dry(argv, capsys)
-    assert "layout for a world of 32: TP=1 PP=1 DP=32 EP=8 expert-DP=4" in out
+    assert "layout for a world of 32: TP=1 PP=1 DP=32 EP=8 ETP=1 expert-DP=4" in out
     assert "FP8 (hybrid" in out
 
 
