@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Memory of activation recomputation and step time of communication overlap, in one run.
+
+    python bench/bench_megatron_features.py [--iters 6] [--repeats 2]
+
+1. Peak memory (the process's peak RSS, from the kernel) of a model whose activations
+   dominate (16 layers, hidden 256, 2,048 positions, micro-batch 4, a 512-entry vocabulary),
+   with full (uniform, 1 layer per group; block, all layers) and selective recomputation vs
+   none, both phases (bag 4, switch mid-run). Each configuration is a fresh process; the
+   table gives the peak and its ratio to no recomputation.
+2. Step time at DP 2 (two gloo ranks on this machine) with and without
+   ``--overlap-grad-reduce`` (small buckets, so reduction can start during the backward),
+   and with the distributed optimizer with and without ``--overlap-param-gather``: median
+   step time of the steps after the first two, ABBA-ordered repeats, ratio to the plain run.
+
+Run it with nothing else on the machine: two CPU cores shared with another process slow
+torch down 10-40x and make the timings meaningless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COMMON = [
+    "--mock-data", "--vocab-size", "512", "--position-embedding-type", "rope",
+    "--normalization", "RMSNorm", "--disable-bias-linear", "--hidden-dropout", "0",
+    "--attention-dropout", "0", "--swiglu", "--lr", "1e-3", "--lr-decay-style", "constant",
+    "--log-interval", "1", "--eval-iters", "0", "--tst-bag-size", "4", "--peak-tflops", "1",
+]  # fmt: skip
+MEMORY_MODEL = [
+    "--num-layers", "16", "--hidden-size", "256", "--num-attention-heads", "4",
+    "--seq-length", "2048", "--micro-batch-size", "4", "--global-batch-size", "4",
+]  # fmt: skip
+RECOMPUTE = {
+    "none": [],
+    "selective (core_attn)": ["--recompute-granularity", "selective"],
+    "full, uniform, 1 layer": ["--recompute-granularity", "full", "--recompute-method",
+                               "uniform", "--recompute-num-layers", "1"],
+    "full, block, 16 layers": ["--recompute-granularity", "full", "--recompute-method", "block",
+                               "--recompute-num-layers", "16"],
+}  # fmt: skip
+TIME_MODEL = [
+    "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
+    "--seq-length", "128", "--micro-batch-size", "4", "--global-batch-size", "16",
+]  # fmt: skip
+OVERLAP = {
+    "DDP": [],
+    "DDP + overlap-grad-reduce": ["--overlap-grad-reduce", "--ddp-bucket-size", "100000"],
+    "distributed optimizer": ["--use-distributed-optimizer"],
+    "dist. opt. + overlap grad + param": [
+        "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+        "--ddp-bucket-size", "100000",
+    ],
+}  # fmt: skip
+
+
+def _clean_env() -> dict:
+    keep = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
+    return {**keep, "OMP_NUM_THREADS": keep.get("OMP_NUM_THREADS", "2")}
+
+
+def peak_rss_mib(argv: list[str]) -> float:
+    """Run pretrain_tst.py in a fresh process; its peak resident memory (MiB)."""
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_tst.py"), *argv]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=_clean_env(), cwd=ROOT)  # fmt: skip
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def step_times(argv: list[str], skip: int = 2) -> list[float]:
+    """Seconds per step of a 2-rank torchrun run (rank 0's log), the first ``skip`` dropped."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = os.path.join(tmp, "m.jsonl")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", os.path.join(ROOT, "pretrain_tst.py"), *argv,
+               "--metrics-file", metrics]  # fmt: skip
+        env = {**_clean_env(), "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
+        with open(metrics) as f:
+            records = [json.loads(line) for line in f]
+    times = []
+    for r in records:
+        if "positions_per_s" in r:
+            times.append(r["batch_size"] * int(argv[argv.index("--seq-length") + 1])
+                         / r["positions_per_s"])  # fmt: skip
+    return times[skip:]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=6, help="steps per memory run")
+    parser.add_argument("--time-iters", type=int, default=12, help="steps per timing run")
+    parser.add_argument("--repeats", type=int, default=2, help="ABBA repeats of the timings")
+    args = parser.parse_args(argv)
+
+    mem_args = [*COMMON, *MEMORY_MODEL, "--train-iters", str(args.iters),
+                "--tst-iters", str(args.iters // 2)]  # fmt: skip
+    print("peak memory (RSS, MiB), 16L h256 L2048 mbs4, both phases:")
+    peaks = {}
+    for name, extra in RECOMPUTE.items():
+        peaks[name] = peak_rss_mib(mem_args + extra)
+        ratio = peaks[name] / peaks["none"]
+        print(f"  {name:<26} {peaks[name]:>8.0f}  ({ratio:.2f} x none)", flush=True)
+
+    time_args = [*COMMON, *TIME_MODEL, "--train-iters", str(args.time_iters),
+                 "--tst-iters", str(args.time_iters // 2)]  # fmt: skip
+    print("step time at DP 2 (gloo, 2 ranks), median s/step:")
+    samples: dict[str, list[float]] = {name: [] for name in OVERLAP}
+    order = list(OVERLAP)
+    for repeat in range(args.repeats):
+        for name in order if repeat % 2 == 0 else reversed(order):  # ABBA
+            samples[name] += step_times(time_args + OVERLAP[name])
+    base = {"DDP": "DDP", "DDP + overlap-grad-reduce": "DDP",
+            "distributed optimizer": "distributed optimizer",
+            "dist. opt. + overlap grad + param": "distributed optimizer"}  # fmt: skip
+    for name in OVERLAP:
+        med = statistics.median(samples[name])
+        ratio = med / statistics.median(samples[base[name]])
+        print(f"  {name:<34} {med:.4f}  ({ratio:.3f} x {base[name]})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
