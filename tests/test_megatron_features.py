@@ -205,3 +205,60 @@ def test_load_of_an_empty_directory_starts_from_scratch(world2, tmp_path):
     ckpt = str(tmp_path / "new")
     got = world2.run(_train, BASE + ["--save", ckpt, "--load", ckpt], str(tmp_path / "b.jsonl"))[0]
     _close(_losses(got), _losses(want), 1e-6, "fresh start")
+
+
+def test_sample_based_training_with_batch_rampup(world2, tmp_path):
+    """--train-samples with --rampup-batch-size 4 4 24 (global batch 8, DP 2, micro 2):
+    Megatron-LM's step count and batch sizes, the LR scheduler counting samples, the switch
+    on a step boundary (--tst-fraction of the steps) and the data position following the
+    samples read."""
+    argv = [a for a in BASE]
+    i = argv.index("--train-iters")
+    argv[i : i + 2] = ["--train-samples", "64"]
+    i = argv.index("--lr-warmup-iters")
+    argv[i : i + 2] = ["--lr-warmup-samples", "8"]
+    i = argv.index("--tst-iters")
+    argv[i : i + 2] = ["--tst-fraction", "0.5"]
+    argv += ["--rampup-batch-size", "4", "4", "24", "--lr-decay-style", "linear"]
+    run = world2.run(_train, argv, str(tmp_path / "m.jsonl"))[0]
+    train = [r for r in run["records"] if "loss" in r and "batch_size" in r]
+    # Megatron-LM's rule: 4 until 24 samples are read (one increment of 4 over 24 samples),
+    # then 8; steps while consumed <= 24 are ramp-up (6 x 4, then 8: 32), then
+    # (64 - 32) // 8 = 4 more: 11 steps.
+    assert [r["batch_size"] for r in train] == [4] * 6 + [8] * 5
+    assert [r["phase"] for r in train] == ["superposition"] * 6 + ["recovery"] * 5  # 0.5 x 11
+    # The LR a step leaves (the next step's): warm-up over 8 samples, then linear decay to 0
+    # at 64 samples; the scheduler moved by each step's batch.
+    consumed = [4, 8, 12, 16, 20, 24, 32, 40, 48, 56, 64]
+    want = [3e-3 * c / 8 if c <= 8 else 3e-3 * (1 - (c - 8) / 56) for c in consumed]
+    for got, lr in zip([r["lr"] for r in train], want, strict=True):
+        assert got == pytest.approx(lr, rel=1e-6, abs=1e-12)
+    rows = [r["data_units"] for r in train]
+    # A superposition row reads 3 units (the bag), a recovery row one.
+    steps = [b * (3 if r["phase"] == "superposition" else 1) for r, b in
+             zip(train, [r["batch_size"] for r in train], strict=True)]  # fmt: skip
+    assert [b - a for a, b in zip([0] + rows, rows, strict=False)] == steps
+
+
+def test_dropout_resume_is_exact(world2, tmp_path):
+    """Megatron-LM's default dropout (0.1): the resumed run draws what the unbroken one drew."""
+    drop = [a for a in BASE]
+    for flag in ("--hidden-dropout", "--attention-dropout"):
+        drop[drop.index(flag) + 1] = "0.1"
+    want = world2.run(_train, drop, str(tmp_path / "full.jsonl"))[0]
+    plain = world2.run(_train, BASE, str(tmp_path / "plain.jsonl"))[0]
+    assert abs(_losses(want)[0][1] - _losses(plain)[0][1]) > 1e-4  # dropout is on
+    ckpt = str(tmp_path / "ckpt")
+    first = world2.run(_train, drop + ["--save", ckpt, "--exit-interval", "2"],
+                       str(tmp_path / "a.jsonl"))[0]  # fmt: skip
+    second = world2.run(_train, drop + ["--load", ckpt], str(tmp_path / "b.jsonl"))[0]
+    _close(_losses(first) + _losses(second), _losses(want), 1e-6, "dropout resume")
+
+
+def test_profile_writes_a_trace_and_decoupled_lr_reaches_the_embeddings(world2, tmp_path):
+    tb = tmp_path / "tb"
+    argv = BASE + ["--profile", "--profile-step-start", "2", "--profile-step-end", "3",
+                   "--tensorboard-dir", str(tb), "--decoupled-lr", "1e-2"]  # fmt: skip
+    run = world2.run(_train, argv, str(tmp_path / "m.jsonl"))[0]
+    assert [p.name for p in tb.iterdir() if p.suffix == ".json"] == ["profile_rank0_steps2-3.json"]
+    assert _losses(run) != _losses(world2.run(_train, BASE, str(tmp_path / "n.jsonl"))[0])
