@@ -1,0 +1,169 @@
+"""Runs that meet the unexpected: a killed run's metrics file, an empty validation split,
+Ctrl-C, a full disk during a save, and an MFU peak measured under load.
+
+One process, mock or tiny real data; each test names the behaviour a user relies on.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from flags import SMALL_GPT
+
+import pretrain_tst
+from tst.checkpointing import CheckpointError, latest_iteration
+from tst.metrics import MetricsWriter, PeakRate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = [
+    "--mock-data", "--vocab-size", "384", "--num-layers", "2", "--hidden-size", "32",
+    "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "2",
+    "--train-iters", "6", "--tst-bag-size", "2", "--tst-iters", "2", "--lr", "1e-2",
+    "--log-interval", "1", "--eval-interval", "3", "--eval-iters", "1", "--peak-tflops", "1",
+    *SMALL_GPT,
+]  # fmt: skip
+
+
+def _records(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_resume_leaves_a_metrics_file_the_tools_read(tmp_path):
+    """A run killed mid-write leaves a cut last line and records past its checkpoint; the
+    resumed run drops the cut line, moves those records aside, and the tools read the file."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from run_metrics import read_metrics
+
+    metrics, ckpt = tmp_path / "m.jsonl", str(tmp_path / "ckpt")
+    argv = BASE + ["--metrics-file", str(metrics), "--save", ckpt]
+    assert pretrain_tst.main(argv + ["--save-interval", "2", "--exit-interval", "4"]) == 0
+    assert latest_iteration(ckpt) == 4
+    # As if the run had gone on past its last checkpoint (iteration 4) and been killed
+    # while writing: a record of iteration 5, then half a line.
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"iteration": 5, "phase": "recovery", "loss": 9.9}) + "\n")
+        f.write('{"iteration": 6, "phase": "recov')
+    assert pretrain_tst.main(argv + ["--load", ckpt]) == 0
+    records = _records(metrics)  # every line parses
+    iterations = [r["iteration"] for r in records if "loss" in r]
+    assert iterations == [1, 2, 3, 4, 5, 6]  # each once: the stale 5 moved out
+    assert 9.9 not in [r["loss"] for r in records if "loss" in r]
+    assert "9.9" in (tmp_path / "m.jsonl.superseded").read_text()
+    run = read_metrics(str(metrics))
+    assert run.switch_iteration == 2
+
+
+def test_an_empty_validation_split_skips_evaluation_with_a_message(tmp_path, capsys):
+    prefix = _tiny_dataset(tmp_path)
+    argv = [a for a in BASE if a != "--mock-data"] + [
+        "--data-path", prefix, "--split", "100,0,0", "--tokenizer-type", "NullTokenizer",
+        "--metrics-file", str(tmp_path / "m.jsonl"),
+    ]  # fmt: skip
+    assert pretrain_tst.main(argv) == 0
+    assert "evaluation is skipped" in capsys.readouterr().out
+    assert not [r for r in _records(tmp_path / "m.jsonl") if "val_loss" in r]
+
+
+def _tiny_dataset(tmp_path) -> str:
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "tiny_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        builder.add_document(rng.integers(0, 380, 40).tolist(), [40])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def test_ctrl_c_saves_and_a_second_one_exits_at_once(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    argv = [a for a in BASE]
+    argv[argv.index("--train-iters") + 1] = "100000"
+    argv[argv.index("--tst-iters") + 1] = "2"
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_tst.py"), *argv, "--save", str(ckpt),
+           "--metrics-file", str(tmp_path / "m.jsonl")]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    _wait_for_lines(tmp_path / "m.jsonl", 3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err
+    assert b"stopping at iteration" in out and latest_iteration(str(ckpt)) >= 3
+    # Twice: the second Ctrl-C ends the run at once, exit 130, the checkpoint untouched.
+    saved = latest_iteration(str(ckpt))
+    os.remove(tmp_path / "m.jsonl")
+    proc = subprocess.Popen(cmd + ["--load", str(ckpt)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)  # fmt: skip
+    _wait_for_lines(tmp_path / "m.jsonl", 2)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)  # two at once would merge into one (standard signals don't queue)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130 and b"second Ctrl-C" in err
+    assert latest_iteration(str(ckpt)) >= saved
+
+
+def _wait_for_lines(path, n: int, timeout: float = 120.0) -> None:
+    start = time.time()
+    while time.time() - start < timeout:
+        if os.path.exists(path):
+            with open(path) as f:
+                if sum(1 for _ in f) >= n:
+                    return
+        time.sleep(0.1)
+    raise TimeoutError(f"{path} did not reach {n} lines")
+
+
+def test_a_full_disk_during_a_save_is_named_and_cleaned_up(tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    ckpt = str(tmp_path / "ckpt")
+    argv = BASE + ["--save", ckpt, "--save-interval", "2"]
+    real = dist_checkpointing.save
+    calls = {"n": 0}
+
+    def save(state, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second save: the disk is full
+            os.makedirs(path, exist_ok=True)
+            open(os.path.join(path, "partial.distcp"), "w").close()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(state, path, *args, **kwargs)
+
+    monkeypatch.setattr(dist_checkpointing, "save", save)
+    with pytest.raises(CheckpointError, match=r"no space left on the device of .*ckpt") as error:
+        pretrain_tst.main(argv)
+    assert "the previous checkpoint is intact" in str(error.value)
+    assert latest_iteration(ckpt) == 2
+    assert sorted(os.listdir(ckpt)) == ["iter_0000002", "latest_checkpointed_iteration.txt",
+                                        "run_manifest.json"]  # fmt: skip
+
+
+def test_mfu_never_reads_above_one_hundred_percent():
+    peak = PeakRate(None, "cpu")
+    measured = peak.value
+    assert peak.mfu(measured * 0.5) == pytest.approx(0.5)
+    assert peak.mfu(measured * 3) == 1.0  # a faster window raises the peak
+    assert peak.value >= measured * 3 and "raised" in peak.describe()
+    given = PeakRate(2.0, "cpu")
+    assert given.mfu(1.0) == 0.5 and given.mfu(4.0) == 1.0
+
+
+def test_writer_keeps_a_clean_file(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"iteration": 1}\n{"iteration": 2}\n{"itera')
+    writer = MetricsWriter(True, str(path), None)
+    writer.write({"iteration": 3}, "train")
+    writer.close()
+    assert [r["iteration"] for r in _records(path)] == [1, 2, 3]
