@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flags import SMALL_GPT
 from test_data_support import TRICKY_DOCS, load_tool, training_text, write_jsonl
 
 import pretrain_tst
@@ -167,8 +168,9 @@ def test_preprocess_writes_bytes_and_skips_lone_surrogates(tmp_path, capsys):
 SEQ = 16
 TRAIN = [
     "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-    "--num-query-groups", "2", "--swiglu", "--seq-length", str(SEQ), "--micro-batch-size", "2",
-    "--train-iters", "4", "--tst-bag-size", "2", "--tst-iters", "2", "--lr", "1e-2",
+    "--group-query-attention", "--num-query-groups", "2", "--swiglu", "--seq-length", str(SEQ),
+    "--micro-batch-size", "2", "--train-iters", "4", "--tst-bag-size", "2", "--tst-iters", "2",
+    "--lr", "1e-2", *SMALL_GPT,
     "--init-method-std", "0.2", "--log-interval", "1", "--eval-interval", "2",
     "--eval-iters", "1", "--peak-tflops", "1", "--split", "90,10,0",
 ]  # fmt: skip

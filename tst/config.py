@@ -16,8 +16,10 @@ import dataclasses
 import math
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tst.config_fields import _f, _require
+from tst.config_moe import MoEConfig
 from tst.data.tokenizers import TOKENIZER_TYPES
 
 __all__ = [
@@ -28,28 +30,11 @@ __all__ = [
     "TSTConfig",
     "RunConfig",
     "LoggingConfig",
+    "MoEConfig",
     "Config",
     "build_parser",
     "parse_args",
 ]
-
-
-def _f(default, help: str, choices=None, *, flag=None, nargs=None, type=None, metavar=None):
-    """A dataclass field that carries its command-line help, choices and spelling.
-
-    ``flag`` overrides the flag name; a bool field whose default is True is switched off by
-    its flag (Megatron-LM's ``--no-*`` / ``--disable-*`` flags).
-    """
-    metadata = {"help": help, "choices": choices, "flag": flag, "nargs": nargs, "type": type,
-                "metavar": metavar}  # fmt: skip
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 @dataclass
@@ -157,7 +142,9 @@ class ModelConfig:
         "same experts one by one.",
     )
     moe_token_dispatcher_type: str = _f(
-        "allgather", "MoE token dispatcher.", choices=["allgather", "alltoall"]
+        "allgather",
+        "MoE token dispatcher (flex: DeepEP, CUDA only).",
+        choices=["allgather", "alltoall", "flex"],
     )
     transformer_impl: str = _f(
         "auto",
@@ -864,6 +851,7 @@ class Config:
     tst: TSTConfig
     run: RunConfig
     log: LoggingConfig
+    moe: MoEConfig
     # Megatron-LM flags given that change nothing here: (flag, why), see tst.megatron_flags.
     accepted_flags: tuple[tuple[str, str], ...] = ()
 
@@ -879,6 +867,7 @@ _SECTIONS = {
     "tst": TSTConfig,
     "run": RunConfig,
     "log": LoggingConfig,
+    "moe": MoEConfig,
 }
 
 

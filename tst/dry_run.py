@@ -85,8 +85,22 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     output = vocab_size * h if m.untie_embeddings_and_output_weights else 0
     if m.position_embedding_type == "learned_absolute":
         embedding += m.max_position_embeddings * h
-    layers_total = m.num_layers * (attn + mlp_total + 2 * norm) + norm
-    layers_active = m.num_layers * (attn + mlp_active + 2 * norm) + norm
+    # --moe-layer-freq: some layers may be dense (DeepSeek-V3's first three).
+    moe_layers = m.num_layers
+    if m.num_experts:
+        from tst.config_moe import parse_layer_freq
+
+        freq = parse_layer_freq(cfg.moe.moe_layer_freq, m.num_layers)
+        pattern = (
+            [int(i % freq == 0) for i in range(m.num_layers)] if isinstance(freq, int) else freq
+        )
+        moe_layers = sum(pattern)
+    dense_layers = m.num_layers - moe_layers
+    dense_mlp = mlp(m.resolved_ffn_hidden_size)
+    layers_total = (moe_layers * (attn + mlp_total + 2 * norm)
+                    + dense_layers * (attn + dense_mlp + 2 * norm) + norm)  # fmt: skip
+    layers_active = (moe_layers * (attn + mlp_active + 2 * norm)
+                     + dense_layers * (attn + dense_mlp + 2 * norm) + norm)  # fmt: skip
     return {
         "total": layers_total + embedding + output,
         "active": layers_active + embedding + output,
@@ -135,7 +149,12 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
     # (the same parameters as the TE spec, whose linears carry the norms' weights).
     single = dataclasses.replace(
         cfg,
-        model=dataclasses.replace(m, apply_layernorm_1p=False),  # same parameters
+        # The same parameters, built where any machine can: no TE-only norm, no DeepEP.
+        model=dataclasses.replace(m, apply_layernorm_1p=False, moe_token_dispatcher_type=(
+            "alltoall" if m.moe_token_dispatcher_type == "flex" else m.moe_token_dispatcher_type)),
+        moe=dataclasses.replace(cfg.moe, moe_enable_deepep=False, moe_permute_fusion=False,
+                                moe_router_fusion=False, overlap_moe_expert_parallel_comm=False,
+                                moe_shared_expert_overlap=False),
         parallel=ParallelConfig(),
         training=dataclasses.replace(
             cfg.training, fp8_format=None, fp8_param_gather=False, global_batch_size=None,

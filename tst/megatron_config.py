@@ -47,8 +47,14 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
             ),
             # The TE spec builds grouped-GEMM experts; the local spec sequential ones.
             moe_grouped_gemm=te and m.moe_grouped_gemm,
-            moe_permute_fusion=False,
+            # Fused permutation / router top-k exist with TE on CUDA only.
+            moe_permute_fusion=on_gpu and te and cfg.moe.moe_permute_fusion,
+            moe_router_fusion=on_gpu and te and cfg.moe.moe_router_fusion,
+            moe_enable_deepep=cfg.moe.moe_enable_deepep,
+            moe_flex_dispatcher_backend=cfg.moe.moe_flex_dispatcher_backend,
+            overlap_moe_expert_parallel_comm=cfg.moe.overlap_moe_expert_parallel_comm,
             expert_tensor_parallel_size=plan.grid.etp,
+            **cfg.moe.transformer_config_fields(m.num_layers),
         )
     fp8 = {}
     if t.fp8_format:
@@ -150,6 +156,16 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
             m.cross_entropy_fusion_impl == "te" and m.cross_entropy_loss_fusion,
         ),
     ]
+    if m.num_experts and m.moe_token_dispatcher_type == "flex":
+        import importlib.util
+
+        if not (on_gpu and importlib.util.find_spec("deep_ep")):
+            raise ValueError(
+                "--moe-token-dispatcher-type flex needs DeepEP on a CUDA GPU; "
+                + where
+                + (" and DeepEP is not importable" if on_gpu else "")
+                + ": use --moe-token-dispatcher-type alltoall"
+            )
     for flag, asked in needs_te:
         if asked and not (on_gpu and te):
             raise ValueError(

@@ -155,6 +155,50 @@ REFUSED: dict[str, Flag] = {
         "the padded vocabulary follows Megatron-LM's rule (--vocab-size or the tokenizer's, "
         "padded to --make-vocab-size-divisible-by x TP): drop it",
     ),
+    **{
+        flag: Flag(
+            nargs,
+            "multi-latent attention (MLA) is not wired in yet: drop the MLA flags "
+            "(--multi-latent-attention, --q/kv-lora-rank, --qk-(pos-emb-)head-dim, "
+            "--v-head-dim, --rotary-scaling-factor, --mscale(-all-dim))",
+        )
+        for flag, nargs in (
+            ("--multi-latent-attention", 0),
+            ("--q-lora-rank", 1),
+            ("--kv-lora-rank", 1),
+            ("--qk-head-dim", 1),
+            ("--qk-pos-emb-head-dim", 1),
+            ("--v-head-dim", 1),
+            ("--rotary-scaling-factor", 1),
+            ("--mscale", 1),
+            ("--mscale-all-dim", 1),
+        )
+    },
+    "--mtp-num-layers": Flag(
+        1,
+        "multi-token prediction is not wired in yet (its TST targets are being defined): "
+        "drop --mtp-num-layers / --mtp-loss-scaling-factor",
+    ),
+    "--mtp-loss-scaling-factor": Flag(
+        1,
+        "multi-token prediction is not wired in yet: drop --mtp-num-layers / "
+        "--mtp-loss-scaling-factor",
+    ),
+    "--pipeline-model-parallel-layout": Flag(
+        1,
+        "uneven pipeline stages are not supported yet: give --num-layers divisible by "
+        "--pipeline-model-parallel-size",
+    ),
+    "--decoder-first-pipeline-num-layers": Flag(
+        1,
+        "uneven pipeline stages are not supported yet: give --num-layers divisible by "
+        "--pipeline-model-parallel-size",
+    ),
+    "--decoder-last-pipeline-num-layers": Flag(
+        1,
+        "uneven pipeline stages are not supported yet: give --num-layers divisible by "
+        "--pipeline-model-parallel-size",
+    ),
     "--eod-mask-loss": Flag(
         0,
         "end-of-document tokens are predicted as any token (the multi-hot bags hold them "

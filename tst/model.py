@@ -187,9 +187,18 @@ def build_gpt(
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+    count = get_num_layers_to_build(config, vp_stage=vp_stage)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    moe_layers = moe_layer_pattern(config)
+    moe_spec = layer_spec(shape)
+    dense_spec = layer_spec(dataclasses.replace(shape, num_experts=None)) if moe_layers else None
     block = TransformerBlockSubmodules(
-        layer_specs=[layer_spec(shape)] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_specs=[
+            moe_spec if not moe_layers or moe_layers[offset + i] else dense_spec
+            for i in range(count)
+        ],
         layer_norm=_block_norm(),
     )
     model = TSTGPTModel(
@@ -211,6 +220,22 @@ def build_gpt(
     if pre_process:
         BagEmbedding.upgrade(model.embedding)
     return model
+
+
+def moe_layer_pattern(config) -> list[int] | None:
+    """Per global layer, 1 where it is an MoE layer (``--moe-layer-freq``); None: all are.
+
+    An int N makes every N-th layer MoE, starting with the first (Megatron-LM's rule).
+    """
+    if not config.num_moe_experts:
+        return None
+    freq = config.moe_layer_freq
+    pattern = (
+        [int(i % freq == 0) for i in range(config.num_layers)]
+        if isinstance(freq, int)
+        else list(freq)
+    )
+    return None if all(pattern) else pattern
 
 
 def build_model_chunks(config, shape: ModelShape, vpp: int | None, device) -> list:

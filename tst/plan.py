@@ -230,6 +230,8 @@ def check_launchable(cfg: Config) -> None:
         ("--tp-comm-overlap", p.tp_comm_overlap,
          "Transformer Engine's userbuffers are not initialised by this trainer yet"),
         ("--async-save", run.async_save, "checkpoints are written synchronously for now"),
+        ("--overlap-moe-expert-parallel-comm", cfg.moe.overlap_moe_expert_parallel_comm,
+         "its batch-level overlap schedule is not wired into the TST step yet"),
         ("--train-data-path / --valid-data-path / --test-data-path",
          bool(d.train_data_path or d.valid_data_path or d.test_data_path),
          "per-split blends are not read yet: use --data-path with --split"),

@@ -151,12 +151,13 @@ def test_a_hung_node_ends_the_job_after_the_distributed_timeout(slurm, corpus, t
     metrics = Path(env["SAVE_DIR"]) / "metrics.jsonl"
     job, out = submit(slurm, tmp_path, env, "--save-interval", str(ENDLESS))
     wait_for(lambda: last_iteration(metrics) > SWITCH, 240, "training past the switch")
-    # Freeze the node that does not host the rendezvous store (a worker node that hangs):
-    # its peers get no error, only silence, until --distributed-timeout-minutes (1) is up.
+    # The rendezvous store is a process of the batch script on n1, not part of a torchrun.
     port = int(env["MASTER_PORT"])
-    host = [n for n in ("n1", "n2") if _listens(node_tasks(slurm, job, n), port)]
-    assert len(host) == 1, host
-    frozen = "n2" if host == ["n1"] else "n1"
+    servers = [p for p in slurm.job_processes(SLURM_JOB_ID=str(job)) if _listens([p], port)]
+    assert len(servers) == 1 and "TCPStore" in " ".join(servers[0].cmdline()), servers
+    # Freeze n2 (a node that hangs): n1's ranks get no error, only silence, until
+    # --distributed-timeout-minutes (1) is up.
+    frozen = "n2"
     victims = node_tasks(slurm, job, frozen)
     hung = time.monotonic()
     for proc in victims:

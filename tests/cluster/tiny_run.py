@@ -27,7 +27,7 @@ ENDLESS = 100_000  # --train-iters of a run the test itself stops
 # a one-minute limit on any collective (the default would let a hung node stall 10 minutes).
 RUN_FLAGS = [
     "--split", "90,10,0", "--log-interval", "1", "--eval-interval", str(ENDLESS),
-    "--eval-iters", "1", "--distributed-timeout-minutes", "1",
+    "--eval-iters", "1", "--distributed-timeout-minutes", "1", "--peak-tflops", "1",
 ]  # fmt: skip
 
 # PATH without this interpreter's folder (where `torchrun` lives): PYTHON alone must pick it.

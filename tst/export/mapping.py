@@ -34,6 +34,18 @@ def hf_architecture(cfg: Config, config) -> str:
         f"--position-embedding-type {m.position_embedding_type}: the targets use RoPE",
     )
     _refuse(m.normalization != "RMSNorm", f"--normalization {m.normalization}: need RMSNorm")
+    moe = getattr(cfg, "moe", None)
+    _refuse(
+        bool(m.num_experts) and moe is not None and str(moe.moe_layer_freq).strip() != "1",
+        f"--moe-layer-freq {getattr(moe, 'moe_layer_freq', '')}: the targets make every layer MoE",
+    )
+    _refuse(
+        bool(m.num_experts) and moe is not None and (
+            moe.moe_router_score_function != "softmax" or moe.moe_router_enable_expert_bias
+            or moe.moe_router_num_groups is not None or moe.moe_router_topk_scaling_factor
+        ),
+        "sigmoid / grouped / biased / scaled routing: the targets route by softmax top-k",
+    )  # fmt: skip
     _refuse(
         m.add_bias_linear or m.add_qkv_bias,
         "linear biases (Megatron-LM's default; train with --disable-bias-linear): the targets "
