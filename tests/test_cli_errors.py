@@ -57,6 +57,12 @@ REFUSED = [
     (["--fp16", "--bf16"], 1, r"give --bf16 or --fp16, not both"),
     (["--exp-avg-dtype", "bf16"], 1, r"need --use-precision-aware-optimizer"),
     (["--tensor-model-parallel-size", "2", "--tp-comm-overlap"], 2, r"--tp-comm-overlap needs --sequence-parallel"),  # noqa: E501
+    (["--num-experts", "4", "--moe-layer-freq", "[1]*3"], 1, r"--moe-layer-freq \[1\]\*3: the list must hold one 0"),  # noqa: E501
+    (["--num-experts", "4", "--moe-layer-freq", "os.system('x')"], 1, r"--moe-layer-freq os.system\('x'\): give an int N or a list"),  # noqa: E501
+    (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"], 1, r"needs --moe-expert-capacity-factor"),  # noqa: E501
+    (["--num-experts", "4", "--moe-router-num-groups", "2"], 1, r"give --moe-router-num-groups and --moe-router-group-topk together"),  # noqa: E501
+    (["--multi-latent-attention"], 1, r"multi-latent attention \(MLA\) is not wired in yet"),
+    (["--mtp-num-layers", "1"], 1, r"multi-token prediction is not wired in yet"),
     (["--eval-iters", "-1"], 1, r"--eval-iters must be >= 0 \(0 = no evaluation\)"),
     (["--log-interval", "0"], 1, r"--log-interval must be >= 1"),
     (["--tensor-model-parallel-size", "3"], 4, r"world size 4 is not divisible by TP x PP x CP = 3"),
@@ -147,6 +153,12 @@ def test_launch_refuses_what_only_a_dry_run_can_lay_out(flag):
 
     with pytest.raises(ValueError, match=r"is not supported yet: .*--dry-run lays such a run out"):
         check_launchable(parse_args(BASE + flag))
+
+
+def test_flex_dispatcher_is_refused_without_deepep():
+    argv = BASE + ["--num-experts", "4", "--moe-token-dispatcher-type", "flex"]
+    with pytest.raises(ValueError, match=r"flex needs DeepEP on a CUDA GPU; this run is on cpu"):
+        pretrain_tst.main(argv)
 
 
 def test_missing_data_is_refused():

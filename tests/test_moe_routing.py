@@ -21,7 +21,7 @@ import pretrain_tst
 
 E, K, T = 8, 2, 12
 MOE = [
-    "--mock-data", "--vocab-size", "384", "--num-layers", "2", "--hidden-size", "16",
+    "--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "16",
     "--num-attention-heads", "2", "--seq-length", "8", "--micro-batch-size", "2",
     "--train-iters", "4", "--lr", "1e-2", "--num-experts", str(E), "--moe-router-topk", str(K),
     "--moe-ffn-hidden-size", "16", *SMALL_GPT,
@@ -38,7 +38,7 @@ def _routing(flags: list[str], logits: torch.Tensor, bias=None):
 
     cfg = parse_args(MOE + flags)
     with single_process_world() as layout:
-        config = transformer_config(cfg, validate(cfg, 1, 384), layout)
+        config = transformer_config(cfg, validate(cfg, 1, 512), layout)
         from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
         router = TopKRouter(config, pg_collection=get_default_pg_collection())
@@ -159,3 +159,24 @@ def test_deepseek_shaped_moe_trains_and_resumes_with_its_expert_bias(tmp_path):
     losses = [r["loss"] for r in full["records"] if "loss" in r]
     got = [r["loss"] for r in resumed["records"] if "loss" in r]
     assert got == pytest.approx(losses[2:], rel=1e-6)
+
+
+def _losses_of(argv: list[str], metrics: str) -> list[float]:
+    import torch.distributed as dist
+
+    assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
+    dist.barrier()
+    with open(metrics) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def test_expert_tensor_parallelism_apart_from_tp_agrees(world4, tmp_path):
+    """TP 2 + EP 2 with expert-TP 1 (megatron-core's expert grid apart from TP) trains the
+    model TP 1 / EP 1 trains, across the switch (rel 2e-4: reductions reorder)."""
+    argv = [a for a in DEEPSEEK_LIKE] + ["--global-batch-size", "8", "--seq-length", "8"]
+    argv[argv.index("--num-attention-heads") + 1] = "4"
+    want = world4.run(_losses_of, argv, str(tmp_path / "ref.jsonl"))[0]
+    layout = ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
+              "--expert-tensor-parallel-size", "1", "--sequence-parallel"]  # fmt: skip
+    got = world4.run(_losses_of, argv + layout, str(tmp_path / "etp.jsonl"))[0]
+    assert got == pytest.approx(want, rel=2e-4)

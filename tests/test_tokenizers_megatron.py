@@ -187,7 +187,7 @@ TINY = [
     "--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
     "--num-query-groups", "2", "--swiglu", "--seq-length", "16", "--micro-batch-size", "2",
     "--train-iters", "2", "--tst-bag-size", "2", "--tst-iters", "1", "--log-interval", "1",
-    "--eval-interval", "100", "--eval-iters", "1", "--peak-tflops", "1",
+    "--eval-interval", "100", "--eval-iters", "1", "--peak-tflops", "1", "--lr", "1e-3",
 ]  # fmt: skip
 
 

@@ -206,7 +206,7 @@ def test_training_on_an_empty_dataset_names_it(tmp_path):
     prefix = str(tmp_path / "empty_text_document")
     _write_empty_dataset(prefix, [])
     tiny = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
-            "--seq-length", "8", "--micro-batch-size", "1", "--train-iters", "2",
+            "--seq-length", "8", "--micro-batch-size", "1", "--train-iters", "2", "--lr", "1e-3",
             "--tokenizer-type", "ByteTokenizer", "--data-path", prefix]  # fmt: skip
     with pytest.raises(IndexedDatasetError, match=rf"{prefix}.bin / .idx is an empty dataset"):
         pretrain_tst.main(tiny)

@@ -237,6 +237,7 @@ def apply() -> bool:
 
     patch_without_transformer_engine()
     _patch_moe_split_sizes_to_numpy()
+    _patch_uneven_first_dim_collectives()
     _patch_pipeline_p2p_tags()
     setattr(torch, _APPLIED_FLAG, True)
     return True
@@ -266,6 +267,49 @@ def patch_without_transformer_engine() -> None:
 
         cls.__init__ = __init__
         cls._tst_no_fp8 = True
+
+
+def _patch_uneven_first_dim_collectives() -> None:
+    """Uneven gathers / reduce-scatters over TP on gloo (MoE token dispatch with TP > 1).
+
+    megatron-core gathers a different number of tokens from each TP rank with a list
+    ``all_gather`` and scatters them back with a list ``reduce_scatter``; gloo refuses lists of
+    unequal tensors. Gather: pad every part to the largest, gather, trim. Reduce-scatter:
+    all-reduce the whole input, keep this rank's rows (more traffic, the same sums).
+    """
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+    if getattr(gather, "_tst_uneven", False):
+        return
+
+    def uneven(sizes) -> bool:
+        return sizes is not None and len(set(int(n) for n in sizes)) > 1
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if not uneven(output_split_sizes):
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)], dim=0)
+
+    def reduce_scatter_along_first_dim(
+        input_, group, input_split_sizes=None, use_global_buffer=False
+    ):
+        if not uneven(input_split_sizes):
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: torch.distributed.get_rank(group)])
+        return total[start : start + sizes[torch.distributed.get_rank(group)]].contiguous()
+
+    gather_along_first_dim._tst_uneven = True
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
 def _patch_moe_split_sizes_to_numpy() -> None:

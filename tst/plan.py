@@ -150,6 +150,9 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
         f"(TP {tp}, PP {pp}, CP {cp}): change the parallel sizes or the number of processes",
     )
     if m.num_experts is not None:
+        from tst.config_moe import parse_layer_freq
+
+        parse_layer_freq(cfg.moe.moe_layer_freq, m.num_layers)  # a bad one fails here, by name
         _require(
             world_size % (etp * ep * pp) == 0,
             f"world size {world_size} is not divisible by ETP x EP x PP = {etp * ep * pp} "
