@@ -57,7 +57,8 @@ GPU_MODEL=(--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-leng
 MODEL_ARGS=(--swiglu --normalization RMSNorm --position-embedding-type rope)
 TRAIN_ARGS=(
   --micro-batch-size "$MBS" --global-batch-size "$GBS" --lr "$LR" --min-lr 1e-4
-  --lr-decay-style wsd --weight-decay 0.1 --clip-grad 1.0 --seed 1 --transformer-impl auto
+  --lr-decay-style wsd --weight-decay 0.1 --adam-beta2 0.95 --clip-grad 1.0 --seed 1
+  --transformer-impl auto
 )
 elapsed() { echo "$SECONDS"; }  # seconds since the script started
 

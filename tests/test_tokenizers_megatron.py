@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import transformers
+from flags import SMALL_GPT
 from test_data_support import ROOT, TRICKY_DOCS, load_tool, training_text, write_jsonl
 
 from tst.data.indexed import open_indexed_dataset
@@ -185,9 +186,10 @@ def test_hugging_face_folder_eos_must_exist(tok):
 
 TINY = [
     "--mock-data", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-    "--num-query-groups", "2", "--swiglu", "--seq-length", "16", "--micro-batch-size", "2",
-    "--train-iters", "2", "--tst-bag-size", "2", "--tst-iters", "1", "--log-interval", "1",
-    "--eval-interval", "100", "--eval-iters", "1", "--peak-tflops", "1", "--lr", "1e-3",
+    "--group-query-attention", "--num-query-groups", "2", "--swiglu", "--seq-length", "16",
+    "--micro-batch-size", "2", "--train-iters", "2", "--tst-bag-size", "2", "--tst-iters", "1",
+    "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1", "--peak-tflops", "1",
+    "--lr", "1e-3", *SMALL_GPT,
 ]  # fmt: skip
 
 

