@@ -12,6 +12,9 @@ prompt follows an end-of-document token, as a document does in the training data
 sampling stops at the next one. Each step reruns the whole window (the last
 max-position-embeddings tokens; no KV cache): a tool to see what a model learned, not a
 server. --temperature 0 is greedy; the same --seed gives the same text.
+With ByteTokenizer / NullTokenizer (ids are UTF-8 bytes; tst_export.json names the type, no
+tokenizer file is needed) a continuation that ends inside a character, or any byte sequence
+that is not UTF-8, is printed with U+FFFD in its place.
 """
 
 from __future__ import annotations
