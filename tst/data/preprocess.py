@@ -131,8 +131,9 @@ class _Encoder:
             except CorpusError as err:
                 chunk.error = (rec.source, rec.line, str(err))
                 return chunk
-            where = next((i for i in map(lone_surrogate, docs) if i is not None), None)
-            if where is not None:
+            if _may_hold_surrogates(rec.data, fmt) and any(
+                lone_surrogate(d) is not None for d in docs
+            ):
                 # JSON "\ud800"-style escapes decode to lone surrogates, which no UTF-8 byte
                 # sequence encodes: the record is as unusable as one with invalid UTF-8.
                 chunk.bad.append((rec.source, rec.line, _surrogate_why(docs)))
@@ -180,6 +181,12 @@ def _init_worker(spec, formats, keys, eod) -> None:
 def _encode_in_worker(task: tuple[list[Record], int]) -> _Chunk:
     assert _WORKER_ENCODER is not None
     return _WORKER_ENCODER.encode(task)
+
+
+def _may_hold_surrogates(data: bytes, fmt: str) -> bool:
+    """Only a JSON ``\\uD8xx``-``\\uDFxx`` escape makes a lone surrogate (strict UTF-8
+    decoding never does): a byte search rules most records out before any scan of the text."""
+    return fmt == "jsonl" and (b"\\ud" in data or b"\\uD" in data)
 
 
 def _surrogate_why(docs: list[str]) -> str:
