@@ -12,6 +12,9 @@ its environment; it runs even when a test fails. The nodes are names in ``slurm.
 only: they all have ``NodeAddr=127.0.0.1``, and a launch script reaches a node through that
 address (``scontrol show node``), as Slurm itself does.
 
+A watchdog process started with the cluster does the same if the test process dies without
+stopping it (killed, or timed out in CI).
+
 Needs root (slurmd starts job steps as the submitting user) and the Debian packages
 ``slurmctld slurmd slurm-client munge``; ``.ci/run`` installs them.
 """
@@ -25,6 +28,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -84,10 +88,16 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.socket = self.root / "munge.socket"
         self.daemons: dict[str, subprocess.Popen] = {}
+        self.watchdog: subprocess.Popen | None = None
 
     # ------------------------------------------------------------------ start and stop
 
     def start(self, timeout_s: float = 60.0) -> SlurmCluster:
+        self.watchdog = subprocess.Popen(
+            [sys.executable, __file__, str(os.getpid()), str(self.conf), str(self.root)],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         for sub in ("state", "log", *(f"spool/{n}" for n in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         key = self.root / "munge.key"
@@ -186,6 +196,8 @@ class SlurmCluster:
             _terminate(self.daemons[name])
         for proc in self.job_processes():
             _terminate_pid(proc.pid)
+        if self.watchdog is not None:
+            _terminate(self.watchdog)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -193,17 +205,8 @@ class SlurmCluster:
     def job_processes(self, **match: str) -> list[psutil.Process]:
         """Live processes started through this cluster, whose environment holds ``match``
         (e.g. ``SLURMD_NODENAME="n2"``): job tasks and what they started, and slurmstepd."""
-        found = []
-        for proc in psutil.process_iter():
-            try:
-                env = proc.environ()
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                continue
-            if env.get("SLURM_CONF") != str(self.conf) or proc.pid == os.getpid():
-                continue
-            if all(env.get(k) == v for k, v in match.items()):
-                found.append(proc)
-        return [p for p in found if p.pid not in {d.pid for d in self.daemons.values()}]
+        daemons = {d.pid for d in self.daemons.values()}
+        return [p for p in _processes_of(str(self.conf), **match) if p.pid not in daemons]
 
     # ------------------------------------------------------------------ clients
 
@@ -268,6 +271,33 @@ class SlurmCluster:
             time.sleep(poll_s)
 
 
+def _processes_of(conf: str, **match: str) -> list[psutil.Process]:
+    """Live processes (not this one) with ``SLURM_CONF=conf`` and ``match`` in their
+    environment: the daemons (started with it) and every job process."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            env = proc.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+        if env.get("SLURM_CONF") != conf or proc.pid == os.getpid():
+            continue
+        if all(env.get(k) == v for k, v in match.items()):
+            found.append(proc)
+    return found
+
+
+def _watch(owner: int, conf: str, root: str) -> None:
+    """The watchdog: once ``owner`` (the test process) is gone, kill every process of the
+    cluster by pid and remove its folder (SlurmCluster.stop ends the watchdog when done)."""
+    while os.getppid() == owner:
+        time.sleep(1)
+    for proc in _processes_of(conf):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def _user() -> str:
     import pwd
 
@@ -294,3 +324,7 @@ def _terminate_pid(pid: int, grace_s: float = 5.0) -> None:
         proc.kill()
     except psutil.NoSuchProcess:
         pass
+
+
+if __name__ == "__main__":
+    _watch(int(sys.argv[1]), sys.argv[2], sys.argv[3])

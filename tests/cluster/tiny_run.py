@@ -21,7 +21,7 @@ TRAIN_ARGS=(--micro-batch-size 2 --global-batch-size 4 --train-iters {iters} --l
 PARALLEL_ARGS=(--tensor-model-parallel-size 2)
 """
 SWITCH = 3  # the first recovery step is iteration 4
-ENDLESS = 100_000  # --train-iters of a run the test itself stops
+ENDLESS = 5_000  # --train-iters of a run the test itself stops (long before its end)
 
 # Flags after the script name: the tiny corpus's split, every step logged, no evaluation, and
 # a one-minute limit on any collective (the default would let a hung node stall 10 minutes).
