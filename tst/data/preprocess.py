@@ -283,7 +283,12 @@ def preprocess(
             encoder = _Encoder(cfg.tokenizer, formats, keys, cfg.append_eod)
             results: Iterator[_Chunk] = map(encoder.encode, chunks)
         else:
-            pool = multiprocessing.get_context().Pool(
+            # Workers start from a fresh server process, never forked from this one: a fork
+            # of a process with threads (a tokenizer's thread pool, a process group's
+            # threads) can copy a held lock and hang forever.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload([__name__])
+            pool = context.Pool(
                 cfg.workers, _init_worker, (cfg.tokenizer, formats, keys, cfg.append_eod)
             )
             results = pool.imap(_encode_in_worker, chunks)
