@@ -64,7 +64,7 @@ def test_two_node_job_trains_through_the_switch(slurm, corpus, tmp_path, capsys)
     env = launch_env(corpus, tmp_path, iters, MASTER_PORT=port, **SLOW_LEAVERS)
     start = time.monotonic()
     job, out = submit(slurm, tmp_path, env, "--save-interval", "4")
-    record = slurm.wait_job(job, 300)
+    record = slurm.wait_job(job, 600)
     wall = time.monotonic() - start
     log = out.read_text()
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
@@ -83,21 +83,21 @@ def test_time_limit_warning_saves_and_the_requeued_job_resumes(slurm, corpus, tm
     env = launch_env(corpus, tmp_path, ENDLESS, MASTER_PORT=str(free_ports(1)[0]))
     save, metrics = Path(env["SAVE_DIR"]), Path(env["SAVE_DIR"]) / "metrics.jsonl"
     job, out = submit(slurm, tmp_path, env, "--save-interval", str(ENDLESS))
-    wait_for(lambda: last_iteration(metrics) > SWITCH + 1, 240, "training past the switch")
+    wait_for(lambda: last_iteration(metrics) > SWITCH + 1, 480, "training past the switch")
     # 10 minutes: the warning (600 s before the limit) is due; slurmctld sends it at its next
     # time-limit check (every 30 s).
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
-    warned = wait_for(lambda: "USR1 (time-limit warning)" in out.read_text(), 90, "the warning")
-    saved = wait_for(lambda: checkpointed(save) is not None, 60, "the checkpoint")
+    warned = wait_for(lambda: "USR1 (time-limit warning)" in out.read_text(), 150, "the warning")
+    saved = wait_for(lambda: checkpointed(save) is not None, 180, "the checkpoint")
     stopped_at = checkpointed(save)
-    wait_for(lambda: slurm.job(job).get("Restarts") == "1", 60, "the requeue")
+    wait_for(lambda: slurm.job(job).get("Restarts") == "1", 180, "the requeue")
     slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=30")  # no second warning
     requeued = time.monotonic()
-    wait_for(lambda: last_iteration(metrics) > stopped_at + 2, 240, "the requeued job's steps")
+    wait_for(lambda: last_iteration(metrics) > stopped_at + 2, 480, "the requeued job's steps")
     resumed = time.monotonic()
     # USR1 to the steps only (not the batch script): save and end, without a requeue.
     slurm.run("scancel", "--signal=USR1", str(job))
-    record = slurm.wait_job(job, 120)
+    record = slurm.wait_job(job, 300)
     log = out.read_text()
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log
     assert f"stopping at iteration {stopped_at}: signal" in log
@@ -121,7 +121,7 @@ def test_a_lost_node_ends_the_job_and_resubmission_resumes(slurm, corpus, tmp_pa
     save, metrics = Path(env["SAVE_DIR"]), Path(env["SAVE_DIR"]) / "metrics.jsonl"
     flags = ("--save-interval", "5")
     job, out = submit(slurm, tmp_path, env, *flags)
-    wait_for(lambda: (checkpointed(save) or 0) >= 5, 240, "a checkpoint past the switch")
+    wait_for(lambda: (checkpointed(save) or 0) >= 5, 480, "a checkpoint past the switch")
     victims = node_tasks(slurm, job, "n2")
     assert any("torch.distributed.run" in " ".join(p.cmdline()) for p in victims), victims
     lost = time.monotonic()
@@ -130,13 +130,13 @@ def test_a_lost_node_ends_the_job_and_resubmission_resumes(slurm, corpus, tmp_pa
     record = slurm.wait_job(job, 120)
     ended = time.monotonic()
     assert record["JobState"] == "FAILED", out.read_text()
-    assert ended - lost < 60, f"the job took {ended - lost:.0f} s to end after losing n2"
+    assert ended - lost < 90, f"the job took {ended - lost:.0f} s to end after losing n2"
     resume_from = checkpointed(save)
     assert resume_from < iters
 
     out.rename(tmp_path / "lost.out")
     again, out = submit(slurm, tmp_path, env, *flags)  # the same command again
-    record = slurm.wait_job(again, 300)
+    record = slurm.wait_job(again, 600)
     log = out.read_text()
     assert record["JobState"] == "COMPLETED", log
     assert f"at iteration {resume_from} (recovery phase)" in log  # "resumed from ..."
@@ -150,7 +150,7 @@ def test_a_hung_node_ends_the_job_after_the_distributed_timeout(slurm, corpus, t
     env = launch_env(corpus, tmp_path, ENDLESS, MASTER_PORT=str(free_ports(1)[0]))
     metrics = Path(env["SAVE_DIR"]) / "metrics.jsonl"
     job, out = submit(slurm, tmp_path, env, "--save-interval", str(ENDLESS))
-    wait_for(lambda: last_iteration(metrics) > SWITCH, 240, "training past the switch")
+    wait_for(lambda: last_iteration(metrics) > SWITCH, 480, "training past the switch")
     # The rendezvous store is a process of the batch script on n1, not part of a torchrun.
     port = int(env["MASTER_PORT"])
     servers = [p for p in slurm.job_processes(SLURM_JOB_ID=str(job)) if _listens([p], port)]
@@ -162,10 +162,11 @@ def test_a_hung_node_ends_the_job_after_the_distributed_timeout(slurm, corpus, t
     hung = time.monotonic()
     for proc in victims:
         proc.send_signal(signal.SIGSTOP)
-    record = slurm.wait_job(job, 240)
+    record = slurm.wait_job(job, 400)
     ended = time.monotonic()
     assert record["JobState"] == "FAILED", out.read_text()
-    assert 55 < ended - hung < 150, f"the job ended {ended - hung:.0f} s after {frozen} hung"
+    # Well before the 10 minutes a hung rank would wait without the flag.
+    assert 55 < ended - hung < 300, f"the job ended {ended - hung:.0f} s after {frozen} hung"
     report(capsys, f"node {frozen} hung (SIGSTOP) -> job ended: {ended - hung:.1f} s")
 
 

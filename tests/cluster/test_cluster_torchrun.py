@@ -56,7 +56,7 @@ def launched(script: str, env: dict, log: Path, *flags: str):
                     child.kill()
 
 
-def finish(proc: subprocess.Popen, timeout_s: float = 300) -> int:
+def finish(proc: subprocess.Popen, timeout_s: float = 600) -> int:
     """The launcher's exit status (a launcher still running then fails the test)."""
     try:
         return proc.wait(timeout_s)
@@ -107,11 +107,11 @@ def test_a_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(corpus,
         return bool(match) and last_iteration(metrics) > int(match[1])
 
     with launched("train_single_node.sh", env, log, "--save-interval", "5") as launcher:
-        wait_for(lambda: (checkpointed(save) or 0) >= 5, 240, "the first checkpoints")
+        wait_for(lambda: (checkpointed(save) or 0) >= 5, 480, "the first checkpoints")
         victim = _worker(launcher, local_rank="1")
         victim.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        first_step = wait_for(restarted_first_step, 240, "the restarted group's first step")
+        first_step = wait_for(restarted_first_step, 480, "the restarted group's first step")
         status = finish(launcher)
     text = log.read_text()
     assert status == 0, text
