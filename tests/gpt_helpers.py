@@ -59,6 +59,8 @@ def build_chunks(config, layout, seed, untie=True):
     shape = ModelShape(
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
+        position_embedding_type="rope",  # the config above is RoPE / RMSNorm, stated here too
+        normalization="RMSNorm",
         untie_embeddings_and_output_weights=untie,
     )
     chunks = build_model_chunks(config, shape, layout.vpp, layout.device)

@@ -37,7 +37,15 @@ class RunMetrics:
 
     @property
     def switch_iteration(self) -> int | None:
-        """First logged recovery step after a superposition step, if the run switched."""
+        """The iteration the run switched at: from its phase table (the header record the
+        trainer writes), else the first logged recovery step after a superposition one."""
+        for record in self.meta:
+            phases = record.get("phases")
+            if isinstance(phases, list):
+                names = [p.get("name") for p in phases]
+                if "superposition" in names and "recovery" in names:
+                    return phases[names.index("recovery")]["start"]
+                return None
         for before, after in zip(self.train, self.train[1:], strict=False):
             if before["phase"] == "superposition" and after["phase"] == "recovery":
                 return before["iteration"]

@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import signal
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -277,9 +278,12 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False) -> dict:
             template, is_loading=True, metadata=_OPTIMIZER_METADATA
         )
     try:
-        state = dist_checkpointing.load(
-            template, path, sharded_strategy=_load_strategy(path, fully_parallel)
-        )
+        with warnings.catch_warnings():
+            # torch's per-rank notice that ShardedTensor is deprecated: nothing the user can act on.
+            warnings.filterwarnings("ignore", message=".*ShardedTensor.*", category=FutureWarning)
+            state = dist_checkpointing.load(
+                template, path, sharded_strategy=_load_strategy(path, fully_parallel)
+            )
     except Exception as error:  # report which checkpoint failed, then the cause
         raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
     for i, chunk in enumerate(chunks):

@@ -573,7 +573,9 @@ class Trainer:
         limit = self.cfg.run.exit_duration_in_mins
         return (
             float(self._stop_signal is not None),
-            float(bool(limit) and self.elapsed() / 60 >= limit),
+            # From this process's start, as Megatron-LM counts it (not the run's total time:
+            # a resumed job gets its whole budget again).
+            float(bool(limit) and (time.time() - self.start_time) / 60 >= limit),
         )
 
     def _should_stop(self) -> str | None:
