@@ -20,6 +20,7 @@ VOCAB, SEQ, MBS, MICRO = 128, 8, 2, 4
 
 
 def tiny_config(tp=1, pp=1, vpp=None, sp=False, **overrides):
+    from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kwargs = dict(
@@ -47,6 +48,10 @@ def tiny_config(tp=1, pp=1, vpp=None, sp=False, **overrides):
         gradient_accumulation_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
+        # The local spec's attention, as the trainer configures it on CPU: megatron-core
+        # records the backend in NVTE_* variables and refuses another one later in the same
+        # process (the test worlds run trainer and helper models alike).
+        attention_backend=AttnBackend.local,
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
