@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from tst.config_fields import _f, _require
 
-__all__ = ["MoEConfig", "parse_layer_freq"]
+__all__ = ["MoEConfig", "moe_layers", "parse_layer_freq"]
 
 
 def parse_layer_freq(text: str | int, num_layers: int) -> int | list[int]:
@@ -49,6 +49,14 @@ def parse_layer_freq(text: str | int, num_layers: int) -> int | list[int]:
         f"({num_layers} layers)",
     )
     return freq
+
+
+def moe_layers(freq: int | list[int], num_layers: int) -> list[int]:
+    """Per layer, 1 where it is an MoE layer: an int N makes every N-th layer MoE, starting
+    with the first (Megatron-LM's rule); a list is already the pattern."""
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(num_layers)]
+    return list(freq)
 
 
 @dataclass

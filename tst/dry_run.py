@@ -88,13 +88,11 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     # --moe-layer-freq: some layers may be dense (DeepSeek-V3's first three).
     moe_layers = m.num_layers
     if m.num_experts:
+        from tst.config_moe import moe_layers as pattern
         from tst.config_moe import parse_layer_freq
 
         freq = parse_layer_freq(cfg.moe.moe_layer_freq, m.num_layers)
-        pattern = (
-            [int(i % freq == 0) for i in range(m.num_layers)] if isinstance(freq, int) else freq
-        )
-        moe_layers = sum(pattern)
+        moe_layers = sum(pattern(freq, m.num_layers))
     dense_layers = m.num_layers - moe_layers
     dense_mlp = mlp(m.resolved_ffn_hidden_size)
     layers_total = (moe_layers * (attn + mlp_total + 2 * norm)

@@ -227,14 +227,11 @@ def moe_layer_pattern(config) -> list[int] | None:
 
     An int N makes every N-th layer MoE, starting with the first (Megatron-LM's rule).
     """
+    from tst.config_moe import moe_layers
+
     if not config.num_moe_experts:
         return None
-    freq = config.moe_layer_freq
-    pattern = (
-        [int(i % freq == 0) for i in range(config.num_layers)]
-        if isinstance(freq, int)
-        else list(freq)
-    )
+    pattern = moe_layers(config.moe_layer_freq, config.num_layers)
     return None if all(pattern) else pattern
 
 

@@ -80,11 +80,11 @@ def optimizer_config(cfg: Config):
     )
 
 
-def build_scheduler(optimizer, cfg: Config, plan: RunPlan, *, start: int = 0, steps=None):
+def build_scheduler(optimizer, cfg: Config, plan: RunPlan, *, steps=None):
     """megatron-core's ``OptimizerParamScheduler`` over the run (lengths in samples).
 
-    ``start`` / ``steps`` give a schedule that begins at sample ``start`` with its own
-    warm-up and decays over ``steps`` samples (``--tst-restart-schedule-at-switch``).
+    ``steps``: a schedule with its own warm-up that decays over ``steps`` samples from its
+    own clock at zero (``--tst-restart-schedule-at-switch``).
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 

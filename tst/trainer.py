@@ -443,11 +443,9 @@ class Trainer:
         state; a run resumed past the switch restarts it before loading that state, so it
         continues exactly.
         """
-        switch = self.schedule.switch_iteration
         self.scheduler = build_scheduler(
-            self.optimizer, self.cfg, self.plan,
-            start=self.plan.samples_before(switch), steps=self._recovery_schedule_steps(),
-        )  # fmt: skip
+            self.optimizer, self.cfg, self.plan, steps=self._recovery_schedule_steps()
+        )
 
     # ---------------------------------------------------------------- checkpoints
 
