@@ -12,9 +12,8 @@ from __future__ import annotations
 import sys
 import warnings
 
-from tst.checkpointing import CheckpointError
 from tst.config import Config, parse_args
-from tst.errors import NonFiniteLossError
+from tst.errors import TSTError, exit_code
 from tst.plan import check_launchable, validate
 
 
@@ -108,9 +107,8 @@ def _world_size() -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ValueError as error:  # bad flags or inputs: the message names the cause and the fix
+    # The project's errors (inputs exit 2, failed runs 3) and other ValueErrors (2): the
+    # message names the cause and the fix. Anything else is a bug and keeps its traceback.
+    except (TSTError, ValueError) as error:
         print(f"pretrain_tst.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except (NonFiniteLossError, CheckpointError) as error:
-        print(f"pretrain_tst.py: error: {error}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(exit_code(error))

@@ -7,9 +7,9 @@ Every tool ends with::
 
         run_main(main)
 
-``run_main`` calls ``main()`` and exits 0; a :class:`tst.errors.TSTError` (the base of the
-tokenizer, dataset, corpus, preprocessing, export and metrics-file errors), or one of the
-extra classes a tool names, is printed as ``<tool>: error: <message>`` on stderr and exits 1,
+``run_main`` calls ``main()`` and exits 0; a :class:`tst.errors.TSTError` (the base of every
+error the project raises on purpose: flags, files, inputs, checkpoints), or one of the extra
+classes a tool names, is printed as ``<tool>: error: <message>`` on stderr and exits 1,
 without a traceback: the message already names the file or flag and the fix. Anything else
 is a bug and keeps its traceback. Usage errors stay argparse's (exit 2).
 """

@@ -193,6 +193,4 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run through runpy too
     from _cli import run_main
 
-    from tst.checkpointing import CheckpointError  # not a TSTError (a RuntimeError)
-
-    run_main(main, CheckpointError)
+    run_main(main)

@@ -19,12 +19,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tst.errors import TSTError  # noqa: E402
+from tst.errors import InputError  # noqa: E402
 
 __all__ = ["MetricsFileError", "RunMetrics", "read_metrics"]
 
 
-class MetricsFileError(TSTError):
+class MetricsFileError(InputError):
     """A metrics file that is missing, damaged, or holds no evaluation records."""
 
 

@@ -23,6 +23,8 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from tst.errors import RunError
+
 __all__ = ["TRACKER", "checkpoint_dir", "find_checkpoint", "latest_iteration", "save", "load"]
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -31,7 +33,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 _OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint that cannot be loaded; the message names the files and the fix."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import field
 
+from tst.errors import ConfigError
+
 __all__ = ["_f", "_require"]
 
 
@@ -22,4 +24,4 @@ def _f(default, help: str, choices=None, *, flag=None, nargs=None, type=None, me
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)

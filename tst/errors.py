@@ -1,30 +1,53 @@
 """The project's error hierarchy; free of heavy imports so every tool can catch it cheaply.
 
-:class:`TSTError` is the base of the errors raised for something the user can fix (a flag, a
-file, an input): the message names it and the fix, so a command-line tool prints it as one
-line and exits non-zero (``tools/_cli.py``) instead of showing a traceback. It derives from
-``ValueError`` because the modules raised ``ValueError`` subclasses before it existed and
-callers catch those. The module-specific errors (``TokenizerFileError``,
-``IndexedDatasetError``, ``CorpusError``, ``PreprocessError``, ``ExportError``, ...) derive
-from it where they are defined. ``CheckpointError`` (``tst.checkpointing``) and
-:class:`NonFiniteLossError` are ``RuntimeError`` s: failures of a run, with their own exit
-code in ``pretrain_tst.py``; the tools that read checkpoints name ``CheckpointError`` to
-``run_main`` beside ``TSTError``.
+Every error raised on purpose is a :class:`TSTError`, whose message names the cause and the
+fix, so an entry point catches that one class and prints one line instead of a traceback
+(``tools/_cli.py``, ``pretrain_tst.py``). Two branches say whose move it is:
+
+- :class:`InputError` (also a ``ValueError``): something to fix before a run starts: a flag
+  (:class:`ConfigError`, raised by every flag check), a file or an input (the tokenizer,
+  dataset, corpus, preprocessing, export and metrics-file errors derive from it where they
+  are defined). ``pretrain_tst.py`` exits 2.
+- :class:`RunError` (also a ``RuntimeError``): a run that failed on its way: a checkpoint
+  that cannot be written or loaded (``tst.checkpointing.CheckpointError``), a loss that stays
+  non-finite (:class:`NonFiniteLossError`). ``pretrain_tst.py`` exits 3.
+
+The builtin bases keep ``except ValueError`` / ``except RuntimeError`` callers working.
 """
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteLossError", "TSTError"]
+__all__ = ["ConfigError", "InputError", "NonFiniteLossError", "RunError", "TSTError",
+           "exit_code"]  # fmt: skip
 
 
-class TSTError(ValueError):
-    """Something the user can fix; the message names the flag or file and says how."""
+class TSTError(Exception):
+    """An error the project raises on purpose; the message names the cause and the fix."""
 
 
-class NonFiniteLossError(RuntimeError):
+class InputError(TSTError, ValueError):
+    """Something the user can fix before starting: a flag, a file, an input."""
+
+
+class ConfigError(InputError):
+    """A flag value, or a combination of flags, that cannot run; the message names the flag."""
+
+
+class RunError(TSTError, RuntimeError):
+    """A run that failed on its way (a checkpoint, a diverged loss); the message says where
+    the last good state is and what to change."""
+
+
+class NonFiniteLossError(RunError):
     """Too many consecutive steps with a non-finite loss or gradients; the message says what
-    to change, and where the last good state was saved.
+    to change, and where the last good state was saved."""
 
-    Deliberately not a :class:`TSTError`: it is a run that failed, not an input to fix
-    before starting, and ``pretrain_tst.py`` gives it its own exit code (3, beside 2 for the
-    ``ValueError`` family); a ``ValueError`` base would fold it into 2."""
+
+def exit_code(error: BaseException) -> int:
+    """``pretrain_tst.py``'s exit status for an error: 2 for inputs (argparse's usage code,
+    as the flags are inputs), 3 for a failed run, 1 otherwise."""
+    if isinstance(error, RunError):
+        return 3
+    if isinstance(error, ValueError):
+        return 2
+    return 1

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from tst.errors import TSTError
+from tst.errors import InputError
 
 __all__ = [
     "INPUT_FORMATS",
@@ -49,11 +49,11 @@ TEXT_MODES = ("line", "block")
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
-class CorpusError(TSTError):
+class CorpusError(InputError):
     """An input file cannot be read as asked (missing, malformed JSON, missing key)."""
 
 
-class BadRecord(TSTError):
+class BadRecord(InputError):
     """One record is not valid UTF-8; carries where, for the report."""
 
 

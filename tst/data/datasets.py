@@ -42,6 +42,7 @@ from megatron.core.datasets.gpt_dataset import (
 from megatron.core.datasets.utils import Split
 
 from tst.data.indexed import check_indexed_dataset, open_indexed_dataset
+from tst.errors import InputError
 
 __all__ = [
     "DataConfig",
@@ -60,11 +61,11 @@ logger = logging.getLogger(__name__)
 _FULL_SCAN_MAX_TOKENS = 1 << 27
 
 
-class DatasetTooSmallError(ValueError):
+class DatasetTooSmallError(InputError):
     """A split holds fewer tokens than one sample needs."""
 
 
-class TokenIdError(ValueError):
+class TokenIdError(InputError):
     """The data holds a token id at or above the model's vocabulary size."""
 
 

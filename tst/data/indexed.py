@@ -30,7 +30,7 @@ from megatron.core.datasets.indexed_dataset import (
     IndexedDatasetBuilder,
 )
 
-from tst.errors import TSTError
+from tst.errors import InputError
 
 __all__ = [
     "AtomicIndexedWriter",
@@ -46,7 +46,7 @@ _HEADER_BYTES = len(_INDEX_HEADER) + 8 + 1 + 8 + 8  # magic, version, dtype, n, 
 _REBUILD = "rebuild it with tools/preprocess_data.py"
 
 
-class IndexedDatasetError(TSTError):
+class IndexedDatasetError(InputError):
     """A ``.bin/.idx`` pair is missing, truncated, corrupt or unusable for this model."""
 
 

@@ -33,14 +33,14 @@ from tst.data.corpus import (
 )
 from tst.data.indexed import AtomicIndexedWriter, token_dtype_for
 from tst.data.tokenizers import TokenizerSpec, lone_surrogate
-from tst.errors import TSTError
+from tst.errors import InputError
 
 __all__ = ["PreprocessConfig", "PreprocessError", "PreprocessSummary", "preprocess"]
 
 _MAX_REPORTED_BAD = 10  # bad-UTF-8 locations printed in full; the rest are counted
 
 
-class PreprocessError(TSTError):
+class PreprocessError(InputError):
     """The run stopped on bad input; nothing was left at the output prefix."""
 
 

@@ -52,7 +52,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from tst.errors import TSTError
+from tst.errors import InputError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -89,11 +89,11 @@ _EOD_CANDIDATES = ("<|endoftext|>", "</s>", "<eod>", "<|end_of_text|>", "<eos>",
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class TokenizerFileError(TSTError):
+class TokenizerFileError(InputError):
     """A tokenizer file is missing, unreadable or of the wrong kind."""
 
 
-class TokenizerInputError(TSTError):
+class TokenizerInputError(InputError):
     """A text a tokenizer cannot encode (a lone surrogate has no UTF-8 bytes)."""
 
 
@@ -124,7 +124,7 @@ class ByteTokenizer:
 
     def __init__(self, vocab_size: int | None = None, name: str = "ByteTokenizer") -> None:
         if vocab_size is not None and vocab_size < self.BYTES + 1:
-            raise TSTError(
+            raise InputError(
                 f"{name} needs --vocab-size >= 257 (256 byte ids + EOD), got {vocab_size}"
             )
         self.vocab_size = self.BYTES + 1
@@ -398,7 +398,7 @@ def build_tokenizer(
             _need(vocab_file, "--vocab-file", tokenizer_type),
             _need(merge_file, "--merge-file", tokenizer_type),
         )
-    raise TSTError(f"--tokenizer-type {tokenizer_type!r} is not one of {TOKENIZER_TYPES}")
+    raise InputError(f"--tokenizer-type {tokenizer_type!r} is not one of {TOKENIZER_TYPES}")
 
 
 @dataclass(frozen=True)
