@@ -38,7 +38,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -190,33 +189,41 @@ def validation_eval_iters(prefix: str, python: str, bags: list[int]) -> int:
     """Evaluation batches that read (nearly) all of the validation split under every bag size.
 
     A run's validation samples are ``bag * (L + 1)`` tokens cut from the split; reading every
-    whole one (and never a second epoch) scores all arms on the same tokens.
+    whole one (and never a second epoch) scores all arms on the same tokens. The split's size
+    is ``tools/inspect_dataset.py``'s report, read as data.
     """
-    out = subprocess.run(
-        [python, "tools/inspect_dataset.py", "--data-prefix", prefix, "--split", SPLIT,
-         "--seq-length", str(SEQ), "--num-samples", "0"],
-        cwd=ROOT, check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    match = re.search(r"valid\s+\d+ docs\s+([\d,]+) tokens", out)
-    if not match:
-        raise SystemExit(f"could not read the validation split size from:\n{out}")
-    tokens = int(match.group(1).replace(",", ""))
+    import contextlib
+    import io
+
+    import inspect_dataset
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        report = inspect_dataset.main(["--data-prefix", prefix, "--split", SPLIT,
+                                       "--seq-length", str(SEQ), "--num-samples", "0"])  # fmt: skip
+    tokens = report["splits"]["valid"]["tokens"]
     units = min((tokens - 1) // (b * (SEQ + 1)) * b for b in bags)
     return max(1, units // MICRO_BATCH)
 
 
 def model_size(plan: Plan, python: str) -> dict:
-    """The study model's size: ``pretrain_tst.py --dry-run``'s report and the exact count."""
+    """The study model's size: ``pretrain_tst.py --dry-run``'s report (``--dry-run-report``)
+    and the exact count."""
     from tst.config import parse_args
     from tst.dry_run import parameter_counts
 
     argv = [*MODEL_ARGS, *OPTIM_ARGS, *data_args(plan), "--train-iters", str(plan.iters)]
-    out = subprocess.run(
-        [python, "pretrain_tst.py", "--dry-run", *argv],
+    report_file = os.path.join(plan.work, "dry_run.json")
+    subprocess.run(
+        [python, "pretrain_tst.py", "--dry-run", "--dry-run-report", report_file, *argv],
         cwd=ROOT, check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    lines = [ln.strip() for ln in out.splitlines() if "parameters" in ln or "word embedding" in ln]
-    vocab = int(re.search(r"padded to (\d+)", out).group(1))
+    )  # fmt: skip
+    with open(report_file) as f:
+        model = json.load(f)["model"]
+    built, vocab = model["parameters"], model["padded_vocab_size"]
+    lines = [
+        f"parameters: total {built['total']:,}, word embedding {built['embedding']:,}, "
+        f"output layer {built['output']:,} (vocabulary {model['vocab_size']:,} padded to {vocab:,})"
+    ]
     counts = parameter_counts(parse_args(argv), vocab)
     return {"dry_run": lines, "exact": counts, "padded_vocab": vocab}
 
@@ -270,8 +277,31 @@ def _prepare_resume(plan: Plan, out: str) -> list[str]:
     return ["--load", ckpt]
 
 
-_ITER = re.compile(r"^iter\s+(\d+)/(\d+) \| (\S+)\s*\| (\S+) ([\d.]+)")
-_EVAL = re.compile(r"eval at (\d+): next-token loss ([\d.]+)")
+class _MetricsEcho:
+    """A compact progress line per record a run appends to its metrics file (read as JSON
+    lines, whole lines only: a line still being written is left for the next poll)."""
+
+    def __init__(self, path: str, progress: str, start: float, iters: int):
+        self.path, self.progress, self.start, self.iters = path, progress, start, iters
+        self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+
+    def poll(self) -> None:
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            f.seek(self.offset)
+            text = f.read()
+        lines = text.split("\n")[:-1]  # the last item is "" or a line being written
+        self.offset += sum(len(line) + 1 for line in lines)
+        for line in filter(None, lines):
+            r = json.loads(line)
+            if "val_loss" in r:
+                print(f"  {self.progress} eval at {r['iteration']}: next-token loss "
+                      f"{r['val_loss']:.4f}", flush=True)  # fmt: skip
+            elif "loss" in r:
+                print(f"  {self.progress} iter {r['iteration']:>4}/{self.iters} "
+                      f"{r['phase']:<13} {r['loss_name']} {r['loss']:.3f}  "
+                      f"({time.time() - self.start:.0f} s)", flush=True)  # fmt: skip
 
 
 def train_one(plan: Plan, arm: Arm, seed: int, python: str, progress: str) -> None:
@@ -283,17 +313,15 @@ def train_one(plan: Plan, arm: Arm, seed: int, python: str, progress: str) -> No
         json.dump({"argv": argv, "git": _git_hash()}, f, indent=1)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.time()
+    metrics = os.path.join(out, "metrics.jsonl")
     with open(os.path.join(out, "train.log"), "a") as log:
-        child = subprocess.Popen(argv, cwd=ROOT, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
-        for line in child.stdout:
-            log.write(line)
-            if m := _ITER.match(line):
-                print(f"  {progress} iter {m[1]:>4}/{m[2]} {m[3]:<13} {m[4]} {float(m[5]):.3f}"
-                      f"  ({time.time() - start:.0f} s)", flush=True)  # fmt: skip
-            elif m := _EVAL.search(line):
-                print(f"  {progress} eval at {m[1]}: next-token loss {float(m[2]):.4f}", flush=True)
-        if child.wait() != 0:
+        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        echo = _MetricsEcho(metrics, progress, start, plan.arm_iters(arm))
+        while child.poll() is None:
+            echo.poll()
+            time.sleep(1.0)
+        echo.poll()
+        if child.returncode != 0:
             raise SystemExit(f"{arm.name} seed {seed} failed: see {out}/train.log")
     shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)  # finished: keep the records
     open(os.path.join(out, "done"), "w").close()

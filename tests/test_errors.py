@@ -59,10 +59,17 @@ def test_branches_and_exit_codes():
     assert issubclass(InputError, ValueError) and issubclass(RunError, RuntimeError)
 
 
-def test_flag_checks_raise_config_error():
+ARGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "16", "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "2",
+        "--mock-data"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "extra, flag",
+    [(["--seed", "-1"], "--seed"), (["--dry-run-report", "r.json"], "--dry-run-report")],
+)
+def test_flag_checks_raise_config_error(extra, flag):
     from tst.config import parse_args
 
-    with pytest.raises(ConfigError, match="--seed"):
-        parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-                    "--seq-length", "16", "--micro-batch-size", "1", "--lr", "1e-3",
-                    "--train-iters", "2", "--mock-data", "--seed", "-1"])  # fmt: skip
+    with pytest.raises(ConfigError, match=flag):
+        parse_args([*ARGS, *extra])

@@ -104,3 +104,39 @@ def test_speedups_in_iterations_and_wall_clock():
     # The probe's step times: 30 x 0.6 + 70 x 0.5 = 53 s for TST, eq x 0.5 for the baseline.
     assert s["speedup_wall_clock_from_step_times"] == pytest.approx(eq * 0.5 / 53.0, rel=1e-9)
     assert not s["extrapolated"]
+
+
+def test_progress_comes_from_the_metrics_file_whole_lines_only(tmp_path, capsys):
+    """The study echoes progress from the run's metrics file (not its printed log); a line
+    still being written waits for the next poll."""
+    import json
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"iteration": 0, "note": "an older record"}) + "\n")
+    echo = rp._MetricsEcho(str(path), "arm s1", start=0.0, iters=20)  # starts at the end
+    train = {"iteration": 10, "phase": "superposition", "loss_name": "mce", "loss": 7.25}
+    evaluation = {"iteration": 10, "val_loss": 6.5}
+    line2 = json.dumps(evaluation) + "\n"
+    with open(path, "a") as f:
+        f.write(json.dumps(train) + "\n" + line2[:7])
+    echo.poll()
+    out = capsys.readouterr().out
+    assert "iter   10/20 superposition mce 7.250" in out and "eval" not in out
+    with open(path, "a") as f:
+        f.write(line2[7:])
+    echo.poll()
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "eval at 10: next-token loss 6.5000" in out
+    echo.poll()
+    assert capsys.readouterr().out == ""
+
+
+def test_model_size_reads_the_dry_run_report(tmp_path):
+    """The study's model size comes from ``--dry-run-report`` (no tokenizer file needed)."""
+    plan = rp.Plan(work=str(tmp_path), iters=10, seeds=[1], arms=[], eval_interval=5,
+                   eval_iters=1, save_interval=None, data_prefix=str(tmp_path / "none"),
+                   tokenizer=str(tmp_path / "none.model"))  # fmt: skip
+    size = rp.model_size(plan, sys.executable)
+    # The exact count (tst.dry_run.parameter_counts on the same flags) equals the report's.
+    assert f"total {size['exact']['total']:,}" in size["dry_run"][0]
+    assert size["padded_vocab"] % 128 == 0 and size["exact"]["total"] > 3_000_000

@@ -19,8 +19,11 @@ import typing
 from dataclasses import dataclass
 
 from tst.config_fields import _f, _require
+from tst.config_mla import MLAConfig
 from tst.config_moe import MoEConfig
+from tst.config_mtp import MTPConfig
 from tst.data.tokenizers import TOKENIZER_TYPES
+from tst.phases import parse_schedule
 
 __all__ = [
     "ModelConfig",
@@ -31,6 +34,8 @@ __all__ = [
     "RunConfig",
     "LoggingConfig",
     "MoEConfig",
+    "MTPConfig",
+    "MLAConfig",
     "Config",
     "build_parser",
     "parse_args",
@@ -235,6 +240,17 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size (PP).")
     num_layers_per_virtual_pipeline_stage: int | None = _f(
         None, "Layers per virtual pipeline stage (interleaved 1F1B)."
+    )
+    decoder_first_pipeline_num_layers: int | None = _f(
+        None, "Layers of the first pipeline stage (default: an even split)."
+    )
+    decoder_last_pipeline_num_layers: int | None = _f(
+        None, "Layers of the last pipeline stage (default: an even split)."
+    )
+    pipeline_model_parallel_layout: str | None = _f(
+        None,
+        "Layers per pipeline stage, megatron-core's layout string: E (embedding), t (layer), "
+        "L (loss), stages split by |, (...)*N repeats, e.g. 'Et|(tt|)*30L'; PP x VPP stages.",
     )
     context_parallel_size: int = _f(
         1, "Context-parallel size (CP): the sequence split over ranks; needs Transformer Engine."
@@ -571,6 +587,11 @@ class DataArgs:
     mmap_bin_files: bool = _f(
         True, "Read .bin files with read() instead of mmap.", flag="--no-mmap-bin-files"
     )
+    num_workers: int = _f(
+        2,
+        "Loader worker processes reading the coming micro-batches ahead (0: read in the "
+        "training process when needed); the batches are the same either way.",
+    )
     dataloader_type: str = _f(
         "single", "Sample order: single (each sample once per epoch).", choices=["single", "cyclic"]
     )
@@ -612,6 +633,7 @@ class DataArgs:
                     "give --tokenizer-type (e.g. HuggingFaceTokenizer --tokenizer-model PATH, "
                     "or NullTokenizer --vocab-size N)"
                 )
+        _require(self.num_workers >= 0, "--num-workers must be >= 0 (0: no worker processes)")
         _require(
             self.dataloader_type == "single",
             "--dataloader-type cyclic is not supported: samples are read in one pass per epoch "
@@ -664,33 +686,65 @@ class TSTConfig:
         "(whose last positions lack slots in either layout) it picks only the loss form.",
         choices=["full", "paper"],
     )
+    tst_schedule: str | None = _f(
+        None,
+        "Multi-stage bag schedule: BAG:FRACTION stages, then 1 (the next-token recovery phase, "
+        'taking the rest), e.g. "8:0.1,4:0.2,1". Fractions in (0, 1) summing below 1; '
+        'replaces --tst-bag-size / --tst-fraction / --tst-iters ("B:f,1" is --tst-bag-size B '
+        "--tst-fraction f). --tst-mode, --tst-loss, --tst-layout and --tst-slot-weights apply "
+        "to every bag stage; the *-at-switch controls act at the switch to the recovery phase.",
+        metavar="STAGES",
+    )
     tst_reinit_embeddings_at_switch: bool = _f(
         False,
         "Control (the paper's ablation): re-initialise the input embeddings and the output "
-        "layer to their initial values at the phase switch.",
+        "layer to their initial values at the switch to the recovery phase.",
+    )
+    tst_reinit_input_embedding_at_switch: bool = _f(
+        False,
+        "Control: re-initialise only the input embeddings at the switch to the recovery phase "
+        "(needs --untie-embeddings-and-output-weights).",
+    )
+    tst_reinit_output_layer_at_switch: bool = _f(
+        False,
+        "Control: re-initialise only the output layer at the switch to the recovery phase "
+        "(needs --untie-embeddings-and-output-weights).",
     )
     tst_reset_optimizer_at_switch: bool = _f(
-        False, "Control: zero Adam's moments and step count at the phase switch."
+        False,
+        "Control: zero Adam's moments and step count at the switch to the recovery phase.",
     )
     tst_restart_schedule_at_switch: bool = _f(
         False,
         "Start the recovery phase afresh, as patch-level training (Shao et al.) does: zero "
-        "Adam's state and restart the LR schedule at the switch (warm-up of "
+        "Adam's state and restart the LR schedule at the switch to it (warm-up of "
         "--lr-warmup-iters, then the same decay style to --min-lr over the recovery steps).",
     )
 
     def __post_init__(self):
         _require(1 <= self.tst_bag_size <= 64, "--tst-bag-size must be between 1 and 64")
+        if self.tst_schedule is not None:
+            parse_schedule(self.tst_schedule)  # refuses a malformed one, naming the flag
+            given = [flag for flag, value in (("--tst-bag-size", self.tst_bag_size != 1),
+                     ("--tst-fraction", self.tst_fraction is not None),
+                     ("--tst-iters", self.tst_iters is not None)) if value]  # fmt: skip
+            _require(
+                not given,
+                f"--tst-schedule sets every stage's bag size and length: drop {', '.join(given)}"
+                ' (a two-stage "B:f,1" is --tst-bag-size B --tst-fraction f)',
+            )
+        controls = (
+            self.tst_reinit_embeddings_at_switch
+            or self.tst_reinit_input_embedding_at_switch
+            or self.tst_reinit_output_layer_at_switch
+            or self.tst_reset_optimizer_at_switch
+            or self.tst_restart_schedule_at_switch
+        )
         _require(
-            self.tst_bag_size > 1
-            or not (
-                self.tst_reinit_embeddings_at_switch
-                or self.tst_reset_optimizer_at_switch
-                or self.tst_restart_schedule_at_switch
-            ),
-            "--tst-reinit-embeddings-at-switch, --tst-reset-optimizer-at-switch and "
-            "--tst-restart-schedule-at-switch need --tst-bag-size > 1 (with bag size 1 there "
-            "is no switch)",
+            self.tst_bag_size > 1 or self.tst_schedule is not None or not controls,
+            "--tst-reinit-*-at-switch, --tst-reset-optimizer-at-switch and "
+            "--tst-restart-schedule-at-switch need --tst-bag-size > 1 or a --tst-schedule "
+            "(with bag size 1 there is no switch)",
         )
         _require(
             self.tst_fraction is None or self.tst_iters is None,
@@ -764,11 +818,21 @@ class RunConfig:
         "Processes (GPUs) the --dry-run lays the model out on "
         "(default: the smallest world that fits TP x PP x EP).",
     )
+    dry_run_report: str | None = _f(
+        None,
+        "With --dry-run, also write what it prints as JSON to this file (model and parameter "
+        "counts, layout, per-stage memory, phase schedule and token budget), for scripts.",
+        metavar="FILE",
+    )
 
     def __post_init__(self):
         _require(
             self.dry_run_world_size is None or self.dry_run_world_size >= 1,
             "--dry-run-world-size must be >= 1",
+        )
+        _require(
+            self.dry_run_report is None or self.dry_run,
+            "--dry-run-report writes the --dry-run's report: add --dry-run",
         )
         for flag, value in (("--save-interval", self.save_interval),
                             ("--exit-interval", self.exit_interval)):  # fmt: skip
@@ -852,6 +916,8 @@ class Config:
     run: RunConfig
     log: LoggingConfig
     moe: MoEConfig
+    mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
+    mtp: MTPConfig = dataclasses.field(default_factory=MTPConfig)
     # Megatron-LM flags given that change nothing here: (flag, why), see tst.megatron_flags.
     accepted_flags: tuple[tuple[str, str], ...] = ()
 
@@ -868,6 +934,8 @@ _SECTIONS = {
     "run": RunConfig,
     "log": LoggingConfig,
     "moe": MoEConfig,
+    "mla": MLAConfig,
+    "mtp": MTPConfig,
 }
 
 

@@ -23,6 +23,7 @@ Nothing reads data; a tokenizer is used only when one is given (else ``--vocab-s
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -389,9 +390,47 @@ def dry_run(cfg: Config, vocab_size: int, world_size: int | None = None) -> int:
     stages = per_rank_parameters(params, cfg, grid)
     _print_model(cfg, vocab_size, padded, params)
     _print_architecture(cfg)
-    _print_layout(cfg, plan, stages)
-    _print_phases(cfg, plan)
+    memory = _print_layout(cfg, plan, stages)
+    budget = _print_phases(cfg, plan)
+    if cfg.run.dry_run_report:
+        report = _report(cfg, plan, vocab_size, params, memory, budget)
+        tmp = cfg.run.dry_run_report + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, cfg.run.dry_run_report)
+        print(f"report written to {cfg.run.dry_run_report}")
     return 0
+
+
+def _report(cfg: Config, plan: RunPlan, vocab_size: int, params: list[ParamInfo],
+            memory: list[dict], budget: dict) -> dict:  # fmt: skip
+    """The dry run's figures as data (``--dry-run-report``): what it prints, unrounded."""
+    g = plan.grid
+    # fmt: off
+    return {
+        "model": {
+            "num_layers": cfg.model.num_layers,
+            "hidden_size": cfg.model.hidden_size,
+            "vocab_size": vocab_size,
+            "padded_vocab_size": plan.padded_vocab_size,
+            "parameters": built_counts(params, cfg),
+            "analytic_parameters": parameter_counts(cfg, plan.padded_vocab_size),
+        },
+        "layout": {
+            "world": g.world, "tp": g.tp, "pp": g.pp, "vpp": g.vpp, "cp": g.cp, "dp": g.dp,
+            "ep": g.ep, "etp": g.etp, "expert_dp": g.expert_dp,
+            "sequence_parallel": cfg.parallel.sequence_parallel,
+            "global_batch_size": plan.global_batch_size,
+            "num_microbatches": plan.num_microbatches,
+            "micro_batch_size": cfg.training.micro_batch_size,
+            "seq_length": cfg.model.seq_length,
+        },
+        "stages": memory,
+        "train_iters": plan.train_iters,
+        "phases": plan.schedule.to_dict(),
+        "tokens": budget,
+    }
+    # fmt: on
 
 
 def _print_architecture(cfg: Config) -> None:
@@ -470,7 +509,7 @@ def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamIn
         )
 
 
-def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> None:
+def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     grid = plan.grid
     num_micro, gbs = plan.num_microbatches, plan.global_batch_size
@@ -501,6 +540,7 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> None:
         f"  {'stage':>5} {'layers':>15} {'params':>10} {'weights':>8} {'grads':>7} "
         f"{'Adam':>7} {'activ.':>7} {'total':>7}"
     )
+    rows = []
     for stage, info in enumerate(stages):
         n = info["dense"] + info["experts"]
         optim = optim_b * n
@@ -514,25 +554,32 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> None:
             + " ".join(f"{c / _GIB:>7.1f}" for c in cols)
             + f" {sum(cols) / _GIB:>7.1f}"
         )
+        rows.append({"stage": stage, "layers": list(info["layers"]), "parameters": n,
+                     "bytes": dict(zip(("weights", "grads", "optimizer", "activations"),
+                                       cols, strict=True)) | {"total": sum(cols)}})  # fmt: skip
     if cfg.tst.tst_bag_size > 1:
         bag_tokens = cfg.tst.tst_bag_size * m.seq_length * t.micro_batch_size
         print(
             f"  superposition phase: stage 0 also holds a transient bag lookup of {bag_tokens:,} "
             f"tokens ({bag_tokens * m.hidden_size * (weight_b + 4) / _GIB:.1f} GiB, fp32 sum)"
         )
+    return rows
 
 
-def _print_phases(cfg: Config, plan: RunPlan) -> None:
+def _print_phases(cfg: Config, plan: RunPlan) -> dict:
     seq = cfg.model.seq_length
     print("phase schedule:\n" + plan.schedule.table())
-    # A row of either phase consumes units of seq + 1 tokens from the one data stream.
-    raw = {ph.name: plan.samples_between(ph.start, ph.end) * ph.units_per_row * (seq + 1)
-           for ph in plan.schedule.phases}  # fmt: skip
+    # A row of any phase consumes units of seq + 1 tokens from the one data stream.
+    raw = [plan.samples_between(ph.start, ph.end) * ph.units_per_row * (seq + 1)
+           for ph in plan.schedule.phases]  # fmt: skip
     positions = plan.samples_before(plan.train_iters) * seq
     print(
         "raw tokens read: "
-        + ", ".join(f"{name} {n / 1e9:,.1f}B" for name, n in raw.items())
-        + f"; total {sum(raw.values()) / 1e9:,.1f}B for {positions / 1e9:,.1f}B positions"
+        + ", ".join(
+            f"{ph.name} {n / 1e9:,.1f}B" for ph, n in zip(plan.schedule.phases, raw, strict=True)
+        )
+        + f"; total {sum(raw) / 1e9:,.1f}B for {positions / 1e9:,.1f}B positions"
         + f" in {plan.train_iters:,} steps"
         + (f" (batch ramp-up {plan.rampup[0]} -> {plan.global_batch_size})" if plan.rampup else "")
     )
+    return {"raw_tokens_per_phase": raw, "raw_tokens": sum(raw), "positions": positions}
