@@ -43,7 +43,7 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int):
     from tst.data.datasets import DataConfig, build_datasets
     from tst.data.stream import big_samples_needed
 
-    bag = cfg.tst.tst_bag_size
+    bag = plan.schedule.data_bag_size  # units per big sample: every stage's bag divides it
     rows = [(plan.samples_between(phase.start, phase.end), phase.units_per_row)
             for phase in plan.schedule.phases]  # fmt: skip
     train = big_samples_needed(rows, bag)
@@ -88,6 +88,7 @@ def main(argv=None) -> int:
         tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep, etp=grid.etp, cp=grid.cp,
         seed=cfg.training.seed, timeout_minutes=p.distributed_timeout_minutes,
     )  # fmt: skip
+    trainer = None
     try:
         datasets = build_datasets(cfg, plan, tokenizer, vocab_size)
         trainer = Trainer(cfg, layout, plan, tokenizer, datasets)
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
             trainer.load()
         return trainer.train()
     finally:
+        if trainer is not None:
+            trainer.train_stream.close()  # the loader's workers end with the run, however
         shutdown(layout)
 
 

@@ -7,6 +7,7 @@ loss sums and the squared gradient norm so that layouts can be compared with eac
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
@@ -92,13 +93,15 @@ def run_one_step(tp, pp, vpp, seed, bag_size):
     """Forward/backward of MICRO micro-batches; returns (loss sums per micro-batch, |grad|^2)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from tst.model import set_bag_size
+    from tst.model import apply_phase
+    from tst.phases import next_token_phase
     from tst.platform import initialize
 
     layout = initialize(tp=tp, pp=pp, vpp=vpp, seed=seed)
     config = tiny_config(tp, pp, vpp)
     chunks = build_chunks(config, layout, seed)
-    set_bag_size(chunks, bag_size)
+    # Bag inputs; the loss is applied to the logits in loss_func below.
+    apply_phase(chunks, dataclasses.replace(next_token_phase(), input_bag=bag_size))
     gen = torch.Generator().manual_seed(seed)
     data = torch.randint(0, VOCAB, (MICRO, MBS, chunk_length(SEQ, bag_size)), generator=gen)
     iterators = [iter(data) for _ in chunks]

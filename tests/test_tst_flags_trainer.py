@@ -91,7 +91,7 @@ def _reference_loss(logits, targets, mask, argv) -> tuple[float, float]:
 def _oracle(argv: list[str]) -> tuple[float, float]:
     """The reference's first-step loss for ``argv`` (and the gap between the MCE's forms),
     computed in this process (a world of one) from the run's own first rows and weights."""
-    from tst.model import set_bag_size
+    from tst.model import apply_phase
     from tst.trainer import Trainer
 
     original, seen = Trainer.train, {}
@@ -104,7 +104,7 @@ def _oracle(argv: list[str]) -> tuple[float, float]:
             [self.train_stream.next_micro_batch(phase.units_per_row) for _ in range(micro)]
         )
         inputs, targets, mask = _reference_batch(rows, cfg.tst.tst_mode, cfg.tst.tst_layout)
-        set_bag_size(self.model, phase.input_bag)
+        apply_phase(self.model, phase)  # logits, no target loss
         positions = torch.arange(SEQ).expand(inputs.shape[0], -1)
         with torch.no_grad():
             logits = self.raw_chunks[0](inputs, positions, attention_mask=None)  # [b, L, V]

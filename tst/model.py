@@ -17,16 +17,16 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from tst.embedding import BagEmbedding
 
 __all__ = [
     "ModelShape",
     "TSTGPTModel",
+    "apply_phase",
     "build_gpt",
     "build_model_chunks",
-    "set_bag_size",
-    "set_target_loss",
     "transformer_engine_available",
 ]
 
@@ -107,18 +107,46 @@ class TorchNorm:
 
 
 def _with_sequence_parallel_norms(spec):
-    """The local layer spec with megatron-core's torch norms replaced by :class:`TorchNorm`."""
+    """The local layer spec with megatron-core's torch norms replaced by :class:`TorchNorm`:
+    the layer's two norms and MLA's latent norms (``q_layernorm`` / ``kv_layernorm``), which
+    under sequence parallelism see only this rank's positions too; MLA's local attention is
+    :class:`LatentDotProductAttention`."""
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    submodules = spec.submodules
-    changes = {
-        name: TorchNorm
-        for name in ("input_layernorm", "pre_mlp_layernorm")
-        if getattr(submodules, name) is WrappedTorchNorm
-    }
-    if changes:
-        spec = dataclasses.replace(spec, submodules=dataclasses.replace(submodules, **changes))
-    return spec
+    def replaced(submodules, names):
+        changes = {
+            name: TorchNorm for name in names if getattr(submodules, name) is WrappedTorchNorm
+        }
+        return dataclasses.replace(submodules, **changes) if changes else submodules
+
+    submodules = replaced(spec.submodules, ("input_layernorm", "pre_mlp_layernorm"))
+    attention = submodules.self_attention
+    if isinstance(attention.submodules, MLASelfAttentionSubmodules):
+        mla = replaced(attention.submodules, ("q_layernorm", "kv_layernorm"))
+        if mla.core_attention is DotProductAttention:
+            mla = dataclasses.replace(mla, core_attention=LatentDotProductAttention)
+        attention = dataclasses.replace(attention, submodules=mla)
+        submodules = dataclasses.replace(submodules, self_attention=attention)
+    return dataclasses.replace(spec, submodules=submodules)
+
+
+class LatentDotProductAttention(DotProductAttention):
+    """megatron-core's local (unfused) attention, taking MLA's head sizes.
+
+    ``MLASelfAttention`` builds its core attention with ``k_channels`` (query/key head size,
+    ``qk_head_dim + qk_pos_emb_head_dim``) and ``v_channels`` (``v_head_dim``), which only
+    Transformer Engine's attention accepts in megatron-core 0.16.1. The local forward
+    already takes its sizes from the tensors; only the output width (heads x value head
+    size) must follow ``v_channels``. MLA passes its own softmax scale (with YaRN's mscale).
+    """
+
+    def __init__(self, *args, k_channels: int | None = None, v_channels: int | None = None,
+                 **kwargs):  # fmt: skip
+        super().__init__(*args, **kwargs)
+        if v_channels is not None:
+            # [s, b, heads/tp x v_head_dim]: the context reshaped for the output projection.
+            self.hidden_size_per_partition = self.num_attention_heads_per_partition * v_channels
 
 
 def _block_norm():
@@ -146,9 +174,53 @@ class TSTGPTModel(GPTModel):
             return super().compute_language_model_loss(labels, logits)
         return self.tst_loss(logits, labels.transpose(0, 1)).transpose(0, 1).contiguous()
 
+    mtp_stats = None  # [D, 2]: per MTP depth, the last forward's loss sum and positions
 
-def layer_spec(shape: ModelShape):
-    """The transformer-layer spec: TE's where asked for (and present), else the local one."""
+    def _postprocess(self, hidden_states, input_ids, position_ids, labels, rotary_pos_emb,
+                     rotary_pos_cos, rotary_pos_sin, mtp_in_postprocess=None, loss_mask=None,
+                     **kwargs):  # fmt: skip
+        """With ``--mtp-num-layers``: the MTP depths score their targets (:mod:`tst.mtp`:
+        the bag ``k + 1`` positions ahead in the superposition phase, the token ``k + 1``
+        ahead in the recovery phase) in training; evaluation and logits-only calls run the
+        main head alone. Without MTP: megatron-core's own."""
+        if not self.config.mtp_num_layers:
+            return super()._postprocess(
+                hidden_states, input_ids, position_ids, labels, rotary_pos_emb, rotary_pos_cos,
+                rotary_pos_sin, mtp_in_postprocess=mtp_in_postprocess, loss_mask=loss_mask,
+                **kwargs,
+            )  # fmt: skip
+        from tst.mtp import add_mtp_losses
+
+        output_weight = None
+        if self.share_embeddings_and_output_weights:
+            output_weight = self.shared_embedding_or_output_weight()
+        gather = kwargs.get("runtime_gather_output")
+        run_mtp = mtp_in_postprocess and labels is not None and self.training
+        if run_mtp:
+            hidden_states = self.mtp(
+                input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
+                attention_mask=kwargs.get("attention_mask"), rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+                packed_seq_params=kwargs.get("packed_seq_params"),
+                sequence_len_offset=kwargs.get("sequence_len_offset"), embedding=self.embedding,
+                **(kwargs.get("extra_block_kwargs") or {}),
+            )  # fmt: skip
+        if not self.post_process:
+            return hidden_states
+        if run_mtp:
+            hidden_states = add_mtp_losses(self, hidden_states, labels, loss_mask, output_weight,
+                                           gather)  # fmt: skip
+        logits, _ = self.output_layer(
+            hidden_states, weight=output_weight, runtime_gather_output=gather
+        )
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()  # [b, L, V/tp]
+        return self.compute_language_model_loss(labels, logits)
+
+
+def layer_spec(shape: ModelShape, multi_latent_attention: bool = False):
+    """The transformer-layer spec: TE's where asked for (and present), else the local one;
+    with ``multi_latent_attention`` megatron-core's MLA attention in either."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if shape.use_transformer_engine:
@@ -161,11 +233,13 @@ def layer_spec(shape: ModelShape):
             num_experts=shape.num_experts,
             moe_grouped_gemm=shape.moe_grouped_gemm,
             qk_layernorm=shape.qk_layernorm,
+            multi_latent_attention=multi_latent_attention,
         )
     local = specs.get_gpt_layer_local_spec(
         num_experts=shape.num_experts,
         moe_grouped_gemm=False,
         qk_layernorm=shape.qk_layernorm,
+        multi_latent_attention=multi_latent_attention,
         normalization=shape.normalization,
     )
     return _with_sequence_parallel_norms(local)
@@ -192,8 +266,11 @@ def build_gpt(
     count = get_num_layers_to_build(config, vp_stage=vp_stage)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     moe_layers = moe_layer_pattern(config)
-    moe_spec = layer_spec(shape)
-    dense_spec = layer_spec(dataclasses.replace(shape, num_experts=None)) if moe_layers else None
+    mla = bool(getattr(config, "multi_latent_attention", False))
+    moe_spec = layer_spec(shape, mla)
+    dense_spec = (
+        layer_spec(dataclasses.replace(shape, num_experts=None), mla) if moe_layers else None
+    )
     block = TransformerBlockSubmodules(
         layer_specs=[
             moe_spec if not moe_layers or moe_layers[offset + i] else dense_spec
@@ -216,10 +293,20 @@ def build_gpt(
         rope_scaling=shape.rope_scaling,
         rope_scaling_factor=shape.rope_scaling_factor,
         vp_stage=vp_stage,
+        mtp_block_spec=_mtp_spec(config, block, shape, vp_stage),
     )
-    if pre_process:
+    if pre_process or model.mtp_process:  # the MTP depths embed (bags of) their inputs too
         BagEmbedding.upgrade(model.embedding)
     return model
+
+
+def _mtp_spec(config, block, shape: ModelShape, vp_stage):
+    """The MTP block's spec on the stage that holds it (``--mtp-num-layers``), else None."""
+    if not config.mtp_num_layers:
+        return None
+    from tst.mtp import mtp_block_spec
+
+    return mtp_block_spec(config, block, shape.use_transformer_engine, _block_norm(), vp_stage)
 
 
 def moe_layer_pattern(config) -> list[int] | None:
@@ -260,15 +347,15 @@ def _unwrap(chunk):
     return chunk
 
 
-def set_bag_size(model_chunks, bag_size: int) -> None:
-    """Set the input bag size on every chunk that embeds (the first pipeline stage)."""
+def apply_phase(model_chunks, phase, target_loss=None) -> None:
+    """Put every chunk in ``phase``'s state: the first stage's embedding averages bags of
+    ``phase.input_bag`` tokens; the last stage scores target bags with ``target_loss``
+    (``callable(logits [L, b, V/tp], targets [L, b, slots]) -> [L, b]``, see
+    :class:`TSTGPTModel`; None returns logits). The one place a phase reaches the model:
+    every training step and every evaluation call it."""
     for chunk in model_chunks:
-        embedding = getattr(_unwrap(chunk), "embedding", None)
+        model = _unwrap(chunk)
+        embedding = getattr(model, "embedding", None)
         if isinstance(embedding, BagEmbedding):
-            embedding.bag_size = bag_size
-
-
-def set_target_loss(model_chunks, loss) -> None:
-    """Set the loss the last stage applies to bag targets (see :class:`TSTGPTModel`)."""
-    for chunk in model_chunks:
-        _unwrap(chunk).tst_loss = loss
+            embedding.bag_size = phase.input_bag
+        model.tst_loss = target_loss

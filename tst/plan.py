@@ -39,6 +39,9 @@ class Grid:
     ep: int
     etp: int
     vpp: int | None  # virtual pipeline chunks per stage (None: no interleaving)
+    # Decoder layers of each model chunk in layer order (chunk c: virtual stage c // pp on
+    # pipeline rank c % pp); empty: an even split.
+    chunk_layers: tuple[int, ...] = ()
 
     @property
     def dp(self) -> int:
@@ -51,8 +54,13 @@ class Grid:
     def stage_of_layer(self, layer: int, num_layers: int) -> int:
         """Pipeline stage holding decoder layer ``layer`` (VPP chunks round-robin)."""
         chunks = self.pp * (self.vpp or 1)
-        per_chunk = num_layers // chunks
-        return (layer // per_chunk) % self.pp
+        counts = self.chunk_layers or (num_layers // chunks,) * chunks
+        end = 0
+        for chunk, count in enumerate(counts):
+            end += count
+            if layer < end:
+                return chunk % self.pp
+        raise ValueError(f"layer {layer} is past the last pipeline stage's layers")
 
 
 @dataclass(frozen=True)
@@ -178,27 +186,136 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
         m.query_groups % tp == 0,
         f"--num-query-groups {m.query_groups} is not divisible by TP={tp}",
     )
-    _require(
-        m.num_layers % pp == 0,
-        f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}",
-    )
-    vpp = None
-    if p.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = m.num_layers // pp
-        _require(pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1")
-        _require(
-            per_stage % p.num_layers_per_virtual_pipeline_stage == 0,
-            "--num-layers / PP must be divisible by --num-layers-per-virtual-pipeline-stage",
-        )
-        vpp = per_stage // p.num_layers_per_virtual_pipeline_stage
-        vpp = vpp if vpp > 1 else None
+    if cfg.mla.multi_latent_attention:
+        cfg.mla.check_model(m)
+        # The local spec's down projections are column-parallel: their outputs split over TP.
+        for flag, size in (("--q-lora-rank", cfg.mla.q_lora_rank),
+                           ("--kv-lora-rank + --qk-pos-emb-head-dim",
+                            cfg.mla.kv_lora_rank + cfg.mla.qk_pos_emb_head_dim)):  # fmt: skip
+            _require(
+                size is None or size % tp == 0,
+                f"{flag} = {size} is not divisible by --tensor-model-parallel-size {tp} (MLA's "
+                "down projections are split over TP)",
+            )
+    chunk_layers, vpp = pipeline_chunks(cfg)
     if cp > 1:
         _require(
             m.seq_length % (2 * cp) == 0,
             f"--seq-length {m.seq_length} must be a multiple of 2 x CP = {2 * cp} "
             "(load-balanced context-parallel chunks)",
         )
-    return Grid(world=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp)
+    return Grid(
+        world=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, chunk_layers=chunk_layers
+    )
+
+
+def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
+    """Decoder layers of each model chunk (in layer order) and the virtual stages per rank,
+    by megatron-core's rules, each checked here with a one-line error naming the flag.
+
+    Layers go to stages evenly (``--num-layers`` / PP, then / VPP chunks), or with
+    ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers`` the
+    first / last stage take as many and the middle stages split the rest evenly, or
+    ``--pipeline-model-parallel-layout`` lists each of the PP x VPP stages' layers.
+    """
+    m, p = cfg.model, cfg.parallel
+    pp, per_vp = p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
+    first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
+    layout = p.pipeline_model_parallel_layout
+    uneven = [flag for flag, value in (("--decoder-first-pipeline-num-layers", first),
+              ("--decoder-last-pipeline-num-layers", last)) if value is not None]  # fmt: skip
+    if layout is not None:
+        _require(
+            not uneven and per_vp is None,
+            "--pipeline-model-parallel-layout sets every stage's layers: drop "
+            + ", ".join(
+                uneven + ["--num-layers-per-virtual-pipeline-stage"] * (per_vp is not None)
+            ),
+        )
+        return _layout_chunks(layout, pp, m.num_layers, getattr(m, "mtp_num_layers", None))
+    if uneven:
+        _require(pp > 1, f"{uneven[0]} needs --pipeline-model-parallel-size > 1")
+        _require(
+            per_vp is None,
+            f"{uneven[0]} with --num-layers-per-virtual-pipeline-stage is refused (Megatron-LM "
+            "asks for --num-virtual-stages-per-pipeline-rank): use "
+            "--pipeline-model-parallel-layout for uneven interleaved stages",
+        )
+        for flag, value in zip(uneven, [v for v in (first, last) if v is not None], strict=True):
+            _require(value >= 1, f"{flag} must be >= 1, got {value}")
+        rest = m.num_layers - (first or 0) - (last or 0)
+        middle = pp - len(uneven)
+        _require(
+            rest >= 0 and bool(rest) == bool(middle) and (not middle or rest % middle == 0),
+            f"--num-layers {m.num_layers} minus {' and '.join(uneven)} leaves {rest} layers "
+            f"for {middle} middle stage(s): they must split evenly, at least one each",
+        )
+        counts = [rest // middle if middle else 0] * pp
+        counts[0] = first if first is not None else counts[0]
+        counts[-1] = last if last is not None else counts[-1]
+        return tuple(counts), None
+    _require(
+        m.num_layers % pp == 0,
+        f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
+        "(or give --decoder-first/last-pipeline-num-layers or --pipeline-model-parallel-layout)",
+    )
+    vpp = None
+    if per_vp is not None:
+        per_stage = m.num_layers // pp
+        _require(pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1")
+        _require(
+            per_stage % per_vp == 0,
+            "--num-layers / PP must be divisible by --num-layers-per-virtual-pipeline-stage",
+        )
+        vpp = per_stage // per_vp
+        vpp = vpp if vpp > 1 else None
+    chunks = pp * (vpp or 1)
+    return (m.num_layers // chunks,) * chunks, vpp
+
+
+def _layout_chunks(
+    text: str, pp: int, num_layers: int, mtp_layers: int | None
+) -> tuple[tuple[int, ...], int | None]:
+    """``--pipeline-model-parallel-layout``: decoder layers per stage and the VPP size, parsed
+    by megatron-core's own parser and checked by its rules, each failure one line."""
+    from megatron.core.transformer.pipeline_parallel_layer_layout import (
+        PipelineParallelLayerLayout,
+    )
+
+    flag = f"--pipeline-model-parallel-layout {text}"
+    try:
+        stages = PipelineParallelLayerLayout.parse_str_to_list(text)
+    except AssertionError as error:
+        raise ValueError(f"{flag}: {error} (stages split by |, (...)*N repeats)") from None
+    _require(
+        len(stages) % pp == 0,
+        f"{flag}: {len(stages)} stages is not a multiple of --pipeline-model-parallel-size {pp}",
+    )
+    vpp = len(stages) // pp
+    _require(vpp == 1 or pp > 1, f"{flag}: several stages per rank need PP > 1")
+    # Stage i is virtual stage i // pp of pipeline rank i % pp: the string is in layer order.
+    names = [[kind.name for kind in stage] for stage in stages]
+    flat = [kind for stage in names for kind in stage]
+    counts = {kind: flat.count(kind) for kind in ("embedding", "loss", "decoder", "mtp")}
+    _require(
+        counts["embedding"] == 1 and flat[0] == "embedding",
+        f"{flag}: the embedding E must come once, first",
+    )
+    _require(counts["loss"] == 1 and flat[-1] == "loss", f"{flag}: the loss L must come once, last")
+    _require(
+        counts["decoder"] == num_layers,
+        f"{flag} places {counts['decoder']} layers (t) but --num-layers is {num_layers}",
+    )
+    _require(
+        counts["mtp"] == (mtp_layers or 0),
+        f"{flag} places {counts['mtp']} multi-token-prediction layers (m) but "
+        f"--mtp-num-layers is {mtp_layers or 0}: drop the m's or set --mtp-num-layers",
+    )
+    try:  # megatron-core's remaining rules (where MTP layers may go)
+        PipelineParallelLayerLayout(stages, pp).validate_layer_layout(num_layers, mtp_layers)
+    except (AssertionError, NotImplementedError) as error:
+        raise ValueError(f"{flag}: {error}") from None
+    return tuple(stage.count("decoder") for stage in names), (vpp if vpp > 1 else None)
 
 
 def _adjust_like_megatron(cfg: Config, tp: int) -> None:
@@ -240,6 +357,10 @@ def check_launchable(cfg: Config) -> None:
          "per-split blends are not read yet: use --data-path with --split"),
         ("--per-split-data-args-path", bool(d.per_split_data_args_path),
          "per-split blends are not read yet: use --data-path (or --data-args-path) with --split"),
+        ("--mtp-num-layers with --pipeline-model-parallel-size > 1",
+         bool(cfg.mtp.mtp_num_layers) and p.pipeline_model_parallel_size > 1,
+         "the MTP block's copy of the (bag) embedding on the last stage is not kept in step "
+         "with the first stage's here; use PP 1 with MTP"),
     ]  # fmt: skip
     for flag, asked, why in not_yet:
         _require(not asked, f"{flag} is not supported yet: {why}; drop it (--dry-run lays "
@@ -293,6 +414,15 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     _require(train_iters >= 1, f"--train-samples {t.train_samples} is less than one step")
     if tst.tst_iters is not None:
         _require(tst.tst_iters <= train_iters, "--tst-iters must be <= --train-iters")
+    for flag, on in (
+        ("--tst-reinit-input-embedding-at-switch", tst.tst_reinit_input_embedding_at_switch),
+        ("--tst-reinit-output-layer-at-switch", tst.tst_reinit_output_layer_at_switch),
+    ):
+        # Tied, the two are one tensor: one side alone cannot be re-initialised.
+        _require(not on or m.untie_embeddings_and_output_weights,
+                 f"{flag} needs --untie-embeddings-and-output-weights (tied, the input "
+                 "embedding and the output layer are one tensor; "
+                 "--tst-reinit-embeddings-at-switch re-initialises it)")  # fmt: skip
     _require(vocab_size >= 1, "vocabulary size must be >= 1")
     divisible_by = cfg.data.make_vocab_size_divisible_by
     _require(divisible_by >= 1, f"--make-vocab-size-divisible-by must be >= 1, got {divisible_by}")

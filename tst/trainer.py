@@ -43,14 +43,9 @@ from tst.metrics import (
     git_hash,
     library_versions,
 )
-from tst.model import (
-    ModelShape,
-    build_model_chunks,
-    set_bag_size,
-    set_target_loss,
-)
+from tst.model import ModelShape, apply_phase, build_model_chunks
 from tst.optim import build_scheduler, ddp_config, optimizer_config
-from tst.phases import RECOVERY, Phase
+from tst.phases import RECOVERY, SUPERPOSITION, Phase
 from tst.plan import RunPlan
 from tst.platform import Layout
 
@@ -78,9 +73,14 @@ class Trainer:
         self.tokenizer = tokenizer
         m, t, tst = cfg.model, cfg.training, cfg.tst
         self.schedule = plan.schedule
-        self.bag_size = tst.tst_bag_size
+        self.bag_size = self.schedule.data_bag_size  # units per big sample of the data
         self.seq_length = m.seq_length
-        self.slot_weights = slot_weights_for(tst.tst_slot_weights, tst.tst_bag_size)
+        # Per target bag size: a multi-stage schedule scores bags of several sizes.
+        self.slot_weights = {
+            p.target_bag: slot_weights_for(tst.tst_slot_weights, p.target_bag)
+            for p in self.schedule.phases
+            if p.target_bag > 1
+        }
         self.config = transformer_config(cfg, plan, layout)
         self.shape = ModelShape.from_config(
             m, plan.padded_vocab_size, use_transformer_engine(cfg, layout)
@@ -197,7 +197,7 @@ class Trainer:
     def _run_schedule(self, batches, phase: Phase, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        weights = self.slot_weights if phase.target_bag > 1 else None
+        weights = self.slot_weights.get(phase.target_bag)  # None: uniform, or no bags
         form = {}
         if phase.loss == "mce" and phase.target_bag > 1 and phase.layout == PAPER:
             # The paper's per-slot average over the global batch (tst.losses): per-slot
@@ -218,7 +218,7 @@ class Trainer:
             overwrite_logits=True,
             **form,
         )
-        set_target_loss(self.model, loss)
+        apply_phase(self.model, phase, loss)
         iterators = [iter(batches) for _ in self.model]
         vpp = self.plan.vpp
         return get_forward_backward_func()(
@@ -262,7 +262,6 @@ class Trainer:
 
     def train_step(self, phase: Phase) -> dict:
         self._seed_step()
-        set_bag_size(self.model, phase.input_bag)
         batches = [
             self._batch(self.train_stream.next_micro_batch(phase.units_per_row), phase)
             for _ in range(self.plan.microbatches_at(self.iteration))
@@ -333,8 +332,7 @@ class Trainer:
 
         if self.valid is None:
             return float("nan")
-        recovery = Phase(RECOVERY, 0, 1, 1, 1, "lm", 1)
-        set_bag_size(self.model, 1)
+        recovery = self.schedule.eval_phase()
         stream = SampleStream(
             self.valid,
             self.seq_length,
@@ -360,6 +358,18 @@ class Trainer:
         return total / max(count, 1)
 
     # ---------------------------------------------------------------- switch controls
+
+    def _switch(self, phase: Phase) -> None:
+        """Entering ``phase`` at a switch: the controls act at the switch to recovery only
+        (a multi-stage schedule changes bag size between its bag stages without them)."""
+        what = ("the recovery phase" if phase.name == RECOVERY
+                else f"stage {phase.stage} (bag {phase.bag_size})")  # fmt: skip
+        self.writer.print(
+            f"iteration {self.iteration}: switching to {what} "
+            f"(raw tokens so far {self.train_stream.consumed_raw_tokens})"
+        )
+        if phase.name == RECOVERY:
+            self.apply_switch_controls()
 
     @torch.no_grad()
     def apply_switch_controls(self) -> None:
@@ -456,12 +466,17 @@ class Trainer:
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         return {
             "iteration": self.iteration,
-            "phase": self.schedule.phase_at(min(self.iteration, self.plan.train_iters - 1)).name,
+            "phase": self._phase_now().name,
+            "stage": self._phase_now().stage,
             "data": self.train_stream.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "elapsed_s": round(float(elapsed), 3),
             "config": self.cfg.to_dict(),
         }
+
+    def _phase_now(self) -> Phase:
+        """The phase of the next step (of the last one once the run is done)."""
+        return self.schedule.phase_at(min(self.iteration, self.plan.train_iters - 1))
 
     def save(self) -> None:
         # The distributed optimizer's pending parameter gathers finish before the weights
@@ -510,20 +525,25 @@ class Trainer:
         )
 
     def _check_phase_order(self, common: dict) -> None:
-        """A run never goes back to an earlier phase: a checkpoint taken in the recovery phase
-        resumed with a later switch would train in the superposition phase again."""
+        """A run never goes back to an earlier phase or stage: a checkpoint taken in the
+        recovery phase (or a later bag stage) resumed with a later switch would train in the
+        superposition phase (or an earlier stage) again. Checkpoints from before stages were
+        stored hold only the phase name."""
         saved = common["phase"]
         iteration = common["iteration"]
         if iteration >= self.plan.train_iters:
             return
-        now = self.schedule.phase_at(iteration).name
-        if saved == RECOVERY and now != RECOVERY:
+        now = self.schedule.phase_at(iteration)
+        saved_stage = common.get("stage", now.stage if saved == now.name else 0)
+        earlier_stage = saved == now.name == SUPERPOSITION and now.stage < saved_stage
+        if (saved == RECOVERY and now.name != RECOVERY) or earlier_stage:
+            starts = ", ".join(map(str, self.schedule.stage_starts)) or "none"
             raise ValueError(
-                f"--load {self.cfg.run.load}: the checkpoint (iteration {iteration}) is in the "
-                f"recovery phase, but this run's schedule puts iteration {iteration} in the "
-                f"{now} phase (switch at {self.schedule.switch_iteration}); a run never goes "
-                "back to an earlier phase: give --tst-iters / --tst-fraction that switch at or "
-                f"before iteration {iteration}"
+                f"--load {self.cfg.run.load}: the checkpoint (iteration {iteration}) is in "
+                f"stage {saved_stage} ({saved} phase), but this run's schedule puts iteration "
+                f"{iteration} in stage {now.stage} ({now.name} phase; switches at {starts}); a "
+                "run never goes back to an earlier phase: give --tst-iters / --tst-fraction / "
+                f"--tst-schedule that switch at or before iteration {iteration}"
             )
 
     def _load_scheduler(self, saved: dict) -> None:
@@ -608,6 +628,8 @@ class Trainer:
         t, run, log = self.cfg.training, self.cfg.run, self.cfg.log
         train_iters = self.plan.train_iters
         self._install_signal_handlers()
+        # Read ahead from here: a resumed run's loader plans from the loaded position.
+        self.train_stream.start_workers(self.cfg.data.num_workers, self._coming_bag_sizes())
         if log.logging_level is not None:
             import logging
 
@@ -634,12 +656,8 @@ class Trainer:
         skipped_in_a_row = 0
         while self.iteration < train_iters:
             phase = self.schedule.phase_at(self.iteration)
-            if self.iteration == phase.start and phase.name == RECOVERY and self.iteration > 0:
-                self.writer.print(
-                    f"iteration {self.iteration}: switching to the recovery phase "
-                    f"(raw tokens so far {self.train_stream.consumed_raw_tokens})"
-                )
-                self.apply_switch_controls()
+            if self.schedule.starting_at(self.iteration) is not None:
+                self._switch(phase)
             batch_size = self.plan.batch_size_at(self.iteration)
             profiler.step_start(self.iteration)
             result = self.train_step(phase)
@@ -718,7 +736,15 @@ class Trainer:
         self._finish()
         return 0
 
+    def _coming_bag_sizes(self):
+        """The bag size of every micro-batch the run has left to read, in order: a step's
+        phase is a pure function of its iteration, so the loader can read ahead."""
+        for iteration in range(self.iteration, self.plan.train_iters):
+            units = self.schedule.phase_at(iteration).units_per_row
+            yield from [units] * self.plan.microbatches_at(iteration)
+
     def _finish(self) -> None:
+        self.train_stream.close()
         self._set_pre_hooks(False)
         self.writer.close()
 
