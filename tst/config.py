@@ -22,6 +22,7 @@ from tst.config_fields import _f, _require
 from tst.config_mla import MLAConfig
 from tst.config_moe import MoEConfig
 from tst.config_mtp import MTPConfig
+from tst.config_mtp import MTPConfig
 from tst.data.tokenizers import TOKENIZER_TYPES
 from tst.phases import parse_schedule
 
@@ -34,6 +35,7 @@ __all__ = [
     "RunConfig",
     "LoggingConfig",
     "MoEConfig",
+    "MTPConfig",
     "MTPConfig",
     "MLAConfig",
     "Config",
@@ -916,6 +918,7 @@ class Config:
     run: RunConfig
     log: LoggingConfig
     moe: MoEConfig
+    mtp: MTPConfig = dataclasses.field(default_factory=MTPConfig)
     mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
     mtp: MTPConfig = dataclasses.field(default_factory=MTPConfig)
     # Megatron-LM flags given that change nothing here: (flag, why), see tst.megatron_flags.
@@ -934,6 +937,7 @@ _SECTIONS = {
     "run": RunConfig,
     "log": LoggingConfig,
     "moe": MoEConfig,
+    "mtp": MTPConfig,
     "mla": MLAConfig,
     "mtp": MTPConfig,
 }

@@ -134,6 +134,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         **recompute,
         **moe,
         **fp8,
+        **cfg.mtp.transformer_config_fields(),
     )
 
 

@@ -174,16 +174,6 @@ REFUSED: dict[str, Flag] = {
             ("--mscale-all-dim", 1),
         )
     },
-    "--mtp-num-layers": Flag(
-        1,
-        "multi-token prediction is not wired in yet (its TST targets are being defined): "
-        "drop --mtp-num-layers / --mtp-loss-scaling-factor",
-    ),
-    "--mtp-loss-scaling-factor": Flag(
-        1,
-        "multi-token prediction is not wired in yet: drop --mtp-num-layers / "
-        "--mtp-loss-scaling-factor",
-    ),
     "--pipeline-model-parallel-layout": Flag(
         1,
         "uneven pipeline stages are not supported yet: give --num-layers divisible by "

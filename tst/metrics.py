@@ -180,7 +180,7 @@ class MetricsWriter:
         if prefix == "train" and step % self.interval:
             return
         scalars = {
-            f"{prefix}/{key}": value for key, value in record.items()
+            f"{prefix}/{key}": value for key, value in _flatten(record).items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
             and key != "iteration"
         }  # fmt: skip
@@ -202,6 +202,17 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb:
             self._wandb.finish()
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    """Nested records (the routing records: phase -> layer -> value) as ``a/b/c`` keys."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _start_wandb(options: dict):

@@ -44,10 +44,12 @@ from tst.metrics import (
     library_versions,
 )
 from tst.model import ModelShape, apply_phase, build_model_chunks
+from tst.mtp import take_mtp_stats
 from tst.optim import build_scheduler, ddp_config, optimizer_config
 from tst.phases import RECOVERY, SUPERPOSITION, Phase
 from tst.plan import RunPlan
 from tst.platform import Layout
+from tst.train_stats import RoutingMonitor, StepStats
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -121,6 +123,9 @@ class Trainer:
         self._stop_votes = [0.0, 0.0]  # summed over ranks by each training step
         self.start_time = time.time()
         self.elapsed_before = 0.0
+        routing = RoutingMonitor(self.raw_chunks, self.config) if m.num_experts else None
+        self.step_stats = StepStats(routing, self.config.mtp_num_layers or 0, layout.dp,
+                                    layout.device)  # fmt: skip
 
     def _wire_overlap(self, finalize_model_grads) -> None:
         """Hook megatron-core's DDP into the pipeline schedules, as Megatron-LM's loop does.
@@ -185,7 +190,12 @@ class Trainer:
         positions = torch.arange(self.seq_length, device=device).expand(b, -1)
         targets, mask = batch.targets.to(device), batch.loss_mask.to(device)
         # The last stage scores the targets inside the model: [b, L] per-position losses.
-        output = model(batch.input_ids.to(device), positions, attention_mask=None, labels=targets)
+        # The mask also reaches the model: the MTP depths roll it with their targets.
+        output = model(batch.input_ids.to(device), positions, attention_mask=None, labels=targets,
+                       loss_mask=mask)  # fmt: skip
+        mtp = take_mtp_stats(model)
+        if mtp is not None and self.layout.tp_rank == 0:
+            self.step_stats.add_mtp(mtp)
 
         def loss_func(loss):
             total = (loss * mask).sum()
@@ -262,6 +272,7 @@ class Trainer:
 
     def train_step(self, phase: Phase) -> dict:
         self._seed_step()
+        self.step_stats.begin_step()
         batches = [
             self._batch(self.train_stream.next_micro_batch(phase.units_per_row), phase)
             for _ in range(self.plan.microbatches_at(self.iteration))
@@ -292,6 +303,7 @@ class Trainer:
             return {"loss": loss, "skipped": True, "grad_norm": float(grad_norm or float("nan"))}
         self.scheduler.step(increment=self.plan.batch_size_at(self.iteration))
         self._empty_cache(1)
+        self.step_stats.commit(phase.name, len(batches))
         return {"loss": loss, "skipped": False, "overflow": False, "grad_norm": float(grad_norm),
                 "num_zeros": num_zeros}  # fmt: skip
 
@@ -784,8 +796,11 @@ class Trainer:
             record["num_zeros_in_grad"] = int(result["num_zeros"])
         if log.log_memory_to_tensorboard:
             record.update(_memory_record(self.layout.device))
+        record.update(self.step_stats.window_record())  # every rank: one all-reduce
         self.writer.write(record, "train")
-        extra = "".join(
+        extra = "".join(f" | {key} {value:.4f}" for key, value in record.items()
+                        if key.startswith("mtp_"))  # fmt: skip
+        extra += "".join(
             f" | {key} {record[key]:.4g}" for key in ("loss_scale", "params_norm") if key in record
         )
         self.writer.print(
