@@ -121,6 +121,12 @@ class Trainer:
         self.peak = PeakRate(cfg.log.peak_tflops, layout.device.type, measure=layout.rank == 0)
         self._stop_signal = None
         self._stop_votes = [0.0, 0.0]  # summed over ranks by each training step
+        self.async_saves = None  # megatron-core's queue of pending saves (--async-save)
+        if cfg.run.async_save and cfg.run.save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_saves = AsyncCallsQueue()
+        self._saves_pending: dict[int, str] = {}
         self.start_time = time.time()
         self.elapsed_before = 0.0
         routing = RoutingMonitor(self.raw_chunks, self.config) if m.num_experts else None
@@ -390,8 +396,10 @@ class Trainer:
 
         ``--tst-reinit-embeddings-at-switch``: the input word embeddings and the output layer
         get their initial values again (the same layout-independent draw as step 0), so what
-        they learned in the superposition phase is lost. Under bf16 the optimizer's fp32 main
-        weights are reloaded from the model (rounding the other main weights to bf16 once).
+        they learned in the superposition phase is lost; ``--tst-reinit-input-embedding-at-
+        switch`` / ``--tst-reinit-output-layer-at-switch`` do so for one of them (untied
+        models only). Under bf16 the optimizer's fp32 main weights are reloaded from the model
+        (rounding the other main weights to bf16 once).
         ``--tst-reset-optimizer-at-switch``: Adam's moments and step count go back to zero in
         place (the LR schedule is kept). ``--tst-restart-schedule-at-switch``: the same reset,
         and a fresh LR schedule for the recovery phase (:meth:`_restart_schedule`). All act
@@ -400,12 +408,12 @@ class Trainer:
         """
         tst = self.cfg.tst
         fresh_optimizer = tst.tst_reset_optimizer_at_switch or tst.tst_restart_schedule_at_switch
-        if tst.tst_reinit_embeddings_at_switch:
+        heads = self._heads_to_reinit()
+        if heads:
             from tst.init import initialize_layout_independent
 
             # Each tensor gets its step-0 draw again; a tied output copy on the last pipeline
             # stage is drawn as the embedding, so the two stay equal.
-            heads = ("embedding.word_embeddings.weight", "output_layer.weight")
             initialize_layout_independent(
                 self.raw_chunks, self.config, self.cfg.training.seed, self.layout,
                 only=lambda name: name.endswith(heads),
@@ -427,13 +435,29 @@ class Trainer:
                         group["step"] = 0
         if tst.tst_restart_schedule_at_switch:
             self._restart_schedule()
-        if tst.tst_reinit_embeddings_at_switch or fresh_optimizer:
+        if heads or fresh_optimizer:
             self.writer.print(
-                f"iteration {self.iteration}: switch controls applied (re-initialised "
-                f"embeddings/output: {tst.tst_reinit_embeddings_at_switch}, optimizer state "
+                f"iteration {self.iteration}: switch controls applied (re-initialised: "
+                f"{', '.join(heads) or 'none'}; optimizer state "
                 f"reset: {fresh_optimizer}, LR schedule restarted: "
                 f"{tst.tst_restart_schedule_at_switch})"
             )
+
+    def _heads_to_reinit(self) -> tuple[str, ...]:
+        """Parameter-name suffixes the --tst-reinit-*-at-switch flags re-initialise."""
+        tst = self.cfg.tst
+        both = tst.tst_reinit_embeddings_at_switch
+        return tuple(
+            name
+            for name, on in (
+                (
+                    "embedding.word_embeddings.weight",
+                    both or tst.tst_reinit_input_embedding_at_switch,
+                ),
+                ("output_layer.weight", both or tst.tst_reinit_output_layer_at_switch),
+            )
+            if on
+        )
 
     def _recovery_schedule_steps(self) -> int:
         """Length of a schedule restarted at the switch, in the scheduler's unit (samples):
@@ -497,10 +521,30 @@ class Trainer:
         self._set_pre_hooks(False)
         optimizer = None if self.cfg.run.no_save_optim else self.optimizer
         run = self.cfg.run
+        # One save in flight at a time (Megatron-LM's rule too): the previous one completes
+        # before this one's writer starts.
+        self._finalize_saves(blocking=True)
         path = checkpointing.save(run.save, self.iteration, self.raw_chunks, optimizer,
-                                  self.state(), run.ckpt_fully_parallel_save)  # fmt: skip
+                                  self.state(), run.ckpt_fully_parallel_save,
+                                  self.async_saves)  # fmt: skip
         self._set_pre_hooks(hooks)
-        self.writer.print(f"saved checkpoint {path} (iteration {self.iteration})")
+        if self.async_saves is None:
+            self.writer.print(f"saved checkpoint {path} (iteration {self.iteration})")
+        else:
+            self._saves_pending[self.iteration] = path
+            self.writer.print(f"saving checkpoint {path} in the background (--async-save)")
+
+    def _finalize_saves(self, blocking: bool) -> None:
+        """Complete the --async-save writes that are done on every rank (all of them when
+        ``blocking``); each becomes the latest checkpoint only here. Collective."""
+        if self.async_saves is None:
+            return
+        checkpointing.finalize_async_saves(self.async_saves, blocking)
+        pending = self.async_saves.get_num_unfinalized_calls()
+        for iteration in sorted(self._saves_pending)[: len(self._saves_pending) - pending]:
+            path = self._saves_pending.pop(iteration)
+            self.writer.print(f"saved checkpoint {path} (iteration {iteration}; written in the "
+                              f"background, completed at iteration {self.iteration})")  # fmt: skip
 
     def load(self) -> None:
         """Resume from --load: everything (default), or only the weights (--finetune), or all
@@ -691,6 +735,7 @@ class Trainer:
                     saved = ""
                     if run.save:
                         self.save()
+                        self._finalize_saves(blocking=True)
                         saved = f"; the last good state was saved to {run.save}"
                     raise NonFiniteLossError(
                         f"{skipped_in_a_row} consecutive non-finite steps up to iteration "
@@ -736,6 +781,7 @@ class Trainer:
             if run.save and run.save_interval and self.iteration % run.save_interval == 0:
                 self.save()
             gc_state.step(self.iteration)
+            self._finalize_saves(blocking=False)
             reason = self._should_stop()
             if reason:
                 if run.save:
@@ -756,6 +802,7 @@ class Trainer:
             yield from [units] * self.plan.microbatches_at(iteration)
 
     def _finish(self) -> None:
+        self._finalize_saves(blocking=True)
         self.train_stream.close()
         self._set_pre_hooks(False)
         self.writer.close()
