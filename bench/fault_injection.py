@@ -9,8 +9,10 @@ position or loss differ from the uninterrupted run, or that are missing.
     python bench/fault_injection.py [--runs 2] [--seed 0]
 
 Scenarios: SIGKILL at a random moment (mostly inside forward/backward), SIGKILL while a
-checkpoint is being written, SIGKILL just after the phase switch, SIGTERM (preemption: the
-run saves and exits 0 by itself), and a run whose tracker names a corrupted checkpoint.
+checkpoint is being written, the same two with ``--async-save`` (the kill lands while the
+background writers of the second checkpoint run: the first must stay the latest), SIGKILL
+just after the phase switch, SIGTERM (preemption: the run saves and exits 0 by itself), and a
+run whose tracker names a corrupted checkpoint.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ ARGS = [
     "--adam-beta2", "0.95", "--weight-decay", "0.1",
 ]  # fmt: skip
 
+
+ASYNC = ["--async-save"]  # the scenarios that save in the background resume with it too
+_ASYNC_SCENARIOS = ("scenario_kill_during_async_save", "scenario_random_kill_async")
 
 _RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -87,7 +92,7 @@ def _finish(proc, run_dir: str) -> str:
         return f.read()[-4000:]
 
 
-def _resume_until_done(run_dir: str, attempts: int = 4) -> tuple[bool, str]:
+def _resume_until_done(run_dir: str, attempts: int = 4, extra=()) -> tuple[bool, str]:
     """Resume with --load until a run exits 0; returns (finished, last error)."""
     error = ""
     for _ in range(attempts):
@@ -97,7 +102,7 @@ def _resume_until_done(run_dir: str, attempts: int = 4) -> tuple[bool, str]:
             if os.path.exists(os.path.join(ckpt, "latest_checkpointed_iteration.txt"))
             else []
         )  # noqa: E501
-        proc = _launch(run_dir, load)
+        proc = _launch(run_dir, [*load, *extra])
         err = _finish(proc, run_dir)
         if proc.returncode == 0:
             return True, ""
@@ -111,8 +116,8 @@ def _wait_for_step(proc, path: str, step: int, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def _kill_at(run_dir: str, step: int, sig=signal.SIGKILL, env=None) -> subprocess.Popen:
-    proc = _launch(run_dir, [], env)
+def _kill_at(run_dir: str, step: int, sig=signal.SIGKILL, env=None, extra=()) -> subprocess.Popen:
+    proc = _launch(run_dir, list(extra), env)
     _wait_for_step(proc, os.path.join(run_dir, "metrics.jsonl"), step)
     if proc.poll() is None:
         if sig == signal.SIGKILL:
@@ -132,6 +137,22 @@ def scenario_kill_during_save(run_dir: str, rng: random.Random) -> str:
     proc = _launch(run_dir, [], {"TST_FAULT_INJECTION": "kill-during-save"})
     _finish(proc, run_dir)  # dies inside its first save (step 3)
     return "" if proc.returncode == -signal.SIGKILL else f"expected SIGKILL, got {proc.returncode}"
+
+
+def scenario_kill_during_async_save(run_dir: str, rng: random.Random) -> str:
+    """--async-save: killed while its second checkpoint's writers run (the first complete)."""
+    proc = _launch(run_dir, ASYNC, {"TST_FAULT_INJECTION": "kill-during-async-save"})
+    _finish(proc, run_dir)
+    if proc.returncode != -signal.SIGKILL:
+        return f"expected SIGKILL, got {proc.returncode}"
+    with open(os.path.join(run_dir, "ckpt", "latest_checkpointed_iteration.txt")) as f:
+        latest = int(f.read())
+    return "" if latest == 3 else f"latest checkpoint after the kill is {latest}, expected 3"
+
+
+def scenario_random_kill_async(run_dir: str, rng: random.Random) -> str:
+    _kill_at(run_dir, rng.randint(4, ITERS - 2), env=None, extra=ASYNC)
+    return ""
 
 
 def scenario_kill_after_switch(run_dir: str, rng: random.Random) -> str:
@@ -167,6 +188,8 @@ def scenario_corrupt_checkpoint(run_dir: str, rng: random.Random) -> str:
 SCENARIOS = {
     "SIGKILL at a random step": scenario_random_kill,
     "SIGKILL during a save": scenario_kill_during_save,
+    "SIGKILL during an async save": scenario_kill_during_async_save,
+    "SIGKILL, async saves": scenario_random_kill_async,
     "SIGKILL after the switch": scenario_kill_after_switch,
     "SIGTERM (preemption)": scenario_sigterm,
     "corrupted checkpoint": scenario_corrupt_checkpoint,
@@ -193,7 +216,8 @@ def run(runs: int, seed: int, only: list[str] | None = None) -> list[dict]:
                 run_dir = os.path.join(tmp, f"{scenario.__name__}_{r}")
                 os.makedirs(run_dir)
                 problem = scenario(run_dir, rng)
-                finished, error = _resume_until_done(run_dir)
+                extra = ASYNC if scenario.__name__ in _ASYNC_SCENARIOS else []
+                finished, error = _resume_until_done(run_dir, extra=extra)
                 got = _records(os.path.join(run_dir, "metrics.jsonl"))
                 lost_here = sum(got.get(step) != value for step, value in want.items() if step >= 0)
                 lost_here += int(got[-1][0])  # redone steps that disagreed with their first run

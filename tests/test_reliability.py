@@ -102,3 +102,25 @@ def test_integrity_check_names_the_damaged_files(tmp_path):
     os.remove(os.path.join(path, "tst_manifest.json"))
     with pytest.raises(CheckpointError, match="not completed by this trainer's save"):
         verify(path)
+
+
+def test_async_save_writes_in_the_background_and_publishes_when_complete(tmp_path, capsys):
+    """--async-save: the save step returns before the writers finish (training goes on, the
+    checkpoint is published at a later step), every checkpoint ends complete and verified,
+    and the last one is finalised before the run exits. Resume exactness under kills with
+    async saves is bench/fault_injection.py's (test above)."""
+    ckpt = tmp_path / "ckpt"
+    args = ARGS[:]
+    args[args.index("--train-iters") + 1] = "8"
+    assert pretrain_tst.main([*args, "--save", str(ckpt), "--async-save"]) == 0
+    out = capsys.readouterr().out
+    assert "saving checkpoint" in out and "in the background (--async-save)" in out
+    done = [line for line in out.splitlines() if "written in the background, completed" in line]
+    assert len(done) == 3  # iterations 3, 6 and the final 8
+    # The save at step 3 was published at a later step: steps ran while it was written.
+    first = done[0]
+    assert "(iteration 3;" in first and int(first.rsplit(" ", 1)[1].rstrip(")")) > 3
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "8"
+    for it in (3, 6, 8):
+        verify(str(ckpt / f"iter_{it:07d}"))
+    assert not list(ckpt.glob("*.tmp"))

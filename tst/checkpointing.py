@@ -25,7 +25,8 @@ import torch.distributed as dist
 
 from tst.errors import RunError
 
-__all__ = ["TRACKER", "checkpoint_dir", "find_checkpoint", "latest_iteration", "save", "load"]
+__all__ = ["TRACKER", "checkpoint_dir", "finalize_async_saves", "find_checkpoint", "latest_iteration",
+           "load", "save"]  # fmt: skip
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state, sharded by data-parallel rank (megatron-core's
@@ -217,9 +218,24 @@ def _load_strategy(path: str, fully_parallel: bool):
 
 
 def save(
-    root: str, iteration: int, chunks, optimizer, common: dict, fully_parallel: bool = False
+    root: str,
+    iteration: int,
+    chunks,
+    optimizer,
+    common: dict,
+    fully_parallel: bool = False,
+    async_queue=None,
 ) -> str:
-    """Write checkpoint ``iteration`` under ``root`` (collective: every rank calls it)."""
+    """Write checkpoint ``iteration`` under ``root`` (collective: every rank calls it).
+
+    The shards go to a staging folder ``iter_N.tmp``, which becomes ``iter_N`` (and the tracker
+    names it) only once every rank has written all of its shards, so a kill at any moment
+    leaves the previous checkpoint the latest. With ``async_queue`` (megatron-core's
+    ``AsyncCallsQueue``, ``--async-save``) the shards are written by a forked writer process
+    per rank, from the state as it was at this call, while training goes on; the rename and
+    the tracker update are the request's finalisation, which runs when the trainer next
+    finalises the queue after every rank's writer is done.
+    """
     from megatron.core import dist_checkpointing
 
     final = checkpoint_dir(root, iteration)
@@ -234,22 +250,50 @@ def save(
     if optimizer is not None:  # None: the weights only (--no-save-optim)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
     state["common"] = common
+    strategy = _save_strategy(fully_parallel)
+    if async_queue is not None and strategy is None:
+        from megatron.core.dist_checkpointing.serialization import (
+            get_default_save_sharded_strategy,
+        )
+
+        strategy = get_default_save_sharded_strategy()  # torch_dist: it can save asynchronously
     try:
-        dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(fully_parallel))
+        request = dist_checkpointing.save(
+            state, tmp, sharded_strategy=strategy, async_sharded_save=async_queue is not None
+        )
     except Exception as error:  # the writers' own message rarely names the cause
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_save_failure(root, tmp, error)) from error
-    if os.environ.get("TST_FAULT_INJECTION") == "kill-during-save":
-        # Fault-injection tests: die with the shards written but the checkpoint not yet
-        # complete (no manifest, not renamed, tracker untouched). The writer processes
-        # dist_checkpointing started die too, as they would with a killed job.
-        import psutil
+    if request is None:
+        _maybe_inject_kill("kill-during-save")
+        _complete(root, iteration, tmp, final)
+        return final
+    request.add_finalize_fn(lambda: _complete(root, iteration, tmp, final))
+    async_queue.schedule_async_request(request)
+    # With a complete checkpoint before it, so that the test sees that one survive.
+    if os.path.exists(os.path.join(root, TRACKER)):
+        _maybe_inject_kill("kill-during-async-save")
+    return final
 
-        for child in psutil.Process().children(recursive=True):
-            child.kill()
-        os.kill(os.getpid(), signal.SIGKILL)
+
+def _maybe_inject_kill(point: str) -> None:
+    """Fault-injection tests: die with the shards written (or, under --async-save, being
+    written by the writer processes) but the checkpoint not yet complete (no manifest, not
+    renamed, tracker untouched). The writer processes die too, as they would with a killed
+    job."""
+    if os.environ.get("TST_FAULT_INJECTION") != point:
+        return
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _complete(root: str, iteration: int, tmp: str, final: str) -> None:
+    """Publish a fully written staging folder: manifest, rename, tracker (collective)."""
     dist.barrier()
-    if rank == 0:
+    if dist.get_rank() == 0:
         _write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -261,7 +305,23 @@ def save(
             os.fsync(f.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
     dist.barrier()
-    return final
+
+
+def finalize_async_saves(async_queue, blocking: bool) -> list[int]:
+    """Finalise the asynchronous saves whose writers are done on every rank (collective: one
+    all-reduce per pending save); ``blocking`` waits for all. A writer's failure is raised on
+    every rank as a :class:`CheckpointError` naming the cause; the staging folder stays until
+    the next save of that iteration replaces it, and the previous checkpoint stays the latest.
+    """
+    if async_queue is None or not async_queue.get_num_unfinalized_calls():
+        return []
+    try:
+        return async_queue.maybe_finalize_async_calls(blocking=blocking)
+    except Exception as error:
+        raise CheckpointError(
+            f"an asynchronous checkpoint save failed: {error}. The previous checkpoint is "
+            "still the latest; check the disk (space, permissions) or drop --async-save"
+        ) from error
 
 
 def load(root: str, chunks, optimizer, fully_parallel: bool = False) -> dict:

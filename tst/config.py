@@ -788,7 +788,11 @@ class RunConfig:
         choices=["torch_dist", "torch", "zarr", "fsdp_dtensor"],
     )
     async_save: bool = _f(
-        False, "Write checkpoints in the background while training goes on (torch_dist)."
+        False,
+        "Write checkpoints in the background while training goes on (megatron-core's "
+        "asynchronous torch_dist save: a forked writer per rank, from the state at the save "
+        "step). A checkpoint becomes the latest only once every rank has written it; a kill "
+        "before that leaves the previous one the latest.",
     )
     ckpt_fully_parallel_save: bool = _f(
         True,

@@ -343,13 +343,12 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
 def check_launchable(cfg: Config) -> None:
     """What a dry run can lay out but a launch cannot run yet, refused before any process
     group starts (one line: the flag, why, what to do)."""
-    p, run, d = cfg.parallel, cfg.run, cfg.data
+    p, d = cfg.parallel, cfg.data
     not_yet = [
         ("--context-parallel-size > 1", p.context_parallel_size > 1,
          "the TST batches are not yet split along the sequence for context parallelism"),
         ("--tp-comm-overlap", p.tp_comm_overlap,
          "Transformer Engine's userbuffers are not initialised by this trainer yet"),
-        ("--async-save", run.async_save, "checkpoints are written synchronously for now"),
         ("--overlap-moe-expert-parallel-comm", cfg.moe.overlap_moe_expert_parallel_comm,
          "its batch-level overlap schedule is not wired into the TST step yet"),
         ("--train-data-path / --valid-data-path / --test-data-path",
