@@ -136,3 +136,50 @@ def output_only_batch(chunk, bag_size, ignore_index=-100):
                 if t + 1 + k < n:
                     targets[b, t, k] = chunk[b, t + 1 + k]
     return chunk[:, :num_positions], targets, (targets != ignore_index).any(-1).float()
+
+
+def roll_ahead(tensor, k):
+    """Position ``i`` gets position ``i + k``'s entry (along dim 1); the last ``k`` zeroed."""
+    out = torch.zeros_like(tensor)
+    length = tensor.shape[1]
+    if k < length:
+        out[:, : length - k] = tensor[:, k:]
+    return out
+
+
+def mtp_losses_by_hand(model, input_ids, targets, loss_mask, bag_size, slot_weights=None):
+    """Main and MTP per-position losses of a tiny GPT with an MTP block, from its modules.
+
+    Written from the definition (tst.mtp), with learned absolute positions and tied output
+    weights: the input of position ``i`` is the mean embedding of bag ``i`` (a token when
+    ``bag_size == 1``); the main head's targets are ``targets [b, L, slots]``; MTP depth
+    ``k`` at position ``i`` combines depth ``k - 1``'s hidden state with the embedding of
+    position ``i + k``'s input and is scored against position ``i + k``'s targets, masked
+    where ``i + k >= L``. Returns ``(main [b, L], [depth 1 [b, L], ...], [mask_k [b, L]])``,
+    the losses unmasked.
+    """
+    table = model.embedding.word_embeddings.weight
+    positions_table = model.embedding.position_embeddings.weight
+    batch, length = targets.shape[:2]
+    positions = torch.arange(length).expand(batch, -1)
+
+    def embed(ids_BLS, pos_BL):
+        bags = bag_embedding(table, ids_BLS.reshape(batch, -1), bag_size)  # [L, b, h]
+        return bags + positions_table[pos_BL].transpose(0, 1)
+
+    def score(hidden_LBH, targets_BLS):
+        logits = (hidden_LBH @ table.t()).transpose(0, 1)  # [b, L, V]
+        return multi_hot_ce(logits, targets_BLS, slot_weights=slot_weights)
+
+    ids = input_ids.view(batch, length, bag_size)
+    hidden = model.decoder(hidden_states=embed(ids, positions), attention_mask=None)
+    main = score(hidden, targets)
+    losses, masks = [], []
+    for k, layer in enumerate(model.mtp.layers, start=1):
+        e = layer.enorm(embed(roll_ahead(ids, k), roll_ahead(positions, k)))
+        x = torch.cat([e, layer.hnorm(hidden)], dim=-1) @ layer.eh_proj.weight.t()
+        x, _ = layer.transformer_layer(hidden_states=x, attention_mask=None)
+        hidden = layer.final_layernorm(x)
+        losses.append(score(hidden, roll_ahead(targets, k)))
+        masks.append(roll_ahead(loss_mask, k))
+    return main, losses, masks

@@ -62,7 +62,7 @@ REFUSED = [
     (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"], 1, r"needs --moe-expert-capacity-factor"),  # noqa: E501
     (["--num-experts", "4", "--moe-router-num-groups", "2"], 1, r"give --moe-router-num-groups and --moe-router-group-topk together"),  # noqa: E501
     (["--multi-latent-attention"], 1, r"multi-latent attention \(MLA\) is not wired in yet"),
-    (["--mtp-num-layers", "1"], 1, r"multi-token prediction is not wired in yet"),
+    (["--mtp-num-layers", "0"], 1, r"--mtp-num-layers must be >= 1"),
     (["--eval-iters", "-1"], 1, r"--eval-iters must be >= 0 \(0 = no evaluation\)"),
     (["--log-interval", "0"], 1, r"--log-interval must be >= 1"),
     (["--tensor-model-parallel-size", "3"], 4, r"world size 4 is not divisible by TP x PP x CP = 3"),

@@ -102,11 +102,18 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
                      + dense_layers * (attn + dense_mlp + 2 * norm) + norm)  # fmt: skip
     return {
         "total": layers_total + embedding + output,
+    # --mtp-num-layers: each depth is eh_proj (2h -> h), three norms and a copy of the last
+    # layer; kept out of the totals, as DeepSeek-V3 counts its 671B.
+    last_moe = bool(m.num_experts) and (moe_layers == m.num_layers or bool(
+        pattern(freq, m.num_layers)[-1]))  # fmt: skip
+    last_layer = attn + (mlp_total if last_moe else dense_mlp) + 2 * norm
+    mtp = (cfg.mtp.mtp_num_layers or 0) * (2 * h * h + 3 * norm + last_layer)
         "active": layers_active + embedding + output,
         "embedding_and_output": embedding + output,
         "non_embedding_active": layers_active,
     }
 
+        "mtp": mtp,
 
 @dataclass(frozen=True)
 class ParamInfo:
@@ -192,7 +199,8 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
                 dim = next((d for kind, d in split if isinstance(module, kind)), None)
                 if local == "bias" and isinstance(module, RowParallelLinear):
                     dim = None  # a row-parallel bias is added after the all-reduce
-                layer = _LAYER.search(name)
+                # The MTP block's layers are not decoder layers: it lives on the last stage.
+                layer = None if name.startswith("mtp.") else _LAYER.search(name)
                 infos.append(
                     ParamInfo(
                         name=name,
@@ -213,6 +221,8 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
 def built_counts(params: list[ParamInfo], cfg: Config) -> dict[str, int]:
     """Total and per-token-active parameters of the built model, with the main groups."""
     m = cfg.model
+    mtp = sum(p.numel for p in params if p.name.startswith("mtp."))
+    params = [p for p in params if not p.name.startswith("mtp.")]  # apart, as DeepSeek-V3
     total = sum(p.numel for p in params)
     experts = sum(p.numel for p in params if p.expert)
     # Each token runs topk of num_experts equally sized experts.
@@ -223,6 +233,7 @@ def built_counts(params: list[ParamInfo], cfg: Config) -> dict[str, int]:
         "embedding": sum(p.numel for p in params if p.name.startswith("embedding.")),
         "output": sum(p.numel for p in params if p.name.startswith("output_layer.")),
         "experts": experts,
+        "mtp": mtp,
     }
 
 
@@ -497,7 +508,12 @@ def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamIn
         f"  word embedding {_m(built['embedding'])}, output layer {_m(built['output'])}"
         + (f", routed experts {_m(built['experts'])}" if m.num_experts else "")
     )
-    same = (analytic["total"], analytic["active"]) == (built["total"], built["active"])
+    if built["mtp"]:
+        depths = cfg.mtp.mtp_num_layers
+        print(f"  MTP block ({depths} depth{'s' * (depths > 1)}, on the last stage; not in the "
+              f"totals, as DeepSeek-V3 counts): {_m(built['mtp'])}")  # fmt: skip
+    keys = ("total", "active", "mtp")
+    same = [analytic[k] for k in keys] == [built[k] for k in keys]
     print(
         f"  analytic count: total {_m(analytic['total'])}, active {_m(analytic['active'])} "
         + ("(agrees)" if same else "(DIFFERS from the built model: tst/dry_run.py is out of date)")

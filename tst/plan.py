@@ -232,7 +232,7 @@ def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
                 uneven + ["--num-layers-per-virtual-pipeline-stage"] * (per_vp is not None)
             ),
         )
-        return _layout_chunks(layout, pp, m.num_layers, getattr(m, "mtp_num_layers", None))
+        return _layout_chunks(layout, pp, m.num_layers, cfg.mtp.mtp_num_layers)
     if uneven:
         _require(pp > 1, f"{uneven[0]} needs --pipeline-model-parallel-size > 1")
         _require(

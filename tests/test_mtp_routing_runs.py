@@ -1,0 +1,139 @@
+"""pretrain_tst.py runs with multi-token prediction and MoE routing statistics, both phases.
+
+MTP: a run with ``--mtp-num-layers 1`` crosses the switch logging the depth's loss in both
+phases; a run stopped after the switch and resumed from its checkpoint repeats the unbroken
+run's main and MTP losses to rel 1e-6; under TP 2 (and TP 2 with sequence parallelism) the
+same run agrees with TP 1 to rel 2e-4 per logged loss (fp32, reductions in another order).
+
+Routing: a small MoE (EP 2, alltoall dispatch, MTP depth 1 whose layer is MoE too) logs per
+layer and per phase the tokens each expert computed, the dropped tokens and the balancing
+loss. Checked per window (one step): every layer routed the step's positions
+(``global batch x L``) in both phases; ``sum(tokens per expert) + dropped = routed x topk``;
+no drops without a capacity factor; with ``--moe-expert-capacity-factor 0.5`` drops, and no
+expert above its capacity (``ceil(tokens x topk / E x 0.5)`` per router call) summed over
+the window's calls. Balance across the switch, the bound stated: every expert's count stays
+within 2x the even share in every window of both phases (``load_imbalance <= 2``), and the
+balancing loss (1 when balanced) stays in [0.9, 1.5].
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from flags import SMALL_GPT
+
+import pretrain_tst
+
+L, MBS, GBS, E, TOPK = 8, 2, 8, 4, 2
+BASE = [
+    "--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "32",
+    "--num-attention-heads", "4", "--seq-length", str(L), "--micro-batch-size", str(MBS),
+    "--global-batch-size", str(GBS), "--train-iters", "6", "--tst-bag-size", "3",
+    "--tst-iters", "3", "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1",
+    "--eval-interval", "3", "--eval-iters", "1", "--untie-embeddings-and-output-weights",
+    "--mtp-num-layers", "1", *SMALL_GPT,
+]  # fmt: skip
+MOE = [
+    "--num-experts", str(E), "--moe-router-topk", str(TOPK), "--moe-ffn-hidden-size", "16",
+    "--moe-aux-loss-coeff", "0.01", "--expert-model-parallel-size", "2",
+]  # fmt: skip
+
+
+def _train(argv: list[str], metrics: str) -> list[dict]:
+    import torch.distributed as dist
+
+    assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
+    dist.barrier()
+    with open(metrics) as f:
+        return [json.loads(line) for line in f]
+
+
+def _train_records(records):
+    return [r for r in records if "loss" in r and "iteration" in r]
+
+
+def _losses(records, key):
+    return [(r["iteration"], r["phase"], r[key]) for r in _train_records(records)]
+
+
+def _assert_close(got, want, rel, label):
+    assert [g[:-1] for g in got] == [w[:-1] for w in want], label
+    for g, w in zip(got, want, strict=True):
+        assert g[-1] == pytest.approx(w[-1], rel=rel), f"{label}: {g} vs {w}"
+
+
+def test_mtp_run_crosses_the_switch_resumes_exactly_and_agrees_under_tp(world2, tmp_path):
+    want = world2.run(_train, BASE, str(tmp_path / "full.jsonl"))[0]
+    mtp = _losses(want, "mtp_1_loss")
+    assert [phase for _, phase, _ in mtp] == ["superposition"] * 3 + ["recovery"] * 3
+    # An untrained model scores about log(V) in both phases (MCE and next-token alike).
+    assert all(abs(loss - math.log(512)) < 0.5 for _, _, loss in mtp)
+    ckpt = str(tmp_path / "ckpt")
+    first = world2.run(_train, BASE + ["--save", ckpt, "--exit-interval", "4"],
+                       str(tmp_path / "a.jsonl"))[0]  # fmt: skip
+    second = world2.run(_train, BASE + ["--load", ckpt], str(tmp_path / "b.jsonl"))[0]
+    for key in ("loss", "mtp_1_loss"):
+        _assert_close(_losses(first, key) + _losses(second, key), _losses(want, key), 1e-6,
+                      f"resume {key}")  # fmt: skip
+    for name, extra in {
+        "TP2": ["--tensor-model-parallel-size", "2"],
+        "TP2-SP": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+    }.items():
+        got = world2.run(_train, BASE + extra, str(tmp_path / f"{name}.jsonl"))[0]
+        for key in ("loss", "mtp_1_loss"):
+            _assert_close(_losses(got, key), _losses(want, key), 2e-4, f"{name} {key}")
+
+
+def _routing_rows(records):
+    """(iteration, record phase, routing phase, layer, stats) of every routing entry."""
+    return [
+        (r["iteration"], r["phase"], phase, layer, stats)
+        for r in _train_records(records)
+        for phase, layers in r.get("routing", {}).items()
+        for layer, stats in layers.items()
+    ]
+
+
+def _read_tensorboard(path: str) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(path)
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def test_routing_records_per_layer_and_phase(world2, tmp_path):
+    tb = str(tmp_path / "tb")
+    records = world2.run(_train, BASE + MOE + ["--tensorboard-dir", tb],
+                         str(tmp_path / "moe.jsonl"))[0]  # fmt: skip
+    rows = _routing_rows(records)
+    assert {(it, layer) for it, *_, layer, _ in rows} == {
+        (it, layer) for it in range(1, 7) for layer in ("layer_1", "layer_2", "mtp_1")
+    }
+    for it, record_phase, phase, layer, stats in rows:
+        assert phase == record_phase == ("superposition" if it <= 3 else "recovery")
+        assert stats["routed_tokens"] == GBS * L, (it, layer)
+        assert sum(stats["tokens_per_expert"]) == stats["routed_tokens"] * TOPK
+        assert stats["dropped_tokens"] == 0
+        assert stats["min_tokens_per_expert"] == min(stats["tokens_per_expert"])
+        assert stats["max_tokens_per_expert"] == max(stats["tokens_per_expert"])
+        assert stats["load_imbalance"] <= 2.0, (it, layer, stats)
+        assert 0.9 <= stats["load_balancing_loss"] <= 1.5, (it, layer, stats)
+    tags = _read_tensorboard(tb)
+    for phase in ("superposition", "recovery"):
+        assert f"train/routing/{phase}/layer_2/max_tokens_per_expert" in tags
+        assert f"train/routing/{phase}/mtp_1/load_balancing_loss" in tags
+    assert "train/mtp_1_loss" in tags
+
+    capped = world2.run(_train, BASE + MOE + ["--moe-expert-capacity-factor", "0.5"],
+                        str(tmp_path / "capped.jsonl"))[0]  # fmt: skip
+    capacity = math.ceil(MBS * L * TOPK / E * 0.5)  # per router call (one micro-batch)
+    calls = GBS // MBS  # router calls per layer per step, over both ranks
+    rows = _routing_rows(capped)
+    assert {phase for _, _, phase, _, _ in rows} == {"superposition", "recovery"}
+    for it, _, _, layer, stats in rows:
+        assert stats["dropped_tokens"] > 0, (it, layer)
+        assert sum(stats["tokens_per_expert"]) + stats["dropped_tokens"] == GBS * L * TOPK
+        assert stats["max_tokens_per_expert"] <= calls * capacity, (it, layer, stats)
