@@ -251,12 +251,17 @@ def patch_without_transformer_engine() -> None:
     - Selective recomputation of ``layernorm`` / ``mlp`` / ``moe_act``:
       ``CheckpointWithoutOutput(fp8=False)`` sets ``self.fp8 = fp8 is not None`` (True), so
       its forward takes the FP8 path, which needs TE. Without TE nothing runs in FP8.
+    - Multi-latent attention: ``isinstance(self.linear_proj, TELinear)`` with TE's stand-in
+      (a mock instance, not a class) raises; a class nothing is an instance of answers False.
     """
     from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.moe import moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    if not isinstance(mla.TELinear, type):
+        mla.TELinear = type("TELinearAbsent", (), {})
     cls = tp_random.CheckpointWithoutOutput
     if not getattr(cls, "_tst_no_fp8", False):
         original = cls.__init__

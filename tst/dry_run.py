@@ -62,12 +62,14 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     head_dim = m.resolved_kv_channels
     bias = m.add_bias_linear
     norm = 2 * h if m.normalization == "LayerNorm" else h  # LayerNorm has a bias too
-    qkv_out = head_dim * (heads + 2 * groups)
-    attn = (
-        h * qkv_out + heads * head_dim * h + (h if bias else 0) + (qkv_out if m.add_qkv_bias else 0)
-    )
-    if m.qk_layernorm:
-        attn += 2 * (norm // h) * head_dim
+    if cfg.mla.multi_latent_attention:
+        attn = _mla_attention(cfg, norm // h)
+    else:
+        qkv_out = head_dim * (heads + 2 * groups)
+        attn = (h * qkv_out + heads * head_dim * h + (h if bias else 0)
+                + (qkv_out if m.add_qkv_bias else 0))  # fmt: skip
+        if m.qk_layernorm:
+            attn += 2 * (norm // h) * head_dim
     glu = 2 if m.swiglu else 1
 
     def mlp(ffn: int) -> int:
@@ -100,20 +102,45 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
                     + dense_layers * (attn + dense_mlp + 2 * norm) + norm)  # fmt: skip
     layers_active = (moe_layers * (attn + mlp_active + 2 * norm)
                      + dense_layers * (attn + dense_mlp + 2 * norm) + norm)  # fmt: skip
-    return {
-        "total": layers_total + embedding + output,
     # --mtp-num-layers: each depth is eh_proj (2h -> h), three norms and a copy of the last
     # layer; kept out of the totals, as DeepSeek-V3 counts its 671B.
     last_moe = bool(m.num_experts) and (moe_layers == m.num_layers or bool(
         pattern(freq, m.num_layers)[-1]))  # fmt: skip
     last_layer = attn + (mlp_total if last_moe else dense_mlp) + 2 * norm
     mtp = (cfg.mtp.mtp_num_layers or 0) * (2 * h * h + 3 * norm + last_layer)
+    return {
+        "total": layers_total + embedding + output,
         "active": layers_active + embedding + output,
         "embedding_and_output": embedding + output,
         "non_embedding_active": layers_active,
+        "mtp": mtp,
     }
 
-        "mtp": mtp,
+
+def _mla_attention(cfg: Config, norm_params: int) -> int:
+    """Parameters of one multi-latent attention (megatron-core's ``MLASelfAttention``).
+
+    Queries: ``h -> q_lora_rank -> heads x (qk + pos)`` (or ``h -> heads x (qk + pos)``
+    without ``--q-lora-rank``); keys and values: ``h -> kv_lora_rank + pos`` (the shared
+    latent and the single rotated key part), then ``kv_lora_rank -> heads x (qk + v)``;
+    output ``heads x v -> h``. With ``--qk-layernorm`` the two latents are normalised
+    (``norm_params`` per element: 2 for LayerNorm, 1 for RMSNorm). Only the output
+    projection has a bias.
+    """
+    m, a = cfg.model, cfg.mla
+    h, heads = m.hidden_size, m.num_attention_heads
+    q_head = a.qk_head_dim + a.qk_pos_emb_head_dim
+    if a.q_lora_rank is None:
+        query = h * heads * q_head
+    else:
+        query = h * a.q_lora_rank + a.q_lora_rank * heads * q_head
+        query += norm_params * a.q_lora_rank if m.qk_layernorm else 0
+    key_value = h * (a.kv_lora_rank + a.qk_pos_emb_head_dim)
+    key_value += a.kv_lora_rank * heads * (a.qk_head_dim + a.v_head_dim)
+    key_value += norm_params * a.kv_lora_rank if m.qk_layernorm else 0
+    output = heads * a.v_head_dim * h + (h if m.add_bias_linear else 0)
+    return query + key_value + output
+
 
 @dataclass(frozen=True)
 class ParamInfo:
@@ -156,15 +183,17 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
     single = dataclasses.replace(
         cfg,
         # The same parameters, built where any machine can: no TE-only norm, no DeepEP.
-        model=dataclasses.replace(m, apply_layernorm_1p=False, moe_token_dispatcher_type=(
+        model=dataclasses.replace(m, apply_layernorm_1p=False, delay_wgrad_compute=False,
+                                  moe_token_dispatcher_type=(
             "alltoall" if m.moe_token_dispatcher_type == "flex" else m.moe_token_dispatcher_type)),
         moe=dataclasses.replace(cfg.moe, moe_enable_deepep=False, moe_permute_fusion=False,
                                 moe_router_fusion=False, overlap_moe_expert_parallel_comm=False,
-                                moe_shared_expert_overlap=False),
+                                moe_shared_expert_overlap=False, moe_router_padding_for_fp8=False),
         parallel=ParallelConfig(),
         training=dataclasses.replace(
             cfg.training, fp8_format=None, fp8_param_gather=False, global_batch_size=None,
-            rampup_batch_size=None, use_precision_aware_optimizer=False,
+            rampup_batch_size=None, use_precision_aware_optimizer=False, main_grads_dtype="fp32",
+            main_params_dtype="fp32", exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32",
         ),
     )  # fmt: skip
     # An in-memory store: no port, no RANK/WORLD_SIZE in the environment, gone with the group.

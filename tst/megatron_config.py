@@ -24,7 +24,10 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
     """megatron-core TransformerConfig for this run and device (``check_device=False``: the
     dry run, which lays out a GPU cluster's run from anywhere)."""
     from megatron.core.transformer.enums import AttnBackend
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import (
+        MLATransformerConfig,
+        TransformerConfig,
+    )
 
     m, p, t = cfg.model, cfg.parallel, cfg.training
     on_gpu = layout.device.type == "cuda"
@@ -77,13 +80,18 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         )
         if p.recompute_modules is not None:
             recompute["recompute_modules"] = list(p.recompute_modules)
+    mla = cfg.mla.transformer_config_fields()
+    if mla:  # MLA's own RoPE (GPTModel builds none for it) takes the model's base and share
+        mla.update(rotary_base=m.rotary_base, rotary_percent=m.rotary_percent)
     dtype = params_dtype(cfg)
     # Fused kernels default on, as in Megatron-LM, and run only where they exist: CUDA (and
     # for some of them Transformer Engine or apex). On CPU every one is off.
+    mla_rope_fusable = not mla or mla["rope_type"] == "yarn"
     fused = dict(
         bias_dropout_fusion=on_gpu and m.bias_dropout_fusion,
         masked_softmax_fusion=on_gpu and m.masked_softmax_fusion,
-        apply_rope_fusion=on_gpu and te and m.apply_rope_fusion,
+        # MLA's fused RoPE exists for YaRN only (megatron-core refuses it with plain RoPE).
+        apply_rope_fusion=on_gpu and te and m.apply_rope_fusion and mla_rope_fusable,
         gradient_accumulation_fusion=on_gpu and te and m.gradient_accumulation_fusion,
         persist_layer_norm=on_gpu and te and m.persist_layer_norm,
         bias_activation_fusion=on_gpu
@@ -93,7 +101,8 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
     )
     # The local spec has one attention, megatron-core's own, whatever the flag asks of TE.
     backend = AttnBackend[m.attention_backend] if te else AttnBackend.local
-    return TransformerConfig(
+    config_class = MLATransformerConfig if mla else TransformerConfig
+    return config_class(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=ffn,
@@ -117,6 +126,9 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         tensor_model_parallel_size=plan.grid.tp,
         pipeline_model_parallel_size=plan.grid.pp,
         virtual_pipeline_model_parallel_size=plan.vpp,
+        num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
+        pipeline_model_parallel_layout=p.pipeline_model_parallel_layout,
         context_parallel_size=plan.grid.cp,
         cp_comm_type=p.cp_comm_type if plan.grid.cp > 1 else None,
         expert_model_parallel_size=plan.grid.ep,
@@ -134,6 +146,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         **recompute,
         **moe,
         **fp8,
+        **mla,
         **cfg.mtp.transformer_config_fields(),
     )
 

@@ -150,6 +150,9 @@ REFUSED: dict[str, Flag] = {
         "a Pai-Megatron-Patch flag: use --tokenizer-type HuggingFaceTokenizer "
         "--tokenizer-model PATH",
     ),
+    "--cache-mla-latents": Flag(
+        0, "MLA latent caching is for inference (megatron-core refuses it in training): drop it"
+    ),
     "--padded-vocab-size": Flag(
         1,
         "the padded vocabulary follows Megatron-LM's rule (--vocab-size or the tokenizer's, "
@@ -157,38 +160,16 @@ REFUSED: dict[str, Flag] = {
     ),
     **{
         flag: Flag(
-            nargs,
-            "multi-latent attention (MLA) is not wired in yet: drop the MLA flags "
-            "(--multi-latent-attention, --q/kv-lora-rank, --qk-(pos-emb-)head-dim, "
-            "--v-head-dim, --rotary-scaling-factor, --mscale(-all-dim))",
+            0,
+            "a stage's share of the embedding / loss is not counted here: give the stages' "
+            "layers with --pipeline-model-parallel-layout or --decoder-first/last-pipeline-"
+            "num-layers",
         )
-        for flag, nargs in (
-            ("--multi-latent-attention", 0),
-            ("--q-lora-rank", 1),
-            ("--kv-lora-rank", 1),
-            ("--qk-head-dim", 1),
-            ("--qk-pos-emb-head-dim", 1),
-            ("--v-head-dim", 1),
-            ("--rotary-scaling-factor", 1),
-            ("--mscale", 1),
-            ("--mscale-all-dim", 1),
+        for flag in (
+            "--account-for-embedding-in-pipeline-split",
+            "--account-for-loss-in-pipeline-split",
         )
     },
-    "--pipeline-model-parallel-layout": Flag(
-        1,
-        "uneven pipeline stages are not supported yet: give --num-layers divisible by "
-        "--pipeline-model-parallel-size",
-    ),
-    "--decoder-first-pipeline-num-layers": Flag(
-        1,
-        "uneven pipeline stages are not supported yet: give --num-layers divisible by "
-        "--pipeline-model-parallel-size",
-    ),
-    "--decoder-last-pipeline-num-layers": Flag(
-        1,
-        "uneven pipeline stages are not supported yet: give --num-layers divisible by "
-        "--pipeline-model-parallel-size",
-    ),
     "--eod-mask-loss": Flag(
         0,
         "end-of-document tokens are predicted as any token (the multi-hot bags hold them "
