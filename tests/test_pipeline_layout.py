@@ -1,0 +1,138 @@
+"""Uneven pipeline stages: --decoder-first/last-pipeline-num-layers and
+--pipeline-model-parallel-layout.
+
+Three layers split 1 + 2 (and 2 + 1, and interleaved through a layout) over PP 2 train the
+model PP 1 trains across the phase switch (rel 2e-4 per logged loss: the same fp32 math,
+reductions in another order), untied and tied (the last stage's output copy equals the
+first stage's embedding exactly: layout-independent initialisation numbers layers
+globally). The run plan checks megatron-core's layout rules up front, one line each, and the
+dry run's per-stage parameters equal what each stage really builds.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_trainer import BASE, _assert_close, _losses, _train, _train_tied_copies_equal
+
+from tst.config import parse_args
+from tst.plan import validate
+
+THREE = [a for a in BASE] + ["--num-layers", "3"]  # the last --num-layers wins
+THREE_TIED = [a for a in THREE if a != "--untie-embeddings-and-output-weights"]
+PP2 = ["--pipeline-model-parallel-size", "2"]
+
+UNEVEN = {
+    "first-1": PP2 + ["--decoder-first-pipeline-num-layers", "1"],
+    "last-1": PP2 + ["--decoder-last-pipeline-num-layers", "1"],
+    "layout-1+2": PP2 + ["--pipeline-model-parallel-layout", "Et|ttL"],
+    # Interleaved: rank 0 runs chunks [E t] and [t], rank 1 [t] and [L] (no layer at all).
+    "layout-vpp2": PP2 + ["--pipeline-model-parallel-layout", "Et|t|t|L"],
+}
+
+
+def test_uneven_stages_agree_with_pp1_across_the_switch(world2, tmp_path):
+    want = world2.run(_train, THREE, str(tmp_path / "ref.jsonl"))[0]
+    assert [r["phase"] for r in want if "loss" in r] == ["superposition"] * 3 + ["recovery"] * 3
+    for name, extra in UNEVEN.items():
+        got = world2.run(_train, THREE + extra, str(tmp_path / f"{name}.jsonl"))[0]
+        _assert_close(_losses(got), _losses(want), 2e-4, name)
+
+
+def test_uneven_stages_with_tied_embeddings_agree(world2, tmp_path):
+    want = world2.run(_train_tied_copies_equal, THREE_TIED, str(tmp_path / "ref.jsonl"))[0]
+    for name in ("first-1", "layout-vpp2"):
+        got = world2.run(
+            _train_tied_copies_equal, THREE_TIED + UNEVEN[name], str(tmp_path / f"{name}.jsonl")
+        )[0]
+        _assert_close(_losses(got), _losses(want), 2e-4, f"tied {name}")
+
+
+def _stage_parameters(argv: list[str]) -> tuple[int, list[int], int]:
+    """On a rank: this rank's pipeline rank, its chunks' global layer numbers and parameters."""
+    import torch
+
+    from tst.megatron_config import transformer_config
+    from tst.model import ModelShape, build_model_chunks
+    from tst.platform import initialize
+
+    cfg = parse_args(argv)
+    plan = validate(cfg, 2, cfg.data.vocab_size)
+    grid = plan.grid
+    layout = initialize(tp=grid.tp, pp=grid.pp, vpp=grid.vpp)
+    config = transformer_config(cfg, plan, layout)
+    shape = ModelShape.from_config(cfg.model, plan.padded_vocab_size, False)
+    chunks = build_model_chunks(config, shape, plan.vpp, torch.device("cpu"))
+    layers = [layer.layer_number - 1 for c in chunks for layer in c.decoder.layers]
+    return layout.pp_rank, layers, sum(p.numel() for c in chunks for p in c.parameters())
+
+
+@pytest.mark.parametrize("name", ["first-1", "layout-vpp2"])
+def test_dry_run_stages_match_a_real_build(name, world2):
+    from tst.dry_run import meta_parameters, per_rank_parameters
+
+    argv = THREE + UNEVEN[name]
+    cfg = parse_args(argv)
+    plan = validate(cfg, 2, cfg.data.vocab_size)
+    stages = per_rank_parameters(meta_parameters(cfg, plan.padded_vocab_size), cfg, plan.grid)
+    for pp_rank, layers, count in world2.run(_stage_parameters, argv):
+        assert sorted(layers) == stages[pp_rank]["layers"], (name, pp_rank)
+        assert count == stages[pp_rank]["dense"] + stages[pp_rank]["experts"], (name, pp_rank)
+
+
+# ------------------------------------------------------------------------------ plan checks
+
+
+def test_stage_layers_follow_megatron_cores_rules():
+    def chunks(*extra, world=8):
+        argv = THREE + ["--num-layers", "61", "--global-batch-size", "16", *extra]
+        grid = validate(parse_args(argv), world, 512).grid
+        return grid.chunk_layers, grid.vpp
+
+    pp8 = ["--pipeline-model-parallel-size", "8"]
+    assert chunks(*pp8, "--decoder-first-pipeline-num-layers", "5") == ((5,) + (8,) * 7, None)
+    assert chunks(*pp8, "--decoder-last-pipeline-num-layers", "5", "--decoder-first-pipeline-"
+                  "num-layers", "2") == ((2,) + (9,) * 6 + (5,), None)  # fmt: skip
+    layout = chunks(*pp8, "--pipeline-model-parallel-layout", "Et|(tt|)*30L")
+    assert layout == ((1,) + (2,) * 30 + (0,), 4)
+    argv = THREE + ["--num-layers", "61", "--global-batch-size", "16", *pp8,
+                    "--pipeline-model-parallel-layout", "Et|(tt|)*30L"]  # fmt: skip
+    grid = validate(parse_args(argv), 8, 512).grid
+    # Chunk c (layers 2c-1, 2c) sits on pipeline rank c % 8; the last rank's last chunk is
+    # the loss alone, so layer 60 (chunk 30) is on rank 6.
+    assert [grid.stage_of_layer(i, 61) for i in (0, 1, 2, 15, 16, 17, 60)] == [0, 1, 1, 0, 0, 1, 6]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (PP2 + ["--pipeline-model-parallel-layout", "Et|t|tL"],
+         r"3 stages is not a multiple of --pipeline-model-parallel-size 2"),
+        (PP2 + ["--pipeline-model-parallel-layout", "Et|tL"],
+         r"places 2 layers \(t\) but --num-layers is 3"),
+        (PP2 + ["--pipeline-model-parallel-layout", "tE|ttL"], r"the embedding E must come once"),
+        (PP2 + ["--pipeline-model-parallel-layout", "Et|ttLL"], r"the loss L must come once"),
+        (PP2 + ["--pipeline-model-parallel-layout", "Et|ttx"], r"Invalid layer character: x"),
+        (PP2 + ["--pipeline-model-parallel-layout", "Et|ttmL"],
+         r"places 1 multi-token-prediction layers \(m\) but --mtp-num-layers is 0"),
+        (PP2 + ["--pipeline-model-parallel-layout", "Et|ttL",
+                "--decoder-first-pipeline-num-layers", "1"],
+         r"sets every stage's layers: drop --decoder-first-pipeline-num-layers"),
+        (["--decoder-first-pipeline-num-layers", "1"],
+         r"--decoder-first-pipeline-num-layers needs --pipeline-model-parallel-size > 1"),
+        (PP2 + ["--decoder-first-pipeline-num-layers", "0"], r"must be >= 1, got 0"),
+        (PP2 + ["--decoder-first-pipeline-num-layers", "1",
+                "--decoder-last-pipeline-num-layers", "1"],
+         r"leaves 1 layers for 0 middle stage\(s\)"),
+        (PP2 + ["--decoder-first-pipeline-num-layers", "1",
+                "--num-layers-per-virtual-pipeline-stage", "1"],
+         r"use --pipeline-model-parallel-layout for uneven interleaved stages"),
+        (PP2, r"--num-layers 3 is not divisible by --pipeline-model-parallel-size 2 \(or give "
+              r"--decoder-first/last-pipeline-num-layers"),
+    ],
+    ids=["stages-vs-pp", "layer-count", "embedding", "loss", "character", "mtp", "both",
+         "pp1", "zero", "middle", "vpp", "even"],
+)  # fmt: skip
+def test_bad_layouts_are_refused_in_one_line(extra, message):
+    with pytest.raises(ValueError, match=message) as error:
+        validate(parse_args(THREE + extra), 2, 512)
+    assert "\n" not in str(error.value)
