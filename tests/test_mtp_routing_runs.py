@@ -3,7 +3,8 @@
 MTP: a run with ``--mtp-num-layers 1`` crosses the switch logging the depth's loss in both
 phases; a run stopped after the switch and resumed from its checkpoint repeats the unbroken
 run's main and MTP losses to rel 1e-6; under TP 2 (and TP 2 with sequence parallelism) the
-same run agrees with TP 1 to rel 2e-4 per logged loss (fp32, reductions in another order).
+same run agrees with TP 1 to rel 2e-4 per logged loss (fp32, reductions in another order),
+and so do PP 2 (untied and tied) and an interleaved PP 2 schedule.
 
 Routing: a small MoE (EP 2, alltoall dispatch, MTP depth 1 whose layer is MoE too) logs per
 layer and per phase the tokens each expert computed, the dropped tokens and the balancing
@@ -80,8 +81,28 @@ def test_mtp_run_crosses_the_switch_resumes_exactly_and_agrees_under_tp(world2, 
     for name, extra in {
         "TP2": ["--tensor-model-parallel-size", "2"],
         "TP2-SP": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        "PP2": ["--pipeline-model-parallel-size", "2"],
     }.items():
         got = world2.run(_train, BASE + extra, str(tmp_path / f"{name}.jsonl"))[0]
+        for key in ("loss", "mtp_1_loss"):
+            _assert_close(_losses(got, key), _losses(want, key), 2e-4, f"{name} {key}")
+
+
+TIED = [a for a in BASE if a != "--untie-embeddings-and-output-weights"]
+DEEPER = [*BASE, "--num-layers", "4"]
+
+
+def test_mtp_under_pipeline_parallelism_tied_and_interleaved(world2, tmp_path):
+    """The MTP block sits on the last stage with a copy of the (bag) embedding, kept equal to
+    the first stage's by megatron-core's embedding-group reduction: tied weights and an
+    interleaved schedule agree with PP 1 too (rel 2e-4 per logged loss)."""
+    for name, base, extra in (
+        ("tied PP2", TIED, ["--pipeline-model-parallel-size", "2"]),
+        ("PP2 interleaved", DEEPER, ["--pipeline-model-parallel-size", "2",
+                                     "--num-layers-per-virtual-pipeline-stage", "1"]),
+    ):  # fmt: skip
+        want = world2.run(_train, base, str(tmp_path / f"{name} ref.jsonl"))[0]
+        got = world2.run(_train, base + extra, str(tmp_path / f"{name}.jsonl"))[0]
         for key in ("loss", "mtp_1_loss"):
             _assert_close(_losses(got, key), _losses(want, key), 2e-4, f"{name} {key}")
 

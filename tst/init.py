@@ -32,9 +32,12 @@ def global_parameter_name(name: str, layer_offset: int, expert_offset: int) -> s
     ``decoder.layers.{i}`` -> ``decoder.layers.{i + layer_offset}`` and
     ``local_experts.{j}`` -> ``local_experts.{j + expert_offset}``.
     """
-    name = _LAYER.sub(
-        lambda m: m.group(0).replace(m.group(1), str(int(m.group(1)) + layer_offset)), name, count=1
-    )
+    if not name.startswith("mtp."):  # the MTP block's layers are numbered on their own
+        name = _LAYER.sub(
+            lambda m: m.group(0).replace(m.group(1), str(int(m.group(1)) + layer_offset)),
+            name,
+            count=1,
+        )
     return _EXPERT.sub(lambda m: f"local_experts.{int(m.group(1)) + expert_offset}.", name)
 
 

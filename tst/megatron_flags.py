@@ -83,11 +83,6 @@ ACCEPTED: dict[str, Flag] = {
         "under fp16 the loss scaler handles overflows, as in Megatron-LM",
     ),
     "--tensorboard-queue-size": Flag(1, "TensorBoard events are flushed at every log line"),
-    "--num-workers": Flag(
-        1,
-        "samples are read in the training process (memory-mapped); loader worker processes "
-        "are not used yet: the batches are the same, only the prefetching differs",
-    ),
     "--log-throughput": Flag(0, "TFLOP/s per device and MFU are always logged"),
     "--log-timers-to-tensorboard": Flag(
         0, "step time, tokens/s and MFU go to TensorBoard at every log; finer timers are not kept"

@@ -20,7 +20,9 @@ loss ``[b, L]`` (masked) joins the main loss through megatron-core's ``MTPLossAu
 with weight ``--mtp-loss-scaling-factor / D``; with per-token normalisation (always on here)
 the step's objective is ``(sum main + factor / D * sum_k sum mtp_k) / (main positions)``, as
 megatron-core defines it. The MTP depths are training heads: evaluation and generation run
-the main head only.
+the main head only. Under pipeline parallelism the block sits on the last stage with its own
+copy of the (bag) embedding, which megatron-core keeps equal to the first stage's; learned
+absolute positions are refused there (their copy is not kept in step).
 """
 
 from __future__ import annotations

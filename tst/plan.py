@@ -356,10 +356,11 @@ def check_launchable(cfg: Config) -> None:
          "per-split blends are not read yet: use --data-path with --split"),
         ("--per-split-data-args-path", bool(d.per_split_data_args_path),
          "per-split blends are not read yet: use --data-path (or --data-args-path) with --split"),
-        ("--mtp-num-layers with --pipeline-model-parallel-size > 1",
-         bool(cfg.mtp.mtp_num_layers) and p.pipeline_model_parallel_size > 1,
-         "the MTP block's copy of the (bag) embedding on the last stage is not kept in step "
-         "with the first stage's here; use PP 1 with MTP"),
+        ("--mtp-num-layers with --pipeline-model-parallel-size > 1 and learned absolute "
+         "positions", bool(cfg.mtp.mtp_num_layers) and p.pipeline_model_parallel_size > 1
+         and cfg.model.position_embedding_type == "learned_absolute",
+         "the MTP block embeds on the last stage, whose copy of the position embeddings is "
+         "not kept in step with the first stage's; use --position-embedding-type rope"),
     ]  # fmt: skip
     for flag, asked, why in not_yet:
         _require(not asked, f"{flag} is not supported yet: {why}; drop it (--dry-run lays "
