@@ -33,9 +33,9 @@ EXPECTED = {
     # Megatron-LM refuses this recipe as its wrapper assembles it too (--tp-comm-overlap at
     # TP 1, where sequence parallelism is off).
     "moe_zoo_qwen3_30b_a3b": r"--tp-comm-overlap needs --sequence-parallel",
-    # MLA and multi-token prediction are not wired in yet: refused by name.
-    "moe_zoo_deepseek_v3": r"--multi-latent-attention: multi-latent attention \(MLA\) is not "
-    r"wired in yet.*--mtp-num-layers: multi-token prediction",
+    # MLA, multi-token prediction and the uneven pipeline layout lay out (see
+    # test_deepseek_v3_recipe_lays_out_its_published_size).
+    "moe_zoo_deepseek_v3": None,
     # Pai-Megatron-Patch's own pretrain script's flags.
     "pai_qwen3_moe": r"--dataset: a Pai-Megatron-Patch flag.*--train-mode: a Pai-Megatron",
 }
@@ -123,3 +123,47 @@ def test_qwen3_30b_a3b_recipe_lays_out_its_published_size(capsys):
     )
     assert abs(total - 30_500) < 100 and abs(active - 3_300) < 100, out
     assert "EP=8" in out and "(agrees)" in out
+
+
+def _deepseek_v3_by_hand() -> tuple[int, int]:
+    """DeepSeek-V3's parameters counted from its published configuration (config.json of
+    deepseek-ai/DeepSeek-V3: hidden 7168, 61 layers of which the first 3 dense with FFN
+    18432, 256 routed experts of FFN 2048 with top-8 and 1 shared expert, MLA with q rank
+    1536, kv rank 512, head dims 128 + 64 (RoPE) and values 128, 128 heads, vocabulary
+    129280, RMSNorm, untied embeddings), without the MTP module. (total, active)."""
+    h, heads, vocab = 7168, 128, 129280
+    attention = (h * 1536 + 1536 + 1536 * heads * (128 + 64)  # queries: down, norm, up
+                 + h * (512 + 64) + 512 + 512 * heads * (128 + 128)  # keys/values
+                 + heads * 128 * h)  # output projection  # fmt: skip
+    swiglu = lambda ffn: 3 * h * ffn  # noqa: E731
+    norms = 2 * h
+    dense = attention + swiglu(18432) + norms
+    # Router: h x 256 (its expert bias is a buffer, state but no parameter).
+    moe_total = attention + 256 * swiglu(2048) + swiglu(2048) + h * 256 + norms
+    moe_active = attention + 8 * swiglu(2048) + swiglu(2048) + h * 256 + norms
+    embeddings = 2 * vocab * h + h  # input and output tables, final norm
+    return (3 * dense + 58 * moe_total + embeddings, 3 * dense + 58 * moe_active + embeddings)
+
+
+def test_deepseek_v3_recipe_lays_out_its_published_size(capsys):
+    """The MoE zoo's DeepSeek-V3 recipe, unchanged (MLA, 3 dense layers then 58 MoE layers
+    of 256 experts top-8 + 1 shared, sigmoid routing with expert bias, device-limited groups,
+    MTP depth 1, the uneven layout Et|(tt|)*30mL on PP 8) at its 1024 GPUs, with
+    DeepSeek-V3's 129,280-entry vocabulary: the build equals a count by hand from the
+    published configuration, and the published 671B total / 37B active within 1% / 1.5%
+    (37B is rounded to two digits; the count here is 37.55B with the input embedding)."""
+    argv, gpus = read_args("moe_zoo_deepseek_v3")
+    out = _dry_run(argv + ["--vocab-size", "129280"], gpus, capsys)
+    total, active = (
+        float(x.replace(",", "")) * 1e6
+        for x in re.search(r"total ([\d,.]+)M, active per token ([\d,.]+)M", out).groups()
+    )
+    want_total, want_active = _deepseek_v3_by_hand()
+    assert abs(total - want_total) <= 0.05e6 and abs(active - want_active) <= 0.05e6, out
+    assert abs(total / 671e9 - 1) < 0.01 and abs(active / 37e9 - 1) < 0.015, out
+    assert "(agrees)" in out and "MTP block (1 depth" in out
+    assert "TP=2 PP=8 VPP=4 DP=64 EP=64 ETP=1 expert-DP=2 +SP" in out
+    # Stage 0 holds the embedding and layer 0 (then layers 15-16, ...); stage 7 ends with
+    # the MTP depth and the loss.
+    assert re.search(r"^\s+0\s+0,15-16,31-32,47-48\s", out, re.M), out
+    assert re.search(r"^\s+7\s+13-14,29-30,45-46\s", out, re.M), out
