@@ -13,6 +13,7 @@ import sys
 import warnings
 
 from tst.config import Config, parse_args
+from tst.data.blends import data_blends
 from tst.errors import TSTError, exit_code
 from tst.plan import check_launchable, validate
 
@@ -24,25 +25,11 @@ def build_tokenizer(cfg: Config):
     return build(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file, d.vocab_size)
 
 
-def data_path(cfg: Config) -> list[str]:
-    """--data-path, or the blend written in the --data-args-path file."""
-    d = cfg.data
-    if not d.data_args_path:
-        return d.data_path
-    try:
-        with open(d.data_args_path) as f:
-            words = f.read().split()
-    except OSError as error:
-        raise ValueError(f"--data-args-path {d.data_args_path}: {error.strerror}") from None
-    if not words:
-        raise ValueError(f"--data-args-path {d.data_args_path} is empty: write the blend in it")
-    return words
-
-
-def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int):
+def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
     from tst.data.datasets import DataConfig, build_datasets
     from tst.data.stream import big_samples_needed
 
+    blends = blends if blends is not None else data_blends(cfg.data)
     bag = plan.schedule.data_bag_size  # units per big sample: every stage's bag divides it
     rows = [(plan.samples_between(phase.start, phase.end), phase.units_per_row)
             for phase in plan.schedule.phases]  # fmt: skip
@@ -51,7 +38,8 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int):
     if plan.evaluate:
         valid = big_samples_needed([(cfg.log.eval_iters * plan.global_batch_size, 1)], bag)
     data = DataConfig(
-        data_path=data_path(cfg),
+        data_path=blends.blend or [],
+        blend_per_split=blends.per_split,
         split=cfg.data.split,
         seq_length=cfg.model.seq_length,
         bag_size=bag,
@@ -76,6 +64,7 @@ def main(argv=None) -> int:
     if cfg.run.dry_run:  # reads no data or tokenizer files
         return dry_run(cfg, dry_run_vocab_size(cfg))
     check_launchable(cfg)
+    blends = data_blends(cfg.data)  # reads --data-args-path / --per-split-data-args-path
     if cfg.run.save:
         from tst.checkpointing import check_writable
 
@@ -90,7 +79,7 @@ def main(argv=None) -> int:
     )  # fmt: skip
     trainer = None
     try:
-        datasets = build_datasets(cfg, plan, tokenizer, vocab_size)
+        datasets = build_datasets(cfg, plan, tokenizer, vocab_size, blends)
         trainer = Trainer(cfg, layout, plan, tokenizer, datasets)
         if cfg.run.load:
             trainer.load()

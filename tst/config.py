@@ -16,12 +16,12 @@ import dataclasses
 import math
 import sys
 import typing
+import warnings
 from dataclasses import dataclass
 
 from tst.config_fields import _f, _require
 from tst.config_mla import MLAConfig
 from tst.config_moe import MoEConfig
-from tst.config_mtp import MTPConfig
 from tst.config_mtp import MTPConfig
 from tst.data.tokenizers import TOKENIZER_TYPES
 from tst.phases import parse_schedule
@@ -35,7 +35,6 @@ __all__ = [
     "RunConfig",
     "LoggingConfig",
     "MoEConfig",
-    "MTPConfig",
     "MTPConfig",
     "MLAConfig",
     "Config",
@@ -643,6 +642,15 @@ class DataArgs:
         )
         if self.mock_data:
             return
+        if self.per_split_data_args_path or per_split:
+            if self.split is not None:  # Megatron-LM's dataset config refuses the two together
+                warnings.warn(
+                    f"--split {self.split} has no effect with per-split data paths (each split "
+                    "reads its own prefixes whole): ignored",
+                    stacklevel=2,
+                )
+            self.split = None
+            return
         # A shell quirk some launch scripts have: --split "'99,1,0'" (Megatron-LM takes it).
         self.split = (self.split or "969,30,1").strip("'\" ")
         try:
@@ -922,7 +930,6 @@ class Config:
     run: RunConfig
     log: LoggingConfig
     moe: MoEConfig
-    mtp: MTPConfig = dataclasses.field(default_factory=MTPConfig)
     mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
     mtp: MTPConfig = dataclasses.field(default_factory=MTPConfig)
     # Megatron-LM flags given that change nothing here: (flag, why), see tst.megatron_flags.
@@ -941,7 +948,6 @@ _SECTIONS = {
     "run": RunConfig,
     "log": LoggingConfig,
     "moe": MoEConfig,
-    "mtp": MTPConfig,
     "mla": MLAConfig,
     "mtp": MTPConfig,
 }

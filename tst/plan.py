@@ -343,7 +343,7 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
 def check_launchable(cfg: Config) -> None:
     """What a dry run can lay out but a launch cannot run yet, refused before any process
     group starts (one line: the flag, why, what to do)."""
-    p, d = cfg.parallel, cfg.data
+    p = cfg.parallel
     not_yet = [
         ("--context-parallel-size > 1", p.context_parallel_size > 1,
          "the TST batches are not yet split along the sequence for context parallelism"),
@@ -351,11 +351,6 @@ def check_launchable(cfg: Config) -> None:
          "Transformer Engine's userbuffers are not initialised by this trainer yet"),
         ("--overlap-moe-expert-parallel-comm", cfg.moe.overlap_moe_expert_parallel_comm,
          "its batch-level overlap schedule is not wired into the TST step yet"),
-        ("--train-data-path / --valid-data-path / --test-data-path",
-         bool(d.train_data_path or d.valid_data_path or d.test_data_path),
-         "per-split blends are not read yet: use --data-path with --split"),
-        ("--per-split-data-args-path", bool(d.per_split_data_args_path),
-         "per-split blends are not read yet: use --data-path (or --data-args-path) with --split"),
         ("--mtp-num-layers with --pipeline-model-parallel-size > 1 and learned absolute "
          "positions", bool(cfg.mtp.mtp_num_layers) and p.pipeline_model_parallel_size > 1
          and cfg.model.position_embedding_type == "learned_absolute",

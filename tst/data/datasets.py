@@ -75,8 +75,12 @@ class DataConfig:
 
     data_path: list[str] = field(default_factory=list)
     """--data-path: prefixes, optionally weighted: ["a"], ["a", "b"] or ["0.7", "a", "0.3", "b"]."""
-    split: str = "969,30,1"
-    """--split: train,valid,test weights over the documents of each prefix."""
+    split: str | None = "969,30,1"
+    """--split: train,valid,test weights over the documents of each prefix (not with
+    blend_per_split)."""
+    blend_per_split: tuple[list[str] | None, ...] | None = None
+    """--train/valid/test-data-path (or --per-split-data-args-path): one blend per split, each
+    read whole; a split without one is not built. Instead of data_path and split."""
     seq_length: int
     """--seq-length: L, the positions the transformer sees."""
     bag_size: int = 1
@@ -106,6 +110,17 @@ class DataConfig:
             raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
         if not 0 <= self.eod_id < self.vocab_size:
             raise ValueError(f"eod_id {self.eod_id} must be in [0, vocab_size={self.vocab_size})")
+        if self.blend_per_split is not None:
+            if self.mock or self.data_path or len(self.blend_per_split) != 3:
+                raise ValueError(
+                    "blend_per_split takes three blends (train, valid, test), without "
+                    "--data-path or --mock-data"
+                )
+            for blend, name in zip(self.blend_per_split, ("train", "valid", "test"), strict=True):
+                if blend is not None:
+                    parse_blend(blend, f"--{name}-data-path")
+            self.split = None  # each split reads its blend whole, as in Megatron-LM
+            return
         if not self.mock and not self.data_path:
             raise ValueError("--data-path is required (or --mock-data for synthetic data)")
         if not self.mock:
@@ -117,10 +132,12 @@ class DataConfig:
         return self.bag_size * (self.seq_length + 1)
 
 
-def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
-    """Megatron's ``--data-path`` list -> (prefixes, weights or None), with clear errors."""
+def parse_blend(
+    data_path: list[str], flag: str = "--data-path"
+) -> tuple[list[str], list[float] | None]:
+    """Megatron's blend list -> (prefixes, weights or None), with errors naming ``flag``."""
     if not data_path:
-        raise ValueError("--data-path is empty")
+        raise ValueError(f"{flag} is empty")
 
     def number(s: str) -> float | None:
         try:
@@ -138,13 +155,13 @@ def parse_blend(data_path: list[str]) -> tuple[list[str], list[float] | None]:
         or any(number(p) is not None for p in prefixes)
     ):
         raise ValueError(
-            f"--data-path {' '.join(data_path)}: give prefixes only, or weight/prefix pairs "
+            f"{flag} {' '.join(data_path)}: give prefixes only, or weight/prefix pairs "
             "such as 0.7 a 0.3 b"
         )
     if any(not math.isfinite(w) for w in weights):
-        raise ValueError(f"--data-path weights must be finite numbers, got {weights}")
+        raise ValueError(f"{flag} weights must be finite numbers, got {weights}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--data-path weights must be >= 0 with a positive sum, got {weights}")
+        raise ValueError(f"{flag} weights must be >= 0 with a positive sum, got {weights}")
     return [p.strip() for p in prefixes], [float(w) for w in weights]
 
 
@@ -216,9 +233,10 @@ class TSTGPTDataset(GPTDataset):
                     f"the {split.name} split of {dataset_path or 'the mock data'} holds {tokens} "
                     f"tokens in {len(indexed_indices)} documents, fewer than one sample of "
                     f"{need} tokens (bag_size * (seq_length + 1)); use a smaller --seq-length or "
-                    f"--bag-size, more data, or give this split more weight in --split "
-                    f"({config.split})"
-                )
+                    f"--bag-size, more data, or "
+                    + (f"give this split more weight in --split ({config.split})" if config.split
+                       else f"another prefix in --{split.name}-data-path")
+                )  # fmt: skip
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples, split, config)
 
     @staticmethod
@@ -307,13 +325,22 @@ def build_datasets(
     """
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three counts >= 0, got {num_samples}")
-    blend = None
+    blend = per_split = None
     cache = None
-    if not cfg.mock:
-        prefixes, weights = parse_blend(cfg.data_path)
+    if cfg.blend_per_split is not None:
+        # A split nobody reads is not built (a blend given for it is not even opened).
+        per_split = [
+            parse_blend(b, f"--{name}-data-path") if b is not None and n else None
+            for b, n, name in zip(cfg.blend_per_split, num_samples, ("train", "valid", "test"),
+                                  strict=True)
+        ]  # fmt: skip
+        prefixes = [p for b in per_split if b is not None for p in b[0]]
+    elif not cfg.mock:
+        blend = parse_blend(cfg.data_path)
+        prefixes = blend[0]
+    if blend is not None or per_split is not None:
         for prefix in prefixes:
             check_indexed_dataset(prefix)  # a missing or broken prefix fails here, by name
-        blend = (prefixes, weights)
         cache = cfg.cache_dir or os.path.join(
             os.path.dirname(os.path.abspath(prefixes[0])), "index-cache"
         )
@@ -321,7 +348,8 @@ def build_datasets(
         random_seed=cfg.seed,
         sequence_length=cfg.sample_length,
         blend=blend,
-        split=cfg.split if not cfg.mock else None,
+        blend_per_split=per_split,
+        split=cfg.split if blend is not None else None,
         path_to_cache=cache,
         tokenizer=_DatasetTokenizer(cfg.vocab_size, cfg.eod_id),
         reset_position_ids=False,
@@ -336,13 +364,14 @@ def build_datasets(
     )
     # A split nobody reads is not built: stock megatron-core would otherwise try to build it
     # and, when the split holds no document, loop forever.
-    for split in Split:
-        if num_samples[split.value] == 0:
-            config.split_matrix[split.value] = None
+    if per_split is None:
+        for split in Split:
+            if num_samples[split.value] == 0:
+                config.split_matrix[split.value] = None
     logger.info(
         "building datasets: %s, big samples of %d tokens (bag_size %d x (L %d + 1)), "
         "samples per split %s",
-        "mock data" if cfg.mock else f"blend {blend}",
+        "mock data" if cfg.mock else f"blend {blend}" if blend else f"blends {per_split}",
         cfg.sample_length,
         cfg.bag_size,
         cfg.seq_length,

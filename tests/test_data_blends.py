@@ -1,0 +1,170 @@
+"""Per-split data paths and blend files through pretrain_tst.py, as Megatron-LM reads them.
+
+Two datasets with disjoint token ids (A: ids < 150, B: ids >= 200) say exactly what each
+split read: with ``--train-data-path A --valid-data-path B`` every training row holds A's
+ids only, the validation set holds B's only, and each split reads its prefix whole (all of
+its documents: ``--split`` does not apply). The same blends given as a JSON file
+(``--per-split-data-args-path``, with a ``--split`` that is ignored) and ``--data-path`` given
+as a file (``--data-args-path``) give the same losses exactly. Bad input gets one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from flags import SMALL_GPT
+
+import pretrain_tst
+from tst.data.stream import SampleStream
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = [
+    "--vocab-size", "384", "--tokenizer-type", "NullTokenizer", "--num-layers", "2",
+    "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
+    "--micro-batch-size", "2", "--train-iters", "4", "--tst-bag-size", "2", "--tst-iters", "2",
+    "--lr", "1e-2", "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
+    "--peak-tflops", "1", "--num-workers", "0", *SMALL_GPT,
+]  # fmt: skip
+
+
+def _dataset(path, name: str, low: int, high: int, docs: int = 30) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(path / name)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.default_rng(low)
+    for _ in range(docs):
+        builder.add_document(rng.integers(low, high, 40).tolist(), [40])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("blends")
+    return _dataset(path, "a_text_document", 0, 150), _dataset(path, "b_text_document", 200, 380)
+
+
+def _run(argv: list[str], metrics: str) -> dict:
+    """pretrain_tst.main in this process: the datasets built, the training rows, records."""
+    seen: dict = {"rows": []}
+    build, next_micro_batch = pretrain_tst.build_datasets, SampleStream.next_micro_batch
+
+    def capture(*args, **kwargs):
+        seen["datasets"] = build(*args, **kwargs)
+        return seen["datasets"]
+
+    def record(self, bag_size):
+        rows = next_micro_batch(self, bag_size)
+        if self.dataset is seen["datasets"][0]:
+            seen["rows"].append(rows)
+        return rows
+
+    pretrain_tst.build_datasets, SampleStream.next_micro_batch = capture, record
+    try:
+        assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
+    finally:
+        pretrain_tst.build_datasets, SampleStream.next_micro_batch = build, next_micro_batch
+    with open(metrics) as f:
+        records = [json.loads(line) for line in f]
+    seen["loss"] = [r["loss"] for r in records if r.get("loss") is not None]
+    seen["val"] = [r["val_loss"] for r in records if "val_loss" in r]
+    return seen
+
+
+def _tokens(dataset) -> np.ndarray:
+    return np.concatenate([dataset[i]["tokens"].numpy() for i in range(len(dataset))])
+
+
+def test_per_split_paths_train_and_evaluate_on_their_own_prefixes(data, tmp_path):
+    a, b = data
+    run = _run(BASE + ["--train-data-path", a, "--valid-data-path", b], str(tmp_path / "1.jsonl"))
+    train, valid, test = run["datasets"]
+    assert test is None  # not asked for: not built
+    assert len(run["rows"]) == 4 and all(int(r.max()) < 150 for r in run["rows"])
+    assert _tokens(train).max() < 150 and _tokens(valid).min() >= 200
+    # Whole prefixes: every document of A trains, every document of B validates.
+    assert sorted(train.indices.tolist()) == list(range(30))
+    assert sorted(valid.indices.tolist()) == list(range(30))
+    assert len(run["loss"]) == 4 and len(run["val"]) == 2
+    # The same blends from a JSON file (a string, a weighted list, null), with a --split that
+    # does not apply (warned, ignored): the same run exactly.
+    spec = tmp_path / "splits.json"
+    spec.write_text(json.dumps({"train": a, "valid": ["1.0", b], "test": None}))
+    with pytest.warns(UserWarning, match="--split 98,2,0 has no effect with per-split"):
+        again = _run(BASE + ["--per-split-data-args-path", str(spec), "--split", "98,2,0"],
+                     str(tmp_path / "2.jsonl"))  # fmt: skip
+    assert again["loss"] == run["loss"] and again["val"] == run["val"]
+    # No validation blend: no evaluation, as with an empty validation split.
+    no_valid = _run(BASE + ["--train-data-path", a], str(tmp_path / "3.jsonl"))
+    assert no_valid["datasets"][1] is None and no_valid["val"] == []
+    assert no_valid["loss"] == run["loss"]
+
+
+def test_data_args_path_reads_the_data_path_blend_from_a_file(data, tmp_path):
+    a, b = data
+    direct = _run(BASE + ["--data-path", "0.3", a, "0.7", b], str(tmp_path / "1.jsonl"))
+    blend = tmp_path / "blend.txt"
+    blend.write_text(f"0.3 {a}\n0.7\t{b}\n")
+    from_file = _run(BASE + ["--data-args-path", str(blend)], str(tmp_path / "2.jsonl"))
+    assert from_file["loss"] == direct["loss"] and from_file["val"] == direct["val"]
+    # The blend matters (a file that is not read would train on something else, or fail).
+    only_a = _run(BASE + ["--data-path", a], str(tmp_path / "3.jsonl"))
+    assert only_a["loss"] != direct["loss"]
+    assert any(int(r.max()) >= 200 for r in direct["rows"])
+    assert all(int(r.max()) < 150 for r in only_a["rows"])
+
+
+def _error(argv: list[str]) -> str:
+    with pytest.raises(ValueError) as info:
+        pretrain_tst.main(argv)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_bad_data_path_input_gets_one_line(data, tmp_path):
+    a, b = data
+    missing = str(tmp_path / "nope.json")
+    assert _error(BASE + ["--per-split-data-args-path", missing]) == (
+        f"--per-split-data-args-path {missing}: No such file or directory"
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"train": ["a"],}')
+    assert _error(BASE + ["--per-split-data-args-path", str(bad)]).startswith(
+        f"--per-split-data-args-path {bad} is not JSON (line 1, column 17: "
+    )
+    bad.write_text(json.dumps({"train": [a], "test": None}))
+    assert 'has no "valid" key' in _error(BASE + ["--per-split-data-args-path", str(bad)])
+    bad.write_text(json.dumps({"train": [a], "valid": [1, b], "test": None}))
+    assert '"valid" must be a list of strings' in _error(
+        BASE + ["--per-split-data-args-path", str(bad)]
+    )
+    assert _error(BASE + ["--data-path", a, "--train-data-path", a]).startswith(
+        "give one of --data-path, --data-args-path, --per-split-data-args-path and "
+    )
+    assert "no training data: add --train-data-path" in _error(BASE + ["--valid-data-path", b])
+    assert "no dataset at prefix" in _error(BASE + ["--train-data-path", a, "--valid-data-path",
+                                                    str(tmp_path / "b_text")])  # fmt: skip
+    assert _error(BASE + ["--valid-data-path", "x", "0.5", b, "--train-data-path", a]).startswith(
+        "--valid-data-path x 0.5 "
+    )
+    assert _error(BASE + ["--data-args-path", missing]) == (
+        f"--data-args-path {missing}: No such file or directory"
+    )
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    assert "is empty" in _error(BASE + ["--data-args-path", str(empty)])
+    # From the command line: exit status 2 and one line, before any process group starts.
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_tst.py"), *BASE,
+           "--per-split-data-args-path", missing]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"pretrain_tst.py: error: --per-split-data-args-path {missing}: No such file or directory"
+    ]
