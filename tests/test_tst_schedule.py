@@ -229,6 +229,8 @@ def test_three_stages_oracle_layouts_and_resume(world2, tmp_path):
     assert raw[1] == 2 * 4 * 4 * (SEQ + 1) and raw[3] == raw[1] + 2 * 4 * 2 * (SEQ + 1)
     assert raw[-1] == raw[3] + 4 * 4 * (SEQ + 1)
 
+    _tools_follow_the_stages(str(tmp_path / "one.jsonl"), tmp_path)
+
     layouts = {
         "TP1-DP2": [],
         "TP2": ["--tensor-model-parallel-size", "2"],
@@ -261,6 +263,24 @@ def test_three_stages_oracle_layouts_and_resume(world2, tmp_path):
     message = world2.run(_resume_error, earlier, str(tmp_path / "refused.jsonl"))[0]
     assert "stage 1 (superposition phase)" in message and "in stage 0" in message, message
     assert "never goes back" in message and "--tst-schedule" in message
+
+
+def _tools_follow_the_stages(metrics: str, tmp_path) -> None:
+    """run_metrics / compare_runs / plot_runs read the stages of a three-stage run's file."""
+    from test_data_support import load_tool
+
+    run_metrics = load_tool("run_metrics")
+    run = run_metrics.read_metrics(metrics)
+    assert run.stage_starts == [(2, SUPERPOSITION), (4, RECOVERY)]
+    assert run.switch_iteration == 4
+    # Without the header (the phase table), from the logged stages.
+    bare = run_metrics.RunMetrics("bare", run.train, run.evals)
+    assert bare.stage_starts == [(2, SUPERPOSITION), (4, RECOVERY)]
+    compared = load_tool("compare_runs").compare(run, run)
+    assert compared["candidate_stage_starts"] == [2, 4]
+    png = str(tmp_path / "stages.png")
+    assert load_tool("plot_runs").main(["--runs", f"tst={metrics}", "--output", png]) == 0
+    assert os.path.getsize(png) > 0
 
 
 def test_two_stage_schedule_trains_as_the_two_phase_flags(world2, tmp_path):

@@ -34,6 +34,7 @@ def compare(baseline, candidate) -> dict:
         "baseline_raw_tokens": baseline.train[-1]["raw_tokens"] if baseline.train else None,
         "candidate_raw_tokens": candidate.train[-1]["raw_tokens"] if candidate.train else None,
         "candidate_switch_iteration": candidate.switch_iteration,
+        "candidate_stage_starts": [start for start, _ in candidate.stage_starts],
         "reached_baseline_final_at_iteration": reached["iteration"] if reached else None,
         "reached_baseline_final_at_s": reached["elapsed_s"] if reached else None,
     }

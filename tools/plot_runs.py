@@ -71,22 +71,26 @@ def main(argv=None) -> int:
             (line,) = ax.plot(xs, mean, marker=".", label=label)
             if len(seeds) > 1:
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-            switch = run.switch_iteration
-            if switch is not None:
-                at = next((r for r in run.train if r["iteration"] >= switch), None)
+            # Dashed: the switch to recovery; dotted: a switch between bag stages.
+            for start, entered in run.stage_starts:
+                at = next((r for r in run.train if r["iteration"] >= start), None)
                 if at is not None:
-                    ax.axvline(at[key], color=line.get_color(), linestyle="--", alpha=0.6)
+                    style = "--" if entered == "recovery" else ":"
+                    ax.axvline(at[key], color=line.get_color(), linestyle=style, alpha=0.6)
         sup = [r for r in run.train if r["phase"] == "superposition"]
-        if sup:
-            axes[1, 1].plot([r["iteration"] for r in sup], [r["loss"] for r in sup],
-                            label=f"{name} ({sup[0]['loss_name']}, first run)")  # fmt: skip
+        stages = sorted({r.get("stage", 0) for r in sup})  # one curve per bag stage
+        for stage in stages:
+            part = [r for r in sup if r.get("stage", 0) == stage]
+            which = f", stage {stage}" if len(stages) > 1 else ""
+            axes[1, 1].plot([r["iteration"] for r in part], [r["loss"] for r in part],
+                            label=f"{name} ({part[0]['loss_name']}{which}, first run)")  # fmt: skip
     for key, ax in axes_by_key.items():
         ax.set_xlabel({"iteration": "iteration", "elapsed_s": "wall-clock (s)",
                        "raw_tokens": "raw tokens consumed"}[key])  # fmt: skip
         ax.set_ylabel("next-token validation loss")
         ax.grid(alpha=0.3)
         ax.legend()
-    axes[1, 1].set_title("superposition-phase training loss (dashed lines: phase switch)")
+    axes[1, 1].set_title("superposition training loss (switches: -- recovery, : bag stage)")
     axes[1, 1].set_xlabel("iteration")
     axes[1, 1].grid(alpha=0.3)
     if axes[1, 1].lines:

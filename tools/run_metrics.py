@@ -51,6 +51,22 @@ class RunMetrics:
                 return before["iteration"]
         return None
 
+    @property
+    def stage_starts(self) -> list[tuple[int, str]]:
+        """Every switch of the run in order, as (iteration, name of the phase it enters): a
+        multi-stage schedule (--tst-schedule) switches between bag stages before the switch
+        to recovery. From the phase table when the file has one, else from where the logged
+        stage (or phase) changes."""
+        for record in self.meta:
+            phases = record.get("phases")
+            if isinstance(phases, list):
+                return [(p["start"], p.get("name")) for p in phases[1:]]
+        return [
+            (before["iteration"], after["phase"])
+            for before, after in zip(self.train, self.train[1:], strict=False)
+            if (before.get("stage"), before["phase"]) != (after.get("stage"), after["phase"])
+        ]
+
 
 def _parse(line: bytes) -> dict:
     """One record; ValueError (JSON or UTF-8) when the line is not one."""

@@ -772,6 +772,7 @@ class Trainer:
                     "val_loss": val,
                     "elapsed_s": round(self.elapsed(), 3),
                     "phase": phase.name,
+                    "stage": phase.stage,
                     "raw_tokens": self.train_stream.consumed_raw_tokens,
                 }
                 if log.log_validation_ppl_to_tensorboard:
@@ -820,6 +821,7 @@ class Trainer:
         record = {
             "iteration": self.iteration,
             "phase": phase.name,
+            "stage": phase.stage,
             "loss_name": name,
             "loss": window["loss"] / steps,
             "lr": self.optimizer.param_groups[0]["lr"],
