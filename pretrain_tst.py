@@ -65,6 +65,9 @@ def main(argv=None) -> int:
         return dry_run(cfg, dry_run_vocab_size(cfg))
     check_launchable(cfg)
     blends = data_blends(cfg.data)  # reads --data-args-path / --per-split-data-args-path
+    from tst.metrics import check_wandb
+
+    check_wandb(cfg.log.wandb_project)  # a missing package, before any process group
     if cfg.run.save:
         from tst.checkpointing import check_writable
 

@@ -10,8 +10,13 @@ import time
 
 import torch
 
+from tst.errors import InputError
+
+_WANDB = "0.31.0"  # the version requirements.txt pins (tested in offline mode)
+
 __all__ = [
     "MetricsWriter",
+    "check_wandb",
     "flops_per_position",
     "git_hash",
     "library_versions",
@@ -215,14 +220,26 @@ def _flatten(record: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _start_wandb(options: dict):
-    """A Weights & Biases run (offline when WANDB_MODE=offline); the package is optional."""
+def check_wandb(project: str | None) -> None:
+    """With ``--wandb-project``, refuse at start (before any process group) when the optional
+    ``wandb`` package is missing, naming the fix."""
+    if not project:
+        return
     try:
-        import wandb
+        import wandb  # noqa: F401
     except ImportError:
-        raise ValueError(
-            "--wandb-project needs the wandb package: pip install wandb (or drop the flag)"
+        raise InputError(
+            f"--wandb-project {project} needs the wandb package: pip install wandb=={_WANDB} "
+            "(or drop the --wandb-* flags)"
         ) from None
+
+
+def _start_wandb(options: dict):
+    """A Weights & Biases run (offline when WANDB_MODE=offline, files under --wandb-save-dir);
+    the package is optional (:func:`check_wandb`)."""
+    check_wandb(options["project"])
+    import wandb
+
     save_dir = options.get("save_dir")
     if save_dir:
         os.makedirs(save_dir, exist_ok=True)

@@ -1,0 +1,266 @@
+"""Model-shape, checkpoint, data, logging and memory flags through pretrain_tst.py, each at its
+default and at another value, and Weights & Biases in offline mode.
+
+Two runs carry every flag (one with the defaults, one with all of them changed), so each
+check is a difference a flag that is not wired could not make: parameter shapes
+(--kv-channels), RoPE frequencies against megatron-core's own formula (--rotary-percent,
+--use-rope-scaling / --rope-scaling-factor), the norms' epsilon (--norm-epsilon), the
+checkpoint's keys (--no-save-optim), the bin-file reader (--no-mmap-bin-files), TensorBoard
+event counts (--tensorboard-log-interval), a logged parameter norm equal to the model's
+(--log-params-norm), garbage collection (--manual-gc / --manual-gc-interval) and the points
+where cached device memory is released (--empty-unused-memory-level). The W&B run's offline
+files are read back (wandb's transaction log, parsed here as the LevelDB-style log it is) and
+hold the run's own metrics.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flags import SMALL_GPT
+
+import pretrain_tst
+
+BASE = [
+    "--vocab-size", "384", "--tokenizer-type", "NullTokenizer", "--num-layers", "2",
+    "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
+    "--micro-batch-size", "2", "--train-iters", "4", "--tst-bag-size", "2", "--tst-iters", "2",
+    "--lr", "1e-2", "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
+    "--peak-tflops", "1", "--num-workers", "0", "--save-interval", "4", *SMALL_GPT,
+]  # fmt: skip
+CHANGED = [
+    "--kv-channels", "16", "--rotary-percent", "0.5", "--use-rope-scaling",
+    "--rope-scaling-factor", "16", "--norm-epsilon", "1e-3", "--no-save-optim",
+    "--no-mmap-bin-files", "--tensorboard-log-interval", "2", "--log-params-norm",
+    "--manual-gc", "--manual-gc-interval", "2", "--empty-unused-memory-level", "2",
+]  # fmt: skip
+
+
+def _dataset(path) -> str:
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    prefix = str(path / "d_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        builder.add_document(rng.integers(0, 380, 40).tolist(), [40])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def _run(argv: list[str], out) -> dict:
+    """pretrain_tst.main in this process, watching what the flags should change."""
+    from tst.trainer import Trainer
+
+    seen: dict = {"gc_enabled": set(), "collects": 0, "releases": []}
+    train, step, empty = Trainer.train, Trainer.train_step, Trainer._empty_cache
+    collect = gc.collect
+
+    def watch_train(self):
+        model = self.raw_chunks[0]
+        seen["config"] = self.config
+        seen["shapes"] = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        seen["inv_freq"] = model.rotary_pos_emb.inv_freq.clone()
+        seen["eps"] = {m.eps for m in model.modules() if hasattr(m, "eps")}
+        seen["bin_reader"] = type(self.train_stream.dataset.dataset.bin_reader).__name__
+        seen["trainer"] = self
+        return train(self)
+
+    def watch_step(self, phase):
+        seen["gc_enabled"].add(gc.isenabled())
+        return step(self, phase)
+
+    def watch_empty(self, level):
+        # Where the trainer would hand cached CUDA blocks back (it does only on CUDA).
+        if self.cfg.training.empty_unused_memory_level >= level:
+            seen["releases"].append((self.iteration, level))
+        return empty(self, level)
+
+    def count_collect(*args, **kwargs):
+        seen["collects"] += 1
+        return collect(*args, **kwargs)
+
+    Trainer.train, Trainer.train_step, Trainer._empty_cache = watch_train, watch_step, watch_empty
+    gc.collect = count_collect
+    try:
+        assert pretrain_tst.main(argv + [
+            "--metrics-file", str(out / "m.jsonl"), "--save", str(out / "ckpt"),
+            "--tensorboard-dir", str(out / "tb"),
+        ]) == 0  # fmt: skip
+    finally:
+        Trainer.train, Trainer.train_step, Trainer._empty_cache = train, step, empty
+        gc.collect = collect
+        gc.enable()
+    with open(out / "m.jsonl") as f:
+        seen["records"] = [json.loads(line) for line in f]
+    return seen
+
+
+def _checkpoint_keys(ckpt) -> list[str]:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    with open(ckpt / "latest_checkpointed_iteration.txt") as f:
+        iteration = int(f.read())
+    folder = ckpt / f"iter_{iteration:07d}"
+    return list(FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+
+
+def _tensorboard(folder) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _rope_inv_freq(dim: int, rotary_percent: float, scaling: float | None) -> torch.Tensor:
+    """megatron-core's RotaryEmbedding frequencies, rebuilt from its own scaling helper."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    rope = RotaryEmbedding(dim, rotary_percent, rope_scaling=scaling is not None,
+                           rope_scaling_factor=scaling or 8.0, use_cpu_initialization=True)  # fmt: skip
+    return rope.inv_freq
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    path = tmp_path_factory.mktemp("flags")
+    prefix = _dataset(path)
+    (path / "d").mkdir()
+    (path / "n").mkdir()
+    default = _run(BASE + ["--data-path", prefix], path / "d")
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        changed = _run(BASE + CHANGED + ["--data-path", prefix, "--wandb-project", "tst-tests",
+                                         "--wandb-exp-name", "changed", "--wandb-save-dir",
+                                         str(path / "n" / "wandb")], path / "n")  # fmt: skip
+    finally:
+        del os.environ["WANDB_MODE"]
+    return default, changed, path
+
+
+def test_model_shape_and_numerics_flags(runs):
+    default, changed, _ = runs
+    qkv = "decoder.layers.0.self_attention.linear_qkv.weight"
+    proj = "decoder.layers.0.self_attention.linear_proj.weight"
+    # --kv-channels: 4 heads x 8 (hidden / heads) by default, 4 x 16 when given.
+    assert default["config"].kv_channels == 8 and changed["config"].kv_channels == 16
+    assert default["shapes"][qkv] == (3 * 4 * 8, 32) and changed["shapes"][qkv] == (3 * 4 * 16, 32)
+    assert default["shapes"][proj] == (32, 32) and changed["shapes"][proj] == (32, 64)
+    # --rotary-percent / --use-rope-scaling / --rope-scaling-factor: the frequencies.
+    assert torch.equal(default["inv_freq"], _rope_inv_freq(8, 1.0, None))
+    assert torch.equal(changed["inv_freq"], _rope_inv_freq(16, 0.5, 16.0))
+    assert changed["inv_freq"].numel() == 4 and default["inv_freq"].numel() == 4
+    assert not torch.equal(changed["inv_freq"], _rope_inv_freq(16, 0.5, None))  # scaled
+    # --norm-epsilon: megatron-core's field and every norm module.
+    assert default["config"].layernorm_epsilon == 1e-5 and default["eps"] == {1e-5}
+    assert changed["config"].layernorm_epsilon == 1e-3 and changed["eps"] == {1e-3}
+
+
+def test_checkpoint_data_and_memory_flags(runs):
+    default, changed, path = runs
+    # --no-save-optim: the model is saved, Adam's state is not.
+    keys_d, keys_n = _checkpoint_keys(path / "d" / "ckpt"), _checkpoint_keys(path / "n" / "ckpt")
+    assert any("optimizer" in k for k in keys_d) and not any("optimizer" in k for k in keys_n)
+    assert {k for k in keys_d if "optimizer" not in k} == set(keys_n)
+    # --no-mmap-bin-files: megatron-core's file reader instead of the memory map.
+    assert default["bin_reader"] == "_MMapBinReader" and changed["bin_reader"] == "_FileBinReader"
+    # --empty-unused-memory-level: none by default; 2 = after the forward/backward and after
+    # the optimizer step (Megatron-LM's points), at every one of the 4 steps.
+    assert default["releases"] == []
+    assert sorted(changed["releases"]) == sorted(
+        [(i, 2) for i in range(4)] + [(i, 1) for i in range(4)]
+    )
+
+
+def test_logging_and_gc_flags(runs):
+    default, changed, path = runs
+    # --tensorboard-log-interval: training scalars every step by default, every 2nd here;
+    # evaluation records are written whenever they happen.
+    tb_d, tb_n = _tensorboard(path / "d" / "tb"), _tensorboard(path / "n" / "tb")
+    assert tb_d["train/loss"] == [1, 2, 3, 4] and tb_n["train/loss"] == [2, 4]
+    assert tb_d["eval/val_loss"] == tb_n["eval/val_loss"] == [2, 4]
+    # --log-params-norm: logged at every step, and the last one is the final model's norm.
+    train_d = [r for r in default["records"] if r.get("loss") is not None]
+    train_n = [r for r in changed["records"] if r.get("loss") is not None]
+    assert not any("params_norm" in r for r in train_d) and len(train_n) == 4
+    model = changed["trainer"].raw_chunks[0]
+    norm = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
+    assert train_n[-1]["params_norm"] == pytest.approx(norm, rel=1e-9)
+    # --manual-gc / --manual-gc-interval: automatic collection off while training; a
+    # collection at start, at steps 2 and 4 and twice around each of the 2 evaluations.
+    assert default["gc_enabled"] == {True} and default["collects"] == 0
+    assert changed["gc_enabled"] == {False}
+    assert changed["collects"] == 1 + 2 + 2 * 2
+
+
+def _wandb_records(run_dir) -> list:
+    """The records of a W&B run's ``.wandb`` file: wandb writes them as a LevelDB-style log
+    (a 7-byte ``:W&B`` header, then 32 KiB blocks of chunks: crc32c, length, type)."""
+    from wandb.proto import wandb_internal_pb2
+
+    (name,) = [n for n in os.listdir(run_dir) if n.endswith(".wandb")]
+    with open(os.path.join(run_dir, name), "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B"
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header: padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        if kind == 0:  # zero padding to the end of the block
+            pos += block - pos % block
+            continue
+        pending += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def test_wandb_offline_run_holds_the_metrics(runs):
+    _, changed, path = runs
+    root = path / "n" / "wandb" / "wandb"
+    (run_dir,) = [root / n for n in os.listdir(root) if n.startswith("offline-run-")]
+    records = _wandb_records(run_dir)
+    (run,) = [r.run for r in records if r.HasField("run")]
+    assert run.project == "tst-tests" and run.display_name == "changed"
+    history: dict[int, dict] = {}
+    for r in records:
+        if r.HasField("history"):
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                     for i in r.history.item}  # fmt: skip
+            history.setdefault(items.get("_step"), {}).update(items)
+    # Every --tensorboard-log-interval (2) step's training scalars, and both evaluations.
+    train_n = {r["iteration"]: r for r in changed["records"] if r.get("loss") is not None}
+    evals = {r["iteration"]: r["val_loss"] for r in changed["records"] if "val_loss" in r}
+    assert sorted(history) == [0, 2, 4]  # 0: the run plan's record (train_iters)
+    assert history[0]["plan/train_iters"] == 4
+    for step in (2, 4):
+        assert history[step]["train/loss"] == pytest.approx(train_n[step]["loss"], rel=1e-12)
+        assert history[step]["train/params_norm"] == pytest.approx(train_n[step]["params_norm"])
+        assert history[step]["eval/val_loss"] == pytest.approx(evals[step], rel=1e-12)
+    # The run's resolved config, as the run record carries it.
+    config = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert config["model"]["kv_channels"] == 16 and config["log"]["manual_gc_interval"] == 2
+
+
+def test_wandb_missing_package_is_one_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(ValueError) as info:
+        pretrain_tst.main(BASE + ["--mock-data", "--wandb-project", "p"])
+    assert str(info.value) == (
+        "--wandb-project p needs the wandb package: pip install wandb==0.31.0 (or drop the "
+        "--wandb-* flags)"
+    )
