@@ -33,14 +33,15 @@ _BALANCING = {
 
 class RoutingMonitor:
     """Forward hooks on every router of ``model_chunks``: tokens per expert and dropped
-    tokens of this rank's training forwards, into a ``[layers, E + 2]`` fp64 buffer.
+    tokens of this rank's training forwards, into a ``[layers, E + 2]`` fp64 buffer on
+    ``device`` (no host sync per router call).
 
     Counts only forwards that train (``training`` and grad enabled): evaluation is left out,
     and a layer recomputed under full activation recompute counts once (its first forward
     runs without grad), as megatron-core counts the expert-bias token counts.
     """
 
-    def __init__(self, model_chunks, config):
+    def __init__(self, model_chunks, config, device):
         from megatron.core.transformer.moe.router import TopKRouter
 
         self.num_layers = config.num_layers
@@ -48,7 +49,9 @@ class RoutingMonitor:
         self.topk = config.moe_router_topk
         self.padded = bool(config.moe_pad_expert_input_to_capacity)
         self.layers = config.num_layers + (config.mtp_num_layers or 0)
-        self.buffer = torch.zeros(self.layers, self.num_experts + 2, dtype=torch.float64)
+        self.buffer = torch.zeros(
+            self.layers, self.num_experts + 2, dtype=torch.float64, device=device
+        )
         self._handles = [
             module.register_forward_hook(self._hook)
             for chunk in model_chunks
@@ -64,12 +67,12 @@ class RoutingMonitor:
             # Padded to capacity, the map marks padding rows too; real assignments keep
             # their probability, padding gets 0.
             kept = routing_map & (probs != 0) if self.padded else routing_map
-            per_expert = kept.sum(dim=0).double().cpu()
-        tokens = routing_map.shape[0]
-        row = self.buffer[router.layer_number - 1]
-        row[: self.num_experts] += per_expert
-        row[self.num_experts] += tokens * self.topk - float(per_expert.sum())
-        row[self.num_experts + 1] += tokens
+            per_expert = kept.sum(dim=0).double()
+            tokens = routing_map.shape[0]
+            row = self.buffer[router.layer_number - 1]
+            row[: self.num_experts] += per_expert
+            row[self.num_experts] += tokens * self.topk - per_expert.sum()
+            row[self.num_experts + 1] += tokens
 
     def take(self) -> torch.Tensor:
         """``[layers, E + 2 + 3]``: this rank's counts since the last call, then megatron-core's
@@ -79,12 +82,14 @@ class RoutingMonitor:
             get_moe_layer_wise_logging_tracker,
         )
 
-        losses = torch.zeros(self.layers, len(_BALANCING), dtype=torch.float64)
+        losses = torch.zeros(
+            self.layers, len(_BALANCING), dtype=torch.float64, device=self.buffer.device
+        )
         tracker = get_moe_layer_wise_logging_tracker()
         for i, name in enumerate(_BALANCING):
             if name in tracker:
-                values = tracker[name]["values"].detach().double().cpu()
-                losses[: len(values), i] = values[: self.layers]
+                values = tracker[name]["values"].detach().double()[: self.layers]
+                losses[: len(values), i] = values.to(losses.device)
         clear_aux_losses_tracker()
         counts, self.buffer = self.buffer, torch.zeros_like(self.buffer)
         return torch.cat([counts, losses], dim=1)
@@ -125,8 +130,8 @@ class StepStats:
         self.routing = routing
         self.mtp_depths = mtp_depths
         self.dp = dp
-        self.device = device  # NCCL reduces no CPU tensors
-        self._mtp = torch.zeros(max(mtp_depths, 1), 2, dtype=torch.float64)
+        self.device = device  # sums stay on the device (no host sync) until the window ends
+        self._mtp = torch.zeros(max(mtp_depths, 1), 2, dtype=torch.float64, device=device)
         self._window: dict[str, list] = {}  # phase -> [routing sums, MTP sums, micro-batches]
 
     @property
@@ -141,11 +146,12 @@ class StepStats:
 
     def add_mtp(self, stats: torch.Tensor) -> None:
         """One micro-batch's ``[D, 2]`` (loss sum, positions) per MTP depth."""
-        self._mtp += stats.detach().double().cpu()
+        self._mtp += stats.detach().double()
 
     def commit(self, phase: str, micro_batches: int) -> None:
         """A good step of ``phase``: add what it gathered to the window."""
-        routing = self.routing.take() if self.routing is not None else torch.zeros(0)
+        routing = (self.routing.take() if self.routing is not None
+                   else torch.zeros(0, device=self.device))  # fmt: skip
         entry = self._window.setdefault(
             phase, [torch.zeros_like(routing), torch.zeros_like(self._mtp), 0]
         )
@@ -162,12 +168,12 @@ class StepStats:
         phases = sorted(self._window)
         flat = torch.cat(
             [torch.cat([e[0].flatten(), e[1].flatten()]) for e in map(self._window.get, phases)]
-        ).to(self.device)
+        )
         dist.all_reduce(flat)
         flat = flat.cpu()
         record: dict = {}
         routing: dict = {}
-        mtp = torch.zeros_like(self._mtp)
+        mtp = torch.zeros_like(self._mtp, device="cpu")
         offset = 0
         for phase in phases:
             sums, mtp_sums, micro = self._window[phase]

@@ -129,7 +129,8 @@ class Trainer:
         self._saves_pending: dict[int, str] = {}
         self.start_time = time.time()
         self.elapsed_before = 0.0
-        routing = RoutingMonitor(self.raw_chunks, self.config) if m.num_experts else None
+        routing = (RoutingMonitor(self.raw_chunks, self.config, layout.device)
+                   if m.num_experts else None)  # fmt: skip
         self.step_stats = StepStats(routing, self.config.mtp_num_layers or 0, layout.dp,
                                     layout.device)  # fmt: skip
 
