@@ -15,7 +15,10 @@ one transformer layer and scores the shared output head. What it predicts, per p
 
 In both phases the targets of depth ``k`` are the main targets ``[b, L, slots]`` rolled ``k``
 positions, so position ``i`` of depth ``k`` carries position ``i + k``'s targets and loss mask;
-the last ``k`` positions have no target ``k`` ahead and are masked. Each depth's per-position
+the last ``k`` positions have no target ``k`` ahead and are masked. The rule is positional, so
+it holds for every ``--tst-mode`` (input-only: bag inputs, one-token targets; output-only:
+token inputs, bag targets) and every stage of a ``--tst-schedule``; with ``--tst-layout
+paper`` the depths reuse the step's slot weights, counted on the main targets. Each depth's per-position
 loss ``[b, L]`` (masked) joins the main loss through megatron-core's ``MTPLossAutoScaler``
 with weight ``--mtp-loss-scaling-factor / D``; with per-token normalisation (always on here)
 the step's objective is ``(sum main + factor / D * sum_k sum mtp_k) / (main positions)``, as
