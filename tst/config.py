@@ -576,9 +576,13 @@ class DataArgs:
         "A checkpoint resumes at another TP only if the padded size stays the same.",
     )
     data_cache_path: str | None = _f(None, "Where dataset sample indices are cached.")
-    train_data_path: list[str] | None = _f(None, "Training-split prefixes (instead of --split).")
-    valid_data_path: list[str] | None = _f(None, "Validation-split prefixes.")
-    test_data_path: list[str] | None = _f(None, "Test-split prefixes.")
+    train_data_path: list[str] | None = _f(
+        None, "Training blend, its prefixes read whole (instead of --data-path and --split)."
+    )
+    valid_data_path: list[str] | None = _f(
+        None, "Validation blend (none: no evaluation); with --train-data-path."
+    )
+    test_data_path: list[str] | None = _f(None, "Test blend; with --train-data-path.")
     data_args_path: str | None = _f(
         None, "A file holding the --data-path value (for blends too long for a command line)."
     )
