@@ -6,8 +6,9 @@
 #   2. bench/gpu_check.sh's short figures (a ~370M GPT, both phases, bf16; FP8 where TE is);
 #   3. a ~110M-parameter GPT (12 x 768, SwiGLU, 32,000-entry vocabulary, tied, context 2048,
 #      bf16, TE where importable): a calibration run that times a step, then a baseline and a
-#      TST arm (bag 6, r 0.3) at the same number of steps, as many as the time budget allows
-#      (each run also has a time-based stop, --exit-duration-in-mins, as a safety net);
+#      TST arm (bag 6, r 0.3) and a multi-stage arm (--tst-schedule 6:0.15,3:0.15,1: bag 6,
+#      then bag 3, 30% of the steps in all) at the same number of steps, as many as the time
+#      budget allows (each run also has a time-based stop, --exit-duration-in-mins);
 #   4. a summary: per arm steps, raw tokens, final held-out next-token loss, tokens/s and MFU
 #      per phase (against the H200's dense bf16 peak, 989 TFLOP/s), peak memory.
 # Everything it reports lands in OUTPUT_FOLDER: summary.md (the table), summary.json,
@@ -38,6 +39,8 @@ WORK=${WORK:-/tmp/tst_gpu_study$([[ "$DRY_RUN" == 1 ]] && echo _dry)}
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}      # H200 dense bf16
 BAG_SIZE=${BAG_SIZE:-6}              # the paper's and the ~100M reproduction's
 TST_FRACTION=${TST_FRACTION:-0.3}
+MULTI_SCHEDULE=${MULTI_SCHEDULE-6:0.15,3:0.15,1}  # the multi-stage arm; empty: no such arm
+N_ARMS=$([[ -n "$MULTI_SCHEDULE" ]] && echo 3 || echo 2)
 LR=${LR:-1e-3}
 N_EVALS=${N_EVALS:-5}                # held-out evaluations per arm (the last at the end)
 if [[ "$DRY_RUN" == 1 ]]; then       # CPU, tiny: the whole path in about a minute
@@ -199,9 +202,11 @@ train calibration "${MODEL[@]}" "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAIN_AR
 
 # Steps per arm: what each arm's share of the budget left holds at the calibrated step time
 # (10% kept for the superposition phase's data and loss), a multiple of N_EVALS * 2.
-PLANNED=$("$PYTHON" - "$RESULTS/metrics" "$BUDGET_S" "$(elapsed)" "$N_EVALS" "${STEPS:-0}" <<'EOF'
+PLANNED=$("$PYTHON" - "$RESULTS/metrics" "$BUDGET_S" "$(elapsed)" "$N_EVALS" "${STEPS:-0}" \
+    "$N_ARMS" <<'EOF'
 import json, math, statistics, sys
 folder, budget, spent, n_evals, fixed = sys.argv[1], *map(float, sys.argv[2:5]), int(sys.argv[5])
+n_arms = int(sys.argv[6])
 records = [json.loads(l) for l in open(f"{folder}/calibration.jsonl") if l.strip()]
 train = [r for r in records if "tflops_per_device" in r]
 evals = [r for r in records if "val_loss" in r]
@@ -211,7 +216,7 @@ per_step = statistics.median(
     for b, r in zip(train, train[1:])) if len(train) > 1 else train[-1]["elapsed_s"] / train[-1]["iteration"]
 eval_s = evals[-1]["elapsed_s"] - train[-1]["elapsed_s"] if evals else 0.0
 overhead = wall - (evals or train)[-1]["elapsed_s"]  # start-up and exit, outside the trainer
-arm = (budget - spent - 15) / 2  # 15 s for the summary and the archive
+arm = (budget - spent - 15) / n_arms  # 15 s for the summary and the archive
 unit = 2 * int(n_evals)
 if fixed:
     steps = fixed
@@ -239,6 +244,10 @@ echo "== baseline [$(elapsed) s]"
 train baseline "${ARM_ARGS[@]}" || FAILED=1
 echo "== tst: bag $BAG_SIZE, r $TST_FRACTION [$(elapsed) s]"
 train tst "${ARM_ARGS[@]}" --tst-bag-size "$BAG_SIZE" --tst-fraction "$TST_FRACTION" || FAILED=1
+if [[ -n "$MULTI_SCHEDULE" ]]; then
+  echo "== multistage: --tst-schedule $MULTI_SCHEDULE [$(elapsed) s]"
+  train multistage "${ARM_ARGS[@]}" --tst-schedule "$MULTI_SCHEDULE" || FAILED=1
+fi
 
 if [[ "$DRY_RUN" == 1 ]]; then  # the GPU-sized command lines, checked on the meta device
   echo "== the GPU arms' command lines, --dry-run"
@@ -246,25 +255,32 @@ if [[ "$DRY_RUN" == 1 ]]; then  # the GPU-sized command lines, checked on the me
     --bf16 --micro-batch-size 8 --global-batch-size 32 --vocab-size 32000 --mock-data \
     --train-iters 300 --tst-bag-size "$BAG_SIZE" --tst-fraction "$TST_FRACTION" \
     > "$RESULTS/logs/gpu_dry_run.log" 2>&1 || FAILED=1
-  grep -E "^(parameters|superposition|recovery)" "$RESULTS/logs/gpu_dry_run.log" || true
+  if [[ -n "$MULTI_SCHEDULE" ]]; then
+    "$PYTHON" pretrain_tst.py --dry-run "${GPU_MODEL[@]}" "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" \
+      --bf16 --micro-batch-size 8 --global-batch-size 32 --vocab-size 32000 --mock-data \
+      --train-iters 300 --tst-schedule "$MULTI_SCHEDULE" \
+      >> "$RESULTS/logs/gpu_dry_run.log" 2>&1 || FAILED=1
+  fi
+  # The parameter counts and the phase tables' rows (stage, phase, steps, bags, loss).
+  grep -E "^(parameters| *[0-9]+ (superposition|recovery))" "$RESULTS/logs/gpu_dry_run.log" || true
 fi
 
 # ------------------------------------------------------------------ 4. summary
 echo "== summary [$(elapsed) s]"
 "$PYTHON" - "$OUT_FOLDER" "$PEAK_TFLOPS" "$GBS" "${MODEL[*]}" "$BAG_SIZE" "$TST_FRACTION" \
-    "$(elapsed)" <<'EOF' || FAILED=1
+    "$(elapsed)" "$MULTI_SCHEDULE" <<'EOF' || FAILED=1
 import json, os, statistics, sys
 sys.path.insert(0, "bench")
 sys.path.insert(0, "tools")
 from reproduce import clean_windows  # each phase's first window and eval windows left out
 from run_metrics import RunMetrics, read_metrics
 
-out, peak, gbs, model, bag, fraction, wall = sys.argv[1:8]
+out, peak, gbs, model, bag, fraction, wall, multi = sys.argv[1:9]
 peak, gbs = float(peak), int(gbs)
 seq = int(model.split("--seq-length ")[1].split()[0])
 folder = f"{out}/results/metrics"
 arms = {}
-for name in ("calibration", "baseline", "tst"):
+for name in ("calibration", "baseline", "tst", "multistage"):
     path = f"{folder}/{name}.jsonl"
     if not os.path.isfile(path):
         continue
@@ -319,6 +335,13 @@ if "baseline" in arms and "tst" in arms:
     notes.append(f"TST bag {bag}, r {fraction}: held-out loss {t['final_val_loss']:.4f} vs baseline "
                  f"{b['final_val_loss']:.4f} ({t['final_val_loss'] - b['final_val_loss']:+.4f}) at {equal}; "
                  f"raw tokens {t['raw_tokens'] / max(b['raw_tokens'], 1):.2f}x the baseline's.")
+    if "multistage" in arms:
+        m = arms["multistage"]
+        notes.append(f"Multi-stage --tst-schedule {multi}: held-out loss {m['final_val_loss']:.4f} "
+                     f"({m['final_val_loss'] - b['final_val_loss']:+.4f} vs baseline, "
+                     f"{m['final_val_loss'] - t['final_val_loss']:+.4f} vs the TST arm) at "
+                     f"{m['steps']:,} steps; raw tokens {m['raw_tokens'] / max(b['raw_tokens'], 1):.2f}x "
+                     "the baseline's.")
     notes.append(f"Regime: context {seq}, {b['steps']:,} steps of {gbs} x {seq} = {gbs * seq:,} positions "
                  f"({b['positions'] / 1e6:,.1f}M positions per arm) against the ~100M reproduction's "
                  f"3,000 steps at context 2,048: {b['steps'] / 3000:.1%} of its steps; at this batch its "

@@ -35,9 +35,12 @@ def test_gpu_study_dry_run_end_to_end(tmp_path):
 
     summary = json.loads((out / "summary.json").read_text())
     arms = summary["arms"]
-    assert set(arms) == {"calibration", "baseline", "tst"}
-    base, tst = arms["baseline"], arms["tst"]
-    assert base["steps"] == tst["steps"] == 10  # equal steps
+    assert set(arms) == {"calibration", "baseline", "tst", "multistage"}
+    base, tst, multi = arms["baseline"], arms["tst"], arms["multistage"]
+    assert base["steps"] == tst["steps"] == multi["steps"] == 10  # equal steps
+    # --tst-schedule 6:0.15,3:0.15,1 of 10 steps: 2 steps of bag 6, 1 of bag 3, 7 plain.
+    assert multi["raw_tokens"] == base["raw_tokens"] * (2 * 6 + 1 * 3 + 7) // 10
+    assert "Multi-stage --tst-schedule 6:0.15,3:0.15,1" in "\n".join(summary["notes"])
     assert tst["raw_tokens"] > 2 * base["raw_tokens"]  # bag 6 for 30% of the steps
     assert set(tst["phases"]) == {"superposition", "recovery"} and set(base["phases"]) == {
         "recovery"
@@ -53,7 +56,7 @@ def test_gpu_study_dry_run_end_to_end(tmp_path):
 
     with tarfile.open(out / "results.tar.gz") as tar:
         names = set(tar.getnames())
-    for name in ("calibration", "baseline", "tst"):
+    for name in ("calibration", "baseline", "tst", "multistage"):
         for suffix in (".jsonl", ".memory.json", ".wall"):
             assert f"results/metrics/{name}{suffix}" in names
         assert f"results/logs/{name}.log" in names
@@ -63,3 +66,6 @@ def test_gpu_study_dry_run_end_to_end(tmp_path):
     total = float(re.search(r"parameters \(built on the meta device\): total ([\d.]+)M", log)[1])
     assert 90 <= total <= 130, total
     assert re.search(r"superposition\s+0\.\.89\s+6", log)  # r 0.3 of 300 steps, bag 6
+    # The multi-stage arm's: bag 6 for 0.15 of 300 steps, then bag 3 for 0.15.
+    assert re.search(r"0 superposition\s+0\.\.44\s+6", log)
+    assert re.search(r"1 superposition\s+45\.\.89\s+3", log)
