@@ -21,7 +21,7 @@ from tst.config import parse_args
 from tst.losses import slot_weights_for, vocab_parallel_multi_hot_cross_entropy
 from tst.plan import check_launchable, validate
 
-from reference import mtp_losses_by_hand, tst_batch
+from reference import mtp_losses_by_hand, output_only_batch, tst_batch
 
 VOCAB, L, BATCH, DEPTHS, FACTOR = 64, 6, 2, 2, 0.3
 FLAGS = [
@@ -55,24 +55,29 @@ def _grads(model) -> dict:
 
 
 @pytest.mark.parametrize(
-    "bag_size, slot_weights", [(3, "uniform"), (3, "power"), (1, "uniform")],
-    ids=["superposition", "superposition-power-weights", "recovery"],
+    "bag_size, slot_weights, output_only",
+    [(3, "uniform", False), (3, "power", False), (3, "uniform", True), (1, "uniform", False)],
+    ids=["superposition", "superposition-power-weights", "output-only", "recovery"],
 )  # fmt: skip
-def test_mtp_losses_and_gradients_match_the_reference(bag_size, slot_weights):
+def test_mtp_losses_and_gradients_match_the_reference(bag_size, slot_weights, output_only):
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
     from tst.export.loading import single_process_world
 
     weights = slot_weights_for(slot_weights, bag_size) if bag_size > 1 else None
-    chunk = torch.randint(
-        0, VOCAB, (BATCH, bag_size * (L + 1)), generator=torch.Generator().manual_seed(5)
-    )  # noqa: E501
-    inputs, targets, mask = tst_batch(chunk, bag_size)
+    gen = torch.Generator().manual_seed(5)
+    if output_only:  # token inputs, bag targets (the next bag_size tokens)
+        tokens = torch.randint(0, VOCAB, (BATCH, L + 1), generator=gen)
+        inputs, targets, mask = output_only_batch(tokens, bag_size)
+    else:
+        chunk = torch.randint(0, VOCAB, (BATCH, bag_size * (L + 1)), generator=gen)
+        inputs, targets, mask = tst_batch(chunk, bag_size)
+    input_bag = 1 if output_only else bag_size
     targets[0, 2, -1] = -100  # an empty slot inside a bag, rolled with its bag
     mask[1, 1] = 0.0  # a masked position: depth k masks position 1 - k with it
     with single_process_world() as layout:
         model = _build(layout, FLAGS)
-        model.embedding.bag_size = bag_size
+        model.embedding.bag_size = input_bag
         model.tst_loss = partial(vocab_parallel_multi_hot_cross_entropy, slot_weights=weights)
         positions = torch.arange(L).expand(BATCH, -1)
         MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
@@ -82,7 +87,7 @@ def test_mtp_losses_and_gradients_match_the_reference(bag_size, slot_weights):
         got_grads = _grads(model)
 
         want_main, want_depths, want_masks = mtp_losses_by_hand(
-            model, inputs, targets, mask, bag_size, weights
+            model, inputs, targets, mask, input_bag, weights
         )
         torch.testing.assert_close(main, want_main, rtol=1e-5, atol=1e-6)
         assert stats.shape == (DEPTHS, 2)
