@@ -328,12 +328,14 @@ def per_rank_parameters(params: list[ParamInfo], cfg: Config, grid: Grid) -> lis
 def activation_bytes(cfg: Config, tp: int, micro_batch: int, vocab_size: int) -> tuple[int, int]:
     """Rough activation memory of one micro-batch: (per decoder layer, output layer + loss).
 
-    Counts the tensors each block keeps for its backward, without recomputation, with fused
-    (flash) attention as Transformer Engine provides (no ``[s, s]`` scores), per
-    ``seq_length x micro_batch`` positions:
+    Counts the tensors each block keeps for its backward, with fused (flash) attention as
+    Transformer Engine provides (no ``[s, s]`` scores), per ``seq_length x micro_batch``
+    positions (a module under selective recomputation keeps its input only; full
+    recomputation is not counted):
 
     - attention: norm input and QKV input (``2h``), then Q, K, V and the attention output
-      (``2h + 2 kv``) split over TP;
+      (``2h + 2 kv``) split over TP; with MLA the latents (``q_lora + kv_lora + pos``, split
+      like ``h``) and Q, K (``heads x (qk + pos)``), V and the output (``heads x v``);
     - dense MLP: norm input and FC1 input (``2h``), FC1 output (``2f`` with SwiGLU) and the
       activation output (``f``) split over TP;
     - MoE: norm input and router input (``2h``), ``topk`` routed copies of the token (``k h``)
@@ -350,14 +352,31 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int, vocab_size: int) ->
     glu = 2 if m.swiglu else 1
     sp = tp if p.sequence_parallel else 1
     size = 2 if cfg.training.bf16 or cfg.training.fp16 else 4
-    attn = 2 * h / sp + (2 * h + 2 * kv) / tp
+    redo = set()  # selectively recomputed modules: their outputs are not kept
+    if p.recompute_granularity == "selective":
+        redo = set(p.recompute_modules or ["core_attn"])
+    norm_out = 0 if "layernorm" in redo else h / sp  # a norm's output, the next input
+    attn = h / sp + norm_out + (2 * h + 2 * kv) / tp
+    if cfg.mla.multi_latent_attention:  # latents, then Q and K (qk + pos), V and the output
+        a = cfg.mla
+        latents = (a.q_lora_rank or 0) + a.kv_lora_rank + a.qk_pos_emb_head_dim
+        heads = m.num_attention_heads
+        up = heads * (2 * (a.qk_head_dim + a.qk_pos_emb_head_dim) + a.v_head_dim)
+        up = 0 if "mla_up_proj" in redo else up
+        attn = h / sp + norm_out + latents / sp + (up + heads * a.v_head_dim) / tp
     if m.num_experts:
         f, k = m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size, m.moe_router_topk
-        mlp = 2 * h / sp + k * h / sp + k * (glu + 1) * f / tp
-        if m.moe_shared_expert_intermediate_size:
-            mlp += (glu + 1) * m.moe_shared_expert_intermediate_size / tp
+        act = 0 if "moe_act" in redo else k * f
+        mlp = h / sp + norm_out + k * h / sp + (k * glu * f + act) / tp
+        shared = m.moe_shared_expert_intermediate_size
+        if shared and "shared_experts" not in redo:
+            mlp += (glu + 1) * shared / tp
+        if "moe" in redo:
+            mlp = h / sp
     else:
-        mlp = 2 * h / sp + (glu + 1) * m.resolved_ffn_hidden_size / tp
+        mlp = h / sp + norm_out + (glu + 1) * m.resolved_ffn_hidden_size / tp
+        if "mlp" in redo:
+            mlp = h / sp
     layer = int(s * (attn + mlp) * size)
     logits = s * (vocab_size // tp) * (size + 4)
     return layer, logits
@@ -524,9 +543,17 @@ def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamIn
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     if t.fp8_format:
         precision += f" + FP8 ({t.fp8_format}, {t.fp8_recipe} recipe, Transformer Engine)"
+    heads = f"{groups} query groups"
+    if cfg.mla.multi_latent_attention:
+        a = cfg.mla
+        heads = (
+            f"MLA: q rank {a.q_lora_rank or 'full'}, kv rank {a.kv_lora_rank}, head dims "
+            f"{a.qk_head_dim} + {a.qk_pos_emb_head_dim} RoPE ({a.resolved_rope_type}), "
+            f"values {a.v_head_dim}"
+        )
     print(
         f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads "
-        f"({groups} query groups), {mlp}, vocabulary {vocab_size} (padded to {padded} for "
+        f"({heads}), {mlp}, vocabulary {vocab_size} (padded to {padded} for "
         f"TP={cfg.parallel.tensor_model_parallel_size}); {precision}"
     )
     print(
@@ -579,7 +606,8 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
         f"{weight_b} B, grads {grad_b} B, Adam {optim_b} B per parameter"
         + (" (Adam sharded over DP)" if dist_opt else "")
         + ("; FP8 weight casts not counted" if t.fp8_format else "")
-        + "; activations rough (1F1B peak, no recompute, fused attention)"
+        + "; activations rough (1F1B peak, fused attention, selective recompute counted, full "
+        "recompute not)"
     )
     print(
         f"  {'stage':>5} {'layers':>15} {'params':>10} {'weights':>8} {'grads':>7} "

@@ -19,8 +19,7 @@
 # with sequence parallelism, PP=8 in DeepSeek-V3's uneven layout (embedding + 1 layer, 30
 # stages of 2 layers, the loss alone: 61 layers in 32 virtual stages, 4 per rank), EP=64
 # with expert-TP 1, Adam sharded over DP, selective recomputation of MLA's up-projections
-# and the MLPs: at most 67 GiB per GPU on 1024 GPUs by the dry run's estimate (which counts
-# activations without recomputation).
+# and the MLPs: at most 65 GiB per GPU on 1024 GPUs by the dry run's estimate.
 #
 # Sourced by examples/train_single_node.sh and examples/train_slurm.sbatch (CONFIG=...);
 # every ${NAME:-default} below can be overridden from the environment.
