@@ -61,7 +61,9 @@ REFUSED = [
     (["--num-experts", "4", "--moe-layer-freq", "os.system('x')"], 1, r"--moe-layer-freq os.system\('x'\): give an int N or a list"),  # noqa: E501
     (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"], 1, r"needs --moe-expert-capacity-factor"),  # noqa: E501
     (["--num-experts", "4", "--moe-router-num-groups", "2"], 1, r"give --moe-router-num-groups and --moe-router-group-topk together"),  # noqa: E501
-    (["--multi-latent-attention"], 1, r"multi-latent attention \(MLA\) is not wired in yet"),
+    (["--multi-latent-attention", "--group-query-attention"], 1, r"--group-query-attention and --multi-latent-attention exclude each other"),  # noqa: E501
+    (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|tL"], 2,
+     r"--pipeline-model-parallel-layout Et\|tL places 2 layers \(t\) but --num-layers is 4"),
     (["--mtp-num-layers", "0"], 1, r"--mtp-num-layers must be >= 1"),
     (["--eval-iters", "-1"], 1, r"--eval-iters must be >= 0 \(0 = no evaluation\)"),
     (["--log-interval", "0"], 1, r"--log-interval must be >= 1"),
