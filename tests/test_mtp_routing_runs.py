@@ -12,7 +12,8 @@ loss. Checked per window (one step): every layer routed the step's positions
 (``global batch x L``) in both phases; ``sum(tokens per expert) + dropped = routed x topk``;
 no drops without a capacity factor; with ``--moe-expert-capacity-factor 0.5`` drops, and no
 expert above its capacity (``ceil(tokens x topk / E x 0.5)`` per router call) summed over
-the window's calls. Balance across the switch, the bound stated: every expert's count stays
+the window's calls; under full activation recompute each layer still counts its tokens once.
+Balance across the switch, the bound stated: every expert's count stays
 within 2x the even share in every window of both phases (``load_imbalance <= 2``), and the
 balancing loss (1 when balanced) stays in [0.9, 1.5].
 """
@@ -158,3 +159,11 @@ def test_routing_records_per_layer_and_phase(world2, tmp_path):
         assert stats["dropped_tokens"] > 0, (it, layer)
         assert sum(stats["tokens_per_expert"]) + stats["dropped_tokens"] == GBS * L * TOPK
         assert stats["max_tokens_per_expert"] <= calls * capacity, (it, layer, stats)
+
+    # Under full activation recompute a layer's router runs twice a step; it counts once.
+    recompute = ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", "1"]  # fmt: skip
+    again = world2.run(_train, BASE + MOE + recompute, str(tmp_path / "recompute.jsonl"))[0]
+    rows = _routing_rows(again)
+    assert len(rows) == 6 * 3
+    assert all(stats["routed_tokens"] == GBS * L for *_, stats in rows)
