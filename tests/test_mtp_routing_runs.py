@@ -4,7 +4,8 @@ MTP: a run with ``--mtp-num-layers 1`` crosses the switch logging the depth's lo
 phases; a run stopped after the switch and resumed from its checkpoint repeats the unbroken
 run's main and MTP losses to rel 1e-6; under TP 2 (and TP 2 with sequence parallelism) the
 same run agrees with TP 1 to rel 2e-4 per logged loss (fp32, reductions in another order),
-and so do PP 2 (untied and tied) and an interleaved PP 2 schedule.
+and so do PP 2 (untied and tied), an interleaved PP 2 schedule, and an MoE with MTP under
+EP 2 against EP 1.
 
 Routing: a small MoE (EP 2, alltoall dispatch, MTP depth 1 whose layer is MoE too) logs per
 layer and per phase the tokens each expert computed, the dropped tokens and the balancing
@@ -93,11 +94,14 @@ TIED = [a for a in BASE if a != "--untie-embeddings-and-output-weights"]
 DEEPER = [*BASE, "--num-layers", "4"]
 
 
-def test_mtp_under_pipeline_parallelism_tied_and_interleaved(world2, tmp_path):
+def test_mtp_under_pipeline_and_expert_parallelism(world2, tmp_path):
     """The MTP block sits on the last stage with a copy of the (bag) embedding, kept equal to
     the first stage's by megatron-core's embedding-group reduction: tied weights and an
-    interleaved schedule agree with PP 1 too (rel 2e-4 per logged loss)."""
+    interleaved schedule agree with PP 1 too, and an MoE with MTP (whose MTP layer is an MoE
+    layer) under EP 2 agrees with EP 1 (rel 2e-4 per logged loss)."""
+    moe_ep1 = MOE[: MOE.index("--expert-model-parallel-size")]
     for name, base, extra in (
+        ("MoE EP2", BASE + moe_ep1, ["--expert-model-parallel-size", "2"]),
         ("tied PP2", TIED, ["--pipeline-model-parallel-size", "2"]),
         ("PP2 interleaved", DEEPER, ["--pipeline-model-parallel-size", "2",
                                      "--num-layers-per-virtual-pipeline-stage", "1"]),
