@@ -136,3 +136,51 @@ def test_bad_layouts_are_refused_in_one_line(extra, message):
     with pytest.raises(ValueError, match=message) as error:
         validate(parse_args(THREE + extra), 2, 512)
     assert "\n" not in str(error.value)
+
+
+# ----------------------------------------------------- a tiny DeepSeek-V3 shape, uneven PP
+
+_GQA = THREE.index("--group-query-attention")  # MLA has no key/value groups
+DEEPSEEK_TINY = THREE[:_GQA] + THREE[_GQA + 3 :] + [
+    "--multi-latent-attention", "--q-lora-rank", "16", "--kv-lora-rank", "16",
+    "--qk-head-dim", "8", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "8", "--qk-layernorm",
+    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+    "--moe-layer-freq", "([0]*1+[1]*2)", "--moe-shared-expert-intermediate-size", "16",
+    "--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias",
+    "--moe-router-bias-update-rate", "1e-2", "--moe-router-topk-scaling-factor", "2.5",
+]  # fmt: skip
+
+
+def _train_with_layers(argv: list[str], metrics: str) -> tuple[list[dict], list[str]]:
+    """_train, and this rank's decoder layers as 'global index:MLP class'."""
+    from tst.trainer import Trainer
+
+    original, seen = Trainer.train, {}
+
+    def train(self):
+        seen["layers"] = [
+            f"{layer.layer_number - 1}:{type(layer.mlp).__name__}"
+            for chunk in self.raw_chunks
+            for layer in chunk.decoder.layers
+        ]
+        return original(self)
+
+    Trainer.train = train
+    try:
+        records = _train(argv, metrics)
+    finally:
+        Trainer.train = original
+    return records, seen["layers"]
+
+
+def test_deepseek_shaped_model_on_uneven_stages_agrees_with_pp1(world2, tmp_path):
+    """MLA, a dense first layer then MoE layers (shared expert, sigmoid routing with expert
+    bias): the first stage holds the dense layer alone, the second the two MoE layers (the
+    --moe-layer-freq pattern follows global layer numbers), and the losses equal PP 1's."""
+    (want, layers), _ = world2.run(_train_with_layers, DEEPSEEK_TINY, str(tmp_path / "a.jsonl"))
+    assert layers == ["0:MLP", "1:MoELayer", "2:MoELayer"]
+    results = world2.run(_train_with_layers, DEEPSEEK_TINY + UNEVEN["first-1"],
+                         str(tmp_path / "b.jsonl"))  # fmt: skip
+    assert [layers for _, layers in results] == [["0:MLP"], ["1:MoELayer", "2:MoELayer"]]
+    got = next(records for records, _ in results if _losses(records))
+    _assert_close(_losses(got), _losses(want), 2e-4, "DeepSeek-shaped, first stage 1 layer")
