@@ -347,3 +347,21 @@ def test_one_sided_reinit_at_the_recovery_switch(side):
         fresh = torch.equal(seen["after"][name], seen["initial"][name])
         unchanged = torch.equal(seen["after"][name], seen["before"][name])
         assert (fresh, unchanged) == ((True, False) if name in chosen else (False, True)), name
+
+
+def test_switches_and_one_sided_control_through_pretrain_tst(tmp_path, capsys):
+    argv = _iters(6) + ["--tst-schedule", "4:0.34,2:0.33,1", "--eval-interval", "100",
+                        "--tst-reinit-output-layer-at-switch",
+                        "--metrics-file", str(tmp_path / "m.jsonl")]  # fmt: skip
+    assert pretrain_tst.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "iteration 2: switching to stage 1 (bag 2)" in out
+    assert "iteration 4: switching to the recovery phase" in out
+    applied = [line for line in out.splitlines() if "switch controls applied" in line]
+    assert applied == [
+        "iteration 4: switch controls applied (re-initialised: output_layer.weight; optimizer "
+        "state reset: False, LR schedule restarted: False)"
+    ]
+    stages = [(r["iteration"], r["stage"]) for r in _records(str(tmp_path / "m.jsonl"))
+              if "loss_name" in r]  # fmt: skip
+    assert stages == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2)]
