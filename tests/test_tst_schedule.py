@@ -193,11 +193,14 @@ def _oracle_run(argv: list[str], metrics: str) -> dict[int, tuple[float, float]]
                           for _ in range(self.plan.microbatches_at(self.iteration))])  # fmt: skip
         self.train_stream.load_state_dict(position)  # the step reads the same rows
         inputs, targets, mask = ref.tst_batch(rows, phase.input_bag)
+        weights = None  # --tst-slot-weights power: the paper's 1/i over each stage's own bag
+        if self.cfg.tst.tst_slot_weights == "power" and phase.target_bag > 1:
+            weights = torch.tensor([1.0 / i for i in range(1, phase.target_bag + 1)])
         apply_phase(self.model, phase)  # logits, no target loss
         positions = torch.arange(SEQ).expand(inputs.shape[0], -1)
         with torch.no_grad():
             logits = self.raw_chunks[0](inputs, positions, attention_mask=None)  # [b, L, V]
-        mce = ref.multi_hot_ce(logits, targets)
+        mce = ref.multi_hot_ce(logits, targets, slot_weights=weights)
         want = float((mce * mask).sum() / mask.sum())
         result = original(self, phase)
         seen[phase.stage] = (want, result["loss"])
@@ -263,6 +266,15 @@ def test_three_stages_oracle_layouts_and_resume(world2, tmp_path):
     message = world2.run(_resume_error, earlier, str(tmp_path / "refused.jsonl"))[0]
     assert "stage 1 (superposition phase)" in message and "in stage 0" in message, message
     assert "never goes back" in message and "--tst-schedule" in message
+
+
+def test_power_slot_weights_follow_each_stage_bag(tmp_path):
+    """Each bag stage weighs its own slots 1/i (bag 4: 1, 1/2, 1/3, 1/4; bag 2: 1, 1/2)."""
+    argv = _iters(4) + THREE + ["--tst-slot-weights", "power", "--eval-interval", "100"]
+    firsts = _oracle_run(argv, str(tmp_path / "power.jsonl"))
+    assert sorted(firsts) == [0, 1, 2]
+    for stage, (want, got) in firsts.items():
+        assert got == pytest.approx(want, rel=FIRST_STEP_REL), f"stage {stage}"
 
 
 def _tools_follow_the_stages(metrics: str, tmp_path) -> None:
