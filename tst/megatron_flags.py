@@ -145,13 +145,13 @@ REFUSED: dict[str, Flag] = {
         "a Pai-Megatron-Patch flag: use --tokenizer-type HuggingFaceTokenizer "
         "--tokenizer-model PATH",
     ),
-    "--cache-mla-latents": Flag(
-        0, "MLA latent caching is for inference (megatron-core refuses it in training): drop it"
-    ),
     "--padded-vocab-size": Flag(
         1,
         "the padded vocabulary follows Megatron-LM's rule (--vocab-size or the tokenizer's, "
         "padded to --make-vocab-size-divisible-by x TP): drop it",
+    ),
+    "--cache-mla-latents": Flag(
+        0, "MLA latent caching is for inference (megatron-core refuses it in training): drop it"
     ),
     **{
         flag: Flag(
