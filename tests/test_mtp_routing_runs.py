@@ -171,3 +171,38 @@ def test_routing_records_per_layer_and_phase(world2, tmp_path):
     rows = _routing_rows(again)
     assert len(rows) == 6 * 3
     assert all(stats["routed_tokens"] == GBS * L for *_, stats in rows)
+
+
+DEEPSEEK = [
+    *BASE, "--num-layers", "3", "--moe-layer-freq", "([0]+[1]*2)", "--multi-latent-attention",
+    "--q-lora-rank", "16", "--kv-lora-rank", "16", "--qk-head-dim", "8",
+    "--qk-pos-emb-head-dim", "4", "--v-head-dim", "8", "--num-experts", str(E),
+    "--moe-router-topk", str(TOPK), "--moe-ffn-hidden-size", "16",
+    "--moe-shared-expert-intermediate-size", "16", "--moe-router-score-function", "sigmoid",
+    "--moe-router-enable-expert-bias", "--moe-router-load-balancing-type", "seq_aux_loss",
+    "--moe-aux-loss-coeff", "0.001",
+]  # fmt: skip
+
+
+def test_deepseek_shaped_model_with_mtp_across_the_switch(world2, tmp_path):
+    """A tiny DeepSeek-V3-shaped model (MLA, a dense first layer, a shared expert, sigmoid
+    routing with the aux-loss-free expert bias and a sequence-level aux loss, MTP depth 1)
+    trains through the switch: its routing records name the MoE layers and the MTP layer
+    only, with the sequence-level balancing loss; a resume after the switch repeats the
+    main and MTP losses to rel 1e-6 (the expert bias restored); EP 2 agrees with EP 1 to
+    rel 2e-4."""
+    want = world2.run(_train, DEEPSEEK, str(tmp_path / "ref.jsonl"))[0]
+    rows = _routing_rows(want)
+    assert {layer for *_, layer, _ in rows} == {"layer_2", "layer_3", "mtp_1"}
+    assert {phase for _, _, phase, _, _ in rows} == {"superposition", "recovery"}
+    assert all(0.9 <= stats["seq_load_balancing_loss"] <= 1.5 for *_, stats in rows)
+    ckpt = str(tmp_path / "ckpt")
+    first = world2.run(_train, DEEPSEEK + ["--save", ckpt, "--exit-interval", "4"],
+                       str(tmp_path / "a.jsonl"))[0]  # fmt: skip
+    second = world2.run(_train, DEEPSEEK + ["--load", ckpt], str(tmp_path / "b.jsonl"))[0]
+    ep2 = world2.run(_train, DEEPSEEK + ["--expert-model-parallel-size", "2"],
+                     str(tmp_path / "ep2.jsonl"))[0]  # fmt: skip
+    for key in ("loss", "mtp_1_loss"):
+        _assert_close(_losses(first, key) + _losses(second, key), _losses(want, key), 1e-6,
+                      f"resume {key}")  # fmt: skip
+        _assert_close(_losses(ep2, key), _losses(want, key), 2e-4, f"EP2 {key}")
