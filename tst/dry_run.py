@@ -630,8 +630,9 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
         rows.append({"stage": stage, "layers": list(info["layers"]), "parameters": n,
                      "bytes": dict(zip(("weights", "grads", "optimizer", "activations"),
                                        cols, strict=True)) | {"total": sum(cols)}})  # fmt: skip
-    if cfg.tst.tst_bag_size > 1:
-        bag_tokens = cfg.tst.tst_bag_size * m.seq_length * t.micro_batch_size
+    largest_bag = max(phase.input_bag for phase in plan.schedule.phases)  # any stage's
+    if largest_bag > 1:
+        bag_tokens = largest_bag * m.seq_length * t.micro_batch_size
         print(
             f"  superposition phase: stage 0 also holds a transient bag lookup of {bag_tokens:,} "
             f"tokens ({bag_tokens * m.hidden_size * (weight_b + 4) / _GIB:.1f} GiB, fp32 sum)"
