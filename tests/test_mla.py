@@ -223,3 +223,16 @@ def test_yarn_rope_needs_mla():
     argv = BASE + ["--rope-type", "yarn"]
     with pytest.raises(ValueError, match="--rope-type yarn needs --multi-latent-attention"):
         pretrain_tst.main(argv + ["--dry-run"])
+
+
+def test_mla_checkpoint_resumes_under_another_tensor_parallel_size(world2, tmp_path):
+    """A TP 1 checkpoint of an MLA model (down projections, latent norms, sharded up
+    projections) loads at TP 2 + SP and continues as the unbroken TP 1 run (rel 2e-4)."""
+    argv = TINY + ["--global-batch-size", "4"]
+    full, _ = world2.run(_losses_and_norms, argv, str(tmp_path / "full.jsonl"))
+    ckpt = str(tmp_path / "ckpt")
+    world2.run(_losses_and_norms, argv + ["--save", ckpt, "--exit-interval", "2"],
+               str(tmp_path / "a.jsonl"))  # fmt: skip
+    tp2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--load", ckpt]
+    (resumed, _), _ = world2.run(_losses_and_norms, argv + tp2, str(tmp_path / "b.jsonl"))
+    assert resumed == pytest.approx(full[0][2:], rel=2e-4)
