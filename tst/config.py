@@ -24,6 +24,7 @@ from tst.config_mla import MLAConfig
 from tst.config_moe import MoEConfig
 from tst.config_mtp import MTPConfig
 from tst.data.tokenizers import TOKENIZER_TYPES
+from tst.errors import ConfigError
 from tst.phases import parse_schedule
 
 __all__ = [
@@ -634,7 +635,7 @@ class DataArgs:
             elif self.mock_data or self.vocab_size:
                 self.tokenizer_type = "NullTokenizer"
             else:
-                raise ValueError(
+                raise ConfigError(
                     "give --tokenizer-type (e.g. HuggingFaceTokenizer --tokenizer-model PATH, "
                     "or NullTokenizer --vocab-size N)"
                 )
@@ -961,7 +962,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (a ValueError the entry point prints), no usage."""
 
     def error(self, message):
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 def _add_field(group, section: str, f, kind) -> None:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from tst.config_fields import _f, _require
+from tst.errors import ConfigError
 
 __all__ = ["MoEConfig", "moe_layers", "parse_layer_freq"]
 
@@ -39,7 +40,7 @@ def parse_layer_freq(text: str | int, num_layers: int) -> int | list[int]:
     try:
         freq = value(ast.parse(text, mode="eval").body)
     except (SyntaxError, ValueError, TypeError):
-        raise ValueError(
+        raise ConfigError(
             f"--moe-layer-freq {text}: give an int N or a list of 0/1 per layer such as "
             "'([0]*3+[1]*58)'"
         ) from None

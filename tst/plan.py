@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass
 
 from tst.config import Config
+from tst.errors import ConfigError
 from tst.phases import PhaseSchedule
 
 __all__ = ["Grid", "RunPlan", "check_launchable", "validate"]
@@ -25,7 +26,7 @@ __all__ = ["Grid", "RunPlan", "check_launchable", "validate"]
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ValueError(message)
+        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,7 @@ def _layout_chunks(
     try:
         stages = PipelineParallelLayerLayout.parse_str_to_list(text)
     except AssertionError as error:
-        raise ValueError(f"{flag}: {error} (stages split by |, (...)*N repeats)") from None
+        raise ConfigError(f"{flag}: {error} (stages split by |, (...)*N repeats)") from None
     _require(
         len(stages) % pp == 0,
         f"{flag}: {len(stages)} stages is not a multiple of --pipeline-model-parallel-size {pp}",
@@ -314,7 +315,7 @@ def _layout_chunks(
     try:  # megatron-core's remaining rules (where MTP layers may go)
         PipelineParallelLayerLayout(stages, pp).validate_layer_layout(num_layers, mtp_layers)
     except (AssertionError, NotImplementedError) as error:
-        raise ValueError(f"{flag}: {error}") from None
+        raise ConfigError(f"{flag}: {error}") from None
     return tuple(stage.count("decoder") for stage in names), (vpp if vpp > 1 else None)
 
 
