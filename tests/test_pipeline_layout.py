@@ -184,3 +184,33 @@ def test_deepseek_shaped_model_on_uneven_stages_agrees_with_pp1(world2, tmp_path
     assert [layers for _, layers in results] == [["0:MLP"], ["1:MoELayer", "2:MoELayer"]]
     got = next(records for records, _ in results if _losses(records))
     _assert_close(_losses(got), _losses(want), 2e-4, "DeepSeek-shaped, first stage 1 layer")
+
+
+def _train_and_save(argv: list[str], save: str) -> None:
+    import torch.distributed as dist
+
+    import pretrain_tst
+
+    assert pretrain_tst.main([*argv, "--save", save]) == 0
+    dist.barrier()
+
+
+def test_uneven_checkpoint_exports_like_pp1(world2, tmp_path):
+    """A checkpoint of 1 + 2 layers on PP 2 converts to the Hugging Face model the PP 1 run
+    converts to (the exporter loads it at PP 1; atol 5e-5 after two Adam steps)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from tst.export import convert
+
+    short = ["--train-iters", "2", "--tst-iters", "1", "--eval-iters", "0"]
+    uneven, even = str(tmp_path / "uneven"), str(tmp_path / "pp1")
+    world2.run(_train_and_save, THREE + short + UNEVEN["first-1"], uneven)
+    world2.run(_train_and_save, THREE + short, even)
+    a = convert(uneven, str(tmp_path / "hf-uneven"))
+    b = convert(even, str(tmp_path / "hf-pp1"))
+    got = load_file(f"{a.output}/model.safetensors")
+    want = load_file(f"{b.output}/model.safetensors")
+    assert got.keys() == want.keys() and "model.layers.2.mlp.up_proj.weight" in want
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=5e-5, msg=name)
