@@ -206,3 +206,39 @@ def test_deepseek_shaped_model_with_mtp_across_the_switch(world2, tmp_path):
         _assert_close(_losses(first, key) + _losses(second, key), _losses(want, key), 1e-6,
                       f"resume {key}")  # fmt: skip
         _assert_close(_losses(ep2, key), _losses(want, key), 2e-4, f"EP2 {key}")
+
+
+def _stage_parameters(argv: list[str]) -> tuple[int, int]:
+    """On a rank: this rank's model chunks built for ``argv``, and their parameter count."""
+    import torch
+
+    from tst.config import parse_args
+    from tst.megatron_config import transformer_config
+    from tst.model import ModelShape, build_model_chunks
+    from tst.plan import validate
+    from tst.platform import initialize
+
+    cfg = parse_args(argv)
+    plan = validate(cfg, 2, cfg.data.vocab_size)
+    grid = plan.grid
+    layout = initialize(tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep)
+    config = transformer_config(cfg, plan, layout)
+    shape = ModelShape.from_config(cfg.model, plan.padded_vocab_size, False)
+    chunks = build_model_chunks(config, shape, plan.vpp, torch.device("cpu"))
+    return layout.pp_rank, sum(p.numel() for c in chunks for p in c.parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_dry_run_stages_hold_the_mtp_block_as_a_real_build(tied, world2):
+    """The dry run puts the MTP block, and the last stage's embedding copy it embeds with,
+    on the last stage: per-stage parameters equal a real PP 2 build's."""
+    from tst.config import parse_args
+    from tst.dry_run import meta_parameters, per_rank_parameters
+    from tst.plan import validate
+
+    argv = (TIED if tied else BASE) + MOE[:6] + ["--pipeline-model-parallel-size", "2"]
+    cfg = parse_args(argv)
+    plan = validate(cfg, 2, cfg.data.vocab_size)
+    stages = per_rank_parameters(meta_parameters(cfg, plan.padded_vocab_size), cfg, plan.grid)
+    for pp_rank, count in world2.run(_stage_parameters, argv):
+        assert count == stages[pp_rank]["dense"] + stages[pp_rank]["experts"], (pp_rank, stages)

@@ -314,8 +314,11 @@ def per_rank_parameters(params: list[ParamInfo], cfg: Config, grid: Grid) -> lis
         elif p.name.startswith("embedding."):
             stage = 0
             tied_copy = p.name == "embedding.word_embeddings.weight" and grid.pp > 1
-            if tied_copy and not m.untie_embeddings_and_output_weights:
-                stages[last]["dense"] += local  # the last stage's copy for the output layer
+            if tied_copy:
+                # The last stage's copies: one for a tied output layer, one the MTP block
+                # embeds with (megatron-core builds it there, beside an output layer).
+                copies = (not m.untie_embeddings_and_output_weights) + bool(cfg.mtp.mtp_num_layers)
+                stages[last]["dense"] += local * copies
         else:  # output_layer, decoder.final_layernorm
             stage = last
         if p.expert:
