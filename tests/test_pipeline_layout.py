@@ -38,6 +38,22 @@ def test_uneven_stages_agree_with_pp1_across_the_switch(world2, tmp_path):
         _assert_close(_losses(got), _losses(want), 2e-4, name)
 
 
+def test_uneven_interleaved_stages_agree_with_pp1(world2, tmp_path):
+    """Six layers as 2 + 4 over PP 2, each rank's share in two virtual stages
+    (--num-virtual-stages-per-pipeline-rank, Megatron-LM's way to interleave uneven stages):
+    chunks of 1, 2, 1, 2 layers train what PP 1 trains across the switch."""
+    six = THREE + ["--num-layers", "6"]
+    want = world2.run(_train, six, str(tmp_path / "ref.jsonl"))[0]
+    extra = PP2 + ["--decoder-first-pipeline-num-layers", "2",
+                   "--num-virtual-stages-per-pipeline-rank", "2"]  # fmt: skip
+    results = world2.run(_train_with_layers, six + extra, str(tmp_path / "vpp.jsonl"))
+    # Chunks in layer order: rank 0 [0] then [3], rank 1 [1, 2] then [4, 5].
+    assert [layers for _, layers in results] == [["0:MLP", "3:MLP"],
+                                                 ["1:MLP", "2:MLP", "4:MLP", "5:MLP"]]  # fmt: skip
+    got = next(records for records, _ in results if _losses(records))
+    _assert_close(_losses(got), _losses(want), 2e-4, "2 + 4 layers, VPP 2")
+
+
 def test_uneven_stages_with_tied_embeddings_agree(world2, tmp_path):
     want = world2.run(_train_tied_copies_equal, THREE_TIED, str(tmp_path / "ref.jsonl"))[0]
     for name in ("first-1", "layout-vpp2"):
@@ -92,6 +108,14 @@ def test_stage_layers_follow_megatron_cores_rules():
     assert chunks(*pp8, "--decoder-first-pipeline-num-layers", "5") == ((5,) + (8,) * 7, None)
     assert chunks(*pp8, "--decoder-last-pipeline-num-layers", "5", "--decoder-first-pipeline-"
                   "num-layers", "2") == ((2,) + (9,) * 6 + (5,), None)  # fmt: skip
+    # One virtual stage per rank is no interleaving; with two, each rank's layers split in
+    # two chunks in layer order (rank 0: layers 0-1, then 6-7; rank 1: 2-5, then 8-11).
+    assert chunks(*pp8, "--decoder-first-pipeline-num-layers", "5",
+                  "--decoder-last-pipeline-num-layers", "8", "--num-virtual-stages-per-"
+                  "pipeline-rank", "1") == ((5,) + (8,) * 7, None)  # fmt: skip
+    assert chunks("--num-layers", "12", "--pipeline-model-parallel-size", "2",
+                  "--decoder-first-pipeline-num-layers", "4", "--num-virtual-stages-per-"
+                  "pipeline-rank", "2", world=2) == ((2, 4, 2, 4), 2)  # fmt: skip
     layout = chunks(*pp8, "--pipeline-model-parallel-layout", "Et|(tt|)*30L")
     assert layout == ((1,) + (2,) * 30 + (0,), 4)
     argv = THREE + ["--num-layers", "61", "--global-batch-size", "16", *pp8,
@@ -125,12 +149,21 @@ def test_stage_layers_follow_megatron_cores_rules():
          r"leaves 1 layers for 0 middle stage\(s\)"),
         (PP2 + ["--decoder-first-pipeline-num-layers", "1",
                 "--num-layers-per-virtual-pipeline-stage", "1"],
-         r"use --pipeline-model-parallel-layout for uneven interleaved stages"),
+         r"with --num-layers-per-virtual-pipeline-stage is refused \(as in Megatron-LM\): give "
+         r"--num-virtual-stages-per-pipeline-rank"),
+        (PP2 + ["--decoder-first-pipeline-num-layers", "1",
+                "--num-virtual-stages-per-pipeline-rank", "2"],
+         r"the stages' layers \[1, 2\] must each be divisible by "
+         r"--num-virtual-stages-per-pipeline-rank 2"),
+        (PP2 + ["--num-virtual-stages-per-pipeline-rank", "2",
+                "--num-layers-per-virtual-pipeline-stage", "1"],
+         r"give --num-layers-per-virtual-pipeline-stage or --num-virtual-stages-per-pipeline-"
+         r"rank, not both"),
         (PP2, r"--num-layers 3 is not divisible by --pipeline-model-parallel-size 2 \(or give "
               r"--decoder-first/last-pipeline-num-layers"),
     ],
     ids=["stages-vs-pp", "layer-count", "embedding", "loss", "character", "mtp", "both",
-         "pp1", "zero", "middle", "vpp", "even"],
+         "pp1", "zero", "middle", "vpp", "vpp-split", "vpp-both", "even"],
 )  # fmt: skip
 def test_bad_layouts_are_refused_in_one_line(extra, message):
     with pytest.raises(ValueError, match=message) as error:

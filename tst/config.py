@@ -243,6 +243,9 @@ class ParallelConfig:
     num_layers_per_virtual_pipeline_stage: int | None = _f(
         None, "Layers per virtual pipeline stage (interleaved 1F1B)."
     )
+    num_virtual_stages_per_pipeline_rank: int | None = _f(
+        None, "Virtual pipeline stages per pipeline rank (interleaved 1F1B; uneven stages too)."
+    )
     decoder_first_pipeline_num_layers: int | None = _f(
         None, "Layers of the first pipeline stage (default: an even split)."
     )

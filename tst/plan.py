@@ -221,26 +221,32 @@ def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
     """
     m, p = cfg.model, cfg.parallel
     pp, per_vp = p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
+    stages_per_rank = p.num_virtual_stages_per_pipeline_rank
     first, last = p.decoder_first_pipeline_num_layers, p.decoder_last_pipeline_num_layers
     layout = p.pipeline_model_parallel_layout
     uneven = [flag for flag, value in (("--decoder-first-pipeline-num-layers", first),
               ("--decoder-last-pipeline-num-layers", last)) if value is not None]  # fmt: skip
+    virtual = [flag for flag, value in (("--num-layers-per-virtual-pipeline-stage", per_vp),
+               ("--num-virtual-stages-per-pipeline-rank", stages_per_rank))
+               if value is not None]  # fmt: skip
+    _require(len(virtual) < 2, f"give {' or '.join(virtual)}, not both")
+    for flag, value in zip(virtual, [v for v in (per_vp, stages_per_rank) if v is not None],
+                           strict=True):  # fmt: skip
+        _require(value >= 1, f"{flag} must be >= 1, got {value}")
+        _require(pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1")
     if layout is not None:
         _require(
-            not uneven and per_vp is None,
+            not uneven and not virtual,
             "--pipeline-model-parallel-layout sets every stage's layers: drop "
-            + ", ".join(
-                uneven + ["--num-layers-per-virtual-pipeline-stage"] * (per_vp is not None)
-            ),
+            + ", ".join(uneven + virtual),
         )
         return _layout_chunks(layout, pp, m.num_layers, cfg.mtp.mtp_num_layers)
     if uneven:
         _require(pp > 1, f"{uneven[0]} needs --pipeline-model-parallel-size > 1")
         _require(
             per_vp is None,
-            f"{uneven[0]} with --num-layers-per-virtual-pipeline-stage is refused (Megatron-LM "
-            "asks for --num-virtual-stages-per-pipeline-rank): use "
-            "--pipeline-model-parallel-layout for uneven interleaved stages",
+            f"{uneven[0]} with --num-layers-per-virtual-pipeline-stage is refused (as in "
+            "Megatron-LM): give --num-virtual-stages-per-pipeline-rank",
         )
         for flag, value in zip(uneven, [v for v in (first, last) if v is not None], strict=True):
             _require(value >= 1, f"{flag} must be >= 1, got {value}")
@@ -254,22 +260,37 @@ def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
         counts = [rest // middle if middle else 0] * pp
         counts[0] = first if first is not None else counts[0]
         counts[-1] = last if last is not None else counts[-1]
-        return tuple(counts), None
+        vpp = stages_per_rank if stages_per_rank and stages_per_rank > 1 else None
+        if vpp:
+            _require(
+                all(count % vpp == 0 for count in counts),
+                f"the stages' layers {counts} must each be divisible by "
+                f"--num-virtual-stages-per-pipeline-rank {vpp}",
+            )
+        # Chunk (virtual stage v, rank r) holds a 1/vpp share of rank r's layers, in layer order.
+        chunks = tuple(counts[r] // (vpp or 1) for _ in range(vpp or 1) for r in range(pp))
+        return chunks, vpp
     _require(
         m.num_layers % pp == 0,
         f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
         "(or give --decoder-first/last-pipeline-num-layers or --pipeline-model-parallel-layout)",
     )
     vpp = None
+    per_stage = m.num_layers // pp
     if per_vp is not None:
-        per_stage = m.num_layers // pp
-        _require(pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1")
         _require(
             per_stage % per_vp == 0,
             "--num-layers / PP must be divisible by --num-layers-per-virtual-pipeline-stage",
         )
         vpp = per_stage // per_vp
-        vpp = vpp if vpp > 1 else None
+    if stages_per_rank is not None:
+        _require(
+            per_stage % stages_per_rank == 0,
+            f"--num-layers / PP = {per_stage} is not divisible by "
+            f"--num-virtual-stages-per-pipeline-rank {stages_per_rank}",
+        )
+        vpp = stages_per_rank
+    vpp = vpp if vpp and vpp > 1 else None
     chunks = pp * (vpp or 1)
     return (m.num_layers // chunks,) * chunks, vpp
 

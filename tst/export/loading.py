@@ -83,6 +83,7 @@ def single_process_config(cfg: Config) -> Config:
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
         num_layers_per_virtual_pipeline_stage=None,
+        num_virtual_stages_per_pipeline_rank=None,
         decoder_first_pipeline_num_layers=None,
         decoder_last_pipeline_num_layers=None,
         pipeline_model_parallel_layout=None,
