@@ -216,7 +216,8 @@ def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
 
     Layers go to stages evenly (``--num-layers`` / PP, then / VPP chunks), or with
     ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers`` the
-    first / last stage take as many and the middle stages split the rest evenly, or
+    first / last stage take as many and the middle stages split the rest evenly (each rank's
+    share then split in ``--num-virtual-stages-per-pipeline-rank`` chunks), or
     ``--pipeline-model-parallel-layout`` lists each of the PP x VPP stages' layers.
     """
     m, p = cfg.model, cfg.parallel
