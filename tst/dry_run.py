@@ -107,13 +107,16 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     last_moe = bool(m.num_experts) and (moe_layers == m.num_layers or bool(
         pattern(freq, m.num_layers)[-1]))  # fmt: skip
     last_layer = attn + (mlp_total if last_moe else dense_mlp) + 2 * norm
+    last_active = attn + (mlp_active if last_moe else dense_mlp) + 2 * norm
     mtp = (cfg.mtp.mtp_num_layers or 0) * (2 * h * h + 3 * norm + last_layer)
+    mtp_active = (cfg.mtp.mtp_num_layers or 0) * (2 * h * h + 3 * norm + last_active)
     return {
         "total": layers_total + embedding + output,
         "active": layers_active + embedding + output,
         "embedding_and_output": embedding + output,
         "non_embedding_active": layers_active,
         "mtp": mtp,
+        "mtp_active": mtp_active,
     }
 
 

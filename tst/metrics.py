@@ -27,26 +27,32 @@ __all__ = [
 def flops_per_position(cfg, vocab_size: int) -> float:
     """Training FLOPs (forward + backward = 3x forward) for one position of one sample.
 
-    Dense GEMMs: 2 x (active non-embedding parameters) per forward, plus the output layer and
-    attention scores/values (4 x layers x hidden x seq). The bag average on the input is a
-    gather, not a GEMM, so a superposition step costs what a recovery step costs.
+    Forward: 2 FLOPs per active weight of the decoder layers' GEMMs (attention, dense or
+    routed-expert MLPs with their top-k, shared experts, routers; from the dry run's
+    closed-form count, so MLA shapes and --moe-layer-freq dense layers are counted as built),
+    the output layer's ``2 h V`` (``vocab_size`` padded), and attention scores and values
+    (``2 L heads (d_qk + d_v)`` per layer, the full square as Megatron-LM counts it). Each
+    MTP depth adds its projection, layer, output layer and attention. Norms, biases and the
+    bag average on the input (a gather, not a GEMM) are left out, so a superposition step
+    costs what a recovery step costs. ``tests/test_metrics_flops.py`` checks this against
+    torch's FLOP counter on built models.
     """
+    from tst.dry_run import parameter_counts
+
     m = cfg.model
-    h, layers, seq = m.hidden_size, m.num_layers, m.seq_length
-    heads = m.num_attention_heads
-    groups = m.num_query_groups or heads
-    kv = h // heads * groups
-    attn = h * (h + 2 * kv) + h * h
-    ffn = m.resolved_ffn_hidden_size
-    mlp_mult = 3 if m.swiglu else 2
-    if m.num_experts:
-        expert_ffn = m.moe_ffn_hidden_size or ffn
-        mlp = mlp_mult * h * expert_ffn * m.moe_router_topk + h * m.num_experts
-        if m.moe_shared_expert_intermediate_size:
-            mlp += mlp_mult * h * m.moe_shared_expert_intermediate_size
+    h, seq, heads = m.hidden_size, m.seq_length, m.num_attention_heads
+    counts = parameter_counts(cfg, vocab_size)
+    if cfg.mla.multi_latent_attention:
+        a = cfg.mla
+        head_dims = a.qk_head_dim + a.qk_pos_emb_head_dim + a.v_head_dim
     else:
-        mlp = mlp_mult * h * ffn
-    forward = 2 * layers * (attn + mlp) + 2 * h * vocab_size + 4 * layers * h * seq
+        head_dims = 2 * m.resolved_kv_channels
+    attention = 2 * seq * heads * head_dims  # per layer
+    depths = cfg.mtp.mtp_num_layers or 0
+    forward = (
+        2 * counts["non_embedding_active"] + m.num_layers * attention + 2 * h * vocab_size
+        + 2 * counts["mtp_active"] + depths * (attention + 2 * h * vocab_size)
+    )  # fmt: skip
     return 3.0 * forward
 
 
