@@ -634,6 +634,7 @@ class Trainer:
         def handler(signum, frame):
             if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
                 print("second Ctrl-C: exiting now, without saving", file=sys.stderr, flush=True)
+                _end_child_processes()  # no exit hook runs after os._exit
                 os._exit(130)
             if signum == signal.SIGINT:
                 print("Ctrl-C: saving at the end of this step, then exiting (Ctrl-C again to "
@@ -861,6 +862,19 @@ class Trainer:
             f"MFU {100 * record['mfu']:.1f}%{extra}"
         )
         window.update(t0=now, positions=0, raw=raw, steps=0, loss=0.0)
+
+
+def _end_child_processes() -> None:
+    """Kill what this process started (loader workers, megatron-core's checkpoint writers and
+    the result-queue manager it spawns): they would outlive an immediate exit, holding its
+    output pipes."""
+    import contextlib
+
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
 
 
 def _params_norm(model_chunks) -> float:

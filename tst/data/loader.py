@@ -3,151 +3,164 @@
 The trainer's requests are known in advance: a step's bag size is ``phase_at(step)``'s (a
 pure function) and its micro-batch count is the plan's, so the sequence of
 ``(first unit, bag_size)`` keys it will ask for is computed from the data position with
-:meth:`SampleStream.plan_micro_batch`. A torch ``DataLoader`` over those keys (one item =
-one micro-batch of this rank) reads them in ``num_workers`` processes, ``prefetch_factor``
-micro-batches per worker ahead, and hands them back in order. Rows are a pure function of
-their key, so they are the rows the trainer would read itself; the data position (what a
-checkpoint stores) stays in the trainer and counts only what it consumed.
+:meth:`SampleStream.plan_micro_batch`. Key ``k`` goes to worker ``k mod N``, each worker
+``prefetch_factor`` keys ahead; the trainer takes the results back in key order. Rows are a
+pure function of their key, so they are the rows the trainer would read itself; the data
+position (what a checkpoint stores) stays in the trainer and counts only what it consumed.
 
-Workers start from a ``forkserver`` (a fork of the trainer, which runs communication
-threads, could inherit a held lock) that has imported the dataset modules once. They ignore
-SIGINT / SIGTERM / SIGUSR1: the trainer owns those signals (it saves at the next step and
-stops the loader); a worker ends when the loader stops it (at the end of the run, on an error,
-at interpreter exit) or, within a second, when the trainer is gone (even SIGKILLed).
+Why not torch's ``DataLoader``: its queues run feeder threads in the trainer, and the
+trainer forks (megatron-core's checkpoint writers); a fork taken while such a thread holds a
+lock can hang the child. Here the trainer only writes and reads pipes, in its own thread.
+Workers are forked from the trainer when the run starts (Megatron-LM's loader forks too; no
+separate server process that could outlive it) and set torch to one thread before any op.
+They ignore SIGINT / SIGTERM / SIGUSR1: the trainer owns those (it saves at the next step,
+then stops them). A worker ends when the loader stops it (end of the run, an error,
+interpreter exit) or, within a second, when the trainer is gone (even SIGKILLed).
 """
 
 from __future__ import annotations
 
 import atexit
-import functools
+import contextlib
 import multiprocessing
 import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from multiprocessing.connection import wait
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["MicroBatchLoader"]
 
 _WATCH_INTERVAL_S = 1.0
-_PRELOAD = ["__main__", "tst.data.loader", "tst.data.stream", "tst.data.datasets"]
+_STOP_TIMEOUT_S = 5.0
 
 
 class _Failure:
-    """An exception raised in a worker, carried back as a value so that the trainer raises
-    the original (one-line) error, not torch's re-wrapped traceback."""
+    """An exception raised in a worker, carried back as a value: the trainer raises the
+    original (one-line) error."""
 
     def __init__(self, error: BaseException) -> None:
         self.error = error
 
 
-class _MicroBatches(Dataset):
-    """Key ``(first, bag_size)`` -> ``(key, rows)``: one micro-batch, read by a worker."""
-
-    def __init__(self, reader) -> None:
-        self.reader = reader
-
-    def __getitem__(self, key: tuple[int, int]):
-        try:
-            return key, self.reader.rows(*key)
-        except Exception as error:  # noqa: BLE001 (re-raised in the trainer, unchanged)
-            return key, _Failure(error)
-
-
-def _as_is(item):
-    return item  # torch's default would turn the key into a list
-
-
-def _worker_init(trainer_pid: int, _worker_id: int) -> None:
-    # The trainer decides what a signal means (save, then stop the loader); a worker that
-    # died on Ctrl-C would turn the trainer's clean stop into a crash.
+def _work(reader, tasks, results, trainer_pid: int) -> None:
+    """A worker: read each key's rows until told to stop (``None``) or the trainer is gone."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
-    # torch's worker watches its parent, here the forkserver, which outlives a killed
-    # trainer as long as a worker holds its liveness pipe (each child does): watch the
-    # trainer itself, so that a SIGKILLed run leaves no worker (nor forkserver) behind.
+    torch.set_num_threads(1)  # a forked child must not enter the parent's thread pool
     threading.Thread(target=_exit_with, args=(trainer_pid,), daemon=True).start()
+    while True:
+        try:
+            key = tasks.recv()
+        except EOFError:  # the trainer closed the pipe (or died)
+            return
+        if key is None:
+            return
+        try:
+            item = reader.rows(*key).numpy()
+        except Exception as error:  # noqa: BLE001 (re-raised in the trainer, unchanged)
+            item = _Failure(error)
+        results.send((key, item))
 
 
 def _exit_with(pid: int) -> None:
     while True:
         time.sleep(_WATCH_INTERVAL_S)
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if os.getppid() != pid:  # re-parented: the trainer is gone
             os._exit(0)
-        except PermissionError:  # the pid was reused by another user's process
-            os._exit(0)
-
-
-def _context():
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)  # no effect once the server runs
-    return context
 
 
 class MicroBatchLoader:
-    """Reads the micro-batches named by ``keys`` in ``num_workers`` processes, in order."""
+    """Reads the micro-batches named by ``keys`` in ``num_workers`` forked processes."""
 
     def __init__(
         self, reader, keys: Iterator[tuple[int, int]], num_workers: int, prefetch_factor: int = 2
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"--num-workers must be >= 1 for a loader, got {num_workers}")
-        loader = DataLoader(
-            _MicroBatches(reader),
-            batch_size=None,  # one item is already a micro-batch
-            collate_fn=_as_is,
-            sampler=_Keys(keys),
-            num_workers=num_workers,
-            prefetch_factor=prefetch_factor,
-            worker_init_fn=functools.partial(_worker_init, os.getpid()),
-            multiprocessing_context=_context(),
-        )
-        self._iterator = iter(loader)
-        self._workers = list(self._iterator._workers)
+        context = multiprocessing.get_context("fork")
+        self._keys = keys
+        self._workers, self._tasks, self._results = [], [], []
+        for index in range(num_workers):
+            task_read, task_write = context.Pipe(duplex=False)
+            result_read, result_write = context.Pipe(duplex=False)
+            worker = context.Process(
+                target=_work, args=(reader, task_read, result_write, os.getpid()),
+                name=f"tst-data-worker-{index}", daemon=True,
+            )  # fmt: skip
+            worker.start()
+            task_read.close()  # the worker's ends: a dead worker then reads as EOF here
+            result_write.close()
+            self._workers.append(worker)
+            self._tasks.append(task_write)
+            self._results.append(result_read)
         self.worker_pids = [w.pid for w in self._workers]
-        # Before multiprocessing's own exit hook, which would SIGTERM the workers (they
-        # ignore it) and wait for them forever.
+        self._pending: deque[tuple[int, tuple[int, int]]] = deque()  # (worker, key), in order
+        self._sent = 0
+        self._open = True
+        for _ in range(num_workers * prefetch_factor):
+            self._send_next()
+        # Before multiprocessing's own exit hook, which would wait for daemonic workers
+        # that ignore SIGTERM.
         atexit.register(self.close)
+
+    def _send_next(self) -> None:
+        key = next(self._keys, None)
+        if key is None:
+            return
+        worker = self._sent % len(self._workers)
+        self._tasks[worker].send(key)
+        self._pending.append((worker, key))
+        self._sent += 1
 
     def get(self, first: int, bag_size: int) -> torch.Tensor | None:
         """The rows of key ``(first, bag_size)``, or None when the next micro-batch read
         ahead is another one (or none is left): the caller then reads it and stops us."""
-        if self._iterator is None:
+        if not self._open or not self._pending:
             return None
-        try:
-            key, rows = next(self._iterator)
-        except StopIteration:
-            return None
+        worker, key = self._pending.popleft()
         if key != (first, bag_size):
             return None
-        if isinstance(rows, _Failure):
+        connection = self._results[worker]
+        process = self._workers[worker]
+        while not connection.poll():
+            if not process.is_alive() and not connection.poll():
+                self.close()
+                raise RuntimeError(
+                    f"data loader worker {worker} (pid {process.pid}) died (exit code "
+                    f"{process.exitcode}): rerun with --num-workers 0 to read in the trainer"
+                )
+            wait([connection, process.sentinel], timeout=_WATCH_INTERVAL_S)
+        got, item = connection.recv()
+        assert got == key, (got, key)  # each worker answers its keys in order
+        if isinstance(item, _Failure):
             self.close()
-            raise rows.error
-        return rows
+            raise item.error
+        self._send_next()
+        return torch.from_numpy(item)
 
     def close(self) -> None:
         """Stop and join the workers (idempotent)."""
-        iterator, self._iterator = self._iterator, None
-        if iterator is None:
+        if not self._open:
             return
+        self._open = False
         atexit.unregister(self.close)
-        iterator._shutdown_workers()  # asks them to stop, waits a few seconds
-        for worker in self._workers:
-            if worker.is_alive():  # stuck: they ignore SIGTERM, so kill
+        for tasks in self._tasks:
+            with contextlib.suppress(OSError):  # that worker is gone already
+                tasks.send(None)
+        deadline = time.time() + _STOP_TIMEOUT_S
+        for worker, results in zip(self._workers, self._results, strict=True):
+            # A worker blocked sending a result it read ahead finishes once it is drained.
+            while worker.is_alive() and time.time() < deadline:
+                if results.poll(0.05):
+                    with contextlib.suppress(EOFError):
+                        results.recv()
+            if worker.is_alive():
                 worker.kill()
-                worker.join(timeout=_WATCH_INTERVAL_S)
-
-
-class _Keys:
-    """The sampler: the planned keys, drawn lazily as the loader needs them."""
-
-    def __init__(self, keys: Iterator[tuple[int, int]]) -> None:
-        self.keys = keys
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return self.keys
+            worker.join(_STOP_TIMEOUT_S)
+        for connection in self._tasks + self._results:
+            connection.close()
