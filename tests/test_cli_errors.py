@@ -147,7 +147,8 @@ def test_read_only_save_is_refused_at_start(tmp_path):
 
 @pytest.mark.parametrize(
     "flag",
-    [["--context-parallel-size", "2", "--seq-length", "8"], ["--async-save"],
+    [["--context-parallel-size", "2", "--seq-length", "8"],
+     ["--num-experts", "4", "--overlap-moe-expert-parallel-comm"],
      ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--tp-comm-overlap"]],
 )  # fmt: skip
 def test_launch_refuses_what_only_a_dry_run_can_lay_out(flag):
