@@ -3,7 +3,7 @@
 1. Raw tokens/s in the superposition phase over raw tokens/s in the recovery phase, same
    model and positions per step (target: at least 0.95 x bag_size).
 2. Recovery-phase step time of ``pretrain_tst.py`` against a plain megatron-core GPT loop
-   with the same configuration (``tests/plain_loop.py``; target: within 3 %).
+   with the same configuration (``tests/helpers/plain_loop.py``; target: within 3 %).
 
     python bench/bench_throughput.py [--iters 40] [--repeats 2]
 
@@ -23,7 +23,7 @@ import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "helpers"))
 
 MODELS = {
     "quickstart": [

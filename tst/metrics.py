@@ -34,7 +34,7 @@ def flops_per_position(cfg, vocab_size: int) -> float:
     (``2 L heads (d_qk + d_v)`` per layer, the full square as Megatron-LM counts it). Each
     MTP depth adds its projection, layer, output layer and attention. Norms, biases and the
     bag average on the input (a gather, not a GEMM) are left out, so a superposition step
-    costs what a recovery step costs. ``tests/test_metrics_flops.py`` checks this against
+    costs what a recovery step costs. ``tests/unit/test_metrics_flops.py`` checks this against
     torch's FLOP counter on built models.
     """
     from tst.dry_run import parameter_counts

@@ -7,10 +7,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT / "tests") not in sys.path:
-    sys.path.insert(0, str(ROOT / "tests"))
+if str(ROOT / "tests" / "helpers") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tests" / "helpers"))
 
-from test_data_support import load_tool  # noqa: E402
+from data_support import load_tool  # noqa: E402
 
 # 4 processes; 32 positions, bag 4 for the first SWITCH steps, then next-token training.
 TINY_CONFIG = """\

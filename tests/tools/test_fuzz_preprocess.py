@@ -13,7 +13,7 @@ import os
 import random
 
 import pytest
-from test_data_support import load_tool
+from data_support import load_tool
 
 from tst.data.corpus import CorpusError
 from tst.data.indexed import IndexedDatasetError, check_indexed_dataset

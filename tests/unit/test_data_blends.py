@@ -22,7 +22,7 @@ from flags import SMALL_GPT
 import pretrain_tst
 from tst.data.stream import SampleStream
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = [
     "--vocab-size", "384", "--tokenizer-type", "NullTokenizer", "--num-layers", "2",
     "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",

@@ -1,4 +1,4 @@
-"""Multi-hot cross-entropy against the plain reference (tests/reference.py).
+"""Multi-hot cross-entropy against the plain reference (tests/helpers/reference.py).
 
 Tolerances: fp32 losses agree to atol 2e-5 / rtol 1e-5 (one log-sum-exp against a loop of
 CE calls); gradients for fp32 logits to atol 1e-6. bf16 logits are upcast inside, so the loss

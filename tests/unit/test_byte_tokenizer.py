@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from data_support import TRICKY_DOCS, load_tool, training_text, write_jsonl
 from flags import SMALL_GPT
-from test_data_support import TRICKY_DOCS, load_tool, training_text, write_jsonl
 
 import pretrain_tst
 from tst.data.indexed import open_indexed_dataset

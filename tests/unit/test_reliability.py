@@ -15,7 +15,12 @@ from tst import trainer as trainer_module
 from tst.checkpointing import CheckpointError, verify
 from tst.errors import NonFiniteLossError
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+sys.path.insert(
+    0,
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "bench"
+    ),
+)
 
 import fault_injection  # noqa: E402
 

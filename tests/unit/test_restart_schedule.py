@@ -5,7 +5,7 @@ one-step warm-up and cosine decay. The LR each step uses is read from the optimi
 the step and compared with the schedule worked out by hand (Megatron-LM's: the LR of a step
 is the schedule at the samples read before it, so the first step of a warm-up uses the initial
 LR). A run stopped inside the recovery phase (or at the switch) and resumed repeats the
-uninterrupted run: LRs exactly, losses to rel 1e-6 (the same computation; tests/test_trainer.py
+uninterrupted run: LRs exactly, losses to rel 1e-6 (the same computation; tests/distributed/test_trainer.py
 states the resume tolerance).
 """
 

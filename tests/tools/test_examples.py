@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from flags import SMALL_GPT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 CONFIGS = sorted((EXAMPLES / "configs").glob("*.sh"))
 SCRIPTS = sorted([*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("*.sbatch"), *CONFIGS])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_data_support import TRICKY_DOCS, make_tokenizers
+from data_support import TRICKY_DOCS, make_tokenizers
 
 from tst.data.tokenizers import NullTokenizer, TokenizerFileError, build_tokenizer
 

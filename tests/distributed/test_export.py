@@ -26,8 +26,8 @@ import os
 import pytest
 import torch
 import transformers
+from data_support import load_tool, make_tokenizers
 from flags import SMALL_GPT
-from test_data_support import load_tool, make_tokenizers
 
 import pretrain_tst
 from tst.export import (

@@ -3,7 +3,7 @@ TP 1 against TP 2, and a resume.
 
 For each flag a short run (3 superposition steps, then 2 recovery steps) trains at TP=1 (DP=2)
 and at TP=2 (DP=1) in a world of two gloo ranks. Its first logged loss must equal the plain
-reference's value (``tests/reference.py``) for the same global batch and initial weights: the
+reference's value (``tests/helpers/reference.py``) for the same global batch and initial weights: the
 oracle reads the run's first rows from its data stream, builds the batch with the reference's
 loops, takes the logits of the same model (layout-independent initial weights, in a world of
 one) and applies the reference loss, in its per-position or per-slot (``--tst-layout paper``)

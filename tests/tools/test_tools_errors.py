@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_data_support import ROOT, load_tool, write_jsonl
+from data_support import ROOT, load_tool, write_jsonl
 
 from tst.data.indexed import AtomicIndexedWriter, IndexedDatasetError, check_indexed_dataset
 from tst.errors import NonFiniteLossError, TSTError

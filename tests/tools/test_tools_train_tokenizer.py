@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from test_data_support import load_tool, training_text, write_jsonl
+from data_support import load_tool, training_text, write_jsonl
 
 from tst.data.tokenizers import HuggingFaceTokenizer, SentencePieceTokenizer
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import transformers
+from data_support import ROOT, TRICKY_DOCS, load_tool, training_text, write_jsonl
 from flags import SMALL_GPT
-from test_data_support import ROOT, TRICKY_DOCS, load_tool, training_text, write_jsonl
 
 from tst.data.indexed import open_indexed_dataset
 from tst.data.tokenizers import (

@@ -14,7 +14,7 @@ import pytest
 import tst
 from tst.errors import ConfigError, InputError, RunError, TSTError, exit_code
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _project_modules():
@@ -43,7 +43,9 @@ def test_every_project_error_is_a_tst_error():
             "MetricsFileError", "DatasetTooSmallError", "NonFiniteLossError"} <= names  # fmt: skip
     stray = sorted(cls.__qualname__ for cls in errors if not issubclass(cls, TSTError))
     assert not stray, f"error classes outside tst.errors.TSTError: {stray}"
-    both = sorted(c.__name__ for c in errors if issubclass(c, InputError) and issubclass(c, RunError))
+    both = sorted(
+        c.__name__ for c in errors if issubclass(c, InputError) and issubclass(c, RunError)
+    )
     assert not both
 
 

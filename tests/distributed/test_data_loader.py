@@ -26,7 +26,7 @@ import pretrain_tst
 from tst.checkpointing import latest_iteration
 from tst.data.stream import SampleStream
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # Down (superposition -> recovery), up again mid-sample (units skipped), a middle bag size,
 # and more units than the 7 big samples hold (an epoch wrap).
 SCHEDULE = [B] * 5 + [1] * 13 + [2] * 3 + [B] * 2 + [1] * 9
@@ -236,7 +236,7 @@ def test_ctrl_c_with_workers_saves_and_leaves_no_process(tmp_path):
 
 _KILLED_HOLDER = """
 import sys, time
-sys.path.insert(0, {tests!r})
+sys.path[:0] = {paths!r}
 from test_data_stream import B, L, PositionDataset
 from tst.data.stream import SampleStream
 if __name__ == "__main__":
@@ -251,7 +251,8 @@ if __name__ == "__main__":
 def test_a_sigkilled_trainer_leaves_no_worker(tmp_path):
     """No exit hook runs on SIGKILL: the workers notice the trainer is gone by themselves."""
     script = tmp_path / "holder.py"
-    script.write_text(_KILLED_HOLDER.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    paths = [os.path.join(ROOT, "tests", tier) for tier in ("unit", "helpers")]
+    script.write_text(_KILLED_HOLDER.format(paths=paths))
     proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from test_data_support import load_tool
+from data_support import load_tool
 
 plot_runs = load_tool("plot_runs")
 run_metrics = load_tool("run_metrics")

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_data_support import HAVE_SOTU, ROOT, load_tool, write_positional_dataset
+from data_support import HAVE_SOTU, ROOT, load_tool, write_positional_dataset
 
 inspect_dataset = load_tool("inspect_dataset")
 

@@ -11,7 +11,7 @@ import sys
 
 import numpy as np
 import pytest
-from test_data_support import (
+from data_support import (
     ROOT,
     TRICKY_DOCS,
     load_tool,

@@ -133,7 +133,7 @@ def test_mtp_depth_reads_the_next_bag_not_the_next_token():
 def test_mtp_with_pipeline_parallelism_and_learned_positions_is_refused():
     """Under PP the MTP block embeds on the last stage, whose copy of learned position
     embeddings megatron-core does not keep in step (seen drifting, rel 5e-4 by step 5);
-    RoPE runs (tests/test_mtp_routing_runs.py)."""
+    RoPE runs (tests/distributed/test_mtp_routing_runs.py)."""
     pp2 = FLAGS + ["--pipeline-model-parallel-size", "2"]
     with pytest.raises(ValueError, match=r"--mtp-num-layers with --pipeline-model-parallel-size "
                                          r"> 1 and learned absolute positions"):  # fmt: skip

@@ -4,7 +4,7 @@ Unit tests of the schedule (parsing, refusals, a two-stage schedule equal to
 ``--tst-bag-size`` / ``--tst-fraction``), then runs of a three-stage schedule (bag 4, bag 2,
 next-token) through ``pretrain_tst.py``:
 
-- the first step of each stage against the plain reference (``tests/reference.py``): the
+- the first step of each stage against the plain reference (``tests/helpers/reference.py``): the
   oracle reads that step's rows from the run's own data stream and scores the run's own
   weights at that step (a world of one), to rel 2e-6 (fp32, the same model on other batch
   shapes, as in ``test_tst_flags_trainer.py``);
@@ -279,7 +279,7 @@ def test_power_slot_weights_follow_each_stage_bag(tmp_path):
 
 def _tools_follow_the_stages(metrics: str, tmp_path) -> None:
     """run_metrics / compare_runs / plot_runs read the stages of a three-stage run's file."""
-    from test_data_support import load_tool
+    from data_support import load_tool
 
     run_metrics = load_tool("run_metrics")
     run = run_metrics.read_metrics(metrics)

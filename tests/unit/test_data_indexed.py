@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_support import write_positional_dataset
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-from test_data_support import write_positional_dataset
 
 from tst.data.indexed import (
     AtomicIndexedWriter,

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from test_data_support import write_positional_dataset
+from data_support import write_positional_dataset
 
 from tst.data.stream import SampleStream, big_samples_needed
 

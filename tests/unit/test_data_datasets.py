@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_data_support import write_positional_dataset
+from data_support import write_positional_dataset
 
 from tst.data import datasets as ds_mod
 from tst.data.datasets import (

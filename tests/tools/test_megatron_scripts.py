@@ -19,7 +19,9 @@ import pytest
 import pretrain_tst
 from tst.config import build_parser
 
-HERE = os.path.join(os.path.dirname(__file__), "data", "megatron_scripts")
+HERE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "megatron_scripts"
+)
 
 # What each script must do: lay out its model, or be refused naming the cause.
 EXPECTED = {

@@ -21,7 +21,7 @@ import pretrain_tst
 from tst.checkpointing import CheckpointError, latest_iteration
 from tst.metrics import MetricsWriter, PeakRate
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BASE = [
     "--mock-data", "--vocab-size", "384", "--num-layers", "2", "--hidden-size", "32",
     "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "2",
