@@ -107,7 +107,9 @@ class PeakRate:
 class MetricsWriter:
     """Writes each record to stdout (formatted), JSON lines, TensorBoard and Weights & Biases
     (rank 0 only). Training scalars go to TensorBoard / W&B every ``tensorboard_interval``
-    iterations (Megatron-LM's --tensorboard-log-interval); the metrics file gets them all."""
+    iterations (Megatron-LM's --tensorboard-log-interval), except the keys in
+    ``tensorboard_skip`` (e.g. the loss scale under --no-log-loss-scale-to-tensorboard); the
+    metrics file gets them all."""
 
     def __init__(
         self,
@@ -116,10 +118,12 @@ class MetricsWriter:
         tensorboard_dir: str | None,
         tensorboard_interval: int = 1,
         wandb: dict | None = None,
+        tensorboard_skip: frozenset[str] = frozenset(),
     ):
         self.enabled = enabled
         self.path = metrics_file
         self.interval = tensorboard_interval
+        self.tensorboard_skip = tensorboard_skip  # record keys kept out of TensorBoard / W&B
         self._file = None
         self._tb = None
         self._wandb = None
@@ -193,7 +197,7 @@ class MetricsWriter:
         scalars = {
             f"{prefix}/{key}": value for key, value in _flatten(record).items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)
-            and key != "iteration"
+            and key != "iteration" and key not in self.tensorboard_skip
         }  # fmt: skip
         if self._tb:
             for key, value in scalars.items():

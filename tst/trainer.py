@@ -115,8 +115,9 @@ class Trainer:
         log = cfg.log
         wandb = dict(project=log.wandb_project, name=log.wandb_exp_name,
                      save_dir=log.wandb_save_dir, entity=log.wandb_entity, config=cfg.to_dict())  # fmt: skip
+        skip = frozenset() if log.log_loss_scale_to_tensorboard else frozenset({"loss_scale"})
         self.writer = MetricsWriter(layout.rank == 0, log.metrics_file, log.tensorboard_dir,
-                                    log.tensorboard_log_interval, wandb)  # fmt: skip
+                                    log.tensorboard_log_interval, wandb, skip)  # fmt: skip
         self.flops_per_position = flops_per_position(cfg, plan.padded_vocab_size)
         self.peak = PeakRate(cfg.log.peak_tflops, layout.device.type, measure=layout.rank == 0)
         self._stop_signal = None

@@ -1,0 +1,139 @@
+"""Flags that megatron-core consumes: each reaches its megatron-core object (optimizer,
+DDP, TransformerConfig, LR / weight-decay scheduler, metrics sinks) with Megatron-LM's
+default when not given and the value given otherwise. Schedules are compared with the
+formulas written out here from Megatron-LM's documented behaviour, not with its code."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tst.config import parse_args
+from tst.optim import build_scheduler, ddp_config, optimizer_config
+from tst.plan import validate
+
+BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+        "--seq-length", "16", "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "100",
+        "--mock-data", "--vocab-size", "512"]  # fmt: skip
+
+
+def _cfg(*extra: str):
+    cfg = parse_args([*BASE, *extra])
+    plan = validate(cfg, 1, 512)
+    return cfg, plan
+
+
+def test_optimizer_flags_default_and_given():
+    cfg, _ = _cfg()
+    o = optimizer_config(cfg)
+    assert (o.adam_eps, o.sgd_momentum, o.loss_scale, o.min_loss_scale, o.loss_scale_window,
+            o.initial_loss_scale, o.hysteresis) == (1e-8, 0.9, None, 1.0, 1000, 2**32, 2)  # fmt: skip
+    cfg, _ = _cfg("--adam-eps", "1e-6", "--fp16", "--min-loss-scale", "4",
+                  "--loss-scale-window", "50", "--initial-loss-scale", "1024", "--hysteresis", "3")  # fmt: skip
+    o = optimizer_config(cfg)
+    assert (o.adam_eps, o.fp16, o.min_loss_scale, o.loss_scale_window, o.initial_loss_scale,
+            o.hysteresis) == (1e-6, True, 4.0, 50, 1024.0, 3)  # fmt: skip
+    assert optimizer_config(_cfg("--fp16", "--loss-scale", "128")[0]).loss_scale == 128.0
+    o = optimizer_config(_cfg("--optimizer", "sgd", "--sgd-momentum", "0.5")[0])
+    assert (o.optimizer, o.sgd_momentum) == ("sgd", 0.5)
+
+
+def test_ddp_flags_default_and_given():
+    d = ddp_config(_cfg()[0])
+    assert (d.grad_reduce_in_fp32, d.align_param_gather) == (False, True)
+    # Under bf16 Megatron-LM reduces gradients in fp32 unless --grad-reduce-in-bf16.
+    assert ddp_config(_cfg("--bf16")[0]).grad_reduce_in_fp32 is True
+    assert ddp_config(_cfg("--bf16", "--grad-reduce-in-bf16")[0]).grad_reduce_in_fp32 is False
+    assert ddp_config(_cfg("--accumulate-allreduce-grads-in-fp32")[0]).grad_reduce_in_fp32
+    d = ddp_config(_cfg("--use-distributed-optimizer", "--overlap-param-gather",
+                        "--overlap-grad-reduce", "--no-align-param-gather")[0])  # fmt: skip
+    assert d.align_param_gather is False
+    cfg = _cfg("--overlap-grad-reduce", "--no-align-grad-reduce")[0]
+    assert cfg.parallel.align_grad_reduce is False and _cfg()[0].parallel.align_grad_reduce
+
+
+def test_moe_and_numerics_flags_reach_the_transformer_config():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+                 cpu_patched=False)  # fmt: skip
+
+    moe = ["--num-experts", "4", "--moe-router-topk", "2"]
+    cfg, plan = _cfg(*moe)
+    c = transformer_config(cfg, plan, cpu, check_device=False)
+    assert isinstance(c, TransformerConfig)
+    assert (c.moe_z_loss_coeff, c.moe_token_drop_policy) == (None, "probs")
+    cfg, plan = _cfg(*moe, "--moe-z-loss-coeff", "1e-3", "--moe-token-drop-policy", "position",
+                     "--moe-expert-capacity-factor", "1.0")  # fmt: skip
+    c = transformer_config(cfg, plan, cpu, check_device=False)
+    assert (c.moe_z_loss_coeff, c.moe_token_drop_policy, c.moe_expert_capacity_factor) == (
+        1e-3, "position", 1.0)  # fmt: skip
+
+
+def _scheduler(*extra: str):
+    cfg, plan = _cfg(*extra)
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([weight], lr=cfg.training.lr)
+    return build_scheduler(optimizer, cfg, plan), optimizer.param_groups[0]
+
+
+@pytest.mark.parametrize("style", ["linear", "cosine"])
+def test_weight_decay_increment_follows_megatron_lm(style):
+    """--start-weight-decay / --end-weight-decay / --weight-decay-incr-style: weight decay
+    goes from start to end over the run's samples (100 steps x 1 sample here)."""
+    scheduler, group = _scheduler("--start-weight-decay", "0.01", "--end-weight-decay", "0.1",
+                                  "--weight-decay-incr-style", style)  # fmt: skip
+    for step in (0, 25, 50, 100):
+        scheduler.step(increment=step - scheduler.num_steps)
+        ratio = step / 100
+        coeff = ratio if style == "linear" else 0.5 * (math.cos(math.pi * (1 - ratio)) + 1.0)
+        assert group["weight_decay"] == pytest.approx(0.01 + coeff * 0.09, rel=1e-9), step
+    # Default: constant --weight-decay.
+    scheduler, group = _scheduler("--weight-decay", "0.05")
+    scheduler.step(increment=60)
+    assert group["weight_decay"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("style", ["linear", "cosine", "exponential", "minus_sqrt"])
+def test_wsd_decay_follows_megatron_lm(style):
+    """WSD: the peak LR until the last --lr-wsd-decay-iters steps, then down to --min-lr in
+    --lr-wsd-decay-style."""
+    scheduler, group = _scheduler("--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "20",
+                                  "--lr-wsd-decay-style", style, "--min-lr", "1e-4")  # fmt: skip
+    peak, low = 1e-3, 1e-4
+    for step in (10, 79, 80, 85, 90, 100):
+        scheduler.step(increment=step - scheduler.num_steps)
+        if step <= 80:
+            want = peak
+        else:
+            r = (step - 80) / 20
+            coeff = {"linear": 1 - r, "cosine": 0.5 * (math.cos(math.pi * r) + 1),
+                     "exponential": 2 * 0.5 ** r - 1, "minus_sqrt": 1 - math.sqrt(r)}[style]  # fmt: skip
+            want = low + coeff * (peak - low)
+        assert group["lr"] == pytest.approx(want, rel=1e-9, abs=1e-12), (style, step)
+
+
+def test_loss_scale_kept_out_of_tensorboard_when_asked(tmp_path):
+    """--no-log-loss-scale-to-tensorboard: the metrics file keeps the loss scale, TensorBoard
+    does not get it (the default writes it)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tst.metrics import MetricsWriter
+
+    for skip, name in ((frozenset(), "default"), (frozenset({"loss_scale"}), "off")):
+        writer = MetricsWriter(True, str(tmp_path / f"{name}.jsonl"), str(tmp_path / name),
+                               tensorboard_skip=skip)  # fmt: skip
+        writer.write({"iteration": 1, "loss": 2.0, "loss_scale": 65536.0}, "train")
+        writer.close()
+        tags = EventAccumulator(str(tmp_path / name)).Reload().Tags()["scalars"]
+        assert ("train/loss_scale" in tags) == (name == "default") and "train/loss" in tags
+        assert "loss_scale" in (tmp_path / f"{name}.jsonl").read_text()
+    # The flag is what the trainer reads.
+    assert _cfg()[0].log.log_loss_scale_to_tensorboard
+    assert not _cfg("--no-log-loss-scale-to-tensorboard")[0].log.log_loss_scale_to_tensorboard
