@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None):
         f"wrote {result.architecture} to {result.output}: vocabulary {result.vocab_size} rows "
         f"(checkpoint {result.padded_vocab_size}); files: {', '.join(result.files)}"
     )
+    for what in result.left_out:
+        print(f"not exported: {what}")
     return result
 
 

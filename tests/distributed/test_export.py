@@ -205,12 +205,17 @@ def test_writer_holds_one_shard_at_a_time(tmp_path, monkeypatch):
         ("qwen3", ["--qk-layernorm", "--untie-embeddings-and-output-weights"], "Qwen3ForCausalLM"),
         ("qwen3_moe", [*MOE, "--qk-layernorm"], "Qwen3MoeForCausalLM"),
         ("mixtral", MOE, "MixtralForCausalLM"),
+        # The MTP block is left out, and the export says so; the main head is exported.
+        ("llama_mtp", ["--mtp-num-layers", "1"], "LlamaForCausalLM"),
     ],
 )
 def test_variants_match_trainer(tmp_path, name, flags, architecture):
     save = _train(str(tmp_path / "ckpt"), ["--vocab-size", "300", *flags])
     result, ids, want = _export_and_reference(save, str(tmp_path / "hf"), 300)
     assert result.architecture == architecture
+    mtp = "--mtp-num-layers" in flags
+    assert len(result.left_out) == mtp
+    assert not mtp or "multi-token prediction block (1 depth," in result.left_out[0]
     got, model = _hf_logits(str(tmp_path / "hf"), ids)
     assert type(model).__name__ == architecture
     diff = (got - want).abs().max().item()

@@ -88,6 +88,7 @@ class ExportResult:
     vocab_size: int  # rows written
     padded_vocab_size: int  # rows in the checkpoint
     files: tuple[str, ...]
+    left_out: tuple[str, ...] = ()  # trained weights the target class has no place for
 
 
 def export_loaded(
@@ -120,6 +121,7 @@ def export_loaded(
             "embedding rows: wrong --tokenizer-model for this checkpoint"
         )
     rows = ckpt.padded_vocab_size if keep_padded_vocab else vocab
+    left_out = _left_out(ckpt, architecture)
     if dtype is None:
         torch_dtype = ckpt.model.embedding.word_embeddings.weight.dtype
     elif dtype in DTYPES:
@@ -151,6 +153,7 @@ def export_loaded(
             "seq_length": ckpt.cfg.model.seq_length,
             "source": {"checkpoint": os.path.abspath(ckpt.path), "iteration": ckpt.iteration},
             "config": ckpt.cfg.to_dict(),
+            "left_out": list(left_out),
         }
         with open(os.path.join(output, EXPORT_INFO), "w") as f:
             json.dump(info, f, indent=2, default=str)
@@ -159,7 +162,22 @@ def export_loaded(
         shutil.rmtree(output, ignore_errors=True)
         raise
     _move_into(output, final)
-    return ExportResult(final, architecture, rows, ckpt.padded_vocab_size, tuple(names))
+    return ExportResult(final, architecture, rows, ckpt.padded_vocab_size, tuple(names),
+                        left_out)  # fmt: skip
+
+
+def _left_out(ckpt: LoadedCheckpoint, architecture: str) -> tuple[str, ...]:
+    """What the checkpoint trained that the export does not carry, said out loud: the
+    multi-token prediction block (--mtp-num-layers) has no place in the target classes,
+    which generate with the main head only (as the trained model does)."""
+    mtp = getattr(ckpt.model, "mtp", None)
+    if mtp is None:
+        return ()
+    count = sum(p.numel() for p in mtp.parameters())
+    depths = ckpt.cfg.mtp.mtp_num_layers
+    return (f"the multi-token prediction block ({depths} depth{'s' * (depths > 1)}, "
+            f"{count:,} parameters): {architecture} has no MTP head; generation uses the "
+            "main head, as in training",)  # fmt: skip
 
 
 def _move_into(staging: str, output: str) -> None:
