@@ -20,6 +20,8 @@ import argparse
 import difflib
 from typing import NamedTuple
 
+from tst.errors import ConfigError
+
 __all__ = ["ACCEPTED", "ALIASES", "REFUSED", "add_to_parser", "apply_aliases", "check_unknown",
            "resolve"]  # fmt: skip
 
@@ -216,7 +218,7 @@ def check_unknown(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     refused = [f"{flag}: {REFUSED[flag].reason}" for flag in dict.fromkeys(
         arg.split("=", 1)[0] for arg in argv) if flag in REFUSED]  # fmt: skip
     if not unknown and refused:  # before any value is parsed: the first thing to fix
-        raise ValueError("not supported here: " + "; ".join(refused))
+        raise ConfigError("not supported here: " + "; ".join(refused))
     if not unknown:
         return
     longs = sorted(f for f in known if f.startswith("--"))
@@ -224,7 +226,7 @@ def check_unknown(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     for flag in unknown:
         near = difflib.get_close_matches(flag, longs, n=1, cutoff=0.6)
         parts.append(f"{flag} (did you mean {near[0]}?)" if near else flag)
-    raise ValueError(
+    raise ConfigError(
         f"unknown flag{'s' if len(parts) > 1 else ''}: "
         + ", ".join(parts)
         + " (pretrain_tst.py --help lists every flag)"
@@ -236,7 +238,7 @@ def resolve(given: dict[str, object]) -> tuple[tuple[str, str], ...]:
     flags = {"--" + key.split(".", 1)[1].replace("_", "-"): value for key, value in given.items()}
     refused = [f"{flag}: {REFUSED[flag].reason}" for flag in flags if flag in REFUSED]
     if refused:
-        raise ValueError("not supported here: " + "; ".join(refused))
+        raise ConfigError("not supported here: " + "; ".join(refused))
     return tuple((flag, ACCEPTED[flag].reason) for flag in flags if flag in ACCEPTED)
 
 
