@@ -137,3 +137,35 @@ def test_loss_scale_kept_out_of_tensorboard_when_asked(tmp_path):
     # The flag is what the trainer reads.
     assert _cfg()[0].log.log_loss_scale_to_tensorboard
     assert not _cfg("--no-log-loss-scale-to-tensorboard")[0].log.log_loss_scale_to_tensorboard
+
+
+def _layout(device: str):
+    from tst.platform import Layout
+
+    return Layout(rank=0, world_size=1, local_rank=0, device=torch.device(device),
+                  backend="gloo", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
+                  dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("mlp", [["--swiglu"], []])
+def test_fused_kernels_on_by_default_where_the_device_has_them(mlp):
+    """Megatron-LM's fusions are on by default on a GPU and off with its --no-* switches; on
+    CPU they are off (no kernels). The ones that need Transformer Engine (RoPE, gradient
+    accumulation, persistent layer norm) stay off where TE is missing, whatever the flags."""
+    from tst.megatron_config import transformer_config
+
+    activation = "--no-bias-swiglu-fusion" if mlp else "--no-bias-gelu-fusion"
+    off = ["--no-bias-dropout-fusion", activation, "--no-masked-softmax-fusion",
+           "--no-rope-fusion", "--no-gradient-accumulation-fusion", "--no-persist-layer-norm"]  # fmt: skip
+    fields = ("bias_dropout_fusion", "bias_activation_fusion", "masked_softmax_fusion")
+    te_fields = ("apply_rope_fusion", "gradient_accumulation_fusion", "persist_layer_norm")
+    for device, extra, want in (("cuda", [], True), ("cuda", off, False), ("cpu", [], False)):
+        cfg, plan = _cfg(*mlp, *extra)
+        c = transformer_config(cfg, plan, _layout(device), check_device=False)
+        assert [getattr(c, f) for f in fields] == [want] * 3, (device, extra)
+        assert not any(getattr(c, f) for f in te_fields)  # no Transformer Engine here
+    cfg, _ = _cfg(*mlp, *off)
+    m = cfg.model
+    assert not (m.apply_rope_fusion or m.gradient_accumulation_fusion or m.persist_layer_norm)
+    m = _cfg(*mlp)[0].model
+    assert m.gradient_accumulation_fusion and m.persist_layer_norm
