@@ -9,6 +9,7 @@ Wires the pieces together and calls the trainer; all the work lives in ``tst/``.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -51,7 +52,19 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
         cache_dir=cfg.data.data_cache_path,
         mmap_bin_files=cfg.data.mmap_bin_files,
     )
-    return build_datasets(data, (train, valid, 0))
+    train_set, valid_set, _ = build_datasets(data, (train, valid, 0))
+    # The test split (--split's third part or --test-data-path) is evaluated once at the end,
+    # as Megatron-LM does; one too small for a sample skips that, it does not stop the run.
+    test_set = None
+    if plan.evaluate:
+        from tst.data.datasets import DatasetTooSmallError
+
+        try:
+            test_set = build_datasets(data, (0, 0, valid))[2]
+        except DatasetTooSmallError as error:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"no test evaluation at the end: {error}", flush=True)
+    return train_set, valid_set, test_set
 
 
 def main(argv=None) -> int:

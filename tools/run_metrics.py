@@ -101,7 +101,7 @@ def read_metrics(path: str, name: str | None = None) -> RunMetrics:
                 )
                 continue
             raise MetricsFileError(f"{path}:{number}: not a JSON record ({error})") from None
-        if "iteration" not in record:
+        if "iteration" not in record or "test_loss" in record:  # the plan; the end's test loss
             meta.append(record)
         else:
             (evals if "val_loss" in record else train).append(record)

@@ -105,12 +105,13 @@ class Trainer:
             self._recovery_schedule_steps()  # refuse a warm-up that cannot fit, at start
         self._wire_overlap(finalize_model_grads)
 
-        train, valid, _ = datasets
+        train, valid, test = datasets
         mbs, dp = t.micro_batch_size, layout.dp
         self.train_stream = SampleStream(
             train, m.seq_length, self.bag_size, mbs, layout.dp_rank, dp
         )
         self.valid = valid
+        self.test = test  # evaluated once at the end of a run that completes, as Megatron-LM does
         self.iteration = 0
         log = cfg.log
         wandb = dict(project=log.wandb_project, name=log.wandb_exp_name,
@@ -346,15 +347,17 @@ class Trainer:
             )
         return finite
 
-    def evaluate(self) -> float:
-        """Held-out next-token loss: ordinary inputs and targets, in either phase."""
+    def evaluate(self, dataset=None) -> float:
+        """Held-out next-token loss on ``dataset`` (default: the validation split): ordinary
+        inputs and targets, in either phase, over --eval-iters global batches."""
         from tst.data.stream import SampleStream
 
-        if self.valid is None:
+        dataset = self.valid if dataset is None else dataset
+        if dataset is None:
             return float("nan")
         recovery = self.schedule.eval_phase()
         stream = SampleStream(
-            self.valid,
+            dataset,
             self.seq_length,
             self.bag_size,
             self.cfg.training.micro_batch_size,
@@ -793,10 +796,22 @@ class Trainer:
                 self.writer.print(f"stopping at iteration {self.iteration}: {reason}")
                 self._finish()
                 return 0
+        if self.plan.evaluate and self.test is not None:
+            self._evaluate_test_split(self.schedule.phase_at(train_iters - 1))
         if run.save and (not run.save_interval or self.iteration % run.save_interval != 0):
             self.save()
         self._finish()
         return 0
+
+    def _evaluate_test_split(self, phase: Phase) -> None:
+        """Next-token loss on the test split (--split's third part or --test-data-path) once,
+        at the end of a run that completes, as Megatron-LM does (not on an early stop)."""
+        self._set_pre_hooks(False)
+        loss = self.evaluate(self.test)
+        record = {"iteration": self.iteration, "test_loss": loss, "phase": phase.name,
+                  "elapsed_s": round(self.elapsed(), 3)}  # fmt: skip
+        self.writer.write(record, "test")
+        self.writer.print(f"  test at {self.iteration}: next-token loss {loss:.4f}")
 
     def _coming_bag_sizes(self):
         """The bag size of every micro-batch the run has left to read, in order: a step's

@@ -74,6 +74,7 @@ def _run(argv: list[str], metrics: str) -> dict:
         records = [json.loads(line) for line in f]
     seen["loss"] = [r["loss"] for r in records if r.get("loss") is not None]
     seen["val"] = [r["val_loss"] for r in records if "val_loss" in r]
+    seen["test"] = [r["test_loss"] for r in records if "test_loss" in r]
     return seen
 
 
@@ -168,3 +169,30 @@ def test_bad_data_path_input_gets_one_line(data, tmp_path):
     assert res.stderr.strip().splitlines() == [
         f"pretrain_tst.py: error: --per-split-data-args-path {missing}: No such file or directory"
     ]
+
+
+def test_the_test_split_is_evaluated_once_at_the_end(data, tmp_path):
+    """As Megatron-LM does: --test-data-path (or --split's third part) is scored once when
+    the run completes. With the test prefix equal to the validation prefix, the end's test
+    loss equals the last validation loss exactly (same weights, same tokens); another prefix
+    gives another loss. A run without a test split logs none."""
+    a, b = data
+    same = _run(BASE + ["--train-data-path", a, "--valid-data-path", b, "--test-data-path", b],
+                str(tmp_path / "1.jsonl"))  # fmt: skip
+    assert _tokens(same["datasets"][2]).min() >= 200
+    assert len(same["test"]) == 1 and same["test"][0] == same["val"][-1]
+    other = _run(BASE + ["--train-data-path", a, "--valid-data-path", b, "--test-data-path", a],
+                 str(tmp_path / "2.jsonl"))  # fmt: skip
+    assert other["loss"] == same["loss"] and other["test"][0] != other["val"][-1]
+    # --split's third part: a test split of its own documents.
+    split = _run(BASE + ["--data-path", a, "--split", "60,20,20"], str(tmp_path / "3.jsonl"))
+    test = split["datasets"][2]
+    assert len(split["test"]) == 1 and set(test.indices.tolist()).isdisjoint(
+        split["datasets"][1].indices.tolist())  # fmt: skip
+    none = _run(BASE + ["--train-data-path", a, "--valid-data-path", b], str(tmp_path / "4.jsonl"))
+    assert none["datasets"][2] is None and none["test"] == []
+    # The tools read a file with a test record.
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from run_metrics import read_metrics
+
+    assert len(read_metrics(str(tmp_path / "1.jsonl")).evals) == 2

@@ -335,6 +335,8 @@ def build_datasets(
                                   strict=True)
         ]  # fmt: skip
         prefixes = [p for b in per_split if b is not None for p in b[0]]
+        if not prefixes:  # no split asked for has a blend: nothing to build
+            return None, None, None
     elif not cfg.mock:
         blend = parse_blend(cfg.data_path)
         prefixes = blend[0]
