@@ -90,6 +90,7 @@ REFUSED = [
       "--global-batch-size", "6"], 2, r"interleaved pipelining needs the number of micro-batches \(3\) to be a multiple of PP=2"),  # noqa: E501
     (["--fp8-format", "hybrid", "--transformer-impl", "local"], 1, r"FP8 needs Transformer Engine"),
     (["--make-vocab-size-divisible-by", "0"], 1, r"--make-vocab-size-divisible-by must be >= 1"),
+    (["--dataloader-type", "cyclic"], 1, r"--dataloader-type cyclic is not supported: samples are read in one pass per epoch"),  # noqa: E501
 ]  # fmt: skip
 
 

@@ -169,3 +169,48 @@ def test_fused_kernels_on_by_default_where_the_device_has_them(mlp):
     assert not (m.apply_rope_fusion or m.gradient_accumulation_fusion or m.persist_layer_norm)
     m = _cfg(*mlp)[0].model
     assert m.gradient_accumulation_fusion and m.persist_layer_norm
+
+
+def test_wsd_decay_in_samples_is_the_iterations_schedule_at_one_sample_per_step():
+    """--lr-wsd-decay-samples with --train-samples (global batch 1) is the same schedule as
+    --lr-wsd-decay-iters with --train-iters."""
+    by_iters, g1 = _scheduler("--lr-decay-style", "WSD", "--lr-wsd-decay-iters", "20")
+    cfg = parse_args([*(a for a in BASE if a not in ("--train-iters", "100")),
+                      "--train-samples", "100", "--lr-decay-style", "WSD",
+                      "--lr-wsd-decay-samples", "20"])  # fmt: skip
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([weight], lr=cfg.training.lr)
+    by_samples = build_scheduler(optimizer, cfg, validate(cfg, 1, 512))
+    g2 = optimizer.param_groups[0]
+    for step in (50, 80, 85, 95, 100):
+        by_iters.step(increment=step - by_iters.num_steps)
+        by_samples.step(increment=step - by_samples.num_steps)
+        assert g2["lr"] == g1["lr"], step
+    assert g1["lr"] < 1e-3  # it did decay
+
+
+def test_manual_gc_eval_and_profile_ranks():
+    """--no-manual-gc-eval: no collection around evaluation (the default collects there);
+    --profile-ranks: only the listed ranks record a trace."""
+    import gc
+
+    from tst.trainer import _ManualGC, _Profiler
+
+    calls = []
+    collect = gc.collect
+    gc.collect = lambda *a, **k: calls.append(k.get("generation", 2)) or 0
+    try:
+        for flags, want in (([], [2, 0]), (["--no-manual-gc-eval"], [])):
+            log = _cfg("--manual-gc", *flags)[0].log
+            state = _ManualGC(log.manual_gc, log.manual_gc_interval, log.manual_gc_eval)
+            calls.clear()
+            state.before_eval()
+            state.after_eval()
+            assert calls == want, flags
+    finally:
+        gc.collect = collect
+        gc.enable()
+    log = _cfg("--profile", "--profile-ranks", "1", "3")[0].log
+    assert [_Profiler(log, rank, None).enabled for rank in range(4)] == [False, True, False, True]
+    log = _cfg("--profile")[0].log  # Megatron-LM's default: rank 0
+    assert [_Profiler(log, rank, None).enabled for rank in range(2)] == [True, False]

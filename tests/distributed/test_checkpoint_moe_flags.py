@@ -1,0 +1,92 @@
+"""Flags that only act with data parallelism or expert parallelism, at DP 2 / EP 2:
+fully parallel checkpoint saving / loading (on by default, off with the flags), and the
+shared-expert overlap of MoE layers. They change how the work is done, not its result."""
+
+from __future__ import annotations
+
+import json
+
+from flags import SMALL_GPT
+
+import pretrain_tst
+
+BASE = [
+    "--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "32",
+    "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "2",
+    "--train-iters", "6", "--tst-bag-size", "3", "--tst-iters", "3", "--lr", "3e-3",
+    "--log-interval", "1", "--eval-iters", "0", "--untie-embeddings-and-output-weights",
+    *SMALL_GPT,
+]  # fmt: skip
+
+
+def _run(argv: list[str], metrics: str) -> dict:
+    """pretrain_tst.main on this rank; the losses and which checkpoint strategies ran."""
+    import torch.distributed as dist
+
+    from tst import checkpointing
+
+    seen = {"save": [], "load": []}
+    save, load = checkpointing._save_strategy, checkpointing._load_strategy
+
+    def spy_save(fully_parallel):
+        strategy = save(fully_parallel)
+        seen["save"].append(type(strategy).__name__)
+        return strategy
+
+    def spy_load(path, fully_parallel):
+        strategy = load(path, fully_parallel)
+        seen["load"].append(type(strategy).__name__)
+        return strategy
+
+    from tst.trainer import Trainer
+
+    train = Trainer.train
+
+    def spy_train(self):  # what megatron-core was given
+        seen["shared_expert_overlap"] = self.config.moe_shared_expert_overlap
+        return train(self)
+
+    checkpointing._save_strategy, checkpointing._load_strategy = spy_save, spy_load
+    Trainer.train = spy_train
+    try:
+        assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
+    finally:
+        checkpointing._save_strategy, checkpointing._load_strategy = save, load
+        Trainer.train = train
+    dist.barrier()
+    with open(metrics) as f:
+        seen["loss"] = {r["iteration"]: r["loss"] for r in map(json.loads, f) if r.get("loss")}
+    return seen
+
+
+def test_fully_parallel_checkpoint_flags_at_dp2(world2, tmp_path):
+    want = world2.run(_run, BASE, str(tmp_path / "whole.jsonl"))[0]["loss"]
+    for name, save_flag, load_flag, saved, loaded in (
+        ("default", [], [], "FullyParallelSaveStrategyWrapper", "NoneType"),
+        ("flags", ["--no-ckpt-fully-parallel-save"], ["--ckpt-fully-parallel-load"],
+         "NoneType", "FullyParallelLoadStrategyWrapper"),
+    ):  # fmt: skip
+        ckpt = str(tmp_path / name / "ckpt")
+        first = world2.run(_run, BASE + ["--save", ckpt, "--exit-interval", "4", *save_flag],
+                           str(tmp_path / name / "a.jsonl"))[0]  # fmt: skip
+        second = world2.run(_run, BASE + ["--save", ckpt, "--load", ckpt, *load_flag],
+                            str(tmp_path / name / "b.jsonl"))[0]  # fmt: skip
+        assert set(first["save"]) == {saved} and set(second["load"]) == {loaded}, name
+        got = {**first["loss"], **second["loss"]}
+        assert sorted(got) == sorted(want)
+        for it, loss in want.items():
+            assert abs(got[it] - loss) <= 1e-6 * abs(loss), (name, it, got[it], loss)
+
+
+def test_shared_expert_overlap_changes_nothing_at_ep2(world2, tmp_path):
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+           "--moe-shared-expert-intermediate-size", "24", "--expert-model-parallel-size", "2",
+           "--moe-token-dispatcher-type", "alltoall"]  # fmt: skip
+    plain = world2.run(_run, BASE + moe, str(tmp_path / "plain.jsonl"))[0]
+    overlap = world2.run(_run, BASE + moe + ["--moe-shared-expert-overlap"],
+                         str(tmp_path / "overlap.jsonl"))[0]  # fmt: skip
+    assert (plain["shared_expert_overlap"], overlap["shared_expert_overlap"]) == (False, True)
+    plain, overlap = plain["loss"], overlap["loss"]
+    assert sorted(plain) == sorted(overlap) == list(range(1, 7))
+    for it, loss in plain.items():
+        assert abs(overlap[it] - loss) <= 1e-5 * abs(loss), (it, overlap[it], loss)
