@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from tst import cpu_compat
+from tst import cpu_compat, megatron_fixes
 
 __all__ = [
     "Layout",
@@ -140,6 +140,7 @@ def initialize(
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device, backend = select_device(local_rank)
     patched = cpu_compat.apply()
+    megatron_fixes.apply()
     if not transformer_engine_importable():
         cpu_compat.patch_without_transformer_engine()
     owns_process_group = not dist.is_initialized()
@@ -237,3 +238,9 @@ def shutdown(layout: Layout | None = None) -> None:
     reset_parallel_state()
     if dist.is_initialized() and (layout is None or layout.owns_process_group):
         dist.destroy_process_group()
+    # Destroyed groups sit in reference cycles until a collection frees them with their gloo
+    # threads (about 30 per layout): free them now, or a process that sets up layouts
+    # repeatedly (a test world) gathers thousands of threads.
+    import gc
+
+    gc.collect()

@@ -707,6 +707,7 @@ class Trainer:
             self.writer.print("no validation data (the split gives it no documents): "
                               "evaluation is skipped")  # fmt: skip
         gc_state = _ManualGC(log.manual_gc, log.manual_gc_interval, log.manual_gc_eval)
+        self._gc_state = gc_state
         profiler = _Profiler(log, self.layout.rank, self.writer)
         window = {
             "t0": time.time(),
@@ -821,6 +822,8 @@ class Trainer:
             yield from [units] * self.plan.microbatches_at(iteration)
 
     def _finish(self) -> None:
+        if getattr(self, "_gc_state", None) is not None:
+            self._gc_state.finish()
         self._finalize_saves(blocking=True)
         self.train_stream.close()
         self._set_pre_hooks(False)
@@ -980,3 +983,13 @@ class _ManualGC:
 
         if self.enabled and self.around_eval:
             gc.collect(generation=0)
+
+    def finish(self) -> None:
+        """Automatic collection back on when the run ends: the process may go on (tests,
+        tools), and objects in reference cycles (process groups with their threads) must
+        be freed."""
+        import gc
+
+        if self.enabled:
+            gc.enable()
+            self.enabled = False
