@@ -10,11 +10,38 @@ the probability-weighted bias to that output in place (``megatron/core/transform
 so such a run died at its first step; with sequence parallelism and expert-TP 1 the
 reduce-scatter does the same. With one rank both are the identity in both directions, so the
 fix skips the Function there; with more ranks nothing changes.
+
+``mark_expert_parameters``: megatron-core marks a routed expert's parameters as expert
+parameters (``allreduce = False``: gradients reduced over the expert-data-parallel group,
+their own optimizer, norms over the expert groups) only when expert parallelism is > 1.
+With expert-TP apart from TP and EP 1 (e.g. TP 2, ``--expert-tensor-parallel-size 1``) the
+TP ranks hold whole replicas of each expert but see different tokens (sequence parallelism),
+and their gradients were never summed: the replicas drifted apart, silently. Megatron-LM
+fixed the predicate upstream (``is_expert and (EP > 1 or ETP != TP)``, NVIDIA/Megatron-LM
+PR 5916, after 0.16.1); the same rule is applied here to the built model. Two more
+expert-parameter defects go with it: a routed expert's row-parallel bias carries the
+``sequence_parallel`` mark, so ``finalize_model_grads`` summed its gradient over the *dense*
+TP group (on top of the expert-data-parallel reduction: twice the gradient for replicas,
+other experts' gradients mixed in under EP), and the expert optimizer's duplicate filter used
+the dense TP rank (``tp_group``), so a TP rank > 0 left its expert biases out of the gradient
+norm (upstream PR 6165). ``fix_expert_optimizer`` points that filter at the expert-TP group.
+
+Router losses under per-token loss normalisation (the trainer always normalises by the
+global batch's loss tokens, ``calculate_per_token_loss``): megatron-core scales each rank's
+part of the balancing loss (and the z-loss) by the rank's *local* token count so that
+``finalize_model_grads``' division by all tokens leaves a per-micro-batch mean. Under
+sequence or context parallelism a rank holds 1 / (TP x CP) of the micro-batch's tokens, so
+the router-loss gradient shrank by TP x CP (measured: TP 2 + SP with
+``--moe-aux-loss-coeff 2e-2`` trained bit-for-bit like TP 1 with 1e-2), and the sequence-level
+loss was scaled by the sequence length instead of the micro-batch's token count (1 / MBS too
+weak). Upstream fixed both after 0.16.1 (NVIDIA/Megatron-LM PRs 5047 and 5798); here the
+count is the micro-batch's whole token count, so the coefficients mean the same at every
+layout and micro-batch size.
 """
 
 from __future__ import annotations
 
-__all__ = ["apply"]
+__all__ = ["apply", "fix_expert_optimizer", "mark_expert_parameters"]
 
 _APPLIED = "_tst_megatron_fixes_applied"
 
@@ -42,4 +69,78 @@ def apply() -> None:
 
     layers.reduce_from_tensor_model_parallel_region = reduce_from_tensor_model_parallel_region
     layers.reduce_scatter_to_sequence_parallel_region = reduce_scatter_to_sequence_parallel_region
+    _fix_router_loss_scaling()
     setattr(layers, _APPLIED, True)
+
+
+def _fix_router_loss_scaling() -> None:
+    """Router losses count a micro-batch's whole tokens under per-token normalisation."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    attach = TopKRouter.attach_and_log_load_balancing_loss
+    apply_z_loss = TopKRouter.apply_z_loss
+
+    def attach_and_log_load_balancing_loss(
+        self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+        reduce_group_has_dp=False, valid_token_count=None,
+    ):  # fmt: skip
+        if self.calculate_per_token_loss:
+            # The count of the whole micro-batch: every sequence (the sequence-level loss
+            # passes one sequence's length), on every TP x CP rank.
+            count = activation.shape[0] if valid_token_count is None else valid_token_count
+            if aux_loss_name == "seq_load_balancing_loss" and isinstance(count, int) and count:
+                count = activation.shape[0]
+            valid_token_count = count * self.tp_cp_group.size()
+        return attach(
+            self, activation, aux_loss_coeff, aux_loss, aux_loss_name, reduce_group,
+            reduce_group_has_dp=reduce_group_has_dp, valid_token_count=valid_token_count,
+        )  # fmt: skip
+
+    def apply_z_loss_fixed(self, logits, padding_mask=None):
+        config, size = self.config, self.tp_cp_group.size()
+        if not (self.calculate_per_token_loss and config.moe_z_loss_coeff and size > 1):
+            return apply_z_loss(self, logits, padding_mask=padding_mask)
+        # megatron-core divides the coefficient by TP x CP, then scales by the local count:
+        # the gradient came out TP x CP too small. The logged value divides it out again.
+        coeff = config.moe_z_loss_coeff
+        config.moe_z_loss_coeff = coeff * size
+        try:
+            return apply_z_loss(self, logits, padding_mask=padding_mask)
+        finally:
+            config.moe_z_loss_coeff = coeff
+
+    TopKRouter.attach_and_log_load_balancing_loss = attach_and_log_load_balancing_loss
+    TopKRouter.apply_z_loss = apply_z_loss_fixed
+
+
+def mark_expert_parameters(model_chunks, config) -> int:
+    """Mark routed-expert parameters ``allreduce = False`` when EP > 1 or ETP != TP.
+
+    Call on the built model, before it is initialised and wrapped for data parallelism
+    (both read the mark). A module is a routed expert's when megatron-core built it with
+    ``is_expert``; shared experts are dense. Returns the number of parameters marked.
+    """
+    etp = config.expert_tensor_parallel_size or config.tensor_model_parallel_size
+    if config.expert_model_parallel_size == 1 and etp == config.tensor_model_parallel_size:
+        return 0  # megatron-core's own rule already holds: experts are dense-reduced
+    marked = 0
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            if not getattr(module, "is_expert", False):
+                continue
+            for param in module.parameters(recurse=False):
+                param.allreduce = False
+                # Reduced over the expert-data-parallel group by DDP, never over dense TP.
+                param.sequence_parallel = False
+                marked += 1
+    return marked
+
+
+def fix_expert_optimizer(optimizer) -> None:
+    """Count expert parameters' TP duplicates by the expert-TP rank in gradient norms."""
+    from megatron.core import parallel_state as ps
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = (p for group in inner.param_groups for p in group["params"])
+        if any(not getattr(p, "allreduce", True) for p in params):
+            inner.tp_group = ps.get_expert_tensor_parallel_group()

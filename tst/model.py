@@ -19,6 +19,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+from tst import megatron_fixes
 from tst.embedding import BagEmbedding
 
 __all__ = [
@@ -337,6 +338,7 @@ def build_model_chunks(config, shape: ModelShape, vpp: int | None, device) -> li
             vp_stage=vp_stage,
         )
         chunks.append(chunk.to(device))
+    megatron_fixes.mark_expert_parameters(chunks, config)  # before init and DDP read it
     return chunks
 
 

@@ -172,6 +172,12 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
             m.num_experts % ep == 0,
             f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}",
         )
+        _require(
+            not m.add_bias_linear or etp == 1,
+            f"MoE experts with linear biases (Megatron-LM's default) need expert-TP 1, got "
+            f"{etp} (megatron-core has no expert biases under expert-TP): pass "
+            "--expert-tensor-parallel-size 1 or --disable-bias-linear",
+        )
     else:
         _require(ep == 1, "--expert-model-parallel-size > 1 needs --num-experts")
         _require(

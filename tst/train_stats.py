@@ -42,7 +42,13 @@ class RoutingMonitor:
     """
 
     def __init__(self, model_chunks, config, device):
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
         from megatron.core.transformer.moe.router import TopKRouter
+
+        # megatron-core's loss tracker is a process global, sized by the first model that
+        # logs into it: a run after another in the same process (a tool, a test world) with
+        # more layers (e.g. MTP) would index past its end. Start this run with an empty one.
+        get_moe_layer_wise_logging_tracker().clear()
 
         self.num_layers = config.num_layers
         self.num_experts = config.num_moe_experts or 0

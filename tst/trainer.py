@@ -24,7 +24,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from tst import checkpointing
+from tst import checkpointing, megatron_fixes
 from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase
 from tst.errors import NonFiniteLossError
@@ -100,6 +100,7 @@ class Trainer:
             for i, c in enumerate(chunks)
         ]
         self.optimizer = get_megatron_optimizer(optimizer_config(cfg), self.model)
+        megatron_fixes.fix_expert_optimizer(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg, plan)
         if tst.tst_restart_schedule_at_switch:
             self._recovery_schedule_steps()  # refuse a warm-up that cannot fit, at start
@@ -899,22 +900,33 @@ def _end_child_processes() -> None:
 def _params_norm(model_chunks) -> float:
     """L2 norm of all parameters, each counted once over the model-parallel grid.
 
-    megatron-core's helper: tensor-parallel duplicates (norms, biases) are counted on one TP
-    rank, shards on all, and the squares summed over the model-parallel group.
+    As Megatron-LM counts it: dense parameters' tensor-parallel duplicates (norms, biases)
+    on one TP rank, shards on all, squares summed over the model-parallel group; routed
+    experts' (``allreduce = False``) duplicates on one expert-TP rank, summed over the
+    expert-TP x EP x PP group.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-    total = torch.zeros((), dtype=torch.float64)
+    def counted(param, rank) -> bool:
+        return bool(getattr(param, "tensor_model_parallel", False)) or rank == 0
+
+    dense = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
     for chunk in model_chunks:
         for param in chunk.parameters():
             if getattr(param, "shared", False) and not ps.is_pipeline_first_stage():
                 continue  # a tied output copy: the embedding is counted on the first stage
-            if param_is_not_tensor_parallel_duplicate(param):
-                total += param.detach().double().pow(2).sum().cpu()
-    total = total.to(next(model_chunks[0].parameters()).device)
-    dist.all_reduce(total, group=ps.get_model_parallel_group())
-    return float(total.sqrt())
+            if not getattr(param, "allreduce", True):
+                if counted(param, etp_rank):
+                    expert += param.detach().double().pow(2).sum().cpu()
+            elif counted(param, tp_rank):
+                dense += param.detach().double().pow(2).sum().cpu()
+    device = next(model_chunks[0].parameters()).device
+    dense, expert = dense.to(device), expert.to(device)
+    dist.all_reduce(dense, group=ps.get_model_parallel_group())
+    dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    return float((dense + expert).sqrt())
 
 
 def _memory_record(device) -> dict:

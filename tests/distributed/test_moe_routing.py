@@ -180,3 +180,59 @@ def test_expert_tensor_parallelism_apart_from_tp_agrees(world4, tmp_path):
               "--expert-tensor-parallel-size", "1", "--sequence-parallel"]  # fmt: skip
     got = world4.run(_losses_of, argv + layout, str(tmp_path / "etp.jsonl"))[0]
     assert got == pytest.approx(want, rel=2e-4)
+
+
+def _step_records(argv: list[str], metrics: str) -> list[tuple[float, float, float]]:
+    """(loss, grad norm, parameter norm) per step."""
+    import torch.distributed as dist
+
+    assert pretrain_tst.main(argv + ["--metrics-file", metrics, "--log-params-norm"]) == 0
+    dist.barrier()
+    with open(metrics) as f:
+        records = [r for r in map(json.loads, f) if "loss" in r]
+    return [(r["loss"], r["grad_norm"], r["params_norm"]) for r in records]
+
+
+# Megatron-LM's defaults (learned positions, LayerNorm, linear biases) on a small MoE, both
+# phases; router losses strong enough that a layout-dependent scale shows at rel 1e-4.
+LAYOUT_MOE = [
+    "--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "32",
+    "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "2",
+    "--global-batch-size", "8", "--train-iters", "6", "--tst-bag-size", "2", "--tst-iters", "3",
+    "--lr", "3e-3", "--log-interval", "1", "--eval-iters", "0", "--hidden-dropout", "0",
+    "--attention-dropout", "0", "--num-experts", "4", "--moe-router-topk", "2",
+    "--moe-ffn-hidden-size", "16",
+]  # fmt: skip
+TP2_SP = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+
+
+def test_expert_replicas_and_router_losses_do_not_depend_on_the_layout(world2, tmp_path):
+    """TP 2 + SP trains the model TP 1 trains (loss, gradient norm, parameter norm; rel 1e-6)
+    with the router's balancing and z-losses on, across the switch. Three megatron-core
+    0.16.1 defects made it differ (tst/megatron_fixes.py):
+    - at expert-TP 1 / EP 1 under TP 2 the TP ranks' expert replicas were never
+      gradient-reduced (each learned from its half of the sequence; rel 2e-4 at step 1);
+    - the experts' row-parallel biases were also summed over the dense TP group, and left out
+      of the gradient norm on TP rank 1;
+    - under per-token loss normalisation the balancing / z-loss gradients shrank by TP x CP,
+      and the sequence-level loss by the micro-batch size.
+    """
+
+    def run(name, argv):
+        return world2.run(_step_records, LAYOUT_MOE + argv, str(tmp_path / f"{name}.jsonl"))[0]
+
+    def agree(got, want, what):
+        assert len(got) == len(want) == 6, what
+        for step, (g, w) in enumerate(zip(got, want), 1):
+            assert g == pytest.approx(w, rel=1e-6), (what, step, g, w)
+
+    aux = ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.1",
+           "--moe-z-loss-coeff", "0.01"]  # fmt: skip
+    want = run("aux-tp1", aux)
+    agree(run("aux-etp1", aux + TP2_SP + ["--expert-tensor-parallel-size", "1"]), want,
+          "TP 2 + SP, expert-TP 1, EP 1, with biases")  # fmt: skip
+    seq = ["--moe-router-load-balancing-type", "seq_aux_loss", "--moe-aux-loss-coeff", "0.1",
+           "--disable-bias-linear"]  # fmt: skip
+    want = run("seq-tp1", seq)
+    agree(run("seq-tp2", seq + TP2_SP), want, "sequence-level loss, TP 2 + SP (expert-TP 2)")
+    agree(run("seq-mbs1", seq + ["--micro-batch-size", "1"]), want, "sequence-level loss, MBS 1")

@@ -94,6 +94,18 @@ REFUSED = [
 ]  # fmt: skip
 
 
+def test_moe_biases_need_expert_tp_1():
+    """megatron-core builds expert biases only at expert-TP 1: refused up front, not by its
+    assertion inside the model build. Megatron-LM's default keeps biases on."""
+    biased = [a for a in BASE if a != "--disable-bias-linear"]
+    moe = ["--num-experts", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel"]
+    with pytest.raises(ValueError, match=r"MoE experts with linear biases .* need expert-TP 1, "
+                       r"got 2 .* --expert-tensor-parallel-size 1 or --disable-bias-linear"):
+        validate(parse_args(biased + moe), 2, 512)
+    validate(parse_args(biased + moe + ["--expert-tensor-parallel-size", "1"]), 2, 512)
+    validate(parse_args(BASE + moe), 2, 512)  # no biases: expert-TP = TP is fine
+
+
 @pytest.mark.parametrize("extra,world,message", REFUSED, ids=[m for _, _, m in REFUSED])
 def test_refused_with_a_message_naming_the_flag(extra, world, message):
     with pytest.raises(ValueError, match=message):
