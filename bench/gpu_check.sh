@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check on one H200: the trainer in bf16 on a ~370M-parameter GPT (mock data), both TST
 # phases, tokens/s and MFU against the H200's dense bf16 peak (989 TFLOP/s); then the FP8 path
-# (Transformer Engine, hybrid format) where TE is importable, else a line saying why not.
+# (Transformer Engine, hybrid format) where TE is importable, else a line saying why not; then
+# context parallelism (CP 2 vs CP 1) where two GPUs and TE are at hand.
 # Estimated 2-4 minutes on an H200 (imports and weight init included; not yet measured), well
 # under 8 with FP8.
 #
@@ -114,4 +115,36 @@ else
   if [[ "$DRY_RUN" == 1 ]]; then  # still check that the FP8 command line is accepted
     run fp8 --transformer-impl transformer_engine --fp8-format hybrid
   fi
+fi
+
+# Context parallelism: CP 2 on two GPUs (Transformer Engine's CP attention) against CP 1 at
+# DP 2, the same global batch, both phases: the training losses must agree (rel 1e-3 in
+# bf16). One GPU cannot hold two NCCL ranks, and TE must be importable; else one line why.
+GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+TE_OK=0
+"$PYTHON" -c "import transformer_engine.pytorch" 2>/dev/null && TE_OK=1
+CP_ARGS=(--transformer-impl transformer_engine --micro-batch-size 2 --global-batch-size 8)
+if [[ "$DRY_RUN" == 1 ]]; then
+  echo "== cp2 (dry run, 2 GPUs)"
+  "$PYTHON" pretrain_tst.py --dry-run --dry-run-world-size 2 "${MODEL_ARGS[@]}" \
+    "${DATA_ARGS[@]}" "${TRAIN_ARGS[@]}" "${TST_ARGS[@]}" "${CP_ARGS[@]}" \
+    --context-parallel-size 2 "${LOG_ARGS[@]}"
+elif [[ "$GPUS" -ge 2 && "$TE_OK" == 1 ]]; then
+  for cp in 1 2; do
+    echo "== cp$cp (2 GPUs)"
+    rm -f "$OUT_DIR/cp$cp.jsonl"
+    "$PYTHON" -m torch.distributed.run --nproc-per-node 2 pretrain_tst.py "${MODEL_ARGS[@]}" \
+      "${DATA_ARGS[@]}" "${TRAIN_ARGS[@]}" "${TST_ARGS[@]}" "${CP_ARGS[@]}" \
+      --context-parallel-size "$cp" "${LOG_ARGS[@]}" --metrics-file "$OUT_DIR/cp$cp.jsonl"
+  done
+  "$PYTHON" - "$OUT_DIR/cp1.jsonl" "$OUT_DIR/cp2.jsonl" <<'EOF2'
+import json, sys
+one, two = ([json.loads(l)["loss"] for l in open(p) if '"loss": ' in l and '"iteration"' in l]
+            for p in sys.argv[1:])
+worst = max(abs(a - b) / abs(b) for a, b in zip(two, one))
+print(f"CP 2 vs CP 1: {len(one)} steps, worst relative loss difference {worst:.2e} "
+      f"({'agree' if worst <= 1e-3 and len(one) == len(two) else 'DIFFER'}; bound 1e-3)")
+EOF2
+else
+  echo "CP: skipped, needs 2 GPUs and Transformer Engine (GPUs: $GPUS, TE importable: $TE_OK)"
 fi

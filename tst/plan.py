@@ -374,8 +374,10 @@ def check_launchable(cfg: Config) -> None:
     group starts (one line: the flag, why, what to do)."""
     p = cfg.parallel
     not_yet = [
-        ("--context-parallel-size > 1", p.context_parallel_size > 1,
-         "the TST batches are not yet split along the sequence for context parallelism"),
+        ("--mtp-num-layers with --context-parallel-size > 1",
+         bool(cfg.mtp.mtp_num_layers) and p.context_parallel_size > 1,
+         "the MTP depths roll bags along the whole sequence, which a context-parallel rank "
+         "does not hold; drop one of the two"),
         ("--tp-comm-overlap", p.tp_comm_overlap,
          "Transformer Engine's userbuffers are not initialised by this trainer yet"),
         ("--overlap-moe-expert-parallel-comm", cfg.moe.overlap_moe_expert_parallel_comm,

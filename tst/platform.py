@@ -57,6 +57,9 @@ class Layout:
     pp_group: Any = None
     dp_group: Any = None
     ep_group: Any = None
+    cp: int = 1  # context-parallel size: each CP rank holds 2 of 2 x CP sequence chunks
+    cp_rank: int = 0
+    cp_group: Any = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -68,8 +71,9 @@ class Layout:
 
     def describe(self) -> str:
         vpp = f" VPP={self.vpp}" if self.vpp else ""
+        cp = f" CP={self.cp}" if self.cp > 1 else ""
         return (
-            f"world={self.world_size} TP={self.tp} PP={self.pp}{vpp} DP={self.dp} EP={self.ep} "
+            f"world={self.world_size} TP={self.tp} PP={self.pp}{vpp}{cp} DP={self.dp} EP={self.ep} "
             f"on {self.device.type} ({self.backend})"
         )
 
@@ -191,6 +195,9 @@ def initialize(
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         ep_group=ps.get_expert_model_parallel_group(),
+        cp=cp,
+        cp_rank=ps.get_context_parallel_rank(),
+        cp_group=ps.get_context_parallel_group(),
     )
     seed_everything(seed, layout)
     return layout

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from tst import checkpointing, megatron_fixes
 from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase
+from tst.data.context_parallel import split_for_context_parallel
 from tst.errors import NonFiniteLossError
 from tst.losses import (
     global_slot_counts,
@@ -198,6 +199,11 @@ class Trainer:
         b = batch.input_ids.shape[0]
         device = self.layout.device
         positions = torch.arange(self.seq_length, device=device).expand(b, -1)
+        if self.layout.cp > 1:
+            # This CP rank's 2 of 2 x CP chunks (megatron-core's load balancing), in whole
+            # bags, with their global positions. The loss tokens counted below are this
+            # rank's; megatron-core sums them, and the gradients, over DP x CP.
+            batch, positions = split_for_context_parallel(batch, positions, self.layout.cp_group)
         targets, mask = batch.targets.to(device), batch.loss_mask.to(device)
         # The last stage scores the targets inside the model: [b, L] per-position losses.
         # The mask also reaches the model: the MTP depths roll it with their targets.

@@ -160,7 +160,7 @@ def test_read_only_save_is_refused_at_start(tmp_path):
 
 @pytest.mark.parametrize(
     "flag",
-    [["--context-parallel-size", "2", "--seq-length", "8"],
+    [["--context-parallel-size", "2", "--seq-length", "8", "--mtp-num-layers", "1"],
      ["--num-experts", "4", "--overlap-moe-expert-parallel-comm"],
      ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--tp-comm-overlap"]],
 )  # fmt: skip

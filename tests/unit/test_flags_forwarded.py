@@ -214,3 +214,18 @@ def test_manual_gc_eval_and_profile_ranks():
     assert [_Profiler(log, rank, None).enabled for rank in range(4)] == [False, True, False, True]
     log = _cfg("--profile")[0].log  # Megatron-LM's default: rank 0
     assert [_Profiler(log, rank, None).enabled for rank in range(2)] == [True, False]
+
+
+def test_context_parallelism_needs_te_on_a_gpu():
+    """CP > 1 launches where megatron-core's CP attention runs (Transformer Engine on a CUDA
+    GPU); on CPU it is refused in one line. The CP wiring itself is checked on CPU against a
+    plain CP attention in tests/distributed/test_context_parallel.py."""
+    from tst.megatron_config import _check_device_features
+
+    cfg = parse_args([*BASE, "--context-parallel-size", "2"])
+    with pytest.raises(ValueError, match=r"--context-parallel-size > 1 needs a CUDA GPU with "
+                       r"Transformer Engine; this run is on cpu without Transformer Engine: "
+                       r"drop --context-parallel-size \(context parallelism runs through TE's "
+                       r"attention only\)"):  # fmt: skip
+        _check_device_features(cfg, _layout("cpu"), te=False)
+    _check_device_features(_cfg()[0], _layout("cpu"), te=False)
