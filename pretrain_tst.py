@@ -70,6 +70,7 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module="megatron")
     cfg = parse_args(argv)
+    from tst import te_userbuffers
     from tst.dry_run import dry_run, dry_run_vocab_size
     from tst.platform import initialize, shutdown
     from tst.trainer import Trainer
@@ -94,7 +95,9 @@ def main(argv=None) -> int:
         seed=cfg.training.seed, timeout_minutes=p.distributed_timeout_minutes,
     )  # fmt: skip
     trainer = None
+    userbuffers = False
     try:
+        userbuffers = te_userbuffers.initialize(cfg, grid)  # --tp-comm-overlap, before the model
         datasets = build_datasets(cfg, plan, tokenizer, vocab_size, blends)
         trainer = Trainer(cfg, layout, plan, tokenizer, datasets)
         if cfg.run.load:
@@ -103,6 +106,8 @@ def main(argv=None) -> int:
     finally:
         if trainer is not None:
             trainer.train_stream.close()  # the loader's workers end with the run, however
+        if userbuffers:
+            te_userbuffers.destroy()
         shutdown(layout)
 
 

@@ -293,6 +293,14 @@ class ParallelConfig:
     tp_comm_overlap: bool = _f(
         False, "Overlap TP communication with GEMMs (Transformer Engine userbuffers, CUDA)."
     )
+    tp_comm_overlap_cfg: str | None = _f(
+        None, "YAML file of Transformer Engine userbuffer settings for --tp-comm-overlap "
+        "(Megatron-LM's format; default TE's own).",
+    )  # fmt: skip
+    tp_comm_bootstrap_backend: str = _f(
+        "nccl", "Backend that bootstraps TE's userbuffers for --tp-comm-overlap.",
+        choices=["nccl", "mpi", "gloo"],
+    )  # fmt: skip
     recompute_granularity: str | None = _f(
         None,
         "Activation recomputation: whole layers (full) or the memory-heavy parts (selective).",

@@ -378,8 +378,6 @@ def check_launchable(cfg: Config) -> None:
          bool(cfg.mtp.mtp_num_layers) and p.context_parallel_size > 1,
          "the MTP depths roll bags along the whole sequence, which a context-parallel rank "
          "does not hold; drop one of the two"),
-        ("--tp-comm-overlap", p.tp_comm_overlap,
-         "Transformer Engine's userbuffers are not initialised by this trainer yet"),
         ("--overlap-moe-expert-parallel-comm", cfg.moe.overlap_moe_expert_parallel_comm,
          "its batch-level overlap schedule is not wired into the TST step yet"),
         ("--mtp-num-layers with --pipeline-model-parallel-size > 1 and learned absolute "

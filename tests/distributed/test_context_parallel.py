@@ -111,5 +111,5 @@ def test_context_parallel_trains_the_model_cp1_trains(world2, tmp_path):
         for key in ("loss", "grad_norm", "val_loss"):
             w, g = _steps(want, key), _steps(got, key)
             assert len(w) == len(g) and w, (name, key)
-            for step, (a, b) in enumerate(zip(g, w)):
+            for step, (a, b) in enumerate(zip(g, w, strict=True)):
                 assert abs(a - b) <= 1e-5 * abs(b), (name, key, step, a, b)

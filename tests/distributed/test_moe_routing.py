@@ -223,7 +223,7 @@ def test_expert_replicas_and_router_losses_do_not_depend_on_the_layout(world2, t
 
     def agree(got, want, what):
         assert len(got) == len(want) == 6, what
-        for step, (g, w) in enumerate(zip(got, want), 1):
+        for step, (g, w) in enumerate(zip(got, want, strict=True), 1):
             assert g == pytest.approx(w, rel=1e-6), (what, step, g, w)
 
     aux = ["--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.1",
