@@ -818,6 +818,11 @@ class RunConfig:
         "step). A checkpoint becomes the latest only once every rank has written it; a kill "
         "before that leaves the previous one the latest.",
     )
+    use_persistent_ckpt_worker: bool = _f(
+        False,
+        "With --async-save: one long-lived writer process per rank (megatron-core's persistent "
+        "checkpoint worker, started at the first save) instead of a new one per save.",
+    )
     ckpt_fully_parallel_save: bool = _f(
         True,
         "Every data-parallel replica writes only its share of the checkpoint.",

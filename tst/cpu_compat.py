@@ -236,11 +236,40 @@ def apply() -> bool:
     logging.getLogger(tp_random.__name__).setLevel(logging.ERROR)
 
     patch_without_transformer_engine()
+    _patch_persistent_checkpoint_worker()
     _patch_moe_split_sizes_to_numpy()
     _patch_uneven_first_dim_collectives()
     _patch_pipeline_p2p_tags()
     setattr(torch, _APPLIED_FLAG, True)
     return True
+
+
+def _patch_persistent_checkpoint_worker() -> None:
+    """``--use-persistent-ckpt-worker``: megatron-core's long-lived writer is a *spawned*
+    process whose loop first calls ``torch.cuda.set_device(rank % device_count())``, which
+    divides by zero without a GPU (and the patches above do not reach a spawned process).
+    The trainer's process hands it :func:`persistent_checkpoint_loop` instead, which the
+    child imports by name: it makes that call harmless there, then runs megatron-core's loop.
+    """
+    from megatron.core.dist_checkpointing.strategies import async_utils
+
+    caller = async_utils.PersistentAsyncCaller
+    if caller.__dict__.get("async_loop") is not _PERSISTENT_LOOP:
+        caller.async_loop = _PERSISTENT_LOOP
+
+
+def persistent_checkpoint_loop(rank, queue, preload_q, comp_q, log_level=logging.INFO):
+    """The persistent checkpoint writer's loop in a CUDA-less spawned process."""
+    from megatron.core.dist_checkpointing.strategies import async_utils
+
+    loop = async_utils.PersistentAsyncCaller.async_loop  # megatron-core's, in this process
+    apply()  # the writer reads tensors as the trainer does (e.g. torch.cuda.synchronize)
+    torch.cuda.set_device = lambda device: None
+    torch.cuda.device_count = lambda: 1
+    loop(rank, queue, preload_q, comp_q, log_level)
+
+
+_PERSISTENT_LOOP = staticmethod(persistent_checkpoint_loop)
 
 
 def patch_without_transformer_engine() -> None:

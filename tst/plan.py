@@ -363,6 +363,9 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
             p.accumulate_allreduce_grads_in_fp32 = False
         else:
             p.accumulate_allreduce_grads_in_fp32 = True
+    if cfg.run.use_persistent_ckpt_worker and not cfg.run.async_save:
+        warnings.warn("--use-persistent-ckpt-worker has no effect without --async-save",
+                      stacklevel=3)  # fmt: skip
     if m.num_query_groups != 1 and not m.group_query_attention:
         warnings.warn(f"--num-query-groups {m.num_query_groups} has no effect without "
                       "--group-query-attention (as in Megatron-LM): the model has one key/value "

@@ -129,7 +129,7 @@ class Trainer:
         if cfg.run.async_save and cfg.run.save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-            self.async_saves = AsyncCallsQueue()
+            self.async_saves = AsyncCallsQueue(persistent=cfg.run.use_persistent_ckpt_worker)
         self._saves_pending: dict[int, str] = {}
         self.start_time = time.time()
         self.elapsed_before = 0.0
@@ -832,6 +832,11 @@ class Trainer:
         if getattr(self, "_gc_state", None) is not None:
             self._gc_state.finish()
         self._finalize_saves(blocking=True)
+        if self.async_saves is not None:
+            self.async_saves.close()  # ends the persistent writer, if one was started
+            # Dropped while the process group is up: megatron-core's caller closes itself
+            # again when collected, and that names this rank's process-group rank.
+            self.async_saves.persistent_caller = None
         self.train_stream.close()
         self._set_pre_hooks(False)
         self.writer.close()

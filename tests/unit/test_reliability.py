@@ -13,7 +13,9 @@ import torch
 import pretrain_tst
 from tst import trainer as trainer_module
 from tst.checkpointing import CheckpointError, verify
+from tst.config import parse_args
 from tst.errors import NonFiniteLossError
+from tst.plan import validate
 
 sys.path.insert(
     0,
@@ -107,6 +109,39 @@ def test_integrity_check_names_the_damaged_files(tmp_path):
     os.remove(os.path.join(path, "tst_manifest.json"))
     with pytest.raises(CheckpointError, match="not completed by this trainer's save"):
         verify(path)
+
+
+def test_persistent_checkpoint_worker_writes_every_save(tmp_path, capsys, monkeypatch):
+    """--use-persistent-ckpt-worker: one long-lived writer process (megatron-core's persistent
+    caller, spawned; on CPU it runs tst.cpu_compat's loop) writes all the async saves, each
+    complete and verified; it is gone when the run ends, and nothing is left to complain at
+    exit. Without --async-save the flag warns that it does nothing, as it does nothing."""
+    import psutil
+    from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
+
+    writers = []
+    schedule = PersistentAsyncCaller.schedule_async_call
+
+    def spy(self, request):
+        schedule(self, request)
+        writers.append(self.process.pid)
+
+    monkeypatch.setattr(PersistentAsyncCaller, "schedule_async_call", spy)
+    ckpt = tmp_path / "ckpt"
+    args = ARGS[:]
+    args[args.index("--train-iters") + 1] = "8"
+    argv = [*args, "--save", str(ckpt), "--async-save", "--use-persistent-ckpt-worker"]
+    assert pretrain_tst.main(argv) == 0
+    captured = capsys.readouterr()
+    assert len(writers) == 3 and len(set(writers)) == 1  # saves at 3, 6, 8: one writer
+    assert not psutil.pid_exists(writers[0]) or psutil.Process(writers[0]).status() == "zombie"
+    assert "Exception ignored" not in captured.err
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "8"
+    for it in (3, 6, 8):
+        verify(str(ckpt / f"iter_{it:07d}"))
+    with pytest.warns(UserWarning, match="--use-persistent-ckpt-worker has no effect without "
+                                         "--async-save"):  # fmt: skip
+        validate(parse_args([*args, "--use-persistent-ckpt-worker"]), 1, 512)
 
 
 def test_async_save_writes_in_the_background_and_publishes_when_complete(tmp_path, capsys):
