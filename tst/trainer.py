@@ -371,18 +371,25 @@ class Trainer:
             self.layout.dp_rank,
             self.layout.dp,
         )
+        # --num-workers read the evaluation's micro-batches ahead too (forked for this
+        # evaluation, stopped after it): the same rows as reading them here.
+        requests = self.cfg.log.eval_iters * self.plan.num_microbatches
+        stream.start_workers(self.cfg.data.num_workers, [1] * requests)
         for chunk in self.model:
             chunk.eval()
         total = count = 0.0
-        with torch.no_grad():
-            for _ in range(self.cfg.log.eval_iters):
-                batches = [
-                    self._batch(stream.next_micro_batch(1), recovery)
-                    for _ in range(self.plan.num_microbatches)
-                ]
-                outputs = self._run_schedule(batches, recovery, forward_only=True)
-                s, c = self._global_loss(outputs)
-                total, count = total + s, count + c
+        try:
+            with torch.no_grad():
+                for _ in range(self.cfg.log.eval_iters):
+                    batches = [
+                        self._batch(stream.next_micro_batch(1), recovery)
+                        for _ in range(self.plan.num_microbatches)
+                    ]
+                    outputs = self._run_schedule(batches, recovery, forward_only=True)
+                    s, c = self._global_loss(outputs)
+                    total, count = total + s, count + c
+        finally:
+            stream.close()
         for chunk in self.model:
             chunk.train()
         return total / max(count, 1)

@@ -132,7 +132,8 @@ def _train(argv: list[str], metrics: str, fail_at: int | None = None) -> dict:
 
     from tst.trainer import Trainer
 
-    seen = {"batches": [], "pids": []}
+    seen = {"batches": [], "pids": [], "eval_pids": []}
+    streams = []  # the train stream starts its workers first, then each evaluation's
     original_next, original_start = SampleStream.next_micro_batch, SampleStream.start_workers
     original_step = Trainer.train_step
 
@@ -144,8 +145,12 @@ def _train(argv: list[str], metrics: str, fail_at: int | None = None) -> dict:
 
     def start_workers(self, *args, **kwargs):
         original_start(self, *args, **kwargs)
-        self._recorded = self  # the train stream (evaluation streams have no workers)
-        seen["pids"] += self.worker_pids
+        streams.append(self)
+        if self is streams[0]:
+            self._recorded = self  # the train stream's batches
+            seen["pids"] += self.worker_pids
+        else:
+            seen["eval_pids"] += self.worker_pids
 
     def train_step(self, phase):
         if fail_at is not None and self.iteration == fail_at:
@@ -161,7 +166,8 @@ def _train(argv: list[str], metrics: str, fail_at: int | None = None) -> dict:
     finally:
         SampleStream.next_micro_batch, SampleStream.start_workers = original_next, original_start
         Trainer.train_step = original_step
-    seen["alive_after"] = [] if _gone(seen["pids"]) else _alive(seen["pids"])
+    every = seen["pids"] + seen["eval_pids"]
+    seen["alive_after"] = [] if _gone(every) else _alive(every)
     if "error" not in seen:
         dist.barrier()
         with open(metrics) as f:
@@ -182,6 +188,9 @@ def test_workers_change_no_batch_no_loss_and_resume_exactly(world2, tmp_path):
     workers = world2.run(_train, BASE + ["--num-workers", "2"], str(tmp_path / "w2.jsonl"))
     for rank, (want, got) in enumerate(zip(plain, workers, strict=True)):
         assert want["pids"] == [] and len(got["pids"]) == 2, rank
+        # Each of the 3 evaluations (validation twice, the test split at the end) read
+        # through 2 workers of its own, stopped after it.
+        assert want["eval_pids"] == [] and len(set(got["eval_pids"])) == 6, rank
         assert got["alive_after"] == [], f"rank {rank}: workers left running"
         # 6 steps x 2 micro-batches, bag rows of 3 units then single units, per rank.
         assert len(want["batches"]) == 12
