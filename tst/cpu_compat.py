@@ -217,6 +217,9 @@ def apply() -> bool:
     torch.cuda.Stream = _NullStream
     torch.cuda.Event = _NullStream
     torch.cuda.stream = cpu_cuda.stream
+    # Profiler ranges (megatron-core's combined 1F1B schedule marks every piece): no NVTX.
+    for name in ("range_push", "range_pop", "mark"):
+        setattr(torch.cuda.nvtx, name, lambda *args, **kwargs: None)
 
     cpu_torch = _CpuTorch()
     for module_name in _MODULES_WITH_CUDA_FACTORIES:

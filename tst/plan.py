@@ -172,6 +172,7 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
             m.num_experts % ep == 0,
             f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}",
         )
+        _check_expert_comm_overlap(cfg, ep, pp)
         _require(
             not m.add_bias_linear or etp == 1,
             f"MoE experts with linear biases (Megatron-LM's default) need expert-TP 1, got "
@@ -214,6 +215,29 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
     return Grid(
         world=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, chunk_layers=chunk_layers
     )
+
+
+def _check_expert_comm_overlap(cfg: Config, ep: int, pp: int) -> None:
+    """megatron-core's rules for --overlap-moe-expert-parallel-comm (its combined 1F1B
+    schedule), one line each instead of its assertions inside the model build."""
+    if not cfg.moe.overlap_moe_expert_parallel_comm:
+        return
+    flag = "--overlap-moe-expert-parallel-comm"
+    t, r, mtp = cfg.training, cfg.parallel, cfg.mtp.mtp_num_layers
+    for ok, why in (
+        (ep > 1, "needs --expert-model-parallel-size > 1 (it overlaps the expert all-to-all)"),
+        (cfg.model.moe_token_dispatcher_type in ("alltoall", "flex"),
+         "needs --moe-token-dispatcher-type alltoall (or flex)"),
+        (t.bf16 or t.fp16, "runs in bf16 or fp16 only (megatron-core): add --bf16"),
+        (r.recompute_granularity != "full" and r.recompute_method is None
+         and r.recompute_num_layers is None,
+         "excludes full recomputation (--recompute-granularity full, --recompute-method, "
+         "--recompute-num-layers); selective recomputation is fine"),
+        (not cfg.moe.moe_shared_expert_overlap, "excludes --moe-shared-expert-overlap"),
+        (mtp in (None, 1), "takes at most --mtp-num-layers 1"),
+        (mtp != 1 or pp > 1, "with --mtp-num-layers 1 needs --pipeline-model-parallel-size > 1"),
+    ):  # fmt: skip
+        _require(ok, f"{flag} {why}")
 
 
 def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
@@ -381,8 +405,6 @@ def check_launchable(cfg: Config) -> None:
          bool(cfg.mtp.mtp_num_layers) and p.context_parallel_size > 1,
          "the MTP depths roll bags along the whole sequence, which a context-parallel rank "
          "does not hold; drop one of the two"),
-        ("--overlap-moe-expert-parallel-comm", cfg.moe.overlap_moe_expert_parallel_comm,
-         "its batch-level overlap schedule is not wired into the TST step yet"),
         ("--mtp-num-layers with --pipeline-model-parallel-size > 1 and learned absolute "
          "positions", bool(cfg.mtp.mtp_num_layers) and p.pipeline_model_parallel_size > 1
          and cfg.model.position_embedding_type == "learned_absolute",

@@ -194,7 +194,7 @@ class Trainer:
         """Rows from the stream -> (input ids, targets, loss mask) for this phase."""
         return batch_for_phase(chunk, phase)
 
-    def _forward_step(self, phase: Phase, data_iterator, model):
+    def _forward_step(self, phase: Phase, data_iterator, model, return_schedule_plan=False):
         batch = next(data_iterator)
         b = batch.input_ids.shape[0]
         device = self.layout.device
@@ -207,8 +207,16 @@ class Trainer:
         targets, mask = batch.targets.to(device), batch.loss_mask.to(device)
         # The last stage scores the targets inside the model: [b, L] per-position losses.
         # The mask also reaches the model: the MTP depths roll it with their targets.
-        output = model(batch.input_ids.to(device), positions, attention_mask=None, labels=targets,
-                       loss_mask=mask)  # fmt: skip
+        if return_schedule_plan:
+            # --overlap-moe-expert-parallel-comm: megatron-core's combined 1F1B schedule runs
+            # the model as per-layer pieces, overlapping one micro-batch's expert all-to-all
+            # with another's compute. The pieces are the model's own: the bag embedding
+            # (its pre-process) and the phase's loss (its post-process).
+            output = model.build_schedule_plan(batch.input_ids.to(device), positions, None,
+                                               labels=targets, loss_mask=mask)  # fmt: skip
+        else:
+            output = model(batch.input_ids.to(device), positions, attention_mask=None,
+                           labels=targets, loss_mask=mask)  # fmt: skip
         mtp = take_mtp_stats(model)
         if mtp is not None and self.layout.tp_rank == 0:
             self.step_stats.add_mtp(mtp)

@@ -107,3 +107,75 @@ def test_moe_with_megatron_default_biases_trains(world2, tmp_path):
     loss = world2.run(_run, argv, str(tmp_path / "tp1.jsonl"))[0]["loss"]
     assert sorted(loss) == list(range(1, 7))
     assert abs(loss[1] - math.log(512)) < 0.1 and loss[6] < loss[1]
+
+
+def _run_overlap(argv: list[str], metrics: str, fp32: bool) -> dict:
+    """Losses and gradient norms of a run, with how often megatron-core's combined 1F1B
+    schedule asked for a schedule plan. ``fp32``: the model in fp32 although megatron-core
+    accepts the overlap only in bf16 / fp16 (built as bf16, then set back), to compare the
+    two schedules without bf16 rounding."""
+    import torch
+    import torch.distributed as dist
+
+    from tst import trainer as trainer_module
+
+    build, forward_step = trainer_module.transformer_config, trainer_module.Trainer._forward_step
+    plans = []
+
+    def transformer_config(cfg, *args, **kwargs):
+        if not fp32:
+            return build(cfg, *args, **kwargs)
+        cfg.training.bf16 = True
+        try:
+            config = build(cfg, *args, **kwargs)
+        finally:
+            cfg.training.bf16 = False
+        config.bf16, config.params_dtype, config.pipeline_dtype = (
+            False,
+            torch.float32,
+            torch.float32,
+        )
+        return config
+
+    def spy(self, phase, data_iterator, model, return_schedule_plan=False):
+        plans.append(return_schedule_plan)
+        return forward_step(self, phase, data_iterator, model, return_schedule_plan)
+
+    trainer_module.transformer_config, trainer_module.Trainer._forward_step = (
+        transformer_config,
+        spy,
+    )
+    try:
+        assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
+    finally:
+        trainer_module.transformer_config = build
+        trainer_module.Trainer._forward_step = forward_step
+    dist.barrier()
+    with open(metrics) as f:
+        records = [r for r in map(json.loads, f) if r.get("loss")]
+    return {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
+            "plans": sum(plans)}  # fmt: skip
+
+
+def test_expert_parallel_comm_overlap_trains_the_same_model(world2, tmp_path):
+    """--overlap-moe-expert-parallel-comm at EP 2: megatron-core's combined 1F1B schedule
+    (one micro-batch's expert all-to-all overlapped with another's compute) runs the TST
+    model as per-layer pieces, the bag embedding first and the phase's loss last. In fp32 it
+    trains bit-for-bit what the plain schedule trains, through the switch; in bf16 (the
+    precision megatron-core runs it in) within bf16 rounding of the summation order (rel
+    1e-4). Every training micro-batch went through a schedule plan."""
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+           "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+           "--global-batch-size", "8"]  # fmt: skip
+    overlap = ["--overlap-moe-expert-parallel-comm"]
+    for precision, extra, rel in (("fp32", [], 1e-6), ("bf16", ["--bf16"], 1e-4)):
+        fp32 = precision == "fp32"
+        plain = world2.run(_run_overlap, BASE + moe + extra,
+                           str(tmp_path / f"{precision}.jsonl"), fp32)[0]  # fmt: skip
+        got = world2.run(_run_overlap, BASE + moe + extra + overlap,
+                         str(tmp_path / f"{precision}-overlap.jsonl"), fp32)[0]  # fmt: skip
+        assert plain["plans"] == 0 and got["plans"] == 6 * 2  # 6 steps x 2 micro-batches
+        for key in ("loss", "grad_norm"):
+            assert len(got[key]) == len(plain[key]) == 6, (precision, key)
+            for step, (g, w) in enumerate(zip(got[key], plain[key], strict=True), 1):
+                assert abs(g - w) <= rel * abs(w), (precision, key, step, g, w)

@@ -109,6 +109,34 @@ def test_moe_biases_need_expert_tp_1():
     validate(parse_args(BASE + moe), 2, 512)  # no biases: expert-TP = TP is fine
 
 
+_OVERLAP = ["--num-experts", "4", "--expert-model-parallel-size", "2", "--bf16",
+            "--overlap-moe-expert-parallel-comm"]  # fmt: skip
+REFUSED_OVERLAP = [
+    (["--expert-model-parallel-size", "1"], r"needs --expert-model-parallel-size > 1"),
+    (["--moe-token-dispatcher-type", "allgather"], r"needs --moe-token-dispatcher-type alltoall"),
+    ([], r"runs in bf16 or fp16 only"),  # --bf16 taken out below
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "1"],
+     r"excludes full recomputation"),
+    (["--moe-shared-expert-intermediate-size", "16", "--moe-shared-expert-overlap"],
+     r"excludes --moe-shared-expert-overlap"),
+    (["--mtp-num-layers", "2"], r"takes at most --mtp-num-layers 1"),
+    (["--mtp-num-layers", "1"], r"with --mtp-num-layers 1 needs --pipeline-model-parallel-size > 1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra,message", REFUSED_OVERLAP, ids=[m for _, m in REFUSED_OVERLAP])
+def test_expert_comm_overlap_rules_are_checked_up_front(extra, message):
+    """megatron-core's rules for its combined 1F1B schedule, one line each (its own checks
+    are assertions inside the model build)."""
+    argv = BASE + _OVERLAP + extra
+    if "bf16" in message:
+        argv.remove("--bf16")
+    with pytest.raises(ValueError, match="--overlap-moe-expert-parallel-comm " + message):
+        validate(parse_args(argv), 2, 512)
+    validate(parse_args(BASE + _OVERLAP), 2, 512)
+
+
 @pytest.mark.parametrize("extra,world,message", REFUSED, ids=[m for _, _, m in REFUSED])
 def test_refused_with_a_message_naming_the_flag(extra, world, message):
     with pytest.raises(ValueError, match=message):
@@ -163,8 +191,7 @@ def test_read_only_save_is_refused_at_start(tmp_path):
 
 @pytest.mark.parametrize(
     "flag",
-    [["--context-parallel-size", "2", "--seq-length", "8", "--mtp-num-layers", "1"],
-     ["--num-experts", "4", "--overlap-moe-expert-parallel-comm"]],
+    [["--context-parallel-size", "2", "--seq-length", "8", "--mtp-num-layers", "1"]],
 )  # fmt: skip
 def test_launch_refuses_what_only_a_dry_run_can_lay_out(flag):
     from tst.plan import check_launchable
