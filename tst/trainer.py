@@ -124,6 +124,7 @@ class Trainer:
         self.flops_per_position = flops_per_position(cfg, plan.padded_vocab_size)
         self.peak = PeakRate(cfg.log.peak_tflops, layout.device.type, measure=layout.rank == 0)
         self._stop_signal = None
+        self._gc_state: _ManualGC | None = None  # set by train(); _finish() restores Python's gc
         self._stop_votes = [0.0, 0.0]  # summed over ranks by each training step
         self.async_saves = None  # megatron-core's queue of pending saves (--async-save)
         if cfg.run.async_save and cfg.run.save:
@@ -844,7 +845,7 @@ class Trainer:
             yield from [units] * self.plan.microbatches_at(iteration)
 
     def _finish(self) -> None:
-        if getattr(self, "_gc_state", None) is not None:
+        if self._gc_state is not None:
             self._gc_state.finish()
         self._finalize_saves(blocking=True)
         if self.async_saves is not None:
