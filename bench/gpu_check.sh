@@ -2,7 +2,8 @@
 # GPU check on one H200: the trainer in bf16 on a ~370M-parameter GPT (mock data), both TST
 # phases, tokens/s and MFU against the H200's dense bf16 peak (989 TFLOP/s); then the FP8 path
 # (Transformer Engine, hybrid format) where TE is importable, else a line saying why not; then
-# context parallelism (CP 2 vs CP 1) where two GPUs and TE are at hand.
+# context parallelism (CP 2 vs CP 1) where two GPUs and TE are at hand; then a small
+# DeepSeek-V3-shaped MoE (MLA, shared expert, expert bias, MTP) that must train.
 # Estimated 2-4 minutes on an H200 (imports and weight init included; not yet measured), well
 # under 8 with FP8.
 #
@@ -147,4 +148,41 @@ print(f"CP 2 vs CP 1: {len(one)} steps, worst relative loss difference {worst:.2
 EOF2
 else
   echo "CP: skipped, needs 2 GPUs and Transformer Engine (GPUs: $GPUS, TE importable: $TE_OK)"
+fi
+
+# A small DeepSeek-V3-shaped MoE on the GPU: multi-latent attention, a dense first layer,
+# 16 experts top-4 + a shared expert, sigmoid routing with the aux-loss-free expert bias,
+# MTP depth 1; both phases, bf16, the TE spec where TE is importable (else the local one).
+# It must train: finite losses falling from the start, the MTP loss logged in both phases.
+MOE_ARGS=(
+  --num-layers 4 --hidden-size 512 --num-attention-heads 8 --seq-length 1024
+  --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear
+  --hidden-dropout 0 --attention-dropout 0 --untie-embeddings-and-output-weights
+  --multi-latent-attention --q-lora-rank 256 --kv-lora-rank 128 --qk-head-dim 64
+  --qk-pos-emb-head-dim 32 --v-head-dim 64
+  --num-experts 16 --moe-router-topk 4 --moe-ffn-hidden-size 512 --ffn-hidden-size 1536
+  --moe-layer-freq "([0]*1+[1]*3)" --moe-shared-expert-intermediate-size 512
+  --moe-router-score-function sigmoid --moe-router-enable-expert-bias
+  --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-4
+  --moe-token-dispatcher-type alltoall --mtp-num-layers 1
+  --mock-data --vocab-size 32000 --micro-batch-size 4 --global-batch-size 16
+  --train-iters 30 --lr 1e-3 --lr-warmup-iters 3 --bf16 --seed 1
+  --tst-bag-size 4 --tst-iters 10 --log-interval 5 --eval-iters 0 --transformer-impl auto
+)
+if [[ "$DRY_RUN" == 1 ]]; then
+  echo "== moe_mla_mtp (dry run)"
+  "$PYTHON" pretrain_tst.py --dry-run "${MOE_ARGS[@]}" | tail -n 3
+else
+  echo "== moe_mla_mtp"
+  rm -f "$OUT_DIR/moe_mla_mtp.jsonl"
+  "$PYTHON" pretrain_tst.py "${MOE_ARGS[@]}" --metrics-file "$OUT_DIR/moe_mla_mtp.jsonl"
+  "$PYTHON" - "$OUT_DIR/moe_mla_mtp.jsonl" <<'EOF2'
+import json, math, sys
+records = [json.loads(l) for l in open(sys.argv[1]) if '"loss": ' in l and '"iteration"' in l]
+loss = [r["loss"] for r in records]
+phases = {r["phase"] for r in records if any(k.startswith("mtp") for k in r)}
+ok = len(loss) == 6 and all(map(math.isfinite, loss)) and loss[-1] < loss[0]
+print(f"MoE + MLA + MTP: {len(loss)} logging windows of 5 steps, loss {loss[0]:.3f} -> {loss[-1]:.3f}, MTP loss "
+      f"logged in {sorted(phases)} ({'trains' if ok else 'FAILED'})")
+EOF2
 fi
