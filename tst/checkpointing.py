@@ -26,7 +26,7 @@ import torch.distributed as dist
 from tst.errors import RunError
 
 __all__ = ["TRACKER", "checkpoint_dir", "finalize_async_saves", "find_checkpoint", "latest_iteration",
-           "load", "save"]  # fmt: skip
+           "load", "optimizer_layout", "save"]  # fmt: skip
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state, sharded by data-parallel rank (megatron-core's
@@ -324,9 +324,12 @@ def finalize_async_saves(async_queue, blocking: bool) -> list[int]:
         ) from error
 
 
-def load(root: str, chunks, optimizer, fully_parallel: bool = False) -> dict:
+def load(root: str, chunks, optimizer, fully_parallel: bool = False,
+         optimizer_layout: dict | None = None) -> dict:  # fmt: skip
     """Load the latest complete checkpoint into ``chunks`` and ``optimizer`` (None: the
-    weights only); return its common state (iteration, data position, scheduler, ...)."""
+    weights only); return its common state (iteration, data position, scheduler, ...).
+    ``optimizer_layout`` (this run's :func:`optimizer_layout`) is checked against the one
+    the checkpoint was saved with before the optimizer state is read."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
@@ -334,6 +337,8 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False) -> dict:
     verify(path)
     template = _sharded_model_state(chunks)
     _check_shapes(template, path)
+    if optimizer is not None and optimizer_layout is not None:
+        _check_optimizer_layout(path, optimizer_layout)
     if optimizer is not None:
         _allocate_empty_adam_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(
@@ -355,6 +360,50 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False) -> dict:
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer, state["optimizer"])
     return state["common"]  # the non-sharded entries come back with the sharded ones
+
+
+def optimizer_layout(distributed: bool, tp: int, pp: int, vpp, ep: int, etp: int) -> dict:
+    """What the optimizer state's checkpoint format depends on (stored in the common state).
+
+    The distributed optimizer's state is saved in megatron-core's ``dp_reshardable`` format
+    (its model-space formats are refused or broken in 0.16.1): it reshards over data
+    parallelism only. The plain optimizer's state is per parameter and reshards anywhere.
+    """
+    return {"distributed_optimizer": bool(distributed), "tp": tp, "pp": pp, "vpp": vpp,
+            "ep": ep, "etp": etp}  # fmt: skip
+
+
+def _check_optimizer_layout(path: str, ours: dict) -> None:
+    """Refuse, naming the fix, optimizer state this run cannot read (rather than
+    megatron-core's shape-mismatch error about bucket keys)."""
+    from megatron.core import dist_checkpointing
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its deprecation notice
+        saved = (dist_checkpointing.load_common_state_dict(path).get("common") or {}).get(
+            "optimizer_layout"
+        )
+    if saved is None or saved == ours:
+        return  # a checkpoint from before the layout was stored: as before
+    fix = ("resume at the saving run's layout, or pass --no-load-optim to load the weights "
+           "and start the optimizer state fresh")  # fmt: skip
+    if saved["distributed_optimizer"] != ours["distributed_optimizer"]:
+        which = "with" if saved["distributed_optimizer"] else "without"
+        raise CheckpointError(
+            f"checkpoint {path} holds optimizer state saved {which} "
+            "--use-distributed-optimizer, in another format than this run's: give the same "
+            f"--use-distributed-optimizer setting, or {fix.split(', or ')[1]}"
+        )
+    if ours["distributed_optimizer"]:
+
+        def grid(d):
+            return ", ".join(f"{k.upper()} {d[k] or 1}" for k in ("tp", "pp", "vpp", "ep", "etp"))
+
+        raise CheckpointError(
+            f"checkpoint {path} holds distributed-optimizer state saved at {grid(saved)}; "
+            f"this run is at {grid(ours)}. That state reshards over data parallelism only "
+            f"(megatron-core's dp_reshardable format): {fix}"
+        )
 
 
 def _check_shapes(template: dict, path: str) -> None:

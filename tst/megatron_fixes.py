@@ -114,15 +114,20 @@ def _fix_router_loss_scaling() -> None:
 
 
 def mark_expert_parameters(model_chunks, config) -> int:
-    """Mark routed-expert parameters ``allreduce = False`` when EP > 1 or ETP != TP.
+    """Mark every routed-expert parameter ``allreduce = False``, at every layout.
+
+    Upstream marks them when EP > 1 or ETP != TP. At EP 1 with ETP = TP the expert grid is the
+    dense one (expert-data-parallel = data-parallel, expert-TP = TP), so the gradients, the
+    optimizer step and the norms come out the same either way; marking them always gives a
+    MoE model the same optimizer structure (dense and expert parts, megatron-core's
+    ``ChainedOptimizer``) at every layout, so that a checkpoint saved at EP 1 resumes at
+    EP 2 or at expert-TP 1 and back (with a single optimizer at EP 1 it could not: the
+    optimizer-state keys differ).
 
     Call on the built model, before it is initialised and wrapped for data parallelism
     (both read the mark). A module is a routed expert's when megatron-core built it with
     ``is_expert``; shared experts are dense. Returns the number of parameters marked.
     """
-    etp = config.expert_tensor_parallel_size or config.tensor_model_parallel_size
-    if config.expert_model_parallel_size == 1 and etp == config.tensor_model_parallel_size:
-        return 0  # megatron-core's own rule already holds: experts are dense-reduced
     marked = 0
     for chunk in model_chunks:
         for module in chunk.modules():

@@ -536,7 +536,19 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "elapsed_s": round(float(elapsed), 3),
             "config": self.cfg.to_dict(),
+            "optimizer_layout": self._optimizer_layout(),
         }
+
+    def _optimizer_layout(self) -> dict:
+        grid = self.plan.grid
+        return checkpointing.optimizer_layout(
+            self.cfg.parallel.use_distributed_optimizer,
+            grid.tp,
+            grid.pp,
+            grid.vpp,
+            grid.ep,
+            grid.etp,
+        )
 
     def _phase_now(self) -> Phase:
         """The phase of the next step (of the last one once the run is done)."""
@@ -585,7 +597,8 @@ class Trainer:
         weights_only = run.finetune or run.no_load_optim
         common = checkpointing.load(run.load, self.raw_chunks,
                                     None if weights_only else self.optimizer,
-                                    run.ckpt_fully_parallel_load)  # fmt: skip
+                                    run.ckpt_fully_parallel_load,
+                                    self._optimizer_layout())  # fmt: skip
         if weights_only:
             # The fp32 main weights of a mixed-precision optimizer follow the loaded model.
             self.optimizer.reload_model_params()

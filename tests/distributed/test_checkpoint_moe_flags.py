@@ -112,49 +112,55 @@ def test_moe_with_megatron_default_biases_trains(world2, tmp_path):
 def _run_overlap(argv: list[str], metrics: str, fp32: bool) -> dict:
     """Losses and gradient norms of a run, with how often megatron-core's combined 1F1B
     schedule asked for a schedule plan. ``fp32``: the model in fp32 although megatron-core
-    accepts the overlap only in bf16 / fp16 (built as bf16, then set back), to compare the
-    two schedules without bf16 rounding."""
+    accepts the overlap only in bf16 / fp16 (checked and built as bf16, then set back), to
+    compare the two schedules without bf16 rounding."""
     import torch
     import torch.distributed as dist
 
+    from tst import plan as plan_module
     from tst import trainer as trainer_module
 
     build, forward_step = trainer_module.transformer_config, trainer_module.Trainer._forward_step
+    check = plan_module._check_expert_comm_overlap
     plans = []
 
-    def transformer_config(cfg, *args, **kwargs):
+    def as_bf16(fn, cfg, *args, **kwargs):
         if not fp32:
-            return build(cfg, *args, **kwargs)
+            return fn(cfg, *args, **kwargs)
         cfg.training.bf16 = True
         try:
-            config = build(cfg, *args, **kwargs)
+            return fn(cfg, *args, **kwargs)
         finally:
             cfg.training.bf16 = False
-        config.bf16, config.params_dtype, config.pipeline_dtype = (
-            False,
-            torch.float32,
-            torch.float32,
-        )
+
+    def transformer_config(cfg, *args, **kwargs):
+        config = as_bf16(build, cfg, *args, **kwargs)
+        if fp32:
+            config.bf16, config.params_dtype = False, torch.float32
+            config.pipeline_dtype = torch.float32
         return config
 
     def spy(self, phase, data_iterator, model, return_schedule_plan=False):
         plans.append(return_schedule_plan)
         return forward_step(self, phase, data_iterator, model, return_schedule_plan)
 
-    trainer_module.transformer_config, trainer_module.Trainer._forward_step = (
-        transformer_config,
-        spy,
-    )
+    trainer_module.transformer_config = transformer_config
+    trainer_module.Trainer._forward_step = spy
+    plan_module._check_expert_comm_overlap = lambda cfg, *a: as_bf16(check, cfg, *a)
     try:
         assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
     finally:
         trainer_module.transformer_config = build
         trainer_module.Trainer._forward_step = forward_step
+        plan_module._check_expert_comm_overlap = check
     dist.barrier()
     with open(metrics) as f:
         records = [r for r in map(json.loads, f) if r.get("loss")]
-    return {"loss": [r["loss"] for r in records], "grad_norm": [r["grad_norm"] for r in records],
-            "plans": sum(plans)}  # fmt: skip
+    return {
+        "loss": [r["loss"] for r in records],
+        "grad_norm": [r["grad_norm"] for r in records],
+        "plans": sum(plans),
+    }
 
 
 def test_expert_parallel_comm_overlap_trains_the_same_model(world2, tmp_path):
@@ -179,3 +185,54 @@ def test_expert_parallel_comm_overlap_trains_the_same_model(world2, tmp_path):
             assert len(got[key]) == len(plain[key]) == 6, (precision, key)
             for step, (g, w) in enumerate(zip(got[key], plain[key], strict=True), 1):
                 assert abs(g - w) <= rel * abs(w), (precision, key, step, g, w)
+
+
+def test_moe_checkpoints_resume_under_another_expert_layout(world2, tmp_path):
+    """A MoE checkpoint saved at TP 1 / EP 1 resumes exactly at TP 2 + SP with expert-TP 1
+    and at EP 2 (the optimizer is split into dense and expert parts at every layout, so its
+    state has the same keys everywhere; megatron-core's single optimizer at EP 1 could not be
+    read at EP 2). Distributed-optimizer state reshards over DP only: another expert layout
+    is refused in one line naming --no-load-optim, which then resumes the weights."""
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+           "--moe-aux-loss-coeff", "0.1", "--global-batch-size", "8"]  # fmt: skip
+    argv = BASE + moe
+    want = world2.run(_run, argv, str(tmp_path / "full.jsonl"))[0]["loss"]
+    ckpt = str(tmp_path / "ckpt")
+    world2.run(_run, argv + ["--save", ckpt, "--exit-interval", "4"], str(tmp_path / "a.jsonl"))
+    for name, layout in (
+        ("TP 2 + SP, expert-TP 1", ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                    "--expert-tensor-parallel-size", "1"]),
+        ("EP 2", ["--expert-model-parallel-size", "2"]),
+    ):  # fmt: skip
+        got = world2.run(_run, argv + layout + ["--load", ckpt], str(tmp_path / f"{name}.jsonl"))
+        got = got[0]["loss"]
+        assert sorted(got) == [5, 6], name
+        for it, loss in got.items():
+            assert abs(loss - want[it]) <= 1e-6 * abs(want[it]), (name, it, loss, want[it])
+
+    dist_opt = argv + ["--use-distributed-optimizer"]
+    saved = str(tmp_path / "dist")
+    world2.run(_run, dist_opt + ["--expert-model-parallel-size", "2", "--save", saved,
+                                 "--exit-interval", "4"], str(tmp_path / "d.jsonl"))  # fmt: skip
+    refused = world2.run(_refused, dist_opt + ["--load", saved])
+    assert refused[0] == (
+        f"checkpoint {saved}/iter_0000004 holds distributed-optimizer state saved at TP 1, "
+        "PP 1, VPP 1, EP 2, ETP 1; this run is at TP 1, PP 1, VPP 1, EP 1, ETP 1. That state "
+        "reshards over data parallelism only (megatron-core's dp_reshardable format): resume "
+        "at the saving run's layout, or pass --no-load-optim to load the weights and start "
+        "the optimizer state fresh"
+    )
+    weights = world2.run(_run, dist_opt + ["--load", saved, "--no-load-optim"],
+                         str(tmp_path / "w.jsonl"))[0]["loss"]  # fmt: skip
+    assert sorted(weights) == [5, 6]
+
+
+def _refused(argv: list[str]) -> str:
+    """The one-line error pretrain_tst.main raised."""
+    import pytest
+
+    from tst.checkpointing import CheckpointError
+
+    with pytest.raises(CheckpointError) as error:
+        pretrain_tst.main(argv)
+    return str(error.value)
