@@ -52,19 +52,15 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
         cache_dir=cfg.data.data_cache_path,
         mmap_bin_files=cfg.data.mmap_bin_files,
     )
-    train_set, valid_set, _ = build_datasets(data, (train, valid, 0))
-    # The test split (--split's third part or --test-data-path) is evaluated once at the end,
-    # as Megatron-LM does; one too small for a sample skips that, it does not stop the run.
-    test_set = None
-    if plan.evaluate:
-        from tst.data.datasets import DatasetTooSmallError
+    # The test split (--split's third part or --test-data-path) is evaluated once at the end
+    # as Megatron-LM does, as long as an evaluation (none without one); one too small for a
+    # sample skips that, it does not stop the run.
+    return build_datasets(data, (train, valid, valid), on_test_too_small=_no_test_split)
 
-        try:
-            test_set = build_datasets(data, (0, 0, valid))[2]
-        except DatasetTooSmallError as error:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"no test evaluation at the end: {error}", flush=True)
-    return train_set, valid_set, test_set
+
+def _no_test_split(error: TSTError) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"no test evaluation at the end: {error}", flush=True)
 
 
 def main(argv=None) -> int:

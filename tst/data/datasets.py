@@ -23,9 +23,11 @@ on disk are unchanged.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -294,27 +296,53 @@ def _scan_vocab(prefix: str, low, vocab_size: int) -> None:
 
 
 class _Builder(BlendedMegatronDatasetBuilder):
-    """The stock builder, usable without ``torch.distributed`` for weighted blends.
+    """The stock builder, usable without ``torch.distributed`` for weighted blends, and with
+    an optional test split.
 
     megatron-core 0.16.1's ``BlendedDataset`` calls ``torch.distributed.get_rank()`` when its
     index cache misses, which raises in a single process (tools, tests); there the blend
     indices (cheap to rebuild) are simply not cached. The per-prefix sample indices still are.
+
+    With ``optional_test``, a test split too small for one sample is None and the first
+    :class:`DatasetTooSmallError` saying so is kept in ``test_too_small``. The error is caught
+    inside the dataset's construction, so every rank still meets megatron-core's rank-0-first
+    barriers. A blend with one such component has no test split at all: the other components
+    are not blended without it.
     """
 
-    @staticmethod
-    def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
-        if cls is BlendedDataset and not torch.distributed.is_initialized():
-            *rest, config = args
-            config = copy.copy(config)
-            config.path_to_cache = None
-            args = (*rest, config)
+    def __init__(self, *args, optional_test: bool = False) -> None:
+        super().__init__(*args)
+        self.optional_test = optional_test
+        self.test_too_small: DatasetTooSmallError | None = None
+
+    def build_generic_dataset(self, cls, is_built_on_rank, synchronize_ranks, *args):
+        if cls is BlendedDataset:
+            if self.test_too_small is not None and None in args[0]:  # a component too small
+                return None
+            if not torch.distributed.is_initialized():
+                *rest, config = args
+                config = copy.copy(config)
+                config.path_to_cache = None
+                args = (*rest, config)
+        elif self.optional_test and args[-2] is Split.test:  # (..., num_samples, split, config)
+            cls = functools.partial(self._test_split_or_none, cls)
         return BlendedMegatronDatasetBuilder.build_generic_dataset(
             cls, is_built_on_rank, synchronize_ranks, *args
         )
 
+    def _test_split_or_none(self, cls, *args) -> TSTGPTDataset | None:
+        try:
+            return cls(*args)
+        except DatasetTooSmallError as error:
+            if self.test_too_small is None:
+                self.test_too_small = error
+            return None
+
 
 def build_datasets(
-    cfg: DataConfig, num_samples: tuple[int, int, int]
+    cfg: DataConfig,
+    num_samples: tuple[int, int, int],
+    on_test_too_small: Callable[[DatasetTooSmallError], None] | None = None,
 ) -> tuple[TSTGPTDataset | None, ...]:
     """Build (train, valid, test) datasets of big samples; a split asked for 0 samples is None.
 
@@ -322,6 +350,11 @@ def build_datasets(
     megatron-core repeats epochs (reshuffled) to reach it. Call on every rank: each builds
     its own copy (rank 0 first when ``torch.distributed`` is up, the others then load the
     cached indices).
+
+    A split too small for one sample raises :class:`DatasetTooSmallError`, except the test
+    split when ``on_test_too_small`` is given: that split is then None and the error is
+    passed to ``on_test_too_small`` (on every rank), so that a tiny test split, scored once
+    at the end of a run, skips that score instead of stopping the run.
     """
     if len(num_samples) != 3 or any(n < 0 for n in num_samples):
         raise ValueError(f"num_samples must be three counts >= 0, got {num_samples}")
@@ -379,6 +412,14 @@ def build_datasets(
         cfg.seq_length,
         num_samples,
     )
-    builder = _Builder(TSTGPTDataset, list(num_samples), lambda: True, config)
+    builder = _Builder(
+        TSTGPTDataset,
+        list(num_samples),
+        lambda: True,
+        config,
+        optional_test=on_test_too_small is not None,
+    )
     train, valid, test = builder.build()
+    if builder.test_too_small is not None:
+        on_test_too_small(builder.test_too_small)
     return train, valid, test
