@@ -229,3 +229,29 @@ def test_context_parallelism_needs_te_on_a_gpu():
                        r"attention only\)"):  # fmt: skip
         _check_device_features(cfg, _layout("cpu"), te=False)
     _check_device_features(_cfg()[0], _layout("cpu"), te=False)
+
+
+def test_loss_scale_kept_out_of_tensorboard_in_a_run(tmp_path):
+    """The same through pretrain_tst.main (one rank, --fp16): the trainer hands the flag to
+    its writer, so TensorBoard holds train/loss_scale only without
+    --no-log-loss-scale-to-tensorboard, while the metrics file holds loss_scale either way."""
+    import json
+
+    from flags import SMALL_GPT
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import pretrain_tst
+
+    argv = ["--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "2",
+            "--train-iters", "2", "--lr", "1e-3", "--log-interval", "1", "--eval-iters", "0",
+            "--num-workers", "0", "--peak-tflops", "1", "--fp16", *SMALL_GPT]  # fmt: skip
+    for name, extra in (("default", []), ("off", ["--no-log-loss-scale-to-tensorboard"])):
+        metrics, board = tmp_path / f"{name}.jsonl", tmp_path / name
+        out = ["--metrics-file", str(metrics), "--tensorboard-dir", str(board)]
+        assert pretrain_tst.main([*argv, *extra, *out]) == 0
+        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        logged = [r["iteration"] for r in records if "loss" in r and "loss_scale" in r]
+        assert logged == [1, 2], name  # every step's record (and each overflow's own)
+        tags = EventAccumulator(str(board)).Reload().Tags()["scalars"]
+        assert "train/loss" in tags and ("train/loss_scale" in tags) == (name == "default")
