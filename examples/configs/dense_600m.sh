@@ -28,10 +28,10 @@ MODEL_ARGS=(
   --hidden-dropout 0 --attention-dropout 0 --untie-embeddings-and-output-weights
 )
 TST_ARGS=(--tst-bag-size 6 --tst-fraction 0.3)
+# shellcheck source=examples/configs/common/paper_recipe.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common/paper_recipe.sh"  # AdamW, WSD, clipping
 TRAIN_ARGS=(
   --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size 1024 --train-iters "$TRAIN_ITERS"
-  --lr 1e-3 --min-lr 0 --lr-decay-style WSD --lr-wsd-decay-style linear --lr-warmup-iters 2000
-  --lr-wsd-decay-iters $((TRAIN_ITERS / 10))
-  --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0
+  --lr 1e-3 "${PAPER_RECIPE_ARGS[@]}"
 )
 PARALLEL_ARGS=(--tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP")

@@ -38,11 +38,11 @@ MODEL_ARGS=(
   --moe-aux-loss-coeff 1e-3 --moe-router-dtype fp32 --moe-token-dispatcher-type alltoall
 )
 TST_ARGS=(--tst-bag-size 16 --tst-fraction 0.25)
+# shellcheck source=examples/configs/common/paper_recipe.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common/paper_recipe.sh"  # AdamW, WSD, clipping
 TRAIN_ARGS=(
   --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size 2048 --train-iters "$TRAIN_ITERS"
-  --lr 3e-4 --min-lr 0 --lr-decay-style WSD --lr-wsd-decay-style linear --lr-warmup-iters 2000
-  --lr-wsd-decay-iters $((TRAIN_ITERS / 10))
-  --adam-beta1 0.9 --adam-beta2 0.95 --weight-decay 0.1 --clip-grad 1.0
+  --lr 3e-4 "${PAPER_RECIPE_ARGS[@]}"
 )
 PARALLEL_ARGS=(
   --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"

@@ -21,7 +21,8 @@ from flags import SMALL_GPT
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 CONFIGS = sorted((EXAMPLES / "configs").glob("*.sh"))
-SCRIPTS = sorted([*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("*.sbatch"), *CONFIGS])
+RECIPE = EXAMPLES / "configs" / "common" / "paper_recipe.sh"  # sourced by every config
+SCRIPTS = sorted([*EXAMPLES.glob("*.sh"), *EXAMPLES.glob("*.sbatch"), *CONFIGS, RECIPE])
 SINGLE_NODE = EXAMPLES / "train_single_node.sh"
 SLURM = EXAMPLES / "train_slurm.sbatch"
 
@@ -115,6 +116,22 @@ def test_config_dry_run_matches_its_name(config, precision, tmp_path, capsys):
     assert "(agrees)" in out  # the meta-device build and the closed form count the same
     assert "layout for a world of 8:" in out
     assert "superposition" in out and "recovery" in out  # the phase table
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_follows_the_paper_recipe(config, tmp_path):
+    """The recipe the configs share (configs/common/paper_recipe.sh) follows each config's own
+    --lr, its WSD decay over the last 10% of TRAIN_ITERS as overridden; CONFIG relative to the
+    repository root, as the scripts' headers give it."""
+    relative = str(config.relative_to(ROOT))
+    argv = script_argv(SINGLE_NODE, tmp_path, CONFIG=relative, TRAIN_ITERS="1230")
+    assert argv[argv.index("--train-iters") + 1] == "1230"
+    lr = argv.index("--lr")
+    assert argv[lr + 2 : lr + 20] == [
+        "--min-lr", "0", "--lr-decay-style", "WSD", "--lr-wsd-decay-style", "linear",
+        "--lr-warmup-iters", "2000", "--lr-wsd-decay-iters", "123", "--adam-beta1", "0.9",
+        "--adam-beta2", "0.95", "--weight-decay", "0.1", "--clip-grad", "1.0",
+    ]  # fmt: skip
 
 
 def test_slurm_script_lays_out_the_whole_job(tmp_path, capsys):
