@@ -140,3 +140,28 @@ def test_model_size_reads_the_dry_run_report(tmp_path):
     # The exact count (tst.dry_run.parameter_counts on the same flags) equals the report's.
     assert f"total {size['exact']['total']:,}" in size["dry_run"][0]
     assert size["padded_vocab"] % 128 == 0 and size["exact"]["total"] > 3_000_000
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint_and_keeps_the_phase_table(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    from tst.checkpointing import TRACKER, checkpoint_dir
+
+    out = tmp_path / "run"
+    ckpt = out / "ckpt"
+    os.makedirs(checkpoint_dir(str(ckpt), 20))
+    open(os.path.join(checkpoint_dir(str(ckpt), 20), "metadata.json"), "w").write("{}")
+    (ckpt / TRACKER).write_text("20")
+    records = [{"phases": [{"name": "superposition", "start": 0, "end": 10}]}] + [
+        {"iteration": i, "lm loss": 5.0} for i in (10, 20, 30)
+    ]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    argv = rp._prepare_resume(SimpleNamespace(save_interval=10), str(out))
+    assert argv == ["--load", str(ckpt)]
+    kept = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kept == records[:3]  # the phase table and iterations 10, 20; 30 is past the checkpoint
+    # No complete checkpoint: the run restarts in an empty folder.
+    (ckpt / TRACKER).unlink()
+    assert rp._prepare_resume(SimpleNamespace(save_interval=10), str(out)) == []
+    assert os.listdir(out) == []
