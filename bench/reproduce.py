@@ -270,8 +270,11 @@ def _prepare_resume(plan: Plan, out: str) -> list[str]:
         os.makedirs(out)
         return []
     with open(metrics) as f:
-        kept = [ln for ln in f  # records without an iteration (the phase table) are kept
-                if ln.strip() and json.loads(ln).get("iteration", 0) <= resume_at]
+        kept = [
+            ln
+            for ln in f  # records without an iteration (the phase table) are kept
+            if ln.strip() and json.loads(ln).get("iteration", 0) <= resume_at
+        ]
     with open(metrics, "w") as f:
         f.writelines(kept)
     print(f"    resuming from its checkpoint at iteration {resume_at}", flush=True)

@@ -385,14 +385,13 @@ def _check_optimizer_layout(path: str, ours: dict) -> None:
         )
     if saved is None or saved == ours:
         return  # a checkpoint from before the layout was stored: as before
-    fix = ("resume at the saving run's layout, or pass --no-load-optim to load the weights "
-           "and start the optimizer state fresh")  # fmt: skip
+    fresh = "pass --no-load-optim to load the weights and start the optimizer state fresh"
     if saved["distributed_optimizer"] != ours["distributed_optimizer"]:
         which = "with" if saved["distributed_optimizer"] else "without"
         raise CheckpointError(
             f"checkpoint {path} holds optimizer state saved {which} "
             "--use-distributed-optimizer, in another format than this run's: give the same "
-            f"--use-distributed-optimizer setting, or {fix.split(', or ')[1]}"
+            f"--use-distributed-optimizer setting, or {fresh}"
         )
     if ours["distributed_optimizer"]:
 
@@ -402,7 +401,8 @@ def _check_optimizer_layout(path: str, ours: dict) -> None:
         raise CheckpointError(
             f"checkpoint {path} holds distributed-optimizer state saved at {grid(saved)}; "
             f"this run is at {grid(ours)}. That state reshards over data parallelism only "
-            f"(megatron-core's dp_reshardable format): {fix}"
+            "(megatron-core's dp_reshardable format): resume at the saving run's layout, or "
+            + fresh
         )
 
 

@@ -946,21 +946,20 @@ def _params_norm(model_chunks) -> float:
     expert-TP x EP x PP group.
     """
     from megatron.core import parallel_state as ps
-
-    def counted(param, rank) -> bool:
-        return bool(getattr(param, "tensor_model_parallel", False)) or rank == 0
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate as counted
 
     dense = torch.zeros((), dtype=torch.float64)
     expert = torch.zeros((), dtype=torch.float64)
-    tp_rank, etp_rank = ps.get_tensor_model_parallel_rank(), ps.get_expert_tensor_parallel_rank()
+    tp_group = ps.get_tensor_model_parallel_group()
+    etp_group = ps.get_expert_tensor_parallel_group()
     for chunk in model_chunks:
         for param in chunk.parameters():
             if getattr(param, "shared", False) and not ps.is_pipeline_first_stage():
                 continue  # a tied output copy: the embedding is counted on the first stage
             if not getattr(param, "allreduce", True):
-                if counted(param, etp_rank):
+                if counted(param, tp_group=etp_group):
                     expert += param.detach().double().pow(2).sum().cpu()
-            elif counted(param, tp_rank):
+            elif counted(param, tp_group=tp_group):
                 dense += param.detach().double().pow(2).sum().cpu()
     device = next(model_chunks[0].parameters()).device
     dense, expert = dense.to(device), expert.to(device)

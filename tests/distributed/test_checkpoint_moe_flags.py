@@ -222,6 +222,12 @@ def test_moe_checkpoints_resume_under_another_expert_layout(world2, tmp_path):
         "at the saving run's layout, or pass --no-load-optim to load the weights and start "
         "the optimizer state fresh"
     )
+    assert world2.run(_refused, argv + ["--load", saved])[0] == (
+        f"checkpoint {saved}/iter_0000004 holds optimizer state saved with "
+        "--use-distributed-optimizer, in another format than this run's: give the same "
+        "--use-distributed-optimizer setting, or pass --no-load-optim to load the weights and "
+        "start the optimizer state fresh"
+    )
     weights = world2.run(_run, dist_opt + ["--load", saved, "--no-load-optim"],
                          str(tmp_path / "w.jsonl"))[0]["loss"]  # fmt: skip
     assert sorted(weights) == [5, 6]
