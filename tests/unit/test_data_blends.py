@@ -196,3 +196,25 @@ def test_the_test_split_is_evaluated_once_at_the_end(data, tmp_path):
     from run_metrics import read_metrics
 
     assert len(read_metrics(str(tmp_path / "1.jsonl")).evals) == 2
+
+
+def test_a_test_split_too_small_skips_the_test_score_and_a_train_part_stops_the_run(
+    data, tmp_path, capsys
+):
+    """A test split with too few tokens for one sample (here no document: 1% of 30) skips
+    the end's test score with one line saying why, for one prefix and for an unweighted
+    blend (whose components are read whole, so megatron-core would assert on a weight of 0);
+    a training part that small stops the run, naming the prefix and the split."""
+    a, b = data
+    blends = (["--data-path", a], ["--data-path", a, b], ["--data-path", "1", a, "1", b])
+    for i, argv in enumerate(blends):
+        run = _run(BASE + argv + ["--split", "90,9,1"], str(tmp_path / f"{i}.jsonl"))
+        out = capsys.readouterr().out
+        assert run["datasets"][2] is None and run["test"] == [], argv
+        assert "no test evaluation at the end: the test split of " in out, argv
+        assert "holds 0 tokens in 0 documents, fewer than one sample of 18 tokens" in out, argv
+        assert len(run["loss"]) == 4 and len(run["val"]) == 2, argv
+    tiny = _dataset(tmp_path, "tiny_text_document", 200, 380, docs=1)  # 40 tokens
+    message = _error(BASE + ["--data-path", a, tiny, "--split", "50,50,0"])
+    assert message.startswith(f"the train split of {tiny} holds 0 tokens in 0 documents"), message
+    assert "give this split more weight in --split (50,50,0)" in message

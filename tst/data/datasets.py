@@ -227,7 +227,9 @@ class TSTGPTDataset(GPTDataset):
     """
 
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, split, config):
-        if indexed_indices is not None and num_samples:
+        # num_samples is None for the parts of an unweighted blend (each read whole, weighted
+        # by its sample count): an empty one would meet megatron-core's bare weight assertion.
+        if indexed_indices is not None and num_samples != 0:
             tokens = int(np.sum(indexed_dataset.sequence_lengths[indexed_indices], dtype=np.int64))
             need = config.sequence_length + int(config.add_extra_token_to_sequence)
             if tokens < need:
