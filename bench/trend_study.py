@@ -412,7 +412,8 @@ def summary_markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], plots_dir: str) -> list[str]:
-    """Gap to the baseline at equal steps against steps (bytes, length) or parameters (size)."""
+    """Gap to the baseline at equal steps against steps (bytes, length) or parameters (size);
+    the switch controls' gaps as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -438,6 +439,23 @@ def plot(rows: list[dict], plots_dir: str) -> list[str]:
         ax.set_title(f"TST's gap to the baseline at equal steps ({part})")
         ax.legend(fontsize=8)
         path = os.path.join(plots_dir, f"trend_{part}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    controls = [r for r in rows if r["part"] == "controls" and "gap_mean" in r]
+    if controls:  # one model and length: a bar per arm
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        names = [r["arm"] for r in controls]
+        ax.bar(names, [r["gap_mean"] for r in controls], capsize=4,
+               yerr=[r["gap_std"] or 0.0 for r in controls])  # fmt: skip
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_ylabel("final held-out loss minus baseline's (nats)")
+        r = controls[0]
+        ax.set_title(f"Switch controls: {r['params']:,} parameters, {r['steps']} steps, "
+                     f"{len(r['seeds'])} seeds", fontsize=10)  # fmt: skip
+        ax.tick_params(axis="x", labelsize=8)
+        path = os.path.join(plots_dir, "trend_controls.png")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)

@@ -160,7 +160,7 @@ def test_dry_run_outputs(dry):
         for arm in arms:
             assert f"| {arm} |" in table
     assert sorted(os.path.basename(p) for p in report["plots"]) == [
-        "trend_bytes.png", "trend_length.png", "trend_size.png"]  # fmt: skip
+        "trend_bytes.png", "trend_controls.png", "trend_length.png", "trend_size.png"]  # fmt: skip
     for path in report["plots"]:
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
