@@ -282,10 +282,13 @@ def _start(a, run: Run, argv: list[str], tag: str) -> tuple[subprocess.Popen, rp
     out = run.dir(a.work)
     os.makedirs(out, exist_ok=True)
     argv += rp._prepare_resume(SimpleNamespace(save_interval=save_interval(a, run)), out)
-    with open(os.path.join(out, "command.json"), "w") as f:
-        json.dump({"argv": argv, "git": rp._git_hash()}, f, indent=1)
-    print(f"{tag} training", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if a.jobs > 1:  # the cores shared out: two 2-thread runs on 2 cores slow each other 10x+
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // a.jobs))
+    with open(os.path.join(out, "command.json"), "w") as f:
+        json.dump({"argv": argv, "git": rp._git_hash(), "OMP_NUM_THREADS":
+                   env.get("OMP_NUM_THREADS")}, f, indent=1)  # fmt: skip
+    print(f"{tag} training", flush=True)
     with open(os.path.join(out, "train.log"), "a") as log:
         child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     return child, rp._MetricsEcho(os.path.join(out, "metrics.jsonl"), tag, time.time(), run.iters)
@@ -478,7 +481,11 @@ def get_args(argv=None):
     p.add_argument("--size-tpp", type=float, help="tokens per parameter (default 1)")
     p.add_argument("--size-max-minutes", type=float, default=15.0, help="estimated, per arm")
     p.add_argument("--save-interval", type=int, help="default: 5 checkpoints a run")
-    p.add_argument("--jobs", type=int, help="runs at once (default 1; 2 with --dry)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        help="runs at once, the cores shared out among them (default 1; 2 with --dry)",
+    )
     p.add_argument("--plots-dir", help="where the PNGs go (default: the run folder)")
     p.add_argument("--python", default=sys.executable)
     a = p.parse_args(argv)

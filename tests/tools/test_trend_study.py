@@ -127,10 +127,13 @@ def test_dry_run_outputs(dry):
         assert row["gap_mean"] == pytest.approx(last["val_loss"] - base["final_val_loss"][0])
         assert ("iso_loss_steps" in row) == (row["part"] == "length")
     # Every arm of a data kind is scored on the same evaluation batches.
+    # The dry run trains 2 runs at once, the cores shared out between them.
     evals = {}
     for row in rows:
-        argv = _json(work, row["part"], row["model"], f"steps{row['steps']}", row["arm"], "seed1",
-                     "command.json")["argv"]  # fmt: skip
+        command = _json(work, row["part"], row["model"], f"steps{row['steps']}", row["arm"],
+                        "seed1", "command.json")  # fmt: skip
+        assert command["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+        argv = command["argv"]
         kind = argv[argv.index("--tokenizer-type") + 1]
         evals.setdefault(kind, set()).add(argv[argv.index("--eval-iters") + 1])
     assert all(len(v) == 1 for v in evals.values()) and len(evals) == 2
