@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -297,7 +298,7 @@ def _start(a, run: Run, argv: list[str], tag: str) -> tuple[subprocess.Popen, rp
 def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int]) -> None:
     """Train every unfinished run, ``a.jobs`` child processes at a time (1 for timings).
 
-    On a failure or an interruption the other children are stopped (SIGTERM: the trainer
+    On a failure or an interruption (Ctrl-C, SIGTERM) the other children are stopped (SIGTERM: the trainer
     saves a checkpoint at its next step and exits; a rerun resumes from it). A child that
     exits 0 short of its last iteration (stopped by a signal) is not marked done."""
     todo = [r for r in runs if not os.path.exists(os.path.join(r.dir(a.work), "done"))]
@@ -506,8 +507,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # through train_all's clean-up: its children are stopped too
+
+
 def main(argv=None) -> int:
     a = get_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     os.setpriority(os.PRIO_PROCESS, 0, max(10, os.getpriority(os.PRIO_PROCESS, 0)))
     started = time.time()
     os.makedirs(a.work, exist_ok=True)
@@ -536,7 +542,8 @@ def main(argv=None) -> int:
         total += secs
         print(f"  {part:<9} {len(mine)} runs ({len(left)} to train), "
               f"{sum(r.iters for r in left):,} steps: {_duration(secs)}", flush=True)  # fmt: skip
-    print(f"  all       {_duration(total)}, one run at a time", flush=True)
+    at_once = "one run at a time" if a.jobs == 1 else f"summed over runs, {a.jobs} at a time"
+    print(f"  all       {_duration(total)}, {at_once}", flush=True)
     train_all(a, runs, models, data, evals)
     rows = analyse(a, runs, models, sizes)
     plots = plot(rows, a.plots_dir or a.work)

@@ -196,3 +196,39 @@ def test_dry_rerun_skips_finished_runs_and_trains_an_unfinished_one(dry):
     # The retrained run starts afresh with its seed: the same loss as the first time.
     old = _last_val_loss(os.path.join(work, "old.jsonl"))["val_loss"]
     assert after["reinit_input"]["final_val_loss"] == [pytest.approx(old, rel=1e-5)]
+
+
+def test_sigterm_stops_the_study_and_its_training_child(dry):
+    """A study stopped with SIGTERM (a scheduler's kill, `kill PID`) stops the child it is
+    training (which checkpoints and exits) rather than leaving it running on its own."""
+    import signal
+    import time
+
+    work, _ = dry
+    target = os.path.join(work, "controls", "d128x2u", "steps20", "reinit_output", "seed1")
+    os.remove(os.path.join(target, "done"))
+    study = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "bench", "trend_study.py"), "--dry", "--work", work,
+         "--only", "controls"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT,
+    )  # fmt: skip
+    seen = ""
+    for line in study.stdout:
+        seen += line
+        if line.endswith(" training\n"):
+            time.sleep(3)  # the child is up and importing
+            break
+    children = _children(study.pid)
+    assert children, seen
+    study.send_signal(signal.SIGTERM)
+    study.wait(timeout=120)
+    assert study.returncode == 128 + signal.SIGTERM, seen + study.stdout.read()
+    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+    assert alive == [], f"the study's children {alive} outlived it"
+    _dry(work, "--only", "controls")  # a rerun finishes the run
+    assert os.path.exists(os.path.join(target, "done"))
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
