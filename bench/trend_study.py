@@ -361,7 +361,7 @@ def analyse(a, runs: list[Run], models: dict, sizes: dict[str, int]) -> list[dic
         row["loss"][run.seed] = final_loss(a, run)
     rows = []
     for (part, model, steps), arms in groups.items():
-        base = arms["baseline"]["loss"]
+        base = arms["baseline"]["loss"] if "baseline" in arms else {}
         points = [(round(v["arm"].length * steps), statistics.fmean(v["loss"].values()))
                   for v in arms.values() if v["arm"].baseline]  # fmt: skip
         for name, v in arms.items():
@@ -373,8 +373,8 @@ def analyse(a, runs: list[Run], models: dict, sizes: dict[str, int]) -> list[dic
                    "seeds": sorted(losses), "final_val_loss": [losses[s] for s in sorted(losses)],
                    "final_val_loss_mean": statistics.fmean(losses.values()),
                    "final_val_loss_std": _spread(list(losses.values()))}  # fmt: skip
-            if not arm.baseline:
-                gaps = [losses[s] - base[s] for s in sorted(losses) if s in base]
+            gaps = [losses[s] - base[s] for s in sorted(losses) if s in base]
+            if not arm.baseline and gaps:
                 row.update(gap=gaps, gap_mean=statistics.fmean(gaps), gap_std=_spread(gaps))
                 if len(points) >= 2:
                     iso = rp.iso_loss(points, row["final_val_loss_mean"])
@@ -487,6 +487,8 @@ def get_args(argv=None):
         type=int,
         help="runs at once, the cores shared out among them (default 1; 2 with --dry)",
     )
+    p.add_argument("--report", action="store_true",
+                   help="train nothing: the table and plots of the runs finished so far")  # fmt: skip
     p.add_argument("--plots-dir", help="where the PNGs go (default: the run folder)")
     p.add_argument("--python", default=sys.executable)
     a = p.parse_args(argv)
@@ -544,10 +546,15 @@ def main(argv=None) -> int:
               f"{sum(r.iters for r in left):,} steps: {_duration(secs)}", flush=True)  # fmt: skip
     at_once = "one run at a time" if a.jobs == 1 else f"summed over runs, {a.jobs} at a time"
     print(f"  all       {_duration(total)}, {at_once}", flush=True)
-    train_all(a, runs, models, data, evals)
+    if a.report:  # a long study's interim figures (a group without its baseline has no gap)
+        runs = [r for r in runs if os.path.exists(os.path.join(r.dir(a.work), "done"))]
+        print(f"--report: the {len(runs)} finished runs, nothing trained", flush=True)
+    else:
+        train_all(a, runs, models, data, evals)
     rows = analyse(a, runs, models, sizes)
     plots = plot(rows, a.plots_dir or a.work)
-    report = {"plan": {"parts": a.only, "dry": a.dry, "batch": a.batch, "split": a.split,
+    report = {"plan": {"parts": a.only, "dry": a.dry, "finished_runs_only": a.report,
+                       "batch": a.batch, "split": a.split,
                        "eval_iters": evals, "schedule": SCHEDULE, "size_tpp": a.size_tpp,
                        "models": {n: vars(m) | {"params": sizes[n]} for n, m in models.items()}},
               "rows": rows, "plots": plots, "git": rp._git_hash(),

@@ -187,6 +187,13 @@ def test_dry_rerun_skips_finished_runs_and_trains_an_unfinished_one(dry):
     target = os.path.join(work, "controls", "d128x2u", "steps20", "reinit_input", "seed1")
     os.remove(os.path.join(target, "done"))
     shutil.copy(os.path.join(target, "metrics.jsonl"), os.path.join(work, "old.jsonl"))
+    # --report: the finished runs' table, nothing trained (the unfinished arm has no row).
+    out = _dry(work, "--only", "controls", "--report")
+    assert "--report: the 3 finished runs, nothing trained" in out and " training\n" not in out
+    report = _json(work, "results.json")
+    assert report["plan"]["finished_runs_only"]
+    assert {r["arm"] for r in report["rows"]} == DRY_ARMS["controls"] - {"reinit_input"}
+    assert all("gap_mean" in r for r in report["rows"] if r["arm"] != "baseline")
     out = _dry(work, "--only", "controls")
     assert "3 of 4 runs finished earlier: skipped" in out
     assert out.count(" training\n") == 1 and "reinit_input 20 seed 1] training" in out
