@@ -295,13 +295,19 @@ def _start(a, run: Run, argv: list[str], tag: str) -> tuple[subprocess.Popen, rp
     return child, rp._MetricsEcho(os.path.join(out, "metrics.jsonl"), tag, time.time(), run.iters)
 
 
+def _done(a, run: Run) -> str:
+    """The marker a run's folder gets when it trained to its end."""
+    return os.path.join(run.dir(a.work), "done")
+
+
 def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int]) -> None:
     """Train every unfinished run, ``a.jobs`` child processes at a time (1 for timings).
 
-    On a failure or an interruption (Ctrl-C, SIGTERM) the other children are stopped (SIGTERM: the trainer
-    saves a checkpoint at its next step and exits; a rerun resumes from it). A child that
-    exits 0 short of its last iteration (stopped by a signal) is not marked done."""
-    todo = [r for r in runs if not os.path.exists(os.path.join(r.dir(a.work), "done"))]
+    On a failure or an interruption (Ctrl-C, or SIGTERM: see ``_terminated``) the children
+    are stopped with SIGTERM: the trainer saves a checkpoint at its next step and exits; a
+    rerun resumes from it. A child that exits 0 short of its last iteration (stopped by a
+    signal) is not marked done."""
+    todo = [r for r in runs if not os.path.exists(_done(a, r))]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs finished earlier: skipped", flush=True)
     active: list[tuple[Run, subprocess.Popen, rp._MetricsEcho]] = []
     count = 0
@@ -325,7 +331,7 @@ def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int
                     raise SystemExit(f"{run.dir(a.work)} failed: see its train.log")
                 final_loss(a, run)  # stopped short of its end: refused, resumed by a rerun
                 shutil.rmtree(os.path.join(run.dir(a.work), "ckpt"), ignore_errors=True)
-                open(os.path.join(run.dir(a.work), "done"), "w").close()
+                open(_done(a, run), "w").close()
     finally:
         for _, child, _ in active:
             child.terminate()
@@ -374,7 +380,7 @@ def analyse(a, runs: list[Run], models: dict, sizes: dict[str, int]) -> list[dic
                    "final_val_loss_mean": statistics.fmean(losses.values()),
                    "final_val_loss_std": _spread(list(losses.values()))}  # fmt: skip
             gaps = [losses[s] - base[s] for s in sorted(losses) if s in base]
-            if not arm.baseline and gaps:
+            if not arm.baseline and gaps:  # none where the group's baseline has not run
                 row.update(gap=gaps, gap_mean=statistics.fmean(gaps), gap_std=_spread(gaps))
                 if len(points) >= 2:
                     iso = rp.iso_loss(points, row["final_val_loss_mean"])
@@ -415,6 +421,15 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\nmean ± standard deviation over seeds; the gap is paired by seed.\n"
 
 
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict], plots_dir: str) -> list[str]:
     """Gap to the baseline at equal steps against steps (bytes, length) or parameters (size);
     the switch controls' gaps as bars."""
@@ -442,11 +457,7 @@ def plot(rows: list[dict], plots_dir: str) -> list[str]:
         ax.set_ylabel("final held-out loss minus baseline's (nats)")
         ax.set_title(f"TST's gap to the baseline at equal steps ({part})")
         ax.legend(fontsize=8)
-        path = os.path.join(plots_dir, f"trend_{part}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, os.path.join(plots_dir, f"trend_{part}.png")))
     controls = [r for r in rows if r["part"] == "controls" and "gap_mean" in r]
     if controls:  # one model and length: a bar per arm
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -459,11 +470,7 @@ def plot(rows: list[dict], plots_dir: str) -> list[str]:
         ax.set_title(f"Switch controls: {r['params']:,} parameters, {r['steps']} steps, "
                      f"{len(r['seeds'])} seeds", fontsize=10)  # fmt: skip
         ax.tick_params(axis="x", labelsize=8)
-        path = os.path.join(plots_dir, "trend_controls.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, os.path.join(plots_dir, "trend_controls.png")))
     return written
 
 
@@ -538,7 +545,7 @@ def main(argv=None) -> int:
     print("estimated training time (stated step-time model, evaluations included):")
     for part in a.only:
         mine = [r for r in runs if r.part == part]
-        left = [r for r in mine if not os.path.exists(os.path.join(r.dir(a.work), "done"))]
+        left = [r for r in mine if not os.path.exists(_done(a, r))]
         secs = sum(RUN_START_S + step_seconds(sizes[r.model], models[r.model], a.batch)
                    * (r.iters + a.evals * evals[models[r.model].data] / 3) for r in left)  # fmt: skip
         total += secs
@@ -547,7 +554,7 @@ def main(argv=None) -> int:
     at_once = "one run at a time" if a.jobs == 1 else f"summed over runs, {a.jobs} at a time"
     print(f"  all       {_duration(total)}, {at_once}", flush=True)
     if a.report:  # a long study's interim figures (a group without its baseline has no gap)
-        runs = [r for r in runs if os.path.exists(os.path.join(r.dir(a.work), "done"))]
+        runs = [r for r in runs if os.path.exists(_done(a, r))]
         print(f"--report: the {len(runs)} finished runs, nothing trained", flush=True)
     else:
         train_all(a, runs, models, data, evals)

@@ -150,8 +150,10 @@ def test_resume_cuts_metrics_back_to_the_checkpoint_and_keeps_the_phase_table(tm
 
     out = tmp_path / "run"
     ckpt = out / "ckpt"
-    os.makedirs(checkpoint_dir(str(ckpt), 20))
-    (ckpt / os.path.basename(checkpoint_dir(str(ckpt), 20)) / "metadata.json").write_text("{}")
+    saved = checkpoint_dir(str(ckpt), 20)
+    os.makedirs(saved)
+    with open(os.path.join(saved, "metadata.json"), "w") as f:
+        f.write("{}")
     (ckpt / TRACKER).write_text("20")
     records = [{"phases": [{"name": "superposition", "start": 0, "end": 10}]}] + [
         {"iteration": i, "lm loss": 5.0} for i in (10, 20, 30)
