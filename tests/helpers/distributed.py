@@ -31,6 +31,9 @@ class RankFailure(AssertionError):
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    # First of all: a rank stuck in start-up (importing, or waiting in init_process_group for a
+    # peer that never comes) must not outlive the test session either.
+    _exit_with_parent(os.getppid())
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -56,7 +59,6 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         results.put((rank, False, traceback.format_exc()))
         return
     results.put((rank, True, "ready"))
-    _exit_with_parent(os.getppid())
     while True:
         task = tasks.get()
         if task is None:
@@ -69,6 +71,11 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         finally:
             _reset_parallel_state()
     dist.destroy_process_group()
+    # Every result was collected before the parent asked this rank to stop; leave without
+    # waiting on whatever else a test body started (a writer process, a non-daemon thread).
+    results.close()
+    results.join_thread()
+    os._exit(0)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -153,6 +160,10 @@ class ProcessWorld:
                 task_queue.put(None)
             for proc in self._procs:
                 proc.join(timeout=10)
+        # A rank killed mid-run can leave its queues' feeder threads blocked; do not wait on them.
+        self._results.cancel_join_thread()
+        for task_queue in self._tasks:
+            task_queue.cancel_join_thread()
         for proc in self._procs:
             if proc.is_alive():
                 proc.kill()

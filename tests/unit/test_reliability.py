@@ -3,6 +3,7 @@ non-finite steps are skipped without touching the model, and preemption saves cl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -142,6 +143,49 @@ def test_persistent_checkpoint_worker_writes_every_save(tmp_path, capsys, monkey
     with pytest.warns(UserWarning, match="--use-persistent-ckpt-worker has no effect without "
                                          "--async-save"):  # fmt: skip
         validate(parse_args([*args, "--use-persistent-ckpt-worker"]), 1, 512)
+
+
+def test_persistent_checkpoint_worker_ends_with_a_killed_trainer(tmp_path):
+    """A trainer killed with SIGKILL (the OOM killer, a lost node) cannot close its persistent
+    writer, which waits on its queue for the next request: it must notice and end rather than
+    stay behind as an orphan."""
+    import signal
+    import subprocess
+    import time
+
+    import psutil
+
+    args = ARGS[:]
+    args[args.index("--train-iters") + 1] = "100000"
+    args[args.index("--save-interval") + 1] = "2"
+    cmd = [sys.executable, pretrain_tst.__file__, *args, "--save", str(tmp_path / "ckpt"),
+           "--async-save", "--use-persistent-ckpt-worker"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in fault_injection._RENDEZVOUS_VARIABLES}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)  # fmt: skip
+    writer = None
+    try:
+        end = time.time() + 180
+        while time.time() < end and writer is None and proc.poll() is None:
+            # The writer is spawned at the first save (multiprocessing's spawn_main); wait
+            # for a second save, so that it has written and waits for the next request.
+            if (tmp_path / "ckpt" / "iter_0000004").is_dir():
+                for child in psutil.Process(proc.pid).children():
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        if "spawn_main" in " ".join(child.cmdline()):
+                            writer = child
+            time.sleep(0.1)
+        assert writer is not None, proc.stderr.read().decode()[-2000:] if proc.poll() else "none"
+        proc.send_signal(signal.SIGKILL)  # the trainer alone, not its process group
+        proc.wait(30)
+        gone, alive = psutil.wait_procs([writer], timeout=20)
+        assert not alive, f"the persistent writer {writer.pid} outlived its killed trainer"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever the run left, the test leaves nothing
+        proc.stderr.close()
 
 
 def test_async_save_writes_in_the_background_and_publishes_when_complete(tmp_path, capsys):
