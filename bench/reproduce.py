@@ -39,6 +39,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -49,7 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
-from run_metrics import read_metrics  # noqa: E402
+from run_metrics import MetricsFileError, read_metrics  # noqa: E402
 
 # examples/quickstart_cpu.sh's model and optimizer; the schedule scales with the run length.
 MODEL_ARGS = [
@@ -318,15 +319,31 @@ def train_one(plan: Plan, arm: Arm, seed: int, python: str, progress: str) -> No
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.time()
     metrics = os.path.join(out, "metrics.jsonl")
+    iters = plan.arm_iters(arm)
     with open(os.path.join(out, "train.log"), "a") as log:
         child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        echo = _MetricsEcho(metrics, progress, start, plan.arm_iters(arm))
-        while child.poll() is None:
-            echo.poll()
-            time.sleep(1.0)
+        echo = _MetricsEcho(metrics, progress, start, iters)
+        try:
+            while child.poll() is None:
+                echo.poll()
+                time.sleep(1.0)
+        finally:  # Ctrl-C, or SIGTERM (``_terminated``): the child saves at its next step
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    child.kill()
         echo.poll()
         if child.returncode != 0:
             raise SystemExit(f"{arm.name} seed {seed} failed: see {out}/train.log")
+    try:
+        last = read_metrics(metrics, arm.name).evals[-1]["iteration"]
+    except MetricsFileError:  # no evaluation yet
+        last = 0
+    if last != iters:  # a child stopped by a signal of its own exits 0 after its save
+        raise SystemExit(f"{out}: last evaluation at iteration {last}, not at its end ({iters}): "
+                         "stopped early; rerun to resume it")  # fmt: skip
     shutil.rmtree(os.path.join(out, "ckpt"), ignore_errors=True)  # finished: keep the records
     open(os.path.join(out, "done"), "w").close()
 
@@ -620,6 +637,10 @@ def build_plan(args) -> Plan:
     return plan
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # through train_one's clean-up: its child is stopped too
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--full", action="store_true", help="the whole study (3 seeds, 1000 its)")
@@ -632,6 +653,7 @@ def main(argv=None) -> int:
     p.add_argument("--plots-dir", help="where the PNGs go (default: the run folder)")
     p.add_argument("--python", default=sys.executable)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminated)
     # Share the cores politely: this process and every training it starts run at nice >= 10.
     os.setpriority(os.PRIO_PROCESS, 0, max(10, os.getpriority(os.PRIO_PROCESS, 0)))
     started = time.time()

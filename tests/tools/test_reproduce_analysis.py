@@ -167,3 +167,74 @@ def test_resume_cuts_metrics_back_to_the_checkpoint_and_keeps_the_phase_table(tm
     (ckpt / TRACKER).unlink()
     assert rp._prepare_resume(SimpleNamespace(save_interval=10), str(out)) == []
     assert os.listdir(out) == []
+
+
+# A stand-in for ``python pretrain_tst.py ...``: writes a metrics record, then either trains
+# until SIGTERM (saving nothing, exiting 0 as the trainer does) or stops early by itself.
+_FAKE_TRAINER = """#!{python}
+import json, os, signal, sys, time
+out = os.path.dirname(sys.argv[sys.argv.index("--metrics-file") + 1])
+def stopped(signum, frame):
+    open(os.path.join(out, "child_got_sigterm"), "w").close()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stopped)
+with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+    f.write(json.dumps({{"iteration": 5, "val_loss": 6.0, "elapsed_s": 1.0}}) + "\\n")
+open(os.path.join(out, "child_started"), "w").close()
+if os.environ.get("FAKE_STOPS_EARLY"):
+    sys.exit(0)
+time.sleep(120)
+"""
+
+_DRIVER = """
+import sys
+sys.path[:0] = {paths!r}
+import signal
+import reproduce as rp
+signal.signal(signal.SIGTERM, rp._terminated)
+plan = rp.Plan(work={work!r}, iters=10, seeds=[1], arms=[rp.ARMS[0]], eval_interval=5,
+               eval_iters=0, save_interval=None, data_prefix="d", tokenizer="t.model")
+rp.train_one(plan, rp.ARMS[0], 1, {fake!r}, "[test]")
+"""
+
+
+def _driver(tmp_path, **env):
+    import subprocess
+
+    fake = tmp_path / "fake_python"
+    fake.write_text(_FAKE_TRAINER.format(python=sys.executable))
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    code = _DRIVER.format(paths=[os.path.join(ROOT, "bench"), os.path.join(ROOT, "tools"), ROOT],
+                          work=str(work), fake=str(fake))  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    return proc, work / "baseline" / "seed1"
+
+
+def test_sigterm_stops_the_training_child_and_marks_nothing_done(tmp_path):
+    import signal
+    import time
+
+    proc, out = _driver(tmp_path)
+    try:
+        end = time.time() + 60
+        while not (out / "child_started").exists() and time.time() < end and proc.poll() is None:
+            time.sleep(0.05)
+        assert (out / "child_started").exists(), proc.communicate()[0]
+        proc.send_signal(signal.SIGTERM)
+        text = proc.communicate(timeout=90)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, text
+    assert (out / "child_got_sigterm").exists(), "the training child was not stopped"
+    assert not (out / "done").exists()
+
+
+def test_a_child_that_stops_early_is_not_marked_done(tmp_path):
+    proc, out = _driver(tmp_path, FAKE_STOPS_EARLY="1")
+    text = proc.communicate(timeout=90)[0]
+    assert proc.returncode == 1, text
+    assert "last evaluation at iteration 5, not at its end (10)" in text
+    assert not (out / "done").exists()
