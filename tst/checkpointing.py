@@ -250,6 +250,7 @@ def save(
     if optimizer is not None:  # None: the weights only (--no-save-optim)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
     state["common"] = common
+    end_helpers_with_the_trainer()
     strategy = _save_strategy(fully_parallel)
     if async_queue is not None and strategy is None:
         from megatron.core.dist_checkpointing.serialization import (
@@ -274,6 +275,56 @@ def save(
     if os.path.exists(os.path.join(root, TRACKER)):
         _maybe_inject_kill("kill-during-async-save")
     return final
+
+
+def end_helpers_with_the_trainer() -> None:
+    """megatron-core's ``FileSystemWriterAsync`` (the ``torch_dist`` format) starts helper
+    processes that stop only when the trainer lets them, so a trainer killed with SIGKILL
+    (seen under torchrun's restarts) left them behind for good, one set per killed rank:
+
+    - the spawned multiprocessing manager serving its writers' result queue (started at the
+      first save, stopped only at the trainer's clean exit);
+    - a forked writer that finishes while its trainer is dead: ``task_done`` on the count
+      queue waits for the (dead) trainer to acknowledge, forever.
+
+    Both now also end once the process that started them is gone (idempotent; the same queue
+    and the same writer otherwise). Nothing is lost: the trainer publishes checkpoints."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._get_write_results_queue is not _write_results_queue:
+        filesystem_async._get_write_results_queue = _write_results_queue
+    writer = filesystem_async.FileSystemWriterAsync
+    if not getattr(writer.write_preloaded_data, "_tst_ends_with_parent", False):
+        writer.write_preloaded_data = staticmethod(_ending_with_parent(writer.write_preloaded_data))
+
+
+def _write_results_queue():
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from tst.processes import exit_with_parent
+
+    if filesystem_async._results_queue is None:
+        manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+    return filesystem_async._results_queue
+
+
+def _ending_with_parent(write):
+    import functools
+
+    from tst.processes import exit_with_parent
+
+    @functools.wraps(write)  # keeps the signature megatron-core inspects
+    def write_in_child(*args, **kwargs):
+        exit_with_parent(os.getppid())
+        return write(*args, **kwargs)
+
+    write_in_child._tst_ends_with_parent = True
+    return write_in_child
 
 
 def _maybe_inject_kill(point: str) -> None:

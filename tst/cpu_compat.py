@@ -22,8 +22,6 @@ import contextlib
 import importlib
 import logging
 import os
-import threading
-import time
 import types
 from typing import Any
 
@@ -269,7 +267,11 @@ def persistent_checkpoint_loop(rank, queue, preload_q, comp_q, log_level=logging
     from megatron.core.dist_checkpointing.strategies import async_utils
 
     loop = async_utils.PersistentAsyncCaller.async_loop  # megatron-core's, in this process
-    _exit_with_parent(os.getppid())
+    from tst.checkpointing import end_helpers_with_the_trainer
+    from tst.processes import exit_with_parent
+
+    exit_with_parent(os.getppid())  # megatron-core's loop would outlive a SIGKILLed trainer
+    end_helpers_with_the_trainer()  # and so would the writers it forks (see there)
     apply()  # the writer reads tensors as the trainer does (e.g. torch.cuda.synchronize)
     torch.cuda.set_device = lambda device: None
     torch.cuda.device_count = lambda: 1
@@ -277,19 +279,6 @@ def persistent_checkpoint_loop(rank, queue, preload_q, comp_q, log_level=logging
 
 
 _PERSISTENT_LOOP = staticmethod(persistent_checkpoint_loop)
-
-
-def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
-    """End this process when ``parent`` is gone. megatron-core's writer loop waits on its
-    queue for the next request and would otherwise outlive a trainer killed with SIGKILL
-    (the trainer publishes checkpoints, so nothing the writer still holds is lost)."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(poll_s)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="exit-with-trainer", daemon=True).start()
 
 
 def patch_without_transformer_engine() -> None:

@@ -109,9 +109,14 @@ def test_a_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(corpus,
     with launched("train_single_node.sh", env, log, "--save-interval", "5") as launcher:
         wait_for(lambda: (checkpointed(save) or 0) >= 5, 480, "the first checkpoints")
         victim = _worker(launcher, local_rank="1")
+        # What the rank started (data workers, the checkpoint writers' queue manager and its
+        # resource tracker) must end with it, not stay behind as orphans of init.
+        helpers = victim.children(recursive=True)
+        assert helpers, "the rank had started no helper process: nothing to check"
         victim.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         first_step = wait_for(restarted_first_step, 480, "the restarted group's first step")
+        wait_for(lambda: not _running(helpers), 30, "the killed rank's helpers to end")
         status = finish(launcher)
     text = log.read_text()
     assert status == 0, text
@@ -130,6 +135,16 @@ def test_a_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(corpus,
         f"rank killed -> restarted group's first step (iteration {resumed_at + 1}): "
         f"{first_step - killed:.1f} s",
     )
+
+
+def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``procs`` still running (an ended orphan not yet reaped is a zombie: ended)."""
+    alive = []
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+    return alive
 
 
 def _worker(launcher: subprocess.Popen, local_rank: str) -> psutil.Process:

@@ -145,10 +145,16 @@ def test_persistent_checkpoint_worker_writes_every_save(tmp_path, capsys, monkey
         validate(parse_args([*args, "--use-persistent-ckpt-worker"]), 1, 512)
 
 
-def test_persistent_checkpoint_worker_ends_with_a_killed_trainer(tmp_path):
-    """A trainer killed with SIGKILL (the OOM killer, a lost node) cannot close its persistent
-    writer, which waits on its queue for the next request: it must notice and end rather than
-    stay behind as an orphan."""
+@pytest.mark.parametrize(
+    "flags, helpers",
+    [([], 1), (["--async-save", "--use-persistent-ckpt-worker"], 2)],
+    ids=["sync-save", "persistent-writer"],
+)
+def test_checkpoint_helpers_end_with_a_killed_trainer(tmp_path, flags, helpers):
+    """A trainer killed with SIGKILL (the OOM killer, a launcher's restart, a lost node) runs
+    no clean-up. The helper processes its saves started and that wait for more work must
+    notice and end rather than stay behind as orphans: the manager serving the writers'
+    result queue (every save), and the persistent writer (--use-persistent-ckpt-worker)."""
     import signal
     import subprocess
     import time
@@ -158,34 +164,102 @@ def test_persistent_checkpoint_worker_ends_with_a_killed_trainer(tmp_path):
     args = ARGS[:]
     args[args.index("--train-iters") + 1] = "100000"
     args[args.index("--save-interval") + 1] = "2"
-    cmd = [sys.executable, pretrain_tst.__file__, *args, "--save", str(tmp_path / "ckpt"),
-           "--async-save", "--use-persistent-ckpt-worker"]  # fmt: skip
+    cmd = [sys.executable, pretrain_tst.__file__, *args, "--save", str(tmp_path / "ckpt"), *flags]
     env = {k: v for k, v in os.environ.items() if k not in fault_injection._RENDEZVOUS_VARIABLES}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
                             start_new_session=True)  # fmt: skip
-    writer = None
     try:
         end = time.time() + 180
-        while time.time() < end and writer is None and proc.poll() is None:
-            # The writer is spawned at the first save (multiprocessing's spawn_main); wait
-            # for a second save, so that it has written and waits for the next request.
+        while time.time() < end and proc.poll() is None:
+            # Helpers start at the first save; after the second they wait for the next one.
             if (tmp_path / "ckpt" / "iter_0000004").is_dir():
-                for child in psutil.Process(proc.pid).children():
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        if "spawn_main" in " ".join(child.cmdline()):
-                            writer = child
+                break
             time.sleep(0.1)
-        assert writer is not None, proc.stderr.read().decode()[-2000:] if proc.poll() else "none"
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        started = psutil.Process(proc.pid).children(recursive=True)
+        spawned = []
+        for child in started:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "spawn_main" in " ".join(child.cmdline()):
+                    spawned.append(child)
+        assert len(spawned) == helpers, spawned
         proc.send_signal(signal.SIGKILL)  # the trainer alone, not its process group
         proc.wait(30)
-        gone, alive = psutil.wait_procs([writer], timeout=20)
-        assert not alive, f"the persistent writer {writer.pid} outlived its killed trainer"
+        alive = _still_running(started, timeout_s=20)
+        assert not alive, f"outlived the killed trainer: {[p.cmdline()[-3:] for p in alive]}"
     finally:
         if proc.poll() is None:
             proc.kill()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # whatever the run left, the test leaves nothing
         proc.stderr.close()
+
+
+def _still_running(procs, timeout_s: float) -> list:
+    """Those of ``procs`` still running after ``timeout_s`` (an orphan that ended but that
+    this machine's init has not reaped yet is a zombie: ended)."""
+    import time
+
+    import psutil
+
+    end = time.time() + timeout_s
+    while True:
+        alive = []
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(proc)
+        if not alive or time.time() > end:
+            return alive
+        time.sleep(0.2)
+
+
+def _stuck_writer(pids, write):
+    """A middle process: forks a 'writer' that never finishes, reports both pids, waits."""
+    import multiprocessing
+    import time
+
+    child = multiprocessing.get_context("fork").Process(target=write, args=(600,))
+    child.start()
+    pids.put((os.getpid(), child.pid))
+    time.sleep(600)
+
+
+def test_a_forked_checkpoint_writer_ends_when_its_parent_is_killed():
+    """The forked writer of megatron-core's FileSystemWriterAsync, as patched on every save:
+    one stuck (as in ``task_done`` on its dead trainer's queue) ends once its parent is killed,
+    and keeps the signature megatron-core inspects."""
+    import inspect
+    import multiprocessing
+    import signal
+    import time
+
+    import psutil
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from tst.checkpointing import _ending_with_parent, end_helpers_with_the_trainer
+
+    original = inspect.signature(FileSystemWriterAsync.write_preloaded_data)
+    end_helpers_with_the_trainer()
+    end_helpers_with_the_trainer()  # idempotent: wrapped once
+    patched = FileSystemWriterAsync.write_preloaded_data
+    assert patched._tst_ends_with_parent and not hasattr(
+        patched.__wrapped__, "_tst_ends_with_parent"
+    )
+    assert inspect.signature(patched) == original
+    ctx = multiprocessing.get_context("fork")
+    pids = ctx.Queue()
+    middle = ctx.Process(target=_stuck_writer, args=(pids, _ending_with_parent(time.sleep)))
+    middle.start()
+    try:
+        parent, writer = pids.get(timeout=30)
+        assert psutil.Process(writer).ppid() == parent
+        os.kill(parent, signal.SIGKILL)
+        alive = _still_running([psutil.Process(writer)], timeout_s=10)
+        assert not alive, "the writer outlived its killed parent"
+    finally:
+        middle.kill()
+        middle.join()
 
 
 def test_async_save_writes_in_the_background_and_publishes_when_complete(tmp_path, capsys):

@@ -1,0 +1,29 @@
+"""Helper processes that end with the process that started them.
+
+A trainer killed with SIGKILL (the OOM killer, a launcher's restart, a lost node) runs no
+clean-up, so a helper process it started that waits for work (megatron-core's persistent
+checkpoint writer, the multiprocessing manager that serves its writers' result queue) would
+wait forever, one more orphan per killed rank. :func:`exit_with_parent` ends such a helper
+once its parent is gone; nothing the helper holds is lost, since the trainer publishes
+checkpoints itself and a killed trainer publishes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+__all__ = ["exit_with_parent"]
+
+
+def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """Start a daemon thread that ends this process (``os._exit(1)``) once its parent is
+    no longer ``parent`` (the orphan is re-parented: the parent has died)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
