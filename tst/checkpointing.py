@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -296,6 +297,42 @@ def end_helpers_with_the_trainer() -> None:
     writer = filesystem_async.FileSystemWriterAsync
     if not getattr(writer.write_preloaded_data, "_tst_ends_with_parent", False):
         writer.write_preloaded_data = staticmethod(_ending_with_parent(writer.write_preloaded_data))
+
+
+def use_persistent_writer_loop() -> None:
+    """``--use-persistent-ckpt-worker``: megatron-core spawns its long-lived writer with
+    ``PersistentAsyncCaller.async_loop``; hand it :func:`persistent_writer_loop` instead, which
+    the writer imports by name (idempotent)."""
+    from megatron.core.dist_checkpointing.strategies import async_utils
+
+    caller = async_utils.PersistentAsyncCaller
+    if caller.__dict__.get("async_loop") is not _PERSISTENT_LOOP:
+        caller.async_loop = _PERSISTENT_LOOP
+
+
+def persistent_writer_loop(rank, queue, preload_q, comp_q, log_level=logging.INFO):
+    """The persistent writer's process: megatron-core's loop, waiting on its queue for the
+    next save, would outlive a trainer killed with SIGKILL (holding its GPU context), and so
+    would the writers it forks; both end with the trainer here. Without CUDA, the platform
+    layer is applied in this process first."""
+    from megatron.core.dist_checkpointing.strategies import async_utils
+
+    from tst.processes import exit_with_parent
+
+    loop = async_utils.PersistentAsyncCaller.async_loop  # megatron-core's: a fresh process
+    if loop is persistent_writer_loop:
+        raise RuntimeError("persistent_writer_loop: megatron-core's writer loop was replaced "
+                           "in the writer's own process; it must run megatron-core's")  # fmt: skip
+    exit_with_parent(os.getppid())
+    end_helpers_with_the_trainer()
+    if not torch.cuda.is_available():
+        from tst import cpu_compat
+
+        cpu_compat.prepare_persistent_writer()
+    loop(rank, queue, preload_q, comp_q, log_level)
+
+
+_PERSISTENT_LOOP = staticmethod(persistent_writer_loop)
 
 
 def _write_results_queue():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import os
 import types
 from typing import Any
 
@@ -240,7 +239,6 @@ def apply() -> bool:
     logging.getLogger(tp_random.__name__).setLevel(logging.ERROR)
 
     patch_without_transformer_engine()
-    _patch_persistent_checkpoint_worker()
     _patch_moe_split_sizes_to_numpy()
     _patch_uneven_first_dim_collectives()
     _patch_pipeline_p2p_tags()
@@ -248,37 +246,16 @@ def apply() -> bool:
     return True
 
 
-def _patch_persistent_checkpoint_worker() -> None:
+def prepare_persistent_writer() -> None:
     """``--use-persistent-ckpt-worker``: megatron-core's long-lived writer is a *spawned*
-    process whose loop first calls ``torch.cuda.set_device(rank % device_count())``, which
-    divides by zero without a GPU (and the patches above do not reach a spawned process).
-    The trainer's process hands it :func:`persistent_checkpoint_loop` instead, which the
-    child imports by name: it makes that call harmless there, then runs megatron-core's loop.
-    """
-    from megatron.core.dist_checkpointing.strategies import async_utils
-
-    caller = async_utils.PersistentAsyncCaller
-    if caller.__dict__.get("async_loop") is not _PERSISTENT_LOOP:
-        caller.async_loop = _PERSISTENT_LOOP
-
-
-def persistent_checkpoint_loop(rank, queue, preload_q, comp_q, log_level=logging.INFO):
-    """The persistent checkpoint writer's loop in a CUDA-less spawned process."""
-    from megatron.core.dist_checkpointing.strategies import async_utils
-
-    loop = async_utils.PersistentAsyncCaller.async_loop  # megatron-core's, in this process
-    from tst.checkpointing import end_helpers_with_the_trainer
-    from tst.processes import exit_with_parent
-
-    exit_with_parent(os.getppid())  # megatron-core's loop would outlive a SIGKILLed trainer
-    end_helpers_with_the_trainer()  # and so would the writers it forks (see there)
-    apply()  # the writer reads tensors as the trainer does (e.g. torch.cuda.synchronize)
+    process, which the patches above do not reach, and whose loop first calls
+    ``torch.cuda.set_device(rank % device_count())``, dividing by zero without a GPU. Its
+    loop (``tst.checkpointing.persistent_writer_loop``) calls this first, in that process:
+    the writer reads tensors as the trainer does (``torch.cuda.synchronize`` and the like),
+    and the device call is harmless."""
+    apply()
     torch.cuda.set_device = lambda device: None
     torch.cuda.device_count = lambda: 1
-    loop(rank, queue, preload_q, comp_q, log_level)
-
-
-_PERSISTENT_LOOP = staticmethod(persistent_checkpoint_loop)
 
 
 def patch_without_transformer_engine() -> None:

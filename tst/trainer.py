@@ -130,6 +130,8 @@ class Trainer:
         if cfg.run.async_save and cfg.run.save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
+            if cfg.run.use_persistent_ckpt_worker:
+                checkpointing.use_persistent_writer_loop()
             self.async_saves = AsyncCallsQueue(persistent=cfg.run.use_persistent_ckpt_worker)
         self._saves_pending: dict[int, str] = {}
         self.start_time = time.time()

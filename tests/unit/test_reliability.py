@@ -114,9 +114,9 @@ def test_integrity_check_names_the_damaged_files(tmp_path):
 
 def test_persistent_checkpoint_worker_writes_every_save(tmp_path, capsys, monkeypatch):
     """--use-persistent-ckpt-worker: one long-lived writer process (megatron-core's persistent
-    caller, spawned; on CPU it runs tst.cpu_compat's loop) writes all the async saves, each
-    complete and verified; it is gone when the run ends, and nothing is left to complain at
-    exit. Without --async-save the flag warns that it does nothing, as it does nothing."""
+    caller, spawned, running tst.checkpointing.persistent_writer_loop) writes all the async
+    saves, each complete and verified; it is gone when the run ends, and nothing is left to
+    complain at exit. Without --async-save the flag warns that it does nothing, as it does nothing."""
     import psutil
     from megatron.core.dist_checkpointing.strategies.async_utils import PersistentAsyncCaller
 
