@@ -303,9 +303,9 @@ def _done(a, run: Run) -> str:
 def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int]) -> None:
     """Train every unfinished run, ``a.jobs`` child processes at a time (1 for timings).
 
-    On a failure or an interruption (Ctrl-C, or SIGTERM: see ``_terminated``) the children
-    are stopped with SIGTERM: the trainer saves a checkpoint at its next step and exits; a
-    rerun resumes from it. A child that exits 0 short of its last iteration (stopped by a
+    On a failure or an interruption (Ctrl-C, or SIGTERM: see ``reproduce._terminated``) the
+    children are stopped with SIGTERM: the trainer saves a checkpoint at its next step and
+    exits; a rerun resumes from it. A child that exits 0 short of its last iteration (stopped by a
     signal) is not marked done."""
     todo = [r for r in runs if not os.path.exists(_done(a, r))]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs finished earlier: skipped", flush=True)
@@ -516,13 +516,9 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
-def _terminated(signum, frame) -> None:
-    raise SystemExit(128 + signum)  # through train_all's clean-up: its children are stopped too
-
-
 def main(argv=None) -> int:
     a = get_args(argv)
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, rp._terminated)  # through train_all's clean-up
     os.setpriority(os.PRIO_PROCESS, 0, max(10, os.getpriority(os.PRIO_PROCESS, 0)))
     started = time.time()
     os.makedirs(a.work, exist_ok=True)

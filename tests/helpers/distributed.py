@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import queue
-import threading
-import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -81,13 +79,9 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 def _exit_with_parent(parent: int) -> None:
     """End this rank when the test session is gone, even if the rank is stuck in a collective
     (a killed session would otherwise leave it waiting out gloo's 30-minute timeout)."""
+    from tst.processes import exit_with_parent
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(2)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
+    exit_with_parent(parent, poll_s=2.0)
 
 
 def _reset_parallel_state() -> None:
