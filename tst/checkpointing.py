@@ -313,17 +313,18 @@ def use_persistent_writer_loop() -> None:
 def persistent_writer_loop(rank, queue, preload_q, comp_q, log_level=logging.INFO):
     """The persistent writer's process: megatron-core's loop, waiting on its queue for the
     next save, would outlive a trainer killed with SIGKILL (holding its GPU context), and so
-    would the writers it forks; both end with the trainer here. Without CUDA, the platform
-    layer is applied in this process first."""
+    would the writers it forks; both end with the trainer here. A SIGTERM sent to the whole
+    process group is left to the trainer, whose stop-save needs this process. Without CUDA,
+    the platform layer is applied in this process first."""
     from megatron.core.dist_checkpointing.strategies import async_utils
 
-    from tst.processes import exit_with_parent
+    from tst.processes import serve_the_trainer
 
     loop = async_utils.PersistentAsyncCaller.async_loop  # megatron-core's: a fresh process
     if loop is persistent_writer_loop:
         raise RuntimeError("persistent_writer_loop: megatron-core's writer loop was replaced "
                            "in the writer's own process; it must run megatron-core's")  # fmt: skip
-    exit_with_parent(os.getppid())
+    serve_the_trainer(os.getppid())
     end_helpers_with_the_trainer()
     if not torch.cuda.is_available():
         from tst import cpu_compat
@@ -336,16 +337,19 @@ _PERSISTENT_LOOP = staticmethod(persistent_writer_loop)
 
 
 def _write_results_queue():
+    """megatron-core's result queue, served by a manager that ends with the trainer and
+    leaves a process-group SIGTERM to it (the stop-save that follows puts its results here;
+    a killed manager failed that save with BrokenPipeError)."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from tst.processes import exit_with_parent
+    from tst.processes import serve_the_trainer
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=exit_with_parent, initargs=(os.getpid(),))
+        manager.start(initializer=serve_the_trainer, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
     return filesystem_async._results_queue
 

@@ -6,15 +6,21 @@ checkpoint writer, the multiprocessing manager that serves its writers' result q
 wait forever, one more orphan per killed rank. :func:`exit_with_parent` ends such a helper
 once its parent is gone; nothing the helper holds is lost, since the trainer publishes
 checkpoints itself and a killed trainer publishes nothing.
+
+A SIGTERM sent to the whole process group (``scancel``, ``timeout``, ``kill -TERM -PGID``)
+reaches such helpers as well as the trainer. The trainer answers it by saving at the next
+step, and that save needs them: :func:`serve_the_trainer` makes a spawned helper leave the
+stop to its trainer (ignoring SIGTERM, as it ignores SIGINT) and end with it.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
-__all__ = ["exit_with_parent"]
+__all__ = ["exit_with_parent", "serve_the_trainer"]
 
 
 def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
@@ -27,3 +33,11 @@ def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def serve_the_trainer(parent: int) -> None:
+    """The first call of a spawned helper the trainer's saves depend on: SIGTERM is ignored
+    (the trainer decides when to stop, and stops it) and the helper ends with ``parent``.
+    Module-level, so that a spawned process can run it as its initializer."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    exit_with_parent(parent)

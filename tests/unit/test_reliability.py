@@ -193,6 +193,50 @@ def test_checkpoint_helpers_end_with_a_killed_trainer(tmp_path):
         proc.stderr.close()
 
 
+@pytest.mark.parametrize("extra", [[], ["--async-save", "--use-persistent-ckpt-worker"]],
+                         ids=["sync", "async-persistent"])  # fmt: skip
+def test_sigterm_to_the_process_group_saves_at_the_stop(tmp_path, extra):
+    """``scancel``, ``timeout`` and ``kill -TERM -PGID`` signal the whole process group: the
+    helpers the trainer's saves use (the manager serving the writers' result queue, the
+    persistent writer) get the SIGTERM too. The trainer still saves at the next step and
+    exits 0, and that checkpoint is complete and the latest."""
+    import signal
+    import subprocess
+    import time
+
+    from tst.checkpointing import latest_iteration
+
+    ckpt = tmp_path / "ckpt"
+    args = ARGS[:]
+    args[args.index("--train-iters") + 1] = "100000"
+    args[args.index("--save-interval") + 1] = "2"
+    cmd = [sys.executable, pretrain_tst.__file__, *args, "--save", str(ckpt), *extra]
+    env = {k: v for k, v in os.environ.items() if k not in fault_injection._RENDEZVOUS_VARIABLES}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        end = time.time() + 180
+        # The helpers start at the first save; the signal comes while they wait for the next.
+        while time.time() < end and proc.poll() is None and not (ckpt / "iter_0000004").is_dir():
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    out, err = out.decode(), err.decode()
+    assert proc.returncode == 0, err[-3000:]
+    assert "failed" not in out + err and "Traceback" not in err, (out + err)[-3000:]
+    stops = [line for line in out.splitlines() if "stopping at iteration" in line]
+    assert len(stops) == 1 and stops[0].endswith(": signal"), out[-2000:]
+    stopped_at = int(stops[0].split("stopping at iteration ")[1].split(":")[0])
+    assert stopped_at >= 4 and latest_iteration(str(ckpt)) == stopped_at
+    verify(str(ckpt / f"iter_{stopped_at:07d}"))
+
+
 def _still_running(procs, timeout_s: float) -> list:
     """Those of ``procs`` still running after ``timeout_s`` (an orphan that ended but that
     this machine's init has not reaped yet is a zombie: ended)."""
