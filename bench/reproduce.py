@@ -309,6 +309,21 @@ class _MetricsEcho:
                       f"({time.time() - self.start:.0f} s)", flush=True)  # fmt: skip
 
 
+def stop_children(children: list[subprocess.Popen], timeout_s: float = 60.0) -> None:
+    """Stop training children with SIGTERM (each saves at its next step and exits), all at
+    once; one still running after ``timeout_s`` is killed (it resumes from its last save)."""
+    running = [child for child in children if child.poll() is None]
+    for child in running:
+        child.terminate()
+    deadline = time.monotonic() + timeout_s
+    for child in running:
+        try:
+            child.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
 def train_one(plan: Plan, arm: Arm, seed: int, python: str, progress: str) -> None:
     """Train one arm/seed in a child process, echoing a compact progress line per log."""
     out = plan.run_dir(arm, seed)
@@ -328,12 +343,7 @@ def train_one(plan: Plan, arm: Arm, seed: int, python: str, progress: str) -> No
                 echo.poll()
                 time.sleep(1.0)
         finally:  # Ctrl-C, or SIGTERM (``_terminated``): the child saves at its next step
-            if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    child.kill()
+            stop_children([child])
         echo.poll()
         if child.returncode != 0:
             raise SystemExit(f"{arm.name} seed {seed} failed: see {out}/train.log")

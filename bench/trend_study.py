@@ -333,13 +333,7 @@ def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int
                 shutil.rmtree(os.path.join(run.dir(a.work), "ckpt"), ignore_errors=True)
                 open(_done(a, run), "w").close()
     finally:
-        for _, child, _ in active:
-            child.terminate()
-        for _, child, _ in active:
-            try:
-                child.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                child.kill()
+        rp.stop_children([child for _, child, _ in active])
 
 
 # ---------------------------------------------------------------- analysis

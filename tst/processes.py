@@ -23,14 +23,14 @@ import time
 __all__ = ["exit_with_parent", "serve_the_trainer"]
 
 
-def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
-    """Start a daemon thread that ends this process (``os._exit(1)``) once its parent is
-    no longer ``parent`` (the orphan is re-parented: the parent has died)."""
+def exit_with_parent(parent: int, poll_s: float = 1.0, exit_code: int = 1) -> None:
+    """Start a daemon thread that ends this process (``os._exit(exit_code)``) once its
+    parent is no longer ``parent`` (the orphan is re-parented: the parent has died)."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        os._exit(1)
+        os._exit(exit_code)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 

@@ -25,13 +25,14 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from multiprocessing.connection import wait
 
 import torch
+
+from tst.processes import exit_with_parent
 
 __all__ = ["MicroBatchLoader"]
 
@@ -52,7 +53,7 @@ def _work(reader, tasks, results, trainer_pid: int) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)  # a forked child must not enter the parent's thread pool
-    threading.Thread(target=_exit_with, args=(trainer_pid,), daemon=True).start()
+    exit_with_parent(trainer_pid, poll_s=_WATCH_INTERVAL_S, exit_code=0)
     while True:
         try:
             key = tasks.recv()
@@ -65,13 +66,6 @@ def _work(reader, tasks, results, trainer_pid: int) -> None:
         except Exception as error:  # noqa: BLE001 (re-raised in the trainer, unchanged)
             item = _Failure(error)
         results.send((key, item))
-
-
-def _exit_with(pid: int) -> None:
-    while True:
-        time.sleep(_WATCH_INTERVAL_S)
-        if os.getppid() != pid:  # re-parented: the trainer is gone
-            os._exit(0)
 
 
 class MicroBatchLoader:
