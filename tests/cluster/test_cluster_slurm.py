@@ -11,6 +11,7 @@ are printed by these tests.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from pathlib import Path
@@ -113,6 +114,33 @@ def test_time_limit_warning_saves_and_the_requeued_job_resumes(slurm, corpus, tm
         f"time-limit warning -> checkpoint: {saved - warned:.1f} s (iteration {stopped_at}); "
         f"requeued -> {stopped_at + 3} steps done: {resumed - requeued:.1f} s",
     )
+
+
+def test_scancel_saves_at_the_stop(slurm, corpus, tmp_path, capsys):
+    """A plain ``scancel JOBID``: Slurm sends SIGTERM to every process of the job (torchrun,
+    the trainers, the helpers their checkpoint writer started, the batch script) and SIGKILL
+    after KillWait (30 s here, Slurm's default). The trainers save at their next step first."""
+    env = launch_env(corpus, tmp_path, ENDLESS, MASTER_PORT=str(free_ports(1)[0]))
+    save, metrics = Path(env["SAVE_DIR"]), Path(env["SAVE_DIR"]) / "metrics.jsonl"
+    # A save before the signal: the helpers it started are signalled too.
+    job, out = submit(slurm, tmp_path, env, "--save-interval", "2")
+    wait_for(lambda: (checkpointed(save) or 0) >= 2, 480, "the first checkpoint")
+    cancelled = time.monotonic()
+    slurm.run("scancel", str(job))
+    record = slurm.wait_job(job, 120)
+    wait_for(lambda: not slurm.job_processes(SLURM_JOB_ID=str(job)), 120, "the job's processes")
+    ended = time.monotonic()
+    log = out.read_text()
+    assert record["JobState"] == "CANCELLED", log
+    stops = set(re.findall(r"stopping at iteration (\d+): signal", log))
+    assert len(stops) == 1, log[-3000:]
+    stopped_at = int(stops.pop())
+    assert stopped_at > 2 and checkpointed(save) == stopped_at, log[-3000:]
+    assert "SIGTERM (scancel): saving, then ending" in log
+    # The rendezvous store outlived the signal: no torchrun lost it while stopping.
+    assert "error: saving a checkpoint" not in log and "Connection was likely closed" not in log
+    report(capsys, f"scancel -> checkpoint at iteration {stopped_at}, job gone: "
+                   f"{ended - cancelled:.1f} s")  # fmt: skip
 
 
 def test_a_lost_node_ends_the_job_and_resubmission_resumes(slurm, corpus, tmp_path, capsys):
