@@ -136,6 +136,7 @@ def test_scancel_saves_at_the_stop(slurm, corpus, tmp_path, capsys):
     assert len(stops) == 1, log[-3000:]
     stopped_at = int(stops.pop())
     assert stopped_at > 2 and checkpointed(save) == stopped_at, log[-3000:]
+    assert_every_step_once(metrics, stopped_at, SWITCH)
     assert "SIGTERM (scancel): saving, then ending" in log
     # The rendezvous store outlived the signal: no torchrun lost it while stopping.
     assert "error: saving a checkpoint" not in log and "Connection was likely closed" not in log
