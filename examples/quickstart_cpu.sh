@@ -72,6 +72,6 @@ echo "What you saw: both runs trained one 3.3M-parameter GPT for $ITERS steps; T
   "its switch to next-token training worked, and at this size it trails the baseline at equal" \
   "steps (docs/RESULTS.md: 0.26-0.39 nats at 1,000 steps). The gap shrinks with training" \
   "length: a 1M-parameter model with the multi-stage schedule --tst-schedule 4:0.1,2:0.2,1 is" \
-  "ahead by 0.016 nats at 10,000 steps (2 seeds; about 40 minutes here:" \
-  "python bench/trend_study.py --only length). TST is expected to pay most at ~100M+" \
+  "ahead by 0.016 nats at 10,000 steps (2 seeds; docs/RESULTS.md, 'Gap vs training length'," \
+  "measured by python bench/trend_study.py --only length). TST is expected to pay most at ~100M+" \
   "parameters, where the bag target is learnable: bench/gpu_study.sh runs that regime on one GPU."
