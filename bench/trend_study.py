@@ -22,7 +22,11 @@ controls  the 0.95M shape untied, 3k steps, 2 seeds: TST bag 4 r 0.2 with the em
 
 Each run writes ``WORK/PART/MODEL/stepsN/ARM/seedK/metrics.jsonl`` and a ``done`` marker; a
 rerun skips finished runs and resumes interrupted ones from their last checkpoint (see
-``bench/reproduce.py``, whose helpers this reuses). Held-out loss is next-token loss on (nearly)
+``bench/reproduce.py``, whose helpers this reuses). A finished run also gets a line in the
+ledger (``--ledger``, default ``docs/trend_runs.jsonl``, kept in the repository): its flags,
+held-out losses and final loss. A run the ledger holds with the same flags counts as finished
+and is reported from the ledger, so a study spread over machines whose run folders do not
+survive picks up where the last one stopped. Held-out loss is next-token loss on (nearly)
 the whole validation split, the same tokens for every arm of a data kind. The gap is the arm's
 final loss minus the baseline's at equal steps, paired by seed; iso-loss steps interpolate the
 baselines at 1x / 1.5x / 2x in log-steps. Writes ``WORK/results.json``, ``WORK/summary.md`` and
@@ -193,6 +197,7 @@ def plan_runs(a, models: dict, sizes: dict[str, int]) -> list[Run]:
                 cap = a.size_max_minutes * 60 / step_seconds(sizes[name], models[name], a.batch)
                 groups.append((name, max(20, round(min(a.size_tpp * sizes[name] / per_step,
                                                        cap)))))  # fmt: skip
+        arms = [arm for arm in arms if not a.arms or arm.name in a.arms]
         runs += [Run(part, m, s, arm, seed) for m, s in groups for seed in seeds for arm in arms]
     return runs
 
@@ -300,6 +305,85 @@ def _done(a, run: Run) -> str:
     return os.path.join(run.dir(a.work), "done")
 
 
+# Flags whose values name this machine's files, not the run: left out of the ledger's record.
+_LOCAL_FLAGS = ("--data-path", "--tokenizer-model", "--data-cache-path", "--metrics-file",
+                "--save", "--save-interval", "--load")  # fmt: skip
+
+
+def run_key(run: Run) -> str:
+    return f"{run.part}/{run.model}/steps{run.steps}/{run.arm.name}/seed{run.seed}"
+
+
+def portable_flags(argv: list[str]) -> list[str]:
+    """A run's training flags without the local paths (what makes two runs the same run)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _LOCAL_FLAGS:
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def read_ledger(path: str) -> dict[str, dict]:
+    """The ledger's records by run key (a later line for the same run wins)."""
+    records = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    records[record["run"]] = record
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise SystemExit(f"{path}:{n}: not a ledger record ({e}): fix or remove "
+                                     "the line") from e  # fmt: skip
+    return records
+
+
+def ledger_record(a, run: Run, flags: list[str]) -> dict | None:
+    """The ledger's record of ``run`` if it was made with the same flags (else None, with a
+    warning: the run trains again)."""
+    record = a.ledger_records.get(run_key(run))
+    if record is None:
+        return None
+    if record["flags"] != flags:
+        changed = sorted(set(record["flags"]) ^ set(flags))[:6]
+        print(f"ledger: {run_key(run)} was trained with other flags ({changed}): trained "
+              "again here", flush=True)  # fmt: skip
+        return None
+    return record
+
+
+def write_ledger_record(a, run: Run, flags: list[str]) -> None:
+    """Append a finished run to the ledger: its flags, every held-out loss, the final one."""
+    r = read_metrics(os.path.join(run.dir(a.work), "metrics.jsonl"), run.arm.name)
+    record = {"run": run_key(run), "iterations": run.iters, "flags": flags,
+              "final_val_loss": final_loss(a, run),
+              "val_loss": [[e["iteration"], e["val_loss"]] for e in r.evals],
+              "git": rp._git_hash(), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}  # fmt: skip
+    os.makedirs(os.path.dirname(a.ledger) or ".", exist_ok=True)
+    with open(a.ledger, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    a.ledger_records[record["run"]] = record
+
+
+def trained_flags(a, run: Run) -> list[str] | None:
+    """The flags a run folder's run was trained with (its command.json), if recorded."""
+    path = os.path.join(run.dir(a.work), "command.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return portable_flags(json.load(f)["argv"][2:])  # after python and pretrain_tst.py
+
+
+def finished(a, run: Run, flags: list[str]) -> bool:
+    return os.path.exists(_done(a, run)) or ledger_record(a, run, flags) is not None
+
+
 def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int]) -> None:
     """Train every unfinished run, ``a.jobs`` child processes at a time (1 for timings).
 
@@ -307,7 +391,11 @@ def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int
     children are stopped with SIGTERM: the trainer saves a checkpoint at its next step and
     exits; a rerun resumes from it. A child that exits 0 short of its last iteration (stopped by a
     signal) is not marked done."""
-    todo = [r for r in runs if not os.path.exists(_done(a, r))]
+    flags = {r: portable_flags(run_argv(a, r, models[r.model], data, evals)) for r in runs}
+    for run in runs:  # finished before the ledger had them (or in another ledger's study)
+        if os.path.exists(_done(a, run)) and ledger_record(a, run, flags[run]) is None:
+            write_ledger_record(a, run, trained_flags(a, run) or flags[run])
+    todo = [r for r in runs if not finished(a, r, flags[r])]
     print(f"{len(runs) - len(todo)} of {len(runs)} runs finished earlier: skipped", flush=True)
     active: list[tuple[Run, subprocess.Popen, rp._MetricsEcho]] = []
     count = 0
@@ -332,6 +420,8 @@ def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int
                 final_loss(a, run)  # stopped short of its end: refused, resumed by a rerun
                 shutil.rmtree(os.path.join(run.dir(a.work), "ckpt"), ignore_errors=True)
                 open(_done(a, run), "w").close()
+                if ledger_record(a, run, flags[run]) is None:
+                    write_ledger_record(a, run, flags[run])
     finally:
         rp.stop_children([child for _, child, _ in active])
 
@@ -339,7 +429,12 @@ def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int
 # ---------------------------------------------------------------- analysis
 
 
-def final_loss(a, run: Run) -> float:
+def final_loss(a, run: Run, flags: list[str] | None = None) -> float:
+    """The run's held-out loss at its end: from the ledger when it holds the run with these
+    flags, else from the run folder's metrics."""
+    record = ledger_record(a, run, flags) if flags is not None else None
+    if record is not None:
+        return record["final_val_loss"]
     r = read_metrics(os.path.join(run.dir(a.work), "metrics.jsonl"), run.arm.name)
     if r.evals[-1]["iteration"] != run.iters:
         raise SystemExit(f"{run.dir(a.work)}: last evaluation at {r.evals[-1]['iteration']}, "
@@ -351,14 +446,16 @@ def _spread(xs: list[float]) -> float | None:
     return statistics.stdev(xs) if len(xs) > 1 else None
 
 
-def analyse(a, runs: list[Run], models: dict, sizes: dict[str, int]) -> list[dict]:
+def analyse(
+    a, runs: list[Run], models: dict, sizes: dict[str, int], flags: dict[Run, list[str]]
+) -> list[dict]:
     """One row per (part, model, steps, arm): final loss over seeds, the paired gap to the
     group's baseline, and iso-loss steps where the group has baselines at several lengths."""
     groups: dict[tuple, dict[str, dict]] = {}
     for run in runs:
         arms = groups.setdefault((run.part, run.model, run.steps), {})
         row = arms.setdefault(run.arm.name, {"arm": run.arm, "loss": {}})
-        row["loss"][run.seed] = final_loss(a, run)
+        row["loss"][run.seed] = final_loss(a, run, flags[run])
     rows = []
     for (part, model, steps), arms in groups.items():
         base = arms["baseline"]["loss"] if "baseline" in arms else {}
@@ -476,6 +573,9 @@ def get_args(argv=None):
     p.add_argument("--dry", action="store_true", help="tiny sizes and steps, every code path")
     p.add_argument("--only", nargs="+", choices=PARTS, help="parts to run (default all)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds (default 3 for bytes, else 2)")
+    p.add_argument("--arms", nargs="+", metavar="ARM",
+                   help="only these arms of the selected parts, e.g. baseline tst_multistage "
+                        "(default all; a run folder's arm name)")  # fmt: skip
     p.add_argument("--work", help="run folder (default runs/trend, or runs/trend-dry)")
     p.add_argument("--bytes-steps", type=int, nargs="+", help="default 1000 3000 10000")
     p.add_argument("--length-steps", type=int, nargs="+", help="default 3000 10000 20000")
@@ -491,11 +591,26 @@ def get_args(argv=None):
     p.add_argument("--report", action="store_true",
                    help="train nothing: the table and plots of the runs finished so far")  # fmt: skip
     p.add_argument("--plots-dir", help="where the PNGs go (default: the run folder)")
+    p.add_argument("--ledger", help="the finished runs' record, JSON lines (default "
+                   "docs/trend_runs.jsonl; with --dry, WORK/ledger.jsonl)")  # fmt: skip
     p.add_argument("--python", default=sys.executable)
     a = p.parse_args(argv)
     dry = a.dry
     a.only = a.only or list(PARTS)
+    known = {arm.name for part in a.only for arm in (DRY_ARMS if dry else ARMS)[part]}
+    if a.arms and set(a.arms) - known:
+        p.error(
+            f"--arms: {sorted(set(a.arms) - known)} is not an arm of {a.only}; "
+            f"the arms are {sorted(known)}"
+        )
     a.work = os.path.abspath(a.work or os.path.join(ROOT, "runs", "trend-dry" if dry else "trend"))
+    default_ledger = (
+        os.path.join(a.work, "ledger.jsonl")
+        if dry
+        else os.path.join(ROOT, "docs", "trend_runs.jsonl")
+    )
+    a.ledger = os.path.abspath(a.ledger or default_ledger)
+    a.ledger_records = read_ledger(a.ledger)
     a.bytes_steps = a.bytes_steps or ([20] if dry else [1000, 3000, 10000])
     a.length_steps = a.length_steps or ([20] if dry else [3000, 10000, 20000])
     a.controls_steps = a.controls_steps or (20 if dry else 3000)
@@ -531,11 +646,12 @@ def main(argv=None) -> int:
             evals[kind] = eval_iters(data[kind], seq, a.batch, a.split, bags)
             if a.dry:  # a path check, not a measurement: a few batches, not the whole split
                 evals[kind] = min(evals[kind], 4)
+    flags = {r: portable_flags(run_argv(a, r, models[r.model], data, evals)) for r in runs}
     total = 0.0
     print("estimated training time (stated step-time model, evaluations included):")
     for part in a.only:
         mine = [r for r in runs if r.part == part]
-        left = [r for r in mine if not os.path.exists(_done(a, r))]
+        left = [r for r in mine if not finished(a, r, flags[r])]
         secs = sum(RUN_START_S + step_seconds(sizes[r.model], models[r.model], a.batch)
                    * (r.iters + a.evals * evals[models[r.model].data] / 3) for r in left)  # fmt: skip
         total += secs
@@ -544,14 +660,14 @@ def main(argv=None) -> int:
     at_once = "one run at a time" if a.jobs == 1 else f"summed over runs, {a.jobs} at a time"
     print(f"  all       {_duration(total)}, {at_once}", flush=True)
     if a.report:  # a long study's interim figures (a group without its baseline has no gap)
-        runs = [r for r in runs if os.path.exists(_done(a, r))]
+        runs = [r for r in runs if finished(a, r, flags[r])]
         print(f"--report: the {len(runs)} finished runs, nothing trained", flush=True)
     else:
         train_all(a, runs, models, data, evals)
-    rows = analyse(a, runs, models, sizes)
+    rows = analyse(a, runs, models, sizes, flags)
     plots = plot(rows, a.plots_dir or a.work)
     report = {"plan": {"parts": a.only, "dry": a.dry, "finished_runs_only": a.report,
-                       "batch": a.batch, "split": a.split,
+                       "batch": a.batch, "split": a.split, "ledger": a.ledger,
                        "eval_iters": evals, "schedule": SCHEDULE, "size_tpp": a.size_tpp,
                        "models": {n: vars(m) | {"params": sizes[n]} for n, m in models.items()}},
               "rows": rows, "plots": plots, "git": rp._git_hash(),

@@ -169,6 +169,22 @@ def test_dry_run_outputs(dry):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def _ledger(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _unfinish(work, run_dir):
+    """Make a finished run unfinished: its marker and its ledger line go."""
+    os.remove(os.path.join(run_dir, "done"))
+    key = os.path.relpath(run_dir, work)
+    ledger = os.path.join(work, "ledger.jsonl")
+    kept = [r for r in _ledger(ledger) if r["run"] != key]
+    assert len(kept) == len(_ledger(ledger)) - 1, key
+    with open(ledger, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+
+
 def _last_phases(arm_dir):
     with open(os.path.join(arm_dir, "seed1", "metrics.jsonl")) as f:
         for line in f:
@@ -185,7 +201,7 @@ def test_dry_rerun_skips_finished_runs_and_trains_an_unfinished_one(dry):
     out = _dry(work, "--only", "controls")
     assert "4 of 4 runs finished earlier: skipped" in out and " training\n" not in out
     target = os.path.join(work, "controls", "d128x2u", "steps20", "reinit_input", "seed1")
-    os.remove(os.path.join(target, "done"))
+    _unfinish(work, target)
     shutil.copy(os.path.join(target, "metrics.jsonl"), os.path.join(work, "old.jsonl"))
     # --report: the finished runs' table, nothing trained (the unfinished arm has no row).
     out = _dry(work, "--only", "controls", "--report")
@@ -213,7 +229,7 @@ def test_sigterm_stops_the_study_and_its_training_child(dry):
 
     work, _ = dry
     target = os.path.join(work, "controls", "d128x2u", "steps20", "reinit_output", "seed1")
-    os.remove(os.path.join(target, "done"))
+    _unfinish(work, target)
     study = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "bench", "trend_study.py"), "--dry", "--work", work,
          "--only", "controls"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -239,3 +255,60 @@ def test_sigterm_stops_the_study_and_its_training_child(dry):
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(c) for c in f.read().split()]
+
+
+def test_ledger_carries_finished_runs_to_a_fresh_run_folder(dry, tmp_path):
+    """The ledger alone (no run folders: another machine) makes the runs finished, reported
+    with the losses their metrics files hold; a record made with other flags does not count."""
+    work, _ = dry
+    ledger = os.path.join(work, "ledger.jsonl")
+    records = {r["run"]: r for r in _ledger(ledger)}
+    size = [k for k in records if k.startswith("size/")]
+    assert len(size) == 4  # 2 models x 2 arms, one line each
+    for key in size:
+        r = records[key]
+        last = _last_val_loss(os.path.join(work, key, "metrics.jsonl"))
+        assert r["final_val_loss"] == last["val_loss"] and r["val_loss"][-1] == [
+            last["iteration"], last["val_loss"]]  # fmt: skip
+        assert r["iterations"] == last["iteration"] and "--seed" in r["flags"]
+        assert not any(work in f for f in r["flags"])  # no local paths
+    # A study from before the ledger (or one whose ledger was lost): its finished run
+    # folders fill the ledger in again, with the flags they were trained with.
+    os.rename(ledger, ledger + ".bak")
+    out = _dry(work, "--only", "size")
+    assert "4 of 4 runs finished earlier: skipped" in out and " training\n" not in out
+    refilled = {r["run"]: r for r in _ledger(ledger)}
+    assert set(refilled) == set(size)
+    for key in size:
+        for field in ("flags", "final_val_loss", "val_loss", "iterations"):
+            assert refilled[key][field] == records[key][field], (key, field)
+    os.replace(ledger + ".bak", ledger)
+    fresh = str(tmp_path / "fresh")
+    out = _dry(fresh, "--only", "size", "--ledger", ledger)
+    assert "4 of 4 runs finished earlier: skipped" in out and " training\n" not in out
+    rows = {(r["model"], r["arm"]): r for r in _json(fresh, "results.json")["rows"]}
+    assert len(rows) == 4
+    for key in size:
+        part, model, steps, arm, seed = key.split("/")
+        assert rows[(model, arm)]["final_val_loss"] == [records[key]["final_val_loss"]]
+    # A record whose flags differ from the plan's is not this run: not finished, not reported.
+    changed = dict(records[size[0]])
+    i = changed["flags"].index("--lr")
+    changed["flags"] = [*changed["flags"][: i + 1], "0.5", *changed["flags"][i + 2 :]]
+    other = str(tmp_path / "other.jsonl")
+    with open(other, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in [*records.values(), changed])
+    out = _dry(fresh, "--only", "size", "--ledger", other, "--report")
+    assert f"ledger: {size[0]} was trained with other flags" in out
+    assert "--report: the 3 finished runs" in out
+    # A line that is not a record is an error naming the file and line.
+    with open(other, "a") as f:
+        f.write("{not json\n")
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "trend_study.py"), "--dry", "--work", fresh,
+         "--only", "size", "--ledger", other, "--report"], capture_output=True, text=True,
+        cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0 and f"{other}:{len(records) + 2}: not a ledger record" in (
+        result.stderr
+    )
