@@ -6,13 +6,17 @@ and compares the per-step record of (loss, data position) with an uninterrupted 
 redone after a resume must repeat the original exactly; "data lost" counts steps whose data
 position or loss differ from the uninterrupted run, or that are missing.
 
-    python bench/fault_injection.py [--runs 2] [--seed 0]
+    python bench/fault_injection.py [--runs 2] [--seed 0] [--jobs 2]
 
 Scenarios: SIGKILL at a random moment (mostly inside forward/backward), SIGKILL while a
 checkpoint is being written, the same two with ``--async-save`` (the kill lands while the
 background writers of the second checkpoint run: the first must stay the latest), SIGKILL
 just after the phase switch, SIGTERM (preemption: the run saves and exits 0 by itself), and a
 run whose tracker names a corrupted checkpoint.
+
+The uninterrupted run and the scenarios' runs are independent: ``--jobs`` of them run at once,
+each training process on one thread (every run, the reference included, so their losses are
+bit-comparable).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS, SWITCH = 16, 6
@@ -81,6 +86,7 @@ def _launch(run_dir: str, extra: list[str], env: dict | None = None) -> subproce
     stderr = open(os.path.join(run_dir, "stderr.log"), "a")  # noqa: SIM115 (owned by the child)
     # Each run is a world of its own: no rendezvous variables from whoever started us.
     base_env = {k: v for k, v in os.environ.items() if k not in _RENDEZVOUS_VARIABLES}
+    base_env["OMP_NUM_THREADS"] = "1"  # --jobs runs share the cores; the same for every run
     return subprocess.Popen(cmd, cwd=run_dir, env={**base_env, **(env or {})},
                             stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)  # fmt: skip
 
@@ -196,29 +202,43 @@ SCENARIOS = {
 }
 
 
-def run(runs: int, seed: int, only: list[str] | None = None) -> list[dict]:
-    rng = random.Random(seed)
+def _scenario_row(tmp: str, name: str, runs: int, seed: int) -> tuple[str, list]:
+    """One scenario's runs: (name, [(finished, problem, error, records) per run])."""
+    scenario = SCENARIOS[name]
+    rng = random.Random(f"{seed}:{name}")  # the same kill points whatever ran beside it
+    out = []
+    for r in range(runs):
+        run_dir = os.path.join(tmp, f"{scenario.__name__}_{r}")
+        os.makedirs(run_dir)
+        problem = scenario(run_dir, rng)
+        extra = ASYNC if scenario.__name__ in _ASYNC_SCENARIOS else []
+        finished, error = _resume_until_done(run_dir, extra=extra)
+        out.append((finished, problem, error, _records(os.path.join(run_dir, "metrics.jsonl"))))
+    return name, out
+
+
+def _reference(tmp: str) -> dict[int, tuple[float, int]]:
+    reference_dir = os.path.join(tmp, "reference")
+    os.makedirs(reference_dir)
+    proc = _launch(reference_dir, [])
+    err = _finish(proc, reference_dir)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the uninterrupted run failed: {err[-2000:]}")
+    return _records(os.path.join(reference_dir, "metrics.jsonl"))
+
+
+def run(runs: int, seed: int, only: list[str] | None = None, jobs: int = 2) -> list[dict]:
+    names = [name for name in SCENARIOS if not only or name in only]
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        reference_dir = os.path.join(tmp, "reference")
-        os.makedirs(reference_dir)
-        proc = _launch(reference_dir, [])
-        err = _finish(proc, reference_dir)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the uninterrupted run failed: {err[-2000:]}")
-        want = _records(os.path.join(reference_dir, "metrics.jsonl"))
-        for name, scenario in SCENARIOS.items():
-            if only and name not in only:
-                continue
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(max(1, jobs)) as pool:
+        reference = pool.submit(_reference, tmp)
+        scenarios = [pool.submit(_scenario_row, tmp, name, runs, seed) for name in names]
+        want = reference.result()
+        for future in scenarios:
+            name, results = future.result()
             recovered = lost = 0
             notes = []
-            for r in range(runs):
-                run_dir = os.path.join(tmp, f"{scenario.__name__}_{r}")
-                os.makedirs(run_dir)
-                problem = scenario(run_dir, rng)
-                extra = ASYNC if scenario.__name__ in _ASYNC_SCENARIOS else []
-                finished, error = _resume_until_done(run_dir, extra=extra)
-                got = _records(os.path.join(run_dir, "metrics.jsonl"))
+            for finished, problem, error, got in results:
                 lost_here = sum(got.get(step) != value for step, value in want.items() if step >= 0)
                 lost_here += int(got[-1][0])  # redone steps that disagreed with their first run
                 lost += lost_here
@@ -234,8 +254,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=2, help="runs per scenario")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     args = parser.parse_args(argv)
-    rows = run(args.runs, args.seed)
+    rows = run(args.runs, args.seed, jobs=args.jobs)
     print(f"{'scenario':<28} {'runs':>4} {'recovered':>9} {'data lost':>9}  notes")
     for row in rows:
         print(f"{row['scenario']:<28} {row['runs']:>4} {row['recovered']:>9} "

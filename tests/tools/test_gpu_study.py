@@ -1,7 +1,12 @@
 """bench/gpu_study.sh end to end in its CPU dry mode (``DRY_RUN=1``): the GPU study's every
 step at tiny sizes (corpus from installed packages' sources, tokenizer, preprocessing,
 gpu_check's dry run, calibration, baseline and TST arms at equal steps, the summary and the
-archive), plus ``--dry-run`` of the GPU-sized command lines (a ~110M model)."""
+archive), plus ``--dry-run`` of the GPU-sized command lines (a ~110M model).
+
+The study runs bench/gpu_check.sh in its dry mode (``DRY_RUN=1``: the script's own
+``pretrain_tst.py`` command lines with ``--dry-run``, the model built on the meta device, no
+GPU, no data, for the bf16 run and the FP8 one); its log in the archive is checked here too,
+so the check's command lines are tested without a second run of their own."""
 
 from __future__ import annotations
 
@@ -13,10 +18,14 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_gpu_study_dry_run_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("gpu_study")
     out = tmp_path / "study"
     env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, WORK=str(tmp_path / "work"))
     result = subprocess.run(
@@ -25,6 +34,11 @@ def test_gpu_study_dry_run_end_to_end(tmp_path):
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
+    return out, log
+
+
+def test_gpu_study_dry_run_end_to_end(study):
+    out, log = study
     assert sorted(os.listdir(out)) == ["results.tar.gz", "study.log", "summary.json", "summary.md"]
     assert "== done in" in (out / "study.log").read_text()
 
@@ -69,3 +83,20 @@ def test_gpu_study_dry_run_end_to_end(tmp_path):
     # The multi-stage arm's: bag 6 for 0.15 of 300 steps, then bag 3 for 0.15.
     assert re.search(r"0 superposition\s+0\.\.44\s+6", log)
     assert re.search(r"1 superposition\s+45\.\.89\s+3", log)
+
+
+def test_gpu_check_dry_run(study):
+    """bench/gpu_check.sh's dry run inside the study: the GPU command lines are accepted as
+    they stand (a ~350M model, bf16 and FP8, both phases), and a dry run writes nothing."""
+    out, _ = study
+    with tarfile.open(out / "results.tar.gz") as tar:
+        check = tar.extractfile("results/logs/gpu_check.log").read().decode()
+        written = [m.name for m in tar.getmembers()
+                   if m.name.startswith("results/gpu_check/") and m.isfile()]  # fmt: skip
+    assert "gpu_check failed" not in (out / "study.log").read_text(), check
+    assert "== bf16 (dry run)" in check and "== fp8 (dry run)" in check, check
+    total = float(re.search(r"total ([\d.]+)M", check).group(1))
+    assert 330 <= total <= 400, f"the check wants a ~350M model, got {total}M"
+    assert "superposition" in check and "recovery" in check
+    assert "bf16 + FP8 (hybrid" in check
+    assert written == [], f"a dry run writes nothing: {written}"
