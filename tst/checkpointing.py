@@ -13,6 +13,7 @@ carry global names, so a checkpoint loads under another TP / PP layout.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -66,14 +67,29 @@ def latest_iteration(root: str) -> int:
 
 
 def _save_failure(root: str, tmp: str, error: Exception) -> str:
-    """Why a save failed, in the user's terms: a full disk is named as such."""
+    """Why a save failed, in the user's terms, and the fix for that cause: a full disk is named
+    as such, a permission problem as such; anything else (a checkpoint writer process that
+    died, a broken pipe to it) is not a disk problem and is not advised as one."""
     free = shutil.disk_usage(root).free if os.path.isdir(root) else None
     cause = f"{type(error).__name__}: {error}"
-    if free is not None and free < 64 * 2**20 or "No space left" in cause:
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left" in cause
+    if full or free is not None and free < 64 * 2**20:
         cause = f"no space left on the device of {root} ({(free or 0) / 2**20:.0f} MiB free)"
+        fix = "free space or point --save elsewhere"
+    elif isinstance(error, PermissionError):
+        fix = f"make {root} writable for this user or point --save elsewhere"
+    elif isinstance(error, (BrokenPipeError, ConnectionError, EOFError)):
+        fix = (
+            "a checkpoint writer process ended early (was it sent a signal, or killed for "
+            "memory?); resume with --load and save again"
+        )
+    elif isinstance(error, OSError):
+        fix = f"check the file system of {root} (the error above) or point --save elsewhere"
+    else:
+        fix = "the error above is the writer's own; resume with --load and save again"
     return (
         f"saving a checkpoint into {root} failed ({cause}); the staging folder {tmp} was "
-        "removed and the previous checkpoint is intact: free space or point --save elsewhere"
+        f"removed and the previous checkpoint is intact: {fix}"
     )
 
 

@@ -150,6 +150,33 @@ def test_a_full_disk_during_a_save_is_named_and_cleaned_up(tmp_path, monkeypatch
                                         "run_manifest.json"]  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "error, cause, fix",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device",
+         "free space or point --save elsewhere"),
+        (PermissionError(errno.EACCES, "Permission denied"), "PermissionError",
+         "writable for this user"),
+        (BrokenPipeError(errno.EPIPE, "Broken pipe"), "BrokenPipeError",
+         "a checkpoint writer process ended early"),
+        (OSError(errno.EIO, "Input/output error"), "Input/output error",
+         "check the file system of"),
+        (RuntimeError("writer 3 failed"), "RuntimeError: writer 3 failed",
+         "the error above is the writer's own"),
+    ],
+)  # fmt: skip
+def test_a_failed_save_names_the_fix_for_its_cause(tmp_path, error, cause, fix):
+    """Only a full disk is told to free space; a dead writer or a permission problem gets
+    its own advice (the one message said "free space" for every cause)."""
+    from tst.checkpointing import _save_failure
+
+    message = _save_failure(str(tmp_path), str(tmp_path / "iter_0000004.tmp"), error)
+    assert cause in message and fix in message, message
+    assert "the previous checkpoint is intact" in message
+    if "no space" not in cause:
+        assert "free space" not in message, message
+
+
 def test_mfu_never_reads_above_one_hundred_percent():
     peak = PeakRate(None, "cpu")
     measured = peak.value
