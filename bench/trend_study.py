@@ -221,24 +221,29 @@ def eval_iters(prefix: str, seq: int, batch: int, split: str, bags: list[int]) -
     return units // batch
 
 
-def prepare_data(data_dir: str, python: str, docs: int | None, vocab: int) -> dict[str, str]:
+def prepare_data(
+    data_dir: str, python: str, docs: int | None, vocab: int, kinds=("sp", "bytes")
+) -> dict[str, str]:
     """The corpus as JSONL (the first ``docs`` addresses when given), a SentencePiece
-    tokenizer on it, and two .bin/.idx datasets (subword, bytes); each step skipped when done."""
+    tokenizer on it, and the .bin/.idx datasets of ``kinds`` (subword ``sp``, ``bytes``); each
+    step skipped when its file is there."""
     os.makedirs(data_dir, exist_ok=True)
     jsonl, tok = os.path.join(data_dir, "sotu.jsonl"), os.path.join(data_dir, "tokenizer")
     out = {"sp": os.path.join(data_dir, "sp_text_document"),
            "bytes": os.path.join(data_dir, "bytes_text_document"), "tokenizer": tok + ".model"}  # fmt: skip
     pre = ["tools/preprocess_data.py", "--input", jsonl, "--append-eod", "--workers", "2"]
-    steps = [
-        (jsonl, ["tools/get_corpus.py", "--output", jsonl]),
-        (tok + ".model", ["tools/train_tokenizer.py", "--input", jsonl, "--model-prefix", tok,
-                          "--vocab-size", str(vocab)]),
-        (out["sp"] + ".idx", [*pre, "--output-prefix", out["sp"][: -len("_text_document")],
-                              "--tokenizer-type", "SentencePieceTokenizer",
-                              "--tokenizer-model", tok + ".model"]),
-        (out["bytes"] + ".idx", [*pre, "--output-prefix", out["bytes"][: -len("_text_document")],
-                                 "--tokenizer-type", "ByteTokenizer"]),
-    ]  # fmt: skip
+    steps = [(jsonl, ["tools/get_corpus.py", "--output", jsonl])]
+    if "sp" in kinds:
+        steps += [
+            (tok + ".model", ["tools/train_tokenizer.py", "--input", jsonl, "--model-prefix", tok,
+                              "--vocab-size", str(vocab)]),
+            (out["sp"] + ".idx", [*pre, "--output-prefix", out["sp"][: -len("_text_document")],
+                                  "--tokenizer-type", "SentencePieceTokenizer",
+                                  "--tokenizer-model", tok + ".model"]),
+        ]  # fmt: skip
+    if "bytes" in kinds:
+        steps.append((out["bytes"] + ".idx", [*pre, "--output-prefix",
+                      out["bytes"][: -len("_text_document")], "--tokenizer-type", "ByteTokenizer"]))  # fmt: skip
     for target, step in steps:
         if os.path.exists(target):
             continue
@@ -577,6 +582,8 @@ def get_args(argv=None):
                    help="only these arms of the selected parts, e.g. baseline tst_multistage "
                         "(default all; a run folder's arm name)")  # fmt: skip
     p.add_argument("--work", help="run folder (default runs/trend, or runs/trend-dry)")
+    p.add_argument("--data-dir", help="corpus, tokenizer and datasets, made there when absent "
+                   "(default runs/trend-data, or WORK/data with --dry)")  # fmt: skip
     p.add_argument("--bytes-steps", type=int, nargs="+", help="default 1000 3000 10000")
     p.add_argument("--length-steps", type=int, nargs="+", help="default 3000 10000 20000")
     p.add_argument("--controls-steps", type=int, help="default 3000")
@@ -604,6 +611,8 @@ def get_args(argv=None):
             f"the arms are {sorted(known)}"
         )
     a.work = os.path.abspath(a.work or os.path.join(ROOT, "runs", "trend-dry" if dry else "trend"))
+    default_data = os.path.join(a.work, "data") if dry else os.path.join(ROOT, "runs", "trend-data")
+    a.data_dir = os.path.abspath(a.data_dir or default_data)
     default_ledger = (
         os.path.join(a.work, "ledger.jsonl")
         if dry
@@ -627,16 +636,14 @@ def _duration(seconds: float) -> str:
 
 def main(argv=None) -> int:
     a = get_args(argv)
-    signal.signal(signal.SIGTERM, rp._terminated)  # through train_all's clean-up
-    os.setpriority(os.PRIO_PROCESS, 0, max(10, os.getpriority(os.PRIO_PROCESS, 0)))
     started = time.time()
     os.makedirs(a.work, exist_ok=True)
-    data_dir = os.path.join(a.work, "data") if a.dry else os.path.join(ROOT, "runs", "trend-data")
-    data = prepare_data(data_dir, a.python, 40 if a.dry else None, 512 if a.dry else 4096)
     models = DRY_MODELS if a.dry else MODELS
     vocab = {"sp": 512 if a.dry else 4096, "bytes": 257}
     sizes = {name: params(m, vocab[m.data]) for name, m in models.items()}
     runs = plan_runs(a, models, sizes)
+    kinds = {models[r.model].data for r in runs}
+    data = prepare_data(a.data_dir, a.python, 40 if a.dry else None, vocab["sp"], kinds)
     evals = {}
     for kind in ("sp", "bytes"):
         mine = [r for r in runs if models[r.model].data == kind]
@@ -683,4 +690,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, rp._terminated)  # through train_all's clean-up
+    os.setpriority(os.PRIO_PROCESS, 0, max(10, os.getpriority(os.PRIO_PROCESS, 0)))
     sys.exit(main())

@@ -301,3 +301,42 @@ def test_per_rank_counts_match_a_real_build(layout, world4):
     stages = per_rank_parameters(meta_parameters(cfg, plan.padded_vocab_size), cfg, plan.grid)
     for pp_rank, count in world4.run(_real_rank_parameters, argv):
         assert count == stages[pp_rank]["dense"] + stages[pp_rank]["experts"], (pp_rank, stages)
+
+
+def test_quickstart_crossing_mode_trains_the_trend_studys_length_pair(tmp_path):
+    """``CROSSING=1``: after the quickstart's own runs (finished here: their ``done`` markers),
+    the trend study's 1M baseline and multi-stage arm at ``CROSSING_STEPS``, one seed, two at a
+    time, in the quickstart's folder, reusing its corpus, tokenizer and dataset."""
+    work = tmp_path / "work"
+    for name in ("sotu.jsonl", "tokenizer.model", "sotu_text_document.bin",
+                 "sotu_text_document.idx", "baseline/done", "tst/done"):  # fmt: skip
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(name)
+    log = tmp_path / "calls"
+    stub = tmp_path / "python-stub"  # records each call's arguments, one call a line
+    stub.write_text(f'#!/bin/sh\nprintf "%s\\037" "$@" >> {log}\nprintf "\\n" >> {log}\n')
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": str(stub),
+           "SKIP_INSTALL": "1", "WORK": str(work), "CROSSING": "1", "CROSSING_STEPS": "123"}  # fmt: skip
+    result = subprocess.run(["bash", str(EXAMPLES / "quickstart_cpu.sh")], env=env,
+                            capture_output=True, text=True, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    calls = [line.split("\037")[:-1] for line in log.read_text().splitlines()]
+    assert [c[0] for c in calls] == [
+        "tools/plot_runs.py",
+        "tools/compare_runs.py",
+        "bench/trend_study.py",
+    ]  # nothing retrained, nothing re-made
+    data = work / "trend-data"
+    assert calls[2][1:] == [
+        "--only", "length", "--length-steps", "123", "--arms", "baseline", "tst_multistage",
+        "--seeds", "1", "--jobs", "2", "--work", f"{work}/crossing", "--data-dir", str(data),
+        "--ledger", f"{work}/crossing/ledger.jsonl", "--plots-dir", f"{work}/crossing",
+    ]  # fmt: skip
+    # The study's own file names (bench/trend_study.prepare_data) lead to the quickstart's files.
+    for mine, theirs in [("sotu.jsonl", "sotu.jsonl"), ("tokenizer.model", "tokenizer.model"),
+                         ("sp_text_document.bin", "sotu_text_document.bin"),
+                         ("sp_text_document.idx", "sotu_text_document.idx")]:  # fmt: skip
+        assert (data / mine).resolve() == (work / theirs).resolve()
+    assert "CROSSING=1 bash examples/quickstart_cpu.sh" in result.stdout
+    assert "negative gap" in result.stdout
