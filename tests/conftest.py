@@ -43,15 +43,51 @@ def world4() -> ProcessWorld:
     return _world(4)
 
 
+# The longest test files, longest first (measured with --durations=0): with
+# ``--no-loadscope-reorder`` the workers take files in this order, so the last file to
+# finish is a short one and neither worker waits long on the other.
+LONGEST_FIRST = (
+    "tests/cluster/",
+    "tests/unit/test_reliability.py",
+    "tests/tools/test_trend_study.py",
+    "tests/distributed/test_trainer.py",
+    "tests/tools/test_gpu_study.py",
+    "tests/distributed/test_megatron_features.py",
+    "tests/distributed/test_mtp_routing_runs.py",
+    "tests/distributed/test_moe_routing.py",
+)
+
+
+def _rank(path: str) -> int:
+    return next((i for i, p in enumerate(LONGEST_FIRST) if path.startswith(p)), len(LONGEST_FIRST))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist's ``--dist=loadgroup`` (pyproject.toml), a test file goes to one
+    worker whole: its module fixtures (a dry study, a spawned world) are made once. The
+    cluster tests share one worker, for there is one Slurm cluster on this host."""
+    items.sort(key=lambda item: _rank(item.path.relative_to(config.rootpath).as_posix()))
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            path = item.path.relative_to(config.rootpath)
+            group = "cluster" if path.parts[:2] == ("tests", "cluster") else str(path)
+            item.add_marker(pytest.mark.xdist_group(group))
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """A test file's last test closes the worlds: idle ranks still spend CPU on gloo's
+    threads, and the next file's tests (often on the other worker) would wait behind them."""
+    if nextitem is None or getattr(nextitem, "module", None) is not getattr(item, "module", None):
+        for world in _WORLDS.values():
+            world.close()
+
+
 def pytest_sessionfinish(session, exitstatus):
     for world in _WORLDS.values():
         world.close()
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
