@@ -296,6 +296,12 @@ def test_a_forked_checkpoint_writer_ends_when_its_parent_is_killed():
     try:
         parent, writer = pids.get(timeout=30)
         assert psutil.Process(writer).ppid() == parent
+        # The kill comes once the writer watches its parent (its second thread): a writer
+        # killed before it ran a line (a busy machine) would take its new parent for its own.
+        deadline = time.time() + 30
+        while psutil.Process(writer).num_threads() < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        assert psutil.Process(writer).num_threads() >= 2, "the writer never started watching"
         os.kill(parent, signal.SIGKILL)
         alive = _still_running([psutil.Process(writer)], timeout_s=10)
         assert not alive, "the writer outlived its killed parent"
