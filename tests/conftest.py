@@ -43,7 +43,7 @@ def world4() -> ProcessWorld:
     return _world(4)
 
 
-# The longest test files, longest first (measured with --durations=0): with
+# The longest test files, longest first (measured with --durations=150): with
 # ``--no-loadscope-reorder`` the workers take files in this order, so the last file to
 # finish is a short one and neither worker waits long on the other.
 LONGEST_FIRST = (
@@ -67,10 +67,11 @@ def pytest_collection_modifyitems(config, items):
     """With pytest-xdist's ``--dist=loadgroup`` (pyproject.toml), a test file goes to one
     worker whole: its module fixtures (a dry study, a spawned world) are made once. The
     cluster tests share one worker, for there is one Slurm cluster on this host."""
-    items.sort(key=lambda item: _rank(item.path.relative_to(config.rootpath).as_posix()))
+    paths = {item: item.path.relative_to(config.rootpath) for item in items}
+    items.sort(key=lambda item: _rank(paths[item].as_posix()))
     for item in items:
         if item.get_closest_marker("xdist_group") is None:
-            path = item.path.relative_to(config.rootpath)
+            path = paths[item]
             group = "cluster" if path.parts[:2] == ("tests", "cluster") else str(path)
             item.add_marker(pytest.mark.xdist_group(group))
     if not torch.cuda.is_available():

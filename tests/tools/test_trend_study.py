@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -306,5 +307,6 @@ def test_ledger_carries_finished_runs_to_a_fresh_run_folder(dry, tmp_path):
     # A line that is not a record is an error naming the file and line.
     with open(other, "a") as f:
         f.write("{not json\n")
-    with pytest.raises(SystemExit, match=f"{other}:{len(records) + 2}: not a ledger record"):
+    message = re.escape(f"{other}:{len(records) + 2}: not a ledger record")
+    with pytest.raises(SystemExit, match=message):
         _dry(fresh, "--only", "size", "--ledger", other, "--report")
