@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import os
 import random
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +23,6 @@ from tst import cpu_compat, megatron_fixes
 
 __all__ = [
     "Layout",
-    "free_port",
     "initialize",
     "reset_parallel_state",
     "seed_everything",
@@ -86,13 +84,6 @@ def select_device(local_rank: int = 0) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-def free_port() -> int:
-    """A TCP port on the loopback interface that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _init_process_group(backend: str, device: torch.device, timeout_minutes: float) -> None:
     if dist.is_initialized():
         return
@@ -100,10 +91,10 @@ def _init_process_group(backend: str, device: torch.device, timeout_minutes: flo
     if device.type == "cuda":
         kwargs["device_id"] = device
     if "WORLD_SIZE" not in os.environ:
-        # A plain `python script.py` is a world of one (torchrun/Slurm set the variables).
-        # Its rendezvous address stays out of os.environ, so that processes this one starts
-        # do not inherit a port that is no longer ours.
-        kwargs.update(init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        # A plain `python script.py` is a world of one (torchrun/Slurm set the variables). Its
+        # store lives in this process: no port to race for with other runs on the host, and
+        # nothing for the processes this one starts to inherit.
+        kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
     dist.init_process_group(
         backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -62,17 +63,37 @@ def _sbin_path() -> str:
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports free on the loopback interface right now."""
-    sockets = []
+    """``count`` distinct TCP ports free on the loopback interface right now.
+
+    They are drawn below the kernel's ephemeral range (``ip_local_port_range``, 32768 and up
+    by default), which is where every outgoing connection and every ``bind(port 0)`` on the
+    host gets its port: a daemon or a launcher binding one of these later cannot find it
+    taken by a connection some other test opened in between.
+    """
+    low, high = 20000, _ephemeral_low()
+    rng = random.Random(os.getpid() ^ time.time_ns())
+    ports: list[int] = []
+    for _ in range(200 * count):
+        port = rng.randrange(low, high)
+        if port in ports:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"found only {len(ports)} of {count} free ports in [{low}, {high})")
+
+
+def _ephemeral_low() -> int:
     try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(int(f.read().split()[0]), 21000)
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 class SlurmCluster:

@@ -52,7 +52,10 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         from tst import cpu_compat
 
         cpu_compat.apply()
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # The parent holds the store's listening socket (see ProcessWorld): the port cannot
+        # have been taken by anything else on the host in between.
+        store = dist.TCPStore("127.0.0.1", port, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
         return
@@ -94,14 +97,19 @@ class ProcessWorld:
     """``world_size`` spawned gloo ranks that run test bodies on request."""
 
     def __init__(self, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S):
-        from tst.platform import free_port
+        import torch.distributed as dist
 
         self.world_size = world_size
         self.timeout_s = timeout_s
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
-        port = free_port()
+        # The rendezvous store is bound here, to a port the kernel picks and this process keeps:
+        # picking a free port and handing it to rank 0 to bind races with every other world
+        # and every outgoing connection on the host (EADDRINUSE, or a rank joining a stranger's
+        # store).
+        self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        port = self._store.port
         self._procs = [
             ctx.Process(
                 target=_worker,
@@ -162,3 +170,4 @@ class ProcessWorld:
             if proc.is_alive():
                 proc.kill()
                 proc.join(timeout=5)
+        self._store = None
