@@ -329,9 +329,9 @@ def use_persistent_writer_loop() -> None:
 def persistent_writer_loop(rank, queue, preload_q, comp_q, log_level=logging.INFO):
     """The persistent writer's process: megatron-core's loop, waiting on its queue for the
     next save, would outlive a trainer killed with SIGKILL (holding its GPU context), and so
-    would the writers it forks; both end with the trainer here. A SIGTERM sent to the whole
-    process group is left to the trainer, whose stop-save needs this process. Without CUDA,
-    the platform layer is applied in this process first."""
+    would the writers it forks; both end with the trainer here. A stop signal sent to the
+    whole process group (or a Slurm step) is left to the trainer, whose stop-save needs this
+    process. Without CUDA, the platform layer is applied in this process first."""
     from megatron.core.dist_checkpointing.strategies import async_utils
 
     from tst.processes import serve_the_trainer
@@ -354,8 +354,8 @@ _PERSISTENT_LOOP = staticmethod(persistent_writer_loop)
 
 def _write_results_queue():
     """megatron-core's result queue, served by a manager that ends with the trainer and
-    leaves a process-group SIGTERM to it (the stop-save that follows puts its results here;
-    a killed manager failed that save with BrokenPipeError)."""
+    leaves a stop signal sent to the whole process group to it (the stop-save that follows
+    puts its results here; a killed manager failed that save with BrokenPipeError)."""
     import multiprocessing
     from multiprocessing.managers import SyncManager
 

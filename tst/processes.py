@@ -7,10 +7,12 @@ wait forever, one more orphan per killed rank. :func:`exit_with_parent` ends suc
 once its parent is gone; nothing the helper holds is lost, since the trainer publishes
 checkpoints itself and a killed trainer publishes nothing.
 
-A SIGTERM sent to the whole process group (``scancel``, ``timeout``, ``kill -TERM -PGID``)
-reaches such helpers as well as the trainer. The trainer answers it by saving at the next
-step, and that save needs them: :func:`serve_the_trainer` makes a spawned helper leave the
-stop to its trainer (ignoring SIGTERM, as it ignores SIGINT) and end with it.
+A stop signal sent to the whole process group or to every process of a Slurm step (SIGTERM
+from ``scancel``, ``timeout`` or ``kill -TERM -PGID``; SIGUSR1 from Slurm's time-limit warning
+or ``scancel --signal=USR1``; SIGINT from Ctrl-C) reaches such helpers as well as the trainer.
+The trainer answers it by saving at the next step, and that save needs them:
+:func:`serve_the_trainer` makes a spawned helper leave the stop to its trainer (ignoring the
+signals the trainer handles) and end with it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import signal
 import threading
 import time
 
-__all__ = ["exit_with_parent", "serve_the_trainer"]
+__all__ = ["STOP_SIGNALS", "exit_with_parent", "serve_the_trainer"]
+
+# What the trainer answers with a save at the next step (tst.trainer): SIGUSR1's default action
+# ends a process, so a helper that kept it died under Slurm's time-limit warning mid-save.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 def exit_with_parent(parent: int, poll_s: float = 1.0, exit_code: int = 1) -> None:
@@ -36,8 +42,10 @@ def exit_with_parent(parent: int, poll_s: float = 1.0, exit_code: int = 1) -> No
 
 
 def serve_the_trainer(parent: int) -> None:
-    """The first call of a spawned helper the trainer's saves depend on: SIGTERM is ignored
-    (the trainer decides when to stop, and stops it) and the helper ends with ``parent``.
-    Module-level, so that a spawned process can run it as its initializer."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """The first call of a spawned helper the trainer's saves depend on: the stop signals
+    (:data:`STOP_SIGNALS`) are ignored (the trainer decides when to stop, and stops it) and
+    the helper ends with ``parent``. Module-level, so that a spawned process can run it as its
+    initializer. Processes the helper forks inherit the ignored signals."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     exit_with_parent(parent)

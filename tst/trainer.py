@@ -50,6 +50,7 @@ from tst.optim import build_scheduler, ddp_config, optimizer_config
 from tst.phases import RECOVERY, SUPERPOSITION, Phase
 from tst.plan import RunPlan
 from tst.platform import Layout
+from tst.processes import STOP_SIGNALS
 from tst.train_stats import RoutingMonitor, StepStats
 
 __all__ = ["NonFiniteLossError", "Trainer"]
@@ -683,7 +684,7 @@ class Trainer:
                       "exit at once)", file=sys.stderr, flush=True)  # fmt: skip
             self._stop_signal = signum
 
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        for sig in STOP_SIGNALS:  # the helpers the saves use ignore these (tst.processes)
             signal.signal(sig, handler)
 
     def _local_stop_votes(self) -> tuple[float, float]:

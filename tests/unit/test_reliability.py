@@ -193,13 +193,52 @@ def test_checkpoint_helpers_end_with_a_killed_trainer(tmp_path):
         proc.stderr.close()
 
 
-@pytest.mark.parametrize("extra", [[], ["--async-save", "--use-persistent-ckpt-worker"]],
-                         ids=["sync", "async-persistent"])  # fmt: skip
-def test_sigterm_to_the_process_group_saves_at_the_stop(tmp_path, extra):
-    """``scancel``, ``timeout`` and ``kill -TERM -PGID`` signal the whole process group: the
-    helpers the trainer's saves use (the manager serving the writers' result queue, the
-    persistent writer) get the SIGTERM too. The trainer still saves at the next step and
-    exits 0, and that checkpoint is complete and the latest."""
+def _helper_waits(ready, go) -> None:
+    from tst.processes import serve_the_trainer
+
+    serve_the_trainer(os.getppid())
+    ready.set()
+    go.wait(60)
+
+
+def test_a_helper_leaves_every_stop_signal_to_the_trainer():
+    """SIGTERM, SIGUSR1 (Slurm's time-limit warning, ``scancel --signal=USR1``: every process
+    of the step gets it) and SIGINT reach the helpers too; each must outlive all three."""
+    import multiprocessing
+    import signal
+
+    from tst.processes import STOP_SIGNALS
+
+    assert set(STOP_SIGNALS) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+    ctx = multiprocessing.get_context("spawn")
+    ready, go = ctx.Event(), ctx.Event()
+    helper = ctx.Process(target=_helper_waits, args=(ready, go))
+    helper.start()
+    try:
+        assert ready.wait(60)
+        for sig in STOP_SIGNALS:
+            os.kill(helper.pid, sig)
+        helper.join(1.0)
+        assert helper.is_alive(), f"the helper died of a stop signal (exit {helper.exitcode})"
+        go.set()
+        helper.join(30)
+        assert helper.exitcode == 0
+    finally:
+        if helper.is_alive():
+            helper.kill()
+
+
+@pytest.mark.parametrize(
+    ("extra", "sig"),
+    [([], "SIGUSR1"), (["--async-save", "--use-persistent-ckpt-worker"], "SIGTERM")],
+    ids=["sync-usr1", "async-persistent-term"],
+)
+def test_a_stop_signal_to_the_process_group_saves_at_the_stop(tmp_path, extra, sig):
+    """``scancel``, ``timeout`` and ``kill -TERM -PGID`` signal the whole process group, and
+    Slurm's time-limit warning (SIGUSR1) every process of the step: the helpers the trainer's
+    saves use (the manager serving the writers' result queue, the persistent writer) get the
+    signal too. The trainer still saves at the next step and exits 0, and that checkpoint is
+    complete and the latest."""
     import signal
     import subprocess
     import time
@@ -220,7 +259,7 @@ def test_sigterm_to_the_process_group_saves_at_the_stop(tmp_path, extra):
         while time.time() < end and proc.poll() is None and not (ckpt / "iter_0000004").is_dir():
             time.sleep(0.1)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, getattr(signal, sig))
         out, err = proc.communicate(timeout=180)
     finally:
         if proc.poll() is None:
