@@ -3,7 +3,9 @@
 megatron-core is written for GPUs and calls CUDA in a few dozen places that matter even
 when no kernel does: tensors placed with ``device="cuda"`` or ``.cuda()``, pinned host
 buffers, streams and events, the CUDA RNG state behind the tensor-parallel RNG tracker,
-and ``param.type() == "torch.cuda.FloatTensor"`` checks in the optimizer.
+and ``param.type() == "torch.cuda.FloatTensor"`` checks in the optimizer. Its
+``torch.compile``'d fusions run as plain Python here (inductor's C++ compile costs more than a
+small CPU run's training).
 
 :func:`apply` patches exactly those, and only when CUDA is absent; on a GPU machine it
 does nothing. The patches are narrow on purpose: a process-wide ``TorchFunctionMode``
@@ -239,11 +241,54 @@ def apply() -> bool:
     logging.getLogger(tp_random.__name__).setLevel(logging.ERROR)
 
     patch_without_transformer_engine()
+    _run_compiled_fusions_eagerly()
     _patch_moe_split_sizes_to_numpy()
     _patch_uneven_first_dim_collectives()
     _patch_pipeline_p2p_tags()
     setattr(torch, _APPLIED_FLAG, True)
     return True
+
+
+def _compiled_original(value: Any) -> Any:
+    """The plain function behind a ``torch.compile``-wrapped one (None for anything else)."""
+    if isinstance(value, (staticmethod, classmethod)):
+        inner = _compiled_original(value.__func__)
+        return None if inner is None else type(value)(inner)
+    if not isinstance(value, types.FunctionType):  # not a stand-in for a missing package
+        return None
+    original = getattr(value, "_torchdynamo_orig_callable", None)
+    return original if isinstance(original, types.FunctionType) else None
+
+
+def _run_compiled_fusions_eagerly() -> None:
+    """megatron-core wraps its small fusions (the router's expert-bias update, the grouped
+    experts' GLU, the bias + activation and bias + dropout fusions, ...) in
+    ``megatron.core.jit.jit_fuser``, which is ``torch.compile``. Without CUDA, inductor writes
+    and compiles C++ for each of them at its first call in every process and again for new
+    shapes: seconds to a minute of g++ apiece, more than a small CPU run spends training, and
+    no speed-up at these sizes. Here they run as the Python functions they wrap (the same
+    ops, unfused); modules imported later get the no-op decorator. ``torch.compile`` outside
+    megatron-core is untouched."""
+    import sys
+
+    from megatron.core import jit
+
+    jit.disable_jit_fuser()
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "megatron.core" or name.startswith("megatron.core.")):
+            continue
+        namespace = vars(module)
+        if namespace.get("jit_fuser") is torch.compile:
+            module.jit_fuser = jit.noop_decorator  # closures decorated at construction time
+        for attr, value in list(namespace.items()):
+            original = _compiled_original(value)
+            if original is not None:
+                setattr(module, attr, original)
+            elif isinstance(value, type) and value.__module__ == name:
+                for key, member in list(vars(value).items()):
+                    original = _compiled_original(member)
+                    if original is not None:
+                        setattr(value, key, original)
 
 
 def prepare_persistent_writer() -> None:
