@@ -14,8 +14,13 @@ Library map (each module one job):
 - ``tst.dry_run``, ``tst.export``   meta-device sizing; Hugging Face export
 - ``tst.platform``    device, backend, megatron-core parallel state, seeds
 - ``tst.cpu_compat``  the patches megatron-core needs where CUDA is absent
+- ``tst.megatron_import``  megatron-core's first import, its fusions not compiled on CPU
 
 The pure TST math (``tst.losses``, ``tst.data.batch``) imports only torch.
 """
 
 __version__ = "0.1.0"
+
+from tst import megatron_import as _megatron_import  # noqa: E402
+
+_megatron_import.install()

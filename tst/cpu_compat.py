@@ -268,7 +268,8 @@ def _run_compiled_fusions_eagerly() -> None:
     shapes: seconds to a minute of g++ apiece, more than a small CPU run spends training, and
     no speed-up at these sizes. Here they run as the Python functions they wrap (the same
     ops, unfused); modules imported later get the no-op decorator. ``torch.compile`` outside
-    megatron-core is untouched."""
+    megatron-core is untouched. (After ``import tst``, megatron-core's first import already
+    leaves them uncompiled: ``tst.megatron_import``; this covers an earlier import.)"""
     import sys
 
     from megatron.core import jit
