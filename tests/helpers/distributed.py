@@ -1,8 +1,7 @@
 """Run test bodies in N gloo processes.
 
-Starting a process costs ~7 s of CPU here (importing torch and megatron-core), so the ranks
-are forked from a forkserver that imported those once (``world_preload``), and a
-:class:`ProcessWorld` starts its ranks once and then runs any number of test bodies in them: ``world.run(fn,
+Starting a process costs ~6 s here (importing megatron-core), so a :class:`ProcessWorld`
+spawns its ranks once and then runs any number of test bodies in them: ``world.run(fn,
 *args)`` calls ``fn(*args)`` on every rank and returns the per-rank results. A failure on
 any rank raises :class:`RankFailure` carrying that rank's traceback; a body that does not
 finish within the timeout (a hang in a collective, say) kills the world and raises
@@ -94,23 +93,15 @@ def _reset_parallel_state() -> None:
     reset_parallel_state()
 
 
-def _context():
-    """The forkserver context, its server preloading ``world_preload`` (once per process:
-    the preload list is read when the server starts, at the first world)."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["world_preload"])
-    return ctx
-
-
 class ProcessWorld:
-    """``world_size`` gloo ranks (forked from the forkserver) that run test bodies on request."""
+    """``world_size`` spawned gloo ranks that run test bodies on request."""
 
     def __init__(self, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S):
         import torch.distributed as dist
 
         self.world_size = world_size
         self.timeout_s = timeout_s
-        ctx = _context()
+        ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         # The rendezvous store is bound here, to a port the kernel picks and this process keeps:
