@@ -33,12 +33,12 @@ RUN_FLAGS = [
 # PATH without this interpreter's folder (where `torchrun` lives): PYTHON alone must pick it.
 BARE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-# Test-only behaviour of every launch (site/sitecustomize.py): the ranks pause this long
-# after each step, so that runs waiting on Slurm's events leave the cores to the other tests.
-SITE = str(Path(__file__).resolve().parent / "site")
-STEP_PAUSE = "0.3"
-# Torchruns that do not serve the rendezvous store leave their exit barrier last and 2 s slow.
-SLOW_LEAVERS = {"TST_SLOW_LEAVERS": "2"}
+# Torchruns that do not serve the rendezvous store leave their exit barrier last and 2 s
+# slow (slow_leavers/sitecustomize.py).
+SLOW_LEAVERS = {
+    "PYTHONPATH": str(Path(__file__).resolve().parent / "slow_leavers"),
+    "TST_SLOW_LEAVERS": "2",
+}
 
 
 def build_corpus(work: Path) -> dict[str, str]:
@@ -75,7 +75,5 @@ def launch_env(corpus: dict[str, str], run_dir: Path, iters: int, **extra: str) 
         "GPUS_PER_NODE": "2",
         "PYTHON": sys.executable,
         "PATH": BARE_PATH,
-        "PYTHONPATH": SITE,
-        "TST_STEP_PAUSE": STEP_PAUSE,
         **extra,
     }
