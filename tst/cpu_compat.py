@@ -274,6 +274,8 @@ def _run_compiled_fusions_eagerly() -> None:
 
     from megatron.core import jit
 
+    if jit.jit_fuser is not torch.compile:
+        return  # imported after ``import tst``: nothing was compiled (tst.megatron_import)
     jit.disable_jit_fuser()
     for name, module in list(sys.modules.items()):
         if module is None or not (name == "megatron.core" or name.startswith("megatron.core.")):

@@ -3,9 +3,9 @@
 megatron-core decorates a few dozen small fusions with ``megatron.core.jit.jit_fuser``, which
 is ``torch.compile``; decorating imports TorchDynamo and asks for the compiler's settings,
 about 3.4 s of every process's start-up on two CPU cores (a quarter of a small CPU run), and
-calling them had inductor write and compile C++ in every process and for every shape. Without
-CUDA the fusions are not used as fusions anyway (``tst.megatron_config`` turns them off), so
-while megatron-core's package executes, ``torch.compile`` is a decorator that returns the
+calling them had inductor write and compile C++ in every process and for every shape, with
+no speed-up at CPU sizes (``tst.megatron_config`` turns the optional fusions off there). So
+without CUDA, while megatron-core's package executes, ``torch.compile`` is a decorator that returns the
 function unchanged; ``jit_fuser`` keeps that stand-in, and ``torch.compile`` is itself again
 once the import is over. With CUDA nothing changes.
 

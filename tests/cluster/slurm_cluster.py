@@ -71,7 +71,7 @@ def free_ports(count: int) -> list[int]:
     taken by a connection some other test opened in between.
     """
     low, high = 20000, _ephemeral_low()
-    rng = random.Random(os.getpid() ^ time.time_ns())
+    rng = random.Random()  # seeded from os.urandom: test workers draw independently
     ports: list[int] = []
     for _ in range(200 * count):
         port = rng.randrange(low, high)
