@@ -16,6 +16,7 @@ import warnings
 from tst.config import Config, parse_args
 from tst.data.blends import data_blends
 from tst.errors import TSTError, exit_code
+from tst.megatron_import import settled_imports
 from tst.plan import check_launchable, validate
 
 
@@ -66,10 +67,11 @@ def _no_test_split(error: TSTError) -> None:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module="megatron")
     cfg = parse_args(argv)
-    from tst import te_userbuffers
-    from tst.dry_run import dry_run, dry_run_vocab_size
-    from tst.platform import initialize, shutdown
-    from tst.trainer import Trainer
+    with settled_imports():  # torch, megatron-core: the collector paused, then kept off them
+        from tst import te_userbuffers
+        from tst.dry_run import dry_run, dry_run_vocab_size
+        from tst.platform import initialize, shutdown
+        from tst.trainer import Trainer
 
     if cfg.run.dry_run:  # reads no data or tokenizer files
         return dry_run(cfg, dry_run_vocab_size(cfg))

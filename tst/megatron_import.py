@@ -7,7 +7,16 @@ calling them had inductor write and compile C++ in every process and for every s
 no speed-up at CPU sizes (``tst.megatron_config`` turns the optional fusions off there). So
 without CUDA, while megatron-core's package executes, ``torch.compile`` is a decorator that returns the
 function unchanged; ``jit_fuser`` keeps that stand-in, and ``torch.compile`` is itself again
-once the import is over. With CUDA nothing changes.
+once the import is over. Also without CUDA, ``wandb`` (about 1.2 s to import) is deferred:
+megatron-core's modules import it at import time for inference and timer logging this trainer
+does not use, so it executes on first use (``--wandb-project``), as the real module. With
+CUDA neither changes.
+
+:func:`settled_imports` pauses the cyclic garbage collector over a block of heavy imports and
+then moves what they built (torch's and megatron-core's module graph, about two million
+objects) out of its reach with :func:`gc.freeze`: otherwise the collector walks that graph
+again and again while it is built and once more at exit, about 2.5 s of every process's
+start-up and exit on two CPU cores. The hook below runs megatron-core's import under it.
 
 :func:`install` (``import tst`` calls it) arms this for the first ``import megatron.core``
 in the process, importing nothing itself. Where megatron-core was imported before ``tst``,
@@ -16,11 +25,14 @@ in the process, importing nothing itself. Where megatron-core was imported befor
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib.abc
 import importlib.util
 import sys
+import types
 
-__all__ = ["install"]
+__all__ = ["install", "settled_imports"]
 
 _PACKAGE = "megatron.core"
 
@@ -29,6 +41,66 @@ def _unchanged(model=None, **kwargs):
     """``torch.compile``'s signature, compiling nothing: ``@jit_fuser`` and ``jit_fuser(fn)``
     return ``fn``; ``torch.compile(mode=...)`` returns a decorator that does."""
     return model if model is not None else (lambda fn: fn)
+
+
+@contextlib.contextmanager
+def settled_imports():
+    """Run a block of imports with the cyclic collector paused, then freeze what exists.
+
+    Imports create almost no cyclic garbage; the pause saves the collections their millions
+    of allocations trigger, and the freeze keeps later collections (and the one at exit) off
+    the module graph, which lives as long as the process anyway. Nests; the collector is
+    enabled afterwards only where it was before."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
+class _DeferredModule(types.ModuleType):
+    """A module whose code runs on the first access to a name it does not have yet."""
+
+    def __getattr__(self, name):
+        loader = self.__loader__
+        self.__class__ = types.ModuleType  # first: the code below reads and sets names
+        self.__path__ = self.__spec__.submodule_search_locations
+        loader.exec_module(self)
+        return getattr(self, name)
+
+
+class _DeferredLoader(importlib.abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__spec__.loader = module.__loader__ = self.loader
+        # Without ``__path__`` importing a submodule (``import wandb.sdk``) reads it through
+        # ``__getattr__`` and so runs the package first, in its order.
+        module.__dict__.pop("__path__", None)
+        module.__class__ = _DeferredModule
+
+
+class _DeferredWandb(importlib.abc.MetaPathFinder):
+    """``import wandb`` binds a module whose code runs on its first use, in that object: the
+    modules that imported it early see the real module then. (``importlib.util.LazyLoader``
+    runs it at the second ``import`` statement already, where Python 3.11 reads
+    ``__spec__``.)"""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "wandb":
+            return None
+        sys.meta_path.remove(self)  # once: the real finders locate the package
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _DeferredLoader(spec.loader)
+        return spec
 
 
 class _FirstImport(importlib.abc.MetaPathFinder):
@@ -42,16 +114,19 @@ class _FirstImport(importlib.abc.MetaPathFinder):
         exec_module = spec.loader.exec_module
 
         def exec_without_compiling(module):
-            import torch
+            with settled_imports():
+                import torch
 
-            if torch.cuda.is_available():
-                return exec_module(module)
-            compile_ = torch.compile
-            torch.compile = _unchanged
-            try:
-                return exec_module(module)
-            finally:
-                torch.compile = compile_
+                if torch.cuda.is_available():
+                    return exec_module(module)
+                if "wandb" not in sys.modules:
+                    sys.meta_path.insert(0, _DeferredWandb())
+                compile_ = torch.compile
+                torch.compile = _unchanged
+                try:
+                    return exec_module(module)
+                finally:
+                    torch.compile = compile_
 
         spec.loader.exec_module = exec_without_compiling
         return spec

@@ -1,5 +1,6 @@
 """tst/megatron_import.py: without CUDA, megatron-core's first import after ``import tst``
-leaves its fusions as the plain functions (no TorchDynamo import, no compile), and
+leaves its fusions as the plain functions (no TorchDynamo import, no compile), defers
+``wandb`` to its first use, and freezes the module graph out of the garbage collector;
 ``torch.compile`` itself is untouched afterwards. A fresh interpreter: this test process
 imported megatron-core long ago."""
 
@@ -13,11 +14,17 @@ import pytest
 import torch
 
 PROBE = r"""
-import json, sys
+import gc, json, sys
 import tst
 import torch
 compile_before = torch.compile
 import tst.trainer  # megatron-core, its models and fusions
+from megatron.core import timers
+wandb_early = sys.modules.get("wandb")
+wandb_deferred = type(wandb_early).__name__ == "_DeferredModule" and "wandb.sdk" not in sys.modules
+frozen, collector_on = gc.get_freeze_count(), gc.isenabled()
+import wandb.sdk  # a submodule first: the package runs first, in the same object
+wandb_real = type(wandb_early).__name__ == "module" and callable(wandb_early.init)
 from megatron.core import jit
 from megatron.core.fusions import fused_bias_swiglu
 from megatron.core.transformer.moe.router import TopKRouter
@@ -37,6 +44,9 @@ print(json.dumps({
     "jit_fuser_is_compile": jit.jit_fuser is torch.compile,
     "plain": [plain(fused_bias_swiglu.swiglu), plain(TopKRouter._apply_expert_bias)],
     "user_compile_still_compiles": hasattr(twice, "_torchdynamo_orig_callable"),
+    "wandb": [wandb_deferred, wandb_real, timers.wandb is sys.modules["wandb"] is wandb_early],
+    "frozen": frozen,
+    "collector_on": collector_on,
 }))
 """
 
@@ -49,3 +59,7 @@ def test_first_megatron_import_compiles_nothing_on_cpu():
     assert got["compile_restored"] and not got["jit_fuser_is_compile"]
     assert got["plain"] == [True, True]
     assert got["user_compile_still_compiles"]  # torch.compile outside megatron-core as ever
+    # wandb runs on first use, in the object megatron-core's modules already hold
+    assert got["wandb"] == [True, True, True]
+    # the module graph is out of the collector's reach, and the collector back on
+    assert got["frozen"] > 100_000 and got["collector_on"]
