@@ -58,6 +58,18 @@ LONGEST_FIRST = (
 )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config):
+    """``--numprocesses=auto``: one worker per core, plus one. The cluster tests (one worker,
+    one after another) spend much of their time waiting on Slurm's clocks (its time-limit
+    check every 30 s, KillWait, a one-minute distributed timeout); the extra worker keeps the
+    cores busy meanwhile. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides, as in pytest-xdist."""
+    given = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if given:
+        return int(given)
+    return len(os.sched_getaffinity(0)) + 1
+
+
 def _rank(path: str) -> int:
     return next((i for i, p in enumerate(LONGEST_FIRST) if path.startswith(p)), len(LONGEST_FIRST))
 
