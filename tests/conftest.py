@@ -58,7 +58,7 @@ LONGEST_FIRST = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # a plugin's hook: -p no:xdist runs too
 def pytest_xdist_auto_num_workers(config):
     """``--numprocesses=auto``: one worker per core, plus one. The cluster tests (one worker,
     one after another) spend much of their time waiting on Slurm's clocks (its time-limit

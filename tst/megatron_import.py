@@ -45,18 +45,24 @@ def _unchanged(model=None, **kwargs):
 
 @contextlib.contextmanager
 def settled_imports():
-    """Run a block of imports with the cyclic collector paused, then freeze what exists.
+    """Run a block of imports with the cyclic collector paused, then freeze what they built.
 
     Imports create almost no cyclic garbage; the pause saves the collections their millions
     of allocations trigger, and the freeze keeps later collections (and the one at exit) off
-    the module graph, which lives as long as the process anyway. Nests; the collector is
+    the module graph, which lives as long as the process anyway. Only a block that imported
+    something freezes, and only after a collection before it: a frozen object is never
+    collected, so garbage frozen with the imports (a finished run's model and its process
+    groups, in a process that trains again) would never be freed. Nests; the collector is
     enabled afterwards only where it was before."""
     enabled = gc.isenabled()
+    modules = len(sys.modules)
+    gc.collect()
     gc.disable()
     try:
         yield
     finally:
-        gc.freeze()
+        if len(sys.modules) > modules:
+            gc.freeze()
         if enabled:
             gc.enable()
 

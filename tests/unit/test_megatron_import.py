@@ -6,9 +6,11 @@ imported megatron-core long ago."""
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -63,3 +65,40 @@ def test_first_megatron_import_compiles_nothing_on_cpu():
     assert got["wandb"] == [True, True, True]
     # the module graph is out of the collector's reach, and the collector back on
     assert got["frozen"] > 100_000 and got["collector_on"]
+
+
+class _Node:
+    pass
+
+
+def _cyclic_garbage() -> weakref.ref:
+    node = _Node()
+    node.self = node
+    return weakref.ref(node)
+
+
+def test_settled_imports_freezes_new_imports_and_never_earlier_garbage(tmp_path, monkeypatch):
+    """A frozen object is never collected: a finished run's garbage (its model, its process
+    groups and their threads) frozen by the next run's import block leaked in test worlds."""
+    from tst.megatron_import import settled_imports
+
+    assert gc.isenabled()
+    frozen = gc.get_freeze_count()
+    try:
+        garbage = _cyclic_garbage()
+        with settled_imports():
+            assert not gc.isenabled()  # paused inside
+        assert garbage() is None  # collected first
+        assert gc.get_freeze_count() == frozen  # nothing imported: nothing frozen
+        assert gc.isenabled()
+
+        (tmp_path / "settled_probe.py").write_text("VALUE = [1, 2, 3]\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        garbage = _cyclic_garbage()
+        with settled_imports():
+            import settled_probe  # noqa: F401
+        assert garbage() is None
+        assert gc.get_freeze_count() > frozen and gc.isenabled()
+    finally:
+        gc.unfreeze()  # this worker's collector as it was
+        sys.modules.pop("settled_probe", None)
