@@ -236,7 +236,9 @@ def check_wandb(project: str | None) -> None:
     if not project:
         return
     try:
-        import wandb  # noqa: F401
+        import wandb
+
+        wandb.__version__  # noqa: B018 (runs the package where its import was deferred: tst.megatron_import)
     except ImportError:
         raise InputError(
             f"--wandb-project {project} needs the wandb package: pip install wandb=={_WANDB} "
