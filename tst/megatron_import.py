@@ -13,8 +13,8 @@ does not use, so it executes on first use (``--wandb-project``), as the real mod
 CUDA neither changes.
 
 :func:`settled_imports` pauses the cyclic garbage collector over a block of heavy imports and
-then moves what they built (torch's and megatron-core's module graph, about two million
-objects) out of its reach with :func:`gc.freeze`: otherwise the collector walks that graph
+then moves what they built (torch's and megatron-core's module graph, about 380,000
+objects in a test rank) out of its reach with :func:`gc.freeze`: otherwise the collector walks that graph
 again and again while it is built and once more at exit, about 2.5 s of every process's
 start-up and exit on two CPU cores. The hook below runs megatron-core's import under it.
 
@@ -35,6 +35,7 @@ import types
 __all__ = ["install", "settled_imports"]
 
 _PACKAGE = "megatron.core"
+_settling = False  # inside a settled_imports block
 
 
 def _unchanged(model=None, **kwargs):
@@ -52,15 +53,23 @@ def settled_imports():
     the module graph, which lives as long as the process anyway. Only a block that imported
     something freezes, and only after a collection before it: a frozen object is never
     collected, so garbage frozen with the imports (a finished run's model and its process
-    groups, in a process that trains again) would never be freed. Nests; the collector is
-    enabled afterwards only where it was before."""
+    groups, in a process that trains again) would never be freed. A block inside another
+    (megatron-core's first import inside ``pretrain_tst.main``'s) leaves all of it to the
+    outer one, which would only repeat the collection; the collector is enabled afterwards
+    only where it was before."""
+    global _settling
+    if _settling:
+        yield
+        return
     enabled = gc.isenabled()
     modules = len(sys.modules)
     gc.collect()
     gc.disable()
+    _settling = True
     try:
         yield
     finally:
+        _settling = False
         if len(sys.modules) > modules:
             gc.freeze()
         if enabled:
