@@ -372,12 +372,16 @@ def _write_results_queue():
 
 def _ending_with_parent(write):
     import functools
+    import multiprocessing
 
     from tst.processes import exit_with_parent
 
     @functools.wraps(write)  # keeps the signature megatron-core inspects
     def write_in_child(*args, **kwargs):
-        exit_with_parent(os.getppid())
+        # The parent's pid as the parent recorded it before the fork: os.getppid() here
+        # would name the reaper that adopted this process had the parent died first.
+        parent = multiprocessing.parent_process()
+        exit_with_parent(parent.pid if parent is not None else os.getppid())
         return write(*args, **kwargs)
 
     write_in_child._tst_ends_with_parent = True

@@ -335,8 +335,8 @@ def test_a_forked_checkpoint_writer_ends_when_its_parent_is_killed():
     try:
         parent, writer = pids.get(timeout=30)
         assert psutil.Process(writer).ppid() == parent
-        # The kill comes once the writer watches its parent (its second thread): a writer
-        # killed before it ran a line (a busy machine) would take its new parent for its own.
+        # The kill comes once the writer watches its parent (its second thread); a parent
+        # killed before that is the next test's case.
         deadline = time.time() + 30
         while psutil.Process(writer).num_threads() < 2 and time.time() < deadline:
             time.sleep(0.05)
@@ -347,6 +347,48 @@ def test_a_forked_checkpoint_writer_ends_when_its_parent_is_killed():
     finally:
         middle.kill()
         middle.join()
+
+
+def _once_orphaned(write, seconds):
+    """A writer that starts its work only after its parent died (a busy machine that runs the
+    forked child's first line late)."""
+    import multiprocessing
+    import time
+
+    parent = multiprocessing.parent_process().pid
+    while os.getppid() == parent:
+        time.sleep(0.05)
+    write(seconds)
+
+
+def test_a_forked_checkpoint_writer_whose_parent_died_before_it_ran_ends():
+    """The race of the test above: a writer whose parent is killed before the writer's first
+    line must not take the reaper that adopted it for its parent (it would wait forever)."""
+    import functools
+    import multiprocessing
+    import signal
+    import time
+
+    import psutil
+
+    from tst.checkpointing import _ending_with_parent
+
+    ctx = multiprocessing.get_context("fork")
+    pids = ctx.Queue()
+    write = functools.partial(_once_orphaned, _ending_with_parent(time.sleep))
+    middle = ctx.Process(target=_stuck_writer, args=(pids, write))
+    middle.start()
+    parent, writer = pids.get(timeout=30)
+    writer = psutil.Process(writer)
+    try:
+        os.kill(parent, signal.SIGKILL)
+        alive = _still_running([writer], timeout_s=10)
+        assert not alive, "the writer took its adoptive parent for its own and lived on"
+    finally:
+        middle.kill()
+        middle.join()
+        for proc in _still_running([writer], timeout_s=0):
+            proc.kill()
 
 
 def test_async_save_writes_in_the_background_and_publishes_when_complete(tmp_path, capsys):
