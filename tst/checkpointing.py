@@ -334,13 +334,13 @@ def persistent_writer_loop(rank, queue, preload_q, comp_q, log_level=logging.INF
     process. Without CUDA, the platform layer is applied in this process first."""
     from megatron.core.dist_checkpointing.strategies import async_utils
 
-    from tst.processes import serve_the_trainer
+    from tst.processes import parent_pid, serve_the_trainer
 
     loop = async_utils.PersistentAsyncCaller.async_loop  # megatron-core's: a fresh process
     if loop is persistent_writer_loop:
         raise RuntimeError("persistent_writer_loop: megatron-core's writer loop was replaced "
                            "in the writer's own process; it must run megatron-core's")  # fmt: skip
-    serve_the_trainer(os.getppid())
+    serve_the_trainer(parent_pid())  # the trainer, even if it died while this one started
     end_helpers_with_the_trainer()
     if not torch.cuda.is_available():
         from tst import cpu_compat
@@ -372,16 +372,12 @@ def _write_results_queue():
 
 def _ending_with_parent(write):
     import functools
-    import multiprocessing
 
-    from tst.processes import exit_with_parent
+    from tst.processes import exit_with_parent, parent_pid
 
     @functools.wraps(write)  # keeps the signature megatron-core inspects
     def write_in_child(*args, **kwargs):
-        # The parent's pid as the parent recorded it before the fork: os.getppid() here
-        # would name the reaper that adopted this process had the parent died first.
-        parent = multiprocessing.parent_process()
-        exit_with_parent(parent.pid if parent is not None else os.getppid())
+        exit_with_parent(parent_pid())  # recorded before the fork: never the reaper's
         return write(*args, **kwargs)
 
     write_in_child._tst_ends_with_parent = True

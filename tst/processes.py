@@ -22,11 +22,23 @@ import signal
 import threading
 import time
 
-__all__ = ["STOP_SIGNALS", "exit_with_parent", "serve_the_trainer"]
+__all__ = ["STOP_SIGNALS", "exit_with_parent", "parent_pid", "serve_the_trainer"]
 
 # What the trainer answers with a save at the next step (tst.trainer): SIGUSR1's default action
 # ends a process, so a helper that kept it died under Slurm's time-limit warning mid-save.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def parent_pid() -> int:
+    """The pid of the process that started this one, as that process recorded it before the
+    fork or spawn (``multiprocessing.parent_process()``). ``os.getppid()`` in the child names
+    the reaper that adopted it if the parent died before the child's first line (a spawned
+    child spends seconds importing first), and a helper watching the reaper never ends. Outside
+    a multiprocessing child, ``os.getppid()``."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return parent.pid if parent is not None else os.getppid()
 
 
 def exit_with_parent(parent: int, poll_s: float = 1.0, exit_code: int = 1) -> None:
