@@ -176,7 +176,9 @@ def test_checkpoint_helpers_end_with_a_killed_trainer(tmp_path):
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
         started = psutil.Process(proc.pid).children(recursive=True)
         spawned = []
-        for child in started:
+        # The trainer's own children: the persistent writer's forked writers (in flight while
+        # a save is written) carry its spawn_main command line too, one level down.
+        for child in psutil.Process(proc.pid).children():
             with contextlib.suppress(psutil.NoSuchProcess):
                 if "spawn_main" in " ".join(child.cmdline()):
                     spawned.append(child)
