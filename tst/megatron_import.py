@@ -13,10 +13,10 @@ does not use, so it executes on first use (``--wandb-project``), as the real mod
 CUDA neither changes.
 
 :func:`settled_imports` pauses the cyclic garbage collector over a block of heavy imports and
-then moves what they built (torch's and megatron-core's module graph, about 380,000
-objects in a test rank) out of its reach with :func:`gc.freeze`: otherwise the collector walks that graph
-again and again while it is built and once more at exit, about 2.5 s of every process's
-start-up and exit on two CPU cores. The hook below runs megatron-core's import under it.
+then moves what they built (torch's and megatron-core's module graph, about 380,000 objects
+in a test rank) out of its reach with :func:`gc.freeze`: otherwise the collector walks that
+graph again and again while it is built and once more at exit, about 2.5 s of every
+process's start-up and exit on two CPU cores. The hook below runs megatron-core's import under it.
 
 :func:`install` (``import tst`` calls it) arms this for the first ``import megatron.core``
 in the process, importing nothing itself. Where megatron-core was imported before ``tst``,
