@@ -3,7 +3,7 @@
 # a small GPT at equal steps (equal FLOPs) -> held-out next-token loss, a plot and a summary.
 #
 #   bash examples/quickstart_cpu.sh            # about 10 minutes on 2 cores
-#   CROSSING=1 bash examples/quickstart_cpu.sh # then where TST overtakes: about 20 more minutes
+#   CROSSING=1 bash examples/quickstart_cpu.sh # then where TST overtakes: about 30 more minutes
 #
 # Re-running reuses the corpus, tokenizer, dataset and finished runs under $WORK. CROSSING=1
 # adds the shortest measured regime where TST is ahead on CPU (docs/RESULTS.md, 'Gap vs
@@ -79,7 +79,7 @@ echo "What you saw: both runs trained one 3.3M-parameter GPT for $ITERS steps; T
   "steps (docs/RESULTS.md: 0.26-0.39 nats at 1,000 steps). The gap shrinks with training" \
   "length: a 1M-parameter model with the multi-stage schedule --tst-schedule 4:0.1,2:0.2,1 is" \
   "ahead by 0.016 nats at 10,000 steps and 0.012 at 20,000 (2 seeds each; docs/RESULTS.md, 'Gap" \
-  "vs training length'); CROSSING=1 bash examples/quickstart_cpu.sh trains it here (about 20" \
+  "vs training length'); CROSSING=1 bash examples/quickstart_cpu.sh trains it here (about 30" \
   "more minutes). TST is expected to pay most at ~100M+" \
   "parameters, where the bag target is learnable: bench/gpu_study.sh runs that regime on one GPU."
 
