@@ -265,6 +265,11 @@ def save_interval(a, run: Run) -> int | None:
     return a.save_interval or (None if a.dry else max(1, run.iters // 5))
 
 
+def decay_iters(run: Run) -> int:
+    """The WSD schedule's decay: a run's last 10% of steps."""
+    return max(1, run.iters // 10)
+
+
 def run_argv(a, run: Run, model: Model, data: dict, evals: dict[str, int]) -> list[str]:
     out = run.dir(a.work)
     tokenizer = (["--tokenizer-type", "ByteTokenizer"] if model.data == "bytes" else
@@ -278,7 +283,7 @@ def run_argv(a, run: Run, model: Model, data: dict, evals: dict[str, int]) -> li
         "--lr-wsd-decay-style", "linear", "--adam-beta2", "0.95", "--weight-decay", "0.1",
         "--clip-grad", "1.0", "--train-iters", str(run.iters), "--seed", str(run.seed),
         "--lr-warmup-iters", str(max(1, round(0.05 * run.steps))),
-        "--lr-wsd-decay-iters", str(max(1, run.iters // 10)),
+        "--lr-wsd-decay-iters", str(decay_iters(run)),
         "--log-interval", str(max(1, run.iters // 20)),
         "--eval-interval", str(max(1, run.iters // a.evals)), "--eval-iters", str(evals[model.data]),
         "--metrics-file", os.path.join(out, "metrics.jsonl"),
@@ -434,17 +439,34 @@ def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int
 # ---------------------------------------------------------------- analysis
 
 
-def final_loss(a, run: Run, flags: list[str] | None = None) -> float:
-    """The run's held-out loss at its end: from the ledger when it holds the run with these
-    flags, else from the run folder's metrics."""
+def val_curve(a, run: Run, flags: list[str] | None = None) -> list[tuple[int, float]]:
+    """The run's held-out losses, (iteration, loss), the last at its end: from the ledger when
+    it holds the run with these flags, else from the run folder's metrics."""
     record = ledger_record(a, run, flags) if flags is not None else None
     if record is not None:
-        return record["final_val_loss"]
+        return [(int(i), float(v)) for i, v in record["val_loss"]]
     r = read_metrics(os.path.join(run.dir(a.work), "metrics.jsonl"), run.arm.name)
     if r.evals[-1]["iteration"] != run.iters:
         raise SystemExit(f"{run.dir(a.work)}: last evaluation at {r.evals[-1]['iteration']}, "
                          f"not at its end ({run.iters}): stopped early; rerun to resume it")  # fmt: skip
-    return r.evals[-1]["val_loss"]
+    return [(e["iteration"], e["val_loss"]) for e in r.evals]
+
+
+def final_loss(a, run: Run, flags: list[str] | None = None) -> float:
+    return val_curve(a, run, flags)[-1][1]
+
+
+def pre_decay_gap(arm: list[tuple[int, float]], base: list[tuple[int, float]], start: int):
+    """(iteration, arm's loss minus the baseline's) at the last evaluation both runs made at or
+    before ``start``, the LR decay's first step; None without one. The decay of the last 10%
+    moves every arm's loss by more than the gaps it is compared with (docs/RESULTS.md, bytes),
+    so the plateau's gap is the steadier reading."""
+    base_at = dict(base)
+    common = [i for i, _ in arm if i <= start and i in base_at]
+    if not common:
+        return None
+    it = max(common)
+    return it, dict(arm)[it] - base_at[it]
 
 
 def _spread(xs: list[float]) -> float | None:
@@ -459,15 +481,18 @@ def analyse(
     groups: dict[tuple, dict[str, dict]] = {}
     for run in runs:
         arms = groups.setdefault((run.part, run.model, run.steps), {})
-        row = arms.setdefault(run.arm.name, {"arm": run.arm, "loss": {}})
-        row["loss"][run.seed] = final_loss(a, run, flags[run])
+        row = arms.setdefault(run.arm.name, {"arm": run.arm, "curve": {}, "decay_start": {}})
+        row["curve"][run.seed] = val_curve(a, run, flags[run])
+        row["decay_start"][run.seed] = run.iters - decay_iters(run)
     rows = []
     for (part, model, steps), arms in groups.items():
-        base = arms["baseline"]["loss"] if "baseline" in arms else {}
-        points = [(round(v["arm"].length * steps), statistics.fmean(v["loss"].values()))
+        base = arms["baseline"]["curve"] if "baseline" in arms else {}
+        points = [(round(v["arm"].length * steps),
+                   statistics.fmean(c[-1][1] for c in v["curve"].values()))
                   for v in arms.values() if v["arm"].baseline]  # fmt: skip
         for name, v in arms.items():
-            arm, losses = v["arm"], v["loss"]
+            arm, curves = v["arm"], v["curve"]
+            losses = {s: c[-1][1] for s, c in curves.items()}
             iters = round(arm.length * steps)
             row = {"part": part, "model": model, "params": sizes[model], "steps": steps,
                    "iterations": iters, "tokens_per_param": iters * a.batch * models[model].seq
@@ -475,9 +500,16 @@ def analyse(
                    "seeds": sorted(losses), "final_val_loss": [losses[s] for s in sorted(losses)],
                    "final_val_loss_mean": statistics.fmean(losses.values()),
                    "final_val_loss_std": _spread(list(losses.values()))}  # fmt: skip
-            gaps = [losses[s] - base[s] for s in sorted(losses) if s in base]
+            paired = [s for s in sorted(losses) if s in base]
+            gaps = [losses[s] - base[s][-1][1] for s in paired]
             if not arm.baseline and gaps:  # none where the group's baseline has not run
                 row.update(gap=gaps, gap_mean=statistics.fmean(gaps), gap_std=_spread(gaps))
+                pre = [pre_decay_gap(curves[s], base[s], v["decay_start"][s]) for s in paired]
+                if all(p is not None for p in pre):
+                    pre_gaps = [g for _, g in pre]
+                    row.update(pre_decay_iteration=max(i for i, _ in pre), pre_decay_gap=pre_gaps,
+                               pre_decay_gap_mean=statistics.fmean(pre_gaps),
+                               pre_decay_gap_std=_spread(pre_gaps))  # fmt: skip
                 if len(points) >= 2:
                     iso = rp.iso_loss(points, row["final_val_loss_mean"])
                     row.update(iso_loss_steps=iso["iterations"],
@@ -501,20 +533,28 @@ def summary_markdown(rows: list[dict]) -> str:
             continue
         lines += [f"### {part}", "", "| model | params | steps | arm | iterations | tokens/param | "
                   "seeds | final held-out loss | gap to baseline (equal steps) | "
-                  "iso-loss baseline steps (speed-up) |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "gap before the LR decay (step) | iso-loss baseline steps (speed-up) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in mine:
             iso = "-"
             if r.get("iso_loss_steps"):
                 mark = ", extrap." if r["iso_extrapolated"] else ""
                 iso = f"{r['iso_loss_steps']:.0f} ({r['speedup']:.2f}x{mark})"
+            pre = "-"
+            if "pre_decay_gap_mean" in r:
+                pre = (f"{_fmt(r['pre_decay_gap_mean'], r['pre_decay_gap_std'], '+')} "
+                       f"({r['pre_decay_iteration']})")  # fmt: skip
             lines.append(
                 f"| {r['model']} | {r['params']:,} | {r['steps']} | {r['arm']} | "
                 f"{r['iterations']} | {r['tokens_per_param']:.2f} | {len(r['seeds'])} | "
                 f"{_fmt(r['final_val_loss_mean'], r['final_val_loss_std'])} | "
-                f"{_fmt(r.get('gap_mean'), r.get('gap_std'), '+')} | {iso} |"
+                f"{_fmt(r.get('gap_mean'), r.get('gap_std'), '+')} | {pre} | {iso} |"
             )
         lines.append("")
-    return "\n".join(lines) + "\nmean ± standard deviation over seeds; the gap is paired by seed.\n"
+    return "\n".join(lines) + (
+        "\nmean ± standard deviation over seeds; the gaps are paired by seed. The gap before "
+        "the LR decay is at the last evaluation before the WSD schedule's final 10%.\n"
+    )
 
 
 def _save(fig, path: str) -> str:

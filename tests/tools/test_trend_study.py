@@ -103,6 +103,13 @@ def _last_val_loss(path):
     return [r for r in records if "val_loss" in r][-1]
 
 
+def _val_losses(arm_dir):
+    """Seed 1's held-out losses by iteration, read plainly from its metrics file."""
+    with open(os.path.join(arm_dir, "seed1", "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {r["iteration"]: r["val_loss"] for r in records if "val_loss" in r}
+
+
 def test_dry_run_outputs(dry):
     work, out = dry
     for part in ts.PARTS:
@@ -128,6 +135,12 @@ def test_dry_run_outputs(dry):
         base = next(r for r in rows if r["arm"] == "baseline" and r["part"] == row["part"]
                     and r["model"] == row["model"] and r["steps"] == row["steps"])  # fmt: skip
         assert row["gap_mean"] == pytest.approx(last["val_loss"] - base["final_val_loss"][0])
+        # The gap on the plateau: the last evaluation both made before the decay's 10%.
+        start = row["iterations"] - max(1, row["iterations"] // 10)
+        mine, theirs = _val_losses(run), _val_losses(os.path.dirname(run) + "/baseline")
+        step = max(i for i in mine if i <= start and i in theirs)
+        assert step < row["iterations"] and row["pre_decay_iteration"] == step
+        assert row["pre_decay_gap"] == [pytest.approx(mine[step] - theirs[step], abs=1e-12)]
         assert ("iso_loss_steps" in row) == (row["part"] == "length")
     # Every arm of a data kind is scored on the same evaluation batches.
     # The dry run trains 2 runs at once, the cores shared out between them.
@@ -165,6 +178,7 @@ def test_dry_run_outputs(dry):
         assert f"### {part}" in table
         for arm in arms:
             assert f"| {arm} |" in table
+    assert "| gap before the LR decay (step) |" in table
     assert sorted(os.path.basename(p) for p in report["plots"]) == [
         "trend_bytes.png", "trend_controls.png", "trend_length.png", "trend_size.png"]  # fmt: skip
     for path in report["plots"]:
