@@ -459,8 +459,9 @@ def final_loss(a, run: Run, flags: list[str] | None = None) -> float:
 def pre_decay_gap(arm: list[tuple[int, float]], base: list[tuple[int, float]], start: int):
     """(iteration, arm's loss minus the baseline's) at the last evaluation both runs made at or
     before ``start``, the LR decay's first step; None without one. The decay of the last 10%
-    moves every arm's loss by more than the gaps it is compared with (docs/RESULTS.md, bytes),
-    so the plateau's gap is the steadier reading."""
+    moves every arm's loss by more than the gaps it is compared with, and not by the same
+    amount (docs/RESULTS.md: on bytes it makes most of the final gap's spread; the multi-stage
+    lead at 10k-20k subword steps appears in it), so both gaps are reported."""
     base_at = dict(base)
     common = [i for i, _ in arm if i <= start and i in base_at]
     if not common:
