@@ -265,9 +265,9 @@ def save_interval(a, run: Run) -> int | None:
     return a.save_interval or (None if a.dry else max(1, run.iters // 5))
 
 
-def decay_iters(run: Run) -> int:
-    """The WSD schedule's decay: a run's last 10% of steps."""
-    return max(1, run.iters // 10)
+def decay_iters(iters: int) -> int:
+    """The WSD schedule's decay: the last 10% of a run's ``iters`` steps."""
+    return max(1, iters // 10)
 
 
 def run_argv(a, run: Run, model: Model, data: dict, evals: dict[str, int]) -> list[str]:
@@ -283,7 +283,7 @@ def run_argv(a, run: Run, model: Model, data: dict, evals: dict[str, int]) -> li
         "--lr-wsd-decay-style", "linear", "--adam-beta2", "0.95", "--weight-decay", "0.1",
         "--clip-grad", "1.0", "--train-iters", str(run.iters), "--seed", str(run.seed),
         "--lr-warmup-iters", str(max(1, round(0.05 * run.steps))),
-        "--lr-wsd-decay-iters", str(decay_iters(run)),
+        "--lr-wsd-decay-iters", str(decay_iters(run.iters)),
         "--log-interval", str(max(1, run.iters // 20)),
         "--eval-interval", str(max(1, run.iters // a.evals)), "--eval-iters", str(evals[model.data]),
         "--metrics-file", os.path.join(out, "metrics.jsonl"),
@@ -462,12 +462,12 @@ def pre_decay_gap(arm: list[tuple[int, float]], base: list[tuple[int, float]], s
     moves every arm's loss by more than the gaps it is compared with, and not by the same
     amount (docs/RESULTS.md: on bytes it makes most of the final gap's spread; the multi-stage
     lead at 10k-20k subword steps appears in it), so both gaps are reported."""
-    base_at = dict(base)
-    common = [i for i, _ in arm if i <= start and i in base_at]
+    arm_at, base_at = dict(arm), dict(base)
+    common = [i for i in arm_at if i <= start and i in base_at]
     if not common:
         return None
     it = max(common)
-    return it, dict(arm)[it] - base_at[it]
+    return it, arm_at[it] - base_at[it]
 
 
 def _spread(xs: list[float]) -> float | None:
@@ -482,9 +482,8 @@ def analyse(
     groups: dict[tuple, dict[str, dict]] = {}
     for run in runs:
         arms = groups.setdefault((run.part, run.model, run.steps), {})
-        row = arms.setdefault(run.arm.name, {"arm": run.arm, "curve": {}, "decay_start": {}})
+        row = arms.setdefault(run.arm.name, {"arm": run.arm, "curve": {}})
         row["curve"][run.seed] = val_curve(a, run, flags[run])
-        row["decay_start"][run.seed] = run.iters - decay_iters(run)
     rows = []
     for (part, model, steps), arms in groups.items():
         base = arms["baseline"]["curve"] if "baseline" in arms else {}
@@ -505,7 +504,8 @@ def analyse(
             gaps = [losses[s] - base[s][-1][1] for s in paired]
             if not arm.baseline and gaps:  # none where the group's baseline has not run
                 row.update(gap=gaps, gap_mean=statistics.fmean(gaps), gap_std=_spread(gaps))
-                pre = [pre_decay_gap(curves[s], base[s], v["decay_start"][s]) for s in paired]
+                start = iters - decay_iters(iters)
+                pre = [pre_decay_gap(curves[s], base[s], start) for s in paired]
                 if all(p is not None for p in pre):
                     pre_gaps = [g for _, g in pre]
                     row.update(pre_decay_iteration=max(i for i, _ in pre), pre_decay_gap=pre_gaps,

@@ -16,7 +16,8 @@ CUDA neither changes.
 then moves what they built (torch's and megatron-core's module graph, about 380,000 objects
 in a test rank) out of its reach with :func:`gc.freeze`: otherwise the collector walks that
 graph again and again while it is built and once more at exit, about 2.5 s of every
-process's start-up and exit on two CPU cores. The hook below runs megatron-core's import under it.
+process's start-up and exit on two CPU cores. The hook below runs megatron-core's import
+under it.
 
 :func:`install` (``import tst`` calls it) arms this for the first ``import megatron.core``
 in the process, importing nothing itself. Where megatron-core was imported before ``tst``,
