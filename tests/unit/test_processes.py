@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 
 
 def _report_parents(queue) -> None:
     from tst.processes import parent_pid
 
+    # Its parent exits right after starting it, but on a loaded machine this interpreter can
+    # start first: wait (up to 60 s) for the reaper to adopt it, so the report is made after.
+    deadline = time.monotonic() + 60
+    while os.getppid() == parent_pid() and time.monotonic() < deadline:
+        time.sleep(0.01)
     queue.put((parent_pid(), os.getppid()))
 
 
