@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -303,10 +304,10 @@ def test_per_rank_counts_match_a_real_build(layout, world4):
         assert count == stages[pp_rank]["dense"] + stages[pp_rank]["experts"], (pp_rank, stages)
 
 
-def test_quickstart_crossing_mode_trains_the_trend_studys_length_pair(tmp_path):
+def test_quickstart_crossing_mode_trains_the_trend_studys_bytes_pair(tmp_path):
     """``CROSSING=1``: after the quickstart's own runs (finished here: their ``done`` markers),
-    the trend study's 1M baseline and multi-stage arm at ``CROSSING_STEPS``, one seed, two at a
-    time, in the quickstart's folder, reusing its corpus, tokenizer and dataset."""
+    the trend study's byte-level baseline and bag-2 r 0.3 arm at ``CROSSING_STEPS``, one seed,
+    two at a time, in the quickstart's folder, reusing its corpus."""
     work = tmp_path / "work"
     for name in ("sotu.jsonl", "tokenizer.model", "sotu_text_document.bin",
                  "sotu_text_document.idx", "baseline/done", "tst/done"):  # fmt: skip
@@ -329,14 +330,22 @@ def test_quickstart_crossing_mode_trains_the_trend_studys_length_pair(tmp_path):
     ]  # nothing retrained, nothing re-made
     data = work / "trend-data"
     assert calls[2][1:] == [
-        "--only", "length", "--length-steps", "123", "--arms", "baseline", "tst_multistage",
+        "--only", "bytes", "--bytes-steps", "123", "--arms", "baseline", "tst_b2_r0.3",
         "--seeds", "1", "--jobs", "2", "--work", f"{work}/crossing", "--data-dir", str(data),
         "--ledger", f"{work}/crossing/ledger.jsonl", "--plots-dir", f"{work}/crossing",
     ]  # fmt: skip
-    # The study's own file names (bench/trend_study.prepare_data) lead to the quickstart's files.
-    for mine, theirs in [("sotu.jsonl", "sotu.jsonl"), ("tokenizer.model", "tokenizer.model"),
-                         ("sp_text_document.bin", "sotu_text_document.bin"),
-                         ("sp_text_document.idx", "sotu_text_document.idx")]:  # fmt: skip
-        assert (data / mine).resolve() == (work / theirs).resolve()
+    # The study's own corpus name (bench/trend_study.prepare_data) leads to the quickstart's.
+    assert (data / "sotu.jsonl").resolve() == (work / "sotu.jsonl").resolve()
+    # The study itself accepts these flags and plans exactly the pair, one seed.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import trend_study
+
+    study = trend_study.get_args(calls[2][1:])
+    runs = trend_study.plan_runs(study, trend_study.MODELS, {})
+    assert [(r.model, r.steps, r.arm.name, r.seed) for r in runs] == [
+        ("bytes1.9m", 123, "baseline", 1),
+        ("bytes1.9m", 123, "tst_b2_r0.3", 1),
+    ]
+    assert trend_study.MODELS["bytes1.9m"].data == "bytes"
     assert "CROSSING=1 bash examples/quickstart_cpu.sh" in result.stdout
     assert "negative gap" in result.stdout
