@@ -30,7 +30,8 @@ survive picks up where the last one stopped. Held-out loss is next-token loss on
 the whole validation split, the same tokens for every arm of a data kind. The gap is the arm's
 final loss minus the baseline's at equal steps, paired by seed; iso-loss steps interpolate the
 baselines at 1x / 1.5x / 2x in log-steps. Writes ``WORK/results.json``, ``WORK/summary.md`` and
-``trend_{bytes,length,size}.png`` (gap vs steps, gap vs parameters).
+``trend_{bytes,length,size}.png`` (gap vs steps, gap vs parameters; at the end and before the
+LR decay).
 """
 
 from __future__ import annotations
@@ -568,8 +569,8 @@ def _save(fig, path: str) -> str:
 
 
 def plot(rows: list[dict], plots_dir: str) -> list[str]:
-    """Gap to the baseline at equal steps against steps (bytes, length) or parameters (size);
-    the switch controls' gaps as bars."""
+    """Gap to the baseline at equal steps against steps (bytes, length) or parameters (size),
+    at the end and before the LR decay; the switch controls' final gaps as bars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -583,17 +584,24 @@ def plot(rows: list[dict], plots_dir: str) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(6.4, 4.2))
         for arm in dict.fromkeys(r["arm"] for r in mine):
-            pts = sorted(
-                (r[x], r["gap_mean"], r["gap_std"] or 0.0) for r in mine if r["arm"] == arm
-            )
-            xs, ys, es = zip(*pts, strict=True)
-            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=arm)
+            own = sorted((r for r in mine if r["arm"] == arm), key=lambda r: r[x])
+            final = ax.errorbar([r[x] for r in own], [r["gap_mean"] for r in own],
+                                yerr=[r["gap_std"] or 0.0 for r in own], marker="o", capsize=3,
+                                label=arm)  # fmt: skip
+            pre = [r for r in own if "pre_decay_gap_mean" in r]
+            if pre:  # the same arm before the decay: hollow markers, dashed, the same colour
+                ax.errorbar([r[x] for r in pre], [r["pre_decay_gap_mean"] for r in pre],
+                            yerr=[r["pre_decay_gap_std"] or 0.0 for r in pre], marker="o",
+                            markerfacecolor="none", linestyle="--", capsize=3,
+                            color=final.lines[0].get_color(),
+                            label=f"{arm}, before the LR decay")  # fmt: skip
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("final held-out loss minus baseline's (nats)")
-        ax.set_title(f"TST's gap to the baseline at equal steps ({part})")
-        ax.legend(fontsize=8)
+        ax.set_ylabel("held-out loss minus the baseline's (nats)")
+        ax.set_title(f"TST's gap to the baseline at equal steps ({part})\n"
+                     "filled: at the end; hollow: before the LR decay", fontsize=10)  # fmt: skip
+        ax.legend(fontsize=7)
         written.append(_save(fig, os.path.join(plots_dir, f"trend_{part}.png")))
     controls = [r for r in rows if r["part"] == "controls" and "gap_mean" in r]
     if controls:  # one model and length: a bar per arm

@@ -324,3 +324,50 @@ def test_ledger_carries_finished_runs_to_a_fresh_run_folder(dry, tmp_path):
     message = re.escape(f"{other}:{len(records) + 2}: not a ledger record")
     with pytest.raises(SystemExit, match=message):
         _dry(fresh, "--only", "size", "--ledger", other, "--report")
+
+
+def test_plot_draws_the_final_and_the_pre_decay_gap_of_each_arm(tmp_path, monkeypatch):
+    """Each arm of a steps plot: its final gap (filled markers) and, where its rows have one,
+    its gap before the LR decay (hollow, dashed, the same colour), at the rows' steps with
+    their seed spreads as error bars; the size plot the same against parameters."""
+    figures = {}
+
+    def keep(fig, path):  # the figure itself, not its PNG
+        figures[os.path.basename(path)] = fig
+        return path
+
+    monkeypatch.setattr(ts, "_save", keep)
+
+    def row(part, arm, steps, gap, std, pre=None):
+        r = {"part": part, "arm": arm, "steps": steps, "params": 1000 * steps,
+             "gap_mean": gap, "gap_std": std}  # fmt: skip
+        if pre is not None:
+            r.update(pre_decay_gap_mean=pre[0], pre_decay_gap_std=pre[1])
+        return r
+
+    rows = [
+        row("bytes", "tst_b2_r0.3", 3000, -0.032, 0.009, (-0.025, 0.013)),
+        row("bytes", "tst_b2_r0.3", 1000, 0.012, 0.035, (0.023, 0.008)),
+        row("bytes", "tst_b3_r0.3", 1000, 0.045, None),  # one seed, no pre-decay figure
+        {"part": "bytes", "arm": "baseline", "steps": 1000, "params": 1},  # no gap: not drawn
+    ]
+    written = ts.plot(rows, str(tmp_path))
+    assert written == [str(tmp_path / "trend_bytes.png")]
+    ax = figures["trend_bytes.png"].axes[0]
+    series = {c.get_label(): c for c in ax.containers}
+    assert set(series) == {"tst_b2_r0.3", "tst_b2_r0.3, before the LR decay", "tst_b3_r0.3"}
+
+    def points(label):
+        line, _, bars = series[label].lines
+        ys = list(line.get_ydata())
+        spans = [seg[1][1] - seg[0][1] for seg in bars[0].get_segments()]
+        return list(line.get_xdata()), ys, [s / 2 for s in spans], line
+
+    xs, ys, errs, final = points("tst_b2_r0.3")  # sorted by steps
+    assert xs == [1000, 3000] and ys == [0.012, -0.032] and errs == pytest.approx([0.035, 0.009])
+    xs, ys, errs, pre = points("tst_b2_r0.3, before the LR decay")
+    assert xs == [1000, 3000] and ys == [0.023, -0.025] and errs == pytest.approx([0.008, 0.013])
+    assert pre.get_color() == final.get_color() and pre.get_markerfacecolor() == "none"
+    assert pre.get_linestyle() == "--" and final.get_linestyle() == "-"
+    xs, ys, errs, _ = points("tst_b3_r0.3")
+    assert xs == [1000] and ys == [0.045] and errs == [0.0]
