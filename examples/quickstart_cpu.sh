@@ -3,7 +3,7 @@
 # a small GPT at equal steps (equal FLOPs) -> held-out next-token loss, a plot and a summary.
 #
 #   bash examples/quickstart_cpu.sh            # about 10 minutes on 2 cores
-#   CROSSING=1 bash examples/quickstart_cpu.sh # then where TST overtakes: about 40 more minutes
+#   CROSSING=1 bash examples/quickstart_cpu.sh # then where TST overtakes: about 30 more minutes
 #
 # Re-running reuses the corpus, tokenizer, dataset and finished runs under $WORK. CROSSING=1
 # adds the shortest measured regime where TST is ahead on CPU (docs/RESULTS.md, 'Bytes at
@@ -80,7 +80,7 @@ echo "What you saw: both runs trained one 3.3M-parameter GPT for $ITERS steps; T
   "steps (docs/RESULTS.md: 0.26-0.39 nats at 1,000 steps). On UTF-8 bytes, with bags of 2" \
   "bytes (r 0.3), the same model shape is ahead of its baseline at 3,000 steps by 0.032 ±" \
   "0.009 nats per byte (3 seeds, ahead in each; docs/RESULTS.md, 'Bytes at 1,000 and 3,000" \
-  "steps'); CROSSING=1 bash examples/quickstart_cpu.sh trains that pair here (about 40 more" \
+  "steps'); CROSSING=1 bash examples/quickstart_cpu.sh trains that pair here (about 30 more" \
   "minutes). TST is expected to pay most at ~100M+ parameters, where the bag target is" \
   "learnable: bench/gpu_study.sh runs that regime on one GPU."
 
