@@ -99,7 +99,7 @@ if [[ "$CROSSING" == 1 ]]; then
   echo "What you saw: the quickstart's model shape trained on UTF-8 bytes (1.9M parameters," \
     "128 bytes of context): TST with bags of 2 bytes for the first 30% of the steps, then" \
     "next-byte training, ends ahead of the baseline at equal steps (a negative gap in the" \
-    "table above, in nats per byte). Measured here at 3,000 steps: -0.021, -0.036 and -0.037" \
-    "(seeds 1-3), and already ahead at step 2,700, before the learning rate decays. At 1,000" \
+    "table above, in nats per byte). The trend study measured at 3,000 steps: -0.021, -0.036 and" \
+    "-0.037 (seeds 1-3), already ahead at step 2,700, before the learning rate decays. At 1,000" \
     "steps the same pair ties at best (+0.012 ± 0.035)."
 fi
