@@ -328,8 +328,8 @@ def test_ledger_carries_finished_runs_to_a_fresh_run_folder(dry, tmp_path):
 
 def test_plot_draws_the_final_and_the_pre_decay_gap_of_each_arm(tmp_path, monkeypatch):
     """Each arm of a steps plot: its final gap (filled markers) and, where its rows have one,
-    its gap before the LR decay (hollow, dashed, the same colour), at the rows' steps with
-    their seed spreads as error bars; the size plot the same against parameters."""
+    its gap before the LR decay (hollow, dashed, the same colour, out of the legend), at the
+    rows' steps with their seed spreads as error bars."""
     figures = {}
 
     def keep(fig, path):  # the figure itself, not its PNG
@@ -355,7 +355,8 @@ def test_plot_draws_the_final_and_the_pre_decay_gap_of_each_arm(tmp_path, monkey
     assert written == [str(tmp_path / "trend_bytes.png")]
     ax = figures["trend_bytes.png"].axes[0]
     series = {c.get_label(): c for c in ax.containers}
-    assert set(series) == {"tst_b2_r0.3", "tst_b2_r0.3, before the LR decay", "tst_b3_r0.3"}
+    assert set(series) == {"tst_b2_r0.3", "_tst_b2_r0.3, before the LR decay", "tst_b3_r0.3"}
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["tst_b2_r0.3", "tst_b3_r0.3"]
 
     def points(label):
         line, _, bars = series[label].lines
@@ -365,7 +366,7 @@ def test_plot_draws_the_final_and_the_pre_decay_gap_of_each_arm(tmp_path, monkey
 
     xs, ys, errs, final = points("tst_b2_r0.3")  # sorted by steps
     assert xs == [1000, 3000] and ys == [0.012, -0.032] and errs == pytest.approx([0.035, 0.009])
-    xs, ys, errs, pre = points("tst_b2_r0.3, before the LR decay")
+    xs, ys, errs, pre = points("_tst_b2_r0.3, before the LR decay")
     assert xs == [1000, 3000] and ys == [0.023, -0.025] and errs == pytest.approx([0.008, 0.013])
     assert pre.get_color() == final.get_color() and pre.get_markerfacecolor() == "none"
     assert pre.get_linestyle() == "--" and final.get_linestyle() == "-"
