@@ -35,7 +35,8 @@ OUT_FOLDER=${1:?usage: bash bench/gpu_study.sh OUTPUT_FOLDER}
 PYTHON=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}
 WHEELS=${WHEELS:-runs/wheels}
-WORK=${WORK:-/tmp/tst_gpu_study$([[ "$DRY_RUN" == 1 ]] && echo _dry)}
+# (an if, not `[[ ]] && echo`: a false test would end the script under set -e)
+if [[ "$DRY_RUN" == 1 ]]; then WORK=${WORK:-/tmp/tst_gpu_study_dry}; else WORK=${WORK:-/tmp/tst_gpu_study}; fi
 PEAK_TFLOPS=${PEAK_TFLOPS:-989}      # H200 dense bf16
 BAG_SIZE=${BAG_SIZE:-6}              # the paper's and the ~100M reproduction's
 TST_FRACTION=${TST_FRACTION:-0.3}

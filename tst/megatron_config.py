@@ -8,11 +8,13 @@ tests' plain loop all build their models from it.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from tst.config import Config
-from tst.model import transformer_engine_available
+from tst.model import megatron_softmax_kernels_available, transformer_engine_available
 from tst.optim import params_dtype
 from tst.plan import RunPlan
 from tst.platform import Layout
@@ -87,9 +89,16 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
     # Fused kernels default on, as in Megatron-LM, and run only where they exist: CUDA (and
     # for some of them Transformer Engine or apex). On CPU every one is off.
     mla_rope_fusable = not mla or mla["rope_type"] == "yarn"
+    softmax_fusion = on_gpu and m.masked_softmax_fusion
+    if softmax_fusion and not te and not megatron_softmax_kernels_available():
+        # The local spec's attention would import the missing extension at its first step.
+        warnings.warn("Disabling --masked-softmax-fusion: megatron-core's fused softmax "
+                      "kernels (scaled_masked_softmax_cuda, ...) are not built here; pass "
+                      "--no-masked-softmax-fusion to silence this")  # fmt: skip
+        softmax_fusion = False
     fused = dict(
         bias_dropout_fusion=on_gpu and m.bias_dropout_fusion,
-        masked_softmax_fusion=on_gpu and m.masked_softmax_fusion,
+        masked_softmax_fusion=softmax_fusion,
         # MLA's fused RoPE exists for YaRN only (megatron-core refuses it with plain RoPE).
         apply_rope_fusion=on_gpu and te and m.apply_rope_fusion and mla_rope_fusable,
         gradient_accumulation_fusion=on_gpu and te and m.gradient_accumulation_fusion,

@@ -32,6 +32,18 @@ __all__ = [
 ]
 
 
+def megatron_softmax_kernels_available() -> bool:
+    """Whether megatron-core's fused scale-mask-softmax CUDA extensions are built here.
+
+    The local spec's attention imports them when --masked-softmax-fusion is on (the default);
+    the megatron-core wheel does not ship them (they come with Megatron-LM's or apex's build)."""
+    return all(
+        importlib.util.find_spec(name) is not None
+        for name in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
+                     "scaled_softmax_cuda")
+    )  # fmt: skip
+
+
 def transformer_engine_available() -> bool:
     """Whether Transformer Engine can be imported here (never on a CPU-only machine)."""
     return importlib.util.find_spec("transformer_engine") is not None

@@ -100,3 +100,21 @@ def test_gpu_check_dry_run(study):
     assert "superposition" in check and "recovery" in check
     assert "bf16 + FP8 (hybrid" in check
     assert written == [], f"a dry run writes nothing: {written}"
+
+
+def test_gpu_mode_without_a_gpu_stops_at_the_device_check_and_says_so(tmp_path):
+    """The GPU mode (no DRY_RUN) on a machine without CUDA gets through its set-up, writes
+    study.log and stops at the device check with that reason: no silent exit before any
+    output (a `[[ ]] && echo` in an assignment once ended the script under `set -e`)."""
+    out = tmp_path / "study"
+    env = {k: v for k, v in os.environ.items() if k not in ("DRY_RUN", "WORK")}
+    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_study.sh"), str(out)],
+        env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log
+    assert "work /tmp/tst_gpu_study," in log and "dry run 0" in log
+    assert "no CUDA device" in log
+    assert "== gpu_study:" in (out / "study.log").read_text()

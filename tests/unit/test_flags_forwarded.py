@@ -148,11 +148,15 @@ def _layout(device: str):
 
 
 @pytest.mark.parametrize("mlp", [["--swiglu"], []])
-def test_fused_kernels_on_by_default_where_the_device_has_them(mlp):
+def test_fused_kernels_on_by_default_where_the_device_has_them(mlp, monkeypatch):
     """Megatron-LM's fusions are on by default on a GPU and off with its --no-* switches; on
     CPU they are off (no kernels). The ones that need Transformer Engine (RoPE, gradient
     accumulation, persistent layer norm) stay off where TE is missing, whatever the flags."""
+    import tst.megatron_config
     from tst.megatron_config import transformer_config
+
+    # Here as if megatron-core's fused softmax extensions were built (the next test: not).
+    monkeypatch.setattr(tst.megatron_config, "megatron_softmax_kernels_available", lambda: True)
 
     activation = "--no-bias-swiglu-fusion" if mlp else "--no-bias-gelu-fusion"
     off = ["--no-bias-dropout-fusion", activation, "--no-masked-softmax-fusion",
@@ -169,6 +173,30 @@ def test_fused_kernels_on_by_default_where_the_device_has_them(mlp):
     assert not (m.apply_rope_fusion or m.gradient_accumulation_fusion or m.persist_layer_norm)
     m = _cfg(*mlp)[0].model
     assert m.gradient_accumulation_fusion and m.persist_layer_norm
+
+
+def test_masked_softmax_fusion_off_with_a_warning_where_its_kernels_are_not_built():
+    """The local spec on a GPU without megatron-core's fused softmax extensions (the pip wheel
+    ships none) would fail at its first step importing scaled_masked_softmax_cuda: the fusion
+    is turned off with a warning naming the flag, as Megatron adjusts flags it cannot honour.
+    The other fusions stay on; --no-masked-softmax-fusion asks for it and warns nothing."""
+    import warnings
+
+    from tst.megatron_config import transformer_config
+    from tst.model import megatron_softmax_kernels_available
+
+    assert not megatron_softmax_kernels_available()  # none here
+    cfg, plan = _cfg("--swiglu")
+    with pytest.warns(UserWarning, match="--masked-softmax-fusion.*not built"):
+        c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
+    assert not c.masked_softmax_fusion
+    assert c.bias_dropout_fusion and c.bias_activation_fusion
+    cfg, plan = _cfg("--swiglu", "--no-masked-softmax-fusion")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
+    assert not c.masked_softmax_fusion
+    assert not [w for w in caught if "masked-softmax" in str(w.message)]
 
 
 def test_wsd_decay_in_samples_is_the_iterations_schedule_at_one_sample_per_step():
