@@ -94,7 +94,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         # The local spec's attention would import the missing extension at its first step.
         warnings.warn("Disabling --masked-softmax-fusion: megatron-core's fused softmax "
                       "kernels (scaled_masked_softmax_cuda, ...) are not built here; pass "
-                      "--no-masked-softmax-fusion to silence this")  # fmt: skip
+                      "--no-masked-softmax-fusion to silence this", stacklevel=2)  # fmt: skip
         softmax_fusion = False
     fused = dict(
         bias_dropout_fusion=on_gpu and m.bias_dropout_fusion,
