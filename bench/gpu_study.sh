@@ -44,6 +44,7 @@ MULTI_SCHEDULE=${MULTI_SCHEDULE-6:0.15,3:0.15,1}  # the multi-stage arm; empty: 
 N_ARMS=$([[ -n "$MULTI_SCHEDULE" ]] && echo 3 || echo 2)
 LR=${LR:-1e-3}
 N_EVALS=${N_EVALS:-5}                # held-out evaluations per arm (the last at the end)
+GPU_CHECK=${GPU_CHECK:-1}            # 0: skip bench/gpu_check.sh (2.5 minutes on the H200)
 if [[ "$DRY_RUN" == 1 ]]; then       # CPU, tiny: the whole path in about a minute
   BUDGET_S=${BUDGET_S:-0}
   CORPUS_MB=${CORPUS_MB:-1}; TOKENIZER_MB=${TOKENIZER_MB:-0.3}; VOCAB=${VOCAB:-512}
@@ -153,7 +154,9 @@ DATA_ARGS=(
 
 # ------------------------------------------------------------------ 2. gpu_check's figures
 echo "== bench/gpu_check.sh [$(elapsed) s]"
-if [[ "$DRY_RUN" == 1 ]]; then
+if [[ "$GPU_CHECK" != 1 ]]; then
+  echo "skipped (GPU_CHECK=$GPU_CHECK)" > "$RESULTS/logs/gpu_check.log"
+elif [[ "$DRY_RUN" == 1 ]]; then
   DRY_RUN=1 PYTHON="$PYTHON" OUT_DIR="$RESULTS/gpu_check" bash bench/gpu_check.sh \
     > "$RESULTS/logs/gpu_check.log" 2>&1 || echo "gpu_check failed (exit $?)"
 else
@@ -236,11 +239,15 @@ EOF
 read -r STEPS ARM_CAP_MIN PLAN <<<"$PLANNED"
 echo "== arms: $STEPS steps each ($PLAN; time-based stop at $ARM_CAP_MIN min) [$(elapsed) s]"
 EVAL_INTERVAL=$(( STEPS / N_EVALS ))
+# The arms log at a divisor of the evaluation interval, so that windows free of an evaluation
+# exist for the throughput figures (every 5 steps against evaluations every 4 left none).
+gcd() { local a=$1 b=$2; while (( b )); do local t=$b; b=$(( a % b )); a=$t; done; echo "$a"; }
+ARM_LOG_INTERVAL=$(gcd "$LOG_INTERVAL" "$EVAL_INTERVAL")
 ARM_ARGS=(
   "${MODEL[@]}" "${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAIN_ARGS[@]}" "${PRECISION[@]}"
   --train-iters "$STEPS" --lr-warmup-iters $(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))
   --lr-wsd-decay-iters $(( STEPS / 5 > 0 ? STEPS / 5 : 1 ))
-  --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
+  --log-interval "$ARM_LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
   --peak-tflops "$PEAK_TFLOPS" --exit-duration-in-mins "$ARM_CAP_MIN"
 )
 FAILED=0
@@ -298,14 +305,16 @@ for name in ("calibration", "baseline", "tst", "multistage"):
     phases = {}
     for phase in ("superposition", "recovery"):
         windows = [r for _, r in clean_windows(run) if r["phase"] == phase]
-        if not windows:  # too short for a clean window: every window of the phase
+        clean = bool(windows)
+        if not windows:  # too short for a clean window: every window, marked as such
             windows = [r for r in run.train if r["phase"] == phase]
         if windows:
             med = lambda k: statistics.median(r[k] for r in windows)
             phases[phase] = {"positions_per_s": med("positions_per_s"),
                              "raw_tokens_per_s": med("raw_tokens_per_s"),
                              "tflops": med("tflops_per_device"),
-                             "mfu": med("tflops_per_device") / peak, "windows": len(windows)}
+                             "mfu": med("tflops_per_device") / peak, "windows": len(windows),
+                             "clean": clean}
     arms[name] = {
         "steps": run.train[-1]["iteration"], "raw_tokens": run.train[-1]["raw_tokens"],
         "positions": run.train[-1]["iteration"] * gbs * seq,
@@ -316,8 +325,8 @@ for name in ("calibration", "baseline", "tst", "multistage"):
     }
 
 def phase_cell(arm, key, fmt):
-    return " / ".join(f"{p[:3]} {fmt(arm['phases'][p][key])}" for p in ("superposition", "recovery")
-                      if p in arm["phases"]) or "n/a"
+    return " / ".join(f"{p[:3]} {fmt(arm['phases'][p][key])}{'' if arm['phases'][p]['clean'] else ' (†)'}"
+                      for p in ("superposition", "recovery") if p in arm["phases"]) or "n/a"
 
 def memory_cell(arm):
     m = arm["peak_memory"]
@@ -350,6 +359,10 @@ if "baseline" in arms and "tst" in arms:
                  f"({b['positions'] / 1e6:,.1f}M positions per arm) against the ~100M reproduction's "
                  f"3,000 steps at context 2,048: {b['steps'] / 3000:.1%} of its steps; at this batch its "
                  f"3,000 steps would be {3000 * gbs * seq / 1e6:,.0f}M positions.")
+if any(not p["clean"] for arm in arms.values() for p in arm["phases"].values()):
+    notes.append("(†) no clean logging window in that phase (each phase's first window and those "
+                 "holding an evaluation are left out): the figure includes start-up, compilation "
+                 "or evaluation time and is not a steady-state throughput.")
 check = f"{out}/results/logs/gpu_check.log"
 check_lines = [l.rstrip() for l in open(check) if l.startswith(("bf16", "fp8", "FP8", "device"))] if os.path.isfile(check) else []
 text = "\n".join(["# GPU study", "", f"Model: {model} (SwiGLU, RMSNorm, RoPE, tied embeddings); "

@@ -367,10 +367,15 @@ def _mean_std(xs: list[float]) -> tuple[float, float | None]:
 
 def clean_windows(run):
     """A run's logging windows as (record before, record) pairs, leaving out each phase's
-    first window (start-up, the switch) and windows that also timed an evaluation."""
-    eval_at = {e["iteration"] for e in run.evals}
+    first window (start-up, the switch) and windows that also timed an evaluation.
+
+    An evaluation at iteration ``e`` runs after that step's logging, so it falls in the window
+    from ``e`` on: a window (``before``, ``rec``] held one when ``before <= e < rec``, also
+    where the evaluation interval is not a multiple of the logging interval."""
+    eval_at = sorted(e["iteration"] for e in run.evals)
     for before, rec in zip(run.train, run.train[1:], strict=False):
-        if before["iteration"] not in eval_at and before["phase"] == rec["phase"]:
+        i, j = before["iteration"], rec["iteration"]
+        if before["phase"] == rec["phase"] and not any(i <= e < j for e in eval_at):
             yield before, rec
 
 

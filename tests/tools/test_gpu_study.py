@@ -118,3 +118,81 @@ def test_gpu_mode_without_a_gpu_stops_at_the_device_check_and_says_so(tmp_path):
     assert "work /tmp/tst_gpu_study," in log and "dry run 0" in log
     assert "no CUDA device" in log
     assert "== gpu_study:" in (out / "study.log").read_text()
+
+
+def _profile_summary():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import profile_summary
+
+    return profile_summary
+
+
+def test_profile_summary_sums_gpu_kernels_by_name_and_kind(tmp_path):
+    """A hand-made CUDA trace of 2 steps: kernels summed by name and kind, per step; the span
+    runs from the first kernel's start to the last one's end; CPU ops are ignored once GPU
+    kernels are there."""
+    ps = _profile_summary()
+    events = [
+        {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 0, "dur": 600},
+        {"ph": "X", "cat": "kernel", "name": "softmax_warp_forward<bf16>", "ts": 700, "dur": 200},
+        {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD (Device -> Device)", "ts": 1000, "dur": 100},
+        {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 1500, "dur": 600},
+        {"ph": "X", "cat": "kernel", "name": "vectorized_elementwise_kernel<8, add>", "ts": 3900, "dur": 100},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 99999},
+    ]  # fmt: skip
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    s = ps.summarise(str(path), steps=2, top=2)
+    assert s["device"] == "cuda"
+    assert s["busy_ms_per_step"] == pytest.approx(1.6 / 2)  # 1,600 us busy over 2 steps
+    assert s["span_ms_per_step"] == pytest.approx(4.0 / 2)
+    assert {k: round(v["share"], 6) for k, v in s["kinds"].items()} == {
+        "matmul": 0.75, "attention": 0.125, "memory": 0.0625, "elementwise": 0.0625}  # fmt: skip
+    assert [(t["name"], t["calls_per_step"]) for t in s["top"]] == [
+        ("nvjet_sm90_tst_256x128", 1.0), ("softmax_warp_forward<bf16>", 0.5)]  # fmt: skip
+    table = ps.render(s, "recovery")
+    assert "| matmul | 0.60 | 75.0% |" in table and "40% busy" in table
+    # A trace with neither kernels nor aten:: ops is an error naming the cause.
+    path.write_text(json.dumps({"traceEvents": [{"ph": "i", "name": "marker", "ts": 0}]}))
+    assert ps.main([str(path), "--steps", "2"]) == 1
+
+
+def test_profile_summary_on_cpu_counts_only_outermost_aten_ops(tmp_path):
+    """On CPU the nested aten:: ops (aten::linear inside a module, aten::mm inside it) are
+    counted once, through the outermost op, per thread."""
+    ps = _profile_summary()
+    events = [
+        {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "ts": 0, "dur": 100, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 10, "dur": 80, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::add", "ts": 150, "dur": 50, "tid": 1},
+        {"ph": "X", "cat": "cpu_op", "name": "aten::mul", "ts": 20, "dur": 30, "tid": 2},
+        {"ph": "X", "cat": "python_function", "name": "forward", "ts": 0, "dur": 500, "tid": 1},
+    ]  # fmt: skip
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    s = ps.summarise(str(path), steps=1)
+    assert s["device"] == "cpu"
+    assert sorted((t["name"], t["ms_per_step"]) for t in s["top"]) == [
+        ("aten::add", 0.05), ("aten::linear", 0.1), ("aten::mul", 0.03)]  # fmt: skip
+
+
+def test_gpu_profile_dry_run_profiles_both_phases(tmp_path):
+    """bench/gpu_profile.sh in its CPU dry mode: both phases train, the trainer's --profile
+    trace of steps [5, 7) is written and summed, one table per phase."""
+    out = tmp_path / "profile"
+    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, WORK=str(tmp_path / "work"))
+    result = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_profile.sh"), str(out)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    text = (out / "profile.md").read_text()
+    assert "recovery (bag 1): outermost aten:: operators (CPU)" in text
+    assert "superposition (bag 6): outermost aten:: operators (CPU)" in text
+    for phase in ("recovery", "superposition"):
+        s = json.loads((out / f"profile_{phase}.json").read_text())
+        assert s["steps"] == 2 and 0 < s["busy_ms_per_step"] <= s["span_ms_per_step"]
+        assert sum(k["share"] for k in s["kinds"].values()) == pytest.approx(1.0)
+        assert "matmul" in s["kinds"]
+    assert re.search(r"iter +7/8 \| superposition", (out / "superposition.log").read_text())

@@ -70,6 +70,23 @@ def test_training_seconds_uses_median_step_per_phase():
     assert rp.training_seconds(run) == pytest.approx(30 * 1.0 + 50 * 2.0, rel=1e-9)
 
 
+def test_clean_windows_leave_out_every_window_that_timed_an_evaluation():
+    """Logging every 5 steps, evaluating every 4 (the GPU study's 20-step arms did): an
+    evaluation runs after its step's logging, inside the window that follows, so the
+    evaluations at 8, 12 and 16 spoil every window past the first. Logging every step, the
+    windows just after each evaluation are left out and the others kept."""
+    train = [_train(i, "recovery", float(i)) for i in (5, 10, 15, 20)]
+    evals = [{"iteration": e, "val_loss": 1.0} for e in (4, 8, 12, 16, 20)]
+    assert list(rp.clean_windows(RunMetrics("r", train, evals))) == []
+    evals = [{"iteration": e, "val_loss": 1.0} for e in (4, 8, 20)]  # (10, 15] held none
+    assert [(b["iteration"], r["iteration"]) for b, r in rp.clean_windows(
+        RunMetrics("r", train, evals))] == [(10, 15), (15, 20)]  # fmt: skip
+    train = [_train(i, "recovery", float(i)) for i in range(1, 11)]
+    evals = [{"iteration": e, "val_loss": 1.0} for e in (4, 8)]
+    kept = [r["iteration"] for _, r in rp.clean_windows(RunMetrics("r", train, evals))]
+    assert kept == [2, 3, 4, 6, 7, 8, 10]  # not (4, 5] nor (8, 9]
+
+
 def test_training_seconds_needs_a_clean_window_per_phase():
     run = RunMetrics("r", [_train(10, "recovery", 5.0)], [{"iteration": 10, "val_loss": 1.0}])
     with pytest.raises(ValueError, match="no clean logging window"):

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Where the GPU study's step time goes: the ~110M GPT of bench/gpu_study.sh (12 x 768, SwiGLU,
+# RMSNorm, RoPE, tied, vocabulary 32,000, context 2,048, bf16, micro-batch 8, global batch 32)
+# on mock data, one run per TST phase, each profiled over two steps after its warm-up
+# (pretrain_tst.py --profile), the traces summed by kernel and kind by
+# bench/profile_summary.py. About 2 minutes on an H200; nothing to prepare but the
+# megatron-core wheel (see bench/gpu_study.sh's header).
+#
+#   bash bench/gpu_profile.sh OUTPUT_FOLDER             # on the GPU host
+#   DRY_RUN=1 bash bench/gpu_profile.sh OUTPUT_FOLDER   # anywhere: a tiny model on CPU
+#
+# OUTPUT_FOLDER gets profile.md (both tables), profile_<phase>.json and the runs' logs; the
+# traces stay in $WORK (tens of MB).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT_FOLDER=${1:?usage: bash bench/gpu_profile.sh OUTPUT_FOLDER}
+PYTHON=${PYTHON:-python3}
+DRY_RUN=${DRY_RUN:-0}
+WHEELS=${WHEELS:-runs/wheels}
+BAG_SIZE=${BAG_SIZE:-6}
+if [[ "$DRY_RUN" == 1 ]]; then
+  WORK=${WORK:-/tmp/tst_gpu_profile_dry}
+  MODEL=(--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 64)
+  BATCH=(--micro-batch-size 2 --global-batch-size 4); PRECISION=()
+else
+  WORK=${WORK:-/tmp/tst_gpu_profile}
+  MODEL=(--num-layers 12 --hidden-size 768 --num-attention-heads 12 --seq-length 2048)
+  BATCH=(--micro-batch-size 8 --global-batch-size 32); PRECISION=(--bf16)
+fi
+START=${START:-5}; END=$(( START + 2 ))  # profiled steps [START, END): after the warm-up
+mkdir -p "$OUT_FOLDER" "$WORK"
+export PYTHONUNBUFFERED=1
+
+if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('megatron.core') is None)" \
+  2>/dev/null; then
+  if compgen -G "$WHEELS/*.whl" >/dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$WHEELS"/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "megatron-core is not installed and no wheel is in $WHEELS" >&2
+    exit 1
+  fi
+fi
+
+ARGS=(
+  "${MODEL[@]}" "${BATCH[@]}" "${PRECISION[@]}"
+  --swiglu --normalization RMSNorm --position-embedding-type rope --disable-bias-linear
+  --hidden-dropout 0 --attention-dropout 0 --mock-data --vocab-size 32000
+  --lr 1e-3 --lr-warmup-iters 1 --lr-decay-style constant --seed 1 --transformer-impl auto
+  --log-interval 1 --eval-interval 1000 --eval-iters 0 --peak-tflops 989
+  --profile --profile-step-start "$START" --profile-step-end "$END"
+)
+echo "# Step profile: ${MODEL[*]}, ${BATCH[*]} ${PRECISION[*]}" > "$OUT_FOLDER/profile.md"
+status=0
+for phase in recovery superposition; do
+  extra=(--train-iters "$END")
+  # Superposition for every step (the switch comes after the last one).
+  [[ "$phase" == superposition ]] && extra=(--train-iters $(( END + 1 )) --tst-bag-size "$BAG_SIZE" --tst-iters "$END")
+  rm -rf "$WORK/$phase"
+  echo "== $phase"
+  if ! "$PYTHON" pretrain_tst.py "${ARGS[@]}" "${extra[@]}" --tensorboard-dir "$WORK/$phase" \
+      > "$OUT_FOLDER/$phase.log" 2>&1; then
+    tail -n 25 "$OUT_FOLDER/$phase.log"; status=1; continue
+  fi
+  grep -E "^iter" "$OUT_FOLDER/$phase.log" | tail -n 3
+  trace=$(ls "$WORK/$phase"/profile_rank0_steps*.json)
+  echo >> "$OUT_FOLDER/profile.md"
+  "$PYTHON" bench/profile_summary.py "$trace" --steps 2 --label "$phase (bag $([[ $phase == superposition ]] && echo "$BAG_SIZE" || echo 1))" \
+    --json "$OUT_FOLDER/profile_$phase.json" | tee -a "$OUT_FOLDER/profile.md" || status=1
+done
+echo "== done: $OUT_FOLDER/profile.md"
+exit "$status"

@@ -1,0 +1,136 @@
+"""Where a training step's time goes: a torch profiler Chrome trace (``--profile``) summed by
+kernel and by kind of kernel.
+
+    python bench/profile_summary.py TRACE.json --steps 2 [--top 25] [--json OUT.json]
+
+On CUDA the trace's GPU kernels (and memory copies and sets) are summed by name: the share of
+each kind (matrix products, attention, elementwise, reductions, ...), the busiest kernels,
+and the GPU's busy time per step against the wall-clock span of the profiled steps (the gap
+is the GPU waiting for the host). On a CPU-only run, which records no kernels, the ``aten::``
+operators that no other ``aten::`` operator encloses are summed instead (their inclusive
+time), so the table still adds up to the steps' host time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+
+# The first pattern that matches a kernel's (lower-cased) name names its kind.
+KINDS = [
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|matmul|\bmm\b|aten::(mm|bmm|addmm|linear)"),
+    ("cross-entropy", r"log_softmax|nll|cross_entropy|logsumexp"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("normalization", r"norm"),
+    ("communication", r"nccl|gloo|all_reduce|allreduce|reduce_scatter|all_gather"),
+    ("memory", r"memcpy|memset|copy_|\bcopy\b|cat|index|gather|scatter|embedding"),
+    ("compiled (triton)", r"triton"),
+    ("reduction", r"reduce|sum|mean|max|min"),
+    ("elementwise", r"elementwise|vectorized|unrolled|aten::(add|mul|div|sub|silu|exp|where)"),
+]
+
+
+def kind_of(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def device_events(events: list[dict]) -> tuple[list[dict], str]:
+    """The trace's GPU kernels and memory operations, else its outermost ``aten::`` ops."""
+    gpu = [
+        e
+        for e in events
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")
+    ]
+    if gpu:
+        return gpu, "cuda"
+    ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"
+                  and e.get("name", "").startswith("aten::")),
+                 key=lambda e: (e.get("tid"), e["ts"], -e["dur"]))  # fmt: skip
+    outer, end = [], {}
+    for e in ops:  # an op starting before the enclosing one on its thread ends is nested
+        if e["ts"] >= end.get(e.get("tid"), float("-inf")):
+            outer.append(e)
+            end[e.get("tid")] = e["ts"] + e["dur"]
+    return outer, "cpu"
+
+
+def summarise(path: str, steps: int, top: int = 25) -> dict:
+    with open(path) as f:
+        trace = json.load(f)
+    events, device = device_events(
+        trace.get("traceEvents", []) if isinstance(trace, dict) else trace
+    )
+    if not events:
+        raise ValueError(f"{path}: no GPU kernels and no aten:: operators in this trace: was it "
+                         "written by --profile over at least one step?")  # fmt: skip
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    by_kind: dict[str, float] = defaultdict(float)
+    for e in events:
+        name = e["name"]
+        by_name[name][0] += e["dur"]
+        by_name[name][1] += 1
+        by_kind[kind_of(name)] += e["dur"]
+    busy = sum(by_kind.values())
+    span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
+    names = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "trace": path, "device": device, "steps": steps,
+        "busy_ms_per_step": busy / 1e3 / steps, "span_ms_per_step": span / 1e3 / steps,
+        "kinds": {k: {"ms_per_step": v / 1e3 / steps, "share": v / busy}
+                  for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": n, "kind": kind_of(n), "ms_per_step": d / 1e3 / steps,
+                 "calls_per_step": c / steps, "share": d / busy} for n, (d, c) in names],
+    }  # fmt: skip
+
+
+def render(s: dict, label: str = "") -> str:
+    what = "GPU kernels" if s["device"] == "cuda" else "outermost aten:: operators (CPU)"
+    lines = [f"{label or s['trace']}: {what}, {s['busy_ms_per_step']:.1f} ms busy per step over a "
+             f"{s['span_ms_per_step']:.1f} ms span ({s['busy_ms_per_step'] / max(s['span_ms_per_step'], 1e-9):.0%}"
+             f" busy), {s['steps']} profiled steps", "",
+             "| kind | ms per step | share |", "|---|---|---|"]  # fmt: skip
+    lines += [f"| {k} | {v['ms_per_step']:.2f} | {v['share']:.1%} |" for k, v in s["kinds"].items()]
+    lines += [
+        "",
+        "| kernel | kind | ms per step | calls per step | share |",
+        "|---|---|---|---|---|",
+    ]
+    for t in s["top"]:
+        name = t["name"] if len(t["name"]) <= 90 else t["name"][:87] + "..."
+        lines.append(f"| `{name}` | {t['kind']} | {t['ms_per_step']:.2f} | "
+                     f"{t['calls_per_step']:g} | {t['share']:.1%} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("trace", help="a Chrome trace written by pretrain_tst.py --profile")
+    p.add_argument("--steps", type=int, required=True, help="profiled steps in the trace")
+    p.add_argument("--top", type=int, default=25, help="busiest kernels listed")
+    p.add_argument("--label", default="", help="the table's title (default: the trace's path)")
+    p.add_argument("--json", help="also write the summary here")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be at least 1")
+    try:
+        s = summarise(args.trace, args.steps, args.top)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(render(s, args.label))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(s, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
