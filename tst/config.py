@@ -105,7 +105,9 @@ class ModelConfig:
     attention_dropout: float = _f(0.1, "Dropout of attention probabilities.")
     attention_backend: str = _f(
         "auto",
-        "Attention kernel (megatron-core AttnBackend); the local spec runs 'local'/'unfused'.",
+        "Attention kernel (megatron-core AttnBackend) with TE. The local spec: flash/fused run "
+        "torch's scaled_dot_product_attention, unfused/local megatron-core's unfused "
+        "attention, auto the first on CUDA and the second elsewhere.",
         choices=["auto", "flash", "fused", "unfused", "local"],
     )
     attention_softmax_in_fp32: bool = _f(False, "Attention masking and softmax in fp32.")

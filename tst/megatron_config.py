@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from tst.attention import use_sdpa
 from tst.config import Config
 from tst.model import megatron_softmax_kernels_available, transformer_engine_available
 from tst.optim import params_dtype
@@ -90,7 +91,8 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
     # for some of them Transformer Engine or apex). On CPU every one is off.
     mla_rope_fusable = not mla or mla["rope_type"] == "yarn"
     softmax_fusion = on_gpu and m.masked_softmax_fusion
-    if softmax_fusion and not te and not megatron_softmax_kernels_available():
+    sdpa = use_sdpa(m.attention_backend, te, on_gpu)  # no megatron softmax then
+    if softmax_fusion and not te and not sdpa and not megatron_softmax_kernels_available():
         # The local spec's attention would import the missing extension at its first step.
         warnings.warn("Disabling --masked-softmax-fusion: megatron-core's fused softmax "
                       "kernels (scaled_masked_softmax_cuda, ...) are not built here; pass "

@@ -67,10 +67,16 @@ class ModelShape:
     num_experts: int | None = None
     moe_grouped_gemm: bool = False  # TE spec only
     use_transformer_engine: bool = False
+    sdpa_attention: bool = False  # local spec: tst.attention.SDPAttention as core attention
 
     @classmethod
-    def from_config(cls, model, vocab_size: int, use_transformer_engine: bool) -> ModelShape:
-        """The shape a :class:`tst.config.ModelConfig` describes, for a (padded) vocabulary."""
+    def from_config(
+        cls, model, vocab_size: int, use_transformer_engine: bool, on_gpu: bool = False
+    ) -> ModelShape:
+        """The shape a :class:`tst.config.ModelConfig` describes, for a (padded) vocabulary,
+        on a GPU or not (``--attention-backend auto`` picks the local spec's attention)."""
+        from tst.attention import use_sdpa
+
         return cls(
             vocab_size=vocab_size,
             max_sequence_length=model.max_position_embeddings,
@@ -86,6 +92,7 @@ class ModelShape:
             num_experts=model.num_experts,
             moe_grouped_gemm=model.moe_grouped_gemm and use_transformer_engine,
             use_transformer_engine=use_transformer_engine,
+            sdpa_attention=use_sdpa(model.attention_backend, use_transformer_engine, on_gpu),
         )
 
 
@@ -119,11 +126,12 @@ class TorchNorm:
         return norm
 
 
-def _with_sequence_parallel_norms(spec):
+def _with_sequence_parallel_norms(spec, sdpa: bool = False):
     """The local layer spec with megatron-core's torch norms replaced by :class:`TorchNorm`:
     the layer's two norms and MLA's latent norms (``q_layernorm`` / ``kv_layernorm``), which
     under sequence parallelism see only this rank's positions too; MLA's local attention is
-    :class:`LatentDotProductAttention`."""
+    :class:`LatentDotProductAttention`; with ``sdpa`` the other attention's core is
+    :class:`tst.attention.SDPAttention`."""
     from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -140,6 +148,12 @@ def _with_sequence_parallel_norms(spec):
         if mla.core_attention is DotProductAttention:
             mla = dataclasses.replace(mla, core_attention=LatentDotProductAttention)
         attention = dataclasses.replace(attention, submodules=mla)
+        submodules = dataclasses.replace(submodules, self_attention=attention)
+    elif sdpa and attention.submodules.core_attention is DotProductAttention:
+        from tst.attention import SDPAttention
+
+        fused = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
+        attention = dataclasses.replace(attention, submodules=fused)
         submodules = dataclasses.replace(submodules, self_attention=attention)
     return dataclasses.replace(spec, submodules=submodules)
 
@@ -255,7 +269,7 @@ def layer_spec(shape: ModelShape, multi_latent_attention: bool = False):
         multi_latent_attention=multi_latent_attention,
         normalization=shape.normalization,
     )
-    return _with_sequence_parallel_norms(local)
+    return _with_sequence_parallel_norms(local, shape.sdpa_attention)
 
 
 def build_gpt(

@@ -87,7 +87,10 @@ class Trainer:
         }
         self.config = transformer_config(cfg, plan, layout)
         self.shape = ModelShape.from_config(
-            m, plan.padded_vocab_size, use_transformer_engine(cfg, layout)
+            m,
+            plan.padded_vocab_size,
+            use_transformer_engine(cfg, layout),
+            on_gpu=layout.device.type == "cuda",
         )
         chunks = build_model_chunks(self.config, self.shape, plan.vpp, layout.device)
         initialize_layout_independent(chunks, self.config, t.seed, layout)

@@ -58,7 +58,7 @@ def tiny_config(tp=1, pp=1, vpp=None, sp=False, **overrides):
     return TransformerConfig(**kwargs)
 
 
-def build_chunks(config, layout, seed, untie=True):
+def build_chunks(config, layout, seed, untie=True, sdpa=False):
     from tst.init import initialize_layout_independent
     from tst.model import ModelShape, build_model_chunks
 
@@ -68,6 +68,7 @@ def build_chunks(config, layout, seed, untie=True):
         position_embedding_type="rope",  # the config above is RoPE / RMSNorm, stated here too
         normalization="RMSNorm",
         untie_embeddings_and_output_weights=untie,
+        sdpa_attention=sdpa,
     )
     chunks = build_model_chunks(config, shape, layout.vpp, layout.device)
     initialize_layout_independent(chunks, config, seed, layout)
@@ -89,8 +90,9 @@ def _forward_step(bag_size, tp_group, data_iterator, model):
     return logits, loss_func
 
 
-def run_one_step(tp, pp, vpp, seed, bag_size):
-    """Forward/backward of MICRO micro-batches; returns (loss sums per micro-batch, |grad|^2)."""
+def run_one_step(tp, pp, vpp, seed, bag_size, sdpa=False):
+    """Forward/backward of MICRO micro-batches; returns (loss sums per micro-batch, |grad|^2).
+    ``sdpa``: the local spec's fused core attention (tst.attention.SDPAttention)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from tst.model import apply_phase
@@ -99,7 +101,7 @@ def run_one_step(tp, pp, vpp, seed, bag_size):
 
     layout = initialize(tp=tp, pp=pp, vpp=vpp, seed=seed)
     config = tiny_config(tp, pp, vpp)
-    chunks = build_chunks(config, layout, seed)
+    chunks = build_chunks(config, layout, seed, sdpa=sdpa)
     # Bag inputs; the loss is applied to the logits in loss_func below.
     apply_phase(chunks, dataclasses.replace(next_token_phase(), input_bag=bag_size))
     gen = torch.Generator().manual_seed(seed)

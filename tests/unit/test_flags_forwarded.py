@@ -186,17 +186,19 @@ def test_masked_softmax_fusion_off_with_a_warning_where_its_kernels_are_not_buil
     from tst.model import megatron_softmax_kernels_available
 
     assert not megatron_softmax_kernels_available()  # none here
-    cfg, plan = _cfg("--swiglu")
+    cfg, plan = _cfg("--swiglu", "--attention-backend", "unfused")  # megatron-core's attention
     with pytest.warns(UserWarning, match="--masked-softmax-fusion.*not built"):
         c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
     assert not c.masked_softmax_fusion
     assert c.bias_dropout_fusion and c.bias_activation_fusion
-    cfg, plan = _cfg("--swiglu", "--no-masked-softmax-fusion")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
-    assert not c.masked_softmax_fusion
-    assert not [w for w in caught if "masked-softmax" in str(w.message)]
+    # Asked off: no warning; the fused (SDPA) attention, auto's on CUDA: no softmax to fuse.
+    for extra in (["--attention-backend", "unfused", "--no-masked-softmax-fusion"], []):
+        cfg, plan = _cfg("--swiglu", *extra)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
+        assert not [w for w in caught if "masked-softmax" in str(w.message)], extra
+        assert not c.masked_softmax_fusion or not extra
 
 
 def test_wsd_decay_in_samples_is_the_iterations_schedule_at_one_sample_per_step():

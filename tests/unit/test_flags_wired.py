@@ -7,7 +7,7 @@ check is a difference a flag that is not wired could not make: parameter shapes
 --use-rope-scaling / --rope-scaling-factor), the norms' epsilon (--norm-epsilon), the
 checkpoint's keys (--no-save-optim), the bin-file reader (--no-mmap-bin-files), TensorBoard
 event counts (--tensorboard-log-interval), a logged parameter norm equal to the model's
-(--log-params-norm), garbage collection (--manual-gc / --manual-gc-interval) and the points
+(--log-params-norm), the local spec's core attention (--attention-backend), garbage collection (--manual-gc / --manual-gc-interval) and the points
 where cached device memory is released (--empty-unused-memory-level). The W&B run's offline
 files are read back (wandb's transaction log, parsed here as the LevelDB-style log it is) and
 hold the run's own metrics.
@@ -40,6 +40,7 @@ CHANGED = [
     "--rope-scaling-factor", "16", "--norm-epsilon", "1e-3", "--no-save-optim",
     "--no-mmap-bin-files", "--tensorboard-log-interval", "2", "--log-params-norm",
     "--manual-gc", "--manual-gc-interval", "2", "--empty-unused-memory-level", "2",
+    "--attention-backend", "flash",
 ]  # fmt: skip
 
 
@@ -69,6 +70,9 @@ def _run(argv: list[str], out) -> dict:
         seen["shapes"] = {n: tuple(p.shape) for n, p in model.named_parameters()}
         seen["inv_freq"] = model.rotary_pos_emb.inv_freq.clone()
         seen["eps"] = {m.eps for m in model.modules() if hasattr(m, "eps")}
+        seen["core_attention"] = {
+            type(layer.self_attention.core_attention).__name__ for layer in model.decoder.layers
+        }
         seen["bin_reader"] = type(self.train_stream.dataset.dataset.bin_reader).__name__
         seen["trainer"] = self
         return train(self)
@@ -162,6 +166,9 @@ def test_model_shape_and_numerics_flags(runs):
     # --norm-epsilon: megatron-core's field and every norm module.
     assert default["config"].layernorm_epsilon == 1e-5 and default["eps"] == {1e-5}
     assert changed["config"].layernorm_epsilon == 1e-3 and changed["eps"] == {1e-3}
+    # --attention-backend: auto is megatron-core's attention on CPU; flash the fused one.
+    assert default["core_attention"] == {"DotProductAttention"}
+    assert changed["core_attention"] == {"SDPAttention"}
 
 
 def test_checkpoint_data_and_memory_flags(runs):

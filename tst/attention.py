@@ -1,0 +1,90 @@
+"""The local spec's core attention through PyTorch's fused kernels.
+
+megatron-core's local spec computes attention unfused: the [batch, heads, s, s] scores are
+written out, scaled, masked, soft-maxed and read back in separate kernels. On one H200 that
+was most of a 110M GPT's step at context 2,048 (docs/RESULTS.md, "Where the step goes").
+:class:`SDPAttention` is the same module (megatron-core's ``DotProductAttention``: its
+constructor, softmax scale and dropout) whose forward calls
+``torch.nn.functional.scaled_dot_product_attention``, which picks a flash or
+memory-efficient kernel on a GPU and never materialises the scores there. It has no
+parameters, so checkpoints do not depend on which attention wrote them.
+
+Used by the local spec where ``--attention-backend`` is ``flash`` or ``fused``, and for
+``auto`` on CUDA; Transformer Engine's spec keeps TE's attention, and ``unfused`` / ``local``
+keep megatron-core's.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+def use_sdpa(attention_backend: str, use_transformer_engine: bool, on_gpu: bool) -> bool:
+    """Whether the local spec's core attention is :class:`SDPAttention`."""
+    if use_transformer_engine:
+        return False
+    return attention_backend in ("flash", "fused") or (attention_backend == "auto" and on_gpu)
+
+
+class SDPAttention(DotProductAttention):
+    """megatron-core's ``DotProductAttention`` computed by ``scaled_dot_product_attention``.
+
+    Tensors are megatron's: query ``[sq, b, heads/tp, d]``, key and value ``[sk, b,
+    groups/tp, d]`` (grouped-query attention repeats each key/value group over its
+    consecutive query heads, as megatron-core's ``repeat_interleave`` does), the result
+    ``[sq, b, heads/tp x d_v]``. The mask follows megatron-core's convention (``True`` masks
+    a position out); without one, a causal mask type is the causal kernel.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.softmax_offset is not None or self.scale_mask_softmax.window_size is not None:
+            raise ValueError(
+                "the fused (SDPA) local attention has no softmax offset or sliding window: "
+                "pass --attention-backend unfused"
+            )
+        # megatron-core divides the scale by the layer number for query-key layer scaling
+        # and multiplies it back inside its fp32 softmax; the fused kernels accumulate in fp32.
+        coeff = self.layer_number if self.config.apply_query_key_layer_scaling else 1
+        self.sdpa_scale = self.softmax_scale * coeff
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):  # fmt: skip
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError(
+                "packed sequences and attention biases need Transformer Engine's attention"
+            )
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        groups = q.size(1) // k.size(1)
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        mask, causal = None, False
+        if attention_mask is not None:
+            mask = ~attention_mask  # megatron: True masks out; SDPA: True attends
+        elif mask_type == AttnMaskType.causal:
+            causal = True
+        elif mask_type != AttnMaskType.no_mask:
+            raise ValueError(f"the fused (SDPA) local attention needs a mask for {mask_type}")
+        dropout = self.attention_dropout.p if self.training else 0.0
+
+        def attend():
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.sdpa_scale
+            )
+
+        if dropout and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():  # as megatron-core's dropout
+                context = attend()
+        else:
+            context = attend()
+        # [b, n, sq, d_v] -> [sq, b, n x d_v]
+        return context.permute(2, 0, 1, 3).reshape(context.size(2), context.size(0), -1)
+
+
+__all__ = ["SDPAttention", "use_sdpa"]
