@@ -2,6 +2,10 @@
 kernel and by kind of kernel.
 
     python bench/profile_summary.py TRACE.json --steps 2 [--top 25] [--json OUT.json]
+    python bench/profile_summary.py --step-times A.jsonl B.jsonl ... --window 2 4
+
+The second form compares runs' steady step times: the median over consecutive logged steps
+whose window lies in [first, last] of each ``--metrics-file``, as ratios to the first run.
 
 On CUDA the trace's GPU kernels (and memory copies and sets) are summed by name: the share of
 each kind (matrix products, attention, elementwise, reductions, ...), the busiest kernels,
@@ -15,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import statistics
 import sys
 from collections import defaultdict
 
@@ -110,16 +116,51 @@ def render(s: dict, label: str = "") -> str:
     return "\n".join(lines)
 
 
+def steady_step_seconds(path: str, first: int, last: int) -> float:
+    """Median seconds of the one-step logging windows (i - 1, i] with first < i <= last."""
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    train = [r for r in records if "positions_per_s" in r and "elapsed_s" in r]
+    spans = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(train, train[1:])
+             if b["iteration"] - a["iteration"] == 1 and first <= a["iteration"]
+             and b["iteration"] <= last]  # fmt: skip
+    if not spans:
+        raise ValueError(f"{path}: no one-step logging window within steps {first}..{last} "
+                         "(log with --log-interval 1)")  # fmt: skip
+    return statistics.median(spans)
+
+
+def render_step_times(paths: list[str], first: int, last: int) -> str:
+    times = {os.path.basename(p).removesuffix(".jsonl"): steady_step_seconds(p, first, last)
+             for p in paths}  # fmt: skip
+    base_name, base = next(iter(times.items()))
+    lines = [f"| run | s per step (median, steps {first + 1}..{last}) | speed vs {base_name} |",
+             "|---|---|---|"]  # fmt: skip
+    lines += [f"| {name} | {t:.3f} | {base / t:.2f}x |" for name, t in times.items()]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("trace", help="a Chrome trace written by pretrain_tst.py --profile")
-    p.add_argument("--steps", type=int, required=True, help="profiled steps in the trace")
+    p.add_argument("trace", nargs="?", help="a Chrome trace written by pretrain_tst.py --profile")
+    p.add_argument("--steps", type=int, help="profiled steps in the trace")
+    p.add_argument("--step-times", nargs="+", metavar="METRICS",
+                   help="instead: compare these runs' steady step times (--metrics-file JSONL)")  # fmt: skip
+    p.add_argument("--window", type=int, nargs=2, default=(1, 10**9), metavar=("FIRST", "LAST"),
+                   help="with --step-times: the steps' range (default all)")  # fmt: skip
     p.add_argument("--top", type=int, default=25, help="busiest kernels listed")
     p.add_argument("--label", default="", help="the table's title (default: the trace's path)")
     p.add_argument("--json", help="also write the summary here")
     args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be at least 1")
+    if args.step_times:
+        try:
+            print(render_step_times(args.step_times, *args.window))
+        except (OSError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        return 0
+    if not args.trace or args.steps is None or args.steps < 1:
+        p.error("give a trace and --steps (at least 1), or --step-times")
     try:
         s = summarise(args.trace, args.steps, args.top)
     except (OSError, ValueError) as error:

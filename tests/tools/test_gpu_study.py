@@ -176,9 +176,11 @@ def test_profile_summary_on_cpu_counts_only_outermost_aten_ops(tmp_path):
         ("aten::add", 0.05), ("aten::linear", 0.1), ("aten::mul", 0.03)]  # fmt: skip
 
 
-def test_gpu_profile_dry_run_profiles_both_phases(tmp_path):
-    """bench/gpu_profile.sh in its CPU dry mode: both phases train, the trainer's --profile
-    trace of steps [5, 7) is written and summed, one table per phase."""
+def test_gpu_profile_dry_run_profiles_both_phases_and_both_attentions(tmp_path):
+    """bench/gpu_profile.sh in its CPU dry mode: the recovery phase with megatron-core's
+    unfused attention and with the fused one, the superposition phase with the fused one;
+    each run's --profile trace of steps [3, 5) summed (the dry mode's; [5, 7) on the GPU),
+    and the steady step times compared."""
     out = tmp_path / "profile"
     env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, WORK=str(tmp_path / "work"))
     result = subprocess.run(
@@ -188,11 +190,41 @@ def test_gpu_profile_dry_run_profiles_both_phases(tmp_path):
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
     text = (out / "profile.md").read_text()
-    assert "recovery (bag 1): outermost aten:: operators (CPU)" in text
-    assert "superposition (bag 6): outermost aten:: operators (CPU)" in text
-    for phase in ("recovery", "superposition"):
-        s = json.loads((out / f"profile_{phase}.json").read_text())
+    for label in ("recovery_unfused (bag 1, --attention-backend unfused)",
+                  "recovery (bag 1, --attention-backend flash)",
+                  "superposition (bag 6, --attention-backend flash)"):  # fmt: skip
+        assert f"{label}: outermost aten:: operators (CPU)" in text
+    for name in ("recovery_unfused", "recovery", "superposition"):
+        s = json.loads((out / f"profile_{name}.json").read_text())
         assert s["steps"] == 2 and 0 < s["busy_ms_per_step"] <= s["span_ms_per_step"]
         assert sum(k["share"] for k in s["kinds"].values()) == pytest.approx(1.0)
         assert "matmul" in s["kinds"]
-    assert re.search(r"iter +7/8 \| superposition", (out / "superposition.log").read_text())
+        assert re.search(rf"\| {name} \| [\d.]+ \| [\d.]+x \|", text)
+    # The fused attention's trace has torch's SDPA, the unfused one's megatron-core's softmax.
+    fused = json.loads((out / "profile_recovery.json").read_text())
+    unfused = json.loads((out / "profile_recovery_unfused.json").read_text())
+    assert any("scaled_dot_product" in t["name"] for t in fused["top"])
+    assert not any("scaled_dot_product" in t["name"] for t in unfused["top"])
+    # Every profiled step of the superposition run is a superposition step.
+    assert re.search(r"iter +5/6 \| superposition", (out / "superposition.log").read_text())
+    assert "profile_rank0_steps3-5.json" in (out / "superposition.log").read_text()
+
+
+def test_step_times_compare_one_step_windows_in_the_range(tmp_path):
+    ps = _profile_summary()
+    paths = []
+    for name, per_step in (("base", 2.0), ("fast", 0.5)):
+        records = [{"phases": []}]  # the header record holds no timing
+        elapsed = 0.0
+        for i in range(1, 9):
+            elapsed += 30.0 if i == 1 else per_step * (3 if i == 6 else 1)  # start-up; a slow step
+            records.append({"iteration": i, "elapsed_s": elapsed, "positions_per_s": 1.0})
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in records))
+        paths.append(str(path))
+    assert ps.steady_step_seconds(paths[0], 1, 8) == pytest.approx(2.0)  # median past the slow one
+    assert ps.steady_step_seconds(paths[0], 5, 6) == pytest.approx(6.0)  # only (5, 6]
+    table = ps.render_step_times(paths, 1, 8)
+    assert "| base | 2.000 | 1.00x |" in table and "| fast | 0.500 | 4.00x |" in table
+    with pytest.raises(ValueError, match="no one-step logging window"):
+        ps.steady_step_seconds(paths[0], 9, 12)
