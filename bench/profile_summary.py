@@ -121,7 +121,7 @@ def steady_step_seconds(path: str, first: int, last: int) -> float:
     with open(path) as f:
         records = [json.loads(line) for line in f if line.strip()]
     train = [r for r in records if "positions_per_s" in r and "elapsed_s" in r]
-    spans = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(train, train[1:])
+    spans = [b["elapsed_s"] - a["elapsed_s"] for a, b in zip(train, train[1:], strict=False)
              if b["iteration"] - a["iteration"] == 1 and first <= a["iteration"]
              and b["iteration"] <= last]  # fmt: skip
     if not spans:
