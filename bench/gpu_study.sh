@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# One-shot GPU study on one H200, from a bare machine, in one command of about 6 minutes:
+# One-shot GPU study on one H200, from a bare machine, in one command of about 6-7 minutes
+# (397 s with BUDGET_S=420 on 2026-12-04; docs/RESULTS.md):
 #   1. a corpus from the Python source files of the installed packages (no data is sent),
 #      a byte-level BPE tokenizer trained on part of it (tools/train_tokenizer.py) and the
 #      .bin/.idx written by tools/preprocess_data.py on every core;
-#   2. bench/gpu_check.sh's short figures (a ~370M GPT, both phases, bf16; FP8 where TE is);
+#   2. bench/gpu_check.sh's short figures (a ~370M GPT, both phases, bf16; FP8 where TE is;
+#      149 s on 2026-12-04; GPU_CHECK=0 skips it);
 #   3. a ~110M-parameter GPT (12 x 768, SwiGLU, 32,000-entry vocabulary, tied, context 2048,
-#      bf16, TE where importable): a calibration run that times a step, then a baseline and a
+#      bf16, TE where importable, else the local spec with torch's fused attention; 0.59 s a
+#      step with megatron-core's unfused one on 2026-12-04): a calibration run that times a step, then a baseline and a
 #      TST arm (bag 6, r 0.3) and a multi-stage arm (--tst-schedule 6:0.15,3:0.15,1: bag 6,
 #      then bag 3, 30% of the steps in all) at the same number of steps, as many as the time
 #      budget allows (each run also has a time-based stop, --exit-duration-in-mins);
