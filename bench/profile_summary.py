@@ -71,9 +71,8 @@ def device_events(events: list[dict]) -> tuple[list[dict], str]:
 def summarise(path: str, steps: int, top: int = 25) -> dict:
     with open(path) as f:
         trace = json.load(f)
-    events, device = device_events(
-        trace.get("traceEvents", []) if isinstance(trace, dict) else trace
-    )
+    trace_events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
+    events, device = device_events(trace_events)
     if not events:
         raise ValueError(f"{path}: no GPU kernels and no aten:: operators in this trace: was it "
                          "written by --profile over at least one step?")  # fmt: skip
@@ -87,6 +86,15 @@ def summarise(path: str, steps: int, top: int = 25) -> dict:
     busy = sum(by_kind.values())
     span = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
     names = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    # The host's side on CUDA: CUDA runtime calls by name (synchronisations, copies,
+    # launches), where a step that leaves the GPU idle spends its time.
+    host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    if device == "cuda":
+        for e in trace_events:
+            if e.get("ph") == "X" and e.get("cat") == "cuda_runtime":
+                host[e["name"]][0] += e["dur"]
+                host[e["name"]][1] += 1
+    runtime = sorted(host.items(), key=lambda kv: -kv[1][0])[:8]
     return {
         "trace": path, "device": device, "steps": steps,
         "busy_ms_per_step": busy / 1e3 / steps, "span_ms_per_step": span / 1e3 / steps,
@@ -94,6 +102,8 @@ def summarise(path: str, steps: int, top: int = 25) -> dict:
                   for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "top": [{"name": n, "kind": kind_of(n), "ms_per_step": d / 1e3 / steps,
                  "calls_per_step": c / steps, "share": d / busy} for n, (d, c) in names],
+        "cuda_runtime": [{"name": n, "ms_per_step": d / 1e3 / steps, "calls_per_step": c / steps}
+                         for n, (d, c) in runtime],
     }  # fmt: skip
 
 
@@ -113,6 +123,14 @@ def render(s: dict, label: str = "") -> str:
         name = t["name"] if len(t["name"]) <= 90 else t["name"][:87] + "..."
         lines.append(f"| `{name}` | {t['kind']} | {t['ms_per_step']:.2f} | "
                      f"{t['calls_per_step']:g} | {t['share']:.1%} |")  # fmt: skip
+    if s.get("cuda_runtime"):
+        lines += [
+            "",
+            "| CUDA runtime call (host) | ms per step | calls per step |",
+            "|---|---|---|",
+        ]
+        lines += [f"| `{r['name']}` | {r['ms_per_step']:.2f} | {r['calls_per_step']:g} |"
+                  for r in s["cuda_runtime"]]  # fmt: skip
     return "\n".join(lines)
 
 

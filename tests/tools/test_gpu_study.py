@@ -139,6 +139,9 @@ def test_profile_summary_sums_gpu_kernels_by_name_and_kind(tmp_path):
         {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst_256x128", "ts": 1500, "dur": 600},
         {"ph": "X", "cat": "kernel", "name": "vectorized_elementwise_kernel<8, add>", "ts": 3900, "dur": 100},
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 99999},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "ts": 0, "dur": 900},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 10},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 20, "dur": 10},
     ]  # fmt: skip
     path = tmp_path / "trace.json"
     path.write_text(json.dumps({"traceEvents": events}))
@@ -150,8 +153,12 @@ def test_profile_summary_sums_gpu_kernels_by_name_and_kind(tmp_path):
         "matmul": 0.75, "attention": 0.125, "memory": 0.0625, "elementwise": 0.0625}  # fmt: skip
     assert [(t["name"], t["calls_per_step"]) for t in s["top"]] == [
         ("nvjet_sm90_tst_256x128", 1.0), ("softmax_warp_forward<bf16>", 0.5)]  # fmt: skip
+    # The host's CUDA runtime calls, busiest first.
+    assert [(r["name"], r["ms_per_step"], r["calls_per_step"]) for r in s["cuda_runtime"]] == [
+        ("cudaStreamSynchronize", 0.45, 0.5), ("cudaLaunchKernel", 0.01, 1.0)]  # fmt: skip
     table = ps.render(s, "recovery")
     assert "| matmul | 0.60 | 75.0% |" in table and "40% busy" in table
+    assert "| `cudaStreamSynchronize` | 0.45 | 0.5 |" in table
     # A trace with neither kernels nor aten:: ops is an error naming the cause.
     path.write_text(json.dumps({"traceEvents": [{"ph": "i", "name": "marker", "ts": 0}]}))
     assert ps.main([str(path), "--steps", "2"]) == 1
