@@ -49,20 +49,8 @@ LOG_ARGS=(
   --peak-tflops "$PEAK_TFLOPS"
 )
 
-# Whether it is installed, not an import (about 11 s on two CPU cores): a broken install
-# fails at the first run below with its own traceback.
-if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('megatron.core') is None)" \
-  2>/dev/null; then
-  if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    echo "== installing the carried wheels from $WHEELS"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "$WHEELS"/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "megatron-core is not installed and no wheel is in $WHEELS (see this script's header)" >&2
-    exit 1
-  fi
-fi
+source bench/megatron_wheel.sh
+ensure_megatron_core || exit 1
 
 # No biases, no dropout, whatever the trainer's defaults: flags given only where known.
 HELP=$("$PYTHON" pretrain_tst.py --help 2>/dev/null || true)

@@ -34,17 +34,8 @@ START=${START:-$([[ "$DRY_RUN" == 1 ]] && echo 3 || echo 5)}; END=$(( START + 2 
 mkdir -p "$OUT_FOLDER" "$WORK"
 export PYTHONUNBUFFERED=1
 
-if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('megatron.core') is None)" \
-  2>/dev/null; then
-  if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "$WHEELS"/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "megatron-core is not installed and no wheel is in $WHEELS" >&2
-    exit 1
-  fi
-fi
+source bench/megatron_wheel.sh
+ensure_megatron_core || exit 1
 
 ARGS=(
   "${MODEL[@]}" "${BATCH[@]}" "${PRECISION[@]}"

@@ -82,20 +82,8 @@ trap 'exec 1>&3 2>&4; wait "$TEE_PID" 2>/dev/null || true' EXIT
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 
 echo "== gpu_study: output $OUT_FOLDER, work $WORK, budget ${BUDGET_S}s, dry run $DRY_RUN"
-# Whether it is installed, not an import (about 11 s on two CPU cores): a broken install
-# fails at the first run below with its own traceback.
-if ! "$PYTHON" -c "import importlib.util as u, sys; sys.exit(u.find_spec('megatron.core') is None)" \
-  2>/dev/null; then
-  if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    echo "== installing the carried wheels from $WHEELS"
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "$WHEELS"/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-  else
-    echo "megatron-core is not installed and no wheel is in $WHEELS (see the header)" >&2
-    exit 1
-  fi
-fi
+source bench/megatron_wheel.sh
+ensure_megatron_core || exit 1
 if [[ "$DRY_RUN" != 1 ]]; then
   "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; \
 print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__)"

@@ -23,18 +23,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("gpu_study")
-    out = tmp_path / "study"
+def _dry_run(script: str, tmp_path, timeout: int):
+    """bench/SCRIPT in its CPU dry mode into tmp_path/out: (the output folder, the log)."""
+    out = tmp_path / "out"
     env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, WORK=str(tmp_path / "work"))
     result = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_study.sh"), str(out)],
-        env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+        ["bash", str(ROOT / "bench" / script), str(out)],
+        env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path,
     )  # fmt: skip
     log = result.stdout + result.stderr
     assert result.returncode == 0, log
     return out, log
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    return _dry_run("gpu_study.sh", tmp_path_factory.mktemp("gpu_study"), 900)
 
 
 def test_gpu_study_dry_run_end_to_end(study):
@@ -188,14 +192,7 @@ def test_gpu_profile_dry_run_profiles_both_phases_and_both_attentions(tmp_path):
     unfused attention and with the fused one, the superposition phase with the fused one;
     each run's --profile trace of steps [3, 5) summed (the dry mode's; [5, 7) on the GPU),
     and the steady step times compared."""
-    out = tmp_path / "profile"
-    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable, WORK=str(tmp_path / "work"))
-    result = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu_profile.sh"), str(out)],
-        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log
+    out, _ = _dry_run("gpu_profile.sh", tmp_path, 600)
     text = (out / "profile.md").read_text()
     for label in ("recovery_unfused (bag 1, --attention-backend unfused)",
                   "recovery (bag 1, --attention-backend flash)",
@@ -235,3 +232,23 @@ def test_step_times_compare_one_step_windows_in_the_range(tmp_path):
     assert "| base | 2.000 | 1.00x |" in table and "| fast | 0.500 | 4.00x |" in table
     with pytest.raises(ValueError, match="no one-step logging window"):
         ps.steady_step_seconds(paths[0], 9, 12)
+
+
+def test_megatron_wheel_helper_finds_the_install_or_names_the_missing_wheel(tmp_path):
+    """bench/megatron_wheel.sh (sourced by the three device scripts): with megatron-core
+    installed it does nothing; without it (a Python that sees no site-packages) and no
+    wheel, it fails naming the folder it looked in."""
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    script = "source bench/megatron_wheel.sh && ensure_megatron_core && echo found"
+    for python, wheels, rc, said in ((sys.executable, "/nonexistent", 0, "found"),
+                                     (str(bare), str(tmp_path / "no-wheels"), 1, "no wheel is in")):  # fmt: skip
+        result = subprocess.run(
+            ["bash", "-c", script], env=dict(os.environ, PYTHON=python, WHEELS=wheels),
+            capture_output=True, text=True, timeout=120, cwd=ROOT,
+        )  # fmt: skip
+        assert result.returncode == rc, result.stderr
+        assert said in result.stdout + result.stderr
+        if rc:
+            assert str(tmp_path / "no-wheels") in result.stderr
