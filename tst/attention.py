@@ -10,8 +10,9 @@ memory-efficient kernel on a GPU and never materialises the scores there. It has
 parameters, so checkpoints do not depend on which attention wrote them.
 
 Used by the local spec where ``--attention-backend`` is ``flash`` or ``fused``, and for
-``auto`` on CUDA; Transformer Engine's spec keeps TE's attention, and ``unfused`` / ``local``
-keep megatron-core's.
+``auto`` on CUDA; Transformer Engine's spec keeps TE's attention, ``unfused`` / ``local``
+keep megatron-core's, and so does multi-latent attention (``tst.model``'s
+``LatentDotProductAttention``).
 """
 
 from __future__ import annotations

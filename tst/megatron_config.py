@@ -91,7 +91,8 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
     # for some of them Transformer Engine or apex). On CPU every one is off.
     mla_rope_fusable = not mla or mla["rope_type"] == "yarn"
     softmax_fusion = on_gpu and m.masked_softmax_fusion
-    sdpa = use_sdpa(m.attention_backend, te, on_gpu)  # no megatron softmax then
+    # The fused (SDPA) attention has no megatron softmax; MLA keeps megatron-core's.
+    sdpa = use_sdpa(m.attention_backend, te, on_gpu) and not mla
     if softmax_fusion and not te and not sdpa and not megatron_softmax_kernels_available():
         # The local spec's attention would import the missing extension at its first step.
         warnings.warn("Disabling --masked-softmax-fusion: megatron-core's fused softmax "

@@ -199,6 +199,13 @@ def test_masked_softmax_fusion_off_with_a_warning_where_its_kernels_are_not_buil
             c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
         assert not [w for w in caught if "masked-softmax" in str(w.message)], extra
         assert not c.masked_softmax_fusion or not extra
+    # Multi-latent attention keeps megatron-core's attention, and its softmax, under auto.
+    mla = ["--multi-latent-attention", "--q-lora-rank", "32", "--kv-lora-rank", "16",
+           "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "12"]  # fmt: skip
+    cfg, plan = _cfg("--swiglu", *mla)
+    with pytest.warns(UserWarning, match="--masked-softmax-fusion.*not built"):
+        c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
+    assert not c.masked_softmax_fusion
 
 
 def test_wsd_decay_in_samples_is_the_iterations_schedule_at_one_sample_per_step():
