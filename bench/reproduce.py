@@ -372,7 +372,7 @@ def clean_windows(run):
     An evaluation at iteration ``e`` runs after that step's logging, so it falls in the window
     from ``e`` on: a window (``before``, ``rec``] held one when ``before <= e < rec``, also
     where the evaluation interval is not a multiple of the logging interval."""
-    eval_at = sorted(e["iteration"] for e in run.evals)
+    eval_at = [e["iteration"] for e in run.evals]
     for before, rec in zip(run.train, run.train[1:], strict=False):
         i, j = before["iteration"], rec["iteration"]
         if before["phase"] == rec["phase"] and not any(i <= e < j for e in eval_at):

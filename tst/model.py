@@ -20,6 +20,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from tst import megatron_fixes
+from tst.attention import SDPAttention, use_sdpa
 from tst.embedding import BagEmbedding
 
 __all__ = [
@@ -75,8 +76,6 @@ class ModelShape:
     ) -> ModelShape:
         """The shape a :class:`tst.config.ModelConfig` describes, for a (padded) vocabulary,
         on a GPU or not (``--attention-backend auto`` picks the local spec's attention)."""
-        from tst.attention import use_sdpa
-
         return cls(
             vocab_size=vocab_size,
             max_sequence_length=model.max_position_embeddings,
@@ -150,8 +149,6 @@ def _with_sequence_parallel_norms(spec, sdpa: bool = False):
         attention = dataclasses.replace(attention, submodules=mla)
         submodules = dataclasses.replace(submodules, self_attention=attention)
     elif sdpa and attention.submodules.core_attention is DotProductAttention:
-        from tst.attention import SDPAttention
-
         fused = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
         attention = dataclasses.replace(attention, submodules=fused)
         submodules = dataclasses.replace(submodules, self_attention=attention)

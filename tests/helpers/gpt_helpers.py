@@ -20,6 +20,23 @@ from tst.losses import vocab_parallel_multi_hot_cross_entropy
 VOCAB, SEQ, MBS, MICRO = 128, 8, 2, 4
 
 
+def gpt_from_flags(layout, flags: list[str], vocab: int, on_gpu: bool = False):
+    """The model pretrain_tst.py would build from ``flags`` (parse_args -> run plan ->
+    TransformerConfig -> build_gpt) in a one-rank world, its weights drawn from seed 0;
+    ``on_gpu``: the shape a CUDA run gets (``--attention-backend auto``'s attention)."""
+    from tst.config import parse_args
+    from tst.megatron_config import transformer_config
+    from tst.model import ModelShape, build_gpt
+    from tst.plan import validate
+
+    cfg = parse_args(flags)
+    plan = validate(cfg, 1, vocab)
+    config = transformer_config(cfg, plan, layout)
+    torch.manual_seed(0)
+    shape = ModelShape.from_config(cfg.model, plan.padded_vocab_size, False, on_gpu=on_gpu)
+    return build_gpt(config, shape)
+
+
 def tiny_config(tp=1, pp=1, vpp=None, sp=False, **overrides):
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -19,8 +19,9 @@ import torch
 
 from tst.config import parse_args
 from tst.losses import slot_weights_for, vocab_parallel_multi_hot_cross_entropy
-from tst.plan import check_launchable, validate
+from tst.plan import check_launchable
 
+from gpt_helpers import gpt_from_flags
 from reference import mtp_losses_by_hand, output_only_batch, tst_batch
 
 VOCAB, L, BATCH, DEPTHS, FACTOR = 64, 6, 2, 2, 0.3
@@ -34,14 +35,7 @@ FLAGS = [
 
 
 def _build(layout, flags):
-    from tst.megatron_config import transformer_config
-    from tst.model import ModelShape, build_gpt
-
-    cfg = parse_args(flags)
-    plan = validate(cfg, 1, VOCAB)
-    config = transformer_config(cfg, plan, layout)
-    torch.manual_seed(0)
-    model = build_gpt(config, ModelShape.from_config(cfg.model, plan.padded_vocab_size, False))
+    model = gpt_from_flags(layout, flags, VOCAB)
     with torch.no_grad():  # megatron-core zero-initialises some weights: draw them all
         for param in model.parameters():
             param.normal_(0.0, 0.3)

@@ -15,9 +15,7 @@ import math
 import pytest
 import torch
 
-from tst.config import parse_args
-from tst.plan import validate
-
+from gpt_helpers import gpt_from_flags
 from reference import tst_batch
 
 VOCAB, L, BATCH = 64, 8, 2
@@ -30,16 +28,8 @@ FLAGS = [
 GQA = ["--group-query-attention", "--num-query-groups", "2"]
 
 
-def _build(layout, flags, on_gpu=False, seed=0):
-    from tst.megatron_config import transformer_config
-    from tst.model import ModelShape, build_gpt
-
-    cfg = parse_args(flags)
-    plan = validate(cfg, 1, VOCAB)
-    config = transformer_config(cfg, plan, layout)
-    torch.manual_seed(seed)
-    shape = ModelShape.from_config(cfg.model, plan.padded_vocab_size, False, on_gpu=on_gpu)
-    return build_gpt(config, shape).train()
+def _build(layout, flags, on_gpu=False):
+    return gpt_from_flags(layout, flags, VOCAB, on_gpu).train()
 
 
 def _core(model):
