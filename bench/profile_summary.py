@@ -13,11 +13,17 @@ and the GPU's busy time per step against the wall-clock span of the profiled ste
 is the GPU waiting for the host). On a CPU-only run, which records no kernels, the ``aten::``
 operators that no other ``aten::`` operator encloses are summed instead (their inclusive
 time), so the table still adds up to the steps' host time.
+
+The trainer marks its step's parts in the trace (``tst: read data``, ``tst: forward-backward``,
+``tst: loss and checks``, ``tst: optimizer``; the rest is its work between steps): their host
+time per step, and on CUDA how long the GPU sat idle in each and which host operators ran
+meanwhile, so a phase whose steps take longer than its kernels shows where the host spends it.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import re
@@ -57,6 +63,11 @@ def device_events(events: list[dict]) -> tuple[list[dict], str]:
     ]
     if gpu:
         return gpu, "cuda"
+    return outermost_aten_ops(events), "cpu"
+
+
+def outermost_aten_ops(events: list[dict]) -> list[dict]:
+    """The host's ``aten::`` operators that no other one encloses on the same thread."""
     ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op"
                   and e.get("name", "").startswith("aten::")),
                  key=lambda e: (e.get("tid"), e["ts"], -e["dur"]))  # fmt: skip
@@ -65,7 +76,7 @@ def device_events(events: list[dict]) -> tuple[list[dict], str]:
         if e["ts"] >= end.get(e.get("tid"), float("-inf")):
             outer.append(e)
             end[e.get("tid")] = e["ts"] + e["dur"]
-    return outer, "cpu"
+    return outer
 
 
 def summarise(path: str, steps: int, top: int = 25) -> dict:
@@ -95,6 +106,7 @@ def summarise(path: str, steps: int, top: int = 25) -> dict:
                 host[e["name"]][0] += e["dur"]
                 host[e["name"]][1] += 1
     runtime = sorted(host.items(), key=lambda kv: -kv[1][0])[:8]
+    regions = region_times(trace_events, events if device == "cuda" else [], steps)
     return {
         "trace": path, "device": device, "steps": steps,
         "busy_ms_per_step": busy / 1e3 / steps, "span_ms_per_step": span / 1e3 / steps,
@@ -104,7 +116,88 @@ def summarise(path: str, steps: int, top: int = 25) -> dict:
                  "calls_per_step": c / steps, "share": d / busy} for n, (d, c) in names],
         "cuda_runtime": [{"name": n, "ms_per_step": d / 1e3 / steps, "calls_per_step": c / steps}
                          for n, (d, c) in runtime],
+        **regions,
     }  # fmt: skip
+
+
+REGION_PREFIX = "tst: "  # the trainer's --profile ranges (tst.trainer.profiled_region)
+OUTSIDE = "(outside the trainer's ranges: logging, evaluation, saves)"
+
+
+def _merged(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _overlap(start: float, end: float, intervals: list[tuple[float, float]], starts) -> float:
+    """Length of [start, end) inside the disjoint sorted ``intervals``."""
+    total, i = 0.0, max(bisect.bisect_right(starts, start) - 1, 0)
+    while i < len(intervals) and intervals[i][0] < end:
+        total += max(0.0, min(end, intervals[i][1]) - max(start, intervals[i][0]))
+        i += 1
+    return total
+
+
+def region_times(trace_events: list[dict], gpu: list[dict], steps: int) -> dict:
+    """The step's host time by the trainer's ``tst: ...`` ranges, and on CUDA the GPU's idle
+    time by the range, and by the outermost ``aten::`` operator, the host was in meanwhile.
+
+    The window runs from the first range's start to the trace's end (the profiled steps, each
+    with the work after it); what lies in it outside every range is that work. Empty when the
+    trace has no such ranges (a trace from an older trainer).
+    """
+    ranges = [(e["ts"], e["ts"] + e["dur"], e["name"][len(REGION_PREFIX):])
+              for e in trace_events if e.get("ph") == "X" and e.get("cat") == "user_annotation"
+              and e.get("name", "").startswith(REGION_PREFIX)]  # fmt: skip
+    if not ranges:
+        return {}
+    # The trainer records each profiled step whole, its work after the step included: the
+    # window ends with the trace's last event.
+    lo = min(r[0] for r in ranges)
+    hi = max(e["ts"] + e["dur"] for e in trace_events if e.get("ph") == "X" and "dur" in e)
+    if gpu:  # the GPU's idle intervals inside the window
+        busy = _merged([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
+        idle, at = [], lo
+        for start, end in busy:
+            if start > at:
+                idle.append((at, min(start, hi)))
+            at = max(at, end)
+            if at >= hi:
+                break
+        if at < hi:
+            idle.append((at, hi))
+        idle = [(a, b) for a, b in idle if b > a]
+    else:
+        idle = []
+    idle_starts = [i[0] for i in idle]
+    host: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # name: [host, GPU idle]
+    for start, end, name in ranges:
+        host[name][0] += end - start
+        host[name][1] += _overlap(start, end, idle, idle_starts)
+    covered = _merged([(a, b) for a, b, _ in ranges])
+    host[OUTSIDE] = [
+        (hi - lo) - sum(b - a for a, b in covered),
+        sum(b - a for a, b in idle) - sum(_overlap(a, b, idle, idle_starts) for a, b in covered),
+    ]
+    result = {
+        "window_ms_per_step": (hi - lo) / 1e3 / steps,
+        "regions": [{"name": n, "host_ms_per_step": h / 1e3 / steps,
+                     "gpu_idle_ms_per_step": g / 1e3 / steps}
+                    for n, (h, g) in sorted(host.items(), key=lambda kv: -kv[1][0])],
+    }  # fmt: skip
+    if gpu:
+        ops: dict[str, float] = defaultdict(float)
+        for e in outermost_aten_ops(trace_events):
+            ops[e["name"]] += _overlap(e["ts"], e["ts"] + e["dur"], idle, idle_starts)
+        result["gpu_idle_ms_per_step"] = sum(b - a for a, b in idle) / 1e3 / steps
+        result["idle_ops"] = [{"name": n, "ms_per_step": d / 1e3 / steps}
+                              for n, d in sorted(ops.items(), key=lambda kv: -kv[1])[:8] if d > 0]  # fmt: skip
+    return result
 
 
 def render(s: dict, label: str = "") -> str:
@@ -131,6 +224,18 @@ def render(s: dict, label: str = "") -> str:
         ]
         lines += [f"| `{r['name']}` | {r['ms_per_step']:.2f} | {r['calls_per_step']:g} |"
                   for r in s["cuda_runtime"]]  # fmt: skip
+    if s.get("regions"):
+        gpu = "gpu_idle_ms_per_step" in s
+        lines += ["", f"The trainer's ranges over a {s['window_ms_per_step']:.1f} ms window per step"
+                  + (f"; the GPU idle {s['gpu_idle_ms_per_step']:.1f} ms of it:" if gpu else ":"),
+                  "", "| range | host ms per step |" + (" GPU idle ms per step |" if gpu else ""),
+                  "|---|---|" + ("---|" if gpu else "")]  # fmt: skip
+        for r in s["regions"]:
+            lines.append(f"| {r['name']} | {r['host_ms_per_step']:.2f} |"
+                         + (f" {r['gpu_idle_ms_per_step']:.2f} |" if gpu else ""))  # fmt: skip
+    if s.get("idle_ops"):
+        lines += ["", "| host operator while the GPU is idle | ms per step |", "|---|---|"]
+        lines += [f"| `{o['name']}` | {o['ms_per_step']:.2f} |" for o in s["idle_ops"]]
     return "\n".join(lines)
 
 

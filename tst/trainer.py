@@ -12,6 +12,7 @@ first stage changes its embedding's bag size, the last stage its targets and los
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -304,29 +305,33 @@ class Trainer:
     def train_step(self, phase: Phase) -> dict:
         self._seed_step()
         self.step_stats.begin_step()
-        batches = [
-            self._batch(self.train_stream.next_micro_batch(phase.units_per_row), phase)
-            for _ in range(self.plan.microbatches_at(self.iteration))
-        ]
+        with profiled_region("tst: read data"):
+            batches = [
+                self._batch(self.train_stream.next_micro_batch(phase.units_per_row), phase)
+                for _ in range(self.plan.microbatches_at(self.iteration))
+            ]
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(batches, phase, forward_only=False)
+        with profiled_region("tst: forward-backward"):
+            outputs = self._run_schedule(batches, phase, forward_only=False)
         self._empty_cache(2)
         # One all-reduce per step carries the loss, the gradients' health and the stop votes.
         # Under fp16 the loss scaler owns the gradients' health: an overflow is how it learns
         # to lower the scale, so it must see them.
         fp16 = self.cfg.training.fp16
-        healthy = fp16 or self._gradients_finite()
-        loss_sum, count, non_finite, *self._stop_votes = self._global_loss(
-            outputs, float(not healthy), *self._local_stop_votes()
-        )
+        with profiled_region("tst: loss and checks"):
+            healthy = fp16 or self._gradients_finite()
+            loss_sum, count, non_finite, *self._stop_votes = self._global_loss(
+                outputs, float(not healthy), *self._local_stop_votes()
+            )
         loss = loss_sum / max(count, 1)
         if not math.isfinite(loss) or non_finite:
             # Skip before the optimizer sees anything: weights, Adam moments and step count,
             # and the LR schedule stay as they were.
             return {"loss": loss, "skipped": True, "grad_norm": float("nan")}
-        update_ok, grad_norm, num_zeros = self.optimizer.step()
+        with profiled_region("tst: optimizer"):
+            update_ok, grad_norm, num_zeros = self.optimizer.step()
         if fp16 and not update_ok:  # the scaler halved its scale; nothing was updated
             return {"loss": loss, "skipped": False, "overflow": True, "grad_norm": float("nan"),
                     "num_zeros": None}  # fmt: skip
@@ -766,7 +771,6 @@ class Trainer:
             batch_size = self.plan.batch_size_at(self.iteration)
             profiler.step_start(self.iteration)
             result = self.train_step(phase)
-            profiler.step_end(self.iteration)
             self.iteration += 1
             if result["skipped"]:
                 skipped_in_a_row += 1
@@ -837,8 +841,10 @@ class Trainer:
                 if run.save:
                     self.save()
                 self.writer.print(f"stopping at iteration {self.iteration}: {reason}")
+                profiler.close()
                 self._finish()
                 return 0
+        profiler.close()
         if self.plan.evaluate and self.test is not None:
             self._evaluate_test_split(self.schedule.phase_at(train_iters - 1))
         if run.save and (not run.save_interval or self.iteration % run.save_interval != 0):
@@ -984,9 +990,22 @@ def _memory_record(device) -> dict:
     return {"mem_rss_gib": psutil.Process().memory_info().rss / 2**30}
 
 
+def profiled_region(name: str):
+    """A named range in a --profile trace (``record_function``); nothing when no profiler
+    runs. The trainer's ranges are named ``tst: ...``: bench/profile_summary.py splits the
+    step's host time, and the GPU's idle time, by them."""
+    if torch.autograd._profiler_enabled():
+        return torch.profiler.record_function(name)
+    return contextlib.nullcontext()
+
+
 class _Profiler:
     """--profile: a torch profiler trace of steps [--profile-step-start, --profile-step-end)
-    on --profile-ranks, written as a Chrome trace into --tensorboard-dir (else the cwd)."""
+    on --profile-ranks, written as a Chrome trace into --tensorboard-dir (else the cwd).
+
+    Each profiled step is recorded whole, the trainer's work after it (logging, evaluation,
+    saves) included: the trace stops when the step after the last begins, or when the loop
+    ends."""
 
     def __init__(self, log, rank: int, writer):
         self.enabled = log.profile and rank in log.profile_ranks
@@ -995,20 +1014,22 @@ class _Profiler:
         self.rank, self.writer, self._prof = rank, writer, None
 
     def step_start(self, iteration: int) -> None:
+        if self._prof is not None and iteration >= self.end:
+            self.close()
         if self.enabled and iteration == self.start and self._prof is None:
             self._prof = torch.profiler.profile(record_shapes=True, with_stack=False)
             self._prof.__enter__()
 
-    def step_end(self, iteration: int) -> None:
-        if self._prof is not None and iteration + 1 >= self.end:
-            self._prof.__exit__(None, None, None)
-            os.makedirs(self.out, exist_ok=True)
-            path = os.path.join(
-                self.out, f"profile_rank{self.rank}_steps{self.start}-{self.end}.json"
-            )
-            self._prof.export_chrome_trace(path)
-            print(f"rank {self.rank}: profiler trace written to {path}", flush=True)
-            self._prof, self.enabled = None, False
+    def close(self) -> None:
+        """Write the trace, if one is being recorded (idempotent)."""
+        if self._prof is None:
+            return
+        self._prof.__exit__(None, None, None)
+        os.makedirs(self.out, exist_ok=True)
+        path = os.path.join(self.out, f"profile_rank{self.rank}_steps{self.start}-{self.end}.json")
+        self._prof.export_chrome_trace(path)
+        print(f"rank {self.rank}: profiler trace written to {path}", flush=True)
+        self._prof, self.enabled = None, False
 
 
 class _ManualGC:

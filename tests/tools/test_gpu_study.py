@@ -168,6 +168,49 @@ def test_profile_summary_sums_gpu_kernels_by_name_and_kind(tmp_path):
     assert ps.main([str(path), "--steps", "2"]) == 1
 
 
+def test_profile_summary_splits_host_time_and_gpu_idle_by_the_trainers_ranges(tmp_path):
+    """One step by hand, in microseconds: the trainer's ranges cover [0, 100) reading data,
+    [100, 700) forward-backward, [700, 800) the optimizer; [800, 1000) lies outside them.
+    Kernels run [150, 400) and [380, 650) (overlapping streams: busy [150, 650)) and
+    [720, 780). GPU idle: [0, 150) (100 in read data, 50 in forward-backward), [650, 720)
+    (50 forward-backward, 20 optimizer), [780, 1000) (20 optimizer, 200 outside). An
+    aten::copy_ over [60, 130) waits 70 of them; aten::item over [850, 900) 50."""
+    ps = _profile_summary()
+
+    def x(cat, name, ts, dur, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "tid": tid}
+
+    events = [
+        x("user_annotation", "tst: read data", 0, 100),
+        x("user_annotation", "tst: forward-backward", 100, 600),
+        x("user_annotation", "tst: optimizer", 700, 100),
+        x("user_annotation", "ProfilerStep#5", 0, 1000),  # not the trainer's: ignored
+        x("kernel", "nvjet_gemm", 150, 250, tid=7), x("kernel", "softmax", 380, 270, tid=8),
+        x("kernel", "multi_tensor_adam", 720, 60, tid=7),
+        x("cpu_op", "aten::copy_", 60, 70), x("cpu_op", "aten::item", 850, 50),
+        x("cpu_op", "aten::_local_scalar_dense", 860, 30),  # inside aten::item: not counted
+    ]  # fmt: skip
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    s = ps.summarise(str(path), steps=1)
+    assert s["window_ms_per_step"] == pytest.approx(1.0)
+    assert s["gpu_idle_ms_per_step"] == pytest.approx(0.44)
+    got = {r["name"]: (round(r["host_ms_per_step"], 6), round(r["gpu_idle_ms_per_step"], 6))
+           for r in s["regions"]}  # fmt: skip
+    assert got == {"forward-backward": (0.6, 0.1), ps.OUTSIDE: (0.2, 0.2),
+                   "read data": (0.1, 0.1), "optimizer": (0.1, 0.04)}  # fmt: skip
+    assert [r["name"] for r in s["regions"]][0] == "forward-backward"  # most host time first
+    assert [(o["name"], round(o["ms_per_step"], 6)) for o in s["idle_ops"]] == [
+        ("aten::copy_", 0.07), ("aten::item", 0.05)]  # fmt: skip
+    table = ps.render(s, "superposition")
+    assert "| read data | 0.10 | 0.10 |" in table and "the GPU idle 0.4 ms of it" in table
+    assert "| `aten::copy_` | 0.07 |" in table
+    # A trace without the trainer's ranges (an older trainer's) has no such tables.
+    path.write_text(json.dumps({"traceEvents": events[3:]}))
+    s = ps.summarise(str(path), steps=1)
+    assert "regions" not in s and "trainer's ranges" not in ps.render(s)
+
+
 def test_profile_summary_on_cpu_counts_only_outermost_aten_ops(tmp_path):
     """On CPU the nested aten:: ops (aten::linear inside a module, aten::mm inside it) are
     counted once, through the outermost op, per thread."""
@@ -204,6 +247,12 @@ def test_gpu_profile_dry_run_profiles_both_phases_and_both_attentions(tmp_path):
         assert sum(k["share"] for k in s["kinds"].values()) == pytest.approx(1.0)
         assert "matmul" in s["kinds"]
         assert re.search(rf"\| {name} \| [\d.]+ \| [\d.]+x \|", text)
+        # The trainer's ranges split each profiled step's host time (on CPU the whole of it):
+        # they and the work between steps add up to the window.
+        regions = {r["name"]: r["host_ms_per_step"] for r in s["regions"]}
+        assert {"read data", "forward-backward", "loss and checks", "optimizer"} <= set(regions)
+        assert regions["forward-backward"] == max(regions.values())
+        assert sum(regions.values()) == pytest.approx(s["window_ms_per_step"], rel=1e-6)
     # The fused attention's trace has torch's SDPA, the unfused one's megatron-core's softmax.
     fused = json.loads((out / "profile_recovery.json").read_text())
     unfused = json.loads((out / "profile_recovery_unfused.json").read_text())
