@@ -284,11 +284,25 @@ def _prepare_resume(plan: Plan, out: str) -> list[str]:
 
 class _MetricsEcho:
     """A compact progress line per record a run appends to its metrics file (read as JSON
-    lines, whole lines only: a line still being written is left for the next poll)."""
+    lines, whole lines only: a line still being written is left for the next poll), with the
+    time the run has left at the pace measured since its first progress line here (a resumed
+    run's pace counts only the steps trained since it resumed)."""
 
-    def __init__(self, path: str, progress: str, start: float, iters: int):
+    def __init__(self, path: str, progress: str, start: float, iters: int, clock=time.time):
         self.path, self.progress, self.start, self.iters = path, progress, start, iters
         self.offset = os.path.getsize(path) if os.path.exists(path) else 0
+        self.clock = clock
+        self.first: tuple[int, float] | None = None  # (iteration, time) of the first line
+
+    def _left(self, iteration: int, now: float) -> str:
+        if self.first is None:
+            self.first = (iteration, now)
+            return ""
+        steps, seconds = iteration - self.first[0], now - self.first[1]
+        if steps <= 0 or seconds <= 0:
+            return ""
+        left = (self.iters - iteration) * seconds / steps
+        return f", about {left / 60:.0f} min left" if left >= 60 else f", about {left:.0f} s left"
 
     def poll(self) -> None:
         if not os.path.exists(self.path):
@@ -304,9 +318,11 @@ class _MetricsEcho:
                 print(f"  {self.progress} eval at {r['iteration']}: next-token loss "
                       f"{r['val_loss']:.4f}", flush=True)  # fmt: skip
             elif "loss" in r:
+                now = self.clock()
+                left = self._left(r["iteration"], now)
                 print(f"  {self.progress} iter {r['iteration']:>4}/{self.iters} "
                       f"{r['phase']:<13} {r['loss_name']} {r['loss']:.3f}  "
-                      f"({time.time() - self.start:.0f} s)", flush=True)  # fmt: skip
+                      f"({now - self.start:.0f} s{left})", flush=True)  # fmt: skip
 
 
 def stop_children(children: list[subprocess.Popen], timeout_s: float = 60.0) -> None:

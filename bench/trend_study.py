@@ -716,6 +716,11 @@ def main(argv=None) -> int:
               f"{sum(r.iters for r in left):,} steps: {_duration(secs)}", flush=True)  # fmt: skip
     at_once = "one run at a time" if a.jobs == 1 else f"summed over runs, {a.jobs} at a time"
     print(f"  all       {_duration(total)}, {at_once}", flush=True)
+    print(
+        "  (a floor: 1.6x to 4x low on the 2-core machines measured; each run's progress "
+        "lines say the time it has left at its own pace)",
+        flush=True,
+    )
     if a.report:  # a long study's interim figures (a group without its baseline has no gap)
         runs = [r for r in runs if finished(a, r, flags[r])]
         print(f"--report: the {len(runs)} finished runs, nothing trained", flush=True)

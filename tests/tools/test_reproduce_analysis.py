@@ -148,6 +148,27 @@ def test_progress_comes_from_the_metrics_file_whole_lines_only(tmp_path, capsys)
     assert capsys.readouterr().out == ""
 
 
+def test_progress_says_the_time_left_at_the_measured_pace(tmp_path, capsys):
+    """From the second progress line on: the steps left at the pace since the first line
+    this study saw (a resumed run's earlier steps do not count)."""
+    import json
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("")
+    now = [1000.0]
+    echo = rp._MetricsEcho(str(path), "arm s1", start=990.0, iters=1000, clock=lambda: now[0])
+    for iteration, t in ((400, 1000.0), (500, 1050.0), (990, 1295.0)):
+        now[0] = t
+        with open(path, "a") as f:
+            f.write(json.dumps({"iteration": iteration, "phase": "recovery", "loss_name": "lm",
+                                "loss": 2.0}) + "\n")  # fmt: skip
+        echo.poll()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("(10 s)")  # resumed at 400: no pace yet
+    assert lines[1].endswith("(60 s, about 4 min left)")  # 100 steps in 50 s; 500 left: 250 s
+    assert lines[2].endswith("(305 s, about 5 s left)")  # 590 steps in 295 s; 10 left
+
+
 def test_model_size_reads_the_dry_run_report(tmp_path):
     """The study's model size comes from ``--dry-run-report`` (no tokenizer file needed)."""
     plan = rp.Plan(work=str(tmp_path), iters=10, seeds=[1], arms=[], eval_interval=5,
