@@ -259,6 +259,16 @@ class ParallelConfig:
         "Layers per pipeline stage, megatron-core's layout string: E (embedding), t (layer), "
         "L (loss), stages split by |, (...)*N repeats, e.g. 'Et|(tt|)*30L'; PP x VPP stages.",
     )
+    account_for_embedding_in_pipeline_split: bool = _f(
+        False,
+        "Count the input embedding as a layer when splitting layers over pipeline stages: the "
+        "first stage builds one decoder layer fewer ((--num-layers + 1) / PP per stage).",
+    )
+    account_for_loss_in_pipeline_split: bool = _f(
+        False,
+        "Count the loss (output layer) as a layer when splitting layers over pipeline stages: "
+        "the last stage builds one decoder layer fewer.",
+    )
     context_parallel_size: int = _f(
         1, "Context-parallel size (CP): the sequence split over ranks; needs Transformer Engine."
     )

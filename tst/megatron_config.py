@@ -141,6 +141,8 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
         pipeline_model_parallel_layout=p.pipeline_model_parallel_layout,
+        account_for_embedding_in_pipeline_split=p.account_for_embedding_in_pipeline_split,
+        account_for_loss_in_pipeline_split=p.account_for_loss_in_pipeline_split,
         context_parallel_size=plan.grid.cp,
         cp_comm_type=p.cp_comm_type if plan.grid.cp > 1 else None,
         expert_model_parallel_size=plan.grid.ep,

@@ -155,18 +155,6 @@ REFUSED: dict[str, Flag] = {
     "--cache-mla-latents": Flag(
         0, "MLA latent caching is for inference (megatron-core refuses it in training): drop it"
     ),
-    **{
-        flag: Flag(
-            0,
-            "a stage's share of the embedding / loss is not counted here: give the stages' "
-            "layers with --pipeline-model-parallel-layout or --decoder-first/last-pipeline-"
-            "num-layers",
-        )
-        for flag in (
-            "--account-for-embedding-in-pipeline-split",
-            "--account-for-loss-in-pipeline-split",
-        )
-    },
     "--eod-mask-loss": Flag(
         0,
         "end-of-document tokens are predicted as any token (the multi-hot bags hold them "

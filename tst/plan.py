@@ -248,7 +248,10 @@ def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
     ``--decoder-first-pipeline-num-layers`` / ``--decoder-last-pipeline-num-layers`` the
     first / last stage take as many and the middle stages split the rest evenly (each rank's
     share then split in ``--num-virtual-stages-per-pipeline-rank`` chunks), or
-    ``--pipeline-model-parallel-layout`` lists each of the PP x VPP stages' layers.
+    ``--pipeline-model-parallel-layout`` lists each of the PP x VPP stages' layers. With
+    ``--account-for-embedding-in-pipeline-split`` / ``--account-for-loss-in-pipeline-split``
+    the embedding / loss counts as one more layer of the even split, and the first / last
+    chunk builds one decoder layer fewer.
     """
     m, p = cfg.model, cfg.parallel
     pp, per_vp = p.pipeline_model_parallel_size, p.num_layers_per_virtual_pipeline_stage
@@ -260,6 +263,17 @@ def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
     virtual = [flag for flag, value in (("--num-layers-per-virtual-pipeline-stage", per_vp),
                ("--num-virtual-stages-per-pipeline-rank", stages_per_rank))
                if value is not None]  # fmt: skip
+    counted = [
+        flag
+        for flag, on in (
+            (
+                "--account-for-embedding-in-pipeline-split",
+                p.account_for_embedding_in_pipeline_split,
+            ),
+            ("--account-for-loss-in-pipeline-split", p.account_for_loss_in_pipeline_split),
+        )
+        if on
+    ]
     _require(len(virtual) < 2, f"give {' or '.join(virtual)}, not both")
     for flag, value in zip(virtual, [v for v in (per_vp, stages_per_rank) if v is not None],
                            strict=True):  # fmt: skip
@@ -267,13 +281,18 @@ def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
         _require(pp > 1, "virtual pipeline stages need --pipeline-model-parallel-size > 1")
     if layout is not None:
         _require(
-            not uneven and not virtual,
+            not uneven and not virtual and not counted,
             "--pipeline-model-parallel-layout sets every stage's layers: drop "
-            + ", ".join(uneven + virtual),
+            + ", ".join(uneven + virtual + counted),
         )
         return _layout_chunks(layout, pp, m.num_layers, cfg.mtp.mtp_num_layers)
     if uneven:
         _require(pp > 1, f"{uneven[0]} needs --pipeline-model-parallel-size > 1")
+        _require(
+            not counted,
+            f"{counted[0] if counted else ''} with {uneven[0]} is refused (as in megatron-core): "
+            "give the first / last stage's layers with one or the other",
+        )
         _require(
             per_vp is None,
             f"{uneven[0]} with --num-layers-per-virtual-pipeline-stage is refused (as in "
@@ -301,29 +320,43 @@ def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
         # Chunk (virtual stage v, rank r) holds a 1/vpp share of rank r's layers, in layer order.
         chunks = tuple(counts[r] // (vpp or 1) for _ in range(vpp or 1) for r in range(pp))
         return chunks, vpp
+    # The even split, the embedding / loss counted as layers where asked (megatron-core's
+    # get_num_layers_to_build): (layers + counted) / (PP x VPP) a chunk, the first / last
+    # chunk one decoder layer fewer.
+    slots = m.num_layers + len(counted)
+    total = f"--num-layers {m.num_layers}" + (
+        f" + {len(counted)} ({' and '.join(counted)}) = {slots}" if counted else ""
+    )
     _require(
-        m.num_layers % pp == 0,
-        f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp} "
-        "(or give --decoder-first/last-pipeline-num-layers or --pipeline-model-parallel-layout)",
+        slots % pp == 0,
+        f"{total} is not divisible by "
+        f"--pipeline-model-parallel-size {pp} (or give --decoder-first/last-pipeline-num-layers "
+        "or --pipeline-model-parallel-layout)",
     )
     vpp = None
-    per_stage = m.num_layers // pp
+    per_stage = slots // pp
     if per_vp is not None:
         _require(
             per_stage % per_vp == 0,
-            "--num-layers / PP must be divisible by --num-layers-per-virtual-pipeline-stage",
+            f"{total} / PP = {per_stage} is not divisible by "
+            f"--num-layers-per-virtual-pipeline-stage {per_vp}",
         )
         vpp = per_stage // per_vp
     if stages_per_rank is not None:
         _require(
             per_stage % stages_per_rank == 0,
-            f"--num-layers / PP = {per_stage} is not divisible by "
+            f"{total} / PP = {per_stage} is not divisible by "
             f"--num-virtual-stages-per-pipeline-rank {stages_per_rank}",
         )
         vpp = stages_per_rank
     vpp = vpp if vpp and vpp > 1 else None
     chunks = pp * (vpp or 1)
-    return (m.num_layers // chunks,) * chunks, vpp
+    counts = [slots // chunks] * chunks
+    if p.account_for_embedding_in_pipeline_split:
+        counts[0] -= 1  # the first chunk holds the embedding
+    if p.account_for_loss_in_pipeline_split:
+        counts[-1] -= 1  # the last chunk holds the loss
+    return tuple(counts), vpp
 
 
 def _layout_chunks(

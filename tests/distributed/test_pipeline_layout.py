@@ -1,5 +1,6 @@
-"""Uneven pipeline stages: --decoder-first/last-pipeline-num-layers and
---pipeline-model-parallel-layout.
+"""Uneven pipeline stages: --decoder-first/last-pipeline-num-layers,
+--pipeline-model-parallel-layout, and the embedding / loss counted as a layer of the split
+(--account-for-embedding-in-pipeline-split / --account-for-loss-in-pipeline-split).
 
 Three layers split 1 + 2 (and 2 + 1, and interleaved through a layout) over PP 2 train the
 model PP 1 trains across the phase switch (rel 2e-4 per logged loss: the same fp32 math,
@@ -27,6 +28,10 @@ UNEVEN = {
     "layout-1+2": PP2 + ["--pipeline-model-parallel-layout", "Et|ttL"],
     # Interleaved: rank 0 runs chunks [E t] and [t], rank 1 [t] and [L] (no layer at all).
     "layout-vpp2": PP2 + ["--pipeline-model-parallel-layout", "Et|t|t|L"],
+    # (3 layers + the embedding) / 2: the first stage builds 1, the second 2; with the loss
+    # counted instead, 2 and 1.
+    "embedding-split": PP2 + ["--account-for-embedding-in-pipeline-split"],
+    "loss-split": PP2 + ["--account-for-loss-in-pipeline-split"],
 }
 
 
@@ -52,6 +57,16 @@ def test_uneven_interleaved_stages_agree_with_pp1(world2, tmp_path):
                                                  ["1:MLP", "2:MLP", "4:MLP", "5:MLP"]]  # fmt: skip
     got = next(records for records, _ in results if _losses(records))
     _assert_close(_losses(got), _losses(want), 2e-4, "2 + 4 layers, VPP 2")
+    # The embedding and the loss counted as layers, Megatron-LM's layers-per-virtual-stage
+    # flag: (6 + 2) / PP 2 = 4 a rank, VPP 4 / 2 = 2, chunks of 1, 2, 2, 1 layers.
+    extra = PP2 + ["--account-for-embedding-in-pipeline-split",
+                   "--account-for-loss-in-pipeline-split",
+                   "--num-layers-per-virtual-pipeline-stage", "2"]  # fmt: skip
+    results = world2.run(_train_with_layers, six + extra, str(tmp_path / "counted.jsonl"))
+    assert [layers for _, layers in results] == [["0:MLP", "3:MLP", "4:MLP"],
+                                                 ["1:MLP", "2:MLP", "5:MLP"]]  # fmt: skip
+    got = next(records for records, _ in results if _losses(records))
+    _assert_close(_losses(got), _losses(want), 2e-4, "embedding and loss counted, VPP 2")
 
 
 def test_uneven_stages_with_tied_embeddings_agree(world2, tmp_path):
@@ -82,7 +97,7 @@ def _stage_parameters(argv: list[str]) -> tuple[int, list[int], int]:
     return layout.pp_rank, layers, sum(p.numel() for c in chunks for p in c.parameters())
 
 
-@pytest.mark.parametrize("name", ["first-1", "layout-vpp2"])
+@pytest.mark.parametrize("name", ["first-1", "layout-vpp2", "loss-split"])
 def test_dry_run_stages_match_a_real_build(name, world2):
     from tst.dry_run import meta_parameters, per_rank_parameters
 
@@ -126,6 +141,51 @@ def test_stage_layers_follow_megatron_cores_rules():
     assert [grid.stage_of_layer(i, 61) for i in (0, 1, 2, 15, 16, 17, 60)] == [0, 1, 1, 0, 0, 1, 6]
 
 
+def _megatron_core_chunks(num_layers, pp, vpp, embedding, loss):
+    """(first layer, layers) of each chunk in layer order, from megatron-core's own
+    get_transformer_layer_offset / get_num_layers_to_build (what the model build calls)."""
+    import torch
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    config = TransformerConfig(
+        num_layers=num_layers, hidden_size=8, num_attention_heads=1,
+        pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vpp,
+        pipeline_dtype=torch.float32, account_for_embedding_in_pipeline_split=embedding,
+        account_for_loss_in_pipeline_split=loss,
+    )  # fmt: skip
+    stages = [(v if vpp else None, r) for v in range(vpp or 1) for r in range(pp)]
+    return [(get_transformer_layer_offset(config, v, r), get_num_layers_to_build(config, v, r))
+            for v, r in stages]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "num_layers, pp, virtual, embedding, loss",
+    [
+        (94, 8, ["--num-virtual-stages-per-pipeline-rank", "4"], True, True),  # Qwen3-235B's
+        (15, 8, [], True, False),
+        (7, 4, [], False, True),
+        (6, 2, ["--num-layers-per-virtual-pipeline-stage", "2"], True, True),
+        (4, 1, [], True, True),  # PP 1: nothing to split, every layer on the one stage
+    ],
+)  # fmt: skip
+def test_counted_embedding_and_loss_split_as_megatron_core_builds(
+    num_layers, pp, virtual, embedding, loss
+):
+    counted = ["--account-for-embedding-in-pipeline-split"] * embedding + [
+        "--account-for-loss-in-pipeline-split"
+    ] * loss
+    argv = THREE + ["--num-layers", str(num_layers), "--global-batch-size", "16",
+                    "--pipeline-model-parallel-size", str(pp), *virtual, *counted]  # fmt: skip
+    grid = validate(parse_args(argv), pp, 512).grid
+    want = _megatron_core_chunks(num_layers, pp, grid.vpp, embedding, loss)
+    assert grid.chunk_layers == tuple(count for _, count in want)
+    # Contiguous in chunk order: each chunk starts where the one before it ended.
+    starts = [sum(grid.chunk_layers[:c]) for c in range(len(grid.chunk_layers))]
+    assert starts == [offset for offset, _ in want] and sum(grid.chunk_layers) == num_layers
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -161,9 +221,20 @@ def test_stage_layers_follow_megatron_cores_rules():
          r"rank, not both"),
         (PP2, r"--num-layers 3 is not divisible by --pipeline-model-parallel-size 2 \(or give "
               r"--decoder-first/last-pipeline-num-layers"),
+        (PP2 + ["--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split"],
+         r"--num-layers 3 \+ 2 \(--account-for-embedding-in-pipeline-split and --account-for-"
+         r"loss-in-pipeline-split\) = 5 is not divisible by --pipeline-model-parallel-size 2"),
+        (PP2 + ["--pipeline-model-parallel-layout", "Et|ttL",
+                "--account-for-loss-in-pipeline-split"],
+         r"sets every stage's layers: drop --account-for-loss-in-pipeline-split"),
+        (PP2 + ["--decoder-first-pipeline-num-layers", "1",
+                "--account-for-embedding-in-pipeline-split"],
+         r"--account-for-embedding-in-pipeline-split with --decoder-first-pipeline-num-layers "
+         r"is refused \(as in megatron-core\)"),
     ],
     ids=["stages-vs-pp", "layer-count", "embedding", "loss", "character", "mtp", "both",
-         "pp1", "zero", "middle", "vpp", "vpp-split", "vpp-both", "even"],
+         "pp1", "zero", "middle", "vpp", "vpp-split", "vpp-both", "even", "counted-even",
+         "counted-layout", "counted-uneven"],
 )  # fmt: skip
 def test_bad_layouts_are_refused_in_one_line(extra, message):
     with pytest.raises(ValueError, match=message) as error:

@@ -77,7 +77,7 @@ REFUSED = [
     (["--num-layers-per-virtual-pipeline-stage", "1"], 1,
      r"virtual pipeline stages need --pipeline-model-parallel-size > 1"),
     (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"], 2,
-     r"--num-layers / PP must be divisible by --num-layers-per-virtual-pipeline-stage"),
+     r"--num-layers \d+ / PP = \d+ is not divisible by --num-layers-per-virtual-pipeline-stage 3"),
     (["--sequence-parallel", "--tensor-model-parallel-size", "2", "--seq-length", "9",
       "--max-position-embeddings", "9"], 2, r"--seq-length must be divisible by TP"),
     (["--num-experts", "3", "--expert-model-parallel-size", "2"], 2,

@@ -87,6 +87,8 @@ def single_process_config(cfg: Config) -> Config:
         decoder_first_pipeline_num_layers=None,
         decoder_last_pipeline_num_layers=None,
         pipeline_model_parallel_layout=None,
+        account_for_embedding_in_pipeline_split=False,
+        account_for_loss_in_pipeline_split=False,
         expert_model_parallel_size=1,
         expert_tensor_parallel_size=None,
         context_parallel_size=1,
