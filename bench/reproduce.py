@@ -325,19 +325,34 @@ class _MetricsEcho:
                       f"({now - self.start:.0f} s{left})", flush=True)  # fmt: skip
 
 
-def stop_children(children: list[subprocess.Popen], timeout_s: float = 60.0) -> None:
-    """Stop training children with SIGTERM (each saves at its next step and exits), all at
-    once; one still running after ``timeout_s`` is killed (it resumes from its last save)."""
+def stop_children(children: list[subprocess.Popen], timeout_s: float = 900.0) -> None:
+    """Stop training children with SIGTERM (each saves a checkpoint at its next step and
+    exits), all at once, and wait for their saves: a child killed mid-save publishes nothing
+    and loses every step since its last checkpoint. On a loaded machine a step and a save can
+    take minutes, so the wait is long; one still running after ``timeout_s``, or when the wait
+    itself is interrupted (a second Ctrl-C or SIGTERM), is killed."""
     running = [child for child in children if child.poll() is None]
+    if not running:
+        return
     for child in running:
         child.terminate()
+    print(f"stopping {len(running)} run(s): each saves a checkpoint at its next step (waiting "
+          f"up to {timeout_s:.0f} s; interrupt again to kill them, losing the steps since their "
+          "last checkpoint)", flush=True)  # fmt: skip
     deadline = time.monotonic() + timeout_s
-    for child in running:
-        try:
-            child.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+    try:
+        for child in running:
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    except BaseException:  # interrupted again while waiting: stop now
+        for child in running:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        raise
 
 
 def train_one(plan: Plan, arm: Arm, seed: int, python: str, progress: str) -> None:

@@ -276,3 +276,68 @@ def test_a_child_that_stops_early_is_not_marked_done(tmp_path):
     assert proc.returncode == 1, text
     assert "last evaluation at iteration 5, not at its end (10)" in text
     assert not (out / "done").exists()
+
+
+# A training child whose save at SIGTERM takes a while (a loaded machine): it writes SAVED
+# a second after the signal, then exits 0; with IGNORE it ignores SIGTERM altogether.
+_SLOW_SAVER = """
+import os, signal, sys, time
+out = sys.argv[1]
+def save(*_):
+    time.sleep(1.0)
+    open(os.path.join(out, "saved"), "w").close()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if os.environ.get("IGNORE") else save)
+open(os.path.join(out, "ready"), "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _slow_saver(tmp_path, **env):
+    import subprocess
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", _SLOW_SAVER, str(tmp_path)],
+                             env={**os.environ, **env})  # fmt: skip
+    end = time.time() + 60
+    while not (tmp_path / "ready").exists() and time.time() < end:
+        time.sleep(0.05)
+    assert (tmp_path / "ready").exists(), "the child did not start"
+    return child
+
+
+def test_stopping_waits_for_the_childrens_saves(tmp_path, capsys):
+    child = _slow_saver(tmp_path)
+    rp.stop_children([child])  # the default wait: long enough for a save on a loaded machine
+    assert child.returncode == 0 and (tmp_path / "saved").exists()
+    assert "stopping 1 run(s): each saves a checkpoint at its next step" in capsys.readouterr().out
+
+
+def test_a_child_past_the_wait_is_killed(tmp_path):
+    child = _slow_saver(tmp_path)
+    rp.stop_children([child], timeout_s=0.2)
+    assert child.returncode == -9 and not (tmp_path / "saved").exists()
+
+
+def test_a_second_interrupt_kills_the_children_at_once(tmp_path):
+    import signal
+    import threading
+    import time
+
+    child = _slow_saver(tmp_path, IGNORE="1")
+    # A second SIGTERM to the study, whose handler raises SystemExit (trend_study.py's).
+    previous = signal.signal(signal.SIGTERM, rp._terminated)
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    start = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(SystemExit):
+            rp.stop_children([child], timeout_s=60)
+        assert child.poll() == -9, "the wait was interrupted, but the child was left running"
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+        if child.poll() is None:
+            child.kill()
+    assert time.monotonic() - start < 30
