@@ -361,11 +361,12 @@ def _write_results_queue():
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    from tst.processes import serve_the_trainer
+    from tst.processes import serve_the_trainer, stop_signals_blocked
 
     if filesystem_async._results_queue is None:
         manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(initializer=serve_the_trainer, initargs=(os.getpid(),))
+        with stop_signals_blocked():  # until the manager ignores them: it starts mid-stop
+            manager.start(initializer=serve_the_trainer, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
     return filesystem_async._results_queue
 

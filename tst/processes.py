@@ -17,12 +17,14 @@ signals the trainer handles) and end with it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
 
-__all__ = ["STOP_SIGNALS", "exit_with_parent", "parent_pid", "serve_the_trainer"]
+__all__ = ["STOP_SIGNALS", "exit_with_parent", "parent_pid", "serve_the_trainer",
+           "stop_signals_blocked"]  # fmt: skip
 
 # What the trainer answers with a save at the next step (tst.trainer): SIGUSR1's default action
 # ends a process, so a helper that kept it died under Slurm's time-limit warning mid-save.
@@ -60,4 +62,23 @@ def serve_the_trainer(parent: int) -> None:
     initializer. Processes the helper forks inherit the ignored signals."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # Started under stop_signals_blocked: a stop signal that came while this process was
+    # importing waits, blocked; ignored now, it is dropped when unblocked.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     exit_with_parent(parent)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Block the stop signals in this thread while a helper is spawned. A spawned process
+    spends seconds importing before its first call (:func:`serve_the_trainer`), and a stop
+    signal in that time ends it by default (seen once under Slurm: after ``scancel
+    --signal=USR1``, the result-queue managers a stop-save had just started were gone on three
+    of four ranks, failing the save). The signal mask survives the spawn's exec, so the helper
+    starts with the stop signals blocked until it ignores them; here they are delivered when
+    the block ends."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

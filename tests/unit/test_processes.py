@@ -46,3 +46,50 @@ def test_parent_pid_outside_a_multiprocessing_child_is_getppid():
 
     assert multiprocessing.parent_process() is None
     assert parent_pid() == os.getppid()
+
+
+def _helper_under_a_stop(conn) -> None:
+    """A spawned helper's first lines, as a stop signal arrives before it ignores the signals:
+    report the mask it started with, let the test signal it, then serve_the_trainer."""
+    import signal
+
+    from tst.processes import parent_pid, serve_the_trainer
+
+    conn.send(sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    conn.recv()  # the test has sent SIGUSR1 (Slurm's warning) by now: it is pending
+    pending = sorted(int(s) for s in signal.sigpending())
+    serve_the_trainer(parent_pid())  # ignored, then unblocked: the pending signal is dropped
+    conn.send((pending, sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))))
+
+
+def test_a_helper_spawned_with_the_stop_signals_blocked_survives_one_sent_while_it_starts():
+    """What tst.checkpointing does around its spawned result-queue manager: the helper starts
+    with the stop signals blocked (the mask survives the spawn's exec), a SIGUSR1 sent before
+    its first call waits instead of ending it, and serve_the_trainer drops it and unblocks.
+    The parent's own mask is back as it was afterwards."""
+    import signal
+
+    from tst.processes import STOP_SIGNALS, stop_signals_blocked
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    helper = ctx.Process(target=_helper_under_a_stop, args=(there,))
+    with stop_signals_blocked():
+        helper.start()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    try:
+        assert here.poll(120), "the helper did not start"
+        started_with = set(here.recv())
+        assert {int(s) for s in STOP_SIGNALS} <= started_with
+        os.kill(helper.pid, signal.SIGUSR1)  # a stop signal's default action ends a process
+        here.send("sent")
+        assert here.poll(60), f"the helper ended (exit code {helper.exitcode})"
+        pending, mask_after = here.recv()
+        assert int(signal.SIGUSR1) in pending
+        assert not {int(s) for s in STOP_SIGNALS} & set(mask_after)
+        helper.join(30)
+        assert helper.exitcode == 0
+    finally:
+        if helper.is_alive():
+            helper.kill()
