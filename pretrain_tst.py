@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module="megatron")
     cfg = parse_args(argv)
     with settled_imports():  # torch, megatron-core: the collector paused, then kept off them
+        import torch
+
         from tst import te_userbuffers
         from tst.dry_run import dry_run, dry_run_vocab_size
         from tst.platform import initialize, shutdown
@@ -94,6 +96,10 @@ def main(argv=None) -> int:
     )  # fmt: skip
     trainer = None
     userbuffers = False
+    matmul = torch.backends.cuda.matmul
+    reduced_bf16 = matmul.allow_bf16_reduced_precision_reduction
+    if cfg.training.disable_bf16_reduced_precision_matmul:
+        matmul.allow_bf16_reduced_precision_reduction = False
     try:
         userbuffers = te_userbuffers.initialize(cfg, grid)  # --tp-comm-overlap, before the model
         datasets = build_datasets(cfg, plan, tokenizer, vocab_size, blends)
@@ -106,6 +112,7 @@ def main(argv=None) -> int:
             trainer.train_stream.close()  # the loader's workers end with the run, however
         if userbuffers:
             te_userbuffers.destroy()
+        matmul.allow_bf16_reduced_precision_reduction = reduced_bf16  # process-wide: as found
         shutdown(layout)
 
 

@@ -17,17 +17,39 @@ keep megatron-core's, and so does multi-latent attention (``tst.model``'s
 
 from __future__ import annotations
 
+import warnings
+
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 
-def use_sdpa(attention_backend: str, use_transformer_engine: bool, on_gpu: bool) -> bool:
-    """Whether the local spec's core attention is :class:`SDPAttention`."""
+def use_sdpa(attention_backend: str, use_transformer_engine: bool, on_gpu: bool,
+             model=None, warn: bool = True) -> bool:  # fmt: skip
+    """Whether the local spec's core attention is :class:`SDPAttention`.
+
+    ``model`` (a :class:`tst.config.ModelConfig`): a softmax with sinks or a sliding window
+    runs megatron-core's unfused attention, which has both (with a warning where flash /
+    fused was asked for by name).
+    """
     if use_transformer_engine:
         return False
-    return attention_backend in ("flash", "fused") or (attention_backend == "auto" and on_gpu)
+    sdpa = attention_backend in ("flash", "fused") or (attention_backend == "auto" and on_gpu)
+    unfused_only = model is not None and (
+        model.softmax_type != "vanilla" or model.window_size is not None
+    )
+    if sdpa and unfused_only:
+        if warn and attention_backend != "auto":
+            warnings.warn(
+                f"--attention-backend {attention_backend}: the fused (SDPA) local attention has "
+                "no attention sinks (--softmax-type) or sliding window (--window-size); running "
+                "megatron-core's unfused attention (pass --attention-backend unfused to silence "
+                "this, or use Transformer Engine's spec, which has both)",
+                stacklevel=2,
+            )
+        return False
+    return sdpa
 
 
 class SDPAttention(DotProductAttention):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from tst.config_fields import _f, _require
 from tst.config_mla import MLAConfig
-from tst.config_moe import MoEConfig
+from tst.config_moe import MoEConfig, parse_layer_freq
 from tst.config_mtp import MTPConfig
 from tst.data.tokenizers import TOKENIZER_TYPES
 from tst.errors import ConfigError
@@ -42,6 +42,19 @@ __all__ = [
     "build_parser",
     "parse_args",
 ]
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """``--window-size`` 'L,R' (or '(L,R)'), two non-negative ints, as Megatron-LM reads it."""
+    try:
+        window = tuple(int(v) for v in str(text).strip().strip("()").split(","))
+    except ValueError:
+        window = ()
+    _require(
+        len(window) == 2 and min(window) >= 0,
+        f"--window-size {text}: give two non-negative ints 'L,R' such as 128,0",
+    )
+    return window
 
 
 @dataclass
@@ -96,6 +109,35 @@ class ModelConfig:
         False, "Zero-centred norm weights (weight + 1); needs Transformer Engine or apex norms."
     )
     swiglu: bool = _f(False, "SwiGLU MLP (gated SiLU) instead of GELU.")
+    quick_geglu: bool = _f(
+        False, "Quick-GELU gated MLP (GPT-OSS): quick_gelu(x W_gate) x (x W_linear + offset)."
+    )
+    glu_linear_offset: float = _f(
+        0.0,
+        "Offset added to a gated MLP's linear half: act(gate) x (linear + offset) (GPT-OSS 1.0).",
+    )
+    activation_func_clamp_value: float | None = _f(
+        None,
+        "Clamp a gated MLP's inputs: the gate to at most V, the linear half to [-V, V] "
+        "(GPT-OSS 7.0).",
+    )
+    softmax_type: str = _f(
+        "vanilla",
+        "Attention softmax: vanilla; off-by-one (one more zero logit in the denominator); "
+        "learnable (a learned logit per head, GPT-OSS's attention sinks).",
+        choices=["vanilla", "off-by-one", "learnable"],
+    )
+    window_size: str | None = _f(
+        None,
+        "Sliding-window attention 'L,R': each position attends to the L positions before it "
+        "(R must be 0: a GPT looks back only), e.g. 128,0; off by default.",
+    )
+    window_attn_skip_freq: str | None = _f(
+        None,
+        "Layers of full attention among --window-size layers: N makes every N-th layer full "
+        "(N-1 windowed, then 1 full), or a list with one 1 (windowed) / 0 (full) per layer such "
+        "as '[1,0]*12'. Default: every layer windowed.",
+    )
     untie_embeddings_and_output_weights: bool = _f(False, "Separate input and output embeddings.")
     qk_layernorm: bool = _f(False, "Normalise queries and keys (Qwen3-style).")
     init_method_std: float = _f(0.02, "Std of the normal weight initialisation.")
@@ -191,6 +233,7 @@ class ModelConfig:
                 "--num-attention-heads must be divisible by --num-query-groups",
             )
         _require(0 < self.rotary_percent <= 1, "--rotary-percent must be in (0, 1]")
+        self._check_gpt_oss_features()
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             _require(0 <= value < 1, f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
@@ -215,6 +258,76 @@ class ModelConfig:
                 1 <= self.moe_router_topk <= self.num_experts,
                 "--moe-router-topk must be between 1 and --num-experts",
             )
+
+    def _check_gpt_oss_features(self) -> None:
+        """The gated-MLP variants and the attention window (GPT-OSS's), as Megatron-LM takes
+        them, refusing what would train a silently different model."""
+        _require(
+            not (self.quick_geglu and self.swiglu),
+            "--quick-geglu and --swiglu are two MLPs: pick one",
+        )
+        if self.activation_func_clamp_value is not None:
+            _require(
+                math.isfinite(self.activation_func_clamp_value)
+                and self.activation_func_clamp_value > 0,
+                "--activation-func-clamp-value must be a positive number, got "
+                f"{self.activation_func_clamp_value}",
+            )
+        gated = self.swiglu or self.quick_geglu
+        for flag, given in (
+            ("--glu-linear-offset", self.glu_linear_offset != 0.0),
+            ("--activation-func-clamp-value", self.activation_func_clamp_value is not None),
+        ):
+            if given and not gated:
+                warnings.warn(f"{flag} changes only a gated MLP (--swiglu or --quick-geglu); "
+                              "this GELU MLP ignores it, as Megatron-LM does", stacklevel=3)  # fmt: skip
+        _require(
+            self.window_attn_skip_freq is None or self.window_size is not None,
+            "--window-attn-skip-freq picks the windowed layers of --window-size: give both",
+        )
+        if self.window_size is None:
+            return
+        window = parse_window(self.window_size)
+        _require(
+            window[1] == 0,
+            f"--window-size {self.window_size}: a GPT attends only to earlier positions, so the "
+            f"window's right side must be 0 (--window-size {window[0]},0)",
+        )
+        if self.window_attn_skip_freq is not None:
+            freq = parse_layer_freq(self.window_attn_skip_freq, self.num_layers,
+                                    flag="--window-attn-skip-freq", ones="windowed", zeros="full")  # fmt: skip
+            _require(not isinstance(freq, int) or freq >= 1,
+                     f"--window-attn-skip-freq must be >= 1, got {freq}")  # fmt: skip
+
+    @property
+    def window(self) -> tuple[int, int] | None:
+        """``--window-size`` as megatron-core takes it: (left, right), or None."""
+        return None if self.window_size is None else parse_window(self.window_size)
+
+    @property
+    def window_skip_freq(self) -> int | list[int] | None:
+        """``--window-attn-skip-freq`` as megatron-core takes it: an int N or a 0/1 list."""
+        if self.window_attn_skip_freq is None:
+            return None
+        return parse_layer_freq(self.window_attn_skip_freq, self.num_layers,
+                                flag="--window-attn-skip-freq", ones="windowed", zeros="full")  # fmt: skip
+
+    def windowed_layers(self) -> list[int]:
+        """Per layer (0-based), 1 where it attends through the window (megatron-core's rule:
+        with an int N, layer numbers 1..L that N does not divide are windowed)."""
+        if self.window_size is None:
+            return [0] * self.num_layers
+        freq = self.window_skip_freq
+        if freq is None:
+            return [1] * self.num_layers
+        if isinstance(freq, int):
+            return [int((i + 1) % freq != 0) for i in range(self.num_layers)]
+        return list(freq)
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP is gated (two input halves): SwiGLU or quick-GEGLU."""
+        return self.swiglu or self.quick_geglu
 
     @property
     def query_groups(self) -> int:
@@ -453,6 +566,11 @@ class TrainingConfig:
     seed: int = _f(1234, "Random seed (weights, data order, dropout).")
     bf16: bool = _f(False, "bf16 parameters and compute (fp32 master weights).")
     fp16: bool = _f(False, "fp16 parameters and compute with loss scaling (fp32 master weights).")
+    disable_bf16_reduced_precision_matmul: bool = _f(
+        False,
+        "Accumulate bf16 GEMMs in full precision on CUDA (torch.backends.cuda.matmul."
+        "allow_bf16_reduced_precision_reduction = False).",
+    )
     loss_scale: float | None = _f(None, "Static loss scale for fp16 (default: dynamic scaling).")
     initial_loss_scale: float = _f(2.0**32, "Initial dynamic loss scale (fp16).")
     min_loss_scale: float = _f(1.0, "Minimum dynamic loss scale (fp16).")
@@ -648,10 +766,13 @@ class DataArgs:
             not (self.mock_data and any(sources)),
             "--mock-data reads no files: drop it or the data path flags",
         )
-        _require(
-            not (self.mock_data and self.split is not None),
-            "--split has no effect with --mock-data (synthetic data has no splits): drop it",
-        )
+        if self.mock_data and self.split is not None:
+            # Megatron-LM passes it on and megatron-core replaces it (every split of synthetic
+            # data is drawn); GPT-OSS's example script passes one.
+            warnings.warn(f"--split {self.split} has no effect with --mock-data (every split of "
+                          "synthetic data is drawn, as in Megatron-LM): ignoring it",
+                          stacklevel=3)  # fmt: skip
+            self.split = None
         if self.tokenizer_type is None:
             if self.vocab_file and self.merge_file:
                 self.tokenizer_type = "GPT2BPETokenizer"

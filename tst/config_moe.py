@@ -18,9 +18,11 @@ from tst.errors import ConfigError
 __all__ = ["MoEConfig", "moe_layers", "parse_layer_freq"]
 
 
-def parse_layer_freq(text: str | int, num_layers: int) -> int | list[int]:
-    """``--moe-layer-freq``: an int N (every N-th layer is MoE), or a Python list expression
-    of 0/1 per layer such as ``([0]*3+[1]*58)`` (Megatron-LM's form), evaluated safely."""
+def parse_layer_freq(text: str | int, num_layers: int, flag: str = "--moe-layer-freq",
+                     ones: str = "MoE", zeros: str = "dense") -> int | list[int]:  # fmt: skip
+    """``--moe-layer-freq`` (or another per-layer pattern ``flag``): an int N, or a Python
+    list expression of 0/1 per layer such as ``([0]*3+[1]*58)`` (Megatron-LM's form),
+    evaluated safely."""
     if isinstance(text, int):
         return text
     text = str(text).strip()
@@ -41,12 +43,11 @@ def parse_layer_freq(text: str | int, num_layers: int) -> int | list[int]:
         freq = value(ast.parse(text, mode="eval").body)
     except (SyntaxError, ValueError, TypeError):
         raise ConfigError(
-            f"--moe-layer-freq {text}: give an int N or a list of 0/1 per layer such as "
-            "'([0]*3+[1]*58)'"
+            f"{flag} {text}: give an int N or a list of 0/1 per layer such as '([0]*3+[1]*58)'"
         ) from None
     _require(
         isinstance(freq, list) and len(freq) == num_layers and set(freq) <= {0, 1},
-        f"--moe-layer-freq {text}: the list must hold one 0 (dense) or 1 (MoE) per layer "
+        f"{flag} {text}: the list must hold one 0 ({zeros}) or 1 ({ones}) per layer "
         f"({num_layers} layers)",
     )
     return freq

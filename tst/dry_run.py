@@ -70,7 +70,9 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
                 + (qkv_out if m.add_qkv_bias else 0))  # fmt: skip
         if m.qk_layernorm:
             attn += 2 * (norm // h) * head_dim
-    glu = 2 if m.swiglu else 1
+        if m.softmax_type == "learnable":  # one sink logit per head
+            attn += heads
+    glu = 2 if m.gated_mlp else 1
 
     def mlp(ffn: int) -> int:
         return (glu + 1) * h * ffn + ((glu * ffn + h) if bias else 0)
@@ -231,6 +233,8 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
                 dim = next((d for kind, d in split if isinstance(module, kind)), None)
                 if local == "bias" and isinstance(module, RowParallelLinear):
                     dim = None  # a row-parallel bias is added after the all-reduce
+                if local == "softmax_offset":
+                    dim = 0  # a sink logit per head: split with the heads
                 # The MTP block's layers are not decoder layers: it lives on the last stage.
                 layer = None if name.startswith("mtp.") else _LAYER.search(name)
                 infos.append(
@@ -355,7 +359,7 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int, vocab_size: int) ->
     m, p = cfg.model, cfg.parallel
     h, s = m.hidden_size, m.seq_length * micro_batch
     kv = m.resolved_kv_channels * m.query_groups
-    glu = 2 if m.swiglu else 1
+    glu = 2 if m.gated_mlp else 1
     sp = tp if p.sequence_parallel else 1
     size = 2 if cfg.training.bf16 or cfg.training.fp16 else 4
     redo = set()  # selectively recomputed modules: their outputs are not kept
@@ -517,6 +521,17 @@ def _print_architecture(cfg: Config) -> None:
         if t.fp16
         else "fp32"
     )
+    mlp = "SwiGLU" if m.swiglu else "quick-GEGLU" if m.quick_geglu else "GELU"
+    if m.gated_mlp and m.glu_linear_offset:
+        mlp += f" (linear offset {m.glu_linear_offset:g})"
+    if m.gated_mlp and m.activation_func_clamp_value is not None:
+        mlp += f" (inputs clamped at {m.activation_func_clamp_value:g})"
+    attention = {"vanilla": "softmax", "off-by-one": "softmax off by one",
+                 "learnable": "softmax with a learned sink per head"}[m.softmax_type]  # fmt: skip
+    if m.window is not None:
+        windowed = sum(m.windowed_layers())
+        attention += (f", sliding window of {m.window[0]} on {windowed} of {m.num_layers} "
+                      "layers (full attention on the others)")  # fmt: skip
     recompute = "none"
     if p.recompute_granularity == "full":
         recompute = f"full, {p.recompute_method}, {p.recompute_num_layers} layers"
@@ -525,7 +540,7 @@ def _print_architecture(cfg: Config) -> None:
     print(
         f"architecture: positions {positions}; {m.normalization} (eps {m.norm_epsilon:g}"
         f"{', 1p' if m.apply_layernorm_1p else ''}); biases {biases}; "
-        f"{'SwiGLU' if m.swiglu else 'GELU'} MLP; embeddings "
+        f"attention {attention}; {mlp} MLP; embeddings "
         f"{'untied' if m.untie_embeddings_and_output_weights else 'tied'}; dropout hidden "
         f"{m.hidden_dropout:g} / attention {m.attention_dropout:g}; precision {precision}; "
         f"recompute {recompute}; overlap grad-reduce {'on' if p.overlap_grad_reduce else 'off'}"

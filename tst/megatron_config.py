@@ -26,6 +26,7 @@ __all__ = ["transformer_config", "use_transformer_engine"]
 def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device: bool = True):
     """megatron-core TransformerConfig for this run and device (``check_device=False``: the
     dry run, which lays out a GPU cluster's run from anywhere)."""
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import (
         MLATransformerConfig,
@@ -91,8 +92,15 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
     # for some of them Transformer Engine or apex). On CPU every one is off.
     mla_rope_fusable = not mla or mla["rope_type"] == "yarn"
     softmax_fusion = on_gpu and m.masked_softmax_fusion
+    if softmax_fusion and m.window is not None and not te:
+        # megatron-core 0.16.1's fused softmax kernels take no window: they would attend to
+        # the whole causal prefix (Megatron-LM's GPT-OSS example passes the flag for this).
+        warnings.warn("Disabling --masked-softmax-fusion: megatron-core's fused softmax "
+                      "kernels ignore --window-size; pass --no-masked-softmax-fusion to "
+                      "silence this", stacklevel=2)  # fmt: skip
+        softmax_fusion = False
     # The fused (SDPA) attention has no megatron softmax; MLA keeps megatron-core's.
-    sdpa = use_sdpa(m.attention_backend, te, on_gpu) and not mla
+    sdpa = use_sdpa(m.attention_backend, te, on_gpu, m) and not mla
     if softmax_fusion and not te and not sdpa and not megatron_softmax_kernels_available():
         # The local spec's attention would import the missing extension at its first step.
         warnings.warn("Disabling --masked-softmax-fusion: megatron-core's fused softmax "
@@ -106,8 +114,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         apply_rope_fusion=on_gpu and te and m.apply_rope_fusion and mla_rope_fusable,
         gradient_accumulation_fusion=on_gpu and te and m.gradient_accumulation_fusion,
         persist_layer_norm=on_gpu and te and m.persist_layer_norm,
-        bias_activation_fusion=on_gpu
-        and (m.bias_swiglu_fusion if m.swiglu else m.bias_gelu_fusion),
+        bias_activation_fusion=_bias_activation_fusion(m, on_gpu),
         cross_entropy_loss_fusion=on_gpu and m.cross_entropy_loss_fusion,
         cross_entropy_fusion_impl=m.cross_entropy_fusion_impl,
     )
@@ -121,8 +128,15 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         num_attention_heads=m.num_attention_heads,
         num_query_groups=m.query_groups,
         kv_channels=m.resolved_kv_channels,
-        gated_linear_unit=m.swiglu,
-        activation_func=F.silu if m.swiglu else F.gelu,
+        gated_linear_unit=m.gated_mlp,
+        activation_func=F.silu if m.swiglu else quick_gelu if m.quick_geglu else F.gelu,
+        # A GELU MLP ignores both (Megatron-LM's meaning; megatron-core would refuse its fused
+        # GELU with an offset).
+        glu_linear_offset=m.glu_linear_offset if m.gated_mlp else 0.0,
+        activation_func_clamp_value=m.activation_func_clamp_value if m.gated_mlp else None,
+        softmax_type=m.softmax_type,
+        window_size=m.window,
+        window_attn_skip_freq=m.window_skip_freq,
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
         layernorm_zero_centered_gamma=m.apply_layernorm_1p,
@@ -163,6 +177,31 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         **mla,
         **cfg.mtp.transformer_config_fields(),
     )
+
+
+def _bias_activation_fusion(m, on_gpu: bool) -> bool:
+    """Megatron-LM's rule (SwiGLU's flag for SwiGLU, GELU's otherwise), on CUDA only.
+
+    megatron-core 0.16.1's dense MLP has no fused bias + quick-GEGLU (it raises at the first
+    step), and its fused SwiGLU no offset or clamp: those run unfused, saying so unless the
+    flag that turns the fusion off was given.
+    """
+    if not on_gpu:
+        return False
+    if m.swiglu:
+        if m.bias_swiglu_fusion and (m.glu_linear_offset or m.activation_func_clamp_value):
+            # The fused SwiGLU has neither: it would drop them silently (the clamp) or fail.
+            warnings.warn("Disabling --bias-swiglu-fusion: the fused SwiGLU has no "
+                          "--glu-linear-offset / --activation-func-clamp-value; pass "
+                          "--no-bias-swiglu-fusion to silence this", stacklevel=3)  # fmt: skip
+            return False
+        return m.bias_swiglu_fusion
+    if m.quick_geglu and m.bias_gelu_fusion:
+        warnings.warn("Disabling the bias + activation fusion: megatron-core has no fused "
+                      "bias + quick-GEGLU for a dense MLP; pass --no-bias-gelu-fusion to "
+                      "silence this", stacklevel=3)  # fmt: skip
+        return False
+    return m.bias_gelu_fusion
 
 
 def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:

@@ -26,6 +26,14 @@ other experts' gradients mixed in under EP), and the expert optimizer's duplicat
 the dense TP rank (``tp_group``), so a TP rank > 0 left its expert biases out of the gradient
 norm (upstream PR 6165). ``fix_expert_optimizer`` points that filter at the expert-TP group.
 
+``mark_attention_sinks``: the learnable softmax offset of ``--softmax-type learnable`` (one
+logit per attention head, GPT-OSS's attention sinks) is split over tensor parallelism by
+head, as its checkpoint entry says, but megatron-core's local attention leaves it unmarked.
+An unmarked parameter counts as a TP duplicate: only TP rank 0's offsets entered the gradient
+norm (clipping saw half of them at TP 2), and layout-independent initialisation drew the
+same values for every rank's heads. The parameter is marked tensor-parallel along its one
+dimension, as megatron-core marks a column-parallel bias.
+
 Router losses under per-token loss normalisation (the trainer always normalises by the
 global batch's loss tokens, ``calculate_per_token_loss``): megatron-core scales each rank's
 part of the balancing loss (and the z-loss) by the rank's *local* token count so that
@@ -41,7 +49,7 @@ layout and micro-batch size.
 
 from __future__ import annotations
 
-__all__ = ["apply", "fix_expert_optimizer", "mark_expert_parameters"]
+__all__ = ["apply", "fix_expert_optimizer", "mark_attention_sinks", "mark_expert_parameters"]
 
 _APPLIED = "_tst_megatron_fixes_applied"
 
@@ -137,6 +145,23 @@ def mark_expert_parameters(model_chunks, config) -> int:
                 param.allreduce = False
                 # Reduced over the expert-data-parallel group by DDP, never over dense TP.
                 param.sequence_parallel = False
+                marked += 1
+    return marked
+
+
+def mark_attention_sinks(model_chunks) -> int:
+    """Mark every learnable softmax offset (``softmax_offset``, one logit per head of this
+    rank) as split over tensor parallelism along dimension 0. Call on the built model, before
+    it is initialised and wrapped. Returns the number of parameters marked."""
+    marked = 0
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            if name.rsplit(".", 1)[-1] != "softmax_offset":
+                continue
+            if not getattr(param, "tensor_model_parallel", False):
+                param.tensor_model_parallel = True
+                param.partition_dim = 0
+                param.partition_stride = 1
                 marked += 1
     return marked
 

@@ -97,6 +97,22 @@ ACCEPTED: dict[str, Flag] = {
         "no RNG state is saved: dropout streams are reseeded from (--seed, iteration) each "
         "step, so a resumed run draws what the unbroken one drew",
     ),
+    "--moe-per-layer-logging": Flag(
+        0,
+        "routing statistics and balancing losses are always logged per MoE layer (metrics "
+        "file, TensorBoard, W&B)",
+    ),
+    "--enable-gpt-oss": Flag(
+        0,
+        "Megatron-LM reads it only when loading a ModelOpt checkpoint (GPT-OSS's YaRN "
+        "defaults); a pretraining run's positions follow --position-embedding-type, as there",
+    ),
+    "--export-force-local-attention": Flag(
+        0, "a ModelOpt export setting; the attention here follows --transformer-impl"
+    ),
+    "--tiktoken-pattern": Flag(
+        1, "read only by --tokenizer-type TikTokenizer, which is not one of the tokenizers here"
+    ),
 }
 
 REFUSED: dict[str, Flag] = {

@@ -91,7 +91,9 @@ class ModelShape:
             num_experts=model.num_experts,
             moe_grouped_gemm=model.moe_grouped_gemm and use_transformer_engine,
             use_transformer_engine=use_transformer_engine,
-            sdpa_attention=use_sdpa(model.attention_backend, use_transformer_engine, on_gpu),
+            sdpa_attention=use_sdpa(
+                model.attention_backend, use_transformer_engine, on_gpu, model, warn=False
+            ),
         )
 
 
@@ -321,6 +323,7 @@ def build_gpt(
     )
     if pre_process or model.mtp_process:  # the MTP depths embed (bags of) their inputs too
         BagEmbedding.upgrade(model.embedding)
+    megatron_fixes.mark_attention_sinks([model])  # split by head, as its checkpoint is
     return model
 
 

@@ -1,6 +1,6 @@
 """Public Megatron-LM launch scripts, unchanged, through ``pretrain_tst.py --dry-run``.
 
-tests/data/megatron_scripts/*.args hold the flags seven public scripts written by others
+tests/data/megatron_scripts/*.args hold the flags eight public scripts written by others
 pass to Megatron-LM's pretrain_gpt.py (source, commit and GPU count in each header; data and
 checkpoint paths replaced by placeholders). Each runs through the dry run at its own GPU
 count with nothing added but ``--dry-run --dry-run-world-size N``: it either lays its model
@@ -38,6 +38,9 @@ EXPECTED = {
     # MLA, multi-token prediction and the uneven pipeline layout lay out (see
     # test_deepseek_v3_recipe_lays_out_its_published_size).
     "moe_zoo_deepseek_v3": None,
+    # GPT-OSS's architecture (sinks, sliding windows, quick-GEGLU); it asks for FP8, which a
+    # dry run lays out from anywhere.
+    "gpt_oss": None,
     # Pai-Megatron-Patch's own pretrain script's flags.
     "pai_qwen3_moe": r"--dataset: a Pai-Megatron-Patch flag.*--train-mode: a Pai-Megatron",
 }
@@ -104,7 +107,7 @@ def test_llama3_8b_resolves_to_llama(capsys):
 
 
 def test_every_upstream_flag_of_the_scripts_is_known():
-    """Every flag the seven scripts pass is implemented, an alias, accepted or refused:
+    """Every flag the eight scripts pass is implemented, an alias, accepted or refused:
     none is unknown."""
     known = set(build_parser()._option_string_actions)
     for name in EXPECTED:

@@ -66,6 +66,8 @@ def hf_architecture(cfg: Config, config) -> str:
         ("multi_latent_attention", not config.multi_latent_attention),
         ("glu_linear_offset", config.glu_linear_offset == 0.0),
         ("activation_func_clamp_value", config.activation_func_clamp_value is None),
+        ("softmax_type", config.softmax_type == "vanilla"),
+        ("window_size", config.window_size is None),
     ):
         _refuse(not ok, f"megatron-core's {name}={getattr(config, name, None)!r}")
     if not m.num_experts:
