@@ -936,6 +936,11 @@ class RunConfig:
         "position start fresh.",
     )
     no_load_optim: bool = _f(False, "Do not load the optimizer state from --load.")
+    exit_on_missing_checkpoint: bool = _f(
+        False,
+        "With --load: stop with an error when the directory holds no checkpoint (a mistyped "
+        "path) instead of starting from scratch.",
+    )
     no_save_optim: bool = _f(
         False, "Save checkpoints without the optimizer state (resume them with --no-load-optim)."
     )

@@ -39,6 +39,9 @@ ALIASES: dict[str, list[str]] = {
     "--wandb-name": ["--wandb-exp-name"],
     "--use-rotary-position-embeddings": ["--position-embedding-type", "rope"],
     "--recompute-activations": ["--recompute-granularity", "selective"],
+    # Megatron-LM takes both spellings of these two.
+    "--override-opt-param-scheduler": ["--override-opt_param-scheduler"],
+    "--use-checkpoint-opt-param-scheduler": ["--use-checkpoint-opt_param-scheduler"],
 }
 
 _SAME = "Megatron-LM's behaviour here too"
@@ -96,6 +99,19 @@ ACCEPTED: dict[str, Flag] = {
         0,
         "no RNG state is saved: dropout streams are reseeded from (--seed, iteration) each "
         "step, so a resumed run draws what the unbroken one drew",
+    ),
+    "--local-rank": Flag(
+        1,
+        "each process is placed by the launcher's LOCAL_RANK (torch.distributed.launch "
+        "passes the flag as well)",
+    ),
+    "--use-cpu-initialization": Flag(
+        0,
+        "weights are always drawn on the host, the same at every layout, then copied to the device",
+    ),
+    "--no-save-rng": Flag(
+        0,
+        "no RNG state is saved: dropout streams are reseeded from (--seed, iteration) each step",
     ),
     "--moe-per-layer-logging": Flag(
         0,
@@ -202,9 +218,16 @@ def add_to_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def apply_aliases(argv: list[str]) -> list[str]:
+    """Replace each alias by what it stands for; ``--alias=value`` too, where the alias
+    stands for one flag."""
     out = []
     for arg in argv:
-        out.extend(ALIASES.get(arg, [arg]))
+        flag, eq, value = arg.partition("=")
+        target = ALIASES.get(flag) if flag.startswith("--") else None
+        if eq and target is not None and len(target) == 1:
+            out.append(f"{target[0]}={value}")
+        else:
+            out.extend(ALIASES.get(arg, [arg]))
     return out
 
 

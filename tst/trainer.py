@@ -600,9 +600,15 @@ class Trainer:
     def load(self) -> None:
         """Resume from --load: everything (default), or only the weights (--finetune), or all
         but the optimizer state (--no-load-optim). A directory with no checkpoint at all
-        starts the run from scratch, as Megatron-LM does; a damaged one is refused."""
+        starts the run from scratch, as Megatron-LM does (refused with
+        --exit-on-missing-checkpoint); a damaged one is refused."""
         run = self.cfg.run
         if checkpointing.find_checkpoint(run.load) is None:
+            if run.exit_on_missing_checkpoint:
+                raise ValueError(
+                    f"--load {run.load}: no checkpoint there, and --exit-on-missing-checkpoint "
+                    "asks not to start from scratch: check the path (or drop the flag)"
+                )
             self.writer.print(f"--load {run.load}: no checkpoint there yet; starting from scratch")
             return
         weights_only = run.finetune or run.no_load_optim

@@ -205,6 +205,11 @@ def test_load_of_an_empty_directory_starts_from_scratch(world2, tmp_path):
     ckpt = str(tmp_path / "new")
     got = world2.run(_train, BASE + ["--save", ckpt, "--load", ckpt], str(tmp_path / "b.jsonl"))[0]
     _close(_losses(got), _losses(want), 1e-6, "fresh start")
+    # --exit-on-missing-checkpoint: a mistyped path stops the run instead.
+    typo = str(tmp_path / "nwe")
+    message = world2.run(_resume_error, BASE + ["--load", typo, "--exit-on-missing-checkpoint"],
+                         str(tmp_path / "c.jsonl"))[0]  # fmt: skip
+    assert f"--load {typo}: no checkpoint there, and --exit-on-missing-checkpoint" in message
 
 
 def test_sample_based_training_with_batch_rampup(world2, tmp_path):

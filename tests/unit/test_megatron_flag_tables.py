@@ -11,7 +11,7 @@ import pytest
 
 from tst.config import parse_args
 from tst.errors import ConfigError
-from tst.megatron_flags import ACCEPTED, REFUSED
+from tst.megatron_flags import ACCEPTED, ALIASES, REFUSED
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--seq-length", "16", "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "4",
@@ -44,3 +44,24 @@ def test_accepted_flags_parse_and_the_dry_run_lists_them():
     missing = [f for f in ACCEPTED if f"accepted, no effect here: {f}: {ACCEPTED[f].reason}"
                not in text]  # fmt: skip
     assert not missing, missing
+
+
+# A value for the aliases that take one (the alias's target flag is valued).
+_ALIAS_VALUES = {"--rope-theta": "500000", "--wandb-name": "run-1"}
+
+
+@pytest.mark.parametrize("alias", sorted(ALIASES))
+def test_alias_configures_what_its_target_does(alias):
+    """Each alias (Megatron-LM's other spelling, a fork's name) parses to the configuration
+    its target gives; a valued alias also in the ``--alias=value`` form."""
+    import dataclasses
+
+    value = _ALIAS_VALUES.get(alias)
+    extra = [alias] + ([value] if value else [])
+    target = ALIASES[alias] + ([value] if value else [])
+    got, want = parse_args([*BASE, *extra]), parse_args([*BASE, *target])
+    assert dataclasses.asdict(got) == dataclasses.asdict(want)
+    assert dataclasses.asdict(got) != dataclasses.asdict(parse_args(BASE))  # it changes something
+    if value:
+        joined = parse_args([*BASE, f"{alias}={value}"])
+        assert dataclasses.asdict(joined) == dataclasses.asdict(want)
