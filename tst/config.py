@@ -109,6 +109,7 @@ class ModelConfig:
         False, "Zero-centred norm weights (weight + 1); needs Transformer Engine or apex norms."
     )
     swiglu: bool = _f(False, "SwiGLU MLP (gated SiLU) instead of GELU.")
+    squared_relu: bool = _f(False, "Squared-ReLU MLP (relu(x)^2) instead of GELU.")
     quick_geglu: bool = _f(
         False, "Quick-GELU gated MLP (GPT-OSS): quick_gelu(x W_gate) x (x W_linear + offset)."
     )
@@ -140,7 +141,41 @@ class ModelConfig:
     )
     untie_embeddings_and_output_weights: bool = _f(False, "Separate input and output embeddings.")
     qk_layernorm: bool = _f(False, "Normalise queries and keys (Qwen3-style).")
+    qk_l2_norm: bool = _f(
+        False, "Llama-4's parameter-free norm of queries and keys (x / rms(x) per head)."
+    )
+    attention_output_gate: bool = _f(
+        False,
+        "Gated attention (Qwen3-Next): the QKV projection also yields a gate per head channel; "
+        "the attention output is multiplied by its sigmoid before the output projection.",
+    )
+    apply_query_key_layer_scaling: bool = _f(
+        False,
+        "Scale q.k by 1 / layer number before a softmax in fp32 that undoes it (fp16 range); "
+        "turns --attention-softmax-in-fp32 on.",
+    )
+    rotary_interleaved: bool = _f(
+        False, "RoFormer-style RoPE: rotate pairs of even / odd dimensions, not the two halves."
+    )
+    no_rope_freq: str | None = _f(
+        None,
+        "Layers without RoPE (Llama-4): N skips it on every N-th layer (N-1 with, then 1 "
+        "without), or a list with one 1 (no RoPE) / 0 (RoPE) per layer such as '[0,0,0,1]*4'.",
+    )
+    fp32_residual_connection: bool = _f(
+        False,
+        "The embedding output (the residual stream's start) in fp32 under --bf16 / --fp16; "
+        "megatron-core 0.16.1's layers add their outputs in the weights' dtype from there.",
+    )
     init_method_std: float = _f(0.02, "Std of the normal weight initialisation.")
+    embedding_init_method_std: float | None = _f(
+        None, "Std of the embeddings' normal initialisation (default --init-method-std)."
+    )
+    init_method_xavier_uniform: bool = _f(
+        False,
+        "Xavier-uniform initialisation of every weight matrix (bound sqrt(6 / (fan_in + "
+        "fan_out)) over the whole, unsplit matrix) instead of the normal one.",
+    )
     add_bias_linear: bool = _f(True, "No biases in linear layers.", flag="--disable-bias-linear")
     add_qkv_bias: bool = _f(False, "Biases in the QKV projection only (on with biases anyway).")
     hidden_dropout: float = _f(0.1, "Dropout after attention and MLP outputs.")
@@ -262,10 +297,23 @@ class ModelConfig:
     def _check_gpt_oss_features(self) -> None:
         """The gated-MLP variants and the attention window (GPT-OSS's), as Megatron-LM takes
         them, refusing what would train a silently different model."""
-        _require(
-            not (self.quick_geglu and self.swiglu),
-            "--quick-geglu and --swiglu are two MLPs: pick one",
-        )
+        mlps = [f for f, on in (("--swiglu", self.swiglu), ("--quick-geglu", self.quick_geglu),
+                                ("--squared-relu", self.squared_relu)) if on]  # fmt: skip
+        _require(len(mlps) <= 1, f"{' and '.join(mlps)} are {len(mlps)} MLPs: pick one")
+        if self.embedding_init_method_std is not None:
+            _require(
+                math.isfinite(self.embedding_init_method_std)
+                and self.embedding_init_method_std > 0,
+                "--embedding-init-method-std must be a positive number, got "
+                f"{self.embedding_init_method_std}",
+            )
+        if self.no_rope_freq is not None:
+            _require(
+                self.position_embedding_type == "rope",
+                "--no-rope-freq picks layers without RoPE: it needs --position-embedding-type rope",
+            )
+            _require(any(self.no_rope_layers()),
+                     f"--no-rope-freq {self.no_rope_freq} leaves every layer with RoPE")  # fmt: skip
         if self.activation_func_clamp_value is not None:
             _require(
                 math.isfinite(self.activation_func_clamp_value)
@@ -280,7 +328,7 @@ class ModelConfig:
         ):
             if given and not gated:
                 warnings.warn(f"{flag} changes only a gated MLP (--swiglu or --quick-geglu); "
-                              "this GELU MLP ignores it, as Megatron-LM does", stacklevel=3)  # fmt: skip
+                              f"this {self.mlp_name} MLP ignores it, as Megatron-LM does", stacklevel=3)  # fmt: skip
         _require(
             self.window_attn_skip_freq is None or self.window_size is not None,
             "--window-attn-skip-freq picks the windowed layers of --window-size: give both",
@@ -298,6 +346,22 @@ class ModelConfig:
                                     flag="--window-attn-skip-freq", ones="windowed", zeros="full")  # fmt: skip
             _require(not isinstance(freq, int) or freq >= 1,
                      f"--window-attn-skip-freq must be >= 1, got {freq}")  # fmt: skip
+
+    def no_rope_layers(self) -> list[int]:
+        """``--no-rope-freq`` per layer (0-based), 1 where the layer skips RoPE; megatron-core's
+        rule: an int N must divide the layers and makes layers N, 2N, ... (1-based) skip it."""
+        if self.no_rope_freq is None:
+            return [0] * self.num_layers
+        freq = parse_layer_freq(self.no_rope_freq, self.num_layers, flag="--no-rope-freq",
+                                ones="no RoPE", zeros="RoPE")  # fmt: skip
+        if isinstance(freq, list):
+            return freq
+        _require(
+            freq >= 1 and self.num_layers % freq == 0,
+            f"--no-rope-freq {freq} must be >= 1 and divide --num-layers {self.num_layers} "
+            "(megatron-core's rule), or give a list",
+        )
+        return [int((i + 1) % freq == 0) for i in range(self.num_layers)]
 
     @property
     def window(self) -> tuple[int, int] | None:
@@ -323,6 +387,11 @@ class ModelConfig:
         if isinstance(freq, int):
             return [int((i + 1) % freq != 0) for i in range(self.num_layers)]
         return list(freq)
+
+    @property
+    def mlp_name(self) -> str:
+        return ("SwiGLU" if self.swiglu else "quick-GEGLU" if self.quick_geglu
+                else "squared-ReLU" if self.squared_relu else "GELU")  # fmt: skip
 
     @property
     def gated_mlp(self) -> bool:
@@ -444,6 +513,11 @@ class ParallelConfig:
         "Selective recomputation's modules (megatron-core's names: core_attn, moe_act, "
         "layernorm, mla_up_proj, mlp, moe, shared_experts; default core_attn).",
     )
+    moe_layer_recompute: bool = _f(
+        False,
+        "Deprecated in Megatron-LM: the same as --recompute-granularity selective with moe "
+        "added to --recompute-modules.",
+    )
     distributed_timeout_minutes: int = _f(
         10, "Timeout of collectives: a rank lost mid-step ends the job after this long."
     )
@@ -469,6 +543,18 @@ class ParallelConfig:
             not self.overlap_param_gather or self.use_distributed_optimizer,
             "--overlap-param-gather needs --use-distributed-optimizer",
         )
+        if self.moe_layer_recompute:  # megatron-core's translation of the deprecated flag
+            _require(
+                self.recompute_granularity != "full",
+                "--moe-layer-recompute with --recompute-granularity full: full recomputation "
+                "covers the MoE layer already; drop one (megatron-core refuses both too)",
+            )
+            warnings.warn("--moe-layer-recompute is deprecated (as in Megatron-LM): running "
+                          "--recompute-granularity selective with --recompute-modules ... moe",
+                          stacklevel=3)  # fmt: skip
+            self.recompute_granularity = "selective"
+            modules = self.recompute_modules or ["core_attn"]
+            self.recompute_modules = modules + ([] if "moe" in modules else ["moe"])
         if self.recompute_granularity == "selective":
             _require(
                 self.recompute_method is None,

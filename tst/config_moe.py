@@ -103,6 +103,16 @@ class MoEConfig:
     moe_layer_freq: str = _f(
         "1", "Which layers are MoE: every N-th (an int) or a 0/1 list such as ([0]*3+[1]*58)."
     )
+    moe_shared_expert_gate: bool = _f(
+        False, "A learned sigmoid gate on the shared expert's output (Qwen2-MoE style)."
+    )
+    moe_input_jitter_eps: float | None = _f(
+        None, "Multiply the router's input by uniform noise in [1 - eps, 1 + eps] while training."
+    )
+    moe_apply_probs_on_input: bool = _f(
+        False, "Scale each expert's input by its routing probability instead of its output "
+        "(needs --moe-router-topk 1).",
+    )  # fmt: skip
     moe_shared_expert_overlap: bool = _f(
         False, "Overlap the shared expert with the token dispatch (alltoall / flex)."
     )
@@ -130,6 +140,11 @@ class MoEConfig:
             not self.moe_pad_expert_input_to_capacity or self.moe_expert_capacity_factor,
             "--moe-pad-expert-input-to-capacity needs --moe-expert-capacity-factor",
         )
+        if self.moe_input_jitter_eps is not None:
+            _require(
+                0 < self.moe_input_jitter_eps < 1,
+                f"--moe-input-jitter-eps must be in (0, 1), got {self.moe_input_jitter_eps}",
+            )
         _require(
             (self.moe_router_num_groups is None) == (self.moe_router_group_topk is None),
             "give --moe-router-num-groups and --moe-router-group-topk together",
@@ -146,7 +161,8 @@ class MoEConfig:
                 "moe_router_bias_update_rate", "moe_router_dtype",
                 "moe_router_force_load_balancing", "moe_z_loss_coeff",
                 "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity",
-                "moe_token_drop_policy", "moe_shared_expert_overlap",
+                "moe_token_drop_policy", "moe_shared_expert_overlap", "moe_input_jitter_eps",
+                "moe_apply_probs_on_input", "moe_shared_expert_gate",
             )
         }  # fmt: skip
         fields["moe_layer_freq"] = parse_layer_freq(self.moe_layer_freq, num_layers)

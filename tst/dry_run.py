@@ -65,7 +65,8 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     if cfg.mla.multi_latent_attention:
         attn = _mla_attention(cfg, norm // h)
     else:
-        qkv_out = head_dim * (heads + 2 * groups)
+        # --attention-output-gate: the QKV projection also yields a gate per query channel.
+        qkv_out = head_dim * (heads * (2 if m.attention_output_gate else 1) + 2 * groups)
         attn = (h * qkv_out + heads * head_dim * h + (h if bias else 0)
                 + (qkv_out if m.add_qkv_bias else 0))  # fmt: skip
         if m.qk_layernorm:
@@ -80,7 +81,7 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
     if m.num_experts:
         expert = mlp(m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size)
         shared_ffn = m.moe_shared_expert_intermediate_size
-        shared = mlp(shared_ffn) if shared_ffn else 0
+        shared = mlp(shared_ffn) + (h if cfg.moe.moe_shared_expert_gate else 0) if shared_ffn else 0
         router = (h + bias) * m.num_experts
         mlp_total = m.num_experts * expert + shared + router
         mlp_active = m.moe_router_topk * expert + shared + router
@@ -509,6 +510,12 @@ def _print_architecture(cfg: Config) -> None:
         m.position_embedding_type,
         f"RoPE (base {m.rotary_base}, {m.rotary_percent:g} of each head"
         + (f", Llama-3 scaling x{m.rope_scaling_factor:g}" if m.use_rope_scaling else "")
+        + (", interleaved pairs" if m.rotary_interleaved else "")
+        + (
+            f", none on {sum(m.no_rope_layers())} of {m.num_layers} layers"
+            if m.no_rope_freq is not None
+            else ""
+        )
         + ")",
     )
     biases = "on" if m.add_bias_linear else ("QKV only" if m.add_qkv_bias else "off")
@@ -521,13 +528,16 @@ def _print_architecture(cfg: Config) -> None:
         if t.fp16
         else "fp32"
     )
-    mlp = "SwiGLU" if m.swiglu else "quick-GEGLU" if m.quick_geglu else "GELU"
+    mlp = m.mlp_name
     if m.gated_mlp and m.glu_linear_offset:
         mlp += f" (linear offset {m.glu_linear_offset:g})"
     if m.gated_mlp and m.activation_func_clamp_value is not None:
         mlp += f" (inputs clamped at {m.activation_func_clamp_value:g})"
     attention = {"vanilla": "softmax", "off-by-one": "softmax off by one",
                  "learnable": "softmax with a learned sink per head"}[m.softmax_type]  # fmt: skip
+    for flag, on in (("QK L2 norm", m.qk_l2_norm), ("output gate", m.attention_output_gate),
+                     ("query-key layer scaling", m.apply_query_key_layer_scaling)):  # fmt: skip
+        attention += f", {flag}" if on else ""
     if m.window is not None:
         windowed = sum(m.windowed_layers())
         attention += (f", sliding window of {m.window[0]} on {windowed} of {m.num_layers} "

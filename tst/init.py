@@ -9,7 +9,11 @@ EP layout, which makes layouts comparable and lets tests check them against each
 
 Distributions follow megatron-core's defaults: normal(0, std) for weights,
 normal(0, std / sqrt(2 * num_layers)) for the two output projections of each block
-(``linear_proj``, ``linear_fc2``), ones for norm weights, zeros for biases.
+(``linear_proj``, ``linear_fc2``), ones for norm weights, zeros for biases. The embeddings
+take ``--embedding-init-method-std`` where given; with ``--init-method-xavier-uniform`` every
+weight matrix is uniform in +-sqrt(6 / (fan_in + fan_out)) of its whole, unsplit shape
+(megatron-core applies Xavier to each rank's shard, which makes the model depend on the
+layout), the embeddings too unless their std is given.
 """
 
 from __future__ import annotations
@@ -59,16 +63,37 @@ def _full_shape_and_shard(param, tp_rank: int, tp: int):
     return shape, shard
 
 
-def _draw(name: str, shape, std: float, num_layers: int, seed: int) -> torch.Tensor:
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias" or name.endswith("_bias"):
-        return torch.zeros(shape)
-    if "norm" in name and leaf == "weight":
-        return torch.ones(shape)
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
-    if "linear_proj" in name or "linear_fc2" in name:
-        std = std / math.sqrt(2.0 * num_layers)
-    return torch.randn(shape, generator=gen) * std
+_EMBEDDINGS = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight")
+
+
+class Draw:
+    """How weights are drawn: the TransformerConfig's std, embedding std and init method."""
+
+    def __init__(self, config):
+        self.std = config.init_method_std
+        self.num_layers = config.num_layers
+        self.xavier = config.init_method is torch.nn.init.xavier_uniform_
+        embedding_std = getattr(config, "embedding_init_method_std", None)
+        # megatron-core: the embeddings follow init_method unless their own std differs.
+        self.embedding_std = embedding_std if embedding_std not in (None, self.std) else None
+
+    def __call__(self, name: str, shape, seed: int) -> torch.Tensor:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "bias" or name.endswith("_bias"):
+            return torch.zeros(shape)
+        if "norm" in name and leaf == "weight":
+            return torch.ones(shape)
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        embedding = name.endswith(_EMBEDDINGS)
+        if embedding and self.embedding_std is not None:
+            return torch.randn(shape, generator=gen) * self.embedding_std
+        if self.xavier and len(shape) == 2:
+            bound = math.sqrt(6.0 / (shape[0] + shape[1]))
+            return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+        std = self.std
+        if "linear_proj" in name or "linear_fc2" in name:
+            std = std / math.sqrt(2.0 * self.num_layers)
+        return torch.randn(shape, generator=gen) * std
 
 
 _EMBEDDING = "embedding.word_embeddings.weight"
@@ -108,6 +133,7 @@ def initialize_layout_independent(model_chunks, config, seed: int, layout, only=
     etp = ps.get_expert_tensor_parallel_world_size()
     num_experts = config.num_moe_experts or 0
     local_experts = num_experts // layout.ep
+    draw = Draw(config)
     written = 0
     for chunk in model_chunks:
         layer_offset = _layer_offset(chunk)
@@ -118,7 +144,7 @@ def initialize_layout_independent(model_chunks, config, seed: int, layout, only=
             is_expert = not getattr(param, "allreduce", True)
             rank, size = (etp_rank, etp) if is_expert else (layout.tp_rank, layout.tp)
             shape, shard = _full_shape_and_shard(param, rank, size)
-            full = _draw(global_name, shape, config.init_method_std, config.num_layers, seed)
+            full = draw(global_name, shape, seed)
             param.copy_(shard(full).to(param.dtype))
             written += 1
     return written

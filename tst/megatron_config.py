@@ -26,6 +26,7 @@ __all__ = ["transformer_config", "use_transformer_engine"]
 def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device: bool = True):
     """megatron-core TransformerConfig for this run and device (``check_device=False``: the
     dry run, which lays out a GPU cluster's run from anywhere)."""
+    from megatron.core.activations import squared_relu
     from megatron.core.fusions.fused_bias_geglu import quick_gelu
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import (
@@ -129,7 +130,15 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         num_query_groups=m.query_groups,
         kv_channels=m.resolved_kv_channels,
         gated_linear_unit=m.gated_mlp,
-        activation_func=F.silu if m.swiglu else quick_gelu if m.quick_geglu else F.gelu,
+        activation_func=(
+            F.silu
+            if m.swiglu
+            else quick_gelu
+            if m.quick_geglu
+            else squared_relu
+            if m.squared_relu
+            else F.gelu
+        ),  # fmt: skip
         # A GELU MLP ignores both (Megatron-LM's meaning; megatron-core would refuse its fused
         # GELU with an offset).
         glu_linear_offset=m.glu_linear_offset if m.gated_mlp else 0.0,
@@ -143,12 +152,27 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
+        qk_l2_norm=m.qk_l2_norm,
+        attention_output_gate=m.attention_output_gate,
+        apply_query_key_layer_scaling=m.apply_query_key_layer_scaling,
+        no_rope_freq=m.no_rope_layers() if m.no_rope_freq is not None else None,
+        fp32_residual_connection=m.fp32_residual_connection,
         init_method_std=m.init_method_std,
+        embedding_init_method_std=m.embedding_init_method_std,
+        # Weights are drawn by tst.init (layout-independent); it reads these two.
+        **(
+            {
+                "init_method": torch.nn.init.xavier_uniform_,
+                "output_layer_init_method": torch.nn.init.xavier_uniform_,
+            }
+            if m.init_method_xavier_uniform
+            else {}
+        ),  # fmt: skip
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         attention_softmax_in_fp32=m.attention_softmax_in_fp32,
         attention_backend=backend,
-        rotary_interleaved=False,
+        rotary_interleaved=m.rotary_interleaved,
         tensor_model_parallel_size=plan.grid.tp,
         pipeline_model_parallel_size=plan.grid.pp,
         virtual_pipeline_model_parallel_size=plan.vpp,
@@ -196,6 +220,11 @@ def _bias_activation_fusion(m, on_gpu: bool) -> bool:
                           "--no-bias-swiglu-fusion to silence this", stacklevel=3)  # fmt: skip
             return False
         return m.bias_swiglu_fusion
+    if m.squared_relu and m.bias_gelu_fusion:
+        warnings.warn("Disabling the bias + activation fusion: megatron-core has no fused "
+                      "bias + squared ReLU; pass --no-bias-gelu-fusion to silence this",
+                      stacklevel=3)  # fmt: skip
+        return False
     if m.quick_geglu and m.bias_gelu_fusion:
         warnings.warn("Disabling the bias + activation fusion: megatron-core has no fused "
                       "bias + quick-GEGLU for a dense MLP; pass --no-bias-gelu-fusion to "

@@ -34,6 +34,10 @@ norm (clipping saw half of them at TP 2), and layout-independent initialisation 
 same values for every rank's heads. The parameter is marked tensor-parallel along its one
 dimension, as megatron-core marks a column-parallel bias.
 
+``--moe-input-jitter-eps``: megatron-core's router multiplies its input by uniform noise in
+evaluation as well as in training, so every validation loss was a random draw; the noise is
+a training-time regulariser (Switch Transformer), and here it applies in training only.
+
 Router losses under per-token loss normalisation (the trainer always normalises by the
 global batch's loss tokens, ``calculate_per_token_loss``): megatron-core scales each rank's
 part of the balancing loss (and the z-loss) by the rank's *local* token count so that
@@ -119,6 +123,15 @@ def _fix_router_loss_scaling() -> None:
 
     TopKRouter.attach_and_log_load_balancing_loss = attach_and_log_load_balancing_loss
     TopKRouter.apply_z_loss = apply_z_loss_fixed
+
+    jitter = TopKRouter.apply_input_jitter
+
+    def apply_input_jitter(self, input):
+        # Switch Transformer's multiplicative jitter is a training-time noise; megatron-core
+        # 0.16.1 also applied it in evaluation (every validation loss a random draw).
+        return jitter(self, input) if self.training else input
+
+    TopKRouter.apply_input_jitter = apply_input_jitter
 
 
 def mark_expert_parameters(model_chunks, config) -> int:

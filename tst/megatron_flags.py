@@ -113,6 +113,10 @@ ACCEPTED: dict[str, Flag] = {
         0,
         "no RNG state is saved: dropout streams are reseeded from (--seed, iteration) each step",
     ),
+    "--openai-gelu": Flag(
+        0,
+        "Megatron-LM's legacy models only; its megatron-core models, like these, use torch's GELU",
+    ),
     "--moe-per-layer-logging": Flag(
         0,
         "routing statistics and balancing losses are always logged per MoE layer (metrics "

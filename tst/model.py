@@ -64,6 +64,7 @@ class ModelShape:
     rope_scaling_factor: float = 8.0
     untie_embeddings_and_output_weights: bool = False
     qk_layernorm: bool = False
+    qk_l2_norm: bool = False
     normalization: str = "LayerNorm"
     num_experts: int | None = None
     moe_grouped_gemm: bool = False  # TE spec only
@@ -87,6 +88,7 @@ class ModelShape:
             rope_scaling_factor=model.rope_scaling_factor,
             untie_embeddings_and_output_weights=model.untie_embeddings_and_output_weights,
             qk_layernorm=model.qk_layernorm,
+            qk_l2_norm=model.qk_l2_norm,
             normalization=model.normalization,
             num_experts=model.num_experts,
             moe_grouped_gemm=model.moe_grouped_gemm and use_transformer_engine,
@@ -105,6 +107,10 @@ class TorchNorm:
     already does for its fused norms: each TP rank normalises its own slice of positions,
     and the weights, marked ``sequence_parallel``, get their partial gradients summed over
     TP by ``finalize_model_grads``. Same signature, same torch modules, same parameters.
+
+    With ``--fp32-residual-connection`` the embedding output is fp32 while the weights are
+    bf16 / fp16: the norm computes in fp32 and hands the next GEMM the weights' dtype, as the
+    mixed-dtype fused norms of apex and Transformer Engine do (torch's refuse mixed dtypes).
     """
 
     def __new__(
@@ -119,6 +125,8 @@ class TorchNorm:
         if config.layernorm_zero_centered_gamma:
             raise ValueError("zero-centred gamma needs Transformer Engine or apex norms")
         kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.fp32_residual_connection:
+            kinds = {"LayerNorm": _Fp32InputLayerNorm, "RMSNorm": _Fp32InputRMSNorm}
         if config.normalization not in kinds:
             raise ValueError(f"--normalization must be one of {sorted(kinds)}")
         norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
@@ -173,6 +181,27 @@ class LatentDotProductAttention(DotProductAttention):
         if v_channels is not None:
             # [s, b, heads/tp x v_head_dim]: the context reshaped for the output projection.
             self.hidden_size_per_partition = self.num_attention_heads_per_partition * v_channels
+
+
+class _Fp32InputLayerNorm(torch.nn.LayerNorm):
+    """LayerNorm of an fp32 input with weights of any dtype, in fp32, out in the weights'."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.float()
+        out = torch.nn.functional.layer_norm(
+            x.float(), self.normalized_shape, self.weight.float(), bias, self.eps
+        )
+        return out.to(self.weight.dtype)
+
+
+class _Fp32InputRMSNorm(torch.nn.RMSNorm):
+    """RMSNorm of an fp32 input with weights of any dtype, in fp32, out in the weights'."""
+
+    def forward(self, x):
+        out = torch.nn.functional.rms_norm(
+            x.float(), self.normalized_shape, self.weight.float(), self.eps
+        )
+        return out.to(self.weight.dtype)
 
 
 def _block_norm():
@@ -259,12 +288,14 @@ def layer_spec(shape: ModelShape, multi_latent_attention: bool = False):
             num_experts=shape.num_experts,
             moe_grouped_gemm=shape.moe_grouped_gemm,
             qk_layernorm=shape.qk_layernorm,
+            qk_l2_norm=shape.qk_l2_norm,
             multi_latent_attention=multi_latent_attention,
         )
     local = specs.get_gpt_layer_local_spec(
         num_experts=shape.num_experts,
         moe_grouped_gemm=False,
         qk_layernorm=shape.qk_layernorm,
+        qk_l2_norm=shape.qk_l2_norm,
         multi_latent_attention=multi_latent_attention,
         normalization=shape.normalization,
     )

@@ -456,6 +456,35 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     grid = check_grid(cfg, world_size)
     tp, dp = grid.tp, grid.dp
     _require(
+        not m.fp32_residual_connection or t.bf16 or t.fp16,
+        "--fp32-residual-connection keeps the residual stream in fp32 under --bf16 / --fp16; "
+        "this run is fp32 throughout: drop it (Megatron-LM refuses it too)",
+    )
+    _require(
+        not m.attention_output_gate or not cfg.mla.multi_latent_attention,
+        "--attention-output-gate is not supported with --multi-latent-attention (megatron-core)",
+    )
+    _require(
+        not m.qk_l2_norm or not cfg.mla.multi_latent_attention,
+        "--qk-l2-norm is not supported with --multi-latent-attention (megatron-core)",
+    )
+    _require(
+        not m.num_experts or m.moe_router_topk != 1 or cfg.moe.moe_router_pre_softmax
+        or cfg.moe.moe_router_score_function != "softmax"
+        or m.moe_router_load_balancing_type == "sinkhorn",
+        "--moe-router-topk 1 needs --moe-router-pre-softmax (a softmax over one selected "
+        "score has zero gradient; megatron-core's rule)",
+    )  # fmt: skip
+    _require(
+        not cfg.moe.moe_apply_probs_on_input or m.moe_router_topk == 1,
+        "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
+    )
+    _require(
+        not cfg.moe.moe_shared_expert_gate or bool(m.moe_shared_expert_intermediate_size),
+        "--moe-shared-expert-gate gates the shared expert: give "
+        "--moe-shared-expert-intermediate-size",
+    )
+    _require(
         not p.tp_comm_overlap or p.sequence_parallel,
         "--tp-comm-overlap needs --sequence-parallel (Megatron-LM's rule; with TP 1 sequence "
         "parallelism is off)",

@@ -103,7 +103,7 @@ def test_windowed_layers_follow_megatron_cores_rule():
         (["--window-size", "4,0", "--window-attn-skip-freq", "0"], r"must be >= 1, got 0"),
         (["--window-size", "4,0", "--window-attn-skip-freq", "__import__('os')"],
          r"--window-attn-skip-freq .*give an int N or a list"),
-        (["--quick-geglu", "--swiglu"], r"--quick-geglu and --swiglu are two MLPs"),
+        (["--quick-geglu", "--swiglu"], r"--swiglu and --quick-geglu are 2 MLPs: pick one"),
         (["--quick-geglu", "--activation-func-clamp-value", "0"], r"must be a positive number"),
         (["--softmax-type", "sinks"], r"invalid choice: 'sinks'"),
     ],

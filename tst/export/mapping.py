@@ -67,6 +67,7 @@ def hf_architecture(cfg: Config, config) -> str:
         ("glu_linear_offset", config.glu_linear_offset == 0.0),
         ("activation_func_clamp_value", config.activation_func_clamp_value is None),
         ("softmax_type", config.softmax_type == "vanilla"),
+        ("no_rope_freq", not config.no_rope_freq),
         ("window_size", config.window_size is None),
     ):
         _refuse(not ok, f"megatron-core's {name}={getattr(config, name, None)!r}")

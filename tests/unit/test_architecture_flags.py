@@ -1,0 +1,312 @@
+"""Megatron-LM 0.16.1's remaining architecture flags: the squared-ReLU MLP, RoFormer-style RoPE
+(``--rotary-interleaved``), layers without RoPE (``--no-rope-freq``), Llama-4's QK L2 norm,
+gated attention (``--attention-output-gate``), query-key layer scaling, the fp32 residual
+stream, Xavier and embedding-std initialisation, and the MoE flags (shared-expert gate,
+input jitter, probabilities on the expert input, the deprecated ``--moe-layer-recompute``).
+
+Each reaches megatron-core with Megatron-LM's meaning and default; each is checked against a
+definition written here (fp32, rel 1e-4 / abs 1e-5 unless said): the activation formula,
+RoPE on (even, odd) pairs from its angles, order-invariance of attention without positions,
+unit RMS of normalised queries and keys, the distributions drawn. What megatron-core refuses
+is refused up front in one line.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from gpt_helpers import gpt_from_flags
+
+VOCAB, L, BATCH = 64, 8, 2
+FLAGS = [
+    "--mock-data", "--vocab-size", str(VOCAB), "--num-layers", "4", "--hidden-size", "32",
+    "--num-attention-heads", "4", "--seq-length", str(L), "--micro-batch-size", str(BATCH),
+    "--train-iters", "4", "--lr", "1e-3", "--hidden-dropout", "0", "--attention-dropout", "0",
+    "--make-vocab-size-divisible-by", "1", "--position-embedding-type", "rope",
+    "--disable-bias-linear", "--normalization", "RMSNorm",
+]  # fmt: skip
+MOE = ["--num-experts", "4", "--moe-shared-expert-intermediate-size", "32"]
+
+
+def _cfg(*extra):
+    from tst.config import parse_args
+    from tst.plan import validate
+
+    cfg = parse_args([*FLAGS, *extra])
+    return cfg, validate(cfg, 1, VOCAB)
+
+
+def _config(*extra):
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    cfg, plan = _cfg(*extra)
+    layout = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                    backend="gloo", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
+                    dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
+    return transformer_config(cfg, plan, layout, check_device=False)
+
+
+def test_flags_reach_megatron_core_with_megatron_lms_defaults():
+    from megatron.core.activations import squared_relu
+
+    c = _config()
+    assert (c.rotary_interleaved, c.no_rope_freq, c.qk_l2_norm, c.attention_output_gate,
+            c.apply_query_key_layer_scaling, c.fp32_residual_connection,
+            c.embedding_init_method_std, c.moe_shared_expert_gate, c.moe_input_jitter_eps,
+            c.moe_apply_probs_on_input) == (False, None, False, False, False, False, 0.02,
+                                            False, None, False)  # fmt: skip
+    assert not c.attention_softmax_in_fp32
+    c = _config("--squared-relu", "--rotary-interleaved", "--no-rope-freq", "2", "--qk-l2-norm",
+                "--attention-output-gate", "--apply-query-key-layer-scaling",
+                "--embedding-init-method-std", "0.1", "--init-method-xavier-uniform")  # fmt: skip
+    assert c.activation_func is squared_relu and not c.gated_linear_unit
+    assert (c.rotary_interleaved, c.no_rope_freq, c.qk_l2_norm, c.attention_output_gate,
+            c.apply_query_key_layer_scaling, c.embedding_init_method_std) == (
+        True, [0, 1, 0, 1], True, True, True, 0.1)  # fmt: skip
+    assert c.attention_softmax_in_fp32  # layer scaling turns it on, as in megatron-core
+    assert c.init_method is torch.nn.init.xavier_uniform_
+    assert _config("--no-rope-freq", "[1,0,0,1]").no_rope_freq == [1, 0, 0, 1]
+    assert _config("--bf16", "--fp32-residual-connection").fp32_residual_connection
+    c = _config(*MOE, "--moe-shared-expert-gate", "--moe-input-jitter-eps", "0.01",
+                "--moe-router-topk", "1", "--moe-router-pre-softmax",
+                "--moe-apply-probs-on-input")  # fmt: skip
+    assert (c.moe_shared_expert_gate, c.moe_input_jitter_eps, c.moe_apply_probs_on_input) == (
+        True, 0.01, True)  # fmt: skip
+
+
+def test_moe_layer_recompute_is_selective_recompute_of_the_moe_layer():
+    with pytest.warns(UserWarning, match="--moe-layer-recompute is deprecated"):
+        c = _config(*MOE, "--moe-layer-recompute")
+    assert (c.recompute_granularity, c.recompute_modules) == ("selective", ["core_attn", "moe"])
+    with pytest.warns(UserWarning, match="deprecated"):
+        c = _config(*MOE, "--moe-layer-recompute", "--recompute-granularity", "selective",
+                    "--recompute-modules", "mlp", "moe")  # fmt: skip
+    assert c.recompute_modules == ["mlp", "moe"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--squared-relu", "--swiglu"], r"--swiglu and --squared-relu are 2 MLPs: pick one"),
+        (["--no-rope-freq", "3"], r"--no-rope-freq 3 must be >= 1 and divide --num-layers 4"),
+        (["--no-rope-freq", "[0,1]"], r"one 0 \(RoPE\) or 1 \(no RoPE\) per layer \(4 layers\)"),
+        (["--no-rope-freq", "[0,0,0,0]"], r"leaves every layer with RoPE"),
+        (["--no-rope-freq", "2", "--position-embedding-type", "learned_absolute"],
+         r"--no-rope-freq .* needs --position-embedding-type rope"),
+        (["--fp32-residual-connection"], r"--fp32-residual-connection .* this run is fp32"),
+        (["--embedding-init-method-std", "0"], r"--embedding-init-method-std must be a positive"),
+        ([*MOE, "--moe-router-topk", "1"], r"--moe-router-topk 1 needs --moe-router-pre-softmax"),
+        ([*MOE, "--moe-apply-probs-on-input"], r"needs --moe-router-topk 1"),
+        (["--num-experts", "4", "--moe-shared-expert-gate"],
+         r"--moe-shared-expert-gate gates the shared expert: give --moe-shared-expert-inter"),
+        ([*MOE, "--moe-input-jitter-eps", "1.5"], r"--moe-input-jitter-eps must be in \(0, 1\)"),
+        ([*MOE, "--moe-layer-recompute", "--recompute-granularity", "full", "--recompute-method",
+          "uniform", "--recompute-num-layers", "1"], r"--moe-layer-recompute with .* full"),
+    ],
+)  # fmt: skip
+def test_bad_combinations_are_refused_in_one_line(extra, message):
+    from tst.errors import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        _cfg(*extra)
+    assert "\n" not in str(caught.value)
+    assert re.search(message, str(caught.value)), str(caught.value)
+
+
+@pytest.fixture
+def world():
+    """A one-rank world for the test's models (built and run inside it)."""
+    from tst.export.loading import single_process_world
+
+    with single_process_world() as layout:
+        yield layout
+
+
+def _model(layout, *extra):
+    return gpt_from_flags(layout, [*FLAGS, *extra], VOCAB).train()
+
+
+def test_squared_relu_mlp_matches_the_definition(world):
+    mlp = _model(world, "--squared-relu", "--ffn-hidden-size", "48").decoder.layers[0].mlp
+    w1, w2 = mlp.linear_fc1.weight.detach(), mlp.linear_fc2.weight.detach()
+    assert tuple(w1.shape) == (48, 32)
+    x = torch.randn(L, BATCH, 32, generator=torch.Generator().manual_seed(1))
+    out, _ = mlp(x)
+    torch.testing.assert_close(out, torch.relu(x @ w1.T).pow(2) @ w2.T, rtol=1e-4, atol=1e-5)
+
+
+def _roformer(x, positions, base):
+    """RoPE on (even, odd) dimension pairs: pair i turns by position x base^(-2i / d)."""
+    d = x.size(-1)
+    angles = positions.view(-1, 1).float() * base ** (-torch.arange(0, d, 2).float() / d)
+    cos, sin = angles.cos().view(-1, 1, 1, d // 2), angles.sin().view(-1, 1, 1, d // 2)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+def test_rotary_interleaved_turns_even_odd_pairs(world):
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    x = torch.randn(L, BATCH, 4, 8, generator=torch.Generator().manual_seed(2))
+    for interleaved in (True, False):
+        model = _model(world, *(["--rotary-interleaved"] if interleaved else []))
+        freqs = model.rotary_pos_emb(L)
+        got = apply_rotary_pos_emb(x, freqs, model.config)
+        want = _roformer(x, torch.arange(L), 10000.0)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5) == interleaved
+
+
+def _logits(model, tokens):
+    positions = torch.arange(tokens.size(1)).expand(tokens.size(0), -1)
+    with torch.no_grad():
+        return model(tokens, positions, attention_mask=None)
+
+
+@pytest.mark.parametrize("extra, invariant", [(["--no-rope-freq", "1"], True), ([], False)])
+def test_a_layer_without_rope_sees_no_order(world, extra, invariant):
+    """One causal attention layer without positions sees its prefix as a set: with RoPE off,
+    swapping the first two tokens leaves every later position's logits as they were; with
+    RoPE it does not."""
+    model = _model(world, "--num-layers", "1", *extra)
+    assert model.config.no_rope_freq == ([1] if extra else None)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, VOCAB, (BATCH, L), generator=gen)
+    swapped = tokens[:, [1, 0, *range(2, L)]]
+    a, b = _logits(model, tokens), _logits(model, swapped)
+    assert torch.allclose(a[:, 2:], b[:, 2:], rtol=1e-4, atol=1e-5) == invariant
+    assert not torch.allclose(a[:, 0], b[:, 0], atol=1e-3)  # the tokens themselves differ
+
+
+def test_qk_l2_norm_gives_queries_and_keys_unit_rms(world):
+    seen = []
+    model = _model(world, "--qk-l2-norm")
+    core = model.decoder.layers[1].self_attention.core_attention
+    core.register_forward_hook(lambda m, args, out: seen.append(args[:2]))
+    _logits(model, torch.randint(0, VOCAB, (BATCH, L), generator=torch.Generator().manual_seed(4)))
+    (q, k), = seen  # fmt: skip
+    for t in (q, k):  # [s, b, heads, d]; RoPE turns pairs, so the norm survives it
+        # x / sqrt(mean(x^2) + eps), eps 1e-5: the mean square is 1 less eps / mean(x^2).
+        torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(t.shape[:-1]), rtol=0,
+                                   atol=1e-2)  # fmt: skip
+    plain = []
+    model = _model(world)
+    model.decoder.layers[1].self_attention.core_attention.register_forward_hook(
+        lambda m, args, out: plain.append(args[0]))  # fmt: skip
+    _logits(model, torch.randint(0, VOCAB, (BATCH, L), generator=torch.Generator().manual_seed(4)))
+    assert (plain[0].pow(2).mean(-1) - 1).abs().max() > 0.5  # not normalised without the flag
+
+
+def test_attention_output_gate_adds_a_gate_per_query_channel(world):
+    """The QKV projection grows by heads x head size (the gate), and the output changes."""
+    plain, gated = _model(world), _model(world, "--attention-output-gate")
+    qkv = [m.decoder.layers[0].self_attention.linear_qkv.weight.shape[0] for m in (plain, gated)]
+    assert qkv == [3 * 32, 4 * 32]
+
+
+def test_query_key_layer_scaling_changes_no_fp32_result(world):
+    """1 / layer number before the softmax, undone in its fp32: the same attention in fp32."""
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (BATCH, L), generator=gen)
+    torch.manual_seed(0)
+    plain = _model(world)
+    scaled = _model(world, "--apply-query-key-layer-scaling")
+    scaled.load_state_dict(plain.state_dict())
+    cores = [layer.self_attention.core_attention for layer in scaled.decoder.layers]
+    assert [c.scale_mask_softmax.scale for c in cores] == [1, 2, 3, 4]
+    torch.testing.assert_close(_logits(scaled, tokens), _logits(plain, tokens), rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_fp32_residual_connection_under_bf16(world):
+    """The embedding hands the first layer an fp32 residual while the weights are bf16 (its
+    norm computes in fp32 and feeds the GEMMs bf16); megatron-core 0.16.1's bias-dropout-add
+    casts the residual to the layer output's dtype, so the layers pass bf16 on, as there."""
+    from megatron.core.transformer.module import Float16Module
+
+    model = _model(world, "--bf16", "--fp32-residual-connection")
+    seen = {}
+    model.embedding.register_forward_hook(lambda m, args, out: seen.update(embedding=out.dtype))
+    norm = model.decoder.layers[0].input_layernorm
+    norm.register_forward_hook(lambda m, args, out: seen.update(norm=(args[0].dtype, out.dtype)))
+    wrapped = Float16Module(model.config, model)
+    assert model.decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, VOCAB, (BATCH, L), generator=torch.Generator().manual_seed(6))
+    logits = _logits(wrapped, tokens)
+    assert seen == {"embedding": torch.float32, "norm": (torch.float32, torch.bfloat16)}
+    assert torch.isfinite(logits).all()
+    # Without the flag the embedding output is bf16 already.
+    plain = Float16Module(model.config, _model(world, "--bf16"))
+    plain.module.embedding.register_forward_hook(lambda m, a, out: seen.update(plain=out.dtype))
+    _logits(plain, tokens)
+    assert seen["plain"] == torch.bfloat16
+
+
+def _initialised(*extra):
+    from tst.export.loading import single_process_world
+    from tst.init import initialize_layout_independent
+    from tst.megatron_config import transformer_config
+
+    with single_process_world() as layout:
+        cfg, plan = _cfg(*extra)
+        config = transformer_config(cfg, plan, layout)
+        model = gpt_from_flags(layout, [*FLAGS, *extra], VOCAB)
+        initialize_layout_independent([model], config, 7, layout)
+        return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def test_xavier_and_embedding_std_initialisation():
+    """Xavier: uniform in +-sqrt(6 / (fan_in + fan_out)) of each whole matrix (its std is the
+    bound / sqrt(3), within 10%); --embedding-init-method-std: the embedding's normal std
+    (within 10%), the other weights keep theirs."""
+    params = _initialised("--init-method-xavier-uniform", "--ffn-hidden-size", "256")
+    for name in ("decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.1.mlp.linear_fc2.weight",
+                 "embedding.word_embeddings.weight"):  # fmt: skip
+        w = params[name]
+        bound = math.sqrt(6 / sum(w.shape))
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound, name
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.1), name
+    params = _initialised("--embedding-init-method-std", "0.2", "--ffn-hidden-size", "256")
+    assert params["embedding.word_embeddings.weight"].std().item() == pytest.approx(0.2, rel=0.1)
+    assert params["decoder.layers.0.mlp.linear_fc1.weight"].std().item() == pytest.approx(
+        0.02, rel=0.1)  # fmt: skip
+    # Xavier with an embedding std: the embedding keeps the normal of its std.
+    params = _initialised("--init-method-xavier-uniform", "--embedding-init-method-std", "0.2")
+    assert params["embedding.word_embeddings.weight"].std().item() == pytest.approx(0.2, rel=0.1)
+
+
+def test_moe_flags_build_and_act(world):
+    """The shared-expert gate is a [1, hidden] weight; with probabilities on the input (top-1)
+    the layer runs; input jitter changes training forwards only."""
+    model = _model(world, *MOE, "--moe-shared-expert-gate", "--moe-router-topk", "1",
+                   "--moe-router-pre-softmax", "--moe-apply-probs-on-input")  # fmt: skip
+    shared = model.decoder.layers[0].mlp.shared_experts
+    assert tuple(shared.gate_weight.shape) == (1, 32)
+    tokens = torch.randint(0, VOCAB, (BATCH, L), generator=torch.Generator().manual_seed(8))
+    assert torch.isfinite(_logits(model, tokens)).all()
+    jitter = _model(world, *MOE, "--moe-input-jitter-eps", "0.5")
+    a, b = _logits(jitter, tokens), _logits(jitter, tokens)
+    assert not torch.allclose(a, b)
+    jitter.eval()
+    torch.testing.assert_close(_logits(jitter, tokens), _logits(jitter, tokens))
+
+
+def test_dry_run_names_the_flags_and_counts_the_gates(capsys):
+    import pretrain_tst
+
+    argv = [*FLAGS, "--squared-relu", "--rotary-interleaved", "--no-rope-freq", "2",
+            "--qk-l2-norm", "--attention-output-gate", "--apply-query-key-layer-scaling",
+            *MOE, "--moe-shared-expert-gate", "--dry-run"]  # fmt: skip
+    assert pretrain_tst.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "(agrees)" in out
+    assert "interleaved pairs, none on 2 of 4 layers" in out
+    assert "attention softmax, QK L2 norm, output gate, query-key layer scaling" in out
+    assert "squared-ReLU MLP" in out
