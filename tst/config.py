@@ -480,6 +480,22 @@ class ParallelConfig:
     ddp_bucket_size: int | None = _f(
         None, "Elements per data-parallel communication bucket (default megatron-core's)."
     )
+    ddp_num_buckets: int | None = _f(
+        None, "Data-parallel communication buckets: the bucket size is the parameters / N."
+    )
+    ddp_pad_buckets_for_high_nccl_busbw: bool = _f(
+        False, "Pad each bucket to a multiple of 2^16 elements (NCCL bus bandwidth at large DP)."
+    )
+    ddp_reduce_scatter_with_fp32_accumulation: bool = _f(
+        False,
+        "Distributed optimizer: reduce-scatter sending bf16 but accumulating in fp32 "
+        "(an all-to-all).",
+    )
+    gradient_reduce_div_fusion: bool = _f(
+        True,
+        "Divide gradients in a separate step, not fused into the reduction.",
+        flag="--no-gradient-reduce-div-fusion",
+    )
     grad_reduce_in_bf16: bool = _f(False, "Reduce gradients in bf16 (with --bf16).")
     accumulate_allreduce_grads_in_fp32: bool = _f(
         False, "Accumulate and all-reduce gradients in fp32 (on by itself with --bf16)."
@@ -539,6 +555,10 @@ class ParallelConfig:
         )
         if self.ddp_bucket_size is not None:
             _require(self.ddp_bucket_size >= 1, "--ddp-bucket-size must be >= 1")
+        if self.ddp_num_buckets is not None:
+            _require(self.ddp_num_buckets >= 1, "--ddp-num-buckets must be >= 1")
+            _require(self.ddp_bucket_size is None,
+                     "give --ddp-num-buckets or --ddp-bucket-size, not both (as Megatron-LM)")  # fmt: skip
         _require(
             not self.overlap_param_gather or self.use_distributed_optimizer,
             "--overlap-param-gather needs --use-distributed-optimizer",

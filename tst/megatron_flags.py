@@ -21,6 +21,7 @@ import difflib
 from typing import NamedTuple
 
 from tst.errors import ConfigError
+from tst.megatron_flags_upstream import UPSTREAM_ACCEPTED, UPSTREAM_ALIASES, UPSTREAM_REFUSED
 
 __all__ = ["ACCEPTED", "ALIASES", "REFUSED", "add_to_parser", "apply_aliases", "check_unknown",
            "resolve"]  # fmt: skip
@@ -197,6 +198,11 @@ REFUSED: dict[str, Flag] = {
         "too): drop the flag",
     ),
 }
+
+# Megatron-LM 0.16.1's other flags (tst.megatron_flags_upstream): the whole flag set is known.
+ALIASES.update(UPSTREAM_ALIASES)
+ACCEPTED.update({flag: Flag(*entry) for flag, entry in UPSTREAM_ACCEPTED.items()})
+REFUSED.update({flag: Flag(*entry) for flag, entry in UPSTREAM_REFUSED.items()})
 
 
 def _dest(flag: str) -> str:

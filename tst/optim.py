@@ -28,10 +28,17 @@ def params_dtype(cfg: Config) -> torch.dtype:
     return torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
 
 
-def ddp_config(cfg: Config):
+def ddp_config(cfg: Config, num_parameters: int | None = None):
+    """megatron-core's DDP settings; ``num_parameters`` (this rank's model) sizes the buckets of
+    --ddp-num-buckets as Megatron-LM does (parameters // N)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     p = cfg.parallel
+    bucket_size = p.ddp_bucket_size
+    if p.ddp_num_buckets is not None:
+        if num_parameters is None:
+            raise ValueError("--ddp-num-buckets needs the model's parameter count")
+        bucket_size = max(1, num_parameters // p.ddp_num_buckets)
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=p.accumulate_allreduce_grads_in_fp32,
         overlap_grad_reduce=p.overlap_grad_reduce,
@@ -40,7 +47,10 @@ def ddp_config(cfg: Config):
         use_distributed_optimizer=p.use_distributed_optimizer,
         # Non-finite gradients are caught by the trainer (one vote per step), not by DDP.
         check_for_nan_in_grad=False,
-        bucket_size=p.ddp_bucket_size,
+        bucket_size=bucket_size,
+        pad_buckets_for_high_nccl_busbw=p.ddp_pad_buckets_for_high_nccl_busbw,
+        reduce_scatter_with_fp32_accumulation=p.ddp_reduce_scatter_with_fp32_accumulation,
+        gradient_reduce_div_fusion=p.gradient_reduce_div_fusion,
         fp8_param_gather=cfg.training.fp8_param_gather,
     )
 

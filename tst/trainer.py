@@ -98,7 +98,7 @@ class Trainer:
         self.raw_chunks = chunks
         if t.bf16 or t.fp16:
             chunks = [Float16Module(self.config, c) for c in chunks]
-        ddp = ddp_config(cfg)
+        ddp = ddp_config(cfg, sum(p.numel() for c in chunks for p in c.parameters()))
         self.model = [
             DistributedDataParallel(
                 config=self.config, ddp_config=ddp, module=c, disable_bucketing=i > 0

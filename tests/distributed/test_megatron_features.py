@@ -42,6 +42,7 @@ def _train(argv: list[str], metrics: str) -> dict:
             overlap_grad_reduce=chunk.ddp_config.overlap_grad_reduce,
             overlap_param_gather=chunk.ddp_config.overlap_param_gather,
             bucket_size=chunk.ddp_config.bucket_size,
+            parameters=sum(p.numel() for c in self.model for p in c.parameters()),
             buckets=len(chunk.bucket_groups),
             grad_sync_func=self.config.grad_sync_func is not None,
             recompute=(self.config.recompute_granularity, self.config.recompute_method,
@@ -78,6 +79,12 @@ OVERLAP = {
         "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
         "--ddp-bucket-size", "2000",
     ],
+    # Buckets of (this rank's parameters // 4), padded, reduce-scatter accumulating in fp32.
+    "distopt+overlap-4-buckets": [
+        "--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-num-buckets", "4",
+        "--ddp-pad-buckets-for-high-nccl-busbw", "--ddp-reduce-scatter-with-fp32-accumulation",
+        "--no-gradient-reduce-div-fusion",
+    ],
 }  # fmt: skip
 
 
@@ -90,7 +97,11 @@ def test_overlap_and_distributed_optimizer_change_no_loss(world2, tmp_path):
         if "--overlap-grad-reduce" in extra:
             # Overlap reduces bucket by bucket during the backward: several buckets.
             assert got["overlap_grad_reduce"] and got["grad_sync_func"], name
-            assert got["bucket_size"] == 2000 and got["buckets"] > 1, name
+            if "--ddp-num-buckets" in extra:
+                assert got["bucket_size"] == got["parameters"] // 4, name
+                assert got["buckets"] >= 3, name
+            else:
+                assert got["bucket_size"] == 2000 and got["buckets"] > 1, name
         if "--overlap-param-gather" in extra:
             assert got["overlap_param_gather"], name
 

@@ -52,6 +52,21 @@ def test_ddp_flags_default_and_given():
     assert d.align_param_gather is False
     cfg = _cfg("--overlap-grad-reduce", "--no-align-grad-reduce")[0]
     assert cfg.parallel.align_grad_reduce is False and _cfg()[0].parallel.align_grad_reduce
+    # Buckets and reduction details, Megatron-LM's defaults and given; --ddp-num-buckets N
+    # sizes the buckets as the model's parameters // N (Megatron-LM's rule).
+    d = ddp_config(_cfg()[0], 1000)
+    assert (d.bucket_size, d.pad_buckets_for_high_nccl_busbw,
+            d.reduce_scatter_with_fp32_accumulation, d.gradient_reduce_div_fusion) == (
+        None, False, False, True)  # fmt: skip
+    d = ddp_config(_cfg("--ddp-num-buckets", "4", "--ddp-pad-buckets-for-high-nccl-busbw",
+                        "--ddp-reduce-scatter-with-fp32-accumulation",
+                        "--no-gradient-reduce-div-fusion")[0], 1000)  # fmt: skip
+    assert (d.bucket_size, d.pad_buckets_for_high_nccl_busbw,
+            d.reduce_scatter_with_fp32_accumulation, d.gradient_reduce_div_fusion) == (
+        250, True, True, False)  # fmt: skip
+    assert ddp_config(_cfg("--ddp-bucket-size", "77")[0], 1000).bucket_size == 77
+    with pytest.raises(ValueError, match="give --ddp-num-buckets or --ddp-bucket-size"):
+        _cfg("--ddp-num-buckets", "4", "--ddp-bucket-size", "77")
 
 
 def test_moe_and_numerics_flags_reach_the_transformer_config():
