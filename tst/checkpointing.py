@@ -433,15 +433,35 @@ def finalize_async_saves(async_queue, blocking: bool) -> list[int]:
         ) from error
 
 
+def step_iteration(root: str, iteration: int) -> int:
+    """``--ckpt-step``: that iteration's checkpoint under ``root``, which must be complete."""
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        finished = sorted(
+            int(name[len("iter_"):]) for name in (os.listdir(root) if os.path.isdir(root) else [])
+            if name.startswith("iter_") and name[len("iter_"):].isdigit()
+            and os.path.isfile(os.path.join(root, name, "metadata.json"))
+        )  # fmt: skip
+        raise CheckpointError(
+            f"--ckpt-step {iteration}: {root} holds no complete checkpoint of that iteration "
+            f"(complete ones: {', '.join(map(str, finished)) or 'none'})"
+        )
+    return iteration
+
+
 def load(root: str, chunks, optimizer, fully_parallel: bool = False,
-         optimizer_layout: dict | None = None) -> dict:  # fmt: skip
-    """Load the latest complete checkpoint into ``chunks`` and ``optimizer`` (None: the
-    weights only); return its common state (iteration, data position, scheduler, ...).
-    ``optimizer_layout`` (this run's :func:`optimizer_layout`) is checked against the one
-    the checkpoint was saved with before the optimizer state is read."""
+         optimizer_layout: dict | None = None, iteration: int | None = None) -> dict:  # fmt: skip
+    """Load the latest complete checkpoint (or ``iteration``'s, ``--ckpt-step``) into
+    ``chunks`` and ``optimizer`` (None: the weights only); return its common state
+    (iteration, data position, scheduler, ...). ``optimizer_layout`` (this run's
+    :func:`optimizer_layout`) is checked against the one the checkpoint was saved with
+    before the optimizer state is read."""
     from megatron.core import dist_checkpointing
 
-    iteration = latest_iteration(root)
+    if iteration is None:
+        iteration = latest_iteration(root)
+    else:
+        iteration = step_iteration(root, iteration)
     path = checkpoint_dir(root, iteration)
     verify(path)
     template = _sharded_model_state(chunks)

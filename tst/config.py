@@ -1042,6 +1042,11 @@ class RunConfig:
         "position start fresh.",
     )
     no_load_optim: bool = _f(False, "Do not load the optimizer state from --load.")
+    ckpt_step: int | None = _f(
+        None,
+        "With --load: resume from this iteration's checkpoint instead of the latest (it must be "
+        "complete); the tracker file is left as it is.",
+    )
     exit_on_missing_checkpoint: bool = _f(
         False,
         "With --load: stop with an error when the directory holds no checkpoint (a mistyped "
@@ -1135,6 +1140,12 @@ class RunConfig:
             not self.finetune or self.load,
             "--finetune loads the weights of --load: give --load CHECKPOINT_DIR",
         )
+        for flag, given in (("--ckpt-step", self.ckpt_step is not None),
+                            ("--exit-on-missing-checkpoint", self.exit_on_missing_checkpoint)):  # fmt: skip
+            _require(
+                not given or self.load, f"{flag} applies to --load: give --load CHECKPOINT_DIR"
+            )
+        _require(self.ckpt_step is None or self.ckpt_step >= 0, "--ckpt-step must be >= 0")
 
 
 @dataclass

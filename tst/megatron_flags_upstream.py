@@ -423,7 +423,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--save-retain-interval": 1,
         "--load-main-params-from-ckpt": 0,
         "--pretrained-checkpoint": 1,
-        "--ckpt-step": 1,
         "--use-mp-args-from-checkpoint-args": 0,
         "--ckpt-convert-format": 1,
         "--ckpt-convert-save": 1,

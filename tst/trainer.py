@@ -603,7 +603,7 @@ class Trainer:
         starts the run from scratch, as Megatron-LM does (refused with
         --exit-on-missing-checkpoint); a damaged one is refused."""
         run = self.cfg.run
-        if checkpointing.find_checkpoint(run.load) is None:
+        if checkpointing.find_checkpoint(run.load) is None and run.ckpt_step is None:
             if run.exit_on_missing_checkpoint:
                 raise ValueError(
                     f"--load {run.load}: no checkpoint there, and --exit-on-missing-checkpoint "
@@ -615,7 +615,7 @@ class Trainer:
         common = checkpointing.load(run.load, self.raw_chunks,
                                     None if weights_only else self.optimizer,
                                     run.ckpt_fully_parallel_load,
-                                    self._optimizer_layout())  # fmt: skip
+                                    self._optimizer_layout(), run.ckpt_step)  # fmt: skip
         if weights_only:
             # The fp32 main weights of a mixed-precision optimizer follow the loaded model.
             self.optimizer.reload_model_params()

@@ -179,7 +179,9 @@ def test_finetune_and_no_load_optim(world2, tmp_path):
 
 
 def _resume_error(argv: list[str], metrics: str) -> str:
-    with pytest.raises(ValueError) as error:
+    from tst.errors import TSTError
+
+    with pytest.raises((ValueError, TSTError)) as error:
         pretrain_tst.main(argv + ["--metrics-file", metrics])
     return str(error.value)
 
@@ -221,6 +223,21 @@ def test_load_of_an_empty_directory_starts_from_scratch(world2, tmp_path):
     message = world2.run(_resume_error, BASE + ["--load", typo, "--exit-on-missing-checkpoint"],
                          str(tmp_path / "c.jsonl"))[0]  # fmt: skip
     assert f"--load {typo}: no checkpoint there, and --exit-on-missing-checkpoint" in message
+
+
+def test_ckpt_step_resumes_from_an_older_checkpoint(world2, tmp_path):
+    """--ckpt-step 2 resumes from iteration 2 though the tracker names 6: the run continues
+    as the unbroken one did (rel 1e-6); a step with no complete checkpoint is refused,
+    listing the ones there."""
+    ckpt = str(tmp_path / "ckpt")
+    full = world2.run(_train, BASE + ["--save", ckpt, "--save-interval", "2"],
+                      str(tmp_path / "a.jsonl"))[0]  # fmt: skip
+    got = world2.run(_train, BASE + ["--load", ckpt, "--ckpt-step", "2"],
+                     str(tmp_path / "b.jsonl"))[0]  # fmt: skip
+    _close(_losses(got), _losses(full)[2:], 1e-6, "--ckpt-step 2")
+    message = world2.run(_resume_error, BASE + ["--load", ckpt, "--ckpt-step", "3"],
+                         str(tmp_path / "c.jsonl"))[0]  # fmt: skip
+    assert "--ckpt-step 3: " in message and "(complete ones: 2, 4, 6)" in message
 
 
 def test_sample_based_training_with_batch_rampup(world2, tmp_path):
