@@ -318,12 +318,27 @@ def end_helpers_with_the_trainer() -> None:
 def use_persistent_writer_loop() -> None:
     """``--use-persistent-ckpt-worker``: megatron-core spawns its long-lived writer with
     ``PersistentAsyncCaller.async_loop``; hand it :func:`persistent_writer_loop` instead, which
-    the writer imports by name (idempotent)."""
+    the writer imports by name, and spawn it with the stop signals blocked (a stop signal
+    while it imports would end it before it ignores them; idempotent)."""
     from megatron.core.dist_checkpointing.strategies import async_utils
 
     caller = async_utils.PersistentAsyncCaller
     if caller.__dict__.get("async_loop") is not _PERSISTENT_LOOP:
         caller.async_loop = _PERSISTENT_LOOP
+    schedule = caller.schedule_async_call
+    if getattr(schedule, "_tst_blocks_stop_signals", False):
+        return
+
+    def schedule_async_call(self, async_req):
+        from tst.processes import stop_signals_blocked
+
+        if self.process is None and async_req.async_fn is not None:  # this call spawns it
+            with stop_signals_blocked():
+                return schedule(self, async_req)
+        return schedule(self, async_req)
+
+    schedule_async_call._tst_blocks_stop_signals = True
+    caller.schedule_async_call = schedule_async_call
 
 
 def persistent_writer_loop(rank, queue, preload_q, comp_q, log_level=logging.INFO):

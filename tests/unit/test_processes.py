@@ -93,3 +93,44 @@ def test_a_helper_spawned_with_the_stop_signals_blocked_survives_one_sent_while_
     finally:
         if helper.is_alive():
             helper.kill()
+
+
+def _write_marker(path: str) -> None:
+    with open(path, "w") as f:
+        f.write("written")
+
+
+def test_persistent_writer_survives_a_stop_signal_sent_while_it_starts(tmp_path):
+    """--use-persistent-ckpt-worker: megatron-core spawns its writer at the first save; a
+    SIGUSR1 sent to it at once (while it imports) waits, blocked, until the writer ignores the
+    stop signals, and the save it was handed completes. Without the block the signal's default
+    action ended the writer and the save never completed."""
+    import signal
+    import time
+
+    from megatron.core.dist_checkpointing.strategies.async_utils import (
+        AsyncRequest,
+        PersistentAsyncCaller,
+    )
+
+    from tst import checkpointing
+    from tst.export.loading import single_process_world
+
+    marker = str(tmp_path / "written")
+    with single_process_world():
+        checkpointing.use_persistent_writer_loop()
+        caller = PersistentAsyncCaller()
+        try:
+            caller.schedule_async_call(AsyncRequest(_write_marker, (marker,), []))
+            os.kill(caller.process.pid, signal.SIGUSR1)
+            deadline = time.time() + 180
+            while not caller.is_current_async_call_done(blocking=False, no_dist=True):
+                assert caller.process.is_alive(), f"the writer ended ({caller.process.exitcode})"
+                assert time.time() < deadline, "the save did not complete"
+                time.sleep(0.2)
+            with open(marker) as f:
+                assert f.read() == "written"
+            assert caller.process.is_alive()
+        finally:
+            if caller.process is not None and caller.process.is_alive():
+                caller.close()
