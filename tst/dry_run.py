@@ -404,6 +404,9 @@ def _in_flight(stage: int, grid: Grid, num_micro: int) -> float:
 
 
 def _layer_ranges(layers: list[int]) -> str:
+    """``0-2,5``; a stage without decoder layers (only the embedding or the loss) is ``none``."""
+    if not layers:
+        return "none"
     ranges, start = [], None
     for i, layer in enumerate(layers):
         if start is None:

@@ -318,3 +318,18 @@ def test_uneven_checkpoint_exports_like_pp1(world2, tmp_path):
     assert got.keys() == want.keys() and "model.layers.2.mlp.up_proj.weight" in want
     for name, tensor in want.items():
         torch.testing.assert_close(got[name], tensor, rtol=0, atol=5e-5, msg=name)
+
+
+def test_dry_run_names_a_stage_without_decoder_layers(capsys):
+    """A stage that holds only the embedding (layout E|ttttL) shows "none" in the layers column,
+    not an empty cell."""
+    import re
+
+    import pretrain_tst
+
+    argv = [a for a in BASE] + PP2 + ["--pipeline-model-parallel-layout", "E|ttttL", "--dry-run",
+                                      "--dry-run-world-size", "2"]  # fmt: skip
+    assert pretrain_tst.main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+0\s+none\s", out, re.M), out
+    assert re.search(r"^\s+1\s+0-3\s", out, re.M), out
