@@ -1091,6 +1091,12 @@ class RunConfig:
         flag="--use-checkpoint-opt_param-scheduler",
     )
     exit_interval: int | None = _f(None, "Save and exit when the step is a multiple of N.")
+    exit_signal: str = _f(
+        "SIGTERM",
+        "The signal that saves and exits (Megatron-LM's --exit-signal). Here SIGTERM, SIGUSR1, "
+        "SIGUSR2 and SIGINT all do, whichever is named: the flag only checks the name.",
+        choices=["SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT"],
+    )
     exit_duration_in_mins: float | None = _f(None, "Save and exit after this many minutes.")
     dry_run: bool = _f(
         False,

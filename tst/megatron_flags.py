@@ -52,7 +52,7 @@ ACCEPTED: dict[str, Flag] = {
     "--use-dist-ckpt": Flag(0, "checkpoints are always megatron-core dist_checkpointing"),
     "--ckpt-fully-parallel-save": Flag(0, "fully parallel saving is the default already"),
     "--exit-signal-handler": Flag(
-        0, "SIGTERM / SIGUSR1 (and Ctrl-C) always save at the next step and exit"
+        0, "SIGTERM / SIGUSR1 / SIGUSR2 (and Ctrl-C) always save at the next step and exit"
     ),
     "--no-async-tensor-model-parallel-allreduce": Flag(
         0, "deprecated in Megatron-LM; megatron-core overlaps TP all-reduces by itself"

@@ -405,7 +405,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--decrease-batch-size-if-needed": 0,
         "--check-weight-hash-across-dp-replicas-interval": 1,
         "--train-sync-interval": 1,
-        "--exit-signal": 1,
         "--exit-signal-handler-for-dataloader": 0,
         "--disable-manual-gc-eval": 0,
         "--disable-gloo-process-groups": 0,

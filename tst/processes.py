@@ -28,7 +28,9 @@ __all__ = ["STOP_SIGNALS", "exit_with_parent", "parent_pid", "serve_the_trainer"
 
 # What the trainer answers with a save at the next step (tst.trainer): SIGUSR1's default action
 # ends a process, so a helper that kept it died under Slurm's time-limit warning mid-save.
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# SIGUSR2 too (Megatron-LM's --exit-signal choice for some Slurm setups): its default action
+# ends a process as well.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
 
 def parent_pid() -> int:

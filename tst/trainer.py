@@ -685,7 +685,7 @@ class Trainer:
         return self.elapsed_before + time.time() - self.start_time
 
     def _install_signal_handlers(self) -> None:
-        """SIGTERM, SIGUSR1 (Slurm's warning) and Ctrl-C save at the next step and exit 0;
+        """SIGTERM, SIGUSR1 (Slurm's warning), SIGUSR2 and Ctrl-C save at the next step and exit 0;
         a second Ctrl-C exits at once (the last complete checkpoint stays as it was)."""
 
         def handler(signum, frame):

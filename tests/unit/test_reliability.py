@@ -211,7 +211,7 @@ def test_a_helper_leaves_every_stop_signal_to_the_trainer():
 
     from tst.processes import STOP_SIGNALS
 
-    assert set(STOP_SIGNALS) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+    assert set(STOP_SIGNALS) == {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT}
     ctx = multiprocessing.get_context("spawn")
     ready, go = ctx.Event(), ctx.Event()
     helper = ctx.Process(target=_helper_waits, args=(ready, go))
@@ -232,8 +232,12 @@ def test_a_helper_leaves_every_stop_signal_to_the_trainer():
 
 @pytest.mark.parametrize(
     ("extra", "sig"),
-    [([], "SIGUSR1"), (["--async-save", "--use-persistent-ckpt-worker"], "SIGTERM")],
-    ids=["sync-usr1", "async-persistent-term"],
+    [
+        ([], "SIGUSR1"),
+        (["--async-save", "--use-persistent-ckpt-worker"], "SIGTERM"),
+        (["--exit-signal", "SIGUSR2"], "SIGUSR2"),
+    ],
+    ids=["sync-usr1", "async-persistent-term", "sync-usr2"],
 )
 def test_a_stop_signal_to_the_process_group_saves_at_the_stop(tmp_path, extra, sig):
     """``scancel``, ``timeout`` and ``kill -TERM -PGID`` signal the whole process group, and
