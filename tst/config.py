@@ -1047,6 +1047,11 @@ class RunConfig:
         "With --load: resume from this iteration's checkpoint instead of the latest (it must be "
         "complete); the tracker file is left as it is.",
     )
+    skip_train: bool = _f(
+        False,
+        "No training step: evaluate the validation and test splits at the loaded (or initial) "
+        "weights, then exit (needs --eval-iters > 0).",
+    )
     exit_on_missing_checkpoint: bool = _f(
         False,
         "With --load: stop with an error when the directory holds no checkpoint (a mistyped "

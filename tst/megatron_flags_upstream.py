@@ -444,7 +444,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--nccl-communicator-config-path": 1,
         "--use-tp-pp-dp-mapping": 0,
         "--fake-process-group": 0,
-        "--skip-train": 0,
         "--test-mode": 0,
         "--full-validation": 0,
         "--multiple-validation-sets": 0,

@@ -562,6 +562,10 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     if t.lr_decay_style == "WSD" and wsd is None:
         wsd = max(1, train_iters // 10) * gbs  # default: the last 10% of the run
     evaluate = cfg.log.eval_iters > 0
+    _require(
+        evaluate or not cfg.run.skip_train,
+        "--skip-train only evaluates: give --eval-iters > 0 (batches per evaluation)",
+    )
     return RunPlan(
         grid=grid,
         micro_batch_size=t.micro_batch_size,

@@ -770,6 +770,17 @@ class Trainer:
             "loss": 0.0,
         }
         skipped_in_a_row = 0
+        if run.skip_train:  # Megatron-LM's --skip-train: evaluate what was loaded, and stop
+            phase = self.schedule.phase_at(min(self.iteration, train_iters - 1))
+            self.writer.print(f"--skip-train: evaluating at iteration {self.iteration}, no "
+                              "training step")  # fmt: skip
+            if evaluate:
+                self._evaluate_valid_split(phase)
+            if self.test is not None:
+                self._evaluate_test_split(phase)
+            profiler.close()
+            self._finish()
+            return 0
         while self.iteration < train_iters:
             phase = self.schedule.phase_at(self.iteration)
             if self.schedule.starting_at(self.iteration) is not None:
@@ -823,21 +834,9 @@ class Trainer:
             ):
                 gc_state.before_eval()
                 self._set_pre_hooks(False)
-                val = self.evaluate()
+                self._evaluate_valid_split(phase)
                 self._set_pre_hooks(True)
                 gc_state.after_eval()
-                record = {
-                    "iteration": self.iteration,
-                    "val_loss": val,
-                    "elapsed_s": round(self.elapsed(), 3),
-                    "phase": phase.name,
-                    "stage": phase.stage,
-                    "raw_tokens": self.train_stream.consumed_raw_tokens,
-                }
-                if log.log_validation_ppl_to_tensorboard:
-                    record["val_ppl"] = math.exp(min(val, 700.0))
-                self.writer.write(record, "eval")
-                self.writer.print(f"  eval at {self.iteration}: next-token loss {val:.4f}")
             if run.save and run.save_interval and self.iteration % run.save_interval == 0:
                 self.save()
             gc_state.step(self.iteration)
@@ -857,6 +856,22 @@ class Trainer:
             self.save()
         self._finish()
         return 0
+
+    def _evaluate_valid_split(self, phase: Phase) -> None:
+        """Next-token loss on the validation split, logged and written as an eval record."""
+        val = self.evaluate()
+        record = {
+            "iteration": self.iteration,
+            "val_loss": val,
+            "elapsed_s": round(self.elapsed(), 3),
+            "phase": phase.name,
+            "stage": phase.stage,
+            "raw_tokens": self.train_stream.consumed_raw_tokens,
+        }
+        if self.cfg.log.log_validation_ppl_to_tensorboard:
+            record["val_ppl"] = math.exp(min(val, 700.0))
+        self.writer.write(record, "eval")
+        self.writer.print(f"  eval at {self.iteration}: next-token loss {val:.4f}")
 
     def _evaluate_test_split(self, phase: Phase) -> None:
         """Next-token loss on the test split (--split's third part or --test-data-path) once,

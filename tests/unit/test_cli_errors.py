@@ -50,6 +50,7 @@ REFUSED = [
     (["--rampup-batch-size", "2", "2", "100"], 1, r"--rampup-batch-size needs sample-based"),
     (["--finetune"], 1, r"--finetune loads the weights of --load"),
     (["--ckpt-step", "2"], 1, r"--ckpt-step applies to --load: give --load CHECKPOINT_DIR"),
+    (["--skip-train", "--eval-iters", "0"], 1, r"--skip-train only evaluates: give --eval-iters > 0"),
     (["--exit-on-missing-checkpoint"], 1, r"--exit-on-missing-checkpoint applies to --load"),
     (["--ckpt-format", "torch"], 1, r"--ckpt-format torch is not supported"),
     (["--overlap-param-gather"], 1, r"--overlap-param-gather needs --use-distributed-optimizer"),
