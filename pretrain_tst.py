@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     reduced_bf16 = matmul.allow_bf16_reduced_precision_reduction
     if cfg.training.disable_bf16_reduced_precision_matmul:
         matmul.allow_bf16_reduced_precision_reduction = False
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    if cfg.training.deterministic_mode:
+        torch.use_deterministic_algorithms(True)
     try:
         userbuffers = te_userbuffers.initialize(cfg, grid)  # --tp-comm-overlap, before the model
         datasets = build_datasets(cfg, plan, tokenizer, vocab_size, blends)
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
         if userbuffers:
             te_userbuffers.destroy()
         matmul.allow_bf16_reduced_precision_reduction = reduced_bf16  # process-wide: as found
+        torch.use_deterministic_algorithms(deterministic)
         shutdown(layout)
 
 

@@ -672,6 +672,12 @@ class TrainingConfig:
     seed: int = _f(1234, "Random seed (weights, data order, dropout).")
     bf16: bool = _f(False, "bf16 parameters and compute (fp32 master weights).")
     fp16: bool = _f(False, "fp16 parameters and compute with loss scaling (fp32 master weights).")
+    deterministic_mode: bool = _f(
+        False,
+        "Deterministic kernels only (torch.use_deterministic_algorithms; megatron-core's "
+        "deterministic_mode): slower, bit-for-bit repeatable. On CUDA it needs NCCL_ALGO set "
+        "to Tree, Ring, CollnetDirect, CollnetChain or ^NVLS, as in Megatron-LM.",
+    )
     disable_bf16_reduced_precision_matmul: bool = _f(
         False,
         "Accumulate bf16 GEMMs in full precision on CUDA (torch.backends.cuda.matmul."

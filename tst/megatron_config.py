@@ -8,6 +8,7 @@ tests' plain loop all build their models from it.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -194,6 +195,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         use_cpu_initialization=not on_gpu,
         distribute_saved_activations=False,
         delay_wgrad_compute=m.delay_wgrad_compute,
+        deterministic_mode=t.deterministic_mode,
         **fused,
         **recompute,
         **moe,
@@ -262,6 +264,12 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
                 + (" and DeepEP is not importable" if on_gpu else "")
                 + ": use --moe-token-dispatcher-type alltoall"
             )
+    if t.deterministic_mode and on_gpu:
+        choices = ["Tree", "Ring", "CollnetDirect", "CollnetChain", "^NVLS"]
+        if os.environ.get("NCCL_ALGO") not in choices:
+            raise ValueError(f"--deterministic-mode needs NCCL_ALGO set to one of {choices} "
+                             "(deterministic all-reduces; Megatron-LM's rule): export it, e.g. "
+                             "NCCL_ALGO=Ring")  # fmt: skip
     for flag, asked in needs_te:
         if asked and not (on_gpu and te):
             raise ValueError(

@@ -350,7 +350,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--hierarchical-context-parallel-sizes": "+",
         "--max-seqlen-per-dp-cp-rank": 1,
         "--hybrid-context-parallel": 0,
-        "--deterministic-mode": 0,
         "--no-tp-comm-bulk-wgrad": 0,
         "--disable-tp-comm-bulk-wgrad": 0,
         "--no-tp-comm-bulk-dgrad": 0,

@@ -310,3 +310,42 @@ def test_dry_run_names_the_flags_and_counts_the_gates(capsys):
     assert "interleaved pairs, none on 2 of 4 layers" in out
     assert "attention softmax, QK L2 norm, output gate, query-key layer scaling" in out
     assert "squared-ReLU MLP" in out
+
+
+def test_run_wide_torch_switches(monkeypatch):
+    """--deterministic-mode: torch's deterministic algorithms while the run trains (restored
+    after) and megatron-core's deterministic_mode; Megatron-LM's rules: no flash attention or
+    fused cross-entropy, and NCCL_ALGO set on CUDA. --disable-bf16-reduced-precision-matmul
+    (GPT-OSS's example): torch's bf16 reduced-precision GEMM reduction off while the run
+    trains, the process's setting back after."""
+    import pretrain_tst
+    from tst.errors import ConfigError
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+    from tst.trainer import Trainer
+
+    matmul = torch.backends.cuda.matmul
+    before = (torch.are_deterministic_algorithms_enabled(),
+              matmul.allow_bf16_reduced_precision_reduction)  # fmt: skip
+    seen = []
+    monkeypatch.setattr(Trainer, "train", lambda self: seen.append(
+        (torch.are_deterministic_algorithms_enabled(), self.config.deterministic_mode,
+         matmul.allow_bf16_reduced_precision_reduction)) or 0)  # fmt: skip
+    for extra in ([], ["--deterministic-mode", "--disable-bf16-reduced-precision-matmul"]):
+        argv = [*FLAGS, "--vocab-size", "512", "--train-iters", "1", "--eval-iters", "0", *extra]
+        assert pretrain_tst.main(argv) == 0
+    assert seen == [(before[0], False, before[1]), (True, True, False)]
+    assert (torch.are_deterministic_algorithms_enabled(),
+            matmul.allow_bf16_reduced_precision_reduction) == before  # fmt: skip
+    for extra, message in ((["--attention-backend", "flash"], "cannot run flash attention"),
+                           (["--use-flash-attn"], "cannot run flash attention"),
+                           (["--cross-entropy-loss-fusion"], "fused cross-entropy")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            _cfg("--deterministic-mode", *extra)
+    cfg, plan = _cfg("--deterministic-mode")
+    cuda = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"),
+                  backend="nccl", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
+                  dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
+    monkeypatch.delenv("NCCL_ALGO", raising=False)
+    with pytest.raises(ValueError, match="--deterministic-mode needs NCCL_ALGO set"):
+        transformer_config(cfg, plan, cuda)

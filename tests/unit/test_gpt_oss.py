@@ -283,33 +283,6 @@ def test_dry_run_counts_the_sinks_and_names_the_architecture(capsys):
             "clamped at 7) MLP") in out  # fmt: skip
 
 
-def test_disable_bf16_reduced_precision_matmul_sets_torchs_switch_for_the_run(tmp_path):
-    """--disable-bf16-reduced-precision-matmul turns torch's bf16 reduced-precision GEMM
-    reduction off while the run trains, and the process gets its setting back after."""
-    import pretrain_tst
-    from tst.trainer import Trainer
-
-    matmul = torch.backends.cuda.matmul
-    before = matmul.allow_bf16_reduced_precision_reduction
-    seen = []
-    original = Trainer.train
-
-    def train(self):
-        seen.append(matmul.allow_bf16_reduced_precision_reduction)
-        return 0
-
-    Trainer.train = train
-    try:
-        for extra in ([], ["--disable-bf16-reduced-precision-matmul"]):
-            argv = [*FLAGS, "--vocab-size", "512", "--train-iters", "1", "--eval-iters", "0",
-                    *extra]  # fmt: skip
-            assert pretrain_tst.main(argv) == 0
-    finally:
-        Trainer.train = original
-    assert seen == [before, False]
-    assert matmul.allow_bf16_reduced_precision_reduction == before
-
-
 @pytest.mark.parametrize(
     "extra, name",
     [
