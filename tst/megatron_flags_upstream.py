@@ -62,6 +62,19 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
         0,
         "the tokenizer always comes from the flags, never from a checkpoint",
     ),
+    "--trust-remote-code": (
+        0,
+        "a Hugging Face tokenizer.json is read by the tokenizers library only: no code runs",
+    ),
+    "--tokenizer-hf-use-fast": (
+        0,
+        "the tokenizers library read here is Hugging Face's fast tokenizer",
+    ),
+    "--tokenizer-hf-include-special-tokens": (
+        0,
+        "what the tokenizer.json's post-processor adds (a Llama-3 BOS) is always included, as "
+        "Megatron-LM's legacy tokenizer does",
+    ),
     "--no-overlap-p2p-communication": (
         0,
         "pipeline sends and receives are batched, never overlapped with compute (megatron-core's batch_p2p_comm): what the flag asks",
@@ -460,9 +473,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--tiktoken-num-special-tokens": 1,
         "--tiktoken-special-tokens": "+",
         "--tokenizer-sentencepiece-legacy": 0,
-        "--tokenizer-hf-use-fast": 0,
-        "--tokenizer-hf-include-special-tokens": 0,
-        "--trust-remote-code": 0,
         "--moe-use-upcycling": 0,
         "--moe-upcycling-granularity": 1,
         "--log-memory-interval": 1,
