@@ -225,27 +225,11 @@ def test_load_of_an_empty_directory_starts_from_scratch(world2, tmp_path):
     assert f"--load {typo}: no checkpoint there, and --exit-on-missing-checkpoint" in message
 
 
-def test_skip_train_evaluates_the_loaded_checkpoint(world2, tmp_path):
-    """--skip-train with --load: no step, the validation and test losses of the loaded
-    weights; the validation loss is the one the training run logged at that iteration
-    (rel 1e-6: the same batches and weights)."""
-    ckpt = str(tmp_path / "ckpt")
-    full = world2.run(_train, BASE + ["--save", ckpt, "--save-interval", "3"],
-                      str(tmp_path / "a.jsonl"))[0]  # fmt: skip
-    got = world2.run(_train, BASE + ["--load", ckpt, "--ckpt-step", "3", "--skip-train"],
-                     str(tmp_path / "b.jsonl"))[0]  # fmt: skip
-    assert not _losses(got)  # no training step
-    evals = [r for r in got["records"] if "val_loss" in r]
-    want = [r["val_loss"] for r in full["records"] if r.get("iteration") == 3 and "val_loss" in r]
-    assert [r["iteration"] for r in evals] == [3] and len(want) == 1
-    assert evals[0]["val_loss"] == pytest.approx(want[0], rel=1e-6)
-    assert [r["iteration"] for r in got["records"] if "test_loss" in r] == [3]
-
-
-def test_ckpt_step_resumes_from_an_older_checkpoint(world2, tmp_path):
-    """--ckpt-step 2 resumes from iteration 2 though the tracker names 6: the run continues
-    as the unbroken one did (rel 1e-6); a step with no complete checkpoint is refused,
-    listing the ones there."""
+def test_ckpt_step_and_skip_train(world2, tmp_path):
+    """--ckpt-step 2 resumes from iteration 2 though the tracker names 6: the run continues as
+    the unbroken one did (rel 1e-6); a step with no complete checkpoint is refused, listing
+    the ones there. --skip-train with --ckpt-step 6: no step, the validation loss the
+    training run logged at 6 (the same batches and weights, rel 1e-6) and the test loss."""
     ckpt = str(tmp_path / "ckpt")
     full = world2.run(_train, BASE + ["--save", ckpt, "--save-interval", "2"],
                       str(tmp_path / "a.jsonl"))[0]  # fmt: skip
@@ -255,6 +239,14 @@ def test_ckpt_step_resumes_from_an_older_checkpoint(world2, tmp_path):
     message = world2.run(_resume_error, BASE + ["--load", ckpt, "--ckpt-step", "3"],
                          str(tmp_path / "c.jsonl"))[0]  # fmt: skip
     assert "--ckpt-step 3: " in message and "(complete ones: 2, 4, 6)" in message
+    got = world2.run(_train, BASE + ["--load", ckpt, "--ckpt-step", "6", "--skip-train"],
+                     str(tmp_path / "d.jsonl"))[0]  # fmt: skip
+    assert not _losses(got)  # no training step
+    evals = [r for r in got["records"] if "val_loss" in r]
+    want = [r["val_loss"] for r in full["records"] if r.get("iteration") == 6 and "val_loss" in r]
+    assert [r["iteration"] for r in evals] == [6] and len(want) == 1
+    assert evals[0]["val_loss"] == pytest.approx(want[0], rel=1e-6)
+    assert [r["iteration"] for r in got["records"] if "test_loss" in r] == [6]
 
 
 def test_sample_based_training_with_batch_rampup(world2, tmp_path):

@@ -232,12 +232,12 @@ def test_a_helper_leaves_every_stop_signal_to_the_trainer():
 
 @pytest.mark.parametrize(
     ("extra", "sig"),
+    # SIGUSR1 to every process of a Slurm step: tests/cluster (the time-limit warning).
     [
-        ([], "SIGUSR1"),
-        (["--async-save", "--use-persistent-ckpt-worker"], "SIGTERM"),
         (["--exit-signal", "SIGUSR2"], "SIGUSR2"),
+        (["--async-save", "--use-persistent-ckpt-worker"], "SIGTERM"),
     ],
-    ids=["sync-usr1", "async-persistent-term", "sync-usr2"],
+    ids=["sync-usr2", "async-persistent-term"],
 )
 def test_a_stop_signal_to_the_process_group_saves_at_the_stop(tmp_path, extra, sig):
     """``scancel``, ``timeout`` and ``kill -TERM -PGID`` signal the whole process group, and
