@@ -300,13 +300,10 @@ class ModelConfig:
         mlps = [f for f, on in (("--swiglu", self.swiglu), ("--quick-geglu", self.quick_geglu),
                                 ("--squared-relu", self.squared_relu)) if on]  # fmt: skip
         _require(len(mlps) <= 1, f"{' and '.join(mlps)} are {len(mlps)} MLPs: pick one")
-        if self.embedding_init_method_std is not None:
-            _require(
-                math.isfinite(self.embedding_init_method_std)
-                and self.embedding_init_method_std > 0,
-                "--embedding-init-method-std must be a positive number, got "
-                f"{self.embedding_init_method_std}",
-            )
+        for flag in ("--embedding-init-method-std", "--activation-func-clamp-value"):
+            value = getattr(self, flag[2:].replace("-", "_"))
+            _require(value is None or (math.isfinite(value) and value > 0),
+                     f"{flag} must be a positive number, got {value}")  # fmt: skip
         if self.no_rope_freq is not None:
             _require(
                 self.position_embedding_type == "rope",
@@ -314,13 +311,6 @@ class ModelConfig:
             )
             _require(any(self.no_rope_layers()),
                      f"--no-rope-freq {self.no_rope_freq} leaves every layer with RoPE")  # fmt: skip
-        if self.activation_func_clamp_value is not None:
-            _require(
-                math.isfinite(self.activation_func_clamp_value)
-                and self.activation_func_clamp_value > 0,
-                "--activation-func-clamp-value must be a positive number, got "
-                f"{self.activation_func_clamp_value}",
-            )
         gated = self.swiglu or self.quick_geglu
         for flag, given in (
             ("--glu-linear-offset", self.glu_linear_offset != 0.0),

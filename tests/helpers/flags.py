@@ -13,3 +13,15 @@ SMALL_GPT = [
     "--weight-decay", "0.1", "--lr-decay-style", "cosine",
     "--moe-token-dispatcher-type", "alltoall",
 ]  # fmt: skip
+
+
+def one_rank_gpt(vocab: int, seq: int, batch: int, layers: int) -> list[str]:
+    """A tiny RoPE GPT without dropout for single-rank module tests (mock data, no padding of
+    the vocabulary); the flags each test is about come after."""
+    return [
+        "--mock-data", "--vocab-size", str(vocab), "--num-layers", str(layers),
+        "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", str(seq),
+        "--micro-batch-size", str(batch), "--train-iters", "4", "--lr", "1e-3",
+        "--hidden-dropout", "0", "--attention-dropout", "0", "--make-vocab-size-divisible-by",
+        "1", "--position-embedding-type", "rope",
+    ]  # fmt: skip

@@ -18,17 +18,13 @@ import re
 
 import pytest
 import torch
+from flags import one_rank_gpt
 
 from gpt_helpers import gpt_from_flags
 
 VOCAB, L, BATCH = 64, 8, 2
-FLAGS = [
-    "--mock-data", "--vocab-size", str(VOCAB), "--num-layers", "4", "--hidden-size", "32",
-    "--num-attention-heads", "4", "--seq-length", str(L), "--micro-batch-size", str(BATCH),
-    "--train-iters", "4", "--lr", "1e-3", "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--make-vocab-size-divisible-by", "1", "--position-embedding-type", "rope",
-    "--disable-bias-linear", "--normalization", "RMSNorm",
-]  # fmt: skip
+FLAGS = [*one_rank_gpt(VOCAB, L, BATCH, layers=4), "--disable-bias-linear", "--normalization",
+         "RMSNorm"]  # fmt: skip
 MOE = ["--num-experts", "4", "--moe-shared-expert-intermediate-size", "32"]
 
 

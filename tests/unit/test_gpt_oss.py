@@ -18,17 +18,12 @@ import warnings
 
 import pytest
 import torch
+from flags import one_rank_gpt
 
 from gpt_helpers import gpt_from_flags
 
 VOCAB, L, BATCH, HEADS, D = 64, 8, 2, 4, 8
-FLAGS = [
-    "--mock-data", "--vocab-size", str(VOCAB), "--num-layers", "4", "--hidden-size", "32",
-    "--num-attention-heads", str(HEADS), "--seq-length", str(L), "--micro-batch-size",
-    str(BATCH), "--train-iters", "4", "--lr", "1e-3", "--hidden-dropout", "0",
-    "--attention-dropout", "0", "--make-vocab-size-divisible-by", "1",
-    "--position-embedding-type", "rope", "--disable-bias-linear",
-]  # fmt: skip
+FLAGS = [*one_rank_gpt(VOCAB, L, BATCH, layers=4), "--disable-bias-linear"]  # 4 heads, d 8
 OSS = ["--quick-geglu", "--glu-linear-offset", "1.0", "--activation-func-clamp-value", "7.0",
        "--softmax-type", "learnable", "--window-size", "3,0", "--window-attn-skip-freq", "2"]  # fmt: skip
 

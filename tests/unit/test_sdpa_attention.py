@@ -14,17 +14,13 @@ import math
 
 import pytest
 import torch
+from flags import one_rank_gpt
 
 from gpt_helpers import gpt_from_flags
 from reference import tst_batch
 
 VOCAB, L, BATCH = 64, 8, 2
-FLAGS = [
-    "--mock-data", "--vocab-size", str(VOCAB), "--num-layers", "2", "--hidden-size", "32",
-    "--num-attention-heads", "4", "--seq-length", str(L), "--micro-batch-size", str(BATCH),
-    "--train-iters", "4", "--lr", "1e-3", "--hidden-dropout", "0", "--attention-dropout", "0",
-    "--make-vocab-size-divisible-by", "1", "--position-embedding-type", "rope",
-]  # fmt: skip
+FLAGS = one_rank_gpt(VOCAB, L, BATCH, layers=2)
 GQA = ["--group-query-attention", "--num-query-groups", "2"]
 
 
