@@ -331,11 +331,9 @@ class ModelConfig:
             f"--window-size {self.window_size}: a GPT attends only to earlier positions, so the "
             f"window's right side must be 0 (--window-size {window[0]},0)",
         )
-        if self.window_attn_skip_freq is not None:
-            freq = parse_layer_freq(self.window_attn_skip_freq, self.num_layers,
-                                    flag="--window-attn-skip-freq", ones="windowed", zeros="full")  # fmt: skip
-            _require(not isinstance(freq, int) or freq >= 1,
-                     f"--window-attn-skip-freq must be >= 1, got {freq}")  # fmt: skip
+        freq = self.window_skip_freq  # parsed (and its list checked) once, by the property
+        _require(not isinstance(freq, int) or freq >= 1,
+                 f"--window-attn-skip-freq must be >= 1, got {freq}")  # fmt: skip
 
     def no_rope_layers(self) -> list[int]:
         """``--no-rope-freq`` per layer (0-based), 1 where the layer skips RoPE; megatron-core's

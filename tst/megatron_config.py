@@ -208,8 +208,8 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
 def _bias_activation_fusion(m, on_gpu: bool) -> bool:
     """Megatron-LM's rule (SwiGLU's flag for SwiGLU, GELU's otherwise), on CUDA only.
 
-    megatron-core 0.16.1's dense MLP has no fused bias + quick-GEGLU (it raises at the first
-    step), and its fused SwiGLU no offset or clamp: those run unfused, saying so unless the
+    megatron-core 0.16.1's dense MLP has no fused bias + quick-GEGLU or squared ReLU (it
+    raises), and its fused SwiGLU no offset or clamp: those run unfused, saying so unless the
     flag that turns the fusion off was given.
     """
     if not on_gpu:
@@ -222,14 +222,9 @@ def _bias_activation_fusion(m, on_gpu: bool) -> bool:
                           "--no-bias-swiglu-fusion to silence this", stacklevel=3)  # fmt: skip
             return False
         return m.bias_swiglu_fusion
-    if m.squared_relu and m.bias_gelu_fusion:
+    if (m.squared_relu or m.quick_geglu) and m.bias_gelu_fusion:
         warnings.warn("Disabling the bias + activation fusion: megatron-core has no fused "
-                      "bias + squared ReLU; pass --no-bias-gelu-fusion to silence this",
-                      stacklevel=3)  # fmt: skip
-        return False
-    if m.quick_geglu and m.bias_gelu_fusion:
-        warnings.warn("Disabling the bias + activation fusion: megatron-core has no fused "
-                      "bias + quick-GEGLU for a dense MLP; pass --no-bias-gelu-fusion to "
+                      f"bias + {m.mlp_name} for a dense MLP; pass --no-bias-gelu-fusion to "
                       "silence this", stacklevel=3)  # fmt: skip
         return False
     return m.bias_gelu_fusion

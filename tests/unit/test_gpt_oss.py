@@ -137,6 +137,8 @@ def test_fusions_that_would_drop_the_window_or_the_offset_are_turned_off(monkeyp
     with pytest.warns(UserWarning, match="no fused bias \\+ quick-GEGLU"):
         assert not _config("--quick-geglu", device="cuda", base=biased).bias_activation_fusion
     assert _config(device="cuda", base=biased).bias_activation_fusion  # GELU: fused
+    with pytest.warns(UserWarning, match="no fused bias \\+ squared-ReLU"):
+        assert not _config("--squared-relu", device="cuda", base=biased).bias_activation_fusion
     with pytest.warns(UserWarning, match="--bias-swiglu-fusion.*--glu-linear-offset"):
         assert not _config(
             "--swiglu", "--glu-linear-offset", "1", device="cuda"
