@@ -104,3 +104,24 @@ def pytest_runtest_teardown(item, nextitem):
 def pytest_sessionfinish(session, exitstatus):
     for world in _WORLDS.values():
         world.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """``TST_TEST_TIMELINE=FILE``: a JSON line per test (worker, start, end, load) to FILE, to
+    see which tests ran beside which (the suite's wall time is what they do to each other)."""
+    path = os.environ.get("TST_TEST_TIMELINE")
+    if not path:
+        yield
+        return
+    import json
+    import time
+
+    start = time.time()
+    yield
+    record = {
+        "test": item.nodeid, "worker": os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        "start": start, "end": time.time(), "load": os.getloadavg()[0],
+    }  # fmt: skip
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -245,6 +245,7 @@ def apply() -> bool:
     _patch_moe_split_sizes_to_numpy()
     _patch_uneven_first_dim_collectives()
     _patch_pipeline_p2p_tags()
+    _share_one_gloo_device()
     setattr(torch, _APPLIED_FLAG, True)
     return True
 
@@ -438,3 +439,56 @@ def _patch_pipeline_p2p_tags() -> None:
         return dist.batch_isend_irecv(ops) if ops else []
 
     p2p_communication._batched_p2p_ops = batched_p2p_ops
+
+
+def _share_one_gloo_device() -> None:
+    """Every gloo process group of a process on one transport device.
+
+    torch gives each gloo group a device of its own, and each device a thread that wakes every
+    10 ms whether or not anything is sent. megatron-core makes a few dozen groups per layout,
+    so a rank held 40-50 such threads (a test world's rank, and a test process that set up
+    layouts in turn, more): on a few cores, thousands of wake-ups a second that every rank
+    of every run pays for in latency. A gloo device serves any number of groups (each pair
+    of ranks is routed by its own sequence number), so the groups here share one, made as
+    torch makes its own (the ``GLOO_SOCKET_IFNAME`` interfaces, else the host's address).
+    A forked child that makes groups gets a device of its own: the parent's loop thread does
+    not exist there.
+    """
+    import datetime
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d as c10d
+
+    if not dist.is_gloo_available() or getattr(c10d.ProcessGroupGloo, "_tst_shared_device", 0):
+        return
+    gloo = c10d.ProcessGroupGloo
+    devices: dict[int, list] = {}
+
+    def shared_devices() -> list:
+        pid = os.getpid()
+        if pid not in devices:
+            devices.clear()
+            names = [n for n in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if n]
+            devices[pid] = (
+                [gloo.create_device(interface=n) for n in names]
+                if names
+                else [gloo.create_default_device()]
+            )
+        return devices[pid]
+
+    class SharedDeviceGloo(gloo):
+        _tst_shared_device = True
+
+        def __init__(self, store, rank, size, timeout=datetime.timedelta(minutes=30)):
+            if isinstance(timeout, gloo._Options):  # the options overload: as given
+                super().__init__(store, rank, size, timeout)
+                return
+            options = gloo._Options()
+            options._devices = shared_devices()
+            options._timeout = timeout
+            options._threads = 2 * len(options._devices)  # torch's own count
+            super().__init__(store, rank, size, options)
+
+    SharedDeviceGloo.__name__ = SharedDeviceGloo.__qualname__ = "ProcessGroupGloo"
+    c10d.ProcessGroupGloo = SharedDeviceGloo

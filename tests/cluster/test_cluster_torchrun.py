@@ -1,7 +1,8 @@
 """Multi-node torchrun without a scheduler, and torchrun's elastic restarts, through the launch
-scripts: two launchers on this host (``examples/train_multi_node.sh``, NODE_RANK 0 and 1)
-meeting at a c10d rendezvous, and ``MAX_RESTARTS=1 examples/train_single_node.sh`` with one
-rank SIGKILLed mid-run. A tiny TP 2 x DP 2 TST model on real text, 4 CPU processes.
+script: two launchers on this host (``MAX_RESTARTS=1 examples/train_multi_node.sh``, NODE_RANK
+0 and 1) meeting at a c10d rendezvous, one rank SIGKILLed mid-run. A tiny TP 2 x DP 2 TST
+model on real text, 4 CPU processes. (``train_single_node.sh`` runs the same torchrun with
+``--standalone``; ``tests/tools/test_examples.py`` checks its command lines.)
 """
 
 from __future__ import annotations
@@ -71,44 +72,63 @@ def report(capsys, text: str) -> None:
         print(f"\n[cluster timing] {text}")
 
 
-def test_two_launchers_meet_at_a_c10d_rendezvous(corpus, tmp_path, capsys):
-    iters = 8
+# torch's own race, not the scripts': with the worker store apart from the rendezvous store
+# (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, see the README) torchrun picks the workers' store
+# port by binding port 0 and closing it, and rank 0's worker binds it seconds later; a busy
+# host (this suite's other workers open thousands of gloo sockets) can take it in between.
+PORT_RACE = "EADDRINUSE"
+
+
+def test_two_launchers_meet_restart_a_killed_rank_and_resume(corpus, tmp_path, capsys):
+    """``train_multi_node.sh`` on two "nodes" (NODE_RANK 0 and 1) meeting at a c10d
+    rendezvous, ``MAX_RESTARTS=1``: a rank of node 1 SIGKILLed after the first checkpoint
+    makes both torchruns stop their workers and start the whole group again, which resumes
+    from that checkpoint and finishes the run. Once more from the start if torch's own port
+    race (above) struck."""
+    for attempt in (1, 2):
+        run_dir = tmp_path / f"attempt{attempt}"
+        outcome = _launch_kill_and_resume(corpus, run_dir)
+        if outcome is not None:
+            break
+        report(capsys, f"attempt {attempt}: torch's worker-store port race (EADDRINUSE); again")
+    else:
+        raise AssertionError("torch's worker-store port race struck twice in a row")
+    report(capsys, outcome)
+
+
+def _launch_kill_and_resume(corpus, run_dir: Path) -> str | None:
+    iters = 15
     env = launch_env(
-        corpus, tmp_path, iters, NNODES="2", MASTER_ADDR="127.0.0.1",
+        corpus, run_dir, iters, NNODES="2", MASTER_ADDR="127.0.0.1", MAX_RESTARTS="1",
         MASTER_PORT=str(free_ports(1)[0]), RUN_ID=f"test-{time.time_ns()}", **SLOW_LEAVERS,
     )  # fmt: skip
-    logs = [tmp_path / "node0.out", tmp_path / "node1.out"]
-    start = time.monotonic()
-    with (
-        launched("train_multi_node.sh", {**env, "NODE_RANK": "0"}, logs[0]) as node0,
-        launched("train_multi_node.sh", {**env, "NODE_RANK": "1"}, logs[1]) as node1,
-    ):
-        statuses = [finish(node0), finish(node1)]
-    wall = time.monotonic() - start
-    text = [log.read_text() for log in logs]
-    assert statuses == [0, 0], "\n".join(text)
-    assert sum(t.count("layout: world=4 TP=2 PP=1 DP=2") for t in text) == 1  # rank 0 prints
-    assert_every_step_once(Path(env["SAVE_DIR"]) / "metrics.jsonl", iters, SWITCH)
-    assert checkpointed(Path(env["SAVE_DIR"])) == iters
-    for t in text:
-        assert_healthy(t)  # the torchrun not serving the store left last and slowly: no traceback
-    report(capsys, f"two torchrun launchers, {iters} steps through the switch: {wall:.1f} s")
-
-
-def test_a_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(corpus, tmp_path, capsys):
-    iters = 15
-    env = launch_env(corpus, tmp_path, iters, GPUS_PER_NODE="4", MAX_RESTARTS="1")
     save, metrics = Path(env["SAVE_DIR"]), Path(env["SAVE_DIR"]) / "metrics.jsonl"
-    log = tmp_path / "launcher.out"
+    logs = [run_dir / "node0.out", run_dir / "node1.out"]
     resumed = re.compile(r"resumed from \S+ at iteration (\d+)")
 
+    def log_text() -> str:
+        return "\n".join(log.read_text() for log in logs)
+
     def restarted_first_step() -> bool:
-        match = resumed.search(log.read_text())
+        match = resumed.search(log_text())
         return bool(match) and last_iteration(metrics) > int(match[1])
 
-    with launched("train_single_node.sh", env, log, "--save-interval", "5") as launcher:
-        wait_for(lambda: (checkpointed(save) or 0) >= 5, 480, "the first checkpoints")
-        victim = _worker(launcher, local_rank="1")
+    start = time.monotonic()
+    with (
+        launched("train_multi_node.sh", {**env, "NODE_RANK": "0"}, logs[0],
+                 "--save-interval", "5") as node0,
+        launched("train_multi_node.sh", {**env, "NODE_RANK": "1"}, logs[1],
+                 "--save-interval", "5") as node1,
+    ):  # fmt: skip
+        wait_for(
+            lambda: (checkpointed(save) or 0) >= 5 or PORT_RACE in log_text(),
+            480,
+            "the first checkpoints",
+        )
+        if PORT_RACE in log_text():
+            return None
+        first_steps = time.monotonic() - start
+        victim = _worker(node1, local_rank="1")
         # What the rank started (data workers, the checkpoint writers' queue manager and its
         # resource tracker) must end with it, not stay behind as orphans of init.
         helpers = victim.children(recursive=True)
@@ -117,10 +137,12 @@ def test_a_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(corpus,
         killed = time.monotonic()
         first_step = wait_for(restarted_first_step, 480, "the restarted group's first step")
         wait_for(lambda: not _running(helpers), 30, "the killed rank's helpers to end")
-        status = finish(launcher)
-    text = log.read_text()
-    assert status == 0, text
-    resumed_at = int(resumed.search(text)[1])
+        statuses = [finish(node0), finish(node1)]
+    text = [log.read_text() for log in logs]
+    assert statuses == [0, 0], "\n".join(text)
+    # Rank 0 prints the layout, once per start of the group (two), on whichever node it is.
+    assert sum(t.count("layout: world=4 TP=2 PP=1 DP=2") for t in text) == 2, text
+    resumed_at = int(resumed.search("\n".join(text))[1])
     assert resumed_at >= 5 and resumed_at % 5 == 0
     # The restarted group went on from that checkpoint: each step once in the metrics (the
     # killed group's steps after it are set aside), and those steps repeated exactly.
@@ -130,10 +152,14 @@ def test_a_killed_rank_is_restarted_and_resumes_from_the_last_checkpoint(corpus,
         assert old["iteration"] > resumed_at
         assert old["loss"] == pytest.approx(records[old["iteration"] - 1]["loss"], rel=1e-6)
     assert checkpointed(save) == iters
-    report(
-        capsys,
-        f"rank killed -> restarted group's first step (iteration {resumed_at + 1}): "
-        f"{first_step - killed:.1f} s",
+    # After the killed group (each torchrun's "failed (exitcode ..." line for it): no traceback,
+    # though the torchruns not serving the store left their exit barrier last and slowly.
+    for t in text:
+        assert "failed (exitcode" in t, t  # both torchruns saw the group fail
+        assert_healthy(t[t.rfind("failed (exitcode") :].split("\n", 1)[-1])
+    return (
+        f"two torchrun launchers: first {5} steps {first_steps:.1f} s; rank killed -> restarted "
+        f"group's first step (iteration {resumed_at + 1}): {first_step - killed:.1f} s"
     )
 
 
@@ -148,13 +174,18 @@ def _running(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def _worker(launcher: subprocess.Popen, local_rank: str) -> psutil.Process:
-    """The training process of ``local_rank``: a child of torchrun (the launcher script execs
-    it), which sets LOCAL_RANK (the checkpoint writers a worker forks have its environment)."""
-    for proc in psutil.Process(launcher.pid).children():
+    """The training process of ``local_rank`` under a launch script: a child of its torchrun,
+    which sets LOCAL_RANK (the helpers a worker forks have its environment, not that parent)."""
+    for proc in psutil.Process(launcher.pid).children(recursive=True):
         try:
-            env = proc.environ()
+            env, parent = proc.environ(), proc.parent()
+            if (
+                env.get("LOCAL_RANK") == local_rank
+                and "pretrain_tst.py" in " ".join(proc.cmdline())
+                and parent is not None
+                and "torch.distributed.run" in " ".join(parent.cmdline())
+            ):
+                return proc
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if env.get("LOCAL_RANK") == local_rank and "pretrain_tst.py" in " ".join(proc.cmdline()):
-            return proc
     raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under pid {launcher.pid}")
