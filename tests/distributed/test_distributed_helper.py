@@ -35,6 +35,38 @@ def test_runs_on_every_rank(world2, world4, size):
     assert results == [(rank, size, total) for rank in range(size)]
 
 
+def _gloo_loops_and_group_sums() -> tuple[int, list[float]]:
+    """A TP 2 x PP 2 megatron-core layout (a few dozen groups): this rank's gloo transport
+    threads, and an all-reduce over each of its groups against the sum of the group's ranks."""
+    import os
+
+    from megatron.core import parallel_state as ps
+
+    from tst import platform
+
+    platform.initialize(tp=2, pp=2)
+    sums = []
+    for group in (ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(),
+                  ps.get_data_parallel_group(), ps.get_model_parallel_group(),
+                  ps.get_embedding_group()):  # fmt: skip
+        value = torch.tensor([float(dist.get_rank())])
+        dist.all_reduce(value, group=group)
+        want = sum(dist.get_process_group_ranks(group))
+        sums.append(value.item() - want)
+    tasks = os.listdir(f"/proc/{os.getpid()}/task")
+    names = [open(f"/proc/{os.getpid()}/task/{t}/comm").read().strip() for t in tasks]
+    return names.count("gloo_tcp_loop"), sums
+
+
+def test_every_gloo_group_shares_one_transport_device(world4):
+    """tst.cpu_compat puts a process's gloo groups on one device: one transport thread per
+    rank (torch's default is one per group, 40-50 per rank of a megatron-core layout, each
+    waking every 10 ms), and every group still reduces over exactly its own ranks."""
+    for loops, sums in world4.run(_gloo_loops_and_group_sums):
+        assert sums == [0.0] * 5
+        assert loops == 1, f"{loops} gloo transport threads in one rank"
+
+
 def test_child_traceback_reaches_the_failure(world2):
     with pytest.raises(RankFailure, match=r"(?s)ranks \[1\].*ValueError: rank one says no"):
         world2.run(_fail_on_rank_one)

@@ -88,8 +88,8 @@ OVERLAP = {
 }  # fmt: skip
 
 
-def test_overlap_and_distributed_optimizer_change_no_loss(world2, tmp_path):
-    want = world2.run(_train, BASE, str(tmp_path / "plain.jsonl"))[0]
+def test_overlap_and_distributed_optimizer_change_no_loss(world2, tmp_path, tmp_path_factory):
+    want = _plain(world2, tmp_path_factory)
     assert not want["overlap_grad_reduce"] and not want["grad_sync_func"]
     for name, extra in OVERLAP.items():
         got = world2.run(_train, BASE + extra, str(tmp_path / f"{name}.jsonl"))[0]
@@ -128,8 +128,8 @@ def test_recomputation_changes_no_loss(world2, tmp_path):
         assert got["recompute"][0] == extra[1], name
 
 
-def test_fp16_with_loss_scaling_tracks_fp32(world2, tmp_path):
-    want = world2.run(_train, BASE, str(tmp_path / "fp32.jsonl"))[0]
+def test_fp16_with_loss_scaling_tracks_fp32(world2, tmp_path, tmp_path_factory):
+    want = _plain(world2, tmp_path_factory)
     fp16 = BASE + ["--fp16", "--initial-loss-scale", "1024"]
     got = world2.run(_train, fp16, str(tmp_path / "fp16.jsonl"))[0]
     assert got["fp16"]
@@ -138,10 +138,10 @@ def test_fp16_with_loss_scaling_tracks_fp32(world2, tmp_path):
     assert scales and all(s == 1024 for s in scales)
 
 
-def test_fp16_overflow_skips_the_step_and_lowers_the_scale(world2, tmp_path):
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(world2, tmp_path, tmp_path_factory):
     """A scale of 2**40 overflows fp16 gradients: those steps change no weight (the next
     good step's loss equals the fp32 run's first loss), and the scale halves each time."""
-    want = world2.run(_train, BASE, str(tmp_path / "fp32.jsonl"))[0]
+    want = _plain(world2, tmp_path_factory)
     huge = BASE + ["--fp16", "--initial-loss-scale", str(2.0**40), "--hysteresis", "1"]
     got = world2.run(_train, huge, str(tmp_path / "fp16.jsonl"))[0]
     overflows = [r for r in got["records"] if r.get("overflow")]
@@ -152,7 +152,7 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(world2, tmp_path):
     assert first == pytest.approx(_losses(want)[0][1], rel=2e-3)
 
 
-def test_finetune_and_no_load_optim(world2, tmp_path):
+def test_finetune_and_no_load_optim(world2, tmp_path, tmp_path_factory):
     ckpt = str(tmp_path / "ckpt")
     full = world2.run(_train, BASE + ["--save", ckpt, "--save-interval", "4"],
                       str(tmp_path / "full.jsonl"))[0]  # fmt: skip
@@ -167,8 +167,7 @@ def test_finetune_and_no_load_optim(world2, tmp_path):
     assert lr == [r["lr"] for r in full["records"] if "lr" in r]
     # --no-load-optim: the run continues at iteration 7 with fresh Adam moments; an exact
     # resume would repeat the uninterrupted run, this one must not (Adam restarts).
-    ckpt4 = str(tmp_path / "ckpt4")
-    world2.run(_train, BASE + ["--save", ckpt4, "--exit-interval", "4"], str(tmp_path / "a.jsonl"))
+    ckpt4 = _stopped_at_4(world2, tmp_path_factory)
     exact = world2.run(_train, BASE + ["--load", ckpt4], str(tmp_path / "b.jsonl"))[0]
     _close(_losses(exact), fresh[4:], 1e-6, "exact resume")
     no_optim = world2.run(_train, BASE + ["--load", ckpt4, "--no-load-optim"],
@@ -176,6 +175,28 @@ def test_finetune_and_no_load_optim(world2, tmp_path):
     assert [i for i, _ in _losses(no_optim)] == [5, 6]
     assert _losses(no_optim)[0][1] == pytest.approx(fresh[4][1], rel=1e-6)  # same weights
     assert abs(_losses(no_optim)[1][1] - fresh[5][1]) > 1e-5  # a different update
+
+
+# Runs several tests start from: the plain run, and the checkpoint of a run stopped at
+# iteration 4, each made once per test session (the worlds come and go; the results do not).
+_ONCE: dict[tuple[str, ...], object] = {}
+
+
+def _plain(world, tmp_path_factory) -> dict:
+    if "plain" not in _ONCE:
+        folder = tmp_path_factory.mktemp("plain")
+        _ONCE["plain"] = world.run(_train, BASE, str(folder / "plain.jsonl"))[0]
+    return _ONCE["plain"]
+
+
+def _stopped_at_4(world, tmp_path_factory) -> str:
+    """A checkpoint of BASE at iteration 4 (--exit-interval 4); the tests only --load it."""
+    if "ckpt4" not in _ONCE:
+        folder = tmp_path_factory.mktemp("ckpt4")
+        ckpt = str(folder / "ckpt")
+        world.run(_train, BASE + ["--save", ckpt, "--exit-interval", "4"], str(folder / "m.jsonl"))
+        _ONCE["ckpt4"] = ckpt
+    return _ONCE["ckpt4"]
 
 
 def _resume_error(argv: list[str], metrics: str) -> str:
@@ -186,7 +207,7 @@ def _resume_error(argv: list[str], metrics: str) -> str:
     return str(error.value)
 
 
-def test_resume_with_changed_schedule_or_phase(world2, tmp_path):
+def test_resume_with_changed_schedule_or_phase(world2, tmp_path, tmp_path_factory):
     """Extending a run on resume is refused until the user says which schedule wins; a
     checkpoint in the recovery phase never goes back to superposition."""
     ckpt = str(tmp_path / "ckpt")
@@ -206,15 +227,14 @@ def test_resume_with_changed_schedule_or_phase(world2, tmp_path):
     later_switch = [a if a != "3" else "5" for a in BASE]
     i = later_switch.index("--tst-iters")
     later_switch[i + 1] = "5"
-    ckpt4 = str(tmp_path / "ckpt4")
-    world2.run(_train, BASE + ["--save", ckpt4, "--exit-interval", "4"], str(tmp_path / "e.jsonl"))
+    ckpt4 = _stopped_at_4(world2, tmp_path_factory)
     message = world2.run(_resume_error, later_switch + ["--load", ckpt4],
                          str(tmp_path / "f.jsonl"))[0]  # fmt: skip
     assert "never goes back to an earlier phase" in message and "--tst-iters" in message
 
 
-def test_load_of_an_empty_directory_starts_from_scratch(world2, tmp_path):
-    want = world2.run(_train, BASE, str(tmp_path / "a.jsonl"))[0]
+def test_load_of_an_empty_directory_starts_from_scratch(world2, tmp_path, tmp_path_factory):
+    want = _plain(world2, tmp_path_factory)
     ckpt = str(tmp_path / "new")
     got = world2.run(_train, BASE + ["--save", ckpt, "--load", ckpt], str(tmp_path / "b.jsonl"))[0]
     _close(_losses(got), _losses(want), 1e-6, "fresh start")

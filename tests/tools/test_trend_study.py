@@ -26,10 +26,10 @@ sys.path.insert(0, os.path.join(ROOT, "bench"))
 import trend_study as ts  # noqa: E402
 
 DRY_ARMS = {
-    "bytes": {"baseline", "tst_b2_r0.3", "tst_multistage"},
-    "length": {"baseline", "baseline_1.5x", "baseline_2x", "tst_b4_r0.2", "tst_multistage"},
+    "bytes": {"baseline", "tst_b2_r0.3"},
+    "length": {"baseline", "baseline_1.5x", "baseline_2x", "tst_multistage"},
     "size": {"baseline", "tst_b4_r0.2"},
-    "controls": {"baseline", "reinit_both", "reinit_input", "reinit_output"},
+    "controls": {"baseline", "reinit_both", "reinit_input"},
 }
 
 
@@ -157,7 +157,7 @@ def test_dry_run_outputs(dry):
     length = {r["arm"]: r for r in rows if r["part"] == "length"}
     pts = sorted((length[n]["iterations"], length[n]["final_val_loss_mean"])
                  for n in ("baseline", "baseline_1.5x", "baseline_2x"))  # fmt: skip
-    for arm in ("tst_b4_r0.2", "tst_multistage"):
+    for arm in ("tst_multistage",):
         r = length[arm]
         loss = r["final_val_loss_mean"]
         (x0, y0), (x1, y1) = pts[:2] if loss >= pts[1][1] else pts[1:]
@@ -216,19 +216,19 @@ def test_dry_rerun_skips_finished_runs_and_trains_an_unfinished_one(dry):
     before = _json(work, "results.json")["rows"]
     n = len(before)
     out = _dry(work, "--only", "controls")
-    assert "4 of 4 runs finished earlier: skipped" in out and " training\n" not in out
+    assert "3 of 3 runs finished earlier: skipped" in out and " training\n" not in out
     target = os.path.join(work, "controls", "d128x2u", "steps20", "reinit_input", "seed1")
     _unfinish(work, target)
     shutil.copy(os.path.join(target, "metrics.jsonl"), os.path.join(work, "old.jsonl"))
     # --report: the finished runs' table, nothing trained (the unfinished arm has no row).
     out = _dry(work, "--only", "controls", "--report")
-    assert "--report: the 3 finished runs, nothing trained" in out and " training\n" not in out
+    assert "--report: the 2 finished runs, nothing trained" in out and " training\n" not in out
     report = _json(work, "results.json")
     assert report["plan"]["finished_runs_only"]
     assert {r["arm"] for r in report["rows"]} == DRY_ARMS["controls"] - {"reinit_input"}
     assert all("gap_mean" in r for r in report["rows"] if r["arm"] != "baseline")
     out = _dry(work, "--only", "controls")
-    assert "3 of 4 runs finished earlier: skipped" in out
+    assert "2 of 3 runs finished earlier: skipped" in out
     assert out.count(" training\n") == 1 and "reinit_input 20 seed 1] training" in out
     assert os.path.exists(os.path.join(target, "done"))
     after = {r["arm"]: r for r in _json(work, "results.json")["rows"]}
@@ -245,7 +245,7 @@ def test_sigterm_stops_the_study_and_its_training_child(dry):
     import time
 
     work, _ = dry
-    target = os.path.join(work, "controls", "d128x2u", "steps20", "reinit_output", "seed1")
+    target = os.path.join(work, "controls", "d128x2u", "steps20", "reinit_both", "seed1")
     _unfinish(work, target)
     study = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "bench", "trend_study.py"), "--dry", "--work", work,
