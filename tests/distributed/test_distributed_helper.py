@@ -53,8 +53,10 @@ def _gloo_loops_and_group_sums() -> tuple[int, list[float]]:
         dist.all_reduce(value, group=group)
         want = sum(dist.get_process_group_ranks(group))
         sums.append(value.item() - want)
-    tasks = os.listdir(f"/proc/{os.getpid()}/task")
-    names = [open(f"/proc/{os.getpid()}/task/{t}/comm").read().strip() for t in tasks]
+    names = []
+    for task in os.listdir(f"/proc/{os.getpid()}/task"):
+        with open(f"/proc/{os.getpid()}/task/{task}/comm") as f:
+            names.append(f.read().strip())
     return names.count("gloo_tcp_loop"), sums
 
 
