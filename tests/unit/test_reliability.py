@@ -30,11 +30,22 @@ import fault_injection  # noqa: E402
 ARGS = fault_injection.ARGS[:]
 
 
+# bench/fault_injection.py's scenarios with a boundary of their own (a kill inside a save or
+# an async save, right after the switch, a SIGTERM, a damaged checkpoint); its two kills at a
+# random step (sync and async saves) are the benchmark's (`python bench/fault_injection.py`).
+SCENARIOS = [
+    "SIGKILL during a save", "SIGKILL during an async save", "SIGKILL after the switch",
+    "SIGTERM (preemption)", "corrupted checkpoint",
+]  # fmt: skip
+
+
 def test_fault_injection_loses_no_data():
-    """Every scenario of bench/fault_injection.py: resumed runs repeat the uninterrupted
-    run's (loss, data position) at every step, exactly."""
-    rows = fault_injection.run(runs=1, seed=int(torch.randint(0, 1000, ()).item()))
-    assert len(rows) == len(fault_injection.SCENARIOS)
+    """Resumed runs repeat the uninterrupted run's (loss, data position) at every step,
+    exactly, whichever way the first run ended."""
+    assert set(SCENARIOS) < set(fault_injection.SCENARIOS)
+    seed = int(torch.randint(0, 1000, ()).item())
+    rows = fault_injection.run(runs=1, seed=seed, only=SCENARIOS)
+    assert [row["scenario"] for row in rows] == SCENARIOS
     for row in rows:
         assert row["recovered"] == row["runs"] and row["data_lost"] == 0, row
 
