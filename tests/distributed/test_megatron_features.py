@@ -179,7 +179,7 @@ def test_finetune_and_no_load_optim(world2, tmp_path, tmp_path_factory):
 
 # Runs several tests start from: the plain run, and the checkpoint of a run stopped at
 # iteration 4, each made once per test session (the worlds come and go; the results do not).
-_ONCE: dict[tuple[str, ...], object] = {}
+_ONCE: dict[str, object] = {}
 
 
 def _plain(world, tmp_path_factory) -> dict:
