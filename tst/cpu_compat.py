@@ -463,19 +463,18 @@ def _share_one_gloo_device() -> None:
     if not dist.is_gloo_available() or getattr(c10d.ProcessGroupGloo, "_tst_shared_device", 0):
         return
     gloo = c10d.ProcessGroupGloo
-    devices: dict[int, list] = {}
+    made: list = [None, []]  # the process that made the devices, and the devices
 
     def shared_devices() -> list:
-        pid = os.getpid()
-        if pid not in devices:
-            devices.clear()
+        if made[0] != os.getpid():
             names = [n for n in os.environ.get("GLOO_SOCKET_IFNAME", "").split(",") if n]
-            devices[pid] = (
+            made[:] = [
+                os.getpid(),
                 [gloo.create_device(interface=n) for n in names]
                 if names
-                else [gloo.create_default_device()]
-            )
-        return devices[pid]
+                else [gloo.create_default_device()],
+            ]
+        return made[1]
 
     class SharedDeviceGloo(gloo):
         _tst_shared_device = True

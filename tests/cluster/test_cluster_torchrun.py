@@ -135,10 +135,11 @@ def _launch_kill_and_resume(corpus, run_dir: Path) -> str | None:
         assert helpers, "the rank had started no helper process: nothing to check"
         victim.send_signal(signal.SIGKILL)
         killed = time.monotonic()
-        ended = lambda: node0.poll() is not None or node1.poll() is not None  # noqa: E731
-        first_step = wait_for(
-            lambda: restarted_first_step() or ended(), 480, "the restarted group's first step"
-        )
+
+        def restarted_or_ended():  # a launcher that ends stops the wait (its log says why)
+            return restarted_first_step() or node0.poll() is not None or node1.poll() is not None
+
+        first_step = wait_for(restarted_or_ended, 480, "the restarted group's first step")
         wait_for(lambda: not _running(helpers), 30, "the killed rank's helpers to end")
         statuses = [finish(node0), finish(node1)]
     text = [log.read_text() for log in logs]

@@ -82,3 +82,43 @@ def test_a_hang_times_out():
             world.run(_hang_on_rank_zero)
     finally:
         world.close(force=True)
+
+
+def _forked_pair_sum(path: str, rank: int, queue) -> None:
+    from torch.distributed import distributed_c10d as c10d
+
+    store = dist.FileStore(path, 2)
+    group = c10d.ProcessGroupGloo(store, rank, 2)
+    value = torch.tensor([float(rank + 1)])
+    group.allreduce([value]).wait()
+    queue.put((rank, value.item()))
+
+
+def test_a_forked_child_gets_a_gloo_device_of_its_own(tmp_path):
+    """The shared device's transport thread lives in the process that made it: a forked
+    child (a data worker, a multiprocessing pool) that makes groups must make its own device.
+    With the parent's (measured, by caching the device across processes), the children's
+    all-reduce never completes and the parent, whose loop thread gets their connections,
+    dies of a segmentation fault."""
+    import multiprocessing
+
+    from torch.distributed import distributed_c10d as c10d
+
+    from tst import cpu_compat
+
+    cpu_compat.apply()
+    parent = c10d.ProcessGroupGloo(dist.HashStore(), 0, 1)  # the parent's device is made
+    assert parent.size() == 1
+    fork = multiprocessing.get_context("fork")
+    queue, path = fork.Queue(), str(tmp_path / "store")
+    children = [fork.Process(target=_forked_pair_sum, args=(path, r, queue)) for r in (0, 1)]
+    for child in children:
+        child.start()
+    try:
+        results = sorted(queue.get(timeout=30) for _ in children)
+    finally:
+        for child in children:
+            child.join(5)
+            if child.is_alive():
+                child.kill()
+    assert results == [(0, 3.0), (1, 3.0)]
