@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tst.errors import RunError
 
 __all__ = ["TRACKER", "checkpoint_dir", "finalize_async_saves", "find_checkpoint", "latest_iteration",
-           "load", "optimizer_layout", "save"]  # fmt: skip
+           "load", "optimizer_layout", "save", "wait_for_retired"]  # fmt: skip
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state, sharded by data-parallel rank (megatron-core's
@@ -121,7 +121,7 @@ def find_checkpoint(root: str) -> int | None:
     if not os.path.isfile(os.path.join(root, TRACKER)):
         finished = sorted(
             name for name in os.listdir(root)
-            if name.startswith("iter_") and not name.endswith(".tmp")
+            if name.startswith("iter_") and not name.endswith((".tmp", _RETIRED))
         )  # fmt: skip
         if finished:
             raise CheckpointError(
@@ -242,6 +242,7 @@ def save(
     common: dict,
     fully_parallel: bool = False,
     async_queue=None,
+    retain_interval: int | None = None,
 ) -> str:
     """Write checkpoint ``iteration`` under ``root`` (collective: every rank calls it).
 
@@ -252,6 +253,10 @@ def save(
     per rank, from the state as it was at this call, while training goes on; the rename and
     the tracker update are the request's finalisation, which runs when the trainer next
     finalises the queue after every rank's writer is done.
+
+    ``retain_interval`` (``--save-retain-interval``): once this checkpoint is the latest, the
+    one the tracker named before it goes, unless its iteration is a multiple of the interval
+    (or it is a symbolic link), as Megatron-LM does.
     """
     from megatron.core import dist_checkpointing
 
@@ -284,9 +289,9 @@ def save(
         raise CheckpointError(_save_failure(root, tmp, error)) from error
     if request is None:
         _maybe_inject_kill("kill-during-save")
-        _complete(root, iteration, tmp, final)
+        _complete(root, iteration, tmp, final, retain_interval)
         return final
-    request.add_finalize_fn(lambda: _complete(root, iteration, tmp, final))
+    request.add_finalize_fn(lambda: _complete(root, iteration, tmp, final, retain_interval))
     async_queue.schedule_async_request(request)
     # With a complete checkpoint before it, so that the test sees that one survive.
     if os.path.exists(os.path.join(root, TRACKER)):
@@ -414,10 +419,13 @@ def _maybe_inject_kill(point: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _complete(root: str, iteration: int, tmp: str, final: str) -> None:
-    """Publish a fully written staging folder: manifest, rename, tracker (collective)."""
+def _complete(root: str, iteration: int, tmp: str, final: str,
+              retain_interval: int | None = None) -> None:  # fmt: skip
+    """Publish a fully written staging folder: manifest, rename, tracker (collective); then,
+    with ``retain_interval``, retire the checkpoint the tracker named before."""
     dist.barrier()
     if dist.get_rank() == 0:
+        previous = _tracked_iteration(root) if retain_interval else None
         _write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -428,7 +436,59 @@ def _complete(root: str, iteration: int, tmp: str, final: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        if previous and previous != iteration and previous % retain_interval:
+            _retire(root, previous)
     dist.barrier()
+
+
+_RETIRING: list = []  # the deletions in flight (threads)
+_RETIRED = ".deleting"  # a retired checkpoint's folder while its files go
+
+
+def wait_for_retired() -> None:
+    """Wait until the checkpoints --save-retain-interval retired are gone (the run's end)."""
+    while _RETIRING:
+        _RETIRING.pop().join()
+
+
+def _tracked_iteration(root: str) -> int | None:
+    """The iteration the tracker names now, if it names one (no checks: see latest_iteration)."""
+    try:
+        with open(os.path.join(root, TRACKER)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _retire(root: str, iteration: int) -> None:
+    """Delete checkpoint ``iteration`` (``--save-retain-interval``), which is no longer the
+    latest. It is first renamed out of the ``iter_N`` names (one atomic step), so a run killed
+    while the files go never finds a half-deleted checkpoint; the files go in a background
+    thread, which the process waits for before it exits. A symbolic link is left alone."""
+    import threading
+
+    path = checkpoint_dir(root, iteration)
+    if os.path.islink(path):
+        print(f"--save-retain-interval: {path} is a symbolic link: left in place", flush=True)
+        return
+    doomed = path + _RETIRED
+    try:
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(path, doomed)
+    except OSError as error:  # not fatal: the run goes on, the checkpoint stays
+        print(f"--save-retain-interval: could not delete {path}: {error}", flush=True)
+        return
+    # With what an earlier run killed mid-deletion left.
+    doomed_all = [os.path.join(root, n) for n in os.listdir(root) if n.endswith(_RETIRED)]
+
+    def delete() -> None:
+        for folder in doomed_all:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    thread = threading.Thread(target=delete, name="tst-retire")
+    thread.start()
+    _RETIRING.append(thread)
+    print(f"deleted checkpoint {path} (iteration {iteration}; --save-retain-interval)", flush=True)
 
 
 def finalize_async_saves(async_queue, blocking: bool) -> list[int]:

@@ -1030,6 +1030,11 @@ class RunConfig:
         "all starts from scratch (so --save X --load X serves the first launch and every restart).",
     )
     save_interval: int | None = _f(None, "Save every N steps (and at the end).")
+    save_retain_interval: int | None = _f(
+        None,
+        "Keep only the checkpoints whose iteration is a multiple of N, and the latest: each "
+        "earlier one is deleted once the next is complete (a multiple of --save-interval).",
+    )
     finetune: bool = _f(
         False,
         "Load only the weights from --load: iteration, optimizer, LR schedule and data "
@@ -1124,8 +1129,20 @@ class RunConfig:
             "--dry-run-report writes the --dry-run's report: add --dry-run",
         )
         for flag, value in (("--save-interval", self.save_interval),
+                            ("--save-retain-interval", self.save_retain_interval),
                             ("--exit-interval", self.exit_interval)):  # fmt: skip
             _require(value is None or value >= 1, f"{flag} must be >= 1 (omit it to turn it off)")
+        _require(
+            self.save_retain_interval is None
+            or not self.save
+            or (self.save_interval and self.save_retain_interval % self.save_interval == 0),
+            f"--save-retain-interval {self.save_retain_interval} must be a multiple of "
+            f"--save-interval ({self.save_interval}): the checkpoints it keeps are among those "
+            "saved"
+            if self.save_interval
+            else "--save-retain-interval needs --save-interval (a divisor of it): only the "
+            "checkpoint at the end would be saved",
+        )
         _require(
             self.exit_duration_in_mins is None
             or (math.isfinite(self.exit_duration_in_mins) and self.exit_duration_in_mins > 0),

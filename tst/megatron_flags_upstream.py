@@ -431,7 +431,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--persistent-save-interval": 1,
         "--save-wgrads-interval": 1,
         "--save-dgrads-interval": 1,
-        "--save-retain-interval": 1,
         "--load-main-params-from-ckpt": 0,
         "--pretrained-checkpoint": 1,
         "--use-mp-args-from-checkpoint-args": 0,

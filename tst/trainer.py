@@ -577,7 +577,7 @@ class Trainer:
         self._finalize_saves(blocking=True)
         path = checkpointing.save(run.save, self.iteration, self.raw_chunks, optimizer,
                                   self.state(), run.ckpt_fully_parallel_save,
-                                  self.async_saves)  # fmt: skip
+                                  self.async_saves, run.save_retain_interval)  # fmt: skip
         self._set_pre_hooks(hooks)
         if self.async_saves is None:
             self.writer.print(f"saved checkpoint {path} (iteration {self.iteration})")
@@ -894,6 +894,7 @@ class Trainer:
         if self._gc_state is not None:
             self._gc_state.finish()
         self._finalize_saves(blocking=True)
+        checkpointing.wait_for_retired()
         if self.async_saves is not None:
             self.async_saves.close()  # ends the persistent writer, if one was started
             # Dropped while the process group is up: megatron-core's caller closes itself

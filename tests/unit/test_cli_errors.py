@@ -44,6 +44,9 @@ REFUSED = [
     (["--exit-duration-in-mins", "-1"], 1, r"--exit-duration-in-mins must be > 0"),
     (["--clip-grad", "-1"], 1, r"--clip-grad must be >= 0 \(0 turns clipping off\)"),
     (["--save-interval", "0"], 1, r"--save-interval must be >= 1 \(omit it to turn it off\)"),
+    (["--save", "c", "--save-interval", "2", "--save-retain-interval", "3"], 1, r"--save-retain-interval 3 must be a multiple of --save-interval \(2\)"),  # noqa: E501
+    (["--save", "c", "--save-retain-interval", "4"], 1, r"--save-retain-interval needs --save-interval"),  # noqa: E501
+    (["--save-retain-interval", "0"], 1, r"--save-retain-interval must be >= 1"),
     (["--seed", "-1"], 1, r"--seed must be between 0 and 2\*\*63 - 1, got -1"),
     (["--init-method-std", "nan"], 1, r"--init-method-std must be a positive number, got nan"),
     (["--hidden-dropout", "1.5"], 1, r"--hidden-dropout must be in \[0, 1\)"),

@@ -33,14 +33,14 @@ BASE = [
     "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
     "--micro-batch-size", "2", "--train-iters", "4", "--tst-bag-size", "2", "--tst-iters", "2",
     "--lr", "1e-2", "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
-    "--peak-tflops", "1", "--num-workers", "0", "--save-interval", "4", *SMALL_GPT,
+    "--peak-tflops", "1", "--num-workers", "0", "--save-interval", "1", *SMALL_GPT,
 ]  # fmt: skip
 CHANGED = [
     "--kv-channels", "16", "--rotary-percent", "0.5", "--use-rope-scaling",
     "--rope-scaling-factor", "16", "--norm-epsilon", "1e-3", "--no-save-optim",
     "--no-mmap-bin-files", "--tensorboard-log-interval", "2", "--log-params-norm",
     "--manual-gc", "--manual-gc-interval", "2", "--empty-unused-memory-level", "2",
-    "--attention-backend", "flash",
+    "--attention-backend", "flash", "--save-retain-interval", "2",
 ]  # fmt: skip
 
 
@@ -177,6 +177,14 @@ def test_checkpoint_data_and_memory_flags(runs):
     keys_d, keys_n = _checkpoint_keys(path / "d" / "ckpt"), _checkpoint_keys(path / "n" / "ckpt")
     assert any("optimizer" in k for k in keys_d) and not any("optimizer" in k for k in keys_n)
     assert {k for k in keys_d if "optimizer" not in k} == set(keys_n)
+
+    # --save-retain-interval: a checkpoint every step; by default all stay, with 2 the odd
+    # one is deleted when the next is complete (the latest stays whatever its iteration).
+    def saved(run):
+        return sorted(p.name for p in (path / run / "ckpt").iterdir() if p.name.startswith("iter"))
+
+    assert saved("d") == [f"iter_000000{i}" for i in (1, 2, 3, 4)]
+    assert saved("n") == ["iter_0000002", "iter_0000004"]
     # --no-mmap-bin-files: megatron-core's file reader instead of the memory map.
     assert default["bin_reader"] == "_MMapBinReader" and changed["bin_reader"] == "_FileBinReader"
     # --empty-unused-memory-level: none by default; 2 = after the forward/backward and after

@@ -428,3 +428,40 @@ def test_async_save_writes_in_the_background_and_publishes_when_complete(tmp_pat
     for it in (3, 6, 8):
         verify(str(ckpt / f"iter_{it:07d}"))
     assert not list(ckpt.glob("*.tmp"))
+
+
+def test_save_retain_interval_under_async_save(tmp_path, capsys):
+    """--save-retain-interval with --async-save: a checkpoint is retired only once the next
+    one is complete (in the asynchronous save's finalisation), the kept ones are the
+    multiples of the interval and the latest; what a killed run left mid-deletion goes too."""
+    ckpt = tmp_path / "ckpt"
+    stray = ckpt / "iter_0000001.deleting"  # a run killed while it deleted a checkpoint
+    stray.mkdir(parents=True)
+    (stray / "shard").write_bytes(b"x")
+    args = ARGS[:]
+    args[args.index("--train-iters") + 1] = "8"
+    assert args[args.index("--save-interval") + 1] == "3"
+    argv = [*args, "--save", str(ckpt), "--async-save", "--save-retain-interval", "6"]
+    assert pretrain_tst.main(argv) == 0
+    out = capsys.readouterr().out
+    # Saved at 3, 6 and 8: 3 goes when 6 is complete; 6 is a multiple of 6; 8 is the latest.
+    assert "deleted checkpoint" in out and "(iteration 3; --save-retain-interval)" in out
+    assert sorted(p.name for p in ckpt.iterdir() if p.name.startswith("iter_")) == [
+        "iter_0000006", "iter_0000008"
+    ]  # fmt: skip
+    for it in (6, 8):
+        verify(str(ckpt / f"iter_{it:07d}"))
+
+
+def test_a_retired_checkpoint_that_is_a_link_stays(tmp_path, capsys):
+    """Megatron-LM's rule: --save-retain-interval never deletes through a symbolic link."""
+    from tst import checkpointing
+
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "metadata.json").write_text("{}")
+    (tmp_path / "iter_0000005").symlink_to(target)
+    checkpointing._retire(str(tmp_path), 5)
+    checkpointing.wait_for_retired()
+    assert (tmp_path / "iter_0000005").is_symlink() and (target / "metadata.json").exists()
+    assert "is a symbolic link: left in place" in capsys.readouterr().out
