@@ -1181,6 +1181,11 @@ class LoggingConfig:
     tensorboard_log_interval: int = _f(1, "Write TensorBoard scalars every N steps.")
     metrics_file: str | None = _f(None, "JSON-lines metrics file.")
     log_memory_to_tensorboard: bool = _f(False, "Write memory use to TensorBoard.")
+    log_memory_interval: int | None = _f(
+        None,
+        "Print the memory use of every rank of the first data-parallel replica every N steps "
+        "(a multiple of --log-interval); it is printed at the first logged steps in any case.",
+    )
     log_params_norm: bool = _f(False, "Log the parameters' L2 norm.")
     log_num_zeros_in_grad: bool = _f(False, "Log the number of zeros in the gradients.")
     log_validation_ppl_to_tensorboard: bool = _f(False, "Write validation perplexity too.")
@@ -1211,6 +1216,14 @@ class LoggingConfig:
         for name in ("eval_interval", "log_interval", "tensorboard_log_interval"):
             _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         _require(self.eval_iters >= 0, "--eval-iters must be >= 0 (0 = no evaluation)")
+        _require(
+            self.log_memory_interval is None
+            or (
+                self.log_memory_interval >= 1 and self.log_memory_interval % self.log_interval == 0
+            ),
+            f"--log-memory-interval {self.log_memory_interval} must be a multiple of "
+            f"--log-interval ({self.log_interval}): memory is read when a step is logged",
+        )
         _require(self.manual_gc_interval >= 0, "--manual-gc-interval must be >= 0")
         _require(
             self.profile_step_end > self.profile_step_start >= 0,

@@ -129,6 +129,7 @@ class Trainer:
         self.flops_per_position = flops_per_position(cfg, plan.padded_vocab_size)
         self.peak = PeakRate(cfg.log.peak_tflops, layout.device.type, measure=layout.rank == 0)
         self._stop_signal = None
+        self._memory_report_due = True  # at the first logged steps, as Megatron-LM does
         self._gc_state: _ManualGC | None = None  # set by train(); _finish() restores Python's gc
         self._stop_votes = [0.0, 0.0]  # summed over ranks by each training step
         self.async_saves = None  # megatron-core's queue of pending saves (--async-save)
@@ -955,7 +956,37 @@ class Trainer:
             f"{record['positions_per_s']:.0f} pos/s | {tflops:.3f} TFLOP/s | "
             f"MFU {100 * record['mfu']:.1f}%{extra}"
         )
+        every = log.log_memory_interval
+        if self._memory_report_due or (every and self.iteration % every == 0):
+            self._report_memory()
+            # Reported again at the next log while it comes before the second step's end:
+            # after one step the optimizer state may not exist yet (Megatron-LM's rule).
+            self._memory_report_due = self.iteration < 2
         window.update(t0=now, positions=0, raw=raw, steps=0, loss=0.0)
+
+    def _report_memory(self) -> None:
+        """One line per rank of the first data-parallel replica (Megatron-LM's report): the
+        CUDA allocator's figures, or on CPU the process's resident and peak resident memory."""
+        if self.layout.dp_rank != 0:
+            return
+        device = self.layout.device
+        if device.type == "cuda":
+            mib = {"allocated": torch.cuda.memory_allocated(device),
+                   "max allocated": torch.cuda.max_memory_allocated(device),
+                   "reserved": torch.cuda.memory_reserved(device),
+                   "max reserved": torch.cuda.max_memory_reserved(device)}  # fmt: skip
+        else:
+            import resource
+
+            import psutil
+
+            now = psutil.Process().memory_info().rss
+            # The kernel's peak (KiB on Linux) is kept a little behind the current figure.
+            peak = max(now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            mib = {"resident": now, "max resident": peak}
+        figures = " | ".join(f"{name}: {value / 2**20:.1f}" for name, value in mib.items())
+        print(f"[Rank {self.layout.rank}] (after {self.iteration} iterations) memory (MB) | "
+              f"{figures}", flush=True)  # fmt: skip
 
 
 def _end_child_processes() -> None:

@@ -15,10 +15,13 @@ hold the run's own metrics.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -40,7 +43,7 @@ CHANGED = [
     "--rope-scaling-factor", "16", "--norm-epsilon", "1e-3", "--no-save-optim",
     "--no-mmap-bin-files", "--tensorboard-log-interval", "2", "--log-params-norm",
     "--manual-gc", "--manual-gc-interval", "2", "--empty-unused-memory-level", "2",
-    "--attention-backend", "flash", "--save-retain-interval", "2",
+    "--attention-backend", "flash", "--save-retain-interval", "2", "--log-memory-interval", "2",
 ]  # fmt: skip
 
 
@@ -93,12 +96,16 @@ def _run(argv: list[str], out) -> dict:
 
     Trainer.train, Trainer.train_step, Trainer._empty_cache = watch_train, watch_step, watch_empty
     gc.collect = count_collect
+    stdout = io.StringIO()
     try:
-        assert pretrain_tst.main(argv + [
-            "--metrics-file", str(out / "m.jsonl"), "--save", str(out / "ckpt"),
-            "--tensorboard-dir", str(out / "tb"),
-        ]) == 0  # fmt: skip
+        with contextlib.redirect_stdout(stdout):
+            assert pretrain_tst.main(argv + [
+                "--metrics-file", str(out / "m.jsonl"), "--save", str(out / "ckpt"),
+                "--tensorboard-dir", str(out / "tb"),
+            ]) == 0  # fmt: skip
     finally:
+        sys.stdout.write(stdout.getvalue())
+        seen["stdout"] = stdout.getvalue()
         Trainer.train, Trainer.train_step, Trainer._empty_cache = train, step, empty
         gc.collect = collect
         gc.enable()
@@ -216,6 +223,15 @@ def test_logging_and_gc_flags(runs):
     assert default["gc_enabled"] == {True} and default["collects"] == 1 + 1
     assert changed["gc_enabled"] == {False}
     assert changed["collects"] == 1 + (1 + 2 + 2 * 2) + 1
+    # Memory: after the first logged steps (1 and 2 at --log-interval 1, as Megatron-LM), and
+    # every --log-memory-interval steps; on CPU the process's resident memory, in MiB.
+    memory = re.compile(r"\[Rank 0\] \(after (\d+) iterations\) memory \(MB\) \| "
+                        r"resident: ([\d.]+) \| max resident: ([\d.]+)")  # fmt: skip
+    reports = {name: [m.groups() for m in memory.finditer(run["stdout"])]
+               for name, run in (("default", default), ("changed", changed))}  # fmt: skip
+    assert [r[0] for r in reports["default"]] == ["1", "2"]
+    assert [r[0] for r in reports["changed"]] == ["1", "2", "4"]
+    assert all(50 < float(now) <= float(peak) < 2**20 for _, now, peak in reports["changed"])
 
 
 def _wandb_records(run_dir) -> list:
