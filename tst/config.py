@@ -692,6 +692,12 @@ class TrainingConfig:
     )
     fp8_param_gather: bool = _f(False, "Keep parameters in FP8 and gather them in FP8.")
     first_last_layers_bf16: bool = _f(False, "Keep the first and last layers in bf16 under FP8.")
+    num_layers_at_start_in_bf16: int = _f(
+        1, "With --first-last-layers-bf16: the first N transformer layers stay in bf16."
+    )
+    num_layers_at_end_in_bf16: int = _f(
+        1, "With --first-last-layers-bf16: the last N transformer layers stay in bf16."
+    )
     main_grads_dtype: str = _f("fp32", "Main gradients' dtype (precision-aware optimizer).",
                                choices=["fp32", "bf16"])  # fmt: skip
     main_params_dtype: str = _f("fp32", "Main parameters' dtype (precision-aware optimizer).",

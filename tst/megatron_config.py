@@ -76,6 +76,8 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
             fp8_amax_compute_algo=t.fp8_amax_compute_algo,
             fp8_param=t.fp8_param_gather,
             first_last_layers_bf16=t.first_last_layers_bf16,
+            num_layers_at_start_in_bf16=t.num_layers_at_start_in_bf16,
+            num_layers_at_end_in_bf16=t.num_layers_at_end_in_bf16,
         )
     recompute = {}
     if p.recompute_granularity:

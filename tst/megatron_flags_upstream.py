@@ -391,8 +391,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--fp8-quantizer-factory": 1,
         "--no-fp8-wgrad": 0,
         "--disable-fp8-wgrad": 0,
-        "--num-layers-at-start-in-bf16": 1,
-        "--num-layers-at-end-in-bf16": 1,
         "--use-kitchen-attention": 0,
         "--kitchen-attention-backend": 1,
         "--fp4-format": 1,

@@ -462,6 +462,12 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         _require(not m.cross_entropy_loss_fusion,
                  "--deterministic-mode with --cross-entropy-loss-fusion: the fused cross-entropy "
                  "is not deterministic (Megatron-LM's rule): drop one")  # fmt: skip
+    if t.first_last_layers_bf16:  # megatron-core's bound, named by the flags
+        per_stage = m.num_layers // grid.pp
+        for flag, n in (("--num-layers-at-start-in-bf16", t.num_layers_at_start_in_bf16),
+                        ("--num-layers-at-end-in-bf16", t.num_layers_at_end_in_bf16)):  # fmt: skip
+            _require(0 <= n <= per_stage, f"{flag} {n} must be between 0 and the layers per "
+                     f"pipeline stage ({m.num_layers} / PP {grid.pp} = {per_stage})")  # fmt: skip
     _require(
         not m.fp32_residual_connection or t.bf16 or t.fp16,
         "--fp32-residual-connection keeps the residual stream in fp32 under --bf16 / --fp16; "

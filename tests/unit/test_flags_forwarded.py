@@ -91,6 +91,41 @@ def test_moe_and_numerics_flags_reach_the_transformer_config():
         1e-3, "position", 1.0)  # fmt: skip
 
 
+def test_bf16_first_and_last_layers_under_fp8_reach_the_transformer_config(monkeypatch):
+    """--first-last-layers-bf16 with --num-layers-at-start-in-bf16 / -end-: megatron-core's
+    fields (Megatron-LM's defaults 1 and 1), the layers megatron-core then keeps out of FP8,
+    and the bound per pipeline stage checked up front. FP8 itself needs a GPU: its device
+    check is set aside here, the config is what is read."""
+    from megatron.core.fp8_utils import is_first_last_bf16_layer
+
+    from tst import megatron_config
+    from tst.errors import ConfigError
+    from tst.platform import Layout
+
+    monkeypatch.setattr(megatron_config, "_check_fp8_possible", lambda cfg, layout: None)
+    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+                 cpu_patched=False)  # fmt: skip
+    fp8 = ["--num-layers", "6", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise",
+           "--first-last-layers-bf16"]  # fmt: skip
+
+    def bf16_layers(*extra):
+        cfg, plan = _cfg(*fp8, *extra)
+        c = megatron_config.transformer_config(cfg, plan, cpu, check_device=False)
+        return (c.num_layers_at_start_in_bf16, c.num_layers_at_end_in_bf16), [
+            i for i in range(6) if is_first_last_bf16_layer(c, i)
+        ]
+
+    assert bf16_layers() == ((1, 1), [0, 5])
+    given = ("--num-layers-at-start-in-bf16", "2", "--num-layers-at-end-in-bf16", "0")
+    assert bf16_layers(*given) == ((2, 0), [0, 1])
+    with pytest.raises(ConfigError, match=r"--num-layers-at-end-in-bf16 4 must be between 0 and "
+                       r"the layers per pipeline stage \(6 / PP 2 = 3\)"):  # fmt: skip
+        cfg = parse_args([*BASE, *fp8, "--num-layers-at-end-in-bf16", "4",
+                          "--pipeline-model-parallel-size", "2"])  # fmt: skip
+        validate(cfg, 2, 512)
+
+
 def _scheduler(*extra: str):
     cfg, plan = _cfg(*extra)
     weight = torch.nn.Parameter(torch.zeros(1))
