@@ -517,6 +517,12 @@ class ParallelConfig:
         "Selective recomputation's modules (megatron-core's names: core_attn, moe_act, "
         "layernorm, mla_up_proj, mlp, moe, shared_experts; default core_attn).",
     )
+    distribute_saved_activations: bool = _f(
+        False,
+        "Full recomputation: each tensor-parallel rank keeps 1/TP of every recomputed layer "
+        "group's saved input, gathered again for the recomputation (TP > 1, no "
+        "--sequence-parallel).",
+    )
     moe_layer_recompute: bool = _f(
         False,
         "Deprecated in Megatron-LM: the same as --recompute-granularity selective with moe "
@@ -574,6 +580,11 @@ class ParallelConfig:
                 "--recompute-granularity full needs --recompute-method (uniform or block) and "
                 "--recompute-num-layers",
             )
+        _require(
+            not self.distribute_saved_activations or self.recompute_granularity == "full",
+            "--distribute-saved-activations splits what full recomputation saves: add "
+            "--recompute-granularity full (with --recompute-method and --recompute-num-layers)",
+        )
         if self.recompute_granularity is None:
             _require(
                 self.recompute_method is None and self.recompute_num_layers is None,

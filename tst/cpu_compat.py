@@ -51,6 +51,7 @@ _MODULES_WITH_CUDA_FACTORIES = (
     "megatron.core.models.common.embeddings.rope_utils",
     "megatron.core.tensor_parallel.data",
     "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.utils",  # --distribute-saved-activations' buffers
     "megatron.core.rerun_state_machine",
     "megatron.core.utils",
     "megatron.core.parallel_state",

@@ -85,6 +85,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
             recompute_granularity=p.recompute_granularity,
             recompute_method=p.recompute_method,
             recompute_num_layers=p.recompute_num_layers,
+            distribute_saved_activations=p.distribute_saved_activations,
         )
         if p.recompute_modules is not None:
             recompute["recompute_modules"] = list(p.recompute_modules)
@@ -195,7 +196,6 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         fp16=t.fp16,
         calculate_per_token_loss=True,
         use_cpu_initialization=not on_gpu,
-        distribute_saved_activations=False,
         delay_wgrad_compute=m.delay_wgrad_compute,
         deterministic_mode=t.deterministic_mode,
         **fused,

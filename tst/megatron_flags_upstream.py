@@ -387,7 +387,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--apply-residual-connection-post-layernorm": 0,
         "--init-model-with-meta-device": 0,
         "--use-fused-weighted-squared-relu": 0,
-        "--distribute-saved-activations": 0,
         "--fp8-quantizer-factory": 1,
         "--no-fp8-wgrad": 0,
         "--disable-fp8-wgrad": 0,

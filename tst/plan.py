@@ -506,6 +506,11 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         _require(
             m.seq_length % tp == 0, "--seq-length must be divisible by TP with --sequence-parallel"
         )
+    if p.distribute_saved_activations:  # Megatron-LM's and megatron-core's rules
+        _require(tp > 1, "--distribute-saved-activations splits the saved activations over "
+                 "tensor-parallel ranks: it needs --tensor-model-parallel-size > 1")  # fmt: skip
+        _require(not p.sequence_parallel, "--distribute-saved-activations with "
+                 "--sequence-parallel: the activations are split over TP already; drop one")  # fmt: skip
     _require(
         m.resolved_ffn_hidden_size >= 1,
         f"--hidden-size {m.hidden_size} gives no SwiGLU MLP width by Megatron-LM's rule "

@@ -47,6 +47,7 @@ def _train(argv: list[str], metrics: str) -> dict:
             grad_sync_func=self.config.grad_sync_func is not None,
             recompute=(self.config.recompute_granularity, self.config.recompute_method,
                        self.config.recompute_num_layers),
+            distributed_saved=self.config.distribute_saved_activations,
             fp16=self.config.fp16,
         )  # fmt: skip
         return original(self)
@@ -111,6 +112,9 @@ RECOMPUTE = {
                      "--recompute-num-layers", "2"],
     "full-block": ["--recompute-granularity", "full", "--recompute-method", "block",
                    "--recompute-num-layers", "1"],
+    # Each TP rank keeps half of each group's saved input, gathered for the recomputation.
+    "full-distributed": ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                         "--recompute-num-layers", "1", "--distribute-saved-activations"],
     "selective": ["--recompute-granularity", "selective"],
     "selective-mlp": ["--recompute-granularity", "selective", "--recompute-modules", "mlp",
                       "layernorm"],
@@ -126,6 +130,7 @@ def test_recomputation_changes_no_loss(world2, tmp_path):
         got = world2.run(_train, tp2 + extra, str(tmp_path / f"{name}.jsonl"))[0]
         _close(_losses(got), _losses(want), 1e-6, name)
         assert got["recompute"][0] == extra[1], name
+        assert got["distributed_saved"] == ("--distribute-saved-activations" in extra), name
 
 
 def test_fp16_with_loss_scaling_tracks_fp32(world2, tmp_path, tmp_path_factory):

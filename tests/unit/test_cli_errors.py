@@ -63,6 +63,9 @@ REFUSED = [
     (["--fp16", "--bf16"], 1, r"give --bf16 or --fp16, not both"),
     (["--exp-avg-dtype", "bf16"], 1, r"need --use-precision-aware-optimizer"),
     (["--tensor-model-parallel-size", "2", "--tp-comm-overlap"], 2, r"--tp-comm-overlap needs --sequence-parallel"),  # noqa: E501
+    (["--distribute-saved-activations"], 1, r"--distribute-saved-activations splits what full recomputation saves: add --recompute-granularity full"),  # noqa: E501
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1", "--distribute-saved-activations"], 1, r"--distribute-saved-activations .* needs --tensor-model-parallel-size > 1"),  # noqa: E501
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1", "--distribute-saved-activations", "--tensor-model-parallel-size", "2", "--sequence-parallel"], 2, r"--distribute-saved-activations with --sequence-parallel"),  # noqa: E501
     (["--num-experts", "4", "--moe-layer-freq", "[1]*3"], 1, r"--moe-layer-freq \[1\]\*3: the list must hold one 0"),  # noqa: E501
     (["--num-experts", "4", "--moe-layer-freq", "os.system('x')"], 1, r"--moe-layer-freq os.system\('x'\): give an int N or a list"),  # noqa: E501
     (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"], 1, r"needs --moe-expert-capacity-factor"),  # noqa: E501
