@@ -671,6 +671,11 @@ class TrainingConfig:
     seed: int = _f(1234, "Random seed (weights, data order, dropout).")
     bf16: bool = _f(False, "bf16 parameters and compute (fp32 master weights).")
     fp16: bool = _f(False, "fp16 parameters and compute with loss scaling (fp32 master weights).")
+    check_weight_hash_across_dp_replicas_interval: int | None = _f(
+        None,
+        "Every N steps, check that every data-parallel replica holds the same weights (a hash "
+        "per parameter); a difference stops the run naming the parameters and ranks.",
+    )
     deterministic_mode: bool = _f(
         False,
         "Deterministic kernels only (torch.use_deterministic_algorithms; megatron-core's "
@@ -735,6 +740,11 @@ class TrainingConfig:
             "other than fp32 need --use-precision-aware-optimizer",
         )
         _require(self.micro_batch_size >= 1, "--micro-batch-size must be >= 1")
+        _require(
+            self.check_weight_hash_across_dp_replicas_interval is None
+            or self.check_weight_hash_across_dp_replicas_interval >= 1,
+            "--check-weight-hash-across-dp-replicas-interval must be >= 1 (omit it to turn it off)",
+        )
         _require(self.lr is not None, "--lr is required (the peak learning rate)")
         _require(
             (self.train_iters is None) != (self.train_samples is None),

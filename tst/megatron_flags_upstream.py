@@ -412,7 +412,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--record-memory-history": 0,
         "--memory-snapshot-path": 1,
         "--decrease-batch-size-if-needed": 0,
-        "--check-weight-hash-across-dp-replicas-interval": 1,
         "--train-sync-interval": 1,
         "--exit-signal-handler-for-dataloader": 0,
         "--disable-manual-gc-eval": 0,

@@ -29,7 +29,7 @@ from tst import checkpointing, megatron_fixes
 from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase
 from tst.data.context_parallel import split_for_context_parallel
-from tst.errors import NonFiniteLossError
+from tst.errors import NonFiniteLossError, RunError
 from tst.losses import (
     global_slot_counts,
     paper_form_slot_weights,
@@ -586,6 +586,29 @@ class Trainer:
             self._saves_pending[self.iteration] = path
             self.writer.print(f"saving checkpoint {path} in the background (--async-save)")
 
+    def _check_replicas_agree(self) -> None:
+        """--check-weight-hash-across-dp-replicas-interval: every data-parallel replica holds
+        the same weights (each parameter's SHA-1 compared with data-parallel rank 0's; routed
+        experts over the expert-data-parallel group). Collective; a difference on any rank
+        stops every rank, naming the parameters."""
+        hooks = self._pre_hooks_on
+        self._set_pre_hooks(False)  # the distributed optimizer's pending gathers finish first
+        differing = _replica_weight_mismatches(self.raw_chunks, self.layout.device)
+        self._set_pre_hooks(hooks)
+        count = torch.tensor([float(len(differing))], device=self.layout.device)
+        dist.all_reduce(count)
+        if count.item():
+            shown = "; ".join(differing[:5]) or "on other ranks (see their output)"
+            print(f"rank {self.layout.rank}: weights differ across data-parallel replicas after "
+                  f"iteration {self.iteration}: {shown}", flush=True)  # fmt: skip
+            raise RunError(
+                f"the data-parallel replicas' weights differ after iteration {self.iteration} "
+                f"({int(count.item())} parameter copies; the ranks printed which): a replica "
+                "diverged (a faulty GPU or link, or a non-deterministic update). Resume from "
+                "the last checkpoint; if it recurs, find the rank named and exclude its node"
+            )
+        self.writer.print(f">>> Weight hashes match after {self.iteration} iterations")
+
     def _finalize_saves(self, blocking: bool) -> None:
         """Complete the --async-save writes that are done on every rank (all of them when
         ``blocking``); each becomes the latest checkpoint only here. Collective."""
@@ -838,6 +861,9 @@ class Trainer:
                 self._evaluate_valid_split(phase)
                 self._set_pre_hooks(True)
                 gc_state.after_eval()
+            every = self.cfg.training.check_weight_hash_across_dp_replicas_interval
+            if every and self.iteration % every == 0:
+                self._check_replicas_agree()
             if run.save and run.save_interval and self.iteration % run.save_interval == 0:
                 self.save()
             gc_state.step(self.iteration)
@@ -1031,6 +1057,43 @@ def _params_norm(model_chunks) -> float:
     dist.all_reduce(dense, group=ps.get_model_parallel_group())
     dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
     return float((dense + expert).sqrt())
+
+
+def _replica_weight_mismatches(model_chunks, device) -> list[str]:
+    """The parameters whose values on this rank differ from data-parallel rank 0's (expert
+    parameters: from expert-data-parallel rank 0's), each as 'name (ranks [...] differ)'.
+    Collective over the data-parallel and expert-data-parallel groups."""
+    import hashlib
+
+    from megatron.core import parallel_state as ps
+
+    dense, expert = [], []
+    for index, chunk in enumerate(model_chunks):
+        for name, param in chunk.named_parameters():
+            values = param.detach().float().cpu().contiguous().numpy()
+            digest = torch.frombuffer(bytearray(hashlib.sha1(values.tobytes()).digest()),
+                                      dtype=torch.uint8)  # fmt: skip
+            label = name if len(model_chunks) == 1 else f"chunk {index} {name}"
+            (dense if getattr(param, "allreduce", True) else expert).append((label, digest))
+    differing = []
+    for entries, group in ((dense, ps.get_data_parallel_group()),
+                           (expert, ps.get_expert_data_parallel_group())):  # fmt: skip
+        size = dist.get_world_size(group)
+        if not entries or size == 1:
+            continue
+        local = torch.stack([digest for _, digest in entries]).to(device)
+        gathered = [torch.empty_like(local) for _ in range(size)]
+        dist.all_gather(gathered, local, group=group)
+        ranks = dist.get_process_group_ranks(group)
+        for row, (label, _) in enumerate(entries):
+            odd = [
+                ranks[r]
+                for r in range(1, size)
+                if not torch.equal(gathered[r][row], gathered[0][row])
+            ]
+            if odd:
+                differing.append(f"{label} (ranks {odd} differ from rank {ranks[0]})")
+    return differing
 
 
 def _memory_record(device) -> dict:

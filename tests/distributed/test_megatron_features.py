@@ -34,7 +34,11 @@ def _train(argv: list[str], metrics: str) -> dict:
 
     from tst.trainer import Trainer
 
-    original, seen = Trainer.train, {}
+    original, check, seen = Trainer.train, Trainer._check_replicas_agree, {"hash_checks": []}
+
+    def check_replicas(self):
+        seen["hash_checks"].append(self.iteration)
+        return check(self)
 
     def train(self):
         chunk = self.model[0]
@@ -52,11 +56,11 @@ def _train(argv: list[str], metrics: str) -> dict:
         )  # fmt: skip
         return original(self)
 
-    Trainer.train = train
+    Trainer.train, Trainer._check_replicas_agree = train, check_replicas
     try:
         assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
     finally:
-        Trainer.train = original
+        Trainer.train, Trainer._check_replicas_agree = original, check
     dist.barrier()
     with open(metrics) as f:
         seen["records"] = [json.loads(line) for line in f]
@@ -76,9 +80,10 @@ def _close(got, want, rel, label):
 OVERLAP = {
     "overlap-grad-reduce": ["--overlap-grad-reduce", "--ddp-bucket-size", "2000"],
     "distributed-optimizer": ["--use-distributed-optimizer"],
+    # With the replicas' weights compared every 2 steps (the parameter gathers finished first).
     "distopt+overlap": [
         "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
-        "--ddp-bucket-size", "2000",
+        "--ddp-bucket-size", "2000", "--check-weight-hash-across-dp-replicas-interval", "2",
     ],
     # Buckets of (this rank's parameters // 4), padded, reduce-scatter accumulating in fp32.
     "distopt+overlap-4-buckets": [
@@ -105,6 +110,52 @@ def test_overlap_and_distributed_optimizer_change_no_loss(world2, tmp_path, tmp_
                 assert got["bucket_size"] == 2000 and got["buckets"] > 1, name
         if "--overlap-param-gather" in extra:
             assert got["overlap_param_gather"], name
+        want_checks = (
+            [2, 4, 6] if "--check-weight-hash-across-dp-replicas-interval" in extra else []
+        )
+        assert got["hash_checks"] == want_checks, name
+
+
+def _train_with_a_diverged_replica(argv: list[str]) -> tuple[str, str]:
+    """pretrain_tst.main with one weight of data-parallel rank 1 nudged after step 2: the
+    error it raises (pretrain_tst.py prints it and exits 3) and what the rank printed."""
+    import contextlib
+    import io
+
+    from tst.errors import RunError
+    from tst.trainer import Trainer
+
+    check = Trainer._check_replicas_agree
+
+    def diverge_then_check(self):
+        if self.layout.dp_rank == 1 and self.iteration == 2:
+            weight = self.raw_chunks[0].decoder.layers[1].mlp.linear_fc2.weight
+            weight.data[0, 0] += 1e-3
+        return check(self)
+
+    out, error = io.StringIO(), ""
+    Trainer._check_replicas_agree = diverge_then_check
+    try:
+        with contextlib.redirect_stdout(out):
+            pretrain_tst.main(argv)
+    except RunError as raised:
+        error = str(raised)
+    finally:
+        Trainer._check_replicas_agree = check
+    return error, out.getvalue()
+
+
+def test_weight_hash_check_stops_a_diverged_replica(world2):
+    """--check-weight-hash-across-dp-replicas-interval: one weight nudged on one replica stops
+    both ranks at the next check, the parameter and the rank named."""
+    flags = BASE + ["--check-weight-hash-across-dp-replicas-interval", "2"]
+    (error0, out0), (error1, out1) = world2.run(_train_with_a_diverged_replica, flags)
+    for error in (error0, error1):
+        assert "replicas' weights differ after iteration 2 (2 parameter copies" in error, error
+    for rank, out in enumerate((out0, out1)):
+        assert (f"rank {rank}: weights differ across data-parallel replicas after iteration 2: "
+                "decoder.layers.1.mlp.linear_fc2.weight (ranks [1] differ from rank 0)") in out, out  # fmt: skip
+    assert "iter      2/6" in out0 and ">>> Weight hashes match" not in out0
 
 
 RECOMPUTE = {

@@ -47,6 +47,7 @@ REFUSED = [
     (["--save", "c", "--save-interval", "2", "--save-retain-interval", "3"], 1, r"--save-retain-interval 3 must be a multiple of --save-interval \(2\)"),  # noqa: E501
     (["--save", "c", "--save-retain-interval", "4"], 1, r"--save-retain-interval needs --save-interval"),  # noqa: E501
     (["--save-retain-interval", "0"], 1, r"--save-retain-interval must be >= 1"),
+    (["--check-weight-hash-across-dp-replicas-interval", "0"], 1, r"--check-weight-hash-across-dp-replicas-interval must be >= 1"),  # noqa: E501
     (["--log-interval", "2", "--log-memory-interval", "3"], 1, r"--log-memory-interval 3 must be a multiple of --log-interval \(2\)"),  # noqa: E501
     (["--seed", "-1"], 1, r"--seed must be between 0 and 2\*\*63 - 1, got -1"),
     (["--init-method-std", "nan"], 1, r"--init-method-std must be a positive number, got nan"),
