@@ -418,6 +418,11 @@ class ParallelConfig:
     num_virtual_stages_per_pipeline_rank: int | None = _f(
         None, "Virtual pipeline stages per pipeline rank (interleaved 1F1B; uneven stages too)."
     )
+    microbatch_group_size_per_virtual_pipeline_stage: int | None = _f(
+        None,
+        "Interleaved 1F1B: micro-batches run back to back on one virtual stage (default PP, "
+        "depth-first; up to the micro-batches per step, breadth-first).",
+    )
     decoder_first_pipeline_num_layers: int | None = _f(
         None, "Layers of the first pipeline stage (default: an even split)."
     )

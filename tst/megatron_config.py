@@ -180,6 +180,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         tensor_model_parallel_size=plan.grid.tp,
         pipeline_model_parallel_size=plan.grid.pp,
         virtual_pipeline_model_parallel_size=plan.vpp,
+        microbatch_group_size_per_vp_stage=p.microbatch_group_size_per_virtual_pipeline_stage,
         num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
         pipeline_model_parallel_layout=p.pipeline_model_parallel_layout,

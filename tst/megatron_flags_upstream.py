@@ -381,7 +381,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--defer-embedding-wgrad-compute": 0,
         "--wgrad-deferral-limit": 1,
         "--overlap-p2p-communication-warmup-flush": 0,
-        "--microbatch-group-size-per-virtual-pipeline-stage": 1,
         "--mtp-standalone": 0,
         "--cpu-offloading-num-layers": 1,
         "--apply-residual-connection-post-layernorm": 0,

@@ -532,6 +532,26 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
                  "--rampup-batch-size: START and INCREMENT must be multiples of micro-batch x "
                  f"data-parallel size = {t.micro_batch_size * dp}")  # fmt: skip
     num_micro = gbs // (t.micro_batch_size * dp)
+    group = p.microbatch_group_size_per_virtual_pipeline_stage
+    if group is not None:
+        _require(group >= 1, "--microbatch-group-size-per-virtual-pipeline-stage must be >= 1")
+        if not grid.vpp:
+            warnings.warn("--microbatch-group-size-per-virtual-pipeline-stage orders the "
+                          "interleaved schedule only: without virtual pipeline stages it has no "
+                          "effect", stacklevel=2)  # fmt: skip
+        else:  # megatron-core's rules, checked at its first step otherwise
+            per_step = sorted({num_micro} | ({
+                size // (t.micro_batch_size * dp) for size in range(rampup[0], gbs, rampup[1])
+            } if rampup else set()))  # fmt: skip
+            for m_count in per_step:
+                _require(grid.pp <= group <= m_count, "--microbatch-group-size-per-virtual-"
+                         f"pipeline-stage {group} must be between PP={grid.pp} and the "
+                         f"micro-batches per step ({m_count})")  # fmt: skip
+                _require(m_count % group == 0 or m_count % group >= grid.pp,
+                         f"--microbatch-group-size-per-virtual-pipeline-stage {group} leaves a "
+                         f"last group of {m_count % group} of the {m_count} micro-batches per "
+                         f"step, fewer than PP={grid.pp} (a pipeline bubble megatron-core "
+                         "refuses): use a divisor of it")  # fmt: skip
     if grid.vpp:
         _require(
             num_micro % grid.pp == 0 and (rampup is None or all(

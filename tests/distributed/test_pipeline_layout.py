@@ -67,6 +67,11 @@ def test_uneven_interleaved_stages_agree_with_pp1(world2, tmp_path):
                                                  ["1:MLP", "2:MLP", "5:MLP"]]  # fmt: skip
     got = next(records for records, _ in results if _losses(records))
     _assert_close(_losses(got), _losses(want), 2e-4, "embedding and loss counted, VPP 2")
+    # Breadth-first interleaving: all 4 micro-batches of a step on a virtual stage in turn.
+    extra += ["--microbatch-group-size-per-virtual-pipeline-stage", "4"]
+    results = world2.run(_train_with_layers, six + extra, str(tmp_path / "breadth.jsonl"))
+    got = next(records for records, _ in results if _losses(records))
+    _assert_close(_losses(got), _losses(want), 2e-4, "breadth-first, VPP 2")
 
 
 def test_uneven_stages_with_tied_embeddings_agree(world2, tmp_path):

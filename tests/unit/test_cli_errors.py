@@ -78,6 +78,9 @@ REFUSED = [
     (["--eval-iters", "-1"], 1, r"--eval-iters must be >= 0 \(0 = no evaluation\)"),
     (["--log-interval", "0"], 1, r"--log-interval must be >= 1"),
     (["--tensor-model-parallel-size", "3"], 4, r"world size 4 is not divisible by TP x PP x CP = 3"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "12", "--microbatch-group-size-per-virtual-pipeline-stage", "5"], 2, r"--microbatch-group-size-per-virtual-pipeline-stage 5 leaves a last group of 1 of the 6 micro-batches per step, fewer than PP=2"),  # noqa: E501
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "12", "--microbatch-group-size-per-virtual-pipeline-stage", "8"], 2, r"--microbatch-group-size-per-virtual-pipeline-stage 8 must be between PP=2 and the micro-batches per step \(6\)"),  # noqa: E501
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "12", "--microbatch-group-size-per-virtual-pipeline-stage", "1"], 2, r"--microbatch-group-size-per-virtual-pipeline-stage 1 must be between PP=2"),  # noqa: E501
     (["--num-attention-heads", "2", "--tensor-model-parallel-size", "4"], 4,
      r"--num-attention-heads 2 is not divisible by --tensor-model-parallel-size 4"),
     (["--group-query-attention", "--num-query-groups", "1", "--tensor-model-parallel-size", "2"], 2,

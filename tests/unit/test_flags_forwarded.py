@@ -126,6 +126,36 @@ def test_bf16_first_and_last_layers_under_fp8_reach_the_transformer_config(monke
         validate(cfg, 2, 512)
 
 
+def test_microbatch_group_size_reaches_the_pipeline_config():
+    """--microbatch-group-size-per-virtual-pipeline-stage: megatron-core's default is PP
+    (depth-first); given, the interleaved schedule's table follows it. Without virtual stages
+    it has no effect, and says so."""
+    from megatron.core.pipeline_parallel.schedules import get_schedule_table
+
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    cpu = Layout(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                 tp=1, pp=2, vpp=2, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+                 cpu_patched=False)  # fmt: skip
+    vpp = ["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+           "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "4",
+           "--micro-batch-size", "1"]  # fmt: skip
+
+    def group_size(*extra):
+        cfg = parse_args([*BASE, *vpp, *extra])
+        return transformer_config(cfg, validate(cfg, 2, 512), cpu, check_device=False
+                                  ).microbatch_group_size_per_vp_stage  # fmt: skip
+
+    assert group_size() == 2
+    assert group_size("--microbatch-group-size-per-virtual-pipeline-stage", "4") == 4
+    # Breadth-first: all 4 micro-batches on the first virtual stage before the second.
+    assert [chunk for _, chunk in get_schedule_table(4, 2, 4)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [chunk for _, chunk in get_schedule_table(4, 2, 2)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    with pytest.warns(UserWarning, match="without virtual pipeline stages it has no effect"):
+        _cfg("--microbatch-group-size-per-virtual-pipeline-stage", "2")
+
+
 def _scheduler(*extra: str):
     cfg, plan = _cfg(*extra)
     weight = torch.nn.Parameter(torch.zeros(1))
