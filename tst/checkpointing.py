@@ -436,7 +436,8 @@ def _complete(root: str, iteration: int, tmp: str, final: str,
             f.flush()
             os.fsync(f.fileno())
         os.replace(tracker_tmp, os.path.join(root, TRACKER))
-        if previous and previous != iteration and previous % retain_interval:
+        # Only an earlier one: after a --ckpt-step rewind the tracker named a later one.
+        if previous and previous < iteration and previous % retain_interval:
             _retire(root, previous)
     dist.barrier()
 

@@ -465,3 +465,19 @@ def test_a_retired_checkpoint_that_is_a_link_stays(tmp_path, capsys):
     checkpointing.wait_for_retired()
     assert (tmp_path / "iter_0000005").is_symlink() and (target / "metadata.json").exists()
     assert "is a symbolic link: left in place" in capsys.readouterr().out
+
+
+def test_save_retain_interval_never_deletes_a_later_checkpoint(tmp_path):
+    """A run resumed with --ckpt-step from an earlier checkpoint finds the tracker naming a
+    later one: --save-retain-interval leaves that one alone (deleting only earlier ones)."""
+    ckpt = tmp_path / "ckpt"
+    args = ARGS[:]
+    args[args.index("--train-iters") + 1] = "9"
+    assert pretrain_tst.main([*args, "--save", str(ckpt)]) == 0  # saves 3, 6, 9
+    rewind = ["--load", str(ckpt), "--ckpt-step", "3", "--save-retain-interval", "6",
+              "--exit-interval", "6"]  # fmt: skip
+    assert pretrain_tst.main([*args, "--save", str(ckpt), *rewind]) == 0  # saves 6, stops
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == [
+        "iter_0000003", "iter_0000006", "iter_0000009"
+    ]  # fmt: skip
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "6"
