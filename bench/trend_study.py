@@ -563,6 +563,7 @@ def _save(fig, path: str) -> str:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # a new --plots-dir
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
