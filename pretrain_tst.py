@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         userbuffers = te_userbuffers.initialize(cfg, grid)  # --tp-comm-overlap, before the model
         datasets = build_datasets(cfg, plan, tokenizer, vocab_size, blends)
         trainer = Trainer(cfg, layout, plan, tokenizer, datasets)
-        if cfg.run.load:
+        if cfg.run.load or cfg.run.pretrained_checkpoint:
             trainer.load()
         return trainer.train()
     finally:

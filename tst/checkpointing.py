@@ -108,7 +108,7 @@ def check_writable(root: str) -> None:
         ) from None
 
 
-def find_checkpoint(root: str) -> int | None:
+def find_checkpoint(root: str, flag: str = "--load") -> int | None:
     """The latest complete checkpoint's iteration, or None when ``root`` holds none at all.
 
     "None at all" is a missing directory, or one with no tracker and no finished
@@ -125,7 +125,7 @@ def find_checkpoint(root: str) -> int | None:
         )  # fmt: skip
         if finished:
             raise CheckpointError(
-                f"--load {root}: {len(finished)} checkpoint folder(s) ({', '.join(finished[-3:])})"
+                f"{flag} {root}: {len(finished)} checkpoint folder(s) ({', '.join(finished[-3:])})"
                 f" but no {TRACKER}: write the iteration to resume from into {TRACKER} there"
             )
         return None

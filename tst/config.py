@@ -504,6 +504,36 @@ class ParallelConfig:
         "nccl", "Backend that bootstraps TE's userbuffers for --tp-comm-overlap.",
         choices=["nccl", "mpi", "gloo"],
     )  # fmt: skip
+    # Which of Transformer Engine's userbuffer overlaps --tp-comm-overlap uses (megatron-core's
+    # TE layers read them; without --tp-comm-overlap they do nothing, as in Megatron-LM).
+    tp_comm_bulk_wgrad: bool = _f(
+        True, "With --tp-comm-overlap: no bulk all-gather overlap with the backward's "
+        "activation-gradient GEMM.", flag="--no-tp-comm-bulk-wgrad",
+    )  # fmt: skip
+    tp_comm_bulk_dgrad: bool = _f(
+        True, "With --tp-comm-overlap: no bulk reduce-scatter overlap with the backward's "
+        "weight-gradient GEMM.", flag="--no-tp-comm-bulk-dgrad",
+    )  # fmt: skip
+    tp_comm_overlap_ag: bool = _f(
+        True, "With --tp-comm-overlap: no pipelined all-gather overlap with the GEMMs.",
+        flag="--no-tp-comm-overlap-ag",
+    )  # fmt: skip
+    tp_comm_overlap_rs: bool = _f(
+        True, "With --tp-comm-overlap: no pipelined reduce-scatter overlap with the GEMMs.",
+        flag="--no-tp-comm-overlap-rs",
+    )  # fmt: skip
+    tp_comm_overlap_rs_dgrad: bool = _f(
+        False, "With --tp-comm-overlap: overlap the reduce-scatter with the backward's "
+        "activation-gradient GEMM.",
+    )  # fmt: skip
+    tp_comm_split_ag: bool = _f(
+        True, "With --tp-comm-overlap: no split all-gather overlap (deprecated in Transformer "
+        "Engine 1.6).", flag="--no-tp-comm-split-ag",
+    )  # fmt: skip
+    tp_comm_split_rs: bool = _f(
+        True, "With --tp-comm-overlap: no split reduce-scatter overlap (deprecated in "
+        "Transformer Engine 1.6).", flag="--no-tp-comm-split-rs",
+    )  # fmt: skip
     recompute_granularity: str | None = _f(
         None,
         "Activation recomputation: whole layers (full) or the memory-heavy parts (selective).",
@@ -712,6 +742,9 @@ class TrainingConfig:
         "most_recent", "FP8 amax from the history.", choices=["most_recent", "max"]
     )
     fp8_param_gather: bool = _f(False, "Keep parameters in FP8 and gather them in FP8.")
+    fp8_wgrad: bool = _f(
+        True, "Compute weight gradients in higher precision under FP8.", flag="--no-fp8-wgrad"
+    )
     first_last_layers_bf16: bool = _f(False, "Keep the first and last layers in bf16 under FP8.")
     num_layers_at_start_in_bf16: int = _f(
         1, "With --first-last-layers-bf16: the first N transformer layers stay in bf16."
@@ -1061,6 +1094,12 @@ class RunConfig:
         "Resume from the latest complete checkpoint here; a directory with no checkpoint at "
         "all starts from scratch (so --save X --load X serves the first launch and every restart).",
     )
+    pretrained_checkpoint: str | None = _f(
+        None,
+        "Start from the weights of this checkpoint when --load holds none (or is not given), "
+        "as --finetune does (iteration, optimizer, LR schedule and data position fresh); once "
+        "--load has a checkpoint, the run resumes from that instead.",
+    )
     save_interval: int | None = _f(None, "Save every N steps (and at the end).")
     save_retain_interval: int | None = _f(
         None,
@@ -1191,14 +1230,17 @@ class RunConfig:
             "drop the flag or use --ckpt-format torch_dist",
         )
         _require(
-            not self.finetune or self.load,
+            not self.finetune or self.load or self.pretrained_checkpoint,
             "--finetune loads the weights of --load: give --load CHECKPOINT_DIR",
         )
-        for flag, given in (("--ckpt-step", self.ckpt_step is not None),
-                            ("--exit-on-missing-checkpoint", self.exit_on_missing_checkpoint)):  # fmt: skip
-            _require(
-                not given or self.load, f"{flag} applies to --load: give --load CHECKPOINT_DIR"
-            )
+        _require(
+            self.ckpt_step is None or self.load,
+            "--ckpt-step applies to --load: give --load CHECKPOINT_DIR",
+        )
+        _require(
+            not self.exit_on_missing_checkpoint or self.load or self.pretrained_checkpoint,
+            "--exit-on-missing-checkpoint applies to --load: give --load CHECKPOINT_DIR",
+        )
         _require(self.ckpt_step is None or self.ckpt_step >= 0, "--ckpt-step must be >= 0")
 
 

@@ -423,6 +423,20 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
     if cfg.run.use_persistent_ckpt_worker and not cfg.run.async_save:
         warnings.warn("--use-persistent-ckpt-worker has no effect without --async-save",
                       stacklevel=3)  # fmt: skip
+    toggles = [flag for flag, changed in (
+        ("--no-tp-comm-bulk-wgrad", not p.tp_comm_bulk_wgrad),
+        ("--no-tp-comm-bulk-dgrad", not p.tp_comm_bulk_dgrad),
+        ("--no-tp-comm-overlap-ag", not p.tp_comm_overlap_ag),
+        ("--no-tp-comm-overlap-rs", not p.tp_comm_overlap_rs),
+        ("--tp-comm-overlap-rs-dgrad", p.tp_comm_overlap_rs_dgrad),
+        ("--no-tp-comm-split-ag", not p.tp_comm_split_ag),
+        ("--no-tp-comm-split-rs", not p.tp_comm_split_rs)) if changed]  # fmt: skip
+    if toggles and not p.tp_comm_overlap:
+        warnings.warn(f"{', '.join(toggles)}: no effect without --tp-comm-overlap (as in "
+                      "Megatron-LM)", stacklevel=3)  # fmt: skip
+    if not t.fp8_wgrad and not t.fp8_format:
+        warnings.warn("--no-fp8-wgrad has no effect without --fp8-format (as in Megatron-LM)",
+                      stacklevel=3)  # fmt: skip
     if m.num_query_groups != 1 and not m.group_query_attention:
         warnings.warn(f"--num-query-groups {m.num_query_groups} has no effect without "
                       "--group-query-attention (as in Megatron-LM): the model has one key/value "

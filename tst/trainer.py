@@ -625,9 +625,22 @@ class Trainer:
         """Resume from --load: everything (default), or only the weights (--finetune), or all
         but the optimizer state (--no-load-optim). A directory with no checkpoint at all
         starts the run from scratch, as Megatron-LM does (refused with
-        --exit-on-missing-checkpoint); a damaged one is refused."""
+        --exit-on-missing-checkpoint), or from the weights of --pretrained-checkpoint when
+        given (as --finetune loads them); a damaged one is refused."""
         run = self.cfg.run
-        if checkpointing.find_checkpoint(run.load) is None and run.ckpt_step is None:
+        source, finetune, how = run.load, run.finetune, "--finetune"
+        empty = run.load is None or checkpointing.find_checkpoint(run.load) is None
+        if empty and run.ckpt_step is None and run.pretrained_checkpoint:
+            source, finetune = run.pretrained_checkpoint, True
+            how = f"--load {run.load}: no checkpoint there yet;" if run.load else "no --load;"
+            how += " --pretrained-checkpoint"
+            if checkpointing.find_checkpoint(source, "--pretrained-checkpoint") is None:
+                raise ValueError(
+                    f"--pretrained-checkpoint {source}: no checkpoint there (and none in --load "
+                    f"{run.load}): give the directory a pretraining run saved into (--save), "
+                    "the one holding latest_checkpointed_iteration.txt"
+                )
+        elif empty and run.ckpt_step is None:
             if run.exit_on_missing_checkpoint:
                 raise ValueError(
                     f"--load {run.load}: no checkpoint there, and --exit-on-missing-checkpoint "
@@ -635,17 +648,17 @@ class Trainer:
                 )
             self.writer.print(f"--load {run.load}: no checkpoint there yet; starting from scratch")
             return
-        weights_only = run.finetune or run.no_load_optim
-        common = checkpointing.load(run.load, self.raw_chunks,
+        weights_only = finetune or run.no_load_optim
+        common = checkpointing.load(source, self.raw_chunks,
                                     None if weights_only else self.optimizer,
                                     run.ckpt_fully_parallel_load,
                                     self._optimizer_layout(), run.ckpt_step)  # fmt: skip
         if weights_only:
             # The fp32 main weights of a mixed-precision optimizer follow the loaded model.
             self.optimizer.reload_model_params()
-        if run.finetune:
+        if finetune:
             self.writer.print(
-                f"--finetune: loaded the weights of {run.load} (iteration {common['iteration']});"
+                f"{how}: loaded the weights of {source} (iteration {common['iteration']});"
                 " iteration, optimizer, LR schedule and data position start fresh"
             )
             return

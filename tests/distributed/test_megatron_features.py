@@ -221,6 +221,19 @@ def test_finetune_and_no_load_optim(world2, tmp_path, tmp_path_factory):
     assert _losses(tuned)[0][1] < fresh[0][1] - 0.05
     lr = [r["lr"] for r in tuned["records"] if "lr" in r]
     assert lr == [r["lr"] for r in full["records"] if "lr" in r]
+    # --pretrained-checkpoint with an empty --load: the same start as --finetune; the next
+    # launch of the same command resumes from --load (iterations 5, 6 as the unbroken run),
+    # not from the pretrained weights again. A directory with no checkpoint is refused.
+    run = str(tmp_path / "run")
+    pre = BASE + ["--pretrained-checkpoint", ckpt, "--load", run, "--save", run]
+    first = world2.run(_train, pre + ["--exit-interval", "4"], str(tmp_path / "p1.jsonl"))[0]
+    _close(_losses(first), _losses(tuned)[:4], 1e-6, "--pretrained-checkpoint")
+    again = world2.run(_train, pre, str(tmp_path / "p2.jsonl"))[0]
+    _close(_losses(again), _losses(tuned)[4:], 1e-6, "resume over --pretrained-checkpoint")
+    empty = str(tmp_path / "empty")
+    message = world2.run(_resume_error, BASE + ["--pretrained-checkpoint", empty],
+                         str(tmp_path / "p3.jsonl"))[0]  # fmt: skip
+    assert f"--pretrained-checkpoint {empty}: no checkpoint there" in message
     # --no-load-optim: the run continues at iteration 7 with fresh Adam moments; an exact
     # resume would repeat the uninterrupted run, this one must not (Adam restarts).
     ckpt4 = _stopped_at_4(world2, tmp_path_factory)

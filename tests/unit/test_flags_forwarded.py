@@ -117,6 +117,18 @@ def test_bf16_first_and_last_layers_under_fp8_reach_the_transformer_config(monke
         ]
 
     assert bf16_layers() == ((1, 1), [0, 5])
+    for flags, wgrad in (
+        ((), True),
+        (("--no-fp8-wgrad",), False),
+        (("--disable-fp8-wgrad",), False),
+    ):
+        cfg, plan = _cfg(*fp8, *flags)
+        assert (
+            megatron_config.transformer_config(cfg, plan, cpu, check_device=False).fp8_wgrad
+            is wgrad
+        )
+    with pytest.warns(UserWarning, match="--no-fp8-wgrad has no effect without --fp8-format"):
+        _cfg("--no-fp8-wgrad")
     given = ("--num-layers-at-start-in-bf16", "2", "--num-layers-at-end-in-bf16", "0")
     assert bf16_layers(*given) == ((2, 0), [0, 1])
     with pytest.raises(ConfigError, match=r"--num-layers-at-end-in-bf16 4 must be between 0 and "
@@ -124,6 +136,45 @@ def test_bf16_first_and_last_layers_under_fp8_reach_the_transformer_config(monke
         cfg = parse_args([*BASE, *fp8, "--num-layers-at-end-in-bf16", "4",
                           "--pipeline-model-parallel-size", "2"])  # fmt: skip
         validate(cfg, 2, 512)
+
+
+def test_tp_comm_overlap_toggles_reach_the_transformer_config():
+    """Megatron-LM's defaults (every userbuffer overlap on but the reduce-scatter with the
+    activation-gradient GEMM), each toggle in both of Megatron-LM's spellings, and a warning
+    when there is no --tp-comm-overlap for them to change. The overlap itself needs Transformer
+    Engine on a GPU: its device check is set aside here, the config is what is read."""
+    from tst import megatron_config
+    from tst.platform import Layout
+
+    cpu = Layout(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                 tp=2, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+                 cpu_patched=False)  # fmt: skip
+    fields = ("tp_comm_bulk_wgrad", "tp_comm_bulk_dgrad", "tp_comm_overlap_ag",
+              "tp_comm_overlap_rs", "tp_comm_overlap_rs_dgrad", "tp_comm_split_ag",
+              "tp_comm_split_rs")  # fmt: skip
+
+    def toggles(*extra):
+        cfg = parse_args([*BASE, "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                          *extra])  # fmt: skip
+        c = megatron_config.transformer_config(cfg, validate(cfg, 2, 512), cpu, check_device=False)
+        return tuple(getattr(c, name) for name in fields)
+
+    assert toggles("--tp-comm-overlap") == (True, True, True, True, False, True, True)
+    no = [
+        "--no-tp-comm-bulk-wgrad",
+        "--no-tp-comm-bulk-dgrad",
+        "--no-tp-comm-overlap-ag",
+        "--no-tp-comm-overlap-rs",
+        "--no-tp-comm-split-ag",
+        "--no-tp-comm-split-rs",
+    ]
+    disable = [flag.replace("--no-", "--disable-") for flag in no]  # Megatron-LM's aliases
+    for given in (no, disable):
+        got = toggles("--tp-comm-overlap", *given, "--tp-comm-overlap-rs-dgrad")
+        assert got == (False, False, False, False, True, False, False), given
+    with pytest.warns(UserWarning, match=r"--no-tp-comm-overlap-ag, --tp-comm-overlap-rs-dgrad: "
+                      "no effect without --tp-comm-overlap"):  # fmt: skip
+        toggles("--no-tp-comm-overlap-ag", "--tp-comm-overlap-rs-dgrad")
 
 
 def test_microbatch_group_size_reaches_the_pipeline_config():
@@ -317,7 +368,8 @@ def test_manual_gc_eval_and_profile_ranks():
     collect = gc.collect
     gc.collect = lambda *a, **k: calls.append(k.get("generation", 2)) or 0
     try:
-        for flags, want in (([], [2, 0]), (["--no-manual-gc-eval"], [])):
+        for flags, want in (([], [2, 0]), (["--no-manual-gc-eval"], []),
+                            (["--disable-manual-gc-eval"], [])):  # fmt: skip
             log = _cfg("--manual-gc", *flags)[0].log
             state = _ManualGC(log.manual_gc, log.manual_gc_interval, log.manual_gc_eval)
             calls.clear()
