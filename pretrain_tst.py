@@ -36,9 +36,12 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
     rows = [(plan.samples_between(phase.start, phase.end), phase.units_per_row)
             for phase in plan.schedule.phases]  # fmt: skip
     train = big_samples_needed(rows, bag)
-    valid = 0
+    valid = test = 0
     if plan.evaluate:
-        valid = big_samples_needed([(cfg.log.eval_iters * plan.global_batch_size, 1)], bag)
+        test = big_samples_needed([(cfg.log.eval_iters * plan.global_batch_size, 1)], bag)
+        valid = None if cfg.log.full_validation else test  # None: the whole split, once
+        if cfg.log.full_validation:
+            _check_unweighted_validation(blends)
     data = DataConfig(
         data_path=blends.blend or [],
         blend_per_split=blends.per_split,
@@ -56,7 +59,23 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
     # The test split (--split's third part or --test-data-path) is evaluated once at the end
     # as Megatron-LM does, as long as an evaluation (none without one); one too small for a
     # sample skips that, it does not stop the run.
-    return build_datasets(data, (train, valid, valid), on_test_too_small=_no_test_split)
+    return build_datasets(data, (train, valid, test), on_test_too_small=_no_test_split)
+
+
+def _check_unweighted_validation(blends) -> None:
+    """--full-validation reads each validation dataset whole: megatron-core cannot size a
+    weighted blend without a sample count (it asserts), so the weights are refused here."""
+    from tst.data.datasets import parse_blend
+    from tst.errors import ConfigError
+
+    words, flag = ((blends.per_split[1], "--valid-data-path") if blends.per_split is not None
+                   else (blends.blend, "--data-path"))  # fmt: skip
+    if words and parse_blend(words, flag)[1] is not None:
+        raise ConfigError(
+            f"--full-validation reads the validation split whole, but {flag} gives its "
+            "datasets weights (a weighted blend needs a sample count): list the validation "
+            "prefixes without weights (each is then read whole), or drop --full-validation"
+        )
 
 
 def _no_test_split(error: TSTError) -> None:

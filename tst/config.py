@@ -1250,6 +1250,11 @@ class LoggingConfig:
 
     eval_interval: int = _f(1000, "Evaluate next-token loss every N steps.")
     eval_iters: int = _f(100, "Batches per evaluation (0 = no evaluation).")
+    full_validation: bool = _f(
+        False,
+        "Each evaluation reads the whole validation split once (as many global batches as it "
+        "fills); --eval-iters then sizes only the test split's score at the end.",
+    )
     log_interval: int = _f(100, "Log every N steps.")
     tensorboard_dir: str | None = _f(None, "TensorBoard log directory.")
     tensorboard_log_interval: int = _f(1, "Write TensorBoard scalars every N steps.")

@@ -613,10 +613,11 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         warmup = int(t.lr_warmup_fraction * decay)
     if t.lr_decay_style == "WSD" and wsd is None:
         wsd = max(1, train_iters // 10) * gbs  # default: the last 10% of the run
-    evaluate = cfg.log.eval_iters > 0
+    evaluate = cfg.log.eval_iters > 0 or cfg.log.full_validation
     _require(
         evaluate or not cfg.run.skip_train,
-        "--skip-train only evaluates: give --eval-iters > 0 (batches per evaluation)",
+        "--skip-train only evaluates: give --eval-iters > 0 (batches per evaluation) or "
+        "--full-validation",
     )
     return RunPlan(
         grid=grid,

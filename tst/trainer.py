@@ -119,6 +119,7 @@ class Trainer:
         )
         self.valid = valid
         self.test = test  # evaluated once at the end of a run that completes, as Megatron-LM does
+        self.eval_iters = cfg.log.eval_iters  # global batches per validation
         self.iteration = 0
         log = cfg.log
         wandb = dict(project=log.wandb_project, name=log.wandb_exp_name,
@@ -375,11 +376,36 @@ class Trainer:
             )
         return finite
 
+    def _full_validation_iters(self) -> int:
+        """--full-validation: the global batches of next-token rows the validation split (one
+        epoch, built whole) fills; the rows of a last, partial batch are not read (as
+        Megatron-LM's data loader drops them)."""
+        rows = len(self.valid) * self.bag_size  # units of L + 1 tokens
+        batch = self.plan.global_batch_size
+        if rows < batch:
+            raise ValueError(
+                f"--full-validation: the validation split holds {rows} sequences of "
+                f"{self.seq_length + 1} tokens, fewer than one global batch ({batch}): give it "
+                "more data (--split, --valid-data-path) or use a smaller --global-batch-size"
+            )
+        self.writer.print(
+            f"--full-validation: each evaluation reads {rows // batch} global batches, "
+            f"{rows // batch * batch} of the validation split's {rows} sequences"
+            + (
+                f" (the last {rows % batch}, fewer than a batch, are left out)"
+                if rows % batch
+                else ""
+            )
+        )
+        return rows // batch
+
     def evaluate(self, dataset=None) -> float:
         """Held-out next-token loss on ``dataset`` (default: the validation split): ordinary
-        inputs and targets, in either phase, over --eval-iters global batches."""
+        inputs and targets, in either phase, over --eval-iters global batches (the whole
+        validation split with --full-validation)."""
         from tst.data.stream import SampleStream
 
+        iters = self.eval_iters if dataset is None else self.cfg.log.eval_iters
         dataset = self.valid if dataset is None else dataset
         if dataset is None:
             return float("nan")
@@ -394,14 +420,14 @@ class Trainer:
         )
         # --num-workers read the evaluation's micro-batches ahead too (forked for this
         # evaluation, stopped after it): the same rows as reading them here.
-        requests = self.cfg.log.eval_iters * self.plan.num_microbatches
+        requests = iters * self.plan.num_microbatches
         stream.start_workers(self.cfg.data.num_workers, [1] * requests)
         for chunk in self.model:
             chunk.eval()
         total = count = 0.0
         try:
             with torch.no_grad():
-                for _ in range(self.cfg.log.eval_iters):
+                for _ in range(iters):
                     batches = [
                         self._batch(stream.next_micro_batch(1), recovery)
                         for _ in range(self.plan.num_microbatches)
@@ -790,6 +816,8 @@ class Trainer:
         self.writer.print(f"layout: {self.layout.describe()}")
         self.writer.print("phase schedule:\n" + self.schedule.table())
         self.writer.print(self.peak.describe())
+        if log.full_validation and self.valid is not None:
+            self.eval_iters = self._full_validation_iters()
         self.writer.write({"phases": self.schedule.to_dict(), "train_iters": train_iters},
                           "plan")  # fmt: skip
         evaluate = self.plan.evaluate and self.valid is not None

@@ -297,3 +297,36 @@ def test_wandb_missing_package_is_one_line(monkeypatch):
         "--wandb-project p needs the wandb package: pip install wandb==0.31.0 (or drop the "
         "--wandb-* flags)"
     )
+
+
+def test_full_validation_reads_the_whole_validation_split(tmp_path):
+    """--full-validation: 40 documents of 40 tokens, --split 36,4,0: the validation split is
+    4 documents, 160 tokens, 8 big samples of 2 x 9 tokens (160 // 18), 16 sequences: 8 global
+    batches of 2 per evaluation whatever --eval-iters says. The same loss as --eval-iters 8
+    reading those batches (rel 1e-6: the same rows). A weighted validation blend (which
+    megatron-core cannot size whole) and a split smaller than a batch (1 document: 4 sequences of 9
+    tokens) are refused by name."""
+    from tst.errors import ConfigError
+
+    prefix = _dataset(tmp_path)
+    data = ["--data-path", prefix, "--split", "36,4,0"]
+    (tmp_path / "f").mkdir()
+    (tmp_path / "e").mkdir()
+    full = _run(BASE + data + ["--full-validation"], tmp_path / "f")
+    assert "--full-validation: each evaluation reads 8 global batches, 16 of the validation " \
+           "split's 16 sequences\n" in full["stdout"]  # fmt: skip
+    eight = list(BASE)
+    eight[eight.index("--eval-iters") + 1] = "8"
+    by_iters = _run(eight + data, tmp_path / "e")
+    got = [(r["iteration"], r["val_loss"]) for r in full["records"] if "val_loss" in r]
+    want = [(r["iteration"], r["val_loss"]) for r in by_iters["records"] if "val_loss" in r]
+    assert [i for i, _ in got] == [i for i, _ in want] == [2, 4]
+    for (_, a), (_, b) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=1e-6)
+    with pytest.raises(ConfigError, match=r"--full-validation reads the validation split whole, "
+                       r"but --data-path gives its datasets weights"):  # fmt: skip
+        pretrain_tst.main(BASE + ["--data-path", "1.0", prefix, "--full-validation"])
+    with pytest.raises(ValueError, match=r"--full-validation: the validation split holds 4 "
+                       r"sequences of 9 tokens, fewer than one global batch \(6\)"):  # fmt: skip
+        pretrain_tst.main(BASE + ["--data-path", prefix, "--split", "39,1,0", "--full-validation",
+                                  "--global-batch-size", "6", "--tst-bag-size", "1"])  # fmt: skip

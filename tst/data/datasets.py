@@ -349,7 +349,8 @@ def build_datasets(
     """Build (train, valid, test) datasets of big samples; a split asked for 0 samples is None.
 
     ``num_samples`` counts big samples (``bag_size * (L + 1)`` tokens each) per split;
-    megatron-core repeats epochs (reshuffled) to reach it. Call on every rank: each builds
+    megatron-core repeats epochs (reshuffled) to reach it; None asks for the whole split, once
+    (one epoch, no weights in its blend). Call on every rank: each builds
     its own copy (rank 0 first when ``torch.distributed`` is up, the others then load the
     cached indices).
 
@@ -358,14 +359,14 @@ def build_datasets(
     passed to ``on_test_too_small`` (on every rank), so that a tiny test split, scored once
     at the end of a run, skips that score instead of stopping the run.
     """
-    if len(num_samples) != 3 or any(n < 0 for n in num_samples):
-        raise ValueError(f"num_samples must be three counts >= 0, got {num_samples}")
+    if len(num_samples) != 3 or any(n is not None and n < 0 for n in num_samples):
+        raise ValueError(f"num_samples must be three counts >= 0 (or None), got {num_samples}")
     blend = per_split = None
     cache = None
     if cfg.blend_per_split is not None:
         # A split nobody reads is not built (a blend given for it is not even opened).
         per_split = [
-            parse_blend(b, f"--{name}-data-path") if b is not None and n else None
+            parse_blend(b, f"--{name}-data-path") if b is not None and n != 0 else None
             for b, n, name in zip(cfg.blend_per_split, num_samples, ("train", "valid", "test"),
                                   strict=True)
         ]  # fmt: skip
