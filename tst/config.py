@@ -1255,6 +1255,12 @@ class LoggingConfig:
         "Each evaluation reads the whole validation split once (as many global batches as it "
         "fills); --eval-iters then sizes only the test split's score at the end.",
     )
+    multiple_validation_sets: bool = _f(
+        False,
+        "With --full-validation and several --valid-data-path prefixes: each prefix is a "
+        "validation set of its own, scored as val_loss-0, val_loss-1, ... (val_loss: all "
+        "together).",
+    )
     log_interval: int = _f(100, "Log every N steps.")
     tensorboard_dir: str | None = _f(None, "TensorBoard log directory.")
     tensorboard_log_interval: int = _f(1, "Write TensorBoard scalars every N steps.")
@@ -1295,6 +1301,11 @@ class LoggingConfig:
         for name in ("eval_interval", "log_interval", "tensorboard_log_interval"):
             _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         _require(self.eval_iters >= 0, "--eval-iters must be >= 0 (0 = no evaluation)")
+        _require(
+            not self.multiple_validation_sets or self.full_validation,
+            "--multiple-validation-sets needs --full-validation (as in Megatron-LM): each set "
+            "is read whole",
+        )
         _require(
             self.log_memory_interval is None
             or (

@@ -447,7 +447,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--use-tp-pp-dp-mapping": 0,
         "--fake-process-group": 0,
         "--test-mode": 0,
-        "--multiple-validation-sets": 0,
         "--phase-transition-iterations": 1,
         "--per-dataset-sequences-path": 1,
         "--dataloader-fast-cache-load": 0,

@@ -117,9 +117,11 @@ class Trainer:
         self.train_stream = SampleStream(
             train, m.seq_length, self.bag_size, mbs, layout.dp_rank, dp
         )
-        self.valid = valid
+        # The validation split: one dataset, or one per prefix (--multiple-validation-sets).
+        self.valid_sets = valid if isinstance(valid, list) else [] if valid is None else [valid]
+        self.named_valid_sets = isinstance(valid, list)
         self.test = test  # evaluated once at the end of a run that completes, as Megatron-LM does
-        self.eval_iters = cfg.log.eval_iters  # global batches per validation
+        self.eval_iters = [cfg.log.eval_iters] * len(self.valid_sets)  # global batches, per set
         self.iteration = 0
         log = cfg.log
         wandb = dict(project=log.wandb_project, name=log.wandb_exp_name,
@@ -376,39 +378,42 @@ class Trainer:
             )
         return finite
 
-    def _full_validation_iters(self) -> int:
-        """--full-validation: the global batches of next-token rows the validation split (one
-        epoch, built whole) fills; the rows of a last, partial batch are not read (as
+    def _full_validation_iters(self, index: int) -> int:
+        """--full-validation: the global batches of next-token rows validation set ``index``
+        (one epoch, built whole) fills; the rows of a last, partial batch are not read (as
         Megatron-LM's data loader drops them)."""
-        rows = len(self.valid) * self.bag_size  # units of L + 1 tokens
+        dataset = self.valid_sets[index]
+        rows = len(dataset) * self.bag_size  # units of L + 1 tokens
         batch = self.plan.global_batch_size
+        name = "the validation split"
+        if self.named_valid_sets:
+            name = f"validation set {index} ({getattr(dataset, 'dataset_path', None)})"
         if rows < batch:
             raise ValueError(
-                f"--full-validation: the validation split holds {rows} sequences of "
-                f"{self.seq_length + 1} tokens, fewer than one global batch ({batch}): give it "
-                "more data (--split, --valid-data-path) or use a smaller --global-batch-size"
+                f"--full-validation: {name} holds {rows} sequences of {self.seq_length + 1} "
+                f"tokens, fewer than one global batch ({batch}): give it more data (--split, "
+                "--valid-data-path) or use a smaller --global-batch-size"
             )
+        left = (
+            f" (the last {rows % batch}, fewer than a batch, are left out)" if rows % batch else ""
+        )
         self.writer.print(
             f"--full-validation: each evaluation reads {rows // batch} global batches, "
-            f"{rows // batch * batch} of the validation split's {rows} sequences"
-            + (
-                f" (the last {rows % batch}, fewer than a batch, are left out)"
-                if rows % batch
-                else ""
-            )
+            f"{rows // batch * batch} of {name}'s {rows} sequences{left}"
         )
         return rows // batch
 
-    def evaluate(self, dataset=None) -> float:
-        """Held-out next-token loss on ``dataset`` (default: the validation split): ordinary
-        inputs and targets, in either phase, over --eval-iters global batches (the whole
-        validation split with --full-validation)."""
+    def evaluate(self, dataset, iters: int) -> float:
+        """Held-out next-token loss on ``dataset`` over ``iters`` global batches."""
+        total, count = self._loss_sums(dataset, iters)
+        return total / max(count, 1)
+
+    def _loss_sums(self, dataset, iters: int) -> tuple[float, float]:
+        """Summed next-token loss and target count on ``dataset`` (from its start, the same
+        rows at every call): ordinary inputs and targets, in either phase, over ``iters``
+        global batches."""
         from tst.data.stream import SampleStream
 
-        iters = self.eval_iters if dataset is None else self.cfg.log.eval_iters
-        dataset = self.valid if dataset is None else dataset
-        if dataset is None:
-            return float("nan")
         recovery = self.schedule.eval_phase()
         stream = SampleStream(
             dataset,
@@ -439,7 +444,7 @@ class Trainer:
             stream.close()
         for chunk in self.model:
             chunk.train()
-        return total / max(count, 1)
+        return total, count
 
     # ---------------------------------------------------------------- switch controls
 
@@ -816,12 +821,12 @@ class Trainer:
         self.writer.print(f"layout: {self.layout.describe()}")
         self.writer.print("phase schedule:\n" + self.schedule.table())
         self.writer.print(self.peak.describe())
-        if log.full_validation and self.valid is not None:
-            self.eval_iters = self._full_validation_iters()
+        if log.full_validation:
+            self.eval_iters = [self._full_validation_iters(k) for k in range(len(self.valid_sets))]
         self.writer.write({"phases": self.schedule.to_dict(), "train_iters": train_iters},
                           "plan")  # fmt: skip
-        evaluate = self.plan.evaluate and self.valid is not None
-        if self.plan.evaluate and self.valid is None:
+        evaluate = self.plan.evaluate and bool(self.valid_sets)
+        if self.plan.evaluate and not self.valid_sets:
             self.writer.print("no validation data (the split gives it no documents): "
                               "evaluation is skipped")  # fmt: skip
         gc_state = _ManualGC(log.manual_gc, log.manual_gc_interval, log.manual_gc_eval)
@@ -926,11 +931,20 @@ class Trainer:
         return 0
 
     def _evaluate_valid_split(self, phase: Phase) -> None:
-        """Next-token loss on the validation split, logged and written as an eval record."""
-        val = self.evaluate()
+        """Next-token loss on the validation split, logged and written as an eval record;
+        with --multiple-validation-sets each set's as ``val_loss-K`` too (``val_loss``: all
+        the sets' targets together)."""
+        sums = [
+            self._loss_sums(ds, n) for ds, n in zip(self.valid_sets, self.eval_iters, strict=True)
+        ]
+        val = sum(t for t, _ in sums) / max(sum(c for _, c in sums), 1)
+        per_set = {}
+        if self.named_valid_sets:
+            per_set = {f"val_loss-{k}": t / max(c, 1) for k, (t, c) in enumerate(sums)}
         record = {
             "iteration": self.iteration,
             "val_loss": val,
+            **per_set,
             "elapsed_s": round(self.elapsed(), 3),
             "phase": phase.name,
             "stage": phase.stage,
@@ -939,13 +953,14 @@ class Trainer:
         if self.cfg.log.log_validation_ppl_to_tensorboard:
             record["val_ppl"] = math.exp(min(val, 700.0))
         self.writer.write(record, "eval")
-        self.writer.print(f"  eval at {self.iteration}: next-token loss {val:.4f}")
+        sets = "".join(f" | set {k.split('-')[1]} {v:.4f}" for k, v in per_set.items())
+        self.writer.print(f"  eval at {self.iteration}: next-token loss {val:.4f}{sets}")
 
     def _evaluate_test_split(self, phase: Phase) -> None:
         """Next-token loss on the test split (--split's third part or --test-data-path) once,
         at the end of a run that completes, as Megatron-LM does (not on an early stop)."""
         self._set_pre_hooks(False)
-        loss = self.evaluate(self.test)
+        loss = self.evaluate(self.test, self.cfg.log.eval_iters)
         record = {"iteration": self.iteration, "test_loss": loss, "phase": phase.name,
                   "elapsed_s": round(self.elapsed(), 3)}  # fmt: skip
         self.writer.write(record, "test")

@@ -54,6 +54,7 @@ REFUSED = [
     (["--hidden-dropout", "1.5"], 1, r"--hidden-dropout must be in \[0, 1\)"),
     (["--rampup-batch-size", "2", "2", "100"], 1, r"--rampup-batch-size needs sample-based"),
     (["--finetune"], 1, r"--finetune loads the weights of --load"),
+    (["--multiple-validation-sets"], 1, r"--multiple-validation-sets needs --full-validation"),
     (["--ckpt-step", "2"], 1, r"--ckpt-step applies to --load: give --load CHECKPOINT_DIR"),
     (["--skip-train", "--eval-iters", "0"], 1, r"--skip-train only evaluates: give --eval-iters > 0"),
     (["--exit-on-missing-checkpoint"], 1, r"--exit-on-missing-checkpoint applies to --load"),

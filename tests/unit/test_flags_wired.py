@@ -47,12 +47,12 @@ CHANGED = [
 ]  # fmt: skip
 
 
-def _dataset(path) -> str:
+def _dataset(path, seed: int = 0) -> str:
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    prefix = str(path / "d_text_document")
+    prefix = str(path / ("d_text_document" if seed == 0 else f"d{seed}_text_document"))
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     for _ in range(40):
         builder.add_document(rng.integers(0, 380, 40).tolist(), [40])
     builder.finalize(prefix + ".idx")
@@ -330,3 +330,33 @@ def test_full_validation_reads_the_whole_validation_split(tmp_path):
                        r"sequences of 9 tokens, fewer than one global batch \(6\)"):  # fmt: skip
         pretrain_tst.main(BASE + ["--data-path", prefix, "--split", "39,1,0", "--full-validation",
                                   "--global-batch-size", "6", "--tst-bag-size", "1"])  # fmt: skip
+
+
+def test_multiple_validation_sets_score_each_prefix(tmp_path):
+    """--multiple-validation-sets with --full-validation and two --valid-data-path prefixes of
+    40 documents of 40 tokens each: val_loss-0 and val_loss-1 are what --full-validation
+    gives on each prefix alone (rel 1e-6), val_loss their mean (equal sizes: the same
+    number of targets), in the metrics file and TensorBoard."""
+    first, second = _dataset(tmp_path), _dataset(tmp_path, seed=1)
+    train = ["--train-data-path", first, "--full-validation"]
+    runs = {}
+    for name, valid in (("both", [first, second]), ("first", [first]), ("second", [second])):
+        (tmp_path / name).mkdir()
+        extra = ["--multiple-validation-sets"] if name == "both" else []
+        runs[name] = _run(BASE + train + ["--valid-data-path", *valid, *extra], tmp_path / name)
+
+    def evals(name, key):
+        return [(r["iteration"], r[key]) for r in runs[name]["records"] if key in r]
+
+    assert [i for i, _ in evals("both", "val_loss-1")] == [2, 4]
+    for (_, a), (_, b) in zip(evals("both", "val_loss-0"), evals("first", "val_loss"), strict=True):
+        assert a == pytest.approx(b, rel=1e-6)
+    for (_, a), (_, b) in zip(
+        evals("both", "val_loss-1"), evals("second", "val_loss"), strict=True
+    ):
+        assert a == pytest.approx(b, rel=1e-6)
+    for (_, a), (_, b), (_, c) in zip(evals("both", "val_loss"), evals("first", "val_loss"),
+                                      evals("second", "val_loss"), strict=True):  # fmt: skip
+        assert a == pytest.approx((b + c) / 2, rel=1e-6)
+    assert "of validation set 1 (" + second in runs["both"]["stdout"]
+    assert _tensorboard(tmp_path / "both" / "tb")["eval/val_loss-1"] == [2, 4]

@@ -102,6 +102,9 @@ class DataConfig:
     """--data-cache-path: where sample indices are cached (default: <first prefix dir>/index-cache)."""
     mmap_bin_files: bool = True
     """--no-mmap-bin-files turns it off: samples are read with file reads, not a memory map."""
+    multiple_validation_sets: bool = False
+    """--multiple-validation-sets: each prefix of the validation blend is its own dataset
+    (read whole: its size must be None), the validation split a list of them."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
@@ -399,6 +402,8 @@ def build_datasets(
         pad_documents_to_bag=cfg.pad_documents_to_bag,
         vocab_size=cfg.vocab_size,
         mmap_bin_files=cfg.mmap_bin_files,
+        multiple_validation_sets=cfg.multiple_validation_sets,
+        full_validation=cfg.multiple_validation_sets and num_samples[1] is None,
     )
     # A split nobody reads is not built: stock megatron-core would otherwise try to build it
     # and, when the split holds no document, loop forever.
