@@ -55,6 +55,7 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
         pad_documents_to_bag=cfg.data.pad_documents_to_bag,
         cache_dir=cfg.data.data_cache_path,
         mmap_bin_files=cfg.data.mmap_bin_files,
+        mid_level_dataset_surplus=cfg.data.mid_level_dataset_surplus,
         multiple_validation_sets=cfg.log.multiple_validation_sets,
     )
     # The test split (--split's third part or --test-data-path) is evaluated once at the end

@@ -899,6 +899,11 @@ class DataArgs:
     mmap_bin_files: bool = _f(
         True, "Read .bin files with read() instead of mmap.", flag="--no-mmap-bin-files"
     )
+    mid_level_dataset_surplus: float = _f(
+        0.005,
+        "Extra samples each dataset of a weighted blend builds beyond its share, so that the "
+        "blend's rounding never runs one dry (megatron-core's default 0.5%).",
+    )
     num_workers: int = _f(
         2,
         "Loader worker processes reading the coming micro-batches ahead (0: read in the "
@@ -949,6 +954,10 @@ class DataArgs:
                     "or NullTokenizer --vocab-size N)"
                 )
         _require(self.num_workers >= 0, "--num-workers must be >= 0 (0: no worker processes)")
+        _require(
+            self.mid_level_dataset_surplus >= 0,
+            f"--mid-level-dataset-surplus must be >= 0, got {self.mid_level_dataset_surplus}",
+        )
         _require(
             self.dataloader_type == "single",
             "--dataloader-type cyclic is not supported: samples are read in one pass per epoch "

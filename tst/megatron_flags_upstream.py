@@ -453,7 +453,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--dataloader-defer-npy-index-mmap": 0,
         "--sample-rate": 1,
         "--object-storage-cache-path": 1,
-        "--mid-level-dataset-surplus": 1,
         "--allow-ambiguous-pad-tokens": 0,
         "--tokenizer-metadata": 1,
         "--tokenizer-special-tokens": "+",

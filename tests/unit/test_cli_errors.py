@@ -55,6 +55,7 @@ REFUSED = [
     (["--rampup-batch-size", "2", "2", "100"], 1, r"--rampup-batch-size needs sample-based"),
     (["--finetune"], 1, r"--finetune loads the weights of --load"),
     (["--multiple-validation-sets"], 1, r"--multiple-validation-sets needs --full-validation"),
+    (["--mid-level-dataset-surplus", "-0.1"], 1, r"--mid-level-dataset-surplus must be >= 0"),
     (["--ckpt-step", "2"], 1, r"--ckpt-step applies to --load: give --load CHECKPOINT_DIR"),
     (["--skip-train", "--eval-iters", "0"], 1, r"--skip-train only evaluates: give --eval-iters > 0"),
     (["--exit-on-missing-checkpoint"], 1, r"--exit-on-missing-checkpoint applies to --load"),

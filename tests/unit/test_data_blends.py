@@ -218,3 +218,13 @@ def test_a_test_split_too_small_skips_the_test_score_and_a_train_part_stops_the_
     message = _error(BASE + ["--data-path", a, tiny, "--split", "50,50,0"])
     assert message.startswith(f"the train split of {tiny} holds 0 tokens in 0 documents"), message
     assert "give this split more weight in --split (50,50,0)" in message
+
+
+def test_mid_level_dataset_surplus_reaches_the_blend(data, tmp_path):
+    """--mid-level-dataset-surplus 1: each part of a weighted --data-path blend builds twice
+    its share of the 6 training samples (big samples of 2 x 9 tokens: 2 superposition steps
+    of 2 bag-2 rows, then 2 steps of 2 rows: 12 units; 3 from each part), not 0.5% more (4)."""
+    a, b = data
+    seen = _run(BASE + ["--data-path", "0.5", a, "0.5", b, "--mid-level-dataset-surplus", "1"],
+                str(tmp_path / "m.jsonl"))  # fmt: skip
+    assert [d.num_samples for d in seen["datasets"][0].datasets] == [6, 6]

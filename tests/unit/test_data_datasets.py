@@ -153,6 +153,12 @@ def test_weighted_blend(tmp_path):
     assert len(train) == 200
     assert 40 <= from_b <= 60  # 25% of 200
     assert {int(train[i]["dataset_id"]) for i in range(len(train))} == {0, 1}
+    # Each part builds its share plus megatron-core's surplus (0.5% by default, rounded up):
+    # ceil(ceil(200 x 0.75) x 1.005) = 151 and ceil(50 x 1.005) = 51; with 1.0, twice its share.
+    assert [d.num_samples for d in train.datasets] == [151, 51]
+    cfg = _cfg(a, 2, tmp_path, data_path=["0.75", a, "0.25", b], mid_level_dataset_surplus=1.0)
+    train, _, _ = build_datasets(cfg, (200, 0, 0))
+    assert [d.num_samples for d in train.datasets] == [300, 100] and len(train) == 200
 
 
 def test_mock_data(tmp_path):

@@ -102,6 +102,9 @@ class DataConfig:
     """--data-cache-path: where sample indices are cached (default: <first prefix dir>/index-cache)."""
     mmap_bin_files: bool = True
     """--no-mmap-bin-files turns it off: samples are read with file reads, not a memory map."""
+    mid_level_dataset_surplus: float = 0.005
+    """--mid-level-dataset-surplus: each dataset of a weighted blend builds this share more
+    samples than the blend takes from it."""
     multiple_validation_sets: bool = False
     """--multiple-validation-sets: each prefix of the validation blend is its own dataset
     (read whole: its size must be None), the validation split a list of them."""
@@ -402,6 +405,7 @@ def build_datasets(
         pad_documents_to_bag=cfg.pad_documents_to_bag,
         vocab_size=cfg.vocab_size,
         mmap_bin_files=cfg.mmap_bin_files,
+        mid_level_dataset_surplus=cfg.mid_level_dataset_surplus,
         multiple_validation_sets=cfg.multiple_validation_sets,
         full_validation=cfg.multiple_validation_sets and num_samples[1] is None,
     )
