@@ -764,6 +764,10 @@ class TrainingConfig:
         0, "Return cached CUDA memory: 1 after each optimizer step, 2 also after each "
         "forward-backward (less fragmentation, some speed).", choices=[0, 1, 2],
     )  # fmt: skip
+    train_sync_interval: int | None = _f(
+        None, "Wait for the GPU every N steps, so the host never runs far ahead of it (on CPU "
+        "every step already waits)."
+    )  # fmt: skip
     max_skipped_steps: int = _f(5, "Consecutive non-finite steps before the run stops.")
 
     def __post_init__(self):
@@ -846,6 +850,10 @@ class TrainingConfig:
         _require(self.loss_scale is None or self.loss_scale > 0, "--loss-scale must be > 0")
         _require(self.hysteresis >= 1, "--hysteresis must be >= 1")
         _require(self.max_skipped_steps >= 1, "--max-skipped-steps must be >= 1")
+        _require(
+            self.train_sync_interval is None or self.train_sync_interval >= 1,
+            "--train-sync-interval must be >= 1 (steps between waits for the GPU)",
+        )
         if self.start_weight_decay is None:
             self.start_weight_decay = self.weight_decay
         if self.end_weight_decay is None:

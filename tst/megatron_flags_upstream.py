@@ -409,7 +409,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--record-memory-history": 0,
         "--memory-snapshot-path": 1,
         "--decrease-batch-size-if-needed": 0,
-        "--train-sync-interval": 1,
         "--exit-signal-handler-for-dataloader": 0,
         "--disable-gloo-process-groups": 0,
         "--optimizer-cpu-offload": 0,

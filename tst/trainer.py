@@ -355,6 +355,12 @@ class Trainer:
         ):
             torch.cuda.empty_cache()
 
+    def _synchronize_device(self) -> None:
+        """--train-sync-interval: wait for the accelerator's queued work (Megatron-LM's
+        torch.cuda.synchronize); a CPU run's operations have finished when they return."""
+        if self.layout.device.type == "cuda":
+            torch.cuda.synchronize()
+
     def _gradients_finite(self) -> bool:
         """Whether this rank's reduced gradients are all finite (the step reduces the vote).
 
@@ -859,6 +865,8 @@ class Trainer:
             profiler.step_start(self.iteration)
             result = self.train_step(phase)
             self.iteration += 1
+            if t.train_sync_interval and self.iteration % t.train_sync_interval == 0:
+                self._synchronize_device()
             if result["skipped"]:
                 skipped_in_a_row += 1
                 self.writer.print(

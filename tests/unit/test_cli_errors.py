@@ -56,6 +56,7 @@ REFUSED = [
     (["--finetune"], 1, r"--finetune loads the weights of --load"),
     (["--multiple-validation-sets"], 1, r"--multiple-validation-sets needs --full-validation"),
     (["--mid-level-dataset-surplus", "-0.1"], 1, r"--mid-level-dataset-surplus must be >= 0"),
+    (["--train-sync-interval", "0"], 1, r"--train-sync-interval must be >= 1"),
     (["--ckpt-step", "2"], 1, r"--ckpt-step applies to --load: give --load CHECKPOINT_DIR"),
     (["--skip-train", "--eval-iters", "0"], 1, r"--skip-train only evaluates: give --eval-iters > 0"),
     (["--exit-on-missing-checkpoint"], 1, r"--exit-on-missing-checkpoint applies to --load"),

@@ -44,6 +44,7 @@ CHANGED = [
     "--no-mmap-bin-files", "--tensorboard-log-interval", "2", "--log-params-norm",
     "--manual-gc", "--manual-gc-interval", "2", "--empty-unused-memory-level", "2",
     "--attention-backend", "flash", "--save-retain-interval", "2", "--log-memory-interval", "2",
+    "--train-sync-interval", "2",
 ]  # fmt: skip
 
 
@@ -63,8 +64,9 @@ def _run(argv: list[str], out) -> dict:
     """pretrain_tst.main in this process, watching what the flags should change."""
     from tst.trainer import Trainer
 
-    seen: dict = {"gc_enabled": set(), "collects": 0, "releases": []}
+    seen: dict = {"gc_enabled": set(), "collects": 0, "releases": [], "syncs": []}
     train, step, empty = Trainer.train, Trainer.train_step, Trainer._empty_cache
+    synchronize = Trainer._synchronize_device
     collect = gc.collect
 
     def watch_train(self):
@@ -90,11 +92,16 @@ def _run(argv: list[str], out) -> dict:
             seen["releases"].append((self.iteration, level))
         return empty(self, level)
 
+    def watch_synchronize(self):
+        seen["syncs"].append(self.iteration)
+        return synchronize(self)
+
     def count_collect(*args, **kwargs):
         seen["collects"] += 1
         return collect(*args, **kwargs)
 
     Trainer.train, Trainer.train_step, Trainer._empty_cache = watch_train, watch_step, watch_empty
+    Trainer._synchronize_device = watch_synchronize
     gc.collect = count_collect
     stdout = io.StringIO()
     try:
@@ -107,6 +114,7 @@ def _run(argv: list[str], out) -> dict:
         sys.stdout.write(stdout.getvalue())
         seen["stdout"] = stdout.getvalue()
         Trainer.train, Trainer.train_step, Trainer._empty_cache = train, step, empty
+        Trainer._synchronize_device = synchronize
         gc.collect = collect
         gc.enable()
     with open(out / "m.jsonl") as f:
@@ -196,6 +204,8 @@ def test_checkpoint_data_and_memory_flags(runs):
     assert default["bin_reader"] == "_MMapBinReader" and changed["bin_reader"] == "_FileBinReader"
     # --empty-unused-memory-level: none by default; 2 = after the forward/backward and after
     # the optimizer step (Megatron-LM's points), at every one of the 4 steps.
+    # --train-sync-interval: a wait for the device after every 2nd step (none by default).
+    assert default["syncs"] == [] and changed["syncs"] == [2, 4]
     assert default["releases"] == []
     assert sorted(changed["releases"]) == sorted(
         [(i, 2) for i in range(4)] + [(i, 1) for i in range(4)]
