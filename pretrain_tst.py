@@ -114,6 +114,7 @@ def main(argv=None) -> int:
     layout = initialize(
         tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep, etp=grid.etp, cp=grid.cp,
         seed=cfg.training.seed, timeout_minutes=p.distributed_timeout_minutes,
+        gloo_groups=p.enable_gloo_process_groups,
     )  # fmt: skip
     trainer = None
     userbuffers = False

@@ -493,6 +493,12 @@ class ParallelConfig:
     accumulate_allreduce_grads_in_fp32: bool = _f(
         False, "Accumulate and all-reduce gradients in fp32 (on by itself with --bf16)."
     )
+    enable_gloo_process_groups: bool = _f(
+        True,
+        "No gloo copies of the data-parallel groups beside the device's (megatron-core makes "
+        "them for host-side gathers this trainer does not need): less host memory and setup.",
+        flag="--disable-gloo-process-groups",
+    )
     tp_comm_overlap: bool = _f(
         False, "Overlap TP communication with GEMMs (Transformer Engine userbuffers, CUDA)."
     )

@@ -410,7 +410,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--memory-snapshot-path": 1,
         "--decrease-batch-size-if-needed": 0,
         "--exit-signal-handler-for-dataloader": 0,
-        "--disable-gloo-process-groups": 0,
         "--optimizer-cpu-offload": 0,
         "--optimizer-offload-fraction": 1,
         "--use-torch-optimizer-for-cpu-offload": 0,

@@ -115,6 +115,7 @@ def initialize(
     timeout_minutes: float = 30.0,
     etp: int | None = None,
     cp: int = 1,
+    gloo_groups: bool = True,
 ) -> Layout:
     """Start (or join) the process group, set up megatron-core parallel state, seed RNGs.
 
@@ -164,6 +165,7 @@ def initialize(
         expert_tensor_parallel_size=etp,
         context_parallel_size=cp,
         distributed_timeout_minutes=int(timeout_minutes),
+        create_gloo_process_groups=gloo_groups,
     )
     layout = Layout(
         rank=dist.get_rank(),

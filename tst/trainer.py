@@ -105,7 +105,10 @@ class Trainer:
             )
             for i, c in enumerate(chunks)
         ]
-        self.optimizer = get_megatron_optimizer(optimizer_config(cfg), self.model)
+        self.optimizer = get_megatron_optimizer(
+            optimizer_config(cfg), self.model,
+            use_gloo_process_groups=cfg.parallel.enable_gloo_process_groups,
+        )  # fmt: skip
         megatron_fixes.fix_expert_optimizer(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg, plan)
         if tst.tst_restart_schedule_at_switch:

@@ -31,6 +31,7 @@ BASE = [
 def _train(argv: list[str], metrics: str) -> dict:
     """Run pretrain_tst.main; return the records and what megatron-core was configured with."""
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from tst.trainer import Trainer
 
@@ -53,6 +54,7 @@ def _train(argv: list[str], metrics: str) -> dict:
                        self.config.recompute_num_layers),
             distributed_saved=self.config.distribute_saved_activations,
             fp16=self.config.fp16,
+            gloo_groups=parallel_state._DATA_PARALLEL_GROUP_WITH_CP_GLOO is not None,
         )  # fmt: skip
         return original(self)
 
@@ -85,11 +87,12 @@ OVERLAP = {
         "--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
         "--ddp-bucket-size", "2000", "--check-weight-hash-across-dp-replicas-interval", "2",
     ],
-    # Buckets of (this rank's parameters // 4), padded, reduce-scatter accumulating in fp32.
+    # Buckets of (this rank's parameters // 4), padded, reduce-scatter accumulating in fp32;
+    # no gloo copies of the data-parallel groups.
     "distopt+overlap-4-buckets": [
         "--use-distributed-optimizer", "--overlap-grad-reduce", "--ddp-num-buckets", "4",
         "--ddp-pad-buckets-for-high-nccl-busbw", "--ddp-reduce-scatter-with-fp32-accumulation",
-        "--no-gradient-reduce-div-fusion",
+        "--no-gradient-reduce-div-fusion", "--disable-gloo-process-groups",
     ],
 }  # fmt: skip
 
@@ -114,6 +117,7 @@ def test_overlap_and_distributed_optimizer_change_no_loss(world2, tmp_path, tmp_
             [2, 4, 6] if "--check-weight-hash-across-dp-replicas-interval" in extra else []
         )
         assert got["hash_checks"] == want_checks, name
+        assert got["gloo_groups"] == ("--disable-gloo-process-groups" not in extra), name
 
 
 def _train_with_a_diverged_replica(argv: list[str]) -> tuple[str, str]:
