@@ -31,9 +31,23 @@ __all__ = ["TRACKER", "checkpoint_dir", "finalize_async_saves", "find_checkpoint
            "load", "optimizer_layout", "save", "wait_for_retired"]  # fmt: skip
 
 TRACKER = "latest_checkpointed_iteration.txt"
-# The distributed optimizer's state, sharded by data-parallel rank (megatron-core's
-# "dp_reshardable"; its default format is refused by dist_checkpointing 0.16).
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# The distributed optimizer's state format: megatron-core's "dp_reshardable" (sharded by
+# data-parallel rank) unless --dist-ckpt-optim-fully-reshardable asks for "fully_reshardable"
+# (gathered into model space: reshards over every layout). Its default format is refused by
+# dist_checkpointing 0.16.
+_GRID_KEYS = ("tp", "pp", "vpp", "ep", "etp")
+
+
+def _optimizer_metadata(layout: dict | None) -> dict:
+    """megatron-core's sharded-state metadata for the format ``layout`` names (the one a
+    checkpoint was saved in, when loading)."""
+    fmt = (layout or {}).get("format", "dp_reshardable")
+    metadata = {"distrib_optim_sharding_type": fmt}
+    if fmt == "fully_reshardable":
+        metadata["distrib_optim_fully_reshardable_mem_efficient"] = bool(
+            layout.get("mem_efficient", False)
+        )
+    return metadata
 
 
 class CheckpointError(RunError):
@@ -270,7 +284,8 @@ def save(
     dist.barrier()
     state = _sharded_model_state(chunks)
     if optimizer is not None:  # None: the weights only (--no-save-optim)
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
+        metadata = _optimizer_metadata(common.get("optimizer_layout"))
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     state["common"] = common
     end_helpers_with_the_trainer()
     strategy = _save_strategy(fully_parallel)
@@ -542,12 +557,13 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     verify(path)
     template = _sharded_model_state(chunks)
     _check_shapes(template, path)
-    if optimizer is not None and optimizer_layout is not None:
-        _check_optimizer_layout(path, optimizer_layout)
     if optimizer is not None:
+        saved_layout = _saved_optimizer_layout(path)  # loaded in the format it was saved in
+        if optimizer_layout is not None:
+            _check_optimizer_layout(path, optimizer_layout, saved_layout)
         _allocate_empty_adam_state(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(
-            template, is_loading=True, metadata=_OPTIMIZER_METADATA
+            template, is_loading=True, metadata=_optimizer_metadata(saved_layout)
         )
     try:
         with warnings.catch_warnings():
@@ -567,29 +583,46 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     return state["common"]  # the non-sharded entries come back with the sharded ones
 
 
-def optimizer_layout(distributed: bool, tp: int, pp: int, vpp, ep: int, etp: int) -> dict:
+def optimizer_layout(distributed: bool, tp: int, pp: int, vpp, ep: int, etp: int,
+                     fully_reshardable: bool = False, mem_efficient: bool = False) -> dict:  # fmt: skip
     """What the optimizer state's checkpoint format depends on (stored in the common state).
 
-    The distributed optimizer's state is saved in megatron-core's ``dp_reshardable`` format
-    (its model-space formats are refused or broken in 0.16.1): it reshards over data
-    parallelism only. The plain optimizer's state is per parameter and reshards anywhere.
+    The distributed optimizer's state is saved in megatron-core's ``dp_reshardable`` format,
+    which reshards over data parallelism only, or with ``fully_reshardable``
+    (--dist-ckpt-optim-fully-reshardable) in its ``fully_reshardable`` one: gathered into the
+    model's parameter space at save (on every data-parallel rank, or over gloo onto the first
+    with ``mem_efficient``), it reshards over every layout. The plain optimizer's state is per
+    parameter and reshards anywhere.
     """
-    return {"distributed_optimizer": bool(distributed), "tp": tp, "pp": pp, "vpp": vpp,
-            "ep": ep, "etp": etp}  # fmt: skip
+    layout = {"distributed_optimizer": bool(distributed), "tp": tp, "pp": pp, "vpp": vpp,
+              "ep": ep, "etp": etp}  # fmt: skip
+    if distributed:
+        layout["format"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
+        if fully_reshardable:
+            layout["mem_efficient"] = bool(mem_efficient)
+    return layout
 
 
-def _check_optimizer_layout(path: str, ours: dict) -> None:
-    """Refuse, naming the fix, optimizer state this run cannot read (rather than
-    megatron-core's shape-mismatch error about bucket keys)."""
+def _saved_optimizer_layout(path: str) -> dict | None:
+    """The optimizer layout checkpoint ``path`` was saved with (None before it was stored)."""
     from megatron.core import dist_checkpointing
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice
-        saved = (dist_checkpointing.load_common_state_dict(path).get("common") or {}).get(
-            "optimizer_layout"
-        )
-    if saved is None or saved == ours:
+        common = dist_checkpointing.load_common_state_dict(path).get("common") or {}
+    return common.get("optimizer_layout")
+
+
+def _check_optimizer_layout(path: str, ours: dict, saved: dict | None) -> None:
+    """Refuse, naming the fix, optimizer state this run cannot read (rather than
+    megatron-core's shape-mismatch error about bucket keys)."""
+    if saved is None:
         return  # a checkpoint from before the layout was stored: as before
+    same_grid = all(saved.get(k) == ours.get(k) for k in _GRID_KEYS)
+    if saved["distributed_optimizer"] == ours["distributed_optimizer"] and (
+        same_grid or saved.get("format") == "fully_reshardable"
+    ):
+        return
     fresh = "pass --no-load-optim to load the weights and start the optimizer state fresh"
     if saved["distributed_optimizer"] != ours["distributed_optimizer"]:
         which = "with" if saved["distributed_optimizer"] else "without"
@@ -608,6 +641,7 @@ def _check_optimizer_layout(path: str, ours: dict) -> None:
             f"this run is at {grid(ours)}. That state reshards over data parallelism only "
             "(megatron-core's dp_reshardable format): resume at the saving run's layout, or "
             + fresh
+            + " (checkpoints saved with --dist-ckpt-optim-fully-reshardable reshard anywhere)"
         )
 
 

@@ -1178,6 +1178,17 @@ class RunConfig:
     ckpt_fully_parallel_load: bool = _f(
         False, "Each data-parallel replica reads a share and exchanges it with the others."
     )
+    dist_ckpt_optim_fully_reshardable: bool = _f(
+        False,
+        "Save the distributed optimizer's state gathered into the model's parameter space, so "
+        "that it resumes at any TP / PP / DP / EP layout (default: sharded by data-parallel "
+        "rank, resumable over data parallelism only; faster to save).",
+    )
+    distrib_optim_fully_reshardable_mem_efficient: bool = _f(
+        False,
+        "With --dist-ckpt-optim-fully-reshardable: gather over gloo onto the first "
+        "data-parallel rank only (less device memory; that rank writes it all).",
+    )
     override_opt_param_scheduler: bool = _f(
         False,
         "On resume, follow this run's LR / weight-decay schedule flags, not the checkpoint's.",

@@ -82,7 +82,36 @@ def apply() -> None:
     layers.reduce_from_tensor_model_parallel_region = reduce_from_tensor_model_parallel_region
     layers.reduce_scatter_to_sequence_parallel_region = reduce_scatter_to_sequence_parallel_region
     _fix_router_loss_scaling()
+    _fix_fully_reshardable_adam_step()
     setattr(layers, _APPLIED, True)
+
+
+def _fix_fully_reshardable_adam_step() -> None:
+    """The distributed optimizer's ``fully_reshardable`` load keeps torch Adam's ``step``.
+
+    megatron-core 0.16.1 copies every state tensor a parameter holds from the checkpoint's,
+    but the checkpoint holds no per-parameter ``step`` (it is saved with the param groups and
+    already set from them by then): with torch's Adam (no Apex or Transformer Engine FusedAdam,
+    whose state has no ``step``) every such load died with ``KeyError: 'step'``. The step is
+    kept as set; every other tensor is copied as before."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        state = None
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+        step = state.pop("step", None) if state is not None else None
+        try:
+            return original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
 
 
 def _fix_router_loss_scaling() -> None:

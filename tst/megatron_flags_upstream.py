@@ -428,8 +428,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--ckpt-convert-update-legacy-dist-opt-format": 0,
         "--disable-ckpt-fully-parallel-save": 0,
         "--dist-ckpt-save-pre-mcore-014": 0,
-        "--dist-ckpt-optim-fully-reshardable": 0,
-        "--distrib-optim-fully-reshardable-mem-efficient": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
         "--distributed-timeout-seconds-after-init": 1,
         "--overlap-param-gather-with-optimizer-step": 0,

@@ -434,6 +434,17 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
     if toggles and not p.tp_comm_overlap:
         warnings.warn(f"{', '.join(toggles)}: no effect without --tp-comm-overlap (as in "
                       "Megatron-LM)", stacklevel=3)  # fmt: skip
+    run = cfg.run
+    if run.distrib_optim_fully_reshardable_mem_efficient and not (
+        run.dist_ckpt_optim_fully_reshardable and p.use_distributed_optimizer
+    ):
+        warnings.warn("--distrib-optim-fully-reshardable-mem-efficient has no effect without "
+                      "--dist-ckpt-optim-fully-reshardable and --use-distributed-optimizer",
+                      stacklevel=3)  # fmt: skip
+    if run.dist_ckpt_optim_fully_reshardable and not p.use_distributed_optimizer:
+        warnings.warn("--dist-ckpt-optim-fully-reshardable has no effect without "
+                      "--use-distributed-optimizer (the plain optimizer's state reshards "
+                      "anywhere already)", stacklevel=3)  # fmt: skip
     if not t.fp8_wgrad and not t.fp8_format:
         warnings.warn("--no-fp8-wgrad has no effect without --fp8-format (as in Megatron-LM)",
                       stacklevel=3)  # fmt: skip
@@ -510,6 +521,11 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         not cfg.moe.moe_shared_expert_gate or bool(m.moe_shared_expert_intermediate_size),
         "--moe-shared-expert-gate gates the shared expert: give "
         "--moe-shared-expert-intermediate-size",
+    )
+    _require(
+        not cfg.run.distrib_optim_fully_reshardable_mem_efficient or p.enable_gloo_process_groups,
+        "--distrib-optim-fully-reshardable-mem-efficient gathers the optimizer state over "
+        "megatron-core's gloo groups: drop --disable-gloo-process-groups (or that flag)",
     )
     _require(
         not p.tp_comm_overlap or p.sequence_parallel,

@@ -593,6 +593,7 @@ class Trainer:
 
     def _optimizer_layout(self) -> dict:
         grid = self.plan.grid
+        run = self.cfg.run
         return checkpointing.optimizer_layout(
             self.cfg.parallel.use_distributed_optimizer,
             grid.tp,
@@ -600,6 +601,8 @@ class Trainer:
             grid.vpp,
             grid.ep,
             grid.etp,
+            fully_reshardable=run.dist_ckpt_optim_fully_reshardable,
+            mem_efficient=run.distrib_optim_fully_reshardable_mem_efficient,
         )
 
     def _phase_now(self) -> Phase:

@@ -57,6 +57,10 @@ REFUSED = [
     (["--multiple-validation-sets"], 1, r"--multiple-validation-sets needs --full-validation"),
     (["--mid-level-dataset-surplus", "-0.1"], 1, r"--mid-level-dataset-surplus must be >= 0"),
     (["--train-sync-interval", "0"], 1, r"--train-sync-interval must be >= 1"),
+    (["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable",
+      "--distrib-optim-fully-reshardable-mem-efficient", "--disable-gloo-process-groups"], 1,
+     r"--distrib-optim-fully-reshardable-mem-efficient gathers the optimizer state over "
+     r"megatron-core's gloo groups"),
     (["--ckpt-step", "2"], 1, r"--ckpt-step applies to --load: give --load CHECKPOINT_DIR"),
     (["--skip-train", "--eval-iters", "0"], 1, r"--skip-train only evaluates: give --eval-iters > 0"),
     (["--exit-on-missing-checkpoint"], 1, r"--exit-on-missing-checkpoint applies to --load"),
