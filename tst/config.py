@@ -695,6 +695,15 @@ class TrainingConfig:
         None, "Decay samples at the end of a WSD schedule (sample-based)."
     )
     weight_decay: float = _f(0.01, "Weight decay (decoupled, AdamW).")
+    apply_wd_to_qk_layernorm: bool = _f(
+        False,
+        "Decay the query / key LayerNorm weights too (Qwen3-Next); other 1-D parameters and "
+        "biases never decay.",
+    )
+    no_weight_decay_cond_type: str | None = _f(
+        None, "Deprecated in Megatron-LM: apply_wd_to_qk_layernorm is --apply-wd-to-qk-layernorm.",
+        choices=["apply_wd_to_qk_layernorm"],
+    )  # fmt: skip
     start_weight_decay: float | None = _f(
         None, "Weight decay at the start (default --weight-decay)."
     )

@@ -404,8 +404,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--fine-grained-activation-offloading": 0,
         "--offload-modules": "+",
         "--min-offloaded-tensor-size": 1,
-        "--apply-wd-to-qk-layernorm": 0,
-        "--no-weight-decay-cond-type": 1,
         "--record-memory-history": 0,
         "--memory-snapshot-path": 1,
         "--decrease-batch-size-if-needed": 0,

@@ -66,6 +66,7 @@ def optimizer_config(cfg: Config):
         decoupled_lr=t.decoupled_lr,
         decoupled_min_lr=t.decoupled_min_lr,
         weight_decay=t.weight_decay,
+        apply_wd_to_qk_layernorm=t.apply_wd_to_qk_layernorm,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
         adam_eps=t.adam_eps,

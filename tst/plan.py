@@ -434,6 +434,11 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
     if toggles and not p.tp_comm_overlap:
         warnings.warn(f"{', '.join(toggles)}: no effect without --tp-comm-overlap (as in "
                       "Megatron-LM)", stacklevel=3)  # fmt: skip
+    if t.no_weight_decay_cond_type == "apply_wd_to_qk_layernorm":
+        warnings.warn("--no-weight-decay-cond-type is deprecated (as in Megatron-LM): use "
+                      "--apply-wd-to-qk-layernorm", stacklevel=3)  # fmt: skip
+        t.apply_wd_to_qk_layernorm = True
+        t.no_weight_decay_cond_type = None
     run = cfg.run
     if run.distrib_optim_fully_reshardable_mem_efficient and not (
         run.dist_ckpt_optim_fully_reshardable and p.use_distributed_optimizer

@@ -38,6 +38,11 @@ def test_optimizer_flags_default_and_given():
     assert optimizer_config(_cfg("--fp16", "--loss-scale", "128")[0]).loss_scale == 128.0
     o = optimizer_config(_cfg("--optimizer", "sgd", "--sgd-momentum", "0.5")[0])
     assert (o.optimizer, o.sgd_momentum) == ("sgd", 0.5)
+    # Megatron-LM's deprecated spelling of --apply-wd-to-qk-layernorm: a warning, then the same.
+    assert optimizer_config(_cfg()[0]).apply_wd_to_qk_layernorm is False
+    with pytest.warns(UserWarning, match="--no-weight-decay-cond-type is deprecated"):
+        cfg, _ = _cfg("--no-weight-decay-cond-type", "apply_wd_to_qk_layernorm")
+    assert optimizer_config(cfg).apply_wd_to_qk_layernorm is True
 
 
 def test_ddp_flags_default_and_given():

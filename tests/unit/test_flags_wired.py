@@ -36,7 +36,8 @@ BASE = [
     "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
     "--micro-batch-size", "2", "--train-iters", "4", "--tst-bag-size", "2", "--tst-iters", "2",
     "--lr", "1e-2", "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
-    "--peak-tflops", "1", "--num-workers", "0", "--save-interval", "1", *SMALL_GPT,
+    "--peak-tflops", "1", "--num-workers", "0", "--save-interval", "1", "--qk-layernorm",
+    *SMALL_GPT,
 ]  # fmt: skip
 CHANGED = [
     "--kv-channels", "16", "--rotary-percent", "0.5", "--use-rope-scaling",
@@ -44,7 +45,7 @@ CHANGED = [
     "--no-mmap-bin-files", "--tensorboard-log-interval", "2", "--log-params-norm",
     "--manual-gc", "--manual-gc-interval", "2", "--empty-unused-memory-level", "2",
     "--attention-backend", "flash", "--save-retain-interval", "2", "--log-memory-interval", "2",
-    "--train-sync-interval", "2",
+    "--train-sync-interval", "2", "--apply-wd-to-qk-layernorm",
 ]  # fmt: skip
 
 
@@ -80,6 +81,9 @@ def _run(argv: list[str], out) -> dict:
         }
         seen["bin_reader"] = type(self.train_stream.dataset.dataset.bin_reader).__name__
         seen["trainer"] = self
+        names = {id(p): n for n, p in model.named_parameters()}
+        seen["wd_mult"] = {names[id(p)]: group["wd_mult"]
+                           for group in self.optimizer.param_groups for p in group["params"]}  # fmt: skip
         return train(self)
 
     def watch_step(self, phase):
@@ -181,6 +185,19 @@ def test_model_shape_and_numerics_flags(runs):
     # --norm-epsilon: megatron-core's field and every norm module.
     assert default["config"].layernorm_epsilon == 1e-5 and default["eps"] == {1e-5}
     assert changed["config"].layernorm_epsilon == 1e-3 and changed["eps"] == {1e-3}
+
+    # --apply-wd-to-qk-layernorm: the query / key norms decay too; other norms and 1-D
+    # parameters never, matrices always (megatron-core's parameter groups).
+    def decayed(run):
+        return sorted(n.split(".", 3)[-1] for n, m in run["wd_mult"].items() if m == 1.0
+                      and n.startswith("decoder.layers.0.") and "norm" in n)  # fmt: skip
+
+    assert decayed(default) == []
+    assert decayed(changed) == [
+        "self_attention.k_layernorm.weight",
+        "self_attention.q_layernorm.weight",
+    ]
+    assert changed["wd_mult"]["decoder.layers.0.mlp.linear_fc1.weight"] == 1.0
     # --attention-backend: auto is megatron-core's attention on CPU; flash the fused one.
     assert default["core_attention"] == {"DotProductAttention"}
     assert changed["core_attention"] == {"SDPAttention"}
