@@ -125,8 +125,19 @@ class MoEConfig:
     overlap_moe_expert_parallel_comm: bool = _f(
         False, "Overlap expert-parallel all-to-all with computation (batch-level schedule)."
     )
+    ep_overlap_early_attn_memory_release: bool = _f(
+        False,
+        "With --overlap-moe-expert-parallel-comm: run the attention's backward before the "
+        "overlapped micro-batch's expert computation, freeing its activations earlier (lower "
+        "peak memory).",
+    )
 
     def __post_init__(self):
+        _require(
+            not self.ep_overlap_early_attn_memory_release or self.overlap_moe_expert_parallel_comm,
+            "--ep-overlap-early-attn-memory-release reorders --overlap-moe-expert-parallel-comm's "
+            "schedule: add that flag (megatron-core's rule)",
+        )
         _require(
             self.moe_router_bias_update_rate >= 0
             and math.isfinite(self.moe_router_bias_update_rate),

@@ -62,6 +62,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
             moe_enable_deepep=cfg.moe.moe_enable_deepep,
             moe_flex_dispatcher_backend=cfg.moe.moe_flex_dispatcher_backend,
             overlap_moe_expert_parallel_comm=cfg.moe.overlap_moe_expert_parallel_comm,
+            ep_overlap_early_attn_memory_release=cfg.moe.ep_overlap_early_attn_memory_release,
             expert_tensor_parallel_size=plan.grid.etp,
             **cfg.moe.transformer_config_fields(m.num_layers),
         )

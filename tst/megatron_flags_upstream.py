@@ -377,7 +377,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--hierarchical-context-parallel-sizes": "+",
         "--max-seqlen-per-dp-cp-rank": 1,
         "--hybrid-context-parallel": 0,
-        "--ep-overlap-early-attn-memory-release": 0,
         "--use-ring-exchange-p2p": 0,
         "--defer-embedding-wgrad-compute": 0,
         "--wgrad-deferral-limit": 1,

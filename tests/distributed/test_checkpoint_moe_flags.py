@@ -122,7 +122,7 @@ def _run_overlap(argv: list[str], metrics: str, fp32: bool) -> dict:
 
     build, forward_step = trainer_module.transformer_config, trainer_module.Trainer._forward_step
     check = plan_module._check_expert_comm_overlap
-    plans = []
+    plans, early = [], []
 
     def as_bf16(fn, cfg, *args, **kwargs):
         if not fp32:
@@ -135,6 +135,7 @@ def _run_overlap(argv: list[str], metrics: str, fp32: bool) -> dict:
 
     def transformer_config(cfg, *args, **kwargs):
         config = as_bf16(build, cfg, *args, **kwargs)
+        early.append(config.ep_overlap_early_attn_memory_release)
         if fp32:
             config.bf16, config.params_dtype = False, torch.float32
             config.pipeline_dtype = torch.float32
@@ -160,6 +161,7 @@ def _run_overlap(argv: list[str], metrics: str, fp32: bool) -> dict:
         "loss": [r["loss"] for r in records],
         "grad_norm": [r["grad_norm"] for r in records],
         "plans": sum(plans),
+        "early_release": set(early),
     }
 
 
@@ -169,7 +171,9 @@ def test_expert_parallel_comm_overlap_trains_the_same_model(world2, tmp_path):
     model as per-layer pieces, the bag embedding first and the phase's loss last. In fp32 it
     trains bit-for-bit what the plain schedule trains, through the switch; in bf16 (the
     precision megatron-core runs it in) within bf16 rounding of the summation order (rel
-    1e-4). Every training micro-batch went through a schedule plan."""
+    1e-4). Every training micro-batch went through a schedule plan. With
+    --ep-overlap-early-attn-memory-release (the attention's backward moved before the other
+    micro-batch's expert compute) the same, bit for bit in fp32."""
     moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
            "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
            "--global-batch-size", "8"]  # fmt: skip
@@ -185,6 +189,13 @@ def test_expert_parallel_comm_overlap_trains_the_same_model(world2, tmp_path):
             assert len(got[key]) == len(plain[key]) == 6, (precision, key)
             for step, (g, w) in enumerate(zip(got[key], plain[key], strict=True), 1):
                 assert abs(g - w) <= rel * abs(w), (precision, key, step, g, w)
+        assert got["early_release"] == {False}
+        if fp32:
+            early = world2.run(_run_overlap, BASE + moe + overlap +
+                               ["--ep-overlap-early-attn-memory-release"],
+                               str(tmp_path / "early.jsonl"), fp32)[0]  # fmt: skip
+            assert early["early_release"] == {True} and early["plans"] == 12
+            assert early["loss"] == got["loss"] and early["grad_norm"] == got["grad_norm"]
 
 
 def test_moe_checkpoints_resume_under_another_expert_layout(world2, tmp_path):

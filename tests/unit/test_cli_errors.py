@@ -57,6 +57,8 @@ REFUSED = [
     (["--multiple-validation-sets"], 1, r"--multiple-validation-sets needs --full-validation"),
     (["--mid-level-dataset-surplus", "-0.1"], 1, r"--mid-level-dataset-surplus must be >= 0"),
     (["--train-sync-interval", "0"], 1, r"--train-sync-interval must be >= 1"),
+    (["--ep-overlap-early-attn-memory-release"], 1,
+     r"--ep-overlap-early-attn-memory-release reorders --overlap-moe-expert-parallel-comm"),
     (["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable",
       "--distrib-optim-fully-reshardable-mem-efficient", "--disable-gloo-process-groups"], 1,
      r"--distrib-optim-fully-reshardable-mem-efficient gathers the optimizer state over "
