@@ -231,7 +231,8 @@ def test_moe_checkpoints_resume_under_another_expert_layout(world2, tmp_path):
         "PP 1, VPP 1, EP 2, ETP 1; this run is at TP 1, PP 1, VPP 1, EP 1, ETP 1. That state "
         "reshards over data parallelism only (megatron-core's dp_reshardable format): resume "
         "at the saving run's layout, or pass --no-load-optim to load the weights and start "
-        "the optimizer state fresh"
+        "the optimizer state fresh (checkpoints saved with --dist-ckpt-optim-fully-reshardable "
+        "reshard anywhere)"
     )
     assert world2.run(_refused, argv + ["--load", saved])[0] == (
         f"checkpoint {saved}/iter_0000004 holds optimizer state saved with "
