@@ -924,13 +924,14 @@ class Trainer:
             every = self.cfg.training.check_weight_hash_across_dp_replicas_interval
             if every and self.iteration % every == 0:
                 self._check_replicas_agree()
-            if run.save and run.save_interval and self.iteration % run.save_interval == 0:
+            saved = bool(run.save and run.save_interval and self.iteration % run.save_interval == 0)
+            if saved:
                 self.save()
             gc_state.step(self.iteration)
             self._finalize_saves(blocking=False)
             reason = self._should_stop()
             if reason:
-                if run.save:
+                if run.save and not saved:  # not this iteration twice (Megatron-LM's rule)
                     self.save()
                 self.writer.print(f"stopping at iteration {self.iteration}: {reason}")
                 profiler.close()

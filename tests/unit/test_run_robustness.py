@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -36,9 +37,10 @@ def _records(path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def test_resume_leaves_a_metrics_file_the_tools_read(tmp_path):
+def test_resume_leaves_a_metrics_file_the_tools_read(tmp_path, capsys):
     """A run killed mid-write leaves a cut last line and records past its checkpoint; the
-    resumed run drops the cut line, moves those records aside, and the tools read the file."""
+    resumed run drops the cut line, moves those records aside, and the tools read the file.
+    A stop at a --save-interval step saves it once (as Megatron-LM), not twice."""
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     from run_metrics import read_metrics
 
@@ -46,6 +48,8 @@ def test_resume_leaves_a_metrics_file_the_tools_read(tmp_path):
     argv = BASE + ["--metrics-file", str(metrics), "--save", ckpt]
     assert pretrain_tst.main(argv + ["--save-interval", "2", "--exit-interval", "4"]) == 0
     assert latest_iteration(ckpt) == 4
+    saves = re.findall(r"saved checkpoint \S+ \(iteration (\d+)\)", capsys.readouterr().out)
+    assert saves == ["2", "4"]
     # As if the run had gone on past its last checkpoint (iteration 4) and been killed
     # while writing: a record of iteration 5, then half a line.
     with open(metrics, "a") as f:
