@@ -115,6 +115,8 @@ def main(argv=None) -> int:
         tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep, etp=grid.etp, cp=grid.cp,
         seed=cfg.training.seed, timeout_minutes=p.distributed_timeout_minutes,
         gloo_groups=p.enable_gloo_process_groups,
+        order="tp-cp-ep-pp-dp" if p.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",
+        distributed_optimizer_instances=p.num_distributed_optimizer_instances,
     )  # fmt: skip
     trainer = None
     userbuffers = False

@@ -572,6 +572,16 @@ class ParallelConfig:
     distributed_timeout_minutes: int = _f(
         10, "Timeout of collectives: a rank lost mid-step ends the job after this long."
     )
+    use_tp_pp_dp_mapping: bool = _f(
+        False, "Number the ranks tensor-, then pipeline-, then data-parallel first "
+        "(megatron-core's order tp-cp-ep-pp-dp) instead of tp-cp-ep-dp-pp: neighbouring ranks "
+        "(one node) hold a replica's pipeline stages, data-parallel groups span the nodes.",
+    )  # fmt: skip
+    num_distributed_optimizer_instances: int = _f(
+        1, "Distributed optimizer: N copies of the optimizer state over the data-parallel "
+        "ranks, each sharded over DP / N of them (gradients reduce-scattered inside a copy, "
+        "all-reduced across copies): the shards stay inside a node.",
+    )  # fmt: skip
 
     def __post_init__(self):
         for name in (
@@ -587,6 +597,10 @@ class ParallelConfig:
             )
         _require(
             self.distributed_timeout_minutes >= 1, "--distributed-timeout-minutes must be >= 1"
+        )
+        _require(
+            self.num_distributed_optimizer_instances >= 1,
+            "--num-distributed-optimizer-instances must be >= 1",
         )
         if self.ddp_bucket_size is not None:
             _require(self.ddp_bucket_size >= 1, "--ddp-bucket-size must be >= 1")

@@ -135,6 +135,8 @@ class _CpuCuda(types.ModuleType):
     def current_stream(*args, **kwargs):
         return _NullStream()
 
+    default_stream = current_stream
+
     @staticmethod
     def stream(*args, **kwargs):
         return contextlib.nullcontext()
@@ -217,6 +219,7 @@ def apply() -> bool:
     torch.cuda.current_device = cpu_cuda.current_device
     torch.cuda.synchronize = cpu_cuda.synchronize
     torch.cuda.current_stream = cpu_cuda.current_stream
+    torch.cuda.default_stream = cpu_cuda.current_stream  # the partial distributed optimizer's
     torch.cuda.Stream = _NullStream
     torch.cuda.Event = _NullStream
     torch.cuda.stream = cpu_cuda.stream

@@ -635,10 +635,12 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     layer_act, logits_act = activation_bytes(
         cfg, grid.tp, t.micro_batch_size, plan.padded_vocab_size
     )
+    copies = p.num_distributed_optimizer_instances
+    sharded = f" (Adam sharded over DP x CP{f', {copies} copies' if copies > 1 else ''})"
     print(
         "per rank (every TP/EP rank of a stage holds as much); memory in GiB: weights "
         f"{weight_b} B, grads {grad_b} B, Adam {optim_b} B per parameter"
-        + (" (Adam sharded over DP)" if dist_opt else "")
+        + (sharded if dist_opt else "")
         + ("; FP8 weight casts not counted" if t.fp8_format else "")
         + "; activations rough (1F1B peak, fused attention, selective recompute counted, full "
         "recompute not)"
@@ -651,8 +653,9 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     for stage, info in enumerate(stages):
         n = info["dense"] + info["experts"]
         optim = optim_b * n
-        if dist_opt:
-            optim = optim_b * (info["dense"] / grid.dp + info["experts"] / grid.expert_dp)
+        if dist_opt:  # sharded over DP x CP (experts: expert-DP), per optimizer copy
+            optim = optim_b * copies * (info["dense"] / (grid.dp * grid.cp)
+                                        + info["experts"] / grid.expert_dp)  # fmt: skip
         act = _in_flight(stage, grid, num_micro) * len(info["layers"]) * layer_act
         act += logits_act if stage == grid.pp - 1 else 0
         cols = [weight_b * n, grad_b * n, optim, act]

@@ -52,6 +52,7 @@ def ddp_config(cfg: Config, num_parameters: int | None = None):
         reduce_scatter_with_fp32_accumulation=p.ddp_reduce_scatter_with_fp32_accumulation,
         gradient_reduce_div_fusion=p.gradient_reduce_div_fusion,
         fp8_param_gather=cfg.training.fp8_param_gather,
+        num_distributed_optimizer_instances=p.num_distributed_optimizer_instances,
     )
 
 

@@ -212,8 +212,48 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
             f"--seq-length {m.seq_length} must be a multiple of 2 x CP = {2 * cp} "
             "(load-balanced context-parallel chunks)",
         )
-    return Grid(
+    grid = Grid(
         world=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, chunk_layers=chunk_layers
+    )
+    _check_rank_order_and_optimizer_instances(cfg, grid, m.num_experts is not None)
+    return grid
+
+
+def _check_rank_order_and_optimizer_instances(cfg: Config, grid: Grid, moe: bool) -> None:
+    """megatron-core's rules for --use-tp-pp-dp-mapping and --num-distributed-optimizer-
+    instances (its assertions inside initialize_model_parallel and DDP), one line each."""
+    p = cfg.parallel
+    if p.use_tp_pp_dp_mapping and moe:
+        _require(
+            grid.pp == 1 or grid.expert_dp == grid.dp,
+            f"--use-tp-pp-dp-mapping with PP {grid.pp} needs the same data-parallel size for "
+            f"the attention ({grid.dp}) and the experts ({grid.expert_dp}) (megatron-core "
+            "numbers expert ranks in the default order): drop the flag or make "
+            "ETP x EP = TP x CP",
+        )
+    n = p.num_distributed_optimizer_instances
+    if n == 1:
+        return
+    flag = f"--num-distributed-optimizer-instances {n}"
+    _require(
+        grid.dp * grid.cp % n == 0,
+        f"{flag}: the data-parallel size x CP ({grid.dp} x {grid.cp}) is not divisible by it "
+        "(each copy of the optimizer state is sharded over DP x CP / N ranks)",
+    )
+    if moe:
+        _require(
+            grid.expert_dp % n == 0,
+            f"{flag}: the experts' data-parallel size {grid.expert_dp} is not divisible by it",
+        )
+    _require(
+        not p.ddp_reduce_scatter_with_fp32_accumulation,
+        f"{flag} with --ddp-reduce-scatter-with-fp32-accumulation: megatron-core supports "
+        "one or the other; drop one",
+    )
+    _require(
+        p.use_distributed_optimizer,
+        f"{flag} needs --use-distributed-optimizer (copies of a sharded optimizer state; "
+        "megatron-core refuses it without)",
     )
 
 

@@ -116,6 +116,8 @@ def initialize(
     etp: int | None = None,
     cp: int = 1,
     gloo_groups: bool = True,
+    order: str = "tp-cp-ep-dp-pp",
+    distributed_optimizer_instances: int = 1,
 ) -> Layout:
     """Start (or join) the process group, set up megatron-core parallel state, seed RNGs.
 
@@ -123,7 +125,9 @@ def initialize(
     without them the process is a world of one. Data parallelism takes what is left:
     ``dp = world_size / (tp * pp * cp)``; the expert grid is ETP x EP x PP x expert-DP
     (megatron-core's rule). The run plan (:func:`tst.plan.check_grid`) checks both before
-    anything starts; these checks guard direct callers.
+    anything starts; these checks guard direct callers. ``order`` numbers the ranks
+    (megatron-core's, fastest-varying first); ``distributed_optimizer_instances`` splits the
+    data-parallel groups into that many partial groups the distributed optimizer shards over.
     """
     for name, value in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp)):
         if value < 1:
@@ -166,6 +170,8 @@ def initialize(
         context_parallel_size=cp,
         distributed_timeout_minutes=int(timeout_minutes),
         create_gloo_process_groups=gloo_groups,
+        order=order,
+        num_distributed_optimizer_instances=distributed_optimizer_instances,
     )
     layout = Layout(
         rank=dist.get_rank(),

@@ -65,6 +65,47 @@ LAYOUTS = {
 }  # fmt: skip
 
 
+def _train_seeing_groups(argv: list[str], metrics: str) -> tuple[list[dict], dict]:
+    """_train, and rank 0's pipeline and data-parallel groups and the ranks its optimizer
+    state is sharded over (with the distributed optimizer)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from tst.trainer import Trainer
+
+    original, seen = Trainer.train, {}
+
+    def train(self):
+        seen.update(
+            pp=dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group()),
+            dp=dist.get_process_group_ranks(ps.get_data_parallel_group()),
+            shards=dist.get_process_group_ranks(self.model[0].intra_dp_cp_group),
+        )
+        return original(self)
+
+    Trainer.train = train
+    try:
+        return _train(argv, metrics), seen
+    finally:
+        Trainer.train = original
+
+
+# Rank numbering (megatron-core's default tp-cp-ep-dp-pp, or tp-cp-ep-pp-dp) and the
+# distributed optimizer's copies: the same model trained, the groups as asked.
+GROUPINGS = {  # flags: rank 0's (pipeline, data-parallel, optimizer-shard) group
+    "PP2": (["--pipeline-model-parallel-size", "2"], ([0, 2], [0, 1], [0, 1])),
+    "PP2-tp-pp-dp-mapping": (
+        ["--pipeline-model-parallel-size", "2", "--use-tp-pp-dp-mapping"],
+        ([0, 1], [0, 2], [0, 2]),
+    ),
+    "DP4-distopt": (["--use-distributed-optimizer"], ([0], [0, 1, 2, 3], [0, 1, 2, 3])),
+    "DP4-distopt-2-instances": (
+        ["--use-distributed-optimizer", "--num-distributed-optimizer-instances", "2",
+         "--overlap-grad-reduce", "--overlap-param-gather"], ([0], [0, 1, 2, 3], [0, 1]),
+    ),
+}  # fmt: skip
+
+
 def test_layouts_agree_across_the_switch(world4, tmp_path):
     want = world4.run(_train, BASE, str(tmp_path / "ref.jsonl"))[0]
     assert [r["phase"] for r in want if "loss" in r] == ["superposition"] * 3 + ["recovery"] * 3
@@ -73,6 +114,19 @@ def test_layouts_agree_across_the_switch(world4, tmp_path):
         got = world4.run(_train, BASE + extra, str(tmp_path / f"{name}.jsonl"))[0]
         _assert_close(_losses(got), _losses(want), 2e-4, name)
         _assert_close(_val(got), _val(want), 2e-4, name)
+    for name, (extra, groups) in GROUPINGS.items():
+        got, seen = world4.run(_train_seeing_groups, BASE + extra, str(tmp_path / f"{name}.g"))[0]
+        assert (seen["pp"], seen["dp"], seen["shards"]) == groups, name
+        _assert_close(_losses(got), _losses(want), 2e-4, name)
+        _assert_close(_val(got), _val(want), 2e-4, name)
+    # Two copies' state resumes exactly, with two copies or with one (its shards, regrouped).
+    two = GROUPINGS["DP4-distopt-2-instances"][0]
+    full = _losses(world4.run(_train, BASE + two, str(tmp_path / "two.jsonl"))[0])
+    ckpt = str(tmp_path / "ckpt")
+    world4.run(_train, BASE + two + ["--save", ckpt, "--exit-interval", "3"], str(tmp_path / "a"))
+    for name, flags in (("2", two), ("1", ["--use-distributed-optimizer"])):
+        got = world4.run(_train, BASE + flags + ["--load", ckpt], str(tmp_path / f"b{name}"))[0]
+        _assert_close(_losses(got), full[3:], 1e-6, f"resumed with {name} copies")
 
 
 TIED = [a for a in BASE if a != "--untie-embeddings-and-output-weights"]

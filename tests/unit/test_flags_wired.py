@@ -387,3 +387,27 @@ def test_multiple_validation_sets_score_each_prefix(tmp_path):
         assert a == pytest.approx((b + c) / 2, rel=1e-6)
     assert "of validation set 1 (" + second in runs["both"]["stdout"]
     assert _tensorboard(tmp_path / "both" / "tb")["eval/val_loss-1"] == [2, 4]
+
+
+def test_dry_run_counts_the_optimizer_state_per_rank_as_it_is_sharded(tmp_path):
+    """The dry run's Adam bytes per rank: all of it without the distributed optimizer, 1 /
+    (DP x CP) with it, N / (DP x CP) with --num-distributed-optimizer-instances N."""
+    argv = [a for a in BASE if a != "--qk-layernorm"] + ["--mock-data", "--dry-run",
+                                                          "--dry-run-world-size", "8"]  # fmt: skip
+
+    def adam_bytes(*extra):
+        report = str(tmp_path / "report.json")
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert pretrain_tst.main(argv + list(extra) + ["--dry-run-report", report]) == 0
+        with open(report) as f:
+            (stage,) = json.load(f)["stages"]
+        return stage["parameters"], stage["bytes"]["optimizer"]
+
+    n, whole = adam_bytes()
+    assert whole == 8 * n  # fp32: Adam's two moments
+    distopt = ["--use-distributed-optimizer"]
+    assert adam_bytes(*distopt) == (n, 8 * n / 8)
+    assert adam_bytes(*distopt, "--num-distributed-optimizer-instances", "2") == (n, 8 * n / 4)
+    n_tp, adam = adam_bytes(*distopt, "--tensor-model-parallel-size", "2")  # DP 4
+    assert n_tp < n and adam == 8 * n_tp / 4
+    assert adam_bytes(*distopt, "--context-parallel-size", "2") == (n, 8 * n / 8)  # DP 4 x CP 2
