@@ -733,6 +733,11 @@ class TrainingConfig:
     sgd_momentum: float = _f(0.9, "SGD momentum.")
     clip_grad: float = _f(1.0, "Gradient-norm clipping (0 = off).")
     seed: int = _f(1234, "Random seed (weights, data order, dropout).")
+    data_parallel_random_init: bool = _f(
+        False, "Each data-parallel rank its own random stream (dropout masks, MoE input "
+        "jitter); the weights start and stay the same on every replica (Megatron-LM draws "
+        "them per rank and broadcasts the first's).",
+    )  # fmt: skip
     bf16: bool = _f(False, "bf16 parameters and compute (fp32 master weights).")
     fp16: bool = _f(False, "fp16 parameters and compute with loss scaling (fp32 master weights).")
     check_weight_hash_across_dp_replicas_interval: int | None = _f(

@@ -414,7 +414,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--dump-param-to-param-group-map": 1,
         "--high-priority-stream-groups": "*",
         "--disable-jit-fuser": 0,
-        "--data-parallel-random-init": 0,
         "--persistent-save-interval": 1,
         "--save-wgrads-interval": 1,
         "--save-dgrads-interval": 1,

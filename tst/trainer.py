@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -298,16 +299,30 @@ class Trainer:
     # ---------------------------------------------------------------- steps
 
     def _seed_step(self) -> None:
-        """Reseed from (seed, iteration): a resumed run draws what the unbroken one drew.
+        """Reseed from (seed, iteration): a resumed run draws what the unbroken one drew;
+        with --data-parallel-random-init each data-parallel rank from its own seed.
 
-        Only a model that draws random numbers while training (dropout) needs it; rebuilding
-        megatron-core's RNG tracker costs a few milliseconds a step, so others skip it.
+        Only a model that draws random numbers while training (dropout, the MoE router's
+        input jitter or forced random routing) needs it; rebuilding megatron-core's RNG
+        tracker costs a few milliseconds a step, so others skip it.
         """
-        if not (self.config.hidden_dropout or self.config.attention_dropout):
+        c = self.config
+        if not (
+            c.hidden_dropout
+            or c.attention_dropout
+            or getattr(c, "moe_input_jitter_eps", None)
+            or getattr(c, "moe_router_force_load_balancing", False)
+        ):
             return
         from tst.platform import seed_everything
 
-        seed_everything(self.cfg.training.seed * 100_003 + self.iteration, self.layout)
+        t = self.cfg.training
+        seed = t.seed * 100_003 + self.iteration
+        if t.data_parallel_random_init:
+            # Mixed, not offset: torch's CPU generator keeps a seed's low 32 bits only.
+            digest = hashlib.blake2b(f"{seed}/{self.layout.dp_rank}".encode(), digest_size=8)
+            seed = int.from_bytes(digest.digest(), "little")
+        seed_everything(seed % 2**63, self.layout)
 
     def train_step(self, phase: Phase) -> dict:
         self._seed_step()

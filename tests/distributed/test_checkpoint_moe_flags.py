@@ -254,3 +254,41 @@ def _refused(argv: list[str]) -> str:
     with pytest.raises(CheckpointError) as error:
         pretrain_tst.main(argv)
     return str(error.value)
+
+
+def _resumed(world2, argv: list[str], folder) -> dict:
+    """Losses of ``argv`` stopped at iteration 4 and resumed from its checkpoint."""
+    ckpt = str(folder / "ckpt")
+    first = world2.run(_run, argv + ["--save", ckpt, "--exit-interval", "4"],
+                       str(folder / "a.jsonl"))[0]  # fmt: skip
+    second = world2.run(_run, argv + ["--load", ckpt], str(folder / "b.jsonl"))[0]
+    return {**first["loss"], **second["loss"]}
+
+
+def _assert_same(got: dict, want: dict, label: str) -> None:
+    assert sorted(got) == sorted(want) == list(range(1, 7)), label
+    for it, loss in want.items():
+        assert abs(got[it] - loss) <= 1e-6 * abs(loss), (label, it, got[it], loss)
+
+
+def test_random_draws_resume_exactly_and_per_replica_streams(world2, tmp_path):
+    """Every step reseeds from (seed, iteration) when the model draws random numbers: the
+    MoE router's input jitter (no dropout) resumes exactly too. --data-parallel-random-init
+    gives each data-parallel rank its own dropout stream: other losses than one shared
+    stream, the weights the same on both replicas at every step (the hash check), and an
+    exact resume."""
+    jitter = BASE + ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size",
+                     "16", "--moe-input-jitter-eps", "0.1"]  # fmt: skip
+    want = world2.run(_run, jitter, str(tmp_path / "jitter.jsonl"))[0]["loss"]
+    _assert_same(_resumed(world2, jitter, tmp_path / "jitter"), want, "jitter")
+
+    dropout = list(BASE)
+    dropout[dropout.index("--hidden-dropout") + 1] = "0.2"
+    shared = world2.run(_run, dropout, str(tmp_path / "shared.jsonl"))[0]["loss"]
+    own = dropout + ["--data-parallel-random-init"]
+    want = world2.run(_run, own + ["--check-weight-hash-across-dp-replicas-interval", "1"],
+                      str(tmp_path / "own.jsonl"))[0]["loss"]  # fmt: skip
+    assert sorted(want) == sorted(shared) and all(
+        abs(want[it] - shared[it]) > 1e-6 * abs(shared[it]) for it in shared
+    ), (want, shared)
+    _assert_same(_resumed(world2, own, tmp_path / "own"), want, "--data-parallel-random-init")
