@@ -30,6 +30,16 @@ UPSTREAM_ALIASES: dict[str, list[str]] = {
 
 # flag -> (nargs, reason)
 UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
+    "--no-scatter-gather-tensors-in-pipeline": (
+        0,
+        "Megatron-LM 0.16.1 parses it and nothing reads it (megatron-core's pipeline sends "
+        "whole tensors either way)",
+    ),
+    "--exit-signal-handler-for-dataloader": (
+        0,
+        "Megatron-LM 0.16.1 parses it and nothing reads it; here the data workers ignore the "
+        "stop signals already and the trainer saves and exits on them",
+    ),
     "--apply-residual-connection-post-layernorm": (
         0,
         "megatron-core's transformer layers never read it: Megatron-LM trains pre-LayerNorm "
@@ -406,7 +416,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--record-memory-history": 0,
         "--memory-snapshot-path": 1,
         "--decrease-batch-size-if-needed": 0,
-        "--exit-signal-handler-for-dataloader": 0,
         "--optimizer-cpu-offload": 0,
         "--optimizer-offload-fraction": 1,
         "--use-torch-optimizer-for-cpu-offload": 0,
@@ -426,8 +435,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--dist-ckpt-save-pre-mcore-014": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
         "--distributed-timeout-seconds-after-init": 1,
-        "--overlap-param-gather-with-optimizer-step": 0,
-        "--no-scatter-gather-tensors-in-pipeline": 0,
         "--lazy-mpu-init": 1,
         "--use-nccl-ub": 0,
         "--disable-symmetric-registration": 0,
@@ -465,6 +472,12 @@ UPSTREAM_REFUSED: dict[str, tuple[int | str, str]] = {
     for family, flags in _FAMILIES.items()
     for flag, nargs in flags.items()
 }
+UPSTREAM_REFUSED["--overlap-param-gather-with-optimizer-step"] = (
+    0,
+    "Megatron-LM 0.16.1 refuses it with distributed checkpointing, the only checkpoint format "
+    "here (and it needs interleaved pipeline parallelism): drop it (--overlap-param-gather "
+    "overlaps the gathers with the forward)",
+)
 UPSTREAM_REFUSED["--checkpoint-activations"] = (
     0,
     "no longer valid in Megatron-LM: use --recompute-activations (or --recompute-granularity)",

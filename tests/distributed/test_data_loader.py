@@ -97,6 +97,28 @@ def test_an_unforeseen_request_is_read_in_the_trainer_and_stops_the_workers():
     assert _same(got, want) and stream._loader is None and _gone(pids)
 
 
+def test_workers_leave_every_stop_signal_to_the_trainer():
+    """A stop signal sent to the process group (``scancel``, ``--exit-signal SIGUSR2``,
+    Slurm's SIGUSR1 warning, Ctrl-C) reaches the workers too: they ignore it and keep
+    serving, and the trainer saves at the next step with the batches they read."""
+    from tst.processes import STOP_SIGNALS
+
+    want, _ = _read(SampleStream(PositionDataset(7), L, B, 2, 0, 1), SCHEDULE)
+    stream = SampleStream(PositionDataset(7), L, B, 2, 0, 1)
+    stream.start_workers(2, SCHEDULE)
+    pids = stream.worker_pids
+    first, _ = _read(stream, SCHEDULE[:2])  # the workers are up and serving
+    for pid in pids:
+        for sig in STOP_SIGNALS:
+            os.kill(pid, sig)
+    time.sleep(0.5)
+    rest, _ = _read(stream, SCHEDULE[2:])
+    assert stream._loader is not None and _alive(pids) == pids
+    assert _same(first + rest, want)
+    stream.close()
+    assert _gone(pids)
+
+
 class FailingDataset(PositionDataset):
     """Big sample 3 cannot be read (as a corrupt file would fail)."""
 

@@ -32,7 +32,7 @@ from multiprocessing.connection import wait
 
 import torch
 
-from tst.processes import exit_with_parent
+from tst.processes import STOP_SIGNALS, exit_with_parent
 
 __all__ = ["MicroBatchLoader"]
 
@@ -50,7 +50,7 @@ class _Failure:
 
 def _work(reader, tasks, results, trainer_pid: int) -> None:
     """A worker: read each key's rows until told to stop (``None``) or the trainer is gone."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:  # the trainer's to answer (SIGUSR2 too: --exit-signal SIGUSR2)
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)  # a forked child must not enter the parent's thread pool
     exit_with_parent(trainer_pid, poll_s=_WATCH_INTERVAL_S, exit_code=0)
