@@ -46,7 +46,7 @@ TRAIN_ARGS=(
 TST_ARGS=(--tst-bag-size "$BAG_SIZE" --tst-iters "$TST_ITERS")
 LOG_ARGS=(
   --log-interval "$LOG_INTERVAL" --eval-interval "$ITERS" --eval-iters 1
-  --peak-tflops "$PEAK_TFLOPS"
+  --peak-tflops "$PEAK_TFLOPS" --log-device-memory-used
 )
 
 source bench/megatron_wheel.sh

@@ -10,6 +10,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers"))
 
+# One torch thread per test process, and per process a test starts (the variable is
+# inherited): the suite runs one worker a core plus one, and torch's default of a thread a
+# core makes busy workers' threads wait on each other (small ops 10-40x slower when two
+# processes each run two threads on two cores). TST_TEST_THREADS overrides.
+_THREADS = os.environ.get("TST_TEST_THREADS", "1")
+os.environ["OMP_NUM_THREADS"] = _THREADS
+torch.set_num_threads(int(_THREADS))
+
 from distributed import ProcessWorld  # noqa: E402
 
 _WORLDS: dict[int, ProcessWorld] = {}

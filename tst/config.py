@@ -1333,6 +1333,10 @@ class LoggingConfig:
         "Print the memory use of every rank of the first data-parallel replica every N steps "
         "(a multiple of --log-interval); it is printed at the first logged steps in any case.",
     )
+    log_device_memory_used: bool = _f(
+        False, "Add the device's whole used memory to the memory report (every process's, as "
+        "nvidia-smi shows it; the host's on CPU).",
+    )  # fmt: skip
     log_params_norm: bool = _f(False, "Log the parameters' L2 norm.")
     log_num_zeros_in_grad: bool = _f(False, "Log the number of zeros in the gradients.")
     log_validation_ppl_to_tensorboard: bool = _f(False, "Write validation perplexity too.")

@@ -459,7 +459,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--tokenizer-sentencepiece-legacy": 0,
         "--moe-use-upcycling": 0,
         "--moe-upcycling-granularity": 1,
-        "--log-device-memory-used": 0,
         "--log-max-attention-logit": 0,
         "--log-energy": 0,
         "--te-precision-config-file": 1,

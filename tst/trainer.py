@@ -1082,11 +1082,14 @@ class Trainer:
         if self.layout.dp_rank != 0:
             return
         device = self.layout.device
+        whole = self.cfg.log.log_device_memory_used  # Megatron-LM's --log-device-memory-used
         if device.type == "cuda":
             mib = {"allocated": torch.cuda.memory_allocated(device),
                    "max allocated": torch.cuda.max_memory_allocated(device),
                    "reserved": torch.cuda.memory_reserved(device),
                    "max reserved": torch.cuda.max_memory_reserved(device)}  # fmt: skip
+            if whole:
+                mib["total device memory used"] = torch.cuda.device_memory_used(device)
         else:
             import resource
 
@@ -1096,6 +1099,8 @@ class Trainer:
             # The kernel's peak (KiB on Linux) is kept a little behind the current figure.
             peak = max(now, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
             mib = {"resident": now, "max resident": peak}
+            if whole:
+                mib["total host memory used"] = psutil.virtual_memory().used
         figures = " | ".join(f"{name}: {value / 2**20:.1f}" for name, value in mib.items())
         print(f"[Rank {self.layout.rank}] (after {self.iteration} iterations) memory (MB) | "
               f"{figures}", flush=True)  # fmt: skip

@@ -45,7 +45,7 @@ CHANGED = [
     "--no-mmap-bin-files", "--tensorboard-log-interval", "2", "--log-params-norm",
     "--manual-gc", "--manual-gc-interval", "2", "--empty-unused-memory-level", "2",
     "--attention-backend", "flash", "--save-retain-interval", "2", "--log-memory-interval", "2",
-    "--train-sync-interval", "2", "--apply-wd-to-qk-layernorm",
+    "--train-sync-interval", "2", "--apply-wd-to-qk-layernorm", "--log-device-memory-used",
 ]  # fmt: skip
 
 
@@ -259,6 +259,12 @@ def test_logging_and_gc_flags(runs):
     assert [r[0] for r in reports["default"]] == ["1", "2"]
     assert [r[0] for r in reports["changed"]] == ["1", "2", "4"]
     assert all(50 < float(now) <= float(peak) < 2**20 for _, now, peak in reports["changed"])
+    # --log-device-memory-used: the whole machine's used memory too (the host's on CPU), in
+    # every report.
+    whole = re.compile(r"max resident: [\d.]+ \| total host memory used: ([\d.]+)\n")
+    assert "total host memory used" not in default["stdout"]
+    used = [float(m.group(1)) for m in whole.finditer(changed["stdout"])]
+    assert len(used) == 3 and all(50 < mib < 2**30 for mib in used), used
 
 
 def _wandb_records(run_dir) -> list:
