@@ -223,7 +223,7 @@ def _check_rank_order_and_optimizer_instances(cfg: Config, grid: Grid, moe: bool
     """megatron-core's rules for --use-tp-pp-dp-mapping and --num-distributed-optimizer-
     instances (its assertions inside initialize_model_parallel and DDP), one line each."""
     p = cfg.parallel
-    if p.use_tp_pp_dp_mapping and moe:
+    if p.use_tp_pp_dp_mapping:  # megatron-core builds the expert grid for a dense model too
         _require(
             grid.pp == 1 or grid.expert_dp == grid.dp,
             f"--use-tp-pp-dp-mapping with PP {grid.pp} needs the same data-parallel size for "
