@@ -1162,6 +1162,21 @@ class RunConfig:
         "Load only the weights from --load: iteration, optimizer, LR schedule and data "
         "position start fresh.",
     )
+    use_checkpoint_args: bool = _f(
+        False,
+        "Take the model flags from the checkpoint of --pretrained-checkpoint / --load "
+        "(Megatron-LM's list: the sizes where not given, the layer kinds always); a --load "
+        "with no checkpoint yet keeps the command line's.",
+    )
+    use_mp_args_from_checkpoint_args: bool = _f(
+        False, "With --use-checkpoint-args: the TP / PP / virtual-stage / EP sizes too."
+    )
+    use_tokenizer_model_from_checkpoint_args: bool = _f(
+        True,
+        "With --use-checkpoint-args: keep the command line's tokenizer (the checkpoint's "
+        "--tokenizer-type / --tokenizer-model by default).",
+        flag="--no-use-tokenizer-model-from-checkpoint-args",
+    )
     no_load_optim: bool = _f(False, "Do not load the optimizer state from --load.")
     ckpt_step: int | None = _f(
         None,
@@ -1490,5 +1505,9 @@ def parse_args(argv=None) -> Config:
         else:
             extra[key] = value
     accepted = megatron_flags.resolve(extra)
+    if values["run"]["use_checkpoint_args"]:
+        from tst.checkpoint_args import apply_checkpoint_args, given_dests
+
+        apply_checkpoint_args(values, given_dests(parser, megatron_flags.apply_aliases(argv)))
     sections = {section: cls(**values[section]) for section, cls in _SECTIONS.items()}
     return Config(**sections, accepted_flags=accepted)

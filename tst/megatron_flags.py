@@ -165,11 +165,6 @@ REFUSED: dict[str, Flag] = {
         "losses are normalised per token over the global batch (exact under TST's two "
         "phases), which megatron-core cannot combine with averaging in the collective: drop it",
     ),
-    "--use-checkpoint-args": Flag(
-        0,
-        "model flags are not read from the checkpoint: pass them on the command line (a "
-        "checkpoint whose shapes differ is refused by name)",
-    ),
     "--use-mpi": Flag(
         0, "a Megatron-LM fork's flag: ranks come from torchrun / srun's environment; drop it"
     ),

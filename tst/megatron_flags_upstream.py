@@ -19,6 +19,9 @@ UPSTREAM_ALIASES: dict[str, list[str]] = {
     "--moe-router-padding-for-quantization": ["--moe-router-padding-for-fp8"],
     # Megatron-LM spells each "--no-" switch of its configuration classes "--disable-" too.
     "--disable-manual-gc-eval": ["--no-manual-gc-eval"],
+    "--disable-use-tokenizer-model-from-checkpoint-args": [
+        "--no-use-tokenizer-model-from-checkpoint-args"
+    ],
     "--disable-fp8-wgrad": ["--no-fp8-wgrad"],
     "--disable-tp-comm-bulk-wgrad": ["--no-tp-comm-bulk-wgrad"],
     "--disable-tp-comm-bulk-dgrad": ["--no-tp-comm-bulk-dgrad"],
@@ -78,14 +81,6 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
     "--no-pin-cpu-grads": (0, "only for --optimizer-cpu-offload, which is not supported here"),
     "--no-pin-cpu-params": (0, "only for --optimizer-cpu-offload, which is not supported here"),
     "--config-logger-dir": (1, "the run's resolved flags are written to run_manifest.json"),
-    "--no-use-tokenizer-model-from-checkpoint-args": (
-        0,
-        "the tokenizer always comes from the flags, never from a checkpoint",
-    ),
-    "--disable-use-tokenizer-model-from-checkpoint-args": (
-        0,
-        "the tokenizer always comes from the flags, never from a checkpoint",
-    ),
     "--trust-remote-code": (
         0,
         "a Hugging Face tokenizer.json is read by the tokenizers library only: no code runs",
@@ -427,7 +422,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--save-wgrads-interval": 1,
         "--save-dgrads-interval": 1,
         "--load-main-params-from-ckpt": 0,
-        "--use-mp-args-from-checkpoint-args": 0,
         "--ckpt-convert-format": 1,
         "--ckpt-convert-save": 1,
         "--ckpt-convert-update-legacy-dist-opt-format": 0,

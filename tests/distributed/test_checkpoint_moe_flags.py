@@ -292,3 +292,58 @@ def test_random_draws_resume_exactly_and_per_replica_streams(world2, tmp_path):
         abs(want[it] - shared[it]) > 1e-6 * abs(shared[it]) for it in shared
     ), (want, shared)
     _assert_same(_resumed(world2, own, tmp_path / "own"), want, "--data-parallel-random-init")
+
+
+# The flags of a run, none of the model's (Megatron-LM's --use-checkpoint-args brings those).
+BARE = [
+    "--mock-data", "--vocab-size", "512", "--micro-batch-size", "2", "--train-iters", "6",
+    "--tst-bag-size", "3", "--tst-iters", "3", "--lr", "3e-3", "--log-interval", "1",
+    "--eval-iters", "0", "--adam-beta2", "0.95", "--weight-decay", "0.1",
+    "--lr-decay-style", "cosine",
+]  # fmt: skip
+
+
+def test_use_checkpoint_args_takes_the_model_flags_from_the_checkpoint(world2, tmp_path, capsys):
+    """--use-checkpoint-args (Megatron-LM's list and rules): a run given no model flag resumes
+    a TP-2 checkpoint of another shape exactly (with --use-mp-args-from-checkpoint-args, its
+    TP too); a size the command line gives wins, a layer kind is the checkpoint's; the
+    tokenizer is the checkpoint's unless --no-use-tokenizer-model-from-checkpoint-args; a
+    --load with no checkpoint yet keeps the command line's flags."""
+    from tst.config import parse_args
+
+    trained = BASE + ["--num-layers", "3", "--hidden-size", "48", "--group-query-attention",
+                      "--num-query-groups", "2", "--tensor-model-parallel-size", "2"]  # fmt: skip
+    want = world2.run(_run, trained, str(tmp_path / "whole.jsonl"))[0]["loss"]
+    ckpt = str(tmp_path / "ckpt")
+    world2.run(_run, trained + ["--save", ckpt, "--exit-interval", "4"], str(tmp_path / "a.jsonl"))
+    use = ["--use-checkpoint-args", "--load", ckpt]
+    second = world2.run(_run, BARE + use + ["--use-mp-args-from-checkpoint-args"],
+                        str(tmp_path / "b.jsonl"))[0]["loss"]  # fmt: skip
+    assert sorted(second) == [5, 6]
+    for it, loss in second.items():
+        assert abs(loss - want[it]) <= 1e-6 * abs(want[it]), (it, loss, want[it])
+
+    m = parse_args(BARE + use).model
+    assert (m.num_layers, m.hidden_size, m.seq_length, m.num_query_groups) == (3, 48, 8, 2)
+    assert (m.swiglu, m.normalization, m.add_bias_linear, m.position_embedding_type) == (
+        True, "RMSNorm", False, "rope")  # fmt: skip
+    assert m.untie_embeddings_and_output_weights and m.group_query_attention
+    assert "model flags from" in capsys.readouterr().out
+    assert parse_args(BARE + use).parallel.tensor_model_parallel_size == 1
+    assert parse_args(BARE + use + ["--use-mp-args-from-checkpoint-args"]).parallel \
+        .tensor_model_parallel_size == 2  # fmt: skip
+    given = parse_args(BARE + use + ["--hidden-size", "64", "--normalization", "LayerNorm"])
+    assert (given.model.hidden_size, given.model.normalization) == (64, "RMSNorm")
+    hf = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "tok.json"]
+    saved = parse_args(trained).data  # NullTokenizer, no model file (None: not taken)
+    took = parse_args(BARE + use + hf).data
+    assert saved.tokenizer_type != "HuggingFaceTokenizer" and saved.tokenizer_model is None
+    assert (took.tokenizer_type, took.tokenizer_model) == (saved.tokenizer_type, "tok.json")
+    kept = parse_args(BARE + use + hf + ["--no-use-tokenizer-model-from-checkpoint-args"]).data
+    assert (kept.tokenizer_type, kept.tokenizer_model) == ("HuggingFaceTokenizer", "tok.json")
+    capsys.readouterr()
+    shape = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+             "--seq-length", "8"]  # fmt: skip
+    empty = parse_args(BARE + shape + ["--use-checkpoint-args", "--load", str(tmp_path / "no")])
+    assert empty.model == parse_args(BARE + shape).model
+    assert "no checkpoint in --load" in capsys.readouterr().out
