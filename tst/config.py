@@ -572,6 +572,11 @@ class ParallelConfig:
     distributed_timeout_minutes: int = _f(
         10, "Timeout of collectives: a rank lost mid-step ends the job after this long."
     )
+    distributed_timeout_seconds_after_init: int | None = _f(
+        None, "After the first step, the collectives' timeout in seconds (the first step, "
+        "with its set-up, gets --distributed-timeout-minutes): a rank lost later ends the job "
+        "sooner.",
+    )  # fmt: skip
     use_tp_pp_dp_mapping: bool = _f(
         False, "Number the ranks tensor-, then pipeline-, then data-parallel first "
         "(megatron-core's order tp-cp-ep-pp-dp) instead of tp-cp-ep-dp-pp: neighbouring ranks "
@@ -597,6 +602,11 @@ class ParallelConfig:
             )
         _require(
             self.distributed_timeout_minutes >= 1, "--distributed-timeout-minutes must be >= 1"
+        )
+        _require(
+            self.distributed_timeout_seconds_after_init is None
+            or self.distributed_timeout_seconds_after_init >= 1,
+            "--distributed-timeout-seconds-after-init must be >= 1",
         )
         _require(
             self.num_distributed_optimizer_instances >= 1,

@@ -428,7 +428,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--disable-ckpt-fully-parallel-save": 0,
         "--dist-ckpt-save-pre-mcore-014": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
-        "--distributed-timeout-seconds-after-init": 1,
         "--lazy-mpu-init": 1,
         "--use-nccl-ub": 0,
         "--disable-symmetric-registration": 0,

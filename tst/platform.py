@@ -27,6 +27,7 @@ __all__ = [
     "reset_parallel_state",
     "seed_everything",
     "select_device",
+    "set_group_timeouts",
     "shutdown",
 ]
 
@@ -237,11 +238,59 @@ def reset_parallel_state() -> None:
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not world:
             dist.destroy_process_group(group)
+    if hasattr(ps, "_global_process_group_list"):  # its timeout list: the default group only
+        ps._global_process_group_list = None
+
+
+def set_group_timeouts(seconds: float) -> None:
+    """Every process group's collective timeout, from now on (Megatron-LM's
+    --distributed-timeout-seconds-after-init): megatron-core's groups and the default one
+    (the trainer's per-step all-reduce), after a barrier so that no collective is in flight."""
+    global _WORLD_TIMEOUT_BEFORE
+    dist.barrier()
+    if _WORLD_TIMEOUT_BEFORE is None:  # put back by shutdown() where the group outlives the run
+        _WORLD_TIMEOUT_BEFORE = _timeout_of(dist.group.WORLD)
+    timeout = datetime.timedelta(seconds=seconds)
+    for group in list(dist.distributed_c10d._world.pg_map):  # every live group of this rank
+        _set_timeout(group, timeout)
+
+
+_WORLD_TIMEOUT_BEFORE = None
+
+
+def _backends(group) -> list:
+    """The gloo / NCCL backends behind ``group``. (torch's own ``_set_pg_timeout`` checks
+    their class, which the CPU layer's shared-device gloo subclass fails.)"""
+    out = []
+    for device in group._device_types:
+        backend = group._get_backend(device)
+        if hasattr(backend, "_set_default_timeout") and backend not in out:
+            out.append(backend)
+    return out
+
+
+def _set_timeout(group, timeout: datetime.timedelta) -> None:
+    for backend in _backends(group):
+        backend._set_default_timeout(timeout)
+
+
+def _timeout_of(group):
+    """A group's collective timeout (its first backend's options), or None where unreadable."""
+    for backend in _backends(group):
+        options = getattr(backend, "options", None)
+        if options is not None and hasattr(options, "_timeout"):
+            return options._timeout
+    return None
 
 
 def shutdown(layout: Layout | None = None) -> None:
-    """Tear down megatron-core parallel state, and the process group if ``initialize`` made it."""
+    """Tear down megatron-core parallel state, and the process group if ``initialize`` made it
+    (else give it back the timeout it had before :func:`set_group_timeouts`)."""
+    global _WORLD_TIMEOUT_BEFORE
     reset_parallel_state()
+    if _WORLD_TIMEOUT_BEFORE is not None and dist.is_initialized():
+        _set_timeout(dist.group.WORLD, _WORLD_TIMEOUT_BEFORE)
+    _WORLD_TIMEOUT_BEFORE = None
     if dist.is_initialized() and (layout is None or layout.owns_process_group):
         dist.destroy_process_group()
     # Destroyed groups sit in reference cycles until a collection frees them with their gloo

@@ -878,6 +878,7 @@ class Trainer:
             profiler.close()
             self._finish()
             return 0
+        first_step = True
         while self.iteration < train_iters:
             phase = self.schedule.phase_at(self.iteration)
             if self.schedule.starting_at(self.iteration) is not None:
@@ -886,6 +887,12 @@ class Trainer:
             profiler.step_start(self.iteration)
             result = self.train_step(phase)
             self.iteration += 1
+            if first_step and self.cfg.parallel.distributed_timeout_seconds_after_init:
+                from tst.platform import set_group_timeouts
+
+                # After the first step of this process (the slow one), as Megatron-LM does.
+                set_group_timeouts(self.cfg.parallel.distributed_timeout_seconds_after_init)
+            first_step = False
             if t.train_sync_interval and self.iteration % t.train_sync_interval == 0:
                 self._synchronize_device()
             if result["skipped"]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from flags import SMALL_GPT
 
 import pretrain_tst
@@ -347,3 +348,45 @@ def test_use_checkpoint_args_takes_the_model_flags_from_the_checkpoint(world2, t
     empty = parse_args(BARE + shape + ["--use-checkpoint-args", "--load", str(tmp_path / "no")])
     assert empty.model == parse_args(BARE + shape).model
     assert "no checkpoint in --load" in capsys.readouterr().out
+
+
+def _run_with_a_slow_rank(argv: list[str], metrics: str, stall_s: float) -> tuple:
+    """_run with rank 1 stalled ``stall_s`` seconds before its third step; the default
+    group's timeout before and after the run (the world outlives it)."""
+    import time
+
+    import torch.distributed as dist
+
+    from tst.platform import _timeout_of
+    from tst.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, phase):
+        if dist.get_rank() == 1 and self.iteration == 2:
+            time.sleep(stall_s)
+        return original(self, phase)
+
+    before = _timeout_of(dist.group.WORLD)
+    Trainer.train_step = train_step
+    try:
+        losses = _run(argv, metrics)["loss"]
+    finally:
+        Trainer.train_step = original
+    return losses, before, _timeout_of(dist.group.WORLD)
+
+
+def test_distributed_timeout_after_init_ends_a_stalled_run(world2, tmp_path):
+    """--distributed-timeout-seconds-after-init 2: after the first step every group's
+    collectives wait 2 s, so a rank stalled 8 s ends the run with gloo's timeout (without the
+    flag the same stall only delays it); the group gets its own timeout back after a run."""
+    import distributed
+
+    flag = ["--distributed-timeout-seconds-after-init", "2"]
+    losses, before, after = world2.run(_run_with_a_slow_rank, BASE, str(tmp_path / "a"), 8.0)[0]
+    assert sorted(losses) == list(range(1, 7)) and after == before
+    losses, before, after = world2.run(_run_with_a_slow_rank, BASE + flag, str(tmp_path / "b"),
+                                       0.0)[0]  # fmt: skip
+    assert sorted(losses) == list(range(1, 7)) and after == before
+    with pytest.raises(distributed.RankFailure, match=r"(?i)timed out"):
+        world2.run(_run_with_a_slow_rank, BASE + flag, str(tmp_path / "c"), 8.0)
