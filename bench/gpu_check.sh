@@ -162,13 +162,20 @@ MOE_ARGS=(
 )
 if [[ "$DRY_RUN" == 1 ]]; then
   echo "== moe_mla_mtp (dry run)"
-  "$PYTHON" pretrain_tst.py --dry-run "${MOE_ARGS[@]}" | tail -n 3
+  "$PYTHON" pretrain_tst.py --dry-run "${MOE_ARGS[@]}" --record-memory-history \
+    --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" | tail -n 3
 else
   echo "== moe_mla_mtp"
   rm -f "$OUT_DIR/moe_mla_mtp.jsonl"
-  "$PYTHON" pretrain_tst.py "${MOE_ARGS[@]}" --metrics-file "$OUT_DIR/moe_mla_mtp.jsonl"
-  "$PYTHON" - "$OUT_DIR/moe_mla_mtp.jsonl" <<'EOF2'
-import json, math, sys
+  rm -f "$OUT_DIR/moe_memory.pickle"
+  "$PYTHON" pretrain_tst.py "${MOE_ARGS[@]}" --metrics-file "$OUT_DIR/moe_mla_mtp.jsonl" \
+    --record-memory-history --memory-snapshot-path "$OUT_DIR/moe_memory.pickle"
+  "$PYTHON" - "$OUT_DIR/moe_mla_mtp.jsonl" "$OUT_DIR/moe_memory.pickle" <<'EOF2'
+import json, math, pickle, sys
+snapshot = pickle.load(open(sys.argv[2], "rb"))
+events = sum(len(t) for t in snapshot.get("device_traces", []))
+print(f"--record-memory-history: {len(snapshot.get('segments', []))} allocator segments, "
+      f"{events} allocation events in {sys.argv[2]} ({'recorded' if events else 'EMPTY'})")
 records = [json.loads(l) for l in open(sys.argv[1]) if '"loss": ' in l and '"iteration"' in l]
 loss = [r["loss"] for r in records]
 phases = {r["phase"] for r in records if any(k.startswith("mtp") for k in r)}

@@ -1358,6 +1358,15 @@ class LoggingConfig:
         "Print the memory use of every rank of the first data-parallel replica every N steps "
         "(a multiple of --log-interval); it is printed at the first logged steps in any case.",
     )
+    record_memory_history: bool = _f(
+        False, "Record CUDA's allocations from the model's build on (stack traces, the last "
+        "100,000), and dump the allocator's snapshot at every log step and at an out-of-memory "
+        "error from the last rank (torch.cuda.memory's pickle; a GPU only).",
+    )  # fmt: skip
+    memory_snapshot_path: str = _f(
+        "snapshot.pickle", "Where --record-memory-history dumps the snapshot "
+        "(https://pytorch.org/memory_viz reads it).",
+    )  # fmt: skip
     log_device_memory_used: bool = _f(
         False, "Add the device's whole used memory to the memory report (every process's, as "
         "nvidia-smi shows it; the host's on CPU).",

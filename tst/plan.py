@@ -517,6 +517,12 @@ def check_launchable(cfg: Config) -> None:
     for flag, asked, why in not_yet:
         _require(not asked, f"{flag} is not supported yet: {why}; drop it (--dry-run lays "
                             "such a run out, a launch cannot run it)")  # fmt: skip
+    if cfg.log.record_memory_history:
+        import torch
+
+        _require(torch.cuda.is_available(), "--record-memory-history records CUDA's caching "
+                 "allocator, and this machine has no GPU: drop it (on CPU the memory report, "
+                 "--log-memory-interval, prints resident memory)")  # fmt: skip
 
 
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:

@@ -78,6 +78,8 @@ class Trainer:
         self.cfg, self.layout, self.plan = cfg, layout, plan
         self.tokenizer = tokenizer
         m, t, tst = cfg.model, cfg.training, cfg.tst
+        if cfg.log.record_memory_history:  # before the model is built, as Megatron-LM
+            _record_memory_history(cfg.log.memory_snapshot_path)
         self.schedule = plan.schedule
         self.bag_size = self.schedule.data_bag_size  # units per big sample of the data
         self.seq_length = m.seq_length
@@ -1075,6 +1077,8 @@ class Trainer:
             f"{record['positions_per_s']:.0f} pos/s | {tflops:.3f} TFLOP/s | "
             f"MFU {100 * record['mfu']:.1f}%{extra}"
         )
+        if log.record_memory_history and self.layout.rank == self.layout.world_size - 1:
+            _dump_memory_snapshot(log.memory_snapshot_path)
         every = log.log_memory_interval
         if self._memory_report_due or (every and self.iteration % every == 0):
             self._report_memory()
@@ -1111,6 +1115,29 @@ class Trainer:
         figures = " | ".join(f"{name}: {value / 2**20:.1f}" for name, value in mib.items())
         print(f"[Rank {self.layout.rank}] (after {self.iteration} iterations) memory (MB) | "
               f"{figures}", flush=True)  # fmt: skip
+
+
+def _record_memory_history(path: str) -> None:
+    """Megatron-LM's --record-memory-history: CUDA's allocator records every allocation with
+    its stack (the last 100,000 kept); an out-of-memory error dumps the snapshot to ``path``."""
+    torch.cuda.memory._record_memory_history(max_entries=100_000)
+
+    def oom_observer(device, alloc, device_alloc, device_free):
+        print(f"out of memory on cuda:{device}: saving the allocator's snapshot to {path}",
+              flush=True)  # fmt: skip
+        _dump_memory_snapshot(path)
+
+    attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)  # CUDA builds
+    if attach is not None:
+        attach(oom_observer)
+
+
+def _dump_memory_snapshot(path: str) -> None:
+    """The allocator's snapshot (torch.cuda.memory's pickle) to ``path``, whole or not at all."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.cuda.memory._dump_snapshot(tmp)
+    os.replace(tmp, path)
 
 
 def _end_child_processes() -> None:

@@ -240,6 +240,13 @@ def test_launch_refuses_what_only_a_dry_run_can_lay_out(flag):
         check_launchable(parse_args(BASE + flag))
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="refused without a GPU")
+def test_memory_history_is_refused_without_a_gpu():
+    with pytest.raises(ValueError, match=r"--record-memory-history records CUDA's caching "
+                       r"allocator, and this machine has no GPU: drop it"):  # fmt: skip
+        pretrain_tst.main(BASE + ["--record-memory-history", "--memory-snapshot-path", "s.pkl"])
+
+
 def test_flex_dispatcher_is_refused_without_deepep():
     argv = BASE + ["--num-experts", "4", "--moe-token-dispatcher-type", "flex"]
     with pytest.raises(ValueError, match=r"flex needs DeepEP on a CUDA GPU; this run is on cpu"):
