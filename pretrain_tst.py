@@ -24,7 +24,8 @@ def build_tokenizer(cfg: Config):
     from tst.data.tokenizers import build_tokenizer as build
 
     d = cfg.data
-    return build(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file, d.vocab_size)
+    return build(d.tokenizer_type, d.tokenizer_model, d.vocab_file, d.merge_file, d.vocab_size,
+                 d.tiktoken_pattern, d.tiktoken_num_special_tokens, d.tokenizer_special_tokens)  # fmt: skip
 
 
 def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):

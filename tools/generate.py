@@ -141,8 +141,14 @@ def _hf_model(args, stack: contextlib.ExitStack):
         with open(info_path) as f:
             info = json.load(f)
         files = {k: os.path.join(args.load, v) for k, v in info["tokenizer_files"].items()}
-        vocab_floor = info["config"]["data"]["vocab_size"]  # NullTokenizer's --vocab-size
-        spec = TokenizerSpec(info["tokenizer_type"], vocab_size=vocab_floor, **files)
+        data = info["config"]["data"]
+        vocab_floor = data["vocab_size"]  # NullTokenizer's --vocab-size (TikTokenizer's too)
+        special = data.get("tokenizer_special_tokens")
+        spec = TokenizerSpec(info["tokenizer_type"], vocab_size=vocab_floor, **files,
+                             tiktoken_pattern=data.get("tiktoken_pattern"),
+                             tiktoken_num_special_tokens=data.get("tiktoken_num_special_tokens",
+                                                                  1000),
+                             special_tokens=tuple(special) if special else None)  # fmt: skip
         vocab, window = info["vocab_size"], info["config"]["model"]["max_position_embeddings"]
     elif args.tokenizer_type:  # a folder from elsewhere: the flags name its tokenizer
         spec, vocab, window = TokenizerSpec(args.tokenizer_type), None, None

@@ -68,8 +68,19 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vocab-file", help="GPT-2 vocab.json")
     g.add_argument("--merge-file", help="GPT-2 merges.txt")
     g.add_argument(
-        "--vocab-size", type=int, help="NullTokenizer / ByteTokenizer: vocabulary size (>= 257)"
-    )
+        "--vocab-size", type=int,
+        help="NullTokenizer / ByteTokenizer: vocabulary size (>= 257); TikTokenizer: ids kept "
+        "(default 2**17)",
+    )  # fmt: skip
+    g.add_argument("--tiktoken-pattern", choices=("v1", "v2"), help="TikTokenizer's regex")
+    g.add_argument(
+        "--tiktoken-num-special-tokens", type=int, default=1000,
+        help="TikTokenizer: ids 0..N-1 are special tokens",
+    )  # fmt: skip
+    g.add_argument(
+        "--tokenizer-special-tokens", "--tiktoken-special-tokens", nargs="+",
+        help="TikTokenizer's special tokens (default <unk> <s> </s>)",
+    )  # fmt: skip
     g.add_argument("--append-eod", action="store_true", help="append EOD to every document")
     g = p.add_argument_group("output data")
     g.add_argument(
@@ -101,6 +112,9 @@ def main(argv: list[str] | None = None) -> PreprocessSummary:
             args.vocab_file,
             args.merge_file,
             args.vocab_size,
+            args.tiktoken_pattern,
+            args.tiktoken_num_special_tokens,
+            tuple(args.tokenizer_special_tokens) if args.tokenizer_special_tokens else None,
         ),
         json_keys=tuple(args.json_keys),
         append_eod=args.append_eod,

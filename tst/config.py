@@ -929,6 +929,16 @@ class DataArgs:
     vocab_file: str | None = _f(None, "GPT-2 BPE vocab.json.")
     merge_file: str | None = _f(None, "GPT-2 BPE merges.txt.")
     vocab_size: int | None = _f(None, "Vocabulary size (default: the tokenizer's).")
+    tiktoken_pattern: str | None = _f(
+        None, "TikTokenizer's pre-tokenizer regex (Megatron-LM's v1 or v2).", choices=["v1", "v2"]
+    )
+    tiktoken_num_special_tokens: int = _f(
+        1000, "TikTokenizer: ids 0..N-1 are special tokens, the vocabulary's ranks follow."
+    )
+    tokenizer_special_tokens: list[str] | None = _f(
+        None, "TikTokenizer's special tokens, from id 0 (default <unk> <s> </s>; must hold "
+        "those three; <SPECIAL_k> fill up to --tiktoken-num-special-tokens).",
+    )  # fmt: skip
     make_vocab_size_divisible_by: int = _f(
         128,
         "Pad the vocabulary to a multiple of this value x TP (even shards, aligned GEMMs). "
@@ -1005,6 +1015,13 @@ class DataArgs:
                     "give --tokenizer-type (e.g. HuggingFaceTokenizer --tokenizer-model PATH, "
                     "or NullTokenizer --vocab-size N)"
                 )
+        tiktoken = {"--tiktoken-pattern": self.tiktoken_pattern is not None,
+                    "--tiktoken-num-special-tokens": self.tiktoken_num_special_tokens != 1000,
+                    "--tokenizer-special-tokens": self.tokenizer_special_tokens is not None}  # fmt: skip
+        ignored = [flag for flag, given in tiktoken.items() if given]
+        if ignored and self.tokenizer_type != "TikTokenizer":
+            warnings.warn(f"{', '.join(ignored)}: only TikTokenizer reads them (as in "
+                          f"Megatron-LM); ignored with {self.tokenizer_type}", stacklevel=2)  # fmt: skip
         _require(self.num_workers >= 0, "--num-workers must be >= 0 (0: no worker processes)")
         _require(
             self.mid_level_dataset_surplus >= 0,

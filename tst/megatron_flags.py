@@ -131,9 +131,6 @@ ACCEPTED: dict[str, Flag] = {
     "--export-force-local-attention": Flag(
         0, "a ModelOpt export setting; the attention here follows --transformer-impl"
     ),
-    "--tiktoken-pattern": Flag(
-        1, "read only by --tokenizer-type TikTokenizer, which is not one of the tokenizers here"
-    ),
 }
 
 REFUSED: dict[str, Flag] = {

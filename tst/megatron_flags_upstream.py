@@ -19,6 +19,8 @@ UPSTREAM_ALIASES: dict[str, list[str]] = {
     "--moe-router-padding-for-quantization": ["--moe-router-padding-for-fp8"],
     # Megatron-LM spells each "--no-" switch of its configuration classes "--disable-" too.
     "--disable-manual-gc-eval": ["--no-manual-gc-eval"],
+    # Megatron-LM's deprecated spelling of --tokenizer-special-tokens.
+    "--tiktoken-special-tokens": ["--tokenizer-special-tokens"],
     "--disable-use-tokenizer-model-from-checkpoint-args": [
         "--no-use-tokenizer-model-from-checkpoint-args"
     ],
@@ -443,10 +445,7 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--object-storage-cache-path": 1,
         "--allow-ambiguous-pad-tokens": 0,
         "--tokenizer-metadata": 1,
-        "--tokenizer-special-tokens": "+",
         "--legacy-tokenizer": 0,
-        "--tiktoken-num-special-tokens": 1,
-        "--tiktoken-special-tokens": "+",
         "--tokenizer-sentencepiece-legacy": 0,
         "--moe-use-upcycling": 0,
         "--moe-upcycling-granularity": 1,

@@ -78,6 +78,7 @@ _ALIAS_VALUES = {
     "--rope-theta": "500000",
     "--wandb-name": "run-1",
     "--dist-ckpt-format": "torch_dist",
+    "--tiktoken-special-tokens": "<pad>",
 }
 
 

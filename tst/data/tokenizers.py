@@ -33,6 +33,15 @@ preprocessor, the datasets, the trainer, the exporter and ``tools/generate.py`` 
     surrogates, which are refused); ``detokenize`` turns ids into bytes (ids above 255, EOD
     and padding, are dropped) and decodes them with U+FFFD for each invalid UTF-8 sequence
     (a model can emit any byte order), ``detokenize_bytes`` returns the bytes themselves.
+``TikTokenizer``
+    Megatron-LM's (its ``CustomTikTokenizer``, the Nemotron / Mistral-NeMo vocabularies): a
+    JSON list of ``{"rank", "token_bytes" (base64), "token_str"}`` ranks as ``--tokenizer-model``,
+    ``--tiktoken-pattern`` v1 or v2 (the pre-tokenizer's regex), the first
+    ``--tiktoken-num-special-tokens`` ids (default 1000) special: ``<unk>``, ``<s>``, ``</s>``
+    (or ``--tokenizer-special-tokens``, which must hold those three) then ``<SPECIAL_k>``
+    fillers, the ranks after them; ``vocab_size`` is ``--vocab-size`` (default 2**17, the
+    file's first ``vocab_size - S`` ranks kept). ``tokenize`` adds nothing; EOD is ``</s>``.
+    Encoded with the ``tiktoken`` library.
 ``NullTokenizer``
     ``ByteTokenizer`` with a larger ``--vocab-size`` allowed (the extra ids never occur);
     tests and smoke runs use it. (Megatron-LM's type of this name reads space-separated
@@ -67,6 +76,7 @@ __all__ = [
     "NullTokenizer",
     "SentencePieceTokenizer",
     "TextTokenizer",
+    "TikTokenizer",
     "TokenizerFileError",
     "TokenizerInputError",
     "TokenizerSpec",
@@ -80,6 +90,7 @@ TOKENIZER_TYPES = (
     "Llama2Tokenizer",
     "HuggingFaceTokenizer",
     "GPT2BPETokenizer",
+    "TikTokenizer",
     "ByteTokenizer",
     "NullTokenizer",
 )
@@ -369,12 +380,112 @@ _SENTENCEPIECE = {
 }
 
 
+# Megatron-LM's two tiktoken pre-tokenizer patterns (megatron/training/tokenizer), by name.
+TIKTOKEN_PATTERNS = {
+    "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    "v2": (
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+        r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+        r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+}
+TIKTOKEN_SPECIAL = ("<unk>", "<s>", "</s>")  # the special tokens every vocabulary must hold
+
+
+class TikTokenizer:
+    """Megatron-LM's ``TikTokenizer``; see the module docstring."""
+
+    TYPE = "TikTokenizer"
+
+    def __init__(
+        self,
+        path: str,
+        pattern: str | None,
+        vocab_size: int | None = None,
+        num_special_tokens: int = 1000,
+        special_tokens: list[str] | tuple[str, ...] | None = None,
+    ) -> None:
+        import base64
+        import binascii
+
+        import tiktoken
+
+        if pattern not in TIKTOKEN_PATTERNS:
+            raise TokenizerFileError(
+                f"--tokenizer-type TikTokenizer needs --tiktoken-pattern v1 or v2 (the "
+                f"vocabulary's pre-tokenizer), got {pattern!r}"
+            )
+        _require_file(path, self.TYPE, "--tokenizer-model")
+        vocab_size = 2**17 if vocab_size is None else vocab_size
+        special = list(special_tokens or TIKTOKEN_SPECIAL)
+        where = "--tokenizer-special-tokens"
+        if len(set(special)) != len(special):
+            raise InputError(f"{where} {special}: each special token once")
+        if not set(TIKTOKEN_SPECIAL) <= set(special):
+            raise InputError(f"{where} {special} must include {list(TIKTOKEN_SPECIAL)}")
+        if not len(special) <= num_special_tokens < vocab_size:
+            raise InputError(
+                f"--tiktoken-num-special-tokens {num_special_tokens} must be at least the "
+                f"{len(special)} special tokens and below --vocab-size {vocab_size}"
+            )
+        special += [f"<SPECIAL_{i}>" for i in range(len(special), num_special_tokens)]
+        entries = _require_json(path, "a tiktoken vocabulary (a JSON list of ranks)", self.TYPE)
+        inner = vocab_size - num_special_tokens
+        if not isinstance(entries, list) or len(entries) < inner:
+            count = len(entries) if isinstance(entries, list) else "no list of"
+            raise TokenizerFileError(
+                f"{path} holds {count} ranks, fewer than --vocab-size {vocab_size} minus "
+                f"--tiktoken-num-special-tokens {num_special_tokens} = {inner}: lower "
+                "--vocab-size (the first ranks are kept)"
+            )
+        ranks: dict[bytes, int] = {}
+        for i, entry in enumerate(entries[:inner]):
+            try:
+                if set(entry) != {"rank", "token_bytes", "token_str"} or entry["rank"] != i:
+                    raise ValueError("keys or rank")
+                token = base64.b64decode(entry["token_bytes"], validate=True)
+            except (TypeError, ValueError, binascii.Error) as err:
+                raise TokenizerFileError(
+                    f"{path}: entry {i} is not {{'rank': {i}, 'token_bytes': base64, "
+                    f"'token_str': ...}} ({err})"
+                ) from err
+            if i < 256 and token != bytes([i]):
+                raise TokenizerFileError(f"{path}: rank {i} must be the byte {i} itself")
+            if token in ranks:
+                raise TokenizerFileError(f"{path}: rank {i} repeats rank {ranks[token]}'s bytes")
+            ranks[token] = i + num_special_tokens
+        ids = {token: i for i, token in enumerate(special)}
+        self._model = tiktoken.Encoding(
+            name=os.path.basename(os.path.dirname(os.path.abspath(path))) or "tiktoken",
+            pat_str=TIKTOKEN_PATTERNS[pattern],
+            mergeable_ranks=ranks,
+            special_tokens=ids,
+        )
+        self.path = path
+        self.vocab_size = vocab_size
+        self.special_tokens = special
+        self.bos: int | None = None  # tokenize adds none (Megatron-LM's default)
+        self.eod = ids["</s>"]
+
+    def tokenize(self, text: str) -> list[int]:
+        if (at := lone_surrogate(text)) is not None:
+            raise TokenizerInputError(f"a lone surrogate at character {at} has no UTF-8 bytes")
+        return self._model.encode_ordinary(text)
+
+    def detokenize(self, ids: list[int] | np.ndarray) -> str:
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]  # padding rows dropped
+        return self._model.decode(ids)
+
+
 def build_tokenizer(
     tokenizer_type: str,
     tokenizer_model: str | None = None,
     vocab_file: str | None = None,
     merge_file: str | None = None,
     vocab_size: int | None = None,
+    tiktoken_pattern: str | None = None,
+    tiktoken_num_special_tokens: int = 1000,
+    special_tokens: list[str] | tuple[str, ...] | None = None,
 ) -> TextTokenizer:
     """Build a tokenizer by Megatron type name; the files it needs depend on the type.
 
@@ -393,6 +504,11 @@ def build_tokenizer(
         path = tokenizer_model or vocab_file
         flag = "--tokenizer-model" if tokenizer_model else "--vocab-file"
         return HuggingFaceTokenizer(_need(path, "--tokenizer-model", tokenizer_type), flag)
+    if tokenizer_type == "TikTokenizer":
+        return TikTokenizer(
+            _need(tokenizer_model, "--tokenizer-model", tokenizer_type), tiktoken_pattern,
+            vocab_size, tiktoken_num_special_tokens, special_tokens,
+        )  # fmt: skip
     if tokenizer_type == "GPT2BPETokenizer":
         return GPT2BPETokenizer(
             _need(vocab_file, "--vocab-file", tokenizer_type),
@@ -411,6 +527,9 @@ class TokenizerSpec:
     vocab_file: str | None = None
     merge_file: str | None = None
     vocab_size: int | None = None  # --vocab-size as trained (NullTokenizer's size)
+    tiktoken_pattern: str | None = None  # TikTokenizer's
+    tiktoken_num_special_tokens: int = 1000
+    special_tokens: tuple[str, ...] | None = None
 
     def build(self) -> TextTokenizer:
         return build_tokenizer(
@@ -419,6 +538,9 @@ class TokenizerSpec:
             self.vocab_file,
             self.merge_file,
             self.vocab_size,
+            self.tiktoken_pattern,
+            self.tiktoken_num_special_tokens,
+            self.special_tokens,
         )
 
 

@@ -75,6 +75,9 @@ def tokenizer_spec(
         vocab_file or d.vocab_file,
         merge_file or d.merge_file,
         d.vocab_size,
+        d.tiktoken_pattern,
+        d.tiktoken_num_special_tokens,
+        tuple(d.tokenizer_special_tokens) if d.tokenizer_special_tokens else None,
     )
 
 
