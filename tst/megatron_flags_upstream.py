@@ -19,6 +19,7 @@ UPSTREAM_ALIASES: dict[str, list[str]] = {
     "--moe-router-padding-for-quantization": ["--moe-router-padding-for-fp8"],
     # Megatron-LM spells each "--no-" switch of its configuration classes "--disable-" too.
     "--disable-manual-gc-eval": ["--no-manual-gc-eval"],
+    "--disable-ckpt-fully-parallel-save": ["--no-ckpt-fully-parallel-save"],
     # Megatron-LM's deprecated spelling of --tokenizer-special-tokens.
     "--tiktoken-special-tokens": ["--tokenizer-special-tokens"],
     "--disable-use-tokenizer-model-from-checkpoint-args": [
@@ -425,7 +426,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--ckpt-convert-format": 1,
         "--ckpt-convert-save": 1,
         "--ckpt-convert-update-legacy-dist-opt-format": 0,
-        "--disable-ckpt-fully-parallel-save": 0,
         "--dist-ckpt-save-pre-mcore-014": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
         "--lazy-mpu-init": 1,
