@@ -16,7 +16,7 @@ import warnings
 from tst.config import Config, parse_args
 from tst.data.blends import data_blends
 from tst.errors import TSTError, exit_code
-from tst.megatron_import import settled_imports
+from tst.megatron_import import compile_no_fusions, settled_imports
 from tst.plan import check_launchable, validate
 
 
@@ -89,6 +89,8 @@ def _no_test_split(error: TSTError) -> None:
 def main(argv=None) -> int:
     warnings.filterwarnings("ignore", module="megatron")
     cfg = parse_args(argv)
+    if cfg.training.disable_jit_fuser:
+        compile_no_fusions()  # before megatron-core's first import: no fusion is compiled
     with settled_imports():  # torch, megatron-core: the collector paused, then kept off them
         import torch
 

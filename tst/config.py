@@ -743,6 +743,10 @@ class TrainingConfig:
     sgd_momentum: float = _f(0.9, "SGD momentum.")
     clip_grad: float = _f(1.0, "Gradient-norm clipping (0 = off).")
     seed: int = _f(1234, "Random seed (weights, data order, dropout).")
+    disable_jit_fuser: bool = _f(
+        False, "Run megatron-core's fused elementwise functions (bias-SwiGLU, bias-GELU, "
+        "router steps, ...) as plain PyTorch, not torch.compile'd (never compiled on CPU).",
+    )  # fmt: skip
     data_parallel_random_init: bool = _f(
         False, "Each data-parallel rank its own random stream (dropout masks, MoE input "
         "jitter); the weights start and stay the same on every replica (Megatron-LM draws "

@@ -418,7 +418,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--overlap-cpu-optimizer-d2h-h2d": 0,
         "--dump-param-to-param-group-map": 1,
         "--high-priority-stream-groups": "*",
-        "--disable-jit-fuser": 0,
         "--persistent-save-interval": 1,
         "--save-wgrads-interval": 1,
         "--save-dgrads-interval": 1,

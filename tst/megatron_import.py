@@ -33,7 +33,7 @@ import importlib.util
 import sys
 import types
 
-__all__ = ["install", "settled_imports"]
+__all__ = ["compile_no_fusions", "install", "settled_imports"]
 
 _PACKAGE = "megatron.core"
 _settling = False  # inside a settled_imports block
@@ -133,9 +133,10 @@ class _FirstImport(importlib.abc.MetaPathFinder):
             with settled_imports():
                 import torch
 
-                if torch.cuda.is_available():
+                cuda = torch.cuda.is_available()
+                if cuda and not _NO_FUSER_COMPILE:
                     return exec_module(module)
-                if "wandb" not in sys.modules:
+                if not cuda and "wandb" not in sys.modules:
                     sys.meta_path.insert(0, _DeferredWandb())
                 compile_ = torch.compile
                 torch.compile = _unchanged
@@ -146,6 +147,20 @@ class _FirstImport(importlib.abc.MetaPathFinder):
 
         spec.loader.exec_module = exec_without_compiling
         return spec
+
+
+_NO_FUSER_COMPILE = False  # --disable-jit-fuser: the stand-in with CUDA too
+
+
+def compile_no_fusions() -> None:
+    """Megatron-LM's ``--disable-jit-fuser``: megatron-core's ``jit_fuser`` compiles nothing,
+    with CUDA too. Before megatron-core's first import (``pretrain_tst.main`` calls this right
+    after parsing) every fusion stays a plain function; after it, as Megatron-LM's
+    ``disable_jit_fuser``, only the modules imported from then on."""
+    global _NO_FUSER_COMPILE
+    _NO_FUSER_COMPILE = True
+    if "megatron.core.jit" in sys.modules:
+        sys.modules["megatron.core.jit"].disable_jit_fuser()
 
 
 def install() -> None:

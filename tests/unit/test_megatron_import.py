@@ -102,3 +102,38 @@ def test_settled_imports_freezes_new_imports_and_never_earlier_garbage(tmp_path,
     finally:
         gc.unfreeze()  # this worker's collector as it was
         sys.modules.pop("settled_probe", None)
+
+
+JIT_PROBE = r"""
+import json, sys
+import torch
+torch.cuda.is_available = lambda: True  # as on a GPU host, where jit_fuser is torch.compile
+import types
+import pretrain_tst
+# The dry run's report would query the pretended GPU: a stand-in module, imported by main
+# beside tst.trainer (megatron-core, its models and fusions) after the flags are parsed.
+stub = types.ModuleType("tst.dry_run")
+stub.dry_run, stub.dry_run_vocab_size = (lambda cfg, vocab: 0), (lambda cfg: 512)
+sys.modules["tst.dry_run"] = stub
+assert "megatron.core" not in sys.modules
+assert pretrain_tst.main([*sys.argv[1:], "--dry-run"]) == 0
+from megatron.core import jit
+from megatron.core.fusions import fused_bias_swiglu
+print(json.dumps({
+    "jit_fuser_is_compile": jit.jit_fuser is torch.compile,
+    "swiglu_compiled": hasattr(fused_bias_swiglu.swiglu, "_torchdynamo_orig_callable"),
+}))
+"""
+
+
+@pytest.mark.parametrize("flag", [[], ["--disable-jit-fuser"]])
+def test_disable_jit_fuser_leaves_every_fusion_plain_with_cuda(flag):
+    """With CUDA megatron-core's fusions are torch.compile'd; --disable-jit-fuser (Megatron-LM's)
+    leaves them plain functions, from the first import on."""
+    argv = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "8", "--micro-batch-size", "1", "--train-iters", "2", "--lr", "1e-3",
+            "--mock-data", "--vocab-size", "512", *flag]  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", JIT_PROBE, *argv], capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"jit_fuser_is_compile": not flag, "swiglu_compiled": not flag}, out.stderr
