@@ -58,6 +58,8 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
         mmap_bin_files=cfg.data.mmap_bin_files,
         mid_level_dataset_surplus=cfg.data.mid_level_dataset_surplus,
         multiple_validation_sets=cfg.log.multiple_validation_sets,
+        fast_cache_load=cfg.data.dataloader_fast_cache_load,
+        defer_index_mmap=cfg.data.dataloader_defer_npy_index_mmap,
     )
     # The test split (--split's third part or --test-data-path) is evaluated once at the end
     # as Megatron-LM does, as long as an evaluation (none without one); one too small for a

@@ -949,6 +949,15 @@ class DataArgs:
         "A checkpoint resumes at another TP only if the padded size stays the same.",
     )
     data_cache_path: str | None = _f(None, "Where dataset sample indices are cached.")
+    dataloader_fast_cache_load: bool = _f(
+        False, "Take the sample indices from the cache without reading the prefixes' document "
+        "indices or building on rank 0 first (per-split blends; every cache built by a run "
+        "without it).",
+    )  # fmt: skip
+    dataloader_defer_npy_index_mmap: bool = _f(
+        False, "Map each dataset's cached indices at its first sample, not at start (every "
+        "cache built by a run without it).",
+    )  # fmt: skip
     train_data_path: list[str] | None = _f(
         None, "Training blend, its prefixes read whole (instead of --data-path and --split)."
     )

@@ -36,6 +36,11 @@ UPSTREAM_ALIASES: dict[str, list[str]] = {
 
 # flag -> (nargs, reason)
 UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
+    "--allow-ambiguous-pad-tokens": (
+        0,
+        "no token is masked out of the loss as padding here (documents are packed whole, "
+        "nothing is padded), which is what the flag asks for a pad id shared with another token",
+    ),
     "--no-scatter-gather-tensors-in-pipeline": (
         0,
         "Megatron-LM 0.16.1 parses it and nothing reads it (megatron-core's pipeline sends "
@@ -438,11 +443,8 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--test-mode": 0,
         "--phase-transition-iterations": 1,
         "--per-dataset-sequences-path": 1,
-        "--dataloader-fast-cache-load": 0,
-        "--dataloader-defer-npy-index-mmap": 0,
         "--sample-rate": 1,
         "--object-storage-cache-path": 1,
-        "--allow-ambiguous-pad-tokens": 0,
         "--tokenizer-metadata": 1,
         "--legacy-tokenizer": 0,
         "--tokenizer-sentencepiece-legacy": 0,

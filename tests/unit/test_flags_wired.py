@@ -417,3 +417,34 @@ def test_dry_run_counts_the_optimizer_state_per_rank_as_it_is_sharded(tmp_path):
     n_tp, adam = adam_bytes(*distopt, "--tensor-model-parallel-size", "2")  # DP 4
     assert n_tp < n and adam == 8 * n_tp / 4
     assert adam_bytes(*distopt, "--context-parallel-size", "2") == (n, 8 * n / 8)  # DP 4 x CP 2
+
+
+def test_dataloader_cache_flags_read_the_indices_a_run_built(tmp_path):
+    """--dataloader-fast-cache-load and --dataloader-defer-npy-index-mmap (Megatron-LM's) take
+    the sample indices from the cache a run without them built: the same losses, training
+    and validation (rel 1e-6). Without the cache each is refused at start, naming the missing
+    file and the fix (the deferred one would fail at its first sample, in a loader worker);
+    the fast path with --data-path is refused as in Megatron-LM."""
+    from tst.errors import InputError
+
+    first, second = _dataset(tmp_path), _dataset(tmp_path, seed=1)
+    cache = str(tmp_path / "cache")
+    data = ["--train-data-path", first, "--valid-data-path", second, "--data-cache-path", cache]
+    flags = ["--dataloader-fast-cache-load", "--dataloader-defer-npy-index-mmap"]
+    runs = {}
+    for name, extra in (("built", []), ("cached", flags)):
+        (tmp_path / name).mkdir()
+        runs[name] = _run(BASE + data + extra, tmp_path / name)
+    for key in ("loss", "val_loss"):
+        got = [(r["iteration"], r[key]) for r in runs["cached"]["records"] if key in r]
+        want = [(r["iteration"], r[key]) for r in runs["built"]["records"] if key in r]
+        assert [i for i, _ in got] == [i for i, _ in want] and got, key
+        for (_, a), (_, b) in zip(got, want, strict=True):
+            assert a == pytest.approx(b, rel=1e-6), key
+    for flag in flags:
+        fresh = [*data[:-1], str(tmp_path / f"empty{flag}")]
+        with pytest.raises(InputError, match=rf"{flag} read\(s\) the sample indices from the "
+                           r"cache, but \S+\.npy is not there: run once without the flag"):  # fmt: skip
+            pretrain_tst.main(BASE + fresh + [flag])
+    with pytest.raises(ValueError, match=r"--dataloader-fast-cache-load reads per-split blends"):
+        pretrain_tst.main(BASE + ["--data-path", first, "--dataloader-fast-cache-load"])

@@ -108,6 +108,13 @@ class DataConfig:
     multiple_validation_sets: bool = False
     """--multiple-validation-sets: each prefix of the validation blend is its own dataset
     (read whole: its size must be None), the validation split a list of them."""
+    fast_cache_load: bool = False
+    """--dataloader-fast-cache-load: the sample indices are taken from the cache without
+    reading the prefixes' document indices or the rank-0-first order (per-split blends only;
+    every cache must be built: a run without the flag builds them)."""
+    defer_index_mmap: bool = False
+    """--dataloader-defer-npy-index-mmap: each dataset maps its cached indices at its first
+    sample, not when it is built (every cache must be built)."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
@@ -129,6 +136,15 @@ class DataConfig:
                     parse_blend(blend, f"--{name}-data-path")
             self.split = None  # each split reads its blend whole, as in Megatron-LM
             return
+        if self.fast_cache_load:
+            raise ValueError(
+                "--dataloader-fast-cache-load reads per-split blends (--train-data-path / "
+                "--valid-data-path / --test-data-path or --per-split-data-args-path), as in "
+                "Megatron-LM: not --data-path or --mock-data"
+            )
+        if self.mock and self.defer_index_mmap:
+            raise ValueError("--dataloader-defer-npy-index-mmap maps cached indices: mock data "
+                             "has none; drop it")  # fmt: skip
         if not self.mock and not self.data_path:
             raise ValueError("--data-path is required (or --mock-data for synthetic data)")
         if not self.mock:
@@ -408,6 +424,8 @@ def build_datasets(
         mid_level_dataset_surplus=cfg.mid_level_dataset_surplus,
         multiple_validation_sets=cfg.multiple_validation_sets,
         full_validation=cfg.multiple_validation_sets and num_samples[1] is None,
+        fast_cache_load=cfg.fast_cache_load,
+        defer_npy_index_mmap=cfg.defer_index_mmap,
     )
     # A split nobody reads is not built: stock megatron-core would otherwise try to build it
     # and, when the split holds no document, loop forever.
@@ -431,7 +449,49 @@ def build_datasets(
         config,
         optional_test=on_test_too_small is not None,
     )
-    train, valid, test = builder.build()
+    cached_only = [flag for flag, on in (("--dataloader-fast-cache-load", cfg.fast_cache_load),
+                   ("--dataloader-defer-npy-index-mmap", cfg.defer_index_mmap)) if on]  # fmt: skip
+    try:
+        train, valid, test = builder.build()
+        if cached_only:  # mapped at the first sample otherwise: in a loader worker, mid-run
+            for dataset in (train, valid, test):
+                _check_cached(dataset)
+    except Exception as error:  # megatron-core wraps the missing file in a bare Exception
+        missing = _missing_file(error)
+        if not cached_only or missing is None:
+            raise
+        raise InputError(
+            f"{' and '.join(cached_only)} read(s) the sample indices from the cache, but "
+            f"{missing} is not there: run once without the flag (it builds them in "
+            f"{cache}), with the same data, --seq-length, --split and --seed"
+        ) from error
     if builder.test_too_small is not None:
         on_test_too_small(builder.test_too_small)
     return train, valid, test
+
+
+def _missing_file(error: BaseException | None) -> str | None:
+    """The file a FileNotFoundError in ``error``'s chain names (None: no such error)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, FileNotFoundError):
+            return error.filename
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _check_cached(dataset) -> None:
+    """Every cached index a deferred dataset (or a blend's parts) will map, present now."""
+    if dataset is None:
+        return
+    if isinstance(dataset, list | tuple):
+        for part in dataset:
+            _check_cached(part)
+        return
+    for part in getattr(dataset, "datasets", None) or []:
+        _check_cached(part)
+    for name in ("path_to_shuffle_index", "path_to_sample_index", "path_to_document_index"):
+        path = getattr(dataset, name, None)
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(2, "not found", path)
