@@ -572,6 +572,16 @@ class ParallelConfig:
     distributed_timeout_minutes: int = _f(
         10, "Timeout of collectives: a rank lost mid-step ends the job after this long."
     )
+    overlap_p2p_comm: bool = _f(
+        True, "Interleaved schedules (virtual stages): batch the pipeline's sends and receives "
+        "instead of overlapping them with the chunks' compute (needs PP > 2, as in "
+        "Megatron-LM). Other schedules always batch them.",
+        flag="--no-overlap-p2p-communication",
+    )  # fmt: skip
+    overlap_p2p_comm_warmup_flush: bool = _f(
+        False, "Interleaved schedules: overlap the warm-up's and the flush's sends and "
+        "receives with compute too.", flag="--overlap-p2p-communication-warmup-flush",
+    )  # fmt: skip
     distributed_timeout_seconds_after_init: int | None = _f(
         None, "After the first step, the collectives' timeout in seconds (the first step, "
         "with its set-up, gets --distributed-timeout-minutes): a rank lost later ends the job "

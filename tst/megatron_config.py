@@ -182,6 +182,11 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         tensor_model_parallel_size=plan.grid.tp,
         pipeline_model_parallel_size=plan.grid.pp,
         virtual_pipeline_model_parallel_size=plan.vpp,
+        # Megatron-LM's rule: p2p overlapped with compute in interleaved schedules (unless
+        # --no-overlap-p2p-communication), batched in every other one.
+        overlap_p2p_comm=bool(plan.vpp) and p.overlap_p2p_comm,
+        batch_p2p_comm=not (bool(plan.vpp) and p.overlap_p2p_comm),
+        overlap_p2p_comm_warmup_flush=p.overlap_p2p_comm_warmup_flush,
         microbatch_group_size_per_vp_stage=p.microbatch_group_size_per_virtual_pipeline_stage,
         num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,

@@ -102,10 +102,6 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
         "what the tokenizer.json's post-processor adds (a Llama-3 BOS) is always included, as "
         "Megatron-LM's legacy tokenizer does",
     ),
-    "--no-overlap-p2p-communication": (
-        0,
-        "pipeline sends and receives are batched, never overlapped with compute (megatron-core's batch_p2p_comm): what the flag asks",
-    ),
 }
 
 _REASONS = {
@@ -393,7 +389,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--use-ring-exchange-p2p": 0,
         "--defer-embedding-wgrad-compute": 0,
         "--wgrad-deferral-limit": 1,
-        "--overlap-p2p-communication-warmup-flush": 0,
         "--mtp-standalone": 0,
         "--cpu-offloading-num-layers": 1,
         "--init-model-with-meta-device": 0,

@@ -215,13 +215,15 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
     grid = Grid(
         world=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, chunk_layers=chunk_layers
     )
-    _check_rank_order_and_optimizer_instances(cfg, grid, m.num_experts is not None)
+    _check_communication(cfg, grid, m.num_experts is not None)
     return grid
 
 
-def _check_rank_order_and_optimizer_instances(cfg: Config, grid: Grid, moe: bool) -> None:
-    """megatron-core's rules for --use-tp-pp-dp-mapping and --num-distributed-optimizer-
-    instances (its assertions inside initialize_model_parallel and DDP), one line each."""
+def _check_communication(cfg: Config, grid: Grid, moe: bool) -> None:
+    """megatron-core's and Megatron-LM's rules for the rank order (--use-tp-pp-dp-mapping),
+    the pipeline's p2p (--no-overlap-p2p-communication, --overlap-p2p-communication-warmup-
+    flush) and --num-distributed-optimizer-instances (their assertions inside
+    initialize_model_parallel, the config and DDP), one line each."""
     p = cfg.parallel
     if p.use_tp_pp_dp_mapping:  # megatron-core builds the expert grid for a dense model too
         _require(
@@ -231,6 +233,16 @@ def _check_rank_order_and_optimizer_instances(cfg: Config, grid: Grid, moe: bool
             "numbers expert ranks in the default order): drop the flag or make "
             "ETP x EP = TP x CP",
         )
+    if grid.vpp and not p.overlap_p2p_comm:
+        _require(grid.pp > 2, "--no-overlap-p2p-communication with an interleaved schedule "
+                 f"needs PP > 2 (got {grid.pp}): batched, two stages would send and receive "
+                 "twice between the same two ranks in one batch (Megatron-LM refuses it too); "
+                 "drop the flag")  # fmt: skip
+    _require(not p.overlap_p2p_comm_warmup_flush or (grid.vpp and p.overlap_p2p_comm),
+             "--overlap-p2p-communication-warmup-flush overlaps an interleaved schedule's "
+             "warm-up and flush sends: it needs virtual pipeline stages "
+             "(--num-layers-per-virtual-pipeline-stage) and overlapped p2p (not "
+             "--no-overlap-p2p-communication)")  # fmt: skip
     n = p.num_distributed_optimizer_instances
     if n == 1:
         return

@@ -273,15 +273,23 @@ class Trainer:
         apply_phase(self.model, phase, loss)
         iterators = [iter(batches) for _ in self.model]
         vpp = self.plan.vpp
-        return get_forward_backward_func()(
-            forward_step_func=partial(self._forward_step, phase),
-            data_iterator=iterators if vpp else iterators[0],
-            model=self.model if vpp else self.model[0],
-            num_microbatches=len(batches),
-            seq_length=self.seq_length,
-            micro_batch_size=self.cfg.training.micro_batch_size,
-            forward_only=forward_only,
-        )
+        # megatron-core 0.16.1's interleaved schedule, forward only (an evaluation), with the
+        # warm-up / flush overlap leaves a receive posted that takes the next step's message
+        # (the next training step hung, every time at PP 4): evaluations run without it.
+        flush = self.config.overlap_p2p_comm_warmup_flush
+        self.config.overlap_p2p_comm_warmup_flush = flush and not forward_only
+        try:
+            return get_forward_backward_func()(
+                forward_step_func=partial(self._forward_step, phase),
+                data_iterator=iterators if vpp else iterators[0],
+                model=self.model if vpp else self.model[0],
+                num_microbatches=len(batches),
+                seq_length=self.seq_length,
+                micro_batch_size=self.cfg.training.micro_batch_size,
+                forward_only=forward_only,
+            )
+        finally:
+            self.config.overlap_p2p_comm_warmup_flush = flush
 
     def _global_loss(self, outputs, *flags: float) -> list[float]:
         """[loss sum, count, *flags] summed over micro-batches and ranks, known on every rank.

@@ -58,8 +58,14 @@ LAYOUTS = {
     "PP2": ["--pipeline-model-parallel-size", "2"],
     "TP2-SP": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
     "TP2xPP2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+    # Interleaved: p2p overlapped with compute (Megatron-LM's default there), and in the
+    # warm-up and flush too.
     "PP2-interleaved": [
         "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+    ],
+    "PP2-interleaved-warmup-flush": [
+        "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+        "--overlap-p2p-communication-warmup-flush",
     ],
     "DP4-distopt": ["--use-distributed-optimizer"],
 }  # fmt: skip

@@ -71,6 +71,8 @@ REFUSED = [
     (["--use-tp-pp-dp-mapping", "--context-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 4, r"--use-tp-pp-dp-mapping with PP 2 needs the same data-parallel size for the attention \(1\) and the experts \(2\)"),  # noqa: E501
     (["--use-tp-pp-dp-mapping", "--num-experts", "4", "--expert-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], 4, r"--use-tp-pp-dp-mapping with PP 2 needs the same data-parallel size for the attention \(2\) and the experts \(1\)"),  # noqa: E501
     (["--distributed-timeout-seconds-after-init", "0"], 1, r"--distributed-timeout-seconds-after-init must be >= 1"),  # noqa: E501
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1", "--no-overlap-p2p-communication"], 2, r"--no-overlap-p2p-communication with an interleaved schedule needs PP > 2 \(got 2\)"),  # noqa: E501
+    (["--pipeline-model-parallel-size", "2", "--overlap-p2p-communication-warmup-flush"], 2, r"--overlap-p2p-communication-warmup-flush overlaps an interleaved schedule's warm-up and flush sends: it needs virtual pipeline stages"),  # noqa: E501
     (["--use-checkpoint-args"], 1, r"--use-checkpoint-args reads the model flags from a checkpoint: give --load \(or --pretrained-checkpoint\)"),  # noqa: E501
     (["--ckpt-step", "2"], 1, r"--ckpt-step applies to --load: give --load CHECKPOINT_DIR"),
     (["--skip-train", "--eval-iters", "0"], 1, r"--skip-train only evaluates: give --eval-iters > 0"),

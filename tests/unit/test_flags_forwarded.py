@@ -429,3 +429,36 @@ def test_loss_scale_kept_out_of_tensorboard_in_a_run(tmp_path):
         assert logged == [1, 2], name  # every step's record (and each overflow's own)
         tags = EventAccumulator(str(board)).Reload().Tags()["scalars"]
         assert "train/loss" in tags and ("train/loss_scale" in tags) == (name == "default")
+
+
+@pytest.mark.parametrize(
+    ("world", "flags", "want"),
+    [
+        (2, ["--pipeline-model-parallel-size", "2"], (False, True, False)),
+        (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "4",
+             "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "2"],
+         (True, False, False)),
+        (2, ["--pipeline-model-parallel-size", "2", "--num-layers", "4",
+             "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "2",
+             "--overlap-p2p-communication-warmup-flush"], (True, False, True)),
+        (4, ["--pipeline-model-parallel-size", "4", "--num-layers", "8",
+             "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "4",
+             "--no-overlap-p2p-communication"], (False, True, False)),
+    ],
+    ids=["1F1B", "interleaved", "interleaved-warmup-flush", "interleaved-batched"],
+)  # fmt: skip
+def test_pipeline_p2p_follows_megatron_lms_rule(world, flags, want):
+    """Megatron-LM's p2p: overlapped with compute in interleaved schedules unless
+    --no-overlap-p2p-communication (then batched, PP > 2), batched in 1F1B; the warm-up and
+    flush overlap with --overlap-p2p-communication-warmup-flush. (overlap_p2p_comm,
+    batch_p2p_comm, overlap_p2p_comm_warmup_flush) as the TransformerConfig gets them."""
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    cfg = parse_args([*BASE, *flags])
+    plan = validate(cfg, world, 512)
+    layout = Layout(rank=0, world_size=world, local_rank=0, device=torch.device("cpu"),
+                    backend="gloo", tp=1, pp=plan.grid.pp, vpp=plan.vpp, dp=1, ep=1, tp_rank=0,
+                    pp_rank=0, dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
+    c = transformer_config(cfg, plan, layout, check_device=False)
+    assert (c.overlap_p2p_comm, c.batch_p2p_comm, c.overlap_p2p_comm_warmup_flush) == want
