@@ -489,7 +489,8 @@ def analyse(
     for (part, model, steps), arms in groups.items():
         base = arms["baseline"]["curve"] if "baseline" in arms else {}
         points = [(round(v["arm"].length * steps),
-                   statistics.fmean(c[-1][1] for c in v["curve"].values()))
+                   statistics.fmean(c[-1][1] for c in v["curve"].values()),
+                   _spread([c[-1][1] for c in v["curve"].values()]))
                   for v in arms.values() if v["arm"].baseline]  # fmt: skip
         for name, v in arms.items():
             arm, curves = v["arm"], v["curve"]
@@ -513,12 +514,31 @@ def analyse(
                                pre_decay_gap_mean=statistics.fmean(pre_gaps),
                                pre_decay_gap_std=_spread(pre_gaps))  # fmt: skip
                 if len(points) >= 2:
-                    iso = rp.iso_loss(points, row["final_val_loss_mean"])
-                    row.update(iso_loss_steps=iso["iterations"],
-                               iso_extrapolated=iso["extrapolated"],
-                               speedup=iso["iterations"] / iters if iso["iterations"] else None)  # fmt: skip
+                    row.update(iso_reading(points, row["final_val_loss_mean"], iters))
             rows.append(row)
     return rows
+
+
+def iso_reading(baselines: list[tuple[int, float, float | None]], loss: float, iters: int) -> dict:
+    """The baseline steps that reach ``loss`` (:func:`reproduce.iso_loss` over the baselines'
+    (steps, mean loss, seed spread)), and the speed-up over ``iters``; None with a note where
+    the baselines cannot say: their losses flat within the seeds' spread from the shortest to
+    the longest (a data-limited model: more steps no longer lower its held-out loss), or a
+    reading extrapolated beyond half the shortest or twice the longest baseline."""
+    pts = sorted(baselines)
+    (x0, y0, s0), (x1, y1, s1) = pts[0], pts[-1]
+    spreads = [s for s in (s0, s1) if s is not None]
+    none = {"iso_loss_steps": None, "iso_extrapolated": False, "speedup": None}
+    if spreads and y0 - y1 <= max(spreads):
+        return {**none, "iso_note": f"baselines flat: {y0:.4f} at {x0:,} steps, {y1:.4f} at "
+                f"{x1:,} (seed spread {max(spreads):.4f})"}  # fmt: skip
+    iso = rp.iso_loss([(x, y) for x, y, _ in pts], loss)
+    steps = iso["iterations"]
+    if steps is not None and iso["extrapolated"] and not x0 / 2 <= steps <= 2 * x1:
+        bound = f"> {2 * x1:,}" if steps > x1 else f"< {x0 // 2:,}"
+        return {**none, "iso_note": f"{bound} steps (beyond the baselines' reach)"}
+    return {"iso_loss_steps": steps, "iso_extrapolated": iso["extrapolated"],
+            "speedup": steps / iters if steps else None}  # fmt: skip
 
 
 def _fmt(mean: float | None, std: float | None, sign: str = "") -> str:
@@ -538,7 +558,7 @@ def summary_markdown(rows: list[dict]) -> str:
                   "gap before the LR decay (step) | iso-loss baseline steps (speed-up) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in mine:
-            iso = "-"
+            iso = r.get("iso_note", "-")
             if r.get("iso_loss_steps"):
                 mark = ", extrap." if r["iso_extrapolated"] else ""
                 iso = f"{r['iso_loss_steps']:.0f} ({r['speedup']:.2f}x{mark})"

@@ -372,3 +372,21 @@ def test_plot_draws_the_final_and_the_pre_decay_gap_of_each_arm(tmp_path, monkey
     assert pre.get_linestyle() == "--" and final.get_linestyle() == "-"
     xs, ys, errs, _ = points("tst_b3_r0.3")
     assert xs == [1000] and ys == [0.045] and errs == [0.0]
+
+
+def test_iso_reading_says_when_the_baselines_cannot_tell():
+    """Iso-loss steps only where the baselines resolve them: losses that fall with steps by
+    more than the seeds' spread, a reading inside [half the shortest, twice the longest]."""
+    falling = [(20, 5.0, 0.01), (30, 4.8, 0.02), (40, 4.7, 0.01)]
+    got = ts.iso_reading(falling, 4.9, 20)
+    want = math.exp(math.log(20) + 0.5 * (math.log(30) - math.log(20)))
+    assert got["iso_loss_steps"] == pytest.approx(want, rel=1e-9)
+    assert got["speedup"] == pytest.approx(want / 20, rel=1e-9) and not got["iso_extrapolated"]
+    # The 20k group as measured: 4.2432 ± 0.0137 at 20,000 steps, 4.2427 ± 0.0043 at 30,000.
+    flat = ts.iso_reading([(20000, 4.2432, 0.0137), (30000, 4.2427, 0.0043)], 4.2315, 20000)
+    assert flat["iso_loss_steps"] is None and flat["iso_note"].startswith("baselines flat")
+    far = ts.iso_reading(falling, 4.0, 20)  # 0.7 below the longest: far past it
+    assert far["iso_loss_steps"] is None and far["iso_note"] == "> 80 steps (beyond the " \
+        "baselines' reach)"  # fmt: skip
+    one_seed = ts.iso_reading([(20, 5.0, None), (30, 4.99, None)], 5.0, 20)
+    assert one_seed["iso_loss_steps"] == pytest.approx(20)  # no spread to judge by
