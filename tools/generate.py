@@ -33,7 +33,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 
 import torch  # noqa: E402
 
-from tst.data.tokenizers import TOKENIZER_TYPES  # noqa: E402
+from tst.data.tokenizers import TIKTOKEN_NUM_SPECIAL, TOKENIZER_TYPES  # noqa: E402
 
 NextLogits = Callable[[list[int]], torch.Tensor]  # token ids so far -> next-token logits [V]
 
@@ -143,12 +143,11 @@ def _hf_model(args, stack: contextlib.ExitStack):
         files = {k: os.path.join(args.load, v) for k, v in info["tokenizer_files"].items()}
         data = info["config"]["data"]
         vocab_floor = data["vocab_size"]  # NullTokenizer's --vocab-size (TikTokenizer's too)
-        special = data.get("tokenizer_special_tokens")
         spec = TokenizerSpec(info["tokenizer_type"], vocab_size=vocab_floor, **files,
                              tiktoken_pattern=data.get("tiktoken_pattern"),
                              tiktoken_num_special_tokens=data.get("tiktoken_num_special_tokens",
-                                                                  1000),
-                             special_tokens=tuple(special) if special else None)  # fmt: skip
+                                                                  TIKTOKEN_NUM_SPECIAL),
+                             special_tokens=data.get("tokenizer_special_tokens"))  # fmt: skip
         vocab, window = info["vocab_size"], info["config"]["model"]["max_position_embeddings"]
     elif args.tokenizer_type:  # a folder from elsewhere: the flags name its tokenizer
         spec, vocab, window = TokenizerSpec(args.tokenizer_type), None, None

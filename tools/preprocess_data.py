@@ -27,7 +27,12 @@ from tst.data.preprocess import (  # noqa: E402
     PreprocessSummary,
     preprocess,
 )
-from tst.data.tokenizers import TOKENIZER_TYPES, TokenizerSpec  # noqa: E402
+from tst.data.tokenizers import (  # noqa: E402
+    TIKTOKEN_NUM_SPECIAL,
+    TIKTOKEN_PATTERNS,
+    TOKENIZER_TYPES,
+    TokenizerSpec,
+)
 
 
 def get_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,9 +77,11 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="NullTokenizer / ByteTokenizer: vocabulary size (>= 257); TikTokenizer: ids kept "
         "(default 2**17)",
     )  # fmt: skip
-    g.add_argument("--tiktoken-pattern", choices=("v1", "v2"), help="TikTokenizer's regex")
     g.add_argument(
-        "--tiktoken-num-special-tokens", type=int, default=1000,
+        "--tiktoken-pattern", choices=sorted(TIKTOKEN_PATTERNS), help="TikTokenizer's regex"
+    )
+    g.add_argument(
+        "--tiktoken-num-special-tokens", type=int, default=TIKTOKEN_NUM_SPECIAL,
         help="TikTokenizer: ids 0..N-1 are special tokens",
     )  # fmt: skip
     g.add_argument(
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> PreprocessSummary:
             args.vocab_size,
             args.tiktoken_pattern,
             args.tiktoken_num_special_tokens,
-            tuple(args.tokenizer_special_tokens) if args.tokenizer_special_tokens else None,
+            args.tokenizer_special_tokens,
         ),
         json_keys=tuple(args.json_keys),
         append_eod=args.append_eod,

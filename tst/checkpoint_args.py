@@ -89,17 +89,10 @@ def _saved_config(root: str, step: int | None, flag: str):
     path = checkpointing.checkpoint_dir(root, iteration)
     if not os.path.isfile(os.path.join(path, "metadata.json")):
         raise ConfigError(f"--use-checkpoint-args: {path} is missing or incomplete")
-    import warnings
-
-    from megatron.core import dist_checkpointing
-
     from tst.export.loading import config_from_dict
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # its deprecation notice
-        common = dist_checkpointing.load_common_state_dict(path)
-    saved = common.get("common", common) if isinstance(common, dict) else None
-    if not isinstance(saved, dict) or "config" not in saved:
+    saved = checkpointing.saved_common_state(path)
+    if "config" not in saved:
         raise ConfigError(
             f"--use-checkpoint-args: {path} holds no saved flags (common['config']), so it was "
             "not saved by this trainer: drop --use-checkpoint-args and give the model flags"

@@ -603,14 +603,21 @@ def optimizer_layout(distributed: bool, tp: int, pp: int, vpp, ep: int, etp: int
     return layout
 
 
-def _saved_optimizer_layout(path: str) -> dict | None:
-    """The optimizer layout checkpoint ``path`` was saved with (None before it was stored)."""
+def saved_common_state(path: str) -> dict:
+    """The common (non-sharded) state checkpoint directory ``path`` holds, as :func:`save`
+    stored it ({} when there is none)."""
     from megatron.core import dist_checkpointing
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice
-        common = dist_checkpointing.load_common_state_dict(path).get("common") or {}
-    return common.get("optimizer_layout")
+        common = dist_checkpointing.load_common_state_dict(path)
+    saved = common.get("common", common) if isinstance(common, dict) else None
+    return saved if isinstance(saved, dict) else {}
+
+
+def _saved_optimizer_layout(path: str) -> dict | None:
+    """The optimizer layout checkpoint ``path`` was saved with (None before it was stored)."""
+    return saved_common_state(path).get("optimizer_layout")
 
 
 def _check_optimizer_layout(path: str, ours: dict, saved: dict | None) -> None:

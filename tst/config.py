@@ -23,7 +23,7 @@ from tst.config_fields import _f, _require
 from tst.config_mla import MLAConfig
 from tst.config_moe import MoEConfig, parse_layer_freq
 from tst.config_mtp import MTPConfig
-from tst.data.tokenizers import TOKENIZER_TYPES
+from tst.data.tokenizers import TIKTOKEN_NUM_SPECIAL, TIKTOKEN_PATTERNS, TOKENIZER_TYPES
 from tst.errors import ConfigError
 from tst.phases import parse_schedule
 
@@ -944,10 +944,13 @@ class DataArgs:
     merge_file: str | None = _f(None, "GPT-2 BPE merges.txt.")
     vocab_size: int | None = _f(None, "Vocabulary size (default: the tokenizer's).")
     tiktoken_pattern: str | None = _f(
-        None, "TikTokenizer's pre-tokenizer regex (Megatron-LM's v1 or v2).", choices=["v1", "v2"]
+        None,
+        "TikTokenizer's pre-tokenizer regex (Megatron-LM's v1 or v2).",
+        choices=sorted(TIKTOKEN_PATTERNS),
     )
     tiktoken_num_special_tokens: int = _f(
-        1000, "TikTokenizer: ids 0..N-1 are special tokens, the vocabulary's ranks follow."
+        TIKTOKEN_NUM_SPECIAL,
+        "TikTokenizer: ids 0..N-1 are special tokens, the vocabulary's ranks follow.",
     )
     tokenizer_special_tokens: list[str] | None = _f(
         None, "TikTokenizer's special tokens, from id 0 (default <unk> <s> </s>; must hold "
@@ -1039,7 +1042,7 @@ class DataArgs:
                     "or NullTokenizer --vocab-size N)"
                 )
         tiktoken = {"--tiktoken-pattern": self.tiktoken_pattern is not None,
-                    "--tiktoken-num-special-tokens": self.tiktoken_num_special_tokens != 1000,
+                    "--tiktoken-num-special-tokens": self.tiktoken_num_special_tokens != TIKTOKEN_NUM_SPECIAL,
                     "--tokenizer-special-tokens": self.tokenizer_special_tokens is not None}  # fmt: skip
         ignored = [flag for flag, given in tiktoken.items() if given]
         if ignored and self.tokenizer_type != "TikTokenizer":

@@ -238,8 +238,6 @@ def reset_parallel_state() -> None:
     for group in list(dist.distributed_c10d._world.pg_map):
         if group is not world:
             dist.destroy_process_group(group)
-    if hasattr(ps, "_global_process_group_list"):  # its timeout list: the default group only
-        ps._global_process_group_list = None
 
 
 def set_group_timeouts(seconds: float) -> None:

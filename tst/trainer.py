@@ -320,8 +320,8 @@ class Trainer:
         if not (
             c.hidden_dropout
             or c.attention_dropout
-            or getattr(c, "moe_input_jitter_eps", None)
-            or getattr(c, "moe_router_force_load_balancing", False)
+            or c.moe_input_jitter_eps
+            or c.moe_router_force_load_balancing
         ):
             return
         from tst.platform import seed_everything

@@ -390,6 +390,7 @@ TIKTOKEN_PATTERNS = {
     ),
 }
 TIKTOKEN_SPECIAL = ("<unk>", "<s>", "</s>")  # the special tokens every vocabulary must hold
+TIKTOKEN_NUM_SPECIAL = 1000  # --tiktoken-num-special-tokens' default (Megatron-LM's)
 
 
 class TikTokenizer:
@@ -402,7 +403,7 @@ class TikTokenizer:
         path: str,
         pattern: str | None,
         vocab_size: int | None = None,
-        num_special_tokens: int = 1000,
+        num_special_tokens: int = TIKTOKEN_NUM_SPECIAL,
         special_tokens: list[str] | tuple[str, ...] | None = None,
     ) -> None:
         import base64
@@ -484,7 +485,7 @@ def build_tokenizer(
     merge_file: str | None = None,
     vocab_size: int | None = None,
     tiktoken_pattern: str | None = None,
-    tiktoken_num_special_tokens: int = 1000,
+    tiktoken_num_special_tokens: int = TIKTOKEN_NUM_SPECIAL,
     special_tokens: list[str] | tuple[str, ...] | None = None,
 ) -> TextTokenizer:
     """Build a tokenizer by Megatron type name; the files it needs depend on the type.
@@ -528,8 +529,12 @@ class TokenizerSpec:
     merge_file: str | None = None
     vocab_size: int | None = None  # --vocab-size as trained (NullTokenizer's size)
     tiktoken_pattern: str | None = None  # TikTokenizer's
-    tiktoken_num_special_tokens: int = 1000
+    tiktoken_num_special_tokens: int = TIKTOKEN_NUM_SPECIAL
     special_tokens: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.special_tokens is not None:  # a list from the flags: kept as a hashable value
+            object.__setattr__(self, "special_tokens", tuple(self.special_tokens) or None)
 
     def build(self) -> TextTokenizer:
         return build_tokenizer(

@@ -158,9 +158,8 @@ def load_checkpoint(load: str, layout, iteration: int | None = None) -> LoadedCh
     if not dist.is_initialized() or dist.get_world_size() != 1:
         raise ExportError("load_checkpoint needs a world of one: use single_process_world()")
     path, iteration = resolve_checkpoint(load, iteration)
-    common = dist_checkpointing.load_common_state_dict(path)
-    saved = common.get("common", common) if isinstance(common, dict) else None
-    if not isinstance(saved, dict) or "config" not in saved:
+    saved = checkpointing.saved_common_state(path)
+    if "config" not in saved:
         raise ExportError(f"{path} holds no saved config (common['config']): not a tst checkpoint")
     cfg = config_from_dict(saved["config"])
     local = single_process_config(cfg)

@@ -77,7 +77,7 @@ def tokenizer_spec(
         d.vocab_size,
         d.tiktoken_pattern,
         d.tiktoken_num_special_tokens,
-        tuple(d.tokenizer_special_tokens) if d.tokenizer_special_tokens else None,
+        d.tokenizer_special_tokens,
     )
 
 
