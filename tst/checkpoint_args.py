@@ -59,6 +59,8 @@ MODEL_ARGS: dict[tuple[str, str], bool] = {
     ("moe", "moe_router_score_function"): True,
     ("moe", "moe_router_enable_expert_bias"): True,
     ("moe", "moe_router_topk_scaling_factor"): True,
+    ("model", "moe_latent_size"): True,
+    ("data", "tiktoken_pattern"): True,  # Megatron-LM takes it whatever the tokenizer flag
     # Megatron-LM keeps the padded vocabulary; here it follows from these two.
     ("data", "vocab_size"): False,
     ("data", "make_vocab_size_divisible_by"): False,

@@ -216,6 +216,12 @@ class ModelConfig:
     moe_router_topk: int = _f(2, "Experts each token is routed to.")
     moe_ffn_hidden_size: int | None = _f(None, "Expert MLP hidden size (default ffn-hidden-size).")
     moe_shared_expert_intermediate_size: int | None = _f(None, "Shared-expert MLP hidden size.")
+    moe_latent_size: int | None = _f(
+        None,
+        "Routed experts compute in this latent width: the MoE layer projects hidden -> latent "
+        "before the dispatch and back after the combine (Nemotron 3's latent MoE); the router "
+        "and the shared expert see the full hidden state.",
+    )
     moe_aux_loss_coeff: float = _f(0.0, "Load-balancing auxiliary loss coefficient.")
     moe_router_load_balancing_type: str = _f(
         "aux_loss",
@@ -293,6 +299,12 @@ class ModelConfig:
                 1 <= self.moe_router_topk <= self.num_experts,
                 "--moe-router-topk must be between 1 and --num-experts",
             )
+        if self.moe_latent_size is not None:
+            _require(self.num_experts is not None,
+                     "--moe-latent-size is the routed experts' width: it needs --num-experts")
+            _require(self.moe_latent_size > 0,
+                     "MoE latent projection dimension has to be greater than zero "
+                     f"(--moe-latent-size {self.moe_latent_size})")  # fmt: skip
 
     def _check_gpt_oss_features(self) -> None:
         """The gated-MLP variants and the attention window (GPT-OSS's), as Megatron-LM takes

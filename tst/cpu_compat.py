@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["apply", "is_applied"]
+__all__ = ["DuplicatedLinear", "apply", "is_applied"]
 
 _APPLIED_FLAG = "_tst_cpu_compat_applied"
 
@@ -321,13 +321,22 @@ def patch_without_transformer_engine() -> None:
       its forward takes the FP8 path, which needs TE. Without TE nothing runs in FP8.
     - Multi-latent attention: ``isinstance(self.linear_proj, TELinear)`` with TE's stand-in
       (a mock instance, not a class) raises; a class nothing is an instance of answers False.
+    - ``--moe-latent-size``: the MoE layer builds its two latent projections with
+      ``TELinear(parallel_mode="duplicated")`` and asserts TE is present. Without TE they are
+      :class:`DuplicatedLinear`, the same computation (``x W^T + b``, W whole on every
+      tensor-parallel rank) with the same gradient reduction and checkpoint layout.
     """
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import multi_latent_attention as mla
-    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe import moe_layer, moe_utils
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    if not moe_layer.HAVE_TE:
+        moe_layer.TELinear = DuplicatedLinear
+        # Read by the latent projections' assertion only: the other TE path of the MoE layer
+        # (te_checkpoint) runs in FP8, which is refused without TE before any model is built.
+        moe_layer.HAVE_TE = True
     if not isinstance(mla.TELinear, type):
         mla.TELinear = type("TELinearAbsent", (), {})
     cls = tp_random.CheckpointWithoutOutput
@@ -340,6 +349,59 @@ def patch_without_transformer_engine() -> None:
 
         cls.__init__ = __init__
         cls._tst_no_fp8 = True
+
+
+class DuplicatedLinear(torch.nn.Module):
+    """``TELinear(parallel_mode="duplicated")`` without Transformer Engine: ``y = x W^T + b``
+    with W (``[out, in]``, TE's layout) whole on every tensor-parallel rank.
+
+    As TE's: the weight is drawn under the data-parallel RNG stream (equal on every TP rank),
+    its gradient is all-reduced over data parallelism and, under sequence parallelism (each
+    TP rank then sees its own slice of the sequence), summed over the TP group too
+    (megatron-core's ``sequence_parallel`` parameter attribute); the checkpoint holds one
+    replicated tensor. ``forward`` returns ``(output, None)``: the bias is added, not returned.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, parallel_mode: str | None, config,
+                 init_method, bias: bool, skip_bias_add: bool,
+                 skip_weight_param_allocation: bool = False, is_expert: bool = False,
+                 tp_comm_buffer_name: str | None = None, tp_group=None, **unused):  # fmt: skip
+        super().__init__()
+        if parallel_mode != "duplicated" or skip_bias_add or skip_weight_param_allocation:
+            raise NotImplementedError(
+                "without Transformer Engine only a duplicated linear that adds its own bias is "
+                f"available (got parallel_mode={parallel_mode!r}, skip_bias_add={skip_bias_add})"
+            )
+        if is_expert or tp_group is not None:
+            raise NotImplementedError("a duplicated linear is neither an expert nor TP-split")
+        from megatron.core.tensor_parallel.random import (
+            get_cuda_rng_tracker,
+            get_data_parallel_rng_tracker_name,
+        )
+
+        device = None
+        if not config.use_cpu_initialization and torch.cuda.is_available():
+            device = torch.cuda.current_device()
+        self.weight = torch.nn.Parameter(
+            torch.empty(output_size, input_size, dtype=config.params_dtype, device=device)
+        )
+        self.bias = None
+        if bias:
+            self.bias = torch.nn.Parameter(
+                torch.zeros(output_size, dtype=config.params_dtype, device=device)
+            )
+        if config.perform_initialization:
+            tracker = get_cuda_rng_tracker()
+            fork = (tracker.fork(get_data_parallel_rng_tracker_name())
+                    if tracker.is_initialized() else contextlib.nullcontext())  # fmt: skip
+            with fork:
+                init_method(self.weight)
+        for param in self.parameters():
+            param.allreduce = True
+            param.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor):
+        return torch.nn.functional.linear(x, self.weight, self.bias), None
 
 
 def _patch_uneven_first_dim_collectives() -> None:

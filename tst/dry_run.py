@@ -75,16 +75,20 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
             attn += heads
     glu = 2 if m.gated_mlp else 1
 
-    def mlp(ffn: int) -> int:
-        return (glu + 1) * h * ffn + ((glu * ffn + h) if bias else 0)
+    def mlp(ffn: int, width: int = h) -> int:
+        return (glu + 1) * width * ffn + ((glu * ffn + width) if bias else 0)
 
     if m.num_experts:
-        expert = mlp(m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size)
+        # --moe-latent-size: routed experts run at the latent width, between a projection
+        # down (h -> latent) and one back up (latent -> h) that every token passes.
+        latent = m.moe_latent_size
+        expert = mlp(m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size, latent or h)
+        projections = (2 * h * latent + ((latent + h) if bias else 0)) if latent else 0
         shared_ffn = m.moe_shared_expert_intermediate_size
         shared = mlp(shared_ffn) + (h if cfg.moe.moe_shared_expert_gate else 0) if shared_ffn else 0
         router = (h + bias) * m.num_experts
-        mlp_total = m.num_experts * expert + shared + router
-        mlp_active = m.moe_router_topk * expert + shared + router
+        mlp_total = m.num_experts * expert + shared + router + projections
+        mlp_active = m.moe_router_topk * expert + shared + router + projections
     else:
         mlp_total = mlp_active = mlp(m.resolved_ffn_hidden_size)
     embedding = vocab_size * h
@@ -349,8 +353,9 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int, vocab_size: int) ->
       like ``h``) and Q, K (``heads x (qk + pos)``), V and the output (``heads x v``);
     - dense MLP: norm input and FC1 input (``2h``), FC1 output (``2f`` with SwiGLU) and the
       activation output (``f``) split over TP;
-    - MoE: norm input and router input (``2h``), ``topk`` routed copies of the token (``k h``)
-      and ``k`` expert FC1 / activation outputs, split over expert-TP.
+    - MoE: norm input and router input (``2h``), ``topk`` routed copies of the token (``k h``;
+      ``k latent`` plus the down-projection's output with ``--moe-latent-size``) and ``k``
+      expert FC1 / activation outputs, split over expert-TP.
 
     With ``--sequence-parallel`` the ``h``-sized terms are split over TP too. Elements are
     2 bytes in bf16 (4 in fp32). The last stage adds its logits ``[L, b, V/tp]`` in the
@@ -378,7 +383,12 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int, vocab_size: int) ->
     if m.num_experts:
         f, k = m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size, m.moe_router_topk
         act = 0 if "moe_act" in redo else k * f
-        mlp = h / sp + norm_out + k * h / sp + (k * glu * f + act) / tp
+        # Each routed copy of a token enters its expert at the latent width where there is one
+        # (whose down-projection's output is kept for the up-projection's backward too).
+        width = m.moe_latent_size or h
+        mlp = h / sp + norm_out + k * width / sp + (k * glu * f + act) / tp
+        if m.moe_latent_size:
+            mlp += m.moe_latent_size / sp
         shared = m.moe_shared_expert_intermediate_size
         if shared and "shared_experts" not in redo:
             mlp += (glu + 1) * shared / tp
@@ -574,6 +584,8 @@ def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamIn
             f"MoE {m.num_experts} experts, top-{m.moe_router_topk}, expert FFN "
             f"{m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size}"
         )
+        if m.moe_latent_size:
+            mlp += f" at latent width {m.moe_latent_size}"
     precision = "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32"
     if t.fp8_format:
         precision += f" + FP8 ({t.fp8_format}, {t.fp8_recipe} recipe, Transformer Engine)"

@@ -8,8 +8,8 @@ rank keeps its tensor-parallel shard. The model is then the same under any TP / 
 EP layout, which makes layouts comparable and lets tests check them against each other.
 
 Distributions follow megatron-core's defaults: normal(0, std) for weights,
-normal(0, std / sqrt(2 * num_layers)) for the two output projections of each block
-(``linear_proj``, ``linear_fc2``), ones for norm weights, zeros for biases. The embeddings
+normal(0, std / sqrt(2 * num_layers)) for the output projections of each block
+(``linear_proj``, ``linear_fc2``, and ``fc2_latent_proj`` of a latent MoE), ones for norm weights, zeros for biases. The embeddings
 take ``--embedding-init-method-std`` where given; with ``--init-method-xavier-uniform`` every
 weight matrix is uniform in +-sqrt(6 / (fan_in + fan_out)) of its whole, unsplit shape
 (megatron-core applies Xavier to each rank's shard, which makes the model depend on the
@@ -91,7 +91,7 @@ class Draw:
             bound = math.sqrt(6.0 / (shape[0] + shape[1]))
             return torch.empty(shape).uniform_(-bound, bound, generator=gen)
         std = self.std
-        if "linear_proj" in name or "linear_fc2" in name:
+        if "linear_proj" in name or "linear_fc2" in name or "fc2_latent_proj" in name:
             std = std / math.sqrt(2.0 * self.num_layers)
         return torch.randn(shape, generator=gen) * std
 

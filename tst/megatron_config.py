@@ -48,6 +48,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
             moe_router_topk=m.moe_router_topk,
             moe_ffn_hidden_size=m.moe_ffn_hidden_size or ffn,
             moe_shared_expert_intermediate_size=m.moe_shared_expert_intermediate_size,
+            moe_latent_size=m.moe_latent_size,
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
             # A zero coefficient balances nothing: skip computing the loss.

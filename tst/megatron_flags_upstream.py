@@ -402,7 +402,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--fp4-quantizer-factory": 1,
         "--moe-enable-routing-replay": 0,
         "--moe-use-legacy-grouped-gemm": 0,
-        "--moe-latent-size": 1,
         "--moe-deepep-num-sms": 1,
         "--moe-hybridep-num-sms": 1,
         "--batch-invariant-mode": 0,

@@ -581,6 +581,16 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
     )
     _require(
+        not (m.num_experts and m.moe_shared_expert_intermediate_size and m.add_bias_linear),
+        "--moe-shared-expert-intermediate-size: megatron-core's shared experts take no biases, "
+        "and linear biases are on by default (Megatron-LM's): add --disable-bias-linear",
+    )
+    _require(
+        not (m.moe_latent_size and cfg.moe.moe_shared_expert_overlap),
+        "--moe-shared-expert-overlap is not supported with --moe-latent-size (megatron-core's "
+        "rule): drop one",
+    )
+    _require(
         not cfg.moe.moe_shared_expert_gate or bool(m.moe_shared_expert_intermediate_size),
         "--moe-shared-expert-gate gates the shared expert: give "
         "--moe-shared-expert-intermediate-size",

@@ -271,6 +271,7 @@ def test_cli_tokenizer_files_and_generate(dense_run, tmp_path, capsys):
         (["--add-qkv-bias"], "linear biases"),
         ([], "--swiglu"),
         ([*MOE, "--moe-shared-expert-intermediate-size", "32"], "--moe-shared-expert"),
+        ([*MOE, "--moe-latent-size", "8"], "moe_latent_size=8"),
     ],
 )
 def test_refuses_what_transformers_cannot_express(flags, names):

@@ -248,8 +248,9 @@ def _with_biases(argv: list[str]) -> list[str]:
          "--moe-shared-expert-intermediate-size", "32", "--qk-layernorm",
          "--normalization", "LayerNorm", "--untie-embeddings-and-output-weights"],
         ["--num-experts", "8", "--moe-router-topk", "3", BIASES],
+        ["--num-experts", "8", "--moe-router-topk", "2", "--moe-latent-size", "24", BIASES],
     ],
-    ids=["layernorm-bias-learned", "moe-shared-qknorm", "moe-bias"],
+    ids=["layernorm-bias-learned", "moe-shared-qknorm", "moe-bias", "moe-latent-bias"],
 )  # fmt: skip
 def test_analytic_count_agrees_with_the_built_model(extra, capsys):
     base = _with_biases(TINY) if BIASES in extra else TINY

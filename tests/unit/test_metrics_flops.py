@@ -1,5 +1,6 @@
 """The FLOPs per position that MFU divides by, against torch's own FLOP counter on built
-models (dense with GQA and SwiGLU, MoE with dense first layers and a shared expert, MLA).
+models (dense with GQA and SwiGLU, MoE with dense first layers and a shared expert, latent MoE,
+MLA).
 
 ``flops_per_position`` counts GEMMs and attention only (no norms, biases, softmax), which is
 what ``torch.utils.flop_counter.FlopCounterMode`` counts too, so the two agree closely; the
@@ -33,6 +34,10 @@ MODELS = {
                                "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
                                "--moe-shared-expert-intermediate-size", "48",
                                "--moe-layer-freq", "[0,1,1]", "--ffn-hidden-size", "96"],
+    "moe_latent_shared": ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads",
+                          "4", "--swiglu", "--num-experts", "4", "--moe-router-topk", "2",
+                          "--moe-ffn-hidden-size", "32", "--moe-latent-size", "16",
+                          "--moe-shared-expert-intermediate-size", "48"],
     "mla": ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
             "--multi-latent-attention", "--q-lora-rank", "24", "--kv-lora-rank", "16",
             "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "12",

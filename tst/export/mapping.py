@@ -86,6 +86,7 @@ def hf_architecture(cfg: Config, config) -> str:
         ("moe_input_jitter_eps", not config.moe_input_jitter_eps),
         ("moe_layer_freq", config.moe_layer_freq == 1),
         ("moe_router_load_balancing_type", config.moe_router_load_balancing_type != "sinkhorn"),
+        ("moe_latent_size", config.moe_latent_size is None),
     ):
         _refuse(not ok, f"megatron-core's {name}={getattr(config, name)!r} (routing differs)")
     if m.qk_layernorm:
