@@ -300,8 +300,10 @@ class ModelConfig:
                 "--moe-router-topk must be between 1 and --num-experts",
             )
         if self.moe_latent_size is not None:
-            _require(self.num_experts is not None,
-                     "--moe-latent-size is the routed experts' width: it needs --num-experts")
+            _require(
+                self.num_experts is not None,
+                "--moe-latent-size is the routed experts' width: it needs --num-experts",
+            )
             _require(self.moe_latent_size > 0,
                      "MoE latent projection dimension has to be greater than zero "
                      f"(--moe-latent-size {self.moe_latent_size})")  # fmt: skip
