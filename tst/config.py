@@ -767,6 +767,11 @@ class TrainingConfig:
     sgd_momentum: float = _f(0.9, "SGD momentum.")
     clip_grad: float = _f(1.0, "Gradient-norm clipping (0 = off).")
     seed: int = _f(1234, "Random seed (weights, data order, dropout).")
+    init_model_with_meta_device: bool = _f(
+        False, "Build the model on the meta device (no memory, none of megatron-core's "
+        "initialisation), then allocate it on the device, where this trainer's "
+        "layout-independent initialisation draws every weight, as it always does.",
+    )  # fmt: skip
     disable_jit_fuser: bool = _f(
         False, "Run megatron-core's fused elementwise functions (bias-SwiGLU, bias-GELU, "
         "router steps, ...) as plain PyTorch, not torch.compile'd (never compiled on CPU).",

@@ -391,7 +391,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--wgrad-deferral-limit": 1,
         "--mtp-standalone": 0,
         "--cpu-offloading-num-layers": 1,
-        "--init-model-with-meta-device": 0,
         "--use-fused-weighted-squared-relu": 0,
         "--fp8-quantizer-factory": 1,
         "--use-kitchen-attention": 0,

@@ -11,6 +11,7 @@ without labels it returns vocab-parallel logits ``[b, L, V/tp]``; with target ba
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 from dataclasses import dataclass
@@ -380,21 +381,31 @@ def moe_layer_pattern(config) -> list[int] | None:
     return None if all(pattern) else pattern
 
 
-def build_model_chunks(config, shape: ModelShape, vpp: int | None, device) -> list:
-    """This rank's model chunks: one per virtual pipeline stage (one when ``vpp`` is None)."""
+def build_model_chunks(config, shape: ModelShape, vpp: int | None, device,
+                       meta: bool = False) -> list:  # fmt: skip
+    """This rank's model chunks: one per virtual pipeline stage (one when ``vpp`` is None).
+
+    ``meta`` (``--init-model-with-meta-device``): the parameters are created on the meta
+    device (megatron-core's initialisation then does nothing) and allocated on ``device``
+    *uninitialised*: the caller must write every one (``initialize_layout_independent``).
+    Tensors a module places explicitly (RoPE frequencies, router buffers, Transformer
+    Engine's parameters) are built as usual and moved.
+    """
     from megatron.core import parallel_state as ps
 
     chunks = []
     for vp in range(vpp or 1):
         vp_stage = vp if vpp else None
-        chunk = build_gpt(
-            config,
-            shape,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-            vp_stage=vp_stage,
-        )
-        chunks.append(chunk.to(device))
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            chunk = build_gpt(
+                config,
+                shape,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+        chunks.append(chunk._apply(lambda t: (
+            torch.empty_like(t, device=device) if t.is_meta else t.to(device))))  # fmt: skip
     megatron_fixes.mark_expert_parameters(chunks, config)  # before init and DDP read it
     return chunks
 

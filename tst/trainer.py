@@ -96,8 +96,12 @@ class Trainer:
             use_transformer_engine(cfg, layout),
             on_gpu=layout.device.type == "cuda",
         )
-        chunks = build_model_chunks(self.config, self.shape, plan.vpp, layout.device)
-        initialize_layout_independent(chunks, self.config, t.seed, layout)
+        chunks = build_model_chunks(self.config, self.shape, plan.vpp, layout.device,
+                                    meta=t.init_model_with_meta_device)  # fmt: skip
+        written = initialize_layout_independent(chunks, self.config, t.seed, layout)
+        params = sum(1 for c in chunks for _ in c.parameters())
+        if written != params:  # with a meta build, an unwritten one would hold garbage
+            raise RuntimeError(f"{params - written} of {params} parameters were not initialised")
         self.raw_chunks = chunks
         if t.bf16 or t.fp16:
             chunks = [Float16Module(self.config, c) for c in chunks]

@@ -448,3 +448,30 @@ def test_dataloader_cache_flags_read_the_indices_a_run_built(tmp_path):
             pretrain_tst.main(BASE + fresh + [flag])
     with pytest.raises(ValueError, match=r"--dataloader-fast-cache-load reads per-split blends"):
         pretrain_tst.main(BASE + ["--data-path", first, "--dataloader-fast-cache-load"])
+
+
+def test_init_model_with_meta_device_trains_the_same_model(tmp_path, monkeypatch):
+    """--init-model-with-meta-device: megatron-core builds every parameter on the meta device
+    and the trainer's layout-independent initialisation draws each one on the host: the same
+    weights, so the same losses, exactly (an MoE model, both phases)."""
+    import tst.model
+
+    prefix = _dataset(tmp_path)
+    built, build = [], tst.model.build_gpt
+
+    def spy(*args, **kwargs):
+        model = build(*args, **kwargs)
+        built.append({p.device.type for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(tst.model, "build_gpt", spy)
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16"]
+    losses = {}
+    for name, extra in (("plain", []), ("meta", ["--init-model-with-meta-device"])):
+        metrics = tmp_path / f"{name}.jsonl"
+        argv = BASE + moe + extra + ["--data-path", prefix, "--metrics-file", str(metrics)]
+        assert pretrain_tst.main(argv) == 0
+        with open(metrics) as f:
+            losses[name] = [(r["iteration"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+    assert built == [{"cpu"}, {"meta"}]
+    assert len(losses["plain"]) == 4 and losses["meta"] == losses["plain"]
