@@ -34,7 +34,9 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
 
     blends = blends if blends is not None else data_blends(cfg.data)
     bag = plan.schedule.data_bag_size  # units per big sample: every stage's bag divides it
-    rows = [(plan.samples_between(phase.start, phase.end), phase.units_per_row)
+    # At the given global batch: with --decrease-batch-size-if-needed a resumed run may have
+    # trained more per step before (at another DP) than this layout's decreased batch.
+    rows = [(plan.samples_between(phase.start, phase.end, nominal=True), phase.units_per_row)
             for phase in plan.schedule.phases]  # fmt: skip
     train = big_samples_needed(rows, bag)
     valid = test = 0

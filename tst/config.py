@@ -699,6 +699,11 @@ class TrainingConfig:
 
     micro_batch_size: int | None = _f(None, "Samples per micro-batch per data-parallel rank.")
     global_batch_size: int | None = _f(None, "Samples per optimizer step (default micro x DP).")
+    decrease_batch_size_if_needed: bool = _f(
+        False, "Train the largest multiple of micro-batch x DP up to --global-batch-size when "
+        "the batch does not divide (e.g. a resume at another data-parallel size); the rest are "
+        "counted as skipped samples (Megatron-LM's rule).",
+    )  # fmt: skip
     rampup_batch_size: list[int] | None = _f(
         None,
         "Batch-size ramp-up: START INCREMENT SAMPLES grows the global batch from START by "

@@ -630,14 +630,16 @@ def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamIn
 def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     grid = plan.grid
-    num_micro, gbs = plan.num_microbatches, plan.global_batch_size
+    num_micro, gbs = plan.num_microbatches, plan.trained_batch_size
+    decreased = (f" (decreased from {plan.global_batch_size} by --decrease-batch-size-if-needed)"
+                 if gbs != plan.global_batch_size else "")  # fmt: skip
     vpp = f" VPP={grid.vpp}" if grid.vpp else ""
     expert = f" EP={grid.ep} ETP={grid.etp} expert-DP={grid.expert_dp}" if m.num_experts else ""
     cp = f" CP={grid.cp}" if grid.cp > 1 else ""
     print(
         f"layout for a world of {grid.world}: TP={grid.tp} PP={grid.pp}{vpp}{cp} DP={grid.dp}"
-        f"{expert}{' +SP' if p.sequence_parallel else ''}; global batch {gbs} = {num_micro} "
-        f"micro-batches x {t.micro_batch_size} x DP {grid.dp} "
+        f"{expert}{' +SP' if p.sequence_parallel else ''}; global batch {gbs}{decreased} = "
+        f"{num_micro} micro-batches x {t.micro_batch_size} x DP {grid.dp} "
         f"({gbs * m.seq_length / 1e6:,.2f}M positions per step)"
     )
     weight_b = 2 if t.bf16 or t.fp16 else 4

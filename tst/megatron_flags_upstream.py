@@ -409,7 +409,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--fine-grained-activation-offloading": 0,
         "--offload-modules": "+",
         "--min-offloaded-tensor-size": 1,
-        "--decrease-batch-size-if-needed": 0,
         "--optimizer-cpu-offload": 0,
         "--optimizer-offload-fraction": 1,
         "--use-torch-optimizer-for-cpu-offload": 0,

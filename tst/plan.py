@@ -93,19 +93,26 @@ class RunPlan:
         """Micro-batches per step at the full batch size."""
         return self.global_batch_size // (self.micro_batch_size * self.dp)
 
+    @property
+    def trained_batch_size(self) -> int:
+        """Samples a full step trains: the global batch, or with --decrease-batch-size-if-needed
+        the largest multiple of micro-batch x DP below it (Megatron-LM's running batch)."""
+        return self.num_microbatches * self.micro_batch_size * self.dp
+
     def batch_size_at(self, iteration: int) -> int:
-        """Global batch of 0-based step ``iteration`` (ramp-up by samples consumed)."""
+        """Samples trained by 0-based step ``iteration`` (ramp-up by samples consumed)."""
         if self.rampup is None:
-            return self.global_batch_size
+            return self.trained_batch_size
         return _rampup_batch(self.rampup, self.global_batch_size, self.samples_before(iteration))
 
     def microbatches_at(self, iteration: int) -> int:
         return self.batch_size_at(iteration) // (self.micro_batch_size * self.dp)
 
-    def samples_before(self, iteration: int) -> int:
-        """Samples the first ``iteration`` steps read."""
+    def samples_before(self, iteration: int, nominal: bool = False) -> int:
+        """Samples the first ``iteration`` steps read (``nominal``: at the given global batch,
+        an upper bound for a run whose batch was decreased, at whatever DP it ran)."""
         if self.rampup is None:
-            return iteration * self.global_batch_size
+            return iteration * (self.global_batch_size if nominal else self.trained_batch_size)
         consumed = 0
         for step in range(iteration):
             batch = _rampup_batch(self.rampup, self.global_batch_size, consumed)
@@ -114,8 +121,8 @@ class RunPlan:
             consumed += batch
         return consumed
 
-    def samples_between(self, start: int, end: int) -> int:
-        return self.samples_before(end) - self.samples_before(start)
+    def samples_between(self, start: int, end: int, nominal: bool = False) -> int:
+        return self.samples_before(end, nominal) - self.samples_before(start, nominal)
 
 
 def _rampup_batch(rampup: tuple[int, int, int], full: int, consumed: int) -> int:
@@ -141,6 +148,27 @@ def _train_iters(cfg: Config, gbs: int, rampup) -> int:
         consumed += _rampup_batch(rampup, gbs, consumed)
         iterations += 1
     return iterations + (t.train_samples - consumed) // gbs
+
+
+def _warn_decreased_batch(cfg: Config, gbs: int, unit: int, dp: int) -> None:
+    """--decrease-batch-size-if-needed with a batch it changes: Megatron-LM's message, and
+    what its rule does to the schedules (they count the samples trained)."""
+    t = cfg.training
+    trained = gbs // unit * unit
+    share = f"{trained / gbs:.1%}"
+    length = (f"--train-samples {t.train_samples} gives {t.train_samples // gbs} steps of "
+              f"{gbs}, so the run trains {share} of those samples, and the LR schedule "
+              "follows them" if t.sample_based else
+              "the LR schedule counts the samples trained while its iteration-based lengths "
+              f"(--train-iters, --lr-decay-iters, --lr-warmup-iters, ...) are multiplied by "
+              f"{gbs}: by --train-iters it has run {share} of them (give the lengths in samples "
+              "to place them exactly)")  # fmt: skip
+    warnings.warn(
+        f"--decrease-batch-size-if-needed: decreasing the global batch from {gbs} to {trained} "
+        f"to keep it divisible by --micro-batch-size {t.micro_batch_size} x data-parallel size "
+        f"{dp}; {gbs - trained} samples a step are skipped (Megatron-LM's rule: {length})",
+        stacklevel=3,
+    )
 
 
 def check_grid(cfg: Config, world_size: int) -> Grid:
@@ -620,12 +648,22 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         "(int(8/3 x hidden / 64) x 64 = 0): give --ffn-hidden-size",
     )
     gbs = t.global_batch_size or t.micro_batch_size * dp
-    _require(
-        gbs % (t.micro_batch_size * dp) == 0,
-        f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
-        f"{t.micro_batch_size} x data-parallel size {dp}",
-    )
     rampup = tuple(t.rampup_batch_size) if t.rampup_batch_size else None
+    unit = t.micro_batch_size * dp
+    if t.decrease_batch_size_if_needed and rampup is None:
+        _require(gbs >= unit, f"--global-batch-size {gbs} is less than one micro-batch on each "
+                 f"data-parallel rank (--micro-batch-size {t.micro_batch_size} x data-parallel "
+                 f"size {dp} = {unit}), even with --decrease-batch-size-if-needed")  # fmt: skip
+        if gbs % unit:
+            _warn_decreased_batch(cfg, gbs, unit, dp)
+    else:
+        _require(
+            gbs % unit == 0,
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+            f"{t.micro_batch_size} x data-parallel size {dp}"
+            + ("" if rampup else " (--decrease-batch-size-if-needed trains the largest multiple "
+               "of it below, Megatron-LM's option)"),
+        )  # fmt: skip
     if rampup is not None:
         start, increment, _ = rampup
         _require(start <= gbs and (gbs - start) % increment == 0,

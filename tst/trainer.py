@@ -155,6 +155,9 @@ class Trainer:
         self._saves_pending: dict[int, str] = {}
         self.start_time = time.time()
         self.elapsed_before = 0.0
+        # Megatron-LM's consumed / skipped train samples (skipped: a global batch decreased by
+        # --decrease-batch-size-if-needed); checkpointed, as a resume may run another batch.
+        self.trained_samples = self.skipped_samples = 0
         routing = (RoutingMonitor(self.raw_chunks, self.config, layout.device)
                    if m.num_experts else None)  # fmt: skip
         self.step_stats = StepStats(routing, self.config.mtp_num_layers or 0, layout.dp,
@@ -422,7 +425,7 @@ class Trainer:
         Megatron-LM's data loader drops them)."""
         dataset = self.valid_sets[index]
         rows = len(dataset) * self.bag_size  # units of L + 1 tokens
-        batch = self.plan.global_batch_size
+        batch = self.plan.trained_batch_size
         name = "the validation split"
         if self.named_valid_sets:
             name = f"validation set {index} ({getattr(dataset, 'dataset_path', None)})"
@@ -614,6 +617,7 @@ class Trainer:
             "phase": self._phase_now().name,
             "stage": self._phase_now().stage,
             "data": self.train_stream.state_dict(),
+            "samples": {"trained": self.trained_samples, "skipped": self.skipped_samples},
             "scheduler": self.scheduler.state_dict(),
             "elapsed_s": round(float(elapsed), 3),
             "config": self.cfg.to_dict(),
@@ -738,6 +742,10 @@ class Trainer:
         self.iteration = common["iteration"]
         self.writer.resume_at(self.iteration)
         self.train_stream.load_state_dict(common["data"])
+        # Checkpoints from before the counts were kept: the plan's count at this batch.
+        samples = common.get("samples", {"trained": self.plan.samples_before(self.iteration)})
+        self.trained_samples = samples["trained"]
+        self.skipped_samples = samples.get("skipped", 0)
         if self._schedule_restarted_before(self.iteration):
             self._restart_schedule()  # the checkpoint holds the restarted schedule's state
         self._load_scheduler(common["scheduler"])
@@ -901,6 +909,9 @@ class Trainer:
             profiler.step_start(self.iteration)
             result = self.train_step(phase)
             self.iteration += 1
+            self.trained_samples += batch_size
+            if self.plan.rampup is None:
+                self.skipped_samples += self.plan.global_batch_size - batch_size
             if first_step and self.cfg.parallel.distributed_timeout_seconds_after_init:
                 from tst.platform import set_group_timeouts
 
@@ -1059,7 +1070,7 @@ class Trainer:
             "batch_size": self.plan.batch_size_at(self.iteration - 1),
             "raw_tokens": raw,
             "data_units": self.train_stream.consumed_units,  # the data position, for audits
-            "positions": self.plan.samples_before(self.iteration) * self.seq_length,
+            "positions": self.trained_samples * self.seq_length,
             "raw_tokens_per_s": (raw - window["raw"]) / span,
             "positions_per_s": window["positions"] / span,
             "tflops_per_device": tflops,
@@ -1067,6 +1078,8 @@ class Trainer:
             "peak_tflops": self.peak.value,
             "elapsed_s": round(self.elapsed(), 3),
         }
+        if self.skipped_samples:  # Megatron-LM logs them once there are any
+            record["skipped_samples"] = self.skipped_samples
         if self.cfg.training.fp16:
             record["loss_scale"] = self.optimizer.get_loss_scale().item()
         if log.log_params_norm:
@@ -1082,6 +1095,8 @@ class Trainer:
         extra += "".join(
             f" | {key} {record[key]:.4g}" for key in ("loss_scale", "params_norm") if key in record
         )
+        if "skipped_samples" in record:
+            extra += f" | skipped samples {record['skipped_samples']}"
         self.writer.print(
             f"iter {self.iteration:>6}/{self.plan.train_iters} | {phase.name:<13} | "
             f"{name} {record['loss']:.4f} | lr {record['lr']:.3e} | grad {result['grad_norm']:.3f}"

@@ -475,3 +475,58 @@ def test_init_model_with_meta_device_trains_the_same_model(tmp_path, monkeypatch
             losses[name] = [(r["iteration"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
     assert built == [{"cpu"}, {"meta"}]
     assert len(losses["plain"]) == 4 and losses["meta"] == losses["plain"]
+
+
+def _train_records(argv: list[str], metrics) -> list[dict]:
+    assert pretrain_tst.main(argv + ["--metrics-file", str(metrics)]) == 0
+    with open(metrics) as f:
+        return [r for r in map(json.loads, f) if r.get("loss") is not None]
+
+
+def test_decrease_batch_size_if_needed_follows_megatron_lms_rule(tmp_path):
+    """--decrease-batch-size-if-needed: a global batch of 5 in micro-batches of 2 trains 4
+    samples a step (the same losses as a batch of 4, exactly, at a constant LR) and counts 1
+    skipped; the LR schedule counts the samples trained against lengths of steps x 5
+    (Megatron-LM's rule: linear decay reaches 4/5 of its way by the last step). A resume with
+    micro-batches of 1 trains the whole 5 from there, the counts continuing from the
+    checkpoint's. Without the flag the batch is refused, naming it."""
+    from tst.errors import ConfigError
+
+    prefix = _dataset(tmp_path)
+    base = [a for a in BASE if a != "--qk-layernorm"] + [
+        "--data-path", prefix, "--train-iters", "6", "--tst-iters", "2", "--eval-interval", "6",
+        "--save-interval", "6", "--lr-warmup-iters", "0", "--min-lr", "0"]  # fmt: skip
+    constant = ["--lr-decay-style", "constant"]
+    want = _train_records(base + constant + ["--global-batch-size", "4"], tmp_path / "four.jsonl")
+    with pytest.warns(UserWarning, match=r"decreasing the global batch from 5 to 4 .* 1 "
+                                         r"samples a step are skipped"):  # fmt: skip
+        got = _train_records(base + constant + ["--global-batch-size", "5",
+                                                "--decrease-batch-size-if-needed"],
+                             tmp_path / "five.jsonl")  # fmt: skip
+    assert [r["loss"] for r in got] == [r["loss"] for r in want] and len(got) == 6
+    assert [r["skipped_samples"] for r in got] == [1, 2, 3, 4, 5, 6]
+    assert [r["positions"] for r in got] == [4 * 8 * i for i in range(1, 7)]
+    assert "skipped_samples" not in want[-1]
+    with pytest.raises(ConfigError, match="--global-batch-size 5 is not divisible by "
+                                          "--micro-batch-size 2 x data-parallel size 1 "
+                                          r"\(--decrease-batch-size-if-needed"):  # fmt: skip
+        pretrain_tst.main(base + ["--global-batch-size", "5"])
+
+    # Linear decay over 6 x 5 samples, stepped by the 4 trained: lr(i) = lr0 (1 - 4 i / 30).
+    ckpt = str(tmp_path / "ckpt")
+    five = base + ["--global-batch-size", "5", "--decrease-batch-size-if-needed",
+                   "--lr-decay-style", "linear", "--save", ckpt, "--exit-interval", "3"]  # fmt: skip
+    with pytest.warns(UserWarning, match="by --train-iters it has run 80.0% of them"):
+        first = _train_records(five, tmp_path / "a.jsonl")
+    lr0 = float(BASE[BASE.index("--lr") + 1])
+    for r in first:
+        assert r["lr"] == pytest.approx(lr0 * (1 - 4 * r["iteration"] / 30), rel=1e-6), r
+    i = five.index("--micro-batch-size")
+    ones = five[:i] + ["--micro-batch-size", "1"] + five[i + 2 :] + ["--load", ckpt]
+    resumed = _train_records(ones, tmp_path / "b.jsonl")
+    assert [r["iteration"] for r in resumed] == [4, 5, 6]
+    assert [r["positions"] // 8 for r in resumed] == [12 + 5, 12 + 10, 12 + 15]
+    assert [r["skipped_samples"] for r in resumed] == [3, 3, 3]
+    for r in resumed:  # the schedule's samples continue from 12 trained, 5 a step
+        assert r["lr"] == pytest.approx(lr0 * (1 - (12 + 5 * (r["iteration"] - 3)) / 30),
+                                        rel=1e-6), r  # fmt: skip
