@@ -793,6 +793,11 @@ class TrainingConfig:
         "Every N steps, check that every data-parallel replica holds the same weights (a hash "
         "per parameter); a difference stops the run naming the parameters and ranks.",
     )
+    test_mode: bool = _f(
+        False, "megatron-core's real-time test: every forward of a --qk-layernorm attention "
+        "checks that its q / k LayerNorm weights and biases are the same on every data- and "
+        "tensor-parallel rank (catches silent hardware corruption); a difference stops the run.",
+    )  # fmt: skip
     deterministic_mode: bool = _f(
         False,
         "Deterministic kernels only (torch.use_deterministic_algorithms; megatron-core's "

@@ -122,6 +122,8 @@ class MoEConfig:
     moe_flex_dispatcher_backend: str = _f(
         "deepep", "Backend of the flex dispatcher.", choices=["deepep", "hybridep"]
     )
+    moe_deepep_num_sms: int = _f(20, "Streaming multiprocessors DeepEP's kernels use.")
+    moe_hybridep_num_sms: int = _f(16, "Streaming multiprocessors HybridEP's kernels use.")
     overlap_moe_expert_parallel_comm: bool = _f(
         False, "Overlap expert-parallel all-to-all with computation (batch-level schedule)."
     )
@@ -138,6 +140,9 @@ class MoEConfig:
             "--ep-overlap-early-attn-memory-release reorders --overlap-moe-expert-parallel-comm's "
             "schedule: add that flag (megatron-core's rule)",
         )
+        for flag, sms in (("--moe-deepep-num-sms", self.moe_deepep_num_sms),
+                          ("--moe-hybridep-num-sms", self.moe_hybridep_num_sms)):  # fmt: skip
+            _require(sms >= 1, f"{flag} must be >= 1, got {sms}")
         _require(
             self.moe_router_bias_update_rate >= 0
             and math.isfinite(self.moe_router_bias_update_rate),
@@ -173,7 +178,8 @@ class MoEConfig:
                 "moe_router_force_load_balancing", "moe_z_loss_coeff",
                 "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity",
                 "moe_token_drop_policy", "moe_shared_expert_overlap", "moe_input_jitter_eps",
-                "moe_apply_probs_on_input", "moe_shared_expert_gate",
+                "moe_apply_probs_on_input", "moe_shared_expert_gate", "moe_deepep_num_sms",
+                "moe_hybridep_num_sms",
             )
         }  # fmt: skip
         fields["moe_layer_freq"] = parse_layer_freq(self.moe_layer_freq, num_layers)

@@ -159,6 +159,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
+        test_mode=t.test_mode,
         qk_l2_norm=m.qk_l2_norm,
         attention_output_gate=m.attention_output_gate,
         apply_query_key_layer_scaling=m.apply_query_key_layer_scaling,

@@ -608,6 +608,15 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         not cfg.moe.moe_apply_probs_on_input or m.moe_router_topk == 1,
         "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
     )
+    if t.test_mode:  # megatron-core's one real-time test reads the q / k norms' biases
+        _require(not m.qk_layernorm or m.normalization == "LayerNorm",
+                 "--test-mode compares the q / k LayerNorm weights and biases across ranks: "
+                 f"with --normalization {m.normalization} (no biases) megatron-core's check "
+                 "fails; use LayerNorm or drop --test-mode")  # fmt: skip
+        if not m.qk_layernorm or cfg.mla.multi_latent_attention:
+            warnings.warn("--test-mode checks --qk-layernorm's q / k norms in standard attention "
+                          "(megatron-core's only real-time test): this model has none to check",
+                          stacklevel=2)  # fmt: skip
     _require(
         not (m.num_experts and m.moe_shared_expert_intermediate_size and m.add_bias_linear),
         "--moe-shared-expert-intermediate-size: megatron-core's shared experts take no biases, "

@@ -397,3 +397,48 @@ def test_profile_writes_a_trace_and_decoupled_lr_reaches_the_embeddings(world2, 
     run = world2.run(_train, argv, str(tmp_path / "m.jsonl"))[0]
     assert [p.name for p in tb.iterdir() if p.suffix == ".json"] == ["profile_rank0_steps2-3.json"]
     assert _losses(run) != _losses(world2.run(_train, BASE, str(tmp_path / "n.jsonl"))[0])
+
+
+def _train_test_mode(argv: list[str], metrics: str, nudge: bool) -> dict:
+    """pretrain_tst.main counting megatron-core's real-time tests; with ``nudge``, data-parallel
+    rank 1's first q-norm bias is moved before step 3: the error that stops the run."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    from tst.trainer import Trainer
+
+    tests, step = SelfAttention.run_realtime_tests, Trainer.train_step
+    seen = {"checks": 0, "error": None}
+
+    def counting(self):
+        seen["checks"] += 1
+        return tests(self)
+
+    def step_nudged(self, phase):
+        if nudge and self.layout.dp_rank == 1 and self.iteration == 2:
+            self.raw_chunks[0].decoder.layers[0].self_attention.q_layernorm.bias.data[0] += 1e-3
+        return step(self, phase)
+
+    SelfAttention.run_realtime_tests, Trainer.train_step = counting, step_nudged
+    try:
+        seen["records"] = _train(argv, metrics)["records"]
+    except AssertionError as error:
+        seen["error"] = str(error)
+    finally:
+        SelfAttention.run_realtime_tests, Trainer.train_step = tests, step
+    return seen
+
+
+def test_test_mode_checks_the_qk_norms_on_every_rank(world2, tmp_path):
+    """--test-mode: megatron-core's real-time test runs in every attention forward (4 layers,
+    4 micro-batches a step, evaluations too) and changes no loss; a q-norm bias moved on one
+    data-parallel replica stops both ranks at the next forward, naming it."""
+    qk = BASE + ["--qk-layernorm", "--normalization", "LayerNorm"]
+    want = world2.run(_train, qk, str(tmp_path / "plain.jsonl"))[0]["records"]
+    got = world2.run(_train_test_mode, qk + ["--test-mode"], str(tmp_path / "t.jsonl"), False)
+    losses = [[r["loss"] for r in records if "loss" in r] for records in (want,)]
+    for seen in got:
+        assert seen["error"] is None and seen["checks"] >= 6 * 4 * 2
+        assert [r["loss"] for r in seen["records"] if "loss" in r] == losses[0]
+    stopped = world2.run(_train_test_mode, qk + ["--test-mode"], str(tmp_path / "n.jsonl"), True)
+    for seen in stopped:
+        assert seen["error"].startswith("Discrepancy between q_b in DP ranks"), seen["error"]

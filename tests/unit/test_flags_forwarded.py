@@ -94,6 +94,11 @@ def test_moe_and_numerics_flags_reach_the_transformer_config():
     c = transformer_config(cfg, plan, cpu, check_device=False)
     assert (c.moe_z_loss_coeff, c.moe_token_drop_policy, c.moe_expert_capacity_factor) == (
         1e-3, "position", 1.0)  # fmt: skip
+    # The flex dispatcher's SM budgets (DeepEP / HybridEP, CUDA): Megatron-LM's defaults 20 / 16.
+    assert (c.moe_deepep_num_sms, c.moe_hybridep_num_sms) == (20, 16)
+    cfg, plan = _cfg(*moe, "--moe-deepep-num-sms", "24", "--moe-hybridep-num-sms", "32")
+    c = transformer_config(cfg, plan, cpu, check_device=False)
+    assert (c.moe_deepep_num_sms, c.moe_hybridep_num_sms) == (24, 32)
 
 
 def test_bf16_first_and_last_layers_under_fp8_reach_the_transformer_config(monkeypatch):
@@ -462,3 +467,22 @@ def test_pipeline_p2p_follows_megatron_lms_rule(world, flags, want):
                     pp_rank=0, dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
     c = transformer_config(cfg, plan, layout, check_device=False)
     assert (c.overlap_p2p_comm, c.batch_p2p_comm, c.overlap_p2p_comm_warmup_flush) == want
+
+
+def test_test_mode_reaches_the_transformer_config_where_it_can_check():
+    from tst.errors import ConfigError
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+                 cpu_patched=False)  # fmt: skip
+    qk = ["--qk-layernorm", "--normalization", "LayerNorm"]
+    assert not transformer_config(*_cfg(*qk), cpu, check_device=False).test_mode
+    assert transformer_config(*_cfg(*qk, "--test-mode"), cpu, check_device=False).test_mode
+    # megatron-core's check reads the norms' biases: RMSNorm has none.
+    with pytest.raises(ConfigError, match="--test-mode compares the q / k LayerNorm weights "
+                                          "and biases.*--normalization RMSNorm"):  # fmt: skip
+        _cfg("--qk-layernorm", "--normalization", "RMSNorm", "--test-mode")
+    with pytest.warns(UserWarning, match="this model has none to check"):
+        _cfg("--test-mode")
