@@ -56,6 +56,12 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
         "megatron-core's transformer layers never read it: Megatron-LM trains pre-LayerNorm "
         "residuals with it too",
     ),
+    "--moe-enable-routing-replay": (
+        0,
+        "megatron-core records or replays routing decisions only when code outside the "
+        "training loop (RL rollouts, inference) sets its actions; Megatron-LM 0.16.1's "
+        "training sets none, so a run routes as without it",
+    ),
     "--moe-extended-tp": (
         0,
         "deprecated since megatron-core 0.10 and ignored in Megatron-LM too (expert-TP is --expert-tensor-parallel-size)",
@@ -399,7 +405,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--fp4-recipe": 1,
         "--fp4-param-gather": 0,
         "--fp4-quantizer-factory": 1,
-        "--moe-enable-routing-replay": 0,
         "--moe-use-legacy-grouped-gemm": 0,
         "--batch-invariant-mode": 0,
         "--use-te-activation-func": 0,
