@@ -143,7 +143,9 @@ fi
 
 # A small DeepSeek-V3-shaped MoE on the GPU: multi-latent attention, a dense first layer,
 # 16 experts top-4 + a shared expert, sigmoid routing with the aux-loss-free expert bias,
-# MTP depth 1; both phases, bf16, the TE spec where TE is importable (else the local one).
+# MTP depth 1, the routed experts at a latent width (--moe-latent-size: TE's TELinear
+# projections, or where TE is absent the trainer's replicated linear on the GPU); both
+# phases, bf16, the TE spec where TE is importable (else the local one).
 # It must train: finite losses falling from the start, the MTP loss logged in both phases.
 MOE_ARGS=(
   --num-layers 4 --hidden-size 512 --num-attention-heads 8 --seq-length 1024
@@ -155,7 +157,7 @@ MOE_ARGS=(
   --moe-layer-freq "([0]*1+[1]*3)" --moe-shared-expert-intermediate-size 512
   --moe-router-score-function sigmoid --moe-router-enable-expert-bias
   --moe-router-load-balancing-type seq_aux_loss --moe-aux-loss-coeff 1e-4
-  --moe-token-dispatcher-type alltoall --mtp-num-layers 1
+  --moe-token-dispatcher-type alltoall --mtp-num-layers 1 --moe-latent-size 256
   --mock-data --vocab-size 32000 --micro-batch-size 4 --global-batch-size 16
   --train-iters 30 --lr 1e-3 --lr-warmup-iters 3 --bf16 --seed 1
   --tst-bag-size 4 --tst-iters 10 --log-interval 5 --eval-iters 0 --transformer-impl auto
