@@ -1325,6 +1325,12 @@ class RunConfig:
         flag="--use-checkpoint-opt_param-scheduler",
     )
     exit_interval: int | None = _f(None, "Save and exit when the step is a multiple of N.")
+    phase_transition_iterations: str | None = _f(
+        None, "Comma-separated steps where a data phase ends (Megatron-LM's data curriculum, "
+        "not TST's phases): save and exit there, to be relaunched with the next phase's data. "
+        "Needs the same global batch in every phase, no ramp-up.",
+        metavar="STEPS",
+    )  # fmt: skip
     exit_signal: str = _f(
         "SIGTERM",
         "The signal that saves and exits (Megatron-LM's --exit-signal). Here SIGTERM, SIGUSR1, "
@@ -1349,6 +1355,21 @@ class RunConfig:
         metavar="FILE",
     )
 
+    def transition_iterations(self) -> tuple[int, ...]:
+        """--phase-transition-iterations, sorted (Megatron-LM sorts them)."""
+        if not self.phase_transition_iterations:
+            return ()
+        try:
+            steps = [int(x.strip()) for x in str(self.phase_transition_iterations).split(",")]
+        except ValueError:
+            steps = [0]
+        _require(
+            all(step >= 1 for step in steps),
+            f"--phase-transition-iterations {self.phase_transition_iterations}: give "
+            "comma-separated steps >= 1, such as 1000,5000",
+        )
+        return tuple(sorted(steps))
+
     def __post_init__(self):
         _require(
             self.dry_run_world_size is None or self.dry_run_world_size >= 1,
@@ -1362,6 +1383,7 @@ class RunConfig:
                             ("--save-retain-interval", self.save_retain_interval),
                             ("--exit-interval", self.exit_interval)):  # fmt: skip
             _require(value is None or value >= 1, f"{flag} must be >= 1 (omit it to turn it off)")
+        self.transition_iterations()  # checks the list
         _require(
             self.save_retain_interval is None
             or not self.save

@@ -658,6 +658,9 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     )
     gbs = t.global_batch_size or t.micro_batch_size * dp
     rampup = tuple(t.rampup_batch_size) if t.rampup_batch_size else None
+    _require(not (rampup and cfg.run.phase_transition_iterations),
+             "--phase-transition-iterations needs the same global batch in every data phase: "
+             "it does not support --rampup-batch-size (Megatron-LM's rule)")  # fmt: skip
     unit = t.micro_batch_size * dp
     if t.decrease_batch_size_if_needed and rampup is None:
         _require(gbs >= unit, f"--global-batch-size {gbs} is less than one micro-batch on each "

@@ -618,6 +618,7 @@ class Trainer:
             "stage": self._phase_now().stage,
             "data": self.train_stream.state_dict(),
             "samples": {"trained": self.trained_samples, "skipped": self.skipped_samples},
+            "global_batch_size": self.plan.global_batch_size,
             "scheduler": self.scheduler.state_dict(),
             "elapsed_s": round(float(elapsed), 3),
             "config": self.cfg.to_dict(),
@@ -739,6 +740,17 @@ class Trainer:
             )
             return
         self._check_phase_order(common)
+        saved_batch = common.get("global_batch_size")
+        if run.phase_transition_iterations and saved_batch not in (
+            None,
+            self.plan.global_batch_size,
+        ):
+            raise checkpointing.CheckpointError(
+                f"--phase-transition-iterations: the checkpoint in {run.load} was trained with a "
+                f"global batch of {saved_batch}, this run's is {self.plan.global_batch_size}; "
+                "every data phase needs the same global batch (Megatron-LM's rule): give "
+                f"--global-batch-size {saved_batch}"
+            )
         self.iteration = common["iteration"]
         self.writer.resume_at(self.iteration)
         self.train_stream.load_state_dict(common["data"])
@@ -838,6 +850,8 @@ class Trainer:
             return "--exit-duration-in-mins"
         if run.exit_interval and self.iteration % run.exit_interval == 0:
             return "--exit-interval"
+        if self.iteration in run.transition_iterations():
+            return "--phase-transition-iterations"
         return None
 
     def write_manifest(self) -> None:

@@ -530,3 +530,44 @@ def test_decrease_batch_size_if_needed_follows_megatron_lms_rule(tmp_path):
     for r in resumed:  # the schedule's samples continue from 12 trained, 5 a step
         assert r["lr"] == pytest.approx(lr0 * (1 - (12 + 5 * (r["iteration"] - 3)) / 30),
                                         rel=1e-6), r  # fmt: skip
+
+
+def test_phase_transition_iterations_save_and_exit_at_each_data_phase(tmp_path, capsys):
+    """--phase-transition-iterations 2,4: the run saves and exits at step 2, its relaunch at 4,
+    the next runs to the end: the same losses as the unbroken run (rel 1e-6). A relaunch with
+    another global batch is refused (each data phase needs the same), as is a ramp-up."""
+    from tst.checkpointing import CheckpointError
+    from tst.config import parse_args
+    from tst.errors import ConfigError
+    from tst.plan import validate
+
+    prefix = _dataset(tmp_path)
+    base = [a for a in BASE if a not in ("--qk-layernorm",)] + [
+        "--data-path", prefix, "--train-iters", "6", "--save-interval", "100"]  # fmt: skip
+    want = _train_records(base, tmp_path / "full.jsonl")
+    ckpt = str(tmp_path / "ckpt")
+    phased = base + ["--phase-transition-iterations", "4, 2", "--save", ckpt, "--load", ckpt]
+    got = []
+    for part in range(3):
+        capsys.readouterr()
+        got += _train_records(phased, tmp_path / f"part{part}.jsonl")
+        if part < 2:
+            assert (f"stopping at iteration {2 * part + 2}: --phase-transition-iterations"
+                    in capsys.readouterr().out)  # fmt: skip
+    assert [r["iteration"] for r in got] == [1, 2, 3, 4, 5, 6]
+    for g, w in zip(got, want, strict=True):
+        assert g["loss"] == pytest.approx(w["loss"], rel=1e-6), (g, w)
+    with pytest.raises(CheckpointError, match="trained with a global batch of 2, this run's is "
+                                              "4; every data phase needs the same"):  # fmt: skip
+        pretrain_tst.main(phased + ["--global-batch-size", "4", "--train-iters", "8"])
+    with pytest.raises(ConfigError, match="does not support --rampup-batch-size"):
+        sampled = list(base)
+        while "--train-iters" in sampled:
+            i = sampled.index("--train-iters")
+            del sampled[i : i + 2]
+        i = sampled.index("--tst-iters")
+        sampled[i : i + 2] = ["--tst-fraction", "0.5"]
+        validate(parse_args(sampled + ["--phase-transition-iterations", "2", "--train-samples",
+                                       "12", "--rampup-batch-size", "2", "2", "4"]), 1, 384)  # fmt: skip
+    with pytest.raises(ConfigError, match="give comma-separated steps >= 1"):
+        parse_args(base + ["--phase-transition-iterations", "2,x"])
