@@ -540,6 +540,22 @@ def step_iteration(root: str, iteration: int) -> int:
     return iteration
 
 
+def checkpoint_path(root: str, step: int | None = None) -> str:
+    """The directory of ``root``'s latest complete checkpoint, or of ``step``'s
+    (``--ckpt-step``)."""
+    return checkpoint_dir(root, latest_iteration(root) if step is None
+                          else step_iteration(root, step))  # fmt: skip
+
+
+def holds_optimizer_state(path: str) -> bool:
+    """Whether checkpoint directory ``path`` holds optimizer state (not one saved with
+    --no-save-optim or by --moe-use-upcycling)."""
+    from megatron.core import dist_checkpointing
+
+    keys = dist_checkpointing.load_tensors_metadata(path)
+    return any(k.startswith(("optimizer.", "chained_")) for k in keys)
+
+
 def load(root: str, chunks, optimizer, fully_parallel: bool = False,
          optimizer_layout: dict | None = None, iteration: int | None = None) -> dict:  # fmt: skip
     """Load the latest complete checkpoint (or ``iteration``'s, ``--ckpt-step``) into
@@ -557,6 +573,11 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     verify(path)
     template = _sharded_model_state(chunks)
     _check_shapes(template, path)
+    if optimizer is not None and not holds_optimizer_state(path):
+        raise CheckpointError(
+            f"checkpoint {path} holds no optimizer state (saved with --no-save-optim): pass "
+            "--no-load-optim to load the weights and start the optimizer state fresh"
+        )
     if optimizer is not None:
         saved_layout = _saved_optimizer_layout(path)  # loaded in the format it was saved in
         if optimizer_layout is not None:

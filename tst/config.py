@@ -216,6 +216,16 @@ class ModelConfig:
     moe_router_topk: int = _f(2, "Experts each token is routed to.")
     moe_ffn_hidden_size: int | None = _f(None, "Expert MLP hidden size (default ffn-hidden-size).")
     moe_shared_expert_intermediate_size: int | None = _f(None, "Shared-expert MLP hidden size.")
+    moe_use_upcycling: bool = _f(
+        False, "Start this MoE run from a dense checkpoint (--load): each MoE layer's experts "
+        "are copies (or, with --moe-upcycling-granularity, slices) of its dense MLP, the rest "
+        "is loaded as it is; saved to --save at once, and the run goes on from there "
+        "(iteration, optimizer, schedule and data position fresh). For the first launch only.",
+    )  # fmt: skip
+    moe_upcycling_granularity: int = _f(
+        1, "Each expert is this many times narrower than the dense MLP it comes from "
+        "(granular upcycling: the dense FFN is --moe-ffn-hidden-size x this).",
+    )  # fmt: skip
     moe_latent_size: int | None = _f(
         None,
         "Routed experts compute in this latent width: the MoE layer projects hidden -> latent "
@@ -299,6 +309,10 @@ class ModelConfig:
                 1 <= self.moe_router_topk <= self.num_experts,
                 "--moe-router-topk must be between 1 and --num-experts",
             )
+        _require(self.moe_upcycling_granularity >= 1, "--moe-upcycling-granularity must be >= 1")
+        _require(not self.moe_use_upcycling or self.num_experts is not None,
+                 "--moe-use-upcycling turns a dense checkpoint into an MoE model: give "
+                 "--num-experts")  # fmt: skip
         if self.moe_latent_size is not None:
             _require(
                 self.num_experts is not None,

@@ -441,8 +441,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--tokenizer-metadata": 1,
         "--legacy-tokenizer": 0,
         "--tokenizer-sentencepiece-legacy": 0,
-        "--moe-use-upcycling": 0,
-        "--moe-upcycling-granularity": 1,
         "--log-max-attention-logit": 0,
         "--log-energy": 0,
         "--te-precision-config-file": 1,

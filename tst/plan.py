@@ -150,6 +150,34 @@ def _train_iters(cfg: Config, gbs: int, rampup) -> int:
     return iterations + (t.train_samples - consumed) // gbs
 
 
+def _check_upcycling(cfg: Config, etp: int) -> None:
+    """--moe-use-upcycling: megatron-core's upcycling rules, one line each."""
+    m, run = cfg.model, cfg.run
+    from tst.config_moe import moe_layers, parse_layer_freq
+
+    pattern = moe_layers(parse_layer_freq(cfg.moe.moe_layer_freq, m.num_layers), m.num_layers)
+    moe_ffn = m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size
+    g = m.moe_upcycling_granularity
+    for ok, why in (
+        (run.load, "reads the dense checkpoint from --load: give it"),
+        (run.save, "saves the upcycled model to --save at once: give it (Megatron-LM's rule)"),
+        (not run.finetune and not run.pretrained_checkpoint,
+         "loads the dense weights itself: drop --finetune / --pretrained-checkpoint"),
+        (all(pattern), "makes every MLP an MoE layer: drop --moe-layer-freq (megatron-core's "
+         "upcycling converts every layer's MLP)"),
+        (etp == cfg.parallel.tensor_model_parallel_size,
+         "copies each dense MLP shard into the experts: run it at --expert-tensor-parallel-size "
+         "equal to TP (the checkpoint it saves resumes at any expert layout)"),
+        (m.num_experts % g == 0,
+         f"--num-experts {m.num_experts} must be a multiple of --moe-upcycling-granularity {g}"),
+        (not m.moe_latent_size and not m.moe_shared_expert_intermediate_size,
+         "copies the dense MLP into routed experts only: drop --moe-latent-size / "
+         "--moe-shared-expert-intermediate-size (megatron-core would leave them random)"),
+    ):  # fmt: skip
+        _require(ok, f"--moe-use-upcycling {why}")
+    _require(moe_ffn * g >= 1, "--moe-use-upcycling: no expert width")
+
+
 def _warn_decreased_batch(cfg: Config, gbs: int, unit: int, dp: int) -> None:
     """--decrease-batch-size-if-needed with a batch it changes: Megatron-LM's message, and
     what its rule does to the schedules (they count the samples trained)."""
@@ -617,6 +645,8 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
             warnings.warn("--test-mode checks --qk-layernorm's q / k norms in standard attention "
                           "(megatron-core's only real-time test): this model has none to check",
                           stacklevel=2)  # fmt: skip
+    if m.moe_use_upcycling:
+        _check_upcycling(cfg, grid.etp)
     _require(
         not (m.num_experts and m.moe_shared_expert_intermediate_size and m.add_bias_linear),
         "--moe-shared-expert-intermediate-size: megatron-core's shared experts take no biases, "

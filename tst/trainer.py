@@ -705,6 +705,9 @@ class Trainer:
         --exit-on-missing-checkpoint), or from the weights of --pretrained-checkpoint when
         given (as --finetune loads them); a damaged one is refused."""
         run = self.cfg.run
+        if self.cfg.model.moe_use_upcycling:
+            self._upcycle()
+            return
         source, finetune, how = run.load, run.finetune, "--finetune"
         empty = run.load is None or checkpointing.find_checkpoint(run.load) is None
         if empty and run.ckpt_step is None and run.pretrained_checkpoint:
@@ -726,6 +729,13 @@ class Trainer:
             self.writer.print(f"--load {run.load}: no checkpoint there yet; starting from scratch")
             return
         weights_only = finetune or run.no_load_optim
+        upcycled = ""
+        if not weights_only:
+            path = checkpointing.checkpoint_path(source, run.ckpt_step)
+            if (checkpointing.saved_common_state(path).get("upcycled")
+                    and not checkpointing.holds_optimizer_state(path)):  # fmt: skip
+                weights_only = True  # saved before any step: there is no optimizer state yet
+                upcycled = " (upcycled with --moe-use-upcycling; the optimizer starts fresh)"
         common = checkpointing.load(source, self.raw_chunks,
                                     None if weights_only else self.optimizer,
                                     run.ckpt_fully_parallel_load,
@@ -765,7 +775,82 @@ class Trainer:
         self.writer.print(
             f"resumed from {run.load} at iteration {self.iteration} ({common['phase']} phase)"
             + (" without its optimizer state (--no-load-optim)" if run.no_load_optim else "")
+            + upcycled
         )
+
+    def _upcycle(self) -> None:
+        """--moe-use-upcycling: build the dense model this MoE run grows from (every MoE
+        layer's MLP dense, --moe-ffn-hidden-size x granularity wide, the rest as here), load
+        --load's checkpoint into it, convert it with megatron-core's upcycling (each expert a
+        copy or slice of its layer's dense MLP, scaled by its rule; the routers keep their
+        initial weights) and save the result to --save at once, as Megatron-LM does.
+        Iteration, optimizer, LR schedule and data position start fresh."""
+        from megatron.core.transformer.moe.moe_layer import BaseMoELayer
+        from megatron.core.transformer.moe.upcycling_utils import upcycle_state_dict
+
+        run, m = self.cfg.run, self.cfg.model
+        if checkpointing.find_checkpoint(run.save, "--save") is not None:
+            raise checkpointing.CheckpointError(
+                f"--moe-use-upcycling: --save {run.save} already holds a checkpoint. Upcycling "
+                "is for the first launch only: to go on from that MoE checkpoint, drop "
+                f"--moe-use-upcycling and pass --load {run.save} (Megatron-LM's rule)"
+            )
+        if checkpointing.find_checkpoint(run.load) is None:
+            raise ValueError(f"--moe-use-upcycling: no checkpoint in --load {run.load}: give the "
+                             "directory the dense run saved into")  # fmt: skip
+        moe_ffn = m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size
+        dense_ffn = moe_ffn * m.moe_upcycling_granularity
+        dense_model = dataclasses.replace(
+            m, num_experts=None, ffn_hidden_size=dense_ffn, moe_ffn_hidden_size=None,
+            moe_use_upcycling=False,
+        )  # fmt: skip
+        dense_cfg = dataclasses.replace(self.cfg, model=dense_model)
+        # Built as Megatron-LM builds it: expert parallelism 1 (a dense model has no experts).
+        plan = dataclasses.replace(self.plan, grid=dataclasses.replace(self.plan.grid, ep=1))
+        config = transformer_config(dense_cfg, plan, self.layout)
+        shape = ModelShape.from_config(
+            dense_model, self.plan.padded_vocab_size,
+            use_transformer_engine(dense_cfg, self.layout),
+            on_gpu=self.layout.device.type == "cuda",
+        )  # fmt: skip
+        dense = build_model_chunks(config, shape, self.plan.vpp, self.layout.device, meta=True)
+        path = checkpointing.checkpoint_path(run.load, run.ckpt_step)
+        saved = checkpointing.saved_common_state(path).get("config", {}).get("model", {})
+        if saved.get("num_experts"):
+            raise checkpointing.CheckpointError(
+                f"--moe-use-upcycling: {path} is an MoE checkpoint ({saved['num_experts']} "
+                "experts per layer): upcycling starts from a dense one"
+            )
+        try:
+            common = checkpointing.load(run.load, dense, None, run.ckpt_fully_parallel_load,
+                                        None, run.ckpt_step)  # fmt: skip
+        except checkpointing.CheckpointError as error:
+            raise checkpointing.CheckpointError(
+                f"--moe-use-upcycling: the dense model this run grows from (its MoE layers' "
+                f"MLPs {dense_ffn} wide: --moe-ffn-hidden-size {moe_ffn} x "
+                f"--moe-upcycling-granularity {m.moe_upcycling_granularity}) does not match "
+                f"{path}: {error}"
+            ) from error
+        for moe_chunk, dense_chunk in zip(self.raw_chunks, dense, strict=True):
+            if any(isinstance(module, BaseMoELayer) for module in moe_chunk.modules()):
+                state = upcycle_state_dict([moe_chunk], [dense_chunk])["model"]
+            else:  # a stage without decoder layers: nothing to grow
+                state = dense_chunk.state_dict()
+            moe_chunk.load_state_dict(state, strict=True)
+        del dense
+        # The fp32 main weights of a mixed-precision optimizer follow the model.
+        self.optimizer.reload_model_params()
+        self.writer.print(
+            f"--moe-use-upcycling: grew {path} (iteration {common['iteration']}) into "
+            f"{m.num_experts} experts per layer (granularity {m.moe_upcycling_granularity}); "
+            "iteration, optimizer, LR schedule and data position start fresh"
+        )
+        # Before any step there is no optimizer state: the weights and the run's state only.
+        saved = checkpointing.save(run.save, self.iteration, self.raw_chunks, None,
+                                   {**self.state(), "upcycled": True},
+                                   run.ckpt_fully_parallel_save)  # fmt: skip
+        self.writer.print(f"--moe-use-upcycling: upcycled checkpoint saved to {saved}: later "
+                          f"launches drop the flag and pass --load {run.save}")  # fmt: skip
 
     def _check_phase_order(self, common: dict) -> None:
         """A run never goes back to an earlier phase or stage: a checkpoint taken in the

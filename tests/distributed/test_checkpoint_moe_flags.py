@@ -390,3 +390,51 @@ def test_distributed_timeout_after_init_ends_a_stalled_run(world2, tmp_path):
     assert sorted(losses) == list(range(1, 7)) and after == before
     with pytest.raises(distributed.RankFailure, match=r"(?i)timed out"):
         world2.run(_run_with_a_slow_rank, BASE + flag, str(tmp_path / "c"), 8.0)
+
+
+def _evaluated(argv: list[str], metrics: str) -> list[float]:
+    """pretrain_tst.main on this rank; the validation losses it wrote."""
+    import torch.distributed as dist
+
+    assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
+    dist.barrier()
+    with open(metrics) as f:
+        return [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+
+
+def test_moe_upcycling_grows_a_dense_checkpoint_into_the_same_function(world2, tmp_path):
+    """--moe-use-upcycling: a dense checkpoint becomes an MoE model whose every expert is its
+    layer's dense MLP; with softmax top-2 weights summing to 1 the model computes the dense
+    function, so its held-out loss equals the dense model's (rel 1e-5), at EP 1 and at EP 2
+    (each rank's experts sliced by its EP rank). The upcycled checkpoint is saved at once and
+    trains on without the flag at another expert layout; a relaunch with the flag is
+    refused by name, as is an MoE checkpoint as the source. Granularity 2 (experts half the
+    dense width, scaled by megatron-core's rule) trains."""
+    dense = str(tmp_path / "dense")
+    world2.run(_run, BASE + ["--ffn-hidden-size", "32", "--global-batch-size", "8",
+                             "--save", dense], str(tmp_path / "d.jsonl"))  # fmt: skip
+    evaluate = BASE + ["--skip-train", "--eval-iters", "2", "--global-batch-size", "8"]
+    want = world2.run(_evaluated, evaluate + ["--ffn-hidden-size", "32", "--load", dense],
+                      str(tmp_path / "dv.jsonl"))[0]  # fmt: skip
+    assert len(want) == 1 and math.isfinite(want[0])
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32"]
+    for name, extra in {"ep1": [], "ep2": ["--expert-model-parallel-size", "2"]}.items():
+        got = world2.run(_evaluated, evaluate + moe + extra + [
+            "--moe-use-upcycling", "--load", dense, "--save", str(tmp_path / name)],
+            str(tmp_path / f"{name}.jsonl"))[0]  # fmt: skip
+        assert got == pytest.approx(want, rel=1e-5), name
+    on = world2.run(_run, BASE + moe + ["--expert-model-parallel-size", "2", "--load",
+                                        str(tmp_path / "ep1"), "--global-batch-size", "8"],
+                    str(tmp_path / "on.jsonl"))[0]  # fmt: skip
+    assert sorted(on["loss"]) == [1, 2, 3, 4, 5, 6]
+    again = moe + ["--moe-use-upcycling", "--load", dense, "--save", str(tmp_path / "ep1")]
+    assert "already holds a checkpoint. Upcycling is for the first launch only" in world2.run(
+        _refused, BASE + again)[0]  # fmt: skip
+    from_moe = moe + ["--moe-use-upcycling", "--load", str(tmp_path / "ep1"), "--save",
+                      str(tmp_path / "x")]  # fmt: skip
+    assert "is an MoE checkpoint (4 experts per layer)" in world2.run(_refused, BASE + from_moe)[0]
+    granular = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+                "--moe-upcycling-granularity", "2", "--moe-use-upcycling", "--load", dense,
+                "--save", str(tmp_path / "g2"), "--global-batch-size", "8"]  # fmt: skip
+    trained = world2.run(_run, BASE + granular, str(tmp_path / "g2.jsonl"))[0]["loss"]
+    assert sorted(trained) == [1, 2, 3, 4, 5, 6] and all(map(math.isfinite, trained.values()))

@@ -75,6 +75,14 @@ REFUSED = [
     (["--pipeline-model-parallel-size", "2", "--overlap-p2p-communication-warmup-flush"], 2, r"--overlap-p2p-communication-warmup-flush overlaps an interleaved schedule's warm-up and flush sends: it needs virtual pipeline stages"),  # noqa: E501
     (["--use-checkpoint-args"], 1, r"--use-checkpoint-args reads the model flags from a checkpoint: give --load \(or --pretrained-checkpoint\)"),  # noqa: E501
     (["--ckpt-step", "2"], 1, r"--ckpt-step applies to --load: give --load CHECKPOINT_DIR"),
+    (["--moe-use-upcycling"], 1, r"--moe-use-upcycling turns a dense checkpoint into an MoE model: give --num-experts"),  # noqa: E501
+    (["--num-experts", "4", "--moe-use-upcycling", "--save", "s"], 1, r"--moe-use-upcycling reads the dense checkpoint from --load"),  # noqa: E501
+    (["--num-experts", "4", "--moe-use-upcycling", "--load", "d"], 1, r"--moe-use-upcycling saves the upcycled model to --save at once"),  # noqa: E501
+    (["--num-experts", "4", "--moe-use-upcycling", "--load", "d", "--save", "s", "--moe-layer-freq", "2"], 1, r"--moe-use-upcycling makes every MLP an MoE layer"),  # noqa: E501
+    (["--num-experts", "4", "--moe-use-upcycling", "--load", "d", "--save", "s", "--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"], 2, r"--moe-use-upcycling copies each dense MLP shard into the experts: run it at --expert-tensor-parallel-size equal to TP"),  # noqa: E501
+    (["--num-experts", "6", "--moe-use-upcycling", "--load", "d", "--save", "s", "--moe-upcycling-granularity", "4"], 1, r"--num-experts 6 must be a multiple of --moe-upcycling-granularity 4"),  # noqa: E501
+    (["--num-experts", "4", "--moe-use-upcycling", "--load", "d", "--save", "s", "--moe-shared-expert-intermediate-size", "16"], 1, r"--moe-use-upcycling copies the dense MLP into routed experts only"),  # noqa: E501
+    (["--num-experts", "4", "--moe-use-upcycling", "--load", "d", "--save", "s", "--finetune"], 1, r"--moe-use-upcycling loads the dense weights itself"),  # noqa: E501
     (["--skip-train", "--eval-iters", "0"], 1, r"--skip-train only evaluates: give --eval-iters > 0"),
     (["--exit-on-missing-checkpoint"], 1, r"--exit-on-missing-checkpoint applies to --load"),
     (["--ckpt-format", "torch"], 1, r"--ckpt-format torch is not supported"),

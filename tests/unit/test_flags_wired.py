@@ -229,6 +229,22 @@ def test_checkpoint_data_and_memory_flags(runs):
     )
 
 
+def test_a_checkpoint_without_optimizer_state_resumes_with_no_load_optim(runs, tmp_path):
+    """A --no-save-optim checkpoint resumed as it is: one line naming --no-load-optim (it was a
+    KeyError from deep inside torch's checkpoint reader); with the flag it resumes."""
+    from tst.checkpointing import CheckpointError
+
+    _, _, path = runs
+    argv = BASE + [a for a in CHANGED if a not in ("--no-save-optim", "--log-params-norm")] + [
+        "--data-path", str(path / "d_text_document"), "--load", str(path / "n" / "ckpt"),
+        "--train-iters", "5", "--metrics-file", str(tmp_path / "m.jsonl"),
+        "--override-opt_param-scheduler"]  # fmt: skip
+    with pytest.raises(CheckpointError, match=r"iter_0000004 holds no optimizer state \(saved "
+                                              r"with --no-save-optim\): pass --no-load-optim"):  # fmt: skip
+        pretrain_tst.main(argv)
+    assert pretrain_tst.main(argv + ["--no-load-optim"]) == 0
+
+
 def test_logging_and_gc_flags(runs):
     default, changed, path = runs
     # --tensorboard-log-interval: training scalars every step by default, every 2nd here;
