@@ -25,6 +25,9 @@ UPSTREAM_ALIASES: dict[str, list[str]] = {
     "--disable-use-tokenizer-model-from-checkpoint-args": [
         "--no-use-tokenizer-model-from-checkpoint-args"
     ],
+    # Megatron-LM 0.16.1's second name of --save-interval (persistent, beside the local
+    # non-persistent checkpoints).
+    "--persistent-save-interval": ["--save-interval"],
     "--disable-fp8-wgrad": ["--no-fp8-wgrad"],
     "--disable-tp-comm-bulk-wgrad": ["--no-tp-comm-bulk-wgrad"],
     "--disable-tp-comm-bulk-dgrad": ["--no-tp-comm-bulk-dgrad"],
@@ -418,7 +421,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--overlap-cpu-optimizer-d2h-h2d": 0,
         "--dump-param-to-param-group-map": 1,
         "--high-priority-stream-groups": "*",
-        "--persistent-save-interval": 1,
         "--save-wgrads-interval": 1,
         "--save-dgrads-interval": 1,
         "--load-main-params-from-ckpt": 0,

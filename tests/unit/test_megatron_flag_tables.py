@@ -79,6 +79,7 @@ _ALIAS_VALUES = {
     "--wandb-name": "run-1",
     "--dist-ckpt-format": "torch_dist",
     "--tiktoken-special-tokens": "<pad>",
+    "--persistent-save-interval": "500",
 }
 
 
