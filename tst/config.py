@@ -1248,6 +1248,14 @@ class RunConfig:
         "--load has a checkpoint, the run resumes from that instead.",
     )
     save_interval: int | None = _f(None, "Save every N steps (and at the end).")
+    save_wgrads_interval: int | None = _f(
+        None, "Every N steps, write the step's reduced weight gradients under SAVE/wgrads "
+        "(Megatron-LM's layout; for debugging).",
+    )  # fmt: skip
+    save_dgrads_interval: int | None = _f(
+        None, "Every N steps, write the gradients into and out of every linear layer of the "
+        "step's last micro-batch under SAVE/dgrads (Megatron-LM's layout; for debugging).",
+    )  # fmt: skip
     save_retain_interval: int | None = _f(
         None,
         "Keep only the checkpoints whose iteration is a multiple of N, and the latest: each "
@@ -1395,8 +1403,14 @@ class RunConfig:
         )
         for flag, value in (("--save-interval", self.save_interval),
                             ("--save-retain-interval", self.save_retain_interval),
-                            ("--exit-interval", self.exit_interval)):  # fmt: skip
+                            ("--exit-interval", self.exit_interval),
+                            ("--save-wgrads-interval", self.save_wgrads_interval),
+                            ("--save-dgrads-interval", self.save_dgrads_interval)):  # fmt: skip
             _require(value is None or value >= 1, f"{flag} must be >= 1 (omit it to turn it off)")
+        for flag, value in (("--save-wgrads-interval", self.save_wgrads_interval),
+                            ("--save-dgrads-interval", self.save_dgrads_interval)):  # fmt: skip
+            _require(value is None or self.save is not None,
+                     f"{flag} writes under the --save directory: give --save")  # fmt: skip
         self.transition_iterations()  # checks the list
         _require(
             self.save_retain_interval is None

@@ -421,8 +421,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--overlap-cpu-optimizer-d2h-h2d": 0,
         "--dump-param-to-param-group-map": 1,
         "--high-priority-stream-groups": "*",
-        "--save-wgrads-interval": 1,
-        "--save-dgrads-interval": 1,
         "--load-main-params-from-ckpt": 0,
         "--ckpt-convert-format": 1,
         "--ckpt-convert-save": 1,

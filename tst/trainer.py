@@ -26,7 +26,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from tst import checkpointing, megatron_fixes
+from tst import checkpointing, grad_dumps, megatron_fixes
 from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase
 from tst.data.context_parallel import split_for_context_parallel
@@ -158,6 +158,7 @@ class Trainer:
         # Megatron-LM's consumed / skipped train samples (skipped: a global batch decreased by
         # --decrease-batch-size-if-needed); checkpointed, as a resume may run another batch.
         self.trained_samples = self.skipped_samples = 0
+        self._dgrads = None  # --save-dgrads-interval's recorder, during a recorded step
         routing = (RoutingMonitor(self.raw_chunks, self.config, layout.device)
                    if m.num_experts else None)  # fmt: skip
         self.step_stats = StepStats(routing, self.config.mtp_num_layers or 0, layout.dp,
@@ -253,7 +254,8 @@ class Trainer:
 
         return output, loss_func
 
-    def _run_schedule(self, batches, phase: Phase, forward_only: bool):
+    def _run_schedule(self, batches, phase: Phase, forward_only: bool,
+                      force_all_reduce: bool = False):  # fmt: skip
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         weights = self.slot_weights.get(phase.target_bag)  # None: uniform, or no bags
@@ -274,7 +276,9 @@ class Trainer:
             tp_group=self.layout.tp_group,
             slot_weights=weights,
             check_targets=False,
-            overwrite_logits=True,
+            # In place, to save memory; not while --save-dgrads-interval's hooks watch the
+            # output layer (an in-place change of a hooked output breaks autograd).
+            overwrite_logits=self._dgrads is None,
             **form,
         )
         apply_phase(self.model, phase, loss)
@@ -294,6 +298,7 @@ class Trainer:
                 seq_length=self.seq_length,
                 micro_batch_size=self.cfg.training.micro_batch_size,
                 forward_only=forward_only,
+                force_all_reduce=force_all_reduce,
             )
         finally:
             self.config.overlap_p2p_comm_warmup_flush = flush
@@ -349,11 +354,33 @@ class Trainer:
                 self._batch(self.train_stream.next_micro_batch(phase.units_per_row), phase)
                 for _ in range(self.plan.microbatches_at(self.iteration))
             ]
+        run = self.cfg.run
+        step = self.iteration + 1  # 1-based, as the dumps are named
+        wgrads = bool(run.save_wgrads_interval) and step % run.save_wgrads_interval == 0
+        dgrads = None
+        if run.save_dgrads_interval and step % run.save_dgrads_interval == 0:
+            dgrads = grad_dumps.DataGradRecorder(self.raw_chunks)
+        self._dgrads = dgrads
         for chunk in self.model:
             chunk.zero_grad_buffer()
+            # Whole gradients on every rank for the dump (all-reduce, not reduce-scatter).
+            chunk.force_all_reduce = wgrads
         self.optimizer.zero_grad()
-        with profiled_region("tst: forward-backward"):
-            outputs = self._run_schedule(batches, phase, forward_only=False)
+        try:
+            with profiled_region("tst: forward-backward"):
+                outputs = self._run_schedule(batches, phase, forward_only=False,
+                                             force_all_reduce=wgrads)  # fmt: skip
+        finally:
+            for chunk in self.model:
+                chunk.force_all_reduce = False
+            if dgrads is not None:
+                dgrads.remove()
+                self._dgrads = None
+        if dgrads is not None:
+            grad_dumps.save_grads(run.save, dgrads.grads, step, "dgrads")
+        if wgrads:
+            grad_dumps.save_grads(run.save, grad_dumps.weight_grads(self.raw_chunks), step,
+                                  "wgrads")  # fmt: skip
         self._empty_cache(2)
         # One all-reduce per step carries the loss, the gradients' health and the stop votes.
         # Under fp16 the loss scaler owns the gradients' health: an overflow is how it learns

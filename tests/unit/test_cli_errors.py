@@ -75,6 +75,8 @@ REFUSED = [
     (["--pipeline-model-parallel-size", "2", "--overlap-p2p-communication-warmup-flush"], 2, r"--overlap-p2p-communication-warmup-flush overlaps an interleaved schedule's warm-up and flush sends: it needs virtual pipeline stages"),  # noqa: E501
     (["--use-checkpoint-args"], 1, r"--use-checkpoint-args reads the model flags from a checkpoint: give --load \(or --pretrained-checkpoint\)"),  # noqa: E501
     (["--ckpt-step", "2"], 1, r"--ckpt-step applies to --load: give --load CHECKPOINT_DIR"),
+    (["--save-wgrads-interval", "2"], 1, r"--save-wgrads-interval writes under the --save directory: give --save"),  # noqa: E501
+    (["--save-dgrads-interval", "0", "--save", "s"], 1, r"--save-dgrads-interval must be >= 1"),
     (["--moe-use-upcycling"], 1, r"--moe-use-upcycling turns a dense checkpoint into an MoE model: give --num-experts"),  # noqa: E501
     (["--num-experts", "4", "--moe-use-upcycling", "--save", "s"], 1, r"--moe-use-upcycling reads the dense checkpoint from --load"),  # noqa: E501
     (["--num-experts", "4", "--moe-use-upcycling", "--load", "d"], 1, r"--moe-use-upcycling saves the upcycled model to --save at once"),  # noqa: E501
