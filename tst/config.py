@@ -802,6 +802,11 @@ class TrainingConfig:
     )  # fmt: skip
     bf16: bool = _f(False, "bf16 parameters and compute (fp32 master weights).")
     fp16: bool = _f(False, "fp16 parameters and compute with loss scaling (fp32 master weights).")
+    dump_param_to_param_group_map: str | None = _f(
+        None, "Write which optimizer parameter group each parameter is in (megatron-core's "
+        "dump: a torch.distributed.checkpoint directory of {parameter name: group index}).",
+        metavar="DIR",
+    )  # fmt: skip
     check_weight_hash_across_dp_replicas_interval: int | None = _f(
         None,
         "Every N steps, check that every data-parallel replica holds the same weights (a hash "

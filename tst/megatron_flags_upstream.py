@@ -419,7 +419,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--optimizer-offload-fraction": 1,
         "--use-torch-optimizer-for-cpu-offload": 0,
         "--overlap-cpu-optimizer-d2h-h2d": 0,
-        "--dump-param-to-param-group-map": 1,
         "--high-priority-stream-groups": "*",
         "--load-main-params-from-ckpt": 0,
         "--ckpt-convert-format": 1,

@@ -115,6 +115,7 @@ class Trainer:
         self.optimizer = get_megatron_optimizer(
             optimizer_config(cfg), self.model,
             use_gloo_process_groups=cfg.parallel.enable_gloo_process_groups,
+            dump_param_to_param_group_map=t.dump_param_to_param_group_map,
         )  # fmt: skip
         megatron_fixes.fix_expert_optimizer(self.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg, plan)

@@ -587,3 +587,39 @@ def test_phase_transition_iterations_save_and_exit_at_each_data_phase(tmp_path, 
                                        "12", "--rampup-batch-size", "2", "2", "4"]), 1, 384)  # fmt: skip
     with pytest.raises(ConfigError, match="give comma-separated steps >= 1"):
         parse_args(base + ["--phase-transition-iterations", "2,x"])
+
+
+def test_dump_param_to_param_group_map_names_each_parameters_group(tmp_path):
+    """--dump-param-to-param-group-map DIR: megatron-core's map of every parameter to its
+    optimizer group, read back here; a weight-decayed matrix and an undecayed norm are in
+    different groups, every parameter of the model is in it, and the groups are the
+    optimizer's (an MoE model: the experts' groups come after the dense ones)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from tst.trainer import Trainer
+
+    prefix = _dataset(tmp_path)
+    seen, train = {}, Trainer.train
+
+    def spy(self):
+        seen["names"] = {n for c in self.raw_chunks for n, _ in c.named_parameters()}
+        seen["groups"] = sum(len(o.param_groups) for o in self.optimizer.chained_optimizers)
+        return train(self)
+
+    Trainer.train = spy
+    try:
+        argv = BASE + ["--data-path", prefix, "--train-iters", "2", "--num-experts", "2",
+                       "--moe-router-topk", "1", "--moe-router-pre-softmax",
+                       "--dump-param-to-param-group-map", str(tmp_path / "map")]  # fmt: skip
+        assert pretrain_tst.main(argv) == 0
+    finally:
+        Trainer.train = train
+    dcp_to_torch_save(str(tmp_path / "map"), str(tmp_path / "map.pt"))
+    groups = torch.load(tmp_path / "map.pt", weights_only=False)
+    by_name = {name.removeprefix("module."): group for name, group in groups.items()}
+    assert set(by_name) == seen["names"]
+    weight = by_name["decoder.layers.0.self_attention.linear_qkv.weight"]
+    norm = by_name["decoder.final_layernorm.weight"]
+    expert = by_name["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]
+    assert weight != norm and expert > max(weight, norm)
+    assert set(groups.values()) == set(range(seen["groups"]))
