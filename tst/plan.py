@@ -506,9 +506,17 @@ def _layout_chunks(
         f"--mtp-num-layers is {mtp_layers or 0}: drop the m's or set --mtp-num-layers",
     )
     try:  # megatron-core's remaining rules (where MTP layers may go)
-        PipelineParallelLayerLayout(stages, pp).validate_layer_layout(num_layers, mtp_layers)
+        standalone = PipelineParallelLayerLayout(stages, pp).validate_layer_layout(
+            num_layers, mtp_layers
+        )
     except (AssertionError, NotImplementedError) as error:
         raise ConfigError(f"{flag}: {error}") from None
+    _require(
+        not standalone,
+        f"{flag} puts the multi-token-prediction layers (m) on a pipeline rank before the last "
+        "(megatron-core's standalone MTP, whose stage sends a longer tensor on): not supported "
+        "yet; put the m in the last stage, before the L",
+    )
     return tuple(stage.count("decoder") for stage in names), (vpp if vpp > 1 else None)
 
 

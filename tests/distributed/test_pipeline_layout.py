@@ -203,6 +203,8 @@ def test_counted_embedding_and_loss_split_as_megatron_core_builds(
         (PP2 + ["--pipeline-model-parallel-layout", "Et|ttx"], r"Invalid layer character: x"),
         (PP2 + ["--pipeline-model-parallel-layout", "Et|ttmL"],
          r"places 1 multi-token-prediction layers \(m\) but --mtp-num-layers is 0"),
+        (PP2 + ["--mtp-num-layers", "1", "--pipeline-model-parallel-layout", "Et|tt|m|L"],
+         r"puts the multi-token-prediction layers \(m\) on a pipeline rank before the last"),
         (PP2 + ["--pipeline-model-parallel-layout", "Et|ttL",
                 "--decoder-first-pipeline-num-layers", "1"],
          r"sets every stage's layers: drop --decoder-first-pipeline-num-layers"),
@@ -237,7 +239,7 @@ def test_counted_embedding_and_loss_split_as_megatron_core_builds(
          r"--account-for-embedding-in-pipeline-split with --decoder-first-pipeline-num-layers "
          r"is refused \(as in megatron-core\)"),
     ],
-    ids=["stages-vs-pp", "layer-count", "embedding", "loss", "character", "mtp", "both",
+    ids=["stages-vs-pp", "layer-count", "embedding", "loss", "character", "mtp", "mtp-standalone", "both",
          "pp1", "zero", "middle", "vpp", "vpp-split", "vpp-both", "even", "counted-even",
          "counted-layout", "counted-uneven"],
 )  # fmt: skip
