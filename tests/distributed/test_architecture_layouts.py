@@ -55,25 +55,20 @@ def _train_latent_copies(argv: list[str], metrics: str) -> tuple[list[dict], flo
     import torch
     import torch.distributed as dist
 
-    from tst.trainer import Trainer
+    from runs import after_training
 
-    original, seen = Trainer.train, []
+    seen = []
 
-    def train(self):
-        rc = original(self)
-        for chunk in self.raw_chunks:
+    def look(trainer):
+        for chunk in trainer.raw_chunks:
             for name, param in chunk.named_parameters():
                 if "latent_proj" in name:
                     copies = [torch.empty_like(param) for _ in range(dist.get_world_size())]
                     dist.all_gather(copies, param.detach().contiguous())
                     seen.append((copies[0] - copies[1]).abs().max().item())
-        return rc
 
-    Trainer.train = train
-    try:
+    with after_training(look):
         records = _train(argv, metrics)
-    finally:
-        Trainer.train = original
     assert len(seen) == 8  # down and up in each of the 4 layers
     return records, max(seen)
 

@@ -394,12 +394,9 @@ def test_distributed_timeout_after_init_ends_a_stalled_run(world2, tmp_path):
 
 def _evaluated(argv: list[str], metrics: str) -> list[float]:
     """pretrain_tst.main on this rank; the validation losses it wrote."""
-    import torch.distributed as dist
+    from runs import main_records
 
-    assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
-    dist.barrier()
-    with open(metrics) as f:
-        return [r["val_loss"] for r in map(json.loads, f) if "val_loss" in r]
+    return [r["val_loss"] for r in main_records(argv, metrics) if "val_loss" in r]
 
 
 def test_moe_upcycling_grows_a_dense_checkpoint_into_the_same_function(world2, tmp_path):

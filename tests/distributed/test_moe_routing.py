@@ -172,12 +172,9 @@ def test_deepseek_shaped_moe_trains_and_resumes_with_its_expert_bias(tmp_path):
 
 
 def _losses_of(argv: list[str], metrics: str) -> list[float]:
-    import torch.distributed as dist
+    from runs import main_records
 
-    assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
-    dist.barrier()
-    with open(metrics) as f:
-        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    return [r["loss"] for r in main_records(argv, metrics) if "loss" in r]
 
 
 def test_expert_tensor_parallelism_apart_from_tp_agrees(world4, tmp_path):

@@ -143,28 +143,23 @@ def _train_tied_copies_equal(argv: list[str], metrics: str) -> list[dict]:
     import torch
     import torch.distributed as dist
 
-    from tst.trainer import Trainer
+    from runs import after_training
 
-    original, seen = Trainer.train, {}
+    seen = {}
 
-    def train(self):
-        rc = original(self)
+    def look(trainer):
         mine = {}
-        for chunk in self.raw_chunks:
+        for chunk in trainer.raw_chunks:
             if chunk.pre_process:
                 mine["embedding"] = chunk.embedding.word_embeddings.weight.detach().clone()
             if chunk.post_process and not chunk.pre_process:
                 mine["output"] = chunk.output_layer.weight.detach().clone()
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (self.layout.tp_rank, mine))
+        dist.all_gather_object(gathered, (trainer.layout.tp_rank, mine))
         seen["pairs"] = gathered
-        return rc
 
-    Trainer.train = train
-    try:
+    with after_training(look):
         records = _train(argv, metrics)
-    finally:
-        Trainer.train = original
     by_tp: dict[int, dict] = {}
     for tp_rank, tensors in seen["pairs"]:
         by_tp.setdefault(tp_rank, {}).update(tensors)
