@@ -54,8 +54,7 @@ def _train_latent_copies(argv: list[str], metrics: str) -> tuple[list[dict], flo
     training (0 where each rank holds the same copy)."""
     import torch
     import torch.distributed as dist
-
-    from runs import after_training
+    from trainer_runs import after_training
 
     seen = []
 

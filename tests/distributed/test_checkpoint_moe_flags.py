@@ -394,7 +394,7 @@ def test_distributed_timeout_after_init_ends_a_stalled_run(world2, tmp_path):
 
 def _evaluated(argv: list[str], metrics: str) -> list[float]:
     """pretrain_tst.main on this rank; the validation losses it wrote."""
-    from runs import main_records
+    from trainer_runs import main_records
 
     return [r["val_loss"] for r in main_records(argv, metrics) if "val_loss" in r]
 

@@ -172,7 +172,7 @@ def test_deepseek_shaped_moe_trains_and_resumes_with_its_expert_bias(tmp_path):
 
 
 def _losses_of(argv: list[str], metrics: str) -> list[float]:
-    from runs import main_records
+    from trainer_runs import main_records
 
     return [r["loss"] for r in main_records(argv, metrics) if "loss" in r]
 

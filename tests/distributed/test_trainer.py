@@ -142,8 +142,7 @@ def _train_tied_copies_equal(argv: list[str], metrics: str) -> list[dict]:
     """_train, then check that every last stage's tied output copy equals its embedding."""
     import torch
     import torch.distributed as dist
-
-    from runs import after_training
+    from trainer_runs import after_training
 
     seen = {}
 
