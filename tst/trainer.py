@@ -285,11 +285,17 @@ class Trainer:
         apply_phase(self.model, phase, loss)
         iterators = [iter(batches) for _ in self.model]
         vpp = self.plan.vpp
-        # megatron-core 0.16.1's interleaved schedule, forward only (an evaluation), with the
-        # warm-up / flush overlap leaves a receive posted that takes the next step's message
-        # (the next training step hung, every time at PP 4): evaluations run without it.
-        flush = self.config.overlap_p2p_comm_warmup_flush
-        self.config.overlap_p2p_comm_warmup_flush = flush and not forward_only
+        # megatron-core 0.16.1's interleaved schedule run forward only (an evaluation) with
+        # overlapped p2p: with the warm-up / flush overlap it leaves a receive posted that
+        # takes the next step's message (the next training step hung, every time at PP 4),
+        # and with the steady-state overlap alone an evaluation hung now and then (PP 2, VPP
+        # 2, uneven chunks, on a loaded machine). Evaluations send and receive in order and
+        # wait for each (neither overlapped nor batched): nothing is left in flight.
+        p2p = (self.config.overlap_p2p_comm, self.config.batch_p2p_comm,
+               self.config.overlap_p2p_comm_warmup_flush)  # fmt: skip
+        if forward_only:
+            self.config.overlap_p2p_comm = self.config.batch_p2p_comm = False
+            self.config.overlap_p2p_comm_warmup_flush = False
         try:
             return get_forward_backward_func()(
                 forward_step_func=partial(self._forward_step, phase),
@@ -302,7 +308,8 @@ class Trainer:
                 force_all_reduce=force_all_reduce,
             )
         finally:
-            self.config.overlap_p2p_comm_warmup_flush = flush
+            (self.config.overlap_p2p_comm, self.config.batch_p2p_comm,
+             self.config.overlap_p2p_comm_warmup_flush) = p2p  # fmt: skip
 
     def _global_loss(self, outputs, *flags: float) -> list[float]:
         """[loss sum, count, *flags] summed over micro-batches and ranks, known on every rank.

@@ -209,14 +209,27 @@ def test_paper_config_with_an_invalid_layout_fails_clearly(tmp_path):
         pretrain_tst.main(argv)
 
 
-def test_a_model_megatron_core_refuses_fails_clearly():
+def test_a_model_megatron_core_refuses_fails_clearly(monkeypatch):
+    """A rule megatron-core asserts inside the model build and the run plan does not check
+    (stood in for by a patched constructor) ends the dry run in one line, the process group
+    torn down. The rule this test used to meet (shared experts take no biases) is now checked
+    up front, with its fix."""
     import torch.distributed as dist
+    from megatron.core.transformer.moe import shared_experts
 
     import pretrain_tst
 
     extra = ["--num-experts", "4", "--moe-shared-expert-intermediate-size", "32"]
-    with pytest.raises(ValueError, match="megatron-core cannot build this model: bias"):
+    with pytest.raises(ValueError, match="shared experts take no biases.*--disable-bias-linear"):
         pretrain_tst.main([*_with_biases(TINY), "--dry-run", *extra])
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a rule the run plan does not check")
+
+    monkeypatch.setattr(shared_experts.SharedExpertMLP, "__init__", refuse)
+    with pytest.raises(ValueError, match="megatron-core cannot build this model: a rule the run "
+                                         "plan does not check"):  # fmt: skip
+        pretrain_tst.main([*TINY, "--dry-run", *extra])
     assert not dist.is_initialized()  # torn down after the failed build
 
 
