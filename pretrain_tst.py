@@ -15,7 +15,7 @@ import warnings
 
 from tst.config import Config, parse_args
 from tst.data.blends import data_blends
-from tst.errors import TSTError, exit_code
+from tst.errors import TSTError, collective_failure, exit_code
 from tst.megatron_import import compile_no_fusions, settled_imports
 from tst.plan import check_launchable, validate
 
@@ -141,6 +141,16 @@ def main(argv=None) -> int:
         if cfg.run.load or cfg.run.pretrained_checkpoint:
             trainer.load()
         return trainer.train()
+    except RuntimeError as error:  # a stalled or dead peer: one line, the cause chained
+        after = p.distributed_timeout_seconds_after_init
+        failure = collective_failure(
+            error, layout.rank, f"--distributed-timeout-minutes {p.distributed_timeout_minutes}"
+            + (f" (--distributed-timeout-seconds-after-init {after} after the first step)"
+               if after else ""),
+        )  # fmt: skip
+        if failure is None:
+            raise
+        raise failure from error
     finally:
         if trainer is not None:
             trainer.train_stream.close()  # the loader's workers end with the run, however

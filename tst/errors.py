@@ -51,3 +51,30 @@ def exit_code(error: BaseException) -> int:
     if isinstance(error, ValueError):
         return 2
     return 1
+
+
+_COLLECTIVE_FAILURES = (
+    "Timed out waiting",  # gloo
+    "timed out",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Watchdog caught collective operation timeout",  # NCCL
+    "NCCL error",
+)
+
+
+def collective_failure(error: BaseException, rank: int, timeouts: str) -> RunError | None:
+    """A :class:`RunError` in one line for a collective that did not complete (gloo's and
+    NCCL's timeout and broken-connection errors), or None for any other error. ``timeouts``
+    names the timeouts that applied."""
+    if isinstance(error, TSTError) or not isinstance(error, RuntimeError):
+        return None
+    text = str(error)
+    if not any(marker in text for marker in _COLLECTIVE_FAILURES):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return RunError(
+        f"rank {rank}: a collective operation did not complete ({first[:300]}). Another rank "
+        f"stalled or died (its own log says why) or the network failed; collectives wait "
+        f"{timeouts}. Resume from the last checkpoint (--load) once the cause is fixed"
+    )

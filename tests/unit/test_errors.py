@@ -75,3 +75,21 @@ def test_flag_checks_raise_config_error(extra, flag):
 
     with pytest.raises(ConfigError, match=flag):
         parse_args([*ARGS, *extra])
+
+
+def test_only_a_collective_failure_is_reworded():
+    """gloo's timeout and a broken connection become one line naming the rank, the cause and
+    the timeouts; any other RuntimeError (a bug) keeps its traceback."""
+    from tst.errors import RunError, collective_failure
+
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed "
+                        "out waiting 2000ms for recv operation to complete\nmore")  # fmt: skip
+    failure = collective_failure(gloo, 1, "--distributed-timeout-minutes 10")
+    assert isinstance(failure, RunError) and "\n" not in str(failure)
+    assert str(failure).startswith("rank 1: a collective operation did not complete ([../third")
+    assert "collectives wait --distributed-timeout-minutes 10" in str(failure)
+    peer = RuntimeError("Connection closed by peer [10.0.0.2]:29500")
+    assert collective_failure(peer, 0, "x") is not None
+    assert collective_failure(RuntimeError("shape mismatch: [2, 3] vs [3, 2]"), 0, "x") is None
+    assert collective_failure(RunError("timed out on purpose"), 0, "x") is None
+    assert collective_failure(ValueError("Timed out waiting"), 0, "x") is None
