@@ -547,22 +547,15 @@ def checkpoint_path(root: str, step: int | None = None) -> str:
                           else step_iteration(root, step))  # fmt: skip
 
 
-def holds_optimizer_state(path: str) -> bool:
-    """Whether checkpoint directory ``path`` holds optimizer state (not one saved with
-    --no-save-optim or by --moe-use-upcycling)."""
-    from megatron.core import dist_checkpointing
-
-    keys = dist_checkpointing.load_tensors_metadata(path)
-    return any(k.startswith(("optimizer.", "chained_")) for k in keys)
-
-
 def load(root: str, chunks, optimizer, fully_parallel: bool = False,
          optimizer_layout: dict | None = None, iteration: int | None = None) -> dict:  # fmt: skip
     """Load the latest complete checkpoint (or ``iteration``'s, ``--ckpt-step``) into
     ``chunks`` and ``optimizer`` (None: the weights only); return its common state
     (iteration, data position, scheduler, ...). ``optimizer_layout`` (this run's
     :func:`optimizer_layout`) is checked against the one the checkpoint was saved with
-    before the optimizer state is read."""
+    before the optimizer state is read. A checkpoint without optimizer state is refused
+    unless --moe-use-upcycling saved it (before any step): then only the weights load, and
+    the common state it returns says ``upcycled``."""
     from megatron.core import dist_checkpointing
 
     if iteration is None:
@@ -572,12 +565,17 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     path = checkpoint_dir(root, iteration)
     verify(path)
     template = _sharded_model_state(chunks)
-    _check_shapes(template, path)
-    if optimizer is not None and not holds_optimizer_state(path):
-        raise CheckpointError(
-            f"checkpoint {path} holds no optimizer state (saved with --no-save-optim): pass "
-            "--no-load-optim to load the weights and start the optimizer state fresh"
-        )
+    saved_tensors = dist_checkpointing.load_tensors_metadata(path)
+    _check_shapes(template, path, saved_tensors)
+    if optimizer is not None and not any(
+        key.startswith(("optimizer.", "chained_")) for key in saved_tensors
+    ):
+        if not saved_common_state(path).get("upcycled"):
+            raise CheckpointError(
+                f"checkpoint {path} holds no optimizer state (saved with --no-save-optim): pass "
+                "--no-load-optim to load the weights and start the optimizer state fresh"
+            )
+        optimizer = None  # saved by --moe-use-upcycling before any step: no state exists yet
     if optimizer is not None:
         saved_layout = _saved_optimizer_layout(path)  # loaded in the format it was saved in
         if optimizer_layout is not None:
@@ -673,18 +671,17 @@ def _check_optimizer_layout(path: str, ours: dict, saved: dict | None) -> None:
         )
 
 
-def _check_shapes(template: dict, path: str) -> None:
+def _check_shapes(template: dict, path: str, saved: dict) -> None:
     """Refuse a checkpoint whose tensors have other global shapes than this run's model.
 
     dist_checkpointing reshards across TP / PP / EP but cannot change a shape; its own error
     names neither the cause nor the fix. The padded vocabulary is the usual culprit: it is a
-    multiple of --make-vocab-size-divisible-by x TP, so it can change with TP.
+    multiple of --make-vocab-size-divisible-by x TP, so it can change with TP. ``saved`` is
+    the checkpoint's tensor metadata (``load_tensors_metadata``), read once by :func:`load`.
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
 
-    saved = dist_checkpointing.load_tensors_metadata(path)
     ours = {
         value.key: tuple(value.global_shape)
         for value in nested_values(template)

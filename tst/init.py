@@ -9,9 +9,10 @@ EP layout, which makes layouts comparable and lets tests check them against each
 
 Distributions follow megatron-core's defaults: normal(0, std) for weights,
 normal(0, std / sqrt(2 * num_layers)) for the output projections of each block
-(``linear_proj``, ``linear_fc2``, and ``fc2_latent_proj`` of a latent MoE), ones for norm weights, zeros for biases. The embeddings
-take ``--embedding-init-method-std`` where given; with ``--init-method-xavier-uniform`` every
-weight matrix is uniform in +-sqrt(6 / (fan_in + fan_out)) of its whole, unsplit shape
+(``linear_proj``, ``linear_fc2``, and ``fc2_latent_proj`` of a latent MoE), ones for norm
+weights, zeros for biases. The embeddings take ``--embedding-init-method-std`` where given;
+with ``--init-method-xavier-uniform`` every weight matrix is uniform in
++-sqrt(6 / (fan_in + fan_out)) of its whole, unsplit shape
 (megatron-core applies Xavier to each rank's shard, which makes the model depend on the
 layout), the embeddings too unless their std is given.
 """

@@ -156,7 +156,6 @@ def _check_upcycling(cfg: Config, etp: int) -> None:
     from tst.config_moe import moe_layers, parse_layer_freq
 
     pattern = moe_layers(parse_layer_freq(cfg.moe.moe_layer_freq, m.num_layers), m.num_layers)
-    moe_ffn = m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size
     g = m.moe_upcycling_granularity
     for ok, why in (
         (run.load, "reads the dense checkpoint from --load: give it"),
@@ -175,7 +174,6 @@ def _check_upcycling(cfg: Config, etp: int) -> None:
          "--moe-shared-expert-intermediate-size (megatron-core would leave them random)"),
     ):  # fmt: skip
         _require(ok, f"--moe-use-upcycling {why}")
-    _require(moe_ffn * g >= 1, "--moe-use-upcycling: no expert width")
 
 
 def _warn_decreased_batch(cfg: Config, gbs: int, unit: int, dp: int) -> None:

@@ -160,6 +160,7 @@ class Trainer:
         # --decrease-batch-size-if-needed); checkpointed, as a resume may run another batch.
         self.trained_samples = self.skipped_samples = 0
         self._dgrads = None  # --save-dgrads-interval's recorder, during a recorded step
+        self._transitions = frozenset(cfg.run.transition_iterations())  # parsed once
         routing = (RoutingMonitor(self.raw_chunks, self.config, layout.device)
                    if m.num_experts else None)  # fmt: skip
         self.step_stats = StepStats(routing, self.config.mtp_num_layers or 0, layout.dp,
@@ -764,18 +765,13 @@ class Trainer:
             self.writer.print(f"--load {run.load}: no checkpoint there yet; starting from scratch")
             return
         weights_only = finetune or run.no_load_optim
-        upcycled = ""
-        if not weights_only:
-            path = checkpointing.checkpoint_path(source, run.ckpt_step)
-            if (checkpointing.saved_common_state(path).get("upcycled")
-                    and not checkpointing.holds_optimizer_state(path)):  # fmt: skip
-                weights_only = True  # saved before any step: there is no optimizer state yet
-                upcycled = " (upcycled with --moe-use-upcycling; the optimizer starts fresh)"
         common = checkpointing.load(source, self.raw_chunks,
                                     None if weights_only else self.optimizer,
                                     run.ckpt_fully_parallel_load,
                                     self._optimizer_layout(), run.ckpt_step)  # fmt: skip
-        if weights_only:
+        # An upcycled checkpoint (saved before any step) loads its weights only.
+        upcycled = bool(common.get("upcycled"))
+        if weights_only or upcycled:
             # The fp32 main weights of a mixed-precision optimizer follow the loaded model.
             self.optimizer.reload_model_params()
         if finetune:
@@ -810,8 +806,9 @@ class Trainer:
         self.writer.print(
             f"resumed from {run.load} at iteration {self.iteration} ({common['phase']} phase)"
             + (" without its optimizer state (--no-load-optim)" if run.no_load_optim else "")
-            + upcycled
-        )
+            + (" (upcycled with --moe-use-upcycling; the optimizer starts fresh)" if upcycled
+               else "")
+        )  # fmt: skip
 
     def _upcycle(self) -> None:
         """--moe-use-upcycling: build the dense model this MoE run grows from (every MoE
@@ -850,10 +847,10 @@ class Trainer:
         )  # fmt: skip
         dense = build_model_chunks(config, shape, self.plan.vpp, self.layout.device, meta=True)
         path = checkpointing.checkpoint_path(run.load, run.ckpt_step)
-        saved = checkpointing.saved_common_state(path).get("config", {}).get("model", {})
-        if saved.get("num_experts"):
+        source = checkpointing.saved_common_state(path).get("config", {}).get("model", {})
+        if source.get("num_experts"):
             raise checkpointing.CheckpointError(
-                f"--moe-use-upcycling: {path} is an MoE checkpoint ({saved['num_experts']} "
+                f"--moe-use-upcycling: {path} is an MoE checkpoint ({source['num_experts']} "
                 "experts per layer): upcycling starts from a dense one"
             )
         try:
@@ -881,10 +878,10 @@ class Trainer:
             "iteration, optimizer, LR schedule and data position start fresh"
         )
         # Before any step there is no optimizer state: the weights and the run's state only.
-        saved = checkpointing.save(run.save, self.iteration, self.raw_chunks, None,
-                                   {**self.state(), "upcycled": True},
-                                   run.ckpt_fully_parallel_save)  # fmt: skip
-        self.writer.print(f"--moe-use-upcycling: upcycled checkpoint saved to {saved}: later "
+        written = checkpointing.save(run.save, self.iteration, self.raw_chunks, None,
+                                     {**self.state(), "upcycled": True},
+                                     run.ckpt_fully_parallel_save)  # fmt: skip
+        self.writer.print(f"--moe-use-upcycling: upcycled checkpoint saved to {written}: later "
                           f"launches drop the flag and pass --load {run.save}")  # fmt: skip
 
     def _check_phase_order(self, common: dict) -> None:
@@ -970,7 +967,7 @@ class Trainer:
             return "--exit-duration-in-mins"
         if run.exit_interval and self.iteration % run.exit_interval == 0:
             return "--exit-interval"
-        if self.iteration in run.transition_iterations():
+        if self.iteration in self._transitions:
             return "--phase-transition-iterations"
         return None
 
