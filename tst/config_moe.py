@@ -118,6 +118,11 @@ class MoEConfig:
     )
     moe_permute_fusion: bool = _f(False, "Fused token permutation (CUDA + Transformer Engine).")
     moe_router_fusion: bool = _f(False, "Fused router top-k (CUDA + Transformer Engine).")
+    use_fused_weighted_squared_relu: bool = _f(
+        False, "Fuse the experts' squared ReLU with the routing-weight product (--squared-relu; "
+        "takes effect in Transformer Engine's grouped-GEMM experts, same math; needs "
+        "--disable-bias-linear).",
+    )  # fmt: skip
     moe_enable_deepep: bool = _f(False, "DeepEP for the flex dispatcher (needs DeepEP, CUDA).")
     moe_flex_dispatcher_backend: str = _f(
         "deepep", "Backend of the flex dispatcher.", choices=["deepep", "hybridep"]
@@ -179,7 +184,7 @@ class MoEConfig:
                 "moe_expert_capacity_factor", "moe_pad_expert_input_to_capacity",
                 "moe_token_drop_policy", "moe_shared_expert_overlap", "moe_input_jitter_eps",
                 "moe_apply_probs_on_input", "moe_shared_expert_gate", "moe_deepep_num_sms",
-                "moe_hybridep_num_sms",
+                "moe_hybridep_num_sms", "use_fused_weighted_squared_relu",
             )
         }  # fmt: skip
         fields["moe_layer_freq"] = parse_layer_freq(self.moe_layer_freq, num_layers)

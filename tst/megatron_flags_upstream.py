@@ -400,7 +400,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--wgrad-deferral-limit": 1,
         "--mtp-standalone": 0,
         "--cpu-offloading-num-layers": 1,
-        "--use-fused-weighted-squared-relu": 0,
         "--fp8-quantizer-factory": 1,
         "--use-kitchen-attention": 0,
         "--kitchen-attention-backend": 1,

@@ -642,6 +642,19 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         not cfg.moe.moe_apply_probs_on_input or m.moe_router_topk == 1,
         "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
     )
+    if cfg.moe.use_fused_weighted_squared_relu:
+        if not (m.num_experts and m.squared_relu):
+            warnings.warn("--use-fused-weighted-squared-relu fuses the MoE experts' squared ReLU: "
+                          "this model has " + ("no --squared-relu" if m.num_experts else
+                          "no experts") + ", so it changes nothing", stacklevel=2)  # fmt: skip
+        # megatron-core's grouped-GEMM experts assert at the first step that the fused
+        # activation gets no bias; the sequential experts never take that path.
+        _require(
+            not (m.num_experts and m.squared_relu and m.moe_grouped_gemm and m.add_bias_linear),
+            "--use-fused-weighted-squared-relu: the fused activation of the grouped-GEMM experts "
+            "takes no bias, and linear biases are on by default (Megatron-LM's): add "
+            "--disable-bias-linear",
+        )
     if t.test_mode:  # megatron-core's one real-time test reads the q / k norms' biases
         _require(not m.qk_layernorm or m.normalization == "LayerNorm",
                  "--test-mode compares the q / k LayerNorm weights and biases across ranks: "

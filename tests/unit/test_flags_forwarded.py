@@ -486,3 +486,42 @@ def test_test_mode_reaches_the_transformer_config_where_it_can_check():
         _cfg("--qk-layernorm", "--normalization", "RMSNorm", "--test-mode")
     with pytest.warns(UserWarning, match="this model has none to check"):
         _cfg("--test-mode")
+
+
+def test_fused_weighted_squared_relu_flag():
+    """--use-fused-weighted-squared-relu (Nemotron 3's launch scripts): off by default, on when
+    given, in the TransformerConfig; refused up front where megatron-core's grouped-GEMM
+    experts would assert at the first step (a bias), a warning where it changes nothing. The
+    fused function it selects computes relu(x)^2 * p and its gradients (rel 1e-6)."""
+    from megatron.core.fusions.fused_weighted_squared_relu import weighted_squared_relu_impl
+
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+                 cpu_patched=False)  # fmt: skip
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--squared-relu"]
+    cfg, plan = _cfg(*moe)
+    assert transformer_config(cfg, plan, cpu, check_device=False).use_fused_weighted_squared_relu \
+        is False  # fmt: skip
+    cfg, plan = _cfg(*moe, "--use-fused-weighted-squared-relu")
+    assert transformer_config(cfg, plan, cpu, check_device=False).use_fused_weighted_squared_relu
+    with pytest.raises(ValueError, match="add --disable-bias-linear"):
+        _cfg(*moe, "--moe-grouped-gemm", "--use-fused-weighted-squared-relu")
+    _cfg(*moe, "--moe-grouped-gemm", "--use-fused-weighted-squared-relu", "--disable-bias-linear")
+    for extra in (["--squared-relu"], ["--num-experts", "4", "--moe-router-topk", "2"]):
+        with pytest.warns(UserWarning, match="changes nothing"):
+            _cfg(*extra, "--use-fused-weighted-squared-relu")
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, 8, dtype=torch.float64, requires_grad=True)
+    p = torch.rand(30, 1, dtype=torch.float64, requires_grad=True)
+    out = weighted_squared_relu_impl(x, p)
+    ref = torch.relu(x).pow(2) * p.view(6, 5, 1)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0)
+    g = torch.randn_like(out)
+    gx, gp = torch.autograd.grad(out, (x, p), g)
+    rx, rp = torch.autograd.grad(ref, (x, p), g)
+    torch.testing.assert_close(gx, rx, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gp, rp, rtol=1e-6, atol=0)
