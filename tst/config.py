@@ -1019,6 +1019,11 @@ class DataArgs:
         False, "Map each dataset's cached indices at its first sample, not at start (every "
         "cache built by a run without it).",
     )  # fmt: skip
+    per_dataset_sequences_path: str | None = _f(
+        None, "A JSON file of each prefix's sequence and document counts "
+        "(tools/build_sequences_per_dataset.py, Megatron-LM's format); each prefix's index is "
+        "checked against it at start.",
+    )  # fmt: skip
     train_data_path: list[str] | None = _f(
         None, "Training blend, its prefixes read whole (instead of --data-path and --split)."
     )
@@ -1107,6 +1112,10 @@ class DataArgs:
             "(single), which the resumable data position relies on",
         )
         if self.mock_data:
+            if self.per_dataset_sequences_path:
+                warnings.warn("--per-dataset-sequences-path counts the prefixes' sequences: "
+                              "--mock-data reads none, ignoring it", stacklevel=3)  # fmt: skip
+                self.per_dataset_sequences_path = None
             return
         if self.per_split_data_args_path or per_split:
             if self.split is not None:  # Megatron-LM's dataset config refuses the two together

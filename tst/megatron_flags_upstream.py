@@ -433,7 +433,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--create-all-gather-group": 0,
         "--nccl-communicator-config-path": 1,
         "--fake-process-group": 0,
-        "--per-dataset-sequences-path": 1,
         "--sample-rate": 1,
         "--object-storage-cache-path": 1,
         "--tokenizer-metadata": 1,

@@ -228,3 +228,53 @@ def test_mid_level_dataset_surplus_reaches_the_blend(data, tmp_path):
     seen = _run(BASE + ["--data-path", "0.5", a, "0.5", b, "--mid-level-dataset-surplus", "1"],
                 str(tmp_path / "m.jsonl"))  # fmt: skip
     assert [d.num_samples for d in seen["datasets"][0].datasets] == [6, 6]
+
+
+def test_per_dataset_sequences_path_as_megatron_lm_writes_and_reads_it(data, tmp_path):
+    """tools/build_sequences_per_dataset.py writes {prefix: [sequences, document boundaries]}
+    for the prefixes the data flags name, the counts megatron-core's own index reader reads
+    from each header, and megatron-core's reader given them (Megatron-LM's fast path, which
+    skips the header) reads the same documents. pretrain_tst.py with the file trains the same
+    run exactly; a stale file, a missing prefix or a malformed file is one line naming it."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, _IndexReader
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from build_sequences_per_dataset import main as build_counts
+
+    a, b = data
+    out = str(tmp_path / "seq.json")
+    counts = build_counts(["--train-data-path", a, "--valid-data-path", "0.5", b, "0.5", a,
+                           "--per-dataset-sequences-path", out])  # fmt: skip
+    with open(out) as f:
+        assert json.load(f) == counts and list(counts) == [a, b]
+    for prefix in (a, b):
+        reader = _IndexReader(prefix + ".idx", False)
+        assert counts[prefix] == [reader.sequence_count, reader.document_count] == [30, 31]
+        fast = IndexedDataset(prefix, sequences_per_dataset=tuple(counts[prefix]), dtype_code=8)
+        slow = IndexedDataset(prefix)
+        assert all(np.array_equal(fast[i], slow[i]) for i in range(30))
+    split = tmp_path / "splits.json"
+    split.write_text(json.dumps({"train": [a], "valid": None, "test": [b]}))
+    assert list(build_counts(["--per-split-data-args-path", str(split),
+                              "--per-dataset-sequences-path", out])) == [a, b]  # fmt: skip
+
+    argv = BASE + ["--train-data-path", a, "--valid-data-path", b]
+    plain = _run(argv, str(tmp_path / "1.jsonl"))
+    listed = _run(argv + ["--per-dataset-sequences-path", out], str(tmp_path / "2.jsonl"))
+    assert listed["loss"] == plain["loss"] and listed["val"] == plain["val"]
+
+    def refused(content) -> str:
+        bad = tmp_path / "bad.json"
+        bad.write_text(content if isinstance(content, str) else json.dumps(content))
+        return _error(argv + ["--per-dataset-sequences-path", str(bad)])
+
+    message = refused({a: [30, 31], b: [29, 30]})
+    assert message.startswith(f"--per-dataset-sequences-path lists {b} with [29, 30] "), message
+    assert "its .idx holds [30, 31]: the file is stale" in message
+    assert "tools/build_sequences_per_dataset.py" in message
+    assert f"does not list {b} " in refused({a: [30, 31]})
+    assert "is not JSON (line 1" in refused("{")
+    assert f"{a!r} must map to [sequences, document boundaries]" in refused({a: [30]})
+    assert "holds a list, not an object" in refused([a])
+    with pytest.warns(UserWarning, match="--mock-data reads none, ignoring it"):
+        pretrain_tst.parse_args(BASE + ["--mock-data", "--per-dataset-sequences-path", out])

@@ -22,7 +22,13 @@ from dataclasses import dataclass
 
 from tst.errors import InputError
 
-__all__ = ["DataBlends", "SPLITS", "data_blends"]
+__all__ = [
+    "DataBlends",
+    "SPLITS",
+    "blend_prefixes",
+    "data_blends",
+    "read_sequences_per_dataset",
+]
 
 SPLITS = ("train", "valid", "test")
 
@@ -34,6 +40,15 @@ class DataBlends:
 
     blend: list[str] | None = None
     per_split: tuple[list[str] | None, list[str] | None, list[str] | None] | None = None
+
+
+def blend_prefixes(blends: DataBlends) -> list[str]:
+    """Every prefix the blends name, once each, in order of first mention."""
+    from tst.data.datasets import parse_blend
+
+    words = [blends.blend] if blends.blend else [b for b in blends.per_split or () if b]
+    prefixes = [p for blend in words for p in parse_blend(blend)[0]]
+    return list(dict.fromkeys(prefixes))
 
 
 def data_blends(d) -> DataBlends:
@@ -112,3 +127,32 @@ def _read_per_split(path: str) -> list[list[str] | None]:
             )
         splits.append(_words(value))
     return splits
+
+
+def read_sequences_per_dataset(path: str) -> dict[str, tuple[int, int]]:
+    """``--per-dataset-sequences-path``: Megatron-LM's JSON ``{prefix: [sequences, documents]}``
+    (``documents`` as the ``.idx`` header counts them: the document boundaries, one more than
+    the documents), as ``tools/build_sequences_per_dataset.py`` writes it."""
+    flag = "--per-dataset-sequences-path"
+    fix = "write it with tools/build_sequences_per_dataset.py"
+    try:
+        content = json.loads(_read(path, flag))
+    except json.JSONDecodeError as error:
+        raise InputError(
+            f"{flag} {path} is not JSON (line {error.lineno}, column {error.colno}: "
+            f"{error.msg}); {fix}"
+        ) from None
+    if not isinstance(content, dict):
+        raise InputError(f"{flag} {path} holds a {type(content).__name__}, not an object; {fix}")
+    counts = {}
+    for prefix, value in content.items():
+        ok = (isinstance(value, list) and len(value) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+              and value[1] >= 1)  # fmt: skip
+        if not ok:
+            raise InputError(
+                f"{flag} {path}: {prefix!r} must map to [sequences, document boundaries] (two "
+                f"integers >= 0, the second >= 1), got {json.dumps(value)}; {fix}"
+            )
+        counts[prefix] = (value[0], value[1])
+    return counts

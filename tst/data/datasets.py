@@ -115,6 +115,9 @@ class DataConfig:
     defer_index_mmap: bool = False
     """--dataloader-defer-npy-index-mmap: each dataset maps its cached indices at its first
     sample, not when it is built (every cache must be built)."""
+    sequences_per_dataset: dict[str, tuple[int, int]] | None = None
+    """--per-dataset-sequences-path: each prefix's (sequences, document boundaries), as its
+    ``.idx`` header holds them; every prefix read must be listed and agree."""
 
     def __post_init__(self) -> None:
         if self.seq_length < 1:
@@ -400,7 +403,9 @@ def build_datasets(
         prefixes = blend[0]
     if blend is not None or per_split is not None:
         for prefix in prefixes:
-            check_indexed_dataset(prefix)  # a missing or broken prefix fails here, by name
+            info = check_indexed_dataset(prefix)  # a missing or broken prefix fails here, by name
+            if cfg.sequences_per_dataset is not None:
+                _check_listed_counts(info, cfg.sequences_per_dataset)
         cache = cfg.cache_dir or os.path.join(
             os.path.dirname(os.path.abspath(prefixes[0])), "index-cache"
         )
@@ -468,6 +473,25 @@ def build_datasets(
     if builder.test_too_small is not None:
         on_test_too_small(builder.test_too_small)
     return train, valid, test
+
+
+def _check_listed_counts(info, listed: dict[str, tuple[int, int]]) -> None:
+    """A prefix's header counts against --per-dataset-sequences-path's (Megatron-LM takes the
+    file's without reading the header: a stale file there reads the wrong spans)."""
+    fix = ("rebuild the file with tools/build_sequences_per_dataset.py from the same data "
+           "flags")  # fmt: skip
+    if info.prefix not in listed:
+        raise InputError(
+            f"--per-dataset-sequences-path does not list {info.prefix} (a prefix the data flags "
+            f"name, spelled as they spell it); {fix}"
+        )
+    header = (info.num_sequences, info.num_documents + 1)
+    if tuple(listed[info.prefix]) != header:
+        raise InputError(
+            f"--per-dataset-sequences-path lists {info.prefix} with {list(listed[info.prefix])} "
+            f"[sequences, document boundaries], but its .idx holds {list(header)}: the file is "
+            f"stale (the dataset was rebuilt since); {fix}"
+        )
 
 
 def _missing_file(error: BaseException | None) -> str | None:
