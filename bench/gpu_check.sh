@@ -165,13 +165,13 @@ MOE_ARGS=(
 if [[ "$DRY_RUN" == 1 ]]; then
   echo "== moe_mla_mtp (dry run)"
   "$PYTHON" pretrain_tst.py --dry-run "${MOE_ARGS[@]}" --record-memory-history \
-    --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" | tail -n 3
+    --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" --log-energy | tail -n 3
 else
   echo "== moe_mla_mtp"
   rm -f "$OUT_DIR/moe_mla_mtp.jsonl"
   rm -f "$OUT_DIR/moe_memory.pickle"
   "$PYTHON" pretrain_tst.py "${MOE_ARGS[@]}" --metrics-file "$OUT_DIR/moe_mla_mtp.jsonl" \
-    --record-memory-history --memory-snapshot-path "$OUT_DIR/moe_memory.pickle"
+    --record-memory-history --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" --log-energy
   "$PYTHON" - "$OUT_DIR/moe_mla_mtp.jsonl" "$OUT_DIR/moe_memory.pickle" <<'EOF2'
 import json, math, pickle, sys
 snapshot = pickle.load(open(sys.argv[2], "rb"))
@@ -182,6 +182,10 @@ records = [json.loads(l) for l in open(sys.argv[1]) if '"loss": ' in l and '"ite
 loss = [r["loss"] for r in records]
 phases = {r["phase"] for r in records if any(k.startswith("mtp") for k in r)}
 ok = len(loss) == 6 and all(map(math.isfinite, loss)) and loss[-1] < loss[0]
+watts = [r.get("power_w_per_device") for r in records]
+ok_w = all(w is not None and 10 <= w <= 2000 for w in watts)
+print(f"--log-energy (NVML): {records[-1].get('energy_j_per_iter_per_device')} J/iter/GPU, "
+      f"power per window {watts} W ({'plausible' if ok_w else 'IMPLAUSIBLE or missing'})")
 print(f"MoE + MLA + MTP: {len(loss)} logging windows of 5 steps, loss {loss[0]:.3f} -> {loss[-1]:.3f}, MTP loss "
       f"logged in {sorted(phases)} ({'trains' if ok else 'FAILED'})")
 EOF2

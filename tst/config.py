@@ -1004,6 +1004,12 @@ class DataArgs:
         None, "TikTokenizer's special tokens, from id 0 (default <unk> <s> </s>; must hold "
         "those three; <SPECIAL_k> fill up to --tiktoken-num-special-tokens).",
     )  # fmt: skip
+    legacy_tokenizer: bool = _f(
+        False, "Megatron-LM's legacy tokenizer system. Its training takes the vocabulary "
+        "size from the legacy tokenizer either way and only the EOD id from the one chosen; "
+        "here every type but SentencePieceTokenizer (refused with it) has the same size and "
+        "EOD in both systems, so it changes nothing.",
+    )  # fmt: skip
     make_vocab_size_divisible_by: int = _f(
         128,
         "Pad the vocabulary to a multiple of this value x TP (even shards, aligned GEMMs). "
@@ -1101,6 +1107,14 @@ class DataArgs:
         if ignored and self.tokenizer_type != "TikTokenizer":
             warnings.warn(f"{', '.join(ignored)}: only TikTokenizer reads them (as in "
                           f"Megatron-LM); ignored with {self.tokenizer_type}", stacklevel=2)  # fmt: skip
+        _require(
+            not (self.legacy_tokenizer and self.tokenizer_type == "SentencePieceTokenizer"),
+            "--legacy-tokenizer with SentencePieceTokenizer: Megatron-LM's legacy type of that "
+            "name adds <CLS> <SEP> <EOD> <MASK> <PAD> ids past the model's pieces and ends "
+            "documents with that <EOD>; this one has the model's pieces only and its EOS as EOD "
+            "(Megatron-LM's default system): drop --legacy-tokenizer, or use "
+            "GPTSentencePieceTokenizer",
+        )
         _require(self.num_workers >= 0, "--num-workers must be >= 0 (0: no worker processes)")
         _require(
             self.mid_level_dataset_surplus >= 0,
@@ -1506,6 +1520,10 @@ class LoggingConfig:
     log_device_memory_used: bool = _f(
         False, "Add the device's whole used memory to the memory report (every process's, as "
         "nvidia-smi shows it; the host's on CPU).",
+    )  # fmt: skip
+    log_energy: bool = _f(
+        False, "Log each GPU's energy per iteration (J) and power (W), read from NVML's energy "
+        "counter (evaluations and checkpoint saves excluded, as Megatron-LM does; a GPU only).",
     )  # fmt: skip
     log_params_norm: bool = _f(False, "Log the parameters' L2 norm.")
     log_num_zeros_in_grad: bool = _f(False, "Log the number of zeros in the gradients.")

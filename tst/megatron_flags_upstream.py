@@ -436,10 +436,8 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--sample-rate": 1,
         "--object-storage-cache-path": 1,
         "--tokenizer-metadata": 1,
-        "--legacy-tokenizer": 0,
         "--tokenizer-sentencepiece-legacy": 0,
         "--log-max-attention-logit": 0,
-        "--log-energy": 0,
         "--te-precision-config-file": 1,
     },
 }

@@ -597,6 +597,11 @@ def check_launchable(cfg: Config) -> None:
         _require(torch.cuda.is_available(), "--record-memory-history records CUDA's caching "
                  "allocator, and this machine has no GPU: drop it (on CPU the memory report, "
                  "--log-memory-interval, prints resident memory)")  # fmt: skip
+    if cfg.log.log_energy:
+        import torch
+
+        _require(torch.cuda.is_available(), "--log-energy reads each GPU's energy counter "
+                 "(NVML), and this machine has no GPU: drop it")  # fmt: skip
 
 
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:

@@ -80,6 +80,11 @@ class Trainer:
         m, t, tst = cfg.model, cfg.training, cfg.tst
         if cfg.log.record_memory_history:  # before the model is built, as Megatron-LM
             _record_memory_history(cfg.log.memory_snapshot_path)
+        self.energy = None
+        if cfg.log.log_energy:  # a GPU or driver without the counter fails here, at start
+            from tst.energy import EnergyMeter, nvml_energy_reader
+
+            self.energy = EnergyMeter(nvml_energy_reader(layout.device))
         self.schedule = plan.schedule
         self.bag_size = self.schedule.data_bag_size  # units per big sample of the data
         self.seq_length = m.seq_length
@@ -1014,11 +1019,14 @@ class Trainer:
         profiler = _Profiler(log, self.layout.rank, self.writer)
         window = {
             "t0": time.time(),
+            "paused": 0.0,  # seconds of evaluations and saves since t0: not training time
             "positions": 0,
             "raw": self.train_stream.consumed_raw_tokens,
             "steps": 0,
             "loss": 0.0,
         }
+        if self.energy is not None:
+            self.energy.resume()
         skipped_in_a_row = 0
         if run.skip_train:  # Megatron-LM's --skip-train: evaluate what was loaded, and stop
             phase = self.schedule.phase_at(min(self.iteration, train_iters - 1))
@@ -1094,17 +1102,19 @@ class Trainer:
             if evaluate and (
                 self.iteration % log.eval_interval == 0 or self.iteration == train_iters
             ):
-                gc_state.before_eval()
-                self._set_pre_hooks(False)
-                self._evaluate_valid_split(phase)
-                self._set_pre_hooks(True)
-                gc_state.after_eval()
+                with self._not_training(window):
+                    gc_state.before_eval()
+                    self._set_pre_hooks(False)
+                    self._evaluate_valid_split(phase)
+                    self._set_pre_hooks(True)
+                    gc_state.after_eval()
             every = self.cfg.training.check_weight_hash_across_dp_replicas_interval
             if every and self.iteration % every == 0:
                 self._check_replicas_agree()
             saved = bool(run.save and run.save_interval and self.iteration % run.save_interval == 0)
             if saved:
-                self.save()
+                with self._not_training(window):
+                    self.save()
             gc_state.step(self.iteration)
             self._finalize_saves(blocking=False)
             reason = self._should_stop()
@@ -1180,10 +1190,25 @@ class Trainer:
         self._set_pre_hooks(False)
         self.writer.close()
 
+    @contextlib.contextmanager
+    def _not_training(self, window: dict):
+        """An evaluation or a checkpoint save: its time and energy are kept out of the log
+        window's throughput, MFU and power (Megatron-LM stops its interval timer and energy
+        monitor around both)."""
+        start = time.time()
+        if self.energy is not None:
+            self.energy.pause()
+        try:
+            yield
+        finally:
+            window["paused"] += time.time() - start
+            if self.energy is not None:
+                self.energy.resume()
+
     def _log(self, phase: Phase, result: dict, window: dict) -> None:
         log = self.cfg.log
         now = time.time()
-        span = max(now - window["t0"], 1e-9)
+        span = max(now - window["t0"] - window["paused"], 1e-9)
         raw = self.train_stream.consumed_raw_tokens
         steps = max(window["steps"], 1)
         tflops = (
@@ -1220,6 +1245,13 @@ class Trainer:
         if log.log_memory_to_tensorboard:
             record.update(_memory_record(self.layout.device))
         record.update(self.step_stats.window_record())  # every rank: one all-reduce
+        if self.energy is not None:  # every rank: one all-reduce
+            drawn = torch.tensor([self.energy.lap_mj()], dtype=torch.float64,
+                                 device=self.layout.device)  # fmt: skip
+            torch.distributed.all_reduce(drawn)
+            joules = drawn.item() / 1000 / self.layout.world_size  # per device
+            record["energy_j_per_iter_per_device"] = joules / steps
+            record["power_w_per_device"] = joules / span
         self.writer.write(record, "train")
         extra = "".join(f" | {key} {value:.4f}" for key, value in record.items()
                         if key.startswith("mtp_"))  # fmt: skip
@@ -1228,6 +1260,9 @@ class Trainer:
         )
         if "skipped_samples" in record:
             extra += f" | skipped samples {record['skipped_samples']}"
+        if self.energy is not None:
+            extra += (f" | {record['energy_j_per_iter_per_device']:.1f} J/iter/GPU | "
+                      f"{record['power_w_per_device']:.1f} W/GPU")  # fmt: skip
         self.writer.print(
             f"iter {self.iteration:>6}/{self.plan.train_iters} | {phase.name:<13} | "
             f"{name} {record['loss']:.4f} | lr {record['lr']:.3e} | grad {result['grad_norm']:.3f}"
@@ -1243,7 +1278,7 @@ class Trainer:
             # Reported again at the next log while it comes before the second step's end:
             # after one step the optimizer state may not exist yet (Megatron-LM's rule).
             self._memory_report_due = self.iteration < 2
-        window.update(t0=now, positions=0, raw=raw, steps=0, loss=0.0)
+        window.update(t0=now, paused=0.0, positions=0, raw=raw, steps=0, loss=0.0)
 
     def _report_memory(self) -> None:
         """One line per rank of the first data-parallel replica (Megatron-LM's report): the

@@ -244,3 +244,31 @@ def test_generate_with_a_llama2_run(llama2_run, capsys):
     result = generate.main(["--load", llama2_run, *args])
     assert 1 <= len(result["ids"]) <= 4 and all(0 <= t < 400 for t in result["ids"])
     assert capsys.readouterr().out.rstrip("\n").endswith("The Congress" + result["completion"])
+
+
+def test_legacy_tokenizer_flag_keeps_the_vocabulary_and_eod(tok):
+    """--legacy-tokenizer (Megatron-LM's): its training takes the vocabulary size from the
+    legacy tokenizer whatever the flag, and only the EOD id from the one chosen, which is the
+    same in both of its systems for every type here but SentencePieceTokenizer (the legacy one
+    adds <EOD> past the pieces): the trainer's tokenizer is the same with the flag, and that
+    one type is refused with it, naming the way out."""
+    import pretrain_tst
+    from tst.config import parse_args
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "8", "--micro-batch-size", "1", "--train-iters", "2",
+            "--lr", "1e-3", "--data-path", "unused"]  # fmt: skip
+    for ttype, model in (("GPTSentencePieceTokenizer", tok["sp"]), ("Llama2Tokenizer", tok["sp"]),
+                         ("HuggingFaceTokenizer", tok["hf"])):  # fmt: skip
+        argv = base + ["--tokenizer-type", ttype, "--tokenizer-model", model]
+        plain = pretrain_tst.build_tokenizer(parse_args(argv))
+        cfg = parse_args(argv + ["--legacy-tokenizer"])
+        assert cfg.data.legacy_tokenizer
+        legacy = pretrain_tst.build_tokenizer(cfg)
+        assert (legacy.vocab_size, legacy.eod, legacy.bos) == (plain.vocab_size, plain.eod,
+                                                               plain.bos), ttype  # fmt: skip
+        assert legacy.tokenize(TEXT) == plain.tokenize(TEXT), ttype
+    with pytest.raises(ValueError, match=r"--legacy-tokenizer with SentencePieceTokenizer: .* "
+                       "drop --legacy-tokenizer, or use GPTSentencePieceTokenizer"):  # fmt: skip
+        parse_args(base + ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
+                           tok["sp"], "--legacy-tokenizer"])  # fmt: skip
