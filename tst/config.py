@@ -610,6 +610,15 @@ class ParallelConfig:
         False, "Interleaved schedules: overlap the warm-up's and the flush's sends and "
         "receives with compute too.", flag="--overlap-p2p-communication-warmup-flush",
     )  # fmt: skip
+    defer_embedding_wgrad_compute: bool = _f(
+        False, "Defer the output layer's weight gradient of each micro-batch to the "
+        "pipeline's flush, where it overlaps the last stage's idle time (needs pipeline "
+        "parallelism and the fused weight-gradient kernel).",
+    )  # fmt: skip
+    wgrad_deferral_limit: int = _f(
+        0, "With --defer-embedding-wgrad-compute: defer only the first N micro-batches' (0: "
+        "all of them).",
+    )  # fmt: skip
     distributed_timeout_seconds_after_init: int | None = _f(
         None, "After the first step, the collectives' timeout in seconds (the first step, "
         "with its set-up, gets --distributed-timeout-minutes): a rank lost later ends the job "

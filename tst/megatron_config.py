@@ -16,12 +16,18 @@ import torch.nn.functional as F
 
 from tst.attention import use_sdpa
 from tst.config import Config
+from tst.errors import ConfigError
 from tst.model import megatron_softmax_kernels_available, transformer_engine_available
 from tst.optim import params_dtype
 from tst.plan import RunPlan
 from tst.platform import Layout
 
-__all__ = ["transformer_config", "use_transformer_engine"]
+__all__ = [
+    "fused_wgrad_kernel_available",
+    "gradient_accumulation_fusion",
+    "transformer_config",
+    "use_transformer_engine",
+]
 
 
 def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device: bool = True):
@@ -120,7 +126,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         masked_softmax_fusion=softmax_fusion,
         # MLA's fused RoPE exists for YaRN only (megatron-core refuses it with plain RoPE).
         apply_rope_fusion=on_gpu and te and m.apply_rope_fusion and mla_rope_fusable,
-        gradient_accumulation_fusion=on_gpu and te and m.gradient_accumulation_fusion,
+        gradient_accumulation_fusion=gradient_accumulation_fusion(cfg, on_gpu, te),
         persist_layer_norm=on_gpu and te and m.persist_layer_norm,
         bias_activation_fusion=_bias_activation_fusion(m, on_gpu),
         cross_entropy_loss_fusion=on_gpu and m.cross_entropy_loss_fusion,
@@ -189,6 +195,8 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         overlap_p2p_comm=bool(plan.vpp) and p.overlap_p2p_comm,
         batch_p2p_comm=not (bool(plan.vpp) and p.overlap_p2p_comm),
         overlap_p2p_comm_warmup_flush=p.overlap_p2p_comm_warmup_flush,
+        defer_embedding_wgrad_compute=p.defer_embedding_wgrad_compute,
+        wgrad_deferral_limit=p.wgrad_deferral_limit,
         microbatch_group_size_per_vp_stage=p.microbatch_group_size_per_virtual_pipeline_stage,
         num_layers_in_first_pipeline_stage=p.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=p.decoder_last_pipeline_num_layers,
@@ -247,6 +255,40 @@ def _bias_activation_fusion(m, on_gpu: bool) -> bool:
                       "silence this", stacklevel=3)  # fmt: skip
         return False
     return m.bias_gelu_fusion
+
+
+def fused_wgrad_kernel_available() -> bool:
+    """Whether megatron-core found APEX's ``fused_weight_gradient_mlp_cuda`` (its own linear
+    layers, the output layer among them, need it for gradient accumulation fusion)."""
+    from megatron.core.tensor_parallel import layers
+
+    return layers._grad_accum_fusion_available
+
+
+def gradient_accumulation_fusion(cfg: Config, on_gpu: bool, te: bool) -> bool:
+    """Weight gradients accumulated straight into the main-gradient buffers by the fused
+    kernel: on by default as in Megatron-LM, where it can run (CUDA, Transformer Engine, and
+    APEX's kernel for megatron-core's own linears; without the kernel megatron-core would
+    refuse to build the output layer). ``--defer-embedding-wgrad-compute`` needs it."""
+    m, p = cfg.model, cfg.parallel
+    if not (m.gradient_accumulation_fusion and on_gpu and te):
+        why = ("--no-gradient-accumulation-fusion" if not m.gradient_accumulation_fusion
+               else "this run is not on CUDA with Transformer Engine")  # fmt: skip
+    elif not fused_wgrad_kernel_available():
+        why = "APEX's fused_weight_gradient_mlp_cuda is not importable here"
+        if not p.defer_embedding_wgrad_compute:
+            warnings.warn(f"Disabling gradient accumulation fusion: {why} (megatron-core's "
+                          "linear layers need it); pass --no-gradient-accumulation-fusion to "
+                          "silence this", stacklevel=3)  # fmt: skip
+    else:
+        return True
+    if p.defer_embedding_wgrad_compute:
+        raise ConfigError(
+            "--defer-embedding-wgrad-compute accumulates the deferred output-layer weight "
+            f"gradients with the fused weight-gradient kernel (gradient accumulation fusion), "
+            f"which megatron-core requires, and this run cannot use it ({why}): drop the flag"
+        )
+    return False
 
 
 def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:

@@ -49,11 +49,27 @@ loss was scaled by the sequence length instead of the micro-batch's token count 
 weak). Upstream fixed both after 0.16.1 (NVIDIA/Megatron-LM PRs 5047 and 5798); here the
 count is the micro-batch's whole token count, so the coefficients mean the same at every
 layout and micro-batch size.
+
+``--defer-embedding-wgrad-compute``: every megatron-core ``ColumnParallelLinear`` reads the
+flag from the shared config and appends its input to an ``embedding_activation_buffer``,
+which only the output layer is given; the Transformer Engine spec replaces every other
+column-parallel linear with TE's, but the local spec builds them from megatron-core's, so a
+local-spec run died at its first forward (``None.append``). ``defer_output_wgrad_only`` gives
+those other layers a config copy with the flag off: only the output layer defers, as in the
+TE spec.
 """
 
 from __future__ import annotations
 
-__all__ = ["apply", "fix_expert_optimizer", "mark_attention_sinks", "mark_expert_parameters"]
+import copy
+
+__all__ = [
+    "apply",
+    "defer_output_wgrad_only",
+    "fix_expert_optimizer",
+    "mark_attention_sinks",
+    "mark_expert_parameters",
+]
 
 _APPLIED = "_tst_megatron_fixes_applied"
 
@@ -83,7 +99,46 @@ def apply() -> None:
     layers.reduce_scatter_to_sequence_parallel_region = reduce_scatter_to_sequence_parallel_region
     _fix_router_loss_scaling()
     _fix_fully_reshardable_adam_step()
+    _fix_single_deferred_wgrad()
     setattr(layers, _APPLIED, True)
+
+
+def _fix_single_deferred_wgrad() -> None:
+    """The pipeline flush's drain of deferred output-layer weight gradients, for one.
+
+    megatron-core's ``drain_embedding_wgrad_compute`` takes the first buffered input before
+    its loop and the last gradient after it, with the loop's index; with one micro-batch
+    buffered (a step of one micro-batch, or ``--wgrad-deferral-limit 1``) the loop never
+    runs and the index is unset (``UnboundLocalError``, still so upstream). One is computed
+    here directly, the same way: the input gathered over TP under sequence parallelism, the
+    gradient accumulated into ``main_grad`` by the fused kernel.
+    """
+    import torch
+    from megatron.core import utils
+    from megatron.core.pipeline_parallel import schedules
+
+    drain = schedules.drain_embedding_wgrad_compute
+
+    @torch.no_grad()  # gradients by hand; the CPU gather writes through views of its output
+    def drain_embedding_wgrad_compute(config, activations, grads, weight, tp_group):
+        if len(activations) != 1 or len(grads) != 1:
+            return drain(config, activations, grads, weight, tp_group)
+        import fused_weight_gradient_mlp_cuda as kernel
+
+        total_input, grad_output = activations.pop(0), grads.pop(0)
+        if config.sequence_parallel:
+            shape = (total_input.shape[0] * tp_group.size(), *total_input.shape[1:])
+            gathered = torch.empty(shape, dtype=total_input.dtype, device=total_input.device)
+            utils.dist_all_gather_func(gathered, total_input.contiguous(), group=tp_group)
+            total_input = gathered
+        grad_output, total_input = utils.prepare_input_tensors_for_wgrad_compute(
+            grad_output, total_input
+        )
+        accumulate = (kernel.wgrad_gemm_accum_fp32 if weight.main_grad.dtype == torch.float32
+                      else kernel.wgrad_gemm_accum_fp16)  # fmt: skip
+        accumulate(total_input, grad_output, weight.main_grad)
+
+    schedules.drain_embedding_wgrad_compute = drain_embedding_wgrad_compute
 
 
 def _fix_fully_reshardable_adam_step() -> None:
@@ -189,6 +244,28 @@ def mark_expert_parameters(model_chunks, config) -> int:
                 param.sequence_parallel = False
                 marked += 1
     return marked
+
+
+def defer_output_wgrad_only(model_chunks) -> int:
+    """With ``defer_embedding_wgrad_compute``, turn it off in every ``ColumnParallelLinear``
+    but the output layer (the only one with the buffers). Returns the number of layers
+    changed."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+
+    changed, plain = 0, {}
+    for chunk in model_chunks:
+        output = getattr(chunk, "output_layer", None)
+        for module in chunk.modules():
+            config = getattr(module, "config", None)
+            if (not isinstance(module, ColumnParallelLinear) or module is output
+                    or not getattr(config, "defer_embedding_wgrad_compute", False)):  # fmt: skip
+                continue
+            if id(config) not in plain:  # a shallow copy: no second __post_init__
+                plain[id(config)] = copy.copy(config)
+                plain[id(config)].defer_embedding_wgrad_compute = False
+            module.config = plain[id(config)]
+            changed += 1
+    return changed
 
 
 def mark_attention_sinks(model_chunks) -> int:

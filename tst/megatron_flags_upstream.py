@@ -396,8 +396,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--max-seqlen-per-dp-cp-rank": 1,
         "--hybrid-context-parallel": 0,
         "--use-ring-exchange-p2p": 0,
-        "--defer-embedding-wgrad-compute": 0,
-        "--wgrad-deferral-limit": 1,
         "--mtp-standalone": 0,
         "--cpu-offloading-num-layers": 1,
         "--fp8-quantizer-factory": 1,

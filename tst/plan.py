@@ -597,11 +597,39 @@ def check_launchable(cfg: Config) -> None:
         _require(torch.cuda.is_available(), "--record-memory-history records CUDA's caching "
                  "allocator, and this machine has no GPU: drop it (on CPU the memory report, "
                  "--log-memory-interval, prints resident memory)")  # fmt: skip
+    if cfg.parallel.defer_embedding_wgrad_compute:
+        import torch
+
+        _require(torch.cuda.is_available(), "--defer-embedding-wgrad-compute needs the fused "
+                 "weight-gradient kernel (CUDA, Transformer Engine and APEX's "
+                 "fused_weight_gradient_mlp_cuda), and this machine has no GPU: drop it")  # fmt: skip
     if cfg.log.log_energy:
         import torch
 
         _require(torch.cuda.is_available(), "--log-energy reads each GPU's energy counter "
                  "(NVML), and this machine has no GPU: drop it")  # fmt: skip
+
+
+def _check_deferred_output_wgrad(cfg: Config, pp: int) -> None:
+    """--defer-embedding-wgrad-compute: megatron-core's rules, said up front, and MTP."""
+    p = cfg.parallel
+    _require(pp > 1, "--defer-embedding-wgrad-compute defers the output layer's weight "
+             "gradients to the pipeline's flush: it needs --pipeline-model-parallel-size > 1 "
+             "(megatron-core's rule)")  # fmt: skip
+    _require(cfg.model.gradient_accumulation_fusion, "--defer-embedding-wgrad-compute "
+             "accumulates the deferred gradients with the fused weight-gradient kernel: drop "
+             "--no-gradient-accumulation-fusion (megatron-core's rule)")  # fmt: skip
+    _require(
+        p.wgrad_deferral_limit >= 0,
+        f"--wgrad-deferral-limit must be >= 0 (0: no limit), got {p.wgrad_deferral_limit}",
+    )
+    # megatron-core pairs each buffered output-layer input with a buffered output gradient
+    # in order; with MTP the output layer runs 1 + D times per micro-batch and the backward
+    # meets them in reverse, so the pairs would cross and the gradient be wrong, silently.
+    _require(not cfg.mtp.mtp_num_layers, "--defer-embedding-wgrad-compute with "
+             "--mtp-num-layers: megatron-core pairs the output layer's buffered inputs and "
+             "gradients in order, and the MTP depths' extra calls reverse that order in the "
+             "backward (the deferred gradient would be wrong): drop one of the two")  # fmt: skip
 
 
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
@@ -647,6 +675,11 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         not cfg.moe.moe_apply_probs_on_input or m.moe_router_topk == 1,
         "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
     )
+    if p.defer_embedding_wgrad_compute:
+        _check_deferred_output_wgrad(cfg, grid.pp)
+    elif p.wgrad_deferral_limit:
+        warnings.warn("--wgrad-deferral-limit bounds --defer-embedding-wgrad-compute, which "
+                      "is not given: it changes nothing", stacklevel=2)  # fmt: skip
     if cfg.moe.use_fused_weighted_squared_relu:
         if not (m.num_experts and m.squared_relu):
             warnings.warn("--use-fused-weighted-squared-relu fuses the MoE experts' squared ReLU: "

@@ -422,3 +422,81 @@ def test_bag_size_one_equals_a_plain_megatron_loop(tmp_path):
     assert len(ours) == len(plain) == 6
     for i, (a, b) in enumerate(zip(ours, plain, strict=True)):
         assert a == pytest.approx(b, rel=1e-6), f"step {i + 1}: {ours} vs {plain}"
+
+
+def _train_with_fused_wgrad(argv: list[str], metrics: str) -> tuple[list[dict], list[int]]:
+    """_train with gradient accumulation fusion on CPU: megatron-core's own code path for it
+    (weight gradients accumulated into the main-gradient buffers, the output layer's deferred
+    with --defer-embedding-wgrad-compute), with a torch stand-in for APEX's CUDA kernel
+    ``fused_weight_gradient_mlp_cuda`` (its definition: ``main_grad += grad_output^T input``).
+    Returns the records and, per drain of the deferred gradients, how many were buffered."""
+    import sys
+    import types
+
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import layers
+
+    import tst.megatron_config as megatron_config
+
+    def accumulate(total_input, grad_output, main_grad):
+        main_grad.add_(grad_output.t().matmul(total_input).to(main_grad.dtype))
+
+    kernel = types.ModuleType("fused_weight_gradient_mlp_cuda")
+    kernel.wgrad_gemm_accum_fp32 = kernel.wgrad_gemm_accum_fp16 = accumulate
+    drained: list[int] = []
+    finish = schedules.finish_embedding_wgrad_compute
+
+    def counted(config, embedding_module, is_last_stage, tp_group):
+        if embedding_module is not None:
+            drained.append(len(embedding_module.embedding_activation_buffer))
+        return finish(config, embedding_module, is_last_stage, tp_group)
+
+    saved = (layers._grad_accum_fusion_available, getattr(layers, "fused_weight_gradient_mlp_cuda",
+             None), megatron_config.gradient_accumulation_fusion, pretrain_tst.check_launchable)  # fmt: skip
+    sys.modules["fused_weight_gradient_mlp_cuda"] = layers.fused_weight_gradient_mlp_cuda = kernel
+    layers._grad_accum_fusion_available = True
+    megatron_config.gradient_accumulation_fusion = lambda cfg, on_gpu, te: (
+        cfg.model.gradient_accumulation_fusion
+    )
+    pretrain_tst.check_launchable = lambda cfg: None  # the CPU refusal, checked elsewhere
+    schedules.finish_embedding_wgrad_compute = counted
+    try:
+        return _train(argv, metrics), drained
+    finally:
+        (
+            layers._grad_accum_fusion_available,
+            layers.fused_weight_gradient_mlp_cuda,
+            megatron_config.gradient_accumulation_fusion,
+            pretrain_tst.check_launchable,
+        ) = saved
+        sys.modules.pop("fused_weight_gradient_mlp_cuda")
+        schedules.finish_embedding_wgrad_compute = finish
+
+
+def test_deferred_output_layer_wgrad_trains_the_same_model(world4, tmp_path):
+    """--defer-embedding-wgrad-compute (Megatron-LM's): the output layer's weight gradients of
+    a step's micro-batches are buffered and computed in the pipeline's flush. With gradient
+    accumulation fusion (megatron-core's path; the CUDA kernel stood in for by its torch
+    definition) the run trains what the default CPU run trains (rel 2e-4, both phases, the
+    evaluations too): at PP 2 x DP 2 (a step's 2 micro-batches drained), with
+    --wgrad-deferral-limit 1 at TP 2 x PP 2 with sequence parallelism (1 deferred, the rest
+    computed at once), and tied embeddings in an interleaved pipeline."""
+    want = world4.run(_train, BASE, str(tmp_path / "ref.jsonl"))[0]
+    pp2 = ["--pipeline-model-parallel-size", "2"]
+    defer = ["--defer-embedding-wgrad-compute"]
+    tied = world4.run(_train, TIED, str(tmp_path / "tied.jsonl"))[0]
+    cases = {
+        "PP2-fused": (BASE + pp2, [], want),
+        "PP2-deferred": (BASE + pp2 + defer, [2] * 6, want),
+        "TP2xPP2-SP-limit1": (BASE + pp2 + defer + ["--tensor-model-parallel-size", "2",
+                              "--sequence-parallel", "--wgrad-deferral-limit", "1"], [1] * 6, want),
+        "tied-PP2-interleaved": (TIED + pp2 + defer + ["--num-layers-per-virtual-pipeline-stage",
+                                 "1"], [2] * 6, tied),
+    }  # fmt: skip
+    for name, (argv, drains, reference) in cases.items():
+        ranks = world4.run(_train_with_fused_wgrad, argv, str(tmp_path / f"{name}.jsonl"))
+        got = ranks[0][0]
+        _assert_close(_losses(got), _losses(reference), 2e-4, name)
+        _assert_close(_val(got), _val(reference), 2e-4, name)
+        # Drained on the last stage only, once per training step (evaluations buffer none).
+        assert max((d for _, d in ranks), key=len) == drains, name

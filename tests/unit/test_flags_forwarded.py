@@ -6,6 +6,7 @@ formulas written out here from Megatron-LM's documented behaviour, not with its 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -525,3 +526,66 @@ def test_fused_weighted_squared_relu_flag():
     rx, rp = torch.autograd.grad(ref, (x, p), g)
     torch.testing.assert_close(gx, rx, rtol=1e-6, atol=0)
     torch.testing.assert_close(gp, rp, rtol=1e-6, atol=0)
+
+
+def test_defer_embedding_wgrad_compute_rules():
+    """--defer-embedding-wgrad-compute / --wgrad-deferral-limit: forwarded to megatron-core
+    (its defaults off and 0); its rules said up front in one line each (pipeline parallelism,
+    the fused weight-gradient kernel, a limit >= 0), MTP refused (measured here: with MTP the
+    deferred gradients pair the wrong inputs and the loss leaves the reference's at the third
+    step), and on a machine without a GPU a launch is refused before any process group.
+    tests/distributed/test_trainer.py trains with it."""
+    import pretrain_tst
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    pp2 = ["--pipeline-model-parallel-size", "2", "--global-batch-size", "4"]
+    cfg, _ = _cfg()
+    assert (cfg.parallel.defer_embedding_wgrad_compute, cfg.parallel.wgrad_deferral_limit) == (
+        False, 0)  # fmt: skip
+    cfg = parse_args([*BASE, *pp2, "--defer-embedding-wgrad-compute", "--wgrad-deferral-limit",
+                      "2"])  # fmt: skip
+    plan = validate(cfg, 2, 512)
+    cpu = Layout(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                 tp=1, pp=2, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+                 cpu_patched=False)  # fmt: skip
+    # Where the fused kernel cannot run (here: no CUDA) building the config says why.
+    with pytest.raises(ValueError, match=r"--defer-embedding-wgrad-compute accumulates the "
+                       r"deferred .* \(this run is not on CUDA with Transformer Engine\)"):  # fmt: skip
+        transformer_config(cfg, plan, cpu)
+    refused = {
+        "needs --pipeline-model-parallel-size > 1": ["--defer-embedding-wgrad-compute"],
+        "drop --no-gradient-accumulation-fusion": [*pp2, "--defer-embedding-wgrad-compute",
+                                                   "--no-gradient-accumulation-fusion"],
+        "--wgrad-deferral-limit must be >= 0": [*pp2, "--defer-embedding-wgrad-compute",
+                                                "--wgrad-deferral-limit", "-1"],
+        "with --mtp-num-layers: megatron-core pairs": [*pp2, "--defer-embedding-wgrad-compute",
+                                                       "--mtp-num-layers", "1"],
+    }  # fmt: skip
+    for message, extra in refused.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            validate(parse_args([*BASE, *extra]), 2 if "--pipeline-model-parallel-size" in extra
+                     else 1, 512)  # fmt: skip
+    with pytest.warns(UserWarning, match="--wgrad-deferral-limit bounds"):
+        _cfg("--wgrad-deferral-limit", "2")
+    with pytest.raises(ValueError, match="and this machine has no GPU: drop it"):
+        pretrain_tst.main([*BASE, *pp2, "--defer-embedding-wgrad-compute"])
+
+
+def test_gradient_accumulation_fusion_needs_the_kernel(monkeypatch):
+    """On by default where it runs (CUDA, Transformer Engine and APEX's kernel, which
+    megatron-core's own linears need: without it megatron-core refuses to build the output
+    layer); off with a warning saying why where the kernel is missing, silently with
+    --no-gradient-accumulation-fusion or off CUDA."""
+    import tst.megatron_config as mc
+
+    cfg, _ = _cfg()
+    monkeypatch.setattr(mc, "fused_wgrad_kernel_available", lambda: True)
+    assert mc.gradient_accumulation_fusion(cfg, on_gpu=True, te=True) is True
+    assert mc.gradient_accumulation_fusion(cfg, on_gpu=False, te=True) is False
+    assert mc.gradient_accumulation_fusion(cfg, on_gpu=True, te=False) is False
+    off = _cfg("--no-gradient-accumulation-fusion")[0]
+    assert mc.gradient_accumulation_fusion(off, on_gpu=True, te=True) is False
+    monkeypatch.setattr(mc, "fused_wgrad_kernel_available", lambda: False)
+    with pytest.warns(UserWarning, match="fused_weight_gradient_mlp_cuda is not importable"):
+        assert mc.gradient_accumulation_fusion(cfg, on_gpu=True, te=True) is False
