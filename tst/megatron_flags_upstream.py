@@ -240,6 +240,7 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--dino-warmup-teacher-temp-epochs": 1,
     },
     "bert": {
+        "--sample-rate": 1,  # subsamples the ORQA / retrieval dataset only
         "--bert-no-binary-head": 0,
         "--mask-prob": 1,
         "--short-seq-prob": 1,
@@ -431,10 +432,7 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--create-all-gather-group": 0,
         "--nccl-communicator-config-path": 1,
         "--fake-process-group": 0,
-        "--sample-rate": 1,
         "--object-storage-cache-path": 1,
-        "--tokenizer-metadata": 1,
-        "--tokenizer-sentencepiece-legacy": 0,
         "--log-max-attention-logit": 0,
         "--te-precision-config-file": 1,
     },
@@ -451,6 +449,17 @@ UPSTREAM_REFUSED["--overlap-param-gather-with-optimizer-step"] = (
     "Megatron-LM 0.16.1 refuses it with distributed checkpointing, the only checkpoint format "
     "here (and it needs interleaved pipeline parallelism): drop it (--overlap-param-gather "
     "overlaps the gathers with the forward)",
+)
+UPSTREAM_REFUSED["--tokenizer-metadata"] = (
+    1,
+    "a JSON file read by Megatron-LM 0.16.1's new tokenizer system only (its model type, library "
+    "and chat template); the tokenizers here are chosen by --tokenizer-type and its files: drop it",
+)
+UPSTREAM_REFUSED["--tokenizer-sentencepiece-legacy"] = (
+    0,
+    "Megatron-LM 0.16.1's new tokenizer system's way to add --tokenizer-special-tokens to a "
+    "SentencePiece model (that tokenizer then has no EOD id, which its GPT dataset needs); the "
+    "SentencePiece types here use the model's own pieces: drop it",
 )
 UPSTREAM_REFUSED["--checkpoint-activations"] = (
     0,
