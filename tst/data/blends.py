@@ -100,18 +100,24 @@ def _read_words(path: str) -> list[str]:
     return words
 
 
-def _read_per_split(path: str) -> list[list[str] | None]:
-    flag = "--per-split-data-args-path"
-    shape = '{"train": [...], "valid": [...], "test": [...]} (null for an unused split)'
+def _read_json_object(path: str, flag: str, fix: str) -> dict:
+    """The JSON object in ``flag``'s file, or one line naming the file, the fault and ``fix``."""
     try:
         content = json.loads(_read(path, flag))
     except json.JSONDecodeError as error:
         raise InputError(
             f"{flag} {path} is not JSON (line {error.lineno}, column {error.colno}: "
-            f"{error.msg}): write {shape}"
+            f"{error.msg}): {fix}"
         ) from None
     if not isinstance(content, dict):
-        raise InputError(f"{flag} {path} holds a {type(content).__name__}: write {shape}")
+        raise InputError(f"{flag} {path} holds a {type(content).__name__}, not an object: {fix}")
+    return content
+
+
+def _read_per_split(path: str) -> list[list[str] | None]:
+    flag = "--per-split-data-args-path"
+    shape = '{"train": [...], "valid": [...], "test": [...]} (null for an unused split)'
+    content = _read_json_object(path, flag, f"write {shape}")
     splits = []
     for name in SPLITS:
         if name not in content:
@@ -135,15 +141,7 @@ def read_sequences_per_dataset(path: str) -> dict[str, tuple[int, int]]:
     the documents), as ``tools/build_sequences_per_dataset.py`` writes it."""
     flag = "--per-dataset-sequences-path"
     fix = "write it with tools/build_sequences_per_dataset.py"
-    try:
-        content = json.loads(_read(path, flag))
-    except json.JSONDecodeError as error:
-        raise InputError(
-            f"{flag} {path} is not JSON (line {error.lineno}, column {error.colno}: "
-            f"{error.msg}); {fix}"
-        ) from None
-    if not isinstance(content, dict):
-        raise InputError(f"{flag} {path} holds a {type(content).__name__}, not an object; {fix}")
+    content = _read_json_object(path, flag, fix)
     counts = {}
     for prefix, value in content.items():
         ok = (isinstance(value, list) and len(value) == 2
