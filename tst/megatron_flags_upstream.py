@@ -396,7 +396,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--hierarchical-context-parallel-sizes": "+",
         "--max-seqlen-per-dp-cp-rank": 1,
         "--hybrid-context-parallel": 0,
-        "--use-ring-exchange-p2p": 0,
         "--mtp-standalone": 0,
         "--cpu-offloading-num-layers": 1,
         "--fp8-quantizer-factory": 1,
@@ -424,14 +423,12 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--ckpt-convert-update-legacy-dist-opt-format": 0,
         "--dist-ckpt-save-pre-mcore-014": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
-        "--lazy-mpu-init": 1,
         "--use-nccl-ub": 0,
         "--disable-symmetric-registration": 0,
         "--use-sharp": 0,
         "--sharp-enabled-group": 1,
         "--create-all-gather-group": 0,
         "--nccl-communicator-config-path": 1,
-        "--fake-process-group": 0,
         "--object-storage-cache-path": 1,
         "--log-max-attention-logit": 0,
         "--te-precision-config-file": 1,
@@ -449,6 +446,22 @@ UPSTREAM_REFUSED["--overlap-param-gather-with-optimizer-step"] = (
     "Megatron-LM 0.16.1 refuses it with distributed checkpointing, the only checkpoint format "
     "here (and it needs interleaved pipeline parallelism): drop it (--overlap-param-gather "
     "overlaps the gathers with the forward)",
+)
+UPSTREAM_REFUSED["--use-ring-exchange-p2p"] = (
+    0,
+    "needs a custom PyTorch build with torch.distributed.ring_exchange (Megatron-LM's note), "
+    "which stock PyTorch lacks: drop it (pipeline p2p is batched or overlapped)",
+)
+UPSTREAM_REFUSED["--fake-process-group"] = (
+    0,
+    "Megatron-LM's way to profile a large layout's memory on one GPU; here --dry-run (with "
+    "--dry-run-world-size) lays out each rank's parameters, gradients and optimizer state "
+    "without any process group: use it instead",
+)
+UPSTREAM_REFUSED["--lazy-mpu-init"] = (
+    1,
+    "for programs that embed Megatron-LM's initialize_megatron and finish its set-up "
+    "themselves; pretrain_tst.py sets up its own process groups: drop it",
 )
 UPSTREAM_REFUSED["--tokenizer-metadata"] = (
     1,
