@@ -131,6 +131,8 @@ def main(argv=None) -> int:
         gloo_groups=p.enable_gloo_process_groups,
         order="tp-cp-ep-pp-dp" if p.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",
         distributed_optimizer_instances=p.num_distributed_optimizer_instances,
+        nccl_communicator_config_path=p.nccl_communicator_config_path,
+        high_priority_stream_groups=p.high_priority_stream_groups,
     )  # fmt: skip
     trainer = None
     userbuffers = False

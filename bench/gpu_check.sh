@@ -170,8 +170,11 @@ else
   echo "== moe_mla_mtp"
   rm -f "$OUT_DIR/moe_mla_mtp.jsonl"
   rm -f "$OUT_DIR/moe_memory.pickle"
+  # NCCL communicator settings for megatron-core's groups (checked, then given to NCCL).
+  printf 'dp: {max_ctas: 16, min_ctas: 1}\ntp: {cga_cluster_size: 2}\n' > "$OUT_DIR/nccl.yaml"
   "$PYTHON" pretrain_tst.py "${MOE_ARGS[@]}" --metrics-file "$OUT_DIR/moe_mla_mtp.jsonl" \
-    --record-memory-history --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" --log-energy
+    --record-memory-history --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" --log-energy \
+    --nccl-communicator-config-path "$OUT_DIR/nccl.yaml" --high-priority-stream-groups dp_cp ep_dp
   "$PYTHON" - "$OUT_DIR/moe_mla_mtp.jsonl" "$OUT_DIR/moe_memory.pickle" <<'EOF2'
 import json, math, pickle, sys
 snapshot = pickle.load(open(sys.argv[2], "rb"))

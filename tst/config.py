@@ -610,6 +610,15 @@ class ParallelConfig:
         False, "Interleaved schedules: overlap the warm-up's and the flush's sends and "
         "receives with compute too.", flag="--overlap-p2p-communication-warmup-flush",
     )  # fmt: skip
+    nccl_communicator_config_path: str | None = _f(
+        None, "A YAML file of NCCL settings per process group (cga_cluster_size, max_ctas, "
+        "min_ctas, net_name, is_high_priority_stream), given to megatron-core's groups; "
+        "checked at start (NCCL only).",
+    )  # fmt: skip
+    high_priority_stream_groups: list[str] | None = _f(
+        None, "Process groups whose NCCL communicators use high-priority streams (e.g. dp_cp "
+        "ep_dp; NCCL only).", nargs="*",
+    )  # fmt: skip
     defer_embedding_wgrad_compute: bool = _f(
         False, "Defer the output layer's weight gradient of each micro-batch to the "
         "pipeline's flush, where it overlaps the last stage's idle time (needs pipeline "

@@ -591,6 +591,9 @@ def check_launchable(cfg: Config) -> None:
     for flag, asked, why in not_yet:
         _require(not asked, f"{flag} is not supported yet: {why}; drop it (--dry-run lays "
                             "such a run out, a launch cannot run it)")  # fmt: skip
+    from tst.nccl_options import check_nccl_options
+
+    check_nccl_options(p.nccl_communicator_config_path, p.high_priority_stream_groups)
     if cfg.log.record_memory_history:
         import torch
 

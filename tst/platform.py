@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,8 @@ def initialize(
     gloo_groups: bool = True,
     order: str = "tp-cp-ep-dp-pp",
     distributed_optimizer_instances: int = 1,
+    nccl_communicator_config_path: str | None = None,
+    high_priority_stream_groups: list[str] | None = None,
 ) -> Layout:
     """Start (or join) the process group, set up megatron-core parallel state, seed RNGs.
 
@@ -161,6 +164,15 @@ def initialize(
 
     from megatron.core import parallel_state as ps
 
+    nccl = {}
+    if nccl_communicator_config_path or high_priority_stream_groups:
+        if backend == "nccl":
+            nccl = dict(nccl_communicator_config_path=nccl_communicator_config_path,
+                        high_priority_stream_groups=high_priority_stream_groups)  # fmt: skip
+        elif dist.get_rank() == 0:
+            warnings.warn("--nccl-communicator-config-path / --high-priority-stream-groups set "
+                          f"NCCL communicators; this run's groups are {backend}: ignored",
+                          stacklevel=2)  # fmt: skip
     reset_parallel_state()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,
@@ -173,6 +185,7 @@ def initialize(
         create_gloo_process_groups=gloo_groups,
         order=order,
         num_distributed_optimizer_instances=distributed_optimizer_instances,
+        **nccl,
     )
     layout = Layout(
         rank=dist.get_rank(),
