@@ -426,7 +426,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--disable-symmetric-registration": 0,
         "--use-sharp": 0,
         "--sharp-enabled-group": 1,
-        "--create-all-gather-group": 0,
         "--object-storage-cache-path": 1,
         "--log-max-attention-logit": 0,
         "--te-precision-config-file": 1,
@@ -460,6 +459,12 @@ UPSTREAM_REFUSED["--lazy-mpu-init"] = (
     1,
     "for programs that embed Megatron-LM's initialize_megatron and finish its set-up "
     "themselves; pretrain_tst.py sets up its own process groups: drop it",
+)
+UPSTREAM_REFUSED["--create-all-gather-group"] = (
+    0,
+    "a second data-parallel group for Megatron FSDP's parameter all-gathers (megatron-core "
+    "0.16.1 reads it there only); FSDP is not supported here: drop it (the distributed "
+    "optimizer's gathers overlap with --overlap-param-gather)",
 )
 UPSTREAM_REFUSED["--tokenizer-metadata"] = (
     1,
