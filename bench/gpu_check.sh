@@ -165,16 +165,13 @@ MOE_ARGS=(
 if [[ "$DRY_RUN" == 1 ]]; then
   echo "== moe_mla_mtp (dry run)"
   "$PYTHON" pretrain_tst.py --dry-run "${MOE_ARGS[@]}" --record-memory-history \
-    --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" --log-energy | tail -n 3
+    --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" | tail -n 3
 else
   echo "== moe_mla_mtp"
   rm -f "$OUT_DIR/moe_mla_mtp.jsonl"
   rm -f "$OUT_DIR/moe_memory.pickle"
-  # NCCL communicator settings for megatron-core's groups (checked, then given to NCCL).
-  printf 'dp: {max_ctas: 16, min_ctas: 1}\ntp: {cga_cluster_size: 2}\n' > "$OUT_DIR/nccl.yaml"
   "$PYTHON" pretrain_tst.py "${MOE_ARGS[@]}" --metrics-file "$OUT_DIR/moe_mla_mtp.jsonl" \
-    --record-memory-history --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" --log-energy \
-    --nccl-communicator-config-path "$OUT_DIR/nccl.yaml" --high-priority-stream-groups dp_cp ep_dp
+    --record-memory-history --memory-snapshot-path "$OUT_DIR/moe_memory.pickle"
   "$PYTHON" - "$OUT_DIR/moe_mla_mtp.jsonl" "$OUT_DIR/moe_memory.pickle" <<'EOF2'
 import json, math, pickle, sys
 snapshot = pickle.load(open(sys.argv[2], "rb"))
@@ -185,11 +182,38 @@ records = [json.loads(l) for l in open(sys.argv[1]) if '"loss": ' in l and '"ite
 loss = [r["loss"] for r in records]
 phases = {r["phase"] for r in records if any(k.startswith("mtp") for k in r)}
 ok = len(loss) == 6 and all(map(math.isfinite, loss)) and loss[-1] < loss[0]
-watts = [r.get("power_w_per_device") for r in records]
-ok_w = all(w is not None and 10 <= w <= 2000 for w in watts)
-print(f"--log-energy (NVML): {records[-1].get('energy_j_per_iter_per_device')} J/iter/GPU, "
-      f"power per window {watts} W ({'plausible' if ok_w else 'IMPLAUSIBLE or missing'})")
 print(f"MoE + MLA + MTP: {len(loss)} logging windows of 5 steps, loss {loss[0]:.3f} -> {loss[-1]:.3f}, MTP loss "
       f"logged in {sorted(phases)} ({'trains' if ok else 'FAILED'})")
+EOF2
+fi
+
+# Operations flags on the GPU, on a short dense run of their own: --log-energy (NVML's energy
+# counter, each rank's GPU by its UUID) must log plausible watts, and NCCL communicator
+# settings (--nccl-communicator-config-path, --high-priority-stream-groups) must be taken by
+# megatron-core's NCCL groups.
+mkdir -p "$OUT_DIR"
+printf 'dp: {max_ctas: 16, min_ctas: 1}\ntp: {cga_cluster_size: 2}\n' > "$OUT_DIR/nccl.yaml"
+OPS_ARGS=(
+  --num-layers 2 --hidden-size 256 --num-attention-heads 4 --seq-length 512
+  --mock-data --vocab-size 32000 --micro-batch-size 4 --global-batch-size 8
+  --train-iters 12 --lr 1e-3 --bf16 --tst-bag-size 4 --tst-iters 4 --log-interval 4
+  --eval-iters 0 --log-energy --nccl-communicator-config-path "$OUT_DIR/nccl.yaml"
+  --high-priority-stream-groups dp_cp ep_dp
+)
+if [[ "$DRY_RUN" == 1 ]]; then
+  echo "== ops (dry run)"
+  "$PYTHON" pretrain_tst.py --dry-run "${OPS_ARGS[@]}" | tail -n 2
+else
+  echo "== ops"
+  rm -f "$OUT_DIR/ops.jsonl"
+  "$PYTHON" pretrain_tst.py "${OPS_ARGS[@]}" --metrics-file "$OUT_DIR/ops.jsonl"
+  "$PYTHON" - "$OUT_DIR/ops.jsonl" <<'EOF2'
+import json, sys
+records = [json.loads(l) for l in open(sys.argv[1]) if '"power_w_per_device"' in l]
+watts = [round(r["power_w_per_device"], 1) for r in records]
+ok = len(watts) == 3 and all(10 <= w <= 2000 for w in watts)
+print(f"--log-energy (NVML): {records[-1]['energy_j_per_iter_per_device'] if records else None} "
+      f"J/iter/GPU, power per window {watts} W ({'plausible' if ok else 'IMPLAUSIBLE or missing'}); "
+      "NCCL communicator settings taken (the run started)")
 EOF2
 fi
