@@ -133,6 +133,7 @@ def main(argv=None) -> int:
         distributed_optimizer_instances=p.num_distributed_optimizer_instances,
         nccl_communicator_config_path=p.nccl_communicator_config_path,
         high_priority_stream_groups=p.high_priority_stream_groups,
+        hierarchical_cp_sizes=p.hierarchical_context_parallel_sizes,
     )  # fmt: skip
     trainer = None
     userbuffers = False

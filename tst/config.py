@@ -475,9 +475,16 @@ class ParallelConfig:
     context_parallel_size: int = _f(
         1, "Context-parallel size (CP): the sequence split over ranks; needs Transformer Engine."
     )
-    cp_comm_type: str = _f(
-        "p2p", "Context-parallel attention communication.", choices=["p2p", "a2a", "allgather"]
-    )
+    cp_comm_type: list[str] = _f(
+        ["p2p"], "Context-parallel attention communication, one for every layer or one per "
+        "layer: p2p, a2a, allgather, or a2a+p2p (a2a inside the first of "
+        "--hierarchical-context-parallel-sizes, p2p across the second).",
+        choices=["p2p", "a2a", "allgather", "a2a+p2p"],
+    )  # fmt: skip
+    hierarchical_context_parallel_sizes: list[int] | None = _f(
+        None, "With --cp-comm-type a2a+p2p: the context-parallel group split into levels (e.g. "
+        "2 4 for CP 8), their product CP.", type=int,
+    )  # fmt: skip
     expert_model_parallel_size: int = _f(1, "Expert-parallel size (EP).")
     expert_tensor_parallel_size: int | None = _f(
         None, "Tensor-parallel size of the experts (ETP; default: TP)."

@@ -204,7 +204,13 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         account_for_embedding_in_pipeline_split=p.account_for_embedding_in_pipeline_split,
         account_for_loss_in_pipeline_split=p.account_for_loss_in_pipeline_split,
         context_parallel_size=plan.grid.cp,
-        cp_comm_type=p.cp_comm_type if plan.grid.cp > 1 else None,
+        # One type for every layer is megatron-core's string form; a list is per layer.
+        cp_comm_type=(
+            (p.cp_comm_type[0] if len(p.cp_comm_type) == 1 else list(p.cp_comm_type))
+            if plan.grid.cp > 1
+            else None
+        ),
+        hierarchical_context_parallel_sizes=p.hierarchical_context_parallel_sizes,
         expert_model_parallel_size=plan.grid.ep,
         sequence_parallel=p.sequence_parallel,
         tp_comm_overlap=p.tp_comm_overlap,

@@ -393,7 +393,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
     },
     "notyet": {
         "--pipeline-model-parallel-comm-backend": 1,
-        "--hierarchical-context-parallel-sizes": "+",
         "--max-seqlen-per-dp-cp-rank": 1,
         "--hybrid-context-parallel": 0,
         "--mtp-standalone": 0,

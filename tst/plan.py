@@ -14,6 +14,7 @@ Under sample-based training (``--train-samples``) the run's length in steps is M
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -197,6 +198,25 @@ def _warn_decreased_batch(cfg: Config, gbs: int, unit: int, dp: int) -> None:
     )
 
 
+def _check_cp_comm_type(cfg: Config) -> None:
+    """--cp-comm-type (one type, or one per layer) and --hierarchical-context-parallel-sizes:
+    Megatron-LM's rules."""
+    p, layers = cfg.parallel, cfg.model.num_layers
+    types, sizes = p.cp_comm_type, p.hierarchical_context_parallel_sizes
+    _require(len(types) in (1, layers), f"--cp-comm-type takes one type for every layer or "
+             f"one per layer ({layers}), got {len(types)}")  # fmt: skip
+    if sizes is not None:
+        _require(len(sizes) >= 2 and all(n >= 1 for n in sizes),
+                 "--hierarchical-context-parallel-sizes takes the levels' sizes (two or more "
+                 f"integers >= 1), got {' '.join(map(str, sizes))}")  # fmt: skip
+        _require(math.prod(sizes) == p.context_parallel_size,
+                 f"--hierarchical-context-parallel-sizes {' '.join(map(str, sizes))} multiply "
+                 f"to {math.prod(sizes)}, not --context-parallel-size {p.context_parallel_size}")  # fmt: skip
+    _require("a2a+p2p" not in types or sizes is not None, "--cp-comm-type a2a+p2p runs a2a "
+             "and p2p at two levels of the context-parallel group: give their sizes with "
+             "--hierarchical-context-parallel-sizes (Megatron-LM's rule)")  # fmt: skip
+
+
 def check_grid(cfg: Config, world_size: int) -> Grid:
     """megatron-core's layout rules, checked before anything is built, with the fix."""
     m, p = cfg.model, cfg.parallel
@@ -207,6 +227,7 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
     )
     ep = p.expert_model_parallel_size
     etp = p.expert_tensor_parallel_size or tp
+    _check_cp_comm_type(cfg)
     _require(
         world_size % (tp * pp * cp) == 0,
         f"world size {world_size} is not divisible by TP x PP x CP = {tp * pp * cp} "

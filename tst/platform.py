@@ -122,6 +122,7 @@ def initialize(
     distributed_optimizer_instances: int = 1,
     nccl_communicator_config_path: str | None = None,
     high_priority_stream_groups: list[str] | None = None,
+    hierarchical_cp_sizes: list[int] | None = None,
 ) -> Layout:
     """Start (or join) the process group, set up megatron-core parallel state, seed RNGs.
 
@@ -181,6 +182,7 @@ def initialize(
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
         context_parallel_size=cp,
+        hierarchical_context_parallel_sizes=hierarchical_cp_sizes,
         distributed_timeout_minutes=int(timeout_minutes),
         create_gloo_process_groups=gloo_groups,
         order=order,

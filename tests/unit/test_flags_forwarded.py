@@ -589,3 +589,53 @@ def test_gradient_accumulation_fusion_needs_the_kernel(monkeypatch):
     monkeypatch.setattr(mc, "fused_wgrad_kernel_available", lambda: False)
     with pytest.warns(UserWarning, match="fused_weight_gradient_mlp_cuda is not importable"):
         assert mc.gradient_accumulation_fusion(cfg, on_gpu=True, te=True) is False
+
+
+def test_context_parallel_communication_flags_reach_megatron_core():
+    """--cp-comm-type as Megatron-LM takes it (one type for every layer, or one per layer;
+    a2a+p2p with --hierarchical-context-parallel-sizes, whose product is CP) reaches the
+    TransformerConfig, and megatron-core's process groups get the levels' sizes; its rules are
+    one line each. Context parallelism itself runs through Transformer Engine on a GPU."""
+    import pretrain_tst
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    cpu = Layout(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+                 cpu_patched=False)  # fmt: skip
+    cp4 = ["--context-parallel-size", "4", "--global-batch-size", "1"]
+
+    def config(*extra):
+        cfg = parse_args([*BASE, *cp4, *extra])
+        return transformer_config(cfg, validate(cfg, 4, 512), cpu, check_device=False)
+
+    c = config()
+    assert (c.cp_comm_type, c.hierarchical_context_parallel_sizes) == ("p2p", None)
+    c = config("--cp-comm-type", "a2a+p2p", "--hierarchical-context-parallel-sizes", "2", "2")
+    assert (c.cp_comm_type, c.hierarchical_context_parallel_sizes) == ("a2a+p2p", [2, 2])
+    assert config("--cp-comm-type", "p2p", "a2a").cp_comm_type == ["p2p", "a2a"]  # 2 layers
+    for extra, message in (
+        (["--cp-comm-type", "a2a+p2p"], "give their sizes with --hierarchical-context-parallel"),
+        (["--hierarchical-context-parallel-sizes", "2", "3"], "multiply to 6, not --context-"),
+        (["--cp-comm-type", "p2p", "a2a", "a2a"], "one per layer (2), got 3"),
+        (["--cp-comm-type", "ring"], "invalid choice: 'ring'"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            config(*extra)
+    # The levels reach megatron-core's initialize_model_parallel (a world of one: CP 1 here).
+    seen = {}
+    from megatron.core import parallel_state
+
+    original = parallel_state.initialize_model_parallel
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    parallel_state.initialize_model_parallel = spy
+    try:
+        assert pretrain_tst.main([*BASE, "--train-iters", "1", "--eval-iters", "0"]) == 0
+    finally:
+        parallel_state.initialize_model_parallel = original
+    assert "hierarchical_context_parallel_sizes" in seen
+    assert seen["hierarchical_context_parallel_sizes"] is None
