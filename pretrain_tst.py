@@ -17,6 +17,7 @@ from tst.config import Config, parse_args
 from tst.data.blends import data_blends, read_sequences_per_dataset
 from tst.errors import TSTError, collective_failure, exit_code
 from tst.megatron_import import compile_no_fusions, settled_imports
+from tst.nccl_options import group_options
 from tst.plan import check_launchable, validate
 
 
@@ -131,9 +132,8 @@ def main(argv=None) -> int:
         gloo_groups=p.enable_gloo_process_groups,
         order="tp-cp-ep-pp-dp" if p.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",
         distributed_optimizer_instances=p.num_distributed_optimizer_instances,
-        nccl_communicator_config_path=p.nccl_communicator_config_path,
-        high_priority_stream_groups=p.high_priority_stream_groups,
         hierarchical_cp_sizes=p.hierarchical_context_parallel_sizes,
+        nccl_group_options=group_options(p),
     )  # fmt: skip
     trainer = None
     userbuffers = False

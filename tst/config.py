@@ -626,6 +626,18 @@ class ParallelConfig:
         None, "Process groups whose NCCL communicators use high-priority streams (e.g. dp_cp "
         "ep_dp; NCCL only).", nargs="*",
     )  # fmt: skip
+    use_sharp: bool = _f(
+        False, "InfiniBand SHARP in-network reductions for one NCCL group (NCCL's CollNet; "
+        "the data-parallel group unless --sharp-enabled-group).",
+    )  # fmt: skip
+    sharp_enabled_group: str | None = _f(
+        None, "The group SHARP serves (dp_replica: with --num-distributed-optimizer-instances "
+        "> 1).", choices=["dp", "dp_replica"],
+    )  # fmt: skip
+    pipeline_model_parallel_comm_backend: str | None = _f(
+        None, "Backend of the pipeline's sends and receives (default NCCL; ucc: PyTorch with "
+        "UCC, no GPU cores used).", choices=["nccl", "ucc"],
+    )  # fmt: skip
     defer_embedding_wgrad_compute: bool = _f(
         False, "Defer the output layer's weight gradient of each micro-batch to the "
         "pipeline's flush, where it overlaps the last stage's idle time (needs pipeline "

@@ -392,7 +392,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--muon-extra-scale-factor": 1,
     },
     "notyet": {
-        "--pipeline-model-parallel-comm-backend": 1,
         "--max-seqlen-per-dp-cp-rank": 1,
         "--hybrid-context-parallel": 0,
         "--mtp-standalone": 0,
@@ -423,8 +422,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
         "--use-nccl-ub": 0,
         "--disable-symmetric-registration": 0,
-        "--use-sharp": 0,
-        "--sharp-enabled-group": 1,
         "--object-storage-cache-path": 1,
         "--log-max-attention-logit": 0,
         "--te-precision-config-file": 1,

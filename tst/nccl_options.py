@@ -13,14 +13,17 @@ misspelt name (or key) would be dropped without a word; here the file is checked
 process group starts and a name or key it does not know is refused, naming the file, the
 entry and the names it takes. ``--high-priority-stream-groups dp_cp ep_dp`` sets
 ``is_high_priority_stream`` for those groups (checked the same way). Both are NCCL's: over
-gloo (a machine without GPUs) they cannot apply, and the run says so and goes on.
+gloo (a machine without GPUs) they cannot apply, and the run says so and goes on; so do
+``--use-sharp`` / ``--sharp-enabled-group`` (InfiniBand SHARP through NCCL's CollNet) and
+``--pipeline-model-parallel-comm-backend`` (NCCL or UCC for the pipeline's p2p), which
+megatron-core's ``initialize_model_parallel`` takes too.
 """
 
 from __future__ import annotations
 
 from tst.errors import ConfigError
 
-__all__ = ["GROUPS", "check_nccl_options", "read_nccl_communicator_config"]
+__all__ = ["GROUPS", "check_nccl_options", "group_options", "read_nccl_communicator_config"]
 
 # The names megatron-core 0.16.1's initialize_model_parallel looks up (get_nccl_options).
 GROUPS = (
@@ -69,11 +72,31 @@ def read_nccl_communicator_config(path: str) -> dict:
     return content
 
 
-def check_nccl_options(path: str | None, high_priority_groups: list[str] | None) -> None:
-    """Both flags' input, checked before any process group starts."""
-    if path:
-        read_nccl_communicator_config(path)
-    for group in high_priority_groups or ():
+def check_nccl_options(p) -> None:
+    """The NCCL group flags' input, checked before any process group starts."""
+    if p.nccl_communicator_config_path:
+        read_nccl_communicator_config(p.nccl_communicator_config_path)
+    for group in p.high_priority_stream_groups or ():
         if group not in GROUPS:
             raise ConfigError(f"--high-priority-stream-groups: no process group is named "
                               f"{group!r}; the names are {', '.join(GROUPS)}")  # fmt: skip
+    if p.sharp_enabled_group is not None and not p.use_sharp:
+        raise ConfigError("--sharp-enabled-group chooses the group --use-sharp serves: add "
+                          "--use-sharp (megatron-core's rule)")  # fmt: skip
+    if p.sharp_enabled_group == "dp_replica" and p.num_distributed_optimizer_instances < 2:
+        raise ConfigError("--sharp-enabled-group dp_replica is the group across distributed-"
+                          "optimizer instances: it needs --num-distributed-optimizer-instances "
+                          "> 1 (megatron-core's rule)")  # fmt: skip
+
+
+def group_options(p) -> dict:
+    """The ``initialize_model_parallel`` arguments the parallel flags give beyond the layout
+    (for NCCL groups; empty when none is given)."""
+    given = {
+        "nccl_communicator_config_path": p.nccl_communicator_config_path,
+        "high_priority_stream_groups": p.high_priority_stream_groups,
+        "use_sharp": p.use_sharp,
+        "sharp_enabled_group": p.sharp_enabled_group,
+        "pipeline_model_parallel_comm_backend": p.pipeline_model_parallel_comm_backend,
+    }
+    return {name: value for name, value in given.items() if value}

@@ -614,7 +614,12 @@ def check_launchable(cfg: Config) -> None:
                             "such a run out, a launch cannot run it)")  # fmt: skip
     from tst.nccl_options import check_nccl_options
 
-    check_nccl_options(p.nccl_communicator_config_path, p.high_priority_stream_groups)
+    check_nccl_options(p)
+    if p.pipeline_model_parallel_comm_backend == "ucc":
+        import torch.distributed as dist
+
+        _require(dist.is_ucc_available(), "--pipeline-model-parallel-comm-backend ucc: this "
+                 "PyTorch was built without UCC (torch.distributed.is_ucc_available()): drop it")  # fmt: skip
     if cfg.log.record_memory_history:
         import torch
 

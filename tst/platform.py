@@ -120,9 +120,8 @@ def initialize(
     gloo_groups: bool = True,
     order: str = "tp-cp-ep-dp-pp",
     distributed_optimizer_instances: int = 1,
-    nccl_communicator_config_path: str | None = None,
-    high_priority_stream_groups: list[str] | None = None,
     hierarchical_cp_sizes: list[int] | None = None,
+    nccl_group_options: dict | None = None,
 ) -> Layout:
     """Start (or join) the process group, set up megatron-core parallel state, seed RNGs.
 
@@ -165,15 +164,13 @@ def initialize(
 
     from megatron.core import parallel_state as ps
 
-    nccl = {}
-    if nccl_communicator_config_path or high_priority_stream_groups:
-        if backend == "nccl":
-            nccl = dict(nccl_communicator_config_path=nccl_communicator_config_path,
-                        high_priority_stream_groups=high_priority_stream_groups)  # fmt: skip
-        elif dist.get_rank() == 0:
-            warnings.warn("--nccl-communicator-config-path / --high-priority-stream-groups set "
-                          f"NCCL communicators; this run's groups are {backend}: ignored",
-                          stacklevel=2)  # fmt: skip
+    nccl = nccl_group_options or {}
+    if nccl and backend != "nccl":
+        if dist.get_rank() == 0:
+            flags = ", ".join("--" + name.replace("_", "-") for name in nccl)
+            warnings.warn(f"{flags} set NCCL communicators; this run's groups are {backend}: "
+                          "ignored", stacklevel=2)  # fmt: skip
+        nccl = {}
     reset_parallel_state()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp,

@@ -1,7 +1,10 @@
-"""--nccl-communicator-config-path and --high-priority-stream-groups (Megatron-LM's): the YAML
-and the group names are checked before any process group starts (megatron-core would drop an
-unknown name or key without a word), one line each; over gloo the run says they cannot apply
-and trains. ``bench/gpu_check.sh`` passes both to NCCL groups on a GPU."""
+"""NCCL group flags (Megatron-LM's): --nccl-communicator-config-path and
+--high-priority-stream-groups (the YAML and the group names are checked before any process
+group starts; megatron-core would drop an unknown name or key without a word), --use-sharp /
+--sharp-enabled-group and --pipeline-model-parallel-comm-backend (megatron-core's rules up
+front), one line each; all reach megatron-core's initialize_model_parallel for NCCL groups, and
+over gloo the run says they cannot apply and trains. ``bench/gpu_check.sh`` passes the first
+two to NCCL groups on a GPU."""
 
 from __future__ import annotations
 
@@ -62,16 +65,44 @@ def test_the_config_file_and_group_names_are_checked(tmp_path):
         f"--nccl-communicator-config-path {missing}: No such file or directory")  # fmt: skip
     assert "--high-priority-stream-groups: no process group is named 'dpcp'" in _refused(
         tmp_path, None, "--high-priority-stream-groups", "dp_cp", "dpcp")  # fmt: skip
+    assert "add --use-sharp (megatron-core's rule)" in _refused(
+        tmp_path, None, "--sharp-enabled-group", "dp")  # fmt: skip
+    assert "needs --num-distributed-optimizer-instances > 1" in _refused(
+        tmp_path, None, "--use-sharp", "--sharp-enabled-group", "dp_replica")  # fmt: skip
+    assert "invalid choice: 'mpi'" in _refused(
+        tmp_path, None, "--pipeline-model-parallel-comm-backend", "mpi")  # fmt: skip
+
+
+def test_the_nccl_group_options_reach_initialize_model_parallel():
+    from tst.config import parse_args
+    from tst.nccl_options import group_options
+
+    assert group_options(parse_args(BASE).parallel) == {}
+    cfg = parse_args(BASE + ["--use-sharp", "--sharp-enabled-group", "dp",
+                             "--pipeline-model-parallel-comm-backend", "nccl",
+                             "--high-priority-stream-groups", "dp_cp"])  # fmt: skip
+    options = group_options(cfg.parallel)
+    assert options == {"use_sharp": True, "sharp_enabled_group": "dp",
+                       "pipeline_model_parallel_comm_backend": "nccl",
+                       "high_priority_stream_groups": ["dp_cp"]}  # fmt: skip
+    import inspect
+
+    from megatron.core import parallel_state
+
+    accepted = inspect.signature(parallel_state.initialize_model_parallel).parameters
+    assert set(options) | {"nccl_communicator_config_path"} <= set(accepted)
 
 
 def test_over_gloo_they_are_said_not_to_apply_and_the_run_trains(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("dp: {max_ctas: 16}\n")
     metrics = tmp_path / "m.jsonl"
-    with pytest.warns(UserWarning, match="this run's groups are gloo: ignored"):
+    with pytest.warns(UserWarning, match="--nccl-communicator-config-path, --high-priority-"
+                      "stream-groups, --use-sharp set NCCL communicators; this run's groups are "
+                      "gloo: ignored"):  # fmt: skip
         rc = pretrain_tst.main(BASE + ["--nccl-communicator-config-path", str(good),
                                        "--high-priority-stream-groups", "dp_cp", "ep_dp",
-                                       "--metrics-file", str(metrics)])  # fmt: skip
+                                       "--use-sharp", "--metrics-file", str(metrics)])  # fmt: skip
     assert rc == 0
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss" in r] == [1, 2]
