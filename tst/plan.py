@@ -15,6 +15,7 @@ Under sample-based training (``--train-samples``) the run's length in steps is M
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -620,6 +621,9 @@ def check_launchable(cfg: Config) -> None:
 
         _require(dist.is_ucc_available(), "--pipeline-model-parallel-comm-backend ucc: this "
                  "PyTorch was built without UCC (torch.distributed.is_ucc_available()): drop it")  # fmt: skip
+        _require(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1",
+                 "--pipeline-model-parallel-comm-backend ucc overlaps its transfers on their own "
+                 "CUDA connections: unset CUDA_DEVICE_MAX_CONNECTIONS=1 (megatron-core's rule)")  # fmt: skip
     if cfg.log.record_memory_history:
         import torch
 
