@@ -626,6 +626,14 @@ class ParallelConfig:
         None, "Process groups whose NCCL communicators use high-priority streams (e.g. dp_cp "
         "ep_dp; NCCL only).", nargs="*",
     )  # fmt: skip
+    use_nccl_ub: bool = _f(
+        False, "Allocate the DDP parameter and gradient buffers from NCCL's memory pool and "
+        "register them as NCCL user buffers (fewer GPU cores for the data-parallel "
+        "collectives; CUDA only).",
+    )  # fmt: skip
+    disable_symmetric_registration: bool = _f(
+        False, "With --use-nccl-ub: register the buffers locally, not as symmetric windows."
+    )
     use_sharp: bool = _f(
         False, "InfiniBand SHARP in-network reductions for one NCCL group (NCCL's CollNet; "
         "the data-parallel group unless --sharp-enabled-group).",

@@ -420,8 +420,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--ckpt-convert-update-legacy-dist-opt-format": 0,
         "--dist-ckpt-save-pre-mcore-014": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
-        "--use-nccl-ub": 0,
-        "--disable-symmetric-registration": 0,
         "--object-storage-cache-path": 1,
         "--log-max-attention-logit": 0,
         "--te-precision-config-file": 1,

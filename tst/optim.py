@@ -53,6 +53,8 @@ def ddp_config(cfg: Config, num_parameters: int | None = None):
         gradient_reduce_div_fusion=p.gradient_reduce_div_fusion,
         fp8_param_gather=cfg.training.fp8_param_gather,
         num_distributed_optimizer_instances=p.num_distributed_optimizer_instances,
+        nccl_ub=p.use_nccl_ub,
+        disable_symmetric_registration=p.disable_symmetric_registration,
     )
 
 

@@ -616,6 +616,19 @@ def check_launchable(cfg: Config) -> None:
     from tst.nccl_options import check_nccl_options
 
     check_nccl_options(p)
+    if p.use_nccl_ub:
+        import torch
+
+        _require(torch.cuda.is_available(), "--use-nccl-ub registers the DDP buffers with NCCL "
+                 "(CUDA; megatron-core builds its NCCL allocator at start), and this machine has "
+                 "no GPU: drop it")  # fmt: skip
+        alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+        _require("expandable_segments:True" not in alloc.split(","), "--use-nccl-ub allocates "
+                 "from a torch.cuda.MemPool, which PYTORCH_CUDA_ALLOC_CONF="
+                 "expandable_segments:True does not support: unset it (megatron-core's rule)")  # fmt: skip
+    elif p.disable_symmetric_registration:
+        warnings.warn("--disable-symmetric-registration changes how --use-nccl-ub registers the "
+                      "buffers; without --use-nccl-ub it changes nothing", stacklevel=2)  # fmt: skip
     if p.pipeline_model_parallel_comm_backend == "ucc":
         import torch.distributed as dist
 

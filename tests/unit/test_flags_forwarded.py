@@ -639,3 +639,26 @@ def test_context_parallel_communication_flags_reach_megatron_core():
         parallel_state.initialize_model_parallel = original
     assert "hierarchical_context_parallel_sizes" in seen
     assert seen["hierarchical_context_parallel_sizes"] is None
+
+
+def test_nccl_user_buffer_flags_reach_ddp_and_need_a_gpu(monkeypatch):
+    """--use-nccl-ub / --disable-symmetric-registration (Megatron-LM's): DDP's nccl_ub and
+    disable_symmetric_registration (defaults off); a launch without a GPU is refused before
+    any process group, and so is PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (megatron-
+    core's rule); the second flag alone changes nothing (a warning)."""
+    import pretrain_tst
+
+    d = ddp_config(_cfg()[0])
+    assert (d.nccl_ub, d.disable_symmetric_registration) == (False, False)
+    d = ddp_config(_cfg("--use-nccl-ub", "--disable-symmetric-registration")[0])
+    assert (d.nccl_ub, d.disable_symmetric_registration) == (True, True)
+    with pytest.raises(ValueError, match="and this machine has no GPU: drop it"):
+        pretrain_tst.main([*BASE, "--use-nccl-ub"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:64,expandable_segments:True")
+    from tst.plan import check_launchable
+
+    with pytest.raises(ValueError, match="expandable_segments:True does not support: unset it"):
+        check_launchable(_cfg("--use-nccl-ub")[0])
+    with pytest.warns(UserWarning, match="without --use-nccl-ub it changes nothing"):
+        check_launchable(_cfg("--disable-symmetric-registration")[0])
