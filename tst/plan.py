@@ -616,12 +616,24 @@ def check_launchable(cfg: Config) -> None:
     from tst.nccl_options import check_nccl_options
 
     check_nccl_options(p)
-    if p.use_nccl_ub:
-        import torch
+    import torch
 
-        _require(torch.cuda.is_available(), "--use-nccl-ub registers the DDP buffers with NCCL "
-                 "(CUDA; megatron-core builds its NCCL allocator at start), and this machine has "
-                 "no GPU: drop it")  # fmt: skip
+    # Features of CUDA devices (and their libraries), refused on a machine without a GPU.
+    needs_gpu = [
+        ("--record-memory-history", cfg.log.record_memory_history, "records CUDA's caching "
+         "allocator", " (on CPU the memory report, --log-memory-interval, prints resident "
+         "memory)"),
+        ("--defer-embedding-wgrad-compute", p.defer_embedding_wgrad_compute, "needs the fused "
+         "weight-gradient kernel (CUDA, Transformer Engine and APEX's "
+         "fused_weight_gradient_mlp_cuda)", ""),
+        ("--log-energy", cfg.log.log_energy, "reads each GPU's energy counter (NVML)", ""),
+        ("--use-nccl-ub", p.use_nccl_ub, "registers the DDP buffers with NCCL (CUDA; "
+         "megatron-core builds its NCCL allocator at start)", ""),
+    ]  # fmt: skip
+    for flag, asked, what, hint in needs_gpu:
+        _require(not asked or torch.cuda.is_available(),
+                 f"{flag} {what}, and this machine has no GPU: drop it{hint}")  # fmt: skip
+    if p.use_nccl_ub:
         alloc = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
         _require("expandable_segments:True" not in alloc.split(","), "--use-nccl-ub allocates "
                  "from a torch.cuda.MemPool, which PYTORCH_CUDA_ALLOC_CONF="
@@ -630,30 +642,12 @@ def check_launchable(cfg: Config) -> None:
         warnings.warn("--disable-symmetric-registration changes how --use-nccl-ub registers the "
                       "buffers; without --use-nccl-ub it changes nothing", stacklevel=2)  # fmt: skip
     if p.pipeline_model_parallel_comm_backend == "ucc":
-        import torch.distributed as dist
-
-        _require(dist.is_ucc_available(), "--pipeline-model-parallel-comm-backend ucc: this "
-                 "PyTorch was built without UCC (torch.distributed.is_ucc_available()): drop it")  # fmt: skip
+        _require(torch.distributed.is_ucc_available(), "--pipeline-model-parallel-comm-backend "
+                 "ucc: this PyTorch was built without UCC "
+                 "(torch.distributed.is_ucc_available()): drop it")  # fmt: skip
         _require(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1",
                  "--pipeline-model-parallel-comm-backend ucc overlaps its transfers on their own "
                  "CUDA connections: unset CUDA_DEVICE_MAX_CONNECTIONS=1 (megatron-core's rule)")  # fmt: skip
-    if cfg.log.record_memory_history:
-        import torch
-
-        _require(torch.cuda.is_available(), "--record-memory-history records CUDA's caching "
-                 "allocator, and this machine has no GPU: drop it (on CPU the memory report, "
-                 "--log-memory-interval, prints resident memory)")  # fmt: skip
-    if cfg.parallel.defer_embedding_wgrad_compute:
-        import torch
-
-        _require(torch.cuda.is_available(), "--defer-embedding-wgrad-compute needs the fused "
-                 "weight-gradient kernel (CUDA, Transformer Engine and APEX's "
-                 "fused_weight_gradient_mlp_cuda), and this machine has no GPU: drop it")  # fmt: skip
-    if cfg.log.log_energy:
-        import torch
-
-        _require(torch.cuda.is_available(), "--log-energy reads each GPU's energy counter "
-                 "(NVML), and this machine has no GPU: drop it")  # fmt: skip
 
 
 def _check_deferred_output_wgrad(cfg: Config, pp: int) -> None:
