@@ -191,13 +191,17 @@ fi
 # counter, each rank's GPU by its UUID) must log plausible watts, and NCCL communicator
 # settings (--nccl-communicator-config-path, --high-priority-stream-groups) must be taken by
 # megatron-core's NCCL groups.
-mkdir -p "$OUT_DIR"
-printf 'dp: {max_ctas: 16, min_ctas: 1}\ntp: {cga_cluster_size: 2}\n' > "$OUT_DIR/nccl.yaml"
+if [[ "$DRY_RUN" == 1 ]]; then  # a dry run writes nothing under OUT_DIR
+  NCCL_YAML=$(mktemp --suffix .yaml); trap 'rm -f "$NCCL_YAML"' EXIT
+else
+  mkdir -p "$OUT_DIR"; NCCL_YAML="$OUT_DIR/nccl.yaml"
+fi
+printf 'dp: {max_ctas: 16, min_ctas: 1}\ntp: {cga_cluster_size: 2}\n' > "$NCCL_YAML"
 OPS_ARGS=(
   --num-layers 2 --hidden-size 256 --num-attention-heads 4 --seq-length 512
   --mock-data --vocab-size 32000 --micro-batch-size 4 --global-batch-size 8
   --train-iters 12 --lr 1e-3 --bf16 --tst-bag-size 4 --tst-iters 4 --log-interval 4
-  --eval-iters 0 --log-energy --nccl-communicator-config-path "$OUT_DIR/nccl.yaml"
+  --eval-iters 0 --log-energy --nccl-communicator-config-path "$NCCL_YAML"
   --high-priority-stream-groups dp_cp ep_dp
 )
 if [[ "$DRY_RUN" == 1 ]]; then
