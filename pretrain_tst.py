@@ -150,6 +150,8 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, layout, plan, tokenizer, datasets)
         if cfg.run.load or cfg.run.pretrained_checkpoint:
             trainer.load()
+        if cfg.run.ckpt_convert_format:
+            return trainer.convert_checkpoint()
         return trainer.train()
     except RuntimeError as error:  # a stalled or dead peer: one line, the cause chained
         after = p.distributed_timeout_seconds_after_init

@@ -1373,6 +1373,13 @@ class RunConfig:
     no_save_optim: bool = _f(
         False, "Save checkpoints without the optimizer state (resume them with --no-load-optim)."
     )
+    ckpt_convert_format: str | None = _f(
+        None, "Save the --load checkpoint again, at its iteration, into "
+        "CKPT_CONVERT_SAVE/<format>, then stop (no step). Checkpoints here are torch_dist, the "
+        "one format; with --no-save-optim the copy holds the weights only.",
+        choices=["torch_dist"],
+    )  # fmt: skip
+    ckpt_convert_save: str | None = _f(None, "Where --ckpt-convert-format writes its copy.")
     ckpt_format: str = _f(
         "torch_dist",
         "Checkpoint format (megatron-core dist_checkpointing).",
@@ -1466,6 +1473,19 @@ class RunConfig:
         return tuple(sorted(steps))
 
     def __post_init__(self):
+        if self.ckpt_convert_format is not None:  # Megatron-LM's rules, and what a copy needs
+            _require(self.load and self.ckpt_convert_save, "--ckpt-convert-format copies the "
+                     "--load checkpoint into --ckpt-convert-save: give both")  # fmt: skip
+            _require(not self.finetune and not self.no_load_optim or self.no_save_optim,
+                     "--ckpt-convert-format with --finetune / --no-load-optim would save a fresh "
+                     "optimizer state (and --finetune iteration 0) as the checkpoint's: add "
+                     "--no-save-optim for a weights-only copy, or drop them")  # fmt: skip
+            _require(not self.finetune, "--ckpt-convert-format keeps the checkpoint's iteration; "
+                     "--finetune would start it at 0: drop --finetune")  # fmt: skip
+            self.exit_on_missing_checkpoint = True  # Megatron-LM's rule: nothing to convert
+        else:
+            _require(self.ckpt_convert_save is None,
+                     "--ckpt-convert-save is where --ckpt-convert-format writes: add it")  # fmt: skip
         _require(
             self.dry_run_world_size is None or self.dry_run_world_size >= 1,
             "--dry-run-world-size must be >= 1",

@@ -415,9 +415,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--use-torch-optimizer-for-cpu-offload": 0,
         "--overlap-cpu-optimizer-d2h-h2d": 0,
         "--load-main-params-from-ckpt": 0,
-        "--ckpt-convert-format": 1,
-        "--ckpt-convert-save": 1,
-        "--ckpt-convert-update-legacy-dist-opt-format": 0,
         "--dist-ckpt-save-pre-mcore-014": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
         "--object-storage-cache-path": 1,
@@ -459,6 +456,11 @@ UPSTREAM_REFUSED["--create-all-gather-group"] = (
     "a second data-parallel group for Megatron FSDP's parameter all-gathers (megatron-core "
     "0.16.1 reads it there only); FSDP is not supported here: drop it (the distributed "
     "optimizer's gathers overlap with --overlap-param-gather)",
+)
+UPSTREAM_REFUSED["--ckpt-convert-update-legacy-dist-opt-format"] = (
+    0,
+    "rewrites Megatron-LM's legacy torch-format distributed-optimizer files while converting "
+    "them; checkpoints here are torch_dist only and that format is not read: drop it",
 )
 UPSTREAM_REFUSED["--tokenizer-metadata"] = (
     1,

@@ -684,7 +684,8 @@ class Trainer:
         """The phase of the next step (of the last one once the run is done)."""
         return self.schedule.phase_at(min(self.iteration, self.plan.train_iters - 1))
 
-    def save(self) -> None:
+    def save(self, directory: str | None = None) -> None:
+        """A checkpoint of this iteration into --save (or ``directory``)."""
         # The distributed optimizer's pending parameter gathers finish before the weights
         # are read (Megatron-LM does the same around its saves).
         hooks = self._pre_hooks_on
@@ -694,7 +695,7 @@ class Trainer:
         # One save in flight at a time (Megatron-LM's rule too): the previous one completes
         # before this one's writer starts.
         self._finalize_saves(blocking=True)
-        path = checkpointing.save(run.save, self.iteration, self.raw_chunks, optimizer,
+        path = checkpointing.save(directory or run.save, self.iteration, self.raw_chunks, optimizer,
                                   self.state(), run.ckpt_fully_parallel_save,
                                   self.async_saves, run.save_retain_interval)  # fmt: skip
         self._set_pre_hooks(hooks)
@@ -703,6 +704,18 @@ class Trainer:
         else:
             self._saves_pending[self.iteration] = path
             self.writer.print(f"saving checkpoint {path} in the background (--async-save)")
+
+    def convert_checkpoint(self) -> int:
+        """--ckpt-convert-format / --ckpt-convert-save (Megatron-LM's): the loaded checkpoint
+        saved again, at its iteration, into ``CKPT_CONVERT_SAVE/<format>``; no step is run."""
+        run = self.cfg.run
+        target = os.path.join(run.ckpt_convert_save, run.ckpt_convert_format)
+        self.save(target)
+        self._finish()
+        self.writer.print(f"converted checkpoint: {run.load} (iteration {self.iteration}) -> "
+                          f"{target} ({run.ckpt_convert_format}"
+                          + (", weights only)" if run.no_save_optim else ")"))  # fmt: skip
+        return 0
 
     def _check_replicas_agree(self) -> None:
         """--check-weight-hash-across-dp-replicas-interval: every data-parallel replica holds
