@@ -6,7 +6,7 @@ from dataclasses import field
 
 from tst.errors import ConfigError
 
-__all__ = ["_f", "_require"]
+__all__ = ["_f", "_require", "read_yaml_mapping"]
 
 
 def _f(default, help: str, choices=None, *, flag=None, nargs=None, type=None, metavar=None):
@@ -25,3 +25,23 @@ def _f(default, help: str, choices=None, *, flag=None, nargs=None, type=None, me
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def read_yaml_mapping(path: str, flag: str, shape: str) -> dict:
+    """The mapping in ``flag``'s YAML file (empty for an empty file), or one line naming the
+    file, the fault and the ``shape`` it must hold."""
+    import yaml
+
+    try:
+        with open(path) as f:
+            content = yaml.safe_load(f)
+    except OSError as error:
+        raise ConfigError(f"{flag} {path}: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        first = str(error).splitlines()[0]
+        raise ConfigError(f"{flag} {path} is not valid YAML ({first}): write {shape}") from None
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{flag} {path} must hold {shape}, not a {type(content).__name__}")
+    return content

@@ -37,20 +37,10 @@ _KEYS = {"cga_cluster_size": int, "max_ctas": int, "min_ctas": int, "net_name": 
 
 def read_nccl_communicator_config(path: str) -> dict:
     """The checked ``{group: {key: value}}`` of ``--nccl-communicator-config-path``."""
-    import yaml
+    from tst.config_fields import read_yaml_mapping
 
     flag = "--nccl-communicator-config-path"
-    try:
-        with open(path) as f:
-            content = yaml.safe_load(f)
-    except OSError as error:
-        raise ConfigError(f"{flag} {path}: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{flag} {path} is not YAML: {str(error).splitlines()[0]}") from None
-    content = content or {}
-    if not isinstance(content, dict):
-        raise ConfigError(f"{flag} {path} holds a {type(content).__name__}: write a mapping "
-                          "of process-group names to NCCL settings")  # fmt: skip
+    content = read_yaml_mapping(path, flag, "a mapping of process-group names to NCCL settings")
     for group, settings in content.items():
         if group not in GROUPS:
             raise ConfigError(f"{flag} {path}: no process group is named {group!r} (megatron-"

@@ -31,25 +31,9 @@ def _te_base():
 def _settings(path: str | None) -> dict:
     if path is None:
         return {}
-    try:
-        import yaml
-    except ImportError as error:
-        raise ConfigError(
-            f"--tp-comm-overlap-cfg needs PyYAML ({error}): pip install pyyaml"
-        ) from error
-    try:
-        with open(path) as f:
-            settings = yaml.safe_load(f)
-    except OSError as error:
-        raise ConfigError(f"--tp-comm-overlap-cfg {path}: {error.strerror}") from error
-    except yaml.YAMLError as error:
-        raise ConfigError(f"--tp-comm-overlap-cfg {path} is not valid YAML: {error}") from error
-    if settings is None:
-        return {}
-    if not isinstance(settings, dict):
-        raise ConfigError(f"--tp-comm-overlap-cfg {path} must hold a mapping of GEMM names to "
-                          f"settings, not a {type(settings).__name__}")  # fmt: skip
-    return settings
+    from tst.config_fields import read_yaml_mapping
+
+    return read_yaml_mapping(path, "--tp-comm-overlap-cfg", "a mapping of GEMM names to settings")
 
 
 def initialize(cfg, grid) -> bool:

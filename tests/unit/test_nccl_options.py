@@ -58,8 +58,9 @@ def test_the_config_file_and_group_names_are_checked(tmp_path):
     assert "dp.max_ctas must be a positive integer, got '8'" in _refused(
         tmp_path, "dp: {max_ctas: '8'}\n")  # fmt: skip
     assert "tp.net_name must be IB or socket" in _refused(tmp_path, "tp: {net_name: eth}\n")
-    assert "is not YAML" in _refused(tmp_path, "dp: {max_ctas: 8\n")
-    assert "holds a list" in _refused(tmp_path, "- dp\n")
+    assert "is not valid YAML" in _refused(tmp_path, "dp: {max_ctas: 8\n")
+    assert "must hold a mapping of process-group names to NCCL settings, not a list" in _refused(
+        tmp_path, "- dp\n")  # fmt: skip
     missing = str(tmp_path / "none.yaml")
     assert _refused(tmp_path, None, "--nccl-communicator-config-path", missing) == (
         f"--nccl-communicator-config-path {missing}: No such file or directory")  # fmt: skip
