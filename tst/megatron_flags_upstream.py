@@ -98,6 +98,11 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
     "--no-pin-cpu-grads": (0, "only for --optimizer-cpu-offload, which is not supported here"),
     "--no-pin-cpu-params": (0, "only for --optimizer-cpu-offload, which is not supported here"),
     "--config-logger-dir": (1, "the run's resolved flags are written to run_manifest.json"),
+    "--disable-msc": (
+        0,
+        "the Multi-Storage Client (object storage) is never used here: data and checkpoints are "
+        "read from and written to filesystem paths",
+    ),
     "--trust-remote-code": (
         0,
         "a Hugging Face tokenizer.json is read by the tokenizers library only: no code runs",
@@ -379,7 +384,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--error-injection-type": 1,
         "--rerun-mode": 1,
         "--check-for-spiky-loss": 0,
-        "--disable-msc": 0,
     },
     "muon": {
         "--muon-momentum": 1,
@@ -417,7 +421,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--load-main-params-from-ckpt": 0,
         "--dist-ckpt-save-pre-mcore-014": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
-        "--object-storage-cache-path": 1,
         "--log-max-attention-logit": 0,
         "--te-precision-config-file": 1,
     },
@@ -461,6 +464,11 @@ UPSTREAM_REFUSED["--ckpt-convert-update-legacy-dist-opt-format"] = (
     0,
     "rewrites Megatron-LM's legacy torch-format distributed-optimizer files while converting "
     "them; checkpoints here are torch_dist only and that format is not read: drop it",
+)
+UPSTREAM_REFUSED["--object-storage-cache-path"] = (
+    1,
+    "caches the index files of datasets on S3 / the Multi-Storage Client; datasets here are "
+    "read from filesystem paths only: copy the .bin / .idx files to one and drop it",
 )
 UPSTREAM_REFUSED["--tokenizer-metadata"] = (
     1,
