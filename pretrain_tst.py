@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from tst.config import Config, parse_args
-from tst.data.blends import data_blends, read_sequences_per_dataset
+from tst.data.blends import data_blends
 from tst.errors import TSTError, collective_failure, exit_code
 from tst.megatron_import import compile_no_fusions, settled_imports
 from tst.nccl_options import group_options
@@ -63,11 +63,7 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
         multiple_validation_sets=cfg.log.multiple_validation_sets,
         fast_cache_load=cfg.data.dataloader_fast_cache_load,
         defer_index_mmap=cfg.data.dataloader_defer_npy_index_mmap,
-        sequences_per_dataset=(
-            read_sequences_per_dataset(cfg.data.per_dataset_sequences_path)
-            if cfg.data.per_dataset_sequences_path
-            else None
-        ),
+        sequences_per_dataset=blends.sequences_per_dataset,
     )
     # The test split (--split's third part or --test-data-path) is evaluated once at the end
     # as Megatron-LM does, as long as an evaluation (none without one); one too small for a
@@ -112,9 +108,8 @@ def main(argv=None) -> int:
     if cfg.run.dry_run:  # reads no data or tokenizer files
         return dry_run(cfg, dry_run_vocab_size(cfg))
     check_launchable(cfg)
-    blends = data_blends(cfg.data)  # reads --data-args-path / --per-split-data-args-path
-    if cfg.data.per_dataset_sequences_path:  # a bad file fails here, not after the setup
-        read_sequences_per_dataset(cfg.data.per_dataset_sequences_path)
+    # Reads the data flags' files (a bad one fails here, not after the set-up).
+    blends = data_blends(cfg.data)
     from tst.metrics import check_wandb
 
     check_wandb(cfg.log.wandb_project)  # a missing package, before any process group

@@ -39,14 +39,16 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--valid-data-path", nargs="*", help="the validation blend")
     p.add_argument("--test-data-path", nargs="*", help="the test blend")
     p.add_argument("--per-split-data-args-path", help='a JSON {"train": ..., "valid": ..., ...}')
-    p.add_argument("--per-dataset-sequences-path", required=True, help="the JSON file to write")
+    p.add_argument("--per-dataset-sequences-path", dest="output", required=True,
+                   help="the JSON file to write")  # fmt: skip
     args = p.parse_args(argv)
     sources = [args.data_path, args.data_args_path, args.per_split_data_args_path,
                args.train_data_path or args.valid_data_path or args.test_data_path]  # fmt: skip
     if sum(bool(s) for s in sources) != 1:
         p.error("give one of --data-path, --data-args-path, --per-split-data-args-path and "
                 "--train/valid/test-data-path")  # fmt: skip
-    args.mock_data = False
+    # The data flags as the trainer reads them: no mock data, no counts file to read.
+    args.mock_data, args.per_dataset_sequences_path = False, None
     return args
 
 
@@ -55,14 +57,14 @@ def sequences_per_dataset(args: argparse.Namespace) -> dict[str, list[int]]:
     counts = {}
     for prefix in blend_prefixes(data_blends(args)):
         info = check_indexed_dataset(prefix)
-        counts[prefix] = [info.num_sequences, info.num_documents + 1]
+        counts[prefix] = list(info.header_counts)
     return counts
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[int]]:
     args = get_args(argv)
     counts = sequences_per_dataset(args)
-    out = args.per_dataset_sequences_path
+    out = args.output
     tmp = f"{out}.tmp{os.getpid()}"
     try:
         with open(tmp, "w") as f:

@@ -1476,12 +1476,12 @@ class RunConfig:
         if self.ckpt_convert_format is not None:  # Megatron-LM's rules, and what a copy needs
             _require(self.load and self.ckpt_convert_save, "--ckpt-convert-format copies the "
                      "--load checkpoint into --ckpt-convert-save: give both")  # fmt: skip
-            _require(not self.finetune and not self.no_load_optim or self.no_save_optim,
-                     "--ckpt-convert-format with --finetune / --no-load-optim would save a fresh "
-                     "optimizer state (and --finetune iteration 0) as the checkpoint's: add "
-                     "--no-save-optim for a weights-only copy, or drop them")  # fmt: skip
             _require(not self.finetune, "--ckpt-convert-format keeps the checkpoint's iteration; "
                      "--finetune would start it at 0: drop --finetune")  # fmt: skip
+            _require(not self.no_load_optim or self.no_save_optim,
+                     "--ckpt-convert-format with --no-load-optim would save a fresh optimizer "
+                     "state as the checkpoint's: add --no-save-optim for a weights-only copy, or "
+                     "drop --no-load-optim")  # fmt: skip
             self.exit_on_missing_checkpoint = True  # Megatron-LM's rule: nothing to convert
         else:
             _require(self.ckpt_convert_save is None,

@@ -36,10 +36,12 @@ SPLITS = ("train", "valid", "test")
 @dataclass(frozen=True)
 class DataBlends:
     """``blend`` (one blend split by ``--split``) or ``per_split`` (train, valid, test; each a
-    blend or None), never both; both None for mock data."""
+    blend or None), never both; both None for mock data. ``sequences_per_dataset``: the
+    ``--per-dataset-sequences-path`` file's counts, when given."""
 
     blend: list[str] | None = None
     per_split: tuple[list[str] | None, list[str] | None, list[str] | None] | None = None
+    sequences_per_dataset: dict[str, tuple[int, int]] | None = None
 
 
 def blend_prefixes(blends: DataBlends) -> list[str]:
@@ -52,15 +54,18 @@ def blend_prefixes(blends: DataBlends) -> list[str]:
 
 
 def data_blends(d) -> DataBlends:
-    """The blends a run's data flags (``tst.config.DataArgs``) name; reads the flag files."""
+    """The blends a run's data flags (``tst.config.DataArgs``) name; reads the flag files
+    (``--per-dataset-sequences-path``'s too)."""
     from tst.data.datasets import parse_blend
 
     if d.mock_data:
         return DataBlends()
+    counts = (read_sequences_per_dataset(d.per_dataset_sequences_path)
+              if d.per_dataset_sequences_path else None)  # fmt: skip
     if d.data_path or d.data_args_path:
         blend = d.data_path or _read_words(d.data_args_path)
         parse_blend(blend, "--data-args-path" if d.data_args_path else "--data-path")
-        return DataBlends(blend=blend)
+        return DataBlends(blend=blend, sequences_per_dataset=counts)
     if d.per_split_data_args_path:
         splits = _read_per_split(d.per_split_data_args_path)
         flags = [f"--per-split-data-args-path ({name})" for name in SPLITS]
@@ -75,7 +80,7 @@ def data_blends(d) -> DataBlends:
             'per-split data paths give no training data: add --train-data-path (or a "train" '
             "blend in --per-split-data-args-path)"
         )
-    return DataBlends(per_split=tuple(splits))
+    return DataBlends(per_split=tuple(splits), sequences_per_dataset=counts)
 
 
 def _words(values: list[str] | None) -> list[str] | None:

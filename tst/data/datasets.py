@@ -485,7 +485,7 @@ def _check_listed_counts(info, listed: dict[str, tuple[int, int]]) -> None:
             f"--per-dataset-sequences-path does not list {info.prefix} (a prefix the data flags "
             f"name, spelled as they spell it); {fix}"
         )
-    header = (info.num_sequences, info.num_documents + 1)
+    header = info.header_counts
     if tuple(listed[info.prefix]) != header:
         raise InputError(
             f"--per-dataset-sequences-path lists {info.prefix} with {list(listed[info.prefix])} "

@@ -61,6 +61,12 @@ class IndexInfo:
     num_tokens: int
     multimodal: bool
 
+    @property
+    def header_counts(self) -> tuple[int, int]:
+        """(sequences, document boundaries) as the ``.idx`` header holds them: the values of
+        Megatron-LM's ``--per-dataset-sequences-path`` file."""
+        return self.num_sequences, self.num_documents + 1
+
 
 def token_dtype_for(vocab_size: int) -> type:
     """The token dtype Megatron-LM's preprocessor picks for a vocabulary (uint16 or int32)."""
