@@ -662,3 +662,29 @@ def test_nccl_user_buffer_flags_reach_ddp_and_need_a_gpu(monkeypatch):
         check_launchable(_cfg("--use-nccl-ub")[0])
     with pytest.warns(UserWarning, match="without --use-nccl-ub it changes nothing"):
         check_launchable(_cfg("--disable-symmetric-registration")[0])
+
+
+def test_this_sessions_flags_through_pretrain_tst(tmp_path):
+    """Through pretrain_tst.py, at their defaults and given: a MoE squared-ReLU model trains
+    with --use-fused-weighted-squared-relu (the TransformerConfig carries it; the local spec's
+    sequential experts compute the same math, so the losses equal the default run's exactly),
+    --legacy-tokenizer, --disable-msc and --disable-symmetric-registration (without
+    --use-nccl-ub: a warning says so) change nothing, and --cp-comm-type a2a (one type for every
+    layer) is taken at CP 1, where megatron-core's config holds none."""
+    from trainer_runs import after_training, main_records
+
+    argv = [*BASE, "--num-experts", "4", "--moe-router-topk", "2", "--squared-relu",
+            "--disable-bias-linear", "--train-iters", "3", "--log-interval", "1",
+            "--eval-iters", "0", "--num-workers", "0"]  # fmt: skip
+    seen = []
+    with after_training(lambda trainer: seen.append(trainer.config)):
+        default = main_records(argv, str(tmp_path / "a.jsonl"))
+        with pytest.warns(UserWarning, match="without --use-nccl-ub it changes nothing"):
+            given = main_records(argv + ["--use-fused-weighted-squared-relu", "--legacy-tokenizer",
+                                         "--disable-msc", "--cp-comm-type", "a2a",
+                                         "--disable-symmetric-registration"],
+                                 str(tmp_path / "b.jsonl"))  # fmt: skip
+    assert [c.use_fused_weighted_squared_relu for c in seen] == [False, True]
+    assert [c.cp_comm_type for c in seen] == [None, None]  # CP 1
+    losses = [[r["loss"] for r in records if "loss" in r] for records in (default, given)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

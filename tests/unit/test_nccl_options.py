@@ -99,11 +99,12 @@ def test_over_gloo_they_are_said_not_to_apply_and_the_run_trains(tmp_path):
     good.write_text("dp: {max_ctas: 16}\n")
     metrics = tmp_path / "m.jsonl"
     with pytest.warns(UserWarning, match="--nccl-communicator-config-path, --high-priority-"
-                      "stream-groups, --use-sharp set NCCL communicators; this run's groups are "
-                      "gloo: ignored"):  # fmt: skip
+                      "stream-groups, --use-sharp, --pipeline-model-parallel-comm-backend set "
+                      "NCCL communicators; this run's groups are gloo: ignored"):  # fmt: skip
         rc = pretrain_tst.main(BASE + ["--nccl-communicator-config-path", str(good),
                                        "--high-priority-stream-groups", "dp_cp", "ep_dp",
-                                       "--use-sharp", "--metrics-file", str(metrics)])  # fmt: skip
+                                       "--use-sharp", "--pipeline-model-parallel-comm-backend",
+                                       "nccl", "--metrics-file", str(metrics)])  # fmt: skip
     assert rc == 0
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss" in r] == [1, 2]
