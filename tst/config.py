@@ -23,6 +23,7 @@ from tst.config_fields import _f, _require
 from tst.config_mla import MLAConfig
 from tst.config_moe import MoEConfig, parse_layer_freq
 from tst.config_mtp import MTPConfig
+from tst.config_rerun import RerunConfig
 from tst.data.tokenizers import TIKTOKEN_NUM_SPECIAL, TIKTOKEN_PATTERNS, TOKENIZER_TYPES
 from tst.errors import ConfigError
 from tst.phases import parse_schedule
@@ -38,6 +39,7 @@ __all__ = [
     "MoEConfig",
     "MTPConfig",
     "MLAConfig",
+    "RerunConfig",
     "Config",
     "build_parser",
     "parse_args",
@@ -1652,6 +1654,7 @@ class Config:
     moe: MoEConfig
     mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
     mtp: MTPConfig = dataclasses.field(default_factory=MTPConfig)
+    rerun: RerunConfig = dataclasses.field(default_factory=RerunConfig)
     # Megatron-LM flags given that change nothing here: (flag, why), see tst.megatron_flags.
     accepted_flags: tuple[tuple[str, str], ...] = ()
 
@@ -1670,6 +1673,7 @@ _SECTIONS = {
     "moe": MoEConfig,
     "mla": MLAConfig,
     "mtp": MTPConfig,
+    "rerun": RerunConfig,
 }
 
 

@@ -77,17 +77,14 @@ ACCEPTED: dict[str, Flag] = {
         0, "a speed-up for repeated saves; every save here is planned afresh"
     ),
     "--check-for-nan-in-loss-and-grad": Flag(
-        0, "non-finite losses and gradients are always checked; the step is skipped"
+        0,
+        "the default (older Megatron-LM's spelling): the rerun engine validates losses and "
+        "gradient norms for NaN / Inf; without the engine a non-finite step is skipped",
     ),
     "--log-progress": Flag(0, "progress is in the log and the metrics file already"),
     "--log-world-size-to-tensorboard": Flag(0, "the layout is printed and in run_manifest.json"),
     "--auto-detect-ckpt-format": Flag(0, "checkpoints are always torch_dist: nothing to detect"),
     "--enable-experimental": Flag(0, "megatron-core's experimental features are not gated here"),
-    "--no-check-for-nan-in-loss-and-grad": Flag(
-        0,
-        "a non-finite step is always skipped before the optimizer (one reduction a step); "
-        "under fp16 the loss scaler handles overflows, as in Megatron-LM",
-    ),
     "--tensorboard-queue-size": Flag(1, "TensorBoard events are flushed at every log line"),
     "--log-throughput": Flag(0, "TFLOP/s per device and MFU are always logged"),
     "--log-timers-to-tensorboard": Flag(

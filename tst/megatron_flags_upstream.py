@@ -127,7 +127,7 @@ _REASONS = {
     "fsdp": "FSDP is not supported: drop it and use --use-distributed-optimizer (ZeRO-1)",
     "localckpt": "local / non-persistent checkpoints are not supported: checkpoints are torch_dist under --save; drop it",
     "cudagraph": "CUDA graphs are not supported yet: drop the flag",
-    "ops": "an integration with NVIDIA's fault-tolerance / telemetry packages or Megatron-LM's rerun engine, not wired here: drop it (signal saves, --exit-duration-in-mins and resumable checkpoints cover restarts)",
+    "ops": "an integration with NVIDIA's fault-tolerance / telemetry packages, not wired here: drop it (signal saves, --exit-duration-in-mins and resumable checkpoints cover restarts)",
     "muon": "the Muon optimizer is not supported yet: drop it (--optimizer adam or sgd)",
     "notyet": "a Megatron-LM option this trainer does not wire yet: drop it",
 }
@@ -346,9 +346,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--cuda-graph-scope": "+",
     },
     "ops": {
-        "--iterations-to-skip": "+",
-        "--check-for-large-grads": 0,
-        "--result-rejected-tracker-filename": 1,
         "--adlr-autoresume": 0,
         "--adlr-autoresume-interval": 1,
         "--log-straggler": 0,
@@ -380,10 +377,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--enable-ft-package": 0,
         "--calc-ft-timeouts": 0,
         "--ft-num-warmup-iters": 1,
-        "--error-injection-rate": 1,
-        "--error-injection-type": 1,
-        "--rerun-mode": 1,
-        "--check-for-spiky-loss": 0,
     },
     "muon": {
         "--muon-momentum": 1,

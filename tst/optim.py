@@ -33,7 +33,7 @@ def ddp_config(cfg: Config, num_parameters: int | None = None):
     --ddp-num-buckets as Megatron-LM does (parameters // N)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
-    p = cfg.parallel
+    p, r = cfg.parallel, cfg.rerun
     bucket_size = p.ddp_bucket_size
     if p.ddp_num_buckets is not None:
         if num_parameters is None:
@@ -45,8 +45,12 @@ def ddp_config(cfg: Config, num_parameters: int | None = None):
         overlap_param_gather=p.overlap_param_gather,
         align_param_gather=p.align_param_gather,
         use_distributed_optimizer=p.use_distributed_optimizer,
-        # Non-finite gradients are caught by the trainer (one vote per step), not by DDP.
-        check_for_nan_in_grad=False,
+        # Non-finite gradients are caught by the trainer (one vote per step); megatron-core
+        # checks each bucket's norm too where the rerun engine validates (tst.rerun).
+        check_for_nan_in_grad=(
+            r.mode in ("validate_results", "report_stats") and r.check_for_nan_in_loss_and_grad
+        ),  # fmt: skip
+        check_for_large_grads=r.engine_on and r.check_for_large_grads,
         bucket_size=bucket_size,
         pad_buckets_for_high_nccl_busbw=p.ddp_pad_buckets_for_high_nccl_busbw,
         reduce_scatter_with_fp32_accumulation=p.ddp_reduce_scatter_with_fp32_accumulation,

@@ -556,6 +556,12 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
             p.accumulate_allreduce_grads_in_fp32 = False
         else:
             p.accumulate_allreduce_grads_in_fp32 = True
+    r = cfg.rerun
+    if r.engine_on and t.fp16 and t.loss_scale is None and r.check_for_nan_in_loss_and_grad:
+        warnings.warn("Setting --no-check-for-nan-in-loss-and-grad since dynamic loss scaling "
+                      "is being used (as Megatron-LM does: an overflow is the loss scaler's "
+                      "signal)", stacklevel=3)  # fmt: skip
+        r.check_for_nan_in_loss_and_grad = False
     if cfg.run.use_persistent_ckpt_worker and not cfg.run.async_save:
         warnings.warn("--use-persistent-ckpt-worker has no effect without --async-save",
                       stacklevel=3)  # fmt: skip

@@ -170,6 +170,71 @@ class Trainer:
                    if m.num_experts else None)  # fmt: skip
         self.step_stats = StepStats(routing, self.config.mtp_num_layers or 0, layout.dp,
                                     layout.device)  # fmt: skip
+        self.rerun = None  # megatron-core's rerun engine (--rerun-mode and its flags)
+        from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+
+        destroy_rerun_state_machine()  # a previous run's, in this process
+        if cfg.rerun.engine_on:
+            from tst.rerun import RerunEngine
+
+            self.rerun = RerunEngine(cfg, self.raw_chunks, self.writer.print, log.log_interval)
+        self.iterations_to_skip = self._iterations_to_skip()
+
+    def _iterations_to_skip(self) -> frozenset[int]:
+        """--iterations-to-skip (completed-iteration counts, Megatron-LM's), and the steps
+        the --result-rejected-tracker-filename file names (1-based: the step itself)."""
+        r = self.cfg.rerun
+        skip = set(r.iterations_to_skip)
+        if r.result_rejected_tracker_filename:
+            from tst.rerun import iterations_from_tracker_file
+
+            steps = iterations_from_tracker_file(r.result_rejected_tracker_filename)
+            if steps:
+                self.writer.print(
+                    f"--result-rejected-tracker-filename: steps {steps} were rejected twice "
+                    "on the same rank; they are skipped"
+                )
+            skip |= {n - 1 for n in steps if n >= 1}
+        return frozenset(skip)
+
+    def _skip_iteration(self, phase: Phase) -> None:
+        """Megatron-LM's --iterations-to-skip: the step's micro-batches are read and dropped
+        (the data position moves on), its samples count as consumed and skipped, and no
+        update is made (the LR schedule does not advance)."""
+        for _ in range(self.plan.microbatches_at(self.iteration)):
+            self.train_stream.next_micro_batch(phase.units_per_row)
+        batch_size = self.plan.batch_size_at(self.iteration)
+        self.iteration += 1
+        self.trained_samples += batch_size
+        self.skipped_samples += batch_size
+        self.writer.print(f"iteration {self.iteration}: skipped (--iterations-to-skip or the "
+                          f"tracker file): {batch_size} samples read and dropped")  # fmt: skip
+        self.writer.write(
+            {"iteration": self.iteration, "phase": phase.name, "skipped": True,
+             "iteration_skipped": True, "loss": None, "elapsed_s": round(self.elapsed(), 3)},
+            "train",
+        )  # fmt: skip
+
+    def _rerun_exit(self, result: dict) -> int:
+        """The rerun engine stops the run after a rejected result: a checkpoint of the
+        step's start when it asks for one (the step is re-run from it), and its exit code."""
+        code, run = result["rerun_exit"], self.cfg.run
+        where = ""
+        if result["rerun_checkpoint"] and run.save:
+            self.save()
+            where = f"; saved a checkpoint of its start to {run.save}"
+        elif result["rerun_checkpoint"]:
+            where = "; no --save, so no checkpoint to resume it from"
+        why = {
+            16: "resume from the checkpoint (on another GPU: the engine refuses the same "
+            "one) to re-run this step and tell a faulty GPU from a real divergence",
+            17: "a result failed validation (the log above says which, and whether the GPU "
+            "or the run is at fault)",
+        }.get(code, "see the log above")
+        self.writer.print(f"iteration {self.iteration + 1}: the rerun engine stops the run with "
+                          f"exit code {code}: {why}{where}")  # fmt: skip
+        self._finish()
+        return code
 
     def _wire_overlap(self, finalize_model_grads) -> None:
         """Hook megatron-core's DDP into the pipeline schedules, as Megatron-LM's loop does.
@@ -362,7 +427,7 @@ class Trainer:
 
     def train_step(self, phase: Phase) -> dict:
         self._seed_step()
-        self.step_stats.begin_step()
+        data_start = self.train_stream.state_dict()
         with profiled_region("tst: read data"):
             batches = [
                 self._batch(self.train_stream.next_micro_batch(phase.units_per_row), phase)
@@ -371,25 +436,16 @@ class Trainer:
         run = self.cfg.run
         step = self.iteration + 1  # 1-based, as the dumps are named
         wgrads = bool(run.save_wgrads_interval) and step % run.save_wgrads_interval == 0
-        dgrads = None
-        if run.save_dgrads_interval and step % run.save_dgrads_interval == 0:
-            dgrads = grad_dumps.DataGradRecorder(self.raw_chunks)
-        self._dgrads = dgrads
-        for chunk in self.model:
-            chunk.zero_grad_buffer()
-            # Whole gradients on every rank for the dump (all-reduce, not reduce-scatter).
-            chunk.force_all_reduce = wgrads
-        self.optimizer.zero_grad()
-        try:
-            with profiled_region("tst: forward-backward"):
-                outputs = self._run_schedule(batches, phase, forward_only=False,
-                                             force_all_reduce=wgrads)  # fmt: skip
-        finally:
-            for chunk in self.model:
-                chunk.force_all_reduce = False
-            if dgrads is not None:
-                dgrads.remove()
-                self._dgrads = None
+        # The rerun engine (--rerun-mode) may run the forward-backward again on the same
+        # micro-batches; without it, once.
+        for _ in self.rerun.runs(self.iteration) if self.rerun is not None else (None,):
+            outputs, dgrads = self._forward_backward(batches, phase, wgrads)
+        if self.rerun is not None:
+            checkpoint, stop, code = self.rerun.outcome()
+            if stop:
+                # The step did not happen: its data is read again by the run that resumes.
+                self.train_stream.load_state_dict(data_start)
+                return {"rerun_exit": code, "rerun_checkpoint": checkpoint}
         if dgrads is not None:
             grad_dumps.save_grads(run.save, dgrads.grads, step, "dgrads")
         if wgrads:
@@ -422,6 +478,35 @@ class Trainer:
         self.step_stats.commit(phase.name, len(batches))
         return {"loss": loss, "skipped": False, "overflow": False, "grad_norm": float(grad_norm),
                 "num_zeros": num_zeros}  # fmt: skip
+
+    def _forward_backward(self, batches, phase: Phase, wgrads: bool):
+        """One forward-backward of the step's micro-batches from zeroed gradients: (the
+        last stage's per-micro-batch losses, --save-dgrads-interval's recorder or None)."""
+        run = self.cfg.run
+        step = self.iteration + 1
+        self.step_stats.begin_step()
+        dgrads = None
+        if run.save_dgrads_interval and step % run.save_dgrads_interval == 0:
+            dgrads = grad_dumps.DataGradRecorder(self.raw_chunks)
+        self._dgrads = dgrads
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+            # Whole gradients on every rank for the dump (all-reduce, not reduce-scatter).
+            chunk.force_all_reduce = wgrads
+        self.optimizer.zero_grad()
+        try:
+            with profiled_region("tst: forward-backward"):
+                outputs = self._run_schedule(batches, phase, forward_only=False,
+                                             force_all_reduce=wgrads)  # fmt: skip
+        finally:
+            for chunk in self.model:
+                chunk.force_all_reduce = False
+            if dgrads is not None:
+                dgrads.remove()
+                self._dgrads = None
+        if self.rerun is not None:
+            self.rerun.validate(outputs)
+        return outputs, dgrads
 
     def _empty_cache(self, level: int) -> None:
         """--empty-unused-memory-level: hand cached CUDA blocks back (Megatron-LM's points)."""
@@ -653,7 +738,11 @@ class Trainer:
         compares them), so the elapsed time is the slowest rank's."""
         elapsed = torch.tensor([self.elapsed()], dtype=torch.float64, device=self.layout.device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+        rerun = {}
+        if self.rerun is not None and self.rerun.rerun_pending:  # the same on every rank
+            rerun = {"rerun": {**self.rerun.state_dict(), "layout": self._rerun_layout()}}
         return {
+            **rerun,
             "iteration": self.iteration,
             "phase": self._phase_now().name,
             "stage": self._phase_now().stage,
@@ -716,6 +805,37 @@ class Trainer:
                           f"{target} ({run.ckpt_convert_format}"
                           + (", weights only)" if run.no_save_optim else ")"))  # fmt: skip
         return 0
+
+    def _load_rerun_state(self, saved: dict) -> None:
+        """A checkpoint the rerun engine saved to re-run its next step: the engine takes
+        the step up again (each rank its own part of the state: on the same grid only)."""
+        step = self.iteration + 1
+        if self.rerun is None or self.rerun.mode == "disabled":
+            self.writer.print(
+                f"--load {self.cfg.run.load}: saved by the rerun engine to re-run step {step}; "
+                "the engine is off in this run (no --rerun-mode, or disabled): it trains on "
+                "from there as usual"
+            )
+            return
+        now = self._rerun_layout()
+        if saved.get("layout") != now:
+            # Megatron-LM's rule: each rank's part of the state belongs to its place in the
+            # grid; under another layout the step is not re-run.
+            self.writer.print(
+                f"--load {self.cfg.run.load}: saved by the rerun engine to re-run step {step} "
+                f"at (world, TP, PP, DP) {tuple(saved.get('layout') or ())}, this run is at "
+                f"{tuple(now)}: Job sharding has changed: Rerun state will be ignored (as "
+                "Megatron-LM does); it trains on from there as usual"
+            )
+            return
+        self.rerun.load_state_dict(saved, self.layout.rank, self.layout.device)
+        self.writer.print(f"--load: the rerun engine re-runs step {step} "
+                          f"(--rerun-mode {self.rerun.mode})")  # fmt: skip
+
+    def _rerun_layout(self) -> list[int]:
+        """(world, TP, PP, DP): the grid a rerun checkpoint's per-rank state belongs to."""
+        lay = self.layout
+        return [lay.world_size, lay.tp, lay.pp, lay.dp]
 
     def _check_replicas_agree(self) -> None:
         """--check-weight-hash-across-dp-replicas-interval: every data-parallel replica holds
@@ -821,6 +941,8 @@ class Trainer:
             self._restart_schedule()  # the checkpoint holds the restarted schedule's state
         self._load_scheduler(common["scheduler"])
         self.elapsed_before = common.get("elapsed_s", 0.0)
+        if "rerun" in common:
+            self._load_rerun_state(common["rerun"])
         self.writer.print(
             f"resumed from {run.load} at iteration {self.iteration} ({common['phase']} phase)"
             + (" without its optimizer state (--no-load-optim)" if run.no_load_optim else "")
@@ -1057,9 +1179,15 @@ class Trainer:
             phase = self.schedule.phase_at(self.iteration)
             if self.schedule.starting_at(self.iteration) is not None:
                 self._switch(phase)
+            if self.iteration in self.iterations_to_skip:
+                self._skip_iteration(phase)
+                continue
             batch_size = self.plan.batch_size_at(self.iteration)
             profiler.step_start(self.iteration)
             result = self.train_step(phase)
+            if "rerun_exit" in result:
+                profiler.close()
+                return self._rerun_exit(result)
             self.iteration += 1
             self.trained_samples += batch_size
             if self.plan.rampup is None:
@@ -1084,15 +1212,19 @@ class Trainer:
                      "loss": None, "elapsed_s": round(self.elapsed(), 3)},
                     "train",
                 )  # fmt: skip
-                if skipped_in_a_row >= t.max_skipped_steps:
+                first_stops = self.rerun is not None and self.rerun.stops_at_first_non_finite
+                if first_stops or skipped_in_a_row >= t.max_skipped_steps:
                     saved = ""
                     if run.save:
                         self.save()
                         self._finalize_saves(blocking=True)
                         saved = f"; the last good state was saved to {run.save}"
+                    what = (f"a non-finite step at iteration {self.iteration} (--rerun-mode "
+                            "disabled stops at the first, as Megatron-LM does)" if first_stops
+                            else f"{skipped_in_a_row} consecutive non-finite steps up to "
+                            f"iteration {self.iteration}")  # fmt: skip
                     raise NonFiniteLossError(
-                        f"{skipped_in_a_row} consecutive non-finite steps up to iteration "
-                        f"{self.iteration} ({phase.name} phase): lower --lr, raise "
+                        f"{what} ({phase.name} phase): lower --lr, raise "
                         f"--lr-warmup-iters or --clip-grad, or check the data{saved}"
                     )
                 continue
