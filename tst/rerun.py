@@ -35,7 +35,14 @@ import torch.distributed as dist
 
 from tst.errors import ConfigError
 
-__all__ = ["RerunEngine", "SPIKY_LOSS_FACTOR", "iterations_from_tracker_file"]
+__all__ = [
+    "RerunEngine",
+    "SPIKY_LOSS_FACTOR",
+    "iterations_from_tracker_file",
+    "expert_bias_routers",
+    "router_state",
+    "restore_router_state",
+]
 
 SPIKY_LOSS_FACTOR = 10  # Megatron-LM's pretrain_gpt.py
 
@@ -53,6 +60,30 @@ def iterations_from_tracker_file(path: str) -> list[int]:
     return RerunStateMachine.get_skipped_iterations_from_tracker_file(path)
 
 
+def expert_bias_routers(raw_chunks) -> list:
+    """The aux-loss-free routers (``--moe-router-enable-expert-bias``): megatron-core's
+    ``finalize_model_grads`` updates their bias inside the step's forward-backward."""
+    return [
+        m for chunk in raw_chunks for m in chunk.modules()
+        if getattr(m, "expert_bias", None) is not None
+    ]  # fmt: skip
+
+
+def router_state(routers: list) -> list:
+    """Copies of each router's expert bias and token counts."""
+    return [
+        (r.expert_bias.detach().clone(), r.local_tokens_per_expert.detach().clone())
+        for r in routers
+    ]
+
+
+@torch.no_grad()
+def restore_router_state(routers: list, state: list) -> None:
+    for router, (bias, counts) in zip(routers, state, strict=True):
+        router.expert_bias.copy_(bias)
+        router.local_tokens_per_expert.copy_(counts)
+
+
 class RerunEngine:
     """megatron-core's rerun state machine for one run; one instance per process."""
 
@@ -65,12 +96,7 @@ class RerunEngine:
         self.check_spiky = r.check_for_spiky_loss
         self._print = print_fn
         self._report_interval = max(1, report_interval)
-        self._routers = [
-            m
-            for chunk in raw_chunks
-            for m in chunk.modules()
-            if getattr(m, "expert_bias", None) is not None
-        ]
+        self._routers = expert_bias_routers(raw_chunks)
         modes = {
             "disabled": rsm.RerunMode.DISABLED,
             "validate_results": rsm.RerunMode.VALIDATE_RESULTS,
@@ -150,20 +176,14 @@ class RerunEngine:
 
         return {
             "rng_tracker": get_cuda_rng_tracker().get_states(),
-            "routers": [
-                (r.expert_bias.detach().clone(), r.local_tokens_per_expert.detach().clone())
-                for r in self._routers
-            ],
+            "routers": router_state(self._routers),
         }
 
-    @torch.no_grad()
     def _restore_state(self, state: dict) -> None:
         from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
         get_cuda_rng_tracker().set_states(state["rng_tracker"])
-        for router, (bias, counts) in zip(self._routers, state["routers"], strict=True):
-            router.expert_bias.copy_(bias)
-            router.local_tokens_per_expert.copy_(counts)
+        restore_router_state(self._routers, state["routers"])
 
     # ------------------------------------------------------------------ report_stats
 

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from tst import checkpointing, grad_dumps, megatron_fixes
+from tst import checkpointing, grad_dumps, megatron_fixes, rerun
 from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase
 from tst.data.context_parallel import split_for_context_parallel
@@ -170,6 +170,7 @@ class Trainer:
                    if m.num_experts else None)  # fmt: skip
         self.step_stats = StepStats(routing, self.config.mtp_num_layers or 0, layout.dp,
                                     layout.device)  # fmt: skip
+        self._routers = rerun.expert_bias_routers(self.raw_chunks)
         self.rerun = None  # megatron-core's rerun engine (--rerun-mode and its flags)
         from megatron.core.rerun_state_machine import destroy_rerun_state_machine
 
@@ -436,6 +437,9 @@ class Trainer:
         run = self.cfg.run
         step = self.iteration + 1  # 1-based, as the dumps are named
         wgrads = bool(run.save_wgrads_interval) and step % run.save_wgrads_interval == 0
+        # megatron-core updates the aux-loss-free routers' bias inside the forward-backward:
+        # a skipped step puts it back, as it leaves every weight.
+        routers = rerun.router_state(self._routers) if self._routers else None
         # The rerun engine (--rerun-mode) may run the forward-backward again on the same
         # micro-batches; without it, once.
         for _ in self.rerun.runs(self.iteration) if self.rerun is not None else (None,):
@@ -464,7 +468,9 @@ class Trainer:
         loss = loss_sum / max(count, 1)
         if not math.isfinite(loss) or non_finite:
             # Skip before the optimizer sees anything: weights, Adam moments and step count,
-            # and the LR schedule stay as they were.
+            # the LR schedule and the routers' expert bias stay as they were.
+            if routers is not None:
+                rerun.restore_router_state(self._routers, routers)
             return {"loss": loss, "skipped": True, "grad_norm": float("nan")}
         with profiled_region("tst: optimizer"):
             update_ok, grad_norm, num_zeros = self.optimizer.step()
@@ -472,6 +478,8 @@ class Trainer:
             return {"loss": loss, "skipped": False, "overflow": True, "grad_norm": float("nan"),
                     "num_zeros": None}  # fmt: skip
         if not update_ok or grad_norm is None or not math.isfinite(grad_norm):
+            if routers is not None:
+                rerun.restore_router_state(self._routers, routers)
             return {"loss": loss, "skipped": True, "grad_norm": float(grad_norm or float("nan"))}
         self.scheduler.step(increment=self.plan.batch_size_at(self.iteration))
         self._empty_cache(1)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import pretrain_tst
+from tst import rerun as rerun_module
 from tst import trainer as trainer_module
 from tst.checkpointing import latest_iteration
 from tst.config import parse_args
@@ -292,3 +293,28 @@ def test_an_unwritable_tracker_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--result-rejected-tracker-filename .* cannot be "
                        "appended to"):  # fmt: skip
         _run(tmp_path, "x", ["--result-rejected-tracker-filename", path])
+
+
+def test_a_skipped_step_leaves_the_routers_expert_bias_as_it_was(tmp_path, monkeypatch):
+    """Without the engine a non-finite step is skipped; megatron-core has already updated
+    the aux-loss-free routers' bias inside its forward-backward, and the skip puts it back
+    (the bias is a buffer: the optimizer never sees it)."""
+    _poison_step(monkeypatch, 3)
+    seen = {}
+    inner = trainer_module.Trainer.train_step  # the poisoning wrapper
+
+    def train_step(self, phase):
+        before = [b.clone() for b, _ in rerun_module.router_state(self._routers)]
+        result = inner(self, phase)
+        after = [b.clone() for b, _ in rerun_module.router_state(self._routers)]
+        seen[self.iteration + 1] = (result["skipped"], before, after)
+        return result
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", train_step)
+    rc, records = _run(tmp_path, "s", MOE)
+    assert rc == 0
+    skipped, before, after = seen[3]
+    assert skipped and len(before) == 2  # one router per layer
+    assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
+    moved = seen[2]  # a step that trained moved the bias (so the check can fail)
+    assert not moved[0] and not all(torch.equal(b, a) for b, a in zip(*moved[1:], strict=True))
