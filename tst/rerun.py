@@ -27,6 +27,7 @@ the tracker file skip the rejected step itself, not the one after it.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
@@ -51,8 +52,6 @@ def iterations_from_tracker_file(path: str) -> list[int]:
     """Step numbers (1-based) the tracker file says to skip: rejected twice on the same rank
     with reruns disabled or reproducibly (megatron-core's rule; an iteration rejected on
     several ranks of one job is not skipped). An absent file holds none."""
-    import os
-
     from megatron.core.rerun_state_machine import RerunStateMachine
 
     if not os.path.exists(path):
