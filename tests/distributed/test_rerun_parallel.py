@@ -13,6 +13,7 @@ import json
 import os
 import types
 
+import pytest
 from test_trainer import BASE
 
 import pretrain_tst
@@ -39,10 +40,20 @@ def _losses(records):
     return [(r["iteration"], r["phase"], r["loss"]) for r in records if r.get("loss") is not None]
 
 
-def test_report_stats_under_pipeline_parallelism_changes_no_training(world2, tmp_path):
-    pp2 = BASE + ["--pipeline-model-parallel-size", "2"]
-    want = world2.run(_run, pp2, str(tmp_path / "a.jsonl"))[0]
-    got = world2.run(_run, pp2 + ["--rerun-mode", "report_stats"], str(tmp_path / "b.jsonl"))
+LAYOUTS = {
+    "PP2": ["--pipeline-model-parallel-size", "2"],
+    # A re-run's forward meets the distributed optimizer's parameter all-gather already
+    # consumed by the first run's pre-hooks, and reduces its gradients again in overlap.
+    "DP2-distopt-overlap": ["--use-distributed-optimizer", "--overlap-grad-reduce",
+                            "--overlap-param-gather"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_report_stats_changes_no_training(world2, tmp_path, layout):
+    argv = BASE + LAYOUTS[layout]
+    want = world2.run(_run, argv, str(tmp_path / "a.jsonl"))[0]
+    got = world2.run(_run, argv + ["--rerun-mode", "report_stats"], str(tmp_path / "b.jsonl"))
     assert [rc for rc, _ in got] == [0, 0]
     assert _losses(got[0][1]) == _losses(want[1])
 
