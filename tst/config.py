@@ -1096,7 +1096,7 @@ class DataArgs:
     mid_level_dataset_surplus: float = _f(
         0.005,
         "Extra samples each dataset of a weighted blend builds beyond its share, so that the "
-        "blend's rounding never runs one dry (megatron-core's default 0.5%).",
+        "blend's rounding never runs one dry (megatron-core's default 0.5%%).",
     )
     num_workers: int = _f(
         2,

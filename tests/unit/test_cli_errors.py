@@ -329,3 +329,16 @@ def test_tokenizer_and_vocabulary_mismatch_is_refused():
     argv[argv.index("--vocab-size") + 1] = "100"
     with pytest.raises(ValueError, match=r"NullTokenizer needs --vocab-size >= 257"):
         pretrain_tst.main(argv)
+
+
+def test_help_prints_every_flag(capsys):
+    """`pretrain_tst.py --help` works (argparse formats every help text with %: a bare % in
+    one broke the whole page) and lists every flag."""
+    from tst.config import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_tst.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    flags = {s for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
+    assert len(flags) > 500 and not [f for f in sorted(flags) if f not in out]
