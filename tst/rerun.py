@@ -121,7 +121,6 @@ class RerunEngine:
         self.machine = rsm.get_rerun_state_machine()
         self.machine._maybe_report_stats = self._report_stats
         self._rsm = rsm
-        self.runs_this_step = 0
 
     @property
     def stops_at_first_non_finite(self) -> bool:
@@ -137,10 +136,10 @@ class RerunEngine:
         # The machine adds one as it starts a step; a step resumed to be re-run is counted.
         resumed = m.state != self._rsm.RerunState.NOT_RUNNING_YET
         m.current_iteration = iteration + 1 if resumed else iteration
-        self.runs_this_step = 0
+        runs = 0
         while m.should_run_forward_backward(None):
-            self.runs_this_step += 1
-            if self.runs_this_step > 1 or resumed:
+            runs += 1
+            if runs > 1 or resumed:
                 self._print(f"iteration {iteration + 1}: re-running the step "
                             f"(--rerun-mode {self.mode})")  # fmt: skip
             yield

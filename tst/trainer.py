@@ -172,13 +172,13 @@ class Trainer:
                                     layout.device)  # fmt: skip
         self._routers = rerun.expert_bias_routers(self.raw_chunks)
         self.rerun = None  # megatron-core's rerun engine (--rerun-mode and its flags)
-        from megatron.core.rerun_state_machine import destroy_rerun_state_machine
+        if cfg.rerun.engine_on:  # it replaces a previous run's machine in this process
+            self.rerun = rerun.RerunEngine(cfg, self.raw_chunks, self.writer.print,
+                                           log.log_interval)  # fmt: skip
+        else:
+            from megatron.core.rerun_state_machine import destroy_rerun_state_machine
 
-        destroy_rerun_state_machine()  # a previous run's, in this process
-        if cfg.rerun.engine_on:
-            from tst.rerun import RerunEngine
-
-            self.rerun = RerunEngine(cfg, self.raw_chunks, self.writer.print, log.log_interval)
+            destroy_rerun_state_machine()  # a previous run's, in this process
         self.iterations_to_skip = self._iterations_to_skip()
 
     def _iterations_to_skip(self) -> frozenset[int]:
@@ -187,9 +187,7 @@ class Trainer:
         r = self.cfg.rerun
         skip = set(r.iterations_to_skip)
         if r.result_rejected_tracker_filename:
-            from tst.rerun import iterations_from_tracker_file
-
-            steps = iterations_from_tracker_file(r.result_rejected_tracker_filename)
+            steps = rerun.iterations_from_tracker_file(r.result_rejected_tracker_filename)
             if steps:
                 self.writer.print(
                     f"--result-rejected-tracker-filename: steps {steps} were rejected twice "
@@ -746,11 +744,11 @@ class Trainer:
         compares them), so the elapsed time is the slowest rank's."""
         elapsed = torch.tensor([self.elapsed()], dtype=torch.float64, device=self.layout.device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        rerun = {}
+        pending = {}
         if self.rerun is not None and self.rerun.rerun_pending:  # the same on every rank
-            rerun = {"rerun": {**self.rerun.state_dict(), "layout": self._rerun_layout()}}
+            pending = {"rerun": {**self.rerun.state_dict(), "layout": self._rerun_layout()}}
         return {
-            **rerun,
+            **pending,
             "iteration": self.iteration,
             "phase": self._phase_now().name,
             "stage": self._phase_now().stage,

@@ -15,6 +15,7 @@ import types
 
 import pytest
 from test_trainer import BASE
+from trainer_runs import tracker_rows
 
 import pretrain_tst
 
@@ -70,15 +71,12 @@ def test_persistent_error_cycle_on_two_data_parallel_ranks(world2, tmp_path, cap
     assert [rc for rc, _ in world2.run(_run, flags, str(tmp_path / "b.jsonl"))] == [16, 16]
     got = world2.run(_run, flags, str(tmp_path / "c.jsonl"), other_node=True)
     assert [rc for rc, _ in got] == [17, 17]
-    with open(tracker) as f:
-        lines = [dict(p.split("=", 1) for p in line.split(" message=")[0].split()[2:])
-                 for line in f]  # fmt: skip
-    for rank in ("0", "1"):
-        mine = [(d["iteration"], d["status"].split(".")[-1], d["result"])
-                for d in lines if d["rank"] == rank]  # fmt: skip
-        assert [s for _, s, _ in mine] == ["INITIAL_RUN", "FIRST_RERUN_REPRODUCIBLE",
-                                           "SECOND_RERUN_NOT_REPRODUCIBLE"]  # fmt: skip
-        assert {i for i, _, _ in mine} == {"2"}
+    lines = tracker_rows(tracker)
+    for rank in (0, 1):
+        mine = [(d["iteration"], d["status"], d["result"]) for d in lines if d["rank"] == rank]
+        assert [s for _, s, _ in mine] == ["initial_run", "first_rerun_reproducible",
+                                           "second_rerun_not_reproducible"]  # fmt: skip
+        assert {i for i, _, _ in mine} == {2}
         assert len({r for _, _, r in mine}) == 1  # the same value each time, on this rank
     # On another grid the state is ignored, as Megatron-LM does ("Job sharding has changed").
     capsys.readouterr()

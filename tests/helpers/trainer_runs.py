@@ -39,3 +39,16 @@ def after_training(look):
         yield
     finally:
         Trainer.train = original
+
+
+def tracker_rows(path: str) -> list[dict]:
+    """The lines of a --result-rejected-tracker-filename file: rank, iteration, status (the
+    RerunValidationStatus member's name, lower case) and result (as written) of each."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            fields = dict(part.split("=", 1) for part in line.split(" message=")[0].split()[2:])
+            rows.append({"rank": int(fields["rank"]), "iteration": int(fields["iteration"]),
+                         "status": fields["status"].split(".")[-1].lower(),
+                         "result": fields["result"]})  # fmt: skip
+    return rows

@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from trainer_runs import tracker_rows
 
 import pretrain_tst
 from tst import rerun as rerun_module
@@ -58,13 +59,7 @@ def _losses(records) -> list[tuple[int, float]]:
 
 def _tracker(path) -> list[tuple[int, str, str]]:
     """(iteration, status, result) per line of a tracker file."""
-    rows = []
-    with open(path) as f:
-        for line in f:
-            fields = dict(part.split("=", 1) for part in line.split(" message=")[0].split()[2:])
-            rows.append((int(fields["iteration"]), fields["status"].split(".")[-1].lower(),
-                         fields["result"]))  # fmt: skip
-    return rows
+    return [(r["iteration"], r["status"], r["result"]) for r in tracker_rows(path)]
 
 
 @pytest.fixture(scope="module")
