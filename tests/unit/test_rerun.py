@@ -179,7 +179,8 @@ def test_report_stats_reruns_every_step_without_changing_training(tmp_path, refe
     bias is restored before the re-run."""
     extra = MOE if model == "moe" else []
     rc, records = _run(tmp_path, "s", ["--rerun-mode", "report_stats", "--log-interval", "1",
-                                       "--check-for-spiky-loss", *extra])  # fmt: skip
+                                       "--check-for-spiky-loss", "--check-for-large-grads",
+                                       *extra])  # fmt: skip
     assert rc == 0
     assert _losses(records) == reference[model]
     out = capsys.readouterr().out
@@ -188,6 +189,30 @@ def test_report_stats_reruns_every_step_without_changing_training(tmp_path, refe
     assert len(reports) >= 5 and all("all identical" in line for line in reports), reports
     spiky = [line for line in out.splitlines() if line.startswith("  Spiky loss")]
     assert spiky and all("all identical" in line for line in spiky)
+    # --check-for-large-grads: megatron-core's DDP validates each bucket's norm as well.
+    large = [line for line in out.splitlines() if line.startswith("  found unexpected large")]
+    assert large and all("all identical" in line for line in large)
+
+
+def test_an_injected_correct_result_is_diagnosed_as_correct(tmp_path, monkeypatch, caplog):
+    """--error-injection-type correct_result: reproducible in place (16), and reproducible
+    on another node too, so megatron-core calls the result correct (17: the fatal NaN check
+    still stops the run, an application error)."""
+    import megatron.core.rerun_state_machine as rsm
+
+    ckpt, tracker = str(tmp_path / "ckpt"), str(tmp_path / "tracker.txt")
+    flags = ["--rerun-mode", "validate_results", "--save", ckpt, "--load", ckpt,
+             "--error-injection-rate", "1", "--error-injection-type", "correct_result",
+             "--result-rejected-tracker-filename", tracker]  # fmt: skip
+    assert _run(tmp_path, "a", flags)[0] == 16
+    other = ("Linux", "another-node", "", "", "")
+    monkeypatch.setattr(rsm, "os", types.SimpleNamespace(uname=lambda: other, getenv=os.getenv))
+    caplog.clear()
+    assert _run(tmp_path, "b", flags)[0] == 17
+    assert "Correct result (but possible Application error)" in _logged(caplog)
+    assert [s for _, s, _ in _tracker(tracker)] == [
+        "initial_run", "first_rerun_reproducible", "second_rerun_reproducible",
+    ]  # fmt: skip
 
 
 def test_spiky_loss_is_rerun_once_and_training_goes_on(tmp_path, reference, capsys):
