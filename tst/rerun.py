@@ -14,7 +14,12 @@ and how a run ends; this module gives it what Megatron-LM's training loop gives 
 - a checkpoint at the step's start (data position included) when the machine asks to
   re-run the step on another GPU (exit code 16), and the machine's state in it, gathered
   from every rank; a resumed run re-runs the step and ends as the machine decides (17 when
-  a result failed validation, 16 again when it landed on the same GPU).
+  a result failed validation, 16 again when it landed on the same GPU);
+- for whatever launches the job again, a record of how the run ended
+  (``<--save>/rerun_exit.json``: the exit code, the nodes whose result was rejected, and
+  what to do next), which a launcher cannot get from the exit code alone: torchrun turns a
+  worker's 16 or 17 into its own 1. ``examples/train_slurm.sbatch`` requeues the job
+  without those nodes.
 
 Iterations are counted as this trainer logs them (1-based step numbers), in the tracker
 file too. Deliberate differences from Megatron-LM 0.16.1, each a defect there:
@@ -37,7 +42,9 @@ import torch.distributed as dist
 from tst.errors import ConfigError
 
 __all__ = [
+    "EXIT_RECORD",
     "RerunEngine",
+    "node_name",
     "SPIKY_LOSS_FACTOR",
     "iterations_from_tracker_file",
     "expert_bias_routers",
@@ -46,6 +53,13 @@ __all__ = [
 ]
 
 SPIKY_LOSS_FACTOR = 10  # Megatron-LM's pretrain_gpt.py
+EXIT_RECORD = "rerun_exit.json"  # in --save: how the engine ended the last run
+
+
+def node_name() -> str:
+    """This process's node as the scheduler names it (Slurm's node name, which
+    ``--exclude`` takes), else the host name (megatron-core's own notion of a node)."""
+    return os.environ.get("SLURMD_NODENAME") or os.uname()[1]
 
 
 def iterations_from_tracker_file(path: str) -> list[int]:
@@ -205,6 +219,50 @@ class RerunEngine:
         self._print(f"rerun report_stats up to iteration {m.current_iteration} (relative "
                     "difference of each value between a step's run and its re-run):\n"
                     + "\n".join(lines or ["  no validated value"]))  # fmt: skip
+
+    def exit_record(self, code: int, iteration: int, checkpoint: str | None) -> dict:
+        """How the engine ends the run at step ``iteration + 1``, for the launcher: the
+        ranks whose validation rejected a result, their nodes, and what comes next:
+        ``resume_elsewhere`` (resume from ``checkpoint`` on other nodes: 16, or a
+        transient error whose step start was saved) or ``stop`` (a diagnosis is reached,
+        the log says which; a person decides). Collective; the same on every rank."""
+        m, states = self.machine, self._rsm.RerunState
+        device = (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available()
+                  else "cpu")  # fmt: skip
+        own = {"rank": dist.get_rank(), "node": node_name(), "host": os.uname()[1],
+               "device": device, "rejected": m.failed_validation_call is not None}  # fmt: skip
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, own)
+        rejected = [r for r in ranks if r["rejected"]]
+        diagnosis = {
+            (16, states.WILL_RERUN_FROM_CHECKPOINT): "reproducible on the same GPU: re-run "
+            "the step on another to tell a faulty GPU from a real divergence",
+            (16, states.RERUNNING_AGAIN_FROM_CHECKPOINT): "resumed on the same GPU as the "
+            "first re-run: re-run the step on another",
+            (17, states.RERUNNING_IN_PLACE): "transient: the re-run on the same GPU gave "
+            "another result (a faulty GPU; the data and the model are fine)",
+            (17, states.RERUNNING_FROM_CHECKPOINT): "re-run on another GPU: a persistent "
+            "error of the first GPU or a correct result (an application error); the log says "
+            "which",
+        }.get((code, m.state), f"the machine's state {m.state.name}")
+        # 16 asks for the step to be re-run elsewhere; a transient error's step start is
+        # clean (no machine state in it) and trains on elsewhere.
+        resumable = checkpoint is not None and (
+            code == 16 or (code == 17 and m.state == states.RERUNNING_IN_PLACE)
+        )
+        return {
+            "exit_code": code,
+            "iteration": iteration + 1,
+            "rerun_state": m.state.name,
+            "diagnosis": diagnosis,
+            "next": "resume_elsewhere" if resumable else "stop",
+            "nodes": sorted({r["node"] for r in rejected}),
+            "rejected_ranks": [r["rank"] for r in rejected],
+            "checkpoint": checkpoint,
+            "ranks": ranks,
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
+        }
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -218,12 +218,16 @@ class Trainer:
         """The rerun engine stops the run after a rejected result: a checkpoint of the
         step's start when it asks for one (the step is re-run from it), and its exit code."""
         code, run = result["rerun_exit"], self.cfg.run
-        where = ""
+        where, saved = "", None
         if result["rerun_checkpoint"] and run.save:
             self.save()
+            saved = checkpointing.checkpoint_dir(run.save, self.iteration)
             where = f"; saved a checkpoint of its start to {run.save}"
         elif result["rerun_checkpoint"]:
             where = "; no --save, so no checkpoint to resume it from"
+        elif code == 16 and run.load:  # resumed on the same GPU: the same checkpoint again
+            saved = checkpointing.checkpoint_dir(run.load, self.iteration)
+        record = self.rerun.exit_record(code, self.iteration, saved)
         why = {
             16: "resume from the checkpoint (on another GPU: the engine refuses the same "
             "one) to re-run this step and tell a faulty GPU from a real divergence",
@@ -232,7 +236,14 @@ class Trainer:
         }.get(code, "see the log above")
         self.writer.print(f"iteration {self.iteration + 1}: the rerun engine stops the run with "
                           f"exit code {code}: {why}{where}")  # fmt: skip
-        self._finish()
+        path = os.path.join(run.save, rerun.EXIT_RECORD) if run.save else None
+        if path:
+            nodes = ", ".join(record["nodes"]) or "none"
+            self.writer.print(f"rerun exit record for the launcher: {path} (next: "
+                              f"{record['next']}; rejected on node(s) {nodes})")  # fmt: skip
+        self._finish()  # the checkpoint complete before the record names it
+        if path and self.layout.rank == 0:
+            _write_json(path, record)
         return code
 
     def _wire_overlap(self, finalize_model_grads) -> None:
@@ -1144,6 +1155,9 @@ class Trainer:
 
             logging.getLogger().setLevel(log.logging_level)
         self.write_manifest()
+        if run.save and self.layout.rank == 0:  # the last run's end, read by its launcher
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run.save, rerun.EXIT_RECORD))
         self.writer.print(f"layout: {self.layout.describe()}")
         self.writer.print("phase schedule:\n" + self.schedule.table())
         self.writer.print(self.peak.describe())
@@ -1474,6 +1488,15 @@ def _record_memory_history(path: str) -> None:
     attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)  # CUDA builds
     if attach is not None:
         attach(oom_observer)
+
+
+def _write_json(path: str, record: dict) -> None:
+    """``record`` to ``path`` whole or not at all."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def _dump_memory_snapshot(path: str) -> None:

@@ -99,8 +99,16 @@ def _ephemeral_low() -> int:
 class SlurmCluster:
     """slurmctld + ``len(nodes)`` slurmd on this host; jobs run as the current user."""
 
-    def __init__(self, nodes: tuple[str, ...] = ("n1", "n2"), cpus_per_node: int = 2):
+    def __init__(
+        self,
+        nodes: tuple[str, ...] = ("n1", "n2"),
+        cpus_per_node: int = 2,
+        hostnames: dict[str, str] | None = None,
+    ):
         self.nodes = nodes
+        # A node's own host name (its slurmd, and every job process it starts, in a UTS
+        # namespace of their own), as on a real cluster; the host's name where not given.
+        self.hostnames = hostnames or {}
         self.cpus_per_node = cpus_per_node
         # munged wants every directory above its socket searchable by all (pytest's
         # tmp_path is 0700), so the cluster lives in its own 0755 folder under /tmp.
@@ -134,7 +142,11 @@ class SlurmCluster:
         self._write_conf()
         self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
         for node in self.nodes:
-            self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node])
+            argv = ["slurmd", "-D", "-N", node]
+            if node in self.hostnames:
+                argv = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
+                        self.hostnames[node], *argv]  # fmt: skip
+            self._spawn(f"slurmd-{node}", argv)
         self._wait(self._all_idle, timeout_s, f"nodes {', '.join(self.nodes)} to be idle")
         return self
 

@@ -26,6 +26,7 @@ from tst.checkpointing import latest_iteration
 from tst.config import parse_args
 from tst.errors import ConfigError, NonFiniteLossError
 from tst.plan import validate
+from tst.rerun import EXIT_RECORD, node_name
 
 sys.path.insert(
     0,
@@ -85,6 +86,11 @@ PERSISTENT = [
 ]
 
 
+def _exit_record(ckpt: str) -> dict:
+    with open(os.path.join(ckpt, EXIT_RECORD)) as f:
+        return json.load(f)
+
+
 def _logged(caplog) -> str:
     """What megatron-core logged since the last call."""
     text = caplog.text
@@ -107,8 +113,17 @@ def test_transient_error_stops_with_17_and_a_checkpoint_of_the_steps_start(tmp_p
     assert latest_iteration(ckpt) == 1  # step 1 is never validated (megatron-core's rule)
     statuses = [(i, s) for i, s, _ in _tracker(tracker)]
     assert statuses == [(2, "initial_run"), (2, "first_rerun_not_reproducible")]
-    rc, second = _run(tmp_path, "b", ["--load", ckpt, "--rerun-mode", "validate_results"])
+    # The launcher's record: train on from the step's start without this node.
+    record = _exit_record(ckpt)
+    assert record["exit_code"] == 17 and record["rerun_state"] == "RERUNNING_IN_PLACE"
+    assert record["next"] == "resume_elsewhere" and record["iteration"] == 2
+    assert record["checkpoint"] == os.path.join(ckpt, "iter_0000001")
+    assert record["nodes"] == [node_name()] and record["rejected_ranks"] == [0]
+    assert record["diagnosis"].startswith("transient")
+    rc, second = _run(tmp_path, "b", ["--load", ckpt, "--rerun-mode", "validate_results",
+                                      "--save", ckpt])  # fmt: skip
     assert rc == 0
+    assert not os.path.exists(os.path.join(ckpt, EXIT_RECORD))  # the next run's start drops it
     assert _losses(first) + _losses(second) == reference["dense"]
 
 
@@ -129,12 +144,24 @@ def test_persistent_error_is_rerun_from_the_checkpoint_on_another_node(tmp_path,
     logged = _logged(caplog)
     assert all(line in logged for line in [ENABLED, *PERSISTENT])
     assert latest_iteration(ckpt) == 1
+    first = _exit_record(ckpt)
+    assert (first["exit_code"], first["next"], first["rerun_state"]) == (
+        16, "resume_elsewhere", "WILL_RERUN_FROM_CHECKPOINT")  # fmt: skip
+    assert first["checkpoint"] == os.path.join(ckpt, "iter_0000001")
+    assert first["nodes"] == [node_name()]
     assert _run(tmp_path, "b", flags)[0] == 16  # the same node and device
     assert latest_iteration(ckpt) == 1
+    again = _exit_record(ckpt)  # no new checkpoint: the same one, elsewhere
+    assert (again["exit_code"], again["next"], again["rerun_state"]) == (
+        16, "resume_elsewhere", "RERUNNING_AGAIN_FROM_CHECKPOINT")  # fmt: skip
+    assert again["checkpoint"] == first["checkpoint"]
     other = ("Linux", "another-node", "", "", "")
     monkeypatch.setattr(rsm, "os", types.SimpleNamespace(uname=lambda: other, getenv=os.getenv))
     assert _run(tmp_path, "c", flags)[0] == 17
     assert "Possible persistent error!!" in _logged(caplog)
+    last = _exit_record(ckpt)  # a diagnosis: nothing to resume automatically
+    assert (last["exit_code"], last["next"], last["checkpoint"]) == (17, "stop", None)
+    assert last["rerun_state"] == "RERUNNING_FROM_CHECKPOINT"
     rows = _tracker(tracker)
     assert [(i, s) for i, s, _ in rows] == [
         (2, "initial_run"), (2, "first_rerun_reproducible"), (2, "second_rerun_not_reproducible"),
