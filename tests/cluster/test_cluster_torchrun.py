@@ -195,3 +195,21 @@ def _worker(launcher: subprocess.Popen, local_rank: str) -> psutil.Process:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     raise AssertionError(f"no worker with LOCAL_RANK={local_rank} under pid {launcher.pid}")
+
+
+def test_the_single_node_script_exits_with_the_rerun_engines_code(corpus, tmp_path):
+    """torchrun exits 1 when its workers exit 17 (the rerun engine's transient-error code);
+    ``train_single_node.sh`` exits with the trainer's code, read from its record."""
+    env = launch_env(corpus, tmp_path, 6)
+    log = tmp_path / "single.out"
+    with launched("train_single_node.sh", env, log, "--save-interval", "1000",
+                  "--rerun-mode", "validate_results", "--error-injection-rate", "1") as proc:  # fmt: skip
+        status = finish(proc)
+    text = log.read_text()
+    assert status == 17, text
+    assert "exitcode  : 17" in text  # torchrun's summary; it exited 1 itself
+    record = Path(env["SAVE_DIR"]) / "rerun_exit.json"
+    assert f"the rerun engine ended the run with exit code 17 (see {record})" in text
+    # A later launch that fails otherwise is not given the old record's code.
+    with launched("train_single_node.sh", env, log, "--no-such-flag") as proc:
+        assert finish(proc) not in (0, 16, 17)
