@@ -64,11 +64,21 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
         fast_cache_load=cfg.data.dataloader_fast_cache_load,
         defer_index_mmap=cfg.data.dataloader_defer_npy_index_mmap,
         sequences_per_dataset=blends.sequences_per_dataset,
+        fim=_fim_transform(cfg, tokenizer),
     )
     # The test split (--split's third part or --test-data-path) is evaluated once at the end
     # as Megatron-LM does, as long as an evaluation (none without one); one too small for a
     # sample skips that, it does not stop the run.
     return build_datasets(data, (train, valid, test), on_test_too_small=_no_test_split)
+
+
+def _fim_transform(cfg: Config, tokenizer):
+    """--fim-data: the transform every sample read goes through (None without the flag)."""
+    if not cfg.fim.fim_data:
+        return None
+    from tst.data.fim import FIMTransform
+
+    return FIMTransform(cfg.fim, tokenizer, cfg.training.seed, cfg.model.seq_length + 1)
 
 
 def _check_unweighted_validation(blends) -> None:
@@ -120,6 +130,7 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer(cfg)
     vocab_size = cfg.data.vocab_size or tokenizer.vocab_size
     plan = validate(cfg, _world_size(), vocab_size)  # every check, before any process group
+    _fim_transform(cfg, tokenizer)  # --fim-data's sentinels are in the vocabulary, or one line
     p, grid = cfg.parallel, plan.grid
     layout = initialize(
         tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep, etp=grid.etp, cp=grid.cp,

@@ -20,6 +20,7 @@ import warnings
 from dataclasses import dataclass
 
 from tst.config_fields import _f, _require
+from tst.config_fim import FIMConfig
 from tst.config_mla import MLAConfig
 from tst.config_moe import MoEConfig, parse_layer_freq
 from tst.config_mtp import MTPConfig
@@ -37,6 +38,7 @@ __all__ = [
     "RunConfig",
     "LoggingConfig",
     "MoEConfig",
+    "FIMConfig",
     "MTPConfig",
     "MLAConfig",
     "RerunConfig",
@@ -1655,6 +1657,7 @@ class Config:
     mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
     mtp: MTPConfig = dataclasses.field(default_factory=MTPConfig)
     rerun: RerunConfig = dataclasses.field(default_factory=RerunConfig)
+    fim: FIMConfig = dataclasses.field(default_factory=FIMConfig)
     # Megatron-LM flags given that change nothing here: (flag, why), see tst.megatron_flags.
     accepted_flags: tuple[tuple[str, str], ...] = ()
 
@@ -1674,6 +1677,7 @@ _SECTIONS = {
     "mla": MLAConfig,
     "mtp": MTPConfig,
     "rerun": RerunConfig,
+    "fim": FIMConfig,
 }
 
 

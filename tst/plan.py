@@ -697,6 +697,12 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
                         ("--num-layers-at-end-in-bf16", t.num_layers_at_end_in_bf16)):  # fmt: skip
             _require(0 <= n <= per_stage, f"{flag} {n} must be between 0 and the layers per "
                      f"pipeline stage ({m.num_layers} / PP {grid.pp} = {per_stage})")  # fmt: skip
+    if cfg.fim.fim_data:  # Megatron-LM's rules
+        _require(not cfg.data.mock_data, "--fim-data rearranges text: --mock-data has none "
+                 "(Megatron-LM refuses the two together); give --data-path")  # fmt: skip
+        _require(not cfg.data.legacy_tokenizer, "--fim-data with --legacy-tokenizer: "
+                 "Megatron-LM runs FIM with its default tokenizer system only; drop "
+                 "--legacy-tokenizer")  # fmt: skip
     _require(
         not m.fp32_residual_connection or t.bf16 or t.fp16,
         "--fp32-residual-connection keeps the residual stream in fp32 under --bf16 / --fp16; "

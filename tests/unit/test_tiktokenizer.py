@@ -239,3 +239,18 @@ def test_tiktoken_flags_with_another_tokenizer_warn_that_they_are_ignored():
                       r"TikTokenizer reads them \(as in Megatron-LM\); ignored with NullTokenizer"):  # fmt: skip
         cfg = parse_args([*base, "--tiktoken-pattern", "v2", "--tiktoken-special-tokens", "<x>"])
     assert cfg.data.tokenizer_special_tokens == ["<x>"]  # the deprecated spelling's target
+
+
+def test_fim_sentinels_are_special_tokens(vocabulary):
+    """--fim-data with TikTokenizer: the sentinels are --tokenizer-special-tokens entries
+    (ids by position), a whole token's bytes is its rank, pieces encode as tokenize does."""
+    from tst.config_fim import FIMConfig
+    from tst.data.fim import FIMTransform
+
+    path, ranks = vocabulary
+    special = ["<unk>", "<s>", "</s>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+    tok = TikTokenizer(path, "v2", S + len(ranks), S, special)
+    fim = FIMTransform(FIMConfig(fim_data=True, fim_eod_token="</s>"), tok, 1, 17)
+    assert (fim.prefix, fim.middle, fim.suffix, fim.pad, fim.eod) == (3, 4, 5, 6, tok.eod)
+    assert tok.token_to_id("a") == tok.tokenize("a")[0] and tok.token_to_id("<nope>") is None
+    assert tok.encode_text(TRICKY_DOCS[0]) == tok.tokenize(TRICKY_DOCS[0])

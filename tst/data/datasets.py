@@ -29,6 +29,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -116,6 +117,8 @@ class DataConfig:
     """--dataloader-defer-npy-index-mmap: each dataset maps its cached indices at its first
     sample, not when it is built (every cache must be built)."""
     sequences_per_dataset: dict[str, tuple[int, int]] | None = None
+    fim: Any = None
+    """--fim-data: a :class:`tst.data.fim.FIMTransform` applied to every sample read."""
     """--per-dataset-sequences-path: each prefix's (sequences, document boundaries), as its
     ``.idx`` header holds them; every prefix read must be listed and agree."""
 
@@ -209,6 +212,7 @@ class TSTDatasetConfig(GPTDatasetConfig):
     bag_size: int = 1
     pad_documents_to_bag: bool = False
     vocab_size: int = 0
+    fim: Any = None  # a tst.data.fim.FIMTransform (--fim-data); rearranges what is read
 
 
 class BagPaddedDocuments:
@@ -305,6 +309,9 @@ class TSTGPTDataset(GPTDataset):
         # Stock GPTDataset pads a short final sample with -1; there is none when partial
         # samples are dropped (our setting), but never hand a negative id to an embedding.
         tokens[tokens < 0] = self.config.tokenizer.eod
+        if self.config.fim is not None:
+            split = self.index_split.value
+            tokens = torch.from_numpy(self.config.fim(tokens.numpy(), split, int(idx or 0)))
         return {"tokens": tokens}
 
 
@@ -431,6 +438,7 @@ def build_datasets(
         full_validation=cfg.multiple_validation_sets and num_samples[1] is None,
         fast_cache_load=cfg.fast_cache_load,
         defer_npy_index_mmap=cfg.defer_index_mmap,
+        fim=cfg.fim,
     )
     # A split nobody reads is not built: stock megatron-core would otherwise try to build it
     # and, when the split holds no document, loop forever.

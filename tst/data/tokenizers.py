@@ -234,6 +234,15 @@ class SentencePieceTokenizer:
     def tokenize(self, text: str) -> list[int]:
         return self._sp.EncodeAsIds(text)
 
+    def encode_text(self, text: str) -> list[int]:
+        """``text``'s ids alone (no BOS / EOS added), for pieces of a document."""
+        return self._sp.EncodeAsIds(text)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of the piece ``token`` (None when the model has no such piece)."""
+        pid = int(self._sp.PieceToId(token))
+        return pid if self._sp.IdToPiece(pid) == token else None
+
     def detokenize(self, ids: list[int] | np.ndarray) -> str:
         return self._sp.DecodeIds([int(i) for i in ids])
 
@@ -312,6 +321,15 @@ class HuggingFaceTokenizer:
 
     def tokenize(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=True).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """``text``'s ids alone (nothing the post-processor adds), for pieces of a document."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of the vocabulary entry ``token`` (added tokens too), or None."""
+        tid = self._tok.token_to_id(token)
+        return None if tid is None else int(tid)
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         """Many documents at once: the Rust side spreads them over its threads."""
@@ -472,6 +490,18 @@ class TikTokenizer:
         if (at := lone_surrogate(text)) is not None:
             raise TokenizerInputError(f"a lone surrogate at character {at} has no UTF-8 bytes")
         return self._model.encode_ordinary(text)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenize(text)
+
+    def token_to_id(self, token: str) -> int | None:
+        """A special token's id, or the rank of a whole token's UTF-8 bytes, or None."""
+        if token in self.special_tokens:
+            return self.special_tokens.index(token)
+        try:
+            return int(self._model.encode_single_token(token.encode("utf-8")))
+        except KeyError:
+            return None
 
     def detokenize(self, ids: list[int] | np.ndarray) -> str:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]  # padding rows dropped
