@@ -105,3 +105,27 @@ def write_positional_dataset(prefix: str, lengths: list[int], first_id: int = 1)
             w.add_document(np.asarray(d, dtype=np.int64))
         w.commit()
     return docs
+
+
+FIM_SENTINELS = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+
+
+def make_fim_corpus(tmp: str) -> dict[str, str]:
+    """For --fim-data: byte-level BPE and SentencePiece tokenizers holding the FIM sentinels,
+    a BPE one without them, and the corpus preprocessed with the first."""
+    corpus = write_jsonl(os.path.join(tmp, "c.jsonl"), training_text())
+    train = load_tool("train_tokenizer")
+    base = ["--input", corpus, "--library", "huggingface", "--vocab-size", "400"]
+    hf, plain, sp = (os.path.join(tmp, n) for n in ("hf", "plain", "sp"))
+    train.main([*base, "--model-prefix", hf, "--user-defined-symbols", *FIM_SENTINELS])
+    train.main([*base, "--model-prefix", plain])
+    train.main(["--input", corpus, "--vocab-size", "400", "--num-threads", "1", "--model-prefix",
+                sp, "--user-defined-symbols", *FIM_SENTINELS])  # fmt: skip
+    tokenizer = os.path.join(hf, "tokenizer.json")
+    load_tool("preprocess_data").main(
+        ["--input", corpus, "--output-prefix", os.path.join(tmp, "doc"), "--tokenizer-type",
+         "HuggingFaceTokenizer", "--tokenizer-model", tokenizer, "--append-eod",
+         "--workers", "1", "--log-interval", "1000"]
+    )  # fmt: skip
+    return {"tokenizer": tokenizer, "plain": os.path.join(plain, "tokenizer.json"),
+            "sp": sp + ".model", "prefix": os.path.join(tmp, "doc_text_document"), "tmp": tmp}  # fmt: skip

@@ -13,7 +13,8 @@ import os
 
 import numpy as np
 import pytest
-from data_support import load_tool, training_text, write_jsonl
+from data_support import FIM_SENTINELS as SENTINELS
+from data_support import make_fim_corpus, training_text
 from trainer_runs import main_records
 
 import pretrain_tst
@@ -23,31 +24,12 @@ from tst.data.fim import FIMTransform
 from tst.data.tokenizers import ByteTokenizer, build_tokenizer
 from tst.errors import ConfigError, InputError
 
-SENTINELS = ["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
 UNIT = 33  # L + 1
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
-    """A byte-level BPE tokenizer holding the FIM sentinels, one without them, and a
-    preprocessed corpus."""
-    tmp = tmp_path_factory.mktemp("fim")
-    corpus = write_jsonl(str(tmp / "c.jsonl"), training_text())
-    train = load_tool("train_tokenizer")
-    base = ["--input", corpus, "--library", "huggingface", "--vocab-size", "400"]
-    train.main([*base, "--model-prefix", str(tmp / "hf"), "--user-defined-symbols", *SENTINELS])
-    train.main([*base, "--model-prefix", str(tmp / "plain")])
-    train.main(["--input", corpus, "--vocab-size", "400", "--num-threads", "1", "--model-prefix",
-                str(tmp / "sp"), "--user-defined-symbols", *SENTINELS])  # fmt: skip
-    tokenizer = str(tmp / "hf" / "tokenizer.json")
-    load_tool("preprocess_data").main(
-        ["--input", corpus, "--output-prefix", str(tmp / "doc"), "--tokenizer-type",
-         "HuggingFaceTokenizer", "--tokenizer-model", tokenizer, "--append-eod",
-         "--workers", "1", "--log-interval", "1000"]
-    )  # fmt: skip
-    return {"tokenizer": tokenizer, "plain": str(tmp / "plain" / "tokenizer.json"),
-            "sp": str(tmp / "sp.model"),
-            "prefix": str(tmp / "doc_text_document"), "tmp": str(tmp)}  # fmt: skip
+    return make_fim_corpus(str(tmp_path_factory.mktemp("fim")))
 
 
 @pytest.fixture(scope="module")
