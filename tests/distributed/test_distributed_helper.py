@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -22,8 +25,12 @@ def _fail_on_rank_one() -> None:
         raise ValueError("rank one says no")
 
 
-def _hang_on_rank_zero() -> None:
+def _hang_on_rank_zero(pid_file: str | None = None) -> None:
     if dist.get_rank() == 0:
+        if pid_file:  # something the rank started: it must not outlive the killed world
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            with open(pid_file, "w") as f:
+                f.write(str(child.pid))
         time.sleep(60)
 
 
@@ -75,13 +82,20 @@ def test_child_traceback_reaches_the_failure(world2):
     assert world2.closed  # a failed world is not reused: peers may be mid-collective
 
 
-def test_a_hang_times_out():
+def test_a_hang_times_out_and_takes_what_the_rank_started_along(tmp_path):
     world = ProcessWorld(2, timeout_s=5)
+    pid_file = str(tmp_path / "child.pid")
     try:
         with pytest.raises(TimeoutError, match=r"ranks \[0\] did not finish"):
-            world.run(_hang_on_rank_zero)
+            world.run(_hang_on_rank_zero, pid_file)
     finally:
         world.close(force=True)
+    with open(pid_file) as f:
+        child = int(f.read())
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, f"the rank's child {child} outlived the world"
+        time.sleep(0.1)
 
 
 def _forked_pair_sum(path: str, rank: int, queue) -> None:

@@ -15,10 +15,12 @@ the body needs; the process group itself is created once per world.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import traceback
 
+import psutil
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = 180.0
@@ -168,6 +170,18 @@ class ProcessWorld:
             task_queue.cancel_join_thread()
         for proc in self._procs:
             if proc.is_alive():
+                # What the rank started (loader workers, checkpoint writers, a test body's
+                # own processes) goes with it, not on as an orphan of init.
+                for child in _descendants(proc.pid):
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        child.kill()
                 proc.kill()
                 proc.join(timeout=5)
         self._store = None
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
