@@ -57,9 +57,12 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
             moe_latent_size=m.moe_latent_size,
             moe_aux_loss_coeff=m.moe_aux_loss_coeff,
             moe_token_dispatcher_type=m.moe_token_dispatcher_type,
-            # A zero coefficient balances nothing: skip computing the loss.
+            # A zero coefficient weighs an auxiliary loss by nothing: skip computing it.
+            # Sinkhorn is a routing rule, not a loss: it applies at any coefficient.
             moe_router_load_balancing_type=(
-                m.moe_router_load_balancing_type if m.moe_aux_loss_coeff else "none"
+                m.moe_router_load_balancing_type
+                if m.moe_aux_loss_coeff or m.moe_router_load_balancing_type == "sinkhorn"
+                else "none"
             ),
             # The TE spec builds grouped-GEMM experts; the local spec sequential ones.
             moe_grouped_gemm=te and m.moe_grouped_gemm,

@@ -688,3 +688,45 @@ def test_this_sessions_flags_through_pretrain_tst(tmp_path):
     assert [c.cp_comm_type for c in seen] == [None, None]  # CP 1
     losses = [[r["loss"] for r in records if "loss" in r] for records in (default, given)]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_sinkhorn_routing_is_kept_at_any_aux_loss_coefficient(tmp_path):
+    """--moe-router-load-balancing-type sinkhorn is a routing rule, not a loss: it reaches
+    megatron-core at the default --moe-aux-loss-coeff 0 (an auxiliary-loss type there is
+    skipped as 'none', which weighs the same), and trains: top-1 as in Megatron-LM's own
+    sinkhorn functional tests (which megatron-core refuses for any other balancing without
+    --moe-router-pre-softmax), and at top-2 it routes otherwise than no balancing."""
+    import json
+
+    import pretrain_tst
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
+                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
+                 cpu_patched=False)  # fmt: skip
+    moe = ["--num-experts", "4", "--moe-router-topk", "2"]
+    for kind, want in (("sinkhorn", "sinkhorn"), ("aux_loss", "none")):
+        cfg, plan = _cfg(*moe, "--moe-router-load-balancing-type", kind)
+        c = transformer_config(cfg, plan, cpu, check_device=False)
+        assert c.moe_router_load_balancing_type == want, kind
+    cfg, plan = _cfg(*moe, "--moe-router-load-balancing-type", "aux_loss",
+                     "--moe-aux-loss-coeff", "1e-2")  # fmt: skip
+    assert transformer_config(cfg, plan, cpu, check_device=False).moe_router_load_balancing_type \
+        == "aux_loss"  # fmt: skip
+
+    def losses(name: str, *flags: str) -> list[float]:
+        metrics = str(tmp_path / f"{name}.jsonl")
+        argv = [*BASE, "--train-iters", "4", "--global-batch-size", "2", "--log-interval", "1",
+                "--eval-interval", "100", "--tst-bag-size", "2", "--tst-iters", "2",
+                "--hidden-dropout", "0", "--attention-dropout", "0", "--num-experts", "4",
+                "--moe-ffn-hidden-size", "32", "--metrics-file", metrics, *flags]  # fmt: skip
+        assert pretrain_tst.main(argv) == 0
+        with open(metrics) as f:
+            return [r["loss"] for r in map(json.loads, f) if r.get("loss") is not None]
+
+    top1 = losses("top1", "--moe-router-topk", "1", "--moe-router-load-balancing-type", "sinkhorn")
+    assert len(top1) == 4 and all(math.isfinite(x) for x in top1)
+    sinkhorn = losses("s", "--moe-router-topk", "2", "--moe-router-load-balancing-type", "sinkhorn")
+    none = losses("n", "--moe-router-topk", "2", "--moe-router-load-balancing-type", "none")
+    assert sinkhorn != none
