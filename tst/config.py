@@ -1756,4 +1756,11 @@ def parse_args(argv=None) -> Config:
 
         apply_checkpoint_args(values, given_dests(parser, megatron_flags.apply_aliases(argv)))
     sections = {section: cls(**values[section]) for section, cls in _SECTIONS.items()}
+    # Megatron-LM's rule, on its deprecated flag only: `--attention-backend flash` is taken
+    # (megatron-core makes Transformer Engine's attention deterministic or refuses to run).
+    _require(
+        not (sections["training"].deterministic_mode and "--use-flash-attn" in argv),
+        "--deterministic-mode with --use-flash-attn: flash attention cannot be used in "
+        "deterministic mode (Megatron-LM's rule): drop one",
+    )
     return Config(**sections, accepted_flags=accepted)

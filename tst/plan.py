@@ -685,9 +685,6 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     grid = check_grid(cfg, world_size)
     tp, dp = grid.tp, grid.dp
     if t.deterministic_mode:  # Megatron-LM's rules
-        _require(m.attention_backend != "flash",
-                 "--deterministic-mode cannot run flash attention (--attention-backend flash / "
-                 "--use-flash-attn), as in Megatron-LM: drop one")  # fmt: skip
         _require(not m.cross_entropy_loss_fusion,
                  "--deterministic-mode with --cross-entropy-loss-fusion: the fused cross-entropy "
                  "is not deterministic (Megatron-LM's rule): drop one")  # fmt: skip

@@ -333,11 +333,15 @@ def test_run_wide_torch_switches(monkeypatch):
     assert seen == [(before[0], False, before[1]), (True, True, False)]
     assert (torch.are_deterministic_algorithms_enabled(),
             matmul.allow_bf16_reduced_precision_reduction) == before  # fmt: skip
-    for extra, message in ((["--attention-backend", "flash"], "cannot run flash attention"),
-                           (["--use-flash-attn"], "cannot run flash attention"),
+    for extra, message in ((["--use-flash-attn"], "flash attention cannot be used in "
+                            "deterministic mode"),
                            (["--cross-entropy-loss-fusion"], "fused cross-entropy")):  # fmt: skip
         with pytest.raises(ConfigError, match=message):
             _cfg("--deterministic-mode", *extra)
+    # Megatron-LM refuses the deprecated flag only: its deterministic functional tests run
+    # --attention-backend flash (megatron-core keeps Transformer Engine deterministic).
+    cfg, _ = _cfg("--deterministic-mode", "--attention-backend", "flash")
+    assert cfg.model.attention_backend == "flash" and cfg.training.deterministic_mode
     cfg, plan = _cfg("--deterministic-mode")
     cuda = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"),
                   backend="nccl", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
