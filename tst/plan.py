@@ -257,10 +257,6 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
         )
     else:
         _require(ep == 1, "--expert-model-parallel-size > 1 needs --num-experts")
-        _require(
-            p.expert_tensor_parallel_size in (None, tp),
-            "--expert-tensor-parallel-size needs --num-experts",
-        )
     _require(
         m.num_attention_heads % tp == 0,
         f"--num-attention-heads {m.num_attention_heads} is not divisible by "
@@ -547,6 +543,14 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
         warnings.warn("Disabling sequence parallelism because tensor model parallelism is "
                       "disabled (as Megatron-LM does)", stacklevel=3)  # fmt: skip
         p.sequence_parallel = False
+    if not m.num_experts and p.expert_tensor_parallel_size not in (None, tp):
+        # Megatron-LM takes it on a dense model (and builds expert groups nothing uses).
+        warnings.warn(
+            f"--expert-tensor-parallel-size {p.expert_tensor_parallel_size} has no effect "
+            "without --num-experts (a dense model has no experts): ignored",
+            stacklevel=3,
+        )
+        p.expert_tensor_parallel_size = None
     if m.position_embedding_type != "rope":
         m.apply_rope_fusion = False
     if not m.add_bias_linear:

@@ -349,3 +349,18 @@ def test_run_wide_torch_switches(monkeypatch):
     monkeypatch.delenv("NCCL_ALGO", raising=False)
     with pytest.raises(ValueError, match="--deterministic-mode needs NCCL_ALGO set"):
         transformer_config(cfg, plan, cuda)
+
+
+def test_expert_tp_without_experts_is_ignored_with_a_warning():
+    """Megatron-LM takes --expert-tensor-parallel-size on a dense model (its GPT functional
+    tests gpt3_mcore_te_tp2_pp2_cp2_etp4_* pass 4 at TP 2): a warning, and no effect."""
+    from tst.config import parse_args
+    from tst.errors import ConfigError
+    from tst.plan import validate
+
+    with pytest.warns(UserWarning, match="has no effect without --num-experts"):
+        cfg, plan = _cfg("--expert-tensor-parallel-size", "4")
+    assert cfg.parallel.expert_tensor_parallel_size is None and plan.grid.etp == 1
+    cfg = parse_args([*FLAGS, "--expert-model-parallel-size", "2"])
+    with pytest.raises(ConfigError, match="--expert-model-parallel-size > 1 needs --num-experts"):
+        validate(cfg, 2, VOCAB)  # megatron-core refuses expert parallelism without experts
