@@ -130,6 +130,9 @@ _REASONS = {
     "ops": "an integration with NVIDIA's fault-tolerance / telemetry packages, not wired here: drop it (signal saves, --exit-duration-in-mins and resumable checkpoints cover restarts)",
     "muon": "the Muon optimizer is not supported yet: drop it (--optimizer adam or sgd)",
     "notyet": "a Megatron-LM option this trainer does not wire yet: drop it",
+    "modelopt": "a Megatron-LM ModelOpt flag (quantization, distillation, export; "
+    "pretrain_gpt.py takes them when nvidia-modelopt is installed): this trainer pretrains "
+    "without ModelOpt; drop it",
 }
 
 # family -> {flag: nargs}
@@ -376,6 +379,26 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--muon-num-ns-steps": 1,
         "--muon-tp-mode": 1,
         "--muon-extra-scale-factor": 1,
+    },
+    # megatron/post_training/arguments.py (add_modelopt_args, pretrain_gpt.py's extra
+    # arguments when nvidia-modelopt is importable; not in the parser's own flag list).
+    "modelopt": {
+        "--export-model-type": 1,
+        "--export-legacy-megatron": 0,
+        "--export-te-mcore-model": 0,
+        "--export-kv-cache-quant": 1,
+        "--export-real-quant-cfg": 1,
+        "--export-quant-cfg": 1,
+        "--export-kd-teacher-load": 1,
+        "--export-kd-teacher-model-config": 1,
+        "--export-kd-teacher-ckpt-format": 1,
+        "--export-kd-cfg": 1,
+        "--finetune-hf-dataset": 1,
+        "--finetune-data-split": 1,
+        "--export-qk-l2-norm": 0,
+        "--export-moe-apply-probs-on-input": 0,
+        "--export-offline-model": 0,
+        "--modelopt-enabled": 0,
     },
     "notyet": {
         "--max-seqlen-per-dp-cp-rank": 1,
