@@ -845,12 +845,13 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
                          f"last group of {m_count % group} of the {m_count} micro-batches per "
                          f"step, fewer than PP={grid.pp} (a pipeline bubble megatron-core "
                          "refuses): use a divisor of it")  # fmt: skip
-    if grid.vpp:
+    if grid.vpp and group is None:  # the default group (PP): megatron-core's rules above
         _require(
             num_micro % grid.pp == 0 and (rampup is None or all(
                 r // (t.micro_batch_size * dp) % grid.pp == 0 for r in rampup[:2])),
             "interleaved pipelining needs the number of "
-            f"micro-batches ({num_micro}) to be a multiple of PP={grid.pp}",
+            f"micro-batches ({num_micro}) to be a multiple of PP={grid.pp} (or "
+            "--microbatch-group-size-per-virtual-pipeline-stage dividing it)",
         )  # fmt: skip
     train_iters = _train_iters(cfg, gbs, rampup)
     _require(train_iters >= 1, f"--train-samples {t.train_samples} is less than one step")

@@ -72,6 +72,17 @@ def test_uneven_interleaved_stages_agree_with_pp1(world2, tmp_path):
     results = world2.run(_train_with_layers, six + extra, str(tmp_path / "breadth.jsonl"))
     got = next(records for records, _ in results if _losses(records))
     _assert_close(_losses(got), _losses(want), 2e-4, "breadth-first, VPP 2")
+    # 3 micro-batches a step on PP 2: not a multiple of PP, which megatron-core's interleaved
+    # schedule takes in one group of 3 (Megatron-LM's tunable-overlap functional tests: 5 on
+    # PP 4). Reference: TP 2 at the same batch.
+    odd = six + ["--micro-batch-size", "1", "--global-batch-size", "3"]
+    want = world2.run(_train, odd + ["--tensor-model-parallel-size", "2"],
+                      str(tmp_path / "odd-ref.jsonl"))[0]  # fmt: skip
+    extra = PP2 + ["--num-layers-per-virtual-pipeline-stage", "1",
+                   "--microbatch-group-size-per-virtual-pipeline-stage", "3"]  # fmt: skip
+    results = world2.run(_train_with_layers, odd + extra, str(tmp_path / "odd.jsonl"))
+    got = next(records for records, _ in results if _losses(records))
+    _assert_close(_losses(got), _losses(want), 2e-4, "3 micro-batches, one group, VPP 3")
 
 
 def test_uneven_stages_with_tied_embeddings_agree(world2, tmp_path):
