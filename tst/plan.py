@@ -234,16 +234,17 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
         f"world size {world_size} is not divisible by TP x PP x CP = {tp * pp * cp} "
         f"(TP {tp}, PP {pp}, CP {cp}): change the parallel sizes or the number of processes",
     )
+    # megatron-core builds the expert grid for a dense model too.
+    _require(
+        world_size % (etp * ep * pp) == 0,
+        f"world size {world_size} is not divisible by ETP x EP x PP = {etp * ep * pp} "
+        f"(expert-TP {etp}, EP {ep}, PP {pp}; megatron-core's expert grid): change "
+        "--expert-model-parallel-size / --expert-tensor-parallel-size or the world size",
+    )
     if m.num_experts is not None:
         from tst.config_moe import parse_layer_freq
 
         parse_layer_freq(cfg.moe.moe_layer_freq, m.num_layers)  # a bad one fails here, by name
-        _require(
-            world_size % (etp * ep * pp) == 0,
-            f"world size {world_size} is not divisible by ETP x EP x PP = {etp * ep * pp} "
-            f"(expert-TP {etp}, EP {ep}, PP {pp}; megatron-core's expert grid): change "
-            "--expert-model-parallel-size / --expert-tensor-parallel-size or the world size",
-        )
         _require(
             m.num_experts % ep == 0,
             f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}",
@@ -544,13 +545,14 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
                       "disabled (as Megatron-LM does)", stacklevel=3)  # fmt: skip
         p.sequence_parallel = False
     if not m.num_experts and p.expert_tensor_parallel_size not in (None, tp):
-        # Megatron-LM takes it on a dense model (and builds expert groups nothing uses).
+        # Megatron-LM takes it on a dense model: megatron-core builds its expert groups all
+        # the same (they bound the world size and the rank order, nothing else).
         warnings.warn(
-            f"--expert-tensor-parallel-size {p.expert_tensor_parallel_size} has no effect "
-            "without --num-experts (a dense model has no experts): ignored",
+            f"--expert-tensor-parallel-size {p.expert_tensor_parallel_size} without "
+            "--num-experts only shapes megatron-core's expert process groups (no layer uses "
+            "them), as in Megatron-LM",
             stacklevel=3,
         )
-        p.expert_tensor_parallel_size = None
     if m.position_embedding_type != "rope":
         m.apply_rope_fusion = False
     if not m.add_bias_linear:

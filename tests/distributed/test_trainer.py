@@ -500,3 +500,12 @@ def test_deferred_output_layer_wgrad_trains_the_same_model(world4, tmp_path):
         _assert_close(_val(got), _val(reference), 2e-4, name)
         # Drained on the last stage only, once per training step (evaluations buffer none).
         assert max((d for _, d in ranks), key=len) == drains, name
+
+
+def test_expert_tp_on_a_dense_model_trains_the_same_model(world2, tmp_path):
+    """--expert-tensor-parallel-size on a dense model (Megatron-LM takes it: megatron-core
+    builds expert groups nothing uses): the same training, exactly."""
+    want = world2.run(_train, BASE, str(tmp_path / "a.jsonl"))[0]
+    got = world2.run(_train, BASE + ["--expert-tensor-parallel-size", "2"],
+                     str(tmp_path / "b.jsonl"))[0]  # fmt: skip
+    assert _losses(got) == _losses(want)

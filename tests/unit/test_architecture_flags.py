@@ -351,16 +351,34 @@ def test_run_wide_torch_switches(monkeypatch):
         transformer_config(cfg, plan, cuda)
 
 
-def test_expert_tp_without_experts_is_ignored_with_a_warning():
-    """Megatron-LM takes --expert-tensor-parallel-size on a dense model (its GPT functional
-    tests gpt3_mcore_te_tp2_pp2_cp2_etp4_* pass 4 at TP 2): a warning, and no effect."""
+def test_expert_tp_without_experts_shapes_the_expert_groups_as_in_megatron_lm(capsys):
+    """Megatron-LM takes --expert-tensor-parallel-size on a dense model and megatron-core
+    builds its expert groups with it (its GPT functional tests gpt3_mcore_te_tp2_pp2_cp2_etp4
+    _*dp_last pass 4 at TP 2 x PP 2 x CP 2 with the tp-pp-dp order, which needs the expert
+    data-parallel size ETP 4 gives): a warning, the groups as asked, megatron-core's rules."""
+    import pretrain_tst
     from tst.config import parse_args
     from tst.errors import ConfigError
     from tst.plan import validate
 
-    with pytest.warns(UserWarning, match="has no effect without --num-experts"):
-        cfg, plan = _cfg("--expert-tensor-parallel-size", "4")
-    assert cfg.parallel.expert_tensor_parallel_size is None and plan.grid.etp == 1
+    grid = ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+            "--context-parallel-size", "2", "--use-tp-pp-dp-mapping"]  # fmt: skip
+    with pytest.warns(UserWarning, match="only shapes megatron-core's expert process groups"):
+        plan = validate(parse_args([*FLAGS, *grid, "--expert-tensor-parallel-size", "4"]), 8,
+                        VOCAB)  # fmt: skip
+    assert (plan.grid.etp, plan.grid.expert_dp, plan.grid.dp) == (4, 1, 1)
+    # Without it the expert data-parallel size (2) differs from the attention's (1), which
+    # megatron-core's tp-pp-dp order refuses.
+    with pytest.raises(ConfigError, match="needs the same data-parallel size"):
+        validate(parse_args([*FLAGS, *grid]), 8, VOCAB)
+    with pytest.raises(ConfigError, match=r"not divisible by ETP x EP x PP = 4"), \
+            pytest.warns(UserWarning):  # fmt: skip
+        validate(parse_args([*FLAGS, "--expert-tensor-parallel-size", "4"]), 2, VOCAB)
+    argv = [*FLAGS, *grid, "--expert-tensor-parallel-size", "4", "--dry-run",
+            "--dry-run-world-size", "8"]  # fmt: skip
+    with pytest.warns(UserWarning):
+        assert pretrain_tst.main(argv) == 0
+    assert "layout for a world of 8:" in capsys.readouterr().out
     cfg = parse_args([*FLAGS, "--expert-model-parallel-size", "2"])
     with pytest.raises(ConfigError, match="--expert-model-parallel-size > 1 needs --num-experts"):
         validate(cfg, 2, VOCAB)  # megatron-core refuses expert parallelism without experts
