@@ -738,10 +738,14 @@ class ParallelConfig:
             "--recompute-granularity full (with --recompute-method and --recompute-num-layers)",
         )
         if self.recompute_granularity is None:
-            _require(
-                self.recompute_method is None and self.recompute_num_layers is None,
-                "--recompute-method / --recompute-num-layers need --recompute-granularity full",
-            )
+            # Megatron-LM takes them and megatron-core reads them only with a granularity
+            # (its rerun functional tests pass --recompute-num-layers alone): said, and dropped.
+            given = [f for f, v in (("--recompute-method", self.recompute_method),
+                                    ("--recompute-num-layers", self.recompute_num_layers)) if v is not None]  # fmt: skip
+            if given:
+                warnings.warn(f"{' / '.join(given)} without --recompute-granularity: nothing "
+                              "is recomputed, ignored (as megatron-core ignores it)", stacklevel=3)  # fmt: skip
+                self.recompute_method = self.recompute_num_layers = None
         if self.recompute_num_layers is not None:
             _require(self.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
         if self.recompute_modules is not None:

@@ -382,3 +382,16 @@ def test_expert_tp_without_experts_shapes_the_expert_groups_as_in_megatron_lm(ca
     cfg = parse_args([*FLAGS, "--expert-model-parallel-size", "2"])
     with pytest.raises(ConfigError, match="--expert-model-parallel-size > 1 needs --num-experts"):
         validate(cfg, 2, VOCAB)  # megatron-core refuses expert parallelism without experts
+
+
+def test_recompute_method_and_layers_without_granularity_are_ignored_with_a_warning():
+    """Megatron-LM takes --recompute-method / --recompute-num-layers without a granularity
+    (megatron-core reads them only with one; its rerun functional tests pass
+    --recompute-num-layers 1 alone): a warning, and nothing is recomputed."""
+    with pytest.warns(UserWarning, match="--recompute-num-layers without --recompute-"
+                      "granularity: nothing is recomputed"):  # fmt: skip
+        cfg, _ = _cfg("--recompute-num-layers", "1")
+    assert cfg.parallel.recompute_num_layers is None and cfg.parallel.recompute_granularity is None
+    with pytest.warns(UserWarning, match="--recompute-method / --recompute-num-layers without"):
+        cfg, _ = _cfg("--recompute-method", "block", "--recompute-num-layers", "2")
+    assert cfg.parallel.recompute_method is None
