@@ -101,15 +101,9 @@ signal.pause()' "$MASTER_PORT" &
   STORE_PID=$!
   trap 'sleep "$STORE_GRACE_S"; kill "$STORE_PID" 2>/dev/null || true' EXIT
 fi
-RECORD="$SAVE_DIR/rerun_exit.json"
-rm -f "$RECORD"  # a record after the launch is this launch's
+"$PYTHON" -m tst.rerun_record clear "$SAVE_DIR"  # a record after the launch is this one's
 STATUS=0
 "${LAUNCHER[@]}" pretrain_tst.py "${ARGS[@]}" || STATUS=$?
 # torchrun exits 1 whatever its workers' code: the rerun engine's 16 / 17 (--rerun-mode) is
-# in the record the trainer left in SAVE_DIR; this script exits with it.
-if ((STATUS != 0)) && [[ -s "$RECORD" ]]; then
-  STATUS=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["exit_code"])' \
-    "$RECORD")
-  echo "the rerun engine ended the run with exit code $STATUS (see $RECORD)" >&2
-fi
-exit "$STATUS"
+# in the record the trainer leaves in SAVE_DIR; exit with that.
+exit "$("$PYTHON" -m tst.rerun_record exit-status "$SAVE_DIR" "$STATUS")"

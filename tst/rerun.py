@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from tst.errors import ConfigError
+from tst.rerun_record import EXIT_RECORD
 
 __all__ = [
     "EXIT_RECORD",
@@ -53,7 +54,6 @@ __all__ = [
 ]
 
 SPIKY_LOSS_FACTOR = 10  # Megatron-LM's pretrain_gpt.py
-EXIT_RECORD = "rerun_exit.json"  # in --save: how the engine ended the last run
 
 
 def node_name() -> str:

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from tst import checkpointing, grad_dumps, megatron_fixes, rerun
+from tst import checkpointing, grad_dumps, megatron_fixes, rerun, rerun_record
 from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase
 from tst.data.context_parallel import split_for_context_parallel
@@ -243,7 +243,7 @@ class Trainer:
                               f"{record['next']}; rejected on node(s) {nodes})")  # fmt: skip
         self._finish()  # the checkpoint complete before the record names it
         if path and self.layout.rank == 0:
-            _write_json(path, record)
+            rerun_record.write(run.save, record)
         return code
 
     def _wire_overlap(self, finalize_model_grads) -> None:
@@ -1156,8 +1156,7 @@ class Trainer:
             logging.getLogger().setLevel(log.logging_level)
         self.write_manifest()
         if run.save and self.layout.rank == 0:  # the last run's end, read by its launcher
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(os.path.join(run.save, rerun.EXIT_RECORD))
+            rerun_record.clear(run.save)
         self.writer.print(f"layout: {self.layout.describe()}")
         self.writer.print("phase schedule:\n" + self.schedule.table())
         self.writer.print(self.peak.describe())
@@ -1488,15 +1487,6 @@ def _record_memory_history(path: str) -> None:
     attach = getattr(torch._C, "_cuda_attach_out_of_memory_observer", None)  # CUDA builds
     if attach is not None:
         attach(oom_observer)
-
-
-def _write_json(path: str, record: dict) -> None:
-    """``record`` to ``path`` whole or not at all."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _dump_memory_snapshot(path: str) -> None:

@@ -365,3 +365,29 @@ def test_a_skipped_step_leaves_the_routers_expert_bias_as_it_was(tmp_path, monke
     assert all(torch.equal(b, a) for b, a in zip(before, after, strict=True))
     moved = seen[2]  # a step that trained moved the bias (so the check can fail)
     assert not moved[0] and not all(torch.equal(b, a) for b, a in zip(*moved[1:], strict=True))
+
+
+def test_the_record_command_line_the_launch_scripts_use(tmp_path, capsys):
+    """python -m tst.rerun_record: exit-status keeps a launcher's 0 and any code without a
+    record, gives the record's code otherwise; fields is one tab-separated line; clear; a
+    record that is not one (truncated by hand, say) counts as none."""
+    from tst import rerun_record
+
+    save = str(tmp_path)
+    rerun_record.main(["exit-status", save, "1"])
+    assert capsys.readouterr().out == "1\n"
+    rerun_record.write(save, {"exit_code": 16, "iteration": 3, "diagnosis": "why", "next":
+                              "resume_elsewhere", "nodes": ["n1", "n2"], "slurm_job_id": "7",
+                              "slurm_restart_count": "0"})  # fmt: skip
+    rerun_record.main(["exit-status", save, "0"])
+    assert capsys.readouterr().out == "0\n"  # a clean end is not overridden
+    rerun_record.main(["exit-status", save, "1"])
+    out = capsys.readouterr()
+    assert out.out == "16\n" and "exit code 16" in out.err
+    rerun_record.main(["fields", save])
+    assert capsys.readouterr().out == "7\t0\t16\tresume_elsewhere\tn1,n2\titeration 3: why\n"
+    (tmp_path / EXIT_RECORD).write_text('{"exit_code": 1')
+    assert rerun_record.read(save) is None
+    rerun_record.main(["clear", save])
+    assert not (tmp_path / EXIT_RECORD).exists()
+    assert rerun_record.main(["nonsense"]) == 2
