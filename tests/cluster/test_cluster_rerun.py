@@ -67,6 +67,13 @@ def _submit(slurm, corpus, tmp_path: Path, config_extra: str, *flags: str, nodes
     return job, out, Path(env["SAVE_DIR"])
 
 
+def _finished(slurm, job: int, out: Path) -> tuple[dict, str, float]:
+    """The job's record once it has ended, its output, and the seconds waited."""
+    start = time.monotonic()
+    record = slurm.wait_job(job, 600)
+    return record, out.read_text(), time.monotonic() - start
+
+
 def test_a_persistent_error_is_rerun_on_the_other_node_and_diagnosed(
     slurm, corpus, tmp_path, capsys
 ):
@@ -76,10 +83,7 @@ def test_a_persistent_error_is_rerun_on_the_other_node_and_diagnosed(
         *RERUN, "--error-injection-type", "persistent_error",
         "--result-rejected-tracker-filename", str(tracker),
     )  # fmt: skip
-    start = time.monotonic()
-    record = slurm.wait_job(job, 600)
-    took = time.monotonic() - start
-    log = out.read_text()
+    record, log, took = _finished(slurm, job, out)
     # The first start exits 16 on one node; the script requeues the job without it; on the
     # other node megatron-core re-runs the step and diagnoses a persistent error: 17, the end.
     assert record["JobState"] == "FAILED" and record["ExitCode"] == "17:0", log
@@ -121,10 +125,7 @@ def test_a_transient_error_is_requeued_without_the_node_and_trains_to_the_end(
     inject = ('if [[ "${SLURM_RESTART_COUNT:-0}" == 0 ]]; then TRAIN_ARGS+=('
               + " ".join(RERUN) + "); fi\n")  # fmt: skip
     job, out, save = _submit(slurm, corpus, tmp_path, inject, "--rerun-mode", "validate_results")
-    start = time.monotonic()
-    record = slurm.wait_job(job, 600)
-    took = time.monotonic() - start
-    log = out.read_text()
+    record, log, took = _finished(slurm, job, out)
     assert record["JobState"] == "COMPLETED" and record["ExitCode"] == "0:0", log
     assert record["Restarts"] == "1", log
     first = record["ExcNodeList"]
@@ -146,8 +147,7 @@ def test_a_job_whose_every_node_rejected_a_result_is_not_requeued(slurm, corpus,
     script saying how to go on."""
     job, out, save = _submit(slurm, corpus, tmp_path, "", *RERUN, "--error-injection-type",
                              "persistent_error", nodes=2)  # fmt: skip
-    record = slurm.wait_job(job, 600)
-    log = out.read_text()
+    record, log, _ = _finished(slurm, job, out)
     assert record["JobState"] == "FAILED" and record["ExitCode"] == "16:0", log
     assert record["Restarts"] == "0", log
     assert "result rejected on node(s) n1,n2" in log
@@ -163,8 +163,7 @@ def test_rerun_requeue_0_ends_the_job_with_the_trainers_code(slurm, corpus, tmp_
     env_flag = {"RERUN_REQUEUE": "0"}
     job, out, save = _submit(slurm, corpus, tmp_path, "", *RERUN, "--error-injection-type",
                              "persistent_error", extra_env=env_flag)  # fmt: skip
-    record = slurm.wait_job(job, 600)
-    log = out.read_text()
+    record, log, _ = _finished(slurm, job, out)
     assert record["JobState"] == "FAILED" and record["ExitCode"] == "16:0", log
     assert record["Restarts"] == "0" and "requeued" not in log, log
     assert "the rerun engine ended the run with exit code 16" in log
