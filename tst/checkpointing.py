@@ -223,17 +223,24 @@ def _dp_group():
     return ps.get_data_parallel_group(with_context_parallel=True)
 
 
-def _save_strategy(fully_parallel: bool):
+def _save_strategy(fully_parallel: bool, cached: bool = False):
     """megatron-core's torch_dist writer; fully parallel: each data-parallel replica writes a
-    share of the replicated tensors instead of DP rank 0 writing them all."""
-    if not fully_parallel or dist.get_world_size(_dp_group()) == 1:
+    share of the replicated tensors instead of DP rank 0 writing them all. ``cached``
+    (--ckpt-assume-constant-structure): the writer keeps its plans and global metadata for
+    the next save, and the fully parallel wrapper its distribution of the shares."""
+    parallel = fully_parallel and dist.get_world_size(_dp_group()) > 1
+    if not parallel and not cached:
         return None
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper,
     )
 
-    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), _dp_group())
+    strategy = get_default_save_sharded_strategy()
+    strategy.use_cached_ckpt_structure = cached
+    if not parallel:
+        return strategy
+    return FullyParallelSaveStrategyWrapper(strategy, _dp_group(), cached)
 
 
 def _load_strategy(path: str, fully_parallel: bool):
@@ -257,6 +264,7 @@ def save(
     fully_parallel: bool = False,
     async_queue=None,
     retain_interval: int | None = None,
+    structure_cache: dict | None = None,
 ) -> str:
     """Write checkpoint ``iteration`` under ``root`` (collective: every rank calls it).
 
@@ -271,6 +279,11 @@ def save(
     ``retain_interval`` (``--save-retain-interval``): once this checkpoint is the latest, the
     one the tracker named before it goes, unless its iteration is a multiple of the interval
     (or it is a symbolic link), as Megatron-LM does.
+
+    ``structure_cache`` (``--ckpt-assume-constant-structure``): a dict kept by the caller
+    between saves; the first save builds the writer into it and checks the sharding, later
+    ones reuse the writer (megatron-core reuses its plans once two saves agree) unchecked,
+    as Megatron-LM's ``checkpointing_context`` does.
     """
     from megatron.core import dist_checkpointing
 
@@ -288,7 +301,13 @@ def save(
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     state["common"] = common
     end_helpers_with_the_trainer()
-    strategy = _save_strategy(fully_parallel)
+    validate = True
+    if structure_cache is None:
+        strategy = _save_strategy(fully_parallel)
+    elif "strategy" in structure_cache:
+        strategy, validate = structure_cache["strategy"], False
+    else:
+        strategy = structure_cache["strategy"] = _save_strategy(fully_parallel, cached=True)
     if async_queue is not None and strategy is None:
         from megatron.core.dist_checkpointing.serialization import (
             get_default_save_sharded_strategy,
@@ -297,8 +316,9 @@ def save(
         strategy = get_default_save_sharded_strategy()  # torch_dist: it can save asynchronously
     try:
         request = dist_checkpointing.save(
-            state, tmp, sharded_strategy=strategy, async_sharded_save=async_queue is not None
-        )
+            state, tmp, sharded_strategy=strategy, async_sharded_save=async_queue is not None,
+            validate_access_integrity=validate,
+        )  # fmt: skip
     except Exception as error:  # the writers' own message rarely names the cause
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(_save_failure(root, tmp, error)) from error

@@ -1413,6 +1413,13 @@ class RunConfig:
     ckpt_fully_parallel_load: bool = _f(
         False, "Each data-parallel replica reads a share and exchanges it with the others."
     )
+    ckpt_assume_constant_structure: bool = _f(
+        False,
+        "Saves after the first reuse its plan (megatron-core's cached checkpoint structure: "
+        "which rank writes what, the global metadata, once two saves agree on them) and skip "
+        "the sharding-integrity check, as Megatron-LM does: faster repeated saves of a model "
+        "and optimizer whose structure does not change.",
+    )
     dist_ckpt_optim_fully_reshardable: bool = _f(
         False,
         "Save the distributed optimizer's state gathered into the model's parameter space, so "

@@ -73,9 +73,6 @@ ACCEPTED: dict[str, Flag] = {
     "--dist-ckpt-strictness": Flag(
         1, "checkpoints are checked key by key and shape by shape at load; a mismatch is refused"
     ),
-    "--ckpt-assume-constant-structure": Flag(
-        0, "a speed-up for repeated saves; every save here is planned afresh"
-    ),
     "--check-for-nan-in-loss-and-grad": Flag(
         0,
         "the default (older Megatron-LM's spelling): the rerun engine validates losses and "

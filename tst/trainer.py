@@ -152,6 +152,8 @@ class Trainer:
         self._gc_state: _ManualGC | None = None  # set by train(); _finish() restores Python's gc
         self._stop_votes = [0.0, 0.0]  # summed over ranks by each training step
         self.async_saves = None  # megatron-core's queue of pending saves (--async-save)
+        # --ckpt-assume-constant-structure: the writer and its cached plans, between saves.
+        self._save_structure = {} if cfg.run.ckpt_assume_constant_structure else None
         if cfg.run.async_save and cfg.run.save:
             from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -803,7 +805,8 @@ class Trainer:
         self._finalize_saves(blocking=True)
         path = checkpointing.save(directory or run.save, self.iteration, self.raw_chunks, optimizer,
                                   self.state(), run.ckpt_fully_parallel_save,
-                                  self.async_saves, run.save_retain_interval)  # fmt: skip
+                                  self.async_saves, run.save_retain_interval,
+                                  self._save_structure)  # fmt: skip
         self._set_pre_hooks(hooks)
         if self.async_saves is None:
             self.writer.print(f"saved checkpoint {path} (iteration {self.iteration})")

@@ -509,3 +509,41 @@ def test_expert_tp_on_a_dense_model_trains_the_same_model(world2, tmp_path):
     got = world2.run(_train, BASE + ["--expert-tensor-parallel-size", "2"],
                      str(tmp_path / "b.jsonl"))[0]  # fmt: skip
     assert _losses(got) == _losses(want)
+
+
+def _train_seeing_the_save_cache(argv: list[str], metrics: str) -> tuple[list[dict], bool]:
+    """_train, and whether the writer kept across saves had reused its cached plans."""
+    from trainer_runs import after_training
+
+    seen = []
+
+    def look(trainer):
+        strategy = trainer._save_structure["strategy"]
+        base = getattr(strategy, "base_strategy", strategy)
+        seen.append(base.use_cached_ckpt_structure and base.validated_cache_reuse)
+
+    with after_training(look):
+        records = _train(argv, metrics)
+    return records, seen[0]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_constant_structure_saves_reuse_their_plan_and_resume_exactly(world2, tmp_path, mode):
+    """--ckpt-assume-constant-structure (DP 2, fully parallel, distributed optimizer): a save
+    every step through the switch, the third on reusing the first two's plan and metadata
+    (megatron-core's cache, checked); the run resumed from a reused-plan checkpoint (step 4)
+    repeats the unbroken run's steps exactly."""
+    argv = BASE + ["--use-distributed-optimizer", "--save-interval", "1",
+                   *(["--async-save"] if mode == "async" else [])]  # fmt: skip
+    want = world2.run(_train, argv, str(tmp_path / "want.jsonl"))[0]
+    ckpt = str(tmp_path / "ckpt")
+    flag = ["--ckpt-assume-constant-structure"]
+    results = world2.run(_train_seeing_the_save_cache,
+                         argv + flag + ["--save", ckpt, "--exit-interval", "4"],
+                         str(tmp_path / "a.jsonl"))  # fmt: skip
+    assert [reused for _, reused in results] == [True, True]
+    assert latest_iteration(ckpt) == 4
+    second = world2.run(_train, argv + flag + ["--load", ckpt, "--save", ckpt],
+                        str(tmp_path / "b.jsonl"))[0]  # fmt: skip
+    assert _losses(results[0][0]) + _losses(second) == _losses(want)
+    assert latest_iteration(ckpt) == 6
