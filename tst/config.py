@@ -1579,6 +1579,29 @@ class LoggingConfig:
         "together).",
     )
     log_interval: int = _f(100, "Log every N steps.")
+    timing_log_level: int = _f(
+        0,
+        "megatron-core's timers, logged every --log-interval steps as Megatron-LM logs them: "
+        "0 none; 1 forward-backward, gradient all-reduces, the optimizer and its parts; 2 also "
+        "the data read and each micro-batch's forward / backward compute and pipeline sends "
+        "and receives.",
+        choices=[0, 1, 2],
+        type=int,
+    )
+    timing_log_option: str = _f(
+        "minmax",
+        "What the timer log gives per timer over the ranks: max, (min, max), or all ranks.",
+        choices=["max", "minmax", "all"],
+    )
+    barrier_with_L1_time: bool = _f(  # noqa: N815 (Megatron-LM's name)
+        True,
+        "Level-1 timers (forward-backward, optimizer) do not start and stop with a barrier "
+        "(less exact, no synchronisation).",
+        flag="--no-barrier-with-level-1-timing",
+    )
+    log_timers_to_tensorboard: bool = _f(
+        False, "Write the timers (their max over ranks, ms per step) to TensorBoard too."
+    )
     tensorboard_dir: str | None = _f(None, "TensorBoard log directory.")
     tensorboard_log_interval: int = _f(1, "Write TensorBoard scalars every N steps.")
     metrics_file: str | None = _f(None, "JSON-lines metrics file.")

@@ -84,12 +84,6 @@ ACCEPTED: dict[str, Flag] = {
     "--enable-experimental": Flag(0, "megatron-core's experimental features are not gated here"),
     "--tensorboard-queue-size": Flag(1, "TensorBoard events are flushed at every log line"),
     "--log-throughput": Flag(0, "TFLOP/s per device and MFU are always logged"),
-    "--log-timers-to-tensorboard": Flag(
-        0, "step time, tokens/s and MFU go to TensorBoard at every log; finer timers are not kept"
-    ),
-    "--timing-log-level": Flag(
-        1, "step time, tokens/s and MFU are logged; finer timers are not kept"
-    ),
     "--no-load-rng": Flag(
         0,
         "no RNG state is saved: dropout streams are reseeded from (--seed, iteration) each "

@@ -90,11 +90,6 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
         0,
         "--profile always records a torch profiler trace (into --tensorboard-dir)",
     ),
-    "--timing-log-option": (1, "step time, tokens/s and MFU are logged; finer timers are not kept"),
-    "--no-barrier-with-level-1-timing": (
-        0,
-        "step time, tokens/s and MFU are logged; finer timers are not kept",
-    ),
     "--no-pin-cpu-grads": (0, "only for --optimizer-cpu-offload, which is not supported here"),
     "--no-pin-cpu-params": (0, "only for --optimizer-cpu-offload, which is not supported here"),
     "--config-logger-dir": (1, "the run's resolved flags are written to run_manifest.json"),

@@ -140,6 +140,11 @@ class MetricsWriter:
         if wandb and wandb.get("project"):
             self._wandb = _start_wandb(wandb)
 
+    @property
+    def tensorboard(self):
+        """The TensorBoard ``SummaryWriter`` (rank 0 with --tensorboard-dir), else None."""
+        return self._tb
+
     @staticmethod
     def _drop_cut_line(path: str) -> None:
         """A run killed mid-write leaves a last line without its newline: drop it."""

@@ -57,6 +57,20 @@ from tst.train_stats import RoutingMonitor, StepStats
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
+# The timers Megatron-LM's training log names, by --timing-log-level (its training.py).
+TIMERS_LEVEL_1 = (
+    "forward-backward", "layernorm-grads-all-reduce", "embedding-grads-all-reduce",
+    "all-grads-sync", "params-all-gather", "optimizer-copy-to-main-grad",
+    "optimizer-unscale-and-check-inf", "optimizer-clip-main-grad", "optimizer-count-zeros",
+    "optimizer-inner-step", "optimizer-copy-main-to-model-params", "optimizer",
+)  # fmt: skip
+TIMERS_LEVEL_2 = (
+    "batch-generator", "forward-compute", "backward-compute", "forward-recv", "forward-send",
+    "backward-recv", "backward-send", "forward-send-forward-recv", "forward-send-backward-recv",
+    "backward-send-forward-recv", "backward-send-backward-recv",
+    "forward-backward-send-forward-backward-recv",
+)  # fmt: skip
+
 _LOSSES = {
     "mce": vocab_parallel_multi_hot_cross_entropy,
     "mce-alt": vocab_parallel_multi_hot_cross_entropy_alt,
@@ -70,6 +84,7 @@ class Trainer:
     def __init__(self, cfg: Config, layout: Layout, plan: RunPlan, tokenizer, datasets):
         from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
         from megatron.core.optimizer import get_megatron_optimizer
+        from megatron.core.timers import Timers
         from megatron.core.transformer.module import Float16Module
 
         from tst.data.stream import SampleStream
@@ -95,6 +110,12 @@ class Trainer:
             if p.target_bag > 1
         }
         self.config = transformer_config(cfg, plan, layout)
+        # megatron-core's timers (--timing-log-level): its schedules (forward-backward and
+        # below), gradient reductions and optimizer parts time themselves through the
+        # configs; the data read and the optimizer step as a whole are timed here.
+        self.timers = Timers(cfg.log.timing_log_level, cfg.log.timing_log_option)
+        self.config.timers = self.timers
+        self.config.barrier_with_L1_time = cfg.log.barrier_with_L1_time  # forward-backward's
         self.shape = ModelShape.from_config(
             m,
             plan.padded_vocab_size,
@@ -117,8 +138,10 @@ class Trainer:
             )
             for i, c in enumerate(chunks)
         ]
+        opt_config = optimizer_config(cfg)
+        opt_config.timers = self.timers
         self.optimizer = get_megatron_optimizer(
-            optimizer_config(cfg), self.model,
+            opt_config, self.model,
             use_gloo_process_groups=cfg.parallel.enable_gloo_process_groups,
             dump_param_to_param_group_map=t.dump_param_to_param_group_map,
         )  # fmt: skip
@@ -379,6 +402,8 @@ class Trainer:
         if forward_only:
             self.config.overlap_p2p_comm = self.config.batch_p2p_comm = False
             self.config.overlap_p2p_comm_warmup_flush = False
+            # Evaluations are kept out of the training timers (as Megatron-LM does).
+            self.config.timers = None
         try:
             return get_forward_backward_func()(
                 forward_step_func=partial(self._forward_step, phase),
@@ -393,6 +418,7 @@ class Trainer:
         finally:
             (self.config.overlap_p2p_comm, self.config.batch_p2p_comm,
              self.config.overlap_p2p_comm_warmup_flush) = p2p  # fmt: skip
+            self.config.timers = self.timers
 
     def _global_loss(self, outputs, *flags: float) -> list[float]:
         """[loss sum, count, *flags] summed over micro-batches and ranks, known on every rank.
@@ -440,11 +466,14 @@ class Trainer:
     def train_step(self, phase: Phase) -> dict:
         self._seed_step()
         data_start = self.train_stream.state_dict()
+        timers, barrier = self.timers, self.cfg.log.barrier_with_L1_time
+        timers("batch-generator", log_level=2).start()
         with profiled_region("tst: read data"):
             batches = [
                 self._batch(self.train_stream.next_micro_batch(phase.units_per_row), phase)
                 for _ in range(self.plan.microbatches_at(self.iteration))
             ]
+        timers("batch-generator").stop()
         run = self.cfg.run
         step = self.iteration + 1  # 1-based, as the dumps are named
         wgrads = bool(run.save_wgrads_interval) and step % run.save_wgrads_interval == 0
@@ -483,8 +512,10 @@ class Trainer:
             if routers is not None:
                 rerun.restore_router_state(self._routers, routers)
             return {"loss": loss, "skipped": True, "grad_norm": float("nan")}
+        timers("optimizer", log_level=1).start(barrier=barrier)
         with profiled_region("tst: optimizer"):
             update_ok, grad_norm, num_zeros = self.optimizer.step()
+        timers("optimizer").stop()
         if fp16 and not update_ok:  # the scaler halved its scale; nothing was updated
             return {"loss": loss, "skipped": False, "overflow": True, "grad_norm": float("nan"),
                     "num_zeros": None}  # fmt: skip
@@ -1197,6 +1228,7 @@ class Trainer:
             self._finish()
             return 0
         first_step = True
+        self._timers_logged_at = self.iteration
         while self.iteration < train_iters:
             phase = self.schedule.phase_at(self.iteration)
             if self.schedule.starting_at(self.iteration) is not None:
@@ -1437,6 +1469,7 @@ class Trainer:
             f"{record['positions_per_s']:.0f} pos/s | {tflops:.3f} TFLOP/s | "
             f"MFU {100 * record['mfu']:.1f}%{extra}"
         )
+        self._log_timers()
         if log.record_memory_history and self.layout.rank == self.layout.world_size - 1:
             _dump_memory_snapshot(log.memory_snapshot_path)
         every = log.log_memory_interval
@@ -1446,6 +1479,24 @@ class Trainer:
             # after one step the optimizer state may not exist yet (Megatron-LM's rule).
             self._memory_report_due = self.iteration < 2
         window.update(t0=now, paused=0.0, positions=0, raw=raw, steps=0, loss=0.0)
+
+    def _log_timers(self) -> None:
+        """--timing-log-level: the timers Megatron-LM logs, per step over the log window (ms;
+        min / max over ranks), printed and with --log-timers-to-tensorboard written to
+        TensorBoard as NAME-time (their max). Collective: every rank calls it."""
+        log = self.cfg.log
+        if not log.timing_log_level:
+            return
+        names = list(TIMERS_LEVEL_1) + (list(TIMERS_LEVEL_2) if log.timing_log_level >= 2 else [])
+        # The window's steps (the last log may close a shorter one).
+        steps = self.iteration - self._timers_logged_at
+        self._timers_logged_at = self.iteration
+        if log.log_timers_to_tensorboard:
+            self.timers.write(names, self.writer.tensorboard, self.iteration, normalizer=steps,
+                              reset=False)  # fmt: skip
+        text = self.timers.get_all_timers_string(names, normalizer=steps, reset=True)
+        if text is not None:
+            self.writer.print(text)
 
     def _report_memory(self) -> None:
         """One line per rank of the first data-parallel replica (Megatron-LM's report): the
