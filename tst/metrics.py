@@ -145,6 +145,15 @@ class MetricsWriter:
         """The TensorBoard ``SummaryWriter`` (rank 0 with --tensorboard-dir), else None."""
         return self._tb
 
+    @property
+    def wandb_module(self):
+        """The ``wandb`` module while this writer's run is active (rank 0), else None."""
+        if self._wandb is None:
+            return None
+        import wandb
+
+        return wandb
+
     @staticmethod
     def _drop_cut_line(path: str) -> None:
         """A run killed mid-write leaves a last line without its newline: drop it."""

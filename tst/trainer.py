@@ -1483,7 +1483,7 @@ class Trainer:
     def _log_timers(self) -> None:
         """--timing-log-level: the timers Megatron-LM logs, per step over the log window (ms;
         min / max over ranks), printed and with --log-timers-to-tensorboard written to
-        TensorBoard as NAME-time (their max). Collective: every rank calls it."""
+        TensorBoard and W&B as NAME-time (their max). Collective: every rank calls it."""
         log = self.cfg.log
         if not log.timing_log_level:
             return
@@ -1494,6 +1494,9 @@ class Trainer:
         if log.log_timers_to_tensorboard:
             self.timers.write(names, self.writer.tensorboard, self.iteration, normalizer=steps,
                               reset=False)  # fmt: skip
+            if log.wandb_project:  # as Megatron-LM: the module, whose log reaches the run
+                wandb = self.writer.wandb_module
+                self.timers.write(names, wandb, self.iteration, normalizer=steps, reset=False)
         text = self.timers.get_all_timers_string(names, normalizer=steps, reset=True)
         if text is not None:
             self.writer.print(text)

@@ -46,6 +46,7 @@ CHANGED = [
     "--manual-gc", "--manual-gc-interval", "2", "--empty-unused-memory-level", "2",
     "--attention-backend", "flash", "--save-retain-interval", "2", "--log-memory-interval", "2",
     "--train-sync-interval", "2", "--apply-wd-to-qk-layernorm", "--log-device-memory-used",
+    "--timing-log-level", "1", "--log-timers-to-tensorboard",
 ]  # fmt: skip
 
 
@@ -327,7 +328,11 @@ def test_wandb_offline_run_holds_the_metrics(runs):
     # Every --tensorboard-log-interval (2) step's training scalars, and both evaluations.
     train_n = {r["iteration"]: r for r in changed["records"] if r.get("loss") is not None}
     evals = {r["iteration"]: r["val_loss"] for r in changed["records"] if "val_loss" in r}
-    assert sorted(history) == [0, 2, 4]  # 0: the run plan's record (train_iters)
+    # 0: the run plan's record (train_iters); the training scalars every 2 steps; the timers
+    # (--log-timers-to-tensorboard) at every log, as Megatron-LM writes them to W&B too.
+    assert sorted(history) == [0, 1, 2, 3, 4]
+    assert sorted(s for s, h in history.items() if "train/loss" in h) == [2, 4]
+    assert all(history[s]["forward-backward-time"] > 0 for s in (1, 2, 3, 4))
     assert history[0]["plan/train_iters"] == 4
     for step in (2, 4):
         assert history[step]["train/loss"] == pytest.approx(train_n[step]["loss"], rel=1e-12)
