@@ -67,3 +67,21 @@ def test_timers_are_logged_per_level_and_change_no_training(world2, tmp_path):
     flags = ["--timing-log-level", "1", "--timing-log-option", "max"]
     _, text, _ = world2.run(_train_printing, PP2 + flags, str(tmp_path / "d.jsonl"))[0]
     assert text.count("max time across ranks (ms):") == 2
+
+
+def test_timers_with_overlapped_reduction_and_gathers_and_interleaving(world2, tmp_path):
+    """Level 2 with the distributed optimizer's overlapped gradient reduction and parameter
+    gathers (DP 2), and with an interleaved pipeline (PP 2, VPP 2): megatron-core's timers
+    in its hooks and schedules nest as they do in Megatron-LM; the training is unchanged."""
+    level2 = ["--timing-log-level", "2"]
+    for name, extra in (
+        ("dp", ["--use-distributed-optimizer", "--overlap-grad-reduce",
+                "--overlap-param-gather", "--log-interval", "3"]),
+        ("vpp", ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-"
+                 "stage", "1", "--log-interval", "3"]),
+    ):  # fmt: skip
+        plain = world2.run(_train, BASE + extra, str(tmp_path / f"{name}-a.jsonl"))[0]
+        records, text, _ = world2.run(_train_printing, BASE + extra + level2,
+                                      str(tmp_path / f"{name}-b.jsonl"))[0]  # fmt: skip
+        assert _losses(records) == _losses(plain), name
+        assert {"forward-backward", "forward-compute", "optimizer"} <= set(_timer_lines(text))
