@@ -297,3 +297,22 @@ def test_megatrons_fim_functional_test_config_runs_unchanged(capsys):
     argv = [*MEGATRON_FIM_TEST, "--dry-run", "--dry-run-world-size", "8", "--vocab-size", "50257"]
     assert pretrain_tst.main(argv) == 0
     assert "layout for a world of 8:" in capsys.readouterr().out
+
+
+def test_the_fragment_flags_reach_the_transform_through_the_entry_point(data, tmp_path,
+                                                                        monkeypatch):  # fmt: skip
+    """--fim-split-sample / --fim-fragment-rate / --fim-no-prefix through pretrain_tst.main
+    (their defaults, none, are the other runs here): the run trains with them."""
+    made: list[FIMTransform] = []
+    real = pretrain_tst._fim_transform
+    monkeypatch.setattr(pretrain_tst, "_fim_transform",
+                        lambda cfg, t: made.append(real(cfg, t)) or made[-1])  # fmt: skip
+    args = _run_args(data, str(tmp_path), "f", "--fim-split-sample", "<fim_pad>",
+                     "--fim-fragment-rate", "0.5", "--fim-no-prefix", "import ")  # fmt: skip
+    args[args.index("--train-iters") + 1] = "2"
+    args[args.index("--tst-iters") + 1] = "1"
+    records = main_records(args, str(tmp_path / "f.jsonl"))
+    assert len([r for r in records if r.get("loss") is not None]) == 2
+    fim = made[-1]
+    assert (fim.split_token, fim.fragment_rate, fim.no_prefix) == (
+        made[-1].tokenizer.token_to_id("<fim_pad>"), 0.5, "import ")  # fmt: skip
