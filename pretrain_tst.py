@@ -29,7 +29,7 @@ def build_tokenizer(cfg: Config):
                  d.tiktoken_pattern, d.tiktoken_num_special_tokens, d.tokenizer_special_tokens)  # fmt: skip
 
 
-def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
+def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None, fim=None):
     from tst.data.datasets import DataConfig, build_datasets
     from tst.data.stream import big_samples_needed
 
@@ -64,7 +64,7 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None):
         fast_cache_load=cfg.data.dataloader_fast_cache_load,
         defer_index_mmap=cfg.data.dataloader_defer_npy_index_mmap,
         sequences_per_dataset=blends.sequences_per_dataset,
-        fim=_fim_transform(cfg, tokenizer),
+        fim=fim if fim is not None else _fim_transform(cfg, tokenizer),
     )
     # The test split (--split's third part or --test-data-path) is evaluated once at the end
     # as Megatron-LM does, as long as an evaluation (none without one); one too small for a
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
     tokenizer = build_tokenizer(cfg)
     vocab_size = cfg.data.vocab_size or tokenizer.vocab_size
     plan = validate(cfg, _world_size(), vocab_size)  # every check, before any process group
-    _fim_transform(cfg, tokenizer)  # --fim-data's sentinels are in the vocabulary, or one line
+    fim = _fim_transform(cfg, tokenizer)  # --fim-data: its sentinels checked before any set-up
     p, grid = cfg.parallel, plan.grid
     layout = initialize(
         tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep, etp=grid.etp, cp=grid.cp,
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         torch.use_deterministic_algorithms(True)
     try:
         userbuffers = te_userbuffers.initialize(cfg, grid)  # --tp-comm-overlap, before the model
-        datasets = build_datasets(cfg, plan, tokenizer, vocab_size, blends)
+        datasets = build_datasets(cfg, plan, tokenizer, vocab_size, blends, fim)
         trainer = Trainer(cfg, layout, plan, tokenizer, datasets)
         if cfg.run.load or cfg.run.pretrained_checkpoint:
             trainer.load()
