@@ -568,14 +568,17 @@ def checkpoint_path(root: str, step: int | None = None) -> str:
 
 
 def load(root: str, chunks, optimizer, fully_parallel: bool = False,
-         optimizer_layout: dict | None = None, iteration: int | None = None) -> dict:  # fmt: skip
+         optimizer_layout: dict | None = None, iteration: int | None = None,
+         strictness: str = "assume_ok_unexpected", report=print) -> dict:  # fmt: skip
     """Load the latest complete checkpoint (or ``iteration``'s, ``--ckpt-step``) into
     ``chunks`` and ``optimizer`` (None: the weights only); return its common state
     (iteration, data position, scheduler, ...). ``optimizer_layout`` (this run's
     :func:`optimizer_layout`) is checked against the one the checkpoint was saved with
     before the optimizer state is read. A checkpoint without optimizer state is refused
     unless --moe-use-upcycling saved it (before any step): then only the weights load, and
-    the common state it returns says ``upcycled``."""
+    the common state it returns says ``upcycled``. ``strictness`` (--dist-ckpt-strictness)
+    decides what a model tensor the checkpoint lacks, or a checkpoint tensor the model
+    lacks, does (:func:`_check_keys`); ``report`` prints what was let through (rank 0)."""
     from megatron.core import dist_checkpointing
 
     if iteration is None:
@@ -587,8 +590,9 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     template = _sharded_model_state(chunks)
     saved_tensors = dist_checkpointing.load_tensors_metadata(path)
     _check_shapes(template, path, saved_tensors)
+    absent = _check_keys(template, path, saved_tensors, strictness, optimizer is not None, report)
     if optimizer is not None and not any(
-        key.startswith(("optimizer.", "chained_")) for key in saved_tensors
+        key.startswith(_OPTIMIZER_PREFIXES) for key in saved_tensors
     ):
         if not saved_common_state(path).get("upcycled"):
             raise CheckpointError(
@@ -609,12 +613,20 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
             # torch's per-rank notice that ShardedTensor is deprecated: nothing the user can act on.
             warnings.filterwarnings("ignore", message=".*ShardedTensor.*", category=FutureWarning)
             state = dist_checkpointing.load(
-                template, path, sharded_strategy=_load_strategy(path, fully_parallel)
-            )
+                template, path, sharded_strategy=_load_strategy(path, fully_parallel),
+                # Tensors the checkpoint lacks (let through by _check_keys) are left out of
+                # the request; the report was made there.
+                strict="return_unexpected" if absent else "assume_ok_unexpected",
+            )  # fmt: skip
+        if absent:
+            state = state[0]
     except Exception as error:  # report which checkpoint failed, then the cause
         raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"model{i}"])
+        result = chunk.load_state_dict(state[f"model{i}"], strict=not absent)
+        if result.unexpected_keys:  # entries the module does not have: never let through
+            raise CheckpointError(f"checkpoint {path}: model chunk {i} was given entries it "
+                                  f"does not have: {sorted(result.unexpected_keys)[:4]}")  # fmt: skip
     if optimizer is not None:
         with torch.no_grad():  # the distributed optimizer copies into leaf parameters
             optimizer.load_state_dict(state["optimizer"])
@@ -689,6 +701,107 @@ def _check_optimizer_layout(path: str, ours: dict, saved: dict | None) -> None:
             + fresh
             + " (checkpoints saved with --dist-ckpt-optim-fully-reshardable reshard anywhere)"
         )
+
+
+_OPTIMIZER_PREFIXES = ("optimizer.", "chained_")
+
+
+def _model_tensor_keys(template: dict) -> set[str]:
+    """The checkpoint keys of the model tensors ``template`` asks for (its ``model<i>``
+    entries; a SwiGLU factory's key stands for its two halves)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    return {
+        value.key
+        for name, part in template.items()
+        if name.startswith("model")
+        for value in nested_values(part)
+        if isinstance(value, ShardedTensor | ShardedTensorFactory)
+    }
+
+
+def _all_ranks(keys: set[str]) -> set[str]:
+    """The union of ``keys`` over every rank (each rank holds its own stage's and shard's)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return set(keys)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(keys))
+    return set().union(*map(set, gathered))
+
+
+def _present(key: str, saved: dict) -> bool:
+    return key in saved or (f"{key}_w" in saved and f"{key}_v" in saved)
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
+def _listed(keys: set[str], most: int = 6) -> str:
+    names = sorted(keys)
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _check_keys(template: dict, path: str, saved: dict, strictness: str, with_optimizer: bool,
+                report) -> set[str]:  # fmt: skip
+    """Compare the model tensors this run asks for with the ones checkpoint ``path`` holds
+    (``saved``: its tensor metadata), over all ranks, before anything is read, as
+    --dist-ckpt-strictness says (Megatron-LM's choices and default):
+
+    - "unexpected" tensors (this model has them, the checkpoint does not): refused, naming
+      them and the fix, under ``assume_ok_unexpected`` (the default) and ``raise_*``; kept
+      at their initial values under ``log_*`` / ``return_*`` (listed) and ``ignore_all``.
+      Letting them through needs a fresh optimizer (--finetune or --no-load-optim): the
+      saved optimizer state has nothing for them.
+    - "missing" tensors (in the checkpoint, not used by this model): ignored, as
+      megatron-core does, except under ``*_all``: listed by ``log_all`` / ``return_all``,
+      refused by ``raise_all``. The optimizer state a weights-only load leaves unread is
+      not a mismatch.
+
+    ``return_*`` report like ``log_*``: no caller here takes the keys (Megatron-LM's trainer
+    cannot either). Returns the unexpected keys let through (this rank's)."""
+    local = {key for key in _model_tensor_keys(template) if not _present(key, saved)}
+    unexpected = _all_ranks(local)
+    missing: set[str] = set()
+    if strictness.endswith("_all"):
+        wanted = _all_ranks(_model_tensor_keys(template))
+        missing = {
+            key for key in saved
+            if not key.startswith(_OPTIMIZER_PREFIXES) and key not in wanted
+            and not (key.endswith(("_w", "_v")) and key[:-2] in wanted)
+        }  # fmt: skip
+    if unexpected and strictness in ("assume_ok_unexpected", "raise_unexpected", "raise_all"):
+        raise CheckpointError(
+            f"checkpoint {path} lacks {_tensors(len(unexpected))} of this model "
+            f"({_listed(unexpected)}): check the model flags against the run that saved it; "
+            "to start those from their initial values and load the rest, pass "
+            "--dist-ckpt-strictness log_unexpected with --finetune or --no-load-optim"
+        )
+    if missing and strictness == "raise_all":
+        raise CheckpointError(
+            f"checkpoint {path} holds {_tensors(len(missing))} this model does not use "
+            f"({_listed(missing)}) and --dist-ckpt-strictness raise_all refuses them: check "
+            "the model flags, or pass --dist-ckpt-strictness log_all to load without them"
+        )
+    if unexpected and with_optimizer:
+        raise CheckpointError(
+            f"checkpoint {path} lacks {_tensors(len(unexpected))} of this model "
+            f"({_listed(unexpected)}), so its optimizer state does not cover this model: "
+            "add --no-load-optim (or --finetune) to load the weights it has with a fresh "
+            "optimizer"
+        )
+    if strictness != "ignore_all":
+        if unexpected:
+            report(f"--dist-ckpt-strictness {strictness}: {_tensors(len(unexpected))} of this "
+                   f"model not in {path}, kept at their initial values: "
+                   f"{_listed(unexpected)}")  # fmt: skip
+        if missing:
+            report(f"--dist-ckpt-strictness {strictness}: {_tensors(len(missing))} of {path} "
+                   f"not used by this model: {_listed(missing)}")  # fmt: skip
+    return local
 
 
 def _check_shapes(template: dict, path: str, saved: dict) -> None:

@@ -1420,6 +1420,16 @@ class RunConfig:
         "the sharding-integrity check, as Megatron-LM does: faster repeated saves of a model "
         "and optimizer whose structure does not change.",
     )
+    dist_ckpt_strictness: str = _f(
+        "assume_ok_unexpected",
+        "What a load does when the model and the checkpoint hold different tensors "
+        "(Megatron-LM's choices). Model tensors the checkpoint lacks: refused, named, by "
+        "assume_ok_unexpected / raise_*; kept at their initial values by log_* / return_* "
+        "(listed) and ignore_all, with --finetune or --no-load-optim. Checkpoint tensors the "
+        "model does not use: ignored, except by *_all (listed; refused by raise_all).",
+        choices=["assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected",
+                 "raise_all", "return_unexpected", "return_all", "ignore_all"],
+    )  # fmt: skip
     dist_ckpt_optim_fully_reshardable: bool = _f(
         False,
         "Save the distributed optimizer's state gathered into the model's parameter space, so "

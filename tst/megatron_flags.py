@@ -70,9 +70,6 @@ ACCEPTED: dict[str, Flag] = {
     "--num-dataset-builder-threads": Flag(
         1, "sample indices are built once per rank and cached; the count changes no sample"
     ),
-    "--dist-ckpt-strictness": Flag(
-        1, "checkpoints are checked key by key and shape by shape at load; a mismatch is refused"
-    ),
     "--check-for-nan-in-loss-and-grad": Flag(
         0,
         "the default (older Megatron-LM's spelling): the rerun engine validates losses and "

@@ -957,7 +957,8 @@ class Trainer:
         common = checkpointing.load(source, self.raw_chunks,
                                     None if weights_only else self.optimizer,
                                     run.ckpt_fully_parallel_load,
-                                    self._optimizer_layout(), run.ckpt_step)  # fmt: skip
+                                    self._optimizer_layout(), run.ckpt_step,
+                                    run.dist_ckpt_strictness, self.writer.print)  # fmt: skip
         # An upcycled checkpoint (saved before any step) loads its weights only.
         upcycled = bool(common.get("upcycled"))
         if weights_only or upcycled:

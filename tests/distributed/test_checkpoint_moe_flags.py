@@ -438,3 +438,32 @@ def test_moe_upcycling_grows_a_dense_checkpoint_into_the_same_function(world2, t
                 "--save", str(tmp_path / "g2"), "--global-batch-size", "8"]  # fmt: skip
     trained = world2.run(_run, BASE + granular, str(tmp_path / "g2.jsonl"))[0]["loss"]
     assert sorted(trained) == [1, 2, 3, 4, 5, 6] and all(map(math.isfinite, trained.values()))
+
+
+def _load_error(argv: list[str], metrics: str) -> str:
+    from tst.checkpointing import CheckpointError
+
+    with pytest.raises(CheckpointError) as error:
+        pretrain_tst.main(argv + ["--metrics-file", metrics])
+    return str(error.value)
+
+
+def test_dist_ckpt_strictness_agrees_across_pipeline_stages(world2, tmp_path):
+    """A tied checkpoint loaded untied at PP 2: only the last stage has the output layer the
+    checkpoint lacks, yet both ranks refuse it by default (rank 0 would otherwise wait in the
+    load's collectives), and with log_unexpected both load and train what DP 2 trains (the
+    output layer's initial value is the same at every layout)."""
+    tied = [arg for arg in BASE if arg != "--untie-embeddings-and-output-weights"]
+    tied += ["--global-batch-size", "4"]
+    ckpt = str(tmp_path / "tied")
+    world2.run(_run, tied + ["--save", ckpt, "--exit-interval", "3"], str(tmp_path / "a.jsonl"))
+    untied = tied + ["--untie-embeddings-and-output-weights", "--load", ckpt, "--finetune"]
+    pp2 = ["--pipeline-model-parallel-size", "2"]
+    messages = world2.run(_load_error, untied + pp2, str(tmp_path / "b.jsonl"))
+    assert all("lacks 1 tensor of this model (output_layer.weight)" in m for m in messages)
+    lenient = untied + ["--dist-ckpt-strictness", "log_unexpected"]
+    dp2 = world2.run(_run, lenient, str(tmp_path / "dp.jsonl"))[0]["loss"]
+    pp = world2.run(_run, lenient + pp2, str(tmp_path / "pp.jsonl"))[0]["loss"]
+    assert sorted(dp2) == sorted(pp) == list(range(1, 7))
+    for it, loss in dp2.items():
+        assert abs(pp[it] - loss) <= 1e-5 * abs(loss), (it, pp[it], loss)
