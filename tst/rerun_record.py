@@ -18,30 +18,31 @@ import json
 import os
 import sys
 
-__all__ = ["EXIT_RECORD", "clear", "read", "write"]
+__all__ = ["EXIT_RECORD", "clear", "path", "read", "write"]
 
 EXIT_RECORD = "rerun_exit.json"
 
 
-def _path(save_dir: str) -> str:
+def path(save_dir: str) -> str:
+    """Where the record of a run saving into ``save_dir`` is."""
     return os.path.join(save_dir, EXIT_RECORD)
 
 
 def write(save_dir: str, record: dict) -> str:
     """``record`` into ``save_dir``, whole or not at all; returns its path."""
-    path = _path(save_dir)
-    tmp = f"{path}.tmp"
+    target = path(save_dir)
+    tmp = f"{target}.tmp"
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
-    return path
+    os.replace(tmp, target)
+    return target
 
 
 def read(save_dir: str) -> dict | None:
     """The record in ``save_dir``, or None (none there, or not readable as one)."""
     try:
-        with open(_path(save_dir)) as f:
+        with open(path(save_dir)) as f:
             record = json.load(f)
     except (OSError, ValueError):
         return None
@@ -50,7 +51,7 @@ def read(save_dir: str) -> dict | None:
 
 def clear(save_dir: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.remove(_path(save_dir))
+        os.remove(path(save_dir))
 
 
 def main(argv: list[str]) -> int:
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> int:
         if status != 0 and record is not None:
             status = int(record["exit_code"])
             print(f"the rerun engine ended the run with exit code {status} (see "
-                  f"{_path(save_dir)})", file=sys.stderr)  # fmt: skip
+                  f"{path(save_dir)})", file=sys.stderr)  # fmt: skip
         print(status)
         return 0
     if record is not None:

@@ -261,7 +261,7 @@ class Trainer:
         }.get(code, "see the log above")
         self.writer.print(f"iteration {self.iteration + 1}: the rerun engine stops the run with "
                           f"exit code {code}: {why}{where}")  # fmt: skip
-        path = os.path.join(run.save, rerun.EXIT_RECORD) if run.save else None
+        path = rerun_record.path(run.save) if run.save else None
         if path:
             nodes = ", ".join(record["nodes"]) or "none"
             self.writer.print(f"rerun exit record for the launcher: {path} (next: "
