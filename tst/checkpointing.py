@@ -214,7 +214,12 @@ def verify(path: str) -> None:
 
 
 def _sharded_model_state(chunks) -> dict:
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+    """The model chunks' sharded state, with the metadata Megatron-LM passes: a stage that
+    holds the MTP block but not the input embedding ties its copy of the embedding to the
+    first stage's over the data-parallel group (megatron-core reads the group from it)."""
+    metadata = {"dp_cp_group": _dp_group(), "singleton_local_shards": False}
+    return {f"model{i}": chunk.sharded_state_dict(metadata=metadata)
+            for i, chunk in enumerate(chunks)}  # fmt: skip
 
 
 def _dp_group():

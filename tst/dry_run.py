@@ -327,10 +327,11 @@ def per_rank_parameters(params: list[ParamInfo], cfg: Config, grid: Grid) -> lis
             stage = 0
             tied_copy = p.name == "embedding.word_embeddings.weight" and grid.pp > 1
             if tied_copy:
-                # The last stage's copies: one for a tied output layer, one the MTP block
-                # embeds with (megatron-core builds it there, beside an output layer).
-                copies = (not m.untie_embeddings_and_output_weights) + bool(cfg.mtp.mtp_num_layers)
-                stages[last]["dense"] += local * copies
+                # The last stage's copy: a tied output layer's weight, or the embedding the
+                # MTP block embeds with (with tied weights the output layer uses that one
+                # too: megatron_fixes.drop_unused_mtp_output_weight).
+                tied = not m.untie_embeddings_and_output_weights
+                stages[last]["dense"] += local * (tied or bool(cfg.mtp.mtp_num_layers))
         else:  # output_layer, decoder.final_layernorm
             stage = last
         if p.expert:

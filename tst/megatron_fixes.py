@@ -57,6 +57,15 @@ column-parallel linear with TE's, but the local spec builds them from megatron-c
 local-spec run died at its first forward (``None.append``). ``defer_output_wgrad_only`` gives
 those other layers a config copy with the flag off: only the output layer defers, as in the
 TE spec.
+
+``drop_unused_mtp_output_weight``: with tied embeddings and pipeline parallelism, the last
+stage holds the MTP block and, for it, a copy of the input embedding, which also serves as
+its output layer (megatron-core's ``shared_embedding_or_output_weight``); yet the output
+layer allocates a weight of its own there (its skip condition reads the first stage only),
+never used in a forward pass, so never given a gradient, and the checkpoint code asserts it
+is absent ("output layer will not have any weight"): every save of such a run failed. The
+unused weight is removed from the built model: the vocabulary-sized parameter's memory back,
+and its checkpoints save and resume.
 """
 
 from __future__ import annotations
@@ -66,6 +75,7 @@ import copy
 __all__ = [
     "apply",
     "defer_output_wgrad_only",
+    "drop_unused_mtp_output_weight",
     "fix_expert_optimizer",
     "mark_attention_sinks",
     "mark_expert_parameters",
@@ -264,6 +274,21 @@ def defer_output_wgrad_only(model_chunks) -> int:
                 plain[id(config)] = copy.copy(config)
                 plain[id(config)].defer_embedding_wgrad_compute = False
             module.config = plain[id(config)]
+            changed += 1
+    return changed
+
+
+def drop_unused_mtp_output_weight(model_chunks) -> int:
+    """Remove the output layer's own weight from every chunk that holds the MTP block and
+    ties its output layer to a copy of the embedding without being the first stage (the
+    copy is what its forward uses). Returns the number of chunks changed."""
+    changed = 0
+    for chunk in model_chunks:
+        output = getattr(chunk, "output_layer", None)
+        if (getattr(chunk, "mtp_process", False) and not chunk.pre_process
+                and chunk.share_embeddings_and_output_weights
+                and getattr(output, "weight", None) is not None):  # fmt: skip
+            output.weight = None
             changed += 1
     return changed
 

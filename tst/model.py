@@ -408,6 +408,7 @@ def build_model_chunks(config, shape: ModelShape, vpp: int | None, device,
             torch.empty_like(t, device=device) if t.is_meta else t.to(device))))  # fmt: skip
     megatron_fixes.mark_expert_parameters(chunks, config)  # before init and DDP read it
     megatron_fixes.defer_output_wgrad_only(chunks)
+    megatron_fixes.drop_unused_mtp_output_weight(chunks)
     return chunks
 
 
