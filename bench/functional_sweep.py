@@ -73,6 +73,14 @@ DROPPED = {
     "--num-workers": 1, "--distributed-timeout-minutes": 1,
 }  # fmt: skip
 
+# Flags that mean nothing once a GPU-only flag they serve is dropped.
+GOES_WITH = {
+    "--moe-token-dispatcher-type": ("--moe-enable-deepep", "--moe-flex-dispatcher-backend"),
+    "--fp8-format": ("--fp8-recipe", "--fp8-amax-history-len", "--fp8-amax-compute-algo",
+                     "--fp8-param-gather", "--first-last-layers-bf16"),
+    "--tp-comm-overlap": ("--tp-comm-overlap-cfg",),
+}  # fmt: skip
+
 
 def _value(argv: list[str], flag: str, default=None):
     return argv[argv.index(flag) + 1] if flag in argv else default
@@ -120,15 +128,15 @@ def shrink(name: str, case: dict, work: str) -> tuple[list[str], list[str], str]
     if tp * pp * cp > WORLD:
         return [], [], f"needs {tp * pp * cp} ranks for TP x PP x CP"
     dp = WORLD // (tp * pp * cp)
-    if case["world"] > WORLD:
-        ep = int(_value(argv, "--expert-model-parallel-size", 1))
-        etp = int(_value(argv, "--expert-tensor-parallel-size", tp))
-        fit = max(1, (tp * cp * dp) // etp)
-        if ep > fit:
-            argv[argv.index("--expert-model-parallel-size") + 1] = str(fit)
-            note = f"world {case['world']} -> {WORLD}: EP {ep} -> {fit}"
-        else:
-            note = f"world {case['world']} -> {WORLD}"
+    if case["world"] != WORLD:
+        note = f"world {case['world']} -> {WORLD}"
+    # The expert grid (expert-TP x EP per pipeline stage) must fit the ranks a stage has.
+    ep = int(_value(argv, "--expert-model-parallel-size", 1))
+    etp = int(_value(argv, "--expert-tensor-parallel-size", tp))
+    fit = max(1, (tp * cp * dp) // etp)
+    if ep > fit:
+        argv[argv.index("--expert-model-parallel-size") + 1] = str(fit)
+        note = "; ".join([note] * bool(note) + [f"EP {ep} -> {fit}"])
     micro = max(2, pp)
     group = _value(argv, "--microbatch-group-size-per-virtual-pipeline-stage")
     if group is not None:
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         log = os.path.join(args.out, name.replace("/", "__"), "run")
         dropped: list[str] = []
+        refusals: list[str] = []
         while True:
             outcome, detail, losses = "trained", "", []
             for i, run in enumerate([first, again] if again else [first]):
@@ -263,13 +272,16 @@ def main(argv: list[str] | None = None) -> int:
             if flag is None or flag in dropped:
                 break
             dropped.append(flag)  # train the rest of the configuration without it
-            first, again = _without_flag(first, flag), _without_flag(again, flag)
+            refusals.append(detail)
+            for gone in [flag, *GOES_WITH.get(flag, ())]:
+                first, again = _without_flag(first, gone), _without_flag(again, gone)
         if dropped:
             note = "; ".join([note] * bool(note) + ["without " + " ".join(dropped)])
         if outcome == "trained" and [i for i, _ in losses] != list(range(1, STEPS + 1)):
             outcome, detail = "FAILED", f"logged steps {[i for i, _ in losses]}"
         row = {"name": name, "outcome": outcome, "detail": detail, "note": note,
-               "losses": losses, "seconds": round(time.time() - t0, 1)}  # fmt: skip
+               "dropped_because": refusals, "losses": losses,
+               "seconds": round(time.time() - t0, 1)}  # fmt: skip
         rows.append(row)
         shown = detail or (f"loss {losses[-1][1]:.4f}" if losses else "")
         print(f"{outcome:8s} {name} ({row['seconds']:.0f} s){' [' + note + ']' if note else ''}:"

@@ -250,6 +250,7 @@ def apply() -> bool:
     _patch_uneven_first_dim_collectives()
     _patch_pipeline_p2p_tags()
     _share_one_gloo_device()
+    _place_exchanged_shards_on_cpu()
     setattr(torch, _APPLIED_FLAG, True)
     return True
 
@@ -505,6 +506,22 @@ def _patch_pipeline_p2p_tags() -> None:
         return dist.batch_isend_irecv(ops) if ops else []
 
     p2p_communication._batched_p2p_ops = batched_p2p_ops
+
+
+def _place_exchanged_shards_on_cpu() -> None:
+    """``--ckpt-fully-parallel-load``: each data-parallel rank reads a share and the shards
+    are exchanged; a shard this rank receives without having read it is allocated through
+    ``ShardedTensor.init_data("cuda")`` (``dist_checkpointing.exchange_utils``), which the
+    stand-in ``torch`` of that module does not reach. Measured: MoE at DP 4 / EP 2 (expert
+    data parallelism 2) failed every resume ("Torch not compiled with CUDA enabled")."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    original = ShardedTensor.init_data
+
+    def init_data(self, device, init_fn=torch.empty):
+        return original(self, _cpu_device(device), init_fn)
+
+    ShardedTensor.init_data = init_data
 
 
 def _share_one_gloo_device() -> None:

@@ -467,3 +467,24 @@ def test_dist_ckpt_strictness_agrees_across_pipeline_stages(world2, tmp_path):
     assert sorted(dp2) == sorted(pp) == list(range(1, 7))
     for it, loss in dp2.items():
         assert abs(pp[it] - loss) <= 1e-5 * abs(loss), (it, pp[it], loss)
+
+
+def test_fully_parallel_load_of_a_moe_at_dp4_ep2(world4, tmp_path):
+    """--ckpt-fully-parallel-load with experts replicated over 2 of the 4 data-parallel
+    ranks: a rank receives shards it did not read, which megatron-core allocates on "cuda"
+    (tst/cpu_compat.py places them on the CPU here; every such resume failed). Resumed after
+    the switch, the run repeats the unbroken one (rel 1e-6)."""
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+           "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+           "--use-distributed-optimizer", "--global-batch-size", "8"]  # fmt: skip
+    want = world4.run(_run, BASE + moe, str(tmp_path / "whole.jsonl"))[0]["loss"]
+    ckpt = str(tmp_path / "ckpt")
+    first = world4.run(_run, BASE + moe + ["--save", ckpt, "--exit-interval", "4"],
+                       str(tmp_path / "a.jsonl"))[0]  # fmt: skip
+    second = world4.run(_run, BASE + moe + ["--load", ckpt, "--ckpt-fully-parallel-load"],
+                        str(tmp_path / "b.jsonl"))[0]  # fmt: skip
+    assert set(second["load"]) == {"FullyParallelLoadStrategyWrapper"}
+    got = {**first["loss"], **second["loss"]}
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for it, loss in want.items():
+        assert abs(got[it] - loss) <= 1e-6 * abs(loss), (it, got[it], loss)
