@@ -303,6 +303,11 @@ def save(
     state = _sharded_model_state(chunks)
     if optimizer is not None:  # None: the weights only (--no-save-optim)
         metadata = _optimizer_metadata(common.get("optimizer_layout"))
+        # Before the first applied step (fp16 skips the steps whose gradients overflow)
+        # Adam holds no state: megatron-core's distributed optimizer cannot save that, and
+        # the others save a checkpoint without moments that cannot be resumed. Zero moments
+        # at step 0 are what Adam starts from, so saving them changes nothing.
+        _allocate_empty_adam_state(optimizer, distributed_only=False)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     state["common"] = common
     end_helpers_with_the_trainer()
@@ -633,6 +638,7 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
             raise CheckpointError(f"checkpoint {path}: model chunk {i} was given entries it "
                                   f"does not have: {sorted(result.unexpected_keys)[:4]}")  # fmt: skip
     if optimizer is not None:
+        _restore_step_zero(state["optimizer"])
         with torch.no_grad():  # the distributed optimizer copies into leaf parameters
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer, state["optimizer"])
@@ -855,18 +861,24 @@ def _check_shapes(template: dict, path: str, saved: dict) -> None:
 # increments once per parameter, corrupting the bias correction from the next step on.
 
 
-def _torch_adams(optimizer):
-    """The torch optimizers inside a (chained) megatron-core distributed optimizer."""
+def _torch_adams(optimizer, distributed_only: bool = True):
+    """The torch Adams inside a (chained) megatron-core distributed optimizer (or inside any
+    megatron-core optimizer, ``distributed_only=False``)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer) and isinstance(opt.optimizer, torch.optim.Adam):
-            yield opt.optimizer
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(inner, torch.optim.Adam) and (
+            not distributed_only or isinstance(opt, DistributedOptimizer)
+        ):
+            yield inner
 
 
-def _allocate_empty_adam_state(optimizer) -> None:
-    """Give a fresh optimizer zero Adam state (step 0), to be overwritten by the load."""
-    for adam in _torch_adams(optimizer):
+def _allocate_empty_adam_state(optimizer, distributed_only: bool = True) -> None:
+    """Give every parameter without Adam state zero moments at step 0 (what Adam starts
+    from): a fresh optimizer's, to be overwritten by the load, or a not yet stepped one's,
+    to be saved."""
+    for adam in _torch_adams(optimizer, distributed_only):
         for group in adam.param_groups:
             for param in group["params"]:
                 if not adam.state[param]:
@@ -875,6 +887,21 @@ def _allocate_empty_adam_state(optimizer) -> None:
                         "exp_avg": torch.zeros_like(param),
                         "exp_avg_sq": torch.zeros_like(param),
                     }
+
+
+def _restore_step_zero(loaded: dict) -> None:
+    """The shared Adam step of a non-distributed optimizer saved before its first applied
+    step: megatron-core stores the step only when it is not zero (``if step:`` in
+    ``sharded_state_dict``), so such a checkpoint holds moments without a step and torch's
+    Adam refused to load them (KeyError 'step'). The step was 0."""
+    parts = loaded.values() if all(isinstance(k, int) for k in loaded) else [loaded]
+    for part in parts:
+        inner = part.get("optimizer", part) if isinstance(part, dict) else None
+        state = inner.get("state") if isinstance(inner, dict) else None
+        if not isinstance(state, dict) or "common_step" in state:
+            continue
+        if any(isinstance(s, dict) and s and "step" not in s for s in state.values()):
+            state["common_step"] = torch.tensor(0.0)
 
 
 def _restore_adam_steps(optimizer, loaded: dict) -> None:

@@ -213,6 +213,29 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(world2, tmp_path, tmp
     assert first == pytest.approx(_losses(want)[0][1], rel=2e-3)
 
 
+def test_fp16_checkpoint_before_the_first_applied_step_resumes(world2, tmp_path):
+    """A checkpoint saved while fp16 still skips every step (no Adam state yet) could not be
+    written with the distributed optimizer (megatron-core asserts on the missing step) and
+    was written without moments or step otherwise, which torch's Adam refused to load. Saved
+    at iteration 2 with both steps skipped, the run resumes as the unbroken one (rel 1e-6),
+    with and without the distributed optimizer."""
+    # 2**16 overflows at iterations 1 and 2 (and again in the recovery phase); iteration 3
+    # is the first applied step, from the restored (empty) Adam state.
+    huge = BASE + ["--fp16", "--initial-loss-scale", str(2.0**16), "--hysteresis", "1"]
+    for name, extra in (("plain", []), ("distributed", ["--use-distributed-optimizer"])):
+        want = world2.run(_train, huge + extra, str(tmp_path / f"{name}-whole.jsonl"))[0]
+        ckpt = str(tmp_path / name)
+        first = world2.run(_train, huge + extra + ["--save", ckpt, "--exit-interval", "2"],
+                           str(tmp_path / f"{name}-a.jsonl"))[0]  # fmt: skip
+        skipped = [r["iteration"] for r in first["records"] if r.get("overflow")]
+        assert skipped == [1, 2], (name, skipped)  # no step applied before the save
+        second = world2.run(_train, huge + extra + ["--load", ckpt],
+                            str(tmp_path / f"{name}-b.jsonl"))[0]  # fmt: skip
+        _close(_losses(first) + _losses(second), _losses(want), 1e-6, name)
+        overflows = {r["iteration"] for r in want["records"] if r.get("overflow")}
+        assert 3 not in overflows and {1, 2} <= overflows, (name, overflows)
+
+
 def test_finetune_and_no_load_optim(world2, tmp_path, tmp_path_factory):
     ckpt = str(tmp_path / "ckpt")
     full = world2.run(_train, BASE + ["--save", ckpt, "--save-interval", "4"],
