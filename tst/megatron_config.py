@@ -100,7 +100,16 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
             distribute_saved_activations=p.distribute_saved_activations,
         )
         if p.recompute_modules is not None:
-            recompute["recompute_modules"] = list(p.recompute_modules)
+            modules = list(p.recompute_modules)
+            if "moe_act" in modules and not (te and m.num_experts and m.moe_grouped_gemm):
+                # megatron-core recomputes only the grouped-GEMM experts' activation (and
+                # refuses the module otherwise); the local spec's experts are sequential.
+                modules.remove("moe_act")
+                warnings.warn("--recompute-modules moe_act: only grouped-GEMM experts "
+                              "(--moe-grouped-gemm with the Transformer Engine spec) recompute "
+                              "their activation; this model's experts have none to recompute: "
+                              "dropped", stacklevel=2)  # fmt: skip
+            recompute["recompute_modules"] = modules
     mla = cfg.mla.transformer_config_fields()
     if mla:  # MLA's own RoPE (GPTModel builds none for it) takes the model's base and share
         mla.update(rotary_base=m.rotary_base, rotary_percent=m.rotary_percent)

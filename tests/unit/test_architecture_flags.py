@@ -85,6 +85,17 @@ def test_moe_layer_recompute_is_selective_recompute_of_the_moe_layer():
     assert c.recompute_modules == ["mlp", "moe"]
 
 
+def test_moe_act_recompute_is_dropped_where_no_grouped_gemm_experts_run():
+    """megatron-core refuses "moe_act" without grouped-GEMM experts, which only the
+    Transformer Engine spec builds (--moe-grouped-gemm with the local spec computes the
+    experts one by one): dropped with a warning, the other modules kept."""
+    for model in (MOE + ["--moe-grouped-gemm"], []):
+        with pytest.warns(UserWarning, match="--recompute-modules moe_act: only grouped-GEMM"):
+            c = _config(*model, "--recompute-granularity", "selective", "--recompute-modules",
+                        "moe_act", "mlp")  # fmt: skip
+        assert c.recompute_modules == ["mlp"] and not c.moe_grouped_gemm
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
