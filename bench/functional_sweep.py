@@ -21,7 +21,8 @@ parallelism cut down to fit (said in the table).
 A flag refused as GPU-only (CUDA, Transformer Engine, FP8) is dropped and the rest of the
 configuration trained (the table says which were dropped; ``--no-drop-gpu-only`` stops
 there instead). Each configuration ends as ``trained`` (the steps ran; the last loss is
-shown), ``refused``
+shown), ``rerun-exit`` (a configuration that injects errors for the rerun engine, which
+stopped the run with its exit code 16 or 17, as asked), ``refused``
 (a one-line error from the trainer naming a flag or rule: a GPU-only feature on this CPU,
 or one of the functional-test refusals), or ``FAILED`` (anything else: a traceback, a hang
 past the timeout, ranks that disagree). The per-rank logs are under ``--out``; the table
@@ -208,7 +209,7 @@ def _run_on_rank(argv: list[str], log_path: str) -> dict:
     return result
 
 
-def _outcome(per_rank: list[dict]) -> tuple[str, str, list]:
+def _outcome(per_rank: list[dict], injected: bool = False) -> tuple[str, str, list]:
     failed = [r["failed"] for r in per_rank if "failed" in r]
     refused = {r["refused"] for r in per_rank if "refused" in r}
     if failed:
@@ -217,7 +218,11 @@ def _outcome(per_rank: list[dict]) -> tuple[str, str, list]:
         return "refused", refused.pop(), []
     if refused:
         return "FAILED", f"ranks disagree: {sorted(refused)[0]}", []
-    if any(r.get("rc") != 0 for r in per_rank):
+    codes = {r.get("rc") for r in per_rank}
+    if injected and len(codes) == 1 and codes <= {16, 17}:
+        # --error-injection-*: the rerun engine stops the run with its exit code, as asked.
+        return "rerun-exit", f"the rerun engine's exit {codes.pop()} (errors injected)", []
+    if codes != {0}:
         return "FAILED", f"exit codes {[r.get('rc') for r in per_rank]}", []
     return "trained", "", per_rank[0].get("losses", [])
 
@@ -264,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 except (TimeoutError, RankFailure) as error:
                     outcome, detail = "FAILED", _first_line(error)
                     break
-                outcome, detail, part = _outcome(per_rank)
+                outcome, detail, part = _outcome(per_rank, "--error-injection-rate" in run)
                 losses += part
                 if outcome != "trained":
                     break
@@ -277,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
                 first, again = _without_flag(first, gone), _without_flag(again, gone)
         if dropped:
             note = "; ".join([note] * bool(note) + ["without " + " ".join(dropped)])
-        if outcome == "trained" and [i for i, _ in losses] != list(range(1, STEPS + 1)):
+        # --finetune loads the weights and starts the iterations again at 1.
+        steps = list(range(1, SWITCH + 1)) * bool(again and "--finetune" in again)
+        steps += list(range(1, STEPS + 1))
+        if outcome == "trained" and [i for i, _ in losses] != steps:
             outcome, detail = "FAILED", f"logged steps {[i for i, _ in losses]}"
         row = {"name": name, "outcome": outcome, "detail": detail, "note": note,
                "dropped_because": refusals, "losses": losses,
@@ -289,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     if world is not None:
         world.close()
     counts = {k: sum(r["outcome"] == k for r in rows) for k in
-              ("trained", "refused", "FAILED", "skipped")}  # fmt: skip
+              ("trained", "rerun-exit", "refused", "FAILED", "skipped")}  # fmt: skip
     print(f"{len(rows)} configurations in {time.time() - started:.0f} s: "
           + ", ".join(f"{v} {k}" for k, v in counts.items()))  # fmt: skip
     with open(os.path.join(args.out, "summary.json"), "w") as f:
