@@ -125,15 +125,22 @@ def shrink(name: str, case: dict, work: str) -> tuple[list[str], list[str], str]
     if "--num-query-groups" in argv:
         groups = int(_value(argv, "--num-query-groups"))
         argv[argv.index("--num-query-groups") + 1] = str(min(groups, 8))
+    note = ""
+    if int(_value(argv, "--context-parallel-size", 1)) > 1 and not _te_importable():
+        # Context parallelism needs Transformer Engine: dropped before the batch is sized.
+        argv = _without(
+            argv,
+            {f: "+" for f in ("--context-parallel-size", *GOES_WITH["--context-parallel-size"])},
+        )
+        note = "without --context-parallel-size (Transformer Engine)"
     tp = int(_value(argv, "--tensor-model-parallel-size", 1))
     pp = int(_value(argv, "--pipeline-model-parallel-size", 1))
     cp = int(_value(argv, "--context-parallel-size", 1))
-    note = ""
     if tp * pp * cp > WORLD:
         return [], [], f"needs {tp * pp * cp} ranks for TP x PP x CP"
     dp = WORLD // (tp * pp * cp)
     if case["world"] != WORLD:
-        note = f"world {case['world']} -> {WORLD}"
+        note = "; ".join([note] * bool(note) + [f"world {case['world']} -> {WORLD}"])
     # The expert grid (expert-TP x EP per pipeline stage) must fit the ranks a stage has.
     ep = int(_value(argv, "--expert-model-parallel-size", 1))
     etp = int(_value(argv, "--expert-tensor-parallel-size", tp))
