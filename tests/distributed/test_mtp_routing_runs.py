@@ -74,13 +74,7 @@ def test_mtp_run_crosses_the_switch_resumes_exactly_and_agrees_under_tp(world2, 
     assert [phase for _, phase, _ in mtp] == ["superposition"] * 3 + ["recovery"] * 3
     # An untrained model scores about log(V) in both phases (MCE and next-token alike).
     assert all(abs(loss - math.log(512)) < 0.5 for _, _, loss in mtp)
-    ckpt = str(tmp_path / "ckpt")
-    first = world2.run(_train, BASE + ["--save", ckpt, "--exit-interval", "4"],
-                       str(tmp_path / "a.jsonl"))[0]  # fmt: skip
-    second = world2.run(_train, BASE + ["--load", ckpt], str(tmp_path / "b.jsonl"))[0]
-    for key in ("loss", "mtp_1_loss"):
-        _assert_close(_losses(first, key) + _losses(second, key), _losses(want, key), 1e-6,
-                      f"resume {key}")  # fmt: skip
+    _resumes_exactly(world2, BASE, want, tmp_path / "pp1", "resume")
     for name, extra in {
         "TP2": ["--tensor-model-parallel-size", "2"],
         "TP2-SP": ["--tensor-model-parallel-size", "2", "--sequence-parallel"],

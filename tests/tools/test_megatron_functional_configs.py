@@ -61,6 +61,15 @@ REFUSED = {
 }  # fmt: skip
 
 
+def _dry_run(argv: list[str], world: int) -> tuple[int, str]:
+    """pretrain_tst.main's dry run of ``argv`` laid out for ``world`` ranks: (rc, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = pretrain_tst.main([*argv, "--dry-run", "--dry-run-world-size", str(world)])
+    return rc, out.getvalue()
+
+
 def _configs() -> dict[str, dict]:
     with open(DATA) as f:
         return json.load(f)["configs"]
@@ -72,18 +81,14 @@ def test_every_functional_test_config_runs_unchanged_or_is_refused_by_name():
     laid_out, wrong = 0, []
     for name, case in configs.items():
         expected = REFUSED.get(name)
-        argv = [*case["argv"], "--dry-run", "--dry-run-world-size", str(case["world"])]
-        out = io.StringIO()
         try:
-            with contextlib.redirect_stdout(out), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rc = pretrain_tst.main(argv)
+            rc, out = _dry_run(case["argv"], case["world"])
         except TSTError as error:
             message = str(error)
             if expected is None or expected not in message or "\n" in message:
                 wrong.append(f"{name}: refused: {message[:300]}")
             continue
-        if rc != 0 or f"layout for a world of {case['world']}:" not in out.getvalue():
+        if rc != 0 or f"layout for a world of {case['world']}:" not in out:
             wrong.append(f"{name}: rc {rc}")
         elif expected is not None:
             wrong.append(f"{name}: laid out, but expected refused ({expected})")
@@ -128,12 +133,8 @@ def test_the_sweeps_cpu_sized_configurations_lay_out_on_8_ranks(tmp_path):
             skipped.append(name)
             continue
         assert ("resume" in name) == bool(again), name
-        argv = [*first, "--dry-run", "--dry-run-world-size", str(sweep.WORLD)]
-        out = io.StringIO()
         try:
-            with contextlib.redirect_stdout(out), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                rc = pretrain_tst.main(argv)
+            rc, out = _dry_run(first, sweep.WORLD)
         except TSTError as error:
             # Refused as the original is, or GPU-only on this machine (the sweep drops it).
             if name in REFUSED:
@@ -143,7 +144,7 @@ def test_the_sweeps_cpu_sized_configurations_lay_out_on_8_ranks(tmp_path):
             else:
                 wrong.append(f"{name}: refused: {str(error)[:300]}")
             continue
-        if rc != 0 or f"layout for a world of {sweep.WORLD}:" not in out.getvalue():
+        if rc != 0 or f"layout for a world of {sweep.WORLD}:" not in out:
             wrong.append(f"{name}: rc {rc}")
         else:
             laid_out += 1
