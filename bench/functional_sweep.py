@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -267,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         t0 = time.time()
         log = os.path.join(args.out, name.replace("/", "__"), "run")
+        # A checkpoint left by an earlier sweep into --out would be resumed: start clean.
+        shutil.rmtree(os.path.dirname(log), ignore_errors=True)
         dropped: list[str] = []
         refusals: list[str] = []
         while True:

@@ -774,11 +774,11 @@ def _check_keys(template: dict, path: str, saved: dict, strictness: str, with_op
 
     ``return_*`` report like ``log_*``: no caller here takes the keys (Megatron-LM's trainer
     cannot either). Returns the unexpected keys let through (this rank's)."""
-    local = {key for key in _model_tensor_keys(template) if not _present(key, saved)}
-    unexpected = _all_ranks(local)
+    ours = _model_tensor_keys(template)
+    wanted = _all_ranks(ours)  # one exchange: every rank then decides alike
+    unexpected = {key for key in wanted if not _present(key, saved)}
     missing: set[str] = set()
     if strictness.endswith("_all"):
-        wanted = _all_ranks(_model_tensor_keys(template))
         missing = {
             key for key in saved
             if not key.startswith(_OPTIMIZER_PREFIXES) and key not in wanted
@@ -812,7 +812,7 @@ def _check_keys(template: dict, path: str, saved: dict, strictness: str, with_op
         if missing:
             report(f"--dist-ckpt-strictness {strictness}: {_tensors(len(missing))} of {path} "
                    f"not used by this model: {_listed(missing)}")  # fmt: skip
-    return local
+    return ours & unexpected
 
 
 def _check_shapes(template: dict, path: str, saved: dict) -> None:
