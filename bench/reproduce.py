@@ -35,6 +35,7 @@ Writes ``WORK/results.json`` and ``WORK/summary.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -325,6 +326,28 @@ class _MetricsEcho:
                       f"({now - self.start:.0f} s{left})", flush=True)  # fmt: skip
 
 
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold Ctrl-C and SIGTERM back while a child is started and recorded: one arriving between
+    ``Popen`` and the caller's bookkeeping would leave a child nobody stops. A signal that came
+    is raised again on the way out, where the caller's clean-up knows the child."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # handlers are the main's
+        yield
+        return
+    came: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in held}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(came):
+            signal.raise_signal(s)
+
+
 def stop_children(children: list[subprocess.Popen], timeout_s: float = 900.0) -> None:
     """Stop training children with SIGTERM (each saves a checkpoint at its next step and
     exits), all at once, and wait for their saves: a child killed mid-save publishes nothing
@@ -367,14 +390,17 @@ def train_one(plan: Plan, arm: Arm, seed: int, python: str, progress: str) -> No
     metrics = os.path.join(out, "metrics.jsonl")
     iters = plan.arm_iters(arm)
     with open(os.path.join(out, "train.log"), "a") as log:
-        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        echo = _MetricsEcho(metrics, progress, start, iters)
+        child = None
         try:
+            with signals_deferred():
+                child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)  # fmt: skip
+            echo = _MetricsEcho(metrics, progress, start, iters)
             while child.poll() is None:
                 echo.poll()
                 time.sleep(1.0)
         finally:  # Ctrl-C, or SIGTERM (``_terminated``): the child saves at its next step
-            stop_children([child])
+            stop_children([child] if child is not None else [])
         echo.poll()
         if child.returncode != 0:
             raise SystemExit(f"{arm.name} seed {seed} failed: see {out}/train.log")

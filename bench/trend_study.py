@@ -418,7 +418,8 @@ def train_all(a, runs: list[Run], models: dict, data: dict, evals: dict[str, int
                 tag = f"[{count} {run.part} {run.model} {run.arm.name} {run.iters} seed {run.seed}]"
                 argv = [a.python, "pretrain_tst.py",
                         *run_argv(a, run, models[run.model], data, evals)]  # fmt: skip
-                active.append((run, *_start(a, run, argv, tag)))
+                with rp.signals_deferred():  # a signal now would orphan the child
+                    active.append((run, *_start(a, run, argv, tag)))
             time.sleep(0.2 if a.dry else 1.0)
             for item in list(active):
                 run, child, echo = item

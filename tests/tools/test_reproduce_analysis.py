@@ -341,3 +341,26 @@ def test_a_second_interrupt_kills_the_children_at_once(tmp_path):
         if child.poll() is None:
             child.kill()
     assert time.monotonic() - start < 30
+
+
+def test_signals_deferred_holds_a_signal_until_the_block_ends():
+    """SIGTERM inside the block (between a child's start and its bookkeeping) reaches the
+    handler only on the way out: the statements after it still run, then it raises."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    reached = []
+    try:
+        with pytest.raises(SystemExit) as stopped, rp.signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler would run at one of these bytecodes
+                reached.append(1)
+        assert stopped.value.code == 128 + signal.SIGTERM and len(reached) == 1000
+        assert signal.getsignal(signal.SIGTERM) is stop  # the handler is back
+        with rp.signals_deferred():  # nothing came: nothing raised
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, before)
