@@ -86,8 +86,11 @@ def test_a_hang_times_out_and_takes_what_the_rank_started_along(tmp_path):
     world = ProcessWorld(2, timeout_s=5)
     pid_file = str(tmp_path / "child.pid")
     try:
-        with pytest.raises(TimeoutError, match=r"ranks \[0\] did not finish"):
+        with pytest.raises(TimeoutError, match=r"ranks \[0\] did not finish") as hung:
             world.run(_hang_on_rank_zero, pid_file)
+        # What the hung rank was doing: its stack, the test body's frame in it.
+        assert "rank 0, stacks at the timeout" in str(hung.value), hung.value
+        assert "in _hang_on_rank_zero" in str(hung.value).split("stacks at the timeout")[1]
     finally:
         world.close(force=True)
     with open(pid_file) as f:

@@ -16,24 +16,34 @@ the body needs; the process group itself is created once per world.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import queue
+import shutil
+import signal
+import tempfile
+import time
 import traceback
 
 import psutil
 import torch.multiprocessing as mp
 
 DEFAULT_TIMEOUT_S = 180.0
+# Not SIGUSR1 / SIGUSR2: the trainer answers those (save and exit) while a body trains.
+STACKS_SIGNAL = signal.SIGRTMIN + 3
 
 
 class RankFailure(AssertionError):
     """A test body failed on one or more ranks; the message holds their tracebacks."""
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+def _worker(rank: int, world_size: int, port: int, tasks, results, stacks: str) -> None:
     # First of all: a rank stuck in start-up (importing, or waiting in init_process_group for a
     # peer that never comes) must not outlive the test session either.
     _exit_with_parent(os.getppid())
+    # STACKS_SIGNAL writes every thread's stack to ``stacks``: what a hung rank was doing goes
+    # into the parent's TimeoutError.
+    faulthandler.register(STACKS_SIGNAL, file=open(stacks, "w"), all_threads=True)  # noqa: SIM115
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -112,10 +122,12 @@ class ProcessWorld:
         # store).
         self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         port = self._store.port
+        self._stacks_dir = tempfile.mkdtemp(prefix="world-stacks-")
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, port, self._tasks[rank], self._results),
+                args=(rank, world_size, port, self._tasks[rank], self._results,
+                      self._stack_file(rank)),  # fmt: skip
                 # Not daemonic: dist_checkpointing starts writer processes of its own.
                 daemon=False,
             )
@@ -143,11 +155,12 @@ class ProcessWorld:
                 (results if ok else failures)[rank] = value
         except queue.Empty:
             missing = sorted(set(range(self.world_size)) - set(results) - set(failures))
+            stacks = self._hung_stacks(missing)
             self.close(force=True)
             detail = "".join(f"\n--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items()))
             raise TimeoutError(
                 f"{what}: ranks {missing} did not finish within {timeout_s:.0f} s "
-                f"(world of {self.world_size}){detail}"
+                f"(world of {self.world_size}){detail}{stacks}"
             ) from None
         if failures:
             self.close(force=True)
@@ -155,10 +168,29 @@ class ProcessWorld:
             raise RankFailure(f"{what} failed on ranks {sorted(failures)}:{detail}")
         return [results[r] for r in range(self.world_size)]
 
+    def _stack_file(self, rank: int) -> str:
+        return os.path.join(self._stacks_dir, f"rank{rank}.txt")
+
+    def _hung_stacks(self, ranks: list[int]) -> str:
+        """The Python stacks of ``ranks`` (still running), asked for with ``STACKS_SIGNAL``."""
+        asked = []
+        for rank in ranks:
+            with contextlib.suppress(OSError):
+                os.kill(self._procs[rank].pid, STACKS_SIGNAL)
+                asked.append(rank)
+        time.sleep(2.0)  # the handler writes from the rank's own signal handler
+        out = ""
+        for rank in asked:
+            with contextlib.suppress(OSError), open(self._stack_file(rank)) as f:
+                # The main thread (the one in the collective) is written last.
+                out += f"\n--- rank {rank}, stacks at the timeout ---\n{f.read()[-6000:]}"
+        return out
+
     def close(self, force: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
+        shutil.rmtree(self._stacks_dir, ignore_errors=True)
         if not force:
             for task_queue in self._tasks:
                 task_queue.put(None)
