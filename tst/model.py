@@ -252,6 +252,11 @@ class TSTGPTModel(GPTModel):
             output_weight = self.shared_embedding_or_output_weight()
         gather = kwargs.get("runtime_gather_output")
         run_mtp = mtp_in_postprocess and labels is not None and self.training
+        # megatron-core's combined 1F1B schedule (--overlap-moe-expert-parallel-comm) runs the
+        # MTP depths as schedule nodes of their own and hands their output here, stacked after
+        # the main hidden states, with mtp_in_postprocess=False.
+        depths_ran = (self.mtp_process and not mtp_in_postprocess and labels is not None
+                      and self.training)  # fmt: skip
         if run_mtp:
             hidden_states = self.mtp(
                 input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
@@ -263,7 +268,7 @@ class TSTGPTModel(GPTModel):
             )  # fmt: skip
         if not self.post_process:
             return hidden_states
-        if run_mtp:
+        if run_mtp or depths_ran:
             hidden_states = add_mtp_losses(self, hidden_states, labels, loss_mask, output_weight,
                                            gather)  # fmt: skip
         logits, _ = self.output_layer(

@@ -350,11 +350,13 @@ class Trainer:
         else:
             output = model(batch.input_ids.to(device), positions, attention_mask=None,
                            labels=targets, loss_mask=mask)  # fmt: skip
-        mtp = take_mtp_stats(model)
-        if mtp is not None and self.layout.tp_rank == 0:
-            self.step_stats.add_mtp(mtp)
 
         def loss_func(loss):
+            # The MTP depths' statistics of this micro-batch: taken here, after its forward
+            # (the combined 1F1B schedule runs the forward after this function returns).
+            mtp = take_mtp_stats(model)
+            if mtp is not None and self.layout.tp_rank == 0:
+                self.step_stats.add_mtp(mtp)
             total = (loss * mask).sum()
             count = mask.sum()
             return total, count.int(), {"loss": torch.stack([total.detach(), count])}

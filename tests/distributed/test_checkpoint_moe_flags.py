@@ -161,6 +161,7 @@ def _run_overlap(argv: list[str], metrics: str, fp32: bool) -> dict:
     return {
         "loss": [r["loss"] for r in records],
         "grad_norm": [r["grad_norm"] for r in records],
+        "mtp": [r.get("mtp_1_loss") for r in records],
         "plans": sum(plans),
         "early_release": set(early),
     }
@@ -197,6 +198,34 @@ def test_expert_parallel_comm_overlap_trains_the_same_model(world2, tmp_path):
                                str(tmp_path / "early.jsonl"), fp32)[0]  # fmt: skip
             assert early["early_release"] == {True} and early["plans"] == 12
             assert early["loss"] == got["loss"] and early["grad_norm"] == got["grad_norm"]
+
+
+def test_expert_parallel_comm_overlap_with_mtp_under_virtual_pipeline_stages(world4, tmp_path):
+    """--overlap-moe-expert-parallel-comm with an MTP depth, PP 2 x 2 virtual stages, EP 2:
+    megatron-core's combined 1F1B schedule runs the MTP depth as schedule nodes of its own and
+    hands the model's post-process its output stacked after the main hidden states. Scored as
+    in the plain schedule (the bag ``k + 1`` ahead in the superposition phase), the run
+    trains bit for bit what the plain schedule trains in fp32: the loss, the MTP depth's loss
+    (its statistics taken after each micro-batch's forward, which that schedule runs later)
+    and the gradient norm, through the switch. (Before, the post-process scored the stacked
+    hidden states as one sequence: the last stage refused the shapes and the first waited.)"""
+    argv = [
+        "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
+        "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "1",
+        "--global-batch-size", "8", "--train-iters", "4", "--tst-bag-size", "2",
+        "--tst-iters", "2", "--lr", "3e-3", "--log-interval", "1", "--eval-iters", "0",
+        "--untie-embeddings-and-output-weights", *SMALL_GPT,
+        "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
+        "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+        "--expert-model-parallel-size", "2", "--mtp-num-layers", "1",
+    ]  # fmt: skip
+    plain = world4.run(_run_overlap, argv, str(tmp_path / "plain.jsonl"), True)[0]
+    got = world4.run(_run_overlap, argv + ["--overlap-moe-expert-parallel-comm"],
+                     str(tmp_path / "overlap.jsonl"), True)[0]  # fmt: skip
+    assert plain["plans"] == 0 and got["plans"] > 0
+    assert len(plain["loss"]) == 4 and all(m is not None for m in plain["mtp"]), plain
+    for key in ("loss", "mtp", "grad_norm"):
+        assert got[key] == plain[key], (key, got[key], plain[key])
 
 
 def test_moe_checkpoints_resume_under_another_expert_layout(world2, tmp_path):

@@ -126,8 +126,7 @@ class ProcessWorld:
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(rank, world_size, port, self._tasks[rank], self._results,
-                      self._stack_file(rank)),  # fmt: skip
+                args=(rank, world_size, port, self._tasks[rank], self._results, self._stacks(rank)),
                 # Not daemonic: dist_checkpointing starts writer processes of its own.
                 daemon=False,
             )
@@ -168,7 +167,7 @@ class ProcessWorld:
             raise RankFailure(f"{what} failed on ranks {sorted(failures)}:{detail}")
         return [results[r] for r in range(self.world_size)]
 
-    def _stack_file(self, rank: int) -> str:
+    def _stacks(self, rank: int) -> str:
         return os.path.join(self._stacks_dir, f"rank{rank}.txt")
 
     def _hung_stacks(self, ranks: list[int]) -> str:
@@ -181,7 +180,7 @@ class ProcessWorld:
         time.sleep(2.0)  # the handler writes from the rank's own signal handler
         out = ""
         for rank in asked:
-            with contextlib.suppress(OSError), open(self._stack_file(rank)) as f:
+            with contextlib.suppress(OSError), open(self._stacks(rank)) as f:
                 # The main thread (the one in the collective) is written last.
                 out += f"\n--- rank {rank}, stacks at the timeout ---\n{f.read()[-6000:]}"
         return out
