@@ -25,8 +25,9 @@ shown), ``rerun-exit`` (a configuration that injects errors for the rerun engine
 stopped the run with its exit code 16 or 17, as asked), ``refused``
 (a one-line error from the trainer naming a flag or rule: a GPU-only feature on this CPU,
 or one of the functional-test refusals), or ``FAILED`` (anything else: a traceback, a hang
-past the timeout, ranks that disagree). The per-rank logs are under ``--out``; the table
-and a JSON summary are printed and written there.
+past the timeout, ranks that disagree). The per-rank logs are under ``--out`` (with a
+failed world's whole message, a hung rank's Python stacks included, in the configuration's
+``error.txt``); the table and a JSON summary are printed and written there.
 
 It takes about 35 minutes with the machine to itself (8 processes on 2 cores); ``--only``
 picks configurations by a part of their name.
@@ -280,7 +281,11 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     per_rank = world.run(_run_on_rank, run, f"{log}{len(dropped)}.{i}")
                 except (TimeoutError, RankFailure) as error:
-                    outcome, detail = "FAILED", _first_line(error)
+                    # The whole message (the ranks' tracebacks, a hung rank's stacks) is kept.
+                    os.makedirs(os.path.dirname(log), exist_ok=True)  # made by the ranks
+                    with open(os.path.join(os.path.dirname(log), "error.txt"), "w") as f:
+                        f.write(str(error))
+                    outcome, detail = "FAILED", _first_line(error) + " (see error.txt)"
                     break
                 outcome, detail, part = _outcome(per_rank, "--error-injection-rate" in run)
                 losses += part

@@ -113,12 +113,7 @@ def test_configs_that_found_differences_lay_out_what_megatron_lm_builds(name, ca
     assert f"layout for a world of {case['world']}:" in out
 
 
-def test_the_sweeps_cpu_sized_configurations_lay_out_on_8_ranks(tmp_path):
-    """bench/functional_sweep.py trains every configuration shrunk to CPU size on 8 ranks;
-    its shrinking keeps each one valid: the shrunk flags lay out at 8 ranks (the dry run),
-    or are refused in one line as the originals are, or for a GPU-only flag the sweep drops
-    here (FP8 once Transformer Engine's spec became the local one), and only the layout that
-    needs more than 8 ranks for TP x PP x CP is left out."""
+def _sweep_module():
     import importlib.util
 
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "bench",
@@ -126,6 +121,50 @@ def test_the_sweeps_cpu_sized_configurations_lay_out_on_8_ranks(tmp_path):
     spec = importlib.util.spec_from_file_location("functional_sweep", path)
     sweep = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sweep)
+    return sweep
+
+
+def test_the_sweep_keeps_a_failed_worlds_whole_message(tmp_path, monkeypatch):
+    """A world that times out (or fails) ends its configuration as FAILED with the message's
+    first line in the table and the whole message, the hung ranks' stacks included, in the
+    configuration's error.txt; the sweep exits 1."""
+    import distributed
+
+    sweep = _sweep_module()
+    message = ("_run_on_rank: ranks [0] did not finish within 5 s (world of 8)\n"
+               "--- rank 0, stacks at the timeout ---\n  File \"x.py\", line 1 in wait_here")  # fmt: skip
+
+    class HungWorld:
+        closed = False
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, *args, **kwargs):
+            self.closed = True
+            raise TimeoutError(message)
+
+        def close(self, force=False):
+            pass
+
+    monkeypatch.setattr(distributed, "ProcessWorld", HungWorld)
+    name = "gpt/gpt3_mcore_tp1_pp2_fp16"  # one configuration, not a resume case
+    assert sweep.main(["--only", name, "--out", str(tmp_path)]) == 1
+    with open(tmp_path / "summary.json") as f:
+        rows = json.load(f)["rows"]
+    assert [(r["name"], r["outcome"]) for r in rows] == [(name, "FAILED")], rows
+    folder = tmp_path / name.replace("/", "__")
+    assert (folder / "error.txt").read_text() == message
+    assert rows[0]["detail"] == message.splitlines()[0] + " (see error.txt)"
+
+
+def test_the_sweeps_cpu_sized_configurations_lay_out_on_8_ranks(tmp_path):
+    """bench/functional_sweep.py trains every configuration shrunk to CPU size on 8 ranks;
+    its shrinking keeps each one valid: the shrunk flags lay out at 8 ranks (the dry run),
+    or are refused in one line as the originals are, or for a GPU-only flag the sweep drops
+    here (FP8 once Transformer Engine's spec became the local one), and only the layout that
+    needs more than 8 ranks for TP x PP x CP is left out."""
+    sweep = _sweep_module()
     laid_out, refused, gpu_only, skipped, wrong = 0, 0, 0, [], []
     for name, case in _configs().items():
         first, again, note = sweep.shrink(name, case, str(tmp_path))
