@@ -221,6 +221,43 @@ def _run_on_rank(argv: list[str], log_path: str) -> dict:
     return result
 
 
+# Flags under which a resumed run is not the unbroken one by design.
+NOT_EXACT = {
+    "--finetune": "--finetune starts the iterations and the optimizer again",
+    "--no-load-optim": "--no-load-optim starts the optimizer again",
+    "--no-load-rng": "--no-load-rng starts the random state again",
+}
+
+
+def _not_exact(argv: list[str]) -> str:
+    return "; ".join(why for flag, why in NOT_EXACT.items() if flag in argv)
+
+
+def _unbroken(argv: list[str], log: str) -> list[str]:
+    """``argv`` (a resume case's second run) with its checkpoints and TensorBoard folder in a
+    folder of their own: trained from scratch to the end without the stop."""
+    folder = os.path.join(os.path.dirname(log), "unbroken")
+    out = list(argv)
+    for flag, path in (("--save", "ckpt"), ("--load", "ckpt"), ("--tensorboard-dir", "tb")):
+        if flag in out:
+            out[out.index(flag) + 1] = os.path.join(folder, path)
+    return out
+
+
+def _compare_resume(resumed: list, unbroken: list, rel: float = 1e-6) -> tuple[str, str]:
+    """``trained`` when the stopped-and-resumed run logged the unbroken run's losses (within
+    ``rel``: gloo's reductions repeat their order, so the two agree to the last bit here),
+    else ``FAILED`` naming the first step that differs."""
+    if [i for i, _ in resumed] != [i for i, _ in unbroken]:
+        return "FAILED", (f"resumed run logged steps {[i for i, _ in resumed]}, the unbroken "
+                          f"run {[i for i, _ in unbroken]}")  # fmt: skip
+    for (step, got), (_, want) in zip(resumed, unbroken, strict=True):
+        if not abs(got - want) <= rel * abs(want):
+            return "FAILED", (f"the resumed run differs from the unbroken run at step {step}: "
+                              f"{got!r} vs {want!r}")  # fmt: skip
+    return "trained", "resumed = unbroken run"
+
+
 def _outcome(per_rank: list[dict], injected: bool = False) -> tuple[str, str, list]:
     failed = [r["failed"] for r in per_rank if "failed" in r]
     refused = {r["refused"] for r in per_rank if "refused" in r}
@@ -245,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most N configurations")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "functional_sweep"))
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per run")
+    parser.add_argument(
+        "--exact", action="store_true",
+        help="train each resume case once more without the stop and require the same losses "
+        "(except where a flag restarts something by design: --finetune, --no-load-optim, "
+        "--no-load-rng)",
+    )  # fmt: skip
     parser.add_argument(
         "--no-drop-gpu-only", dest="drop_gpu_only", action="store_false",
         help="stop at a GPU-only flag's refusal (default: train the configuration without "
@@ -273,21 +316,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(os.path.dirname(log), ignore_errors=True)
         dropped: list[str] = []
         refusals: list[str] = []
+
+        def attempt(run: list[str], tag: str, log: str = log) -> tuple[str, str, list]:
+            nonlocal world
+            if world is None or world.closed:
+                world = ProcessWorld(WORLD, timeout_s=args.timeout_s)
+            try:
+                per_rank = world.run(_run_on_rank, run, f"{log}{tag}")
+            except (TimeoutError, RankFailure) as error:
+                # The whole message (the ranks' tracebacks, a hung rank's stacks) is kept.
+                os.makedirs(os.path.dirname(log), exist_ok=True)  # made by the ranks
+                with open(os.path.join(os.path.dirname(log), "error.txt"), "w") as f:
+                    f.write(str(error))
+                return "FAILED", _first_line(error) + " (see error.txt)", []
+            return _outcome(per_rank, "--error-injection-rate" in run)
+
         while True:
             outcome, detail, losses = "trained", "", []
             for i, run in enumerate([first, again] if again else [first]):
-                if world is None or world.closed:
-                    world = ProcessWorld(WORLD, timeout_s=args.timeout_s)
-                try:
-                    per_rank = world.run(_run_on_rank, run, f"{log}{len(dropped)}.{i}")
-                except (TimeoutError, RankFailure) as error:
-                    # The whole message (the ranks' tracebacks, a hung rank's stacks) is kept.
-                    os.makedirs(os.path.dirname(log), exist_ok=True)  # made by the ranks
-                    with open(os.path.join(os.path.dirname(log), "error.txt"), "w") as f:
-                        f.write(str(error))
-                    outcome, detail = "FAILED", _first_line(error) + " (see error.txt)"
-                    break
-                outcome, detail, part = _outcome(per_rank, "--error-injection-rate" in run)
+                outcome, detail, part = attempt(run, f"{len(dropped)}.{i}")
                 losses += part
                 if outcome != "trained":
                     break
@@ -305,11 +352,21 @@ def main(argv: list[str] | None = None) -> int:
         steps += list(range(1, STEPS + 1))
         if outcome == "trained" and [i for i, _ in losses] != steps:
             outcome, detail = "FAILED", f"logged steps {[i for i, _ in losses]}"
+        if args.exact and outcome == "trained" and again:
+            why_not = _not_exact(again)
+            if why_not:
+                note = "; ".join([note] * bool(note) + [f"resume not compared ({why_not})"])
+            else:  # the same configuration trained without the stop, in a folder of its own
+                outcome, detail, unbroken = attempt(_unbroken(again, log), f"{len(dropped)}.u")
+                if outcome == "trained":
+                    outcome, detail = _compare_resume(losses, unbroken)
         row = {"name": name, "outcome": outcome, "detail": detail, "note": note,
                "dropped_because": refusals, "losses": losses,
                "seconds": round(time.time() - t0, 1)}  # fmt: skip
         rows.append(row)
-        shown = detail or (f"loss {losses[-1][1]:.4f}" if losses else "")
+        shown = detail
+        if outcome == "trained" and losses:
+            shown = "; ".join([f"loss {losses[-1][1]:.4f}"] + [detail] * bool(detail))
         print(f"{outcome:8s} {name} ({row['seconds']:.0f} s){' [' + note + ']' if note else ''}:"
               f" {shown}", flush=True)  # fmt: skip
     if world is not None:

@@ -190,3 +190,62 @@ def test_the_sweeps_cpu_sized_configurations_lay_out_on_8_ranks(tmp_path):
     assert not wrong, "\n".join(wrong)
     assert skipped == ["mixtral/mixtral_8x22b_tp2pp8ep8vpp1_release"]
     assert (laid_out, refused, gpu_only) == (129, 20, 15), (laid_out, refused, gpu_only)
+
+
+def test_the_sweeps_exact_mode_compares_a_resume_with_the_unbroken_run(tmp_path, monkeypatch):
+    """--exact: a resume case is trained a third time without the stop, in a folder of its
+    own (its checkpoints must not meet the stopped run's), and the stopped-and-resumed losses
+    must be that run's; a difference past rel 1e-6 fails the configuration naming the step.
+    Flags that restart something by design (--finetune, --no-load-optim, --no-load-rng) are
+    not compared, and the table says so."""
+    import distributed
+
+    sweep = _sweep_module()
+    want = {1: 8.5, 2: 8.25, 3: 8.0, 4: 7.75}
+    runs = []
+
+    class World:
+        closed = False
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def run(self, fn, argv, log):
+            runs.append((argv, log))
+            if log.endswith(".u"):  # the unbroken run: steps 1-4, step 4 as set below
+                steps = {**want, 4: want[4] * (1 + setting["rel"])}
+            elif "--exit-interval" in argv:
+                steps = {i: want[i] for i in (1, 2)}
+            else:
+                steps = {i: want[i] for i in (3, 4)}
+            first = {"rank": 0, "rc": 0, "losses": sorted(steps.items())}
+            return [first] + [{"rank": r, "rc": 0} for r in range(1, sweep.WORLD)]
+
+        def close(self, force=False):
+            pass
+
+    monkeypatch.setattr(distributed, "ProcessWorld", World)
+    name = "gpt/gpt3_mcore_te_tp1_pp1_resume_torch_dist_uniform_full_recompute"
+    setting = {}
+    for setting["rel"], outcome in ((1e-7, "trained"), (1e-5, "FAILED")):
+        runs.clear()
+        out = tmp_path / outcome
+        rc = sweep.main(["--only", name, "--out", str(out), "--exact"])
+        with open(out / "summary.json") as f:
+            (row,) = json.load(f)["rows"]
+        assert (row["outcome"], rc) == (outcome, int(outcome == "FAILED")), row
+        assert len(runs) == 3 and runs[2][1].endswith(".u"), runs
+        unbroken, resumed = runs[2][0], runs[1][0]
+        folder = str(out / name.replace("/", "__"))
+        for flag, path in (("--save", "ckpt"), ("--load", "ckpt"), ("--tensorboard-dir", "tb")):
+            assert unbroken[unbroken.index(flag) + 1] == os.path.join(folder, "unbroken", path)
+            assert resumed[resumed.index(flag) + 1] != unbroken[unbroken.index(flag) + 1]
+        assert "--exit-interval" not in unbroken
+        if outcome == "FAILED":
+            assert row["detail"].startswith("the resumed run differs from the unbroken run at "
+                                            "step 4: 7.75 vs")  # fmt: skip
+        else:
+            assert row["detail"] == "resumed = unbroken run"
+    # A flag that restarts the optimizer by design: trained, not compared, and said so.
+    assert sweep._not_exact(["--no-load-optim"]) == "--no-load-optim starts the optimizer again"
+    assert sweep._not_exact(["--lr", "1"]) == ""
