@@ -251,13 +251,12 @@ class TSTGPTModel(GPTModel):
         if self.share_embeddings_and_output_weights:
             output_weight = self.shared_embedding_or_output_weight()
         gather = kwargs.get("runtime_gather_output")
-        run_mtp = mtp_in_postprocess and labels is not None and self.training
-        # megatron-core's combined 1F1B schedule (--overlap-moe-expert-parallel-comm) runs the
-        # MTP depths as schedule nodes of their own and hands their output here, stacked after
-        # the main hidden states, with mtp_in_postprocess=False.
-        depths_ran = (self.mtp_process and not mtp_in_postprocess and labels is not None
-                      and self.training)  # fmt: skip
-        if run_mtp:
+        score_mtp = self.mtp_process and labels is not None and self.training
+        # megatron-core passes mtp_in_postprocess=self.mtp_process, except its combined 1F1B
+        # schedule (--overlap-moe-expert-parallel-comm): that runs the MTP depths as schedule
+        # nodes of their own and hands their output here, stacked after the main hidden
+        # states, with mtp_in_postprocess=False. Either way the depths' states get scored.
+        if score_mtp and mtp_in_postprocess:
             hidden_states = self.mtp(
                 input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
                 attention_mask=kwargs.get("attention_mask"), rotary_pos_emb=rotary_pos_emb,
@@ -268,7 +267,7 @@ class TSTGPTModel(GPTModel):
             )  # fmt: skip
         if not self.post_process:
             return hidden_states
-        if run_mtp or depths_ran:
+        if score_mtp:
             hidden_states = add_mtp_losses(self, hidden_states, labels, loss_mask, output_weight,
                                            gather)  # fmt: skip
         logits, _ = self.output_layer(
