@@ -67,6 +67,12 @@ ACCEPTED: dict[str, Flag] = {
     "--calculate-per-token-loss": Flag(
         0, "losses are always normalised per token over the global batch, in both phases"
     ),
+    "--ddp-average-in-collective": Flag(
+        0,
+        "gradients are reduced unscaled (summed) and divided by the global batch's loss "
+        "tokens after the reduction (per-token losses), never pre-divided by the data-parallel "
+        "size: the averaging is already done after the collective",
+    ),
     "--num-dataset-builder-threads": Flag(
         1, "sample indices are built once per rank and cached; the count changes no sample"
     ),
@@ -141,11 +147,6 @@ REFUSED: dict[str, Flag] = {
     ),
     "--reset-attention-mask": Flag(
         0, "attention runs across documents here (as in the paper): drop the flag"
-    ),
-    "--ddp-average-in-collective": Flag(
-        0,
-        "losses are normalised per token over the global batch (exact under TST's two "
-        "phases), which megatron-core cannot combine with averaging in the collective: drop it",
     ),
     "--use-mpi": Flag(
         0, "a Megatron-LM fork's flag: ranks come from torchrun / srun's environment; drop it"

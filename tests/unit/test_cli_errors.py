@@ -300,8 +300,7 @@ def test_sequence_parallel_is_turned_off_with_tp1_as_megatron_does():
 @pytest.mark.parametrize(
     "flag, message",
     [("--use-legacy-models", "legacy"), ("--use-torch-fsdp2", "FSDP is not supported"),
-     ("--eod-mask-loss", "end-of-document tokens"),
-     ("--ddp-average-in-collective", "normalised per token")],
+     ("--eod-mask-loss", "end-of-document tokens")],
 )  # fmt: skip
 def test_refused_megatron_flags_name_the_reason(flag, message):
     with pytest.raises(ValueError, match=rf"not supported here: {flag}: .*{message}"):
