@@ -121,6 +121,40 @@ def test_overlap_and_distributed_optimizer_change_no_loss(world2, tmp_path, tmp_
         assert got["gloo_groups"] == ("--disable-gloo-process-groups" not in extra), name
 
 
+# Values for the accepted flags that take one: what Megatron-LM's launch scripts pass.
+_ACCEPTED_VALUES = {"--distributed-backend": "nccl", "--fp8-interval": "1", "--local-rank": "0",
+                    "--num-dataset-builder-threads": "4", "--tensorboard-queue-size": "5"}  # fmt: skip
+
+
+def test_every_accepted_flag_at_once_trains_the_same_model(world2, tmp_path, tmp_path_factory):
+    """The flags accepted as changing nothing here (tst/megatron_flags.py's ACCEPTED, e.g.
+    --ddp-average-in-collective, --calculate-per-token-loss, --no-initialization), all given
+    at once to a data-parallel run of 2 ranks across the switch, train bit for bit the plain
+    run's model: the same loss and gradient norm at every step and the same held-out loss."""
+    from tst.megatron_flags import ACCEPTED
+
+    extra = []
+    for flag, spec in sorted(ACCEPTED.items()):
+        if flag == "--config-logger-dir":
+            extra += [flag, str(tmp_path / "config-logger")]
+        elif spec.nargs == 0:
+            extra.append(flag)
+        else:
+            extra += [flag, _ACCEPTED_VALUES[flag]]
+    assert "--ddp-average-in-collective" in extra and "--calculate-per-token-loss" in extra
+    want = _plain(world2, tmp_path_factory)
+    got = world2.run(_train, BASE + extra, str(tmp_path / "accepted.jsonl"))[0]
+
+    def steps(run):
+        return [(r["iteration"], r.get("loss_name"), r.get("loss"), r.get("grad_norm"),
+                 r.get("val_loss")) for r in run["records"]
+                if r.get("loss") is not None or r.get("val_loss") is not None]  # fmt: skip
+
+    assert len([s for s in steps(want) if s[2] is not None]) == 6, steps(want)
+    assert any(s[4] is not None for s in steps(want)), steps(want)
+    assert steps(got) == steps(want)
+
+
 def _train_with_a_diverged_replica(argv: list[str]) -> tuple[str, str]:
     """pretrain_tst.main with one weight of data-parallel rank 1 nudged after step 2: the
     error it raises (pretrain_tst.py prints it and exits 3) and what the rank printed."""
