@@ -58,13 +58,22 @@ known() { grep -qE -- "(^|[[ ])$1([] ]|$)" <<<"$HELP"; }
 if known --disable-bias-linear; then MODEL_ARGS+=(--disable-bias-linear); fi
 if known --hidden-dropout; then MODEL_ARGS+=(--hidden-dropout 0 --attention-dropout 0); fi
 
+# A dry run queues its command lines (dry HEADER LINES ARGS...: LINES of the output kept, 0
+# all) and checks them at the end in one process (bench/dry_runs.py: one import, not five).
+DRY_QUEUE=""
+if [[ "$DRY_RUN" == 1 ]]; then
+  DRY_QUEUE=$(mktemp -d); trap 'rm -rf "$DRY_QUEUE"' EXIT
+fi
+dry() {
+  printf '%s\0' "$@" > "$DRY_QUEUE/$(printf '%02d' "$(ls "$DRY_QUEUE" | wc -l)")"
+}
+
 # run NAME EXTRA_ARGS...: one training (or its --dry-run), its records in $OUT_DIR/NAME.jsonl.
 run() {
   local name=$1; shift
   local args=("${MODEL_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAIN_ARGS[@]}" "${TST_ARGS[@]}" "$@")
   if [[ "$DRY_RUN" == 1 ]]; then
-    echo "== $name (dry run)"
-    "$PYTHON" pretrain_tst.py --dry-run "${args[@]}" "${LOG_ARGS[@]}"
+    dry "== $name (dry run)" 0 --dry-run "${args[@]}" "${LOG_ARGS[@]}"
     return
   fi
   mkdir -p "$OUT_DIR"
@@ -112,13 +121,14 @@ fi
 # Context parallelism: CP 2 on two GPUs (Transformer Engine's CP attention) against CP 1 at
 # DP 2, the same global batch, both phases: the training losses must agree (rel 1e-3 in
 # bf16). One GPU cannot hold two NCCL ranks, and TE must be importable; else one line why.
-GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
-TE_OK=0
-"$PYTHON" -c "import transformer_engine.pytorch" 2>/dev/null && TE_OK=1
+GPUS=0 TE_OK=0
+if [[ "$DRY_RUN" != 1 ]]; then
+  GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  "$PYTHON" -c "import transformer_engine.pytorch" 2>/dev/null && TE_OK=1
+fi
 CP_ARGS=(--transformer-impl transformer_engine --micro-batch-size 2 --global-batch-size 8)
 if [[ "$DRY_RUN" == 1 ]]; then
-  echo "== cp2 (dry run, 2 GPUs)"
-  "$PYTHON" pretrain_tst.py --dry-run --dry-run-world-size 2 "${MODEL_ARGS[@]}" \
+  dry "== cp2 (dry run, 2 GPUs)" 0 --dry-run --dry-run-world-size 2 "${MODEL_ARGS[@]}" \
     "${DATA_ARGS[@]}" "${TRAIN_ARGS[@]}" "${TST_ARGS[@]}" "${CP_ARGS[@]}" \
     --context-parallel-size 2 "${LOG_ARGS[@]}"
 elif [[ "$GPUS" -ge 2 && "$TE_OK" == 1 ]]; then
@@ -163,9 +173,8 @@ MOE_ARGS=(
   --tst-bag-size 4 --tst-iters 10 --log-interval 5 --eval-iters 0 --transformer-impl auto
 )
 if [[ "$DRY_RUN" == 1 ]]; then
-  echo "== moe_mla_mtp (dry run)"
-  "$PYTHON" pretrain_tst.py --dry-run "${MOE_ARGS[@]}" --record-memory-history \
-    --memory-snapshot-path "$OUT_DIR/moe_memory.pickle" | tail -n 3
+  dry "== moe_mla_mtp (dry run)" 3 --dry-run "${MOE_ARGS[@]}" --record-memory-history \
+    --memory-snapshot-path "$OUT_DIR/moe_memory.pickle"
 else
   echo "== moe_mla_mtp"
   rm -f "$OUT_DIR/moe_mla_mtp.jsonl"
@@ -192,7 +201,7 @@ fi
 # settings (--nccl-communicator-config-path, --high-priority-stream-groups) must be taken by
 # megatron-core's NCCL groups.
 if [[ "$DRY_RUN" == 1 ]]; then  # a dry run writes nothing under OUT_DIR
-  NCCL_YAML=$(mktemp --suffix .yaml); trap 'rm -f "$NCCL_YAML"' EXIT
+  NCCL_YAML=$(mktemp --suffix .yaml); trap 'rm -rf "$DRY_QUEUE" "$NCCL_YAML"' EXIT
 else
   mkdir -p "$OUT_DIR"; NCCL_YAML="$OUT_DIR/nccl.yaml"
 fi
@@ -205,8 +214,8 @@ OPS_ARGS=(
   --high-priority-stream-groups dp_cp ep_dp
 )
 if [[ "$DRY_RUN" == 1 ]]; then
-  echo "== ops (dry run)"
-  "$PYTHON" pretrain_tst.py --dry-run "${OPS_ARGS[@]}" | tail -n 2
+  dry "== ops (dry run)" 2 --dry-run "${OPS_ARGS[@]}"
+  "$PYTHON" bench/dry_runs.py "$DRY_QUEUE"   # every queued command line, in order
 else
   echo "== ops"
   rm -f "$OUT_DIR/ops.jsonl"

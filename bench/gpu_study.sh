@@ -253,16 +253,17 @@ fi
 
 if [[ "$DRY_RUN" == 1 ]]; then  # the GPU-sized command lines, checked on the meta device
   echo "== the GPU arms' command lines, --dry-run"
-  "$PYTHON" pretrain_tst.py --dry-run "${GPU_MODEL[@]}" "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" \
-    --bf16 --micro-batch-size 8 --global-batch-size 32 --vocab-size 32000 --mock-data \
-    --train-iters 300 --tst-bag-size "$BAG_SIZE" --tst-fraction "$TST_FRACTION" \
-    > "$RESULTS/logs/gpu_dry_run.log" 2>&1 || FAILED=1
+  GPU_DRY=$(mktemp -d)  # both checked in one process (bench/dry_runs.py)
+  GPU_ARGS=("${GPU_MODEL[@]}" "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" --bf16 --micro-batch-size 8
+            --global-batch-size 32 --vocab-size 32000 --mock-data --train-iters 300)
+  printf '%s\0' "== tst: bag $BAG_SIZE, r $TST_FRACTION" 0 --dry-run "${GPU_ARGS[@]}" \
+    --tst-bag-size "$BAG_SIZE" --tst-fraction "$TST_FRACTION" > "$GPU_DRY/0"
   if [[ -n "$MULTI_SCHEDULE" ]]; then
-    "$PYTHON" pretrain_tst.py --dry-run "${GPU_MODEL[@]}" "${MODEL_ARGS[@]}" "${TRAIN_ARGS[@]}" \
-      --bf16 --micro-batch-size 8 --global-batch-size 32 --vocab-size 32000 --mock-data \
-      --train-iters 300 --tst-schedule "$MULTI_SCHEDULE" \
-      >> "$RESULTS/logs/gpu_dry_run.log" 2>&1 || FAILED=1
+    printf '%s\0' "== multistage: --tst-schedule $MULTI_SCHEDULE" 0 --dry-run "${GPU_ARGS[@]}" \
+      --tst-schedule "$MULTI_SCHEDULE" > "$GPU_DRY/1"
   fi
+  "$PYTHON" bench/dry_runs.py "$GPU_DRY" > "$RESULTS/logs/gpu_dry_run.log" 2>&1 || FAILED=1
+  rm -rf "$GPU_DRY"
   # The parameter counts and the phase tables' rows (stage, phase, steps, bags, loss).
   grep -E "^(parameters| *[0-9]+ (superposition|recovery))" "$RESULTS/logs/gpu_dry_run.log" || true
 fi

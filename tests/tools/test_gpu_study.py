@@ -301,3 +301,33 @@ def test_megatron_wheel_helper_finds_the_install_or_names_the_missing_wheel(tmp_
         assert said in result.stdout + result.stderr
         if rc:
             assert str(tmp_path / "no-wheels") in result.stderr
+
+
+def test_dry_runs_checks_every_queued_command_line_and_fails_on_any(tmp_path, capsys):
+    """bench/dry_runs.py (the GPU scripts' dry modes, one process for all their command
+    lines): every queued run is tried in order, its last N output lines kept; a bad command
+    line fails the whole with the trainer's own message, after the others ran; a malformed
+    queue file is an error naming it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import dry_runs
+
+    small = ["--dry-run", "--num-layers", "2", "--num-attention-heads", "4", "--seq-length",
+             "16", "--micro-batch-size", "1", "--train-iters", "2", "--lr", "1e-3",
+             "--mock-data", "--vocab-size", "512"]  # fmt: skip
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    runs = [("== bad", "0", ["--hidden-size", "30"]), ("== good", "1", ["--hidden-size", "32"])]
+    for i, (header, keep, extra) in enumerate(runs):
+        (queue / f"{i:02d}").write_bytes("".join(f"{a}\0" for a in [header, keep, *small, *extra])
+                                         .encode())  # fmt: skip
+    assert dry_runs.main([str(queue)]) == 1
+    out, err = capsys.readouterr()
+    assert out.index("== bad") < out.index("== good")
+    assert out.split("== good\n")[1].startswith("raw tokens read:")  # its last line only
+    assert "--hidden-size 30 must be divisible by --num-attention-heads 4" in err
+    assert "dry run failed (exit 2): == bad" in err and "== good" not in err
+    (queue / "00").unlink()
+    assert dry_runs.main([str(queue)]) == 0
+    (queue / "02").write_bytes(b"no fields")
+    with pytest.raises(ValueError, match="02: not"):
+        dry_runs.main([str(queue)])
