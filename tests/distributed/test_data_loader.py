@@ -304,3 +304,41 @@ def test_a_sigkilled_trainer_leaves_no_worker(tmp_path):
         proc.kill()
         proc.wait()
     assert _gone(children, timeout=15), f"left running after SIGKILL: {_alive(children)}"
+
+
+class StallingDataset(PositionDataset):
+    """Big sample 3 takes a minute in a worker process (as a forked child deadlocked on a
+    lock would hang, but bounded, so that a loader without the watchdog fails the test rather
+    than hanging it); the trainer's process reads it as usual."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.trainer_pid = os.getpid()
+
+    def __getitem__(self, i: int):
+        if i == 3 and os.getpid() != self.trainer_pid:
+            time.sleep(60)
+        return super().__getitem__(i)
+
+
+def test_a_stalled_worker_dumps_its_stacks_and_the_trainer_reads_on(monkeypatch, capfd, caplog):
+    """A live worker that leaves its micro-batch unanswered past the stall timeout writes its
+    Python stacks to standard error (the stalled frame among them), is stopped with the
+    others, and the trainer reads that micro-batch and the rest itself: the same rows, the
+    same data position, a warning naming the worker and what to do."""
+    from tst.data import loader
+
+    monkeypatch.setattr(loader, "STALL_TIMEOUT_S", 2.0)
+    schedule = [B] * 6
+    want, want_states = _read(SampleStream(PositionDataset(7), L, B, 1, 0, 1), schedule)
+    stream = SampleStream(StallingDataset(7), L, B, 1, 0, 1)
+    stream.start_workers(2, schedule)
+    pids = stream.worker_pids
+    with caplog.at_level("WARNING", logger="tst.data.loader"):
+        got, states = _read(stream, schedule)
+    assert _same(got, want) and states == want_states
+    assert stream._loader is None and _gone(pids)
+    assert "gave no micro-batch in 2 s while alive" in caplog.text
+    assert "--num-workers 0" in caplog.text
+    err = capfd.readouterr().err
+    assert "test_data_loader.py" in err and "in __getitem__" in err, err[-3000:]

@@ -16,12 +16,20 @@ separate server process that could outlive it) and set torch to one thread befor
 They ignore SIGINT / SIGTERM / SIGUSR1: the trainer owns those (it saves at the next step,
 then stops them). A worker ends when the loader stops it (end of the run, an error,
 interpreter exit) or, within a second, when the trainer is gone (even SIGKILLed).
+
+A worker that is alive but gives no answer for ``stall_timeout_s`` (a micro-batch takes
+milliseconds to read; a forked child can deadlock on a lock another of the trainer's threads
+held at the fork) is not waited on forever: it writes its Python stacks to standard error
+(faulthandler, on a signal of its own), the loader stops, and the trainer reads its data itself
+from then on (the same rows; ``--num-workers 0`` does so from the start), saying so.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import faulthandler
+import logging
 import multiprocessing
 import os
 import signal
@@ -34,10 +42,17 @@ import torch
 
 from tst.processes import STOP_SIGNALS, exit_with_parent
 
-__all__ = ["MicroBatchLoader"]
+__all__ = ["STALL_TIMEOUT_S", "MicroBatchLoader"]
+
+logger = logging.getLogger(__name__)
 
 _WATCH_INTERVAL_S = 1.0
 _STOP_TIMEOUT_S = 5.0
+STALL_TIMEOUT_S = 120.0
+"""How long a live worker may leave a micro-batch unanswered before the trainer reads it."""
+# A worker writes its Python stacks to standard error on this signal (the trainer's stop
+# signals are ignored there, and the test harness's ranks use SIGRTMIN + 3 for their own).
+_STACKS_SIGNAL = signal.SIGRTMIN + 4
 
 
 class _Failure:
@@ -53,6 +68,8 @@ def _work(reader, tasks, results, trainer_pid: int) -> None:
     for sig in STOP_SIGNALS:  # the trainer's to answer (SIGUSR2 too: --exit-signal SIGUSR2)
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)  # a forked child must not enter the parent's thread pool
+    # Written straight to the file descriptor, no Python lock taken: works in a stuck worker.
+    faulthandler.register(_STACKS_SIGNAL, file=2, all_threads=True)
     exit_with_parent(trainer_pid, poll_s=_WATCH_INTERVAL_S, exit_code=0)
     while True:
         try:
@@ -72,12 +89,18 @@ class MicroBatchLoader:
     """Reads the micro-batches named by ``keys`` in ``num_workers`` forked processes."""
 
     def __init__(
-        self, reader, keys: Iterator[tuple[int, int]], num_workers: int, prefetch_factor: int = 2
+        self,
+        reader,
+        keys: Iterator[tuple[int, int]],
+        num_workers: int,
+        prefetch_factor: int = 2,
+        stall_timeout_s: float | None = None,  # None: STALL_TIMEOUT_S
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"--num-workers must be >= 1 for a loader, got {num_workers}")
         context = multiprocessing.get_context("fork")
         self._keys = keys
+        self.stall_timeout_s = STALL_TIMEOUT_S if stall_timeout_s is None else stall_timeout_s
         self._workers, self._tasks, self._results = [], [], []
         for index in range(num_workers):
             task_read, task_write = context.Pipe(duplex=False)
@@ -113,7 +136,8 @@ class MicroBatchLoader:
 
     def get(self, first: int, bag_size: int) -> torch.Tensor | None:
         """The rows of key ``(first, bag_size)``, or None when the next micro-batch read
-        ahead is another one (or none is left): the caller then reads it and stops us."""
+        ahead is another one (or none is left), or its worker has stalled: the caller then
+        reads it and stops us."""
         if not self._open or not self._pending:
             return None
         worker, key = self._pending.popleft()
@@ -121,6 +145,7 @@ class MicroBatchLoader:
             return None
         connection = self._results[worker]
         process = self._workers[worker]
+        deadline = time.monotonic() + self.stall_timeout_s
         while not connection.poll():
             if not process.is_alive() and not connection.poll():
                 self.close()
@@ -128,6 +153,9 @@ class MicroBatchLoader:
                     f"data loader worker {worker} (pid {process.pid}) died (exit code "
                     f"{process.exitcode}): rerun with --num-workers 0 to read in the trainer"
                 )
+            if time.monotonic() > deadline:
+                self._stalled(worker, process)
+                return None
             wait([connection, process.sentinel], timeout=_WATCH_INTERVAL_S)
         got, item = connection.recv()
         assert got == key, (got, key)  # each worker answers its keys in order
@@ -136,6 +164,23 @@ class MicroBatchLoader:
             raise item.error
         self._send_next()
         return torch.from_numpy(item)
+
+    def _stalled(self, worker: int, process) -> None:
+        """A live worker left its micro-batch unanswered too long: its stacks to standard
+        error, a warning, and the loader stops (the caller reads the rows itself)."""
+        with contextlib.suppress(OSError):  # gone in the meantime
+            os.kill(process.pid, _STACKS_SIGNAL)
+        time.sleep(0.5)  # the dump is a few writes
+        logger.warning(
+            "data loader worker %d (pid %d) gave no micro-batch in %.0f s while alive (its "
+            "Python stacks are above, on standard error): the workers are stopped and this "
+            "rank reads its data itself from now on (the same rows; --num-workers 0 does so "
+            "from the start)",
+            worker,
+            process.pid,
+            self.stall_timeout_s,
+        )
+        self.close()
 
     def close(self) -> None:
         """Stop and join the workers (idempotent)."""
