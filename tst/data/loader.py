@@ -65,11 +65,12 @@ class _Failure:
 
 def _work(reader, tasks, results, trainer_pid: int) -> None:
     """A worker: read each key's rows until told to stop (``None``) or the trainer is gone."""
+    # First, so that a worker stuck anywhere after the fork can still show where: written
+    # straight to the file descriptor, no Python lock taken.
+    faulthandler.register(_STACKS_SIGNAL, file=2, all_threads=True)
     for sig in STOP_SIGNALS:  # the trainer's to answer (SIGUSR2 too: --exit-signal SIGUSR2)
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)  # a forked child must not enter the parent's thread pool
-    # Written straight to the file descriptor, no Python lock taken: works in a stuck worker.
-    faulthandler.register(_STACKS_SIGNAL, file=2, all_threads=True)
     exit_with_parent(trainer_pid, poll_s=_WATCH_INTERVAL_S, exit_code=0)
     while True:
         try:
