@@ -185,11 +185,17 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """``main`` as the command line runs it: its exit status, or, for the project's errors
+    (inputs exit 2, failed runs 3) and other ValueErrors (2), their message (it names the cause
+    and the fix) on standard error and their code. Anything else is a bug and keeps its
+    traceback."""
     try:
-        sys.exit(main())
-    # The project's errors (inputs exit 2, failed runs 3) and other ValueErrors (2): the
-    # message names the cause and the fix. Anything else is a bug and keeps its traceback.
+        return main(argv)
     except (TSTError, ValueError) as error:
         print(f"pretrain_tst.py: error: {error}", file=sys.stderr)
-        sys.exit(exit_code(error))
+        return exit_code(error)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

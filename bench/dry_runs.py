@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     sys.path.insert(0, ROOT)
     import pretrain_tst
-    from tst.errors import TSTError, exit_code
 
     failed = []
     for header, keep, run_argv in read_queue(args[0]):
@@ -52,14 +51,11 @@ def main(argv: list[str] | None = None) -> int:
         out = io.StringIO()
         try:
             with contextlib.redirect_stdout(out):
-                rc = pretrain_tst.main(run_argv)
-        except SystemExit as stop:  # argparse and the trainer's own exits
-            rc = stop.code if isinstance(stop.code, int) else 1
-            if stop.code not in (None, 0) and not isinstance(stop.code, int):
+                rc = pretrain_tst.cli(run_argv)  # errors reported as the command line does
+        except SystemExit as stop:  # argparse's exits: a number, None (0) or a message (1)
+            rc = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
+            if not isinstance(stop.code, int | None):
                 print(stop.code, file=sys.stderr)
-        except (TSTError, ValueError) as error:  # as pretrain_tst.py reports them
-            rc = exit_code(error)
-            print(f"pretrain_tst.py: error: {error}", file=sys.stderr)
         except Exception:  # a bug: its traceback
             rc = 1
             traceback.print_exc()
