@@ -342,3 +342,72 @@ def test_a_stalled_worker_dumps_its_stacks_and_the_trainer_reads_on(monkeypatch,
     assert "--num-workers 0" in caplog.text
     err = capfd.readouterr().err
     assert "test_data_loader.py" in err and "in __getitem__" in err, err[-3000:]
+
+
+def _stuck_at_start(monkeypatch, tmp_path, forks_to_block: int) -> None:
+    """Block the first ``forks_to_block`` forked workers before they say they are ready, as a
+    child deadlocked in the interpreter's after-fork code is (python/cpython#112275); bounded,
+    so that a loader without the restart fails the test rather than hanging it. Each blocked
+    worker writes its pid to a file of ``tmp_path`` (see :func:`_blocked_pids`)."""
+    from tst.data import loader
+
+    real = loader.exit_with_parent
+
+    def exit_with_parent(*args, **kwargs):
+        for k in range(forks_to_block):
+            try:  # the first children to claim a slot block: one slot each
+                fd = os.open(tmp_path / f"blocked{k}", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            time.sleep(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "exit_with_parent", exit_with_parent)
+    monkeypatch.setattr(loader, "START_TIMEOUT_S", 1.0)
+
+
+def _blocked_pids(tmp_path) -> list[int]:
+    return [int(p.read_text()) for p in sorted(tmp_path.glob("blocked*"))]
+
+
+def test_a_worker_stuck_at_its_fork_is_forked_again(monkeypatch, tmp_path, caplog):
+    """A worker that does not say it is ready within START_TIMEOUT_S is killed and forked
+    again; the loader then serves every micro-batch (the rows and positions of the trainer's
+    own reads) and stops every worker at the end, the stuck one too."""
+    _stuck_at_start(monkeypatch, tmp_path, forks_to_block=1)
+    want, want_states = _read(SampleStream(PositionDataset(7), L, B, 2, 0, 1), SCHEDULE)
+    stream = SampleStream(PositionDataset(7), L, B, 2, 0, 1)
+    with caplog.at_level("WARNING", logger="tst.data.loader"):
+        stream.start_workers(2, SCHEDULE)
+        pids = stream.worker_pids
+        got, states = _read(stream, SCHEDULE)
+    assert _same(got, want) and states == want_states
+    assert stream._loader is not None  # the workers served every request
+    (stuck,) = _blocked_pids(tmp_path)
+    assert len(pids) == 2 and stuck not in pids and _gone([stuck])
+    assert "was not ready 1 s after its fork" in caplog.text, caplog.text
+    assert "forked it again (fork 2 of 3)" in caplog.text and "#112275" in caplog.text
+    stream.close()
+    assert _gone(pids)
+
+
+def test_workers_stuck_at_every_fork_leave_the_reading_to_the_trainer(
+    monkeypatch, tmp_path, caplog
+):
+    """After three forks of a worker that never gets ready the loader stops: the rank reads
+    its data itself (the same rows and positions) and says so; no worker is left."""
+    _stuck_at_start(monkeypatch, tmp_path, forks_to_block=6)  # 2 workers x 3 forks
+    schedule = [B] * 4
+    want, want_states = _read(SampleStream(PositionDataset(7), L, B, 1, 0, 1), schedule)
+    stream = SampleStream(PositionDataset(7), L, B, 1, 0, 1)
+    with caplog.at_level("WARNING", logger="tst.data.loader"):
+        stream.start_workers(2, schedule)
+        got, states = _read(stream, schedule)
+    assert _same(got, want) and states == want_states
+    assert stream.worker_pids == [] and stream._loader is None
+    blocked = _blocked_pids(tmp_path)
+    assert len(blocked) == 6 and _gone(blocked)
+    assert caplog.text.count("fork 2 of 3") == 2 and caplog.text.count("fork 3 of 3") == 2
+    assert "this rank reads its data itself" in caplog.text

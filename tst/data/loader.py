@@ -22,6 +22,14 @@ milliseconds to read; a forked child can deadlock on a lock another of the train
 held at the fork) is not waited on forever: it writes its Python stacks to standard error
 (faulthandler, on a signal of its own), the loader stops, and the trainer reads its data itself
 from then on (the same rows; ``--num-workers 0`` does so from the start), saying so.
+
+A worker answers once it is set up, before any key is sent. One that has not answered within
+``START_TIMEOUT_S`` is killed and forked again (``_START_TRIES`` forks in all, then the trainer
+reads). The case seen: CPython 3.8-3.11 releases older than the fix of python/cpython#112275
+(3.11.7 here; 3.12 has the fix) can deadlock a forked child in their own after-fork code,
+before any Python line runs, when another thread of the trainer held the interpreter's
+thread-state lock at the fork (caught here with gdb, about once in 10,000 forks of a test
+rank, an evaluation loader's); a second fork does not meet it.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import torch
 
 from tst.processes import STOP_SIGNALS, exit_with_parent
 
-__all__ = ["STALL_TIMEOUT_S", "MicroBatchLoader"]
+__all__ = ["START_TIMEOUT_S", "STALL_TIMEOUT_S", "MicroBatchLoader"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +58,11 @@ _WATCH_INTERVAL_S = 1.0
 _STOP_TIMEOUT_S = 5.0
 STALL_TIMEOUT_S = 120.0
 """How long a live worker may leave a micro-batch unanswered before the trainer reads it."""
+START_TIMEOUT_S = 20.0
+"""How long a new worker may take to say it is ready (milliseconds, normally) before it is
+forked again."""
+_START_TRIES = 3
+_READY = "ready"
 # A worker writes its Python stacks to standard error on this signal (the trainer's stop
 # signals are ignored there, and the test harness's ranks use SIGRTMIN + 3 for their own).
 _STACKS_SIGNAL = signal.SIGRTMIN + 4
@@ -72,6 +85,7 @@ def _work(reader, tasks, results, trainer_pid: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)  # a forked child must not enter the parent's thread pool
     exit_with_parent(trainer_pid, poll_s=_WATCH_INTERVAL_S, exit_code=0)
+    results.send(_READY)
     while True:
         try:
             key = tasks.recv()
@@ -99,32 +113,90 @@ class MicroBatchLoader:
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"--num-workers must be >= 1 for a loader, got {num_workers}")
-        context = multiprocessing.get_context("fork")
+        self._context = multiprocessing.get_context("fork")
+        self._reader = reader
         self._keys = keys
         self.stall_timeout_s = STALL_TIMEOUT_S if stall_timeout_s is None else stall_timeout_s
-        self._workers, self._tasks, self._results = [], [], []
-        for index in range(num_workers):
-            task_read, task_write = context.Pipe(duplex=False)
-            result_read, result_write = context.Pipe(duplex=False)
-            worker = context.Process(
-                target=_work, args=(reader, task_read, result_write, os.getpid()),
-                name=f"tst-data-worker-{index}", daemon=True,
-            )  # fmt: skip
-            worker.start()
-            task_read.close()  # the worker's ends: a dead worker then reads as EOF here
-            result_write.close()
-            self._workers.append(worker)
-            self._tasks.append(task_write)
-            self._results.append(result_read)
-        self.worker_pids = [w.pid for w in self._workers]
+        self._workers: list = [None] * num_workers
+        self._tasks: list = [None] * num_workers
+        self._results: list = [None] * num_workers
         self._pending: deque[tuple[int, tuple[int, int]]] = deque()  # (worker, key), in order
         self._sent = 0
         self._open = True
-        for _ in range(num_workers * prefetch_factor):
-            self._send_next()
         # Before multiprocessing's own exit hook, which would wait for daemonic workers
         # that ignore SIGTERM.
         atexit.register(self.close)
+        for index in range(num_workers):
+            self._fork(index)
+        self._await_ready()
+        self.worker_pids = [w.pid for w in self._workers] if self._open else []
+        for _ in range(num_workers * prefetch_factor if self._open else 0):
+            self._send_next()
+
+    def _fork(self, index: int) -> None:
+        """Start worker ``index`` (again) with pipes of its own."""
+        task_read, task_write = self._context.Pipe(duplex=False)
+        result_read, result_write = self._context.Pipe(duplex=False)
+        worker = self._context.Process(
+            target=_work, args=(self._reader, task_read, result_write, os.getpid()),
+            name=f"tst-data-worker-{index}", daemon=True,
+        )  # fmt: skip
+        worker.start()
+        task_read.close()  # the worker's ends: a dead worker then reads as EOF here
+        result_write.close()
+        self._workers[index], self._tasks[index], self._results[index] = (
+            worker, task_write, result_read,
+        )  # fmt: skip
+
+    def _await_ready(self) -> None:
+        """Wait for every worker's ready message; fork again those that give none within
+        ``START_TIMEOUT_S`` (see the module's docstring), ``_START_TRIES`` forks in all; after
+        that the loader stops and the rank reads its data itself."""
+        waiting = list(range(len(self._workers)))
+        for attempt in range(1, _START_TRIES + 1):
+            deadline = time.monotonic() + START_TIMEOUT_S
+            waiting = [index for index in waiting if not self._ready(index, deadline)]
+            if not waiting:
+                return
+            for index in waiting:
+                pid = self._workers[index].pid
+                self._workers[index].kill()
+                self._workers[index].join(_STOP_TIMEOUT_S)
+                self._tasks[index].close()
+                self._results[index].close()
+                if attempt < _START_TRIES:
+                    self._fork(index)
+                logger.warning(
+                    "data loader worker %d (pid %d) was not ready %.0f s after its fork (a "
+                    "child blocked before its first Python line: CPython 3.11 and older can "
+                    "deadlock there when another thread held the interpreter's thread-state "
+                    "lock at the fork, python/cpython#112275): %s",
+                    index,
+                    pid,
+                    START_TIMEOUT_S,
+                    f"forked it again (fork {attempt + 1} of {_START_TRIES})"
+                    if attempt < _START_TRIES
+                    else "the workers are stopped and this rank reads its data itself (the "
+                    "same rows; --num-workers 0 does so from the start)",
+                )
+        self.close()
+
+    def _ready(self, index: int, deadline: float) -> bool:
+        """Whether worker ``index`` said it is ready by ``deadline`` (raises if it died)."""
+        connection, process = self._results[index], self._workers[index]
+        while not connection.poll(max(0.0, min(_WATCH_INTERVAL_S, deadline - time.monotonic()))):
+            if not process.is_alive() and not connection.poll():
+                self.close()
+                raise RuntimeError(
+                    f"data loader worker {index} (pid {process.pid}) died at its start (exit "
+                    f"code {process.exitcode}): rerun with --num-workers 0 to read in the "
+                    "trainer"
+                )
+            if time.monotonic() >= deadline:
+                return False
+        message = connection.recv()
+        assert message == _READY, message
+        return True
 
     def _send_next(self) -> None:
         key = next(self._keys, None)
@@ -190,10 +262,12 @@ class MicroBatchLoader:
         self._open = False
         atexit.unregister(self.close)
         for tasks in self._tasks:
-            with contextlib.suppress(OSError):  # that worker is gone already
+            with contextlib.suppress(OSError, AttributeError):  # gone already, or never forked
                 tasks.send(None)
         deadline = time.time() + _STOP_TIMEOUT_S
         for worker, results in zip(self._workers, self._results, strict=True):
+            if worker is None:  # its fork failed
+                continue
             # A worker blocked sending a result it read ahead finishes once it is drained.
             while worker.is_alive() and time.time() < deadline:
                 if results.poll(0.05):
@@ -203,4 +277,5 @@ class MicroBatchLoader:
                 worker.kill()
             worker.join(_STOP_TIMEOUT_S)
         for connection in self._tasks + self._results:
-            connection.close()
+            if connection is not None:
+                connection.close()
