@@ -524,8 +524,9 @@ def iso_reading(baselines: list[tuple[int, float, float | None]], loss: float, i
     """The baseline steps that reach ``loss`` (:func:`reproduce.iso_loss` over the baselines'
     (steps, mean loss, seed spread)), and the speed-up over ``iters``; None with a note where
     the baselines cannot say: their losses flat within the seeds' spread from the shortest to
-    the longest (a data-limited model: more steps no longer lower its held-out loss), or a
-    reading extrapolated beyond half the shortest or twice the longest baseline."""
+    the longest (a data-limited model: more steps no longer lower its held-out loss), a reading
+    extrapolated along two baselines that are level within their spread, or one extrapolated
+    beyond half the shortest or twice the longest baseline."""
     pts = sorted(baselines)
     (x0, y0, s0), (x1, y1, s1) = pts[0], pts[-1]
     spreads = [s for s in (s0, s1) if s is not None]
@@ -535,6 +536,15 @@ def iso_reading(baselines: list[tuple[int, float, float | None]], loss: float, i
                 f"{x1:,} (seed spread {max(spreads):.4f})"}  # fmt: skip
     iso = rp.iso_loss([(x, y) for x, y, _ in pts], loss)
     steps = iso["iterations"]
+    if iso["extrapolated"]:  # along the nearest segment: it must have a slope to extend
+        above = loss > y0
+        (xa, ya, sa), (xb, yb, sb) = pts[:2] if above else pts[-2:]
+        level = [s for s in (sa, sb) if s is not None]
+        if level and ya - yb <= max(level):
+            bound = f"< {x0:,}" if above else f"> {x1:,}"
+            return {**none, "iso_note": f"{bound} steps (the {'shortest' if above else 'longest'}"
+                    f" two baselines are level, {ya:.4f} at {xa:,} and {yb:.4f} at {xb:,}: no "
+                    "slope to extend)"}  # fmt: skip
     if steps is not None and iso["extrapolated"] and not x0 / 2 <= steps <= 2 * x1:
         bound = f"> {2 * x1:,}" if steps > x1 else f"< {x0 // 2:,}"
         return {**none, "iso_note": f"{bound} steps (beyond the baselines' reach)"}

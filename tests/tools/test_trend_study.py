@@ -394,5 +394,22 @@ def test_iso_reading_says_when_the_baselines_cannot_tell():
     far = ts.iso_reading(falling, 4.0, 20)  # 0.7 below the longest: far past it
     assert far["iso_loss_steps"] is None and far["iso_note"] == "> 80 steps (beyond the " \
         "baselines' reach)"  # fmt: skip
+    # With the 2x baseline (4.2139 ± 0.0006 at 40,000): the multi-stage arm's 4.2315 lies
+    # between the 1.5x and 2x baselines; bag 4's 4.2494, above the 1x one, is not extended
+    # along the level 20k-30k pair (that gave "< 10,000 steps").
+    group = [(20000, 4.2432, 0.0137), (30000, 4.2427, 0.0043), (40000, 4.2139, 0.0006)]
+    inside = ts.iso_reading(group, 4.2315, 20000)
+    t = (4.2315 - 4.2427) / (4.2139 - 4.2427)
+    want = math.exp(math.log(30000) + t * (math.log(40000) - math.log(30000)))
+    assert inside["iso_loss_steps"] == pytest.approx(want, rel=1e-9)
+    assert not inside["iso_extrapolated"] and 33000 < want < 34000
+    above = ts.iso_reading(group, 4.2494, 20000)
+    assert above["iso_loss_steps"] is None and above["iso_note"].startswith(
+        "< 20,000 steps (the shortest two baselines are level, 4.2432 at 20,000 and 4.2427 at "
+        "30,000"
+    )
+    below = ts.iso_reading([(20, 5.0, 0.01), (30, 4.8, 0.02), (40, 4.79, 0.02)], 4.78, 20)
+    assert below["iso_loss_steps"] is None and below["iso_note"].startswith("> 40 steps (the "
+                                                                            "longest two")  # fmt: skip
     one_seed = ts.iso_reading([(20, 5.0, None), (30, 4.99, None)], 5.0, 20)
     assert one_seed["iso_loss_steps"] == pytest.approx(20)  # no spread to judge by
