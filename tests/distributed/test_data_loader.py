@@ -411,3 +411,32 @@ def test_workers_stuck_at_every_fork_leave_the_reading_to_the_trainer(
     assert len(blocked) == 6 and _gone(blocked)
     assert caplog.text.count("fork 2 of 3") == 2 and caplog.text.count("fork 3 of 3") == 2
     assert "this rank reads its data itself" in caplog.text
+
+
+class DyingDataset(PositionDataset):
+    """A worker process exits at big sample 3 (as one killed by the OOM killer would)."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__(n)
+        self.trainer_pid = os.getpid()
+
+    def __getitem__(self, i: int):
+        if i == 3 and os.getpid() != self.trainer_pid:
+            os._exit(7)
+        return super().__getitem__(i)
+
+
+def test_a_worker_that_dies_stops_the_run_with_its_exit_code(monkeypatch):
+    """A dead worker is an error naming it, its exit code and --num-workers 0, whether it died
+    reading or before it was ready; no worker is left."""
+    from tst.data import loader
+
+    stream = SampleStream(DyingDataset(7), L, B, 1, 0, 1)
+    stream.start_workers(2, [B] * 6)
+    pids = stream.worker_pids
+    with pytest.raises(RuntimeError, match=r"died \(exit code 7\): rerun with --num-workers 0"):
+        _read(stream, [B] * 6)
+    assert _gone(pids)
+    monkeypatch.setattr(loader, "exit_with_parent", lambda *args, **kwargs: os._exit(5))
+    with pytest.raises(RuntimeError, match=r"died at its start \(exit code 5\): rerun with"):
+        SampleStream(PositionDataset(7), L, B, 1, 0, 1).start_workers(2, [B] * 6)

@@ -63,6 +63,10 @@ START_TIMEOUT_S = 20.0
 forked again."""
 _START_TRIES = 3
 _READY = "ready"
+_READS_ITSELF = (
+    "the workers are stopped and this rank reads its data itself from now on (the same rows; "
+    "--num-workers 0 does so from the start)"
+)
 # A worker writes its Python stacks to standard error on this signal (the trainer's stop
 # signals are ignored there, and the test harness's ranks use SIGRTMIN + 3 for their own).
 _STACKS_SIGNAL = signal.SIGRTMIN + 4
@@ -176,27 +180,35 @@ class MicroBatchLoader:
                     START_TIMEOUT_S,
                     f"forked it again (fork {attempt + 1} of {_START_TRIES})"
                     if attempt < _START_TRIES
-                    else "the workers are stopped and this rank reads its data itself (the "
-                    "same rows; --num-workers 0 does so from the start)",
+                    else _READS_ITSELF,
                 )
         self.close()
 
     def _ready(self, index: int, deadline: float) -> bool:
         """Whether worker ``index`` said it is ready by ``deadline`` (raises if it died)."""
+        message = self._receive(index, deadline, " at its start")
+        assert message in (None, _READY), message
+        return message is not None
+
+    def _receive(self, index: int, deadline: float, when: str):
+        """Worker ``index``'s next answer, or None once ``deadline`` passes; a worker that
+        died first (its pipe at its end) stops the loader with an error naming it."""
         connection, process = self._results[index], self._workers[index]
-        while not connection.poll(max(0.0, min(_WATCH_INTERVAL_S, deadline - time.monotonic()))):
+        while not connection.poll():
             if not process.is_alive() and not connection.poll():
-                self.close()
-                raise RuntimeError(
-                    f"data loader worker {index} (pid {process.pid}) died at its start (exit "
-                    f"code {process.exitcode}): rerun with --num-workers 0 to read in the "
-                    "trainer"
-                )
+                break
             if time.monotonic() >= deadline:
-                return False
-        message = connection.recv()
-        assert message == _READY, message
-        return True
+                return None
+            wait([connection, process.sentinel], timeout=_WATCH_INTERVAL_S)
+        else:
+            with contextlib.suppress(EOFError):  # the worker's end closed: it died
+                return connection.recv()
+        process.join(_STOP_TIMEOUT_S)
+        self.close()
+        raise RuntimeError(
+            f"data loader worker {index} (pid {process.pid}) died{when} (exit code "
+            f"{process.exitcode}): rerun with --num-workers 0 to read in the trainer"
+        )
 
     def _send_next(self) -> None:
         key = next(self._keys, None)
@@ -216,21 +228,11 @@ class MicroBatchLoader:
         worker, key = self._pending.popleft()
         if key != (first, bag_size):
             return None
-        connection = self._results[worker]
-        process = self._workers[worker]
-        deadline = time.monotonic() + self.stall_timeout_s
-        while not connection.poll():
-            if not process.is_alive() and not connection.poll():
-                self.close()
-                raise RuntimeError(
-                    f"data loader worker {worker} (pid {process.pid}) died (exit code "
-                    f"{process.exitcode}): rerun with --num-workers 0 to read in the trainer"
-                )
-            if time.monotonic() > deadline:
-                self._stalled(worker, process)
-                return None
-            wait([connection, process.sentinel], timeout=_WATCH_INTERVAL_S)
-        got, item = connection.recv()
+        answer = self._receive(worker, time.monotonic() + self.stall_timeout_s, "")
+        if answer is None:
+            self._stalled(worker, self._workers[worker])
+            return None
+        got, item = answer
         assert got == key, (got, key)  # each worker answers its keys in order
         if isinstance(item, _Failure):
             self.close()
@@ -246,12 +248,11 @@ class MicroBatchLoader:
         time.sleep(0.5)  # the dump is a few writes
         logger.warning(
             "data loader worker %d (pid %d) gave no micro-batch in %.0f s while alive (its "
-            "Python stacks are above, on standard error): the workers are stopped and this "
-            "rank reads its data itself from now on (the same rows; --num-workers 0 does so "
-            "from the start)",
+            "Python stacks are above, on standard error): %s",
             worker,
             process.pid,
             self.stall_timeout_s,
+            _READS_ITSELF,
         )
         self.close()
 
