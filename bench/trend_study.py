@@ -520,6 +520,16 @@ def analyse(
     return rows
 
 
+def _level(shorter: tuple[int, float, float | None], longer: tuple[int, float, float | None]):
+    """The larger seed spread of two baselines (steps, mean loss, spread) where the longer one's
+    loss is not below the shorter one's by more than it (more steps bought nothing the seeds
+    can tell), else None (also where neither has a spread: one seed each)."""
+    spreads = [s for s in (shorter[2], longer[2]) if s is not None]
+    if spreads and shorter[1] - longer[1] <= max(spreads):
+        return max(spreads)
+    return None
+
+
 def iso_reading(baselines: list[tuple[int, float, float | None]], loss: float, iters: int) -> dict:
     """The baseline steps that reach ``loss`` (:func:`reproduce.iso_loss` over the baselines'
     (steps, mean loss, seed spread)), and the speed-up over ``iters``; None with a note where
@@ -528,19 +538,18 @@ def iso_reading(baselines: list[tuple[int, float, float | None]], loss: float, i
     extrapolated along two baselines that are level within their spread, or one extrapolated
     beyond half the shortest or twice the longest baseline."""
     pts = sorted(baselines)
-    (x0, y0, s0), (x1, y1, s1) = pts[0], pts[-1]
-    spreads = [s for s in (s0, s1) if s is not None]
+    (x0, y0, _), (x1, y1, _) = pts[0], pts[-1]
     none = {"iso_loss_steps": None, "iso_extrapolated": False, "speedup": None}
-    if spreads and y0 - y1 <= max(spreads):
+    spread = _level(pts[0], pts[-1])
+    if spread is not None:
         return {**none, "iso_note": f"baselines flat: {y0:.4f} at {x0:,} steps, {y1:.4f} at "
-                f"{x1:,} (seed spread {max(spreads):.4f})"}  # fmt: skip
+                f"{x1:,} (seed spread {spread:.4f})"}  # fmt: skip
     iso = rp.iso_loss([(x, y) for x, y, _ in pts], loss)
     steps = iso["iterations"]
     if iso["extrapolated"]:  # along the nearest segment: it must have a slope to extend
         above = loss > y0
-        (xa, ya, sa), (xb, yb, sb) = pts[:2] if above else pts[-2:]
-        level = [s for s in (sa, sb) if s is not None]
-        if level and ya - yb <= max(level):
+        (xa, ya, _), (xb, yb, _) = segment = pts[:2] if above else pts[-2:]
+        if _level(*segment) is not None:
             bound = f"< {x0:,}" if above else f"> {x1:,}"
             return {**none, "iso_note": f"{bound} steps (the {'shortest' if above else 'longest'}"
                     f" two baselines are level, {ya:.4f} at {xa:,} and {yb:.4f} at {xb:,}: no "
