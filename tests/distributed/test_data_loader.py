@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -388,9 +389,33 @@ def test_a_worker_stuck_at_its_fork_is_forked_again(monkeypatch, tmp_path, caplo
     (stuck,) = _blocked_pids(tmp_path)
     assert len(pids) == 2 and stuck not in pids and _gone([stuck])
     assert "was not ready 1 s after its fork" in caplog.text, caplog.text
+    # what /proc showed of it: asleep (in time.sleep here), next to no CPU used
+    assert re.search(
+        r"\(it was sleeping( in \w+)?, 0\.\d\d s of CPU since its fork; a child", caplog.text
+    )
     assert "forked it again (fork 2 of 3)" in caplog.text and "#112275" in caplog.text
     stream.close()
     assert _gone(pids)
+
+
+def test_process_state_tells_a_slow_start_from_a_blocked_one():
+    """The start warning's diagnosis, from /proc: a busy child has used CPU, a sleeping one
+    none; a process that is gone gives nothing (and no error)."""
+    from tst.data.loader import _process_state
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    asleep = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(2.0)  # the busy one gets a share of a core even on a loaded machine
+        seen_busy, seen_asleep = _process_state(busy.pid), _process_state(asleep.pid)
+    finally:
+        for child in (busy, asleep):
+            child.kill()
+            child.wait()
+    busy_cpu = re.fullmatch(r"running, (\d+\.\d\d) s of CPU since its fork", seen_busy)
+    assert busy_cpu and float(busy_cpu[1]) >= 0.1, seen_busy
+    assert re.fullmatch(r"sleeping( in \w+)?, 0\.0\d s of CPU since its fork", seen_asleep)
+    assert _process_state(busy.pid) == ""
 
 
 def test_workers_stuck_at_every_fork_leave_the_reading_to_the_trainer(

@@ -104,6 +104,25 @@ def _work(reader, tasks, results, trainer_pid: int) -> None:
         results.send((key, item))
 
 
+def _process_state(pid: int) -> str:
+    """What Linux's /proc says of process ``pid``: its state, the kernel function it waits
+    in and the CPU time it used, e.g. "sleeping in futex_wait_queue, 0.00 s of CPU since its
+    fork"; "" where /proc cannot say (another OS, the process gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # from field 3: the name may hold spaces
+        with open(f"/proc/{pid}/wchan") as f:
+            wchan = f.read().strip()
+    except (OSError, IndexError):
+        return ""
+    states = {"R": "running", "S": "sleeping", "D": "in uninterruptible sleep", "T": "stopped"}
+    cpu_s = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    where = f" in {wchan}" if wchan not in ("", "0") else ""
+    return (
+        f"{states.get(fields[0], 'state ' + fields[0])}{where}, {cpu_s:.2f} s of CPU since its fork"
+    )
+
+
 class MicroBatchLoader:
     """Reads the micro-batches named by ``keys`` in ``num_workers`` forked processes."""
 
@@ -164,6 +183,7 @@ class MicroBatchLoader:
                 return
             for index in waiting:
                 pid = self._workers[index].pid
+                seen = _process_state(pid)
                 self._workers[index].kill()
                 self._workers[index].join(_STOP_TIMEOUT_S)
                 self._tasks[index].close()
@@ -171,13 +191,15 @@ class MicroBatchLoader:
                 if attempt < _START_TRIES:
                     self._fork(index)
                 logger.warning(
-                    "data loader worker %d (pid %d) was not ready %.0f s after its fork (a "
-                    "child blocked before its first Python line: CPython 3.11 and older can "
-                    "deadlock there when another thread held the interpreter's thread-state "
-                    "lock at the fork, python/cpython#112275): %s",
+                    "data loader worker %d (pid %d) was not ready %.0f s after its fork (%sa "
+                    "child blocked before its first Python line, asleep with no CPU used: "
+                    "CPython 3.11 and older can deadlock there when another thread held the "
+                    "interpreter's thread-state lock at the fork, python/cpython#112275; one "
+                    "that used CPU was slow instead, on a loaded machine): %s",
                     index,
                     pid,
                     START_TIMEOUT_S,
+                    f"it was {seen}; " if seen else "",
                     f"forked it again (fork {attempt + 1} of {_START_TRIES})"
                     if attempt < _START_TRIES
                     else _READS_ITSELF,
