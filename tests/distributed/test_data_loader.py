@@ -307,18 +307,18 @@ def test_a_sigkilled_trainer_leaves_no_worker(tmp_path):
     assert _gone(children, timeout=15), f"left running after SIGKILL: {_alive(children)}"
 
 
-class StallingDataset(PositionDataset):
-    """Big sample 3 takes a minute in a worker process (as a forked child deadlocked on a
-    lock would hang, but bounded, so that a loader without the watchdog fails the test rather
-    than hanging it); the trainer's process reads it as usual."""
+class TrappedDataset(PositionDataset):
+    """Reading big sample 3 in a worker process first calls ``trap`` (a stall, a death); the
+    trainer's process reads it as usual."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, trap) -> None:
         super().__init__(n)
+        self.trap = trap
         self.trainer_pid = os.getpid()
 
     def __getitem__(self, i: int):
         if i == 3 and os.getpid() != self.trainer_pid:
-            time.sleep(60)
+            self.trap()
         return super().__getitem__(i)
 
 
@@ -332,7 +332,9 @@ def test_a_stalled_worker_dumps_its_stacks_and_the_trainer_reads_on(monkeypatch,
     monkeypatch.setattr(loader, "STALL_TIMEOUT_S", 2.0)
     schedule = [B] * 6
     want, want_states = _read(SampleStream(PositionDataset(7), L, B, 1, 0, 1), schedule)
-    stream = SampleStream(StallingDataset(7), L, B, 1, 0, 1)
+    # A minute's sleep in the worker, as a forked child deadlocked on a lock would hang, but
+    # bounded, so that a loader without the watchdog fails the test rather than hanging it.
+    stream = SampleStream(TrappedDataset(7, lambda: time.sleep(60)), L, B, 1, 0, 1)
     stream.start_workers(2, schedule)
     pids = stream.worker_pids
     with caplog.at_level("WARNING", logger="tst.data.loader"):
@@ -438,25 +440,13 @@ def test_workers_stuck_at_every_fork_leave_the_reading_to_the_trainer(
     assert "this rank reads its data itself" in caplog.text
 
 
-class DyingDataset(PositionDataset):
-    """A worker process exits at big sample 3 (as one killed by the OOM killer would)."""
-
-    def __init__(self, n: int) -> None:
-        super().__init__(n)
-        self.trainer_pid = os.getpid()
-
-    def __getitem__(self, i: int):
-        if i == 3 and os.getpid() != self.trainer_pid:
-            os._exit(7)
-        return super().__getitem__(i)
-
-
 def test_a_worker_that_dies_stops_the_run_with_its_exit_code(monkeypatch):
     """A dead worker is an error naming it, its exit code and --num-workers 0, whether it died
     reading or before it was ready; no worker is left."""
     from tst.data import loader
 
-    stream = SampleStream(DyingDataset(7), L, B, 1, 0, 1)
+    # The worker exits at big sample 3, as one killed by the OOM killer would.
+    stream = SampleStream(TrappedDataset(7, lambda: os._exit(7)), L, B, 1, 0, 1)
     stream.start_workers(2, [B] * 6)
     pids = stream.worker_pids
     with pytest.raises(RuntimeError, match=r"died \(exit code 7\): rerun with --num-workers 0"):
