@@ -284,13 +284,18 @@ class MicroBatchLoader:
             return
         self._open = False
         atexit.unregister(self.close)
-        for tasks in self._tasks:
-            with contextlib.suppress(OSError, AttributeError):  # gone already, or never forked
+        forked = [
+            (worker, tasks, results)
+            for worker, tasks, results in zip(
+                self._workers, self._tasks, self._results, strict=True
+            )
+            if worker is not None  # a fork that failed left its slot empty
+        ]
+        for _, tasks, _ in forked:
+            with contextlib.suppress(OSError):  # that worker is gone already
                 tasks.send(None)
         deadline = time.time() + _STOP_TIMEOUT_S
-        for worker, results in zip(self._workers, self._results, strict=True):
-            if worker is None:  # its fork failed
-                continue
+        for worker, _, results in forked:
             # A worker blocked sending a result it read ahead finishes once it is drained.
             while worker.is_alive() and time.time() < deadline:
                 if results.poll(0.05):
@@ -299,6 +304,6 @@ class MicroBatchLoader:
             if worker.is_alive():
                 worker.kill()
             worker.join(_STOP_TIMEOUT_S)
-        for connection in self._tasks + self._results:
-            if connection is not None:
-                connection.close()
+        for _, tasks, results in forked:
+            tasks.close()
+            results.close()
