@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -80,6 +81,19 @@ def test_child_traceback_reaches_the_failure(world2):
     with pytest.raises(RankFailure, match=r"(?s)ranks \[1\].*ValueError: rank one says no"):
         world2.run(_fail_on_rank_one)
     assert world2.closed  # a failed world is not reused: peers may be mid-collective
+
+
+def _exit_on_rank_one() -> None:
+    if dist.get_rank() == 1:
+        os._exit(3)
+
+
+def test_a_rank_that_ends_fails_the_world_at_once(world2):
+    """A rank that ends without answering (a crash, os._exit) is reported with its exit code
+    when it ends, not as a hang when the timeout (here 10 minutes) runs out."""
+    with pytest.raises(RankFailure, match=r"ranks \[1\] ended without an answer.*rank 1: 3;"):
+        world2.run(_exit_on_rank_one, timeout_s=600)
+    assert world2.closed
 
 
 def test_a_hang_times_out_and_takes_what_the_rank_started_along(tmp_path):
