@@ -1,4 +1,4 @@
-"""Shared fixtures: spawned gloo worlds of 2 and 4 ranks, one of each per test session."""
+"""Shared fixtures: gloo worlds of 2 and 4 ranks, one of each at a time per test session."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ _WORLDS: dict[int, ProcessWorld] = {}
 _USES: dict[int, int] = {}
 # A world's ranks keep the gloo threads of the layouts their tests set up (megatron-core
 # holds on to some of its groups; hundreds of idle polling threads per rank slowed the whole
-# suite): a world serves this many tests, then fresh processes take over (a few seconds).
+# suite): a world serves this many tests, then fresh processes take over (forked from a preloaded server: a fraction of a second).
 TESTS_PER_WORLD = int(os.environ.get("TST_TESTS_PER_WORLD", "6"))
 
 

@@ -104,9 +104,9 @@ def _worker(
 def _context():
     """multiprocessing's forkserver, its server preloaded with what the ranks import
     (``world_preload``): a rank forks from it in a fraction of a second instead of importing
-    torch, megatron-core and the trainer again (a world of 4 ranks: ~0.2 s instead of ~5 s and
-    ~20 CPU-seconds alone on 2 cores, the suite's ~40 worlds competing with its tests for the
-    cores). The server is one process per test session, started with the first world (it
+    torch, megatron-core and the trainer again (a world of 4 ranks: ~0.1 s instead of ~5 s and
+    ~9 CPU-seconds alone on 2 cores; the suite's ~40 worlds' set-ups went from ~320 s to ~60 s
+    of its summed test time). The server is one process per test session, started with the first world (it
     keeps that moment's environment and ``sys.path``: the ranks set what they need
     themselves). Forked from a process with no thread of its own but OpenBLAS's idle one, a
     rank starts as a spawned one did, with no process group, device or patch yet."""
@@ -145,7 +145,7 @@ def _reset_parallel_state() -> None:
 
 
 class ProcessWorld:
-    """``world_size`` spawned gloo ranks that run test bodies on request."""
+    """``world_size`` gloo ranks that run test bodies on request."""
 
     def __init__(self, world_size: int, timeout_s: float = DEFAULT_TIMEOUT_S):
         import torch.distributed as dist

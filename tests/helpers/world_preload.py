@@ -1,9 +1,9 @@
 """What a test world's ranks import, imported once: the preload of the server process the
 ranks are forked from (see ``distributed.ProcessWorld``).
 
-Importing torch, megatron-core and the trainer costs a spawned process about 2 CPU-seconds
-(6 s of wall time on a busy core); a rank forked from a process that has imported them starts
-in a fraction of a second. ``import tst`` comes first: it arms megatron-core's first import
+Importing torch, megatron-core and the trainer costs a spawned process about 2 s alone on a
+2-core machine (several times that when the cores are busy); a rank forked from a process
+that has imported them starts in a fraction of a second. ``import tst`` comes first: it arms megatron-core's first import
 (``tst.megatron_import``: its fusions not compiled without CUDA, the module graph kept out of
 the collector's reach), which the ranks would otherwise inherit done the other way.
 Nothing here starts a thread, a process group or a device: what a rank sets up it sets up
