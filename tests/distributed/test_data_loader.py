@@ -455,3 +455,28 @@ def test_a_worker_that_dies_stops_the_run_with_its_exit_code(monkeypatch):
     monkeypatch.setattr(loader, "exit_with_parent", lambda *args, **kwargs: os._exit(5))
     with pytest.raises(RuntimeError, match=r"died at its start \(exit code 5\): rerun with"):
         SampleStream(PositionDataset(7), L, B, 1, 0, 1).start_workers(2, [B] * 6)
+
+
+def test_a_failed_fork_is_an_error_that_names_the_fix_and_leaves_no_worker(monkeypatch):
+    """fork(2) failing for the second worker (EAGAIN: out of processes) is an error naming the
+    worker, the cause and --num-workers 0; the worker forked before it is stopped right away,
+    not left until the process exits."""
+    import errno
+
+    real_fork, forks = os.fork, []
+
+    def fork():
+        forks.append(1)
+        if len(forks) == 2:
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        return real_fork()
+
+    before = {child.pid for child in psutil.Process().children()}
+    monkeypatch.setattr(os, "fork", fork)
+    stream = SampleStream(PositionDataset(7), L, B, 1, 0, 1)
+    with pytest.raises(RuntimeError, match=r"could not fork data loader worker 1 \(\[Errno 11\] "
+                       r"Resource temporarily unavailable\).*--num-workers 0"):  # fmt: skip
+        stream.start_workers(2, [B] * 6)
+    monkeypatch.undo()
+    assert len(forks) == 2 and stream.worker_pids == []
+    assert {child.pid for child in psutil.Process().children()} <= before  # worker 0 stopped

@@ -164,7 +164,17 @@ class MicroBatchLoader:
             target=_work, args=(self._reader, task_read, result_write, os.getpid()),
             name=f"tst-data-worker-{index}", daemon=True,
         )  # fmt: skip
-        worker.start()
+        try:
+            worker.start()
+        except OSError as error:  # fork(2) failed: out of processes (EAGAIN) or memory
+            for end in (task_read, task_write, result_read, result_write):
+                end.close()
+            self.close()  # the workers forked before this one stop now, not at exit
+            raise RuntimeError(
+                f"could not fork data loader worker {index} ({error}): the machine is out of "
+                f"processes or memory; use fewer --num-workers, or --num-workers 0 to read in "
+                f"the trainer"
+            ) from error
         task_read.close()  # the worker's ends: a dead worker then reads as EOF here
         result_write.close()
         self._workers[index], self._tasks[index], self._results[index] = (
