@@ -2,8 +2,8 @@
 
 A :class:`ProcessWorld` starts its ranks once (forked from a server process that has
 imported megatron-core and the trainer: see :func:`_context`) and then runs any number of
-test bodies in them: ``world.run(fn,
-*args)`` calls ``fn(*args)`` on every rank and returns the per-rank results. A failure on
+test bodies in them: ``world.run(fn, *args)`` calls ``fn(*args)`` on every rank and returns
+the per-rank results. A failure on
 any rank raises :class:`RankFailure` carrying that rank's traceback; a body that does not
 finish within the timeout (a hang in a collective, say) kills the world and raises
 ``TimeoutError``; the next ``run`` then finds the world closed and the fixture builds a new
@@ -42,15 +42,15 @@ class RankFailure(AssertionError):
 def _worker(
     rank: int, world_size: int, port: int, tasks, results, stacks: str, environ: dict
 ) -> None:
-    # The environment of the process that made the world, as a spawned rank would have it
-    # (a forked one has the fork server's, from the moment the server started).
-    os.environ.clear()
-    os.environ.update(environ)
     # First of all: a rank stuck in start-up (waiting in init_process_group for a peer that
     # never comes) must not outlive the test session either. Its parent is the fork server,
     # which ends when the session's process does (multiprocessing's forkserver exits at EOF of
     # its pipe from that process).
     _exit_with_parent(os.getppid())
+    # The environment of the process that made the world, as a spawned rank would have it
+    # (a forked one has the fork server's, from the moment the server started).
+    os.environ.clear()
+    os.environ.update(environ)
     # STACKS_SIGNAL writes every thread's stack to ``stacks``: what a hung rank was doing goes
     # into the parent's TimeoutError.
     faulthandler.register(STACKS_SIGNAL, file=open(stacks, "w"), all_threads=True)  # noqa: SIM115
@@ -106,9 +106,9 @@ def _context():
     (``world_preload``): a rank forks from it in a fraction of a second instead of importing
     torch, megatron-core and the trainer again (a world of 4 ranks: ~0.1 s instead of ~5 s and
     ~9 CPU-seconds alone on 2 cores; the suite's ~40 worlds' set-ups went from ~320 s to ~60 s
-    of its summed test time). The server is one process per test session, started with the first world (it
-    keeps that moment's environment and ``sys.path``: the ranks set what they need
-    themselves). Forked from a process with no thread of its own but OpenBLAS's idle one, a
+    of its summed test time). The server is one process per test session, started with the
+    first world (it keeps that moment's environment and ``sys.path``: the ranks set what they
+    need themselves). Forked from a process with no thread of its own but OpenBLAS's idle one, a
     rank starts as a spawned one did, with no process group, device or patch yet."""
     from multiprocessing import forkserver
 
