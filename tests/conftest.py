@@ -24,7 +24,8 @@ _WORLDS: dict[int, ProcessWorld] = {}
 _USES: dict[int, int] = {}
 # A world's ranks keep the gloo threads of the layouts their tests set up (megatron-core
 # holds on to some of its groups; hundreds of idle polling threads per rank slowed the whole
-# suite): a world serves this many tests, then fresh processes take over (forked from a preloaded server: a fraction of a second).
+# suite): a world serves this many tests, then fresh processes take over (forked from a
+# preloaded server: a fraction of a second).
 TESTS_PER_WORLD = int(os.environ.get("TST_TESTS_PER_WORLD", "6"))
 
 
