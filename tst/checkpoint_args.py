@@ -89,6 +89,8 @@ def _saved_config(root: str, step: int | None, flag: str):
     if iteration is None:
         return None, None
     path = checkpointing.checkpoint_dir(root, iteration)
+    if checkpointing.legacy_checkpoint.is_legacy(path):
+        return _megatron_args(path), path
     if not os.path.isfile(os.path.join(path, "metadata.json")):
         raise ConfigError(f"--use-checkpoint-args: {path} is missing or incomplete")
     from tst.export.loading import config_from_dict
@@ -100,6 +102,41 @@ def _saved_config(root: str, step: int | None, flag: str):
             "not saved by this trainer: drop --use-checkpoint-args and give the model flags"
         )
     return config_from_dict(saved["config"]), path
+
+
+class _SavedArgs:
+    """Megatron-LM's saved arguments (an ``argparse.Namespace``) seen as this trainer's saved
+    Config: every section reads the same flat namespace (the fields here carry Megatron-LM's
+    names); an argument it lacks, or one that is not plain data, reads as not given."""
+
+    _PLAIN = (bool, int, float, str, list, tuple, type(None))
+
+    def __init__(self, args):
+        self._args = args
+        self.model = self.moe = self.data = self.parallel = self
+
+    def __getattr__(self, name):  # only for names not set above
+        value = getattr(self._args, name, None)
+        return value if isinstance(value, self._PLAIN) else None
+
+
+def _megatron_args(path: str) -> _SavedArgs:
+    """The arguments a Megatron-LM legacy checkpoint was saved with (its first rank file's
+    ``args``)."""
+    from tst import legacy_checkpoint
+
+    folder = legacy_checkpoint.rank_folders(path)[0]
+    file = os.path.join(path, folder, legacy_checkpoint.FILE)
+    try:
+        args = legacy_checkpoint.read(file).get("args")
+    except legacy_checkpoint.LegacyCheckpointError as error:
+        raise ConfigError(f"--use-checkpoint-args: {error}") from None
+    if args is None or not hasattr(args, "num_layers"):
+        raise ConfigError(
+            f"--use-checkpoint-args: {file} holds no saved arguments: drop "
+            "--use-checkpoint-args and give the model flags"
+        )
+    return _SavedArgs(args)
 
 
 def apply_checkpoint_args(values: dict[str, dict], given: set[str]) -> None:

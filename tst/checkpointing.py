@@ -25,6 +25,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
+from tst import legacy_checkpoint
 from tst.errors import RunError
 
 __all__ = ["TRACKER", "checkpoint_dir", "finalize_async_saves", "find_checkpoint", "latest_iteration",
@@ -54,8 +55,25 @@ class CheckpointError(RunError):
     """A checkpoint that cannot be loaded; the message names the files and the fix."""
 
 
+# A Megatron-LM "release" checkpoint (legacy format; its tracker says "release").
+RELEASE = -1
+
+
 def checkpoint_dir(root: str, iteration: int) -> str:
+    if iteration == RELEASE:
+        return os.path.join(root, legacy_checkpoint.RELEASE)
     return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def is_complete(path: str) -> bool:
+    """Whether ``path`` holds a finished checkpoint: this trainer's (dist_checkpointing's
+    metadata.json) or a Megatron-LM legacy one (its per-rank folders)."""
+    return os.path.isfile(os.path.join(path, "metadata.json")) or legacy_checkpoint.is_legacy(path)
+
+
+def is_legacy(root: str, iteration: int) -> bool:
+    """Whether ``root``'s checkpoint of ``iteration`` is in Megatron-LM's legacy format."""
+    return legacy_checkpoint.is_legacy(checkpoint_dir(root, iteration))
 
 
 def latest_iteration(root: str) -> int:
@@ -68,11 +86,19 @@ def latest_iteration(root: str) -> int:
         )
     with open(tracker) as f:
         text = f.read().strip()
+    if text == legacy_checkpoint.RELEASE:
+        path = checkpoint_dir(root, RELEASE)
+        if not legacy_checkpoint.is_legacy(path):
+            raise CheckpointError(
+                f"{tracker} names a release checkpoint but {path} holds none (no mp_rank_* "
+                "folders): restore that directory or point the tracker at an iteration"
+            )
+        return RELEASE
     if not text.isdigit():
         raise CheckpointError(f"{tracker} holds {text!r}, not an iteration number")
     iteration = int(text)
     path = checkpoint_dir(root, iteration)
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
+    if not is_complete(path):
         raise CheckpointError(
             f"{tracker} names iteration {iteration} but {path} is missing or incomplete "
             "(no metadata.json); restore that directory or point the tracker at an older one"
@@ -557,11 +583,11 @@ def finalize_async_saves(async_queue, blocking: bool) -> list[int]:
 def step_iteration(root: str, iteration: int) -> int:
     """``--ckpt-step``: that iteration's checkpoint under ``root``, which must be complete."""
     path = checkpoint_dir(root, iteration)
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
+    if not is_complete(path):
         finished = sorted(
             int(name[len("iter_"):]) for name in (os.listdir(root) if os.path.isdir(root) else [])
             if name.startswith("iter_") and name[len("iter_"):].isdigit()
-            and os.path.isfile(os.path.join(root, name, "metadata.json"))
+            and is_complete(os.path.join(root, name))
         )  # fmt: skip
         raise CheckpointError(
             f"--ckpt-step {iteration}: {root} holds no complete checkpoint of that iteration "
@@ -596,6 +622,13 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     else:
         iteration = step_iteration(root, iteration)
     path = checkpoint_dir(root, iteration)
+    if legacy_checkpoint.is_legacy(path):
+        if optimizer is not None:  # the trainer asks for the weights only (see Trainer.load)
+            raise CheckpointError(
+                f"checkpoint {path} is in Megatron-LM's legacy format: its weights are read, "
+                "not its optimizer state: pass --finetune"
+            )
+        return _load_legacy(path, chunks, iteration, report)
     verify(path)
     template = _sharded_model_state(chunks)
     saved_tensors = dist_checkpointing.load_tensors_metadata(path)
@@ -643,6 +676,33 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer, state["optimizer"])
     return state["common"]  # the non-sharded entries come back with the sharded ones
+
+
+def _load_legacy(path: str, chunks, iteration: int, report) -> dict:
+    """The weights of Megatron-LM legacy checkpoint ``path`` into ``chunks``
+    (:mod:`tst.legacy_checkpoint`); the common state says the iteration and ``legacy``."""
+    from megatron.core import parallel_state as ps
+
+    experts = any(getattr(chunk.config, "num_moe_experts", None) for chunk in chunks)
+    ep = ps.get_expert_model_parallel_world_size() if experts else 1
+    try:
+        saved = legacy_checkpoint.load(
+            path, chunks, ps.get_tensor_model_parallel_rank(),
+            ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_expert_model_parallel_rank() if experts else 0, ep,
+        )  # fmt: skip
+    except legacy_checkpoint.LegacyCheckpointError as error:
+        raise CheckpointError(str(error)) from None
+    if iteration == RELEASE:
+        saved["iteration"] = 0  # Megatron-LM's iteration of a release checkpoint
+    report(
+        f"read the weights of {path} (Megatron-LM's legacy torch format, checkpoint version "
+        f"{saved['checkpoint_version']}"
+        + ("; its optimizer state is not read" if saved["optimizer"] else "")
+        + "; Transformer Engine FP8 scaling history, if any, starts fresh)"
+    )
+    return {"iteration": saved["iteration"], "legacy": True}
 
 
 def optimizer_layout(distributed: bool, tp: int, pp: int, vpp, ep: int, etp: int,

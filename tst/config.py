@@ -1390,7 +1390,9 @@ class RunConfig:
     ckpt_convert_save: str | None = _f(None, "Where --ckpt-convert-format writes its copy.")
     ckpt_format: str = _f(
         "torch_dist",
-        "Checkpoint format (megatron-core dist_checkpointing).",
+        "Format of saved checkpoints: torch_dist (megatron-core dist_checkpointing); torch "
+        "(Megatron-LM's legacy one) saves torch_dist too, with a warning. Legacy checkpoints "
+        "are read whatever the value (their weights: --finetune).",
         choices=["torch_dist", "torch", "zarr", "fsdp_dtensor"],
     )
     async_save: bool = _f(
@@ -1551,11 +1553,20 @@ class RunConfig:
             "give --override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler, not both",
         )
         _require(
-            self.ckpt_format == "torch_dist",
+            self.ckpt_format in ("torch_dist", "torch"),
             f"--ckpt-format {self.ckpt_format} is not supported: checkpoints are megatron-core "
             "dist_checkpointing's torch_dist format (resumable under any TP / PP / DP layout); "
             "drop the flag or use --ckpt-format torch_dist",
         )
+        if self.ckpt_format == "torch" and self.save:
+            warnings.warn(
+                "--ckpt-format torch: checkpoints are saved in torch_dist, megatron-core "
+                "dist_checkpointing's format (resumable under any TP / PP / DP layout; "
+                "Megatron-LM reads it too), not in the legacy per-rank files; legacy "
+                "checkpoints are read wherever given (--load with --finetune, "
+                "--pretrained-checkpoint), whatever --ckpt-format says",
+                stacklevel=2,
+            )
         _require(
             not self.finetune or self.load or self.pretrained_checkpoint,
             "--finetune loads the weights of --load: give --load CHECKPOINT_DIR",

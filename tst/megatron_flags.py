@@ -83,7 +83,11 @@ ACCEPTED: dict[str, Flag] = {
     ),
     "--log-progress": Flag(0, "progress is in the log and the metrics file already"),
     "--log-world-size-to-tensorboard": Flag(0, "the layout is printed and in run_manifest.json"),
-    "--auto-detect-ckpt-format": Flag(0, "checkpoints are always torch_dist: nothing to detect"),
+    "--auto-detect-ckpt-format": Flag(
+        0,
+        "a checkpoint's format is always detected (torch_dist, "
+        "or the legacy torch format's weights)",
+    ),
     "--enable-experimental": Flag(0, "megatron-core's experimental features are not gated here"),
     "--tensorboard-queue-size": Flag(1, "TensorBoard events are flushed at every log line"),
     "--log-throughput": Flag(0, "TFLOP/s per device and MFU are always logged"),

@@ -955,6 +955,7 @@ class Trainer:
                 )
             self.writer.print(f"--load {run.load}: no checkpoint there yet; starting from scratch")
             return
+        finetune, how = self._legacy_start(source, finetune, how)
         weights_only = finetune or run.no_load_optim
         common = checkpointing.load(source, self.raw_chunks,
                                     None if weights_only else self.optimizer,
@@ -1004,6 +1005,28 @@ class Trainer:
                else "")
         )  # fmt: skip
 
+    def _legacy_start(self, source: str, finetune: bool, how: str) -> tuple[bool, str]:
+        """A Megatron-LM legacy checkpoint (``--ckpt-format torch``: what Megatron-LM's
+        converter writes) starts a run from its weights, never resumes one: its optimizer,
+        scheduler and data position are another trainer's. Its "release" form loads that way
+        by itself (as in Megatron-LM); any other needs --finetune or
+        --pretrained-checkpoint."""
+        run = self.cfg.run
+        step = run.ckpt_step if source == run.load else None
+        iteration = checkpointing.latest_iteration(source) if step is None else step
+        if finetune or not checkpointing.is_legacy(source, iteration):
+            return finetune, how
+        path = checkpointing.checkpoint_dir(source, iteration)
+        if iteration == checkpointing.RELEASE:
+            return True, f"--load {source}: a release checkpoint (weights only, as Megatron-LM)"
+        raise checkpointing.CheckpointError(
+            f"--load {source}: {path} is a Megatron-LM checkpoint in the legacy torch format "
+            "(mp_rank_* folders). Its weights can start this run but not resume it (its "
+            "optimizer state, LR schedule and data position are Megatron-LM's): pass "
+            f"--finetune, or --pretrained-checkpoint {source} with --load and --save naming "
+            "this run's own folder (a relaunch then resumes from there)"
+        )
+
     def _upcycle(self) -> None:
         """--moe-use-upcycling: build the dense model this MoE run grows from (every MoE
         layer's MLP dense, --moe-ffn-hidden-size x granularity wide, the rest as here), load
@@ -1041,7 +1064,13 @@ class Trainer:
         )  # fmt: skip
         dense = build_model_chunks(config, shape, self.plan.vpp, self.layout.device, meta=True)
         path = checkpointing.checkpoint_path(run.load, run.ckpt_step)
-        source = checkpointing.saved_common_state(path).get("config", {}).get("model", {})
+        # (A Megatron-LM legacy checkpoint has no saved config: an MoE one fails the load
+        # below, its expert weights named as what the dense model lacks.)
+        source = (
+            {}
+            if checkpointing.legacy_checkpoint.is_legacy(path)
+            else checkpointing.saved_common_state(path).get("config", {}).get("model", {})
+        )
         if source.get("num_experts"):
             raise checkpointing.CheckpointError(
                 f"--moe-use-upcycling: {path} is an MoE checkpoint ({source['num_experts']} "

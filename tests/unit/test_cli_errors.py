@@ -87,7 +87,7 @@ REFUSED = [
     (["--num-experts", "4", "--moe-use-upcycling", "--load", "d", "--save", "s", "--finetune"], 1, r"--moe-use-upcycling loads the dense weights itself"),  # noqa: E501
     (["--skip-train", "--eval-iters", "0"], 1, r"--skip-train only evaluates: give --eval-iters > 0"),
     (["--exit-on-missing-checkpoint"], 1, r"--exit-on-missing-checkpoint applies to --load"),
-    (["--ckpt-format", "torch"], 1, r"--ckpt-format torch is not supported"),
+    (["--ckpt-format", "zarr"], 1, r"--ckpt-format zarr is not supported"),
     (["--overlap-param-gather"], 1, r"--overlap-param-gather needs --use-distributed-optimizer"),
     (["--recompute-granularity", "full"], 1, r"--recompute-granularity full needs --recompute-method"),  # noqa: E501
     (["--recompute-granularity", "selective", "--recompute-modules", "attn"], 1, r"--recompute-modules: unknown \['attn'\]"),  # noqa: E501

@@ -77,7 +77,7 @@ def test_every_megatron_lm_flag_is_known():
 _ALIAS_VALUES = {
     "--rope-theta": "500000",
     "--wandb-name": "run-1",
-    "--dist-ckpt-format": "torch_dist",
+    "--dist-ckpt-format": "torch",
     "--tiktoken-special-tokens": "<pad>",
     "--persistent-save-interval": "500",
 }
@@ -94,8 +94,7 @@ def test_alias_configures_what_its_target_does(alias):
     target = ALIASES[alias] + ([value] if value else [])
     got, want = parse_args([*BASE, *extra]), parse_args([*BASE, *target])
     assert dataclasses.asdict(got) == dataclasses.asdict(want)
-    if alias != "--dist-ckpt-format":  # torch_dist, the only format, is the default
-        assert dataclasses.asdict(got) != dataclasses.asdict(parse_args(BASE))  # it changes
+    assert dataclasses.asdict(got) != dataclasses.asdict(parse_args(BASE))  # it changes
     if value:
         joined = parse_args([*BASE, f"{alias}={value}"])
         assert dataclasses.asdict(joined) == dataclasses.asdict(want)
