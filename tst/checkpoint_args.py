@@ -11,7 +11,8 @@ tokenizer does unless ``--no-use-tokenizer-model-from-checkpoint-args``. A ``--l
 checkpoint yet (a first launch) leaves the command line as it is, as Megatron-LM does.
 
 This trainer's checkpoints hold the run's whole configuration in their common state
-(``common["config"]``); what is taken is printed, one line.
+(``common["config"]``); Megatron-LM's (legacy or torch_dist) hold its arguments, read under
+the same names. What is taken is printed, one line.
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def _saved_config(root: str, step: int | None, flag: str):
     from tst.export.loading import config_from_dict
 
     saved = checkpointing.saved_common_state(path)
+    if "config" not in saved and hasattr(saved.get("args"), "num_layers"):
+        return _SavedArgs(saved["args"]), path  # saved by Megatron-LM: its arguments
     if "config" not in saved:
         raise ConfigError(
             f"--use-checkpoint-args: {path} holds no saved flags (common['config']), so it was "

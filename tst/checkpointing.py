@@ -9,6 +9,10 @@ A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed into place only af
 rank has finished writing; then the tracker file is replaced through a rename. A save
 killed at any moment leaves the previous checkpoint and tracker intact. Sharded tensors
 carry global names, so a checkpoint loads under another TP / PP layout.
+
+Another trainer's checkpoints start a run from their weights (--finetune): Megatron-LM's
+legacy per-rank files (:mod:`tst.legacy_checkpoint`, also as a "release" checkpoint) and
+torch_dist checkpoints Megatron-LM saved (:func:`megatron_lm_saved`).
 """
 
 from __future__ import annotations
@@ -629,7 +633,14 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
                 "not its optimizer state: pass --finetune"
             )
         return _load_legacy(path, chunks, iteration, report)
-    verify(path)
+    foreign = megatron_lm_saved(path)
+    if foreign and optimizer is not None:  # the trainer asks for the weights only
+        raise CheckpointError(
+            f"checkpoint {path} was saved by Megatron-LM: its weights are read, not its "
+            "optimizer state: pass --finetune"
+        )
+    if not foreign:
+        verify(path)
     template = _sharded_model_state(chunks)
     saved_tensors = dist_checkpointing.load_tensors_metadata(path)
     _check_shapes(template, path, saved_tensors)
@@ -675,6 +686,12 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
         with torch.no_grad():  # the distributed optimizer copies into leaf parameters
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer, state["optimizer"])
+    if foreign:
+        report(f"read the weights of {path} (a torch_dist checkpoint Megatron-LM saved, "
+               f"iteration {state.get('iteration')}; no manifest of this trainer's to check "
+               "its files against)")  # fmt: skip
+        iteration = state.get("iteration")
+        return {"iteration": iteration if isinstance(iteration, int) else 0, "megatron_lm": True}
     return state["common"]  # the non-sharded entries come back with the sharded ones
 
 
@@ -723,6 +740,38 @@ def optimizer_layout(distributed: bool, tp: int, pp: int, vpp, ep: int, etp: int
         if fully_reshardable:
             layout["mem_efficient"] = bool(mem_efficient)
     return layout
+
+
+def megatron_lm_saved(path: str) -> bool:
+    """Whether torch_dist checkpoint directory ``path`` was saved by Megatron-LM (or another
+    megatron-core trainer) rather than by this one: no manifest of this trainer's, and a
+    common state with Megatron-LM's entries (its arguments, iteration and checkpoint version)
+    instead of this trainer's ``common``. Its weights can start a run (--finetune); a
+    checkpoint of this trainer's that lost its manifest is still refused (:func:`verify`)."""
+    from megatron.core import dist_checkpointing
+
+    if legacy_checkpoint.is_legacy(path) or os.path.isfile(os.path.join(path, MANIFEST)):
+        return False
+    if not os.path.isfile(os.path.join(path, "metadata.json")):
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its deprecation notice
+            common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint {path}: its common state (common.pt) cannot be read "
+            f"({type(error).__name__}: {str(error)[:300]}); restore it"
+        ) from None
+    return isinstance(common, dict) and "common" not in common and "checkpoint_version" in common
+
+
+def is_foreign(root: str, iteration: int) -> bool:
+    """Whether ``root``'s checkpoint of ``iteration`` is another trainer's: Megatron-LM's
+    legacy format, or torch_dist saved by Megatron-LM. Such weights start a run; they never
+    resume one (no data position, TST phase or schedule of this trainer's)."""
+    path = checkpoint_dir(root, iteration)
+    return legacy_checkpoint.is_legacy(path) or megatron_lm_saved(path)
 
 
 def saved_common_state(path: str) -> dict:

@@ -122,9 +122,12 @@ def read(file: str) -> dict:
         raise LegacyCheckpointError(
             f"{file} is not a readable torch file ({type(error).__name__}: {error}): restore it"
         ) from None
-    stand_ins = [(_Unread, name) for name in names if name != "argparse.Namespace"]
+    allowed = [(_Unread, name) for name in names if name != "argparse.Namespace"]
+    # The context removes what it added on leaving: not what megatron-core registered.
+    if argparse.Namespace not in torch.serialization.get_safe_globals():
+        allowed.append(argparse.Namespace)
     try:
-        with torch.serialization.safe_globals([argparse.Namespace, *stand_ins]):
+        with torch.serialization.safe_globals(allowed):
             state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:
         blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", str(error))

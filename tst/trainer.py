@@ -955,7 +955,7 @@ class Trainer:
                 )
             self.writer.print(f"--load {run.load}: no checkpoint there yet; starting from scratch")
             return
-        finetune, how = self._legacy_start(source, finetune, how)
+        finetune, how = self._foreign_start(source, finetune, how)
         weights_only = finetune or run.no_load_optim
         common = checkpointing.load(source, self.raw_chunks,
                                     None if weights_only else self.optimizer,
@@ -1005,26 +1005,30 @@ class Trainer:
                else "")
         )  # fmt: skip
 
-    def _legacy_start(self, source: str, finetune: bool, how: str) -> tuple[bool, str]:
-        """A Megatron-LM legacy checkpoint (``--ckpt-format torch``: what Megatron-LM's
-        converter writes) starts a run from its weights, never resumes one: its optimizer,
-        scheduler and data position are another trainer's. Its "release" form loads that way
-        by itself (as in Megatron-LM); any other needs --finetune or
-        --pretrained-checkpoint."""
+    def _foreign_start(self, source: str, finetune: bool, how: str) -> tuple[bool, str]:
+        """Another trainer's checkpoint (Megatron-LM's legacy ``--ckpt-format torch``, what
+        its converter writes, or a torch_dist one Megatron-LM saved) starts a run from its
+        weights, never resumes one: its optimizer, scheduler and data position are another
+        trainer's. A legacy "release" checkpoint loads that way by itself (as in
+        Megatron-LM); any other needs --finetune or --pretrained-checkpoint."""
         run = self.cfg.run
         step = run.ckpt_step if source == run.load else None
         iteration = checkpointing.latest_iteration(source) if step is None else step
-        if finetune or not checkpointing.is_legacy(source, iteration):
+        if finetune or not checkpointing.is_foreign(source, iteration):
             return finetune, how
         path = checkpointing.checkpoint_dir(source, iteration)
         if iteration == checkpointing.RELEASE:
             return True, f"--load {source}: a release checkpoint (weights only, as Megatron-LM)"
+        kind = (
+            "a Megatron-LM checkpoint in the legacy torch format (mp_rank_* folders)"
+            if checkpointing.is_legacy(source, iteration)
+            else "a torch_dist checkpoint saved by Megatron-LM, not by this trainer"
+        )
         raise checkpointing.CheckpointError(
-            f"--load {source}: {path} is a Megatron-LM checkpoint in the legacy torch format "
-            "(mp_rank_* folders). Its weights can start this run but not resume it (its "
-            "optimizer state, LR schedule and data position are Megatron-LM's): pass "
-            f"--finetune, or --pretrained-checkpoint {source} with --load and --save naming "
-            "this run's own folder (a relaunch then resumes from there)"
+            f"--load {source}: {path} is {kind}. Its weights can start this run but not "
+            "resume it (its optimizer state, LR schedule and data position are Megatron-LM's):"
+            f" pass --finetune, or --pretrained-checkpoint {source} with --load and --save "
+            "naming this run's own folder (a relaunch then resumes from there)"
         )
 
     def _upcycle(self) -> None:

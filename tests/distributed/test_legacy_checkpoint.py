@@ -66,51 +66,91 @@ def _te_named(state: dict, moe: bool) -> dict:
     return out
 
 
-def _write_legacy(argv: list[str], folder: str, te: bool, release: bool) -> None:
-    """Load ``argv``'s --load (torch_dist) weights the trainer's way, then write them as a
-    Megatron-LM legacy checkpoint into ``folder`` instead of training."""
-    import torch.distributed as dist
+def _megatron_args(cfg, function: bool = True) -> argparse.Namespace:
+    """Arguments as Megatron-LM saves them; in a legacy file, a function among them (older
+    Megatron-LM versions pickled some; megatron-core's torch_dist reader would refuse one)."""
+    args = argparse.Namespace(
+        num_layers=4, hidden_size=32, ffn_hidden_size=cfg.model.resolved_ffn_hidden_size,
+        num_attention_heads=4, swiglu=True, normalization="RMSNorm",
+        position_embedding_type="rope", params_dtype=torch.float32,
+    )  # fmt: skip
+    if function:
+        args.activation_func = torch.nn.functional.silu
+    return args
+
+
+def _write_legacy(trainer, folder: str, te: bool, release: bool) -> None:
+    """``trainer``'s weights as Megatron-LM's legacy save writes them (its writers: the
+    first expert-data-parallel rank of each model-parallel rank)."""
     from megatron.core import parallel_state as ps
+
+    if ps.get_expert_data_parallel_rank() != 0:
+        return
+    name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
+    if ps.get_expert_model_parallel_world_size() > 1:
+        name += f"_{ps.get_expert_model_parallel_rank():03d}"
+    path = os.path.join(folder, "release" if release else "iter_0000007", name)
+    os.makedirs(path, exist_ok=True)
+    chunks, moe = trainer.raw_chunks, bool(trainer.cfg.model.num_experts)
+    state = {
+        "args": _megatron_args(trainer.cfg), "checkpoint_version": 3.0, "iteration": 7,
+        "num_floating_point_operations_so_far": 0,
+        "rng_state": [{"np_rng_state": np.random.get_state(),
+                       "torch_rng_state": torch.get_rng_state()}],
+        "optimizer": {"optimizer": {"state": {}}},
+    }  # fmt: skip
+    for i, chunk in enumerate(chunks):
+        weights = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                   for k, v in chunk.state_dict().items()}  # fmt: skip
+        state["model" if len(chunks) == 1 else f"model{i}"] = (
+            _te_named(weights, moe) if te else weights
+        )
+    torch.save(state, os.path.join(path, "model_optim_rng.pt"))
+
+
+def _write_torch_dist(trainer, folder: str) -> None:
+    """``trainer``'s weights as Megatron-LM's torch_dist save writes them: its state dict
+    (the model's sharded state with Megatron-LM's metadata, the arguments, iteration and
+    version beside it) through dist_checkpointing, no manifest of this trainer's."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    chunks = trainer.raw_chunks
+    metadata = {"singleton_local_shards": False,
+                "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}  # fmt: skip
+    state = {"args": _megatron_args(trainer.cfg, False), "checkpoint_version": 3.0, "iteration": 7,
+             "num_floating_point_operations_so_far": 0}  # fmt: skip
+    for i, chunk in enumerate(chunks):
+        key = "model" if len(chunks) == 1 else f"model{i}"
+        state[key] = chunk.sharded_state_dict(metadata=metadata)
+    path = os.path.join(folder, "iter_0000007")
+    os.makedirs(path, exist_ok=True)
+    dist_checkpointing.save(state, path, content_metadata={"singleton_local_shards": False})
+
+
+def _write_megatron(argv: list[str], folder: str, kind: str) -> None:
+    """Load ``argv``'s --load (torch_dist, this trainer's) weights the trainer's way, then
+    write them into ``folder`` as Megatron-LM would instead of training: ``kind`` "legacy",
+    "legacy-te-release" (TE names, a release folder) or "torch_dist"."""
+    import torch.distributed as dist
 
     from tst.trainer import Trainer
 
     original = Trainer.train
 
     def write(self):
-        if ps.get_expert_data_parallel_rank() == 0:  # Megatron-LM's writers
-            name = f"mp_rank_{ps.get_tensor_model_parallel_rank():02d}"
-            if ps.get_pipeline_model_parallel_world_size() > 1:
-                name += f"_{ps.get_pipeline_model_parallel_rank():03d}"
-            if ps.get_expert_model_parallel_world_size() > 1:
-                name += f"_{ps.get_expert_model_parallel_rank():03d}"
-            path = os.path.join(folder, "release" if release else "iter_0000007", name)
-            os.makedirs(path, exist_ok=True)
-            chunks = self.raw_chunks
-            moe = bool(self.cfg.model.num_experts)
-            state = {
-                "args": argparse.Namespace(
-                    num_layers=4, hidden_size=32, ffn_hidden_size=self.cfg.model.resolved_ffn_hidden_size,
-                    num_attention_heads=4, swiglu=True, normalization="RMSNorm",
-                    position_embedding_type="rope", activation_func=torch.nn.functional.silu,
-                    params_dtype=torch.float32,
-                ),
-                "checkpoint_version": 3.0, "iteration": 7,
-                "num_floating_point_operations_so_far": 0,
-                "rng_state": [{"np_rng_state": np.random.get_state(),
-                               "torch_rng_state": torch.get_rng_state()}],
-                "optimizer": {"optimizer": {"state": {}}},
-            }  # fmt: skip
-            for i, chunk in enumerate(chunks):
-                weights = {k: v.clone() if isinstance(v, torch.Tensor) else v
-                           for k, v in chunk.state_dict().items()}  # fmt: skip
-                state["model" if len(chunks) == 1 else f"model{i}"] = (
-                    _te_named(weights, moe) if te else weights
-                )
-            torch.save(state, os.path.join(path, "model_optim_rng.pt"))
+        os.makedirs(folder, exist_ok=True)
+        dist.barrier()
+        if kind == "torch_dist":
+            _write_torch_dist(self, folder)
+        else:
+            _write_legacy(self, folder, te=kind != "legacy", release=kind != "legacy")
         dist.barrier()
         if dist.get_rank() == 0:
             with open(os.path.join(folder, "latest_checkpointed_iteration.txt"), "w") as f:
-                f.write("release" if release else "7")
+                f.write("release" if kind == "legacy-te-release" else "7")
         dist.barrier()
         return 0
 
@@ -141,8 +181,10 @@ def _check_layout(world, tmp_path, layout: list[str], moe: bool) -> None:
     fresh = world.run(_losses, base + ["--save", pre, "--save-interval", "4"],
                       str(tmp_path / "fresh.jsonl"))[0]  # fmt: skip
     legacy, release = str(tmp_path / "legacy"), str(tmp_path / "release")
-    world.run(_write_legacy, base + ["--load", pre], legacy, False, False)
-    world.run(_write_legacy, base + ["--load", pre], release, True, True)
+    megatron = str(tmp_path / "megatron")
+    world.run(_write_megatron, base + ["--load", pre], legacy, "legacy")
+    world.run(_write_megatron, base + ["--load", pre], release, "legacy-te-release")
+    world.run(_write_megatron, base + ["--load", pre], megatron, "torch_dist")
     want = world.run(_losses, base + ["--load", pre, "--finetune"], str(tmp_path / "a.jsonl"))[0]
     assert want[0] < fresh[0] - 0.05  # the trained weights, not a fresh model
     got = world.run(_losses, base + ["--load", legacy, "--finetune", "--ckpt-format", "torch"],
@@ -159,9 +201,15 @@ def _check_layout(world, tmp_path, layout: list[str], moe: bool) -> None:
     ]  # fmt: skip
     got = world.run(_losses, flags, str(tmp_path / "d.jsonl"))[0]
     _same(got, want, "--pretrained-checkpoint --use-checkpoint-args")
-    # Resuming from one is refused, naming the fix.
-    message = world.run(_error, base + ["--load", legacy], str(tmp_path / "e.jsonl"))[0]
+    # A torch_dist checkpoint Megatron-LM saved (its common state, no manifest of ours).
+    got = world.run(_losses, base + ["--load", megatron, "--finetune"],
+                    str(tmp_path / "e.jsonl"))[0]  # fmt: skip
+    _same(got, want, "Megatron-LM torch_dist")
+    # Resuming from either is refused, naming the fix.
+    message = world.run(_error, base + ["--load", legacy], str(tmp_path / "f.jsonl"))[0]
     assert "legacy torch format" in message and "pass --finetune" in message, message
+    message = world.run(_error, base + ["--load", megatron], str(tmp_path / "g.jsonl"))[0]
+    assert "saved by Megatron-LM" in message and "pass --finetune" in message, message
 
 
 def test_legacy_checkpoint_at_tp2_pp2_with_tied_embeddings(world4, tmp_path):
@@ -171,14 +219,14 @@ def test_legacy_checkpoint_at_tp2_pp2_with_tied_embeddings(world4, tmp_path):
     # Another model-parallel layout: the per-rank files cannot serve it.
     message = world4.run(
         _error, BASE + ["--pipeline-model-parallel-size", "2", "--load", legacy, "--finetune"],
-        str(tmp_path / "f.jsonl"),
+        str(tmp_path / "h.jsonl"),
     )[0]  # fmt: skip
     assert "loads only at the sizes it was saved at" in message, message
     assert "mp_rank_00_000, mp_rank_00_001, mp_rank_01_000, mp_rank_01_001" in message, message
     # Another model shape: the tensors that differ are named.
     wider = BASE + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                     "--ffn-hidden-size", "96", "--load", legacy, "--finetune"]  # fmt: skip
-    message = world4.run(_error, wider, str(tmp_path / "g.jsonl"))[0]
+    message = world4.run(_error, wider, str(tmp_path / "i.jsonl"))[0]
     assert "shapes differ" in message and "linear_fc1.weight" in message, message
 
 

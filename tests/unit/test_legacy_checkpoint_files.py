@@ -41,7 +41,12 @@ def test_reading_runs_no_code_from_the_file(tmp_path):
                               hidden_size=32)  # fmt: skip
     state = {"args": args, "checkpoint_version": 3.0, "model": {"w": torch.ones(2)}}
     file = _save(str(tmp_path / "a" / legacy.FILE), state)
+    import megatron.core  # noqa: F401  (registers its safe globals, argparse.Namespace too)
+
+    before = set(map(str, torch.serialization.get_safe_globals()))
+    assert str(argparse.Namespace) in before
     got = legacy.read(file)
+    assert set(map(str, torch.serialization.get_safe_globals())) == before  # megatron-core's kept
     assert not os.path.exists(marker)
     assert torch.equal(got["model"]["w"], torch.ones(2)) and got["args"].hidden_size == 32
     # A file calling into os is refused outright.
