@@ -239,3 +239,27 @@ def test_legacy_checkpoint_at_pp2_vpp2_ep2_with_experts(world4, tmp_path):
     names = sorted(os.listdir(tmp_path / "legacy" / "iter_0000007"))
     assert names == ["mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000",
                      "mp_rank_00_001_001"]  # fmt: skip
+
+
+def _evaluated(argv: list[str], metrics: str) -> list[float]:
+    from trainer_runs import main_records
+
+    return [r["val_loss"] for r in main_records(argv, metrics) if "val_loss" in r]
+
+
+def test_moe_upcycling_from_a_legacy_dense_checkpoint(world2, tmp_path):
+    """--moe-use-upcycling grows a Megatron-LM legacy dense checkpoint (a converted Llama's
+    form) into experts at EP 2 (its file is the dense one of EP 1): every expert is its
+    layer's MLP, so the held-out loss is the dense model's (rel 1e-5)."""
+    dense, legacy = str(tmp_path / "dense"), str(tmp_path / "legacy")
+    base = BASE + ["--ffn-hidden-size", "32"]
+    world2.run(_losses, base + ["--save", dense, "--save-interval", "4"],
+               str(tmp_path / "d.jsonl"))  # fmt: skip
+    world2.run(_write_megatron, base + ["--load", dense], legacy, "legacy")
+    evaluate = base + ["--skip-train", "--eval-iters", "2"]
+    want = world2.run(_evaluated, evaluate + ["--load", dense], str(tmp_path / "w.jsonl"))[0]
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+           "--expert-model-parallel-size", "2", "--moe-use-upcycling", "--load", legacy,
+           "--save", str(tmp_path / "moe")]  # fmt: skip
+    got = world2.run(_evaluated, evaluate + moe, str(tmp_path / "g.jsonl"))[0]
+    assert len(want) == 1 and got == pytest.approx(want, rel=1e-5), (got, want)

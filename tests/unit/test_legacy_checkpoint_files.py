@@ -162,3 +162,13 @@ def test_ckpt_format_torch_is_accepted_and_saving_it_warns():
         UserWarning, match="--ckpt-format torch: checkpoints are saved in torch_dist"
     ):
         parse_args([*base, "--ckpt-format", "torch", "--save", "s"])
+
+
+def test_the_exporter_names_a_legacy_checkpoint(tmp_path):
+    from tst.export import ExportError
+    from tst.export.loading import resolve_checkpoint
+
+    os.makedirs(tmp_path / "iter_0000001" / "mp_rank_00")
+    (tmp_path / checkpointing.TRACKER).write_text("1")
+    with pytest.raises(ExportError, match="is a Megatron-LM legacy checkpoint"):
+        resolve_checkpoint(str(tmp_path))

@@ -71,6 +71,12 @@ def resolve_checkpoint(load: str, iteration: int | None = None) -> tuple[str, in
     if iteration is None:
         iteration = checkpointing.latest_iteration(load)
     path = checkpointing.checkpoint_dir(load, iteration)
+    if checkpointing.legacy_checkpoint.is_legacy(path):
+        raise ExportError(
+            f"--load {load}: {path} is a Megatron-LM legacy checkpoint (mp_rank_* folders): the "
+            "exporter reads this trainer's checkpoints; start a run from it (pretrain_tst.py "
+            "--finetune) and export that, or convert it with Megatron-LM's tools"
+        )
     if not os.path.isfile(os.path.join(path, "metadata.json")):
         raise ExportError(f"--iteration {iteration}: {path} is missing or incomplete")
     return path, iteration
