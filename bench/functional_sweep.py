@@ -194,12 +194,27 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+def _is_refusal(error: BaseException) -> bool:
+    """A one-line refusal of the trainer's (a TSTError, or a ValueError raised by the
+    trainer's own code), not an error from inside torch or megatron-core (a ValueError from
+    torch's optimizer on resume is a finding, not a refusal)."""
+    from tst.errors import TSTError
+
+    if isinstance(error, TSTError):
+        return True
+    if not isinstance(error, ValueError) or error.__traceback__ is None:
+        return False
+    where = os.path.abspath(traceback.extract_tb(error.__traceback__)[-1].filename)
+    return where.startswith(os.path.join(ROOT, "tst") + os.sep) or where == os.path.join(
+        ROOT, "pretrain_tst.py"
+    )
+
+
 def _run_on_rank(argv: list[str], log_path: str) -> dict:
     """pretrain_tst.main on this rank; never raises (a raise would end the world)."""
     import torch.distributed as dist
 
     import pretrain_tst
-    from tst.errors import TSTError
 
     rank = dist.get_rank()
     metrics = log_path + ".metrics.jsonl"
@@ -210,11 +225,13 @@ def _run_on_rank(argv: list[str], log_path: str) -> dict:
         try:
             rc = pretrain_tst.main(argv + ["--metrics-file", metrics])
             result["rc"] = rc
-        except (TSTError, ValueError) as error:  # the trainer's one-line refusals
-            result["refused"] = f"{type(error).__name__}: {_first_line(error)}"
-        except BaseException as error:  # noqa: BLE001 - everything else is a finding
-            result["failed"] = f"{type(error).__name__}: {_first_line(error)}"
-            traceback.print_exc(file=log)
+        except BaseException as error:  # noqa: BLE001 - all but a refusal is a finding
+            refused = _is_refusal(error)  # the trainer's one-line refusals
+            result["refused" if refused else "failed"] = (
+                f"{type(error).__name__}: {_first_line(error)}"
+            )
+            if not refused:
+                traceback.print_exc(file=log)
     if rank == 0 and os.path.exists(metrics):
         with open(metrics) as f:
             records = [json.loads(line) for line in f]

@@ -50,6 +50,17 @@ weak). Upstream fixed both after 0.16.1 (NVIDIA/Megatron-LM PRs 5047 and 5798); 
 count is the micro-batch's whole token count, so the coefficients mean the same at every
 layout and micro-batch size.
 
+``--decoupled-lr``: megatron-core 0.16.1 gives the embedding and output weights a
+parameter group of their own (its ``max_lr`` / ``min_lr`` overridden), whose identifying
+fields (``wd_mult``, ``lr_mult``, ``is_expert_parallel``, ``is_decoupled_lr``) equal the
+default group's; on resume both optimizers match the saved groups to the run's by those
+fields, and the two collapsed into one: a resume died with the plain optimizer ("a parameter
+group that doesn't match the size of optimizer's group"), and with the distributed one every
+parameter silently resumed at the decoupled learning rate (measured: the resumed run's second
+step left the unbroken run's by 0.012 nats). Upstream matches by the overridden fields too,
+after 0.16.1; here ``default_config`` (megatron-core's own mark, False exactly for a group
+whose LR schedule is overridden) joins the matched fields.
+
 ``--defer-embedding-wgrad-compute``: every megatron-core ``ColumnParallelLinear`` reads the
 flag from the shared config and appends its input to an ``embedding_activation_buffer``,
 which only the output layer is given; the Transformer Engine spec replaces every other
@@ -110,7 +121,21 @@ def apply() -> None:
     _fix_router_loss_scaling()
     _fix_fully_reshardable_adam_step()
     _fix_single_deferred_wgrad()
+    _fix_param_group_matching()
     setattr(layers, _APPLIED, True)
+
+
+def _fix_param_group_matching() -> None:
+    """Resuming an optimizer whose parameter groups differ only in their learning rate
+    (``--decoupled-lr``: see the module docstring): ``default_config`` joins the fields both
+    optimizers match saved groups by (the tuple is read at each load, in both modules)."""
+    from megatron.core.optimizer import distrib_optimizer
+    from megatron.core.optimizer import optimizer as mco
+
+    keys = mco.param_group_identifier_keys
+    if "default_config" not in keys:
+        keys = (*keys, "default_config")
+    mco.param_group_identifier_keys = distrib_optimizer.param_group_identifier_keys = keys
 
 
 def _fix_single_deferred_wgrad() -> None:

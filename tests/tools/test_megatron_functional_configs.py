@@ -117,6 +117,24 @@ def _sweep_module():
     return sweep
 
 
+def test_the_sweep_counts_only_the_trainers_own_errors_as_refusals():
+    """A ValueError from inside torch (an optimizer state that does not fit, on resume) is a
+    finding, not a refusal: it once hid a resume that died as "refused"."""
+    import torch
+
+    from tst.config import parse_args
+
+    sweep = _sweep_module()
+    with pytest.raises(TSTError) as ours:
+        parse_args(["--num-layers", "2"])
+    assert sweep._is_refusal(ours.value)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=1.0)
+    with pytest.raises(ValueError) as theirs:
+        optimizer.load_state_dict({"state": {}, "param_groups": []})
+    assert not sweep._is_refusal(theirs.value)
+    assert not sweep._is_refusal(RuntimeError("a collective failed"))
+
+
 def test_the_sweep_keeps_a_failed_worlds_whole_message(tmp_path, monkeypatch):
     """A world that times out (or fails) ends its configuration as FAILED with the message's
     first line in the table and the whole message, the hung ranks' stacks included, in the
