@@ -1565,7 +1565,7 @@ class RunConfig:
                 "Megatron-LM reads it too), not in the legacy per-rank files; legacy "
                 "checkpoints are read wherever given (--load with --finetune, "
                 "--pretrained-checkpoint), whatever --ckpt-format says",
-                stacklevel=2,
+                stacklevel=3,
             )
         _require(
             not self.finetune or self.load or self.pretrained_checkpoint,
