@@ -35,6 +35,8 @@ import re
 
 import torch
 
+from tst.errors import RunError
+
 FILE = "model_optim_rng.pt"
 RELEASE = "release"
 _FOLDER = re.compile(r"mp_rank_\d{2}(_\d{3}){0,2}$")
@@ -42,8 +44,9 @@ _LAYER = re.compile(r"^(.*?layers\.\d+\.)(.*)$")
 _EXTRA = "._extra_state"
 
 
-class LegacyCheckpointError(ValueError):
-    """A legacy checkpoint that cannot be read into this model; names the cause and fix."""
+class LegacyCheckpointError(RunError):
+    """A legacy checkpoint that cannot be read into this model; names the cause and fix (a
+    checkpoint error: tst.checkpointing re-raises it as its CheckpointError)."""
 
 
 def is_legacy(path: str) -> bool:
