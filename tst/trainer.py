@@ -957,11 +957,13 @@ class Trainer:
             return
         finetune, how = self._foreign_start(source, finetune, how)
         weights_only = finetune or run.no_load_optim
+        rates = self._group_rates()  # this run's, before the checkpoint's replace them
         common = checkpointing.load(source, self.raw_chunks,
                                     None if weights_only else self.optimizer,
                                     run.ckpt_fully_parallel_load,
                                     self._optimizer_layout(), run.ckpt_step,
                                     run.dist_ckpt_strictness, self.writer.print)  # fmt: skip
+        self._settle_group_rates(rates)
         # An upcycled checkpoint (saved before any step) loads its weights only.
         upcycled = bool(common.get("upcycled"))
         if weights_only or upcycled:
@@ -1004,6 +1006,38 @@ class Trainer:
             + (" (upcycled with --moe-use-upcycling; the optimizer starts fresh)" if upcycled
                else "")
         )  # fmt: skip
+
+    def _group_rates(self) -> list[tuple]:
+        """Each optimizer parameter group's peak and final learning rate (``max_lr`` /
+        ``min_lr``: --lr / --min-lr, or --decoupled-lr / --decoupled-min-lr for the embedding
+        and output weights), which megatron-core's scheduler reads from the group."""
+        return [(g.get("max_lr"), g.get("min_lr")) for g in self.optimizer.param_groups]
+
+    def _settle_group_rates(self, ours: list[tuple]) -> None:
+        """Loading optimizer state replaces the groups' settings with the checkpoint's, their
+        learning rates too: a new --lr or --decoupled-lr was then ignored, even with
+        --override-opt_param-scheduler (whose log line named the new peak). The flags win
+        with that flag, the checkpoint with --use-checkpoint-opt_param-scheduler; without
+        either, a difference is refused as the scheduler's own check refuses one."""
+        run, groups = self.cfg.run, self.optimizer.param_groups
+        saved = self._group_rates()
+        if saved == ours:
+            return
+        if run.override_opt_param_scheduler:
+            for group, (peak, final) in zip(groups, ours, strict=True):
+                group["max_lr"], group["min_lr"] = peak, final
+        elif not run.use_checkpoint_opt_param_scheduler:
+
+            def listed(rates):
+                return ", ".join(f"{peak:g} -> {final:g}" for peak, final in rates)
+
+            raise ValueError(
+                f"--load {run.load}: the checkpoint's learning rates per parameter group (peak "
+                f"-> final: {listed(saved)}) differ from this run's flags ({listed(ours)}; "
+                "--lr / --min-lr, --decoupled-lr / --decoupled-min-lr); pass "
+                "--override-opt_param-scheduler to follow the flags from here on, or "
+                "--use-checkpoint-opt_param-scheduler to keep the checkpoint's"
+            )
 
     def _foreign_start(self, source: str, finetune: bool, how: str) -> tuple[bool, str]:
         """Another trainer's checkpoint (Megatron-LM's legacy ``--ckpt-format torch``, what

@@ -472,6 +472,38 @@ def test_decoupled_lr_runs_resume_exactly(world2, tmp_path):
         _close(_losses(first) + _losses(second), _losses(want), 1e-6, name)
 
 
+def _group_lrs(argv: list[str], metrics: str) -> list[float]:
+    """pretrain_tst.main; the optimizer groups' learning rates once it has trained."""
+    from trainer_runs import after_training, main_records
+
+    seen = []
+    with after_training(lambda t: seen.extend(g["lr"] for g in t.optimizer.param_groups)):
+        main_records(argv, metrics)
+    return sorted(set(seen))
+
+
+def test_a_new_learning_rate_on_resume_follows_the_flag_that_says_so(world2, tmp_path):
+    """Loading optimizer state replaces its groups' peak / final LR with the checkpoint's: a
+    new --lr or --decoupled-lr was ignored even with --override-opt_param-scheduler (its log
+    named the new peak). With a constant schedule each group runs at its peak: the flags'
+    with --override-opt_param-scheduler, the checkpoint's with
+    --use-checkpoint-opt_param-scheduler; without either the difference is refused."""
+    constant = ["--lr-decay-style", "constant", "--lr-warmup-iters", "0"]
+    ckpt = str(tmp_path / "ckpt")
+    saved = BASE + constant + ["--decoupled-lr", "6e-3", "--save", ckpt, "--exit-interval", "3"]
+    assert world2.run(_group_lrs, saved, str(tmp_path / "a.jsonl"))[0] == [3e-3, 6e-3]
+    new = BASE + constant + ["--lr", "1e-2", "--decoupled-lr", "2e-2", "--load", ckpt]
+    message = world2.run(_resume_error, new, str(tmp_path / "b.jsonl"))[0]
+    assert "learning rates per parameter group" in message, message
+    assert "--override-opt_param-scheduler" in message, message
+    flags = world2.run(_group_lrs, new + ["--override-opt_param-scheduler"],
+                       str(tmp_path / "c.jsonl"))[0]  # fmt: skip
+    assert flags == [1e-2, 2e-2]
+    kept = world2.run(_group_lrs, new + ["--use-checkpoint-opt_param-scheduler"],
+                      str(tmp_path / "d.jsonl"))[0]  # fmt: skip
+    assert kept == [3e-3, 6e-3]
+
+
 def _train_test_mode(argv: list[str], metrics: str, nudge: bool) -> dict:
     """pretrain_tst.main counting megatron-core's real-time tests; with ``nudge``, data-parallel
     rank 1's first q-norm bias is moved before step 3: the error that stops the run."""
