@@ -626,19 +626,15 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     else:
         iteration = step_iteration(root, iteration)
     path = checkpoint_dir(root, iteration)
-    if legacy_checkpoint.is_legacy(path):
-        if optimizer is not None:  # the trainer asks for the weights only (see Trainer.load)
-            raise CheckpointError(
-                f"checkpoint {path} is in Megatron-LM's legacy format: its weights are read, "
-                "not its optimizer state: pass --finetune"
-            )
-        return _load_legacy(path, chunks, iteration, report)
-    foreign = megatron_lm_saved(path)
+    legacy = legacy_checkpoint.is_legacy(path)
+    foreign = legacy or megatron_lm_saved(path)
     if foreign and optimizer is not None:  # the trainer asks for the weights only
         raise CheckpointError(
             f"checkpoint {path} was saved by Megatron-LM: its weights are read, not its "
             "optimizer state: pass --finetune"
         )
+    if legacy:
+        return _load_legacy(path, chunks, iteration, report)
     if not foreign:
         verify(path)
     template = _sharded_model_state(chunks)
@@ -748,16 +744,12 @@ def megatron_lm_saved(path: str) -> bool:
     common state with Megatron-LM's entries (its arguments, iteration and checkpoint version)
     instead of this trainer's ``common``. Its weights can start a run (--finetune); a
     checkpoint of this trainer's that lost its manifest is still refused (:func:`verify`)."""
-    from megatron.core import dist_checkpointing
-
     if legacy_checkpoint.is_legacy(path) or os.path.isfile(os.path.join(path, MANIFEST)):
         return False
     if not os.path.isfile(os.path.join(path, "metadata.json")):
         return False
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # its deprecation notice
-            common = dist_checkpointing.load_common_state_dict(path)
+        common = _common_state(path)
     except Exception as error:
         raise CheckpointError(
             f"checkpoint {path}: its common state (common.pt) cannot be read "
@@ -774,14 +766,20 @@ def is_foreign(root: str, iteration: int) -> bool:
     return legacy_checkpoint.is_legacy(path) or megatron_lm_saved(path)
 
 
-def saved_common_state(path: str) -> dict:
-    """The common (non-sharded) state checkpoint directory ``path`` holds, as :func:`save`
-    stored it ({} when there is none)."""
+def _common_state(path: str):
+    """dist_checkpointing's common (non-sharded) state of checkpoint directory ``path``, as
+    stored: this trainer's under ``common``, Megatron-LM's at the top."""
     from megatron.core import dist_checkpointing
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice
-        common = dist_checkpointing.load_common_state_dict(path)
+        return dist_checkpointing.load_common_state_dict(path)
+
+
+def saved_common_state(path: str) -> dict:
+    """The common (non-sharded) state checkpoint directory ``path`` holds, as :func:`save`
+    stored it ({} when there is none)."""
+    common = _common_state(path)
     saved = common.get("common", common) if isinstance(common, dict) else None
     return saved if isinstance(saved, dict) else {}
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 
 import numpy as np
@@ -40,12 +39,9 @@ TE_NAMES = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
 
 
 def _losses(argv: list[str], metrics: str) -> list[float]:
-    import torch.distributed as dist
+    from trainer_runs import main_records
 
-    assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
-    dist.barrier()
-    with open(metrics) as f:
-        return [r["loss"] for r in map(json.loads, f) if r.get("loss") is not None]
+    return [r["loss"] for r in main_records(argv, metrics) if r.get("loss") is not None]
 
 
 def _te_named(state: dict, moe: bool) -> dict:
