@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from tst import legacy_checkpoint
 from tst.errors import RunError
+from tst.fsdp import load_sharded_state, mark_shards, reshard_optimizer_state
 
 __all__ = ["TRACKER", "checkpoint_dir", "finalize_async_saves", "find_checkpoint", "latest_iteration",
            "load", "optimizer_layout", "save", "wait_for_retired"]  # fmt: skip
@@ -248,6 +249,8 @@ def _sharded_model_state(chunks) -> dict:
     holds the MTP block but not the input embedding ties its copy of the embedding to the
     first stage's over the data-parallel group (megatron-core reads the group from it)."""
     metadata = {"dp_cp_group": _dp_group(), "singleton_local_shards": False}
+    for chunk in chunks:
+        mark_shards(chunk)  # FSDP2's shards say so to the SwiGLU entries (tst.megatron_fixes)
     return {f"model{i}": chunk.sharded_state_dict(metadata=metadata)
             for i, chunk in enumerate(chunks)}  # fmt: skip
 
@@ -673,7 +676,7 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     except Exception as error:  # report which checkpoint failed, then the cause
         raise CheckpointError(f"could not load checkpoint {path}: {error}") from error
     for i, chunk in enumerate(chunks):
-        result = chunk.load_state_dict(state[f"model{i}"], strict=not absent)
+        result = load_sharded_state(chunk, state[f"model{i}"], strict=not absent)
         if result.unexpected_keys:  # entries the module does not have: never let through
             raise CheckpointError(f"checkpoint {path}: model chunk {i} was given entries it "
                                   f"does not have: {sorted(result.unexpected_keys)[:4]}")  # fmt: skip
@@ -682,6 +685,7 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
         with torch.no_grad():  # the distributed optimizer copies into leaf parameters
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer, state["optimizer"])
+        reshard_optimizer_state(optimizer)
     if foreign:
         report(f"read the weights of {path} (a torch_dist checkpoint Megatron-LM saved, "
                f"iteration {state.get('iteration')}; no manifest of this trainer's to check "

@@ -495,6 +495,16 @@ class ParallelConfig:
     )
     sequence_parallel: bool = _f(False, "Sequence parallelism in TP regions (off with TP 1).")
     use_distributed_optimizer: bool = _f(False, "Shard optimizer state over data parallel.")
+    use_torch_fsdp2: bool = _f(
+        False, "PyTorch FSDP2 (ZeRO-3): parameters, gradients and optimizer state sharded over "
+        "data parallel, each layer's weights gathered for its forward and backward (no PP, "
+        "no EP, untied embeddings, bf16 or fp32; Megatron-LM's rules).",
+    )  # fmt: skip
+    torch_fsdp2_reshard_after_forward: bool = _f(
+        True, "With --use-torch-fsdp2: keep each layer's gathered weights from its forward "
+        "to its backward (one all-gather fewer per layer, more memory).",
+        flag="--torch-fsdp2-no-reshard-after-forward",
+    )  # fmt: skip
     overlap_grad_reduce: bool = _f(False, "Overlap the data-parallel gradient reduction.")
     overlap_param_gather: bool = _f(
         False, "Overlap the distributed optimizer's parameter all-gather with the forward."

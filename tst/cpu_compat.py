@@ -251,6 +251,7 @@ def apply() -> bool:
     _patch_pipeline_p2p_tags()
     _share_one_gloo_device()
     _place_exchanged_shards_on_cpu()
+    _fsdp2_mesh_on_cpu()
     setattr(torch, _APPLIED_FLAG, True)
     return True
 
@@ -522,6 +523,28 @@ def _place_exchanged_shards_on_cpu() -> None:
         return original(self, _cpu_device(device), init_fn)
 
     ShardedTensor.init_data = init_data
+
+
+def _fsdp2_mesh_on_cpu() -> None:
+    """``--use-torch-fsdp2``: megatron-core's wrapper builds its device mesh with
+    ``DeviceMesh.from_group(group, "cuda")``; FSDP2 runs on the CPU over gloo with a "cpu"
+    mesh (torch's own), so that module sees a ``DeviceMesh`` whose ``from_group`` maps the
+    CUDA device type to the CPU."""
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as fsdp2
+
+    mesh = getattr(fsdp2, "DeviceMesh", None)
+    if mesh is None or getattr(mesh, "_tst_cpu", False):
+        return
+
+    class CpuDeviceMesh:
+        _tst_cpu = True
+
+        @staticmethod
+        def from_group(group, device_type, *args, **kwargs):
+            return mesh.from_group(group, "cpu" if device_type == "cuda" else device_type,
+                                   *args, **kwargs)  # fmt: skip
+
+    fsdp2.DeviceMesh = CpuDeviceMesh
 
 
 def _share_one_gloo_device() -> None:

@@ -65,11 +65,16 @@ def save_grads(save_dir: str, grads: dict, iteration: int, label: str) -> str | 
 
 
 def weight_grads(raw_chunks) -> dict:
-    """Each parameter's reduced gradient (``main_grad``), on the host, per model chunk."""
+    """Each parameter's reduced gradient (``main_grad``; under FSDP2 the sharded ``grad``
+    gathered whole, collective over the data-parallel group), on the host, per model chunk."""
+    from tst.fsdp import is_sharded
+
     grads = defaultdict(dict)
     for i, chunk in enumerate(raw_chunks):
         for name, param in chunk.named_parameters():
             grad = getattr(param, "main_grad", None)
+            if grad is None and param.grad is not None and is_sharded(param.grad):
+                grad = param.grad.full_tensor()
             if grad is not None:
                 grads[f"model_chunk{i}"][name] = grad.detach().cpu().clone()
     return grads

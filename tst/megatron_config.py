@@ -238,6 +238,8 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         bf16=t.bf16,
         fp16=t.fp16,
         calculate_per_token_loss=True,
+        # The spec built (tst.model.layer_spec); megatron-core's FSDP2 wrapper reads it.
+        transformer_impl="transformer_engine" if te else "local",
         use_cpu_initialization=not on_gpu,
         delay_wgrad_compute=m.delay_wgrad_compute,
         deterministic_mode=t.deterministic_mode,

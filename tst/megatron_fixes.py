@@ -61,6 +61,22 @@ step left the unbroken run's by 0.012 nats). Upstream matches by the overridden 
 after 0.16.1; here ``default_config`` (megatron-core's own mark, False exactly for a group
 whose LR schedule is overridden) joins the matched fields.
 
+``--use-torch-fsdp2`` checkpoints: megatron-core finds the checkpoint entry of each
+parameter the optimizer holds by object identity, the model's entry holding the parameter's
+local shard (``DTensor._local_tensor``) and the optimizer's side ``DTensor.to_local()``, which
+in torch 2.13 returns a new alias of the shard at every call: no parameter was found, and
+every save of an FSDP2 run failed ("Param id 0 does not match any model sharded param").
+There the shard itself is taken, the same tensor the model's entry holds.
+
+``--use-torch-fsdp2`` with SwiGLU: the fused gate / up weight of a TP rank is stored in
+checkpoints as two halves (``apply_swiglu_sharded_factory`` splits the rank's tensor in two
+and places the gate half among the gate rows of all TP ranks, the up half among the up rows).
+Under FSDP2 a rank holds 1/DP of the TP rank's rows, all gate or all up (DP even), and the
+factory split *that* in two: checkpoints were laid out wrongly, self-consistent only at the
+same DP size (measured: a DDP run resumed from an FSDP2 checkpoint at the same layout started
+0.0009 nats off the unbroken run; at another DP size the weights would load scrambled). Here
+such a shard is one entry at its true place among the gate or up rows.
+
 ``--defer-embedding-wgrad-compute``: every megatron-core ``ColumnParallelLinear`` reads the
 flag from the shared config and appends its input to an ``embedding_activation_buffer``,
 which only the output layer is given; the Transformer Engine spec replaces every other
@@ -122,7 +138,58 @@ def apply() -> None:
     _fix_fully_reshardable_adam_step()
     _fix_single_deferred_wgrad()
     _fix_param_group_matching()
+    _fix_dtensor_param_identity()
+    _fix_fsdp2_swiglu_entries()
     setattr(layers, _APPLIED, True)
+
+
+def _fix_fsdp2_swiglu_entries() -> None:
+    """``--use-torch-fsdp2`` with SwiGLU: the fused gate / up weight's checkpoint entry laid
+    out for the FSDP2 shard a rank holds (see the module docstring)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.transformer import mlp
+    from megatron.core.transformer.moe import experts
+
+    from tst.fsdp import SHARD_MARK
+
+    upstream = mlp.apply_swiglu_sharded_factory
+
+    def apply_swiglu_sharded_factory(
+        original_sh_ten, sharded_offsets, singleton_local_shards=False
+    ):
+        dp, dp_rank = getattr(original_sh_ten.data, SHARD_MARK, (1, 0))
+        if dp == 1:  # a TP shard (or no FSDP2 sharding): megatron-core's factory
+            return upstream(original_sh_ten, sharded_offsets, singleton_local_shards)
+        if singleton_local_shards or dp % 2:
+            raise ValueError(f"{original_sh_ten.key}: an FSDP2 shard of a SwiGLU weight at "
+                             f"data-parallel size {dp} cannot be checkpointed with "
+                             "singleton local shards or an odd data-parallel size")  # fmt: skip
+        axis = len(sharded_offsets)  # the rows, after the prepended (expert) axes
+        rows = original_sh_ten.local_shape[0]
+        fragment = original_sh_ten.global_offset[axis] // rows  # TP rank x DP + DP rank
+        tp_rank, tp = fragment // dp, original_sh_ten.axis_fragmentations[axis] // dp
+        half = dp // 2  # ranks 0 .. half-1 hold gate rows, the others up rows
+        index = (dp_rank // half) * tp * half + tp_rank * half + dp_rank % half
+        return ShardedTensor.from_rank_offsets(
+            original_sh_ten.key, original_sh_ten.data, *sharded_offsets, (axis, index, tp * dp),
+            replica_id=original_sh_ten.replica_id, prepend_axis_num=axis,
+        )  # fmt: skip
+
+    mlp.apply_swiglu_sharded_factory = experts.apply_swiglu_sharded_factory = (
+        apply_swiglu_sharded_factory
+    )
+
+
+def _fix_dtensor_param_identity() -> None:
+    """``--use-torch-fsdp2``: the optimizer's checkpoint entries find their parameters' (see
+    the module docstring); the local shard itself, not a new alias of it."""
+    from megatron.core.dist_checkpointing import optimizer as dist_optimizer
+    from torch.distributed.tensor import DTensor
+
+    def to_local_if_dtensor(tensor):
+        return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+    dist_optimizer.to_local_if_dtensor = to_local_if_dtensor
 
 
 def _fix_param_group_matching() -> None:

@@ -132,11 +132,10 @@ REFUSED: dict[str, Flag] = {
     "--use-legacy-models": Flag(
         0, "legacy (non-megatron-core) models are not built here: drop the flag"
     ),
-    "--use-torch-fsdp2": Flag(
-        0, "FSDP is not supported: drop it and use --use-distributed-optimizer (ZeRO-1)"
-    ),
     "--use-megatron-fsdp": Flag(
-        0, "FSDP is not supported: drop it and use --use-distributed-optimizer (ZeRO-1)"
+        0,
+        "Megatron FSDP is not supported: use --use-torch-fsdp2 (PyTorch FSDP2, ZeRO-3; no "
+        "PP or EP) or --use-distributed-optimizer (ZeRO-1)",
     ),
     "--yaml-cfg": Flag(1, "YAML configs are not read: pass the flags on the command line"),
     "--spec": Flag("+", "custom layer specs are not loaded: the layer spec follows the flags"),

@@ -119,7 +119,7 @@ _REASONS = {
     "bert": "a Megatron-LM BERT / retrieval-model flag: this trainer pretrains GPT and MoE models; drop it",
     "sft": "a Megatron-LM SFT data flag: this trainer pretrains on plain documents (fill-in-the-middle data is --fim-data); drop it",
     "arch": "another Megatron-LM architecture (Mamba or hybrid, linear or sparse attention, T5, BERT): only GPT and MoE transformers are built here; drop it",
-    "fsdp": "FSDP is not supported: drop it and use --use-distributed-optimizer (ZeRO-1)",
+    "fsdp": "a Megatron FSDP flag: Megatron FSDP is not supported; drop it (PyTorch FSDP2 is --use-torch-fsdp2, ZeRO-1 --use-distributed-optimizer)",
     "localckpt": "local / non-persistent checkpoints are not supported: checkpoints are torch_dist under --save; drop it",
     "cudagraph": "CUDA graphs are not supported yet: drop the flag",
     "ops": "an integration with NVIDIA's fault-tolerance / telemetry packages, not wired here: drop it (signal saves, --exit-duration-in-mins and resumable checkpoints cover restarts)",
@@ -313,7 +313,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--suggested-communication-unit-size": 1,
         "--keep-fp8-transpose-cache": 0,
         "--enable-full-sharding-in-hsdp": 0,
-        "--torch-fsdp2-no-reshard-after-forward": 0,
     },
     "localckpt": {
         "--non-persistent-save-interval": 1,

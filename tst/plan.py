@@ -684,6 +684,38 @@ def _check_deferred_output_wgrad(cfg: Config, pp: int) -> None:
              "backward (the deferred gradient would be wrong): drop one of the two")  # fmt: skip
 
 
+def _check_torch_fsdp2(cfg: Config, grid: Grid) -> None:
+    """Megatron-LM's rules for --use-torch-fsdp2 (its arguments.py), one line each."""
+    p, m, t, run = cfg.parallel, cfg.model, cfg.training, cfg.run
+    flag = "--use-torch-fsdp2"
+    _require(grid.pp == 1, f"{flag} is not supported with pipeline parallelism (PP "
+             f"{grid.pp}; Megatron-LM's rule): drop one")  # fmt: skip
+    _require(grid.ep == 1, f"{flag} is not supported with expert parallelism (EP "
+             f"{grid.ep}; Megatron-LM's rule): drop one")  # fmt: skip
+    _require(not p.use_distributed_optimizer, f"{flag} shards the optimizer state itself: "
+             "drop --use-distributed-optimizer (Megatron-LM refuses the two together)")  # fmt: skip
+    _require(not m.gradient_accumulation_fusion, f"{flag} keeps no main-gradient buffers "
+             "for the fused weight-gradient kernel: add --no-gradient-accumulation-fusion "
+             "(Megatron-LM's rule)")  # fmt: skip
+    _require(m.untie_embeddings_and_output_weights, f"{flag} shards the input embedding "
+             "and the output layer apart, so they cannot share a weight: add "
+             "--untie-embeddings-and-output-weights (Megatron-LM's rule)")  # fmt: skip
+    _require(not t.fp16, f"{flag} with --fp16 is not supported (Megatron-LM's rule): use "
+             "--bf16")  # fmt: skip
+    _require(run.ckpt_format == "torch_dist", f"{flag} saves torch_dist checkpoints "
+             f"(sharded tensors); --ckpt-format {run.ckpt_format} is not supported with it")  # fmt: skip
+    _require(not t.check_weight_hash_across_dp_replicas_interval, f"{flag} keeps 1/DP of "
+             "each weight on each data-parallel rank: there are no replicas to compare; drop "
+             "--check-weight-hash-across-dp-replicas-interval")  # fmt: skip
+    if p.overlap_grad_reduce:  # Megatron-LM builds FSDP2 without the DDP options too
+        warnings.warn(f"--overlap-grad-reduce with {flag}: FSDP2 overlaps its own "
+                      "reduce-scatters with the backward; the flag (megatron-core DDP's) "
+                      "changes nothing", stacklevel=3)  # fmt: skip
+    _require(os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS") != "1", f"{flag} overlaps its "
+             "collectives on their own CUDA connections: unset CUDA_DEVICE_MAX_CONNECTIONS=1 "
+             "(Megatron-LM's rule)")  # fmt: skip
+
+
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     """Checks across concerns, once per run; returns the run's :class:`RunPlan`."""
     m, p, t, tst = cfg.model, cfg.parallel, cfg.training, cfg.tst
@@ -730,6 +762,11 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         not cfg.moe.moe_apply_probs_on_input or m.moe_router_topk == 1,
         "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
     )
+    if p.use_torch_fsdp2:
+        _check_torch_fsdp2(cfg, grid)
+    elif not p.torch_fsdp2_reshard_after_forward:
+        warnings.warn("--torch-fsdp2-no-reshard-after-forward applies to --use-torch-fsdp2, "
+                      "which is not given: it changes nothing", stacklevel=2)  # fmt: skip
     if p.defer_embedding_wgrad_compute:
         _check_deferred_output_wgrad(cfg, grid.pp)
     elif p.wgrad_deferral_limit:

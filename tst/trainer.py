@@ -31,6 +31,7 @@ from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase
 from tst.data.context_parallel import split_for_context_parallel
 from tst.errors import NonFiniteLossError, RunError
+from tst.fsdp import check_checkpointable, fsdp2_model_chunk, is_sharded, reduced_gradients
 from tst.losses import (
     global_slot_counts,
     paper_form_slot_weights,
@@ -131,13 +132,20 @@ class Trainer:
         self.raw_chunks = chunks
         if t.bf16 or t.fp16:
             chunks = [Float16Module(self.config, c) for c in chunks]
-        ddp = ddp_config(cfg, sum(p.numel() for c in chunks for p in c.parameters()))
-        self.model = [
-            DistributedDataParallel(
-                config=self.config, ddp_config=ddp, module=c, disable_bucketing=i > 0
-            )
-            for i, c in enumerate(chunks)
-        ]
+        if cfg.parallel.use_torch_fsdp2:  # one chunk: no pipeline parallelism with FSDP2
+            reshard = cfg.parallel.torch_fsdp2_reshard_after_forward
+            self.model = [fsdp2_model_chunk(self.config, c, reshard) for c in chunks]
+            if cfg.run.save or cfg.run.load:
+                for chunk in self.raw_chunks:
+                    check_checkpointable(chunk, self.config.gated_linear_unit)
+        else:
+            ddp = ddp_config(cfg, sum(p.numel() for c in chunks for p in c.parameters()))
+            self.model = [
+                DistributedDataParallel(
+                    config=self.config, ddp_config=ddp, module=c, disable_bucketing=i > 0
+                )
+                for i, c in enumerate(chunks)
+            ]
         opt_config = optimizer_config(cfg)
         opt_config.timers = self.timers
         self.optimizer = get_megatron_optimizer(
@@ -582,11 +590,7 @@ class Trainer:
         """
         # The sum of a buffer is NaN/inf if any element is; a reduction needs no full-size
         # mask (an fp32 sum of real gradients cannot overflow to inf).
-        sums = [
-            buffer.grad_data.sum()
-            for chunk in self.model
-            for buffer in chunk.buffers + chunk.expert_parallel_buffers
-        ]
+        sums = [grad.sum() for chunk in self.model for grad in reduced_gradients(chunk)]
         finite = not sums or bool(torch.isfinite(torch.stack(sums)).all())
         if not finite:  # every rank that sees it says so: the log names the ranks
             print(
@@ -1652,20 +1656,27 @@ def _params_norm(model_chunks) -> float:
     expert = torch.zeros((), dtype=torch.float64)
     tp_group = ps.get_tensor_model_parallel_group()
     etp_group = ps.get_expert_tensor_parallel_group()
+    sharded = False  # FSDP2: every parameter is a DTensor, 1/DP of it on each rank
     for chunk in model_chunks:
         for param in chunk.parameters():
             if getattr(param, "shared", False) and not ps.is_pipeline_first_stage():
                 continue  # a tied output copy: the embedding is counted on the first stage
+            values = param.detach()
+            if is_sharded(values):
+                sharded, values = True, values.to_local()
             if not getattr(param, "allreduce", True):
                 if counted(param, tp_group=etp_group):
-                    expert += param.detach().double().pow(2).sum().cpu()
+                    expert += values.double().pow(2).sum().cpu()
             elif counted(param, tp_group=tp_group):
-                dense += param.detach().double().pow(2).sum().cpu()
+                dense += values.double().pow(2).sum().cpu()
     device = next(model_chunks[0].parameters()).device
     dense, expert = dense.to(device), expert.to(device)
     dist.all_reduce(dense, group=ps.get_model_parallel_group())
     dist.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
-    return float((dense + expert).sqrt())
+    total = dense + expert
+    if sharded:  # the shards' squares, summed over the group FSDP2 shards over
+        dist.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return float(total.sqrt())
 
 
 def _replica_weight_mismatches(model_chunks, device) -> list[str]:

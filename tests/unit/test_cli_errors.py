@@ -137,6 +137,43 @@ REFUSED = [
 ]  # fmt: skip
 
 
+_FSDP2 = ["--use-torch-fsdp2", "--untie-embeddings-and-output-weights",
+          "--no-gradient-accumulation-fusion"]  # fmt: skip
+# (flags added, flags of _FSDP2 dropped, message): one of Megatron-LM's rules broken each.
+REFUSED_FSDP2 = [
+    (["--pipeline-model-parallel-size", "2"], [], r"is not supported with pipeline parallelism \(PP 2"),  # noqa: E501
+    (["--num-experts", "4", "--expert-model-parallel-size", "2"], [], r"is not supported with expert parallelism \(EP 2"),  # noqa: E501
+    (["--use-distributed-optimizer"], [], r"shards the optimizer state itself: drop --use-distributed-optimizer"),  # noqa: E501
+    ([], ["--no-gradient-accumulation-fusion"], r"add --no-gradient-accumulation-fusion"),
+    ([], ["--untie-embeddings-and-output-weights"], r"add --untie-embeddings-and-output-weights"),
+    (["--fp16"], [], r"with --fp16 is not supported .*: use --bf16"),
+    (["--ckpt-format", "torch"], [], r"--ckpt-format torch is not supported with it"),
+    (["--check-weight-hash-across-dp-replicas-interval", "2"], [], r"no replicas to compare"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("add,drop,message", REFUSED_FSDP2, ids=[m for *_, m in REFUSED_FSDP2])
+def test_torch_fsdp2_rules_are_megatron_lms(add, drop, message):
+    """Megatron-LM's rules for --use-torch-fsdp2 (its arguments.py), one line each."""
+    argv = [a for a in BASE + _FSDP2 if a not in drop] + add
+    with pytest.raises(ValueError, match="--use-torch-fsdp2 .*" + message):
+        validate(parse_args(argv), 2, 512)
+    validate(parse_args(BASE + _FSDP2), 2, 512)
+
+
+def test_torch_fsdp2_with_cuda_device_max_connections_1_is_refused(monkeypatch):
+    monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    with pytest.raises(ValueError, match="unset CUDA_DEVICE_MAX_CONNECTIONS=1"):
+        validate(parse_args(BASE + _FSDP2), 2, 512)
+
+
+def test_torch_fsdp2_options_warn_where_they_change_nothing():
+    with pytest.warns(UserWarning, match="--overlap-grad-reduce with --use-torch-fsdp2"):
+        validate(parse_args(BASE + _FSDP2 + ["--overlap-grad-reduce"]), 2, 512)
+    with pytest.warns(UserWarning, match="--torch-fsdp2-no-reshard-after-forward applies to"):
+        validate(parse_args(BASE + ["--torch-fsdp2-no-reshard-after-forward"]), 2, 512)
+
+
 def test_moe_biases_need_expert_tp_1():
     """megatron-core builds expert biases only at expert-TP 1: refused up front, not by its
     assertion inside the model build. Megatron-LM's default keeps biases on."""
@@ -299,7 +336,7 @@ def test_sequence_parallel_is_turned_off_with_tp1_as_megatron_does():
 
 @pytest.mark.parametrize(
     "flag, message",
-    [("--use-legacy-models", "legacy"), ("--use-torch-fsdp2", "FSDP is not supported"),
+    [("--use-legacy-models", "legacy"), ("--use-megatron-fsdp", "Megatron FSDP is not supported: use --use-torch-fsdp2"),
      ("--eod-mask-loss", "end-of-document tokens")],
 )  # fmt: skip
 def test_refused_megatron_flags_name_the_reason(flag, message):
