@@ -85,8 +85,11 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # One thread per process (torchrun's own default for several processes a node, set here so
 # that torchrun prints no banner about it).
 if ((GPUS_PER_NODE > 1)); then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
-# megatron-core's tensor-parallel communication overlap relies on in-order kernel launches.
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# megatron-core's tensor-parallel communication overlap relies on in-order kernel launches;
+# FSDP2 overlaps its gathers on connections of their own (Megatron-LM refuses it with 1).
+if [[ " ${ARGS[*]} " != *" --use-torch-fsdp2 "* ]]; then
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+fi
 mkdir -p "$SAVE_DIR"
 
 if [[ "$NODE_RANK" == 0 ]]; then

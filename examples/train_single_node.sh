@@ -68,8 +68,11 @@ fi
 # One thread per process (torchrun's own default for several processes a node, set here so
 # that torchrun prints no banner about it).
 if ((GPUS_PER_NODE > 1)); then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
-# megatron-core's tensor-parallel communication overlap relies on in-order kernel launches.
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# megatron-core's tensor-parallel communication overlap relies on in-order kernel launches;
+# FSDP2 overlaps its gathers on connections of their own (Megatron-LM refuses it with 1).
+if [[ " ${ARGS[*]} " != *" --use-torch-fsdp2 "* ]]; then
+  export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+fi
 mkdir -p "$SAVE_DIR"
 LAUNCHER=(
   "$PYTHON" -m torch.distributed.run --standalone --nnodes 1 --nproc-per-node "$GPUS_PER_NODE"

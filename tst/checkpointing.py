@@ -31,7 +31,12 @@ import torch.distributed as dist
 
 from tst import legacy_checkpoint
 from tst.errors import RunError
-from tst.fsdp import load_sharded_state, mark_shards, reshard_optimizer_state
+from tst.fsdp import (
+    load_sharded_state,
+    mark_shards,
+    reshard_optimizer_state,
+    shard_loaded_main_params,
+)
 
 __all__ = ["TRACKER", "checkpoint_dir", "finalize_async_saves", "find_checkpoint", "latest_iteration",
            "load", "optimizer_layout", "save", "wait_for_retired"]  # fmt: skip
@@ -682,6 +687,7 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
                                   f"does not have: {sorted(result.unexpected_keys)[:4]}")  # fmt: skip
     if optimizer is not None:
         _restore_step_zero(state["optimizer"])
+        shard_loaded_main_params(optimizer, state["optimizer"])
         with torch.no_grad():  # the distributed optimizer copies into leaf parameters
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_steps(optimizer, state["optimizer"])

@@ -639,12 +639,15 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     cp = f" CP={grid.cp}" if grid.cp > 1 else ""
     print(
         f"layout for a world of {grid.world}: TP={grid.tp} PP={grid.pp}{vpp}{cp} DP={grid.dp}"
-        f"{expert}{' +SP' if p.sequence_parallel else ''}; global batch {gbs}{decreased} = "
+        f"{expert}{' +SP' if p.sequence_parallel else ''}"
+        f"{' (FSDP2 over DP x CP)' if p.use_torch_fsdp2 else ''}; global batch {gbs}{decreased} = "
         f"{num_micro} micro-batches x {t.micro_batch_size} x DP {grid.dp} "
         f"({gbs * m.seq_length / 1e6:,.2f}M positions per step)"
     )
     weight_b = 2 if t.bf16 or t.fp16 else 4
-    grad_b = 4  # the trainer reduces gradients in an fp32 buffer
+    fsdp = p.use_torch_fsdp2  # ZeRO-3: weights, gradients and Adam sharded over DP x CP
+    # DDP reduces gradients in an fp32 buffer; FSDP2 keeps them in the weights' dtype.
+    grad_b = weight_b if fsdp else 4
     optim_b = 12 if t.bf16 or t.fp16 else 8  # Adam m, v (+ fp32 main weights under bf16)
     dist_opt = p.use_distributed_optimizer
     layer_act, logits_act = activation_bytes(
@@ -656,6 +659,12 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
         "per rank (every TP/EP rank of a stage holds as much); memory in GiB: weights "
         f"{weight_b} B, grads {grad_b} B, Adam {optim_b} B per parameter"
         + (sharded if dist_opt else "")
+        + (
+            " (all three sharded over DP x CP by FSDP2; the layers being gathered, one or two "
+            "at a time, not counted)"
+            if fsdp
+            else ""
+        )
         + ("; FP8 weight casts not counted" if t.fp8_format else "")
         + "; activations rough (1F1B peak, fused attention, selective recompute counted, full "
         "recompute not)"
@@ -674,6 +683,8 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
         act = _in_flight(stage, grid, num_micro) * len(info["layers"]) * layer_act
         act += logits_act if stage == grid.pp - 1 else 0
         cols = [weight_b * n, grad_b * n, optim, act]
+        if fsdp:
+            cols[:3] = [c / (grid.dp * grid.cp) for c in cols[:3]]
         print(
             f"  {stage:>5} {_layer_ranges(info['layers']):>15} {_m(n):>10} "
             + " ".join(f"{c / _GIB:>7.1f}" for c in cols)

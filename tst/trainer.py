@@ -31,7 +31,13 @@ from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase
 from tst.data.context_parallel import split_for_context_parallel
 from tst.errors import NonFiniteLossError, RunError
-from tst.fsdp import check_checkpointable, fsdp2_model_chunk, is_sharded, reduced_gradients
+from tst.fsdp import (
+    check_checkpointable,
+    fsdp2_model_chunk,
+    is_sharded,
+    reduced_gradients,
+    reshard,
+)
 from tst.losses import (
     global_slot_counts,
     paper_form_slot_weights,
@@ -429,6 +435,9 @@ class Trainer:
             (self.config.overlap_p2p_comm, self.config.batch_p2p_comm,
              self.config.overlap_p2p_comm_warmup_flush) = p2p  # fmt: skip
             self.config.timers = self.timers
+            if forward_only and self.cfg.parallel.use_torch_fsdp2:
+                for chunk in self.model:  # no backward to reshard what the forward gathered
+                    reshard(chunk)
 
     def _global_loss(self, outputs, *flags: float) -> list[float]:
         """[loss sum, count, *flags] summed over micro-batches and ranks, known on every rank.

@@ -112,3 +112,10 @@ def test_fsdp2_with_tensor_parallelism_and_experts(world4, tmp_path):
                      ["--torch-fsdp2-no-reshard-after-forward"], str(tmp_path / "d.jsonl"))[0]  # fmt: skip
     for g, w in zip(got["train"], want["train"], strict=True):
         assert abs(g["loss"] - w["loss"]) <= 1e-2 * w["loss"], (got, want)
+    # bf16 resumes exactly (its fp32 main weights are FSDP2 shards too).
+    bf16 = BASE + tp + ["--bf16"] + FSDP2 + ["--torch-fsdp2-no-reshard-after-forward"]
+    folder = ["--save", str(tmp_path / "ckpt"), "--save-interval", "2"]
+    world4.run(_run, bf16 + folder + ["--exit-interval", "2"], str(tmp_path / "e.jsonl"))
+    resumed = world4.run(_run, bf16 + ["--load", str(tmp_path / "ckpt")],
+                         str(tmp_path / "f.jsonl"))[0]  # fmt: skip
+    _same(resumed, {"train": got["train"][2:], "valid": got["valid"][1:]})

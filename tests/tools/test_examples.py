@@ -363,3 +363,27 @@ def test_quickstart_crossing_mode_trains_the_trend_studys_bytes_pair(tmp_path):
     assert trend_study.MODELS["bytes1.9m"].data == "bytes"
     assert "CROSSING=1 bash examples/quickstart_cpu.sh" in result.stdout
     assert "negative gap" in result.stdout
+
+
+@pytest.mark.parametrize("script", [SINGLE_NODE], ids=lambda p: p.name)
+def test_scripts_leave_cuda_connections_alone_for_fsdp2(script, tmp_path):
+    """The launch scripts set CUDA_DEVICE_MAX_CONNECTIONS=1 (megatron-core's TP overlap) but
+    not for --use-torch-fsdp2, which Megatron-LM's rule refuses with it."""
+    stub = tmp_path / "python-stub"  # the launcher's python: records its environment
+    stub.write_text(
+        '#!/bin/sh\necho "connections=${CUDA_DEVICE_MAX_CONNECTIONS-unset}" '
+        '>> "$STUB_LOG"\necho 0\n'
+    )  # fmt: skip (0: the exit status it is asked)
+    stub.chmod(stub.stat().st_mode | stat.S_IEXEC)
+    log = tmp_path / "stub.log"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PYTHON": str(stub),
+           "STUB_LOG": str(log), "SAVE_DIR": str(tmp_path / "ckpt"),
+           "TOKENIZER_MODEL": str(tmp_path / "no-tokenizer.json")}  # fmt: skip
+    seen = []
+    for extra in ([], ["--use-torch-fsdp2"]):
+        log.write_text("")
+        result = subprocess.run(["bash", str(script), *extra], env=env, capture_output=True,
+                                cwd=tmp_path, check=False)  # fmt: skip
+        assert result.returncode == 0, result.stderr.decode()
+        seen.append(sorted(set(log.read_text().split())))
+    assert seen == [["connections=1"], ["connections=unset"]]
