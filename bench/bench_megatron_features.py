@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Memory of activation recomputation and step time of communication overlap, in one run.
 
-    python bench/bench_megatron_features.py [--iters 6] [--repeats 2]
+    python bench/bench_megatron_features.py [--iters 6] [--repeats 2] [--sections 1 2 3]
 
 1. Peak memory (the process's peak RSS, from the kernel) of a model whose activations
    dominate (16 layers, hidden 256, 2,048 positions, micro-batch 4, a 512-entry vocabulary),
@@ -12,6 +12,12 @@
    ``--overlap-grad-reduce`` (small buckets, so reduction can start during the backward),
    and with the distributed optimizer with and without ``--overlap-param-gather``: median
    step time of the steps after the first two, ABBA-ordered repeats, ratio to the plain run.
+
+3. PyTorch FSDP2 (``--use-torch-fsdp2``) at DP 2 against DDP and the distributed
+   optimizer, on a model whose weights dominate (16 layers, hidden 512, 64 positions; untied
+   embeddings, fp32): median step time (ABBA repeats) and the peak RSS of the largest
+   process of the run (a rank; glibc's mmap threshold fixed at 1 MiB, see
+   :func:`step_times_and_peak`), with ratios to DDP.
 
 Run it with nothing else on the machine: two CPU cores shared with another process slow
 torch down 10-40x and make the timings meaningless.
@@ -97,13 +103,70 @@ def step_times(argv: list[str], skip: int = 2) -> list[float]:
     return times[skip:]
 
 
+SHARDING_MODEL = [
+    "--num-layers", "16", "--hidden-size", "512", "--num-attention-heads", "8",
+    "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
+    "--untie-embeddings-and-output-weights", "--no-gradient-accumulation-fusion",
+]  # fmt: skip
+SHARDING = {
+    "DDP": [],
+    "distributed optimizer": ["--use-distributed-optimizer"],
+    "FSDP2": ["--use-torch-fsdp2"],
+    "FSDP2, no reshard after forward": ["--use-torch-fsdp2",
+                                        "--torch-fsdp2-no-reshard-after-forward"],
+}  # fmt: skip
+
+
+def step_times_and_peak(argv: list[str], skip: int = 2,
+                        memory: bool = False) -> tuple[list[float], float]:  # fmt: skip
+    """:func:`step_times`, and the peak RSS (MiB) of the run's largest process; ``memory``:
+    with glibc's mmap threshold fixed (for the peak, not the times)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = os.path.join(tmp, "m.jsonl")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", os.path.join(ROOT, "pretrain_tst.py"), *argv,
+               "--metrics-file", metrics]  # fmt: skip
+        # glibc keeps freed blocks below its (self-raising) mmap threshold in its arenas, and
+        # FSDP2 allocates and frees each layer's gathered weights and gradients at every
+        # micro-batch: RSS then counts memory that is free (measured: FSDP2 1.86x DDP's peak
+        # by default, 0.77x with the threshold fixed). A fixed 1 MiB threshold returns large
+        # blocks to the system when freed, for every row alike; it also makes each such
+        # allocation a fresh mapping (page faults), so the times come from runs without it.
+        env = {**_clean_env(), "OMP_NUM_THREADS": "1"}
+        if memory:
+            env["MALLOC_MMAP_THRESHOLD_"] = "1048576"
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)  # fmt: skip
+        # torchrun waits for its ranks, so its rusage holds their peak (the largest).
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+        with open(metrics) as f:
+            records = [json.loads(line) for line in f]
+    seq = int(argv[argv.index("--seq-length") + 1])
+    times = [r["batch_size"] * seq / r["positions_per_s"] for r in records
+             if "positions_per_s" in r]  # fmt: skip
+    return times[skip:], usage.ru_maxrss / 1024
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iters", type=int, default=6, help="steps per memory run")
     parser.add_argument("--time-iters", type=int, default=12, help="steps per timing run")
     parser.add_argument("--repeats", type=int, default=2, help="ABBA repeats of the timings")
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3],
+                        help="which parts to run (1 recomputation, 2 overlap, 3 FSDP2)")  # fmt: skip
     args = parser.parse_args(argv)
+    if 1 in args.sections:
+        _recomputation(args)
+    if 2 in args.sections:
+        _overlap(args)
+    if 3 in args.sections:
+        _sharding(args)
+    return 0
 
+
+def _recomputation(args) -> None:
     mem_args = [*COMMON, *MEMORY_MODEL, "--train-iters", str(args.iters),
                 "--tst-iters", str(args.iters // 2)]  # fmt: skip
     print("peak memory (RSS, MiB), 16L h256 L2048 mbs4, both phases:")
@@ -113,6 +176,8 @@ def main(argv=None) -> int:
         ratio = peaks[name] / peaks["none"]
         print(f"  {name:<26} {peaks[name]:>8.0f}  ({ratio:.2f} x none)", flush=True)
 
+
+def _overlap(args) -> None:
     time_args = [*COMMON, *TIME_MODEL, "--train-iters", str(args.time_iters),
                  "--tst-iters", str(args.time_iters // 2)]  # fmt: skip
     print("step time at DP 2 (gloo, 2 ranks), median s/step:")
@@ -128,7 +193,24 @@ def main(argv=None) -> int:
         med = statistics.median(samples[name])
         ratio = med / statistics.median(samples[base[name]])
         print(f"  {name:<34} {med:.4f}  ({ratio:.3f} x {base[name]})", flush=True)
-    return 0
+
+
+def _sharding(args) -> None:
+    shard_args = [*COMMON, *SHARDING_MODEL, "--train-iters", str(args.time_iters),
+                  "--tst-iters", str(args.time_iters // 2)]  # fmt: skip
+    print("FSDP2 at DP 2 (gloo, 2 ranks), 16L h512 L64, fp32: median s/step, peak RSS (MiB):")
+    times: dict[str, list[float]] = {name: [] for name in SHARDING}
+    peaks: dict[str, list[float]] = {name: [] for name in SHARDING}
+    order = list(SHARDING)
+    for repeat in range(args.repeats):
+        for name in order if repeat % 2 == 0 else reversed(order):  # ABBA
+            times[name] += step_times_and_peak(shard_args + SHARDING[name])[0]
+    for name in order:
+        peaks[name].append(step_times_and_peak(shard_args + SHARDING[name], memory=True)[1])
+    for name in SHARDING:
+        med, peak = statistics.median(times[name]), max(peaks[name])
+        print(f"  {name:<32} {med:.4f}  ({med / statistics.median(times['DDP']):.3f} x DDP)"
+              f"   {peak:>7.0f}  ({peak / max(peaks['DDP']):.2f} x DDP)", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

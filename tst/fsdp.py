@@ -36,7 +36,9 @@ __all__ = [
     "load_sharded_state",
     "mark_shards",
     "reduced_gradients",
+    "reshard",
     "reshard_optimizer_state",
+    "shard_loaded_main_params",
 ]
 
 
@@ -80,9 +82,10 @@ def _forget_meshes_of_earlier_groups() -> None:
 
 
 def _copy_if_view(module, inputs, output):
-    """An embedding's output that is a view (a tensor-parallel reduction over one rank, or
-    a transpose of one sample) becomes a tensor of its own: FSDP2's pre-backward hook on a
-    view is lost to an in-place op downstream (torch warns about it at every forward)."""
+    """An output that is a view (the embedding's after a tensor-parallel reduction over one
+    rank or a transpose of one sample; the model's per-position losses of one sample)
+    becomes a tensor of its own: FSDP2's pre-backward hook on a view is lost to an in-place
+    op downstream (torch warns about it)."""
     if isinstance(output, torch.Tensor) and output._is_view():
         return output.clone()
     return output
@@ -217,7 +220,7 @@ def fsdp2_model_chunk(config, module: torch.nn.Module, reshard_after_forward: bo
 
     _forget_meshes_of_earlier_groups()
     for sub in module.modules():
-        if isinstance(sub, LanguageModelEmbedding):
+        if sub is module or isinstance(sub, LanguageModelEmbedding):
             # Before fully_shard adds its hooks, so this runs first (see _copy_if_view).
             sub.register_forward_hook(_copy_if_view)
 
