@@ -191,9 +191,12 @@ def shard_loaded_main_params(optimizer, loaded: dict) -> None:
         key = next((k for k in ("fp32_from_fp16_params", "fp32_from_fp16") if k in part), None)
         if groups is None or key is None:
             continue
-        part[key] = [[_like(saved, current) for current, saved in zip(group, saved_group,
-                                                                      strict=True)]
-                     for group, saved_group in zip(groups, part[key], strict=True)]  # fmt: skip
+        # Paired by position, as megatron-core's load_state_dict pairs them; only FSDP2's
+        # shards are touched (a DDP run's entries stay as they are).
+        for group, saved_group in zip(groups, part[key], strict=False):
+            for index, current in enumerate(group[: len(saved_group)]):
+                if is_sharded(current):
+                    saved_group[index] = _like(saved_group[index], current)
 
 
 def reshard_optimizer_state(optimizer) -> None:

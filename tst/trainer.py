@@ -139,8 +139,8 @@ class Trainer:
         if t.bf16 or t.fp16:
             chunks = [Float16Module(self.config, c) for c in chunks]
         if cfg.parallel.use_torch_fsdp2:  # one chunk: no pipeline parallelism with FSDP2
-            reshard = cfg.parallel.torch_fsdp2_reshard_after_forward
-            self.model = [fsdp2_model_chunk(self.config, c, reshard) for c in chunks]
+            after_forward = cfg.parallel.torch_fsdp2_reshard_after_forward
+            self.model = [fsdp2_model_chunk(self.config, c, after_forward) for c in chunks]
             if cfg.run.save or cfg.run.load:
                 for chunk in self.raw_chunks:
                     check_checkpointable(chunk, self.config.gated_linear_unit)

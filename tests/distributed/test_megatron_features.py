@@ -461,8 +461,12 @@ def test_decoupled_lr_runs_resume_exactly(world2, tmp_path):
     """--decoupled-lr gives the embedding and output weights a parameter group of their own
     that megatron-core 0.16.1 could not tell from the default one on resume (every resume
     died): stopped at 2 and resumed, the run repeats the unbroken one (rel 1e-6), with and
-    without the distributed optimizer."""
-    for name, extra in (("plain", []), ("distributed", ["--use-distributed-optimizer"])):
+    without the distributed optimizer, and in bf16 at PP 2 x VPP 2 (fp32 main weights in their
+    own groups, one optimizer per chunk)."""
+    for name, extra in (("plain", []), ("distributed", ["--use-distributed-optimizer"]),
+                        ("plain-bf16-pp2-vpp2", ["--bf16", "--pipeline-model-parallel-size",
+                                                 "2", "--num-layers-per-virtual-pipeline-stage",
+                                                 "1"])):  # fmt: skip
         argv = BASE + ["--decoupled-lr", "1e-2", "--decoupled-min-lr", "1e-3", *extra]
         want = world2.run(_train, argv, str(tmp_path / f"{name}-whole.jsonl"))[0]
         ckpt = str(tmp_path / name)
