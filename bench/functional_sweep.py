@@ -29,7 +29,7 @@ past the timeout, ranks that disagree). The per-rank logs are under ``--out`` (w
 failed world's whole message, a hung rank's Python stacks included, in the configuration's
 ``error.txt``); the table and a JSON summary are printed and written there.
 
-It takes about 35 minutes with the machine to itself (8 processes on 2 cores); ``--only``
+It takes about 37 minutes with the machine to itself (8 processes on 2 cores); ``--only``
 picks configurations by a part of their name. ``--exact`` trains each ``resume`` case once
 more without the stop and requires the stopped-and-resumed losses to be that run's
 (``--only resume --exact``: 64 configurations, about 13 minutes).
