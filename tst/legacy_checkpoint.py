@@ -34,8 +34,10 @@ import os
 import re
 
 import torch
+from torch.distributed.tensor import distribute_tensor
 
 from tst.errors import RunError
+from tst.fsdp import is_sharded
 
 FILE = "model_optim_rng.pt"
 RELEASE = "release"
@@ -220,7 +222,13 @@ def load_chunk(chunk: torch.nn.Module, saved: dict, where: str) -> None:
         )
     with torch.no_grad():
         for key, tensor in taken.items():
-            own[key].copy_(tensor)
+            target = own[key]
+            if is_sharded(target):  # --use-torch-fsdp2: this rank's rows of the TP shard
+                tensor = distribute_tensor(
+                    tensor, target.device_mesh, target.placements, src_data_rank=None
+                )  # fmt: skip (every rank read it)
+                target, tensor = target._local_tensor, tensor.to_local()
+            target.copy_(tensor)
 
 
 def load(path: str, chunks, tp_rank: int, tp: int, pp_rank: int, pp: int, ep_rank: int,

@@ -9,7 +9,8 @@ tensor's largest entry: summed in another order): at DP 4, and at TP 2 x DP 2 wi
 parallelism, MoE layers (EP 1), an MTP depth and gradient accumulation. A checkpoint saved
 under FSDP2 resumes exactly under FSDP2 and under DDP, and a DDP checkpoint under FSDP2 (the
 sharded tensors are the same global tensors), at the layout it was saved at and at another
-(TP 2 x DP 2 from DP 4: the SwiGLU weight's shards each another row range). In bf16 FSDP2
+(TP 2 x DP 2 from DP 4: the SwiGLU weight's shards each another row range); Megatron-LM's
+legacy files (its converter's) fine-tune an FSDP2 run as they fine-tune a DDP one. In bf16 FSDP2
 reduces in bf16, so there the losses must only stay close to DDP's (rel 1e-2); a bf16 FSDP2
 run resumes exactly.
 """
@@ -92,6 +93,15 @@ def test_fsdp2_trains_as_ddp_at_dp4_and_resumes_across_wrappers(world4, tmp_path
         got = world4.run(_run, BASE + loader + ["--load", folders[name]],
                          str(tmp_path / f"r-{name}-{len(loader)}.jsonl"))[0]  # fmt: skip
         _same(got, want)
+    # Megatron-LM's legacy files (what its converter writes) start an FSDP2 run as a DDP one.
+    from test_legacy_checkpoint import _write_megatron
+
+    legacy = str(tmp_path / "legacy")
+    world4.run(_write_megatron, BASE + ["--load", folders["ddp"]], legacy, "legacy")
+    tune = ["--load", legacy, "--finetune"]  # the format is detected (FSDP2 saves torch_dist)
+    want = world4.run(_run, BASE + tune, str(tmp_path / "l0.jsonl"))[0]
+    got = world4.run(_run, BASE + FSDP2 + tune, str(tmp_path / "l1.jsonl"))[0]
+    _same(got, want)
     # At another layout (TP 2 x DP 2: each FSDP2 shard another row range of the weights),
     # the FSDP2 checkpoint resumes as the DDP one does.
     tp = ["--tensor-model-parallel-size", "2"]
