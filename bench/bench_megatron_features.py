@@ -84,25 +84,6 @@ def peak_rss_mib(argv: list[str]) -> float:
     return usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def step_times(argv: list[str], skip: int = 2) -> list[float]:
-    """Seconds per step of a 2-rank torchrun run (rank 0's log), the first ``skip`` dropped."""
-    with tempfile.TemporaryDirectory() as tmp:
-        metrics = os.path.join(tmp, "m.jsonl")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", os.path.join(ROOT, "pretrain_tst.py"), *argv,
-               "--metrics-file", metrics]  # fmt: skip
-        env = {**_clean_env(), "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, env=env, cwd=ROOT, capture_output=True)
-        with open(metrics) as f:
-            records = [json.loads(line) for line in f]
-    times = []
-    for r in records:
-        if "positions_per_s" in r:
-            times.append(r["batch_size"] * int(argv[argv.index("--seq-length") + 1])
-                         / r["positions_per_s"])  # fmt: skip
-    return times[skip:]
-
-
 SHARDING_MODEL = [
     "--num-layers", "16", "--hidden-size", "512", "--num-attention-heads", "8",
     "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "8",
@@ -119,8 +100,9 @@ SHARDING = {
 
 def step_times_and_peak(argv: list[str], skip: int = 2,
                         memory: bool = False) -> tuple[list[float], float]:  # fmt: skip
-    """:func:`step_times`, and the peak RSS (MiB) of the run's largest process; ``memory``:
-    with glibc's mmap threshold fixed (for the peak, not the times)."""
+    """Seconds per step of a 2-rank torchrun run (rank 0's log), the first ``skip`` dropped,
+    and the peak RSS (MiB) of the run's largest process; ``memory``: with glibc's mmap
+    threshold fixed (for the peak, not the times)."""
     with tempfile.TemporaryDirectory() as tmp:
         metrics = os.path.join(tmp, "m.jsonl")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -147,6 +129,11 @@ def step_times_and_peak(argv: list[str], skip: int = 2,
     times = [r["batch_size"] * seq / r["positions_per_s"] for r in records
              if "positions_per_s" in r]  # fmt: skip
     return times[skip:], usage.ru_maxrss / 1024
+
+
+def step_times(argv: list[str], skip: int = 2) -> list[float]:
+    """Seconds per step of a 2-rank torchrun run (rank 0's log), the first ``skip`` dropped."""
+    return step_times_and_peak(argv, skip)[0]
 
 
 def main(argv=None) -> int:
