@@ -158,11 +158,11 @@ def _write_megatron(argv: list[str], folder: str, kind: str) -> None:
 
 
 def _error(argv: list[str], metrics: str) -> str:
+    from trainer_runs import main_error
+
     from tst.errors import TSTError
 
-    with pytest.raises((ValueError, TSTError)) as error:
-        pretrain_tst.main(argv + ["--metrics-file", metrics])
-    return str(error.value)
+    return main_error(argv, metrics, (ValueError, TSTError))
 
 
 def _same(got: list[float], want: list[float], label: str) -> None:

@@ -134,24 +134,14 @@ def test_fsdp2_with_tensor_parallelism_and_experts(world4, tmp_path):
     _same(resumed, {"train": got["train"][2:], "valid": got["valid"][1:]})
 
 
-def _refusal(argv: list[str], metrics: str) -> str:
-    """The one-line error pretrain_tst.main stops with on this rank."""
-    import pytest
-
-    import pretrain_tst
-    from tst.errors import TSTError
-
-    with pytest.raises(TSTError) as error:
-        pretrain_tst.main(argv + ["--metrics-file", metrics])
-    return str(error.value)
-
-
 def test_fsdp2_refuses_shards_a_checkpoint_cannot_hold(world4, tmp_path):
     """A weight whose rows do not split into DP equal shards (a 510-entry vocabulary at DP 4)
     trains, but megatron-core's sharded tensors cannot save it: refused at start when the
     run saves or loads, naming the weight."""
     odd = [*BASE, *FSDP2, "--vocab-size", "510", "--make-vocab-size-divisible-by", "1"]
-    messages = world4.run(_refusal, odd + ["--save", str(tmp_path / "c")],
+    from trainer_runs import main_error
+
+    messages = world4.run(main_error, odd + ["--save", str(tmp_path / "c")],
                           str(tmp_path / "a.jsonl"))  # fmt: skip
     assert all("embedding.word_embeddings.weight has 510 rows" in m for m in messages), messages
     assert "cannot split into 4 equal shards" in messages[0]

@@ -171,9 +171,9 @@ def _train(argv: list[str], metrics: str) -> list[dict]:
 
 
 def _resume_error(argv: list[str], metrics: str) -> str:
-    with pytest.raises(ValueError) as error:
-        pretrain_tst.main(argv + ["--metrics-file", metrics])
-    return str(error.value)
+    from trainer_runs import main_error
+
+    return main_error(argv, metrics, (ValueError,))
 
 
 def _oracle_run(argv: list[str], metrics: str) -> dict[int, tuple[float, float]]:

@@ -21,6 +21,19 @@ def main_records(argv: list[str], metrics: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def main_error(argv: list[str], metrics: str, errors: tuple[type, ...] | None = None) -> str:
+    """Run ``pretrain_tst.main(argv)`` on this rank, which must raise one of ``errors`` (the
+    project's ``TSTError`` by default); return the error's message."""
+    import pytest
+
+    import pretrain_tst
+    from tst.errors import TSTError
+
+    with pytest.raises(errors or TSTError) as error:
+        pretrain_tst.main(argv + ["--metrics-file", metrics])
+    return str(error.value)
+
+
 @contextlib.contextmanager
 def after_training(look):
     """Within the block, every ``Trainer.train`` calls ``look(trainer)`` when it has trained
