@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Memory of activation recomputation and step time of communication overlap, in one run.
 
-    python bench/bench_megatron_features.py [--iters 6] [--repeats 2] [--sections 1 2 3]
+    python bench/bench_megatron_features.py [--iters 6] [--repeats 2] [--sections 1 2 3 4]
 
 1. Peak memory (the process's peak RSS, from the kernel) of a model whose activations
    dominate (16 layers, hidden 256, 2,048 positions, micro-batch 4, a 512-entry vocabulary),
@@ -18,6 +18,12 @@
    embeddings, fp32): median step time (ABBA repeats) and the peak RSS of the largest
    process of the run (a rank; glibc's mmap threshold fixed at 1 MiB, see
    :func:`step_times_and_peak`), with ratios to DDP.
+4. Optimizer CPU offload (``--optimizer-cpu-offload``, megatron-core's hybrid optimizer) on
+   the same model in bf16 against the distributed optimizer it wraps: all offloaded, half,
+   and half with one optimizer per parameter (``--overlap-cpu-optimizer-d2h-h2d``). On a
+   CPU-only machine nothing leaves a GPU: the ratios are the machinery's own cost (the
+   gradient and weight copies, torch's fused AdamW per part) and the host memory its copies
+   take; the GPU memory it frees is the dry run's table.
 
 Run it with nothing else on the machine: two CPU cores shared with another process slow
 torch down 10-40x and make the timings meaningless.
@@ -98,6 +104,20 @@ SHARDING = {
 }  # fmt: skip
 
 
+OFFLOAD = {
+    "distributed optimizer": ["--use-distributed-optimizer"],
+    "offload, all": ["--use-distributed-optimizer", "--use-precision-aware-optimizer",
+                     "--optimizer-cpu-offload"],
+    "offload, half": ["--use-distributed-optimizer", "--use-precision-aware-optimizer",
+                      "--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.5"],
+    "offload, half, d2h-h2d overlap": [
+        "--use-distributed-optimizer", "--use-precision-aware-optimizer",
+        "--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.5",
+        "--overlap-cpu-optimizer-d2h-h2d",
+    ],
+}  # fmt: skip
+
+
 def step_times_and_peak(argv: list[str], skip: int = 2,
                         memory: bool = False) -> tuple[list[float], float]:  # fmt: skip
     """Seconds per step of a 2-rank torchrun run (rank 0's log), the first ``skip`` dropped,
@@ -141,8 +161,9 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=6, help="steps per memory run")
     parser.add_argument("--time-iters", type=int, default=12, help="steps per timing run")
     parser.add_argument("--repeats", type=int, default=2, help="ABBA repeats of the timings")
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3],
-                        help="which parts to run (1 recomputation, 2 overlap, 3 FSDP2)")  # fmt: skip
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4],
+                        help="which parts to run (1 recomputation, 2 overlap, 3 FSDP2, "
+                        "4 optimizer offload)")  # fmt: skip
     args = parser.parse_args(argv)
     if 1 in args.sections:
         _recomputation(args)
@@ -150,6 +171,9 @@ def main(argv=None) -> int:
         _overlap(args)
     if 3 in args.sections:
         _sharding(args)
+    if 4 in args.sections:
+        _compare("optimizer offload at DP 2 (gloo, 2 ranks), 16L h512 L64, bf16", OFFLOAD,
+                 [*SHARDING_MODEL, "--bf16"], args)  # fmt: skip
     return 0
 
 
@@ -183,21 +207,27 @@ def _overlap(args) -> None:
 
 
 def _sharding(args) -> None:
-    shard_args = [*COMMON, *SHARDING_MODEL, "--train-iters", str(args.time_iters),
-                  "--tst-iters", str(args.time_iters // 2)]  # fmt: skip
-    print("FSDP2 at DP 2 (gloo, 2 ranks), 16L h512 L64, fp32: median s/step, peak RSS (MiB):")
-    times: dict[str, list[float]] = {name: [] for name in SHARDING}
-    peaks: dict[str, list[float]] = {name: [] for name in SHARDING}
-    order = list(SHARDING)
+    _compare("FSDP2 at DP 2 (gloo, 2 ranks), 16L h512 L64, fp32", SHARDING, SHARDING_MODEL, args)
+
+
+def _compare(title: str, rows: dict[str, list[str]], model: list[str], args) -> None:
+    """Median step time (ABBA repeats) and peak RSS of each row, with ratios to the first."""
+    run_args = [*COMMON, *model, "--train-iters", str(args.time_iters),
+                "--tst-iters", str(args.time_iters // 2)]  # fmt: skip
+    print(f"{title}: median s/step, peak RSS (MiB):")
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    peaks: dict[str, list[float]] = {name: [] for name in rows}
+    order = list(rows)
     for repeat in range(args.repeats):
         for name in order if repeat % 2 == 0 else reversed(order):  # ABBA
-            times[name] += step_times_and_peak(shard_args + SHARDING[name])[0]
+            times[name] += step_times_and_peak(run_args + rows[name])[0]
     for name in order:
-        peaks[name].append(step_times_and_peak(shard_args + SHARDING[name], memory=True)[1])
-    for name in SHARDING:
+        peaks[name].append(step_times_and_peak(run_args + rows[name], memory=True)[1])
+    base = order[0]
+    for name in rows:
         med, peak = statistics.median(times[name]), max(peaks[name])
-        print(f"  {name:<32} {med:.4f}  ({med / statistics.median(times['DDP']):.3f} x DDP)"
-              f"   {peak:>7.0f}  ({peak / max(peaks['DDP']):.2f} x DDP)", flush=True)  # fmt: skip
+        print(f"  {name:<32} {med:.4f}  ({med / statistics.median(times[base]):.3f} x {base})"
+              f"   {peak:>7.0f}  ({peak / max(peaks[base]):.2f} x {base})", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -979,23 +979,37 @@ def _check_shapes(template: dict, path: str, saved: dict) -> None:
 
 
 def _torch_adams(optimizer, distributed_only: bool = True):
-    """The torch Adams inside a (chained) megatron-core distributed optimizer (or inside any
-    megatron-core optimizer, ``distributed_only=False``)."""
+    """``(part, adam)``: the torch Adams inside a (chained) megatron-core distributed optimizer
+    (or inside any megatron-core optimizer, ``distributed_only=False``), each with the index
+    of its part of the chain. Under ``--optimizer-cpu-offload`` a part's inner optimizer is
+    megatron-core's ``HybridDeviceOptimizer``, whose sub-optimizers are the torch Adams."""
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for part, opt in enumerate(getattr(optimizer, "chained_optimizers", [optimizer])):
+        if distributed_only and not isinstance(opt, DistributedOptimizer):
+            continue
         inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, torch.optim.Adam) and (
-            not distributed_only or isinstance(opt, DistributedOptimizer)
-        ):
-            yield inner
+        hybrid = isinstance(inner, HybridDeviceOptimizer)
+        for adam in inner.sub_optimizers if hybrid else [inner]:
+            if isinstance(adam, torch.optim.Adam):  # torch's AdamW is one too
+                yield part, adam
+
+
+def _hybrid_optimizers(optimizer):
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(getattr(opt, "optimizer", None), HybridDeviceOptimizer):
+            yield opt.optimizer
 
 
 def _allocate_empty_adam_state(optimizer, distributed_only: bool = True) -> None:
     """Give every parameter without Adam state zero moments at step 0 (what Adam starts
     from): a fresh optimizer's, to be overwritten by the load, or a not yet stepped one's,
-    to be saved."""
-    for adam in _torch_adams(optimizer, distributed_only):
+    to be saved. (megatron-core's own answer for the hybrid optimizer, ``dummy_step``, takes
+    a step with random gradients: it moves the weights.)"""
+    for _, adam in _torch_adams(optimizer, distributed_only):
         for group in adam.param_groups:
             for param in group["params"]:
                 if not adam.state[param]:
@@ -1004,6 +1018,8 @@ def _allocate_empty_adam_state(optimizer, distributed_only: bool = True) -> None
                         "exp_avg": torch.zeros_like(param),
                         "exp_avg_sq": torch.zeros_like(param),
                     }
+    for hybrid in _hybrid_optimizers(optimizer):
+        hybrid._sync_sub_optimizers_state_to_hdo()  # its view of the state, with master_param
 
 
 def _restore_step_zero(loaded: dict) -> None:
@@ -1027,9 +1043,9 @@ def _restore_adam_steps(optimizer, loaded: dict) -> None:
     The per-parameter `step` does not survive the sharded load (it comes back as the
     template's); the count saved with the param groups is the one to trust.
     """
-    adams = list(_torch_adams(optimizer))
-    parts = [loaded] if len(adams) == 1 else [loaded[i] for i in range(len(adams))]
-    for adam, part in zip(adams, parts, strict=True):
+    chained = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+    for index, adam in _torch_adams(optimizer):
+        part = loaded if chained == 1 else loaded[index]
         steps = {group["step"] for group in part["optimizer"]["param_groups"]}
         if len(steps) != 1:
             raise CheckpointError(f"optimizer param groups disagree on the step count: {steps}")

@@ -897,8 +897,36 @@ class TrainingConfig:
     loss_scale_window: float = _f(1000, "Steps without overflow before the scale grows (fp16).")
     hysteresis: int = _f(2, "Overflows tolerated before the scale shrinks (fp16).")
     use_precision_aware_optimizer: bool = _f(
-        False, "Transformer Engine's FusedAdam with low-precision optimizer state (CUDA + TE)."
-    )
+        False, "Transformer Engine's FusedAdam with low-precision optimizer state (CUDA + TE); "
+        "with --optimizer-cpu-offload, megatron-core's hybrid CPU / GPU optimizer instead.",
+    )  # fmt: skip
+    optimizer_cpu_offload: bool = _f(
+        False, "Keep the optimizer's state (fp32 main weights, Adam's moments) in host memory "
+        "and step it there (megatron-core's HybridDeviceOptimizer, torch's AdamW on the CPU): "
+        "frees 12 bytes a parameter of GPU memory for host memory and a copy of gradients "
+        "and weights each step. Needs --use-distributed-optimizer and "
+        "--use-precision-aware-optimizer, as in Megatron-LM.",
+    )  # fmt: skip
+    optimizer_offload_fraction: float = _f(
+        1.0, "With --optimizer-cpu-offload: the share of the parameters (by count, in the "
+        "optimizer's order) whose optimizer step runs on the CPU; the rest step on the GPU.",
+    )  # fmt: skip
+    use_torch_optimizer_for_cpu_offload: bool = _f(
+        False, "With --optimizer-cpu-offload: accepted for Megatron-LM's scripts; megatron-core "
+        "0.16.1 steps the part left on the GPU with its fused Adam (TE / Apex) whatever this says.",
+    )  # fmt: skip
+    overlap_cpu_optimizer_d2h_h2d: bool = _f(
+        False, "With --optimizer-cpu-offload: one CPU optimizer per parameter, its gradient's "
+        "copy to host and its weight's copy back on side CUDA streams.",
+    )  # fmt: skip
+    pin_cpu_grads: bool = _f(
+        True, "With --optimizer-cpu-offload: do not pin the host copies of the gradients.",
+        flag="--no-pin-cpu-grads",
+    )  # fmt: skip
+    pin_cpu_params: bool = _f(
+        True, "With --optimizer-cpu-offload: do not pin the host copies of the weights.",
+        flag="--no-pin-cpu-params",
+    )  # fmt: skip
     fp8_format: str | None = _f(None, "FP8 through Transformer Engine.", choices=["e4m3", "hybrid"])
     fp8_recipe: str = _f(
         "delayed",

@@ -252,6 +252,7 @@ def apply() -> bool:
     _share_one_gloo_device()
     _place_exchanged_shards_on_cpu()
     _fsdp2_mesh_on_cpu()
+    _hybrid_optimizer_on_cpu()
     setattr(torch, _APPLIED_FLAG, True)
     return True
 
@@ -545,6 +546,45 @@ def _fsdp2_mesh_on_cpu() -> None:
                                    *args, **kwargs)  # fmt: skip
 
     fsdp2.DeviceMesh = CpuDeviceMesh
+
+
+def _hybrid_optimizer_on_cpu() -> None:
+    """``--optimizer-cpu-offload``: megatron-core's ``HybridDeviceOptimizer`` splits the
+    parameters by ``param.is_cuda`` (the first ``--optimizer-offload-fraction`` of the GPU
+    ones get a host copy stepped by the CPU optimizer, the rest stay with the GPU one) and
+    takes any parameter already on the host for such a copy, which it then cannot find
+    (``KeyError``). Without CUDA the model's parameters play the GPU's part: the same split
+    by count, each offloaded parameter copied to a tensor of its own (fp32 where the
+    parameter is not, as upstream), so the copies, the hooks that write the weights back and
+    the state kept per part run as on a GPU, between two CPU tensors. State loaded into the
+    "GPU" part stays where it is (upstream moves it to ``cuda``)."""
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    def split(self, offload_fraction):
+        params = [param for group in self.param_groups for param in group["params"]]
+        budget = sum(param.numel() for param in params) * offload_fraction
+        offloaded = 0
+        host_groups, device_groups = [], []
+        to_host, to_device, to_fp32 = {}, {}, {}
+        for group in self.param_groups:
+            host, device = {**group, "params": []}, {**group, "params": []}
+            for param in group["params"]:
+                inner, offload = param, offloaded < budget
+                if offload:
+                    inner = param.detach().clone()
+                    offloaded += param.numel()
+                if self.param_update_in_fp32 and inner.dtype != torch.float32:
+                    inner = inner.detach().clone().float()
+                    to_fp32[param] = inner
+                if offload:
+                    to_host[param], to_device[inner] = inner, param
+                (host if offload else device)["params"].append(inner)
+            host_groups += [host] if host["params"] else []
+            device_groups += [device] if device["params"] else []
+        return host_groups, device_groups, to_host, to_device, to_fp32
+
+    HybridDeviceOptimizer._get_sub_optimizer_param_groups = split
+    HybridDeviceOptimizer._move_new_state_to_right_device = lambda self: None
 
 
 def _share_one_gloo_device() -> None:

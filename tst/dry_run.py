@@ -202,7 +202,8 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
         parallel=ParallelConfig(),
         training=dataclasses.replace(
             cfg.training, fp8_format=None, fp8_param_gather=False, global_batch_size=None,
-            rampup_batch_size=None, use_precision_aware_optimizer=False, main_grads_dtype="fp32",
+            rampup_batch_size=None, use_precision_aware_optimizer=False, optimizer_cpu_offload=False,
+            main_grads_dtype="fp32",
             main_params_dtype="fp32", exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32",
         ),
     )  # fmt: skip
@@ -655,6 +656,9 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     )
     copies = p.num_distributed_optimizer_instances
     sharded = f" (Adam sharded over DP x CP{f', {copies} copies' if copies > 1 else ''})"
+    # --optimizer-cpu-offload: the offloaded share's fp32 weights, Adam moments and a gradient
+    # copy (16 B) live in host memory; the rest of the state stays on the GPU.
+    offload = t.optimizer_offload_fraction if t.optimizer_cpu_offload else 0.0
     print(
         "per rank (every TP/EP rank of a stage holds as much); memory in GiB: weights "
         f"{weight_b} B, grads {grad_b} B, Adam {optim_b} B per parameter"
@@ -665,13 +669,19 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
             if fsdp
             else ""
         )
+        + (
+            f"; --optimizer-cpu-offload: {offload:.0%} of Adam's state in host memory (16 B "
+            "per parameter with the gradient's copy: column 'host'), the rest on the GPU"
+            if t.optimizer_cpu_offload
+            else ""
+        )
         + ("; FP8 weight casts not counted" if t.fp8_format else "")
         + "; activations rough (1F1B peak, fused attention, selective recompute counted, full "
         "recompute not)"
     )
     print(
         f"  {'stage':>5} {'layers':>15} {'params':>10} {'weights':>8} {'grads':>7} "
-        f"{'Adam':>7} {'activ.':>7} {'total':>7}"
+        f"{'Adam':>7} {'activ.':>7} {'total':>7}" + (f" {'host':>7}" if offload else "")
     )
     rows = []
     for stage, info in enumerate(stages):
@@ -680,6 +690,8 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
         if dist_opt:  # sharded over DP x CP (experts: expert-DP), per optimizer copy
             optim = optim_b * copies * (info["dense"] / (grid.dp * grid.cp)
                                         + info["experts"] / grid.expert_dp)  # fmt: skip
+        host = optim * offload * 16 / optim_b
+        optim *= 1 - offload
         act = _in_flight(stage, grid, num_micro) * len(info["layers"]) * layer_act
         act += logits_act if stage == grid.pp - 1 else 0
         cols = [weight_b * n, grad_b * n, optim, act]
@@ -689,10 +701,12 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
             f"  {stage:>5} {_layer_ranges(info['layers']):>15} {_m(n):>10} "
             + " ".join(f"{c / _GIB:>7.1f}" for c in cols)
             + f" {sum(cols) / _GIB:>7.1f}"
+            + (f" {host / _GIB:>7.1f}" if offload else "")
         )
         rows.append({"stage": stage, "layers": list(info["layers"]), "parameters": n,
                      "bytes": dict(zip(("weights", "grads", "optimizer", "activations"),
-                                       cols, strict=True)) | {"total": sum(cols)}})  # fmt: skip
+                                       cols, strict=True)) | {"total": sum(cols),
+                                                              "host_optimizer": host}})  # fmt: skip
     largest_bag = max(phase.input_bag for phase in plan.schedule.phases)  # any stage's
     if largest_bag > 1:
         bag_tokens = largest_bag * m.seq_length * t.micro_batch_size

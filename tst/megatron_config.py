@@ -320,7 +320,11 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
     where = f"this run is on {layout.device.type}" + ("" if te else " without Transformer Engine")
     needs_te = [
         ("--tp-comm-overlap", p.tp_comm_overlap),
-        ("--use-precision-aware-optimizer", t.use_precision_aware_optimizer),
+        # With --optimizer-cpu-offload megatron-core's hybrid optimizer takes its place.
+        (
+            "--use-precision-aware-optimizer",
+            t.use_precision_aware_optimizer and not t.optimizer_cpu_offload,
+        ),
         ("--context-parallel-size > 1", p.context_parallel_size > 1),
         ("--apply-layernorm-1p", m.apply_layernorm_1p),
         ("--fp8-param-gather", t.fp8_param_gather),

@@ -93,6 +93,32 @@ never used in a forward pass, so never given a gradient, and the checkpoint code
 is absent ("output layer will not have any weight"): every save of such a run failed. The
 unused weight is removed from the built model: the vocabulary-sized parameter's memory back,
 and its checkpoints save and resume.
+
+``--optimizer-cpu-offload`` without Transformer Engine: Megatron-LM asks for
+``--use-precision-aware-optimizer`` with it, and megatron-core's ``OptimizerConfig`` then
+compares Transformer Engine's version with 2.1 (to turn off TE FusedAdam's ``store_param_
+remainders``) whether or not TE is installed: with it absent the comparison raised
+``TypeError`` (None >= Version), so the hybrid optimizer, which is torch's AdamW and needs no
+TE, could not even be configured. Without TE the answer is "not 2.1 or later".
+
+fp32 parameters with ``--use-precision-aware-optimizer`` (so with ``--optimizer-cpu-offload``):
+the distributed optimizer hands the inner optimizer its fp32 parameters' shards as they are,
+views of parameters that require gradients, hence not leaves, and torch's optimizers refuse
+those ("can't optimize a non-leaf Tensor"); every fp32 run with the precision-aware optimizer
+died building it (bf16 and fp16 shards were detached already). The fp32 shards are detached
+the same way: the same storage (the optimizer's in-place step still writes the weights), the
+same tensor-parallel attributes.
+
+``--optimizer-cpu-offload`` with fp32 parameters, two defects of megatron-core's
+``HybridDeviceOptimizer``: (1) the parameters left on the GPU (``--optimizer-offload-fraction``
+below 1) are stepped by the GPU optimizer, which reads ``decoupled_grad`` when it is
+Transformer Engine's or Apex's fused Adam; without them it is torch's AdamW, which reads
+``.grad``: an fp32 parameter there never had one, so it never moved (silently: measured, the
+losses left the plain optimizer's at the third step). Its gradient is handed to ``.grad``
+too when the GPU optimizer is torch's. (2) a load re-syncs each fp32 main-weight copy from the
+state through a map of the copies made for non-fp32 parameters only, which it indexes with
+every parameter: ``KeyError`` for any fp32 one, so no fp32 run could resume. Parameters
+without such a copy are skipped (their offloaded copy is remade from the loaded weights).
 """
 
 from __future__ import annotations
@@ -140,7 +166,83 @@ def apply() -> None:
     _fix_param_group_matching()
     _fix_dtensor_param_identity()
     _fix_fsdp2_swiglu_entries()
+    _fix_te_version_check_without_te()
+    _fix_precision_aware_fp32_shards()
+    _fix_hybrid_optimizer_fp32_params()
     setattr(layers, _APPLIED, True)
+
+
+def _fix_hybrid_optimizer_fp32_params() -> None:
+    """The hybrid CPU / GPU optimizer with fp32 parameters: gradients for torch's GPU
+    optimizer, and a load that does not index fp32 parameters among the fp32 copies."""
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    set_grads = HybridDeviceOptimizer._set_sub_optimizer_grads
+
+    def _set_sub_optimizer_grads(self):
+        set_grads(self)
+        gpu = self.gpu_optimizer
+        if gpu is None or not type(gpu).__module__.startswith("torch.optim"):
+            return  # a fused Adam reads decoupled_grad itself
+        for group in gpu.param_groups:
+            for param in group["params"]:
+                grad = getattr(param, "decoupled_grad", None)
+                if param not in self.fp32_param_to_orig_param and grad is not None:
+                    param.grad = grad if grad.dtype == param.dtype else grad.to(param.dtype)
+
+    def _update_fp32_params_by_new_state(self):
+        if not self.param_update_in_fp32:
+            return
+        for param, state in self.state.items():
+            if param in self.param_to_fp32_param:
+                self.param_to_fp32_param[param].data.copy_(state["master_param"])
+
+    HybridDeviceOptimizer._set_sub_optimizer_grads = _set_sub_optimizer_grads
+    HybridDeviceOptimizer._update_fp32_params_by_new_state = _update_fp32_params_by_new_state
+
+
+def _fix_precision_aware_fp32_shards() -> None:
+    """The distributed optimizer's fp32 shards as leaves under the precision-aware optimizer."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.tensor_parallel import copy_tensor_model_parallel_attributes
+
+    build = DistributedOptimizer._build_model_and_main_param_groups.__func__
+
+    def _build_model_and_main_param_groups(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges,
+                                           config):  # fmt: skip
+        groups = build(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
+        if not config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return groups
+        model_fp32_groups, shard_fp32_groups = groups[1], groups[3]
+        for models, shards, group_range in zip(model_fp32_groups, shard_fp32_groups,
+                                               opt_group_ranges, strict=True):  # fmt: skip
+            leaves = {}
+            for index, (model_param, shard) in enumerate(zip(models, shards, strict=True)):
+                leaf = shard.detach()
+                copy_tensor_model_parallel_attributes(leaf, model_param)
+                if hasattr(shard, "shared"):
+                    leaf.shared = shard.shared
+                shards[index] = leaves[id(shard)] = leaf
+            params = group_range["orig_group"]["params"]
+            group_range["orig_group"]["params"] = [leaves.get(id(p), p) for p in params]
+        return groups
+
+    DistributedOptimizer._build_model_and_main_param_groups = classmethod(
+        _build_model_and_main_param_groups
+    )
+
+
+def _fix_te_version_check_without_te() -> None:
+    """``is_te_min_version`` where ``OptimizerConfig`` reads it: False without TE."""
+    from megatron.core import utils
+    from megatron.core.optimizer import optimizer_config
+
+    def is_te_min_version(version, check_equality=True):
+        if utils.get_te_version() is None:
+            return False
+        return utils.is_te_min_version(version, check_equality)
+
+    optimizer_config.is_te_min_version = is_te_min_version
 
 
 def _fix_fsdp2_swiglu_entries() -> None:

@@ -94,6 +94,13 @@ def optimizer_config(cfg: Config):
         main_params_dtype=_DTYPES[t.main_params_dtype],
         exp_avg_dtype=_DTYPES[t.exp_avg_dtype],
         exp_avg_sq_dtype=_DTYPES[t.exp_avg_sq_dtype],
+        optimizer_cpu_offload=t.optimizer_cpu_offload,
+        optimizer_offload_fraction=t.optimizer_offload_fraction,
+        use_torch_optimizer_for_cpu_offload=t.use_torch_optimizer_for_cpu_offload,
+        overlap_cpu_optimizer_d2h_h2d=t.overlap_cpu_optimizer_d2h_h2d,
+        # Pinned host memory needs a GPU; without one the "host copies" are plain tensors.
+        pin_cpu_grads=t.pin_cpu_grads and torch.cuda.is_available(),
+        pin_cpu_params=t.pin_cpu_params and torch.cuda.is_available(),
         log_num_zeros_in_grad=log.log_num_zeros_in_grad,
     )
 

@@ -557,10 +557,13 @@ def _adjust_like_megatron(cfg: Config, tp: int) -> None:
         m.apply_rope_fusion = False
     if not m.add_bias_linear:
         m.bias_gelu_fusion = False
-    if t.bf16:
+    if t.bf16:  # Megatron-LM's rule, --main-grads-dtype included
+        _require(not (p.accumulate_allreduce_grads_in_fp32 and t.main_grads_dtype != "fp32"),
+                 "--main-grads-dtype can only be fp32 when --accumulate-allreduce-grads-in-fp32 "
+                 "is set (Megatron-LM's rule): drop one")  # fmt: skip
         if p.grad_reduce_in_bf16:
             p.accumulate_allreduce_grads_in_fp32 = False
-        else:
+        elif t.main_grads_dtype == "fp32":
             p.accumulate_allreduce_grads_in_fp32 = True
     r = cfg.rerun
     if r.engine_on and t.fp16 and t.loss_scale is None and r.check_for_nan_in_loss_and_grad:
@@ -716,6 +719,50 @@ def _check_torch_fsdp2(cfg: Config, grid: Grid) -> None:
              "(Megatron-LM's rule)")  # fmt: skip
 
 
+def _check_optimizer_offload(cfg: Config) -> None:
+    """--use-precision-aware-optimizer and --optimizer-cpu-offload: megatron-core's and
+    Megatron-LM's rules, one line each; the offload's options without it warned."""
+    p, t = cfg.parallel, cfg.training
+    if t.use_precision_aware_optimizer:  # megatron-core's OptimizerConfig asserts these
+        _require(t.optimizer == "adam", "--use-precision-aware-optimizer is for Adam only "
+                 "(megatron-core's rule): drop it or use --optimizer adam")  # fmt: skip
+        _require(p.use_distributed_optimizer, "--use-precision-aware-optimizer works inside "
+                 "the distributed optimizer (megatron-core's rule): add "
+                 "--use-distributed-optimizer")  # fmt: skip
+    given = [flag for flag, on in (
+        ("--optimizer-offload-fraction", t.optimizer_offload_fraction != 1.0),
+        ("--use-torch-optimizer-for-cpu-offload", t.use_torch_optimizer_for_cpu_offload),
+        ("--overlap-cpu-optimizer-d2h-h2d", t.overlap_cpu_optimizer_d2h_h2d),
+        ("--no-pin-cpu-grads", not t.pin_cpu_grads),
+        ("--no-pin-cpu-params", not t.pin_cpu_params)) if on]  # fmt: skip
+    if not t.optimizer_cpu_offload:
+        if given:
+            warnings.warn(f"{', '.join(given)}: no effect without --optimizer-cpu-offload",
+                          stacklevel=3)  # fmt: skip
+        return
+    flag = "--optimizer-cpu-offload"
+    _require(t.use_precision_aware_optimizer, f"{flag} needs --use-precision-aware-optimizer: "
+             "megatron-core's hybrid optimizer reuses that flag's code path (Megatron-LM's "
+             "rule): add it")  # fmt: skip
+    _require(0.0 <= t.optimizer_offload_fraction <= 1.0, "--optimizer-offload-fraction "
+             f"{t.optimizer_offload_fraction} must be between 0 and 1 (the share of the "
+             "parameters whose optimizer step runs on the CPU)")  # fmt: skip
+    _require(not t.fp8_param_gather or t.fp8_recipe == "delayed", f"{flag} with "
+             "--fp8-param-gather needs --fp8-recipe delayed (Megatron-LM's rule)")  # fmt: skip
+    if t.use_torch_optimizer_for_cpu_offload:
+        warnings.warn("--use-torch-optimizer-for-cpu-offload changes nothing in megatron-core "
+                      "0.16.1 (its Adam branch sets the GPU part's optimizer after reading "
+                      "it): the CPU part is torch's AdamW and the GPU part the fused Adam "
+                      "where TE or Apex is installed, torch's AdamW elsewhere", stacklevel=3)  # fmt: skip
+    kept = [f"--{name.replace('_', '-')} {value}" for name, value in (
+        ("main_params_dtype", t.main_params_dtype), ("exp_avg_dtype", t.exp_avg_dtype),
+        ("exp_avg_sq_dtype", t.exp_avg_sq_dtype)) if value != "fp32"]  # fmt: skip
+    if kept:
+        warnings.warn(f"{', '.join(kept)}: with {flag} the optimizer state is torch AdamW's, "
+                      "fp32 (megatron-core 0.16.1 passes these dtypes to Transformer Engine's "
+                      "FusedAdam only); ignored", stacklevel=3)  # fmt: skip
+
+
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     """Checks across concerns, once per run; returns the run's :class:`RunPlan`."""
     m, p, t, tst = cfg.model, cfg.parallel, cfg.training, cfg.tst
@@ -762,6 +809,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         not cfg.moe.moe_apply_probs_on_input or m.moe_router_topk == 1,
         "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
     )
+    _check_optimizer_offload(cfg)
     if p.use_torch_fsdp2:
         _check_torch_fsdp2(cfg, grid)
     elif not p.torch_fsdp2_reshard_after_forward:

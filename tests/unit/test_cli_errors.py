@@ -174,6 +174,52 @@ def test_torch_fsdp2_options_warn_where_they_change_nothing():
         validate(parse_args(BASE + ["--torch-fsdp2-no-reshard-after-forward"]), 2, 512)
 
 
+_OFFLOAD = ["--use-distributed-optimizer", "--use-precision-aware-optimizer",
+            "--optimizer-cpu-offload"]  # fmt: skip
+# (flags added, flags of _OFFLOAD dropped, message): Megatron-LM's and megatron-core's rules.
+REFUSED_OFFLOAD = [
+    ([], ["--use-precision-aware-optimizer"], r"--optimizer-cpu-offload needs --use-precision-aware-optimizer: .*add it"),  # noqa: E501
+    ([], ["--use-distributed-optimizer"], r"--use-precision-aware-optimizer works inside the distributed optimizer .*: add --use-distributed-optimizer"),  # noqa: E501
+    (["--optimizer", "sgd"], [], r"--use-precision-aware-optimizer is for Adam only"),
+    (["--optimizer-offload-fraction", "1.5"], [], r"--optimizer-offload-fraction 1.5 must be between 0 and 1"),  # noqa: E501
+    (["--optimizer-offload-fraction", "-0.1"], [], r"--optimizer-offload-fraction -0.1 must be between 0 and 1"),  # noqa: E501
+    (["--bf16", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise", "--fp8-param-gather"], [], r"--optimizer-cpu-offload with --fp8-param-gather needs --fp8-recipe delayed"),  # noqa: E501
+    (["--bf16", "--main-grads-dtype", "bf16", "--accumulate-allreduce-grads-in-fp32"], [], r"--main-grads-dtype can only be fp32 when --accumulate-allreduce-grads-in-fp32 is set"),  # noqa: E501
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("add,drop,message", REFUSED_OFFLOAD,
+                         ids=[m[:40] for *_, m in REFUSED_OFFLOAD])  # fmt: skip
+def test_optimizer_cpu_offload_rules(add, drop, message):
+    argv = [a for a in BASE + _OFFLOAD if a not in drop] + add
+    with pytest.raises(ValueError, match=message):
+        validate(parse_args(argv), 2, 512)
+    validate(parse_args(BASE + _OFFLOAD), 2, 512)
+
+
+def test_optimizer_cpu_offload_options_warn_where_they_change_nothing():
+    import warnings
+
+    with pytest.warns(UserWarning, match="--optimizer-offload-fraction, --overlap-cpu-optimizer-"
+                      "d2h-h2d, --no-pin-cpu-grads: no effect without --optimizer-cpu-offload"):  # fmt: skip
+        validate(parse_args(BASE + ["--optimizer-offload-fraction", "0.5", "--no-pin-cpu-grads",
+                                    "--overlap-cpu-optimizer-d2h-h2d"]), 2, 512)  # fmt: skip
+    with pytest.warns(UserWarning, match="--use-torch-optimizer-for-cpu-offload changes nothing"):
+        validate(parse_args(BASE + _OFFLOAD + ["--use-torch-optimizer-for-cpu-offload"]), 2, 512)
+    with pytest.warns(UserWarning, match="--exp-avg-dtype bf16: with --optimizer-cpu-offload the "
+                      "optimizer state is torch AdamW's, fp32"):  # fmt: skip
+        validate(parse_args(BASE + _OFFLOAD + ["--exp-avg-dtype", "bf16"]), 2, 512)
+    # Megatron-LM's rule: bf16 main gradients are reduced in bf16, not accumulated in fp32.
+    cfg = parse_args(BASE + _OFFLOAD + ["--bf16", "--main-grads-dtype", "bf16"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate(cfg, 2, 512)
+    assert not cfg.parallel.accumulate_allreduce_grads_in_fp32
+    cfg = parse_args(BASE + _OFFLOAD + ["--bf16"])
+    validate(cfg, 2, 512)
+    assert cfg.parallel.accumulate_allreduce_grads_in_fp32
+
+
 def test_moe_biases_need_expert_tp_1():
     """megatron-core builds expert biases only at expert-TP 1: refused up front, not by its
     assertion inside the model build. Megatron-LM's default keeps biases on."""

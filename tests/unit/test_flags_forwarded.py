@@ -46,6 +46,34 @@ def test_optimizer_flags_default_and_given():
     assert optimizer_config(cfg).apply_wd_to_qk_layernorm is True
 
 
+def test_optimizer_offload_flags_default_and_given(monkeypatch):
+    import torch
+
+    from tst import megatron_fixes
+
+    megatron_fixes.apply()  # megatron-core's TE version check, as a run applies it
+
+    offload = ("--use-distributed-optimizer", "--use-precision-aware-optimizer")
+    o = optimizer_config(_cfg()[0])
+    assert (o.optimizer_cpu_offload, o.optimizer_offload_fraction,
+            o.use_torch_optimizer_for_cpu_offload, o.overlap_cpu_optimizer_d2h_h2d) == (
+        False, 1.0, False, False)  # fmt: skip
+    cfg = _cfg(*offload, "--optimizer-cpu-offload", "--optimizer-offload-fraction", "0.25",
+               "--overlap-cpu-optimizer-d2h-h2d")[0]  # fmt: skip
+    o = optimizer_config(cfg)
+    assert (o.optimizer_cpu_offload, o.optimizer_offload_fraction,
+            o.overlap_cpu_optimizer_d2h_h2d) == (True, 0.25, True)  # fmt: skip
+    # Host copies are pinned (Megatron-LM's default) where a GPU is, never without one.
+    assert (o.pin_cpu_grads, o.pin_cpu_params) == (False, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    o = optimizer_config(cfg)
+    assert (o.pin_cpu_grads, o.pin_cpu_params) == (True, True)
+    for flag, field in (("--no-pin-cpu-grads", "pin_cpu_grads"),
+                        ("--no-pin-cpu-params", "pin_cpu_params")):  # fmt: skip
+        o = optimizer_config(_cfg(*offload, "--optimizer-cpu-offload", flag)[0])
+        assert getattr(o, field) is False
+
+
 def test_ddp_flags_default_and_given():
     d = ddp_config(_cfg()[0])
     assert (d.grad_reduce_in_fp32, d.align_param_gather) == (False, True)

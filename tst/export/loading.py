@@ -109,7 +109,7 @@ def single_process_config(cfg: Config) -> Config:
     model = dataclasses.replace(cfg.model, transformer_impl="local")
     training = dataclasses.replace(
         cfg.training, fp8_format=None, fp8_param_gather=False, global_batch_size=None,
-        rampup_batch_size=None, use_precision_aware_optimizer=False,
+        rampup_batch_size=None, use_precision_aware_optimizer=False, optimizer_cpu_offload=False,
     )  # fmt: skip
     return dataclasses.replace(cfg, parallel=parallel, model=model, training=training)
 
