@@ -119,6 +119,11 @@ too when the GPU optimizer is torch's. (2) a load re-syncs each fp32 main-weight
 state through a map of the copies made for non-fp32 parameters only, which it indexes with
 every parameter: ``KeyError`` for any fp32 one, so no fp32 run could resume. Parameters
 without such a copy are skipped (their offloaded copy is remade from the loaded weights).
+(3) when the weights change outside the optimizer (``--finetune`` / ``--no-load-optim``
+loads, the switch's re-initialisations, MoE upcycling), megatron-core refreshes the fp32
+copies of non-fp32 parameters only: an offloaded fp32 parameter's host copy kept the old
+weights, and the next step wrote them back over the loaded ones. Those copies are refreshed
+too.
 """
 
 from __future__ import annotations
@@ -174,7 +179,8 @@ def apply() -> None:
 
 def _fix_hybrid_optimizer_fp32_params() -> None:
     """The hybrid CPU / GPU optimizer with fp32 parameters: gradients for torch's GPU
-    optimizer, and a load that does not index fp32 parameters among the fp32 copies."""
+    optimizer, a load that does not index fp32 parameters among the fp32 copies, and host
+    copies that follow weights changed outside the optimizer."""
     from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
 
     set_grads = HybridDeviceOptimizer._set_sub_optimizer_grads
@@ -197,6 +203,15 @@ def _fix_hybrid_optimizer_fp32_params() -> None:
             if param in self.param_to_fp32_param:
                 self.param_to_fp32_param[param].data.copy_(state["master_param"])
 
+    refresh = HybridDeviceOptimizer.update_fp32_param_by_new_param
+
+    def update_fp32_param_by_new_param(self):
+        refresh(self)
+        for param, host in self.gpu_params_map_cpu_copy.items():
+            if param not in self.param_to_fp32_param:  # an fp32 parameter's own host copy
+                host.data.copy_(param)
+
+    HybridDeviceOptimizer.update_fp32_param_by_new_param = update_fp32_param_by_new_param
     HybridDeviceOptimizer._set_sub_optimizer_grads = _set_sub_optimizer_grads
     HybridDeviceOptimizer._update_fp32_params_by_new_state = _update_fp32_params_by_new_state
 

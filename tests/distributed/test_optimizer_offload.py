@@ -10,7 +10,8 @@ parameter norms must equal the distributed optimizer's (rel 1e-6: torch's fused 
 for-each AdamW round alike here, but need not), in fp32 and bf16, all offloaded and half
 (with ``--overlap-cpu-optimizer-d2h-h2d``'s one optimizer per parameter). A checkpoint saved
 with the offload resumes exactly with it, and the two kinds of checkpoints load into each
-other (the same entries: main weights, moments, the step). MoE at PP 2 x VPP 2 x EP 2 puts
+other (the same entries: main weights, moments, the step); a fine-tune's load and the
+switch's re-drawn embeddings reach the offloaded copies. MoE at PP 2 x VPP 2 x EP 2 puts
 two hybrid optimizers in megatron-core's chain (dense and expert parts).
 """
 
@@ -78,6 +79,11 @@ def test_offload_trains_and_resumes_as_the_distributed_optimizer(world2, tmp_pat
     # The two kinds of checkpoints load into each other.
     _same(run(load("half"), "half-to-plain"), plain, start=3)
     _same(run(HALF + load("plain"), "plain-to-half"), plain, start=3)
+    # Weights changed outside the optimizer (a fine-tune's load; the switch's re-drawn
+    # embeddings) reach the offloaded copies as they reach the distributed optimizer's.
+    for extra, tag in ((load("plain") + ["--finetune"], "finetune"),
+                       (["--tst-reinit-embeddings-at-switch"], "reinit")):  # fmt: skip
+        _same(run(HALF + extra, f"{tag}-half"), run(extra, f"{tag}-plain"))
 
 
 def test_offload_with_experts_and_virtual_pipeline(world4, tmp_path):
