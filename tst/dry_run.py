@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from tst.config import Config, ParallelConfig
+from tst.optim import NO_OFFLOAD
 from tst.plan import Grid, RunPlan, validate
 
 __all__ = [
@@ -202,7 +203,7 @@ def meta_parameters(cfg: Config, vocab_size: int) -> list[ParamInfo]:
         parallel=ParallelConfig(),
         training=dataclasses.replace(
             cfg.training, fp8_format=None, fp8_param_gather=False, global_batch_size=None,
-            rampup_batch_size=None, use_precision_aware_optimizer=False, optimizer_cpu_offload=False,
+            rampup_batch_size=None, use_precision_aware_optimizer=False, **NO_OFFLOAD,
             main_grads_dtype="fp32",
             main_params_dtype="fp32", exp_avg_dtype="fp32", exp_avg_sq_dtype="fp32",
         ),

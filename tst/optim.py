@@ -15,7 +15,13 @@ import torch
 from tst.config import Config
 from tst.plan import RunPlan
 
-__all__ = ["ddp_config", "optimizer_config", "build_scheduler", "params_dtype"]
+__all__ = ["NO_OFFLOAD", "ddp_config", "optimizer_config", "build_scheduler", "params_dtype"]
+
+# --optimizer-cpu-offload and its options at their defaults: for a configuration that builds
+# no optimizer (the dry run's one-process parameter count, an export).
+NO_OFFLOAD = dict(optimizer_cpu_offload=False, optimizer_offload_fraction=1.0,
+                  use_torch_optimizer_for_cpu_offload=False, overlap_cpu_optimizer_d2h_h2d=False,
+                  pin_cpu_grads=True, pin_cpu_params=True)  # fmt: skip
 
 
 # Megatron-LM's names for the precision-aware optimizer's dtypes (fp8 state is kept as uint8).

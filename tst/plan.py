@@ -758,9 +758,9 @@ def _check_optimizer_offload(cfg: Config) -> None:
         ("main_params_dtype", t.main_params_dtype), ("exp_avg_dtype", t.exp_avg_dtype),
         ("exp_avg_sq_dtype", t.exp_avg_sq_dtype)) if value != "fp32"]  # fmt: skip
     if kept:
-        warnings.warn(f"{', '.join(kept)}: with {flag} the optimizer state is torch AdamW's, "
-                      "fp32 (megatron-core 0.16.1 passes these dtypes to Transformer Engine's "
-                      "FusedAdam only); ignored", stacklevel=3)  # fmt: skip
+        warnings.warn(f"{', '.join(kept)}: with {flag} megatron-core 0.16.1's hybrid "
+                      "optimizer keeps its state in fp32 (these dtypes reach Transformer "
+                      "Engine's FusedAdam only without the offload); ignored", stacklevel=3)  # fmt: skip
 
 
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:

@@ -172,3 +172,32 @@ def test_deepseek_v3_recipe_lays_out_its_published_size(capsys):
     # the MTP depth and the loss.
     assert re.search(r"^\s+0\s+0,15-16,31-32,47-48\s", out, re.M), out
     assert re.search(r"^\s+7\s+13-14,29-30,45-46\s", out, re.M), out
+
+
+def test_deepseek_v3_recipe_with_the_zoos_optimizer_offload(capsys):
+    """The recipe as the zoo's ``OPTIMIZER_OFFLOAD=1`` assembles it: its
+    sbatch_benchmarking.sh adds ``--optimizer-cpu-offload --overlap-cpu-optimizer-d2h-h2d``
+    and leaves ``--fp8-param-gather`` out (the offload does not take it with the blockwise
+    recipe). It lays out with Adam's state in host memory; the recipe's bf16 moments, which
+    megatron-core's hybrid optimizer does not take, are named in a warning."""
+    import warnings
+
+    argv, gpus = read_args("moe_zoo_deepseek_v3")
+    argv = [a for a in argv if a != "--fp8-param-gather"]
+    argv += ["--optimizer-cpu-offload", "--overlap-cpu-optimizer-d2h-h2d", "--vocab-size", "129280"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _dry_run(argv, gpus, capsys)
+    said = [str(w.message) for w in caught if "offload" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("--exp-avg-dtype bf16, --exp-avg-sq-dtype bf16: "
+                                                 "with --optimizer-cpu-offload"), said  # fmt: skip
+    assert "--optimizer-cpu-offload: 100% of Adam's state in host memory" in out
+    rows = re.findall(r"^\s+\d+\s+[\d,-]+\s+[\d,.]+M((?:\s+[\d.]+){6})$", out, re.M)
+    assert len(rows) == 8, out
+    for row in rows:  # weights, grads, Adam, activations, total, host (GiB)
+        adam, host = float(row.split()[2]), float(row.split()[5])
+        assert adam == 0.0 and host > 1.0, out
+    # The same recipe with the fp8 parameter gather it leaves out: Megatron-LM's rule.
+    with pytest.raises(ValueError, match="--fp8-param-gather needs --fp8-recipe delayed"):
+        pretrain_tst.main(argv + ["--fp8-param-gather", "--dry-run", "--dry-run-world-size",
+                                  str(gpus)])  # fmt: skip

@@ -206,8 +206,8 @@ def test_optimizer_cpu_offload_options_warn_where_they_change_nothing():
                                     "--overlap-cpu-optimizer-d2h-h2d"]), 2, 512)  # fmt: skip
     with pytest.warns(UserWarning, match="--use-torch-optimizer-for-cpu-offload changes nothing"):
         validate(parse_args(BASE + _OFFLOAD + ["--use-torch-optimizer-for-cpu-offload"]), 2, 512)
-    with pytest.warns(UserWarning, match="--exp-avg-dtype bf16: with --optimizer-cpu-offload the "
-                      "optimizer state is torch AdamW's, fp32"):  # fmt: skip
+    with pytest.warns(UserWarning, match="--exp-avg-dtype bf16: with --optimizer-cpu-offload "
+                      "megatron-core 0.16.1's hybrid optimizer keeps its state in fp32"):  # fmt: skip
         validate(parse_args(BASE + _OFFLOAD + ["--exp-avg-dtype", "bf16"]), 2, 512)
     # Megatron-LM's rule: bf16 main gradients are reduced in bf16, not accumulated in fp32.
     cfg = parse_args(BASE + _OFFLOAD + ["--bf16", "--main-grads-dtype", "bf16"])

@@ -14,6 +14,7 @@ import torch
 from tst import checkpointing
 from tst.config import Config
 from tst.export.common import ExportError
+from tst.optim import NO_OFFLOAD
 
 
 def config_from_dict(values: dict) -> Config:
@@ -109,7 +110,7 @@ def single_process_config(cfg: Config) -> Config:
     model = dataclasses.replace(cfg.model, transformer_impl="local")
     training = dataclasses.replace(
         cfg.training, fp8_format=None, fp8_param_gather=False, global_batch_size=None,
-        rampup_batch_size=None, use_precision_aware_optimizer=False, optimizer_cpu_offload=False,
+        rampup_batch_size=None, use_precision_aware_optimizer=False, **NO_OFFLOAD,
     )  # fmt: skip
     return dataclasses.replace(cfg, parallel=parallel, model=model, training=training)
 
