@@ -646,6 +646,7 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     if not foreign:
         verify(path)
     template = _sharded_model_state(chunks)
+    _allow_optimizer_classes()
     saved_tensors = dist_checkpointing.load_tensors_metadata(path)
     _check_shapes(template, path, saved_tensors)
     absent = _check_keys(template, path, saved_tensors, strictness, optimizer is not None, report)
@@ -776,11 +777,25 @@ def is_foreign(root: str, iteration: int) -> bool:
     return legacy_checkpoint.is_legacy(path) or megatron_lm_saved(path)
 
 
+def _allow_optimizer_classes() -> None:
+    """Let torch's ``weights_only`` reader (megatron-core's for the common state) take the
+    optimizer classes that megatron-core's hybrid optimizer (``--optimizer-cpu-offload``)
+    keeps in its param groups, which a fully reshardable checkpoint stores there: without
+    them no such checkpoint could be read back ("Unsupported global: torch.optim.adamw.AdamW";
+    megatron-core registers its own classes only). Class references, nothing is called."""
+    from megatron.core import optimizer
+
+    torch.serialization.add_safe_globals(
+        [optimizer.Adam, optimizer.SGD, optimizer.CPUAdam, optimizer.CPUSGD]
+    )
+
+
 def _common_state(path: str):
     """dist_checkpointing's common (non-sharded) state of checkpoint directory ``path``, as
     stored: this trainer's under ``common``, Megatron-LM's at the top."""
     from megatron.core import dist_checkpointing
 
+    _allow_optimizer_classes()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # its deprecation notice
         return dist_checkpointing.load_common_state_dict(path)

@@ -12,7 +12,8 @@ for-each AdamW round alike here, but need not), in fp32 and bf16, all offloaded 
 with the offload resumes exactly with it, and the two kinds of checkpoints load into each
 other (the same entries: main weights, moments, the step); a fine-tune's load and the
 switch's re-drawn embeddings reach the offloaded copies. MoE at PP 2 x VPP 2 x EP 2 puts
-two hybrid optimizers in megatron-core's chain (dense and expert parts).
+two hybrid optimizers in megatron-core's chain (dense and expert parts), saved in the fully
+reshardable format.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def test_offload_with_experts_and_virtual_pipeline(world4, tmp_path):
     # Pinning needs a GPU: on this machine the flags are taken and change nothing.
     offload = OFFLOAD + ["--optimizer-offload-fraction", "0.3", "--no-pin-cpu-grads",
                          "--no-pin-cpu-params"]  # fmt: skip
+    # Saved fully reshardable: the hybrid optimizer's param groups (which name its optimizer
+    # classes) go into the common state, read back by torch's weights_only loader.
+    offload += ["--dist-ckpt-optim-fully-reshardable"]
     ckpt = str(tmp_path / "ckpt")
     plain = world4.run(_run, BASE + moe, str(tmp_path / "a.jsonl"))[0]
     trained = world4.run(_run, BASE + moe + offload + ["--save", ckpt, "--save-interval", "2"],
