@@ -642,7 +642,7 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
             "optimizer state: pass --finetune"
         )
     if legacy:
-        return _load_legacy(path, chunks, iteration, report)
+        return _load_legacy(path, chunks, iteration, report, strictness)
     if not foreign:
         verify(path)
     template = _sharded_model_state(chunks)
@@ -702,9 +702,13 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     return state["common"]  # the non-sharded entries come back with the sharded ones
 
 
-def _load_legacy(path: str, chunks, iteration: int, report) -> dict:
+def _load_legacy(path: str, chunks, iteration: int, report,
+                 strictness: str = "assume_ok_unexpected") -> dict:  # fmt: skip
     """The weights of Megatron-LM legacy checkpoint ``path`` into ``chunks``
-    (:mod:`tst.legacy_checkpoint`); the common state says the iteration and ``legacy``."""
+    (:mod:`tst.legacy_checkpoint`); the common state says the iteration and ``legacy``.
+    Every tensor must match, whatever ``strictness`` says: Megatron-LM reads its legacy
+    files with ``load_state_dict(strict=True)`` too (--dist-ckpt-strictness is for
+    torch_dist), and a refusal says so when the flag was given."""
     from megatron.core import parallel_state as ps
 
     experts = any(getattr(chunk.config, "num_moe_experts", None) for chunk in chunks)
@@ -717,7 +721,11 @@ def _load_legacy(path: str, chunks, iteration: int, report) -> dict:
             ps.get_expert_model_parallel_rank() if experts else 0, ep,
         )  # fmt: skip
     except legacy_checkpoint.LegacyCheckpointError as error:
-        raise CheckpointError(str(error)) from None
+        note = ""
+        if strictness != "assume_ok_unexpected" and "does not fit this model" in str(error):
+            note = (f" (--dist-ckpt-strictness {strictness} applies to torch_dist checkpoints; "
+                    "Megatron-LM reads legacy files strictly too)")  # fmt: skip
+        raise CheckpointError(str(error) + note) from None
     if iteration == RELEASE:
         saved["iteration"] = 0  # Megatron-LM's iteration of a release checkpoint
     report(

@@ -44,6 +44,11 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
         "no token is masked out of the loss as padding here (documents are packed whole, "
         "nothing is padded), which is what the flag asks for a pad id shared with another token",
     ),
+    "--dist-ckpt-save-pre-mcore-014": (
+        0,
+        "Megatron-LM 0.16.1 parses it and nothing reads it (its checkpoints, like these, are "
+        "saved in megatron-core 0.14's format)",
+    ),
     "--no-scatter-gather-tensors-in-pipeline": (
         0,
         "Megatron-LM 0.16.1 parses it and nothing reads it (megatron-core's pipeline sends "
@@ -412,7 +417,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--offload-modules": "+",
         "--min-offloaded-tensor-size": 1,
         "--load-main-params-from-ckpt": 0,
-        "--dist-ckpt-save-pre-mcore-014": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
         "--log-max-attention-logit": 0,
         "--te-precision-config-file": 1,

@@ -229,6 +229,14 @@ def test_legacy_checkpoint_at_tp2_pp2_with_tied_embeddings(world4, tmp_path):
                     "--ffn-hidden-size", "96", "--load", legacy, "--finetune"]  # fmt: skip
     message = world4.run(_error, wider, str(tmp_path / "i.jsonl"))[0]
     assert "shapes differ" in message and "linear_fc1.weight" in message, message
+    # --dist-ckpt-strictness is torch_dist's: a legacy file is read strictly (Megatron-LM's
+    # load_state_dict(strict=True)), and the refusal says so.
+    message = world4.run(_error, wider + ["--dist-ckpt-strictness", "log_all"],
+                         str(tmp_path / "j.jsonl"))[0]  # fmt: skip
+    assert (
+        "shapes differ" in message
+        and "--dist-ckpt-strictness log_all applies to torch_dist checkpoints" in message
+    ), message
 
 
 def test_legacy_checkpoint_at_pp2_vpp2_ep2_with_experts(world4, tmp_path):
