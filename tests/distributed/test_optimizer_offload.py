@@ -6,7 +6,7 @@ On this machine the model's tensors play the GPU's part: the offloaded share of 
 parameters gets copies of its own, stepped by torch's AdamW and written back after each step,
 the rest is stepped in place, as on a GPU (``tst.cpu_compat``). The same Adam on the same
 gradients, so across the superposition -> recovery switch the losses, gradient norms and
-parameter norms must equal the distributed optimizer's (rel 1e-6: torch's fused and
+parameter norms and zero counts must equal the distributed optimizer's (rel 1e-6: torch's fused and
 for-each AdamW round alike here, but need not), in fp32 and bf16, all offloaded and half
 (with ``--overlap-cpu-optimizer-d2h-h2d``'s one optimizer per parameter). A checkpoint saved
 with the offload resumes exactly with it, and the two kinds of checkpoints load into each
@@ -19,20 +19,14 @@ reshardable format.
 from __future__ import annotations
 
 import pytest
-from flags import SMALL_GPT
+from test_torch_fsdp2 import BASE as FSDP2_BASE
 
-BASE = [
-    "--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "32",
-    "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "1",
-    "--global-batch-size", "8", "--train-iters", "4", "--tst-bag-size", "3", "--tst-iters", "2",
-    "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-iters", "1",
-    "--eval-interval", "2", "--untie-embeddings-and-output-weights",
-    "--no-gradient-accumulation-fusion", "--log-params-norm", "--use-distributed-optimizer",
-    *SMALL_GPT,
-]  # fmt: skip
+# The FSDP2 tests' small model (two layers, SwiGLU, untied; both phases, validation every
+# two steps), with the distributed optimizer the offload works inside.
+BASE = FSDP2_BASE + ["--use-distributed-optimizer"]
 OFFLOAD = ["--optimizer-cpu-offload", "--use-precision-aware-optimizer"]
 HALF = OFFLOAD + ["--optimizer-offload-fraction", "0.5", "--overlap-cpu-optimizer-d2h-h2d"]
-KEYS = ("loss", "grad_norm", "params_norm")
+KEYS = ("loss", "grad_norm", "params_norm", "num_zeros_in_grad")
 
 
 def _run(argv: list[str], metrics: str) -> dict:
