@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU check on one H200: the trainer in bf16 on a ~370M-parameter GPT (mock data), both TST
-# phases, tokens/s and MFU against the H200's dense bf16 peak (989 TFLOP/s); then the FP8 path
+# phases, tokens/s and MFU against the H200's dense bf16 peak (989 TFLOP/s); the same with the
+# distributed optimizer and with --optimizer-cpu-offload (step time, peak memory); then the FP8 path
 # (Transformer Engine, hybrid format) where TE is importable, else a line saying why not; then
 # context parallelism (CP 2 vs CP 1) where two GPUs and TE are at hand; then a small
 # DeepSeek-V3-shaped MoE (MLA, shared expert, expert bias, MTP) that must train.
-# Estimated 2-4 minutes on an H200 (imports and weight init included; not yet measured), well
+# Estimated 3-6 minutes on an H200 (imports and weight init included; not yet measured), well
 # under 8 with FP8.
 #
 #   bash bench/gpu_check.sh                # on the GPU host
@@ -107,6 +108,26 @@ if [[ "$DRY_RUN" != 1 ]]; then
 print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
 fi
 run bf16 --transformer-impl auto
+
+# --optimizer-cpu-offload against the distributed optimizer it wraps (one GPU, DP 1: the
+# whole Adam state offloaded): step time per phase and the peak of allocated GPU memory.
+run dist_opt --transformer-impl auto --use-distributed-optimizer --log-memory-to-tensorboard
+run offload --transformer-impl auto --use-distributed-optimizer --log-memory-to-tensorboard \
+  --use-precision-aware-optimizer --optimizer-cpu-offload
+if [[ "$DRY_RUN" != 1 ]]; then
+  "$PYTHON" - "$OUT_DIR/dist_opt.jsonl" "$OUT_DIR/offload.jsonl" <<'EOF2'
+import json, statistics, sys
+def read(path):
+    rows = [json.loads(l) for l in open(path)]
+    timed = [r for r in rows if "positions_per_s" in r][1:]  # the first window holds warm-up
+    peak = max((r["mem_max_allocated_gib"] for r in rows if "mem_max_allocated_gib" in r),
+               default=float("nan"))
+    return statistics.median(r["positions_per_s"] for r in timed), peak
+(base, base_mem), (off, off_mem) = read(sys.argv[1]), read(sys.argv[2])
+print(f"--optimizer-cpu-offload vs the distributed optimizer: {base / off:.2f}x the step time, "
+      f"peak allocated {off_mem:.1f} GiB vs {base_mem:.1f} GiB ({off_mem / base_mem:.2f}x)")
+EOF2
+fi
 
 if "$PYTHON" -c "import transformer_engine.pytorch" 2>/dev/null; then
   run fp8 --transformer-impl transformer_engine --fp8-format hybrid

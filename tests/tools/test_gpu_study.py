@@ -91,7 +91,8 @@ def test_gpu_study_dry_run_end_to_end(study):
 
 def test_gpu_check_dry_run(study):
     """bench/gpu_check.sh's dry run inside the study: the GPU command lines are accepted as
-    they stand (a ~350M model, bf16 and FP8, both phases), and a dry run writes nothing."""
+    they stand (a ~350M model, bf16 and FP8, both phases, the optimizer offload), and a dry
+    run writes nothing."""
     out, _ = study
     with tarfile.open(out / "results.tar.gz") as tar:
         check = tar.extractfile("results/logs/gpu_check.log").read().decode()
@@ -103,6 +104,9 @@ def test_gpu_check_dry_run(study):
     assert 330 <= total <= 400, f"the check wants a ~350M model, got {total}M"
     assert "superposition" in check and "recovery" in check
     assert "bf16 + FP8 (hybrid" in check
+    # The optimizer offload arm against the distributed optimizer: its Adam state in host memory.
+    assert "== dist_opt (dry run)" in check and "== offload (dry run)" in check, check
+    assert "--optimizer-cpu-offload: 100% of Adam's state in host memory" in check, check
     assert written == [], f"a dry run writes nothing: {written}"
 
 
