@@ -44,6 +44,12 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
         "no token is masked out of the loss as padding here (documents are packed whole, "
         "nothing is padded), which is what the flag asks for a pad id shared with another token",
     ),
+    "--mtp-standalone": (
+        0,
+        "megatron-core sets it from --pipeline-model-parallel-layout (an m on a pipeline "
+        "rank before the last, which is not supported here yet); given by itself it only "
+        "makes the pipeline send each tensor's shape before the tensor",
+    ),
     "--dist-ckpt-save-pre-mcore-014": (
         0,
         "Megatron-LM 0.16.1 parses it and nothing reads it (its checkpoints, like these, are "
@@ -400,7 +406,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
     "notyet": {
         "--max-seqlen-per-dp-cp-rank": 1,
         "--hybrid-context-parallel": 0,
-        "--mtp-standalone": 0,
         "--cpu-offloading-num-layers": 1,
         "--fp8-quantizer-factory": 1,
         "--use-kitchen-attention": 0,
