@@ -109,7 +109,7 @@ died building it (bf16 and fp16 shards were detached already). The fp32 shards a
 the same way: the same storage (the optimizer's in-place step still writes the weights), the
 same tensor-parallel attributes.
 
-``--optimizer-cpu-offload`` with fp32 parameters, two defects of megatron-core's
+``--optimizer-cpu-offload`` with fp32 parameters, three defects of megatron-core's
 ``HybridDeviceOptimizer``: (1) the parameters left on the GPU (``--optimizer-offload-fraction``
 below 1) are stepped by the GPU optimizer, which reads ``decoupled_grad`` when it is
 Transformer Engine's or Apex's fused Adam; without them it is torch's AdamW, which reads
