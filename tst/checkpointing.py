@@ -4,6 +4,9 @@ Layout under ``--save``::
 
     iter_0000100/                 one complete checkpoint (dist_checkpointing format)
     latest_checkpointed_iteration.txt   the newest complete one, replaced atomically
+    non_persistent/               --non-persistent-ckpt-type global: the same layout, the
+                                  newest checkpoint only
+
 
 A checkpoint is written into ``iter_XXXXXXX.tmp`` and renamed into place only after every
 rank has finished writing; then the tracker file is replaced through a rename. A save
@@ -39,7 +42,7 @@ from tst.fsdp import (
 )
 
 __all__ = ["TRACKER", "checkpoint_dir", "finalize_async_saves", "find_checkpoint", "latest_iteration",
-           "load", "optimizer_layout", "save", "wait_for_retired"]  # fmt: skip
+           "load", "optimizer_layout", "resume_dir", "save", "wait_for_retired"]  # fmt: skip
 
 TRACKER = "latest_checkpointed_iteration.txt"
 # The distributed optimizer's state format: megatron-core's "dp_reshardable" (sharded by
@@ -182,6 +185,31 @@ def find_checkpoint(root: str, flag: str = "--load") -> int | None:
     return latest_iteration(root)
 
 
+def resume_dir(load: str, non_persistent: str | None) -> tuple[str, str | None]:
+    """The folder a ``--load`` resumes from, and a line saying why when it is not ``load``'s
+    own or when a non-persistent checkpoint is passed over: with ``non_persistent``
+    (``--non-persistent-ckpt-type global``'s folder) holding a checkpoint at least as new as
+    ``load``'s latest, that folder (Megatron-LM's rule: a tie goes to the non-persistent
+    one, as a run saves only one of the two at a step). Damaged folders are refused by
+    :func:`find_checkpoint` either way."""
+    if non_persistent is None:
+        return load, None
+    fresh = find_checkpoint(non_persistent, "--non-persistent-global-ckpt-dir")
+    if fresh is None:
+        return load, None
+    kept = find_checkpoint(load)
+    if kept is None or fresh >= kept:
+        return non_persistent, (
+            f"--load {load}: resuming from the non-persistent checkpoint of iteration {fresh} "
+            f"in {non_persistent}"
+            + (f" (the latest persistent one is of iteration {kept})" if kept is not None else "")
+        )
+    return load, (
+        f"--load {load}: the non-persistent checkpoint in {non_persistent} (iteration {fresh}) "
+        f"is older than the persistent one (iteration {kept}): resuming from the persistent one"
+    )
+
+
 MANIFEST = "tst_manifest.json"
 # Files up to this size are also checksummed (metadata, common state, small shards); larger
 # ones are checked by size, which catches truncation without reading terabytes at start-up.
@@ -308,6 +336,7 @@ def save(
     async_queue=None,
     retain_interval: int | None = None,
     structure_cache: dict | None = None,
+    newest_only: bool = False,
 ) -> str:
     """Write checkpoint ``iteration`` under ``root`` (collective: every rank calls it).
 
@@ -327,6 +356,10 @@ def save(
     between saves; the first save builds the writer into it and checks the sharding, later
     ones reuse the writer (megatron-core reuses its plans once two saves agree) unchecked,
     as Megatron-LM's ``checkpointing_context`` does.
+
+    ``newest_only`` (non-persistent checkpoints): once this checkpoint is the latest, every
+    other one under ``root`` goes (Megatron-LM removes them before the save; here only after
+    it, so a kill during the save leaves the previous one to resume from).
     """
     from megatron.core import dist_checkpointing
 
@@ -372,9 +405,11 @@ def save(
         raise CheckpointError(_save_failure(root, tmp, error)) from error
     if request is None:
         _maybe_inject_kill("kill-during-save")
-        _complete(root, iteration, tmp, final, retain_interval)
+        _complete(root, iteration, tmp, final, retain_interval, newest_only)
         return final
-    request.add_finalize_fn(lambda: _complete(root, iteration, tmp, final, retain_interval))
+    request.add_finalize_fn(
+        lambda: _complete(root, iteration, tmp, final, retain_interval, newest_only)
+    )
     async_queue.schedule_async_request(request)
     # With a complete checkpoint before it, so that the test sees that one survive.
     if os.path.exists(os.path.join(root, TRACKER)):
@@ -503,9 +538,10 @@ def _maybe_inject_kill(point: str) -> None:
 
 
 def _complete(root: str, iteration: int, tmp: str, final: str,
-              retain_interval: int | None = None) -> None:  # fmt: skip
+              retain_interval: int | None = None, newest_only: bool = False) -> None:  # fmt: skip
     """Publish a fully written staging folder: manifest, rename, tracker (collective); then,
-    with ``retain_interval``, retire the checkpoint the tracker named before."""
+    with ``retain_interval``, retire the checkpoint the tracker named before, and with
+    ``newest_only`` every other checkpoint in ``root``."""
     dist.barrier()
     if dist.get_rank() == 0:
         previous = _tracked_iteration(root) if retain_interval else None
@@ -522,7 +558,17 @@ def _complete(root: str, iteration: int, tmp: str, final: str,
         # Only an earlier one: after a --ckpt-step rewind the tracker named a later one.
         if previous and previous < iteration and previous % retain_interval:
             _retire(root, previous)
+        if newest_only:
+            for other in _saved_iterations(root):
+                if other != iteration:
+                    _retire(root, other, "non-persistent: only the newest is kept")
     dist.barrier()
+
+
+def _saved_iterations(root: str) -> list[int]:
+    """The iterations of the checkpoint folders (``iter_N``) under ``root``."""
+    names = [n.removeprefix("iter_") for n in os.listdir(root) if n.startswith("iter_")]
+    return sorted(int(n) for n in names if n.isdigit())
 
 
 _RETIRING: list = []  # the deletions in flight (threads)
@@ -530,7 +576,7 @@ _RETIRED = ".deleting"  # a retired checkpoint's folder while its files go
 
 
 def wait_for_retired() -> None:
-    """Wait until the checkpoints --save-retain-interval retired are gone (the run's end)."""
+    """Wait until the retired checkpoints are gone (the run's end)."""
     while _RETIRING:
         _RETIRING.pop().join()
 
@@ -544,23 +590,23 @@ def _tracked_iteration(root: str) -> int | None:
         return None
 
 
-def _retire(root: str, iteration: int) -> None:
-    """Delete checkpoint ``iteration`` (``--save-retain-interval``), which is no longer the
-    latest. It is first renamed out of the ``iter_N`` names (one atomic step), so a run killed
+def _retire(root: str, iteration: int, why: str = "--save-retain-interval") -> None:
+    """Delete checkpoint ``iteration`` (``why``: --save-retain-interval, or a non-persistent
+    checkpoint a newer one replaced), which is no longer the latest. It is first renamed out of the ``iter_N`` names (one atomic step), so a run killed
     while the files go never finds a half-deleted checkpoint; the files go in a background
     thread, which the process waits for before it exits. A symbolic link is left alone."""
     import threading
 
     path = checkpoint_dir(root, iteration)
     if os.path.islink(path):
-        print(f"--save-retain-interval: {path} is a symbolic link: left in place", flush=True)
+        print(f"{why}: {path} is a symbolic link: left in place", flush=True)
         return
     doomed = path + _RETIRED
     try:
         shutil.rmtree(doomed, ignore_errors=True)
         os.replace(path, doomed)
     except OSError as error:  # not fatal: the run goes on, the checkpoint stays
-        print(f"--save-retain-interval: could not delete {path}: {error}", flush=True)
+        print(f"{why}: could not delete {path}: {error}", flush=True)
         return
     # With what an earlier run killed mid-deletion left.
     doomed_all = [os.path.join(root, n) for n in os.listdir(root) if n.endswith(_RETIRED)]
@@ -572,7 +618,7 @@ def _retire(root: str, iteration: int) -> None:
     thread = threading.Thread(target=delete, name="tst-retire")
     thread.start()
     _RETIRING.append(thread)
-    print(f"deleted checkpoint {path} (iteration {iteration}; --save-retain-interval)", flush=True)
+    print(f"deleted checkpoint {path} (iteration {iteration}; {why})", flush=True)
 
 
 def finalize_async_saves(async_queue, blocking: bool) -> list[int]:

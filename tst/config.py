@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import typing
 import warnings
@@ -1380,6 +1381,25 @@ class RunConfig:
         "Keep only the checkpoints whose iteration is a multiple of N, and the latest: each "
         "earlier one is deleted once the next is complete (a multiple of --save-interval).",
     )
+    non_persistent_save_interval: int | None = _f(
+        None,
+        "Also save a non-persistent checkpoint every N steps (--non-persistent-ckpt-type "
+        "global): only the newest is kept, each earlier one deleted once the next is complete; "
+        "a step that makes a --save-interval checkpoint makes no non-persistent one.",
+    )
+    non_persistent_ckpt_type: str | None = _f(
+        None,
+        "Kind of non-persistent checkpoints (Megatron-LM's choices): global, a torch_dist "
+        "checkpoint under --non-persistent-global-ckpt-dir; with it a --load resumes from the "
+        "newer of the persistent and the non-persistent checkpoint. local and in_memory "
+        "(NVIDIA's resiliency extension) are not supported.",
+        choices=["global", "local", "in_memory"],
+    )
+    non_persistent_global_ckpt_dir: str | None = _f(
+        None,
+        "Where global non-persistent checkpoints go and are resumed from (default: the "
+        "non_persistent folder inside --save for saving, inside --load for resuming).",
+    )
     finetune: bool = _f(
         False,
         "Load only the weights from --load: iteration, optimizer, LR schedule and data "
@@ -1618,6 +1638,56 @@ class RunConfig:
             "--exit-on-missing-checkpoint applies to --load: give --load CHECKPOINT_DIR",
         )
         _require(self.ckpt_step is None or self.ckpt_step >= 0, "--ckpt-step must be >= 0")
+        self._check_non_persistent()
+
+    def _check_non_persistent(self) -> None:
+        """Megatron-LM 0.16.1's non-persistent checkpoints: the global kind is wired; what
+        Megatron-LM would fail on later (at the first non-persistent save) is refused here."""
+        kind, every = self.non_persistent_ckpt_type, self.non_persistent_save_interval
+        _require(
+            kind != "local",
+            "--non-persistent-ckpt-type local needs NVIDIA's resiliency extension "
+            "(nvidia-resiliency-ext's local checkpoint manager), which is not wired here: use "
+            "--non-persistent-ckpt-type global (a torch_dist checkpoint under "
+            "--non-persistent-global-ckpt-dir, by default SAVE/non_persistent)",
+        )
+        _require(
+            kind != "in_memory",
+            "--non-persistent-ckpt-type in_memory is refused by Megatron-LM 0.16.1 too (only "
+            "global and local exist yet): use --non-persistent-ckpt-type global",
+        )
+        _require(
+            every is None or every >= 1,
+            "--non-persistent-save-interval must be >= 1 (omit it to turn it off)",
+        )
+        _require(
+            every is None or kind is not None,
+            "--non-persistent-save-interval needs --non-persistent-ckpt-type (Megatron-LM "
+            "stops at the first non-persistent save without one): add "
+            "--non-persistent-ckpt-type global",
+        )
+        if every is not None and not self.save:
+            warnings.warn("--non-persistent-save-interval has no effect without --save (as in "
+                          "Megatron-LM, nothing is saved)", stacklevel=3)  # fmt: skip
+        if self.non_persistent_global_ckpt_dir and kind is None:
+            warnings.warn("--non-persistent-global-ckpt-dir has no effect without "
+                          "--non-persistent-ckpt-type global", stacklevel=3)  # fmt: skip
+        if kind is None:
+            return
+        for flag, root in (("--save", self.save), ("--load", self.load)):
+            if not root:
+                continue
+            folder = self.non_persistent_dir(root)
+            _require(
+                os.path.realpath(folder) != os.path.realpath(root),
+                f"--non-persistent-global-ckpt-dir {folder} is the {flag} directory: only the "
+                "newest non-persistent checkpoint is kept there, so the persistent ones would "
+                "be deleted; give it a folder of its own (by default SAVE/non_persistent)",
+            )
+
+    def non_persistent_dir(self, root: str) -> str:
+        """Where the global non-persistent checkpoints of ``root`` (--save or --load) live."""
+        return self.non_persistent_global_ckpt_dir or os.path.join(root, "non_persistent")
 
 
 @dataclass

@@ -129,7 +129,7 @@ _REASONS = {
     "sft": "a Megatron-LM SFT data flag: this trainer pretrains on plain documents (fill-in-the-middle data is --fim-data); drop it",
     "arch": "another Megatron-LM architecture (Mamba or hybrid, linear or sparse attention, T5, BERT): only GPT and MoE transformers are built here; drop it",
     "fsdp": "a Megatron FSDP flag: Megatron FSDP is not supported; drop it (PyTorch FSDP2 is --use-torch-fsdp2, ZeRO-1 --use-distributed-optimizer)",
-    "localckpt": "local / non-persistent checkpoints are not supported: checkpoints are torch_dist under --save; drop it",
+    "localckpt": "node-local checkpoints (NVIDIA's resiliency extension) are not supported: checkpoints are torch_dist under --save (frequent ones: --non-persistent-ckpt-type global); drop it",
     "cudagraph": "CUDA graphs are not supported yet: drop the flag",
     "ops": "an integration with NVIDIA's fault-tolerance / telemetry packages, not wired here: drop it (signal saves, --exit-duration-in-mins and resumable checkpoints cover restarts)",
     "muon": "the Muon optimizer is not supported yet: drop it (--optimizer adam or sgd)",
@@ -324,9 +324,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--enable-full-sharding-in-hsdp": 0,
     },
     "localckpt": {
-        "--non-persistent-save-interval": 1,
-        "--non-persistent-ckpt-type": 1,
-        "--non-persistent-global-ckpt-dir": 1,
         "--non-persistent-local-ckpt-dir": 1,
         "--non-persistent-local-ckpt-algo": 1,
         "--replication": 0,

@@ -198,6 +198,8 @@ class Trainer:
                 checkpointing.use_persistent_writer_loop()
             self.async_saves = AsyncCallsQueue(persistent=cfg.run.use_persistent_ckpt_worker)
         self._saves_pending: dict[int, str] = {}
+        # --load, or its non-persistent folder when that holds the newer checkpoint (load()).
+        self.load_dir = cfg.run.load
         self.start_time = time.time()
         self.elapsed_before = 0.0
         # Megatron-LM's consumed / skipped train samples (skipped: a global batch decreased by
@@ -265,7 +267,7 @@ class Trainer:
         elif result["rerun_checkpoint"]:
             where = "; no --save, so no checkpoint to resume it from"
         elif code == 16 and run.load:  # resumed on the same GPU: the same checkpoint again
-            saved = checkpointing.checkpoint_dir(run.load, self.iteration)
+            saved = checkpointing.checkpoint_dir(self.load_dir, self.iteration)
         record = self.rerun.exit_record(code, self.iteration, saved)
         why = {
             16: "resume from the checkpoint (on another GPU: the engine refuses the same "
@@ -838,8 +840,10 @@ class Trainer:
         """The phase of the next step (of the last one once the run is done)."""
         return self.schedule.phase_at(min(self.iteration, self.plan.train_iters - 1))
 
-    def save(self, directory: str | None = None) -> None:
-        """A checkpoint of this iteration into --save (or ``directory``)."""
+    def save(self, directory: str | None = None, non_persistent: bool = False) -> None:
+        """A checkpoint of this iteration into --save (or ``directory``); ``non_persistent``:
+        into --non-persistent-global-ckpt-dir (SAVE/non_persistent by default), where it
+        replaces the previous one once complete."""
         # The distributed optimizer's pending parameter gathers finish before the weights
         # are read (Megatron-LM does the same around its saves).
         hooks = self._pre_hooks_on
@@ -849,16 +853,20 @@ class Trainer:
         # One save in flight at a time (Megatron-LM's rule too): the previous one completes
         # before this one's writer starts.
         self._finalize_saves(blocking=True)
+        if non_persistent:
+            directory = self.cfg.run.non_persistent_dir(run.save)
         path = checkpointing.save(directory or run.save, self.iteration, self.raw_chunks, optimizer,
                                   self.state(), run.ckpt_fully_parallel_save,
-                                  self.async_saves, run.save_retain_interval,
-                                  self._save_structure)  # fmt: skip
+                                  self.async_saves,
+                                  None if non_persistent else run.save_retain_interval,
+                                  self._save_structure, newest_only=non_persistent)  # fmt: skip
         self._set_pre_hooks(hooks)
+        kind = "non-persistent checkpoint" if non_persistent else "checkpoint"
         if self.async_saves is None:
-            self.writer.print(f"saved checkpoint {path} (iteration {self.iteration})")
+            self.writer.print(f"saved {kind} {path} (iteration {self.iteration})")
         else:
             self._saves_pending[self.iteration] = path
-            self.writer.print(f"saving checkpoint {path} in the background (--async-save)")
+            self.writer.print(f"saving {kind} {path} in the background (--async-save)")
 
     def convert_checkpoint(self) -> int:
         """--ckpt-convert-format / --ckpt-convert-save (Megatron-LM's): the loaded checkpoint
@@ -948,8 +956,13 @@ class Trainer:
         if self.cfg.model.moe_use_upcycling:
             self._upcycle()
             return
-        source, finetune, how = run.load, run.finetune, "--finetune"
-        empty = run.load is None or checkpointing.find_checkpoint(run.load) is None
+        if run.load and run.non_persistent_ckpt_type and run.ckpt_step is None:
+            self.load_dir, why = checkpointing.resume_dir(run.load,
+                                                          run.non_persistent_dir(run.load))  # fmt: skip
+            if why:
+                self.writer.print(why)
+        source, finetune, how = self.load_dir, run.finetune, "--finetune"
+        empty = source is None or checkpointing.find_checkpoint(source) is None
         if empty and run.ckpt_step is None and run.pretrained_checkpoint:
             source, finetune = run.pretrained_checkpoint, True
             how = f"--load {run.load}: no checkpoint there yet;" if run.load else "no --load;"
@@ -1014,7 +1027,7 @@ class Trainer:
         if "rerun" in common:
             self._load_rerun_state(common["rerun"])
         self.writer.print(
-            f"resumed from {run.load} at iteration {self.iteration} ({common['phase']} phase)"
+            f"resumed from {self.load_dir} at iteration {self.iteration} ({common['phase']} phase)"
             + (" without its optimizer state (--no-load-optim)" if run.no_load_optim else "")
             + (" (upcycled with --moe-use-upcycling; the optimizer starts fresh)" if upcycled
                else "")
@@ -1394,9 +1407,13 @@ class Trainer:
             if every and self.iteration % every == 0:
                 self._check_replicas_agree()
             saved = bool(run.save and run.save_interval and self.iteration % run.save_interval == 0)
+            frequent = run.non_persistent_save_interval
             if saved:
                 with self._not_training(window):
                     self.save()
+            elif run.save and frequent and self.iteration % frequent == 0:
+                with self._not_training(window):  # Megatron-LM's rule: not both at one step
+                    self.save(non_persistent=True)
             gc_state.step(self.iteration)
             self._finalize_saves(blocking=False)
             reason = self._should_stop()

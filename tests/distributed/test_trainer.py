@@ -553,3 +553,52 @@ def test_constant_structure_saves_reuse_their_plan_and_resume_exactly(world2, tm
                         str(tmp_path / "b.jsonl"))[0]  # fmt: skip
     assert _losses(results[0][0]) + _losses(second) == _losses(want)
     assert latest_iteration(ckpt) == 6
+
+
+class _Crash(Exception):
+    """Every rank dying as the same step starts (no save at the stop, unlike a signal)."""
+
+
+def _train_until_crash(argv: list[str], metrics: str, step: int) -> list[dict]:
+    from tst.trainer import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, phase):
+        if self.iteration + 1 == step:
+            raise _Crash(step)
+        return original(self, phase)
+
+    Trainer.train_step = train_step
+    try:
+        _train(argv, metrics)
+    except _Crash:
+        pass
+    finally:
+        Trainer.train_step = original
+    with open(metrics) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_non_persistent_checkpoint_resumes_at_another_layout(world2, tmp_path):
+    """--non-persistent-ckpt-type global under DP 2 with the distributed optimizer: a save
+    every step, the newest only kept; a crash before step 5 leaves iteration 4's (after the
+    switch), which the relaunch at TP 2 resumes from (the losses as the unbroken run's; the
+    optimizer state saved fully reshardable)."""
+    distopt = BASE + ["--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable"]
+    want = world2.run(_train, distopt, str(tmp_path / "want.jsonl"))[0]
+    ckpt = str(tmp_path / "ckpt")
+    frequent = ["--non-persistent-save-interval", "1", "--non-persistent-ckpt-type", "global"]
+    first = world2.run(_train_until_crash, distopt + frequent + ["--save", ckpt],
+                       str(tmp_path / "a.jsonl"), 5)[0]  # fmt: skip
+    kept = [
+        n for n in os.listdir(os.path.join(ckpt, "non_persistent")) if not n.endswith(".deleting")
+    ]  # (the rest may still be going: a crash)
+    assert sorted(kept) == ["iter_0000004", TRACKER]  # fmt: skip
+    assert not os.path.exists(os.path.join(ckpt, TRACKER))  # no persistent save yet
+    second = world2.run(_train, distopt + frequent + ["--load", ckpt, "--save", ckpt,
+                                                      "--tensor-model-parallel-size", "2"],
+                        str(tmp_path / "b.jsonl"))[0]  # fmt: skip
+    _assert_close(_losses(first), _losses(want)[:4], 1e-6, "before the crash")
+    _assert_close(_losses(second), _losses(want)[4:], 2e-4, "resumed at TP=2")
+    assert latest_iteration(ckpt) == 6
