@@ -608,6 +608,23 @@ class ParallelConfig:
         "Selective recomputation's modules (megatron-core's names: core_attn, moe_act, "
         "layernorm, mla_up_proj, mlp, moe, shared_experts; default core_attn).",
     )
+    fine_grained_activation_offloading: bool = _f(
+        False,
+        "Copy what the --offload-modules keep for the backward pass to host memory during "
+        "the forward and back for the backward (megatron-core's fine-grained activation "
+        "offloading): less device memory, the same model.",
+    )
+    offload_modules: list[str] | None = _f(
+        None,
+        "What --fine-grained-activation-offloading moves: the inputs kept by attn_norm, "
+        "qkv_linear, core_attn, attn_proj (with core_attn), mlp_norm, expert_fc1, moe_act "
+        "(megatron-core's names).",
+        nargs="+",
+    )
+    min_offloaded_tensor_size: int = _f(
+        1024 * 1024,
+        "--fine-grained-activation-offloading moves tensors of at least this many elements.",
+    )
     distribute_saved_activations: bool = _f(
         False,
         "Full recomputation: each tensor-parallel rank keeps 1/TP of every recomputed layer "
@@ -759,11 +776,39 @@ class ParallelConfig:
                 self.recompute_method = self.recompute_num_layers = None
         if self.recompute_num_layers is not None:
             _require(self.recompute_num_layers >= 1, "--recompute-num-layers must be >= 1")
+        self._check_activation_offload()
         if self.recompute_modules is not None:
             known = {"core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe",
                      "shared_experts"}  # fmt: skip
             bad = sorted(set(self.recompute_modules) - known)
             _require(not bad, f"--recompute-modules: unknown {bad}; choose from {sorted(known)}")
+
+    def _check_activation_offload(self) -> None:
+        """megatron-core's rules for --fine-grained-activation-offloading (its
+        TransformerConfig asserts them), stated as flags."""
+        if not self.fine_grained_activation_offloading:
+            given = [flag for flag, value in (
+                ("--offload-modules", self.offload_modules),
+                ("--min-offloaded-tensor-size", self.min_offloaded_tensor_size != 1024 * 1024),
+            ) if value]  # fmt: skip
+            if given:
+                warnings.warn(f"{' / '.join(given)}: no effect without "
+                              "--fine-grained-activation-offloading", stacklevel=4)  # fmt: skip
+            return
+        known = ["attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm", "expert_fc1",
+                 "moe_act"]  # fmt: skip
+        _require(
+            bool(self.offload_modules),
+            f"--fine-grained-activation-offloading needs --offload-modules (some of {known})",
+        )
+        bad = sorted(set(self.offload_modules) - set(known))
+        _require(not bad, f"--offload-modules: unknown {bad}; choose from {known}")
+        _require(
+            "attn_proj" not in self.offload_modules or "core_attn" in self.offload_modules,
+            "--offload-modules attn_proj needs core_attn too: the projection's input is the "
+            "core attention's output, which core_attn's backward needs (megatron-core's rule)",
+        )
+        _require(self.min_offloaded_tensor_size >= 0, "--min-offloaded-tensor-size must be >= 0")
 
 
 @dataclass

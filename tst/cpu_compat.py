@@ -37,6 +37,7 @@ _APPLIED_FLAG = "_tst_cpu_compat_applied"
 _MODULES_WITH_CUDA_FACTORIES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.fine_grained_activation_offload",  # its pinned host pool
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.distrib_optimizer",

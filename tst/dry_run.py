@@ -563,6 +563,10 @@ def _print_architecture(cfg: Config) -> None:
         recompute = f"full, {p.recompute_method}, {p.recompute_num_layers} layers"
     elif p.recompute_granularity == "selective":
         recompute = f"selective ({', '.join(p.recompute_modules or ['core_attn'])})"
+    if p.fine_grained_activation_offloading:  # the activation estimate keeps them on device
+        recompute += (f"; activations offloaded to host: {', '.join(p.offload_modules)} "
+                      f"(tensors >= {p.min_offloaded_tensor_size:,} elements; still counted "
+                      "on the device below)")  # fmt: skip
     print(
         f"architecture: positions {positions}; {m.normalization} (eps {m.norm_epsilon:g}"
         f"{', 1p' if m.apply_layernorm_1p else ''}); biases {biases}; "

@@ -110,6 +110,14 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
                               "their activation; this model's experts have none to recompute: "
                               "dropped", stacklevel=2)  # fmt: skip
             recompute["recompute_modules"] = modules
+    activation_offload = {}
+    if p.fine_grained_activation_offloading:
+        activation_offload = dict(
+            fine_grained_activation_offloading=True,
+            offload_modules=list(p.offload_modules),
+            min_offloaded_tensor_size=p.min_offloaded_tensor_size,
+        )
+        _warn_offload_modules_without_effect(p.offload_modules, te, m)
     mla = cfg.mla.transformer_config_fields()
     if mla:  # MLA's own RoPE (GPTModel builds none for it) takes the model's base and share
         mla.update(rotary_base=m.rotary_base, rotary_percent=m.rotary_percent)
@@ -245,6 +253,7 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         deterministic_mode=t.deterministic_mode,
         **fused,
         **recompute,
+        **activation_offload,
         **moe,
         **fp8,
         **mla,
@@ -311,6 +320,17 @@ def gradient_accumulation_fusion(cfg: Config, on_gpu: bool, te: bool) -> bool:
     return False
 
 
+def _warn_offload_modules_without_effect(modules: list[str], te: bool, m) -> None:
+    """expert_fc1 and moe_act offload Transformer Engine's grouped-GEMM experts' inputs only
+    (megatron-core's TEGroupedMLP); elsewhere megatron-core skips them silently."""
+    idle = [name for name in ("expert_fc1", "moe_act") if name in modules]
+    if idle and not (te and m.num_experts and m.moe_grouped_gemm):
+        warnings.warn(f"--offload-modules {' '.join(idle)}: only grouped-GEMM experts "
+                      "(--moe-grouped-gemm with the Transformer Engine spec) offload there; "
+                      "this model's experts keep those inputs (megatron-core skips them)",
+                      stacklevel=3)  # fmt: skip
+
+
 def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
     """GPU-only features asked for where they cannot run: one line naming the flag and fix.
 
@@ -350,6 +370,15 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
             raise ValueError(f"--deterministic-mode needs NCCL_ALGO set to one of {choices} "
                              "(deterministic all-reduces; Megatron-LM's rule): export it, e.g. "
                              "NCCL_ALGO=Ring")  # fmt: skip
+    if p.fine_grained_activation_offloading and te and os.environ.get("NVTE_CPU_OFFLOAD_V1") != "1":
+        from megatron.core.utils import is_te_min_version
+
+        if is_te_min_version("2.10.0"):  # Megatron-LM's rule
+            raise ValueError(
+                "--fine-grained-activation-offloading with Transformer Engine >= 2.10 needs "
+                "NVTE_CPU_OFFLOAD_V1=1 in the environment (TE's newer offload would move the "
+                "weights too): export it before the launch"
+            )
     for flag, asked in needs_te:
         if asked and not (on_gpu and te):
             raise ValueError(

@@ -129,6 +129,7 @@ too.
 from __future__ import annotations
 
 import copy
+import types
 
 __all__ = [
     "apply",
@@ -174,7 +175,20 @@ def apply() -> None:
     _fix_te_version_check_without_te()
     _fix_precision_aware_fp32_shards()
     _fix_hybrid_optimizer_fp32_params()
+    _fix_activation_offload_without_te()
     setattr(layers, _APPLIED, True)
+
+
+def _fix_activation_offload_without_te() -> None:
+    """Fine-grained activation offloading's hooks switch Transformer Engine's own offload
+    flag (``cpu_offload.CPUOffloadEnabled``, which TE's layers read) on and off around each
+    offloaded module, and raise when TE is absent, though nothing else of TE is used: the
+    local spec's layers save their tensors through autograd, which the hooks move. Without
+    TE the flag gets a holder of its own."""
+    from megatron.core.extensions import transformer_engine as te_extension
+
+    if te_extension.cpu_offload is None:
+        te_extension.cpu_offload = types.SimpleNamespace(CPUOffloadEnabled=False)
 
 
 def _fix_hybrid_optimizer_fp32_params() -> None:

@@ -355,7 +355,7 @@ def build_gpt(
         rope_scaling=shape.rope_scaling,
         rope_scaling_factor=shape.rope_scaling_factor,
         vp_stage=vp_stage,
-        mtp_block_spec=_mtp_spec(config, block, shape, vp_stage),
+        mtp_block_spec=_mtp_spec(config, block if count else moe_spec, shape, vp_stage),
     )
     if pre_process or model.mtp_process:  # the MTP depths embed (bags of) their inputs too
         BagEmbedding.upgrade(model.embedding)
@@ -364,7 +364,13 @@ def build_gpt(
 
 
 def _mtp_spec(config, block, shape: ModelShape, vp_stage):
-    """The MTP block's spec on the stage that holds it (``--mtp-num-layers``), else None."""
+    """The MTP block's spec on the stage that holds it (``--mtp-num-layers``), else None.
+
+    Its layers copy the last decoder layer's spec (``block``, the stage's decoder block).
+    A stage that holds the MTP block and no decoder layer (a pipeline layout's ``...|mL``)
+    passes the model's layer spec instead (an MoE layer's where the model has experts), as
+    Megatron-LM's model builder does: megatron-core reads the empty block's last layer and
+    failed (IndexError)."""
     if not config.mtp_num_layers:
         return None
     from tst.mtp import mtp_block_spec

@@ -85,6 +85,27 @@ _LOSSES = {
 }
 
 
+@contextlib.contextmanager
+def _activation_offload_paused(config):
+    """Fine-grained activation offloading off for an evaluation: megatron-core's offload
+    manager records each training step's micro-batches (the first step's, as its plan) and
+    knows no forward-only pass; an evaluation's forwards between two steps were taken for
+    the next step's and broke its backward ("Chunk mismatch"). Nothing is kept for a
+    backward in an evaluation, so nothing is lost by pausing it."""
+    if not getattr(config, "fine_grained_activation_offloading", False):
+        yield
+        return
+    from megatron.core.pipeline_parallel import fine_grained_activation_offload as offload
+
+    config.fine_grained_activation_offloading = False  # the model's forwards read it
+    offload.fine_grained_offloading_disable_offload()
+    try:
+        yield
+    finally:
+        config.fine_grained_activation_offloading = True
+        offload.fine_grained_offloading_enable_offload()
+
+
 class Trainer:
     """Builds everything for one run and trains it; one instance per process."""
 
@@ -117,6 +138,14 @@ class Trainer:
             if p.target_bag > 1
         }
         self.config = transformer_config(cfg, plan, layout)
+        if self.config.fine_grained_activation_offloading:
+            from megatron.core.pipeline_parallel.fine_grained_activation_offload import (
+                PipelineOffloadManager,
+            )
+
+            # A process-wide singleton that learns the run's micro-batches at its first
+            # step: a fresh one for each run (an earlier run's in this process would not fit).
+            PipelineOffloadManager.reset_instance()
         # megatron-core's timers (--timing-log-level): its schedules (forward-backward and
         # below), gradient reductions and optimizer parts time themselves through the
         # configs; the data read and the optimizer step as a whole are timed here.
@@ -665,7 +694,7 @@ class Trainer:
             chunk.eval()
         total = count = 0.0
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _activation_offload_paused(self.config):
                 for _ in range(iters):
                     batches = [
                         self._batch(stream.next_micro_batch(1), recovery)

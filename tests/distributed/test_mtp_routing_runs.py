@@ -110,13 +110,20 @@ def test_mtp_under_pipeline_and_expert_parallelism(world2, tmp_path):
     """The MTP block sits on the last stage with a copy of the (bag) embedding, kept equal to
     the first stage's by megatron-core's embedding-group reduction: tied weights and an
     interleaved schedule agree with PP 1 too, and an MoE with MTP (whose MTP layer is an MoE
-    layer) under EP 2 agrees with EP 1 (rel 2e-4 per logged loss)."""
+    layer) under EP 2 agrees with EP 1, and under a layout whose last virtual stage holds
+    only the MTP block and the loss with PP 1 (rel 2e-4 per logged loss)."""
     moe_ep1 = MOE[: MOE.index("--expert-model-parallel-size")]
     for name, base, extra in (
         ("MoE EP2", BASE + moe_ep1, ["--expert-model-parallel-size", "2"]),
         ("tied PP2", TIED, ["--pipeline-model-parallel-size", "2"]),
         ("PP2 interleaved", DEEPER, ["--pipeline-model-parallel-size", "2",
                                      "--num-layers-per-virtual-pipeline-stage", "1"]),
+        # The MTP block alone with the loss in the last virtual stage (Megatron-LM's
+        # functional test ..._fine_grained_offloading lays DeepSeek-V3 out so): its layer
+        # is an MoE layer, as the decoder's last.
+        ("MoE PP2 layout ...|mL", DEEPER + moe_ep1, ["--pipeline-model-parallel-size", "2",
+                                                     "--pipeline-model-parallel-layout",
+                                                     "Et|t|tt|mL"]),
     ):  # fmt: skip
         want = world2.run(_train, base, str(tmp_path / f"{name} ref.jsonl"))[0]
         got = world2.run(_train, base + extra, str(tmp_path / f"{name}.jsonl"))[0]

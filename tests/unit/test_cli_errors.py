@@ -47,6 +47,10 @@ REFUSED = [
     (["--save", "c", "--save-interval", "2", "--save-retain-interval", "3"], 1, r"--save-retain-interval 3 must be a multiple of --save-interval \(2\)"),  # noqa: E501
     (["--save", "c", "--save-retain-interval", "4"], 1, r"--save-retain-interval needs --save-interval"),  # noqa: E501
     (["--save-retain-interval", "0"], 1, r"--save-retain-interval must be >= 1"),
+    (["--fine-grained-activation-offloading"], 1, r"--fine-grained-activation-offloading needs --offload-modules"),  # noqa: E501
+    (["--fine-grained-activation-offloading", "--offload-modules", "mlp"], 1, r"--offload-modules: unknown \['mlp'\]"),  # noqa: E501
+    (["--fine-grained-activation-offloading", "--offload-modules", "attn_proj"], 1, r"--offload-modules attn_proj needs core_attn too"),  # noqa: E501
+    (["--fine-grained-activation-offloading", "--offload-modules", "core_attn", "--min-offloaded-tensor-size", "-1"], 1, r"--min-offloaded-tensor-size must be >= 0"),  # noqa: E501
     (["--check-weight-hash-across-dp-replicas-interval", "0"], 1, r"--check-weight-hash-across-dp-replicas-interval must be >= 1"),  # noqa: E501
     (["--log-interval", "2", "--log-memory-interval", "3"], 1, r"--log-memory-interval 3 must be a multiple of --log-interval \(2\)"),  # noqa: E501
     (["--seed", "-1"], 1, r"--seed must be between 0 and 2\*\*63 - 1, got -1"),
@@ -195,6 +199,12 @@ def test_optimizer_cpu_offload_rules(add, drop, message):
     with pytest.raises(ValueError, match=message):
         validate(parse_args(argv), 2, 512)
     validate(parse_args(BASE + _OFFLOAD), 2, 512)
+
+
+def test_activation_offload_options_warn_without_it():
+    with pytest.warns(UserWarning, match="--offload-modules / --min-offloaded-tensor-size: no "
+                      "effect without --fine-grained-activation-offloading"):  # fmt: skip
+        parse_args(BASE + ["--offload-modules", "core_attn", "--min-offloaded-tensor-size", "8"])
 
 
 def test_optimizer_cpu_offload_options_warn_where_they_change_nothing():

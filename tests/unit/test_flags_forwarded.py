@@ -758,3 +758,33 @@ def test_sinkhorn_routing_is_kept_at_any_aux_loss_coefficient(tmp_path):
     sinkhorn = losses("s", "--moe-router-topk", "2", "--moe-router-load-balancing-type", "sinkhorn")
     none = losses("n", "--moe-router-topk", "2", "--moe-router-load-balancing-type", "none")
     assert sinkhorn != none
+
+
+def test_activation_offload_flags_default_and_given(monkeypatch):
+    """--fine-grained-activation-offloading / --offload-modules / --min-offloaded-tensor-size
+    reach megatron-core's TransformerConfig (Megatron-LM's defaults: off, no modules, 1 M
+    elements); with Transformer Engine >= 2.10 the launch needs NVTE_CPU_OFFLOAD_V1=1
+    (Megatron-LM's rule)."""
+    import megatron.core.utils
+
+    from tst.megatron_config import _check_device_features, transformer_config
+
+    cfg, plan = _cfg()
+    tc = transformer_config(cfg, plan, _layout("cpu"))
+    assert (tc.fine_grained_activation_offloading, tc.offload_modules,
+            tc.min_offloaded_tensor_size) == (False, [], 1024 * 1024)  # fmt: skip
+    flags = ("--fine-grained-activation-offloading", "--offload-modules", "core_attn",
+             "attn_proj", "--min-offloaded-tensor-size", "4096")  # fmt: skip
+    cfg, plan = _cfg(*flags)
+    tc = transformer_config(cfg, plan, _layout("cpu"))
+    assert (tc.fine_grained_activation_offloading, tc.offload_modules,
+            tc.min_offloaded_tensor_size) == (True, ["core_attn", "attn_proj"], 4096)  # fmt: skip
+    monkeypatch.delenv("NVTE_CPU_OFFLOAD_V1", raising=False)
+    monkeypatch.setattr(megatron.core.utils, "is_te_min_version", lambda version: True)
+    with pytest.raises(ValueError, match="Transformer Engine >= 2.10 needs NVTE_CPU_OFFLOAD_V1=1"):
+        _check_device_features(cfg, _layout("cpu"), te=True)
+    monkeypatch.setenv("NVTE_CPU_OFFLOAD_V1", "1")
+    _check_device_features(cfg, _layout("cpu"), te=True)
+    monkeypatch.setattr(megatron.core.utils, "is_te_min_version", lambda version: False)
+    monkeypatch.delenv("NVTE_CPU_OFFLOAD_V1")
+    _check_device_features(cfg, _layout("cpu"), te=True)  # an older TE: no variable needed
