@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check on one H200: the trainer in bf16 on a ~370M-parameter GPT (mock data), both TST
 # phases, tokens/s and MFU against the H200's dense bf16 peak (989 TFLOP/s); the same with the
-# distributed optimizer and with --optimizer-cpu-offload (step time, peak memory); then the FP8 path
+# distributed optimizer, with --optimizer-cpu-offload and with --fine-grained-activation-offloading
+# (step time, peak memory); then the FP8 path
 # (Transformer Engine, hybrid format) where TE is importable, else a line saying why not; then
 # context parallelism (CP 2 vs CP 1) where two GPUs and TE are at hand; then a small
 # DeepSeek-V3-shaped MoE (MLA, shared expert, expert bias, MTP) that must train.
@@ -109,13 +110,10 @@ print('device:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
 fi
 run bf16 --transformer-impl auto
 
-# --optimizer-cpu-offload against the distributed optimizer it wraps (one GPU, DP 1: the
-# whole Adam state offloaded): step time per phase and the peak of allocated GPU memory.
-run dist_opt --transformer-impl auto --use-distributed-optimizer --log-memory-to-tensorboard
-run offload --transformer-impl auto --use-distributed-optimizer --log-memory-to-tensorboard \
-  --use-precision-aware-optimizer --optimizer-cpu-offload
-if [[ "$DRY_RUN" != 1 ]]; then
-  "$PYTHON" - "$OUT_DIR/dist_opt.jsonl" "$OUT_DIR/offload.jsonl" <<'EOF2'
+# compare BASE OTHER LABEL: OTHER's step time and peak allocated GPU memory against BASE's.
+compare() {
+  [[ "$DRY_RUN" == 1 ]] && return 0
+  "$PYTHON" - "$OUT_DIR/$1.jsonl" "$OUT_DIR/$2.jsonl" "$3" <<'EOF2'
 import json, statistics, sys
 def read(path):
     rows = [json.loads(l) for l in open(path)]
@@ -123,11 +121,24 @@ def read(path):
     peak = max((r["mem_max_allocated_gib"] for r in rows if "mem_max_allocated_gib" in r),
                default=float("nan"))
     return statistics.median(r["positions_per_s"] for r in timed), peak
-(base, base_mem), (off, off_mem) = read(sys.argv[1]), read(sys.argv[2])
-print(f"--optimizer-cpu-offload vs the distributed optimizer: {base / off:.2f}x the step time, "
-      f"peak allocated {off_mem:.1f} GiB vs {base_mem:.1f} GiB ({off_mem / base_mem:.2f}x)")
+(base, base_mem), (other, other_mem) = read(sys.argv[1]), read(sys.argv[2])
+print(f"{sys.argv[3]}: {base / other:.2f}x the step time, peak allocated {other_mem:.1f} GiB "
+      f"vs {base_mem:.1f} GiB ({other_mem / base_mem:.2f}x)")
 EOF2
-fi
+}
+
+# --optimizer-cpu-offload against the distributed optimizer it wraps (one GPU, DP 1: the
+# whole Adam state offloaded): step time per phase and the peak of allocated GPU memory.
+run dist_opt --transformer-impl auto --use-distributed-optimizer --log-memory-to-tensorboard
+run offload --transformer-impl auto --use-distributed-optimizer --log-memory-to-tensorboard \
+  --use-precision-aware-optimizer --optimizer-cpu-offload
+compare dist_opt offload "--optimizer-cpu-offload vs the distributed optimizer"
+# Fine-grained activation offloading of the dense modules against the same run without it
+# (NVTE_CPU_OFFLOAD_V1=1: Megatron-LM's rule for TE >= 2.10, where TE is at hand).
+NVTE_CPU_OFFLOAD_V1=1 run act_offload --transformer-impl auto --use-distributed-optimizer \
+  --log-memory-to-tensorboard --fine-grained-activation-offloading \
+  --offload-modules attn_norm qkv_linear core_attn attn_proj mlp_norm
+compare dist_opt act_offload "--fine-grained-activation-offloading vs none"
 
 if "$PYTHON" -c "import transformer_engine.pytorch" 2>/dev/null; then
   run fp8 --transformer-impl transformer_engine --fp8-format hybrid

@@ -107,6 +107,9 @@ def test_gpu_check_dry_run(study):
     # The optimizer offload arm against the distributed optimizer: its Adam state in host memory.
     assert "== dist_opt (dry run)" in check and "== offload (dry run)" in check, check
     assert "--optimizer-cpu-offload: 100% of Adam's state in host memory" in check, check
+    # Fine-grained activation offloading against the same run without it.
+    assert "== act_offload (dry run)" in check, check
+    assert "activations offloaded to host: attn_norm, qkv_linear, core_attn" in check, check
     assert written == [], f"a dry run writes nothing: {written}"
 
 
