@@ -39,13 +39,17 @@ def use_sdpa(attention_backend: str, use_transformer_engine: bool, on_gpu: bool,
     unfused_only = model is not None and (
         model.softmax_type != "vanilla" or model.window_size is not None
     )
-    if sdpa and unfused_only:
+    # The largest logit per head is read from the scores, which the fused kernels never form.
+    logits = model is not None and (model.qk_clip or model.log_max_attention_logit)
+    if sdpa and (unfused_only or logits):
         if warn and attention_backend != "auto":
+            what = ("no attention sinks (--softmax-type) or sliding window (--window-size)"
+                    if unfused_only else "no attention scores to take --qk-clip's / "
+                    "--log-max-attention-logit's maximum of")  # fmt: skip
             warnings.warn(
                 f"--attention-backend {attention_backend}: the fused (SDPA) local attention has "
-                "no attention sinks (--softmax-type) or sliding window (--window-size); running "
-                "megatron-core's unfused attention (pass --attention-backend unfused to silence "
-                "this, or use Transformer Engine's spec, which has both)",
+                f"{what}; running megatron-core's unfused attention (pass --attention-backend "
+                "unfused to silence this, or use Transformer Engine's spec, which has them)",
                 stacklevel=2,
             )
         return False

@@ -149,6 +149,21 @@ class ModelConfig:
     qk_l2_norm: bool = _f(
         False, "Llama-4's parameter-free norm of queries and keys (x / rms(x) per head)."
     )
+    log_max_attention_logit: bool = _f(
+        False,
+        "Log each step's largest pre-softmax attention logit over the decoder layers "
+        "(max_attention_logit: every head, token, micro-batch and rank; a sign of the logit "
+        "growth that precedes loss spikes).",
+    )
+    qk_clip: bool = _f(
+        False,
+        "QK-clip (MuonClip's, Kimi K2): after each step, a head group whose largest logit "
+        "passed --qk-clip-threshold has its query and key weights scaled down so it would "
+        "not have (query by eta^alpha, key by eta^(1-alpha), eta = threshold / max logit). "
+        "Logs max_attention_logit too.",
+    )
+    qk_clip_alpha: float = _f(0.5, "QK-clip: the query's share of the scaling (0 < alpha < 1).")
+    qk_clip_threshold: float = _f(100.0, "QK-clip: the largest logit a head group may reach.")
     attention_output_gate: bool = _f(
         False,
         "Gated attention (Qwen3-Next): the QKV projection also yields a gate per head channel; "
@@ -261,6 +276,14 @@ class ModelConfig:
     )
 
     def __post_init__(self):
+        if self.qk_clip:  # Megatron-LM's rules
+            _require(0.0 < self.qk_clip_alpha < 1.0,
+                     "--qk-clip-alpha must be between 0.0 and 1.0 when using --qk-clip")  # fmt: skip
+            _require(self.qk_clip_threshold > 0,
+                     "--qk-clip-threshold must be greater than 0 when using --qk-clip")  # fmt: skip
+        elif self.qk_clip_alpha != 0.5 or self.qk_clip_threshold != 100.0:
+            warnings.warn("--qk-clip-alpha / --qk-clip-threshold: no effect without --qk-clip",
+                          stacklevel=3)  # fmt: skip
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             value = getattr(self, name)
             flag = "--" + name.replace("_", "-")

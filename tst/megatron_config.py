@@ -187,6 +187,10 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         qk_layernorm=m.qk_layernorm,
         test_mode=t.test_mode,
         qk_l2_norm=m.qk_l2_norm,
+        qk_clip=m.qk_clip,
+        qk_clip_alpha=m.qk_clip_alpha,
+        qk_clip_threshold=m.qk_clip_threshold,
+        log_max_attention_logit=m.log_max_attention_logit,
         attention_output_gate=m.attention_output_gate,
         apply_query_key_layer_scaling=m.apply_query_key_layer_scaling,
         no_rope_freq=m.no_rope_layers() if m.no_rope_freq is not None else None,
@@ -370,6 +374,14 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
             raise ValueError(f"--deterministic-mode needs NCCL_ALGO set to one of {choices} "
                              "(deterministic all-reduces; Megatron-LM's rule): export it, e.g. "
                              "NCCL_ALGO=Ring")  # fmt: skip
+    if (m.qk_clip or m.log_max_attention_logit) and te:
+        from megatron.core.utils import is_te_min_version
+
+        if not is_te_min_version("2.9.0"):  # Megatron-LM's rule (TE returns the logits)
+            flag = "--qk-clip" if m.qk_clip else "--log-max-attention-logit"
+            raise ValueError(f"{flag} with Transformer Engine's spec needs TE >= 2.9 (its "
+                             "attention returns the largest logits): upgrade TE, or run the "
+                             "local spec (--transformer-impl local), which records them here")  # fmt: skip
     if p.fine_grained_activation_offloading and te and os.environ.get("NVTE_CPU_OFFLOAD_V1") != "1":
         from megatron.core.utils import is_te_min_version
 

@@ -176,7 +176,32 @@ def apply() -> None:
     _fix_precision_aware_fp32_shards()
     _fix_hybrid_optimizer_fp32_params()
     _fix_activation_offload_without_te()
+    _fix_qk_clip_under_tensor_parallelism()
     setattr(layers, _APPLIED, True)
+
+
+def _fix_qk_clip_under_tensor_parallelism() -> None:
+    """``SelfAttention._clip_linear_qkv`` (``--qk-clip``) splits the QKV weight into query, key
+    and value rows per query group using the *whole* model's projection sizes over this
+    rank's groups: under tensor parallelism each group's row count came out TP times too
+    large, the weight was read with the wrong width, and the clip failed on a shape mismatch
+    (or, where the sizes happened to divide, would scale the wrong rows). The rows are split
+    here with this rank's sizes: per group its query heads, then its key head, then its value
+    head (megatron-core's QKV layout), the query rows scaled by eta^alpha and the key rows
+    by eta^(1-alpha)."""
+    from megatron.core.transformer.attention import SelfAttention
+
+    def _clip_linear_qkv(self, weight):
+        groups = self.num_query_groups_per_partition
+        head = self.hidden_size_per_attention_head
+        query_rows = self.num_attention_heads_per_partition // groups * head
+        rows = weight.view(groups, query_rows + 2 * head, -1)
+        eta, alpha = self.qk_clip_balancing_eta, self.config.qk_clip_alpha
+        rows[:, :query_rows].mul_(eta.pow(alpha))
+        rows[:, query_rows : query_rows + head].mul_(eta.pow(1 - alpha))
+        return weight
+
+    SelfAttention._clip_linear_qkv = _clip_linear_qkv
 
 
 def _fix_activation_offload_without_te() -> None:

@@ -277,9 +277,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--sft-tokenizer-prompt-format": 1,
     },
     "arch": {
-        "--qk-clip": 0,
-        "--qk-clip-alpha": 1,
-        "--qk-clip-threshold": 1,
         "--experimental-attention-variant": 1,
         "--dsa-indexer-n-heads": 1,
         "--dsa-indexer-head-dim": 1,
@@ -417,7 +414,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--symmetric-ar-type": 1,
         "--load-main-params-from-ckpt": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
-        "--log-max-attention-logit": 0,
         "--te-precision-config-file": 1,
     },
 }

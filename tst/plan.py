@@ -763,6 +763,30 @@ def _check_optimizer_offload(cfg: Config) -> None:
                       "Engine's FusedAdam only without the offload); ignored", stacklevel=3)  # fmt: skip
 
 
+def _check_qk_clip(cfg: Config) -> None:
+    """--qk-clip with what megatron-core's clip cannot follow, one line each."""
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+    if not m.qk_clip:
+        return
+    _require(not m.attention_output_gate, "--qk-clip with --attention-output-gate: "
+             "megatron-core's clip reads the QKV weight as query, key and value rows per "
+             "group, without the gate's rows: drop one")  # fmt: skip
+    _require(not t.use_precision_aware_optimizer, "--qk-clip with "
+             "--use-precision-aware-optimizer: the main weights live inside that optimizer, "
+             "where megatron-core's clip cannot reach them: drop one")  # fmt: skip
+    _require(not p.overlap_param_gather, "--qk-clip with --overlap-param-gather: the clip "
+             "scales the weights after the step, and the overlapped gather would then write "
+             "the unclipped ones over them during the next forward: drop "
+             "--overlap-param-gather")  # fmt: skip
+    _require(not p.use_torch_fsdp2, "--qk-clip with --use-torch-fsdp2: the clip needs each "
+             "layer's whole QKV weight per tensor-parallel rank: drop one")  # fmt: skip
+    if not cfg.mla.multi_latent_attention and (m.qk_layernorm or m.qk_l2_norm):
+        warnings.warn("--qk-clip with --qk-layernorm / --qk-l2-norm: the norms after the QKV "
+                      "projection undo the clip's scaling of its query and key rows, so it "
+                      "cannot lower the logits (MLA's norms come before its up-projections, "
+                      "which the clip scales)", stacklevel=3)  # fmt: skip
+
+
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     """Checks across concerns, once per run; returns the run's :class:`RunPlan`."""
     m, p, t, tst = cfg.model, cfg.parallel, cfg.training, cfg.tst
@@ -810,6 +834,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
     )
     _check_optimizer_offload(cfg)
+    _check_qk_clip(cfg)
     if p.use_torch_fsdp2:
         _check_torch_fsdp2(cfg, grid)
     elif not p.torch_fsdp2_reshard_after_forward:

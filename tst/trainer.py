@@ -26,7 +26,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from tst import checkpointing, grad_dumps, megatron_fixes, rerun, rerun_record
+from tst import checkpointing, grad_dumps, megatron_fixes, qk_clip, rerun, rerun_record
 from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase
 from tst.data.context_parallel import split_for_context_parallel
@@ -165,6 +165,8 @@ class Trainer:
         if written != params:  # with a meta build, an unwritten one would hold garbage
             raise RuntimeError(f"{params - written} of {params} parameters were not initialised")
         self.raw_chunks = chunks
+        if m.qk_clip or m.log_max_attention_logit:
+            qk_clip.record_max_logits(chunks)  # the local attention's (TE records its own)
         if t.bf16 or t.fp16:
             chunks = [Float16Module(self.config, c) for c in chunks]
         if cfg.parallel.use_torch_fsdp2:  # one chunk: no pipeline parallelism with FSDP2
@@ -561,23 +563,38 @@ class Trainer:
             # the LR schedule and the routers' expert bias stay as they were.
             if routers is not None:
                 rerun.restore_router_state(self._routers, routers)
-            return {"loss": loss, "skipped": True, "grad_norm": float("nan")}
+            return self._attention_logits(
+                {"loss": loss, "skipped": True, "grad_norm": float("nan")}, stepped=False
+            )
         timers("optimizer", log_level=1).start(barrier=barrier)
         with profiled_region("tst: optimizer"):
             update_ok, grad_norm, num_zeros = self.optimizer.step()
+        stepped = bool(update_ok) and grad_norm is not None and math.isfinite(grad_norm)
+        # Megatron-LM clips inside the optimizer's timer too.
+        result = self._attention_logits({"loss": loss}, stepped)
         timers("optimizer").stop()
         if fp16 and not update_ok:  # the scaler halved its scale; nothing was updated
-            return {"loss": loss, "skipped": False, "overflow": True, "grad_norm": float("nan"),
+            return {**result, "skipped": False, "overflow": True, "grad_norm": float("nan"),
                     "num_zeros": None}  # fmt: skip
-        if not update_ok or grad_norm is None or not math.isfinite(grad_norm):
+        if not stepped:
             if routers is not None:
                 rerun.restore_router_state(self._routers, routers)
-            return {"loss": loss, "skipped": True, "grad_norm": float(grad_norm or float("nan"))}
+            return {**result, "skipped": True, "grad_norm": float(grad_norm or float("nan"))}
         self.scheduler.step(increment=self.plan.batch_size_at(self.iteration))
         self._empty_cache(1)
         self.step_stats.commit(phase.name, len(batches))
-        return {"loss": loss, "skipped": False, "overflow": False, "grad_norm": float(grad_norm),
+        return {**result, "skipped": False, "overflow": False, "grad_norm": float(grad_norm),
                 "num_zeros": num_zeros}  # fmt: skip
+
+    def _attention_logits(self, result: dict, stepped: bool) -> dict:
+        """--log-max-attention-logit / --qk-clip (collective): the step's largest attention
+        logit into ``result``; the clip after a step that was applied."""
+        m = self.cfg.model
+        if m.qk_clip or m.log_max_attention_logit:
+            result["max_attention_logit"] = qk_clip.after_step(
+                self.raw_chunks, self.optimizer, m.qk_clip, stepped, self.layout.device
+            )
+        return result
 
     def _forward_backward(self, batches, phase: Phase, wgrads: bool):
         """One forward-backward of the step's micro-batches from zeroed gradients: (the
@@ -1570,6 +1587,8 @@ class Trainer:
             record["params_norm"] = _params_norm(self.model)
         if log.log_num_zeros_in_grad and result.get("num_zeros") is not None:
             record["num_zeros_in_grad"] = int(result["num_zeros"])
+        if "max_attention_logit" in result:  # the logged step's, as Megatron-LM logs it
+            record["max_attention_logit"] = result["max_attention_logit"]
         if log.log_memory_to_tensorboard:
             record.update(_memory_record(self.layout.device))
         record.update(self.step_stats.window_record())  # every rank: one all-reduce
@@ -1584,7 +1603,9 @@ class Trainer:
         extra = "".join(f" | {key} {value:.4f}" for key, value in record.items()
                         if key.startswith("mtp_"))  # fmt: skip
         extra += "".join(
-            f" | {key} {record[key]:.4g}" for key in ("loss_scale", "params_norm") if key in record
+            f" | {key} {record[key]:.4g}"
+            for key in ("loss_scale", "params_norm", "max_attention_logit")
+            if key in record
         )
         if "skipped_samples" in record:
             extra += f" | skipped samples {record['skipped_samples']}"
