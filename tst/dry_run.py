@@ -554,6 +554,11 @@ def _print_architecture(cfg: Config) -> None:
     for flag, on in (("QK L2 norm", m.qk_l2_norm), ("output gate", m.attention_output_gate),
                      ("query-key layer scaling", m.apply_query_key_layer_scaling)):  # fmt: skip
         attention += f", {flag}" if on else ""
+    if m.qk_clip:
+        attention += (f", QK-clip at {m.qk_clip_threshold:g} (alpha {m.qk_clip_alpha:g}; "
+                      "largest logit logged)")  # fmt: skip
+    elif m.log_max_attention_logit:
+        attention += ", largest logit logged"
     if m.window is not None:
         windowed = sum(m.windowed_layers())
         attention += (f", sliding window of {m.window[0]} on {windowed} of {m.num_layers} "

@@ -138,6 +138,13 @@ def test_qk_clip_rules(extra, message):
         validate(parse_args([*FLAGS, *extra]), 1, VOCAB)
 
 
+def test_the_dry_run_names_the_clip(capsys):
+    import pretrain_tst
+
+    assert pretrain_tst.main([*FLAGS, "--qk-clip", "--qk-clip-threshold", "30", "--dry-run"]) == 0
+    assert "QK-clip at 30 (alpha 0.5; largest logit logged)" in capsys.readouterr().out
+
+
 def test_qk_clip_warnings():
     from tst.config import parse_args
     from tst.plan import validate
