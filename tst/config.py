@@ -832,6 +832,14 @@ class ParallelConfig:
             "core attention's output, which core_attn's backward needs (megatron-core's rule)",
         )
         _require(self.min_offloaded_tensor_size >= 0, "--min-offloaded-tensor-size must be >= 0")
+        _require(
+            self.recompute_granularity != "full",
+            "--fine-grained-activation-offloading with --recompute-granularity full: full "
+            "recomputation keeps only each recomputed block's input, so there is nothing "
+            "inside it to offload, and the two together crash megatron-core 0.16.1 (a "
+            "segmentation fault in the first step, seen here): drop one (selective "
+            "recomputation works with it)",
+        )
 
 
 @dataclass

@@ -10,8 +10,10 @@ only strides (a reloaded tensor is a contiguous copy, so a backward may round di
 the losses, validation losses and gradient and parameter norms must equal the plain run's
 within rel 1e-6 (measured: 0 to 4e-8) through the superposition -> recovery switch, with
 evaluations between steps (which, unpaused, broke the next step's backward), at PP 2 x
-VPP 2, and for MoE at EP 2 with MLA, MTP and selective recomputation (Megatron-LM's
-functional test's mix); each dense module must actually have offloaded bytes on every rank.
+VPP 2, for MoE at EP 2 with MLA, MTP and selective recomputation (Megatron-LM's
+functional test's mix), and under the combined 1F1B schedule of
+--overlap-moe-expert-parallel-comm; each dense module must actually have offloaded bytes on
+every rank.
 """
 
 from __future__ import annotations
@@ -93,3 +95,16 @@ def test_moe_mla_mtp_offload_with_recomputation_trains_the_same_model(world2, tm
     for rank, (_, offloaded) in enumerate(results):
         assert {"qkv_linear", "core_attn", "attn_proj"} <= set(offloaded), (rank, offloaded)
         assert all(n > 0 for n in offloaded.values()), (rank, offloaded)
+
+
+def test_offload_with_expert_parallel_comm_overlap_trains_the_same_model(world2, tmp_path):
+    """megatron-core's combined 1F1B schedule (--overlap-moe-expert-parallel-comm, EP 2,
+    bf16) resets the offload manager on its own path: the same model as without it."""
+    argv = BASE + ["--num-experts", "4", "--expert-model-parallel-size", "2", "--bf16",
+                   "--overlap-moe-expert-parallel-comm", "--moe-token-dispatcher-type",
+                   "alltoall", "--moe-ffn-hidden-size", "16"]  # fmt: skip
+    want = world2.run(_run, argv, str(tmp_path / "want.jsonl"))[0][0]
+    results = world2.run(_run, argv + OFFLOAD + DENSE, str(tmp_path / "got.jsonl"))
+    _assert_same_model(results[0][0], want, "combined 1F1B")
+    for rank, (_, offloaded) in enumerate(results):
+        assert set(offloaded) == set(DENSE) and all(offloaded.values()), (rank, offloaded)

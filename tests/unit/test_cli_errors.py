@@ -51,6 +51,7 @@ REFUSED = [
     (["--fine-grained-activation-offloading", "--offload-modules", "mlp"], 1, r"--offload-modules: unknown \['mlp'\]"),  # noqa: E501
     (["--fine-grained-activation-offloading", "--offload-modules", "attn_proj"], 1, r"--offload-modules attn_proj needs core_attn too"),  # noqa: E501
     (["--fine-grained-activation-offloading", "--offload-modules", "core_attn", "--min-offloaded-tensor-size", "-1"], 1, r"--min-offloaded-tensor-size must be >= 0"),  # noqa: E501
+    (["--fine-grained-activation-offloading", "--offload-modules", "core_attn", "--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"], 1, r"--fine-grained-activation-offloading with --recompute-granularity full"),  # noqa: E501
     (["--check-weight-hash-across-dp-replicas-interval", "0"], 1, r"--check-weight-hash-across-dp-replicas-interval must be >= 1"),  # noqa: E501
     (["--log-interval", "2", "--log-memory-interval", "3"], 1, r"--log-memory-interval 3 must be a multiple of --log-interval \(2\)"),  # noqa: E501
     (["--seed", "-1"], 1, r"--seed must be between 0 and 2\*\*63 - 1, got -1"),
