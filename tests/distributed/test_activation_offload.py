@@ -11,8 +11,8 @@ the losses, validation losses and gradient and parameter norms must equal the pl
 within rel 1e-6 (measured: 0 to 4e-8) through the superposition -> recovery switch, with
 evaluations between steps (which, unpaused, broke the next step's backward), at PP 2 x
 VPP 2, for MoE at EP 2 with MLA, MTP and selective recomputation (Megatron-LM's
-functional test's mix), and under the combined 1F1B schedule of
---overlap-moe-expert-parallel-comm; each dense module must actually have offloaded bytes on
+functional test's mix), under the combined 1F1B schedule of
+--overlap-moe-expert-parallel-comm, and under FSDP2; each dense module must actually have offloaded bytes on
 every rank.
 """
 
@@ -106,5 +106,16 @@ def test_offload_with_expert_parallel_comm_overlap_trains_the_same_model(world2,
     want = world2.run(_run, argv, str(tmp_path / "want.jsonl"))[0][0]
     results = world2.run(_run, argv + OFFLOAD + DENSE, str(tmp_path / "got.jsonl"))
     _assert_same_model(results[0][0], want, "combined 1F1B")
+    for rank, (_, offloaded) in enumerate(results):
+        assert set(offloaded) == set(DENSE) and all(offloaded.values()), (rank, offloaded)
+
+
+def test_offload_under_torch_fsdp2_trains_the_same_model(world2, tmp_path):
+    """PyTorch FSDP2 (DP 2) gathers each layer's weights for its forward: the offload hooks
+    move only activations (megatron-core marks the parameters not offloadable)."""
+    argv = BASE + ["--use-torch-fsdp2"]
+    want = world2.run(_run, argv, str(tmp_path / "want.jsonl"))[0][0]
+    results = world2.run(_run, argv + OFFLOAD + DENSE, str(tmp_path / "got.jsonl"))
+    _assert_same_model(results[0][0], want, "FSDP2")
     for rank, (_, offloaded) in enumerate(results):
         assert set(offloaded) == set(DENSE) and all(offloaded.values()), (rank, offloaded)
