@@ -153,3 +153,35 @@ def test_qk_clip_warnings():
         parse_args([*FLAGS, "--qk-clip-threshold", "5"])
     with pytest.warns(UserWarning, match="the norms after the QKV projection undo the clip"):
         validate(parse_args([*FLAGS, "--qk-clip", "--qk-layernorm"]), 1, VOCAB)
+
+
+def test_a_clipped_run_resumes_exactly(tmp_path):
+    """The clip keeps no state between steps (each step's maxima start afresh), so a run
+    stopped inside the superposition phase and resumed repeats the unbroken run's losses
+    and logged maxima exactly, across the switch (one rank, fp32)."""
+    import json
+    import os
+    import sys
+
+    import pretrain_tst
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import fault_injection
+
+    argv = [*fault_injection.ARGS, "--train-iters", "8", "--qk-clip", "--qk-clip-threshold",
+            "0.02"]  # fmt: skip
+
+    def records(path):
+        with open(path) as f:
+            rows = [json.loads(line) for line in f]
+        return {r["iteration"]: (r["loss"], r["max_attention_logit"]) for r in rows
+                if r.get("loss") is not None and "max_attention_logit" in r}  # fmt: skip
+
+    want = tmp_path / "want.jsonl"
+    assert pretrain_tst.main([*argv, "--metrics-file", str(want)]) == 0
+    got, ckpt = tmp_path / "got.jsonl", str(tmp_path / "ckpt")
+    run = [*argv, "--save", ckpt, "--load", ckpt, "--metrics-file", str(got)]
+    assert pretrain_tst.main([*run, "--exit-interval", "3"]) == 0
+    assert pretrain_tst.main(run) == 0
+    assert records(got) == records(want) and len(records(want)) == 8
+    assert max(logit for _, logit in records(want).values()) > 0.02  # it clipped
