@@ -406,6 +406,42 @@ def activation_bytes(cfg: Config, tp: int, micro_batch: int, vocab_size: int) ->
     return layer, logits
 
 
+def offloaded_activation_bytes(cfg: Config, tp: int, micro_batch: int) -> int:
+    """What ``--fine-grained-activation-offloading`` moves to host memory per decoder layer
+    and micro-batch: the inputs its ``--offload-modules`` keep, in :func:`activation_bytes`'
+    terms (attn_norm and mlp_norm their norm's input, qkv_linear the norm's output, core_attn
+    Q, K and V, attn_proj the attention output; expert_fc1 the routed copies and moe_act the
+    experts' FC1 output, with grouped-GEMM experts only). A module's inputs below
+    ``--min-offloaded-tensor-size`` elements (taken together: megatron-core asks it of each
+    tensor) stay."""
+    m, p = cfg.model, cfg.parallel
+    if not p.fine_grained_activation_offloading:
+        return 0
+    modules = set(p.offload_modules)
+    h, s = m.hidden_size, m.seq_length * micro_batch
+    kv = m.resolved_kv_channels * m.query_groups
+    sp = tp if p.sequence_parallel else 1
+    size = 2 if cfg.training.bf16 or cfg.training.fp16 else 4
+    redo = set(p.recompute_modules or ["core_attn"]) if p.recompute_granularity else set()
+    norm_out = 0 if "layernorm" in redo else h / sp
+    qkv, out = (h + 2 * kv) / tp, h / tp
+    if cfg.mla.multi_latent_attention:
+        a, heads = cfg.mla, m.num_attention_heads
+        qkv = 0 if "mla_up_proj" in redo else heads * (2 * (a.qk_head_dim + a.qk_pos_emb_head_dim)
+                                                        + a.v_head_dim) / tp  # fmt: skip
+        out = heads * a.v_head_dim / tp
+    parts = {"attn_norm": h / sp, "qkv_linear": norm_out, "core_attn": qkv, "attn_proj": out,
+             "mlp_norm": h / sp}  # fmt: skip
+    if m.num_experts and m.moe_grouped_gemm:
+        f, k = m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size, m.moe_router_topk
+        glu = 2 if m.gated_mlp else 1
+        parts["expert_fc1"] = k * (m.moe_latent_size or h) / sp
+        parts["moe_act"] = 0 if "moe_act" in redo else k * glu * f / tp
+    kept = [width for name, width in parts.items()
+            if name in modules and s * width >= p.min_offloaded_tensor_size]  # fmt: skip
+    return int(s * sum(kept) * size)
+
+
 def _in_flight(stage: int, grid: Grid, num_micro: int) -> float:
     """Micro-batches of this stage's layers alive at the 1F1B peak (chunks / vpp interleaved)."""
     if grid.pp == 1:
@@ -570,8 +606,7 @@ def _print_architecture(cfg: Config) -> None:
         recompute = f"selective ({', '.join(p.recompute_modules or ['core_attn'])})"
     if p.fine_grained_activation_offloading:  # the activation estimate keeps them on device
         recompute += (f"; activations offloaded to host: {', '.join(p.offload_modules)} "
-                      f"(tensors >= {p.min_offloaded_tensor_size:,} elements; still counted "
-                      "on the device below)")  # fmt: skip
+                      f"(tensors >= {p.min_offloaded_tensor_size:,} elements)")  # fmt: skip
     print(
         f"architecture: positions {positions}; {m.normalization} (eps {m.norm_epsilon:g}"
         f"{', 1p' if m.apply_layernorm_1p else ''}); biases {biases}; "
@@ -669,6 +704,10 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     # --optimizer-cpu-offload: the offloaded share's fp32 weights, Adam moments and a gradient
     # copy (16 B) live in host memory; the rest of the state stays on the GPU.
     offload = t.optimizer_offload_fraction if t.optimizer_cpu_offload else 0.0
+    # --fine-grained-activation-offloading: per layer and micro-batch in flight, this much
+    # goes to host memory; megatron-core keeps one layer's groups of each module on the GPU.
+    moved = offloaded_activation_bytes(cfg, grid.tp, t.micro_batch_size)
+    host_column = offload or moved
     print(
         "per rank (every TP/EP rank of a stage holds as much); memory in GiB: weights "
         f"{weight_b} B, grads {grad_b} B, Adam {optim_b} B per parameter"
@@ -685,13 +724,19 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
             if t.optimizer_cpu_offload
             else ""
         )
+        + (
+            f"; --fine-grained-activation-offloading: {moved / _GIB:.2f} GiB per layer and "
+            "micro-batch in flight to host memory (column 'host'; one layer's kept)"
+            if moved
+            else ""
+        )
         + ("; FP8 weight casts not counted" if t.fp8_format else "")
         + "; activations rough (1F1B peak, fused attention, selective recompute counted, full "
         "recompute not)"
     )
     print(
         f"  {'stage':>5} {'layers':>15} {'params':>10} {'weights':>8} {'grads':>7} "
-        f"{'Adam':>7} {'activ.':>7} {'total':>7}" + (f" {'host':>7}" if offload else "")
+        f"{'Adam':>7} {'activ.':>7} {'total':>7}" + (f" {'host':>7}" if host_column else "")
     )
     rows = []
     for stage, info in enumerate(stages):
@@ -702,7 +747,10 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
                                         + info["experts"] / grid.expert_dp)  # fmt: skip
         host = optim * offload * 16 / optim_b
         optim *= 1 - offload
-        act = _in_flight(stage, grid, num_micro) * len(info["layers"]) * layer_act
+        held = _in_flight(stage, grid, num_micro) * len(info["layers"])
+        act = held * layer_act
+        host_act = max(held - 1, 0) * moved
+        act -= host_act
         act += logits_act if stage == grid.pp - 1 else 0
         cols = [weight_b * n, grad_b * n, optim, act]
         if fsdp:
@@ -711,12 +759,13 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
             f"  {stage:>5} {_layer_ranges(info['layers']):>15} {_m(n):>10} "
             + " ".join(f"{c / _GIB:>7.1f}" for c in cols)
             + f" {sum(cols) / _GIB:>7.1f}"
-            + (f" {host / _GIB:>7.1f}" if offload else "")
+            + (f" {(host + host_act) / _GIB:>7.1f}" if host_column else "")
         )
         rows.append({"stage": stage, "layers": list(info["layers"]), "parameters": n,
                      "bytes": dict(zip(("weights", "grads", "optimizer", "activations"),
                                        cols, strict=True)) | {"total": sum(cols),
-                                                              "host_optimizer": host}})  # fmt: skip
+                                                              "host_optimizer": host,
+                                                              "host_activations": host_act}})  # fmt: skip
     largest_bag = max(phase.input_bag for phase in plan.schedule.phases)  # any stage's
     if largest_bag > 1:
         bag_tokens = largest_bag * m.seq_length * t.micro_batch_size

@@ -440,6 +440,45 @@ def test_dry_run_counts_the_optimizer_state_per_rank_as_it_is_sharded(tmp_path):
     assert adam_bytes(*distopt, "--context-parallel-size", "2") == (n, 8 * n / 8)  # DP 4 x CP 2
 
 
+def test_dry_run_moves_offloaded_activations_to_the_host_column(tmp_path):
+    """--fine-grained-activation-offloading in the dry run: per layer and micro-batch in
+    flight, the offloaded modules' inputs (here all five dense ones of a multi-head attention
+    layer: norm input, QKV input, Q, K, V, attention output, MLP norm input = 7 h per
+    position) leave the activation column for the host column, one layer's kept (PP 2,
+    stage 0 holds 2 micro-batches of its 2 layers at the 1F1B peak); below
+    --min-offloaded-tensor-size nothing moves."""
+    argv = [a for a in BASE if a != "--qk-layernorm"] + [
+        "--mock-data", "--dry-run", "--dry-run-world-size", "2", "--pipeline-model-parallel-size",
+        "2", "--num-layers", "4", "--global-batch-size", "8"]  # fmt: skip
+    offload = ["--fine-grained-activation-offloading", "--min-offloaded-tensor-size", "0",
+               "--offload-modules", "attn_norm", "qkv_linear", "core_attn", "attn_proj",
+               "mlp_norm"]  # fmt: skip
+
+    def stage0(*extra):
+        report = str(tmp_path / "report.json")
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert pretrain_tst.main(argv + list(extra) + ["--dry-run-report", report]) == 0
+        with open(report) as f:
+            return json.load(f)["stages"][0]["bytes"]
+
+    plain, moved = stage0(), stage0(*offload)
+    per_layer = 7 * 32 * 8 * 2 * 4  # 7 h x seq x micro-batch, fp32
+    held = 2 * 2  # micro-batches in flight x layers
+    assert moved["host_activations"] == (held - 1) * per_layer
+    assert moved["activations"] == plain["activations"] - (held - 1) * per_layer
+    assert plain["host_activations"] == 0
+    assert (
+        stage0(
+            *offload[:-6],
+            "--offload-modules",
+            "core_attn",
+            "--min-offloaded-tensor-size",
+            str(32 * 8 * 2 * 3 + 1),
+        )["host_activations"]
+        == 0
+    )
+
+
 def test_dataloader_cache_flags_read_the_indices_a_run_built(tmp_path):
     """--dataloader-fast-cache-load and --dataloader-defer-npy-index-mmap (Megatron-LM's) take
     the sample indices from the cache a run without them built: the same losses, training
