@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Memory of activation recomputation and step time of communication overlap, in one run.
 
-    python bench/bench_megatron_features.py [--iters 6] [--repeats 2] [--sections 1 2 3 4]
+    python bench/bench_megatron_features.py [--iters 6] [--repeats 2] [--sections 1 2 3 4 5]
 
 1. Peak memory (the process's peak RSS, from the kernel) of a model whose activations
    dominate (16 layers, hidden 256, 2,048 positions, micro-batch 4, a 512-entry vocabulary),
@@ -24,6 +24,14 @@
    CPU-only machine nothing leaves a GPU: the ratios are the machinery's own cost (the
    gradient and weight copies, torch's fused AdamW per part) and the host memory its copies
    take; the GPU memory it frees is the dry run's table.
+
+5. The step-time cost of ``--log-max-attention-logit`` and ``--qk-clip`` (the largest logit
+   per head read from the unfused attention's scores, reduced after each step; the clip's
+   weight scaling) and of ``--fine-grained-activation-offloading`` of the five dense modules
+   (every tensor: ``--min-offloaded-tensor-size 0``) on a model whose attention scores
+   dominate (8 layers, hidden 256, 512 positions), against the same unfused attention
+   without them, at DP 2. On CPU the offload's copies stay in one memory: its row is the
+   machinery's cost, and its peak the host pool added.
 
 Run it with nothing else on the machine: two CPU cores shared with another process slow
 torch down 10-40x and make the timings meaningless.
@@ -118,6 +126,22 @@ OFFLOAD = {
 }  # fmt: skip
 
 
+LOGIT_MODEL = [
+    "--num-layers", "8", "--hidden-size", "256", "--num-attention-heads", "8",
+    "--seq-length", "512", "--micro-batch-size", "2", "--global-batch-size", "8",
+]  # fmt: skip
+_UNFUSED = ["--attention-backend", "unfused"]
+LOGITS = {
+    "unfused attention": _UNFUSED,
+    "+ log-max-attention-logit": [*_UNFUSED, "--log-max-attention-logit"],
+    "+ qk-clip (threshold 100)": [*_UNFUSED, "--qk-clip"],
+    "+ activation offload, 5 modules": [
+        *_UNFUSED, "--fine-grained-activation-offloading", "--min-offloaded-tensor-size", "0",
+        "--offload-modules", "attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm",
+    ],
+}  # fmt: skip
+
+
 def step_times_and_peak(argv: list[str], skip: int = 2,
                         memory: bool = False) -> tuple[list[float], float]:  # fmt: skip
     """Seconds per step of a 2-rank torchrun run (rank 0's log), the first ``skip`` dropped,
@@ -161,9 +185,9 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=6, help="steps per memory run")
     parser.add_argument("--time-iters", type=int, default=12, help="steps per timing run")
     parser.add_argument("--repeats", type=int, default=2, help="ABBA repeats of the timings")
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4],
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5],
                         help="which parts to run (1 recomputation, 2 overlap, 3 FSDP2, "
-                        "4 optimizer offload)")  # fmt: skip
+                        "4 optimizer offload, 5 attention logits and activation offload)")  # fmt: skip
     args = parser.parse_args(argv)
     if 1 in args.sections:
         _recomputation(args)
@@ -174,6 +198,9 @@ def main(argv=None) -> int:
     if 4 in args.sections:
         _compare("optimizer offload at DP 2 (gloo, 2 ranks), 16L h512 L64, bf16", OFFLOAD,
                  [*SHARDING_MODEL, "--bf16"], args)  # fmt: skip
+    if 5 in args.sections:
+        _compare("attention logits and activation offload at DP 2 (gloo, 2 ranks), 8L h256 "
+                 "L512, fp32", LOGITS, LOGIT_MODEL, args)  # fmt: skip
     return 0
 
 
