@@ -18,8 +18,9 @@ fp32 main weights it finds as ``param.main_param``. Two defects of megatron-core
 avoided here: under the distributed optimizer ``main_param`` is this rank's 1-D shard of the
 main weight (or None where the rank holds none of it), which its clip reshapes as the whole
 weight (wrong rows scaled, or an error); here the clip sees a whole fp32 weight holding the
-shard, and the shard is written back from it. And it clipped after a skipped step too,
-with the step's non-finite logits (NaN weights); here a skipped step clips nothing.
+shard, and the shard is written back from it. And Megatron-LM clips after a skipped step
+too, with that step's logits, which may be infinite (eta 0: the query and key weights
+zeroed); here a skipped step clips nothing.
 Megatron-LM's log-only mode never resets the recorded maximum (it reports the largest logit
 since the start); here each step reports its own.
 """
