@@ -1149,6 +1149,12 @@ class DataArgs:
         None, "Train/valid/test split of each prefix, e.g. 98,2,0 (default 969,30,1)."
     )
     mock_data: bool = _f(False, "Synthetic data (no --data-path needed).")
+    eod_mask_loss: bool = _f(
+        False,
+        "Never train on the token after an end-of-document token (the first token of the "
+        "next document), in training and evaluation; Megatron-LM's rule (the loss where the "
+        "input is EOD is masked). In a bag target only that token's slot goes.",
+    )
     tokenizer_type: str | None = _f(
         None,
         "Tokenizer (default: GPT2BPETokenizer when --vocab-file and --merge-file are given, "

@@ -173,11 +173,6 @@ REFUSED: dict[str, Flag] = {
     "--cache-mla-latents": Flag(
         0, "MLA latent caching is for inference (megatron-core refuses it in training): drop it"
     ),
-    "--eod-mask-loss": Flag(
-        0,
-        "end-of-document tokens are predicted as any token (the multi-hot bags hold them "
-        "too): drop the flag",
-    ),
 }
 
 # Megatron-LM 0.16.1's other flags (tst.megatron_flags_upstream): the whole flag set is known.

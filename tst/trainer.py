@@ -371,8 +371,10 @@ class Trainer:
     # ---------------------------------------------------------------- data and loss
 
     def _batch(self, chunk: torch.Tensor, phase: Phase):
-        """Rows from the stream -> (input ids, targets, loss mask) for this phase."""
-        return batch_for_phase(chunk, phase)
+        """Rows from the stream -> (input ids, targets, loss mask) for this phase; with
+        --eod-mask-loss the tokens after end-of-document tokens are no targets."""
+        eod = self.tokenizer.eod if self.cfg.data.eod_mask_loss else None
+        return batch_for_phase(chunk, phase, eod=eod)
 
     def _forward_step(self, phase: Phase, data_iterator, model, return_schedule_plan=False):
         batch = next(data_iterator)

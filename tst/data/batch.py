@@ -117,28 +117,44 @@ def _check_layout(layout: str) -> None:
 
 
 def make_output_only_batch(
-    chunk: torch.Tensor, bag_size: int, ignore_index: int = -100
+    chunk: torch.Tensor,
+    bag_size: int,
+    ignore_index: int = -100,
+    token_loss_mask: torch.Tensor | None = None,
 ) -> TSTBatch:
     """Output-only superposition: ordinary inputs, each position predicts the next
     ``bag_size`` tokens.
 
     ``chunk [b, L + 1]`` (an ordinary next-token sample, so this mode reads no extra data)
     -> input ids ``[b, L]``, targets ``[b, L, bag_size]`` with ``targets[t, k] = chunk[t+1+k]``
-    where that token exists in the chunk and ``ignore_index`` beyond its end.
+    where that token exists in the chunk and ``ignore_index`` beyond its end (and where
+    ``token_loss_mask``, as in :func:`make_tst_batch`, is 0).
     """
     if chunk.dim() != 2 or chunk.shape[1] < 2:
         raise ValueError(f"chunk must be [batch, L + 1] with L >= 1, got {tuple(chunk.shape)}")
     chunk = chunk.long()
     batch, n = chunk.shape
     num_positions = n - 1
-    padded = torch.cat([chunk, chunk.new_full((batch, bag_size - 1), ignore_index)], dim=1)
+    labels = chunk if token_loss_mask is None else chunk.masked_fill(token_loss_mask == 0,
+                                                                       ignore_index)  # fmt: skip
+    padded = torch.cat([labels, chunk.new_full((batch, bag_size - 1), ignore_index)], dim=1)
     # [b, L, bag]: window k of position t is padded[t + 1 + k].
     targets = padded[:, 1:].unfold(1, bag_size, 1)[:, :num_positions]
     loss_mask = (targets != ignore_index).any(dim=-1).float()
     return TSTBatch(chunk[:, :num_positions], targets.contiguous(), loss_mask)
 
 
-def batch_for_phase(chunk: torch.Tensor, phase: Phase, ignore_index: int = -100) -> TSTBatch:
+def after_eod(chunk: torch.Tensor, eod: int) -> torch.Tensor:
+    """``--eod-mask-loss``'s token mask ``[b, n]``: 0 for each token that follows an
+    end-of-document token in the row (the first token of the next document), 1 elsewhere.
+    A row is consecutive tokens of the corpus, so the token before each is its predecessor."""
+    keep = torch.ones_like(chunk, dtype=torch.long)
+    keep[:, 1:] = (chunk[:, :-1] != eod).long()
+    return keep
+
+
+def batch_for_phase(chunk: torch.Tensor, phase: Phase, ignore_index: int = -100,
+                    eod: int | None = None) -> TSTBatch:  # fmt: skip
     """Rows from the data stream -> the batch a step of ``phase`` trains on.
 
     ``chunk [b, units_per_row * (L + 1)]``: a row of ``phase.units_per_row`` stream units of
@@ -152,21 +168,29 @@ def batch_for_phase(chunk: torch.Tensor, phase: Phase, ignore_index: int = -100)
       uses the row's first ``bag * L + 1`` tokens.
     - ``bag, 1`` (input-only): the same bag inputs; each position predicts one token, the first
       of the next bag.
+
+    ``eod`` (``--eod-mask-loss``, Megatron-LM's rule): the token after each end-of-document
+    token is no target (Megatron-LM masks the loss where the input is EOD, which is the
+    same for next-token training); in a bag target only that token's slot goes.
     """
     if chunk.dim() != 2 or chunk.shape[1] % phase.units_per_row:
         raise ValueError(
             f"chunk must be [batch, units_per_row * (L + 1)] with units_per_row = "
             f"{phase.units_per_row} for the {phase.name} phase, got {tuple(chunk.shape)}"
         )
+
+    def mask(rows):
+        return None if eod is None else after_eod(rows, eod)
+
     if phase.input_bag == 1 and phase.target_bag == 1:
-        return make_tst_batch(chunk, 1, ignore_index=ignore_index)
+        return make_tst_batch(chunk, 1, ignore_index=ignore_index, token_loss_mask=mask(chunk))
     if phase.input_bag == 1:
-        return make_output_only_batch(chunk, phase.target_bag, ignore_index)
+        return make_output_only_batch(chunk, phase.target_bag, ignore_index, mask(chunk))
     bag_size = phase.input_bag
     if phase.layout == PAPER:
         seq_length = chunk.shape[1] // phase.units_per_row - 1
         chunk = chunk[:, : chunk_length(seq_length, bag_size, PAPER)]
-    batch = make_tst_batch(chunk, bag_size, phase.layout, ignore_index)
+    batch = make_tst_batch(chunk, bag_size, phase.layout, ignore_index, mask(chunk))
     if phase.target_bag == 1:
         targets = batch.targets[..., :1]
         return batch._replace(targets=targets, loss_mask=(targets != ignore_index).any(-1).float())
