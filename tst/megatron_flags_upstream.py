@@ -44,6 +44,13 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
         "no token is masked out of the loss as padding here (documents are packed whole, "
         "nothing is padded), which is what the flag asks for a pad id shared with another token",
     ),
+    "--load-main-params-from-ckpt": (
+        0,
+        "with --no-load-optim (Megatron-LM's rule, checked) the fp32 main weights start from "
+        "the checkpoint's weights, as they do here without it: a torch_dist checkpoint's "
+        "weights are read in the run's own dtype, so the checkpoint holds nothing more precise "
+        "to take",
+    ),
     "--mtp-standalone": (
         0,
         "megatron-core sets it from --pipeline-model-parallel-layout (an m on a pipeline "
@@ -412,7 +419,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--batch-invariant-mode": 0,
         "--use-te-activation-func": 0,
         "--symmetric-ar-type": 1,
-        "--load-main-params-from-ckpt": 0,
         "--reuse-grad-buf-for-mxfp8-param-ag": 0,
         "--te-precision-config-file": 1,
     },

@@ -835,6 +835,11 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     )
     _check_optimizer_offload(cfg)
     _check_qk_clip(cfg)
+    _require(
+        "--load-main-params-from-ckpt" not in dict(cfg.accepted_flags) or cfg.run.no_load_optim,
+        "--load-main-params-from-ckpt must be used with --no-load-optim (Megatron-LM's rule: "
+        "with the optimizer state loaded, the main weights come from it)",
+    )
     if p.use_torch_fsdp2:
         _check_torch_fsdp2(cfg, grid)
     elif not p.torch_fsdp2_reshard_after_forward:

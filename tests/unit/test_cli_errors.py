@@ -47,6 +47,7 @@ REFUSED = [
     (["--save", "c", "--save-interval", "2", "--save-retain-interval", "3"], 1, r"--save-retain-interval 3 must be a multiple of --save-interval \(2\)"),  # noqa: E501
     (["--save", "c", "--save-retain-interval", "4"], 1, r"--save-retain-interval needs --save-interval"),  # noqa: E501
     (["--save-retain-interval", "0"], 1, r"--save-retain-interval must be >= 1"),
+    (["--load-main-params-from-ckpt"], 1, r"--load-main-params-from-ckpt must be used with --no-load-optim"),  # noqa: E501
     (["--fine-grained-activation-offloading"], 1, r"--fine-grained-activation-offloading needs --offload-modules"),  # noqa: E501
     (["--fine-grained-activation-offloading", "--offload-modules", "mlp"], 1, r"--offload-modules: unknown \['mlp'\]"),  # noqa: E501
     (["--fine-grained-activation-offloading", "--offload-modules", "attn_proj"], 1, r"--offload-modules attn_proj needs core_attn too"),  # noqa: E501
