@@ -142,6 +142,7 @@ def test_every_accepted_flag_at_once_trains_the_same_model(world2, tmp_path, tmp
         else:
             extra += [flag, _ACCEPTED_VALUES[flag]]
     assert "--ddp-average-in-collective" in extra and "--calculate-per-token-loss" in extra
+    extra.append("--no-load-optim")  # --load-main-params-from-ckpt's rule (no --load: no effect)
     want = _plain(world2, tmp_path_factory)
     got = world2.run(_train, BASE + extra, str(tmp_path / "accepted.jsonl"))[0]
 
