@@ -145,15 +145,14 @@ def _megatron_args(path: str) -> _SavedArgs:
 def apply_checkpoint_args(values: dict[str, dict], given: set[str]) -> None:
     """Overwrite ``values`` (section -> field -> value, as parsed) with the checkpoint's
     model flags, Megatron-LM's way (see the module's docstring)."""
-    run = values["run"]
-    load = run.get("load")
-    if load and run.get("non_persistent_ckpt_type") and run.get("ckpt_step") is None:
-        from tst import checkpointing
+    from tst import checkpointing
 
-        # The checkpoint the run resumes from: a newer non-persistent one (Megatron-LM reads
-        # the arguments through the same choice).
-        folder = run.get("non_persistent_global_ckpt_dir") or os.path.join(load, "non_persistent")
-        load = checkpointing.resume_dir(load, folder)[0]
+    run = values["run"]
+    # The checkpoint the run resumes from, a newer non-persistent one too (Megatron-LM reads
+    # the arguments through the same choice).
+    load, _ = checkpointing.load_dir(run.get("load"), run.get("non_persistent_ckpt_type"),
+                                     run.get("non_persistent_global_ckpt_dir"),
+                                     run.get("ckpt_step"))  # fmt: skip
     roots = [("--pretrained-checkpoint", run.get("pretrained_checkpoint"), None),
              ("--load", load, run.get("ckpt_step"))]  # fmt: skip
     if not any(root for _, root, _ in roots):

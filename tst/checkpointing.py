@@ -210,6 +210,19 @@ def resume_dir(load: str, non_persistent: str | None) -> tuple[str, str | None]:
     )
 
 
+def load_dir(load: str | None, kind: str | None, folder: str | None,
+             ckpt_step: int | None) -> tuple[str | None, str | None]:  # fmt: skip
+    """The folder a run's --load reads (:func:`resume_dir`'s answer, with its line): with
+    --non-persistent-ckpt-type the newer of ``load`` and its non-persistent folder (``folder``
+    or ``LOAD/non_persistent``); without it, or with --ckpt-step (a persistent checkpoint),
+    ``load`` itself."""
+    if not load or not kind or ckpt_step is not None:
+        return load, None
+    from tst.config import non_persistent_dir
+
+    return resume_dir(load, non_persistent_dir(load, folder))
+
+
 MANIFEST = "tst_manifest.json"
 # Files up to this size are also checksummed (metadata, common state, small shards); larger
 # ones are checked by size, which catches truncation without reading terabytes at start-up.

@@ -1769,7 +1769,13 @@ class RunConfig:
 
     def non_persistent_dir(self, root: str) -> str:
         """Where the global non-persistent checkpoints of ``root`` (--save or --load) live."""
-        return self.non_persistent_global_ckpt_dir or os.path.join(root, "non_persistent")
+        return non_persistent_dir(root, self.non_persistent_global_ckpt_dir)
+
+
+def non_persistent_dir(root: str, folder: str | None = None) -> str:
+    """--non-persistent-global-ckpt-dir, or by default the non_persistent folder of ``root``
+    (--save or --load), as Megatron-LM places them."""
+    return folder or os.path.join(root, "non_persistent")
 
 
 @dataclass

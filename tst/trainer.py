@@ -1004,11 +1004,11 @@ class Trainer:
         if self.cfg.model.moe_use_upcycling:
             self._upcycle()
             return
-        if run.load and run.non_persistent_ckpt_type and run.ckpt_step is None:
-            self.load_dir, why = checkpointing.resume_dir(run.load,
-                                                          run.non_persistent_dir(run.load))  # fmt: skip
-            if why:
-                self.writer.print(why)
+        self.load_dir, why = checkpointing.load_dir(run.load, run.non_persistent_ckpt_type,
+                                                    run.non_persistent_global_ckpt_dir,
+                                                    run.ckpt_step)  # fmt: skip
+        if why:
+            self.writer.print(why)
         source, finetune, how = self.load_dir, run.finetune, "--finetune"
         empty = source is None or checkpointing.find_checkpoint(source) is None
         if empty and run.ckpt_step is None and run.pretrained_checkpoint:
