@@ -142,26 +142,36 @@ def _whole_main_params(optimizer, weights):
 def after_step(model_chunks, optimizer, clip: bool, stepped: bool, device) -> float:
     """Collective (every rank, after every step): the step's largest attention logit over
     all decoder layers and ranks; with ``clip`` and a step that was applied, megatron-core's
-    QK-clip of every layer. Each layer's record starts afresh."""
+    QK-clip of every layer whose maxima are finite. Each layer's record starts afresh. All
+    layers' records travel in one reduction over the replicas (megatron-core's ``clip_qk``
+    reduces them layer by layer) and the host reads the device twice a step."""
     from megatron.core import parallel_state
 
-    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    largest = float("-inf")
+    attentions = list(_decoder_attentions(model_chunks))
+    records = [getattr(attention.core_attention, "current_max_attn_logits", None)
+               for attention in attentions]  # fmt: skip
+    if any(logits is None for logits in records):
+        raise RuntimeError(
+            "--qk-clip / --log-max-attention-logit: a decoder layer recorded no attention "
+            "logits this step (its core attention returns none)"
+        )
+    largest = torch.full((1,), float("-inf"), dtype=torch.float64, device=device)
     with torch.no_grad():
-        for attention in _decoder_attentions(model_chunks):
-            core = attention.core_attention
-            logits = getattr(core, "current_max_attn_logits", None)
-            if logits is None:
-                raise RuntimeError(
-                    "--qk-clip / --log-max-attention-logit: a decoder layer recorded no "
-                    "attention logits this step (its core attention returns none)"
-                )
-            dist.all_reduce(logits, op=dist.ReduceOp.MAX, group=group)
-            largest = max(largest, logits.max().item())
-            if clip and stepped and bool(torch.isfinite(logits).all()):
-                with _whole_main_params(optimizer, _clipped_weights(attention)):
-                    attention.clip_qk()  # scales, and resets the record
-            core.current_max_attn_logits = None
-    value = torch.tensor([largest], dtype=torch.float64, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)  # every stage's layers, every TP rank's heads
-    return value.item()
+        if records:
+            group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+            reduced = torch.cat(records)
+            dist.all_reduce(reduced, op=dist.ReduceOp.MAX, group=group)
+            largest = reduced.max().to(torch.float64).view(1)
+            maxima = reduced.split([logits.numel() for logits in records])
+            clipped = [False] * len(maxima)
+            if clip and stepped:
+                clipped = torch.stack([torch.isfinite(m).all() for m in maxima]).tolist()
+            for attention, layer_maxima, clip_layer in zip(attentions, maxima, clipped,
+                                                           strict=True):  # fmt: skip
+                attention.core_attention.current_max_attn_logits = layer_maxima
+                if clip_layer:
+                    with _whole_main_params(optimizer, _clipped_weights(attention)):
+                        attention.clip_qk()  # scales, and resets the record
+                attention.core_attention.current_max_attn_logits = None
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX)  # every stage's layers, TP rank's heads
+    return largest.item()
