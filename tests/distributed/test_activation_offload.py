@@ -119,3 +119,15 @@ def test_offload_under_torch_fsdp2_trains_the_same_model(world2, tmp_path):
     _assert_same_model(results[0][0], want, "FSDP2")
     for rank, (_, offloaded) in enumerate(results):
         assert set(offloaded) == set(DENSE) and all(offloaded.values()), (rank, offloaded)
+
+
+def test_at_the_default_minimum_size_these_small_tensors_stay(world2, tmp_path):
+    """--min-offloaded-tensor-size at its default (1,048,576 elements, Megatron-LM's): every
+    tensor of this small model is below it, so nothing is offloaded and the model is the
+    plain run's."""
+    want = world2.run(_run, BASE, str(tmp_path / "want.jsonl"))[0][0]
+    argv = BASE + ["--fine-grained-activation-offloading", "--offload-modules", *DENSE]
+    results = world2.run(_run, argv, str(tmp_path / "got.jsonl"))
+    _assert_same_model(results[0][0], want, "default size")
+    for rank, (_, offloaded) in enumerate(results):
+        assert not any(offloaded.values()), (rank, offloaded)

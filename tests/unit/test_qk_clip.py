@@ -143,6 +143,8 @@ def test_the_dry_run_names_the_clip(capsys):
 
     assert pretrain_tst.main([*FLAGS, "--qk-clip", "--qk-clip-threshold", "30", "--dry-run"]) == 0
     assert "QK-clip at 30 (alpha 0.5; largest logit logged)" in capsys.readouterr().out
+    assert pretrain_tst.main([*FLAGS, "--qk-clip", "--dry-run"]) == 0  # Megatron-LM's defaults
+    assert "QK-clip at 100 (alpha 0.5; largest logit logged)" in capsys.readouterr().out
 
 
 def test_qk_clip_warnings():
