@@ -1155,6 +1155,20 @@ class DataArgs:
         "next document), in training and evaluation; Megatron-LM's rule (the loss where the "
         "input is EOD is masked). In a bag target only that token's slot goes.",
     )
+    reset_position_ids: bool = _f(
+        False,
+        "Count positions from 0 again after each end-of-document token (Megatron-LM's rule; "
+        "in a bag phase from the bag after the one holding the EOD). The position ids reach "
+        "learned absolute position embeddings only: megatron-core's rotary embeddings follow "
+        "the place in the row, with or without it, as in Megatron-LM.",
+    )
+    reset_attention_mask: bool = _f(
+        False,
+        "No attention across documents: a position attends to earlier positions of its own "
+        "document only, a document starting after each end-of-document token (in a bag "
+        "phase, after each bag holding one). The mask is [micro-batch, 1, L, L] booleans per "
+        "micro-batch, and attention takes it as an arbitrary mask (no causal-only kernel).",
+    )
     tokenizer_type: str | None = _f(
         None,
         "Tokenizer (default: GPT2BPETokenizer when --vocab-file and --merge-file are given, "

@@ -135,6 +135,13 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         softmax_fusion = False
     # The fused (SDPA) attention has no megatron softmax; MLA keeps megatron-core's.
     sdpa = use_sdpa(m.attention_backend, te, on_gpu, m) and not mla
+    if softmax_fusion and cfg.data.reset_attention_mask and not te and not sdpa:
+        # megatron-core's fused causal softmax builds its own causal mask and ignores the
+        # one given (Transformer Engine's spec gets an arbitrary mask type instead).
+        warnings.warn("Disabling --masked-softmax-fusion: megatron-core's fused causal softmax "
+                      "kernel ignores --reset-attention-mask's document mask; pass "
+                      "--no-masked-softmax-fusion to silence this", stacklevel=2)  # fmt: skip
+        softmax_fusion = False
     if softmax_fusion and not te and not sdpa and not megatron_softmax_kernels_available():
         # The local spec's attention would import the missing extension at its first step.
         warnings.warn("Disabling --masked-softmax-fusion: megatron-core's fused softmax "

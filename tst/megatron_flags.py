@@ -145,12 +145,6 @@ REFUSED: dict[str, Flag] = {
     "--fp16-lm-cross-entropy": Flag(
         0, "the TST losses always compute in fp32 (exact multi-hot targets): drop the flag"
     ),
-    "--reset-position-ids": Flag(
-        0, "positions run across documents here (as in the paper): drop the flag"
-    ),
-    "--reset-attention-mask": Flag(
-        0, "attention runs across documents here (as in the paper): drop the flag"
-    ),
     "--use-mpi": Flag(
         0, "a Megatron-LM fork's flag: ranks come from torchrun / srun's environment; drop it"
     ),

@@ -71,6 +71,9 @@ class ModelShape:
     moe_grouped_gemm: bool = False  # TE spec only
     use_transformer_engine: bool = False
     sdpa_attention: bool = False  # local spec: tst.attention.SDPAttention as core attention
+    # --reset-attention-mask under Transformer Engine: self-attention built with an
+    # arbitrary mask type, since TE's causal attention ignores the mask it is given.
+    arbitrary_attention_mask: bool = False
 
     @classmethod
     def from_config(
@@ -224,6 +227,27 @@ class TSTGPTModel(GPTModel):
     """
 
     tst_loss = None  # callable(logits [L, b, V/tp], targets [L, b, slots]) -> [L, b]
+    # Built with an arbitrary attention mask type (ModelShape.arbitrary_attention_mask): a
+    # forward without a mask attends causally, as the model built with a causal type would.
+    arbitrary_attention_mask = False
+
+    def _mask_or_causal(self, input_ids, position_ids, attention_mask):
+        if attention_mask is not None or not self.arbitrary_attention_mask:
+            return attention_mask
+        # The positions this stage attends over (bag positions: the input ids of a bag
+        # phase hold bag_size tokens per position).
+        ref = position_ids if position_ids is not None else input_ids
+        length = ref.shape[-1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=ref.device).triu(1)
+        return causal.view(1, 1, length, length)
+
+    def forward(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        mask = self._mask_or_causal(input_ids, position_ids, attention_mask)
+        return super().forward(input_ids, position_ids, mask, *args, **kwargs)
+
+    def build_schedule_plan(self, input_ids, position_ids, attention_mask, *args, **kwargs):
+        mask = self._mask_or_causal(input_ids, position_ids, attention_mask)
+        return super().build_schedule_plan(input_ids, position_ids, mask, *args, **kwargs)
 
     def compute_language_model_loss(self, labels, logits):
         if labels.dim() == 2 or self.tst_loss is None:
@@ -289,22 +313,38 @@ def layer_spec(shape: ModelShape, multi_latent_attention: bool = False):
                 "Transformer Engine is not installed: drop --transformer-impl "
                 "transformer_engine (and FP8 flags) or install transformer-engine on a GPU host"
             )
-        return specs.get_gpt_layer_with_transformer_engine_spec(
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(
             num_experts=shape.num_experts,
             moe_grouped_gemm=shape.moe_grouped_gemm,
             qk_layernorm=shape.qk_layernorm,
             qk_l2_norm=shape.qk_l2_norm,
             multi_latent_attention=multi_latent_attention,
         )
-    local = specs.get_gpt_layer_local_spec(
-        num_experts=shape.num_experts,
-        moe_grouped_gemm=False,
-        qk_layernorm=shape.qk_layernorm,
-        qk_l2_norm=shape.qk_l2_norm,
-        multi_latent_attention=multi_latent_attention,
-        normalization=shape.normalization,
-    )
-    return _with_sequence_parallel_norms(local, shape.sdpa_attention)
+    else:
+        local = specs.get_gpt_layer_local_spec(
+            num_experts=shape.num_experts,
+            moe_grouped_gemm=False,
+            qk_layernorm=shape.qk_layernorm,
+            qk_l2_norm=shape.qk_l2_norm,
+            multi_latent_attention=multi_latent_attention,
+            normalization=shape.normalization,
+        )
+        spec = _with_sequence_parallel_norms(local, shape.sdpa_attention)
+    return _with_arbitrary_mask(spec) if shape.arbitrary_attention_mask else spec
+
+
+def _with_arbitrary_mask(spec):
+    """The layer spec whose self-attention takes the attention mask it is given as it is
+    (``AttnMaskType.arbitrary``): a causal mask type lets Transformer Engine's attention and
+    megatron-core's fused causal softmax ignore it. :class:`TSTGPTModel` then hands every
+    forward a mask (the causal one where none is given)."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    attention = spec.submodules.self_attention
+    params = {**attention.params, "attn_mask_type": AttnMaskType.arbitrary}
+    attention = dataclasses.replace(attention, params=params)
+    submodules = dataclasses.replace(spec.submodules, self_attention=attention)
+    return dataclasses.replace(spec, submodules=submodules)
 
 
 def build_gpt(
@@ -357,6 +397,7 @@ def build_gpt(
         vp_stage=vp_stage,
         mtp_block_spec=_mtp_spec(config, block if count else moe_spec, shape, vp_stage),
     )
+    model.arbitrary_attention_mask = shape.arbitrary_attention_mask
     if pre_process or model.mtp_process:  # the MTP depths embed (bags of) their inputs too
         BagEmbedding.upgrade(model.embedding)
     megatron_fixes.mark_attention_sinks([model])  # split by head, as its checkpoint is

@@ -787,6 +787,33 @@ def _check_qk_clip(cfg: Config) -> None:
                       "which the clip scales)", stacklevel=3)  # fmt: skip
 
 
+def _check_document_mask(cfg: Config, grid: Grid) -> None:
+    """--reset-attention-mask / --reset-position-ids with what cannot follow them, one line
+    each (Megatron-LM would run these and attend across documents silently)."""
+    m, d = cfg.model, cfg.data
+    if d.reset_position_ids and m.position_embedding_type != "learned_absolute":
+        warnings.warn(f"--reset-position-ids with --position-embedding-type "
+                      f"{m.position_embedding_type}: the position ids reach learned absolute "
+                      "position embeddings only (megatron-core's rotary embeddings follow the "
+                      "place in the row, as in Megatron-LM), so it changes nothing; "
+                      "--reset-attention-mask keeps documents apart", stacklevel=3)  # fmt: skip
+    if not d.reset_attention_mask:
+        return
+    _require("--no-create-attention-mask-in-dataloader" not in dict(cfg.accepted_flags),
+             "--reset-attention-mask with --no-create-attention-mask-in-dataloader: "
+             "Megatron-LM then builds no mask and attends across documents; drop one (the "
+             "document mask is built per micro-batch here)")  # fmt: skip
+    _require(grid.cp == 1, f"--reset-attention-mask with context parallelism (CP {grid.cp}): "
+             "the ring attention takes no arbitrary mask; drop one")  # fmt: skip
+    _require(m.window_size is None, "--reset-attention-mask with --window-size: "
+             "megatron-core's sliding-window attention replaces the mask it is given with "
+             "its own window; drop one")  # fmt: skip
+    _require(not (m.transformer_impl == "transformer_engine" and m.attention_backend == "flash"),
+             "--reset-attention-mask with --attention-backend flash under Transformer Engine: "
+             "TE's flash attention takes no arbitrary mask; use --attention-backend auto (TE "
+             "picks a backend that does) or unfused")  # fmt: skip
+
+
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     """Checks across concerns, once per run; returns the run's :class:`RunPlan`."""
     m, p, t, tst = cfg.model, cfg.parallel, cfg.training, cfg.tst
@@ -835,6 +862,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     )
     _check_optimizer_offload(cfg)
     _check_qk_clip(cfg)
+    _check_document_mask(cfg, grid)
     _require(
         "--load-main-params-from-ckpt" not in dict(cfg.accepted_flags) or cfg.run.no_load_optim,
         "--load-main-params-from-ckpt must be used with --no-load-optim (Megatron-LM's rule: "

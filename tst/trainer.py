@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from tst import checkpointing, grad_dumps, megatron_fixes, qk_clip, rerun, rerun_record
 from tst.config import Config
-from tst.data.batch import PAPER, batch_for_phase
+from tst.data.batch import PAPER, batch_for_phase, document_positions_and_mask
 from tst.data.context_parallel import split_for_context_parallel
 from tst.errors import NonFiniteLossError, RunError
 from tst.fsdp import (
@@ -158,6 +158,8 @@ class Trainer:
             use_transformer_engine(cfg, layout),
             on_gpu=layout.device.type == "cuda",
         )
+        if cfg.data.reset_attention_mask and self.shape.use_transformer_engine:
+            self.shape = dataclasses.replace(self.shape, arbitrary_attention_mask=True)
         chunks = build_model_chunks(self.config, self.shape, plan.vpp, layout.device,
                                     meta=t.init_model_with_meta_device)  # fmt: skip
         written = initialize_layout_independent(chunks, self.config, t.seed, layout)
@@ -381,6 +383,17 @@ class Trainer:
         b = batch.input_ids.shape[0]
         device = self.layout.device
         positions = torch.arange(self.seq_length, device=device).expand(b, -1)
+        attention_mask = None
+        data = self.cfg.data
+        if data.reset_position_ids or data.reset_attention_mask:
+            # Per document (Megatron-LM's rule, per bag in a bag phase), from the whole row:
+            # every pipeline stage reads the same rows, so each builds the same mask.
+            doc_positions, attention_mask = document_positions_and_mask(
+                batch.input_ids.to(device), phase.input_bag, self.tokenizer.eod,
+                data.reset_position_ids, data.reset_attention_mask,
+            )  # fmt: skip
+            if data.reset_position_ids:
+                positions = doc_positions
         if self.layout.cp > 1:
             # This CP rank's 2 of 2 x CP chunks (megatron-core's load balancing), in whole
             # bags, with their global positions. The loss tokens counted below are this
@@ -394,10 +407,11 @@ class Trainer:
             # the model as per-layer pieces, overlapping one micro-batch's expert all-to-all
             # with another's compute. The pieces are the model's own: the bag embedding
             # (its pre-process) and the phase's loss (its post-process).
-            output = model.build_schedule_plan(batch.input_ids.to(device), positions, None,
-                                               labels=targets, loss_mask=mask)  # fmt: skip
+            output = model.build_schedule_plan(batch.input_ids.to(device), positions,
+                                               attention_mask, labels=targets,
+                                               loss_mask=mask)  # fmt: skip
         else:
-            output = model(batch.input_ids.to(device), positions, attention_mask=None,
+            output = model(batch.input_ids.to(device), positions, attention_mask=attention_mask,
                            labels=targets, loss_mask=mask)  # fmt: skip
 
         def loss_func(loss):

@@ -395,7 +395,7 @@ def test_sequence_parallel_is_turned_off_with_tp1_as_megatron_does():
 @pytest.mark.parametrize(
     "flag, message",
     [("--use-legacy-models", "legacy"), ("--use-megatron-fsdp", "Megatron FSDP is not supported: use --use-torch-fsdp2"),
-     ("--reset-attention-mask", "attention runs across documents")],
+     ("--vocab-extra-ids", "T5-style extra ids are not added")],
 )  # fmt: skip
 def test_refused_megatron_flags_name_the_reason(flag, message):
     with pytest.raises(ValueError, match=rf"not supported here: {flag}: .*{message}"):

@@ -36,6 +36,7 @@ __all__ = [
     "TSTBatch",
     "batch_for_phase",
     "chunk_length",
+    "document_positions_and_mask",
     "make_output_only_batch",
     "make_tst_batch",
 ]
@@ -151,6 +152,45 @@ def after_eod(chunk: torch.Tensor, eod: int) -> torch.Tensor:
     keep = torch.ones_like(chunk, dtype=torch.long)
     keep[:, 1:] = (chunk[:, :-1] != eod).long()
     return keep
+
+
+def document_positions_and_mask(input_ids: torch.Tensor, bag_size: int, eod: int,
+                                reset_position_ids: bool, reset_attention_mask: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """``--reset-position-ids`` / ``--reset-attention-mask`` (Megatron-LM's rule, per bag).
+
+    ``input_ids [b, L * bag_size]`` (``L`` input positions of ``bag_size`` tokens each) ->
+    position ids ``[b, L]`` and the attention mask ``[b, 1, L, L]`` (megatron-core's
+    convention: ``True`` masks out; None without ``reset_attention_mask``). A new document
+    starts at the position after each one whose tokens hold an end-of-document token: its
+    positions count from 0 again, and it attends to no earlier position. With ``bag_size``
+    1 this is Megatron-LM's ``_get_ltor_masks_and_position_ids`` (the EOD belongs to the
+    document it ends); a bag that holds an EOD belongs to the document that EOD ends, so
+    the tokens after it in the same bag are still read with that document.
+    """
+    b, n = input_ids.shape
+    if bag_size < 1 or n % bag_size:
+        raise ValueError(f"input ids of {n} tokens do not fold into bags of {bag_size}")
+    length = n // bag_size
+    ends = (input_ids.view(b, length, bag_size) == eod).any(dim=-1)  # [b, L]
+    # Document index of each position: the EODs strictly before it.
+    doc = torch.zeros(b, length, dtype=torch.long, device=input_ids.device)
+    doc[:, 1:] = ends[:, :-1].long().cumsum(dim=1)
+    index = torch.arange(length, device=input_ids.device).expand(b, -1)
+    positions = index
+    if reset_position_ids:
+        # Each position's distance from its document's first position.
+        starts = torch.zeros_like(doc, dtype=torch.bool)
+        starts[:, 0] = True
+        starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        positions = index - first
+    mask = None
+    if reset_attention_mask:
+        later = index.unsqueeze(-1) < index.unsqueeze(-2)  # [b, L(q), L(k)]: key after query
+        other = doc.unsqueeze(-1) != doc.unsqueeze(-2)
+        mask = (later | other).unsqueeze(1)
+    return positions.contiguous(), mask
 
 
 def batch_for_phase(chunk: torch.Tensor, phase: Phase, ignore_index: int = -100,
