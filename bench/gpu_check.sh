@@ -139,6 +139,12 @@ NVTE_CPU_OFFLOAD_V1=1 run act_offload --transformer-impl auto --use-distributed-
   --log-memory-to-tensorboard --fine-grained-activation-offloading \
   --offload-modules attn_norm qkv_linear core_attn attn_proj mlp_norm
 compare dist_opt act_offload "--fine-grained-activation-offloading vs none"
+# --reset-attention-mask: a document mask per micro-batch through the attention the run
+# picks (Transformer Engine's with an arbitrary mask type where TE is importable, else the
+# fused local one with a mask) against the same run without it.
+run doc_mask --transformer-impl auto --use-distributed-optimizer --log-memory-to-tensorboard \
+  --reset-attention-mask
+compare dist_opt doc_mask "--reset-attention-mask vs none"
 
 if "$PYTHON" -c "import transformer_engine.pytorch" 2>/dev/null; then
   run fp8 --transformer-impl transformer_engine --fp8-format hybrid

@@ -570,6 +570,8 @@ def _print_architecture(cfg: Config) -> None:
         )
         + ")",
     )
+    if cfg.data.reset_position_ids and m.position_embedding_type == "learned_absolute":
+        positions += ", restarting at each document (--reset-position-ids)"
     biases = "on" if m.add_bias_linear else ("QKV only" if m.add_qkv_bias else "off")
     precision = (
         "bf16"
@@ -599,6 +601,8 @@ def _print_architecture(cfg: Config) -> None:
         windowed = sum(m.windowed_layers())
         attention += (f", sliding window of {m.window[0]} on {windowed} of {m.num_layers} "
                       "layers (full attention on the others)")  # fmt: skip
+    if cfg.data.reset_attention_mask:
+        attention += ", within each document (--reset-attention-mask)"
     recompute = "none"
     if p.recompute_granularity == "full":
         recompute = f"full, {p.recompute_method}, {p.recompute_num_layers} layers"

@@ -110,6 +110,9 @@ def test_gpu_check_dry_run(study):
     # Fine-grained activation offloading against the same run without it.
     assert "== act_offload (dry run)" in check, check
     assert "activations offloaded to host: attn_norm, qkv_linear, core_attn" in check, check
+    # The document mask against the same run without it.
+    assert "== doc_mask (dry run)" in check, check
+    assert "within each document (--reset-attention-mask)" in check, check
     assert written == [], f"a dry run writes nothing: {written}"
 
 

@@ -24,6 +24,7 @@ from tst.data.batch import document_positions_and_mask
 
 EOD, VOCAB, L = 0, 64, 8
 LEARNED = [*one_rank_gpt(VOCAB, L, 2, layers=2), "--position-embedding-type", "learned_absolute"]
+DOCS = ["--reset-position-ids", "--reset-attention-mask"]
 
 
 def _per_bag_reference(row: list[int], bag: int) -> tuple[list[int], list[list[bool]]]:
@@ -203,6 +204,18 @@ def test_through_pretrain_tst_in_both_phases_and_evaluation(monkeypatch, tmp_pat
             assert all(same_pos or eod for _, _, _, same_pos, _, eod in seen)
             assert not all(same_pos for _, _, _, same_pos, *_ in seen)
     assert losses[True] != losses[False]
+
+
+def test_the_dry_run_says_so(capsys):
+    import pretrain_tst
+
+    assert pretrain_tst.main([*LEARNED, "--dry-run"]) == 0
+    plain = capsys.readouterr().out
+    assert pretrain_tst.main([*LEARNED, *DOCS, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "within each document" not in plain and "restarting at each document" not in plain
+    assert "positions learned absolute, restarting at each document (--reset-position-ids)" in out
+    assert "attention softmax, within each document (--reset-attention-mask)" in out
 
 
 def _validate(*extra, world=1):
