@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Memory of activation recomputation and step time of communication overlap, in one run.
 
-    python bench/bench_megatron_features.py [--iters 6] [--repeats 2] [--sections 1 2 3 4 5]
+    python bench/bench_megatron_features.py [--iters 6] [--repeats 2] [--sections 1 2 3 4 5 6]
 
 1. Peak memory (the process's peak RSS, from the kernel) of a model whose activations
    dominate (16 layers, hidden 256, 2,048 positions, micro-batch 4, a 512-entry vocabulary),
@@ -32,6 +32,11 @@
    dominate (8 layers, hidden 256, 512 positions), against the same unfused attention
    without them, at DP 2. On CPU the offload's copies stay in one memory: its row is the
    machinery's cost, and its peak the host pool added.
+
+6. The step-time cost of ``--reset-attention-mask`` (a ``[micro-batch, 1, L, L]`` document
+   mask built per micro-batch and applied in every layer) on the same model, with
+   megatron-core's unfused attention and with the fused (SDPA) local one (which must leave
+   its causal kernel for a masked one), each against itself without the mask.
 
 Run it with nothing else on the machine: two CPU cores shared with another process slow
 torch down 10-40x and make the timings meaningless.
@@ -142,6 +147,14 @@ LOGITS = {
 }  # fmt: skip
 
 
+DOC_MASK = {
+    "unfused attention": _UNFUSED,
+    "+ reset-attention-mask": [*_UNFUSED, "--reset-attention-mask"],
+    "SDPA attention": ["--attention-backend", "flash"],
+    "SDPA + reset-attention-mask": ["--attention-backend", "flash", "--reset-attention-mask"],
+}  # fmt: skip
+
+
 def step_times_and_peak(argv: list[str], skip: int = 2,
                         memory: bool = False) -> tuple[list[float], float]:  # fmt: skip
     """Seconds per step of a 2-rank torchrun run (rank 0's log), the first ``skip`` dropped,
@@ -185,9 +198,10 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=6, help="steps per memory run")
     parser.add_argument("--time-iters", type=int, default=12, help="steps per timing run")
     parser.add_argument("--repeats", type=int, default=2, help="ABBA repeats of the timings")
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6],
                         help="which parts to run (1 recomputation, 2 overlap, 3 FSDP2, "
-                        "4 optimizer offload, 5 attention logits and activation offload)")  # fmt: skip
+                        "4 optimizer offload, 5 attention logits and activation offload, "
+                        "6 document mask)")  # fmt: skip
     args = parser.parse_args(argv)
     if 1 in args.sections:
         _recomputation(args)
@@ -201,6 +215,9 @@ def main(argv=None) -> int:
     if 5 in args.sections:
         _compare("attention logits and activation offload at DP 2 (gloo, 2 ranks), 8L h256 "
                  "L512, fp32", LOGITS, LOGIT_MODEL, args)  # fmt: skip
+    if 6 in args.sections:
+        _compare("document mask at DP 2 (gloo, 2 ranks), 8L h256 L512, fp32", DOC_MASK,
+                 LOGIT_MODEL, args)  # fmt: skip
     return 0
 
 
