@@ -60,3 +60,34 @@ def test_every_layout_trains_the_data_parallel_model(world2, tmp_path):
         assert [(i, k) for i, k, _ in got] == [(i, k) for i, k, _ in want], name
         for (i, kind, a), (_, _, b) in zip(got, want, strict=True):
             assert a == pytest.approx(b, rel=REL), f"{name}, {kind} at {i}: {got} vs {want}"
+
+
+def test_the_combined_1f1b_schedule_keeps_the_mask_through_experts(world2, tmp_path):
+    """EP 2 MoE: megatron-core's combined 1F1B schedule (--overlap-moe-expert-parallel-comm)
+    hands the mask to its per-layer pieces; it trains what the plain schedule trains with the mask (bf16, which that schedule
+    needs: rel 1e-4 for the summation order, as in test_checkpoint_moe_flags.py), and the
+    mask changes that run."""
+    moe = ["--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+           "--expert-model-parallel-size", "2", "--moe-token-dispatcher-type", "alltoall",
+           "--bf16"]  # fmt: skip
+    want = world2.run(_losses, BASE + DOCS + moe, str(tmp_path / "plain.jsonl"))[0]
+    unmasked = world2.run(_losses, BASE + moe, str(tmp_path / "unmasked.jsonl"))[0]
+    assert max(abs(a - b) for (*_, a), (*_, b) in zip(unmasked, want, strict=True)) > 2e-3
+    got = world2.run(_losses, BASE + DOCS + moe + ["--overlap-moe-expert-parallel-comm"],
+                     str(tmp_path / "overlap.jsonl"))[0]  # fmt: skip
+    assert [(i, k) for i, k, _ in got] == [(i, k) for i, k, _ in want]
+    for (i, kind, a), (_, _, b) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=1e-4), f"{kind} at {i}: {got} vs {want}"
+
+
+def test_an_mtp_depth_reads_the_mask_alike_at_pp2(world2, tmp_path):
+    """An MTP depth (its own transformer layer, handed the model's mask) on the last of two
+    pipeline stages trains what DP 2 trains (rel 1e-5); RoPE, which MTP under PP needs."""
+    mtp = BASE + ["--position-embedding-type", "rope", "--reset-attention-mask",
+                  "--mtp-num-layers", "1"]  # fmt: skip
+    want = world2.run(_losses, mtp, str(tmp_path / "dp2.jsonl"))[0]
+    got = world2.run(_losses, mtp + ["--pipeline-model-parallel-size", "2"],
+                     str(tmp_path / "pp2.jsonl"))[0]  # fmt: skip
+    assert [(i, k) for i, k, _ in got] == [(i, k) for i, k, _ in want]
+    for (i, kind, a), (_, _, b) in zip(got, want, strict=True):
+        assert a == pytest.approx(b, rel=REL), f"{kind} at {i}: {got} vs {want}"
