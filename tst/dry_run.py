@@ -712,6 +712,9 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     # goes to host memory; megatron-core keeps one layer's groups of each module on the GPU.
     moved = offloaded_activation_bytes(cfg, grid.tp, t.micro_batch_size)
     host_column = offload or moved
+    # --reset-attention-mask: each micro-batch in flight keeps its [b, 1, L, L] boolean
+    # document mask (one tensor every layer of the stage shares) for the backward.
+    mask_b = t.micro_batch_size * m.seq_length**2 if cfg.data.reset_attention_mask else 0
     print(
         "per rank (every TP/EP rank of a stage holds as much); memory in GiB: weights "
         f"{weight_b} B, grads {grad_b} B, Adam {optim_b} B per parameter"
@@ -732,6 +735,12 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
             f"; --fine-grained-activation-offloading: {moved / _GIB:.2f} GiB per layer and "
             "micro-batch in flight to host memory (column 'host'; one layer's kept)"
             if moved
+            else ""
+        )
+        + (
+            f"; --reset-attention-mask: {mask_b / _GIB:.2f} GiB of document mask per "
+            "micro-batch in flight"
+            if mask_b
             else ""
         )
         + ("; FP8 weight casts not counted" if t.fp8_format else "")
@@ -756,6 +765,7 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
         host_act = max(held - 1, 0) * moved
         act -= host_act
         act += logits_act if stage == grid.pp - 1 else 0
+        act += _in_flight(stage, grid, num_micro) * mask_b if info["layers"] else 0
         cols = [weight_b * n, grad_b * n, optim, act]
         if fsdp:
             cols[:3] = [c / (grid.dp * grid.cp) for c in cols[:3]]

@@ -218,6 +218,34 @@ def test_the_dry_run_says_so(capsys):
     assert "attention softmax, within each document (--reset-attention-mask)" in out
 
 
+def test_the_dry_run_counts_the_mask_per_micro_batch_in_flight(tmp_path):
+    """The activation column of each stage gains micro-batch x L x L bytes (booleans) per
+    micro-batch in flight: at PP 2, 2 on stage 0 and 1 on stage 1 at the 1F1B peak."""
+    import contextlib
+    import io
+    import json
+
+    import pretrain_tst
+
+    argv = [*LEARNED, "--dry-run", "--dry-run-world-size", "2", "--pipeline-model-parallel-size",
+            "2", "--num-layers", "4", "--global-batch-size", "8"]  # fmt: skip
+
+    def activations(*extra):
+        report = str(tmp_path / "report.json")
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            assert pretrain_tst.main([*argv, *extra, "--dry-run-report", report]) == 0
+        with open(report) as f:
+            stages = json.load(f)["stages"]
+        return [stage["bytes"]["activations"] for stage in stages], out.getvalue()
+
+    (plain0, plain1), text = activations()
+    (mask0, mask1), masked_text = activations("--reset-attention-mask")
+    per_micro_batch = 2 * L * L  # micro-batch 2, L 8
+    assert (mask0 - plain0, mask1 - plain1) == (2 * per_micro_batch, per_micro_batch)
+    assert "document mask per micro-batch in flight" in masked_text
+    assert "document mask" not in text
+
+
 def _validate(*extra, world=1):
     from tst.config import parse_args
     from tst.plan import validate
