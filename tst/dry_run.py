@@ -411,7 +411,8 @@ def offloaded_activation_bytes(cfg: Config, tp: int, micro_batch: int) -> int:
     and micro-batch: the inputs its ``--offload-modules`` keep, in :func:`activation_bytes`'
     terms (attn_norm and mlp_norm their norm's input, qkv_linear the norm's output, core_attn
     Q, K and V, attn_proj the attention output; expert_fc1 the routed copies and moe_act the
-    experts' FC1 output, with grouped-GEMM experts only). A module's inputs below
+    experts' FC1 output, with grouped-GEMM experts only, and neither under "moe"
+    recomputation). A module's inputs below
     ``--min-offloaded-tensor-size`` elements (taken together: megatron-core asks it of each
     tensor) stay."""
     m, p = cfg.model, cfg.parallel
@@ -432,11 +433,14 @@ def offloaded_activation_bytes(cfg: Config, tp: int, micro_batch: int) -> int:
         out = heads * a.v_head_dim / tp
     parts = {"attn_norm": h / sp, "qkv_linear": norm_out, "core_attn": qkv, "attn_proj": out,
              "mlp_norm": h / sp}  # fmt: skip
-    if m.num_experts and m.moe_grouped_gemm:
+    if m.num_experts and m.moe_grouped_gemm and "moe" not in redo:
+        # (Under "moe" recomputation the experts keep nothing to offload.) The activation's
+        # input stays whether "moe_act" is recomputed or not: megatron-core offloads it
+        # either way, and a recomputation reloads it.
         f, k = m.moe_ffn_hidden_size or m.resolved_ffn_hidden_size, m.moe_router_topk
         glu = 2 if m.gated_mlp else 1
         parts["expert_fc1"] = k * (m.moe_latent_size or h) / sp
-        parts["moe_act"] = 0 if "moe_act" in redo else k * glu * f / tp
+        parts["moe_act"] = k * glu * f / tp
     kept = [width for name, width in parts.items()
             if name in modules and s * width >= p.min_offloaded_tensor_size]  # fmt: skip
     return int(s * sum(kept) * size)

@@ -667,3 +667,35 @@ def test_dump_param_to_param_group_map_names_each_parameters_group(tmp_path):
     expert = by_name["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"]
     assert weight != norm and expert > max(weight, norm)
     assert set(groups.values()) == set(range(seen["groups"]))
+
+
+def test_dry_run_offloads_the_experts_inputs_as_megatron_core_keeps_them(tmp_path):
+    """expert_fc1 / moe_act offloading (grouped-GEMM experts): the routed copies (k h) and
+    the experts' FC1 output (k x 2 f with SwiGLU) per position move to the host column;
+    megatron-core offloads the FC1 output under "moe_act" recomputation too (the recompute
+    reloads it), and under "moe" recomputation the experts keep nothing to move."""
+    argv = [
+        "--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "64",
+        "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
+        "--global-batch-size", "8", "--train-iters", "10", "--lr", "1e-3",
+        "--tst-bag-size", "2", "--num-experts", "4", "--moe-router-topk", "2",
+        "--moe-ffn-hidden-size", "32", "--moe-grouped-gemm", "--disable-bias-linear",
+        "--swiglu", "--fine-grained-activation-offloading", "--offload-modules",
+        "expert_fc1", "moe_act", "--min-offloaded-tensor-size", "0", "--dry-run",
+        "--dry-run-world-size", "1",
+    ]  # fmt: skip
+
+    def host(*extra):
+        report = str(tmp_path / "report.json")
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert pretrain_tst.main(argv + list(extra) + ["--dry-run-report", report]) == 0
+        with open(report) as f:
+            return json.load(f)["stages"][0]["bytes"]["host_activations"]
+
+    positions = 32 * 2
+    per_layer = positions * (2 * 64 + 2 * 2 * 32) * 4  # (k h + k 2 f) per position, fp32
+    selective = ["--recompute-granularity", "selective", "--recompute-modules"]
+    # Two layers, one micro-batch in flight: one layer's offloaded, one kept.
+    assert host() == per_layer
+    assert host(*selective, "moe_act") == per_layer
+    assert host(*selective, "moe") == 0
