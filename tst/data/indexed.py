@@ -250,6 +250,23 @@ class AtomicIndexedWriter:
         self.num_documents += 1
         self.num_tokens += int(arr.size)
 
+    def add_dataset(self, info: IndexInfo) -> None:
+        """Append a whole checked dataset (:func:`check_indexed_dataset`'s ``info``): its
+        documents after those already written, its ``.bin`` copied as it is."""
+        if info.multimodal:
+            raise IndexedDatasetError(
+                f"{info.prefix}.idx is a multimodal index: only token datasets are merged here"
+            )
+        if info.dtype != self.dtype:
+            raise IndexedDatasetError(
+                f"{info.prefix} stores tokens as {info.dtype.__name__}, the datasets before it as "
+                f"{self.dtype.__name__}: they were tokenized with different vocabularies (a "
+                "merged file has one token type); merge only datasets of one tokenizer"
+            )
+        self._builder.add_index(info.prefix)
+        self.num_documents += info.num_sequences
+        self.num_tokens += info.num_tokens
+
     def commit(self) -> tuple[str, str]:
         """Write the index and move both files into place; returns (bin path, idx path)."""
         self._builder.finalize(self._tmp_idx)
