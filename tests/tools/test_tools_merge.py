@@ -69,8 +69,9 @@ def test_merging_the_shards_writes_what_the_whole_corpus_gives(shards, tmp_path)
     merge_datasets.main(["--input", *reversed(prefixes), "--output-prefix", backwards])
     by_shard = [_documents(p) for p in reversed(prefixes)]
     assert _documents(backwards) == [d for shard in by_shard for d in shard]
-    assert sorted(os.listdir(tmp_path)) == sorted(["merged.bin", "merged.idx", "backwards.bin",
-                                                   "backwards.idx"])  # no temporaries left
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["merged.bin", "merged.idx", "backwards.bin", "backwards.idx"]
+    )  # no temporaries left
 
 
 def _copy(shards, tmp_path):
@@ -131,5 +132,7 @@ def test_the_command_line_exits_1_with_one_line(shards, tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1
-    assert result.stderr.startswith("merge_datasets.py: error: ") and "Traceback" not in result.stderr
+    assert (
+        result.stderr.startswith("merge_datasets.py: error: ") and "Traceback" not in result.stderr
+    )
     assert f"{prefixes[0]}.bin is missing" in result.stderr
