@@ -24,6 +24,7 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
 from tst.data.corpus import INPUT_FORMATS, TEXT_MODES  # noqa: E402
 from tst.data.preprocess import (  # noqa: E402
     PreprocessConfig,
+    PreprocessError,
     PreprocessSummary,
     preprocess,
 )
@@ -104,12 +105,52 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="records per worker task (any value gives the same output)",
     )
     g.add_argument("--log-interval", type=float, default=2.0, help="seconds between progress lines")
+    g = p.add_argument_group("Megatron-LM's other flags")
+    g.add_argument(
+        "--partitions", type=int, default=1,
+        help="Megatron-LM splits the input into N files processed side by side; here "
+        "--workers share one pass and the documents keep the input's order (Megatron-LM's "
+        "with --keep-sequential-samples; without it, its partitions interleave the input's "
+        "lines round-robin): any N writes the same files",
+    )  # fmt: skip
+    g.add_argument("--keep-sequential-samples", action="store_true",
+                   help="the documents always keep the input's order here")  # fmt: skip
+    g.add_argument("--legacy-tokenizer", action="store_true",
+                   help="Megatron-LM's legacy tokenizer system: the same ids for every type "
+                   "but SentencePieceTokenizer (refused with it, as by the trainer)")  # fmt: skip
+    g.add_argument("--split-sentences", action="store_true",
+                   help="refused: NLTK sentence splitting makes BERT-style data; documents "
+                   "are kept whole for GPT pretraining")  # fmt: skip
+    g.add_argument("--keep-newlines", action="store_true",
+                   help="read by --split-sentences only (as in Megatron-LM): no effect")  # fmt: skip
+    g.add_argument("--lang", default="english",
+                   help="--split-sentences' NLTK language only (as in Megatron-LM): no effect")  # fmt: skip
     return p.parse_args(argv)
+
+
+def check_megatron_flags(args: argparse.Namespace) -> None:
+    """Megatron-LM's flags this preprocessor has no use for: refused with the reason where
+    the output would differ from Megatron-LM's, accepted otherwise."""
+    if args.split_sentences:
+        raise PreprocessError(
+            "--split-sentences splits each document into sentences (NLTK punkt), Megatron-LM's "
+            "way to make BERT-style data; GPT pretraining reads each document whole: drop it"
+        )
+    if args.partitions < 1:
+        raise PreprocessError(f"--partitions must be >= 1, got {args.partitions}")
+    if args.legacy_tokenizer and args.tokenizer_type == "SentencePieceTokenizer":
+        raise PreprocessError(
+            "--legacy-tokenizer with SentencePieceTokenizer: Megatron-LM's legacy type of that "
+            "name adds <CLS> <SEP> <EOD> <MASK> <PAD> ids past the model's pieces and ends "
+            "documents with that <EOD>; this one writes the model's pieces and its EOS: drop "
+            "--legacy-tokenizer, or use GPTSentencePieceTokenizer"
+        )
 
 
 def main(argv: list[str] | None = None) -> PreprocessSummary:
     """Run the tool; returns the summary (tests call this in-process)."""
     args = get_args(argv)
+    check_megatron_flags(args)
     cfg = PreprocessConfig(
         inputs=tuple(args.input),
         output_prefix=args.output_prefix,

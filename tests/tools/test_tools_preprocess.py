@@ -238,3 +238,30 @@ def test_cli_smoke(tmp_path):
     assert res.returncode == 1
     assert f"error: {corpus}:3: invalid UTF-8" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_megatron_lms_other_flags_are_accepted_or_refused_by_name(tmp_path, tokenizers):
+    """--partitions, --keep-sequential-samples, --legacy-tokenizer (not with
+    SentencePieceTokenizer), --keep-newlines and --lang write what the plain command writes;
+    --split-sentences (BERT-style data) and --partitions 0 are refused by name."""
+    corpus = write_jsonl(str(tmp_path / "c.jsonl"), training_text()[:5])
+    plain = str(tmp_path / "plain")
+    _run([corpus], plain, "ByteTokenizer", extra=["--append-eod"])
+    flagged = str(tmp_path / "flagged")
+    _run([corpus], flagged, "ByteTokenizer", extra=[
+        "--append-eod", "--partitions", "3", "--keep-sequential-samples", "--legacy-tokenizer",
+        "--keep-newlines", "--lang", "english", "--workers", "3"])  # fmt: skip
+    for suffix in (".bin", ".idx"):
+        with open(plain + "_text_document" + suffix, "rb") as a, \
+                open(flagged + "_text_document" + suffix, "rb") as b:  # fmt: skip
+            assert a.read() == b.read(), suffix
+    for extra, message in (
+        (["--split-sentences"], r"--split-sentences splits each document into sentences"),
+        (["--partitions", "0"], r"--partitions must be >= 1, got 0"),
+    ):
+        with pytest.raises(PreprocessError, match=message):
+            _run([corpus], str(tmp_path / "x"), "ByteTokenizer", extra=extra)
+    with pytest.raises(PreprocessError, match=r"--legacy-tokenizer with SentencePieceTokenizer"):
+        _run([corpus], str(tmp_path / "x"), "SentencePieceTokenizer",
+             tokenizers["SentencePieceTokenizer"], ["--legacy-tokenizer"])  # fmt: skip
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("x")]
