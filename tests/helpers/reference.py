@@ -147,7 +147,8 @@ def roll_ahead(tensor, k):
     return out
 
 
-def mtp_losses_by_hand(model, input_ids, targets, loss_mask, bag_size, slot_weights=None):
+def mtp_losses_by_hand(model, input_ids, targets, loss_mask, bag_size, slot_weights=None,
+                       positions=None, attention_mask=None):  # fmt: skip
     """Main and MTP per-position losses of a tiny GPT with an MTP block, from its modules.
 
     Written from the definition (tst.mtp), with learned absolute positions and tied output
@@ -156,12 +157,14 @@ def mtp_losses_by_hand(model, input_ids, targets, loss_mask, bag_size, slot_weig
     ``k`` at position ``i`` combines depth ``k - 1``'s hidden state with the embedding of
     position ``i + k``'s input and is scored against position ``i + k``'s targets, masked
     where ``i + k >= L``. Returns ``(main [b, L], [depth 1 [b, L], ...], [mask_k [b, L]])``,
-    the losses unmasked.
+    the losses unmasked. ``positions [b, L]`` (default 0..L-1) and ``attention_mask`` (megatron's
+    ``[b, 1, L, L]``, True masks out; default causal) go to every layer, the MTP depths' too.
     """
     table = model.embedding.word_embeddings.weight
     positions_table = model.embedding.position_embeddings.weight
     batch, length = targets.shape[:2]
-    positions = torch.arange(length).expand(batch, -1)
+    if positions is None:
+        positions = torch.arange(length).expand(batch, -1)
 
     def embed(ids_BLS, pos_BL):
         bags = bag_embedding(table, ids_BLS.reshape(batch, -1), bag_size)  # [L, b, h]
@@ -172,13 +175,13 @@ def mtp_losses_by_hand(model, input_ids, targets, loss_mask, bag_size, slot_weig
         return multi_hot_ce(logits, targets_BLS, slot_weights=slot_weights)
 
     ids = input_ids.view(batch, length, bag_size)
-    hidden = model.decoder(hidden_states=embed(ids, positions), attention_mask=None)
+    hidden = model.decoder(hidden_states=embed(ids, positions), attention_mask=attention_mask)
     main = score(hidden, targets)
     losses, masks = [], []
     for k, layer in enumerate(model.mtp.layers, start=1):
         e = layer.enorm(embed(roll_ahead(ids, k), roll_ahead(positions, k)))
         x = torch.cat([e, layer.hnorm(hidden)], dim=-1) @ layer.eh_proj.weight.t()
-        x, _ = layer.transformer_layer(hidden_states=x, attention_mask=None)
+        x, _ = layer.transformer_layer(hidden_states=x, attention_mask=attention_mask)
         hidden = layer.final_layernorm(x)
         losses.append(score(hidden, roll_ahead(targets, k)))
         masks.append(roll_ahead(loss_mask, k))
