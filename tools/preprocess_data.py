@@ -29,6 +29,7 @@ from tst.data.preprocess import (  # noqa: E402
     preprocess,
 )
 from tst.data.tokenizers import (  # noqa: E402
+    LEGACY_SENTENCEPIECE_REFUSED,
     TIKTOKEN_NUM_SPECIAL,
     TIKTOKEN_PATTERNS,
     TOKENIZER_TYPES,
@@ -139,12 +140,7 @@ def check_megatron_flags(args: argparse.Namespace) -> None:
     if args.partitions < 1:
         raise PreprocessError(f"--partitions must be >= 1, got {args.partitions}")
     if args.legacy_tokenizer and args.tokenizer_type == "SentencePieceTokenizer":
-        raise PreprocessError(
-            "--legacy-tokenizer with SentencePieceTokenizer: Megatron-LM's legacy type of that "
-            "name adds <CLS> <SEP> <EOD> <MASK> <PAD> ids past the model's pieces and ends "
-            "documents with that <EOD>; this one writes the model's pieces and its EOS: drop "
-            "--legacy-tokenizer, or use GPTSentencePieceTokenizer"
-        )
+        raise PreprocessError(LEGACY_SENTENCEPIECE_REFUSED)
 
 
 def main(argv: list[str] | None = None) -> PreprocessSummary:

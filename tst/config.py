@@ -26,7 +26,12 @@ from tst.config_mla import MLAConfig
 from tst.config_moe import MoEConfig, parse_layer_freq
 from tst.config_mtp import MTPConfig
 from tst.config_rerun import RerunConfig
-from tst.data.tokenizers import TIKTOKEN_NUM_SPECIAL, TIKTOKEN_PATTERNS, TOKENIZER_TYPES
+from tst.data.tokenizers import (
+    LEGACY_SENTENCEPIECE_REFUSED,
+    TIKTOKEN_NUM_SPECIAL,
+    TIKTOKEN_PATTERNS,
+    TOKENIZER_TYPES,
+)
 from tst.errors import ConfigError
 from tst.phases import parse_schedule
 
@@ -1297,11 +1302,7 @@ class DataArgs:
                           f"Megatron-LM); ignored with {self.tokenizer_type}", stacklevel=2)  # fmt: skip
         _require(
             not (self.legacy_tokenizer and self.tokenizer_type == "SentencePieceTokenizer"),
-            "--legacy-tokenizer with SentencePieceTokenizer: Megatron-LM's legacy type of that "
-            "name adds <CLS> <SEP> <EOD> <MASK> <PAD> ids past the model's pieces and ends "
-            "documents with that <EOD>; this one has the model's pieces only and its EOS as EOD "
-            "(Megatron-LM's default system): drop --legacy-tokenizer, or use "
-            "GPTSentencePieceTokenizer",
+            LEGACY_SENTENCEPIECE_REFUSED,
         )
         _require(self.num_workers >= 0, "--num-workers must be >= 0 (0: no worker processes)")
         _require(

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
+    "LEGACY_SENTENCEPIECE_REFUSED",
     "TOKENIZER_TYPES",
     "ByteTokenizer",
     "GPT2BPETokenizer",
@@ -409,6 +410,15 @@ TIKTOKEN_PATTERNS = {
 }
 TIKTOKEN_SPECIAL = ("<unk>", "<s>", "</s>")  # the special tokens every vocabulary must hold
 TIKTOKEN_NUM_SPECIAL = 1000  # --tiktoken-num-special-tokens' default (Megatron-LM's)
+
+# Why --legacy-tokenizer is refused with SentencePieceTokenizer (the trainer and the
+# preprocessor): the one type whose ids differ between Megatron-LM's two systems.
+LEGACY_SENTENCEPIECE_REFUSED = (
+    "--legacy-tokenizer with SentencePieceTokenizer: Megatron-LM's legacy type of that name "
+    "adds <CLS> <SEP> <EOD> <MASK> <PAD> ids past the model's pieces and ends documents with "
+    "that <EOD>; this one has the model's pieces only and its EOS as EOD (Megatron-LM's "
+    "default system): drop --legacy-tokenizer, or use GPTSentencePieceTokenizer"
+)
 
 
 class TikTokenizer:
