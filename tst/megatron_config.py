@@ -19,7 +19,7 @@ from tst.config import Config
 from tst.errors import ConfigError
 from tst.model import megatron_softmax_kernels_available, transformer_engine_available
 from tst.optim import params_dtype
-from tst.plan import RunPlan
+from tst.plan import RunPlan, check_document_mask_attention
 from tst.platform import Layout
 
 __all__ = [
@@ -348,6 +348,7 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
     The dry run never gets here (it lays out a GPU cluster's run from anywhere)."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     on_gpu = layout.device.type == "cuda"
+    check_document_mask_attention(cfg, te)  # --transformer-impl auto, resolved to TE
     where = f"this run is on {layout.device.type}" + ("" if te else " without Transformer Engine")
     needs_te = [
         ("--tp-comm-overlap", p.tp_comm_overlap),

@@ -787,6 +787,16 @@ def _check_qk_clip(cfg: Config) -> None:
                       "which the clip scales)", stacklevel=3)  # fmt: skip
 
 
+def check_document_mask_attention(cfg: Config, te: bool) -> None:
+    """--reset-attention-mask with Transformer Engine's flash attention, which takes no
+    arbitrary mask: here where --transformer-impl names TE, again (tst.megatron_config) once
+    --transformer-impl auto has resolved to it."""
+    _require(not (te and cfg.data.reset_attention_mask and cfg.model.attention_backend == "flash"),
+             "--reset-attention-mask with --attention-backend flash under Transformer Engine: "
+             "TE's flash attention takes no arbitrary mask; use --attention-backend auto (TE "
+             "picks a backend that does) or unfused")  # fmt: skip
+
+
 def _check_document_mask(cfg: Config, grid: Grid) -> None:
     """--reset-attention-mask / --reset-position-ids with what cannot follow them, one line
     each (Megatron-LM would run these and attend across documents silently)."""
@@ -808,10 +818,7 @@ def _check_document_mask(cfg: Config, grid: Grid) -> None:
     _require(m.window_size is None, "--reset-attention-mask with --window-size: "
              "megatron-core's sliding-window attention replaces the mask it is given with "
              "its own window; drop one")  # fmt: skip
-    _require(not (m.transformer_impl == "transformer_engine" and m.attention_backend == "flash"),
-             "--reset-attention-mask with --attention-backend flash under Transformer Engine: "
-             "TE's flash attention takes no arbitrary mask; use --attention-backend auto (TE "
-             "picks a backend that does) or unfused")  # fmt: skip
+    check_document_mask_attention(cfg, m.transformer_impl == "transformer_engine")
 
 
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:

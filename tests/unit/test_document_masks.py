@@ -276,6 +276,23 @@ def test_what_cannot_keep_documents_apart_is_refused_in_one_line(extra, message)
     _validate(*extra, world=world) if "--transformer-impl" not in extra else None
 
 
+def test_te_flash_is_refused_once_auto_resolves_to_transformer_engine(monkeypatch):
+    """--transformer-impl auto on a GPU with TE importable resolves to TE at start: its
+    flash attention with the document mask is refused there, before any model is built."""
+    import tst.megatron_config
+    from tst.errors import ConfigError
+    from tst.megatron_config import transformer_config
+    from tst.platform import Layout
+
+    monkeypatch.setattr(tst.megatron_config, "use_transformer_engine", lambda cfg, layout: True)
+    cuda = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"),
+                  backend="gloo", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
+                  dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
+    cfg, plan = _validate("--reset-attention-mask", "--attention-backend", "flash")  # auto
+    with pytest.raises(ConfigError, match=r"flash under Transformer Engine: TE's flash"):
+        transformer_config(cfg, plan, cuda)
+
+
 def test_rotary_positions_are_warned_and_the_gpu_fused_softmax_turned_off(monkeypatch):
     import tst.megatron_config
     from tst.megatron_config import transformer_config
