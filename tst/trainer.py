@@ -382,6 +382,7 @@ class Trainer:
         batch = next(data_iterator)
         b = batch.input_ids.shape[0]
         device = self.layout.device
+        input_ids = batch.input_ids.to(device)
         positions = torch.arange(self.seq_length, device=device).expand(b, -1)
         attention_mask = None
         data = self.cfg.data
@@ -389,8 +390,8 @@ class Trainer:
             # Per document (Megatron-LM's rule, per bag in a bag phase), from the whole row:
             # every pipeline stage reads the same rows, so each builds the same mask.
             doc_positions, attention_mask = document_positions_and_mask(
-                batch.input_ids.to(device), phase.input_bag, self.tokenizer.eod,
-                data.reset_position_ids, data.reset_attention_mask,
+                input_ids, phase.input_bag, self.tokenizer.eod, data.reset_position_ids,
+                data.reset_attention_mask,
             )  # fmt: skip
             if data.reset_position_ids:
                 positions = doc_positions
@@ -399,6 +400,7 @@ class Trainer:
             # bags, with their global positions. The loss tokens counted below are this
             # rank's; megatron-core sums them, and the gradients, over DP x CP.
             batch, positions = split_for_context_parallel(batch, positions, self.layout.cp_group)
+            input_ids = batch.input_ids.to(device)
         targets, mask = batch.targets.to(device), batch.loss_mask.to(device)
         # The last stage scores the targets inside the model: [b, L] per-position losses.
         # The mask also reaches the model: the MTP depths roll it with their targets.
@@ -407,12 +409,11 @@ class Trainer:
             # the model as per-layer pieces, overlapping one micro-batch's expert all-to-all
             # with another's compute. The pieces are the model's own: the bag embedding
             # (its pre-process) and the phase's loss (its post-process).
-            output = model.build_schedule_plan(batch.input_ids.to(device), positions,
-                                               attention_mask, labels=targets,
-                                               loss_mask=mask)  # fmt: skip
+            output = model.build_schedule_plan(input_ids, positions, attention_mask,
+                                               labels=targets, loss_mask=mask)  # fmt: skip
         else:
-            output = model(batch.input_ids.to(device), positions, attention_mask=attention_mask,
-                           labels=targets, loss_mask=mask)  # fmt: skip
+            output = model(input_ids, positions, attention_mask=attention_mask, labels=targets,
+                           loss_mask=mask)  # fmt: skip
 
         def loss_func(loss):
             # The MTP depths' statistics of this micro-batch: taken here, after its forward
