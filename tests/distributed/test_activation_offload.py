@@ -97,28 +97,29 @@ def test_moe_mla_mtp_offload_with_recomputation_trains_the_same_model(world2, tm
         assert all(n > 0 for n in offloaded.values()), (rank, offloaded)
 
 
+def _dense_offload_trains_the_same_model(world2, tmp_path, argv: list[str], label: str):
+    """``argv`` with the dense modules offloaded trains ``argv``'s model, every rank having
+    offloaded inputs of each of them."""
+    want = world2.run(_run, argv, str(tmp_path / "want.jsonl"))[0][0]
+    results = world2.run(_run, argv + OFFLOAD + DENSE, str(tmp_path / "got.jsonl"))
+    _assert_same_model(results[0][0], want, label)
+    for rank, (_, offloaded) in enumerate(results):
+        assert set(offloaded) == set(DENSE) and all(offloaded.values()), (rank, offloaded)
+
+
 def test_offload_with_expert_parallel_comm_overlap_trains_the_same_model(world2, tmp_path):
     """megatron-core's combined 1F1B schedule (--overlap-moe-expert-parallel-comm, EP 2,
     bf16) resets the offload manager on its own path: the same model as without it."""
     argv = BASE + ["--num-experts", "4", "--expert-model-parallel-size", "2", "--bf16",
                    "--overlap-moe-expert-parallel-comm", "--moe-token-dispatcher-type",
                    "alltoall", "--moe-ffn-hidden-size", "16"]  # fmt: skip
-    want = world2.run(_run, argv, str(tmp_path / "want.jsonl"))[0][0]
-    results = world2.run(_run, argv + OFFLOAD + DENSE, str(tmp_path / "got.jsonl"))
-    _assert_same_model(results[0][0], want, "combined 1F1B")
-    for rank, (_, offloaded) in enumerate(results):
-        assert set(offloaded) == set(DENSE) and all(offloaded.values()), (rank, offloaded)
+    _dense_offload_trains_the_same_model(world2, tmp_path, argv, "combined 1F1B")
 
 
 def test_offload_under_torch_fsdp2_trains_the_same_model(world2, tmp_path):
     """PyTorch FSDP2 (DP 2) gathers each layer's weights for its forward: the offload hooks
     move only activations (megatron-core marks the parameters not offloadable)."""
-    argv = BASE + ["--use-torch-fsdp2"]
-    want = world2.run(_run, argv, str(tmp_path / "want.jsonl"))[0][0]
-    results = world2.run(_run, argv + OFFLOAD + DENSE, str(tmp_path / "got.jsonl"))
-    _assert_same_model(results[0][0], want, "FSDP2")
-    for rank, (_, offloaded) in enumerate(results):
-        assert set(offloaded) == set(DENSE) and all(offloaded.values()), (rank, offloaded)
+    _dense_offload_trains_the_same_model(world2, tmp_path, BASE + ["--use-torch-fsdp2"], "FSDP2")
 
 
 def test_at_the_default_minimum_size_these_small_tensors_stay(world2, tmp_path):

@@ -37,6 +37,16 @@ def gpt_from_flags(layout, flags: list[str], vocab: int, on_gpu: bool = False):
     return build_gpt(config, shape)
 
 
+def one_rank_layout(device: str = "cpu"):
+    """A world-of-one :class:`tst.platform.Layout` on ``device`` (``"cuda"`` lets tests reach
+    the GPU branches of the config builders without a GPU; no process group is made)."""
+    from tst.platform import Layout
+
+    return Layout(rank=0, world_size=1, local_rank=0, device=torch.device(device),
+                  backend="gloo", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
+                  dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
+
+
 def tiny_config(tp=1, pp=1, vpp=None, sp=False, **overrides):
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig

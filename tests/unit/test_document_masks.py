@@ -22,6 +22,8 @@ from flags import one_rank_gpt
 
 from tst.data.batch import document_positions_and_mask
 
+from gpt_helpers import one_rank_layout
+
 EOD, VOCAB, L = 0, 64, 8
 LEARNED = [*one_rank_gpt(VOCAB, L, 2, layers=2), "--position-embedding-type", "learned_absolute"]
 DOCS = ["--reset-position-ids", "--reset-attention-mask"]
@@ -282,12 +284,9 @@ def test_te_flash_is_refused_once_auto_resolves_to_transformer_engine(monkeypatc
     import tst.megatron_config
     from tst.errors import ConfigError
     from tst.megatron_config import transformer_config
-    from tst.platform import Layout
 
     monkeypatch.setattr(tst.megatron_config, "use_transformer_engine", lambda cfg, layout: True)
-    cuda = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"),
-                  backend="gloo", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
-                  dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
+    cuda = one_rank_layout("cuda")
     cfg, plan = _validate("--reset-attention-mask", "--attention-backend", "flash")  # auto
     with pytest.raises(ConfigError, match=r"flash under Transformer Engine: TE's flash"):
         transformer_config(cfg, plan, cuda)
@@ -296,7 +295,6 @@ def test_te_flash_is_refused_once_auto_resolves_to_transformer_engine(monkeypatc
 def test_rotary_positions_are_warned_and_the_gpu_fused_softmax_turned_off(monkeypatch):
     import tst.megatron_config
     from tst.megatron_config import transformer_config
-    from tst.platform import Layout
 
     with pytest.warns(UserWarning, match=r"--reset-position-ids with --position-embedding-"
                       r"type rope: .* changes nothing"):  # fmt: skip
@@ -304,9 +302,7 @@ def test_rotary_positions_are_warned_and_the_gpu_fused_softmax_turned_off(monkey
     # On a GPU without Transformer Engine, megatron-core's fused causal softmax would ignore
     # the mask: turned off with a warning (the flag that turns it off silences it).
     monkeypatch.setattr(tst.megatron_config, "megatron_softmax_kernels_available", lambda: True)
-    cuda = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cuda"),
-                  backend="gloo", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
-                  dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
+    cuda = one_rank_layout("cuda")
     unfused = ["--attention-backend", "unfused"]
     with pytest.warns(UserWarning, match=r"--masked-softmax-fusion.*ignores "
                       r"--reset-attention-mask's document mask"):  # fmt: skip

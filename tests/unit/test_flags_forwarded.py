@@ -15,6 +15,8 @@ from tst.config import parse_args
 from tst.optim import build_scheduler, ddp_config, optimizer_config
 from tst.plan import validate
 
+from gpt_helpers import one_rank_layout
+
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
         "--seq-length", "16", "--micro-batch-size", "1", "--lr", "1e-3", "--train-iters", "100",
         "--mock-data", "--vocab-size", "512"]  # fmt: skip
@@ -107,11 +109,8 @@ def test_moe_and_numerics_flags_reach_the_transformer_config():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from tst.megatron_config import transformer_config
-    from tst.platform import Layout
 
-    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
-                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
-                 cpu_patched=False)  # fmt: skip
+    cpu = one_rank_layout("cpu")
 
     moe = ["--num-experts", "4", "--moe-router-topk", "2"]
     cfg, plan = _cfg(*moe)
@@ -139,12 +138,9 @@ def test_bf16_first_and_last_layers_under_fp8_reach_the_transformer_config(monke
 
     from tst import megatron_config
     from tst.errors import ConfigError
-    from tst.platform import Layout
 
     monkeypatch.setattr(megatron_config, "_check_fp8_possible", lambda cfg, layout: None)
-    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
-                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
-                 cpu_patched=False)  # fmt: skip
+    cpu = one_rank_layout("cpu")
     fp8 = ["--num-layers", "6", "--fp8-format", "hybrid", "--fp8-recipe", "tensorwise",
            "--first-last-layers-bf16"]  # fmt: skip
 
@@ -309,14 +305,6 @@ def test_loss_scale_kept_out_of_tensorboard_when_asked(tmp_path):
     assert not _cfg("--no-log-loss-scale-to-tensorboard")[0].log.log_loss_scale_to_tensorboard
 
 
-def _layout(device: str):
-    from tst.platform import Layout
-
-    return Layout(rank=0, world_size=1, local_rank=0, device=torch.device(device),
-                  backend="gloo", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
-                  dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
-
-
 @pytest.mark.parametrize("mlp", [["--swiglu"], []])
 def test_fused_kernels_on_by_default_where_the_device_has_them(mlp, monkeypatch):
     """Megatron-LM's fusions are on by default on a GPU and off with its --no-* switches; on
@@ -335,7 +323,7 @@ def test_fused_kernels_on_by_default_where_the_device_has_them(mlp, monkeypatch)
     te_fields = ("apply_rope_fusion", "gradient_accumulation_fusion", "persist_layer_norm")
     for device, extra, want in (("cuda", [], True), ("cuda", off, False), ("cpu", [], False)):
         cfg, plan = _cfg(*mlp, *extra)
-        c = transformer_config(cfg, plan, _layout(device), check_device=False)
+        c = transformer_config(cfg, plan, one_rank_layout(device), check_device=False)
         assert [getattr(c, f) for f in fields] == [want] * 3, (device, extra)
         assert not any(getattr(c, f) for f in te_fields)  # no Transformer Engine here
     cfg, _ = _cfg(*mlp, *off)
@@ -358,7 +346,7 @@ def test_masked_softmax_fusion_off_with_a_warning_where_its_kernels_are_not_buil
     assert not megatron_softmax_kernels_available()  # none here
     cfg, plan = _cfg("--swiglu", "--attention-backend", "unfused")  # megatron-core's attention
     with pytest.warns(UserWarning, match="--masked-softmax-fusion.*not built"):
-        c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
+        c = transformer_config(cfg, plan, one_rank_layout("cuda"), check_device=False)
     assert not c.masked_softmax_fusion
     assert c.bias_dropout_fusion and c.bias_activation_fusion
     # Asked off: no warning; the fused (SDPA) attention, auto's on CUDA: no softmax to fuse.
@@ -366,7 +354,7 @@ def test_masked_softmax_fusion_off_with_a_warning_where_its_kernels_are_not_buil
         cfg, plan = _cfg("--swiglu", *extra)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
+            c = transformer_config(cfg, plan, one_rank_layout("cuda"), check_device=False)
         assert not [w for w in caught if "masked-softmax" in str(w.message)], extra
         assert not c.masked_softmax_fusion or not extra
     # Multi-latent attention keeps megatron-core's attention, and its softmax, under auto.
@@ -374,7 +362,7 @@ def test_masked_softmax_fusion_off_with_a_warning_where_its_kernels_are_not_buil
            "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "12"]  # fmt: skip
     cfg, plan = _cfg("--swiglu", *mla)
     with pytest.warns(UserWarning, match="--masked-softmax-fusion.*not built"):
-        c = transformer_config(cfg, plan, _layout("cuda"), check_device=False)
+        c = transformer_config(cfg, plan, one_rank_layout("cuda"), check_device=False)
     assert not c.masked_softmax_fusion
 
 
@@ -435,8 +423,8 @@ def test_context_parallelism_needs_te_on_a_gpu():
                        r"Transformer Engine; this run is on cpu without Transformer Engine: "
                        r"drop --context-parallel-size \(context parallelism runs through TE's "
                        r"attention only\)"):  # fmt: skip
-        _check_device_features(cfg, _layout("cpu"), te=False)
-    _check_device_features(_cfg()[0], _layout("cpu"), te=False)
+        _check_device_features(cfg, one_rank_layout("cpu"), te=False)
+    _check_device_features(_cfg()[0], one_rank_layout("cpu"), te=False)
 
 
 def test_loss_scale_kept_out_of_tensorboard_in_a_run(tmp_path):
@@ -501,11 +489,8 @@ def test_pipeline_p2p_follows_megatron_lms_rule(world, flags, want):
 def test_test_mode_reaches_the_transformer_config_where_it_can_check():
     from tst.errors import ConfigError
     from tst.megatron_config import transformer_config
-    from tst.platform import Layout
 
-    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
-                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
-                 cpu_patched=False)  # fmt: skip
+    cpu = one_rank_layout("cpu")
     qk = ["--qk-layernorm", "--normalization", "LayerNorm"]
     assert not transformer_config(*_cfg(*qk), cpu, check_device=False).test_mode
     assert transformer_config(*_cfg(*qk, "--test-mode"), cpu, check_device=False).test_mode
@@ -525,11 +510,8 @@ def test_fused_weighted_squared_relu_flag():
     from megatron.core.fusions.fused_weighted_squared_relu import weighted_squared_relu_impl
 
     from tst.megatron_config import transformer_config
-    from tst.platform import Layout
 
-    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
-                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
-                 cpu_patched=False)  # fmt: skip
+    cpu = one_rank_layout("cpu")
     moe = ["--num-experts", "4", "--moe-router-topk", "2", "--squared-relu"]
     cfg, plan = _cfg(*moe)
     assert transformer_config(cfg, plan, cpu, check_device=False).use_fused_weighted_squared_relu \
@@ -728,11 +710,8 @@ def test_sinkhorn_routing_is_kept_at_any_aux_loss_coefficient(tmp_path):
 
     import pretrain_tst
     from tst.megatron_config import transformer_config
-    from tst.platform import Layout
 
-    cpu = Layout(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo",
-                 tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0, dp_rank=0, ep_rank=0,
-                 cpu_patched=False)  # fmt: skip
+    cpu = one_rank_layout("cpu")
     moe = ["--num-experts", "4", "--moe-router-topk", "2"]
     for kind, want in (("sinkhorn", "sinkhorn"), ("aux_loss", "none")):
         cfg, plan = _cfg(*moe, "--moe-router-load-balancing-type", kind)
@@ -770,21 +749,21 @@ def test_activation_offload_flags_default_and_given(monkeypatch):
     from tst.megatron_config import _check_device_features, transformer_config
 
     cfg, plan = _cfg()
-    tc = transformer_config(cfg, plan, _layout("cpu"))
+    tc = transformer_config(cfg, plan, one_rank_layout("cpu"))
     assert (tc.fine_grained_activation_offloading, tc.offload_modules,
             tc.min_offloaded_tensor_size) == (False, [], 1024 * 1024)  # fmt: skip
     flags = ("--fine-grained-activation-offloading", "--offload-modules", "core_attn",
              "attn_proj", "--min-offloaded-tensor-size", "4096")  # fmt: skip
     cfg, plan = _cfg(*flags)
-    tc = transformer_config(cfg, plan, _layout("cpu"))
+    tc = transformer_config(cfg, plan, one_rank_layout("cpu"))
     assert (tc.fine_grained_activation_offloading, tc.offload_modules,
             tc.min_offloaded_tensor_size) == (True, ["core_attn", "attn_proj"], 4096)  # fmt: skip
     monkeypatch.delenv("NVTE_CPU_OFFLOAD_V1", raising=False)
     monkeypatch.setattr(megatron.core.utils, "is_te_min_version", lambda version: True)
     with pytest.raises(ValueError, match="Transformer Engine >= 2.10 needs NVTE_CPU_OFFLOAD_V1=1"):
-        _check_device_features(cfg, _layout("cpu"), te=True)
+        _check_device_features(cfg, one_rank_layout("cpu"), te=True)
     monkeypatch.setenv("NVTE_CPU_OFFLOAD_V1", "1")
-    _check_device_features(cfg, _layout("cpu"), te=True)
+    _check_device_features(cfg, one_rank_layout("cpu"), te=True)
     monkeypatch.setattr(megatron.core.utils, "is_te_min_version", lambda version: False)
     monkeypatch.delenv("NVTE_CPU_OFFLOAD_V1")
-    _check_device_features(cfg, _layout("cpu"), te=True)  # an older TE: no variable needed
+    _check_device_features(cfg, one_rank_layout("cpu"), te=True)  # an older TE: no variable needed

@@ -20,7 +20,7 @@ import pytest
 import torch
 from flags import one_rank_gpt
 
-from gpt_helpers import gpt_from_flags
+from gpt_helpers import gpt_from_flags, one_rank_layout
 
 VOCAB, L, BATCH, HEADS, D = 64, 8, 2, 4, 8
 FLAGS = [*one_rank_gpt(VOCAB, L, BATCH, layers=4), "--disable-bias-linear"]  # 4 heads, d 8
@@ -36,19 +36,11 @@ def _cfg(*extra, base=FLAGS):
     return cfg, validate(cfg, 1, VOCAB)
 
 
-def _layout(device: str):
-    from tst.platform import Layout
-
-    return Layout(rank=0, world_size=1, local_rank=0, device=torch.device(device),
-                  backend="gloo", tp=1, pp=1, vpp=None, dp=1, ep=1, tp_rank=0, pp_rank=0,
-                  dp_rank=0, ep_rank=0, cpu_patched=False)  # fmt: skip
-
-
 def _config(*extra, device="cpu", base=FLAGS):
     from tst.megatron_config import transformer_config
 
     cfg, plan = _cfg(*extra, base=base)
-    return transformer_config(cfg, plan, _layout(device), check_device=False)
+    return transformer_config(cfg, plan, one_rank_layout(device), check_device=False)
 
 
 def test_flags_reach_megatron_core_with_megatron_lms_defaults():
