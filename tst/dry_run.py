@@ -612,7 +612,7 @@ def _print_architecture(cfg: Config) -> None:
         recompute = f"full, {p.recompute_method}, {p.recompute_num_layers} layers"
     elif p.recompute_granularity == "selective":
         recompute = f"selective ({', '.join(p.recompute_modules or ['core_attn'])})"
-    if p.fine_grained_activation_offloading:  # the activation estimate keeps them on device
+    if p.fine_grained_activation_offloading:  # the layout's 'host' column counts them
         recompute += (f"; activations offloaded to host: {', '.join(p.offload_modules)} "
                       f"(tensors >= {p.min_offloaded_tensor_size:,} elements)")  # fmt: skip
     print(
@@ -764,12 +764,13 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
                                         + info["experts"] / grid.expert_dp)  # fmt: skip
         host = optim * offload * 16 / optim_b
         optim *= 1 - offload
-        held = _in_flight(stage, grid, num_micro) * len(info["layers"])
+        in_flight = _in_flight(stage, grid, num_micro)
+        held = in_flight * len(info["layers"])
         act = held * layer_act
         host_act = max(held - 1, 0) * moved
         act -= host_act
         act += logits_act if stage == grid.pp - 1 else 0
-        act += _in_flight(stage, grid, num_micro) * mask_b if info["layers"] else 0
+        act += in_flight * mask_b if info["layers"] else 0
         cols = [weight_b * n, grad_b * n, optim, act]
         if fsdp:
             cols[:3] = [c / (grid.dp * grid.cp) for c in cols[:3]]
