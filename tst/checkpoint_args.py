@@ -62,7 +62,9 @@ MODEL_ARGS: dict[tuple[str, str], bool] = {
     ("moe", "moe_router_topk_scaling_factor"): True,
     ("model", "moe_latent_size"): True,
     ("data", "tiktoken_pattern"): True,  # Megatron-LM takes it whatever the tokenizer flag
-    # Megatron-LM keeps the padded vocabulary; here it follows from these two.
+    # The padded vocabulary: given, or following from the next two (Megatron-LM's
+    # checkpoints always hold it; this trainer's only where the run gave it).
+    ("data", "padded_vocab_size"): False,
     ("data", "vocab_size"): False,
     ("data", "make_vocab_size_divisible_by"): False,
 }

@@ -1044,8 +1044,9 @@ def _check_shapes(template: dict, path: str, saved: dict) -> None:
         rows = wrong[vocab_keys[0]][0][0]
         hint = (
             f"the padded vocabulary differs ({rows} rows saved): it is a multiple of "
-            "--make-vocab-size-divisible-by x TP, so set --make-vocab-size-divisible-by to "
-            f"a value that pads to {rows} at this TP (e.g. {rows} / TP)"
+            "--make-vocab-size-divisible-by x TP, so it can change with TP; give "
+            f"--padded-vocab-size {rows} (or a --make-vocab-size-divisible-by that pads to "
+            f"{rows} at this TP)"
         )
     raise CheckpointError(
         f"checkpoint {path} does not fit this model ({len(wrong)} tensors differ in shape: "

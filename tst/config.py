@@ -1208,6 +1208,12 @@ class DataArgs:
         "Pad the vocabulary to a multiple of this value x TP (even shards, aligned GEMMs). "
         "A checkpoint resumes at another TP only if the padded size stays the same.",
     )
+    padded_vocab_size: int | None = _f(
+        None,
+        "The model's vocabulary size, as given (Megatron-LM's flag): no padding by "
+        "--make-vocab-size-divisible-by; must hold the tokenizer's ids and divide by TP. "
+        "Default: the tokenizer's size padded to --make-vocab-size-divisible-by x TP.",
+    )
     data_cache_path: str | None = _f(None, "Where dataset sample indices are cached.")
     dataloader_fast_cache_load: bool = _f(
         False, "Take the sample indices from the cache without reading the prefixes' document "

@@ -70,7 +70,7 @@ def parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
         qkv_out = head_dim * (heads * (2 if m.attention_output_gate else 1) + 2 * groups)
         attn = (h * qkv_out + heads * head_dim * h + (h if bias else 0)
                 + (qkv_out if m.add_qkv_bias else 0))  # fmt: skip
-        if m.qk_layernorm:
+        if m.qk_layernorm and not m.qk_l2_norm:  # megatron-core's L2 norm has no weights
             attn += 2 * (norm // h) * head_dim
         if m.softmax_type == "learnable":  # one sink logit per head
             attn += heads
@@ -483,13 +483,16 @@ def _m(n: float) -> str:
 def dry_run_vocab_size(cfg: Config) -> int:
     """The vocabulary the dry run sizes the model with, reading no tokenizer file.
 
-    ``--vocab-size`` when given; GPT-2 BPE's 50,257 for ``GPT2BPETokenizer`` (a fixed
+    ``--vocab-size`` when given; ``--padded-vocab-size`` (the model's size) when given;
+    GPT-2 BPE's 50,257 for ``GPT2BPETokenizer`` (a fixed
     vocabulary); else an assumed 32,000 entries (Llama-2's), printed so that nobody takes
     the counts for exact: pass ``--vocab-size`` for those.
     """
     d = cfg.data
     if d.vocab_size:
         return d.vocab_size
+    if d.padded_vocab_size:  # the model's size as given: the counts are exact
+        return d.padded_vocab_size
     if d.tokenizer_type == "GPT2BPETokenizer":
         return 50257
     if d.tokenizer_type == "ByteTokenizer":

@@ -217,8 +217,8 @@ def load_chunk(chunk: torch.nn.Module, saved: dict, where: str) -> None:
             f"{where} does not fit this model: " + "; ".join(problems) + ". Give the model "
             "flags it was saved with (layers, hidden and FFN sizes, heads and query groups, "
             "--swiglu, --normalization, --untie-embeddings-and-output-weights, the tokenizer "
-            "and --make-vocab-size-divisible-by for the padded vocabulary, biases, MoE "
-            "settings)"
+            "and --padded-vocab-size or --make-vocab-size-divisible-by for the padded "
+            "vocabulary, biases, MoE settings)"
         )
     with torch.no_grad():
         for key, tensor in taken.items():

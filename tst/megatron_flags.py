@@ -120,8 +120,9 @@ ACCEPTED: dict[str, Flag] = {
     ),
     "--enable-gpt-oss": Flag(
         0,
-        "Megatron-LM reads it only when loading a ModelOpt checkpoint (GPT-OSS's YaRN "
-        "defaults); a pretraining run's positions follow --position-embedding-type, as there",
+        "Megatron-LM reads it only in ModelOpt's model builder (GPT-OSS's YaRN defaults); a "
+        "pretraining run's positions follow --position-embedding-type, as there (default "
+        "learned_absolute; Megatron-LM's GPT-OSS example passes rope)",
     ),
     "--export-force-local-attention": Flag(
         0, "a ModelOpt export setting; the attention here follows --transformer-impl"
@@ -158,11 +159,6 @@ REFUSED: dict[str, Flag] = {
         1,
         "a Pai-Megatron-Patch flag: use --tokenizer-type HuggingFaceTokenizer "
         "--tokenizer-model PATH",
-    ),
-    "--padded-vocab-size": Flag(
-        1,
-        "the padded vocabulary follows Megatron-LM's rule (--vocab-size or the tokenizer's, "
-        "padded to --make-vocab-size-divisible-by x TP): drop it",
     ),
     "--cache-mla-latents": Flag(
         0, "MLA latent caching is for inference (megatron-core refuses it in training): drop it"

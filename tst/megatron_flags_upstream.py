@@ -495,3 +495,18 @@ UPSTREAM_REFUSED["--model-parallel-size"] = (
     1,
     "an old Megatron-LM flag it refuses too: use --tensor-model-parallel-size",
 )
+# Two ModelOpt flags that change the architecture its model builder makes (Megatron-LM's
+# post_training/model_builder.py, used only with --modelopt-enabled): name the flags that
+# make the same model in pretraining.
+UPSTREAM_REFUSED["--export-qk-l2-norm"] = (
+    0,
+    "a Megatron-LM ModelOpt flag: its model builder (--modelopt-enabled) turns on the "
+    "queries' and keys' L2 norm from it (Llama-4); pretraining sets that with --qk-l2-norm: "
+    "use it instead",
+)
+UPSTREAM_REFUSED["--export-moe-apply-probs-on-input"] = (
+    0,
+    "a Megatron-LM ModelOpt flag: its model builder (--modelopt-enabled) scales the experts' "
+    "inputs by the router's weights from it (Llama-4); pretraining sets that with "
+    "--moe-apply-probs-on-input: use it instead",
+)

@@ -1021,8 +1021,19 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     _require(vocab_size >= 1, "vocabulary size must be >= 1")
     divisible_by = cfg.data.make_vocab_size_divisible_by
     _require(divisible_by >= 1, f"--make-vocab-size-divisible-by must be >= 1, got {divisible_by}")
-    multiple = divisible_by * tp  # Megatron-LM's rule
-    padded = -(-vocab_size // multiple) * multiple
+    padded = cfg.data.padded_vocab_size
+    if padded is None:
+        multiple = divisible_by * tp  # Megatron-LM's rule
+        padded = -(-vocab_size // multiple) * multiple
+    else:  # taken as given, as Megatron-LM does; megatron-core shards it evenly over TP
+        _require(padded >= vocab_size, f"--padded-vocab-size {padded} is smaller than the "
+                 f"tokenizer's vocabulary ({vocab_size} ids): its last ids would have no "
+                 f"embedding row; give at least {vocab_size}, or drop the flag to pad "
+                 "by --make-vocab-size-divisible-by")  # fmt: skip
+        _require(padded % tp == 0, f"--padded-vocab-size {padded} does not divide by "
+                 f"TP={tp} (each tensor-parallel rank holds an equal vocabulary shard): give "
+                 f"{-(-padded // tp) * tp}, or drop the flag to pad by "
+                 "--make-vocab-size-divisible-by x TP")  # fmt: skip
     if t.fp8_format is not None:
         _require(
             m.transformer_impl != "local",

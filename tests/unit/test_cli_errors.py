@@ -295,6 +295,22 @@ def test_vocabulary_padding(vocab, divisible_by, tp, padded):
     assert validate(parse_args(argv), tp, vocab).padded_vocab_size == padded
 
 
+@pytest.mark.parametrize("vocab, given, tp", [(300, 300, 1), (300, 333, 1), (300, 334, 2)])
+def test_padded_vocabulary_as_given(vocab, given, tp):
+    """--padded-vocab-size: taken as given (Megatron-LM's rule), whatever
+    --make-vocab-size-divisible-by says; it must hold the tokenizer's ids and divide by TP."""
+    argv = BASE + ["--padded-vocab-size", str(given), "--tensor-model-parallel-size", str(tp)]
+    assert validate(parse_args(argv), tp, vocab).padded_vocab_size == given
+    with pytest.raises(ValueError, match=rf"--padded-vocab-size {given} is smaller than the "
+                       rf"tokenizer's vocabulary \({given + 1} ids\).*give at least {given + 1}"):  # fmt: skip
+        validate(parse_args(argv), tp, given + 1)
+    argv = BASE + ["--padded-vocab-size", str(given + 1), "--tensor-model-parallel-size", "2"]
+    if (given + 1) % 2:
+        with pytest.raises(ValueError, match=rf"--padded-vocab-size {given + 1} does not divide "
+                           rf"by TP=2 .*give {given + 2}"):  # fmt: skip
+            validate(parse_args(argv), 2, vocab)
+
+
 @pytest.mark.parametrize(
     "split", ["0,0,0", "a,b", "1,2,3,4", "nan,1,0"]
 )  # fmt: skip

@@ -46,7 +46,7 @@ CHANGED = [
     "--manual-gc", "--manual-gc-interval", "2", "--empty-unused-memory-level", "2",
     "--attention-backend", "flash", "--save-retain-interval", "2", "--log-memory-interval", "2",
     "--train-sync-interval", "2", "--apply-wd-to-qk-layernorm", "--log-device-memory-used",
-    "--timing-log-level", "1", "--log-timers-to-tensorboard",
+    "--timing-log-level", "1", "--log-timers-to-tensorboard", "--padded-vocab-size", "400",
 ]  # fmt: skip
 
 
@@ -178,6 +178,10 @@ def test_model_shape_and_numerics_flags(runs):
     assert default["config"].kv_channels == 8 and changed["config"].kv_channels == 16
     assert default["shapes"][qkv] == (3 * 4 * 8, 32) and changed["shapes"][qkv] == (3 * 4 * 16, 32)
     assert default["shapes"][proj] == (32, 32) and changed["shapes"][proj] == (32, 64)
+    # --padded-vocab-size: the vocabulary's rows as given (by default the tokenizer's 384,
+    # a multiple of --make-vocab-size-divisible-by's 128; 400 is none; tied output layer).
+    table = "embedding.word_embeddings.weight"
+    assert default["shapes"][table] == (384, 32) and changed["shapes"][table] == (400, 32)
     # --rotary-percent / --use-rope-scaling / --rope-scaling-factor: the frequencies.
     assert torch.equal(default["inv_freq"], _rope_inv_freq(8, 1.0, None))
     assert torch.equal(changed["inv_freq"], _rope_inv_freq(16, 0.5, 16.0))
@@ -232,7 +236,8 @@ def test_checkpoint_data_and_memory_flags(runs):
 
 def test_a_checkpoint_without_optimizer_state_resumes_with_no_load_optim(runs, tmp_path):
     """A --no-save-optim checkpoint resumed as it is: one line naming --no-load-optim (it was a
-    KeyError from deep inside torch's checkpoint reader); with the flag it resumes."""
+    KeyError from deep inside torch's checkpoint reader); with the flag it resumes. Its
+    --padded-vocab-size is needed to resume (or read by --use-checkpoint-args)."""
     from tst.checkpointing import CheckpointError
 
     _, _, path = runs
@@ -244,6 +249,14 @@ def test_a_checkpoint_without_optimizer_state_resumes_with_no_load_optim(runs, t
                                               r"with --no-save-optim\): pass --no-load-optim"):  # fmt: skip
         pretrain_tst.main(argv)
     assert pretrain_tst.main(argv + ["--no-load-optim"]) == 0
+    # Its 400-row vocabulary (--padded-vocab-size): without the flag the shapes differ, and the
+    # error names the flag; --use-checkpoint-args takes it from the checkpoint.
+    at = argv.index("--padded-vocab-size")
+    argv = [*argv[:at], *argv[at + 2 :], "--no-load-optim"]
+    with pytest.raises(CheckpointError, match=r"the padded vocabulary differs \(400 rows saved\)"
+                                              r".*give --padded-vocab-size 400"):  # fmt: skip
+        pretrain_tst.main(argv)
+    assert pretrain_tst.main(argv + ["--use-checkpoint-args"]) == 0
 
 
 def test_logging_and_gc_flags(runs):
