@@ -821,6 +821,29 @@ def _check_document_mask(cfg: Config, grid: Grid) -> None:
     check_document_mask_attention(cfg, m.transformer_impl == "transformer_engine")
 
 
+def _check_group_limited_routing(experts: int, topk: int, groups: int, group_topk: int) -> None:
+    """megatron-core's group-limited routing (``group_limited_topk``): the experts split into
+    ``groups`` equal groups, each scored by the sum of its top ``topk // group_topk`` experts;
+    a token's top ``topk`` come from its best ``group_topk`` groups. Settings it would fail
+    on deep in the first forward, or route silently wrong with, are refused here."""
+    flags = (f"--num-experts {experts}, --moe-router-topk {topk}, --moe-router-num-groups "
+             f"{groups}, --moe-router-group-topk {group_topk}")  # fmt: skip
+    _require(experts % groups == 0, f"{flags}: the experts must split into equal groups "
+             "(megatron-core's rule): make --num-experts a multiple of --moe-router-num-groups")  # fmt: skip
+    per_group = experts // groups
+    _require(1 <= group_topk <= groups, f"{flags}: --moe-router-group-topk must be between 1 "
+             "and --moe-router-num-groups (megatron-core's rule)")  # fmt: skip
+    _require(group_topk <= topk, f"{flags}: each group is scored by its top --moe-router-topk "
+             "/ --moe-router-group-topk experts, none here: give --moe-router-group-topk <= "
+             "--moe-router-topk")  # fmt: skip
+    _require(topk // group_topk <= per_group, f"{flags}: each group is scored by its top "
+             f"{topk // group_topk} experts but holds {per_group}: use fewer, larger groups or "
+             "a larger --moe-router-group-topk")  # fmt: skip
+    _require(topk <= group_topk * per_group, f"{flags}: a token picks {topk} experts from "
+             f"its {group_topk} groups of {per_group}: raise --moe-router-group-topk or lower "
+             "--moe-router-topk")  # fmt: skip
+
+
 def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     """Checks across concerns, once per run; returns the run's :class:`RunPlan`."""
     m, p, t, tst = cfg.model, cfg.parallel, cfg.training, cfg.tst
@@ -867,6 +890,9 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         not cfg.moe.moe_apply_probs_on_input or m.moe_router_topk == 1,
         "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
     )
+    if m.num_experts and cfg.moe.moe_router_num_groups:
+        _check_group_limited_routing(m.num_experts, m.moe_router_topk,
+                                     cfg.moe.moe_router_num_groups, cfg.moe.moe_router_group_topk)  # fmt: skip
     _check_optimizer_offload(cfg)
     _check_qk_clip(cfg)
     _check_document_mask(cfg, grid)

@@ -107,6 +107,13 @@ REFUSED = [
     (["--num-experts", "4", "--moe-layer-freq", "os.system('x')"], 1, r"--moe-layer-freq os.system\('x'\): give an int N or a list"),  # noqa: E501
     (["--num-experts", "4", "--moe-pad-expert-input-to-capacity"], 1, r"needs --moe-expert-capacity-factor"),  # noqa: E501
     (["--num-experts", "4", "--moe-router-num-groups", "2"], 1, r"give --moe-router-num-groups and --moe-router-group-topk together"),  # noqa: E501
+    # Group-limited routing that megatron-core would fail on at the first forward, or route
+    # wrong with (experts masked out of every group picked).
+    (["--num-experts", "6", "--moe-router-topk", "2", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2"], 1, r"--moe-router-group-topk 2: the experts must split into equal groups"),  # noqa: E501
+    (["--num-experts", "8", "--moe-router-topk", "8", "--moe-router-num-groups", "4", "--moe-router-group-topk", "5"], 1, r"--moe-router-group-topk must be between 1 and --moe-router-num-groups"),  # noqa: E501
+    (["--num-experts", "8", "--moe-router-topk", "2", "--moe-router-num-groups", "4", "--moe-router-group-topk", "3"], 1, r"none here: give --moe-router-group-topk <= --moe-router-topk"),  # noqa: E501
+    (["--num-experts", "8", "--moe-router-topk", "8", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2"], 1, r"each group is scored by its top 4 experts but holds 2"),  # noqa: E501
+    (["--num-experts", "8", "--moe-router-topk", "5", "--moe-router-num-groups", "4", "--moe-router-group-topk", "2"], 1, r"a token picks 5 experts from its 2 groups of 2"),  # noqa: E501
     (["--multi-latent-attention", "--group-query-attention"], 1, r"--group-query-attention and --multi-latent-attention exclude each other"),  # noqa: E501
     (["--pipeline-model-parallel-size", "2", "--pipeline-model-parallel-layout", "Et|tL"], 2,
      r"--pipeline-model-parallel-layout Et\|tL places 2 layers \(t\) but --num-layers is 4"),
