@@ -116,7 +116,9 @@ class ModelConfig:
     normalization: str = _f("LayerNorm", "Normalisation layer.", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = _f(1e-5, "Epsilon of the norms.")
     apply_layernorm_1p: bool = _f(
-        False, "Zero-centred norm weights (weight + 1); needs Transformer Engine or apex norms."
+        False,
+        "Zero-centred norm weights: every norm starts at 0 and scales by 1 + weight "
+        "(weight decay pulls it towards 1); all specs, all devices.",
     )
     swiglu: bool = _f(False, "SwiGLU MLP (gated SiLU) instead of GELU.")
     squared_relu: bool = _f(False, "Squared-ReLU MLP (relu(x)^2) instead of GELU.")

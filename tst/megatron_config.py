@@ -358,7 +358,6 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
             t.use_precision_aware_optimizer and not t.optimizer_cpu_offload,
         ),
         ("--context-parallel-size > 1", p.context_parallel_size > 1),
-        ("--apply-layernorm-1p", m.apply_layernorm_1p),
         ("--fp8-param-gather", t.fp8_param_gather),
         ("--delay-wgrad-compute", m.delay_wgrad_compute),
         (

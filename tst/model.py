@@ -104,7 +104,8 @@ class ModelShape:
 
 
 class TorchNorm:
-    """megatron-core's torch-norm wrapper, also under sequence parallelism.
+    """megatron-core's torch-norm wrapper, also under sequence parallelism and with
+    zero-centred weights.
 
     megatron-core's ``WrappedTorchNorm`` (the local spec's norm without apex) refuses
     ``sequence_parallel``, though nothing in a norm needs more than what megatron-core
@@ -115,6 +116,9 @@ class TorchNorm:
     With ``--fp32-residual-connection`` the embedding output is fp32 while the weights are
     bf16 / fp16: the norm computes in fp32 and hands the next GEMM the weights' dtype, as the
     mixed-dtype fused norms of apex and Transformer Engine do (torch's refuse mixed dtypes).
+    With ``--apply-layernorm-1p`` (``layernorm_zero_centered_gamma``) the weights start at 0
+    and scale by ``1 + weight``, as apex's and Transformer Engine's norms do, so weight decay
+    pulls the scale towards 1.
     """
 
     def __new__(
@@ -126,14 +130,12 @@ class TorchNorm:
         zero_centered_gamma: bool = False,
         normalization: str = "LayerNorm",
     ):
-        if config.layernorm_zero_centered_gamma:
-            raise ValueError("zero-centred gamma needs Transformer Engine or apex norms")
-        kinds = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
-        if config.fp32_residual_connection:
-            kinds = {"LayerNorm": _Fp32InputLayerNorm, "RMSNorm": _Fp32InputRMSNorm}
+        kinds = {"LayerNorm": _LayerNorm, "RMSNorm": _RMSNorm}
         if config.normalization not in kinds:
             raise ValueError(f"--normalization must be one of {sorted(kinds)}")
-        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        norm = kinds[config.normalization](
+            hidden_size, eps, config.layernorm_zero_centered_gamma, config.fp32_residual_connection
+        )
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
@@ -142,7 +144,9 @@ class TorchNorm:
 def _with_sequence_parallel_norms(spec, sdpa: bool = False):
     """The local layer spec with megatron-core's torch norms replaced by :class:`TorchNorm`:
     the layer's two norms and MLA's latent norms (``q_layernorm`` / ``kv_layernorm``), which
-    under sequence parallelism see only this rank's positions too; MLA's local attention is
+    under sequence parallelism see only this rank's positions too, and the query / key norms
+    (megatron-core's torch norm refuses sequence parallelism and zero-centred weights even
+    where, as there, they change nothing of its parallel rules); MLA's local attention is
     :class:`LatentDotProductAttention`; with ``sdpa`` the other attention's core is
     :class:`tst.attention.SDPAttention`."""
     from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
@@ -162,9 +166,13 @@ def _with_sequence_parallel_norms(spec, sdpa: bool = False):
             mla = dataclasses.replace(mla, core_attention=LatentDotProductAttention)
         attention = dataclasses.replace(attention, submodules=mla)
         submodules = dataclasses.replace(submodules, self_attention=attention)
-    elif sdpa and attention.submodules.core_attention is DotProductAttention:
-        fused = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
-        attention = dataclasses.replace(attention, submodules=fused)
+    else:
+        # --qk-layernorm's norms (over each head's channels: megatron-core sums their
+        # gradients over TP by name, sequence parallel or not).
+        inner = replaced(attention.submodules, ("q_layernorm", "k_layernorm"))
+        if sdpa and inner.core_attention is DotProductAttention:
+            inner = dataclasses.replace(inner, core_attention=SDPAttention)
+        attention = dataclasses.replace(attention, submodules=inner)
         submodules = dataclasses.replace(submodules, self_attention=attention)
     return dataclasses.replace(spec, submodules=submodules)
 
@@ -187,25 +195,54 @@ class LatentDotProductAttention(DotProductAttention):
             self.hidden_size_per_partition = self.num_attention_heads_per_partition * v_channels
 
 
-class _Fp32InputLayerNorm(torch.nn.LayerNorm):
-    """LayerNorm of an fp32 input with weights of any dtype, in fp32, out in the weights'."""
+class _NormOptions:
+    """The two options megatron-core's fused norms have and torch's lack: zero-centred
+    weights (used as ``1 + weight``) and an fp32 input with weights of another dtype (the
+    norm computes in fp32 and returns the weights' dtype)."""
+
+    def _options(self, zero_centred: bool, fp32_input: bool) -> None:
+        self.zero_centred, self.fp32_input = zero_centred, fp32_input
+        if zero_centred:
+            with torch.no_grad():
+                self.weight.zero_()
+
+    def _scale(self, dtype):
+        weight = self.weight.to(dtype)
+        return weight + 1 if self.zero_centred else weight
+
+    def _output_dtype(self, x):
+        return torch.float32 if self.fp32_input else x.dtype
+
+
+class _LayerNorm(_NormOptions, torch.nn.LayerNorm):
+    def __init__(self, hidden_size, eps, zero_centred=False, fp32_input=False):
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self._options(zero_centred, fp32_input)
 
     def forward(self, x):
-        bias = None if self.bias is None else self.bias.float()
+        if not (self.zero_centred or self.fp32_input):
+            return super().forward(x)
+        dtype = self._output_dtype(x)
+        bias = None if self.bias is None else self.bias.to(dtype)
         out = torch.nn.functional.layer_norm(
-            x.float(), self.normalized_shape, self.weight.float(), bias, self.eps
+            x.to(dtype), self.normalized_shape, self._scale(dtype), bias, self.eps
         )
-        return out.to(self.weight.dtype)
+        return out.to(self.weight.dtype) if self.fp32_input else out
 
 
-class _Fp32InputRMSNorm(torch.nn.RMSNorm):
-    """RMSNorm of an fp32 input with weights of any dtype, in fp32, out in the weights'."""
+class _RMSNorm(_NormOptions, torch.nn.RMSNorm):
+    def __init__(self, hidden_size, eps, zero_centred=False, fp32_input=False):
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self._options(zero_centred, fp32_input)
 
     def forward(self, x):
+        if not (self.zero_centred or self.fp32_input):
+            return super().forward(x)
+        dtype = self._output_dtype(x)
         out = torch.nn.functional.rms_norm(
-            x.float(), self.normalized_shape, self.weight.float(), self.eps
+            x.to(dtype), self.normalized_shape, self._scale(dtype), self.eps
         )
-        return out.to(self.weight.dtype)
+        return out.to(self.weight.dtype) if self.fp32_input else out
 
 
 def _block_norm():

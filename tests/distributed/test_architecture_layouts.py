@@ -6,7 +6,9 @@ The dense model uses every attention / MLP / RoPE / initialisation flag at once,
 pattern a list whose layers 3 and 4 differ (a stage numbering its layers locally would skip
 RoPE on the wrong ones) and Xavier bounds taken from each whole matrix (megatron-core's
 per-shard Xavier would differ at TP 2). The MoE model gates its shared expert, scales the
-top-1 expert's input by its probability and recomputes its MoE layers.
+top-1 expert's input by its probability, recomputes its MoE layers and normalises queries and
+keys (torch's norm refused sequence parallelism there). Both use zero-centred norm weights
+(--apply-layernorm-1p, which torch's norm refused too).
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from test_trainer import BASE, _assert_close, _losses, _train
 DENSE = [a for a in BASE if a != "--swiglu"] + [
     "--squared-relu", "--rotary-interleaved", "--no-rope-freq", "[0,1,1,0]", "--qk-l2-norm",
     "--attention-output-gate", "--apply-query-key-layer-scaling", "--init-method-xavier-uniform",
-    "--embedding-init-method-std", "0.05", "--global-batch-size", "4",
+    "--embedding-init-method-std", "0.05", "--global-batch-size", "4", "--apply-layernorm-1p",
 ]  # fmt: skip
 MOE = BASE + [
     "--num-experts", "4", "--moe-router-topk", "1", "--moe-router-pre-softmax",
     "--moe-apply-probs-on-input", "--moe-shared-expert-intermediate-size", "32",
     "--moe-shared-expert-gate", "--moe-layer-recompute", "--global-batch-size", "4",
+    "--qk-layernorm", "--apply-layernorm-1p",
 ]  # fmt: skip
 TP2 = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 PP2 = ["--pipeline-model-parallel-size", "2"]

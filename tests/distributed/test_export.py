@@ -203,6 +203,8 @@ def test_writer_holds_one_shard_at_a_time(tmp_path, monkeypatch):
     "name, flags, architecture",
     [
         ("qwen3", ["--qk-layernorm", "--untie-embeddings-and-output-weights"], "Qwen3ForCausalLM"),
+        # Zero-centred norm weights: exported as 1 + weight.
+        ("qwen3_1p", ["--qk-layernorm", "--apply-layernorm-1p"], "Qwen3ForCausalLM"),
         ("qwen3_moe", [*MOE, "--qk-layernorm"], "Qwen3MoeForCausalLM"),
         ("mixtral", MOE, "MixtralForCausalLM"),
         # The MTP block is left out, and the export says so; the main head is exported.

@@ -256,6 +256,56 @@ def test_fp32_residual_connection_under_bf16(world):
     assert seen["plain"] == torch.bfloat16
 
 
+@pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
+def test_apply_layernorm_1p_scales_by_one_plus_zero_started_weights(world, normalization):
+    """--apply-layernorm-1p (zero-centred gamma, as apex's and TE's norms have it): every norm
+    of the local spec, the query / key norms too, starts at weight 0 and scales by 1 + weight,
+    checked against torch's functional norms with the weight plus one; the model without the
+    flag, given the same weights plus one, computes the same logits."""
+    gen = torch.Generator().manual_seed(7)
+    flags = ["--normalization", normalization, "--qk-layernorm"]
+    torch.manual_seed(0)
+    zero = _model(world, *flags, "--apply-layernorm-1p")
+    torch.manual_seed(0)
+    plain = _model(world, *flags)
+    norms = {n: m for n, m in zero.named_modules()
+             if "layernorm" in n.split(".")[-1] and hasattr(m, "weight")}  # fmt: skip
+    assert len(norms) == 4 * 4 + 1  # input, query, key, pre-MLP in each layer; final
+    for name, norm in norms.items():
+        assert torch.equal(norm.weight, torch.zeros_like(norm.weight)), name
+        with torch.no_grad():  # weights away from 0, the same ones in both models
+            norm.weight.normal_(0.0, 0.3, generator=gen)
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.normal_(0.0, 0.3, generator=gen)
+        x = torch.randn(L, BATCH, norm.weight.numel(), generator=gen)
+        w, b = norm.weight.detach() + 1, getattr(norm, "bias", None)
+        if normalization == "LayerNorm":
+            want = torch.nn.functional.layer_norm(x, (x.size(-1),), w, b.detach(), norm.eps)
+        else:
+            want = x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt() * w
+        torch.testing.assert_close(norm(x), want, rtol=1e-5, atol=1e-6)
+    state = {k: v + 1 if k.endswith("layernorm.weight") else v
+             for k, v in zero.state_dict().items()}  # fmt: skip
+    plain.load_state_dict(state)
+    tokens = torch.randint(0, VOCAB, (BATCH, L), generator=gen)
+    torch.testing.assert_close(_logits(zero, tokens), _logits(plain, tokens), rtol=1e-5,
+                               atol=1e-5)  # fmt: skip
+
+
+def test_apply_layernorm_1p_with_an_fp32_residual_under_bf16(world):
+    """Both norm options at once: fp32 in, bf16 out, scaled by 1 + weight in fp32."""
+    model = _model(world, "--bf16", "--fp32-residual-connection", "--apply-layernorm-1p")
+    norm = model.decoder.layers[0].input_layernorm.to(torch.bfloat16)  # as Float16Module
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(-0.5, 0.5, 32))
+    x = torch.randn(L, BATCH, 32, generator=torch.Generator().manual_seed(8))
+    out = norm(x)
+    w = norm.weight.float() + 1
+    want = x / (x.pow(2).mean(-1, keepdim=True) + norm.eps).sqrt() * w
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+
+
 def _initialised(*extra):
     from tst.export.loading import single_process_world
     from tst.init import initialize_layout_independent

@@ -55,7 +55,6 @@ def hf_architecture(cfg: Config, config) -> str:
     for name, ok in (
         ("rotary_interleaved", not config.rotary_interleaved),
         ("rotary_percent", getattr(config, "rotary_percent", 1.0) == 1.0),
-        ("layernorm_zero_centered_gamma", not config.layernorm_zero_centered_gamma),
         (
             "apply_residual_connection_post_layernorm",
             not config.apply_residual_connection_post_layernorm,
@@ -210,28 +209,35 @@ def _moe_weights(mlp, prefix: str, architecture: str) -> dict:
 def hf_tensors(ckpt: LoadedCheckpoint, architecture: str, vocab_size: int) -> dict:
     """The ``transformers`` weights under hub key names, as views of the model's parameters.
 
-    Nothing is copied: :func:`tst.export.writer.write_safetensors` converts one shard at a
-    time, so an export holds the model plus at most one shard. Experts use the per-expert
-    hub names, which ``transformers`` >= 5 fuses on load.
+    Nothing is copied (but the norms' weights plus one under ``--apply-layernorm-1p``):
+    :func:`tst.export.writer.write_safetensors` converts one shard at a time, so an export
+    holds the model plus at most one shard. Experts use the per-expert hub names, which
+    ``transformers`` >= 5 fuses on load.
     """
     model, m = ckpt.model, ckpt.cfg.model
     heads = m.num_attention_heads
     groups = m.query_groups
     head_dim = ckpt.transformer_config.kv_channels
     out = {"model.embed_tokens.weight": model.embedding.word_embeddings.weight[:vocab_size]}
+    zero_centred = ckpt.transformer_config.layernorm_zero_centered_gamma
+
+    def norm(module):
+        # --apply-layernorm-1p: the norms scale by 1 + weight; the targets' by their weight.
+        return module.weight.detach().float() + 1 if zero_centred else module.weight
+
     for i, layer in enumerate(model.decoder.layers):
         p = f"model.layers.{i}."
         attn = layer.self_attention
         q, k, v = split_qkv(attn.linear_qkv.weight, heads, groups, head_dim)
-        out[p + "input_layernorm.weight"] = layer.input_layernorm.weight
+        out[p + "input_layernorm.weight"] = norm(layer.input_layernorm)
         out[p + "self_attn.q_proj.weight"] = q
         out[p + "self_attn.k_proj.weight"] = k
         out[p + "self_attn.v_proj.weight"] = v
         out[p + "self_attn.o_proj.weight"] = attn.linear_proj.weight
         if m.qk_layernorm:
-            out[p + "self_attn.q_norm.weight"] = attn.q_layernorm.weight
-            out[p + "self_attn.k_norm.weight"] = attn.k_layernorm.weight
-        out[p + "post_attention_layernorm.weight"] = layer.pre_mlp_layernorm.weight
+            out[p + "self_attn.q_norm.weight"] = norm(attn.q_layernorm)
+            out[p + "self_attn.k_norm.weight"] = norm(attn.k_layernorm)
+        out[p + "post_attention_layernorm.weight"] = norm(layer.pre_mlp_layernorm)
         if m.num_experts:
             out.update(_moe_weights(layer.mlp, p, architecture))
         else:
@@ -239,7 +245,7 @@ def hf_tensors(ckpt: LoadedCheckpoint, architecture: str, vocab_size: int) -> di
             out[p + "mlp.gate_proj.weight"] = gate
             out[p + "mlp.up_proj.weight"] = up
             out[p + "mlp.down_proj.weight"] = layer.mlp.linear_fc2.weight
-    out["model.norm.weight"] = model.decoder.final_layernorm.weight
+    out["model.norm.weight"] = norm(model.decoder.final_layernorm)
     if m.untie_embeddings_and_output_weights:
         out["lm_head.weight"] = model.output_layer.weight[:vocab_size]
     return {name: tensor.detach() for name, tensor in out.items()}
