@@ -378,11 +378,19 @@ class Trainer:
         eod = self.tokenizer.eod if self.cfg.data.eod_mask_loss else None
         return batch_for_phase(chunk, phase, eod=eod)
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's tensor on the run's device without waiting for the device: torch's
+        blocking host-to-GPU copy synchronises the stream, which would leave the GPU idle
+        after every copy until the host has queued the next kernels (Megatron-LM's batches
+        are copied with ``non_blocking=True`` too). The copy is stream-ordered before every
+        kernel that reads it; a pageable source is staged before the call returns."""
+        return tensor.to(self.layout.device, non_blocking=True)
+
     def _forward_step(self, phase: Phase, data_iterator, model, return_schedule_plan=False):
         batch = next(data_iterator)
         b = batch.input_ids.shape[0]
         device = self.layout.device
-        input_ids = batch.input_ids.to(device)
+        input_ids = self._to_device(batch.input_ids)
         positions = torch.arange(self.seq_length, device=device).expand(b, -1)
         attention_mask = None
         data = self.cfg.data
@@ -400,8 +408,8 @@ class Trainer:
             # bags, with their global positions. The loss tokens counted below are this
             # rank's; megatron-core sums them, and the gradients, over DP x CP.
             batch, positions = split_for_context_parallel(batch, positions, self.layout.cp_group)
-            input_ids = batch.input_ids.to(device)
-        targets, mask = batch.targets.to(device), batch.loss_mask.to(device)
+            input_ids = self._to_device(batch.input_ids)
+        targets, mask = self._to_device(batch.targets), self._to_device(batch.loss_mask)
         # The last stage scores the targets inside the model: [b, L] per-position losses.
         # The mask also reaches the model: the MTP depths roll it with their targets.
         if return_schedule_plan:
