@@ -483,10 +483,10 @@ def _m(n: float) -> str:
 def dry_run_vocab_size(cfg: Config) -> int:
     """The vocabulary the dry run sizes the model with, reading no tokenizer file.
 
-    ``--vocab-size`` when given; ``--padded-vocab-size`` (the model's size) when given;
-    GPT-2 BPE's 50,257 for ``GPT2BPETokenizer`` (a fixed
-    vocabulary); else an assumed 32,000 entries (Llama-2's), printed so that nobody takes
-    the counts for exact: pass ``--vocab-size`` for those.
+    ``--vocab-size`` when given, else ``--padded-vocab-size`` (the model's size) when given;
+    GPT-2 BPE's 50,257 for ``GPT2BPETokenizer`` (a fixed vocabulary); else an assumed 32,000
+    entries (Llama-2's), printed so that nobody takes the counts for exact: pass
+    ``--vocab-size`` for those.
     """
     d = cfg.data
     if d.vocab_size:
