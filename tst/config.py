@@ -1182,7 +1182,10 @@ class DataArgs:
         "as Megatron-LM's GPT example assumes; NullTokenizer with --mock-data).",
         choices=TOKENIZER_TYPES,
     )
-    tokenizer_model: str | None = _f(None, "Tokenizer model file (.model / tokenizer.json).")
+    tokenizer_model: str | None = _f(
+        None, "Tokenizer model file (.model / tokenizer.json, or the Hugging Face folder "
+        "holding tokenizer.json); read from disk, never downloaded.",
+    )  # fmt: skip
     vocab_file: str | None = _f(None, "GPT-2 BPE vocab.json.")
     merge_file: str | None = _f(None, "GPT-2 BPE merges.txt.")
     vocab_size: int | None = _f(None, "Vocabulary size (default: the tokenizer's).")

@@ -66,6 +66,12 @@ def test_wrong_kind_of_file(files):
         (("GPT2BPETokenizer", None, vocab, sp_model), rf"{sp_model} is not a GPT-2 merges.txt"),
         (("GPT2BPETokenizer", None, vocab, vocab), rf"{vocab} is not a GPT-2 merges.txt"),
         (("SentencePieceTokenizer", "/no/such.model"), "/no/such.model: no such file"),
+        # A hub name, as Megatron-LM's scripts pass it (it downloads): read from disk only.
+        (
+            ("HuggingFaceTokenizer", "meta-llama/Llama-3.1-8B"),
+            r"meta-llama/Llama-3.1-8B: no such file or folder; a Hugging Face hub name is not",
+        ),
+        (("HuggingFaceTokenizer", "/no/tokenizer.json"), "/no/tokenizer.json: no such file"),
         (("GPT2BPETokenizer",), "needs --vocab-file"),
     ]
     for args, message in cases:

@@ -270,6 +270,9 @@ class Llama2Tokenizer(SentencePieceTokenizer):
         return [self.bos, *self._sp.EncodeAsIds(text)]
 
 
+_HUB_NAME = re.compile(r"[\w.-]+/[\w.-]+")  # "org/model", as the Hugging Face hub names them
+
+
 class HuggingFaceTokenizer:
     """A Hugging Face ``tokenizer.json`` read with the ``tokenizers`` library."""
 
@@ -280,6 +283,13 @@ class HuggingFaceTokenizer:
         if os.path.isdir(tokenizer_file):
             folder = tokenizer_file
             tokenizer_file = os.path.join(tokenizer_file, "tokenizer.json")
+        elif not os.path.exists(tokenizer_file) and _HUB_NAME.fullmatch(tokenizer_file):
+            # Megatron-LM's HuggingFaceTokenizer downloads a hub name ("org/model").
+            raise TokenizerFileError(
+                f"{flag} {tokenizer_file}: no such file or folder; a Hugging Face hub name is "
+                "not downloaded here (files are read from disk only): download the model's "
+                "tokenizer.json and tokenizer_config.json and pass their folder"
+            )
         _require_file(tokenizer_file, "HuggingFaceTokenizer", flag)
         _require_json(tokenizer_file, "a Hugging Face tokenizer.json", "HuggingFaceTokenizer")
         try:
