@@ -329,7 +329,7 @@ def _resume_refused(argv: list[str], metrics: str) -> str:
 
 def test_resume_at_another_tp_with_another_vocabulary_padding(world2, tmp_path):
     """300 ids pad to 384 rows at TP=1 but 512 at TP=2: the resume is refused with the fix,
-    and with --make-vocab-size-divisible-by 192 (384 rows at TP=2) it continues the run."""
+    and with it, --padded-vocab-size 384 (192 rows a TP rank), it continues the run."""
     odd = _with(vocab_size=300)
     want = world2.run(_train, odd, str(tmp_path / "full.jsonl"))[0]
     ckpt = str(tmp_path / "ckpt")
@@ -337,9 +337,8 @@ def test_resume_at_another_tp_with_another_vocabulary_padding(world2, tmp_path):
     tp2 = odd + ["--load", ckpt, "--tensor-model-parallel-size", "2"]
     message = world2.run(_resume_refused, tp2, str(tmp_path / "b.jsonl"))[0]
     assert "does not fit this model" in message and "saved (384, 32), this run (512, 32)" in message
-    assert "--make-vocab-size-divisible-by" in message and "384 / TP" in message
-    second = world2.run(_train, tp2 + ["--make-vocab-size-divisible-by", "192"],
-                        str(tmp_path / "c.jsonl"))[0]  # fmt: skip
+    assert "give --padded-vocab-size 384 (or a --make-vocab-size-divisible-by" in message
+    second = world2.run(_train, tp2 + ["--padded-vocab-size", "384"], str(tmp_path / "c.jsonl"))[0]
     _assert_close(_losses(second), _losses(want)[4:], 2e-4, "resume at TP=2, 384 rows")
 
 
