@@ -890,6 +890,15 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         not cfg.moe.moe_apply_probs_on_input or m.moe_router_topk == 1,
         "--moe-apply-probs-on-input needs --moe-router-topk 1 (megatron-core's rule)",
     )
+    learned = m.position_embedding_type == "learned_absolute"
+    if learned and "--enable-gpt-oss" in dict(cfg.accepted_flags):
+        # Megatron-LM's pretraining does the same, silently; its ModelOpt configurations for
+        # GPT-OSS pass no --position-embedding-type and rely on ModelOpt's builder (YaRN).
+        warnings.warn("--enable-gpt-oss is read by Megatron-LM's ModelOpt model builder only "
+                      "(GPT-OSS's YaRN positions): this run builds learned absolute positions "
+                      "(--position-embedding-type's default), as Megatron-LM's pretraining does; "
+                      "pass --position-embedding-type rope for rotary ones, as its GPT-OSS "
+                      "example does", stacklevel=3)  # fmt: skip
     if m.num_experts and cfg.moe.moe_router_num_groups:
         _check_group_limited_routing(m.num_experts, m.moe_router_topk,
                                      cfg.moe.moe_router_num_groups, cfg.moe.moe_router_group_topk)  # fmt: skip
