@@ -84,7 +84,8 @@ GOES_WITH = {
     "--fp8-format": ("--fp8-recipe", "--fp8-amax-history-len", "--fp8-amax-compute-algo",
                      "--fp8-param-gather", "--first-last-layers-bf16"),
     "--tp-comm-overlap": ("--tp-comm-overlap-cfg",),
-    # Context parallelism needs Transformer Engine: its sub-grid and rank order go with it.
+    # (Context parallelism runs on the local spec too; where it is refused, its sub-grid and
+    # rank order go with it.)
     "--context-parallel-size": ("--hierarchical-context-parallel-sizes", "--cp-comm-type",
                                 "--use-tp-pp-dp-mapping"),
 }  # fmt: skip
@@ -130,13 +131,6 @@ def shrink(name: str, case: dict, work: str) -> tuple[list[str], list[str], str]
         groups = int(_value(argv, "--num-query-groups"))
         argv[argv.index("--num-query-groups") + 1] = str(min(groups, 8))
     note = ""
-    if int(_value(argv, "--context-parallel-size", 1)) > 1 and not _te_importable():
-        # Context parallelism needs Transformer Engine: dropped before the batch is sized.
-        argv = _without(
-            argv,
-            {f: "+" for f in ("--context-parallel-size", *GOES_WITH["--context-parallel-size"])},
-        )
-        note = "without --context-parallel-size (Transformer Engine)"
     tp = int(_value(argv, "--tensor-model-parallel-size", 1))
     pp = int(_value(argv, "--pipeline-model-parallel-size", 1))
     cp = int(_value(argv, "--context-parallel-size", 1))

@@ -13,16 +13,23 @@ Used by the local spec where ``--attention-backend`` is ``flash`` or ``fused``, 
 ``auto`` on CUDA; Transformer Engine's spec keeps TE's attention, ``unfused`` / ``local``
 keep megatron-core's, and so does multi-latent attention (``tst.model``'s
 ``LatentDotProductAttention``).
+
+Under context parallelism the local spec's core attention (standard or multi-latent) is
+:class:`ContextParallelAttention`: megatron-core has only Transformer Engine's.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
+import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
 
 
 def use_sdpa(attention_backend: str, use_transformer_engine: bool, on_gpu: bool,
@@ -114,4 +121,93 @@ class SDPAttention(DotProductAttention):
         return context.permute(2, 0, 1, 3).reshape(context.size(2), context.size(0), -1)
 
 
-__all__ = ["SDPAttention", "use_sdpa"]
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence (dim 0) in CP-rank order; backward: each rank's slice
+    of the gradient summed over the ranks (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        out = x.new_empty((x.shape[0] * group.size(), *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // ctx.group.size(), *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, group=ctx.group)
+        return out, None
+
+
+class ContextParallelAttention(MegatronModule):
+    """The local spec's core attention under context parallelism (``--context-parallel-size``
+    > 1), where megatron-core has only Transformer Engine's.
+
+    Each CP rank holds chunks ``r`` and ``2 CP - 1 - r`` of the sequence (megatron-core's
+    load balancing, :func:`tst.data.context_parallel.kept_positions`). Its keys and values are
+    all-gathered over the CP group (Megatron-LM's ``allgather`` communication type; their
+    gradients are reduce-scattered back), and its queries attend to them under the causal
+    mask of global positions, through ``scaled_dot_product_attention`` (a fused kernel on a
+    GPU). Megatron-core's signature, grouped-query heads, MLA's head sizes (``k_channels`` /
+    ``v_channels``), its softmax scale and dropout. No parameters.
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None, k_channels=None, v_channels=None):  # fmt: skip
+        super().__init__(config=config)
+        if pg_collection is not None and getattr(pg_collection, "cp", None) is not None:
+            self.cp_group = pg_collection.cp
+        else:
+            from megatron.core import parallel_state
+
+            self.cp_group = parallel_state.get_context_parallel_group()
+        if config.softmax_type != "vanilla" or config.window_size is not None:
+            raise ValueError("context parallelism on the local spec has no attention sinks "
+                             "(--softmax-type) or sliding window (--window-size)")  # fmt: skip
+        head_dim = k_channels or config.kv_channels
+        # (Query-key layer scaling divides and multiplies back by the layer number in fp32:
+        # no change to the result, which the fused kernel computes in fp32.)
+        self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):  # fmt: skip
+        if (attention_mask, attention_bias, packed_seq_params) != (None, None, None):
+            raise ValueError("context parallelism on the local spec attends causally only (no "
+                             "attention mask, bias or packed sequences)")  # fmt: skip
+        from tst.data.context_parallel import kept_positions
+
+        group = self.cp_group
+        cp, rank = group.size(), group.rank()
+        length = query.shape[0] * cp
+        key = _GatherSequence.apply(key, group)
+        value = _GatherSequence.apply(value, group)
+        # Key j is seen from query i where j's global position is not after i's.
+        q_pos = kept_positions(length, cp, rank).to(query.device)
+        k_pos = torch.cat([kept_positions(length, cp, r) for r in range(cp)]).to(query.device)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # [sq, L]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
+        groups = q.size(1) // k.size(1)
+        if groups > 1:  # grouped-query attention, as megatron-core repeats them
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        dropout = self.dropout if self.training else 0.0
+
+        def attend():
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, dropout_p=dropout, scale=self.scale
+            )
+
+        if dropout and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():  # as megatron-core's dropout
+                context = attend()
+        else:
+            context = attend()
+        # [b, n, sq, d_v] -> [sq, b, n x d_v]
+        return context.permute(2, 0, 1, 3).reshape(context.size(2), context.size(0), -1)
+
+
+__all__ = ["ContextParallelAttention", "SDPAttention", "use_sdpa"]

@@ -508,12 +508,14 @@ class ParallelConfig:
         "the last stage builds one decoder layer fewer.",
     )
     context_parallel_size: int = _f(
-        1, "Context-parallel size (CP): the sequence split over ranks; needs Transformer Engine."
-    )
+        1, "Context-parallel size (CP): the sequence split over ranks (Transformer Engine's CP "
+        "attention, or the local spec's, which all-gathers keys and values).",
+    )  # fmt: skip
     cp_comm_type: list[str] = _f(
-        ["p2p"], "Context-parallel attention communication, one for every layer or one per "
-        "layer: p2p, a2a, allgather, or a2a+p2p (a2a inside the first of "
-        "--hierarchical-context-parallel-sizes, p2p across the second).",
+        ["p2p"], "Transformer Engine's context-parallel attention communication, one for every "
+        "layer or one per layer: p2p, a2a, allgather, or a2a+p2p (a2a inside the first of "
+        "--hierarchical-context-parallel-sizes, p2p across the second). The local spec's "
+        "all-gathers.",
         choices=["p2p", "a2a", "allgather", "a2a+p2p"],
     )  # fmt: skip
     hierarchical_context_parallel_sizes: list[int] | None = _f(

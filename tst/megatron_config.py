@@ -349,6 +349,21 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
     m, p, t = cfg.model, cfg.parallel, cfg.training
     on_gpu = layout.device.type == "cuda"
     check_document_mask_attention(cfg, te)  # --transformer-impl auto, resolved to TE
+    if p.context_parallel_size > 1 and not te:
+        # tst.attention.ContextParallelAttention: plain causal attention over gathered keys.
+        for flag, on, lacks in (
+            ("--window-size", m.window_size is not None, "no sliding window"),
+            ("--softmax-type " + m.softmax_type, m.softmax_type != "vanilla", "no sinks"),
+            ("--qk-clip", m.qk_clip, "no attention scores to clip by"),
+            ("--log-max-attention-logit", m.log_max_attention_logit, "no attention scores"),
+        ):
+            if on:
+                raise ValueError(
+                    f"{flag} with --context-parallel-size > 1 on the local spec: its "
+                    f"context-parallel attention (keys and values gathered over CP, fused "
+                    f"causal attention) has {lacks}; use Transformer Engine's spec on a GPU, "
+                    "or drop one"
+                )
     where = f"this run is on {layout.device.type}" + ("" if te else " without Transformer Engine")
     needs_te = [
         ("--tp-comm-overlap", p.tp_comm_overlap),
@@ -357,7 +372,6 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
             "--use-precision-aware-optimizer",
             t.use_precision_aware_optimizer and not t.optimizer_cpu_offload,
         ),
-        ("--context-parallel-size > 1", p.context_parallel_size > 1),
         ("--fp8-param-gather", t.fp8_param_gather),
         ("--delay-wgrad-compute", m.delay_wgrad_compute),
         (
@@ -402,9 +416,7 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
         if asked and not (on_gpu and te):
             raise ValueError(
                 f"{flag} needs a CUDA GPU with Transformer Engine; {where}: drop {flag.split()[0]}"
-                + (" (context parallelism runs through TE's attention only)"
-                   if flag.startswith("--context") else "")
-            )  # fmt: skip
+            )
 
 
 def _check_fp8_possible(cfg: Config, layout: Layout) -> None:

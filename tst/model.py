@@ -21,7 +21,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
 from tst import megatron_fixes
-from tst.attention import SDPAttention, use_sdpa
+from tst.attention import ContextParallelAttention, SDPAttention, use_sdpa
 from tst.embedding import BagEmbedding
 
 __all__ = [
@@ -74,13 +74,21 @@ class ModelShape:
     # --reset-attention-mask under Transformer Engine: self-attention built with an
     # arbitrary mask type, since TE's causal attention ignores the mask it is given.
     arbitrary_attention_mask: bool = False
+    # --context-parallel-size > 1 on the local spec: tst.attention.ContextParallelAttention.
+    context_parallel: bool = False
 
     @classmethod
     def from_config(
-        cls, model, vocab_size: int, use_transformer_engine: bool, on_gpu: bool = False
+        cls,
+        model,
+        vocab_size: int,
+        use_transformer_engine: bool,
+        on_gpu: bool = False,
+        context_parallel: bool = False,
     ) -> ModelShape:
         """The shape a :class:`tst.config.ModelConfig` describes, for a (padded) vocabulary,
-        on a GPU or not (``--attention-backend auto`` picks the local spec's attention)."""
+        on a GPU or not (``--attention-backend auto`` picks the local spec's attention), with
+        context parallelism or not."""
         return cls(
             vocab_size=vocab_size,
             max_sequence_length=model.max_position_embeddings,
@@ -100,6 +108,7 @@ class ModelShape:
             sdpa_attention=use_sdpa(
                 model.attention_backend, use_transformer_engine, on_gpu, model, warn=False
             ),
+            context_parallel=context_parallel and not use_transformer_engine,
         )
 
 
@@ -141,14 +150,15 @@ class TorchNorm:
         return norm
 
 
-def _with_sequence_parallel_norms(spec, sdpa: bool = False):
+def _with_sequence_parallel_norms(spec, sdpa: bool = False, context_parallel: bool = False):
     """The local layer spec with megatron-core's torch norms replaced by :class:`TorchNorm`:
     the layer's two norms and MLA's latent norms (``q_layernorm`` / ``kv_layernorm``), which
     under sequence parallelism see only this rank's positions too, and the query / key norms
     (megatron-core's torch norm refuses sequence parallelism and zero-centred weights even
     where, as there, they change nothing of its parallel rules); MLA's local attention is
     :class:`LatentDotProductAttention`; with ``sdpa`` the other attention's core is
-    :class:`tst.attention.SDPAttention`."""
+    :class:`tst.attention.SDPAttention`; with ``context_parallel`` either attention's core is
+    :class:`tst.attention.ContextParallelAttention`."""
     from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
@@ -162,7 +172,9 @@ def _with_sequence_parallel_norms(spec, sdpa: bool = False):
     attention = submodules.self_attention
     if isinstance(attention.submodules, MLASelfAttentionSubmodules):
         mla = replaced(attention.submodules, ("q_layernorm", "kv_layernorm"))
-        if mla.core_attention is DotProductAttention:
+        if context_parallel:
+            mla = dataclasses.replace(mla, core_attention=ContextParallelAttention)
+        elif mla.core_attention is DotProductAttention:
             mla = dataclasses.replace(mla, core_attention=LatentDotProductAttention)
         attention = dataclasses.replace(attention, submodules=mla)
         submodules = dataclasses.replace(submodules, self_attention=attention)
@@ -170,7 +182,9 @@ def _with_sequence_parallel_norms(spec, sdpa: bool = False):
         # --qk-layernorm's norms (over each head's channels: megatron-core sums their
         # gradients over TP by name, sequence parallel or not).
         inner = replaced(attention.submodules, ("q_layernorm", "k_layernorm"))
-        if sdpa and inner.core_attention is DotProductAttention:
+        if context_parallel:
+            inner = dataclasses.replace(inner, core_attention=ContextParallelAttention)
+        elif sdpa and inner.core_attention is DotProductAttention:
             inner = dataclasses.replace(inner, core_attention=SDPAttention)
         attention = dataclasses.replace(attention, submodules=inner)
         submodules = dataclasses.replace(submodules, self_attention=attention)
@@ -366,7 +380,7 @@ def layer_spec(shape: ModelShape, multi_latent_attention: bool = False):
             multi_latent_attention=multi_latent_attention,
             normalization=shape.normalization,
         )
-        spec = _with_sequence_parallel_norms(local, shape.sdpa_attention)
+        spec = _with_sequence_parallel_norms(local, shape.sdpa_attention, shape.context_parallel)
     return _with_arbitrary_mask(spec) if shape.arbitrary_attention_mask else spec
 
 

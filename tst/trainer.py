@@ -157,6 +157,7 @@ class Trainer:
             plan.padded_vocab_size,
             use_transformer_engine(cfg, layout),
             on_gpu=layout.device.type == "cuda",
+            context_parallel=plan.grid.cp > 1,
         )
         if cfg.data.reset_attention_mask and self.shape.use_transformer_engine:
             self.shape = dataclasses.replace(self.shape, arbitrary_attention_mask=True)
@@ -1195,7 +1196,7 @@ class Trainer:
         shape = ModelShape.from_config(
             dense_model, self.plan.padded_vocab_size,
             use_transformer_engine(dense_cfg, self.layout),
-            on_gpu=self.layout.device.type == "cuda",
+            on_gpu=self.layout.device.type == "cuda", context_parallel=plan.grid.cp > 1,
         )  # fmt: skip
         dense = build_model_chunks(config, shape, self.plan.vpp, self.layout.device, meta=True)
         path = checkpointing.checkpoint_path(run.load, run.ckpt_step)

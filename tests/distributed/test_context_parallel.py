@@ -59,59 +59,60 @@ CP_RUN = [
 ]  # fmt: skip
 
 
-def _train_with_cp_attention(argv: list[str], metrics: str) -> list[dict]:
-    """pretrain_tst.main with the plain CP attention (tests/helpers/cp_attention.py) in place
-    of Transformer Engine's, which the CPU does not have; records of the metrics file."""
-    import dataclasses
-    import json
+def _train(argv: list[str], metrics: str) -> list[dict]:
+    from trainer_runs import main_records
 
-    import torch.distributed as dist
-    from cp_attention import GatheredContextParallelAttention
-
-    import pretrain_tst
-    from tst import megatron_config, model
-
-    spec_of, check = model.layer_spec, megatron_config._check_device_features
-
-    def layer_spec(shape, multi_latent_attention=False):
-        spec = spec_of(shape, multi_latent_attention)
-        attention = spec.submodules.self_attention
-        attention = dataclasses.replace(attention, submodules=dataclasses.replace(
-            attention.submodules, core_attention=GatheredContextParallelAttention))  # fmt: skip
-        return dataclasses.replace(spec, submodules=dataclasses.replace(
-            spec.submodules, self_attention=attention))  # fmt: skip
-
-    model.layer_spec = layer_spec
-    megatron_config._check_device_features = lambda cfg, layout, te: None  # CP on CPU
-    try:
-        assert pretrain_tst.main(argv + ["--metrics-file", metrics]) == 0
-    finally:
-        model.layer_spec, megatron_config._check_device_features = spec_of, check
-    dist.barrier()
-    with open(metrics) as f:
-        return [json.loads(line) for line in f]
+    return main_records(argv, metrics)
 
 
 def _steps(records, key):
     return [r[key] for r in records if key in r and "iteration" in r]
 
 
-def test_context_parallel_trains_the_model_cp1_trains(world2, tmp_path):
-    """CP 2 (one data-parallel rank) equals CP 1 at DP 2 with the same global batch, through
+def _assert_same_run(got, want, name, rel=1e-5):
+    for key in ("loss", "grad_norm", "val_loss"):
+        w, g = _steps(want, key), _steps(got, key)
+        assert len(w) == len(g) and w, (name, key)
+        for step, (a, b) in enumerate(zip(g, w, strict=True)):
+            assert abs(a - b) <= rel * abs(b), (name, key, step, a, b)
+
+
+def test_context_parallel_trains_what_cp1_trains(world2, tmp_path):
+    """CP 2 (one data-parallel rank; the local spec's tst.attention.ContextParallelAttention)
+    equals CP 1 at DP 2 (megatron-core's own attention) with the same global batch, through
     the switch: training loss, gradient norm and validation loss (rel 1e-5), with RoPE and
-    with learned absolute positions (whose position ids must be each kept position's global
-    index). Wrong position ids, a loss normalised per CP rank, or gradients not summed over
-    CP each break it."""
+    grouped-query attention, with learned absolute positions (whose position ids must be
+    each kept position's global index), and with the fused (SDPA) attention and selective
+    recomputation of the core attention (which gathers again in the recomputation). Wrong
+    position ids, a wrong causal mask of global positions, a loss normalised per CP rank,
+    key / value gradients not summed over CP, or model gradients not summed over CP each
+    break it."""
     from flags import SMALL_GPT
 
-    for name, extra in (("rope", SMALL_GPT), ("learned", [])):
-        want = world2.run(_train_with_cp_attention, CP_RUN + extra,
-                          str(tmp_path / f"{name}-cp1.jsonl"))[0]  # fmt: skip
-        got = world2.run(_train_with_cp_attention,
-                         CP_RUN + extra + ["--context-parallel-size", "2"],
+    gqa = ["--group-query-attention", "--num-query-groups", "2"]
+    # Multi-latent attention: query / key heads of 16 + 8 (YaRN RoPE) channels, values of 12.
+    mla = ["--multi-latent-attention", "--q-lora-rank", "16", "--kv-lora-rank", "16",
+           "--qk-head-dim", "16", "--qk-pos-emb-head-dim", "8", "--v-head-dim", "12",
+           "--rotary-scaling-factor", "4", "--mscale-all-dim", "1.0"]  # fmt: skip
+    cases = (("rope-gqa", SMALL_GPT + gqa), ("learned", []), ("mla", SMALL_GPT + mla),
+             ("sdpa-recompute", SMALL_GPT + ["--attention-backend", "flash",
+                                             "--recompute-activations"]))  # fmt: skip
+    for name, extra in cases:
+        want = world2.run(_train, CP_RUN + extra, str(tmp_path / f"{name}-cp1.jsonl"))[0]
+        got = world2.run(_train, CP_RUN + extra + ["--context-parallel-size", "2"],
                          str(tmp_path / f"{name}-cp2.jsonl"))[0]  # fmt: skip
-        for key in ("loss", "grad_norm", "val_loss"):
-            w, g = _steps(want, key), _steps(got, key)
-            assert len(w) == len(g) and w, (name, key)
-            for step, (a, b) in enumerate(zip(g, w, strict=True)):
-                assert abs(a - b) <= 1e-5 * abs(b), (name, key, step, a, b)
+        _assert_same_run(got, want, name)
+
+
+def test_context_parallel_with_tensor_sequence_and_pipeline_parallelism(world4, tmp_path):
+    """CP 2 beside TP 2 with sequence parallelism, and beside PP 2, equals the same layout
+    at CP 1 (DP 2 instead) through the switch (rel 1e-5)."""
+    from flags import SMALL_GPT
+
+    base = CP_RUN + SMALL_GPT + ["--group-query-attention", "--num-query-groups", "2"]
+    for name, layout in (("tp2-sp", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+                         ("pp2", ["--pipeline-model-parallel-size", "2"])):  # fmt: skip
+        want = world4.run(_train, base + layout, str(tmp_path / f"{name}-cp1.jsonl"))[0]
+        got = world4.run(_train, base + layout + ["--context-parallel-size", "2"],
+                         str(tmp_path / f"{name}-cp2.jsonl"))[0]  # fmt: skip
+        _assert_same_run(got, want, name)

@@ -17,7 +17,7 @@ TESTS = Path(__file__).resolve().parents[1]
 NOT_ON_CPU = {
     "--fp8-margin": "FP8 needs Transformer Engine on a Hopper/Blackwell GPU (bench/gpu_check.sh)",
     "--first-last-layers-bf16": "an FP8 recipe setting (Transformer Engine on a GPU)",
-    "--cp-comm-type": "context parallelism runs through Transformer Engine only",
+    "--cp-comm-type": "Transformer Engine's CP attention only (the local spec's all-gathers)",
     "--moe-enable-deepep": "DeepEP needs CUDA (the flex dispatcher's refusal is tested)",
 }
 

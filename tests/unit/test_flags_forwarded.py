@@ -412,19 +412,25 @@ def test_manual_gc_eval_and_profile_ranks():
     assert [_Profiler(log, rank, None).enabled for rank in range(2)] == [True, False]
 
 
-def test_context_parallelism_needs_te_on_a_gpu():
-    """CP > 1 launches where megatron-core's CP attention runs (Transformer Engine on a CUDA
-    GPU); on CPU it is refused in one line. The CP wiring itself is checked on CPU against a
-    plain CP attention in tests/distributed/test_context_parallel.py."""
+def test_context_parallelism_on_the_local_spec_refuses_what_its_attention_lacks():
+    """CP > 1 launches on any device; on the local spec its attention
+    (tst.attention.ContextParallelAttention) is plain causal attention, so sliding windows,
+    sinks and the attention-logit flags are refused in one line there (TE's has them). The
+    CP runs themselves: tests/distributed/test_context_parallel.py."""
     from tst.megatron_config import _check_device_features
 
-    cfg = parse_args([*BASE, "--context-parallel-size", "2"])
-    with pytest.raises(ValueError, match=r"--context-parallel-size > 1 needs a CUDA GPU with "
-                       r"Transformer Engine; this run is on cpu without Transformer Engine: "
-                       r"drop --context-parallel-size \(context parallelism runs through TE's "
-                       r"attention only\)"):  # fmt: skip
-        _check_device_features(cfg, one_rank_layout("cpu"), te=False)
-    _check_device_features(_cfg()[0], one_rank_layout("cpu"), te=False)
+    cp = [*BASE, "--context-parallel-size", "2"]
+    _check_device_features(parse_args(cp), one_rank_layout("cpu"), te=False)
+    for extra, message in (
+        (["--window-size", "4,0"], "--window-size with --context-parallel-size > 1 on the local "
+         "spec: .* has no sliding window; use Transformer Engine's spec"),
+        (["--softmax-type", "learnable"], "--softmax-type learnable with .* has no sinks"),
+        (["--qk-clip"], "--qk-clip with .* has no attention scores to clip by"),
+        (["--log-max-attention-logit"], "--log-max-attention-logit with .* no attention scores"),
+    ):  # fmt: skip
+        cfg = parse_args(cp + extra)
+        with pytest.raises(ValueError, match=message):
+            _check_device_features(cfg, one_rank_layout("cpu"), te=False)
 
 
 def test_loss_scale_kept_out_of_tensorboard_in_a_run(tmp_path):
