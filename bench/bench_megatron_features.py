@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Memory of activation recomputation and step time of communication overlap, in one run.
 
-    python bench/bench_megatron_features.py [--iters 6] [--repeats 2] [--sections 1 2 3 4 5 6]
+    python bench/bench_megatron_features.py [--iters 6] [--repeats 2] [--sections 1 2 3 4 5 6 7]
 
 1. Peak memory (the process's peak RSS, from the kernel) of a model whose activations
    dominate (16 layers, hidden 256, 2,048 positions, micro-batch 4, a 512-entry vocabulary),
@@ -37,6 +37,12 @@
    mask built per micro-batch and applied in every layer) on the same model, with
    megatron-core's unfused attention and with the fused (SDPA) local one (which must leave
    its causal kernel for a masked one), each against itself without the mask.
+
+7. Context parallelism (``--context-parallel-size 2``: each of the two ranks holds half of
+   every sequence; the local spec's CP attention all-gathers keys and values) against data
+   parallelism at DP 2 (each rank whole sequences) at the same global batch, on a model
+   whose sequence dominates (4 layers, hidden 256, 2,048 positions), both with the fused
+   (SDPA) attention: step time and the peak RSS of the largest rank.
 
 Run it with nothing else on the machine: two CPU cores shared with another process slow
 torch down 10-40x and make the timings meaningless.
@@ -155,6 +161,17 @@ DOC_MASK = {
 }  # fmt: skip
 
 
+CP_MODEL = [
+    "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "4",
+    "--seq-length", "2048", "--micro-batch-size", "2", "--global-batch-size", "4",
+    "--attention-backend", "flash",
+]  # fmt: skip
+CONTEXT = {
+    "DP 2": [],
+    "CP 2": ["--context-parallel-size", "2"],
+}
+
+
 def step_times_and_peak(argv: list[str], skip: int = 2,
                         memory: bool = False) -> tuple[list[float], float]:  # fmt: skip
     """Seconds per step of a 2-rank torchrun run (rank 0's log), the first ``skip`` dropped,
@@ -198,10 +215,10 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=6, help="steps per memory run")
     parser.add_argument("--time-iters", type=int, default=12, help="steps per timing run")
     parser.add_argument("--repeats", type=int, default=2, help="ABBA repeats of the timings")
-    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6],
+    parser.add_argument("--sections", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 7],
                         help="which parts to run (1 recomputation, 2 overlap, 3 FSDP2, "
                         "4 optimizer offload, 5 attention logits and activation offload, "
-                        "6 document mask)")  # fmt: skip
+                        "6 document mask, 7 context parallelism)")  # fmt: skip
     args = parser.parse_args(argv)
     if 1 in args.sections:
         _recomputation(args)
@@ -218,6 +235,9 @@ def main(argv=None) -> int:
     if 6 in args.sections:
         _compare("document mask at DP 2 (gloo, 2 ranks), 8L h256 L512, fp32", DOC_MASK,
                  LOGIT_MODEL, args)  # fmt: skip
+    if 7 in args.sections:
+        _compare("context parallelism vs data parallelism (gloo, 2 ranks), 4L h256 L2048, "
+                 "global batch 4, SDPA attention, fp32", CONTEXT, CP_MODEL, args)  # fmt: skip
     return 0
 
 

@@ -30,6 +30,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from torch.nn.attention.bias import causal_lower_right
 
 
 def use_sdpa(attention_backend: str, use_transformer_engine: bool, on_gpu: bool,
@@ -148,10 +149,11 @@ class ContextParallelAttention(MegatronModule):
     Each CP rank holds chunks ``r`` and ``2 CP - 1 - r`` of the sequence (megatron-core's
     load balancing, :func:`tst.data.context_parallel.kept_positions`). Its keys and values are
     all-gathered over the CP group (Megatron-LM's ``allgather`` communication type; their
-    gradients are reduce-scattered back), and its queries attend to them under the causal
-    mask of global positions, through ``scaled_dot_product_attention`` (a fused kernel on a
-    GPU). Megatron-core's signature, grouped-query heads, MLA's head sizes (``k_channels`` /
-    ``v_channels``), its softmax scale and dropout. No parameters.
+    gradients are reduce-scattered back) and put back in sequence order; each of its two
+    query chunks attends to the keys up to its own end, causally within its own chunk, through
+    ``scaled_dot_product_attention`` with a lower-right causal bias (no mask tensor: a fused
+    causal kernel on a GPU). megatron-core's signature, grouped-query heads, MLA's head sizes
+    (``k_channels`` / ``v_channels``), its softmax scale and dropout. No parameters.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
@@ -178,17 +180,20 @@ class ContextParallelAttention(MegatronModule):
         if (attention_mask, attention_bias, packed_seq_params) != (None, None, None):
             raise ValueError("context parallelism on the local spec attends causally only (no "
                              "attention mask, bias or packed sequences)")  # fmt: skip
-        from tst.data.context_parallel import kept_positions
-
         group = self.cp_group
         cp, rank = group.size(), group.rank()
-        length = query.shape[0] * cp
-        key = _GatherSequence.apply(key, group)
-        value = _GatherSequence.apply(value, group)
-        # Key j is seen from query i where j's global position is not after i's.
-        q_pos = kept_positions(length, cp, rank).to(query.device)
-        k_pos = torch.cat([kept_positions(length, cp, r) for r in range(cp)]).to(query.device)
-        allowed = k_pos[None, :] <= q_pos[:, None]  # [sq, L]
+        chunk = query.shape[0] // 2
+        # Every rank's two chunks, put back in sequence order: rank p holds chunks p and
+        # 2 CP - 1 - p (megatron-core's load balancing).
+        order = [c if c < cp else 2 * cp - 1 - c for c in range(2 * cp)]  # holder of chunk c
+        blocks = torch.tensor([2 * p + (c >= cp) for c, p in enumerate(order)],
+                              device=query.device)  # fmt: skip
+
+        def gathered(t):
+            t = _GatherSequence.apply(t, group)  # [2 CP x chunk, ...] in rank order
+            return t.view(2 * cp, chunk, *t.shape[1:]).index_select(0, blocks).flatten(0, 1)
+
+        key, value = gathered(key), gathered(value)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]
         groups = q.size(1) // k.size(1)
         if groups > 1:  # grouped-query attention, as megatron-core repeats them
@@ -197,9 +202,17 @@ class ContextParallelAttention(MegatronModule):
         dropout = self.dropout if self.training else 0.0
 
         def attend():
-            return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, dropout_p=dropout, scale=self.scale
-            )
+            # Chunk c attends to chunks 0..c, causally within its own: a causal mask aligned
+            # to the last key (lower right), which the fused kernels take without a mask.
+            parts = []
+            for half, c in enumerate((rank, 2 * cp - 1 - rank)):
+                seen = (c + 1) * chunk
+                parts.append(F.scaled_dot_product_attention(
+                    q[:, :, half * chunk : (half + 1) * chunk], k[:, :, :seen], v[:, :, :seen],
+                    attn_mask=causal_lower_right(chunk, seen), dropout_p=dropout,
+                    scale=self.scale,
+                ))  # fmt: skip
+            return torch.cat(parts, dim=2)
 
         if dropout and not self.config.sequence_parallel:
             with tensor_parallel.get_cuda_rng_tracker().fork():  # as megatron-core's dropout
