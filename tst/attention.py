@@ -152,8 +152,10 @@ class ContextParallelAttention(MegatronModule):
     gradients are reduce-scattered back) and put back in sequence order; each of its two
     query chunks attends to the keys up to its own end, causally within its own chunk, through
     ``scaled_dot_product_attention`` with a lower-right causal bias (no mask tensor: a fused
-    causal kernel on a GPU). megatron-core's signature, grouped-query heads, MLA's head sizes
-    (``k_channels`` / ``v_channels``), its softmax scale and dropout. No parameters.
+    causal kernel on a GPU); given a mask (``--reset-attention-mask``: its rows this rank's
+    queries, its columns every key in sequence order), attends under it instead.
+    megatron-core's signature, grouped-query heads, MLA's head sizes (``k_channels`` /
+    ``v_channels``), its softmax scale and dropout. No parameters.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
@@ -177,9 +179,9 @@ class ContextParallelAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):  # fmt: skip
-        if (attention_mask, attention_bias, packed_seq_params) != (None, None, None):
-            raise ValueError("context parallelism on the local spec attends causally only (no "
-                             "attention mask, bias or packed sequences)")  # fmt: skip
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("context parallelism on the local spec takes no attention bias "
+                             "or packed sequences")  # fmt: skip
         group = self.cp_group
         cp, rank = group.size(), group.rank()
         chunk = query.shape[0] // 2
@@ -202,6 +204,13 @@ class ContextParallelAttention(MegatronModule):
         dropout = self.dropout if self.training else 0.0
 
         def attend():
+            if attention_mask is not None:
+                # [b, 1, sq, L] (megatron-core's convention: True masks out) over this
+                # rank's queries and every key in sequence order: --reset-attention-mask's
+                # documents, causal within each.
+                return F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=~attention_mask, dropout_p=dropout, scale=self.scale
+                )
             # Chunk c attends to chunks 0..c, causally within its own: a causal mask aligned
             # to the last key (lower right), which the fused kernels take without a mask.
             parts = []

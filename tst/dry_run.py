@@ -719,9 +719,10 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     # goes to host memory; megatron-core keeps one layer's groups of each module on the GPU.
     moved = offloaded_activation_bytes(cfg, grid.tp, t.micro_batch_size)
     host_column = offload or moved
-    # --reset-attention-mask: each micro-batch in flight keeps its [b, 1, L, L] boolean
+    # --reset-attention-mask: each micro-batch in flight keeps its [b, 1, L / CP, L] boolean
     # document mask (one tensor every layer of the stage shares) for the backward.
-    mask_b = t.micro_batch_size * m.seq_length**2 if cfg.data.reset_attention_mask else 0
+    mask_b = (t.micro_batch_size * m.seq_length // grid.cp * m.seq_length
+              if cfg.data.reset_attention_mask else 0)  # fmt: skip
     print(
         "per rank (every TP/EP rank of a stage holds as much); memory in GiB: weights "
         f"{weight_b} B, grads {grad_b} B, Adam {optim_b} B per parameter"

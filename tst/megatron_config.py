@@ -348,7 +348,7 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
     The dry run never gets here (it lays out a GPU cluster's run from anywhere)."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     on_gpu = layout.device.type == "cuda"
-    check_document_mask_attention(cfg, te)  # --transformer-impl auto, resolved to TE
+    check_document_mask_attention(cfg, te, p.context_parallel_size)  # auto, resolved to TE
     if p.context_parallel_size > 1 and not te:
         # tst.attention.ContextParallelAttention: plain causal attention over gathered keys.
         for flag, on, lacks in (

@@ -787,14 +787,20 @@ def _check_qk_clip(cfg: Config) -> None:
                       "which the clip scales)", stacklevel=3)  # fmt: skip
 
 
-def check_document_mask_attention(cfg: Config, te: bool) -> None:
-    """--reset-attention-mask with Transformer Engine's flash attention, which takes no
-    arbitrary mask: here where --transformer-impl names TE, again (tst.megatron_config) once
-    --transformer-impl auto has resolved to it."""
-    _require(not (te and cfg.data.reset_attention_mask and cfg.model.attention_backend == "flash"),
+def check_document_mask_attention(cfg: Config, te: bool, cp: int = 1) -> None:
+    """--reset-attention-mask with Transformer Engine's flash attention, or its context-
+    parallel attention, neither of which takes an arbitrary mask: here where
+    --transformer-impl names TE, again (tst.megatron_config) once --transformer-impl auto
+    has resolved to it."""
+    if not (te and cfg.data.reset_attention_mask):
+        return
+    _require(cfg.model.attention_backend != "flash",
              "--reset-attention-mask with --attention-backend flash under Transformer Engine: "
              "TE's flash attention takes no arbitrary mask; use --attention-backend auto (TE "
              "picks a backend that does) or unfused")  # fmt: skip
+    _require(cp == 1, f"--reset-attention-mask with context parallelism (CP {cp}) under "
+             "Transformer Engine: its CP attention takes no arbitrary mask; drop one, or use "
+             "the local spec (--transformer-impl local), whose does")  # fmt: skip
 
 
 def _check_document_mask(cfg: Config, grid: Grid) -> None:
@@ -813,12 +819,10 @@ def _check_document_mask(cfg: Config, grid: Grid) -> None:
              "--reset-attention-mask with --no-create-attention-mask-in-dataloader: "
              "Megatron-LM then builds no mask and attends across documents; drop one (the "
              "document mask is built per micro-batch here)")  # fmt: skip
-    _require(grid.cp == 1, f"--reset-attention-mask with context parallelism (CP {grid.cp}): "
-             "the ring attention takes no arbitrary mask; drop one")  # fmt: skip
     _require(m.window_size is None, "--reset-attention-mask with --window-size: "
              "megatron-core's sliding-window attention replaces the mask it is given with "
              "its own window; drop one")  # fmt: skip
-    check_document_mask_attention(cfg, m.transformer_impl == "transformer_engine")
+    check_document_mask_attention(cfg, m.transformer_impl == "transformer_engine", grid.cp)
 
 
 def _check_group_limited_routing(experts: int, topk: int, groups: int, group_topk: int) -> None:

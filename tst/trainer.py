@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tst import checkpointing, grad_dumps, megatron_fixes, qk_clip, rerun, rerun_record
 from tst.config import Config
 from tst.data.batch import PAPER, batch_for_phase, document_positions_and_mask
-from tst.data.context_parallel import split_for_context_parallel
+from tst.data.context_parallel import kept_positions, split_for_context_parallel
 from tst.errors import NonFiniteLossError, RunError
 from tst.fsdp import (
     check_checkpointable,
@@ -410,6 +410,11 @@ class Trainer:
             # rank's; megatron-core sums them, and the gradients, over DP x CP.
             batch, positions = split_for_context_parallel(batch, positions, self.layout.cp_group)
             input_ids = self._to_device(batch.input_ids)
+            if attention_mask is not None:
+                # The document mask's rows of this rank's queries; every key stays (the local
+                # spec's CP attention gathers the keys back in sequence order).
+                kept = kept_positions(self.seq_length, self.layout.cp, self.layout.cp_rank)
+                attention_mask = attention_mask.index_select(2, kept.to(device))
         targets, mask = self._to_device(batch.targets), self._to_device(batch.loss_mask)
         # The last stage scores the targets inside the model: [b, L] per-position losses.
         # The mask also reaches the model: the MTP depths roll it with their targets.

@@ -1,8 +1,8 @@
 """--reset-position-ids / --reset-attention-mask through pretrain_tst.py at every layout.
 
 The document mask and positions are built from each micro-batch's rows on every pipeline
-stage; attention heads split over TP, layers over PP (and virtual stages), and recomputed
-layers rerun with the same mask. Every layout must train the same model as data parallelism
+stage; attention heads split over TP, layers over PP (and virtual stages), sequences over CP
+(each rank the mask's rows of its queries), and recomputed layers rerun with the same mask. Every layout must train the same model as data parallelism
 alone, through the phase switch (bags of 3, then tokens) and evaluation: fp32, rel 1e-5
 (measured up to 4e-8: reductions in another order); and the flags must change the run (the
 mock documents' EODs fall inside the rows; by 5.8e-3 nats at most, 100x that tolerance).
@@ -32,6 +32,8 @@ LAYOUTS = {
     "tp2-full-recompute": ["--tensor-model-parallel-size", "2", "--recompute-granularity", "full",
                            "--recompute-method", "uniform", "--recompute-num-layers", "1"],
     "dp2-sdpa": ["--attention-backend", "flash"],
+    # The local spec's CP attention, given the mask's rows of each rank's queries.
+    "cp2": ["--context-parallel-size", "2"],
 }  # fmt: skip
 REL = 1e-5  # measured up to 4e-8
 

@@ -147,7 +147,7 @@ REFUSED = [
     (["--fp8-format", "hybrid", "--transformer-impl", "local"], 1, r"FP8 needs Transformer Engine"),
     (["--make-vocab-size-divisible-by", "0"], 1, r"--make-vocab-size-divisible-by must be >= 1"),
     (["--dataloader-type", "cyclic"], 1, r"--dataloader-type cyclic is not supported: samples are read in one pass per epoch"),  # noqa: E501
-    (["--reset-attention-mask", "--context-parallel-size", "2"], 2, r"--reset-attention-mask with context parallelism \(CP 2\)"),  # noqa: E501
+    (["--reset-attention-mask", "--context-parallel-size", "2", "--transformer-impl", "transformer_engine"], 2, r"--reset-attention-mask with context parallelism \(CP 2\) under Transformer Engine: its CP attention takes no arbitrary mask; drop one, or use the local spec"),  # noqa: E501
     (["--reset-attention-mask", "--no-create-attention-mask-in-dataloader"], 1, r"--reset-attention-mask with --no-create-attention-mask-in-dataloader"),  # noqa: E501
 ]  # fmt: skip
 

@@ -262,7 +262,9 @@ def _validate(*extra, world=1):
         (["--no-create-attention-mask-in-dataloader"],
          r"--reset-attention-mask with --no-create-attention-mask-in-dataloader: Megatron-LM "
          r"then builds no mask"),
-        (["--context-parallel-size", "2"], r"with context parallelism \(CP 2\): the ring"),
+        (["--context-parallel-size", "2", "--transformer-impl", "transformer_engine"],
+         r"with context parallelism \(CP 2\) under Transformer Engine: its CP attention takes "
+         r"no arbitrary mask; drop one, or use the local spec"),
         (["--window-size", "4,0"], r"with --window-size: megatron-core's sliding-window"),
         (["--transformer-impl", "transformer_engine", "--attention-backend", "flash"],
          r"under Transformer Engine: TE's flash attention takes no arbitrary mask"),
