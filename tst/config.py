@@ -1643,7 +1643,7 @@ class RunConfig:
     dry_run_world_size: int | None = _f(
         None,
         "Processes (GPUs) the --dry-run lays the model out on "
-        "(default: the smallest world that fits TP x PP x EP).",
+        "(default: the smallest world both grids fit, TP x PP x CP and expert-TP x EP x PP).",
     )
     dry_run_report: str | None = _f(
         None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -471,9 +472,13 @@ def _layer_ranges(layers: list[int]) -> str:
 
 
 def _default_world(cfg: Config) -> int:
+    """The smallest world both grids fit: TP x PP x CP for the dense layers, expert-TP x EP x
+    PP for the experts (megatron-core builds the expert grid for a dense model too)."""
     p = cfg.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     ep = p.expert_model_parallel_size if cfg.model.num_experts else 1
-    return p.tensor_model_parallel_size * p.pipeline_model_parallel_size * ep
+    etp = (p.expert_tensor_parallel_size or tp) if cfg.model.num_experts else tp
+    return math.lcm(tp * pp * p.context_parallel_size, etp * ep * pp)
 
 
 def _m(n: float) -> str:

@@ -246,6 +246,13 @@ def test_the_dry_run_counts_the_mask_per_micro_batch_in_flight(tmp_path):
     assert (mask0 - plain0, mask1 - plain1) == (2 * per_micro_batch, per_micro_batch)
     assert "document mask per micro-batch in flight" in masked_text
     assert "document mask" not in text
+    # Under CP 2 (the default world now TP x PP x CP = 4) a rank keeps the rows of its
+    # queries: half the mask.
+    at = argv.index("--dry-run-world-size")
+    del argv[at : at + 2]
+    (cp0, _), _ = activations("--context-parallel-size", "2")
+    (cpm0, _), cp_text = activations("--context-parallel-size", "2", "--reset-attention-mask")
+    assert cpm0 - cp0 == 2 * per_micro_batch // 2 and "CP=2" in cp_text
 
 
 def _validate(*extra, world=1):
