@@ -30,7 +30,6 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
-from torch.nn.attention.bias import causal_lower_right
 
 
 def use_sdpa(attention_backend: str, use_transformer_engine: bool, on_gpu: bool,
@@ -182,6 +181,10 @@ class ContextParallelAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("context parallelism on the local spec takes no attention bias "
                              "or packed sequences")  # fmt: skip
+        # (Imported here: torch.nn.attention.bias imports TorchDynamo, which tst.megatron_import
+        # keeps out of a run that does not compile.)
+        from torch.nn.attention.bias import causal_lower_right
+
         group = self.cp_group
         cp, rank = group.size(), group.rank()
         chunk = query.shape[0] // 2
