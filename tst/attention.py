@@ -63,6 +63,18 @@ def use_sdpa(attention_backend: str, use_transformer_engine: bool, on_gpu: bool,
     return sdpa
 
 
+def _attend_and_merge_heads(attend, dropout: float, config):
+    """``attend()`` (in the tensor-parallel RNG tracker's stream where it drops out, as
+    megatron-core's attention dropout runs), its ``[b, n, sq, d_v]`` result returned in
+    megatron-core's ``[sq, b, n x d_v]``."""
+    if dropout and not config.sequence_parallel:
+        with tensor_parallel.get_cuda_rng_tracker().fork():
+            context = attend()
+    else:
+        context = attend()
+    return context.permute(2, 0, 1, 3).reshape(context.size(2), context.size(0), -1)
+
+
 class SDPAttention(DotProductAttention):
     """megatron-core's ``DotProductAttention`` computed by ``scaled_dot_product_attention``.
 
@@ -112,13 +124,7 @@ class SDPAttention(DotProductAttention):
                 q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.sdpa_scale
             )
 
-        if dropout and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():  # as megatron-core's dropout
-                context = attend()
-        else:
-            context = attend()
-        # [b, n, sq, d_v] -> [sq, b, n x d_v]
-        return context.permute(2, 0, 1, 3).reshape(context.size(2), context.size(0), -1)
+        return _attend_and_merge_heads(attend, dropout, self.config)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -226,13 +232,7 @@ class ContextParallelAttention(MegatronModule):
                 ))  # fmt: skip
             return torch.cat(parts, dim=2)
 
-        if dropout and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():  # as megatron-core's dropout
-                context = attend()
-        else:
-            context = attend()
-        # [b, n, sq, d_v] -> [sq, b, n x d_v]
-        return context.permute(2, 0, 1, 3).reshape(context.size(2), context.size(0), -1)
+        return _attend_and_merge_heads(attend, dropout, self.config)
 
 
 __all__ = ["ContextParallelAttention", "SDPAttention", "use_sdpa"]
