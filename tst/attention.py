@@ -194,15 +194,14 @@ class ContextParallelAttention(MegatronModule):
         group = self.cp_group
         cp, rank = group.size(), group.rank()
         chunk = query.shape[0] // 2
-        # Every rank's two chunks, put back in sequence order: rank p holds chunks p and
-        # 2 CP - 1 - p (megatron-core's load balancing).
-        order = [c if c < cp else 2 * cp - 1 - c for c in range(2 * cp)]  # holder of chunk c
-        blocks = torch.tensor([2 * p + (c >= cp) for c, p in enumerate(order)],
-                              device=query.device)  # fmt: skip
 
         def gathered(t):
-            t = _GatherSequence.apply(t, group)  # [2 CP x chunk, ...] in rank order
-            return t.view(2 * cp, chunk, *t.shape[1:]).index_select(0, blocks).flatten(0, 1)
+            # Every rank's two chunks, put back in sequence order: rank p holds chunks p and
+            # 2 CP - 1 - p (megatron-core's load balancing), so the first halves in rank order
+            # are chunks 0 .. CP - 1 and the second halves in reverse rank order the rest.
+            t = _GatherSequence.apply(t, group)  # [CP x 2 chunks, ...] in rank order
+            halves = t.view(cp, 2, chunk, *t.shape[1:])
+            return torch.cat([halves[:, 0], halves[:, 1].flip(0)]).flatten(0, 1)
 
         key, value = gathered(key), gathered(value)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, d]

@@ -224,7 +224,7 @@ class _NormOptions:
         weight = self.weight.to(dtype)
         return weight + 1 if self.zero_centred else weight
 
-    def _output_dtype(self, x):
+    def _compute_dtype(self, x):
         return torch.float32 if self.fp32_input else x.dtype
 
 
@@ -236,7 +236,7 @@ class _LayerNorm(_NormOptions, torch.nn.LayerNorm):
     def forward(self, x):
         if not (self.zero_centred or self.fp32_input):
             return super().forward(x)
-        dtype = self._output_dtype(x)
+        dtype = self._compute_dtype(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         out = torch.nn.functional.layer_norm(
             x.to(dtype), self.normalized_shape, self._scale(dtype), bias, self.eps
@@ -252,7 +252,7 @@ class _RMSNorm(_NormOptions, torch.nn.RMSNorm):
     def forward(self, x):
         if not (self.zero_centred or self.fp32_input):
             return super().forward(x)
-        dtype = self._output_dtype(x)
+        dtype = self._compute_dtype(x)
         out = torch.nn.functional.rms_norm(
             x.to(dtype), self.normalized_shape, self._scale(dtype), self.eps
         )

@@ -391,13 +391,14 @@ class Trainer:
         batch = next(data_iterator)
         b = batch.input_ids.shape[0]
         device = self.layout.device
-        input_ids = self._to_device(batch.input_ids)
+        input_ids = None  # on the device: the whole rows where the document flags need them
         positions = torch.arange(self.seq_length, device=device).expand(b, -1)
         attention_mask = None
         data = self.cfg.data
         if data.reset_position_ids or data.reset_attention_mask:
             # Per document (Megatron-LM's rule, per bag in a bag phase), from the whole row:
             # every pipeline stage reads the same rows, so each builds the same mask.
+            input_ids = self._to_device(batch.input_ids)
             doc_positions, attention_mask = document_positions_and_mask(
                 input_ids, phase.input_bag, self.tokenizer.eod, data.reset_position_ids,
                 data.reset_attention_mask,
@@ -409,12 +410,14 @@ class Trainer:
             # bags, with their global positions. The loss tokens counted below are this
             # rank's; megatron-core sums them, and the gradients, over DP x CP.
             batch, positions = split_for_context_parallel(batch, positions, self.layout.cp_group)
-            input_ids = self._to_device(batch.input_ids)
+            input_ids = None  # the model reads this rank's share
             if attention_mask is not None:
                 # The document mask's rows of this rank's queries; every key stays (the local
                 # spec's CP attention gathers the keys back in sequence order).
                 kept = kept_positions(self.seq_length, self.layout.cp, self.layout.cp_rank)
-                attention_mask = attention_mask.index_select(2, kept.to(device))
+                attention_mask = attention_mask.index_select(2, self._to_device(kept))
+        if input_ids is None:
+            input_ids = self._to_device(batch.input_ids)
         targets, mask = self._to_device(batch.targets), self._to_device(batch.loss_mask)
         # The last stage scores the targets inside the model: [b, L] per-position losses.
         # The mask also reaches the model: the MTP depths roll it with their targets.
