@@ -18,7 +18,7 @@ from tst.data.blends import data_blends
 from tst.errors import TSTError, collective_failure, exit_code
 from tst.megatron_import import compile_no_fusions, settled_imports
 from tst.nccl_options import group_options
-from tst.plan import check_launchable, validate
+from tst.plan import check_launchable, embedding_stages, validate
 
 
 def build_tokenizer(cfg: Config):
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
         order="tp-cp-ep-pp-dp" if p.use_tp_pp_dp_mapping else "tp-cp-ep-dp-pp",
         distributed_optimizer_instances=p.num_distributed_optimizer_instances,
         hierarchical_cp_sizes=p.hierarchical_context_parallel_sizes,
-        nccl_group_options=group_options(p),
+        nccl_group_options=group_options(p), embedding_stages=embedding_stages(cfg, grid),
     )  # fmt: skip
     trainer = None
     userbuffers = False

@@ -52,6 +52,12 @@ def world4() -> ProcessWorld:
     return _world(4)
 
 
+@pytest.fixture
+def world6() -> ProcessWorld:
+    """Six gloo ranks (PP 3 beside EP 2; rebuilt if an earlier test broke them)."""
+    return _world(6)
+
+
 # The longest test files, longest first (measured with --durations=150): with
 # ``--no-loadscope-reorder`` the workers take files in this order, so the last file to
 # finish is a short one and neither worker waits long on the other.

@@ -495,7 +495,8 @@ class ParallelConfig:
     pipeline_model_parallel_layout: str | None = _f(
         None,
         "Layers per pipeline stage, megatron-core's layout string: E (embedding), t (layer), "
-        "L (loss), stages split by |, (...)*N repeats, e.g. 'Et|(tt|)*30L'; PP x VPP stages.",
+        "m (MTP depth), L (loss), stages split by |, (...)*N repeats, e.g. 'Et|(tt|)*30L' or "
+        "'Et*3|(tt|)*29,m|L'; PP x VPP stages.",
     )
     account_for_embedding_in_pipeline_split: bool = _f(
         False,

@@ -20,7 +20,9 @@ __all__ = ["MTPConfig"]
 @dataclass
 class MTPConfig:
     mtp_num_layers: int | None = _f(
-        None, "Multi-token prediction depths D (megatron-core's MTP block, on the last stage)."
+        None,
+        "Multi-token prediction depths D (megatron-core's MTP block: on the last stage, or "
+        "where --pipeline-model-parallel-layout puts its m's).",
     )
     mtp_loss_scaling_factor: float = _f(
         0.1, "Weight of the MTP loss, averaged over its depths, next to the main loss."

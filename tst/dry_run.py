@@ -321,6 +321,7 @@ def per_rank_parameters(params: list[ParamInfo], cfg: Config, grid: Grid) -> lis
     for layer in range(m.num_layers):
         stages[grid.stage_of_layer(layer, m.num_layers)]["layers"].append(layer)
     last = grid.pp - 1
+    mtp_stage = last if grid.mtp_stage is None else grid.mtp_stage
     for p in params:
         split = grid.etp if p.expert else grid.tp
         local = p.numel // split if p.tp_dim is not None else p.numel
@@ -328,13 +329,21 @@ def per_rank_parameters(params: list[ParamInfo], cfg: Config, grid: Grid) -> lis
             stage = grid.stage_of_layer(p.layer, m.num_layers)
         elif p.name.startswith("embedding."):
             stage = 0
-            tied_copy = p.name == "embedding.word_embeddings.weight" and grid.pp > 1
-            if tied_copy:
-                # The last stage's copy: a tied output layer's weight, or the embedding the
-                # MTP block embeds with (with tied weights the output layer uses that one
-                # too: megatron_fixes.drop_unused_mtp_output_weight).
-                tied = not m.untie_embeddings_and_output_weights
-                stages[last]["dense"] += local * (tied or bool(cfg.mtp.mtp_num_layers))
+            if p.name == "embedding.word_embeddings.weight" and grid.pp > 1:
+                # Copies on later stages: a tied output layer's weight (the last stage), the
+                # embedding the MTP block embeds with (its stage; where that is the last,
+                # with tied weights the output layer uses it too:
+                # megatron_fixes.drop_unused_mtp_output_weight).
+                copies = {last} if not m.untie_embeddings_and_output_weights else set()
+                copies |= {mtp_stage} if cfg.mtp.mtp_num_layers else set()
+                for copy in copies:
+                    stages[copy]["dense"] += local
+        elif p.name.startswith("mtp."):
+            stage = mtp_stage
+        elif p.name.startswith("decoder.final_layernorm") and cfg.mtp.mtp_num_layers:
+            # With MTP the final norm sits with the last decoder layer (megatron-core's
+            # TransformerBlock.has_final_layernorm_in_this_stage), before the MTP block.
+            stage = grid.stage_of_layer(m.num_layers - 1, m.num_layers)
         else:  # output_layer, decoder.final_layernorm
             stage = last
         if p.expert:

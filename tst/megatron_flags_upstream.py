@@ -54,8 +54,8 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
     "--mtp-standalone": (
         0,
         "megatron-core sets it from --pipeline-model-parallel-layout (an m on a pipeline "
-        "rank before the last, which is not supported here yet); given by itself it only "
-        "makes the pipeline send each tensor's shape before the tensor",
+        "rank before the last, which runs here too); given by itself it only makes the "
+        "pipeline send each tensor's shape before the tensor",
     ),
     "--dist-ckpt-save-pre-mcore-014": (
         0,

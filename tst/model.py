@@ -326,12 +326,21 @@ class TSTGPTModel(GPTModel):
         if self.share_embeddings_and_output_weights:
             output_weight = self.shared_embedding_or_output_weight()
         gather = kwargs.get("runtime_gather_output")
-        score_mtp = self.mtp_process and labels is not None and self.training
+        # In training the MTP depths run (where the block is) and are scored (on the last
+        # stage): with the block on an earlier pipeline rank (a layout's standalone m) that
+        # rank sends their states on, stacked after the main ones, and the last stage,
+        # without the block, scores them. Evaluation runs neither, on every stage alike.
+        run_mtp = self.mtp_process and labels is not None and self.training
+        score_mtp = (
+            labels is not None
+            and self.training
+            and (self.mtp_process or self.config.mtp_standalone)
+        )
         # megatron-core passes mtp_in_postprocess=self.mtp_process, except its combined 1F1B
         # schedule (--overlap-moe-expert-parallel-comm): that runs the MTP depths as schedule
         # nodes of their own and hands their output here, stacked after the main hidden
         # states, with mtp_in_postprocess=False. Either way the depths' states get scored.
-        if score_mtp and mtp_in_postprocess:
+        if run_mtp and mtp_in_postprocess:
             hidden_states = self.mtp(
                 input_ids=input_ids, position_ids=position_ids, hidden_states=hidden_states,
                 attention_mask=kwargs.get("attention_mask"), rotary_pos_emb=rotary_pos_emb,

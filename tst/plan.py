@@ -45,6 +45,9 @@ class Grid:
     # Decoder layers of each model chunk in layer order (chunk c: virtual stage c // pp on
     # pipeline rank c % pp); empty: an even split.
     chunk_layers: tuple[int, ...] = ()
+    # The pipeline rank holding the MTP block (--mtp-num-layers): the last unless a
+    # --pipeline-model-parallel-layout puts its m's earlier; None without MTP.
+    mtp_stage: int | None = None
 
     @property
     def dp(self) -> int:
@@ -285,9 +288,8 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
             f"--seq-length {m.seq_length} must be a multiple of 2 x CP = {2 * cp} "
             "(load-balanced context-parallel chunks)",
         )
-    grid = Grid(
-        world=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp, chunk_layers=chunk_layers
-    )
+    grid = Grid(world=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp,
+                chunk_layers=chunk_layers, mtp_stage=mtp_pipeline_rank(cfg, pp))  # fmt: skip
     _check_communication(cfg, grid, m.num_experts is not None)
     return grid
 
@@ -361,6 +363,10 @@ def _check_expert_comm_overlap(cfg: Config, ep: int, pp: int) -> None:
         (not cfg.moe.moe_shared_expert_overlap, "excludes --moe-shared-expert-overlap"),
         (mtp in (None, 1), "takes at most --mtp-num-layers 1"),
         (mtp != 1 or pp > 1, "with --mtp-num-layers 1 needs --pipeline-model-parallel-size > 1"),
+        (pp == 1 or pipeline_chunks(cfg)[1] is not None,
+         "with --pipeline-model-parallel-size > 1 needs virtual pipeline stages "
+         "(--num-virtual-stages-per-pipeline-rank, or a --pipeline-model-parallel-layout with "
+         "several stages per rank)"),
     ):  # fmt: skip
         _require(ok, f"{flag} {why}")
 
@@ -484,6 +490,38 @@ def pipeline_chunks(cfg: Config) -> tuple[tuple[int, ...], int | None]:
     return tuple(counts), vpp
 
 
+def mtp_pipeline_rank(cfg: Config, pp: int) -> int | None:
+    """The pipeline rank that holds the MTP block: the last one, or where a
+    --pipeline-model-parallel-layout puts its m's (stage ``i`` of the string is on rank
+    ``i % pp``; megatron-core keeps them together, in a rank's last virtual stage). None
+    without --mtp-num-layers."""
+    if not cfg.mtp.mtp_num_layers:
+        return None
+    layout = cfg.parallel.pipeline_model_parallel_layout
+    if layout is None:
+        return pp - 1
+    from megatron.core.transformer.pipeline_parallel_layer_layout import (
+        PipelineParallelLayerLayout,
+    )
+
+    stages = PipelineParallelLayerLayout.parse_str_to_list(layout)
+    return next(i % pp for i, stage in enumerate(stages) if any(k.name == "mtp" for k in stage))
+
+
+def embedding_stages(cfg: Config, grid: Grid) -> tuple[int, ...] | None:
+    """The pipeline ranks whose copies of the word embeddings start equal and sum their
+    gradients (megatron-core's embedding group), where they are not its default first and
+    last: with the MTP block on a rank before the last (a layout's standalone m), the first
+    rank, the MTP block's rank (it embeds with its own copy) and, with tied weights, the last
+    (its output layer's copy), as later Megatron-LM's ``get_embedding_ranks``. Megatron-LM
+    0.16.1 keeps the default there, which leaves the MTP copy out and, untied, sums the last
+    rank's output layer into the embedding. None: the default."""
+    if grid.mtp_stage is None or grid.pp == 1 or grid.mtp_stage == grid.pp - 1:
+        return None
+    tied = not cfg.model.untie_embeddings_and_output_weights
+    return tuple(sorted({0, grid.mtp_stage} | ({grid.pp - 1} if tied else set())))
+
+
 def _layout_chunks(
     text: str, pp: int, num_layers: int, mtp_layers: int | None
 ) -> tuple[tuple[int, ...], int | None]:
@@ -523,16 +561,15 @@ def _layout_chunks(
         f"--mtp-num-layers is {mtp_layers or 0}: drop the m's or set --mtp-num-layers",
     )
     try:  # megatron-core's remaining rules (where MTP layers may go)
-        standalone = PipelineParallelLayerLayout(stages, pp).validate_layer_layout(
-            num_layers, mtp_layers
-        )
+        PipelineParallelLayerLayout(stages, pp).validate_layer_layout(num_layers, mtp_layers)
     except (AssertionError, NotImplementedError) as error:
         raise ConfigError(f"{flag}: {error}") from None
+    mtp_stage = next((i for i, stage in enumerate(names) if "mtp" in stage), None)
     _require(
-        not standalone,
-        f"{flag} puts the multi-token-prediction layers (m) on a pipeline rank before the last "
-        "(megatron-core's standalone MTP, whose stage sends a longer tensor on): not supported "
-        "yet; put the m in the last stage, before the L",
+        mtp_stage is None or pp == 1 or mtp_stage % pp != 0,
+        f"{flag} puts the multi-token-prediction layers (m) on the first pipeline rank, beside "
+        "the embedding: the MTP block embeds with a copy of it, which megatron-core keeps equal "
+        "to the embedding only across ranks; put the m on a later rank",
     )
     return tuple(stage.count("decoder") for stage in names), (vpp if vpp > 1 else None)
 
@@ -615,10 +652,6 @@ def check_launchable(cfg: Config) -> None:
     group starts (one line: the flag, why, what to do)."""
     p = cfg.parallel
     not_yet = [
-        ("--mtp-num-layers with --context-parallel-size > 1",
-         bool(cfg.mtp.mtp_num_layers) and p.context_parallel_size > 1,
-         "the MTP depths roll bags along the whole sequence, which a context-parallel rank "
-         "does not hold; drop one of the two"),
         ("--mtp-num-layers with --pipeline-model-parallel-size > 1 and learned absolute "
          "positions", bool(cfg.mtp.mtp_num_layers) and p.pipeline_model_parallel_size > 1
          and cfg.model.position_embedding_type == "learned_absolute",

@@ -122,6 +122,7 @@ def initialize(
     distributed_optimizer_instances: int = 1,
     hierarchical_cp_sizes: list[int] | None = None,
     nccl_group_options: dict | None = None,
+    embedding_stages: tuple[int, ...] | None = None,
 ) -> Layout:
     """Start (or join) the process group, set up megatron-core parallel state, seed RNGs.
 
@@ -132,6 +133,8 @@ def initialize(
     anything starts; these checks guard direct callers. ``order`` numbers the ranks
     (megatron-core's, fastest-varying first); ``distributed_optimizer_instances`` splits the
     data-parallel groups into that many partial groups the distributed optimizer shards over.
+    ``embedding_stages``: the pipeline ranks whose word-embedding copies megatron-core keeps
+    equal (:func:`tst.plan.embedding_stages`); None: its default, the first and the last.
     """
     for name, value in (("tensor-model-parallel-size", tp), ("pipeline-model-parallel-size", pp)):
         if value < 1:
@@ -184,8 +187,12 @@ def initialize(
         create_gloo_process_groups=gloo_groups,
         order=order,
         num_distributed_optimizer_instances=distributed_optimizer_instances,
+        get_embedding_ranks=(
+            None if embedding_stages is None
+            else lambda pp_ranks: [pp_ranks[stage] for stage in embedding_stages]
+        ),
         **nccl,
-    )
+    )  # fmt: skip
     layout = Layout(
         rank=dist.get_rank(),
         world_size=world,

@@ -228,6 +228,31 @@ def test_expert_parallel_comm_overlap_with_mtp_under_virtual_pipeline_stages(wor
         assert got[key] == plain[key], (key, got[key], plain[key])
 
 
+def test_expert_parallel_comm_overlap_with_a_standalone_mtp_stage(world6, tmp_path):
+    """The same with the MTP block on a rank of its own before the loss's (megatron-core's
+    standalone MTP, DeepSeek-V3's layout in Megatron-LM's documentation, here at PP 3 x 2
+    virtual stages, EP 2): the combined 1F1B schedule runs the depth as schedule nodes on
+    rank 1's last virtual stage, which sends the stacked states on, and the last rank's
+    post-process scores them; bit for bit the plain schedule's run in fp32."""
+    argv = [
+        "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
+        "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "1",
+        "--global-batch-size", "6", "--train-iters", "4", "--tst-bag-size", "2",
+        "--tst-iters", "2", "--lr", "3e-3", "--log-interval", "1", "--eval-iters", "0",
+        "--untie-embeddings-and-output-weights", *SMALL_GPT,
+        "--pipeline-model-parallel-size", "3", "--pipeline-model-parallel-layout", "Et|t|t|t|m|L",
+        "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+        "--expert-model-parallel-size", "2", "--mtp-num-layers", "1",
+    ]  # fmt: skip
+    plain = world6.run(_run_overlap, argv, str(tmp_path / "plain.jsonl"), True)[0]
+    got = world6.run(_run_overlap, argv + ["--overlap-moe-expert-parallel-comm"],
+                     str(tmp_path / "overlap.jsonl"), True)[0]  # fmt: skip
+    assert plain["plans"] == 0 and got["plans"] > 0
+    assert len(plain["loss"]) == 4 and all(m is not None for m in plain["mtp"]), plain
+    for key in ("loss", "mtp", "grad_norm"):
+        assert got[key] == plain[key], (key, got[key], plain[key])
+
+
 def test_moe_checkpoints_resume_under_another_expert_layout(world2, tmp_path):
     """A MoE checkpoint saved at TP 1 / EP 1 resumes exactly at TP 2 + SP with expert-TP 1
     and at EP 2 (the optimizer is split into dense and expert parts at every layout, so its

@@ -69,8 +69,8 @@ def _steps(records, key):
     return [r[key] for r in records if key in r and "iteration" in r]
 
 
-def _assert_same_run(got, want, name, rel=1e-5):
-    for key in ("loss", "grad_norm", "val_loss"):
+def _assert_same_run(got, want, name, rel=1e-5, extra_keys=()):
+    for key in ("loss", "grad_norm", "val_loss", *extra_keys):
         w, g = _steps(want, key), _steps(got, key)
         assert len(w) == len(g) and w, (name, key)
         for step, (a, b) in enumerate(zip(g, w, strict=True)):
@@ -86,7 +86,10 @@ def test_context_parallel_trains_what_cp1_trains(world2, tmp_path):
     recomputation of the core attention (which gathers again in the recomputation). Wrong
     position ids, a wrong causal mask of global positions, a loss normalised per CP rank,
     key / value gradients not summed over CP, or model gradients not summed over CP each
-    break it."""
+    break it. Multi-token prediction (two depths with RoPE, one with learned positions):
+    each depth rolls its input bags, position ids, targets and mask one position along the
+    whole sequence, across the CP ranks' chunk boundaries (megatron-core's CP-aware
+    ``roll_tensor``); the depths' losses are compared too."""
     from flags import SMALL_GPT
 
     gqa = ["--group-query-attention", "--num-query-groups", "2"]
@@ -96,12 +99,17 @@ def test_context_parallel_trains_what_cp1_trains(world2, tmp_path):
            "--rotary-scaling-factor", "4", "--mscale-all-dim", "1.0"]  # fmt: skip
     cases = (("rope-gqa", SMALL_GPT + gqa), ("learned", []), ("mla", SMALL_GPT + mla),
              ("sdpa-recompute", SMALL_GPT + ["--attention-backend", "flash",
-                                             "--recompute-activations"]))  # fmt: skip
+                                             "--recompute-activations"]),
+             ("mtp", SMALL_GPT + gqa + ["--mtp-num-layers", "2"]),
+             ("mtp-learned", ["--mtp-num-layers", "1"]))  # fmt: skip
     for name, extra in cases:
         want = world2.run(_train, CP_RUN + extra, str(tmp_path / f"{name}-cp1.jsonl"))[0]
         got = world2.run(_train, CP_RUN + extra + ["--context-parallel-size", "2"],
                          str(tmp_path / f"{name}-cp2.jsonl"))[0]  # fmt: skip
-        _assert_same_run(got, want, name)
+        depths = int(dict(zip(extra, extra[1:], strict=False)).get("--mtp-num-layers", 0))
+        _assert_same_run(
+            got, want, name, extra_keys=[f"mtp_{k}_loss" for k in range(1, depths + 1)]
+        )
 
 
 def test_context_parallel_with_tensor_sequence_and_pipeline_parallelism(world4, tmp_path):

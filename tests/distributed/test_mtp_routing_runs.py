@@ -263,3 +263,78 @@ def test_dry_run_stages_hold_the_mtp_block_as_a_real_build(tied, world2):
     stages = per_rank_parameters(meta_parameters(cfg, plan.padded_vocab_size), cfg, plan.grid)
     for pp_rank, count in world2.run(_stage_parameters, argv):
         assert count == stages[pp_rank]["dense"] + stages[pp_rank]["experts"], (pp_rank, stages)
+
+
+# ------------------------------------------- the MTP block on a rank of its own (standalone)
+
+# Megatron-LM's DeepSeek-V3 layout ("Et*3|(tt|)*29,m|L" at PP 16 x VPP 2) puts the MTP block
+# in a rank's last virtual stage and the loss alone on the last rank; here the same shape at
+# PP 4: the block on rank 2 after the last decoder layer, the loss alone on rank 3.
+STANDALONE = ["--num-layers", "3", "--pipeline-model-parallel-size", "4",
+              "--pipeline-model-parallel-layout", "Et|t|tm|L"]  # fmt: skip
+
+
+def test_standalone_mtp_stage_trains_what_pp1_trains(world4, tmp_path):
+    """With the MTP block on a pipeline rank before the last (megatron-core's standalone MTP:
+    that rank sends the main and the depth's states on, stacked, and the last rank scores
+    both), untied and tied, training equals PP 1 (DP 4, the same global batch) through the
+    switch: main and MTP losses and the gradient norm per step (rel 2e-4). The MTP rank's
+    copy of the embedding starts equal to the first rank's and sums its gradient with it;
+    with untied weights the last rank's output layer stays out of that sum (Megatron-LM
+    0.16.1's default embedding group has it the other way round). The untied run, stopped
+    after the switch, resumes at PP 1 repeating the unbroken run (the MTP rank's embedding
+    copy is saved tied to the first rank's)."""
+    for name, base in (("untied", BASE), ("tied", TIED)):
+        base = [*base, "--num-layers", "3"]
+        want = world4.run(_train, base, str(tmp_path / f"{name}-pp1.jsonl"))[0]
+        got = world4.run(_train, base + STANDALONE, str(tmp_path / f"{name}-pp4.jsonl"))[0]
+        for key in ("loss", "mtp_1_loss", "grad_norm"):
+            _assert_close(_losses(got, key), _losses(want, key), 2e-4, f"{name} {key}")
+        if name == "untied":
+            ckpt = str(tmp_path / "ckpt")
+            first = world4.run(_train, base + STANDALONE + ["--save", ckpt, "--exit-interval",
+                               "4"], str(tmp_path / "a.jsonl"))[0]  # fmt: skip
+            second = world4.run(_train, base + ["--load", ckpt], str(tmp_path / "b.jsonl"))[0]
+            for key in ("loss", "mtp_1_loss"):
+                _assert_close(_losses(first, key) + _losses(second, key), _losses(want, key),
+                              2e-4, f"standalone checkpoint resumed at PP 1: {key}")  # fmt: skip
+
+
+def _stage_parameters_at(argv: list[str], world: int) -> tuple[int, int]:
+    """_stage_parameters on a world of ``world`` ranks, with the embedding group the launch
+    makes."""
+    import torch
+
+    from tst.config import parse_args
+    from tst.megatron_config import transformer_config
+    from tst.model import ModelShape, build_model_chunks
+    from tst.plan import embedding_stages, validate
+    from tst.platform import initialize
+
+    cfg = parse_args(argv)
+    plan = validate(cfg, world, cfg.data.vocab_size)
+    grid = plan.grid
+    layout = initialize(tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep,
+                        embedding_stages=embedding_stages(cfg, grid))  # fmt: skip
+    config = transformer_config(cfg, plan, layout)
+    shape = ModelShape.from_config(cfg.model, plan.padded_vocab_size, False)
+    chunks = build_model_chunks(config, shape, plan.vpp, torch.device("cpu"))
+    return layout.pp_rank, sum(p.numel() for c in chunks for p in c.parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_dry_run_stages_hold_a_standalone_mtp_block_as_a_real_build(tied, world4):
+    """The dry run puts the MTP block and its embedding copy on the layout's MTP rank, the
+    final norm with the last decoder layer, the output layer (and, tied, its embedding copy)
+    on the last rank: per-stage parameters equal a real build's."""
+    from tst.config import parse_args
+    from tst.dry_run import meta_parameters, per_rank_parameters
+    from tst.plan import validate
+
+    argv = [*(TIED if tied else BASE), *STANDALONE]
+    cfg = parse_args(argv)
+    plan = validate(cfg, 4, cfg.data.vocab_size)
+    assert plan.grid.mtp_stage == 2
+    stages = per_rank_parameters(meta_parameters(cfg, plan.padded_vocab_size), cfg, plan.grid)
+    for pp_rank, count in world4.run(_stage_parameters_at, argv, 4):
+        assert count == stages[pp_rank]["dense"] + stages[pp_rank]["experts"], (pp_rank, stages)

@@ -215,7 +215,8 @@ def test_counted_embedding_and_loss_split_as_megatron_core_builds(
         (PP2 + ["--pipeline-model-parallel-layout", "Et|ttmL"],
          r"places 1 multi-token-prediction layers \(m\) but --mtp-num-layers is 0"),
         (PP2 + ["--mtp-num-layers", "1", "--pipeline-model-parallel-layout", "Et|tt|m|L"],
-         r"puts the multi-token-prediction layers \(m\) on a pipeline rank before the last"),
+         r"puts the multi-token-prediction layers \(m\) on the first pipeline rank, beside the "
+         r"embedding: .* put the m on a later rank"),
         (PP2 + ["--pipeline-model-parallel-layout", "Et|ttL",
                 "--decoder-first-pipeline-num-layers", "1"],
          r"sets every stage's layers: drop --decoder-first-pipeline-num-layers"),
@@ -250,7 +251,7 @@ def test_counted_embedding_and_loss_split_as_megatron_core_builds(
          r"--account-for-embedding-in-pipeline-split with --decoder-first-pipeline-num-layers "
          r"is refused \(as in megatron-core\)"),
     ],
-    ids=["stages-vs-pp", "layer-count", "embedding", "loss", "character", "mtp", "mtp-standalone", "both",
+    ids=["stages-vs-pp", "layer-count", "embedding", "loss", "character", "mtp", "mtp-first-rank", "both",
          "pp1", "zero", "middle", "vpp", "vpp-split", "vpp-both", "even", "counted-even",
          "counted-layout", "counted-uneven"],
 )  # fmt: skip

@@ -284,6 +284,21 @@ def test_expert_comm_overlap_rules_are_checked_up_front(extra, message):
     validate(parse_args(BASE + _OVERLAP), 2, 512)
 
 
+def test_expert_comm_overlap_under_pipeline_parallelism_needs_virtual_stages():
+    """megatron-core asserts virtual pipeline stages for its combined 1F1B schedule at
+    PP > 1 (inside the model config): one line here; with them (by flag or by a layout of
+    several stages per rank) it passes."""
+    argv = BASE + _OVERLAP + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "8"]
+    with pytest.raises(
+        ValueError,
+        match=r"--overlap-moe-expert-parallel-comm with "
+        r"--pipeline-model-parallel-size > 1 needs virtual pipeline stages",
+    ):
+        validate(parse_args(argv), 4, 512)
+    validate(parse_args(argv + ["--num-virtual-stages-per-pipeline-rank", "2"]), 4, 512)
+    validate(parse_args(argv + ["--pipeline-model-parallel-layout", "Et|t|t|tL"]), 4, 512)
+
+
 @pytest.mark.parametrize("extra,world,message", REFUSED, ids=[m for _, _, m in REFUSED])
 def test_refused_with_a_message_naming_the_flag(extra, world, message):
     with pytest.raises(ValueError, match=message):
@@ -363,7 +378,8 @@ def test_read_only_save_is_refused_at_start(tmp_path):
 
 @pytest.mark.parametrize(
     "flag",
-    [["--context-parallel-size", "2", "--seq-length", "8", "--mtp-num-layers", "1"]],
+    [["--pipeline-model-parallel-size", "2", "--position-embedding-type", "learned_absolute",
+      "--mtp-num-layers", "1"]],
 )  # fmt: skip
 def test_launch_refuses_what_only_a_dry_run_can_lay_out(flag):
     from tst.plan import check_launchable
