@@ -52,7 +52,7 @@ def settled_imports():
     Imports create almost no cyclic garbage; the pause saves the collections their millions
     of allocations trigger, and the freeze keeps later collections (and the one at exit) off
     the module graph, which lives as long as the process anyway. Only a block that imported
-    something freezes, and only after a collection before it: a frozen object is never
+    something collects and freezes, the collection first: a frozen object is never
     collected, so garbage frozen with the imports (a finished run's model and its process
     groups, in a process that trains again) would never be freed. A block inside another
     (megatron-core's first import inside ``pretrain_tst.main``'s) leaves all of it to the
@@ -64,7 +64,6 @@ def settled_imports():
         return
     enabled = gc.isenabled()
     modules = len(sys.modules)
-    gc.collect()
     gc.disable()
     _settling = True
     try:
@@ -72,6 +71,9 @@ def settled_imports():
     finally:
         _settling = False
         if len(sys.modules) > modules:
+            # The collection frees what was garbage before the block too: nothing collectable
+            # is frozen. A block that imported nothing (a process's later runs) skips both.
+            gc.collect()
             gc.freeze()
         if enabled:
             gc.enable()

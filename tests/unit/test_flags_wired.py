@@ -102,7 +102,10 @@ def _run(argv: list[str], out) -> dict:
         return synchronize(self)
 
     def count_collect(*args, **kwargs):
-        seen["collects"] += 1
+        # Not settled_imports' collection, made only where main imports something new
+        # (which depends on what this worker imported before).
+        if not sys._getframe(1).f_code.co_filename.endswith("megatron_import.py"):
+            seen["collects"] += 1
         return collect(*args, **kwargs)
 
     Trainer.train, Trainer.train_step, Trainer._empty_cache = watch_train, watch_step, watch_empty
@@ -275,11 +278,10 @@ def test_logging_and_gc_flags(runs):
     assert train_n[-1]["params_norm"] == pytest.approx(norm, rel=1e-9)
     # --manual-gc / --manual-gc-interval: automatic collection off while training; a
     # collection at start, at steps 2 and 4 and twice around each of the 2 evaluations.
-    # Plus two outside training: settled_imports collects before pretrain_tst.main's imports
-    # (garbage must not be frozen with them), tst.platform.shutdown frees the run's groups.
-    assert default["gc_enabled"] == {True} and default["collects"] == 1 + 1
+    # Plus one outside training: tst.platform.shutdown frees the run's groups.
+    assert default["gc_enabled"] == {True} and default["collects"] == 1
     assert changed["gc_enabled"] == {False}
-    assert changed["collects"] == 1 + (1 + 2 + 2 * 2) + 1
+    assert changed["collects"] == (1 + 2 + 2 * 2) + 1
     # Memory: after the first logged steps (1 and 2 at --log-interval 1, as Megatron-LM), and
     # every --log-memory-interval steps; on CPU the process's resident memory, in MiB.
     memory = re.compile(r"\[Rank 0\] \(after (\d+) iterations\) memory \(MB\) \| "
