@@ -531,7 +531,7 @@ def dry_run(cfg: Config, vocab_size: int, world_size: int | None = None) -> int:
     padded = plan.padded_vocab_size
     params = meta_parameters(cfg, padded)
     stages = per_rank_parameters(params, cfg, grid)
-    _print_model(cfg, vocab_size, padded, params)
+    _print_model(cfg, vocab_size, padded, params, grid)
     _print_architecture(cfg)
     memory = _print_layout(cfg, plan, stages)
     budget = _print_phases(cfg, plan)
@@ -645,7 +645,8 @@ def _print_architecture(cfg: Config) -> None:
         print(f"  accepted, no effect here: {flag}: {reason}")
 
 
-def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamInfo]) -> None:
+def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamInfo],
+                 grid: Grid) -> None:  # fmt: skip
     m, t = cfg.model, cfg.training
     built = built_counts(params, cfg)
     analytic = parameter_counts(cfg, padded)
@@ -684,7 +685,9 @@ def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamIn
     )
     if built["mtp"]:
         depths = cfg.mtp.mtp_num_layers
-        print(f"  MTP block ({depths} depth{'s' * (depths > 1)}, on the last stage; not in the "
+        where = ("the last stage" if grid.mtp_stage in (None, grid.pp - 1)
+                 else f"stage {grid.mtp_stage}")  # fmt: skip
+        print(f"  MTP block ({depths} depth{'s' * (depths > 1)}, on {where}; not in the "
               f"totals, as DeepSeek-V3 counts): {_m(built['mtp'])}")  # fmt: skip
     keys = ("total", "active", "mtp")
     same = [analytic[k] for k in keys] == [built[k] for k in keys]
@@ -724,6 +727,7 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
     layer_act, logits_act = activation_bytes(
         cfg, grid.tp, t.micro_batch_size, plan.padded_vocab_size
     )
+    depths, mtp_stage = cfg.mtp.mtp_num_layers or 0, grid.mtp_stage
     copies = p.num_distributed_optimizer_instances
     sharded = f" (Adam sharded over DP x CP{f', {copies} copies' if copies > 1 else ''})"
     # --optimizer-cpu-offload: the offloaded share's fp32 weights, Adam moments and a gradient
@@ -787,13 +791,17 @@ def _print_layout(cfg: Config, plan: RunPlan, stages: list[dict]) -> list[dict]:
         act = held * layer_act
         host_act = max(held - 1, 0) * moved
         act -= host_act
-        act += logits_act if stage == grid.pp - 1 else 0
+        # The MTP block's depths keep a layer's activations each on their stage, and the
+        # last stage a logits tensor per depth besides the main one.
+        act += in_flight * depths * layer_act if stage == mtp_stage else 0
+        act += logits_act * (1 + depths) if stage == grid.pp - 1 else 0
         act += in_flight * mask_b if info["layers"] else 0
         cols = [weight_b * n, grad_b * n, optim, act]
         if fsdp:
             cols[:3] = [c / (grid.dp * grid.cp) for c in cols[:3]]
+        layers = _layer_ranges(info["layers"]) + (" +MTP" if stage == mtp_stage else "")
         print(
-            f"  {stage:>5} {_layer_ranges(info['layers']):>15} {_m(n):>10} "
+            f"  {stage:>5} {layers:>15} {_m(n):>10} "
             + " ".join(f"{c / _GIB:>7.1f}" for c in cols)
             + f" {sum(cols) / _GIB:>7.1f}"
             + (f" {(host + host_act) / _GIB:>7.1f}" if host_column else "")

@@ -137,3 +137,33 @@ def test_configurations_as_published(capsys):
         with pytest.raises(ValueError, match=r"--hybrid-override-pattern: another "
                            r"Megatron-LM architecture \(Mamba"):  # fmt: skip
             pretrain_tst.main([*read_args(name), *LAUNCH, "--dry-run"])
+
+
+def test_deepseek_v3_with_mtp_on_megatron_lms_documented_pipeline_layout(capsys):
+    """Megatron-LM's pipeline-layout documentation partitions DeepSeek-V3 (61 decoder layers
+    and one MTP layer) at PP 16 x VPP 2 as ``Et*3|(tt|)*29,m|L``: the MTP block alone in
+    rank 14's second virtual stage, the loss alone in rank 15's. DeepSeek-R1's configuration
+    (the same architecture) with one MTP depth lays out so, and the per-rank parameters show
+    the block where the layout puts it: rank 14 holds two layers, the MTP block and its copy
+    of the embedding; rank 13 four layers and the final norm (it holds the last decoder
+    layer); rank 15 two layers and the output layer. Their differences give the MTP block
+    as DeepSeek-V3 describes it: one MoE layer, the projection of the two normed inputs
+    (``2h x h``) and the norms (here ``3h``: megatron-core normalises the output too)."""
+    argv = [*read_args("DeepSeek-R1"), "--vocab-size", "129280", "--mtp-num-layers", "1",
+            "--pipeline-model-parallel-size", "16",
+            "--pipeline-model-parallel-layout", "Et*3|(tt|)*29,m|L"]  # fmt: skip
+    assert pretrain_tst.main([*argv, *LAUNCH, "--global-batch-size", "32", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    rows = {int(stage): (layers, float(params.replace(",", "")))
+            for stage, layers, params in re.findall(
+                r"^\s+(\d+)\s+([\d,-]+(?: \+MTP)?|none)\s+([\d,.]+)M ", out, re.M)}  # fmt: skip
+    assert sorted(rows) == list(range(16)), out
+    assert rows[0][0] == "0-2,33-34" and rows[1][0] == "3-4,35-36"
+    assert rows[13][0] == "27-28,59-60" and rows[14][0] == "29-30 +MTP"
+    assert rows[15][0] == "31-32" and sum(" +MTP" in r[0] for r in rows.values()) == 1
+    h, vocab = 7168, 129280
+    moe_layer = (rows[13][1] * 1e6 - h) / 4  # four MoE layers and the final norm
+    mtp = rows[14][1] * 1e6 - (2 * moe_layer + vocab * h)
+    assert rows[15][1] * 1e6 == pytest.approx(2 * moe_layer + vocab * h, abs=0.2e6)
+    assert mtp == pytest.approx(moe_layer + 2 * h * h + 3 * h, abs=0.3e6)
+    assert re.search(r"MTP block \(1 depth, on stage 14; .*\): 11,6\d\d\.\dM", out), out

@@ -192,7 +192,7 @@ def test_deepseek_v3_recipe_with_the_zoos_optimizer_offload(capsys):
     assert len(said) == 1 and said[0].startswith("--exp-avg-dtype bf16, --exp-avg-sq-dtype bf16: "
                                                  "with --optimizer-cpu-offload"), said  # fmt: skip
     assert "--optimizer-cpu-offload: 100% of Adam's state in host memory" in out
-    rows = re.findall(r"^\s+\d+\s+[\d,-]+\s+[\d,.]+M((?:\s+[\d.]+){6})$", out, re.M)
+    rows = re.findall(r"^\s+\d+\s+[\d,-]+(?: \+MTP)?\s+[\d,.]+M((?:\s+[\d.]+){6})$", out, re.M)
     assert len(rows) == 8, out
     for row in rows:  # weights, grads, Adam, activations, total, host (GiB)
         adam, host = float(row.split()[2]), float(row.split()[5])
