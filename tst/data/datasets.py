@@ -50,6 +50,7 @@ from tst.errors import InputError
 __all__ = [
     "DataConfig",
     "DatasetTooSmallError",
+    "MockDocuments",
     "TSTDatasetConfig",
     "TSTGPTDataset",
     "TokenIdError",
@@ -246,6 +247,17 @@ class BagPaddedDocuments:
         return out
 
 
+class MockDocuments(MockGPTLowLevelDataset):
+    """``--mock-data``'s documents: megatron-core's mock documents (lengths drawn from 1 to
+    4,095 with seed 0, tokens counting up from 1, each ending in EOD), 8,192 of them rather
+    than megatron-core's 100,000. Every split still holds documents, and a run that needs
+    more samples repeats the epoch (as any small corpus does); but each rank no longer builds
+    and shuffles the sample indices of 205M tokens per split (at sequence length 8, three
+    arrays of 25M entries: over a second and hundreds of MB per rank at every start)."""
+
+    size = 8192
+
+
 class TSTGPTDataset(GPTDataset):
     """``GPTDataset`` serving whole big samples of ``bag_size * (L + 1)`` tokens.
 
@@ -288,7 +300,7 @@ class TSTGPTDataset(GPTDataset):
     @staticmethod
     def build_low_level_dataset(dataset_path: str | None, config: TSTDatasetConfig):
         if dataset_path is None:  # --mock-data
-            low = MockGPTLowLevelDataset(config.tokenizer)
+            low = MockDocuments(config.tokenizer)
         else:
             low = open_indexed_dataset(dataset_path, config.vocab_size, config.mmap_bin_files)
             _scan_vocab(dataset_path, low, config.vocab_size)
