@@ -98,16 +98,18 @@ def test_moe_with_megatron_default_biases_trains(world2, tmp_path):
     """Megatron-LM's defaults (linear biases, LayerNorm, learned positions) on a MoE: at
     TP 1 / EP 1 megatron-core 0.16.1's experts died at the first step (an in-place bias add
     on a custom-Function view; tst/megatron_fixes.py). Now it trains at DP 2: the first loss
-    is the uniform guess's ln(512) within 0.1 nats, and the loss falls."""
+    is the uniform guess's ln(512) within 0.1 nats, and the loss falls: the last three
+    steps' mean is 0.05 nats below the first step's (single steps of 32 tokens are noisy)."""
     argv = ["--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "32",
             "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "2",
-            "--global-batch-size", "4", "--train-iters", "6", "--tst-bag-size", "1",
+            "--global-batch-size", "4", "--train-iters", "12", "--tst-bag-size", "1",
             "--lr", "3e-3", "--log-interval", "1", "--eval-iters", "0",
             "--hidden-dropout", "0", "--attention-dropout", "0", "--num-experts", "4",
             "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16"]  # fmt: skip
     loss = world2.run(_run, argv, str(tmp_path / "tp1.jsonl"))[0]["loss"]
-    assert sorted(loss) == list(range(1, 7))
-    assert abs(loss[1] - math.log(512)) < 0.1 and loss[6] < loss[1]
+    assert sorted(loss) == list(range(1, 13))
+    assert abs(loss[1] - math.log(512)) < 0.1
+    assert sum(loss[i] for i in (10, 11, 12)) / 3 < loss[1] - 0.05, loss
 
 
 def _run_overlap(argv: list[str], metrics: str, fp32: bool) -> dict:

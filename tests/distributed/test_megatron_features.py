@@ -254,9 +254,9 @@ def test_fp16_checkpoint_before_the_first_applied_step_resumes(world2, tmp_path)
     was written without moments or step otherwise, which torch's Adam refused to load. Saved
     at iteration 2 with both steps skipped, the run resumes as the unbroken one (rel 1e-6),
     with and without the distributed optimizer."""
-    # 2**16 overflows at iterations 1 and 2 (and again in the recovery phase); iteration 3
-    # is the first applied step, from the restored (empty) Adam state.
-    huge = BASE + ["--fp16", "--initial-loss-scale", str(2.0**16), "--hysteresis", "1"]
+    # 2**15 overflows at iterations 1 and 2 (halved after each); iteration 3 is the first
+    # applied step, from the restored (empty) Adam state.
+    huge = BASE + ["--fp16", "--initial-loss-scale", str(2.0**15), "--hysteresis", "1"]
     for name, extra in (("plain", []), ("distributed", ["--use-distributed-optimizer"])):
         want = world2.run(_train, huge + extra, str(tmp_path / f"{name}-whole.jsonl"))[0]
         ckpt = str(tmp_path / name)

@@ -185,7 +185,9 @@ def test_mfu_never_reads_above_one_hundred_percent():
     peak = PeakRate(None, "cpu")
     measured = peak.value
     assert peak.mfu(measured * 0.5) == pytest.approx(0.5)
-    assert peak.mfu(measured * 3) == 1.0  # a faster window raises the peak
+    # A faster window raises the peak: to the window's rate, or to a new measurement above
+    # it (the first may have been taken while other processes shared the cores).
+    assert peak.mfu(measured * 3) <= 1.0
     assert peak.value >= measured * 3 and "raised" in peak.describe()
     given = PeakRate(2.0, "cpu")
     assert given.mfu(1.0) == 0.5 and given.mfu(4.0) == 1.0
