@@ -1158,7 +1158,10 @@ class DataArgs:
     split: str | None = _f(
         None, "Train/valid/test split of each prefix, e.g. 98,2,0 (default 969,30,1)."
     )
-    mock_data: bool = _f(False, "Synthetic data (no --data-path needed).")
+    mock_data: bool = _f(
+        False,
+        "Synthetic data (no --data-path needed): megatron-core's mock documents (8,192 here).",
+    )
     eod_mask_loss: bool = _f(
         False,
         "Never train on the token after an end-of-document token (the first token of the "
