@@ -202,6 +202,30 @@ def test_expert_parallel_comm_overlap_trains_the_same_model(world2, tmp_path):
             assert early["loss"] == got["loss"] and early["grad_norm"] == got["grad_norm"]
 
 
+# A small MoE with one MTP depth through the switch, in fp32 (argv of _run_overlap); the
+# pipeline flags are each test's.
+MTP_OVERLAP = [
+    "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
+    "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "1",
+    "--train-iters", "4", "--tst-bag-size", "2", "--tst-iters", "2", "--lr", "3e-3",
+    "--log-interval", "1", "--eval-iters", "0", "--untie-embeddings-and-output-weights",
+    *SMALL_GPT, "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
+    "--expert-model-parallel-size", "2", "--mtp-num-layers", "1",
+]  # fmt: skip
+
+
+def _overlap_trains_what_plain_trains(world, argv: list[str], tmp_path) -> None:
+    """``argv`` with and without --overlap-moe-expert-parallel-comm: the same losses, MTP
+    losses and gradient norms, bit for bit (fp32), the overlap through schedule plans."""
+    plain = world.run(_run_overlap, argv, str(tmp_path / "plain.jsonl"), True)[0]
+    got = world.run(_run_overlap, argv + ["--overlap-moe-expert-parallel-comm"],
+                    str(tmp_path / "overlap.jsonl"), True)[0]  # fmt: skip
+    assert plain["plans"] == 0 and got["plans"] > 0
+    assert len(plain["loss"]) == 4 and all(m is not None for m in plain["mtp"]), plain
+    for key in ("loss", "mtp", "grad_norm"):
+        assert got[key] == plain[key], (key, got[key], plain[key])
+
+
 def test_expert_parallel_comm_overlap_with_mtp_under_virtual_pipeline_stages(world4, tmp_path):
     """--overlap-moe-expert-parallel-comm with an MTP depth, PP 2 x 2 virtual stages, EP 2:
     megatron-core's combined 1F1B schedule runs the MTP depth as schedule nodes of its own and
@@ -211,23 +235,9 @@ def test_expert_parallel_comm_overlap_with_mtp_under_virtual_pipeline_stages(wor
     (its statistics taken after each micro-batch's forward, which that schedule runs later)
     and the gradient norm, through the switch. (Before, the post-process scored the stacked
     hidden states as one sequence: the last stage refused the shapes and the first waited.)"""
-    argv = [
-        "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
-        "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "1",
-        "--global-batch-size", "8", "--train-iters", "4", "--tst-bag-size", "2",
-        "--tst-iters", "2", "--lr", "3e-3", "--log-interval", "1", "--eval-iters", "0",
-        "--untie-embeddings-and-output-weights", *SMALL_GPT,
-        "--pipeline-model-parallel-size", "2", "--num-virtual-stages-per-pipeline-rank", "2",
-        "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
-        "--expert-model-parallel-size", "2", "--mtp-num-layers", "1",
-    ]  # fmt: skip
-    plain = world4.run(_run_overlap, argv, str(tmp_path / "plain.jsonl"), True)[0]
-    got = world4.run(_run_overlap, argv + ["--overlap-moe-expert-parallel-comm"],
-                     str(tmp_path / "overlap.jsonl"), True)[0]  # fmt: skip
-    assert plain["plans"] == 0 and got["plans"] > 0
-    assert len(plain["loss"]) == 4 and all(m is not None for m in plain["mtp"]), plain
-    for key in ("loss", "mtp", "grad_norm"):
-        assert got[key] == plain[key], (key, got[key], plain[key])
+    pipeline = ["--global-batch-size", "8", "--pipeline-model-parallel-size", "2",
+                "--num-virtual-stages-per-pipeline-rank", "2"]  # fmt: skip
+    _overlap_trains_what_plain_trains(world4, MTP_OVERLAP + pipeline, tmp_path)
 
 
 def test_expert_parallel_comm_overlap_with_a_standalone_mtp_stage(world6, tmp_path):
@@ -236,23 +246,9 @@ def test_expert_parallel_comm_overlap_with_a_standalone_mtp_stage(world6, tmp_pa
     virtual stages, EP 2): the combined 1F1B schedule runs the depth as schedule nodes on
     rank 1's last virtual stage, which sends the stacked states on, and the last rank's
     post-process scores them; bit for bit the plain schedule's run in fp32."""
-    argv = [
-        "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
-        "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "1",
-        "--global-batch-size", "6", "--train-iters", "4", "--tst-bag-size", "2",
-        "--tst-iters", "2", "--lr", "3e-3", "--log-interval", "1", "--eval-iters", "0",
-        "--untie-embeddings-and-output-weights", *SMALL_GPT,
-        "--pipeline-model-parallel-size", "3", "--pipeline-model-parallel-layout", "Et|t|t|t|m|L",
-        "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "16",
-        "--expert-model-parallel-size", "2", "--mtp-num-layers", "1",
-    ]  # fmt: skip
-    plain = world6.run(_run_overlap, argv, str(tmp_path / "plain.jsonl"), True)[0]
-    got = world6.run(_run_overlap, argv + ["--overlap-moe-expert-parallel-comm"],
-                     str(tmp_path / "overlap.jsonl"), True)[0]  # fmt: skip
-    assert plain["plans"] == 0 and got["plans"] > 0
-    assert len(plain["loss"]) == 4 and all(m is not None for m in plain["mtp"]), plain
-    for key in ("loss", "mtp", "grad_norm"):
-        assert got[key] == plain[key], (key, got[key], plain[key])
+    pipeline = ["--global-batch-size", "6", "--pipeline-model-parallel-size", "3",
+                "--pipeline-model-parallel-layout", "Et|t|t|t|m|L"]  # fmt: skip
+    _overlap_trains_what_plain_trains(world6, MTP_OVERLAP + pipeline, tmp_path)
 
 
 def test_moe_checkpoints_resume_under_another_expert_layout(world2, tmp_path):

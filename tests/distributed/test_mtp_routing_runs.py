@@ -229,20 +229,22 @@ def test_deepseek_shaped_model_with_mtp_across_the_switch(world2, tmp_path):
         _assert_close(_losses(ep2, key), _losses(want, key), 2e-4, f"EP2 {key}")
 
 
-def _stage_parameters(argv: list[str]) -> tuple[int, int]:
-    """On a rank: this rank's model chunks built for ``argv``, and their parameter count."""
+def _stage_parameters(argv: list[str], world: int = 2) -> tuple[int, int]:
+    """On a rank of a world of ``world``: this rank's model chunks built for ``argv`` (with
+    the embedding group a launch makes), and their parameter count."""
     import torch
 
     from tst.config import parse_args
     from tst.megatron_config import transformer_config
     from tst.model import ModelShape, build_model_chunks
-    from tst.plan import validate
+    from tst.plan import embedding_stages, validate
     from tst.platform import initialize
 
     cfg = parse_args(argv)
-    plan = validate(cfg, 2, cfg.data.vocab_size)
+    plan = validate(cfg, world, cfg.data.vocab_size)
     grid = plan.grid
-    layout = initialize(tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep)
+    layout = initialize(tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep,
+                        embedding_stages=embedding_stages(cfg, grid))  # fmt: skip
     config = transformer_config(cfg, plan, layout)
     shape = ModelShape.from_config(cfg.model, plan.padded_vocab_size, False)
     chunks = build_model_chunks(config, shape, plan.vpp, torch.device("cpu"))
@@ -300,28 +302,6 @@ def test_standalone_mtp_stage_trains_what_pp1_trains(world4, tmp_path):
                               2e-4, f"standalone checkpoint resumed at PP 1: {key}")  # fmt: skip
 
 
-def _stage_parameters_at(argv: list[str], world: int) -> tuple[int, int]:
-    """_stage_parameters on a world of ``world`` ranks, with the embedding group the launch
-    makes."""
-    import torch
-
-    from tst.config import parse_args
-    from tst.megatron_config import transformer_config
-    from tst.model import ModelShape, build_model_chunks
-    from tst.plan import embedding_stages, validate
-    from tst.platform import initialize
-
-    cfg = parse_args(argv)
-    plan = validate(cfg, world, cfg.data.vocab_size)
-    grid = plan.grid
-    layout = initialize(tp=grid.tp, pp=grid.pp, vpp=grid.vpp, ep=grid.ep,
-                        embedding_stages=embedding_stages(cfg, grid))  # fmt: skip
-    config = transformer_config(cfg, plan, layout)
-    shape = ModelShape.from_config(cfg.model, plan.padded_vocab_size, False)
-    chunks = build_model_chunks(config, shape, plan.vpp, torch.device("cpu"))
-    return layout.pp_rank, sum(p.numel() for c in chunks for p in c.parameters())
-
-
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_dry_run_stages_hold_a_standalone_mtp_block_as_a_real_build(tied, world4):
     """The dry run puts the MTP block and its embedding copy on the layout's MTP rank, the
@@ -336,5 +316,5 @@ def test_dry_run_stages_hold_a_standalone_mtp_block_as_a_real_build(tied, world4
     plan = validate(cfg, 4, cfg.data.vocab_size)
     assert plan.grid.mtp_stage == 2
     stages = per_rank_parameters(meta_parameters(cfg, plan.padded_vocab_size), cfg, plan.grid)
-    for pp_rank, count in world4.run(_stage_parameters_at, argv, 4):
+    for pp_rank, count in world4.run(_stage_parameters, argv, 4):
         assert count == stages[pp_rank]["dense"] + stages[pp_rank]["experts"], (pp_rank, stages)
