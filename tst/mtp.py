@@ -23,9 +23,13 @@ loss ``[b, L]`` (masked) joins the main loss through megatron-core's ``MTPLossAu
 with weight ``--mtp-loss-scaling-factor / D``; with per-token normalisation (always on here)
 the step's objective is ``(sum main + factor / D * sum_k sum mtp_k) / (main positions)``, as
 megatron-core defines it. The MTP depths are training heads: evaluation and generation run
-the main head only. Under pipeline parallelism the block sits on the last stage with its own
-copy of the (bag) embedding, which megatron-core keeps equal to the first stage's; learned
-absolute positions are refused there (their copy is not kept in step).
+the main head only. Under pipeline parallelism the block sits on the last stage, or on the
+rank a --pipeline-model-parallel-layout puts its m's on (megatron-core's standalone MTP: that
+rank sends the main and depth states on, stacked, and the last stage scores them), with its
+own copy of the (bag) embedding, kept equal to the first stage's through the embedding group
+(:func:`tst.plan.embedding_stages`); learned absolute positions are refused there (their
+copy is not kept in step). Under context parallelism every roll crosses the CP ranks' chunk
+boundaries (``roll_tensor`` with the CP group).
 """
 
 from __future__ import annotations
