@@ -321,7 +321,6 @@ def per_rank_parameters(params: list[ParamInfo], cfg: Config, grid: Grid) -> lis
     for layer in range(m.num_layers):
         stages[grid.stage_of_layer(layer, m.num_layers)]["layers"].append(layer)
     last = grid.pp - 1
-    mtp_stage = last if grid.mtp_stage is None else grid.mtp_stage
     for p in params:
         split = grid.etp if p.expert else grid.tp
         local = p.numel // split if p.tp_dim is not None else p.numel
@@ -335,11 +334,11 @@ def per_rank_parameters(params: list[ParamInfo], cfg: Config, grid: Grid) -> lis
                 # with tied weights the output layer uses it too:
                 # megatron_fixes.drop_unused_mtp_output_weight).
                 copies = {last} if not m.untie_embeddings_and_output_weights else set()
-                copies |= {mtp_stage} if cfg.mtp.mtp_num_layers else set()
+                copies |= {grid.mtp_stage} if cfg.mtp.mtp_num_layers else set()
                 for copy in copies:
                     stages[copy]["dense"] += local
         elif p.name.startswith("mtp."):
-            stage = mtp_stage
+            stage = grid.mtp_stage
         elif p.name.startswith("decoder.final_layernorm") and cfg.mtp.mtp_num_layers:
             # With MTP the final norm sits with the last decoder layer (megatron-core's
             # TransformerBlock.has_final_layernorm_in_this_stage), before the MTP block.
@@ -685,8 +684,7 @@ def _print_model(cfg: Config, vocab_size: int, padded: int, params: list[ParamIn
     )
     if built["mtp"]:
         depths = cfg.mtp.mtp_num_layers
-        where = ("the last stage" if grid.mtp_stage in (None, grid.pp - 1)
-                 else f"stage {grid.mtp_stage}")  # fmt: skip
+        where = "the last stage" if grid.mtp_stage == grid.pp - 1 else f"stage {grid.mtp_stage}"
         print(f"  MTP block ({depths} depth{'s' * (depths > 1)}, on {where}; not in the "
               f"totals, as DeepSeek-V3 counts): {_m(built['mtp'])}")  # fmt: skip
     keys = ("total", "active", "mtp")

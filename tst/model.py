@@ -330,12 +330,9 @@ class TSTGPTModel(GPTModel):
         # stage): with the block on an earlier pipeline rank (a layout's standalone m) that
         # rank sends their states on, stacked after the main ones, and the last stage,
         # without the block, scores them. Evaluation runs neither, on every stage alike.
-        run_mtp = self.mtp_process and labels is not None and self.training
-        score_mtp = (
-            labels is not None
-            and self.training
-            and (self.mtp_process or self.config.mtp_standalone)
-        )
+        training = labels is not None and self.training
+        run_mtp = training and self.mtp_process
+        score_mtp = training and (self.mtp_process or self.config.mtp_standalone)
         # megatron-core passes mtp_in_postprocess=self.mtp_process, except its combined 1F1B
         # schedule (--overlap-moe-expert-parallel-comm): that runs the MTP depths as schedule
         # nodes of their own and hands their output here, stacked after the main hidden

@@ -252,7 +252,6 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
             m.num_experts % ep == 0,
             f"--num-experts {m.num_experts} is not divisible by --expert-model-parallel-size {ep}",
         )
-        _check_expert_comm_overlap(cfg, ep, pp)
         _require(
             not m.add_bias_linear or etp == 1,
             f"MoE experts with linear biases (Megatron-LM's default) need expert-TP 1, got "
@@ -282,6 +281,16 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
                 "down projections are split over TP)",
             )
     chunk_layers, vpp = pipeline_chunks(cfg)
+    if m.num_experts is not None:
+        _check_expert_comm_overlap(cfg, ep, pp, vpp)
+    mtp_stage = mtp_pipeline_rank(cfg, pp)
+    _require(
+        mtp_stage != 0 or pp == 1,
+        f"--pipeline-model-parallel-layout {p.pipeline_model_parallel_layout} puts the "
+        "multi-token-prediction layers (m) on the first pipeline rank, beside the embedding: "
+        "the MTP block embeds with a copy of it, which megatron-core keeps equal to the "
+        "embedding only across ranks; put the m on a later rank",
+    )
     if cp > 1:
         _require(
             m.seq_length % (2 * cp) == 0,
@@ -289,7 +298,7 @@ def check_grid(cfg: Config, world_size: int) -> Grid:
             "(load-balanced context-parallel chunks)",
         )
     grid = Grid(world=world_size, tp=tp, pp=pp, cp=cp, ep=ep, etp=etp, vpp=vpp,
-                chunk_layers=chunk_layers, mtp_stage=mtp_pipeline_rank(cfg, pp))  # fmt: skip
+                chunk_layers=chunk_layers, mtp_stage=mtp_stage)  # fmt: skip
     _check_communication(cfg, grid, m.num_experts is not None)
     return grid
 
@@ -344,7 +353,7 @@ def _check_communication(cfg: Config, grid: Grid, moe: bool) -> None:
     )
 
 
-def _check_expert_comm_overlap(cfg: Config, ep: int, pp: int) -> None:
+def _check_expert_comm_overlap(cfg: Config, ep: int, pp: int, vpp: int | None) -> None:
     """megatron-core's rules for --overlap-moe-expert-parallel-comm (its combined 1F1B
     schedule), one line each instead of its assertions inside the model build."""
     if not cfg.moe.overlap_moe_expert_parallel_comm:
@@ -363,7 +372,7 @@ def _check_expert_comm_overlap(cfg: Config, ep: int, pp: int) -> None:
         (not cfg.moe.moe_shared_expert_overlap, "excludes --moe-shared-expert-overlap"),
         (mtp in (None, 1), "takes at most --mtp-num-layers 1"),
         (mtp != 1 or pp > 1, "with --mtp-num-layers 1 needs --pipeline-model-parallel-size > 1"),
-        (pp == 1 or pipeline_chunks(cfg)[1] is not None,
+        (pp == 1 or vpp is not None,
          "with --pipeline-model-parallel-size > 1 needs virtual pipeline stages "
          "(--num-virtual-stages-per-pipeline-rank, or a --pipeline-model-parallel-layout with "
          "several stages per rank)"),
@@ -516,7 +525,7 @@ def embedding_stages(cfg: Config, grid: Grid) -> tuple[int, ...] | None:
     (its output layer's copy), as later Megatron-LM's ``get_embedding_ranks``. Megatron-LM
     0.16.1 keeps the default there, which leaves the MTP copy out and, untied, sums the last
     rank's output layer into the embedding. None: the default."""
-    if grid.mtp_stage is None or grid.pp == 1 or grid.mtp_stage == grid.pp - 1:
+    if grid.mtp_stage in (None, grid.pp - 1):
         return None
     tied = not cfg.model.untie_embeddings_and_output_weights
     return tuple(sorted({0, grid.mtp_stage} | ({grid.pp - 1} if tied else set())))
@@ -564,13 +573,6 @@ def _layout_chunks(
         PipelineParallelLayerLayout(stages, pp).validate_layer_layout(num_layers, mtp_layers)
     except (AssertionError, NotImplementedError) as error:
         raise ConfigError(f"{flag}: {error}") from None
-    mtp_stage = next((i for i, stage in enumerate(names) if "mtp" in stage), None)
-    _require(
-        mtp_stage is None or pp == 1 or mtp_stage % pp != 0,
-        f"{flag} puts the multi-token-prediction layers (m) on the first pipeline rank, beside "
-        "the embedding: the MTP block embeds with a copy of it, which megatron-core keeps equal "
-        "to the embedding only across ranks; put the m on a later rank",
-    )
     return tuple(stage.count("decoder") for stage in names), (vpp if vpp > 1 else None)
 
 
