@@ -237,20 +237,36 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
-def _write_manifest(path: str) -> None:
-    """Record every file of the finished checkpoint with its size (and hash when small)."""
-    files = {}
+def _digests(path: str, names: list[str]) -> dict[str, str]:
+    """SHA-256 of ``path``'s files ``names``, each read by one rank (the files are shared
+    out in turn over the ranks, then gathered): every rank gets all of them."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {name: _file_digest(os.path.join(path, name)) for name in names}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = {name: _file_digest(os.path.join(path, name)) for name in names[rank::world]}
+    shares: list = [None] * world
+    dist.all_gather_object(shares, mine)
+    return {name: digest for share in shares for name, digest in share.items()}
+
+
+def _write_manifest(path: str, hash_all: bool = False) -> None:
+    """Record every file of the finished checkpoint with its size and the hash of each file
+    up to 64 MiB (``hash_all``, --verify-integrity: of every file). Collective where the
+    process group is up: the ranks share the hashing; rank 0 writes the manifest."""
+    sizes = {}
     for directory, _, names in os.walk(path):
         for name in names:
             full = os.path.join(directory, name)
-            size = os.path.getsize(full)
-            entry = {"size": size}
-            if size <= _HASH_LIMIT:
-                entry["sha256"] = _file_digest(full)
-            files[os.path.relpath(full, path)] = entry
+            sizes[os.path.relpath(full, path)] = os.path.getsize(full)
+    hashed = sorted(n for n, size in sizes.items() if hash_all or size <= _HASH_LIMIT)
+    digests = _digests(path, hashed)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    files = {name: {"size": size, **({"sha256": digests[name]} if name in digests else {})}
+             for name, size in sorted(sizes.items())}  # fmt: skip
     manifest = os.path.join(path, MANIFEST)
     with open(manifest, "w") as f:
-        json.dump({"files": files}, f, indent=1)
+        json.dump({"files": files, "hashed": "all" if hash_all else "small"}, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
 
@@ -263,8 +279,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def verify(path: str) -> None:
-    """Refuse a checkpoint whose files are missing, truncated or altered since it was saved."""
+def verify(path: str, every: bool = False) -> None:
+    """Refuse a checkpoint whose files are missing, truncated or altered since it was saved:
+    sizes, and the hashes of the files up to 64 MiB (``every``, --verify-integrity: of every
+    file, which the save must have hashed). Collective where the process group is up: the
+    ranks share the hashing."""
     manifest = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest):
         raise CheckpointError(
@@ -272,7 +291,14 @@ def verify(path: str) -> None:
             "restore it or point the tracker at an older checkpoint"
         )
     with open(manifest) as f:
-        files = json.load(f)["files"]
+        saved = json.load(f)
+    files = saved["files"]
+    if every and saved.get("hashed") != "all":
+        raise CheckpointError(
+            f"--verify-integrity: checkpoint {path} was saved without it, so its files over "
+            "64 MiB carry no hash to check: load it without --verify-integrity (sizes and the "
+            "smaller files' hashes are still checked), and save with the flag from then on"
+        )
     bad = []
     for name, entry in sorted(files.items()):
         full = os.path.join(path, name)
@@ -280,13 +306,48 @@ def verify(path: str) -> None:
             bad.append(f"{full} (missing)")
         elif os.path.getsize(full) != entry["size"]:
             bad.append(f"{full} ({os.path.getsize(full)} bytes, saved {entry['size']})")
-        elif "sha256" in entry and _file_digest(full) != entry["sha256"]:
-            bad.append(f"{full} (contents changed)")
+    # The same list on every rank (a file a rank found missing is left out on all of them).
+    hashed = sorted(name for name, entry in files.items() if "sha256" in entry
+                    and (every or entry["size"] <= _HASH_LIMIT)
+                    and not any(b.startswith(os.path.join(path, name) + " ") for b in bad))  # fmt: skip
+    digests = _digests(path, hashed)
+    bad += [f"{os.path.join(path, name)} (contents changed)" for name in hashed
+            if digests[name] != files[name]["sha256"]]  # fmt: skip
     if bad:
         raise CheckpointError(
             f"checkpoint {path} failed its integrity check, nothing was loaded: "
             + "; ".join(bad)
             + ". Restore these files, or point the tracker at an older checkpoint."
+        )
+
+
+def verify_megatron_lm(path: str) -> None:
+    """--verify-integrity on a checkpoint Megatron-LM saved: its own manifest (``integrity
+    .json``, Megatron-LM 0.19's SHA-256 of every file) checked the same way; one saved
+    without it is refused, as Megatron-LM refuses it."""
+    manifest = os.path.join(path, "integrity.json")
+    if not os.path.isfile(manifest):
+        raise CheckpointError(
+            f"--verify-integrity: checkpoint {path} was saved by Megatron-LM without its "
+            "integrity manifest (integrity.json, written by Megatron-LM 0.19's --verify-"
+            "integrity): there is nothing to check it against; load it without the flag"
+        )
+    with open(manifest) as f:
+        saved = json.load(f)
+    if saved.get("algorithm", "sha256") != "sha256":
+        raise CheckpointError(f"{manifest}: hash algorithm {saved['algorithm']!r}, not sha256")
+    names = sorted(saved["files"])
+    missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
+    present = [n for n in names if n not in missing]
+    digests = _digests(path, present)
+    bad = [f"{os.path.join(path, n)} (missing)" for n in missing] + [
+        f"{os.path.join(path, n)} (contents changed)" for n in present
+        if digests[n] != saved["files"][n]]  # fmt: skip
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path} failed its integrity check, nothing was loaded: "
+            + "; ".join(bad)
+            + ". Restore these files, or load another checkpoint."
         )
 
 
@@ -350,6 +411,7 @@ def save(
     retain_interval: int | None = None,
     structure_cache: dict | None = None,
     newest_only: bool = False,
+    hash_all: bool = False,
 ) -> str:
     """Write checkpoint ``iteration`` under ``root`` (collective: every rank calls it).
 
@@ -373,6 +435,9 @@ def save(
     ``newest_only`` (non-persistent checkpoints): once this checkpoint is the latest, every
     other one under ``root`` goes (Megatron-LM removes them before the save; here only after
     it, so a kill during the save leaves the previous one to resume from).
+
+    ``hash_all`` (``--verify-integrity``): the manifest holds every file's hash, not only
+    those of the files up to 64 MiB.
     """
     from megatron.core import dist_checkpointing
 
@@ -418,10 +483,10 @@ def save(
         raise CheckpointError(_save_failure(root, tmp, error)) from error
     if request is None:
         _maybe_inject_kill("kill-during-save")
-        _complete(root, iteration, tmp, final, retain_interval, newest_only)
+        _complete(root, iteration, tmp, final, retain_interval, newest_only, hash_all)
         return final
     request.add_finalize_fn(
-        lambda: _complete(root, iteration, tmp, final, retain_interval, newest_only)
+        lambda: _complete(root, iteration, tmp, final, retain_interval, newest_only, hash_all)
     )
     async_queue.schedule_async_request(request)
     # With a complete checkpoint before it, so that the test sees that one survive.
@@ -551,14 +616,15 @@ def _maybe_inject_kill(point: str) -> None:
 
 
 def _complete(root: str, iteration: int, tmp: str, final: str,
-              retain_interval: int | None = None, newest_only: bool = False) -> None:  # fmt: skip
+              retain_interval: int | None = None, newest_only: bool = False,
+              hash_all: bool = False) -> None:  # fmt: skip
     """Publish a fully written staging folder: manifest, rename, tracker (collective); then,
     with ``retain_interval``, retire the checkpoint the tracker named before, and with
     ``newest_only`` every other checkpoint in ``root``."""
     dist.barrier()
+    _write_manifest(tmp, hash_all)  # the ranks share the hashing
     if dist.get_rank() == 0:
         previous = _tracked_iteration(root) if retain_interval else None
-        _write_manifest(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(root)
@@ -676,7 +742,8 @@ def checkpoint_path(root: str, step: int | None = None) -> str:
 
 def load(root: str, chunks, optimizer, fully_parallel: bool = False,
          optimizer_layout: dict | None = None, iteration: int | None = None,
-         strictness: str = "assume_ok_unexpected", report=print) -> dict:  # fmt: skip
+         strictness: str = "assume_ok_unexpected", report=print, verify_all: bool = False,
+         validate_sharding: bool = True) -> dict:  # fmt: skip
     """Load the latest complete checkpoint (or ``iteration``'s, ``--ckpt-step``) into
     ``chunks`` and ``optimizer`` (None: the weights only); return its common state
     (iteration, data position, scheduler, ...). ``optimizer_layout`` (this run's
@@ -685,7 +752,10 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     unless --moe-use-upcycling saved it (before any step): then only the weights load, and
     the common state it returns says ``upcycled``. ``strictness`` (--dist-ckpt-strictness)
     decides what a model tensor the checkpoint lacks, or a checkpoint tensor the model
-    lacks, does (:func:`_check_keys`); ``report`` prints what was let through (rank 0)."""
+    lacks, does (:func:`_check_keys`); ``report`` prints what was let through (rank 0).
+    ``verify_all`` (--verify-integrity) checks every file's hash before anything is read;
+    ``validate_sharding`` False (--no-ckpt-load-validate-sharding-integrity) skips megatron-
+    core's check that each shard is read as the main replica by exactly one rank."""
     from megatron.core import dist_checkpointing
 
     if iteration is None:
@@ -700,10 +770,12 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
             f"checkpoint {path} was saved by Megatron-LM: its weights are read, not its "
             "optimizer state: pass --finetune"
         )
+    if not foreign:
+        verify(path, every=verify_all)
+    elif verify_all:
+        verify_megatron_lm(path)
     if legacy:
         return _load_legacy(path, chunks, iteration, report, strictness)
-    if not foreign:
-        verify(path)
     template = _sharded_model_state(chunks)
     _allow_optimizer_classes()
     saved_tensors = dist_checkpointing.load_tensors_metadata(path)
@@ -735,6 +807,7 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
                 # Tensors the checkpoint lacks (let through by _check_keys) are left out of
                 # the request; the report was made there.
                 strict="return_unexpected" if absent else "assume_ok_unexpected",
+                validate_access_integrity=validate_sharding,
             )  # fmt: skip
         if absent:
             state = state[0]

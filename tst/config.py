@@ -1574,6 +1574,28 @@ class RunConfig:
         "step). A checkpoint becomes the latest only once every rank has written it; a kill "
         "before that leaves the previous one the latest.",
     )
+    async_strategy: str | None = _f(
+        None,
+        "Megatron-LM 0.19's choice of async checkpoint writer. mcore: megatron-core's forked "
+        "writer, which --async-save runs here; nvrx (Megatron-LM 0.19's default): NVIDIA's "
+        "resiliency-extension writer, which is not wired here: given with --async-save it "
+        "warns and megatron-core's writes (the same torch_dist files).",
+        choices=["nvrx", "mcore"],
+    )
+    verify_integrity: bool = _f(
+        False,
+        "Hash every file of each saved checkpoint (SHA-256, in its manifest; without the flag "
+        "only files up to 64 MiB are hashed, larger ones recorded by size) and, at a load, "
+        "check every file against its hash before anything is read: a checkpoint saved "
+        "without the flag is refused by a load with it (Megatron-LM 0.19's rule).",
+    )
+    ckpt_load_validate_sharding_integrity: bool = _f(
+        True,
+        "At a load, megatron-core checks that every tensor shard is read as the main replica "
+        "by exactly one rank; --no-ckpt-load-validate-sharding-integrity skips that check "
+        "(faster loads at scale).",
+        flag="--no-ckpt-load-validate-sharding-integrity",
+    )
     use_persistent_ckpt_worker: bool = _f(
         False,
         "With --async-save: one long-lived writer process per rank (megatron-core's persistent "
@@ -1672,6 +1694,11 @@ class RunConfig:
         return tuple(sorted(steps))
 
     def __post_init__(self):
+        if self.async_save and self.async_strategy == "nvrx":
+            warnings.warn("--async-save: --async-strategy nvrx (Megatron-LM 0.19's default, "
+                          "NVIDIA's resiliency-extension writer) is not wired here; megatron-"
+                          "core's writer (--async-strategy mcore) writes the same torch_dist "
+                          "files", stacklevel=2)  # fmt: skip
         if self.ckpt_convert_format is not None:  # Megatron-LM's rules, and what a copy needs
             _require(self.load and self.ckpt_convert_save, "--ckpt-convert-format copies the "
                      "--load checkpoint into --ckpt-convert-save: give both")  # fmt: skip

@@ -21,6 +21,7 @@ import difflib
 from typing import NamedTuple
 
 from tst.errors import ConfigError
+from tst.megatron_flags_later import LATER_ACCEPTED, LATER_ALIASES, LATER_REFUSED
 from tst.megatron_flags_upstream import UPSTREAM_ACCEPTED, UPSTREAM_ALIASES, UPSTREAM_REFUSED
 
 __all__ = ["ACCEPTED", "ALIASES", "REFUSED", "add_to_parser", "apply_aliases", "check_unknown",
@@ -169,6 +170,10 @@ REFUSED: dict[str, Flag] = {
 ALIASES.update(UPSTREAM_ALIASES)
 ACCEPTED.update({flag: Flag(*entry) for flag, entry in UPSTREAM_ACCEPTED.items()})
 REFUSED.update({flag: Flag(*entry) for flag, entry in UPSTREAM_REFUSED.items()})
+# The flags Megatron-LM 0.17 to 0.19 added (tst.megatron_flags_later): their scripts run too.
+ALIASES.update(LATER_ALIASES)
+ACCEPTED.update({flag: Flag(*entry) for flag, entry in LATER_ACCEPTED.items()})
+REFUSED.update({flag: Flag(*entry) for flag, entry in LATER_REFUSED.items()})
 
 
 def _dest(flag: str) -> str:

@@ -11,7 +11,7 @@ flag set and tests/unit/test_megatron_flag_tables.py checks that none is unknown
 
 from __future__ import annotations
 
-__all__ = ["UPSTREAM_ACCEPTED", "UPSTREAM_ALIASES", "UPSTREAM_REFUSED"]
+__all__ = ["REASONS", "UPSTREAM_ACCEPTED", "UPSTREAM_ALIASES", "UPSTREAM_REFUSED"]
 
 UPSTREAM_ALIASES: dict[str, list[str]] = {
     "--disable-log-loss-scale-to-tensorboard": ["--no-log-loss-scale-to-tensorboard"],
@@ -129,7 +129,7 @@ UPSTREAM_ACCEPTED: dict[str, tuple[int | str, str]] = {
     ),
 }
 
-_REASONS = {
+REASONS = {
     "rl": "a Megatron-LM reinforcement-learning / inference-server flag: this trainer pretrains GPT and MoE models; drop it",
     "vision": "a Megatron-LM vision-model flag: this trainer pretrains GPT and MoE language models; drop it",
     "bert": "a Megatron-LM BERT / retrieval-model flag: this trainer pretrains GPT and MoE models; drop it",
@@ -426,7 +426,7 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
 
 # flag -> (nargs, reason)
 UPSTREAM_REFUSED: dict[str, tuple[int | str, str]] = {
-    flag: (nargs, _REASONS[family])
+    flag: (nargs, REASONS[family])
     for family, flags in _FAMILIES.items()
     for flag, nargs in flags.items()
 }

@@ -939,7 +939,8 @@ class Trainer:
                                   self.state(), run.ckpt_fully_parallel_save,
                                   self.async_saves,
                                   None if non_persistent else run.save_retain_interval,
-                                  self._save_structure, newest_only=non_persistent)  # fmt: skip
+                                  self._save_structure, newest_only=non_persistent,
+                                  hash_all=run.verify_integrity)  # fmt: skip
         self._set_pre_hooks(hooks)
         kind = "non-persistent checkpoint" if non_persistent else "checkpoint"
         if self.async_saves is None:
@@ -1068,7 +1069,9 @@ class Trainer:
                                     None if weights_only else self.optimizer,
                                     run.ckpt_fully_parallel_load,
                                     self._optimizer_layout(), run.ckpt_step,
-                                    run.dist_ckpt_strictness, self.writer.print)  # fmt: skip
+                                    run.dist_ckpt_strictness, self.writer.print,
+                                    run.verify_integrity,
+                                    run.ckpt_load_validate_sharding_integrity)  # fmt: skip
         self._settle_group_rates(rates)
         # An upcycled checkpoint (saved before any step) loads its weights only.
         upcycled = bool(common.get("upcycled"))
@@ -1222,7 +1225,8 @@ class Trainer:
             )
         try:
             common = checkpointing.load(run.load, dense, None, run.ckpt_fully_parallel_load,
-                                        None, run.ckpt_step)  # fmt: skip
+                                        None, run.ckpt_step, verify_all=run.verify_integrity,
+                                        validate_sharding=run.ckpt_load_validate_sharding_integrity)  # fmt: skip
         except checkpointing.CheckpointError as error:
             raise checkpointing.CheckpointError(
                 f"--moe-use-upcycling: the dense model this run grows from (its MoE layers' "
@@ -1247,7 +1251,8 @@ class Trainer:
         # Before any step there is no optimizer state: the weights and the run's state only.
         written = checkpointing.save(run.save, self.iteration, self.raw_chunks, None,
                                      {**self.state(), "upcycled": True},
-                                     run.ckpt_fully_parallel_save)  # fmt: skip
+                                     run.ckpt_fully_parallel_save,
+                                     hash_all=run.verify_integrity)  # fmt: skip
         self.writer.print(f"--moe-use-upcycling: upcycled checkpoint saved to {written}: later "
                           f"launches drop the flag and pass --load {run.save}")  # fmt: skip
 

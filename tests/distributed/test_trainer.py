@@ -245,13 +245,20 @@ def test_resume_is_exact_and_reshards(world2, tmp_path):
                             str(tmp_path / f"b{stop}.jsonl"))[0]  # fmt: skip
         assert latest_iteration(ckpt) == 6
         _assert_close(_losses(first) + _losses(second), _losses(want), 1e-6, f"stop {stop}")
-    # The distributed optimizer (DP-sharded Adam state) resumes exactly too.
+    # The distributed optimizer (DP-sharded Adam state) resumes exactly too; its checkpoint
+    # saved and loaded with --verify-integrity (the two ranks share the hashing).
     distopt = BASE + ["--use-distributed-optimizer"]
     want_d = world2.run(_train, distopt, str(tmp_path / "full_d.jsonl"))[0]
     ckpt = str(tmp_path / "ckpt_d")
-    first = world2.run(_train, distopt + ["--save", ckpt, "--exit-interval", "2"],
+    first = world2.run(_train, distopt + ["--save", ckpt, "--exit-interval", "2",
+                                          "--verify-integrity"],
                        str(tmp_path / "a_d.jsonl"))[0]  # fmt: skip
-    second = world2.run(_train, distopt + ["--load", ckpt], str(tmp_path / "b_d.jsonl"))[0]
+    with open(os.path.join(ckpt, "iter_0000002", "tst_manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["hashed"] == "all" and manifest["files"]
+    assert all("sha256" in entry for entry in manifest["files"].values())
+    second = world2.run(_train, distopt + ["--load", ckpt, "--verify-integrity"],
+                        str(tmp_path / "b_d.jsonl"))[0]  # fmt: skip
     _assert_close(_losses(first) + _losses(second), _losses(want_d), 1e-6, "distributed optimizer")
     # The same checkpoint resumed under TP=2 (saved under TP=1, DP=2).
     ckpt = str(tmp_path / "ckpt_tp")
