@@ -1843,6 +1843,21 @@ class LoggingConfig:
 
     eval_interval: int = _f(1000, "Evaluate next-token loss every N steps.")
     eval_iters: int = _f(100, "Batches per evaluation (0 = no evaluation).")
+    eval_global_batch_size: int | None = _f(
+        None,
+        "Samples per evaluation batch (default: the training's global batch); a multiple of "
+        "--eval-micro-batch-size x data-parallel size.",
+    )
+    eval_micro_batch_size: int | None = _f(
+        None,
+        "Samples per micro-batch in evaluations (default --micro-batch-size): a larger one "
+        "runs evaluations in fewer, bigger forward passes (memory per device grows with it).",
+    )
+    start_eval_at_iter: int | None = _f(
+        None,
+        "Evaluate only from this iteration on (the evaluations every --eval-interval before it "
+        "are skipped; the one at the end of training is not).",
+    )
     full_validation: bool = _f(
         False,
         "Each evaluation reads the whole validation split once (as many global batches as it "
@@ -1934,6 +1949,11 @@ class LoggingConfig:
         for name in ("eval_interval", "log_interval", "tensorboard_log_interval"):
             _require(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
         _require(self.eval_iters >= 0, "--eval-iters must be >= 0 (0 = no evaluation)")
+        for flag, value in (("--eval-global-batch-size", self.eval_global_batch_size),
+                            ("--eval-micro-batch-size", self.eval_micro_batch_size)):  # fmt: skip
+            _require(value is None or value >= 1, f"{flag} must be >= 1")
+        _require(self.start_eval_at_iter is None or self.start_eval_at_iter >= 0,
+                 "--start-eval-at-iter must be >= 0")  # fmt: skip
         _require(
             not self.multiple_validation_sets or self.full_validation,
             "--multiple-validation-sets needs --full-validation (as in Megatron-LM): each set "

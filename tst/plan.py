@@ -84,6 +84,10 @@ class RunPlan:
     wsd_decay_steps: int | None
     wd_incr_steps: int
     evaluate: bool
+    # An evaluation's batch (--eval-global-batch-size / --eval-micro-batch-size; by default
+    # a training step's full batch and micro-batch).
+    eval_micro_batch_size: int
+    eval_batch_size: int
 
     @property
     def dp(self) -> int:
@@ -97,6 +101,11 @@ class RunPlan:
     def num_microbatches(self) -> int:
         """Micro-batches per step at the full batch size."""
         return self.global_batch_size // (self.micro_batch_size * self.dp)
+
+    @property
+    def eval_microbatches(self) -> int:
+        """Micro-batches per evaluation batch."""
+        return self.eval_batch_size // (self.eval_micro_batch_size * self.dp)
 
     @property
     def trained_batch_size(self) -> int:
@@ -1051,6 +1060,13 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
                  "--rampup-batch-size: START and INCREMENT must be multiples of micro-batch x "
                  f"data-parallel size = {t.micro_batch_size * dp}")  # fmt: skip
     num_micro = gbs // (t.micro_batch_size * dp)
+    evaluate = cfg.log.eval_iters > 0 or cfg.log.full_validation
+    eval_mbs, eval_gbs = _eval_batch(cfg, dp, gbs, unit, evaluate)
+    # Every count of micro-batches a schedule runs: a training step's (at each ramp-up batch)
+    # and an evaluation's.
+    counts = sorted({num_micro} | ({
+        size // (t.micro_batch_size * dp) for size in range(rampup[0], gbs, rampup[1])
+    } if rampup else set()) | ({eval_gbs // (eval_mbs * dp)} if evaluate else set()))  # fmt: skip
     group = p.microbatch_group_size_per_virtual_pipeline_stage
     if group is not None:
         _require(group >= 1, "--microbatch-group-size-per-virtual-pipeline-stage must be >= 1")
@@ -1059,10 +1075,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
                           "interleaved schedule only: without virtual pipeline stages it has no "
                           "effect", stacklevel=2)  # fmt: skip
         else:  # megatron-core's rules, checked at its first step otherwise
-            per_step = sorted({num_micro} | ({
-                size // (t.micro_batch_size * dp) for size in range(rampup[0], gbs, rampup[1])
-            } if rampup else set()))  # fmt: skip
-            for m_count in per_step:
+            for m_count in counts:
                 _require(grid.pp <= group <= m_count, "--microbatch-group-size-per-virtual-"
                          f"pipeline-stage {group} must be between PP={grid.pp} and the "
                          f"micro-batches per step ({m_count})")  # fmt: skip
@@ -1079,6 +1092,12 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
             f"micro-batches ({num_micro}) to be a multiple of PP={grid.pp} (or "
             "--microbatch-group-size-per-virtual-pipeline-stage dividing it)",
         )  # fmt: skip
+        eval_micro = eval_gbs // (eval_mbs * dp)
+        _require(not evaluate or eval_micro % grid.pp == 0,
+                 "interleaved pipelining needs the micro-batches of an evaluation batch "
+                 f"({eval_micro}: --eval-global-batch-size {eval_gbs} / (--eval-micro-batch-"
+                 f"size {eval_mbs} x data-parallel size {dp})) to be a multiple of "
+                 f"PP={grid.pp}")  # fmt: skip
     train_iters = _train_iters(cfg, gbs, rampup)
     _require(train_iters >= 1, f"--train-samples {t.train_samples} is less than one step")
     if tst.tst_iters is not None:
@@ -1130,7 +1149,6 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         warmup = int(t.lr_warmup_fraction * decay)
     if t.lr_decay_style == "WSD" and wsd is None:
         wsd = max(1, train_iters // 10) * gbs  # default: the last 10% of the run
-    evaluate = cfg.log.eval_iters > 0 or cfg.log.full_validation
     _require(
         evaluate or not cfg.run.skip_train,
         "--skip-train only evaluates: give --eval-iters > 0 (batches per evaluation) or "
@@ -1149,4 +1167,28 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         wsd_decay_steps=wsd,
         wd_incr_steps=wd_incr,
         evaluate=evaluate,
+        eval_micro_batch_size=eval_mbs,
+        eval_batch_size=eval_gbs,
     )
+
+
+def _eval_batch(cfg: Config, dp: int, gbs: int, unit: int, evaluate: bool) -> tuple[int, int]:
+    """(micro-batch, global batch) of an evaluation: --eval-micro-batch-size and
+    --eval-global-batch-size (Megatron-LM 0.19's), by default the training's micro-batch and
+    the batch a full training step trains."""
+    log = cfg.log
+    eval_mbs = log.eval_micro_batch_size or cfg.training.micro_batch_size
+    eval_gbs = log.eval_global_batch_size or (gbs - gbs % unit)
+    _require(not evaluate or eval_gbs % (eval_mbs * dp) == 0,
+             f"--eval-global-batch-size {eval_gbs} is not divisible by --eval-micro-batch-size "
+             f"{eval_mbs} x data-parallel size {dp} (Megatron-LM's rule)")  # fmt: skip
+    return eval_mbs, eval_gbs
+    _require(eval_gbs % (eval_mbs * dp) == 0,
+             f"--eval-global-batch-size {eval_gbs} is not divisible by --eval-micro-batch-size "
+             f"{eval_mbs} x data-parallel size {dp} (Megatron-LM's rule)")  # fmt: skip
+    micro = eval_gbs // (eval_mbs * dp)
+    _require(not grid.vpp or micro % grid.pp == 0,
+             f"interleaved pipelining needs the micro-batches of an evaluation batch ({micro}: "
+             f"--eval-global-batch-size {eval_gbs} / (--eval-micro-batch-size {eval_mbs} x "
+             f"data-parallel size {dp})) to be a multiple of PP={grid.pp}")  # fmt: skip
+    return eval_mbs, eval_gbs

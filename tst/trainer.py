@@ -445,7 +445,7 @@ class Trainer:
         return output, loss_func
 
     def _run_schedule(self, batches, phase: Phase, forward_only: bool,
-                      force_all_reduce: bool = False):  # fmt: skip
+                      force_all_reduce: bool = False, micro_batch_size: int | None = None):  # fmt: skip
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         weights = self.slot_weights.get(phase.target_bag)  # None: uniform, or no bags
@@ -494,7 +494,7 @@ class Trainer:
                 model=self.model if vpp else self.model[0],
                 num_microbatches=len(batches),
                 seq_length=self.seq_length,
-                micro_batch_size=self.cfg.training.micro_batch_size,
+                micro_batch_size=micro_batch_size or self.cfg.training.micro_batch_size,
                 forward_only=forward_only,
                 force_all_reduce=force_all_reduce,
             )
@@ -698,7 +698,7 @@ class Trainer:
         Megatron-LM's data loader drops them)."""
         dataset = self.valid_sets[index]
         rows = len(dataset) * self.bag_size  # units of L + 1 tokens
-        batch = self.plan.trained_batch_size
+        batch = self.plan.eval_batch_size
         name = "the validation split"
         if self.named_valid_sets:
             name = f"validation set {index} ({getattr(dataset, 'dataset_path', None)})"
@@ -706,7 +706,7 @@ class Trainer:
             raise ValueError(
                 f"--full-validation: {name} holds {rows} sequences of {self.seq_length + 1} "
                 f"tokens, fewer than one global batch ({batch}): give it more data (--split, "
-                "--valid-data-path) or use a smaller --global-batch-size"
+                "--valid-data-path) or use a smaller --eval-global-batch-size"
             )
         left = (
             f" (the last {rows % batch}, fewer than a batch, are left out)" if rows % batch else ""
@@ -729,17 +729,13 @@ class Trainer:
         from tst.data.stream import SampleStream
 
         recovery = self.schedule.eval_phase()
+        mbs, micro = self.plan.eval_micro_batch_size, self.plan.eval_microbatches
         stream = SampleStream(
-            dataset,
-            self.seq_length,
-            self.bag_size,
-            self.cfg.training.micro_batch_size,
-            self.layout.dp_rank,
-            self.layout.dp,
+            dataset, self.seq_length, self.bag_size, mbs, self.layout.dp_rank, self.layout.dp
         )
         # --num-workers read the evaluation's micro-batches ahead too (forked for this
         # evaluation, stopped after it): the same rows as reading them here.
-        requests = iters * self.plan.num_microbatches
+        requests = iters * micro
         stream.start_workers(self.cfg.data.num_workers, [1] * requests)
         for chunk in self.model:
             chunk.eval()
@@ -748,10 +744,10 @@ class Trainer:
             with torch.no_grad(), _activation_offload_paused(self.config):
                 for _ in range(iters):
                     batches = [
-                        self._batch(stream.next_micro_batch(1), recovery)
-                        for _ in range(self.plan.num_microbatches)
+                        self._batch(stream.next_micro_batch(1), recovery) for _ in range(micro)
                     ]
-                    outputs = self._run_schedule(batches, recovery, forward_only=True)
+                    outputs = self._run_schedule(batches, recovery, forward_only=True,
+                                                 micro_batch_size=mbs)  # fmt: skip
                     s, c = self._global_loss(outputs)
                     total, count = total + s, count + c
         finally:
@@ -1479,8 +1475,10 @@ class Trainer:
             window["loss"] += result["loss"]
             if self.iteration % log.log_interval == 0 or self.iteration == train_iters:
                 self._log(phase, result, window)
+            start = log.start_eval_at_iter or 0  # (the end of training evaluates anyway)
             if evaluate and (
-                self.iteration % log.eval_interval == 0 or self.iteration == train_iters
+                (self.iteration % log.eval_interval == 0 and self.iteration >= start)
+                or self.iteration == train_iters
             ):
                 with self._not_training(window):
                     gc_state.before_eval()

@@ -367,6 +367,22 @@ def test_raw_token_accounting_in_both_phases(world2, tmp_path):
     ]
 
 
+def test_evaluation_batch_and_start(world2, tmp_path):
+    """--eval-global-batch-size / --eval-micro-batch-size (Megatron-LM 0.19) at PP 2: one
+    evaluation batch of 16 rows in 4 micro-batches of 4 scores what two training-sized
+    batches (8 rows, micro-batches of 2) score over the same rows; --start-eval-at-iter 3
+    drops the evaluation at step 2, keeping those at 4 and 6 (the last step's)."""
+    pp2 = dict(pipeline_model_parallel_size=2, eval_interval=2)
+    want = world2.run(_train, _with(**pp2, eval_iters=2), str(tmp_path / "a.jsonl"))[0]
+    got = world2.run(_train, _with(**pp2, eval_iters=1, eval_global_batch_size=16,
+                                   eval_micro_batch_size=4, start_eval_at_iter=3),
+                     str(tmp_path / "b.jsonl"))[0]  # fmt: skip
+    assert [i for i, _ in _val(want)] == [2, 4, 6]
+    assert [i for i, _ in _val(got)] == [4, 6]
+    _assert_close(_val(got), _val(want)[1:], 1e-5, "evaluation batch")
+    _assert_close(_losses(got), _losses(want), 1e-6, "training")
+
+
 def _with(**flags) -> list[str]:
     """BASE with some flags replaced or added."""
     argv = BASE[:]
@@ -388,6 +404,12 @@ def _with(**flags) -> list[str]:
         (_with(global_batch_size=6), "--global-batch-size 6 is not divisible"),
         (_with(tst_iters=9), "--tst-iters must be <= --train-iters"),
         (_with(tensor_model_parallel_size=3), "world size 4 is not divisible by TP x PP x CP = 3"),
+        (_with(eval_global_batch_size=10, eval_micro_batch_size=1),
+         "--eval-global-batch-size 10 is not divisible by --eval-micro-batch-size 1 x "
+         "data-parallel size 4"),
+        (_with(eval_global_batch_size=6, pipeline_model_parallel_size=2,
+               num_virtual_stages_per_pipeline_rank=2, global_batch_size=4, micro_batch_size=1),
+         r"micro-batches of an evaluation batch \(3: .*\) to be a multiple of PP=2"),
     ],
 )  # fmt: skip
 def test_impossible_layouts_are_refused(argv, message):
