@@ -1183,12 +1183,3 @@ def _eval_batch(cfg: Config, dp: int, gbs: int, unit: int, evaluate: bool) -> tu
              f"--eval-global-batch-size {eval_gbs} is not divisible by --eval-micro-batch-size "
              f"{eval_mbs} x data-parallel size {dp} (Megatron-LM's rule)")  # fmt: skip
     return eval_mbs, eval_gbs
-    _require(eval_gbs % (eval_mbs * dp) == 0,
-             f"--eval-global-batch-size {eval_gbs} is not divisible by --eval-micro-batch-size "
-             f"{eval_mbs} x data-parallel size {dp} (Megatron-LM's rule)")  # fmt: skip
-    micro = eval_gbs // (eval_mbs * dp)
-    _require(not grid.vpp or micro % grid.pp == 0,
-             f"interleaved pipelining needs the micro-batches of an evaluation batch ({micro}: "
-             f"--eval-global-batch-size {eval_gbs} / (--eval-micro-batch-size {eval_mbs} x "
-             f"data-parallel size {dp})) to be a multiple of PP={grid.pp}")  # fmt: skip
-    return eval_mbs, eval_gbs
