@@ -852,6 +852,44 @@ class ParallelConfig:
         )
 
 
+_SUFFIXES = {"K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def _schedule_number(text: str, schedule: str) -> int:
+    text = text.strip().upper()
+    scale = _SUFFIXES.get(text[-1:], 1)
+    try:
+        value = float(text[:-1] if scale > 1 else text)
+    except ValueError:
+        raise ConfigError(f"--step-batch-size-schedule {schedule!r}: {text!r} is not a number "
+                          "(a count with an optional K, M, B or T suffix)") from None  # fmt: skip
+    return int(value * scale)
+
+
+def step_batch_schedule(schedule: str, seq_length: int) -> tuple[tuple[int, int], ...]:
+    """--step-batch-size-schedule as ((threshold in samples, global batch), ...): the
+    thresholds are tokens, divided by ``seq_length`` (Megatron-LM 0.19's reading); the first
+    is 0 and they rise; each batch holds from its threshold on."""
+    entries = []
+    for entry in schedule.replace(",", " ").split():
+        threshold, colon, batch = entry.partition(":")
+        _require(bool(colon), f"--step-batch-size-schedule {schedule!r}: entry {entry!r} is "
+                 "not THRESHOLD:BATCH (e.g. '0:256 100B:512')")  # fmt: skip
+        entries.append((_schedule_number(threshold, schedule) // seq_length,
+                        _schedule_number(batch, schedule)))  # fmt: skip
+    entries.sort()
+    _require(bool(entries) and entries[0][0] == 0, f"--step-batch-size-schedule {schedule!r}: "
+             "the first threshold must be 0 (the batch a run starts with)")  # fmt: skip
+    for (before, _), (after, _) in zip(entries, entries[1:], strict=False):
+        _require(after > before, f"--step-batch-size-schedule {schedule!r}: two thresholds "
+                 f"fall on the same sample ({before} samples of {seq_length} tokens; the "
+                 "thresholds count tokens)")  # fmt: skip
+    for _, batch in entries:
+        _require(batch >= 1, f"--step-batch-size-schedule {schedule!r}: batch sizes must be "
+                 ">= 1")  # fmt: skip
+    return tuple(entries)
+
+
 @dataclass
 class TrainingConfig:
     """Batch, length of the run, optimizer, learning-rate schedule and precision.
@@ -875,6 +913,14 @@ class TrainingConfig:
         nargs=3,
         type=int,
         metavar=("START", "INCREMENT", "SAMPLES"),
+    )
+    step_batch_size_schedule: str | None = _f(
+        None,
+        "Global batch by data consumed (Megatron-LM 0.19's): 'THRESHOLD:BATCH ...', the first "
+        "threshold 0, rising; a batch holds from its threshold on. Thresholds count tokens "
+        "(K, M, B, T suffixes: 1e3 .. 1e12) of --seq-length positions per sample, i.e. samples "
+        "x --seq-length (in the superposition phase, not its raw tokens); the last batch is "
+        "the global batch. Sample-based training only; not with --global-batch-size.",
     )
     train_iters: int | None = _f(None, "Optimizer steps in the whole run (both phases).")
     train_samples: int | None = _f(None, "Samples in the whole run (instead of --train-iters).")
@@ -1082,7 +1128,8 @@ class TrainingConfig:
             _require(self.train_iters >= 1, "--train-iters must be >= 1")
             for flag, value in (("--lr-decay-samples", self.lr_decay_samples),
                                 ("--lr-wsd-decay-samples", self.lr_wsd_decay_samples),
-                                ("--rampup-batch-size", self.rampup_batch_size)):  # fmt: skip
+                                ("--rampup-batch-size", self.rampup_batch_size),
+                                ("--step-batch-size-schedule", self.step_batch_size_schedule)):  # fmt: skip
                 _require(value is None, f"{flag} needs sample-based training (--train-samples)")
             _require(self.lr_warmup_samples == 0,
                      "--lr-warmup-samples needs sample-based training (--train-samples)")  # fmt: skip
@@ -1119,6 +1166,15 @@ class TrainingConfig:
                             ("--lr-wsd-decay-iters", self.lr_wsd_decay_iters),
                             ("--lr-wsd-decay-samples", self.lr_wsd_decay_samples)):  # fmt: skip
             _require(value is None or value >= 1, f"{flag} must be >= 1")
+        if self.step_batch_size_schedule is not None:
+            _require(self.global_batch_size is None, "give --step-batch-size-schedule or "
+                     "--global-batch-size, not both (its last batch is the global batch; "
+                     "Megatron-LM's rule)")  # fmt: skip
+            _require(self.rampup_batch_size is None, "give --step-batch-size-schedule or "
+                     "--rampup-batch-size, not both")  # fmt: skip
+            _require(not self.decrease_batch_size_if_needed, "--step-batch-size-schedule does "
+                     "not take --decrease-batch-size-if-needed (Megatron-LM's rule)")  # fmt: skip
+            step_batch_schedule(self.step_batch_size_schedule, 1)  # checked at parse time
         if self.rampup_batch_size is not None:
             start, increment, samples = self.rampup_batch_size
             _require(start >= 1 and increment >= 1 and samples >= 0,

@@ -19,7 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass
 
-from tst.config import Config
+from tst.config import Config, step_batch_schedule
 from tst.errors import ConfigError
 from tst.phases import PhaseSchedule
 
@@ -75,6 +75,8 @@ class RunPlan:
     micro_batch_size: int
     global_batch_size: int  # the full batch (after any ramp-up)
     rampup: tuple[int, int, int] | None  # start, increment, samples
+    # --step-batch-size-schedule: (threshold in samples, global batch), rising from 0.
+    step_schedule: tuple[tuple[int, int], ...] | None
     train_iters: int
     padded_vocab_size: int
     schedule: PhaseSchedule
@@ -113,11 +115,24 @@ class RunPlan:
         the largest multiple of micro-batch x DP below it (Megatron-LM's running batch)."""
         return self.num_microbatches * self.micro_batch_size * self.dp
 
+    def _batch_after(self, consumed: int) -> int:
+        """The global batch of a step after ``consumed`` samples (ramp-up or schedule)."""
+        if self.step_schedule is not None:
+            return _scheduled_batch(self.step_schedule, consumed)
+        return _rampup_batch(self.rampup, self.global_batch_size, consumed)
+
+    def _settled(self, consumed: int) -> bool:
+        """Whether every step from ``consumed`` samples on trains the full batch."""
+        if self.step_schedule is not None:
+            return consumed >= self.step_schedule[-1][0]
+        return _rampup_batch(self.rampup, self.global_batch_size, consumed) == self.global_batch_size
+
     def batch_size_at(self, iteration: int) -> int:
-        """Samples trained by 0-based step ``iteration`` (ramp-up by samples consumed)."""
-        if self.rampup is None:
+        """Samples trained by 0-based step ``iteration`` (ramp-up or --step-batch-size-schedule
+        by samples consumed)."""
+        if self.rampup is None and self.step_schedule is None:
             return self.trained_batch_size
-        return _rampup_batch(self.rampup, self.global_batch_size, self.samples_before(iteration))
+        return self._batch_after(self.samples_before(iteration))
 
     def microbatches_at(self, iteration: int) -> int:
         return self.batch_size_at(iteration) // (self.micro_batch_size * self.dp)
@@ -125,14 +140,13 @@ class RunPlan:
     def samples_before(self, iteration: int, nominal: bool = False) -> int:
         """Samples the first ``iteration`` steps read (``nominal``: at the given global batch,
         an upper bound for a run whose batch was decreased, at whatever DP it ran)."""
-        if self.rampup is None:
+        if self.rampup is None and self.step_schedule is None:
             return iteration * (self.global_batch_size if nominal else self.trained_batch_size)
         consumed = 0
         for step in range(iteration):
-            batch = _rampup_batch(self.rampup, self.global_batch_size, consumed)
-            if batch == self.global_batch_size:  # past the ramp-up: full batches from here
+            if self._settled(consumed):  # past the ramp-up / schedule: full batches from here
                 return consumed + (iteration - step) * self.global_batch_size
-            consumed += batch
+            consumed += self._batch_after(consumed)
         return consumed
 
     def samples_between(self, start: int, end: int, nominal: bool = False) -> int:
@@ -150,11 +164,26 @@ def _rampup_batch(rampup: tuple[int, int, int], full: int, consumed: int) -> int
     return min(full, start + int(consumed / per_increment) * increment)
 
 
-def _train_iters(cfg: Config, gbs: int, rampup) -> int:
-    """Steps of the run; under --train-samples Megatron-LM's count (ramp-up steps first)."""
+def _scheduled_batch(schedule: tuple[tuple[int, int], ...], consumed: int) -> int:
+    """--step-batch-size-schedule's batch after ``consumed`` samples: the last entry whose
+    threshold has been reached (Megatron-LM 0.19's rule)."""
+    return [batch for threshold, batch in schedule if consumed >= threshold][-1]
+
+
+def _train_iters(cfg: Config, gbs: int, rampup, step_schedule=None) -> int:
+    """Steps of the run; under --train-samples Megatron-LM's count (ramp-up steps first;
+    with --step-batch-size-schedule, steps until the samples are read, the last one whole)."""
     t = cfg.training
     if not t.sample_based:
         return t.train_iters
+    if step_schedule is not None:
+        iterations = consumed = 0
+        while consumed < t.train_samples:
+            if consumed >= step_schedule[-1][0]:  # the last batch from here
+                return iterations + -(-(t.train_samples - consumed) // gbs)
+            consumed += _scheduled_batch(step_schedule, consumed)
+            iterations += 1
+        return iterations
     if rampup is None:
         return t.train_samples // gbs
     iterations = consumed = 0
@@ -1037,6 +1066,17 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
              "--phase-transition-iterations needs the same global batch in every data phase: "
              "it does not support --rampup-batch-size (Megatron-LM's rule)")  # fmt: skip
     unit = t.micro_batch_size * dp
+    step_schedule = None
+    if t.step_batch_size_schedule is not None:
+        step_schedule = step_batch_schedule(t.step_batch_size_schedule, m.seq_length)
+        gbs = step_schedule[-1][1]
+        _require(not cfg.run.phase_transition_iterations,
+                 "--phase-transition-iterations needs the same global batch in every data "
+                 "phase: it does not support --step-batch-size-schedule")  # fmt: skip
+        for threshold, batch in step_schedule:
+            _require(batch % unit == 0, f"--step-batch-size-schedule: the batch {batch} (from "
+                     f"{threshold} samples) is not divisible by --micro-batch-size "
+                     f"{t.micro_batch_size} x data-parallel size {dp}")  # fmt: skip
     if t.decrease_batch_size_if_needed and rampup is None:
         _require(gbs >= unit, f"--global-batch-size {gbs} is less than one micro-batch on each "
                  f"data-parallel rank (--micro-batch-size {t.micro_batch_size} x data-parallel "
@@ -1066,7 +1106,8 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     # and an evaluation's.
     counts = sorted({num_micro} | ({
         size // (t.micro_batch_size * dp) for size in range(rampup[0], gbs, rampup[1])
-    } if rampup else set()) | ({eval_gbs // (eval_mbs * dp)} if evaluate else set()))  # fmt: skip
+    } if rampup else set()) | ({eval_gbs // (eval_mbs * dp)} if evaluate else set())
+      | {batch // unit for _, batch in step_schedule or ()})  # fmt: skip
     group = p.microbatch_group_size_per_virtual_pipeline_stage
     if group is not None:
         _require(group >= 1, "--microbatch-group-size-per-virtual-pipeline-stage must be >= 1")
@@ -1087,7 +1128,8 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     if grid.vpp and group is None:  # the default group (PP): megatron-core's rules above
         _require(
             num_micro % grid.pp == 0 and (rampup is None or all(
-                r // (t.micro_batch_size * dp) % grid.pp == 0 for r in rampup[:2])),
+                r // (t.micro_batch_size * dp) % grid.pp == 0 for r in rampup[:2]))
+            and all(batch // unit % grid.pp == 0 for _, batch in step_schedule or ()),
             "interleaved pipelining needs the number of "
             f"micro-batches ({num_micro}) to be a multiple of PP={grid.pp} (or "
             "--microbatch-group-size-per-virtual-pipeline-stage dividing it)",
@@ -1098,7 +1140,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
                  f"({eval_micro}: --eval-global-batch-size {eval_gbs} / (--eval-micro-batch-"
                  f"size {eval_mbs} x data-parallel size {dp})) to be a multiple of "
                  f"PP={grid.pp}")  # fmt: skip
-    train_iters = _train_iters(cfg, gbs, rampup)
+    train_iters = _train_iters(cfg, gbs, rampup, step_schedule)
     _require(train_iters >= 1, f"--train-samples {t.train_samples} is less than one step")
     if tst.tst_iters is not None:
         _require(tst.tst_iters <= train_iters, "--tst-iters must be <= --train-iters")
@@ -1159,6 +1201,7 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
         micro_batch_size=t.micro_batch_size,
         global_batch_size=gbs,
         rampup=rampup,
+        step_schedule=step_schedule,
         train_iters=train_iters,
         padded_vocab_size=padded,
         schedule=schedule,

@@ -434,6 +434,37 @@ def test_sample_based_training_with_batch_rampup(world2, tmp_path):
     assert [b - a for a, b in zip([0] + rows, rows, strict=False)] == steps
 
 
+def test_step_batch_size_schedule(world2, tmp_path):
+    """--step-batch-size-schedule (Megatron-LM 0.19) "0:4 128:8 0.2K:4" at --seq-length 8:
+    thresholds in tokens, so batch 4 for the first 16 samples, 8 from 16, 4 again from 25
+    (the last batch is the global batch), over --train-samples 48: Megatron-LM's count,
+    4 x 4, 2 x 8 (32 read, past 25), then 4 x 4: 10 steps; the LR scheduler moves by each
+    step's batch; a run stopped inside the schedule and resumed repeats the unbroken one."""
+    argv = [a for a in BASE]
+    i = argv.index("--train-iters")
+    argv[i : i + 2] = ["--train-samples", "48"]
+    i = argv.index("--lr-warmup-iters")
+    argv[i : i + 2] = ["--lr-warmup-samples", "8"]
+    i = argv.index("--global-batch-size")
+    argv[i : i + 2] = ["--step-batch-size-schedule", "0:4 128:8 0.2K:4"]
+    i = argv.index("--tst-iters")
+    argv[i : i + 2] = ["--tst-fraction", "0.5"]
+    argv += ["--lr-decay-style", "linear"]
+    run = world2.run(_train, argv, str(tmp_path / "m.jsonl"))[0]
+    train = [r for r in run["records"] if "loss" in r and "batch_size" in r]
+    assert [r["batch_size"] for r in train] == [4] * 4 + [8] * 2 + [4] * 4
+    assert [r["phase"] for r in train] == ["superposition"] * 5 + ["recovery"] * 5
+    consumed = [4, 8, 12, 16, 24, 32, 36, 40, 44, 48]
+    want = [3e-3 * c / 8 if c <= 8 else 3e-3 * (1 - (c - 8) / 40) for c in consumed]
+    for got, lr in zip([r["lr"] for r in train], want, strict=True):
+        assert got == pytest.approx(lr, rel=1e-6, abs=1e-12)
+    ckpt = str(tmp_path / "ckpt")
+    first = world2.run(_train, argv + ["--save", ckpt, "--exit-interval", "5"],
+                       str(tmp_path / "a.jsonl"))[0]  # fmt: skip
+    second = world2.run(_train, argv + ["--load", ckpt], str(tmp_path / "b.jsonl"))[0]
+    _close(_losses(first) + _losses(second), _losses(run), 1e-6, "schedule resume")
+
+
 def test_dropout_resume_is_exact(world2, tmp_path):
     """Megatron-LM's default dropout (0.1): the resumed run draws what the unbroken one drew."""
     drop = [a for a in BASE]
