@@ -834,8 +834,14 @@ def _print_phases(cfg: Config, plan: RunPlan) -> dict:
         + f"; total {sum(raw) / 1e9:,.1f}B for {positions / 1e9:,.1f}B positions"
         + f" in {plan.train_iters:,} steps"
         + (f" (batch ramp-up {plan.rampup[0]} -> {plan.global_batch_size})" if plan.rampup else "")
-        + (" (--step-batch-size-schedule: " + ", ".join(
-            f"{batch} from sample {threshold:,}" for threshold, batch in plan.step_schedule)
-           + ")" if plan.step_schedule else "")  # fmt: skip
+        + (
+            " (--step-batch-size-schedule: "
+            + ", ".join(
+                f"{batch} from sample {threshold:,}" for threshold, batch in plan.step_schedule
+            )
+            + ")"
+            if plan.step_schedule
+            else ""
+        )  # fmt: skip
     )
     return {"raw_tokens_per_phase": raw, "raw_tokens": sum(raw), "positions": positions}

@@ -125,7 +125,9 @@ class RunPlan:
         """Whether every step from ``consumed`` samples on trains the full batch."""
         if self.step_schedule is not None:
             return consumed >= self.step_schedule[-1][0]
-        return _rampup_batch(self.rampup, self.global_batch_size, consumed) == self.global_batch_size
+        return (
+            _rampup_batch(self.rampup, self.global_batch_size, consumed) == self.global_batch_size
+        )
 
     def batch_size_at(self, iteration: int) -> int:
         """Samples trained by 0-based step ``iteration`` (ramp-up or --step-batch-size-schedule
