@@ -88,6 +88,65 @@ def test_every_functional_test_config_runs_unchanged_or_is_refused_by_name():
     assert laid_out == len(configs) - len(REFUSED) == 150
 
 
+DATA_0_19 = os.path.join(os.path.dirname(DATA), "megatron_lm_functional_tests_0.19.0.json")
+NEWER = "built on a newer megatron-core"
+# Megatron-LM 0.19.0's configurations (the newest release: scripts written for it run here
+# too): name (or, ending in "*", its start) -> a part of its one-line refusal.
+REFUSED_0_19 = {
+    "gpt/gpt3_mcore_te_tp1_pp1_mup": NEWER,  # maximal update parametrisation
+    "moe/gpt3_mcore_te_tp1_pp1_te_4experts_groupedGEMM_op_fuser": NEWER,  # TE's op fuser
+    # Megatron-LM's runner passes the spaced value "2 2" as one word: its parser refuses it too.
+    "gpt/gpt3_mcore_te_tp1_pp2_cp4_a2a_p2p_nondeterministic":
+        "--hierarchical-context-parallel-sizes: invalid int value: '2 2'",
+    "gpt/gpt3_mcore_te_tp1_pp4_vp1_dist_optimizer_overlap_grad_reduce_param_gather_"
+    "overlap_optimizer*": "--overlap-param-gather-with-optimizer-step",
+    "gpt/gpt3_mcore_tp1_pp1_fsdp2_resume_torch_dist_te":
+        "--use-torch-fsdp2 shards the input embedding and the output layer apart",
+    "gpt/gpt3_mcore_te_tp2_zp_z3_resume_fsdp_dtensor*": FSDP,
+    "moe/deepseek_proxy_fsdp_*": FSDP,
+    "moe/gpt3_mcore_te_tp2_zp_z3_resume_torch_dist_te_8experts2parallel_top2router": FSDP,
+    "gpt/gpt3_mcore_te_tp2_pp1_gdn*": "another Megatron-LM architecture",  # gated delta net
+    "gpt/gpt3_mcore_te_tp2_pp2_dsa": "another Megatron-LM architecture",  # sparse attention
+    "gpt/gpt3_mcore_te_tp2_pp1_modelopt_distill_resume*": "a Megatron-LM ModelOpt flag",
+    "moe/gpt3_mcore_te_tp2_pp2_ep4_etp1_resume_torch_dist_attn_cudagraph":
+        "CUDA graphs are not supported yet",
+    "moe/gpt3_moe_mcore_te_tp4_ep2_etp2_pp2_scoped_cudagraph*": "CUDA graphs are not supported yet",
+    "moe/gpt3_moe_mcore_te_ep8_resume_torch_dist_*muon*": "the Muon optimizer",
+}  # fmt: skip
+
+
+def test_megatron_lm_0_19_configs_run_unchanged_or_are_refused_by_name():
+    """The 220 GPT / MoE / Mixtral configurations of Megatron-LM 0.19.0 (its newer flags:
+    --step-batch-size-schedule, --verify-integrity, --async-strategy, --eval-global-batch-
+    size, ...), each laid out for its GPU count or refused for a reason listed above."""
+    import fnmatch
+
+    with open(DATA_0_19) as f:
+        configs = json.load(f)["configs"]
+    assert len(configs) == 220
+    laid_out, wrong, matched = 0, [], set()
+    for name, case in configs.items():
+        keys = [k for k in REFUSED_0_19 if fnmatch.fnmatchcase(name, k)]
+        expected = REFUSED_0_19[keys[0]] if keys else None
+        matched.update(keys)
+        try:
+            rc, out = _dry_run(case["argv"], case["world"])
+        except TSTError as error:
+            message = str(error)
+            if expected is None or expected not in message or "\n" in message:
+                wrong.append(f"{name}: refused: {message[:300]}")
+            continue
+        if rc != 0 or f"layout for a world of {case['world']}:" not in out:
+            wrong.append(f"{name}: rc {rc}")
+        elif expected is not None:
+            wrong.append(f"{name}: laid out, but expected refused ({expected})")
+        else:
+            laid_out += 1
+    assert not wrong, "\n".join(wrong)
+    assert matched == set(REFUSED_0_19)
+    assert laid_out == 191
+
+
 @pytest.mark.parametrize("name", ["moe/gpt3_mcore_tp2_pp2_ep2_te_4experts2parallel",
                                   "gpt/gpt3_mcore_te_tp2_pp2_cp2_etp4_dp_last",
                                   "gpt/gpt3_mcore_te_tp1_pp4_vp1_tunable_overlap"])  # fmt: skip
