@@ -2,6 +2,7 @@
 """Train Megatron-LM's own functional-test configurations for a few TST steps on CPU.
 
     python bench/functional_sweep.py [--only SUBSTRING ...] [--limit N] [--out DIR]
+                                     [--data tests/data/megatron_lm_functional_tests_0.19.0.json]
 
 tests/tools/test_megatron_functional_configs.py lays each of the 165 configurations in
 tests/data/megatron_lm_functional_tests.json out with ``--dry-run``; this trains them. Each
@@ -76,6 +77,10 @@ DROPPED = {
     "--lr-warmup-iters": 1, "--lr-warmup-fraction": 1, "--rampup-batch-size": 3,
     "--global-batch-size": 1, "--fim-data": 0, "--fim-rate": 1, "--fim-spm-rate": 1,
     "--num-workers": 1, "--distributed-timeout-minutes": 1,
+    # Megatron-LM 0.19's batch flags: sized for the configurations' own batches and
+    # (the schedule) for sample-based training; the sweep trains a few steps of its own.
+    "--step-batch-size-schedule": 1, "--eval-global-batch-size": 1,
+    "--eval-micro-batch-size": 1, "--start-eval-at-iter": 1,
 }  # fmt: skip
 
 # Flags that mean nothing once a GPU-only flag they serve is dropped.
@@ -295,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="at most N configurations")
     parser.add_argument("--out", default=os.path.join(ROOT, "runs", "functional_sweep"))
     parser.add_argument("--timeout-s", type=float, default=600.0, help="per run")
+    parser.add_argument("--data", default=DATA, help="the configurations (default Megatron-LM "
+                        "0.16.1's; tests/data/megatron_lm_functional_tests_0.19.0.json: "
+                        "0.19.0's)")  # fmt: skip
     parser.add_argument(
         "--exact", action="store_true",
         help="train each resume case once more without the stop and require the same losses "
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from distributed import ProcessWorld, RankFailure
 
-    with open(DATA) as f:
+    with open(args.data) as f:
         configs = json.load(f)["configs"]
     names = [n for n in configs if not args.only or any(s in n for s in args.only)]
     names = names[: args.limit] if args.limit else names

@@ -388,8 +388,10 @@ def _save_strategy(fully_parallel: bool, cached: bool = False):
     return FullyParallelSaveStrategyWrapper(strategy, _dp_group(), cached)
 
 
-def _load_strategy(path: str, fully_parallel: bool):
-    """Fully parallel: each replica reads a share and they exchange the rest."""
+def _load_strategy(path: str, fully_parallel: bool, exchange_algo: str = "broadcast"):
+    """Fully parallel: each replica reads a share and they exchange the rest, by
+    ``exchange_algo`` (--ckpt-fully-parallel-load-exchange-algo: megatron-core's broadcast,
+    gather_rounds or gather_object)."""
     if not fully_parallel or dist.get_world_size(_dp_group()) == 1:
         return None
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
@@ -397,7 +399,9 @@ def _load_strategy(path: str, fully_parallel: bool):
         FullyParallelLoadStrategyWrapper,
     )
 
-    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), _dp_group())
+    return FullyParallelLoadStrategyWrapper(
+        get_default_load_sharded_strategy(path), _dp_group(), exchange_algo=exchange_algo
+    )
 
 
 def save(
@@ -743,7 +747,7 @@ def checkpoint_path(root: str, step: int | None = None) -> str:
 def load(root: str, chunks, optimizer, fully_parallel: bool = False,
          optimizer_layout: dict | None = None, iteration: int | None = None,
          strictness: str = "assume_ok_unexpected", report=print, verify_all: bool = False,
-         validate_sharding: bool = True) -> dict:  # fmt: skip
+         validate_sharding: bool = True, exchange_algo: str = "broadcast") -> dict:  # fmt: skip
     """Load the latest complete checkpoint (or ``iteration``'s, ``--ckpt-step``) into
     ``chunks`` and ``optimizer`` (None: the weights only); return its common state
     (iteration, data position, scheduler, ...). ``optimizer_layout`` (this run's
@@ -755,7 +759,8 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
     lacks, does (:func:`_check_keys`); ``report`` prints what was let through (rank 0).
     ``verify_all`` (--verify-integrity) checks every file's hash before anything is read;
     ``validate_sharding`` False (--no-ckpt-load-validate-sharding-integrity) skips megatron-
-    core's check that each shard is read as the main replica by exactly one rank."""
+    core's check that each shard is read as the main replica by exactly one rank;
+    ``exchange_algo`` is how a fully parallel load shares what each replica read."""
     from megatron.core import dist_checkpointing
 
     if iteration is None:
@@ -803,7 +808,8 @@ def load(root: str, chunks, optimizer, fully_parallel: bool = False,
             # torch's per-rank notice that ShardedTensor is deprecated: nothing the user can act on.
             warnings.filterwarnings("ignore", message=".*ShardedTensor.*", category=FutureWarning)
             state = dist_checkpointing.load(
-                template, path, sharded_strategy=_load_strategy(path, fully_parallel),
+                template, path,
+                sharded_strategy=_load_strategy(path, fully_parallel, exchange_algo),
                 # Tensors the checkpoint lacks (let through by _check_keys) are left out of
                 # the request; the report was made there.
                 strict="return_unexpected" if absent else "assume_ok_unexpected",

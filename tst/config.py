@@ -1665,6 +1665,13 @@ class RunConfig:
     ckpt_fully_parallel_load: bool = _f(
         False, "Each data-parallel replica reads a share and exchanges it with the others."
     )
+    ckpt_fully_parallel_load_exchange_algo: str = _f(
+        "broadcast",
+        "How --ckpt-fully-parallel-load shares what each replica read (megatron-core's "
+        "algorithms): broadcast (each tensor from the rank that read it), gather_rounds "
+        "(all-gathers in rounds), gather_object (one all-gather of whole state dicts).",
+        choices=["broadcast", "gather_rounds", "gather_object"],
+    )
     ckpt_assume_constant_structure: bool = _f(
         False,
         "Saves after the first reuse its plan (megatron-core's cached checkpoint structure: "

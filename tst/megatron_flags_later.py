@@ -194,7 +194,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--record-shapes": 0,
         "--nvtx-ranges": 0,
         "--cpu-offloading-retain-pinned-cpu-buffers": 0,
-        "--ckpt-fully-parallel-load-exchange-algo": 1,
     },
 }
 

@@ -719,6 +719,11 @@ def check_launchable(cfg: Config) -> None:
         ("--log-energy", cfg.log.log_energy, "reads each GPU's energy counter (NVML)", ""),
         ("--use-nccl-ub", p.use_nccl_ub, "registers the DDP buffers with NCCL (CUDA; "
          "megatron-core builds its NCCL allocator at start)", ""),
+        ("--ckpt-fully-parallel-load-exchange-algo gather_rounds",
+         cfg.run.ckpt_fully_parallel_load_exchange_algo == "gather_rounds"
+         and cfg.run.ckpt_fully_parallel_load, "all-gathers tensors of different sizes in one "
+         "call, which NCCL does and gloo (CPU) refuses", " (broadcast or gather_object load "
+         "the same state)"),
     ]  # fmt: skip
     for flag, asked, what, hint in needs_gpu:
         _require(not asked or torch.cuda.is_available(),

@@ -1067,7 +1067,8 @@ class Trainer:
                                     self._optimizer_layout(), run.ckpt_step,
                                     run.dist_ckpt_strictness, self.writer.print,
                                     run.verify_integrity,
-                                    run.ckpt_load_validate_sharding_integrity)  # fmt: skip
+                                    run.ckpt_load_validate_sharding_integrity,
+                                    run.ckpt_fully_parallel_load_exchange_algo)  # fmt: skip
         self._settle_group_rates(rates)
         # An upcycled checkpoint (saved before any step) loads its weights only.
         upcycled = bool(common.get("upcycled"))
@@ -1222,7 +1223,8 @@ class Trainer:
         try:
             common = checkpointing.load(run.load, dense, None, run.ckpt_fully_parallel_load,
                                         None, run.ckpt_step, verify_all=run.verify_integrity,
-                                        validate_sharding=run.ckpt_load_validate_sharding_integrity)  # fmt: skip
+                                        validate_sharding=run.ckpt_load_validate_sharding_integrity,
+                                        exchange_algo=run.ckpt_fully_parallel_load_exchange_algo)  # fmt: skip
         except checkpointing.CheckpointError as error:
             raise checkpointing.CheckpointError(
                 f"--moe-use-upcycling: the dense model this run grows from (its MoE layers' "

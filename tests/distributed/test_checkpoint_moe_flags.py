@@ -35,9 +35,10 @@ def _run(argv: list[str], metrics: str) -> dict:
         seen["save"].append(type(strategy).__name__)
         return strategy
 
-    def spy_load(path, fully_parallel):
-        strategy = load(path, fully_parallel)
+    def spy_load(path, fully_parallel, *exchange):
+        strategy = load(path, fully_parallel, *exchange)
         seen["load"].append(type(strategy).__name__)
+        seen["exchange"] = getattr(strategy, "exchange_algo", None)
         return strategy
 
     from tst.trainer import Trainer
@@ -63,10 +64,18 @@ def _run(argv: list[str], metrics: str) -> dict:
 
 def test_fully_parallel_checkpoint_flags_at_dp2(world2, tmp_path):
     want = world2.run(_run, BASE, str(tmp_path / "whole.jsonl"))[0]["loss"]
+    """The default saves fully parallel and loads plainly; the flags save plainly and load
+    fully parallel, by each of megatron-core's exchange algorithms
+    (--ckpt-fully-parallel-load-exchange-algo, Megatron-LM 0.19's) that gloo runs: each
+    resume repeats the unbroken run (rel 1e-6). gather_rounds (uneven all-gathers, NCCL's)
+    is refused on CPU in one line."""
+    parallel = ["--ckpt-fully-parallel-load", "--ckpt-fully-parallel-load-exchange-algo"]
     for name, save_flag, load_flag, saved, loaded in (
         ("default", [], [], "FullyParallelSaveStrategyWrapper", "NoneType"),
         ("flags", ["--no-ckpt-fully-parallel-save"], ["--ckpt-fully-parallel-load"],
          "NoneType", "FullyParallelLoadStrategyWrapper"),
+        ("gather_object", [], [*parallel, "gather_object"], "FullyParallelSaveStrategyWrapper",
+         "FullyParallelLoadStrategyWrapper"),
     ):  # fmt: skip
         ckpt = str(tmp_path / name / "ckpt")
         first = world2.run(_run, BASE + ["--save", ckpt, "--exit-interval", "4", *save_flag],
@@ -74,6 +83,15 @@ def test_fully_parallel_checkpoint_flags_at_dp2(world2, tmp_path):
         second = world2.run(_run, BASE + ["--save", ckpt, "--load", ckpt, *load_flag],
                             str(tmp_path / name / "b.jsonl"))[0]  # fmt: skip
         assert set(first["save"]) == {saved} and set(second["load"]) == {loaded}, name
+        assert second["exchange"] == (None if name == "default" else
+                                      "broadcast" if name == "flags" else name)  # fmt: skip
+    from tst.config import parse_args
+    from tst.plan import check_launchable
+
+    rounds = BASE + [*parallel, "gather_rounds", "--load", str(tmp_path / "ckpt")]
+    with pytest.raises(ValueError, match="gather_rounds all-gathers tensors of different sizes "
+                                         ".*this machine has no GPU"):  # fmt: skip
+        check_launchable(parse_args(rounds))
         got = {**first["loss"], **second["loss"]}
         assert sorted(got) == sorted(want)
         for it, loss in want.items():

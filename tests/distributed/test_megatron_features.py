@@ -123,7 +123,10 @@ def test_overlap_and_distributed_optimizer_change_no_loss(world2, tmp_path, tmp_
 
 # Values for the accepted flags that take one: what Megatron-LM's launch scripts pass.
 _ACCEPTED_VALUES = {"--distributed-backend": "nccl", "--fp8-interval": "1", "--local-rank": "0",
-                    "--num-dataset-builder-threads": "4", "--tensorboard-queue-size": "5"}  # fmt: skip
+                    "--num-dataset-builder-threads": "4", "--tensorboard-queue-size": "5",
+                    # Megatron-LM 0.19's async writer settings (its defaults)
+                    "--async-ckpt-cpu-priority": "10", "--async-ckpt-io-priority": "3",
+                    "--dist-ckpt-workers": "1"}  # fmt: skip
 
 
 def test_every_accepted_flag_at_once_trains_the_same_model(world2, tmp_path, tmp_path_factory):
