@@ -1665,6 +1665,13 @@ class RunConfig:
     ckpt_fully_parallel_load: bool = _f(
         False, "Each data-parallel replica reads a share and exchanges it with the others."
     )
+    override_ckpt_iteration: int | None = _f(
+        None,
+        "Resume the --load checkpoint's weights, optimizer and LR schedule at this iteration "
+        "instead of its own, with the data position N steps read (e.g. to replay the data "
+        "from an earlier step; Megatron-LM 0.19's). The checkpoint's global batch must be "
+        "the run's, and N in the checkpoint's phase / bag stage.",
+    )
     ckpt_fully_parallel_load_exchange_algo: str = _f(
         "broadcast",
         "How --ckpt-fully-parallel-load shares what each replica read (megatron-core's "
@@ -1757,6 +1764,10 @@ class RunConfig:
         return tuple(sorted(steps))
 
     def __post_init__(self):
+        if self.override_ckpt_iteration is not None:
+            _require(self.override_ckpt_iteration >= 0, "--override-ckpt-iteration must be >= 0")
+            _require(not self.finetune, "--override-ckpt-iteration sets the iteration a resume "
+                     "continues at; --finetune starts at 0: give one (Megatron-LM's rule)")  # fmt: skip
         if self.async_save and self.async_strategy == "nvrx":
             warnings.warn("--async-save: --async-strategy nvrx (Megatron-LM 0.19's default, "
                           "NVIDIA's resiliency-extension writer) is not wired here; megatron-"

@@ -176,7 +176,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--no-use-layer-wise-param-layout": 0,
     },
     "notyet": {
-        "--override-ckpt-iteration": 1,
         "--freeze-all-layers": 0,
         "--validation-set-names": "+",
         "--save-params-interval": 1,

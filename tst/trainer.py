@@ -1081,6 +1081,8 @@ class Trainer:
                 " iteration, optimizer, LR schedule and data position start fresh"
             )
             return
+        if run.override_ckpt_iteration is not None:
+            common = self._override_iteration(common)
         self._check_phase_order(common)
         saved_batch = common.get("global_batch_size")
         if run.phase_transition_iterations and saved_batch not in (
@@ -1112,6 +1114,45 @@ class Trainer:
             + (" (upcycled with --moe-use-upcycling; the optimizer starts fresh)" if upcycled
                else "")
         )  # fmt: skip
+
+    def _override_iteration(self, common: dict) -> dict:
+        """--override-ckpt-iteration N (Megatron-LM 0.19's): the checkpoint's weights,
+        optimizer and LR schedule, with the run's iteration and data position set to N's
+        (the samples N steps read at this run's batch, as if from the start), e.g. to replay
+        the data from an earlier step. Megatron-LM's rule: the checkpoint's global batch
+        must be this run's. A step in another phase or bag stage than the checkpoint's is
+        refused: the switch and its controls happen once, at their step."""
+        run, plan = self.cfg.run, self.plan
+        target, saved = run.override_ckpt_iteration, common["iteration"]
+        flag = f"--override-ckpt-iteration {target}"
+        _require_state(target <= plan.train_iters, f"{flag}: past --train-iters "
+                       f"({plan.train_iters})")  # fmt: skip
+        batch = common.get("global_batch_size")
+        _require_state(batch in (None, plan.global_batch_size), f"{flag} replays the data from "
+                       f"iteration {target} at this run's global batch ({plan.global_batch_size}), "
+                       f"but the checkpoint was trained with {batch}: the data would start at the "
+                       f"wrong sample; give --global-batch-size {batch}")  # fmt: skip
+        here = self.schedule.phase_at(min(target, plan.train_iters - 1))
+        there = self.schedule.phase_at(min(saved, plan.train_iters - 1))
+        _require_state((here.name, here.stage) == (there.name, there.stage) or saved == target,
+                       f"{flag}: the checkpoint (iteration {saved}) is in the {there.name} phase"
+                       f"{f' stage {there.stage}' if there.stage else ''}, iteration {target} in "
+                       f"the {here.name} phase{f' stage {here.stage}' if here.stage else ''}: an "
+                       "override stays within the checkpoint's phase (the switch happens once, "
+                       "at its step)")  # fmt: skip
+        consumed = served = 0
+        for phase in self.schedule.phases:
+            if phase.start >= target:
+                break
+            rows = plan.samples_between(phase.start, min(phase.end, target))
+            consumed = -(-consumed // phase.units_per_row) * phase.units_per_row
+            consumed += rows * phase.units_per_row
+            served += rows * phase.units_per_row
+        data = {**common["data"], "consumed_units": consumed, "served_units": served}
+        self.writer.print(f"{flag}: the checkpoint of iteration {saved} continues at iteration "
+                          f"{target} ({plan.samples_before(target)} samples read)")  # fmt: skip
+        return {**common, "iteration": target, "data": data,
+                "samples": {"trained": plan.samples_before(target), "skipped": 0}}  # fmt: skip
 
     def _group_rates(self) -> list[tuple]:
         """Each optimizer parameter group's peak and final learning rate (``max_lr`` /
@@ -1718,6 +1759,12 @@ class Trainer:
         figures = " | ".join(f"{name}: {value / 2**20:.1f}" for name, value in mib.items())
         print(f"[Rank {self.layout.rank}] (after {self.iteration} iterations) memory (MB) | "
               f"{figures}", flush=True)  # fmt: skip
+
+
+def _require_state(condition: bool, message: str) -> None:
+    """A checkpoint that cannot start this run as asked: one line naming why."""
+    if not condition:
+        raise checkpointing.CheckpointError(message)
 
 
 def _record_memory_history(path: str) -> None:
