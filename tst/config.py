@@ -1943,6 +1943,12 @@ class LoggingConfig:
         "validation set of its own, scored as val_loss-0, val_loss-1, ... (val_loss: all "
         "together).",
     )
+    validation_set_names: list[str] | None = _f(
+        None,
+        "Names for the --multiple-validation-sets sets, one per --valid-data-path prefix in "
+        "order: val_loss-NAME instead of val_loss-0, val_loss-1, ... (Megatron-LM 0.19's).",
+        nargs="+",
+    )
     log_interval: int = _f(100, "Log every N steps.")
     timing_log_level: int = _f(
         0,
@@ -2028,6 +2034,9 @@ class LoggingConfig:
             _require(value is None or value >= 1, f"{flag} must be >= 1")
         _require(self.start_eval_at_iter is None or self.start_eval_at_iter >= 0,
                  "--start-eval-at-iter must be >= 0")  # fmt: skip
+        _require(self.validation_set_names is None or self.multiple_validation_sets,
+                 "--validation-set-names names the sets of --multiple-validation-sets: add it "
+                 "(Megatron-LM's rule)")  # fmt: skip
         _require(
             not self.multiple_validation_sets or self.full_validation,
             "--multiple-validation-sets needs --full-validation (as in Megatron-LM): each set "

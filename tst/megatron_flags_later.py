@@ -176,8 +176,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--no-use-layer-wise-param-layout": 0,
     },
     "notyet": {
-        "--freeze-all-layers": 0,
-        "--validation-set-names": "+",
         "--save-params-interval": 1,
         "--save-activations-interval": 1,
         "--save-tokens-per-expert-interval": 1,
@@ -274,6 +272,11 @@ LATER_REFUSED.update({
         "--logits-save-top-k": 1, "--logits-save-top-p": 1, "--logits-save-top-p-min-k": 1,
     }.items()
 })  # fmt: skip
+LATER_REFUSED["--freeze-all-layers"] = (
+    0,
+    "freezes every weight, for Megatron-LM's post-training logit saving (--logits-save-dir, "
+    "refused here too); a pretraining run trains its model: drop it",
+)
 LATER_REFUSED["--enable-msc"] = (
     0,
     "the Multi-Storage Client (object storage) is not used here: data and checkpoints are read "

@@ -207,6 +207,14 @@ class Trainer:
         # The validation split: one dataset, or one per prefix (--multiple-validation-sets).
         self.valid_sets = valid if isinstance(valid, list) else [] if valid is None else [valid]
         self.named_valid_sets = isinstance(valid, list)
+        names = cfg.log.validation_set_names
+        if self.named_valid_sets and names is not None and len(names) != len(self.valid_sets):
+            raise ValueError(
+                f"--validation-set-names gives {len(names)} names for "
+                f"{len(self.valid_sets)} validation sets (--valid-data-path prefixes): give one "
+                "name per prefix, in order"
+            )
+        self.valid_set_names = names or [str(k) for k in range(len(self.valid_sets))]
         self.test = test  # evaluated once at the end of a run that completes, as Megatron-LM does
         self.eval_iters = [cfg.log.eval_iters] * len(self.valid_sets)  # global batches, per set
         self.iteration = 0
@@ -1568,7 +1576,8 @@ class Trainer:
         val = sum(t for t, _ in sums) / max(sum(c for _, c in sums), 1)
         per_set = {}
         if self.named_valid_sets:
-            per_set = {f"val_loss-{k}": t / max(c, 1) for k, (t, c) in enumerate(sums)}
+            per_set = {f"val_loss-{name}": t / max(c, 1)
+                       for name, (t, c) in zip(self.valid_set_names, sums, strict=True)}  # fmt: skip
         record = {
             "iteration": self.iteration,
             "val_loss": val,
@@ -1581,7 +1590,7 @@ class Trainer:
         if self.cfg.log.log_validation_ppl_to_tensorboard:
             record["val_ppl"] = math.exp(min(val, 700.0))
         self.writer.write(record, "eval")
-        sets = "".join(f" | set {k.split('-')[1]} {v:.4f}" for k, v in per_set.items())
+        sets = "".join(f" | set {k.split('-', 1)[1]} {v:.4f}" for k, v in per_set.items())
         self.writer.print(f"  eval at {self.iteration}: next-token loss {val:.4f}{sets}")
 
     def _evaluate_test_split(self, phase: Phase) -> None:

@@ -406,6 +406,8 @@ def test_multiple_validation_sets_score_each_prefix(tmp_path):
     40 documents of 40 tokens each: val_loss-0 and val_loss-1 are what --full-validation
     gives on each prefix alone (rel 1e-6), val_loss their mean (equal sizes: the same
     number of targets), in the metrics file and TensorBoard."""
+    from tst.errors import ConfigError
+
     first, second = _dataset(tmp_path), _dataset(tmp_path, seed=1)
     train = ["--train-data-path", first, "--full-validation"]
     runs = {}
@@ -429,6 +431,36 @@ def test_multiple_validation_sets_score_each_prefix(tmp_path):
         assert a == pytest.approx((b + c) / 2, rel=1e-6)
     assert "of validation set 1 (" + second in runs["both"]["stdout"]
     assert _tensorboard(tmp_path / "both" / "tb")["eval/val_loss-1"] == [2, 4]
+    # --validation-set-names (Megatron-LM 0.19) names them: the same losses under the names.
+    (tmp_path / "named").mkdir()
+    named = _run(
+        BASE
+        + train
+        + [
+            "--valid-data-path",
+            first,
+            second,
+            "--multiple-validation-sets",
+            "--validation-set-names",
+            "wiki",
+            "code-py",
+        ],
+        tmp_path / "named",
+    )
+    got = [(r["iteration"], r["val_loss-wiki"], r["val_loss-code-py"])
+           for r in named["records"] if "val_loss" in r]  # fmt: skip
+    want = [(i, a, b) for (i, a), (_, b) in zip(evals("both", "val_loss-0"),
+                                                 evals("both", "val_loss-1"), strict=True)]  # fmt: skip
+    assert got == want
+    assert "set code-py " in named["stdout"]
+    with pytest.raises(ValueError, match="--validation-set-names gives 1 names for 2"):
+        pretrain_tst.main(BASE + train + ["--valid-data-path", first, second,
+                                          "--multiple-validation-sets",
+                                          "--validation-set-names", "wiki"])  # fmt: skip
+    with pytest.raises(ConfigError, match="--validation-set-names names the sets of "
+                                          "--multiple-validation-sets"):  # fmt: skip
+        pretrain_tst.main(BASE + train + ["--valid-data-path", first,
+                                          "--validation-set-names", "wiki"])  # fmt: skip
 
 
 def test_dry_run_counts_the_optimizer_state_per_rank_as_it_is_sharded(tmp_path):
