@@ -2014,6 +2014,10 @@ class LoggingConfig:
     profile_step_start: int = _f(10, "First profiled step.")
     profile_step_end: int = _f(12, "Step after the last profiled one.")
     profile_ranks: list[int] = _f([0], "Ranks that profile.", type=int)
+    pytorch_profiler_collect_callstack: bool = _f(
+        False, "--profile's trace records each operator's Python call stack (torch profiler's "
+        "with_stack; larger traces).",
+    )  # fmt: skip
     manual_gc: bool = _f(False, "Disable automatic garbage collection; collect every interval.")
     manual_gc_interval: int = _f(0, "Steps between manual collections (0: only at evaluation).")
     manual_gc_eval: bool = _f(

@@ -54,6 +54,10 @@ LATER_ACCEPTED: dict[str, tuple[int | str, str]] = {
         "the worker count of NVIDIA's resiliency-extension async writer (nvrx); megatron-core's "
         "writer, which writes here, runs one forked process per rank",
     ),
+    "--pytorch-profiler-collect-shapes": (
+        0,
+        "--profile's trace records the operators' input shapes always",
+    ),
     "--disable-stream-ckpt-dequant": (
         0,
         "streamed dequantisation applies to checkpoints holding quantised (FP8 / NVFP4) "
@@ -185,8 +189,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--no-pad-vocab-size": 0,
         "--disable-tokenizer-sentencepiece-ignore-extra-whitespaces": 0,
         "--no-tokenizer-sentencepiece-ignore-extra-whitespaces": 0,
-        "--pytorch-profiler-collect-callstack": 0,
-        "--pytorch-profiler-collect-shapes": 0,
         "--pytorch-profiler-collect-chakra": 0,
         "--record-shapes": 0,
         "--nvtx-ranges": 0,

@@ -1916,6 +1916,7 @@ class _Profiler:
 
     def __init__(self, log, rank: int, writer):
         self.enabled = log.profile and rank in log.profile_ranks
+        self.with_stack = log.pytorch_profiler_collect_callstack
         self.start, self.end = log.profile_step_start, log.profile_step_end
         self.out = log.tensorboard_dir or "."
         self.rank, self.writer, self._prof = rank, writer, None
@@ -1924,7 +1925,7 @@ class _Profiler:
         if self._prof is not None and iteration >= self.end:
             self.close()
         if self.enabled and iteration == self.start and self._prof is None:
-            self._prof = torch.profiler.profile(record_shapes=True, with_stack=False)
+            self._prof = torch.profiler.profile(record_shapes=True, with_stack=self.with_stack)
             self._prof.__enter__()
 
     def close(self) -> None:

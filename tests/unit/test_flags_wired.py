@@ -15,6 +15,7 @@ hold the run's own metrics.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import io
@@ -746,3 +747,24 @@ def test_dry_run_offloads_the_experts_inputs_as_megatron_core_keeps_them(tmp_pat
     assert host() == per_layer
     assert host(*selective, "moe_act") == per_layer
     assert host(*selective, "moe") == 0
+
+
+def test_profiler_call_stacks(tmp_path):
+    """--pytorch-profiler-collect-callstack (Megatron-LM 0.19) makes --profile's trace record
+    each operator's Python call stack (the torch profiler's python_function events); without
+    it the trace has none. The operators are the same either way."""
+    argv = ["--mock-data", *BASE, "--save-interval", "1000", "--profile",
+            "--profile-step-start", "2", "--profile-step-end", "3"]  # fmt: skip
+
+    def categories(name, *extra):
+        out = tmp_path / name
+        with contextlib.redirect_stdout(io.StringIO()):
+            assert pretrain_tst.main([*argv, "--tensorboard-dir", str(out), *extra]) == 0
+        with open(out / "profile_rank0_steps2-3.json") as f:
+            events = json.load(f)["traceEvents"]
+        return collections.Counter(e.get("cat") for e in events)
+
+    plain = categories("plain")
+    stacks = categories("stacks", "--pytorch-profiler-collect-callstack")
+    assert plain["python_function"] == 0 and stacks["python_function"] > 100
+    assert plain["cpu_op"] == stacks["cpu_op"] > 100
