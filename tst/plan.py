@@ -144,6 +144,8 @@ class RunPlan:
         an upper bound for a run whose batch was decreased, at whatever DP it ran)."""
         if self.rampup is None and self.step_schedule is None:
             return iteration * (self.global_batch_size if nominal else self.trained_batch_size)
+        if self.step_schedule is not None:
+            return _scheduled_samples(self.step_schedule, iteration)
         consumed = 0
         for step in range(iteration):
             if self._settled(consumed):  # past the ramp-up / schedule: full batches from here
@@ -170,6 +172,21 @@ def _scheduled_batch(schedule: tuple[tuple[int, int], ...], consumed: int) -> in
     """--step-batch-size-schedule's batch after ``consumed`` samples: the last entry whose
     threshold has been reached (Megatron-LM 0.19's rule)."""
     return [batch for threshold, batch in schedule if consumed >= threshold][-1]
+
+
+def _scheduled_samples(schedule: tuple[tuple[int, int], ...], iteration: int) -> int:
+    """Samples the first ``iteration`` steps read under --step-batch-size-schedule, entry by
+    entry (each batch runs until the next threshold is reached; an entry whose threshold a
+    step already passed runs no step): a few operations per entry, not per step."""
+    consumed = steps = 0
+    for k, (_, batch) in enumerate(schedule):
+        if k + 1 < len(schedule):
+            n = max(0, -(-(schedule[k + 1][0] - consumed) // batch))
+            if steps + n < iteration:
+                consumed, steps = consumed + n * batch, steps + n
+                continue
+        return consumed + (iteration - steps) * batch
+    return consumed
 
 
 def _train_iters(cfg: Config, gbs: int, rampup, step_schedule=None) -> int:

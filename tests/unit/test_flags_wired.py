@@ -768,3 +768,29 @@ def test_profiler_call_stacks(tmp_path):
     stacks = categories("stacks", "--pytorch-profiler-collect-callstack")
     assert plain["python_function"] == 0 and stacks["python_function"] > 100
     assert plain["cpu_op"] == stacks["cpu_op"] > 100
+
+
+def test_step_batch_size_schedule_counts_samples_as_stepping_through_it_does():
+    """The plan's samples-before-step under --step-batch-size-schedule (computed entry by
+    entry) equals stepping through the schedule one step at a time (Megatron-LM 0.19's
+    calculator: each step's batch is the last entry whose threshold the samples read so far
+    reached), over 2,000 random schedules; and the flag's thresholds are tokens."""
+    import random
+
+    from tst.config import step_batch_schedule
+    from tst.plan import _scheduled_batch, _scheduled_samples
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        n = rng.randint(1, 5)
+        thresholds = [0] + sorted(rng.sample(range(1, 200), n - 1))
+        schedule = tuple(zip(thresholds, [rng.randint(1, 30) for _ in range(n)], strict=True))
+        consumed = 0
+        for step in range(60):
+            assert _scheduled_samples(schedule, step) == consumed, (schedule, step)
+            consumed += [b for t, b in schedule if consumed >= t][-1]
+            assert _scheduled_batch(schedule, consumed) == [b for t, b in schedule
+                                                            if consumed >= t][-1]  # fmt: skip
+    assert step_batch_schedule("0:384 200B:768 400B:1152", 4096) == (
+        (0, 384), (200 * 10**9 // 4096, 768), (400 * 10**9 // 4096, 1152))  # fmt: skip
+    assert step_batch_schedule("1.5K:8, 0:4", 1) == ((0, 4), (1500, 8))
