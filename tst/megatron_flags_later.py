@@ -15,7 +15,7 @@ tests/unit/test_megatron_flag_tables.py checks that none is unknown.
 
 from __future__ import annotations
 
-from tst.megatron_flags_upstream import REASONS
+from tst.megatron_flags_upstream import by_family
 
 __all__ = ["LATER_ACCEPTED", "LATER_ALIASES", "LATER_REFUSED"]
 
@@ -260,11 +260,7 @@ _NEWER_FLAGS: dict[str, int | str] = {
     "--yarn-original-max-position-embeddings": 1,
 }
 
-LATER_REFUSED: dict[str, tuple[int | str, str]] = {
-    flag: (nargs, REASONS[family])
-    for family, flags in _FAMILIES.items()
-    for flag, nargs in flags.items()
-}
+LATER_REFUSED: dict[str, tuple[int | str, str]] = by_family(_FAMILIES)
 LATER_REFUSED.update({flag: (nargs, _NEWER) for flag, nargs in _NEWER_FLAGS.items()})
 LATER_REFUSED.update({
     flag: (nargs, _KD) for flag, nargs in {

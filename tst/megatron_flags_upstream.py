@@ -11,7 +11,7 @@ flag set and tests/unit/test_megatron_flag_tables.py checks that none is unknown
 
 from __future__ import annotations
 
-__all__ = ["REASONS", "UPSTREAM_ACCEPTED", "UPSTREAM_ALIASES", "UPSTREAM_REFUSED"]
+__all__ = ["REASONS", "UPSTREAM_ACCEPTED", "UPSTREAM_ALIASES", "UPSTREAM_REFUSED", "by_family"]
 
 UPSTREAM_ALIASES: dict[str, list[str]] = {
     "--disable-log-loss-scale-to-tensorboard": ["--no-log-loss-scale-to-tensorboard"],
@@ -424,12 +424,15 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
     },
 }
 
+
+def by_family(families: dict[str, dict[str, int | str]]) -> dict[str, tuple[int | str, str]]:
+    """flag -> (nargs, its family's reason) for ``{family: {flag: nargs}}``."""
+    return {flag: (nargs, REASONS[family]) for family, flags in families.items()
+            for flag, nargs in flags.items()}  # fmt: skip
+
+
 # flag -> (nargs, reason)
-UPSTREAM_REFUSED: dict[str, tuple[int | str, str]] = {
-    flag: (nargs, REASONS[family])
-    for family, flags in _FAMILIES.items()
-    for flag, nargs in flags.items()
-}
+UPSTREAM_REFUSED: dict[str, tuple[int | str, str]] = by_family(_FAMILIES)
 UPSTREAM_REFUSED["--overlap-param-gather-with-optimizer-step"] = (
     0,
     "Megatron-LM 0.16.1 refuses it with distributed checkpointing, the only checkpoint format "

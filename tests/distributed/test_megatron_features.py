@@ -404,19 +404,24 @@ def test_ckpt_step_and_skip_train(world2, tmp_path):
     assert [r["iteration"] for r in got["records"] if "test_loss" in r] == [6]
 
 
+def _sample_based(samples: int) -> list[str]:
+    """BASE trained for ``samples`` samples (warm-up over 8, linear decay, the switch half
+    way through the steps)."""
+    argv = [a for a in BASE]
+    for flag, replacement in (("--train-iters", ["--train-samples", str(samples)]),
+                              ("--lr-warmup-iters", ["--lr-warmup-samples", "8"]),
+                              ("--tst-iters", ["--tst-fraction", "0.5"])):  # fmt: skip
+        i = argv.index(flag)
+        argv[i : i + 2] = replacement
+    return argv + ["--lr-decay-style", "linear"]
+
+
 def test_sample_based_training_with_batch_rampup(world2, tmp_path):
     """--train-samples with --rampup-batch-size 4 4 24 (global batch 8, DP 2, micro 2):
     Megatron-LM's step count and batch sizes, the LR scheduler counting samples, the switch
     on a step boundary (--tst-fraction of the steps) and the data position following the
     samples read."""
-    argv = [a for a in BASE]
-    i = argv.index("--train-iters")
-    argv[i : i + 2] = ["--train-samples", "64"]
-    i = argv.index("--lr-warmup-iters")
-    argv[i : i + 2] = ["--lr-warmup-samples", "8"]
-    i = argv.index("--tst-iters")
-    argv[i : i + 2] = ["--tst-fraction", "0.5"]
-    argv += ["--rampup-batch-size", "4", "4", "24", "--lr-decay-style", "linear"]
+    argv = _sample_based(64) + ["--rampup-batch-size", "4", "4", "24"]
     run = world2.run(_train, argv, str(tmp_path / "m.jsonl"))[0]
     train = [r for r in run["records"] if "loss" in r and "batch_size" in r]
     # Megatron-LM's rule: 4 until 24 samples are read (one increment of 4 over 24 samples),
@@ -443,16 +448,9 @@ def test_step_batch_size_schedule(world2, tmp_path):
     (the last batch is the global batch), over --train-samples 48: Megatron-LM's count,
     4 x 4, 2 x 8 (32 read, past 25), then 4 x 4: 10 steps; the LR scheduler moves by each
     step's batch; a run stopped inside the schedule and resumed repeats the unbroken one."""
-    argv = [a for a in BASE]
-    i = argv.index("--train-iters")
-    argv[i : i + 2] = ["--train-samples", "48"]
-    i = argv.index("--lr-warmup-iters")
-    argv[i : i + 2] = ["--lr-warmup-samples", "8"]
+    argv = _sample_based(48)
     i = argv.index("--global-batch-size")
     argv[i : i + 2] = ["--step-batch-size-schedule", "0:4 128:8 0.2K:4"]
-    i = argv.index("--tst-iters")
-    argv[i : i + 2] = ["--tst-fraction", "0.5"]
-    argv += ["--lr-decay-style", "linear"]
     run = world2.run(_train, argv, str(tmp_path / "m.jsonl"))[0]
     train = [r for r in run["records"] if "loss" in r and "batch_size" in r]
     assert [r["batch_size"] for r in train] == [4] * 4 + [8] * 2 + [4] * 4
