@@ -14,6 +14,7 @@ Under sample-based training (``--train-samples``) the run's length in steps is M
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -146,11 +147,18 @@ class RunPlan:
             return iteration * (self.global_batch_size if nominal else self.trained_batch_size)
         if self.step_schedule is not None:
             return _scheduled_samples(self.step_schedule, iteration)
-        consumed = 0
-        for step in range(iteration):
-            if self._settled(consumed):  # past the ramp-up / schedule: full batches from here
-                return consumed + (iteration - step) * self.global_batch_size
-            consumed += self._batch_after(consumed)
+        ramp = self._rampup_consumed
+        if iteration < len(ramp):
+            return ramp[iteration]
+        return ramp[-1] + (iteration - len(ramp) + 1) * self.global_batch_size
+
+    @functools.cached_property
+    def _rampup_consumed(self) -> list[int]:
+        """--rampup-batch-size: the samples read before each step, from step 0 to the first
+        full-batch step (stepped through once, by Megatron-LM's rule; full batches after)."""
+        consumed = [0]
+        while not self._settled(consumed[-1]):
+            consumed.append(consumed[-1] + self._batch_after(consumed[-1]))
         return consumed
 
     def samples_between(self, start: int, end: int, nominal: bool = False) -> int:

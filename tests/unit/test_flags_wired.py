@@ -794,3 +794,27 @@ def test_step_batch_size_schedule_counts_samples_as_stepping_through_it_does():
     assert step_batch_schedule("0:384 200B:768 400B:1152", 4096) == (
         (0, 384), (200 * 10**9 // 4096, 768), (400 * 10**9 // 4096, 1152))  # fmt: skip
     assert step_batch_schedule("1.5K:8, 0:4", 1) == ((0, 4), (1500, 8))
+
+
+def test_rampup_counts_samples_as_stepping_through_it_does():
+    """The plan's samples-before-step under --rampup-batch-size (stepped through once and
+    kept) equals stepping by Megatron-LM's ramp-up rule at every step, over 200 random
+    ramp-ups (start, increment, ramp length, global batch)."""
+    import random
+
+    from tst.config import parse_args
+    from tst.plan import _rampup_batch, validate
+
+    rng = random.Random(1)
+    base = ["--mock-data", "--vocab-size", "512", "--num-layers", "2", "--hidden-size", "32",
+            "--num-attention-heads", "4", "--seq-length", "8", "--micro-batch-size", "2",
+            "--lr", "1e-3", "--train-samples", "2000"]  # fmt: skip
+    for _ in range(200):
+        start, increment = 2 * rng.randint(1, 5), 2 * rng.randint(1, 4)
+        gbs, samples = start + increment * rng.randint(0, 6), rng.randint(0, 400)
+        plan = validate(parse_args([*base, "--global-batch-size", str(gbs), "--rampup-batch-size",
+                                    str(start), str(increment), str(samples)]), 1, 512)  # fmt: skip
+        consumed = 0
+        for step in range(120):
+            assert plan.samples_before(step) == consumed, (start, increment, gbs, samples, step)
+            consumed += _rampup_batch((start, increment, samples), gbs, consumed)
