@@ -42,6 +42,7 @@ def build_datasets(cfg: Config, plan, tokenizer, vocab_size: int, blends=None, f
     train = big_samples_needed(rows, bag)
     valid = test = 0
     if plan.evaluate:
+        # At the given batch (as the train rows above: nominal), not a decreased one.
         batch = cfg.log.eval_global_batch_size or plan.global_batch_size
         test = big_samples_needed([(cfg.log.eval_iters * batch, 1)], bag)
         valid = None if cfg.log.full_validation else test  # None: the whole split, once

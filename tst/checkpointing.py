@@ -299,26 +299,39 @@ def verify(path: str, every: bool = False) -> None:
             "64 MiB carry no hash to check: load it without --verify-integrity (sizes and the "
             "smaller files' hashes are still checked), and save with the flag from then on"
         )
-    bad = []
+    bad, broken = [], set()
     for name, entry in sorted(files.items()):
         full = os.path.join(path, name)
         if not os.path.isfile(full):
             bad.append(f"{full} (missing)")
         elif os.path.getsize(full) != entry["size"]:
             bad.append(f"{full} ({os.path.getsize(full)} bytes, saved {entry['size']})")
-    # The same list on every rank (a file a rank found missing is left out on all of them).
-    hashed = sorted(name for name, entry in files.items() if "sha256" in entry
-                    and (every or entry["size"] <= _HASH_LIMIT)
-                    and not any(b.startswith(os.path.join(path, name) + " ") for b in bad))  # fmt: skip
-    digests = _digests(path, hashed)
-    bad += [f"{os.path.join(path, name)} (contents changed)" for name in hashed
-            if digests[name] != files[name]["sha256"]]  # fmt: skip
+        else:
+            continue
+        broken.add(name)
+    bad += _changed(path, {name: entry["sha256"] for name, entry in files.items()
+                           if "sha256" in entry and (every or entry["size"] <= _HASH_LIMIT)
+                           and name not in broken})  # fmt: skip
     if bad:
-        raise CheckpointError(
-            f"checkpoint {path} failed its integrity check, nothing was loaded: "
-            + "; ".join(bad)
-            + ". Restore these files, or point the tracker at an older checkpoint."
-        )
+        _refuse_damaged(path, bad, "point the tracker at an older checkpoint")
+
+
+def _changed(path: str, expected: dict[str, str]) -> list[str]:
+    """The files of ``expected`` (name -> SHA-256) whose contents differ from it, one line
+    each. Collective where the process group is up (the ranks share the hashing): every rank
+    passes the same names."""
+    names = sorted(expected)
+    digests = _digests(path, names)
+    return [f"{os.path.join(path, name)} (contents changed)" for name in names
+            if digests[name] != expected[name]]  # fmt: skip
+
+
+def _refuse_damaged(path: str, bad: list[str], other: str) -> None:
+    raise CheckpointError(
+        f"checkpoint {path} failed its integrity check, nothing was loaded: "
+        + "; ".join(bad)
+        + f". Restore these files, or {other}."
+    )
 
 
 def verify_megatron_lm(path: str) -> None:
@@ -336,19 +349,12 @@ def verify_megatron_lm(path: str) -> None:
         saved = json.load(f)
     if saved.get("algorithm", "sha256") != "sha256":
         raise CheckpointError(f"{manifest}: hash algorithm {saved['algorithm']!r}, not sha256")
-    names = sorted(saved["files"])
-    missing = [n for n in names if not os.path.isfile(os.path.join(path, n))]
-    present = [n for n in names if n not in missing]
-    digests = _digests(path, present)
-    bad = [f"{os.path.join(path, n)} (missing)" for n in missing] + [
-        f"{os.path.join(path, n)} (contents changed)" for n in present
-        if digests[n] != saved["files"][n]]  # fmt: skip
+    files = saved["files"]
+    missing = [n for n in sorted(files) if not os.path.isfile(os.path.join(path, n))]
+    bad = [f"{os.path.join(path, n)} (missing)" for n in missing]
+    bad += _changed(path, {n: digest for n, digest in files.items() if n not in missing})
     if bad:
-        raise CheckpointError(
-            f"checkpoint {path} failed its integrity check, nothing was loaded: "
-            + "; ".join(bad)
-            + ". Restore these files, or load another checkpoint."
-        )
+        _refuse_damaged(path, bad, "load another checkpoint")
 
 
 def _sharded_model_state(chunks) -> dict:

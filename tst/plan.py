@@ -122,14 +122,6 @@ class RunPlan:
             return _scheduled_batch(self.step_schedule, consumed)
         return _rampup_batch(self.rampup, self.global_batch_size, consumed)
 
-    def _settled(self, consumed: int) -> bool:
-        """Whether every step from ``consumed`` samples on trains the full batch."""
-        if self.step_schedule is not None:
-            return consumed >= self.step_schedule[-1][0]
-        return (
-            _rampup_batch(self.rampup, self.global_batch_size, consumed) == self.global_batch_size
-        )
-
     def batch_size_at(self, iteration: int) -> int:
         """Samples trained by 0-based step ``iteration`` (ramp-up or --step-batch-size-schedule
         by samples consumed)."""
@@ -157,8 +149,8 @@ class RunPlan:
         """--rampup-batch-size: the samples read before each step, from step 0 to the first
         full-batch step (stepped through once, by Megatron-LM's rule; full batches after)."""
         consumed = [0]
-        while not self._settled(consumed[-1]):
-            consumed.append(consumed[-1] + self._batch_after(consumed[-1]))
+        while (batch := self._batch_after(consumed[-1])) != self.global_batch_size:
+            consumed.append(consumed[-1] + batch)
         return consumed
 
     def samples_between(self, start: int, end: int, nominal: bool = False) -> int:
