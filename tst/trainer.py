@@ -1142,7 +1142,7 @@ class Trainer:
                        f"wrong sample; give --global-batch-size {batch}")  # fmt: skip
         here = self.schedule.phase_at(min(target, plan.train_iters - 1))
         there = self.schedule.phase_at(min(saved, plan.train_iters - 1))
-        _require_state((here.name, here.stage) == (there.name, there.stage) or saved == target,
+        _require_state((here.name, here.stage) == (there.name, there.stage),
                        f"{flag}: the checkpoint (iteration {saved}) is in the {there.name} phase"
                        f"{f' stage {there.stage}' if there.stage else ''}, iteration {target} in "
                        f"the {here.name} phase{f' stage {here.stage}' if here.stage else ''}: an "
@@ -1590,7 +1590,8 @@ class Trainer:
         if self.cfg.log.log_validation_ppl_to_tensorboard:
             record["val_ppl"] = math.exp(min(val, 700.0))
         self.writer.write(record, "eval")
-        sets = "".join(f" | set {k.split('-', 1)[1]} {v:.4f}" for k, v in per_set.items())
+        sets = "".join(f" | set {name} {loss:.4f}"
+                       for name, loss in zip(self.valid_set_names, per_set.values(), strict=False))  # fmt: skip
         self.writer.print(f"  eval at {self.iteration}: next-token loss {val:.4f}{sets}")
 
     def _evaluate_test_split(self, phase: Phase) -> None:
