@@ -120,3 +120,24 @@ def test_sharding_integrity_check_is_megatron_cores_and_can_be_skipped(tmp_path,
     assert pretrain_tst.main([*resume, "--no-ckpt-load-validate-sharding-integrity",
                               "--save", str(tmp_path / "other")]) == 0  # fmt: skip
     assert seen == [True, False]
+
+
+def test_async_strategy_names_the_writer(tmp_path):
+    """--async-strategy (Megatron-LM 0.19): mcore is the writer --async-save runs here, so it
+    saves as without the flag, silently; nvrx (NVIDIA's resiliency-extension writer, not
+    wired here) warns that megatron-core's writer wrote; without --async-save neither warns."""
+    import warnings
+
+    for strategy, warns in ((None, False), ("mcore", False), ("nvrx", True)):
+        ckpt = str(tmp_path / f"ckpt-{strategy}")
+        extra = [] if strategy is None else ["--async-strategy", strategy]
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            assert pretrain_tst.main([*ARGS, *STOP, "--save", ckpt, "--async-save", *extra]) == 0
+        said = any("--async-strategy nvrx" in str(w.message) for w in seen)
+        assert said == warns, strategy
+        verify(os.path.join(ckpt, "iter_0000002"))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert pretrain_tst.main([*ARGS, *STOP, "--async-strategy", "nvrx"]) == 0
+    assert not any("--async-strategy" in str(w.message) for w in seen)
