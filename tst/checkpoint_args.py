@@ -61,6 +61,14 @@ MODEL_ARGS: dict[tuple[str, str], bool] = {
     ("moe", "moe_router_enable_expert_bias"): True,
     ("moe", "moe_router_topk_scaling_factor"): True,
     ("model", "moe_latent_size"): True,
+    # muP shapes the model's forward (its multipliers and attention scale): a muP checkpoint
+    # continues as one (Megatron-LM 0.19 does not load these; its saved arguments hold them).
+    ("mup", "use_mup"): True,
+    ("mup", "mup_base_hidden_size"): True,
+    ("mup", "mup_embedding_mult"): True,
+    ("mup", "mup_output_mult"): True,
+    ("mup", "mup_base_head_dim"): True,
+    ("mup", "mup_attn_scale_power"): True,
     ("data", "tiktoken_pattern"): True,  # Megatron-LM takes it whatever the tokenizer flag
     # The padded vocabulary: given, or following from the next two (Megatron-LM's
     # checkpoints always hold it; this trainer's only where the run gave it).
@@ -118,7 +126,7 @@ class _SavedArgs:
 
     def __init__(self, args):
         self._args = args
-        self.model = self.moe = self.data = self.parallel = self
+        self.model = self.moe = self.data = self.parallel = self.mup = self
 
     def __getattr__(self, name):  # only for names not set above
         value = getattr(self._args, name, None)

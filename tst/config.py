@@ -25,6 +25,7 @@ from tst.config_fim import FIMConfig
 from tst.config_mla import MLAConfig
 from tst.config_moe import MoEConfig, parse_layer_freq
 from tst.config_mtp import MTPConfig
+from tst.config_mup import MuPConfig
 from tst.config_rerun import RerunConfig
 from tst.data.tokenizers import (
     LEGACY_SENTENCEPIECE_REFUSED,
@@ -2073,6 +2074,7 @@ class Config:
     moe: MoEConfig
     mla: MLAConfig = dataclasses.field(default_factory=MLAConfig)
     mtp: MTPConfig = dataclasses.field(default_factory=MTPConfig)
+    mup: MuPConfig = dataclasses.field(default_factory=MuPConfig)
     rerun: RerunConfig = dataclasses.field(default_factory=RerunConfig)
     fim: FIMConfig = dataclasses.field(default_factory=FIMConfig)
     # Megatron-LM flags given that change nothing here: (flag, why), see tst.megatron_flags.
@@ -2093,6 +2095,7 @@ _SECTIONS = {
     "moe": MoEConfig,
     "mla": MLAConfig,
     "mtp": MTPConfig,
+    "mup": MuPConfig,
     "rerun": RerunConfig,
     "fim": FIMConfig,
 }

@@ -81,7 +81,15 @@ class BagEmbedding(LanguageModelEmbedding):
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, tokentype_ids=None
     ) -> torch.Tensor:
-        """``input_ids [b, L * bag_size]``, ``position_ids [b, L]`` -> ``[L, b, h]``."""
+        """``input_ids [b, L * bag_size]``, ``position_ids [b, L]`` -> ``[L, b, h]``; times
+        muP's ``mup_embedding_mult`` where the config sets one (a bag's mean is scaled as a
+        token's embedding is; the product commutes with the dropout mask)."""
+        embeddings = self._embed(input_ids, position_ids, tokentype_ids)
+        if getattr(self.config, "use_mup", False) and self.config.mup_embedding_mult != 1.0:
+            return embeddings * self.config.mup_embedding_mult
+        return embeddings
+
+    def _embed(self, input_ids, position_ids, tokentype_ids) -> torch.Tensor:
         if self.bag_size == 1:
             return super().forward(input_ids, position_ids, tokentype_ids)
         if tokentype_ids is not None:

@@ -65,18 +65,32 @@ def _full_shape_and_shard(param, tp_rank: int, tp: int):
 
 
 _EMBEDDINGS = ("embedding.word_embeddings.weight", "embedding.position_embeddings.weight")
+_OUTPUT_LAYER = "output_layer.weight"
 
 
 class Draw:
-    """How weights are drawn: the TransformerConfig's std, embedding std and init method."""
+    """How weights are drawn: the TransformerConfig's std, embedding std and init method.
+
+    With muP (``config.use_mup``, width multiplier ``m``; Megatron-LM 0.19's rules) the hidden
+    weights' std is divided by ``sqrt(m)``, the output projections' too (after the usual
+    ``sqrt(2 L)``), while the embeddings, and an untied output layer, keep the unscaled
+    (embedding) std. Xavier's init ignores muP's scaling, as Megatron-LM's custom
+    ``init_method`` does.
+    """
 
     def __init__(self, config):
         self.std = config.init_method_std
         self.num_layers = config.num_layers
         self.xavier = config.init_method is torch.nn.init.xavier_uniform_
         embedding_std = getattr(config, "embedding_init_method_std", None)
-        # megatron-core: the embeddings follow init_method unless their own std differs.
-        self.embedding_std = embedding_std if embedding_std not in (None, self.std) else None
+        self.width_mult = getattr(config, "mup_width_mult", 1.0) if getattr(
+            config, "use_mup", False) else None  # fmt: skip
+        if self.width_mult is not None and not self.xavier:
+            # muP: the embeddings (and an untied output layer) keep the unscaled std.
+            self.embedding_std = embedding_std if embedding_std is not None else self.std
+        else:
+            # megatron-core: the embeddings follow init_method unless their own std differs.
+            self.embedding_std = embedding_std if embedding_std not in (None, self.std) else None
 
     def __call__(self, name: str, shape, seed: int) -> torch.Tensor:
         leaf = name.rsplit(".", 1)[-1]
@@ -86,6 +100,8 @@ class Draw:
             return torch.ones(shape)
         gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
         embedding = name.endswith(_EMBEDDINGS)
+        if self.width_mult is not None and name.endswith(_OUTPUT_LAYER):
+            embedding = True  # muP draws an untied output layer as an embedding
         if embedding and self.embedding_std is not None:
             return torch.randn(shape, generator=gen) * self.embedding_std
         if self.xavier and len(shape) == 2:
@@ -94,6 +110,8 @@ class Draw:
         std = self.std
         if "linear_proj" in name or "linear_fc2" in name or "fc2_latent_proj" in name:
             std = std / math.sqrt(2.0 * self.num_layers)
+        if self.width_mult is not None:
+            std = std / math.sqrt(self.width_mult)
         return torch.randn(shape, generator=gen) * std
 
 

@@ -162,7 +162,12 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
     # The local spec has one attention, megatron-core's own, whatever the flag asks of TE.
     backend = AttnBackend[m.attention_backend] if te else AttnBackend.local
     config_class = MLATransformerConfig if mla else TransformerConfig
-    return config_class(
+    mup = cfg.mup.settings(m.hidden_size, m.resolved_kv_channels)
+    if mup and m.init_method_xavier_uniform:
+        warnings.warn("--use-mup with --init-method-xavier-uniform: Xavier's init replaces "
+                      "muP's width-scaled one, which may break muP's initialisation "
+                      "assumptions (Megatron-LM's warning)", stacklevel=2)  # fmt: skip
+    config = config_class(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=ffn,
@@ -269,7 +274,15 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         **fp8,
         **mla,
         **cfg.mtp.transformer_config_fields(),
+        # muP's attention scale (megatron-core's MLA keeps its own, as in Megatron-LM 0.19).
+        softmax_scale=mup["softmax_scale"] if mup and not mla else None,
     )
+    if mup:
+        # Megatron-LM 0.19's TransformerConfig fields, which 0.16.1's lacks: tst.init, the
+        # bag embedding and the output layer's logit scaling read them here.
+        for name in ("use_mup", "mup_width_mult", "mup_embedding_mult", "mup_output_mult"):
+            setattr(config, name, mup[name])
+    return config
 
 
 def _bias_activation_fusion(m, on_gpu: bool) -> bool:

@@ -4,7 +4,7 @@ of :mod:`tst.megatron_flags`).
 This trainer runs on megatron-core 0.16.1, but launch scripts written for a later
 Megatron-LM pass its newer flags. Every flag Megatron-LM 0.19.0's ``pretrain_gpt.py`` has
 and 0.16.1's lacks is known here: implemented by a config field (the batch-size schedule,
-integrity-hashed checkpoints, the evaluation batch, the async writer's name, ...), an alias,
+integrity-hashed checkpoints, the evaluation batch, the async writer's name, muP, ...), an alias,
 accepted with the reason it changes nothing, or refused in one line naming why. Most
 refusals come in the families of :mod:`tst.megatron_flags_upstream` (inference and RL,
 other architectures, Megatron FSDP, CUDA graphs, Muon, fault-tolerance tooling); one more
@@ -197,14 +197,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
 }
 
 _NEWER_FLAGS: dict[str, int | str] = {
-    # Maximal Update Parameterization (megatron-core 0.19's TransformerConfig and optimizer).
-    "--use-mup": 0,
-    "--mup-attn-scale-power": 1,
-    "--mup-base-head-dim": 1,
-    "--mup-base-hidden-size": 1,
-    "--mup-embedding-mult": 1,
-    "--mup-output-mult": 1,
-    "--mup-width-mult": 1,
     "--lion-beta1": 1,
     "--lion-beta2": 1,
     "--mtp-use-repeated-layer": 0,

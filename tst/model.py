@@ -457,8 +457,33 @@ def build_gpt(
     model.arbitrary_attention_mask = shape.arbitrary_attention_mask
     if pre_process or model.mtp_process:  # the MTP depths embed (bags of) their inputs too
         BagEmbedding.upgrade(model.embedding)
+    if getattr(config, "use_mup", False):
+        _apply_mup(model)
     megatron_fixes.mark_attention_sinks([model])  # split by head, as its checkpoint is
     return model
+
+
+def _scale_logits(output_layer, args, output):
+    """muP's logit multiplier on the output layer's ``(logits, bias)``: every head (the main
+    one, the MTP depths', logits returned without labels) and every loss sees it."""
+    logits, bias = output
+    return logits * output_layer.config.mup_output_mult, bias
+
+
+def _apply_mup(model) -> None:
+    """Megatron-LM 0.19's muP marks: the embeddings and the output layer are
+    ``is_embedding_parameter`` (base learning rate and eps, :mod:`tst.config_mup`), the
+    logits are scaled by ``mup_output_mult``; the bag embedding scales its own output."""
+    if hasattr(model, "embedding"):
+        for param in model.embedding.parameters():
+            param.is_embedding_parameter = True
+    output_layer = getattr(model, "output_layer", None) if model.post_process else None
+    if output_layer is None:
+        return
+    if output_layer.weight is not None:
+        output_layer.weight.is_embedding_parameter = True
+    if model.config.mup_output_mult != 1.0:
+        output_layer.register_forward_hook(_scale_logits)
 
 
 def _mtp_spec(config, block, shape: ModelShape, vp_stage):

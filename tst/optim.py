@@ -15,7 +15,14 @@ import torch
 from tst.config import Config
 from tst.plan import RunPlan
 
-__all__ = ["NO_OFFLOAD", "ddp_config", "optimizer_config", "build_scheduler", "params_dtype"]
+__all__ = [
+    "NO_OFFLOAD",
+    "build_scheduler",
+    "ddp_config",
+    "optimizer_config",
+    "optimizer_overrides",
+    "params_dtype",
+]
 
 # --optimizer-cpu-offload and its options at their defaults: for a configuration that builds
 # no optimizer (the dry run's one-process parameter count, an export).
@@ -109,6 +116,23 @@ def optimizer_config(cfg: Config):
         pin_cpu_params=t.pin_cpu_params and torch.cuda.is_available(),
         log_num_zeros_in_grad=log.log_num_zeros_in_grad,
     )
+
+
+def optimizer_overrides(cfg: Config, transformer_config) -> dict | None:
+    """Per-parameter-group settings for ``get_megatron_optimizer``: None (megatron-core's
+    standard ones: no weight decay on biases and 1-D weights, --decoupled-lr on the
+    embedding and output weights) unless muP adds its learning rates and Adam epsilon
+    (:func:`tst.config_mup.mup_optimizer_overrides`), as Megatron-LM 0.19 does."""
+    from megatron.core.optimizer import get_standard_config_overrides
+
+    from tst.config_mup import mup_optimizer_overrides
+
+    if not getattr(transformer_config, "use_mup", False):
+        return None
+    t = cfg.training
+    mup = mup_optimizer_overrides(transformer_config.mup_width_mult, t.optimizer, t.lr,
+                                  t.min_lr, t.adam_eps, t.decoupled_lr)  # fmt: skip
+    return {**get_standard_config_overrides(optimizer_config(cfg)), **mup}
 
 
 def build_scheduler(optimizer, cfg: Config, plan: RunPlan, *, steps=None):

@@ -55,7 +55,7 @@ from tst.metrics import (
 )
 from tst.model import ModelShape, apply_phase, build_model_chunks
 from tst.mtp import take_mtp_stats
-from tst.optim import build_scheduler, ddp_config, optimizer_config
+from tst.optim import build_scheduler, ddp_config, optimizer_config, optimizer_overrides
 from tst.phases import RECOVERY, SUPERPOSITION, Phase
 from tst.plan import RunPlan
 from tst.platform import Layout
@@ -189,7 +189,7 @@ class Trainer:
         opt_config = optimizer_config(cfg)
         opt_config.timers = self.timers
         self.optimizer = get_megatron_optimizer(
-            opt_config, self.model,
+            opt_config, self.model, config_overrides=optimizer_overrides(cfg, self.config),
             use_gloo_process_groups=cfg.parallel.enable_gloo_process_groups,
             dump_param_to_param_group_map=t.dump_param_to_param_group_map,
         )  # fmt: skip
@@ -1162,6 +1162,20 @@ class Trainer:
         return {**common, "iteration": target, "data": data,
                 "samples": {"trained": plan.samples_before(target), "skipped": 0}}  # fmt: skip
 
+    def _mup_line(self) -> str:
+        """What muP does in this run, in one line (its derived settings)."""
+        c, t = self.config, self.cfg.training
+        m = c.mup_width_mult
+        rates = (f"vector-like parameters at lr x {m:g}" if t.optimizer == "sgd"
+                 else f"hidden matrices at lr x {1 / m:g}"
+                 + (f", eps x {1 / m:g}" if t.optimizer == "adam" else ""))  # fmt: skip
+        return (f"muP: width multiplier {m:g} (--hidden-size {c.hidden_size} / base "
+                f"{self.cfg.mup.mup_base_hidden_size or c.hidden_size}); {rates}; hidden init "
+                f"std / {math.sqrt(m):.4g}; logits x {c.mup_output_mult:g}, embeddings x "
+                f"{c.mup_embedding_mult:g}, softmax scale "
+                + (f"{c.softmax_scale:.4g}" if c.softmax_scale is not None
+                   else "MLA's own (megatron-core's MLA ignores muP's)"))  # fmt: skip
+
     def _group_rates(self) -> list[tuple]:
         """Each optimizer parameter group's peak and final learning rate (``max_lr`` /
         ``min_lr``: --lr / --min-lr, or --decoupled-lr / --decoupled-min-lr for the embedding
@@ -1421,6 +1435,8 @@ class Trainer:
             rerun_record.clear(run.save)
         self.writer.print(f"layout: {self.layout.describe()}")
         self.writer.print("phase schedule:\n" + self.schedule.table())
+        if getattr(self.config, "use_mup", False):
+            self.writer.print(self._mup_line())
         self.writer.print(self.peak.describe())
         if log.full_validation:
             self.eval_iters = [self._full_validation_iters(k) for k in range(len(self.valid_sets))]
@@ -1656,7 +1672,12 @@ class Trainer:
             "stage": phase.stage,
             "loss_name": name,
             "loss": window["loss"] / steps,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            # The base learning rate (Megatron-LM's logged one: the first group on the
+            # default schedule, not a --decoupled-lr or muP-scaled group).
+            "lr": next(
+                (g["lr"] for g in self.optimizer.param_groups if g.get("default_config", True)),
+                self.optimizer.param_groups[0]["lr"],
+            ),
             "grad_norm": result["grad_norm"],
             "batch_size": self.plan.batch_size_at(self.iteration - 1),
             "raw_tokens": raw,

@@ -30,6 +30,11 @@ def hf_architecture(cfg: Config, config) -> str:
     """
     m = cfg.model
     _refuse(
+        cfg.mup.use_mup,
+        "--use-mup: the targets have no embedding or logit multiplier and scale attention "
+        "by 1 / sqrt(head dim), not muP's 1 / head dim",
+    )
+    _refuse(
         m.position_embedding_type != "rope",
         f"--position-embedding-type {m.position_embedding_type}: the targets use RoPE",
     )
