@@ -882,7 +882,8 @@ def _load_legacy(path: str, chunks, iteration: int, report,
 
 
 def optimizer_layout(distributed: bool, tp: int, pp: int, vpp, ep: int, etp: int,
-                     fully_reshardable: bool = False, mem_efficient: bool = False) -> dict:  # fmt: skip
+                     fully_reshardable: bool = False, mem_efficient: bool = False,
+                     first_chunk_apart: bool = False) -> dict:  # fmt: skip
     """What the optimizer state's checkpoint format depends on (stored in the common state).
 
     The distributed optimizer's state is saved in megatron-core's ``dp_reshardable`` format,
@@ -890,7 +891,10 @@ def optimizer_layout(distributed: bool, tp: int, pp: int, vpp, ep: int, etp: int
     (--dist-ckpt-optim-fully-reshardable) in its ``fully_reshardable`` one: gathered into the
     model's parameter space at save (on every data-parallel rank, or over gloo onto the first
     with ``mem_efficient``), it reshards over every layout. The plain optimizer's state is per
-    parameter and reshards anywhere.
+    parameter and reshards anywhere. ``first_chunk_apart``
+    (--overlap-param-gather-with-optimizer-step): the first model chunk's state is stepped,
+    and saved, by an optimizer of its own (megatron-core's ``chained_0`` / ``chained_1``
+    keys), which a run without it cannot read, nor the reverse.
     """
     layout = {"distributed_optimizer": bool(distributed), "tp": tp, "pp": pp, "vpp": vpp,
               "ep": ep, "etp": etp}  # fmt: skip
@@ -898,6 +902,8 @@ def optimizer_layout(distributed: bool, tp: int, pp: int, vpp, ep: int, etp: int
         layout["format"] = "fully_reshardable" if fully_reshardable else "dp_reshardable"
         if fully_reshardable:
             layout["mem_efficient"] = bool(mem_efficient)
+        if first_chunk_apart:
+            layout["first_chunk_apart"] = True
     return layout
 
 
@@ -971,12 +977,20 @@ def _check_optimizer_layout(path: str, ours: dict, saved: dict | None) -> None:
     megatron-core's shape-mismatch error about bucket keys)."""
     if saved is None:
         return  # a checkpoint from before the layout was stored: as before
+    fresh = "pass --no-load-optim to load the weights and start the optimizer state fresh"
+    apart = saved.get("first_chunk_apart", False)
+    if apart != ours.get("first_chunk_apart", False):
+        which = "with" if apart else "without"
+        raise CheckpointError(
+            f"checkpoint {path} holds distributed-optimizer state saved {which} "
+            "--overlap-param-gather-with-optimizer-step, which steps (and stores) the first "
+            "model chunk's state in an optimizer of its own: give the same setting, or " + fresh
+        )
     same_grid = all(saved.get(k) == ours.get(k) for k in _GRID_KEYS)
     if saved["distributed_optimizer"] == ours["distributed_optimizer"] and (
         same_grid or saved.get("format") == "fully_reshardable"
     ):
         return
-    fresh = "pass --no-load-optim to load the weights and start the optimizer state fresh"
     if saved["distributed_optimizer"] != ours["distributed_optimizer"]:
         which = "with" if saved["distributed_optimizer"] else "without"
         raise CheckpointError(

@@ -544,6 +544,12 @@ class ParallelConfig:
     overlap_param_gather: bool = _f(
         False, "Overlap the distributed optimizer's parameter all-gather with the forward."
     )
+    overlap_param_gather_with_optimizer_step: bool = _f(
+        False,
+        "Start the first model chunk's parameter all-gather inside the optimizer step (the "
+        "other chunks' run in their forwards); needs --use-distributed-optimizer, "
+        "--overlap-param-gather and virtual pipeline stages (Megatron-LM's rules).",
+    )
     align_grad_reduce: bool = _f(
         True,
         "Let each pipeline stage start its gradient reduction on its own.",
@@ -771,6 +777,10 @@ class ParallelConfig:
             not self.overlap_param_gather or self.use_distributed_optimizer,
             "--overlap-param-gather needs --use-distributed-optimizer",
         )
+        if self.overlap_param_gather_with_optimizer_step:  # Megatron-LM's rules
+            _require(self.use_distributed_optimizer and self.overlap_param_gather,
+                     "--overlap-param-gather-with-optimizer-step needs "
+                     "--use-distributed-optimizer and --overlap-param-gather")  # fmt: skip
         if self.moe_layer_recompute:  # megatron-core's translation of the deprecated flag
             _require(
                 self.recompute_granularity != "full",

@@ -433,12 +433,6 @@ def by_family(families: dict[str, dict[str, int | str]]) -> dict[str, tuple[int 
 
 # flag -> (nargs, reason)
 UPSTREAM_REFUSED: dict[str, tuple[int | str, str]] = by_family(_FAMILIES)
-UPSTREAM_REFUSED["--overlap-param-gather-with-optimizer-step"] = (
-    0,
-    "Megatron-LM 0.16.1 refuses it with distributed checkpointing, the only checkpoint format "
-    "here (and it needs interleaved pipeline parallelism): drop it (--overlap-param-gather "
-    "overlaps the gathers with the forward)",
-)
 UPSTREAM_REFUSED["--use-ring-exchange-p2p"] = (
     0,
     "needs a custom PyTorch build with torch.distributed.ring_exchange (Megatron-LM's note), "

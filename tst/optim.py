@@ -102,6 +102,7 @@ def optimizer_config(cfg: Config):
         hysteresis=t.hysteresis,
         use_distributed_optimizer=p.use_distributed_optimizer,
         overlap_param_gather=p.overlap_param_gather,
+        overlap_param_gather_with_optimizer_step=p.overlap_param_gather_with_optimizer_step,
         use_precision_aware_optimizer=t.use_precision_aware_optimizer,
         main_grads_dtype=_DTYPES[t.main_grads_dtype],
         main_params_dtype=_DTYPES[t.main_params_dtype],

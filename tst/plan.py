@@ -379,6 +379,10 @@ def _check_communication(cfg: Config, grid: Grid, moe: bool) -> None:
                  f"needs PP > 2 (got {grid.pp}): batched, two stages would send and receive "
                  "twice between the same two ranks in one batch (Megatron-LM refuses it too); "
                  "drop the flag")  # fmt: skip
+    _require(not p.overlap_param_gather_with_optimizer_step or grid.vpp,
+             "--overlap-param-gather-with-optimizer-step needs an interleaved pipeline "
+             "(--num-layers-per-virtual-pipeline-stage; Megatron-LM's rule): the first model "
+             "chunk's all-gather overlaps the step of the others")  # fmt: skip
     _require(not p.overlap_p2p_comm_warmup_flush or (grid.vpp and p.overlap_p2p_comm),
              "--overlap-p2p-communication-warmup-flush overlaps an interleaved schedule's "
              "warm-up and flush sends: it needs virtual pipeline stages "

@@ -180,9 +180,12 @@ class Trainer:
                     check_checkpointable(chunk, self.config.gated_linear_unit)
         else:
             ddp = ddp_config(cfg, sum(p.numel() for c in chunks for p in c.parameters()))
+            # Megatron-LM's bucketing: the first chunk's only (the others' communication
+            # overlaps compute anyway), none when the optimizer step starts its all-gather.
+            whole = cfg.parallel.overlap_param_gather_with_optimizer_step
             self.model = [
                 DistributedDataParallel(
-                    config=self.config, ddp_config=ddp, module=c, disable_bucketing=i > 0
+                    config=self.config, ddp_config=ddp, module=c, disable_bucketing=i > 0 or whole
                 )
                 for i, c in enumerate(chunks)
             ]
@@ -918,6 +921,7 @@ class Trainer:
             grid.etp,
             fully_reshardable=run.dist_ckpt_optim_fully_reshardable,
             mem_efficient=run.distrib_optim_fully_reshardable_mem_efficient,
+            first_chunk_apart=self.cfg.parallel.overlap_param_gather_with_optimizer_step,
         )
 
     def _phase_now(self) -> Phase:

@@ -644,3 +644,66 @@ def test_gradient_dumps_hold_the_steps_gradients(world2, tmp_path, tmp_path_fact
     assert tuple(dgrads["decoder.layers.0.mlp.linear_fc2/input0"].shape)[:2] == (8, 2)
     assert tuple(dgrads["output_layer/output0"].shape) == (8, 2, 512)
     assert all(torch.isfinite(g).all() for g in dgrads.values())
+
+
+def _gather_in_step(argv: list[str], metrics: str) -> dict:
+    """pretrain_tst.main, counting the all-gathers the optimizer step starts (megatron-core's
+    ChainedOptimizer dispatches the first chunk's with force_dispatch) and reading how the
+    optimizer and the chunks' buckets were built."""
+    from megatron.core.distributed import DistributedDataParallel
+    from trainer_runs import after_training, main_records
+
+    original, seen = DistributedDataParallel.start_param_sync, {"dispatched": 0}
+
+    def start_param_sync(self, *args, force_dispatch=False, **kwargs):
+        seen["dispatched"] += bool(force_dispatch)
+        return original(self, *args, force_dispatch=force_dispatch, **kwargs)
+
+    def look(trainer):
+        optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+        seen["chunks_per_optimizer"] = [len(o.model_chunks) for o in optimizers]
+        seen["buckets"] = [len(chunk.bucket_groups) for chunk in trainer.model]
+
+    DistributedDataParallel.start_param_sync = start_param_sync
+    try:
+        with after_training(look):
+            seen["records"] = main_records(argv, metrics)
+    finally:
+        DistributedDataParallel.start_param_sync = original
+    return seen
+
+
+def test_param_gather_in_the_optimizer_step_trains_and_resumes(world4, tmp_path):
+    """--overlap-param-gather-with-optimizer-step (Megatron-LM's rules: distributed optimizer,
+    --overlap-param-gather, an interleaved pipeline) changes when the first chunk's weights are
+    gathered, not what is trained: PP 2 x VPP 2 x DP 2 trains the losses of the run without
+    it (rel 1e-5), the first chunk stepping in an optimizer of its own that starts its
+    all-gather once a step; a checkpoint saved with it (torch_dist, which Megatron-LM refuses
+    here: the saves gather every chunk first) resumes exactly (rel 1e-6); a run without the
+    flag, whose one optimizer cannot read the state of two, is refused naming the flag."""
+    layout = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+              "1", "--use-distributed-optimizer", "--overlap-param-gather"]  # fmt: skip
+    flag = ["--overlap-param-gather-with-optimizer-step"]
+    want = world4.run(_gather_in_step, BASE + layout, str(tmp_path / "plain.jsonl"))
+    got = world4.run(_gather_in_step, BASE + layout + flag, str(tmp_path / "flag.jsonl"))
+    assert [w["dispatched"] for w in want] == [0] * 4
+    assert [g["dispatched"] for g in got] == [6] * 4  # once per step, every rank
+    assert got[0]["chunks_per_optimizer"][:2] == [1, 1] and want[0]["chunks_per_optimizer"][0] == 2
+    assert all(b == 1 for g in got for b in g["buckets"])  # no bucketing with the flag
+    losses = lambda run: [(r["iteration"], r["loss"]) for r in run["records"] if "loss" in r]  # noqa: E731
+    _close(losses(got[0]), losses(want[0]), 1e-5, "in the step")
+    ckpt = str(tmp_path / "ckpt")
+    first = world4.run(_gather_in_step, BASE + layout + flag + ["--save", ckpt, "--exit-interval",
+                                                               "2"], str(tmp_path / "a.jsonl"))[0]  # fmt: skip
+    second = world4.run(_gather_in_step, BASE + layout + flag + ["--load", ckpt],
+                        str(tmp_path / "b.jsonl"))[0]  # fmt: skip
+    _close(losses(first) + losses(second), losses(got[0]), 1e-6, "resumed")
+    # Its optimizer state is stored under other keys (two optimizers): a run without the flag
+    # is refused by name, or takes the weights alone with --no-load-optim.
+    message = world4.run(_resume_error, BASE + layout + ["--load", ckpt],
+                         str(tmp_path / "c.jsonl"))[0]  # fmt: skip
+    assert "saved with --overlap-param-gather-with-optimizer-step" in message, message
+    assert "--no-load-optim" in message
+    weights = world4.run(_gather_in_step, BASE + layout + ["--load", ckpt, "--no-load-optim"],
+                         str(tmp_path / "d.jsonl"))[0]  # fmt: skip
+    assert [i for i, _ in losses(weights)] == [3, 4, 5, 6]

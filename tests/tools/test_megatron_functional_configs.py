@@ -32,8 +32,6 @@ REFUSED = {
     "gpt/gpt3_15b_8t_release_sm": RETAIN,
     "mixtral/deepseekv3_proxy_flex_tp1pp4emp16etp1cp1_gb_200_release_sm": RETAIN,
     "mixtral/deepseekv3_proxy_flex_tp1pp4emp16etp1cp1_release_sm": RETAIN,
-    "gpt/gpt3_mcore_te_tp1_pp4_vp1_dist_optimizer_overlap_grad_reduce_param_gather_"
-    "overlap_optimizer": "--overlap-param-gather-with-optimizer-step",
     # Megatron-LM 0.16.1 refuses this one too (tied embeddings, and --fp16, with FSDP2).
     "gpt/gpt3_mcore_tp1_pp1_fsdp2_resume_torch_dist_te":
         "--use-torch-fsdp2 shards the input embedding and the output layer apart",
@@ -97,7 +95,7 @@ def test_every_functional_test_config_runs_unchanged_or_is_refused_by_name():
     configs = _configs()
     assert len(configs) == 165
     laid_out, _ = _lay_out_all(configs, REFUSED)
-    assert laid_out == len(configs) - len(REFUSED) == 150
+    assert laid_out == len(configs) - len(REFUSED) == 151
 
 
 DATA_0_19 = os.path.join(os.path.dirname(DATA), "megatron_lm_functional_tests_0.19.0.json")
@@ -109,8 +107,6 @@ REFUSED_0_19 = {
     # Megatron-LM's runner passes the spaced value "2 2" as one word: its parser refuses it too.
     "gpt/gpt3_mcore_te_tp1_pp2_cp4_a2a_p2p_nondeterministic":
         "--hierarchical-context-parallel-sizes: invalid int value: '2 2'",
-    "gpt/gpt3_mcore_te_tp1_pp4_vp1_dist_optimizer_overlap_grad_reduce_param_gather_"
-    "overlap_optimizer*": "--overlap-param-gather-with-optimizer-step",
     "gpt/gpt3_mcore_tp1_pp1_fsdp2_resume_torch_dist_te":
         "--use-torch-fsdp2 shards the input embedding and the output layer apart",
     "gpt/gpt3_mcore_te_tp2_zp_z3_resume_fsdp_dtensor*": FSDP,
@@ -135,7 +131,7 @@ def test_megatron_lm_0_19_configs_run_unchanged_or_are_refused_by_name():
     assert len(configs) == 220
     laid_out, matched = _lay_out_all(configs, REFUSED_0_19)
     assert matched == set(REFUSED_0_19)
-    assert laid_out == 192
+    assert laid_out == 194
 
 
 @pytest.mark.parametrize("name", ["moe/gpt3_mcore_tp2_pp2_ep2_te_4experts2parallel",
