@@ -1557,6 +1557,19 @@ class RunConfig:
         None, "Every N steps, write the gradients into and out of every linear layer of the "
         "step's last micro-batch under SAVE/dgrads (Megatron-LM's layout; for debugging).",
     )  # fmt: skip
+    save_params_interval: int | None = _f(
+        None, "Every N steps, write the weights after the step's optimizer step under "
+        "SAVE/params (Megatron-LM 0.19's layout; for debugging).",
+    )  # fmt: skip
+    save_activations_interval: int | None = _f(
+        None, "Every N steps, write the inputs, keyword arguments and outputs of every linear "
+        "layer and router of the step's last micro-batch under SAVE/activations (Megatron-LM "
+        "0.19's layout; for debugging).",
+    )  # fmt: skip
+    save_tokens_per_expert_interval: int | None = _f(
+        None, "Every N steps, append each MoE layer's tokens per local expert, per "
+        "micro-batch, to SAVE/tokens_per_expert/rank<R>.jsonl (Megatron-LM 0.19's format).",
+    )  # fmt: skip
     save_retain_interval: int | None = _f(
         None,
         "Keep only the checkpoints whose iteration is a multiple of N, and the latest: each "
@@ -1759,6 +1772,14 @@ class RunConfig:
         metavar="FILE",
     )
 
+    def _dump_intervals(self) -> tuple[tuple[str, int | None], ...]:
+        """The debugging dumps' flags and intervals (tst.grad_dumps)."""
+        return (("--save-wgrads-interval", self.save_wgrads_interval),
+                ("--save-dgrads-interval", self.save_dgrads_interval),
+                ("--save-params-interval", self.save_params_interval),
+                ("--save-activations-interval", self.save_activations_interval),
+                ("--save-tokens-per-expert-interval", self.save_tokens_per_expert_interval))  # fmt: skip
+
     def transition_iterations(self) -> tuple[int, ...]:
         """--phase-transition-iterations, sorted (Megatron-LM sorts them)."""
         if not self.phase_transition_iterations:
@@ -1808,11 +1829,9 @@ class RunConfig:
         for flag, value in (("--save-interval", self.save_interval),
                             ("--save-retain-interval", self.save_retain_interval),
                             ("--exit-interval", self.exit_interval),
-                            ("--save-wgrads-interval", self.save_wgrads_interval),
-                            ("--save-dgrads-interval", self.save_dgrads_interval)):  # fmt: skip
+                            *self._dump_intervals()):  # fmt: skip
             _require(value is None or value >= 1, f"{flag} must be >= 1 (omit it to turn it off)")
-        for flag, value in (("--save-wgrads-interval", self.save_wgrads_interval),
-                            ("--save-dgrads-interval", self.save_dgrads_interval)):  # fmt: skip
+        for flag, value in self._dump_intervals():
             _require(value is None or self.save is not None,
                      f"{flag} writes under the --save directory: give --save")  # fmt: skip
         self.transition_iterations()  # checks the list

@@ -180,9 +180,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--no-use-layer-wise-param-layout": 0,
     },
     "notyet": {
-        "--save-params-interval": 1,
-        "--save-activations-interval": 1,
-        "--save-tokens-per-expert-interval": 1,
         "--null-tokenizer-eod-id": 1,
         "--null-tokenizer-pad-id": 1,
         "--disable-pad-vocab-size": 0,

@@ -580,15 +580,19 @@ class Trainer:
         # The rerun engine (--rerun-mode) may run the forward-backward again on the same
         # micro-batches; without it, once.
         for _ in self.rerun.runs(self.iteration) if self.rerun is not None else (None,):
-            outputs, dgrads = self._forward_backward(batches, phase, wgrads)
+            outputs, dumps = self._forward_backward(batches, phase, wgrads)
         if self.rerun is not None:
             checkpoint, stop, code = self.rerun.outcome()
             if stop:
                 # The step did not happen: its data is read again by the run that resumes.
                 self.train_stream.load_state_dict(data_start)
                 return {"rerun_exit": code, "rerun_checkpoint": checkpoint}
-        if dgrads is not None:
-            grad_dumps.save_grads(run.save, dgrads.grads, step, "dgrads")
+        if "dgrads" in dumps:
+            grad_dumps.save_grads(run.save, dumps["dgrads"].grads, step, "dgrads")
+        if "activations" in dumps:
+            grad_dumps.save_grads(run.save, dumps["activations"].activations, step, "activations")
+        if "tokens_per_expert" in dumps:
+            dumps["tokens_per_expert"].save(run.save, step)
         if wgrads:
             grad_dumps.save_grads(run.save, grad_dumps.weight_grads(self.raw_chunks), step,
                                   "wgrads")  # fmt: skip
@@ -618,6 +622,8 @@ class Trainer:
         # Megatron-LM clips inside the optimizer's timer too.
         result = self._attention_logits({"loss": loss}, stepped)
         timers("optimizer").stop()
+        if run.save_params_interval and step % run.save_params_interval == 0:
+            self._dump_parameters(step)
         if fp16 and not update_ok:  # the scaler halved its scale; nothing was updated
             return {**result, "skipped": False, "overflow": True, "grad_norm": float("nan"),
                     "num_zeros": None}  # fmt: skip
@@ -641,16 +647,31 @@ class Trainer:
             )
         return result
 
+    def _dump_parameters(self, step: int) -> None:
+        """--save-params-interval: the weights the step's optimizer step left. Where the
+        distributed optimizer gathers them in the next forward (--overlap-param-gather) they
+        are gathered here first (Megatron-LM refuses the two together instead)."""
+        if self._gathers_in_forward:
+            for chunk in self.model:
+                chunk.start_param_sync(force_sync=True)
+        params = grad_dumps.parameters(self.raw_chunks)
+        grad_dumps.save_grads(self.cfg.run.save, params, step, "params")
+
     def _forward_backward(self, batches, phase: Phase, wgrads: bool):
         """One forward-backward of the step's micro-batches from zeroed gradients: (the
-        last stage's per-micro-batch losses, --save-dgrads-interval's recorder or None)."""
+        last stage's per-micro-batch losses, the recorders of the step's dumps by kind:
+        --save-dgrads-interval's, --save-activations-interval's,
+        --save-tokens-per-expert-interval's)."""
         run = self.cfg.run
         step = self.iteration + 1
         self.step_stats.begin_step()
-        dgrads = None
-        if run.save_dgrads_interval and step % run.save_dgrads_interval == 0:
-            dgrads = grad_dumps.DataGradRecorder(self.raw_chunks)
-        self._dgrads = dgrads
+        dumps = {kind: recorder(self.raw_chunks) for kind, every, recorder in (
+            ("dgrads", run.save_dgrads_interval, grad_dumps.DataGradRecorder),
+            ("activations", run.save_activations_interval, grad_dumps.ActivationRecorder),
+            ("tokens_per_expert", run.save_tokens_per_expert_interval,
+             grad_dumps.TokensPerExpertRecorder),
+        ) if every and step % every == 0}  # fmt: skip
+        self._dgrads = dumps.get("dgrads")
         for chunk in self.model:
             chunk.zero_grad_buffer()
             # Whole gradients on every rank for the dump (all-reduce, not reduce-scatter).
@@ -663,12 +684,12 @@ class Trainer:
         finally:
             for chunk in self.model:
                 chunk.force_all_reduce = False
-            if dgrads is not None:
-                dgrads.remove()
-                self._dgrads = None
+            for recorder in dumps.values():
+                recorder.remove()
+            self._dgrads = None
         if self.rerun is not None:
             self.rerun.validate(outputs)
-        return outputs, dgrads
+        return outputs, dumps
 
     def _empty_cache(self, level: int) -> None:
         """--empty-unused-memory-level: hand cached CUDA blocks back (Megatron-LM's points)."""
