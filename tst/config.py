@@ -1286,6 +1286,12 @@ class DataArgs:
         "Pad the vocabulary to a multiple of this value x TP (even shards, aligned GEMMs). "
         "A checkpoint resumes at another TP only if the padded size stays the same.",
     )
+    pad_vocab_size: bool = _f(
+        True,
+        "Without padding (Megatron-LM 0.19's flag): the model's vocabulary is the tokenizer's "
+        "size as it is (it must divide by TP), unless --padded-vocab-size gives one.",
+        flag="--no-pad-vocab-size",
+    )
     padded_vocab_size: int | None = _f(
         None,
         "The model's vocabulary size, as given (Megatron-LM's flag): no padding by "

@@ -24,6 +24,7 @@ LATER_ALIASES: dict[str, list[str]] = {
     "--disable-ckpt-load-validate-sharding-integrity": [
         "--no-ckpt-load-validate-sharding-integrity"
     ],
+    "--disable-pad-vocab-size": ["--no-pad-vocab-size"],
 }
 
 # flag -> (nargs, reason)
@@ -182,8 +183,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
     "notyet": {
         "--null-tokenizer-eod-id": 1,
         "--null-tokenizer-pad-id": 1,
-        "--disable-pad-vocab-size": 0,
-        "--no-pad-vocab-size": 0,
         "--disable-tokenizer-sentencepiece-ignore-extra-whitespaces": 0,
         "--no-tokenizer-sentencepiece-ignore-extra-whitespaces": 0,
         "--pytorch-profiler-collect-chakra": 0,

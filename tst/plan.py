@@ -1185,7 +1185,13 @@ def validate(cfg: Config, world_size: int, vocab_size: int) -> RunPlan:
     divisible_by = cfg.data.make_vocab_size_divisible_by
     _require(divisible_by >= 1, f"--make-vocab-size-divisible-by must be >= 1, got {divisible_by}")
     padded = cfg.data.padded_vocab_size
-    if padded is None:
+    if padded is None and not cfg.data.pad_vocab_size:
+        padded = vocab_size  # --no-pad-vocab-size: the tokenizer's size as it is
+        _require(padded % tp == 0, f"--no-pad-vocab-size: the tokenizer's {vocab_size} ids "
+                 f"do not divide by TP={tp} (each tensor-parallel rank holds an equal "
+                 f"vocabulary shard): give --padded-vocab-size {-(-padded // tp) * tp}, or "
+                 "drop the flag to pad by --make-vocab-size-divisible-by x TP")  # fmt: skip
+    elif padded is None:
         multiple = divisible_by * tp  # Megatron-LM's rule
         padded = -(-vocab_size // multiple) * multiple
     else:  # taken as given, as Megatron-LM does; megatron-core shards it evenly over TP

@@ -477,3 +477,20 @@ def test_help_prints_every_flag(capsys):
     out = capsys.readouterr().out
     flags = {s for a in build_parser()._actions for s in a.option_strings if s.startswith("--")}
     assert len(flags) > 500 and not [f for f in sorted(flags) if f not in out]
+
+
+@pytest.mark.parametrize("vocab, tp", [(300, 1), (300, 2), (301, 1)])
+def test_no_pad_vocab_size(vocab, tp):
+    """--no-pad-vocab-size (Megatron-LM 0.19): the tokenizer's size as it is; one that does
+    not divide by TP is refused naming the --padded-vocab-size to give; --padded-vocab-size
+    still wins."""
+    argv = BASE + ["--no-pad-vocab-size", "--tensor-model-parallel-size", str(tp)]
+    assert validate(parse_args(argv), tp, vocab).padded_vocab_size == vocab
+    assert (
+        validate(parse_args(argv + ["--padded-vocab-size", "400"]), tp, vocab).padded_vocab_size
+        == 400
+    )
+    argv = BASE + ["--no-pad-vocab-size", "--tensor-model-parallel-size", "2"]
+    with pytest.raises(ValueError, match=r"--no-pad-vocab-size: the tokenizer's 301 ids do not "
+                       r"divide by TP=2 .*give --padded-vocab-size 302"):  # fmt: skip
+        validate(parse_args(argv), 2, 301)

@@ -818,3 +818,15 @@ def test_rampup_counts_samples_as_stepping_through_it_does():
         for step in range(120):
             assert plan.samples_before(step) == consumed, (start, increment, gbs, samples, step)
             consumed += _rampup_batch((start, increment, samples), gbs, consumed)
+
+
+def test_no_pad_vocab_size_keeps_the_tokenizers_size(runs, tmp_path):
+    """--no-pad-vocab-size (Megatron-LM 0.19): the tokenizer's 390 ids as they are, not
+    padded to 512 (--make-vocab-size-divisible-by 128); the default run pads 384 to 384."""
+    _, _, path = runs
+    argv = [a if a != "384" else "390" for a in BASE]  # --vocab-size 390
+    got = _run(
+        argv + ["--data-path", str(path / "d_text_document"), "--no-pad-vocab-size"], tmp_path
+    )
+    assert got["shapes"]["embedding.word_embeddings.weight"] == (390, 32)
+    assert [r["iteration"] for r in got["records"] if "loss" in r] == [1, 2, 3, 4]
