@@ -2054,6 +2054,11 @@ class LoggingConfig:
         False, "--profile's trace records each operator's Python call stack (torch profiler's "
         "with_stack; larger traces).",
     )  # fmt: skip
+    pytorch_profiler_collect_chakra: bool = _f(
+        False, "--profile also records torch's execution trace (the graph Chakra's tools "
+        "read: operators, their inputs and the collectives) as chakra_rank<R>_steps<A>-<B>.json "
+        "beside the Chrome trace.",
+    )  # fmt: skip
     manual_gc: bool = _f(False, "Disable automatic garbage collection; collect every interval.")
     manual_gc_interval: int = _f(0, "Steps between manual collections (0: only at evaluation).")
     manual_gc_eval: bool = _f(

@@ -185,7 +185,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--null-tokenizer-pad-id": 1,
         "--disable-tokenizer-sentencepiece-ignore-extra-whitespaces": 0,
         "--no-tokenizer-sentencepiece-ignore-extra-whitespaces": 0,
-        "--pytorch-profiler-collect-chakra": 0,
         "--record-shapes": 0,
         "--nvtx-ranges": 0,
         "--cpu-offloading-retain-pinned-cpu-buffers": 0,

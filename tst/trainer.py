@@ -1964,15 +1964,25 @@ class _Profiler:
     def __init__(self, log, rank: int, writer):
         self.enabled = log.profile and rank in log.profile_ranks
         self.with_stack = log.pytorch_profiler_collect_callstack
+        self.chakra = log.pytorch_profiler_collect_chakra
         self.start, self.end = log.profile_step_start, log.profile_step_end
         self.out = log.tensorboard_dir or "."
         self.rank, self.writer, self._prof = rank, writer, None
+
+    def _path(self, kind: str) -> str:
+        return os.path.join(self.out, f"{kind}_rank{self.rank}_steps{self.start}-{self.end}.json")
 
     def step_start(self, iteration: int) -> None:
         if self._prof is not None and iteration >= self.end:
             self.close()
         if self.enabled and iteration == self.start and self._prof is None:
-            self._prof = torch.profiler.profile(record_shapes=True, with_stack=self.with_stack)
+            observer = None
+            if self.chakra:  # --pytorch-profiler-collect-chakra: torch's execution trace
+                os.makedirs(self.out, exist_ok=True)
+                observer = torch.profiler.ExecutionTraceObserver().register_callback(
+                    self._path("chakra"))  # fmt: skip
+            self._prof = torch.profiler.profile(record_shapes=True, with_stack=self.with_stack,
+                                                execution_trace_observer=observer)  # fmt: skip
             self._prof.__enter__()
 
     def close(self) -> None:
@@ -1981,9 +1991,11 @@ class _Profiler:
             return
         self._prof.__exit__(None, None, None)
         os.makedirs(self.out, exist_ok=True)
-        path = os.path.join(self.out, f"profile_rank{self.rank}_steps{self.start}-{self.end}.json")
+        path = self._path("profile")
         self._prof.export_chrome_trace(path)
-        print(f"rank {self.rank}: profiler trace written to {path}", flush=True)
+        print(f"rank {self.rank}: profiler trace written to {path}"
+              + (f" (execution trace: {self._path('chakra')})" if self.chakra else ""),
+              flush=True)  # fmt: skip
         self._prof, self.enabled = None, False
 
 

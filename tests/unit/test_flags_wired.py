@@ -752,7 +752,8 @@ def test_dry_run_offloads_the_experts_inputs_as_megatron_core_keeps_them(tmp_pat
 def test_profiler_call_stacks(tmp_path):
     """--pytorch-profiler-collect-callstack (Megatron-LM 0.19) makes --profile's trace record
     each operator's Python call stack (the torch profiler's python_function events); without
-    it the trace has none. The operators are the same either way."""
+    it the trace has none. The operators are the same either way. --pytorch-profiler-collect-
+    chakra adds torch's execution trace of the same steps."""
     argv = ["--mock-data", *BASE, "--save-interval", "1000", "--profile",
             "--profile-step-start", "2", "--profile-step-end", "3"]  # fmt: skip
 
@@ -768,6 +769,18 @@ def test_profiler_call_stacks(tmp_path):
     stacks = categories("stacks", "--pytorch-profiler-collect-callstack")
     assert plain["python_function"] == 0 and stacks["python_function"] > 100
     assert plain["cpu_op"] == stacks["cpu_op"] > 100
+    # --pytorch-profiler-collect-chakra: torch's execution trace of the same steps beside it,
+    # holding the operators the Chrome trace times (its matrix products, one node each).
+    chakra = categories("chakra", "--pytorch-profiler-collect-chakra")
+    assert not (tmp_path / "plain" / "chakra_rank0_steps2-3.json").exists()
+    with open(tmp_path / "chakra" / "chakra_rank0_steps2-3.json") as f:
+        nodes = collections.Counter(node["name"] for node in json.load(f)["nodes"])
+    with open(tmp_path / "chakra" / "profile_rank0_steps2-3.json") as f:
+        ops = collections.Counter(e["name"] for e in json.load(f)["traceEvents"]
+                                  if e.get("cat") == "cpu_op")  # fmt: skip
+    for name in ("aten::mm", "aten::matmul"):
+        assert nodes[name] == ops[name] > 10, name
+    assert chakra["cpu_op"] == plain["cpu_op"]
 
 
 def test_step_batch_size_schedule_counts_samples_as_stepping_through_it_does():
