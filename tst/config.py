@@ -2054,6 +2054,10 @@ class LoggingConfig:
         False, "--profile's trace records each operator's Python call stack (torch profiler's "
         "with_stack; larger traces).",
     )  # fmt: skip
+    nvtx_ranges: bool = _f(
+        False, "While --profile records, megatron-core's NVTX range markers are on (for "
+        "NVIDIA's Nsight Systems; CUDA only).",
+    )  # fmt: skip
     pytorch_profiler_collect_chakra: bool = _f(
         False, "--profile also records torch's execution trace (the graph Chakra's tools "
         "read: operators, their inputs and the collectives) as chakra_rank<R>_steps<A>-<B>.json "

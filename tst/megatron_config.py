@@ -402,6 +402,10 @@ def _check_device_features(cfg: Config, layout: Layout, te: bool) -> None:
                 + (" and DeepEP is not importable" if on_gpu else "")
                 + ": use --moe-token-dispatcher-type alltoall"
             )
+    if cfg.log.nvtx_ranges and cfg.log.profile and not on_gpu:
+        raise ValueError("--nvtx-ranges marks megatron-core's NVTX ranges for NVIDIA's Nsight "
+                         f"Systems, which needs a CUDA GPU; {where}: drop --nvtx-ranges "
+                         "(--profile's torch trace has the trainer's own ranges)")  # fmt: skip
     if t.deterministic_mode and on_gpu:
         choices = ["Tree", "Ring", "CollnetDirect", "CollnetChain", "^NVLS"]
         if os.environ.get("NCCL_ALGO") not in choices:

@@ -59,6 +59,11 @@ LATER_ACCEPTED: dict[str, tuple[int | str, str]] = {
         0,
         "--profile's trace records the operators' input shapes always",
     ),
+    "--record-shapes": (
+        0,
+        "the shapes of Megatron-LM's Nsight Systems path (emit_nvtx); --profile here records "
+        "a torch profiler trace, which holds the operators' input shapes always",
+    ),
     "--disable-stream-ckpt-dequant": (
         0,
         "streamed dequantisation applies to checkpoints holding quantised (FP8 / NVFP4) "
@@ -185,8 +190,6 @@ _FAMILIES: dict[str, dict[str, int | str]] = {
         "--null-tokenizer-pad-id": 1,
         "--disable-tokenizer-sentencepiece-ignore-extra-whitespaces": 0,
         "--no-tokenizer-sentencepiece-ignore-extra-whitespaces": 0,
-        "--record-shapes": 0,
-        "--nvtx-ranges": 0,
         "--cpu-offloading-retain-pinned-cpu-buffers": 0,
     },
 }

@@ -1965,6 +1965,7 @@ class _Profiler:
         self.enabled = log.profile and rank in log.profile_ranks
         self.with_stack = log.pytorch_profiler_collect_callstack
         self.chakra = log.pytorch_profiler_collect_chakra
+        self.nvtx = log.nvtx_ranges  # megatron-core's NVTX markers while recording (CUDA)
         self.start, self.end = log.profile_step_start, log.profile_step_end
         self.out = log.tensorboard_dir or "."
         self.rank, self.writer, self._prof = rank, writer, None
@@ -1984,11 +1985,19 @@ class _Profiler:
             self._prof = torch.profiler.profile(record_shapes=True, with_stack=self.with_stack,
                                                 execution_trace_observer=observer)  # fmt: skip
             self._prof.__enter__()
+            self._markers(True)
+
+    def _markers(self, on: bool) -> None:
+        if self.nvtx:
+            from megatron.core.utils import configure_nvtx_profiling
+
+            configure_nvtx_profiling(on)
 
     def close(self) -> None:
         """Write the trace, if one is being recorded (idempotent)."""
         if self._prof is None:
             return
+        self._markers(False)
         self._prof.__exit__(None, None, None)
         os.makedirs(self.out, exist_ok=True)
         path = self._path("profile")

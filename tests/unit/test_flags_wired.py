@@ -843,3 +843,34 @@ def test_no_pad_vocab_size_keeps_the_tokenizers_size(runs, tmp_path):
     )
     assert got["shapes"]["embedding.word_embeddings.weight"] == (390, 32)
     assert [r["iteration"] for r in got["records"] if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_nvtx_ranges_switch_megatron_cores_markers_while_recording(monkeypatch, tmp_path):
+    """--nvtx-ranges (Megatron-LM 0.19): megatron-core's NVTX markers on from the first
+    profiled step until the trace is written (configure_nvtx_profiling, spied here: NVTX
+    needs CUDA); on a CPU run pretrain_tst.py refuses it by name."""
+    from megatron.core import utils as mcore_utils
+
+    from tst.config import parse_args
+    from tst.trainer import _Profiler
+
+    calls = []
+    monkeypatch.setattr(mcore_utils, "configure_nvtx_profiling", calls.append)
+    argv = ["--mock-data", *BASE, "--profile", "--profile-step-start", "2",
+            "--profile-step-end", "3", "--tensorboard-dir", str(tmp_path)]  # fmt: skip
+    log = parse_args([*argv, "--nvtx-ranges"]).log
+    profiler = _Profiler(log, 0, None)
+    with contextlib.redirect_stdout(io.StringIO()):
+        for iteration in range(4):
+            profiler.step_start(iteration)
+            assert calls == ([] if iteration < 2 else [True] if iteration == 2 else [True, False])
+    assert (tmp_path / "profile_rank0_steps2-3.json").exists()
+    plain = _Profiler(parse_args(argv).log, 0, None)
+    with contextlib.redirect_stdout(io.StringIO()):
+        for iteration in range(4):
+            plain.step_start(iteration)
+    assert calls == [True, False]
+    from trainer_runs import main_error
+
+    message = main_error([*argv, "--nvtx-ranges"], str(tmp_path / "m.jsonl"), (ValueError,))
+    assert "--nvtx-ranges marks megatron-core's NVTX ranges" in message and "drop" in message
