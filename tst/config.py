@@ -99,7 +99,7 @@ class ModelConfig:
     position_embedding_type: str = _f(
         "learned_absolute",
         "Position embedding.",
-        choices=["learned_absolute", "rope", "none", "mrope", "relative"],
+        choices=["learned_absolute", "rope", "yarn", "none", "mrope", "relative"],
     )
     add_position_embedding: bool = _f(
         True,
@@ -114,6 +114,21 @@ class ModelConfig:
     )
     use_rope_scaling: bool = _f(False, "Llama-3.x RoPE frequency scaling.")
     rope_scaling_factor: float = _f(8.0, "Llama-3.x RoPE scaling factor.")
+    # --position-embedding-type yarn (Megatron-LM 0.19's YaRN for ordinary attention; its
+    # scaling factor and mscales are --rotary-scaling-factor, --mscale, --mscale-all-dim).
+    yarn_original_max_position_embeddings: int | None = _f(
+        None, "YaRN: the context length the frequencies were trained for (default 4096)."
+    )
+    yarn_beta_fast: float | None = _f(
+        None, "YaRN: rotations below which dimensions are interpolated (default 32)."
+    )
+    yarn_beta_slow: float | None = _f(
+        None, "YaRN: rotations above which dimensions are extrapolated (default 1)."
+    )
+    yarn_correction_range_round_to_int: bool = _f(
+        True, "YaRN: keep the correction range's ends unrounded.",
+        flag="--no-yarn-correction-range-round-to-int",
+    )  # fmt: skip
     normalization: str = _f("LayerNorm", "Normalisation layer.", choices=["LayerNorm", "RMSNorm"])
     norm_epsilon: float = _f(1e-5, "Epsilon of the norms.")
     apply_layernorm_1p: bool = _f(
@@ -320,6 +335,7 @@ class ModelConfig:
                 "--num-attention-heads must be divisible by --num-query-groups",
             )
         _require(0 < self.rotary_percent <= 1, "--rotary-percent must be in (0, 1]")
+        self._check_yarn()
         self._check_gpt_oss_features()
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
@@ -398,6 +414,61 @@ class ModelConfig:
         freq = self.window_skip_freq  # parsed (and its list checked) once, by the property
         _require(not isinstance(freq, int) or freq >= 1,
                  f"--window-attn-skip-freq must be >= 1, got {freq}")  # fmt: skip
+
+    def _check_yarn(self) -> None:
+        """--position-embedding-type yarn: megatron-core's YaRN rotates every dimension of a
+        head, unscaled positions, in halves; what it would ignore is refused, and the YaRN
+        flags without it warn (Megatron-LM ignores them)."""
+        yarn = [flag for flag, given in (
+            ("--yarn-original-max-position-embeddings",
+             self.yarn_original_max_position_embeddings is not None),
+            ("--yarn-beta-fast", self.yarn_beta_fast is not None),
+            ("--yarn-beta-slow", self.yarn_beta_slow is not None),
+            ("--no-yarn-correction-range-round-to-int", not self.yarn_correction_range_round_to_int),
+        ) if given]  # fmt: skip
+        if self.position_embedding_type != "yarn":
+            if yarn:
+                warnings.warn(f"{', '.join(yarn)} apply to --position-embedding-type yarn "
+                              "only: they change nothing here (Megatron-LM ignores them too)",
+                              stacklevel=4)  # fmt: skip
+            return
+        for flag, given, why in (
+            ("--rotary-interleaved", self.rotary_interleaved, "rotates the two halves only"),
+            (f"--rotary-percent {self.rotary_percent}", self.rotary_percent != 1.0,
+             "rotates every dimension of a head (Megatron-LM ignores the share)"),
+            ("--rotary-seq-len-interpolation-factor",
+             self.rotary_seq_len_interpolation_factor is not None,
+             "interpolates by --rotary-scaling-factor, not by dividing the positions"),
+        ):  # fmt: skip
+            _require(not given, f"{flag} with --position-embedding-type yarn: megatron-core's "
+                     f"YaRN {why}: drop {flag.split()[0]}")  # fmt: skip
+        if self.use_rope_scaling:
+            warnings.warn("--use-rope-scaling (Llama 3's RoPE scaling) with "
+                          "--position-embedding-type yarn changes nothing: YaRN scales by "
+                          "--rotary-scaling-factor (Megatron-LM ignores it too)", stacklevel=4)  # fmt: skip
+        for flag, value in (("--yarn-original-max-position-embeddings",
+                             self.yarn_original_max_position_embeddings),
+                            ("--yarn-beta-fast", self.yarn_beta_fast),
+                            ("--yarn-beta-slow", self.yarn_beta_slow)):  # fmt: skip
+            _require(value is None or (math.isfinite(value) and value > 0),
+                     f"{flag} must be a positive number, got {value}")  # fmt: skip
+
+    def yarn_config_fields(self, mla) -> dict:
+        """The ``yarn_*`` attributes megatron-core's GPTModel reads for ordinary attention's
+        YaRN (Megatron-LM 0.19's names and defaults); ``mla`` is the MLA section (its
+        --rotary-scaling-factor, --mscale, --mscale-all-dim)."""
+        if self.position_embedding_type != "yarn":
+            return {}
+        orig = self.yarn_original_max_position_embeddings
+        return {
+            "yarn_rotary_scaling_factor": mla.rotary_scaling_factor,
+            "yarn_original_max_position_embeddings": 4096 if orig is None else orig,
+            "yarn_beta_fast": 32.0 if self.yarn_beta_fast is None else self.yarn_beta_fast,
+            "yarn_beta_slow": 1.0 if self.yarn_beta_slow is None else self.yarn_beta_slow,
+            "yarn_mscale": mla.mscale,
+            "yarn_mscale_all_dim": mla.mscale_all_dim,
+            "yarn_correction_range_round_to_int": self.yarn_correction_range_round_to_int,
+        }
 
     def no_rope_layers(self) -> list[int]:
         """``--no-rope-freq`` per layer (0-based), 1 where the layer skips RoPE; megatron-core's

@@ -33,9 +33,14 @@ class MLAConfig:
     qk_head_dim: int = _f(128, "Query/key head dimension without position embedding.")
     qk_pos_emb_head_dim: int = _f(64, "Query/key head dimension rotated by RoPE.")
     v_head_dim: int = _f(128, "Value head dimension.")
-    rotary_scaling_factor: float = _f(1.0, "YaRN RoPE scaling factor (MLA).")
-    mscale: float = _f(1.0, "YaRN mscale (MLA).")
-    mscale_all_dim: float = _f(0.0, "YaRN mscale of all dimensions (MLA; scales the softmax).")
+    rotary_scaling_factor: float = _f(
+        1.0, "YaRN RoPE scaling factor (MLA, or --position-embedding-type yarn)."
+    )
+    mscale: float = _f(1.0, "YaRN mscale (MLA, or --position-embedding-type yarn).")
+    mscale_all_dim: float = _f(
+        0.0, "YaRN mscale of all dimensions: the attention factor is --mscale's over this "
+        "one's (MLA also scales its softmax by it).",
+    )  # fmt: skip
     rope_type: str | None = _f(
         None,
         "RoPE of MLA's position dimensions: yarn (MLA's default) or rope; ordinary attention "
@@ -63,6 +68,12 @@ class MLAConfig:
         """Checks against the rest of the model (a :class:`tst.config.ModelConfig`)."""
         if not self.multi_latent_attention:
             return
+        _require(
+            model.position_embedding_type != "yarn",
+            "--position-embedding-type yarn with --multi-latent-attention: MLA applies its own "
+            "RoPE (--rope-type, yarn by default, with --rotary-scaling-factor / --mscale); "
+            "use --position-embedding-type rope (Megatron-LM fails on the two together)",
+        )
         _require(
             not model.group_query_attention,
             "--group-query-attention and --multi-latent-attention exclude each other (as in "

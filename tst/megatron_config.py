@@ -282,6 +282,10 @@ def transformer_config(cfg: Config, plan: RunPlan, layout: Layout, check_device:
         # bag embedding and the output layer's logit scaling read them here.
         for name in ("use_mup", "mup_width_mult", "mup_embedding_mult", "mup_output_mult"):
             setattr(config, name, mup[name])
+    # YaRN of ordinary attention: megatron-core's GPTModel reads these attributes (Megatron-LM
+    # 0.19 sets them the same way; MLA keeps its own fields).
+    for name, value in m.yarn_config_fields(cfg.mla).items():
+        setattr(config, name, value)
     return config
 
 

@@ -59,6 +59,11 @@ LATER_ACCEPTED: dict[str, tuple[int | str, str]] = {
         0,
         "--profile's trace records the operators' input shapes always",
     ),
+    "--yarn-correction-range-round-to-int": (
+        0,
+        "YaRN's correction range is rounded to integers by default "
+        "(--no-yarn-correction-range-round-to-int keeps it unrounded)",
+    ),
     "--record-shapes": (
         0,
         "the shapes of Megatron-LM's Nsight Systems path (emit_nvtx); --profile here records "
@@ -243,11 +248,6 @@ _NEWER_FLAGS: dict[str, int | str] = {
     "--ckpt-fully-parallel-save-process-group": 1,
     "--ckpt-fully-parallel-load-process-group": 1,
     "--dataloader-inter-document-masking": 0,
-    "--yarn-beta-fast": 1,
-    "--yarn-beta-slow": 1,
-    "--yarn-correction-range-round-to-int": 0,
-    "--no-yarn-correction-range-round-to-int": 0,
-    "--yarn-original-max-position-embeddings": 1,
 }
 
 LATER_REFUSED: dict[str, tuple[int | str, str]] = by_family(_FAMILIES)
