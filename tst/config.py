@@ -972,6 +972,21 @@ def step_batch_schedule(schedule: str, seq_length: int) -> tuple[tuple[int, int]
     return tuple(entries)
 
 
+# Megatron-LM's other --optimizer values (0.16.1's Muon; 0.19's Lion, SOAP, adaptive Muon):
+# refused in one line naming why (rather than argparse's bare "invalid choice").
+_LATER_OPTIMIZERS = {
+    "muon": "the Muon optimizer is not supported yet (it needs NVIDIA's emerging_optimizers, "
+    "Python >= 3.12)",
+    "dist_muon": "the Muon optimizer is not supported yet (it needs NVIDIA's "
+    "emerging_optimizers, Python >= 3.12)",
+    "adaptive_muon": "the Muon optimizer is not supported yet (it needs NVIDIA's "
+    "emerging_optimizers, Python >= 3.12)",
+    "lion": "Lion is built on a newer megatron-core than the 0.16.1 this trainer runs on (its "
+    "distributed optimizer's checkpoints hold Adam's two moments)",
+    "soap": "SOAP is built on a newer megatron-core than the 0.16.1 this trainer runs on",
+}
+
+
 @dataclass
 class TrainingConfig:
     """Batch, length of the run, optimizer, learning-rate schedule and precision.
@@ -1007,7 +1022,10 @@ class TrainingConfig:
     train_iters: int | None = _f(None, "Optimizer steps in the whole run (both phases).")
     train_samples: int | None = _f(None, "Samples in the whole run (instead of --train-iters).")
     optimizer: str = _f(
-        "adam", "Optimizer (AdamW-style decoupled weight decay).", choices=["adam", "sgd"]
+        "adam",
+        "Optimizer (AdamW-style decoupled weight decay). Megatron-LM's others are refused "
+        "naming why.",
+        choices=["adam", "sgd", *_LATER_OPTIMIZERS],
     )
     lr: float | None = _f(None, "Peak learning rate (required).")
     min_lr: float = _f(0.0, "Final learning rate.")
@@ -1183,6 +1201,9 @@ class TrainingConfig:
     max_skipped_steps: int = _f(5, "Consecutive non-finite steps before the run stops.")
 
     def __post_init__(self):
+        _require(self.optimizer not in _LATER_OPTIMIZERS,
+                 f"--optimizer {self.optimizer}: {_LATER_OPTIMIZERS.get(self.optimizer)}: use "
+                 "--optimizer adam or sgd")  # fmt: skip
         _require(self.micro_batch_size is not None, "--micro-batch-size is required")
         low_precision_state = any(
             value != "fp32" for value in (self.main_grads_dtype, self.main_params_dtype,

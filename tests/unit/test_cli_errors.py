@@ -494,3 +494,19 @@ def test_no_pad_vocab_size(vocab, tp):
     with pytest.raises(ValueError, match=r"--no-pad-vocab-size: the tokenizer's 301 ids do not "
                        r"divide by TP=2 .*give --padded-vocab-size 302"):  # fmt: skip
         validate(parse_args(argv), 2, 301)
+
+
+@pytest.mark.parametrize("name, why", [
+    ("muon", "the Muon optimizer is not supported yet"),
+    ("dist_muon", "the Muon optimizer is not supported yet"),
+    ("adaptive_muon", "the Muon optimizer is not supported yet"),
+    ("lion", "Lion is built on a newer megatron-core"),
+    ("soap", "SOAP is built on a newer megatron-core"),
+])  # fmt: skip
+def test_megatron_lms_other_optimizers_are_refused_naming_why(name, why):
+    """Megatron-LM's --optimizer values beyond adam / sgd: one line naming why and the fix,
+    not argparse's bare "invalid choice"."""
+    with pytest.raises(
+        ValueError, match=rf"--optimizer {name}: {why}.*use --optimizer adam or sgd"
+    ):
+        parse_args(BASE + ["--optimizer", name])
