@@ -12,7 +12,9 @@ Megatron-LM flags that change nothing here, or cannot run here, are listed in
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -2286,6 +2288,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@functools.lru_cache(maxsize=1)
+def _shared_parser() -> argparse.ArgumentParser:
+    """One parser for every :func:`parse_args` of the process (building it costs as much as
+    a dry run's model build); nothing mutates it, and the defaults it hands out are copied."""
+    return build_parser()
+
+
 def parse_args(argv=None) -> Config:
     """Parse the command line into a :class:`Config` (field checks run; see tst.plan).
 
@@ -2295,12 +2304,13 @@ def parse_args(argv=None) -> Config:
     from tst import megatron_flags
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = _shared_parser()
     megatron_flags.check_unknown(parser, argv)
     namespace = parser.parse_args(megatron_flags.apply_aliases(argv))
     values: dict[str, dict] = {section: {} for section in _SECTIONS}
     extra: dict[str, object] = {}
-    for key, value in vars(namespace).items():
+    # A default list is the parser's own object: each Config gets a copy of its own.
+    for key, value in copy.deepcopy(vars(namespace)).items():
         section, name = key.split(".", 1)
         if section in values:
             values[section][name] = value

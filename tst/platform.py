@@ -300,6 +300,9 @@ def _timeout_of(group):
     return None
 
 
+_THREADS_BEFORE_COLLECTING = 150
+
+
 def shutdown(layout: Layout | None = None) -> None:
     """Tear down megatron-core parallel state, and the process group if ``initialize`` made it
     (else give it back the timeout it had before :func:`set_group_timeouts`)."""
@@ -311,8 +314,11 @@ def shutdown(layout: Layout | None = None) -> None:
     if dist.is_initialized() and (layout is None or layout.owns_process_group):
         dist.destroy_process_group()
     # Destroyed groups sit in reference cycles until a collection frees them with their gloo
-    # threads (about 30 per layout): free them now, or a process that sets up layouts
-    # repeatedly (a test world) gathers thousands of threads.
+    # threads (about 30 per layout): a process that sets up layouts repeatedly (a test world,
+    # a loop of dry runs) would gather thousands of threads. A full collection costs as much
+    # as a dry run's model build, so it runs once the threads pile up, not at every teardown.
     import gc
+    import threading
 
-    gc.collect()
+    if threading.active_count() > _THREADS_BEFORE_COLLECTING:
+        gc.collect()
