@@ -294,6 +294,73 @@ def run_argv(a, run: Run, model: Model, data: dict, evals: dict[str, int]) -> li
     return argv
 
 
+def _forked_child(argv: list[str], env: dict, log_path: str) -> None:
+    """A run's child, forked from a server that imported the trainer already: what
+    ``python pretrain_tst.py ARGV`` would do, with its environment, working directory and
+    output file."""
+    os.chdir(ROOT)
+    os.environ.clear()
+    os.environ.update(env)
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    sys.stdout.reconfigure(line_buffering=True)
+    sys.stderr.reconfigure(line_buffering=True)
+    if env.get("OMP_NUM_THREADS"):  # the thread pool is set at import: as the env would set it
+        import torch
+
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    sys.argv = list(argv)
+    import pretrain_tst
+
+    code = pretrain_tst.main(argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)
+
+
+class _PreloadedChild:
+    """``subprocess.Popen``'s interface (poll, returncode, wait, terminate, kill) over a child
+    forked from a multiprocessing forkserver that imported pretrain_tst once (--children
+    fork): each dry-mode run skips the seconds of importing torch and megatron-core that a
+    fresh ``python pretrain_tst.py`` pays."""
+
+    _context = None
+
+    def __init__(self, argv: list[str], env: dict, log_path: str):
+        if _PreloadedChild._context is None:
+            import multiprocessing
+
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["pretrain_tst", "tst.trainer"])
+            _PreloadedChild._context = context
+        self._process = _PreloadedChild._context.Process(
+            target=_forked_child, args=(argv, env, log_path), daemon=False
+        )
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self):
+        return self._process.exitcode  # None while running; -N after signal N, as Popen's
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self, timeout=None):
+        self._process.join(timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(["pretrain_tst.py"], timeout)
+        return self.returncode
+
+    def terminate(self):
+        self._process.terminate()
+
+    def kill(self):
+        self._process.kill()
+
+
 def _start(a, run: Run, argv: list[str], tag: str) -> tuple[subprocess.Popen, rp._MetricsEcho]:
     """Start one run's child (resuming from its checkpoint when it has one)."""
     out = run.dir(a.work)
@@ -306,8 +373,12 @@ def _start(a, run: Run, argv: list[str], tag: str) -> tuple[subprocess.Popen, rp
         json.dump({"argv": argv, "git": rp._git_hash(), "OMP_NUM_THREADS":
                    env.get("OMP_NUM_THREADS")}, f, indent=1)  # fmt: skip
     print(f"{tag} training", flush=True)
-    with open(os.path.join(out, "train.log"), "a") as log:
-        child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log_path = os.path.join(out, "train.log")
+    if a.children == "fork":
+        child = _PreloadedChild(argv[1:], env, log_path)
+    else:
+        with open(log_path, "a") as log:
+            child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     return child, rp._MetricsEcho(os.path.join(out, "metrics.jsonl"), tag, time.time(), run.iters)
 
 
@@ -692,7 +763,14 @@ def get_args(argv=None):
     p.add_argument("--ledger", help="the finished runs' record, JSON lines (default "
                    "docs/trend_runs.jsonl; with --dry, WORK/ledger.jsonl)")  # fmt: skip
     p.add_argument("--python", default=sys.executable)
+    p.add_argument(
+        "--children", choices=["spawn", "fork"],
+        help="how each run's process starts: spawn (`python pretrain_tst.py`, the default) or "
+        "fork (from a server that imported the trainer once: no import per run; the default "
+        "with --dry)",
+    )  # fmt: skip
     a = p.parse_args(argv)
+    a.children = a.children or ("fork" if a.dry else "spawn")
     dry = a.dry
     a.only = a.only or list(PARTS)
     known = {arm.name for part in a.only for arm in (DRY_ARMS if dry else ARMS)[part]}

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -238,9 +239,12 @@ def test_dry_rerun_skips_finished_runs_and_trains_an_unfinished_one(dry):
     assert after["reinit_input"]["final_val_loss"] == [pytest.approx(old, rel=1e-5)]
 
 
-def test_sigterm_stops_the_study_and_its_training_child(dry):
+@pytest.mark.parametrize("children", ["spawn", "fork"])
+def test_sigterm_stops_the_study_and_its_training_child(dry, children):
     """A study stopped with SIGTERM (a scheduler's kill, `kill PID`) stops the child it is
-    training (which checkpoints and exits) rather than leaving it running on its own."""
+    training (which checkpoints and exits) rather than leaving it running on its own: a
+    `python pretrain_tst.py` process (--children spawn, the real runs' way) or one forked
+    from the preloaded server (the dry runs' way), whose processes all end with it."""
     import signal
     import time
 
@@ -249,8 +253,8 @@ def test_sigterm_stops_the_study_and_its_training_child(dry):
     _unfinish(work, target)
     study = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "bench", "trend_study.py"), "--dry", "--work", work,
-         "--only", "controls"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd=ROOT,
+         "--only", "controls", "--children", children], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, cwd=ROOT,
     )  # fmt: skip
     seen = ""
     for line in study.stdout:
@@ -261,23 +265,37 @@ def test_sigterm_stops_the_study_and_its_training_child(dry):
     # machine (the suite's other workers) while the whole 20-step run takes under 3 s on an
     # idle one: the signal goes as soon as the child is there, not after a fixed wait.
     deadline = time.monotonic() + 120
-    children = _children(study.pid)
-    while not children and study.poll() is None and time.monotonic() < deadline:
+    trainers = _trainers(study.pid)
+    while not trainers and study.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-        children = _children(study.pid)
-    assert children, (study.poll(), seen)
+        trainers = _trainers(study.pid)
+    assert trainers, (study.poll(), seen)
+    descendants = [p.pid for p in psutil.Process(study.pid).children(recursive=True)]
     study.send_signal(signal.SIGTERM)
     study.wait(timeout=120)
     assert study.returncode == 128 + signal.SIGTERM, seen + study.stdout.read()
-    alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")]
-    assert alive == [], f"the study's children {alive} outlived it"
+    deadline = time.monotonic() + 30  # a forkserver ends once the study's pipe closes
+    while time.monotonic() < deadline and any(psutil.pid_exists(p) for p in descendants):
+        time.sleep(0.05)
+    alive = [pid for pid in descendants if psutil.pid_exists(pid)
+             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+    assert alive == [], f"the study's processes {alive} outlived it"
     _dry(work, "--only", "controls")  # a rerun finishes the run
     assert os.path.exists(os.path.join(target, "done"))
 
 
-def _children(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
+def _trainers(pid: int) -> list[int]:
+    """The study's training processes: a spawned `pretrain_tst.py`, or a child of the
+    forkserver (the study's own children are the forkserver and its resource tracker)."""
+    found = []
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            cmdline = " ".join(process.cmdline())
+        except psutil.Error:
+            continue
+        if "pretrain_tst.py" in cmdline or process.ppid() != pid:  # the forkserver's children
+            found.append(process.pid)
+    return found
 
 
 def test_ledger_carries_finished_runs_to_a_fresh_run_folder(dry, tmp_path):
