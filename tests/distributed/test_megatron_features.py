@@ -16,17 +16,11 @@ import json
 
 import pytest
 import torch
-from flags import SMALL_GPT
+from flags import SWITCH_RUN
 
 import pretrain_tst
 
-BASE = [
-    "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
-    "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "2",
-    "--global-batch-size", "8", "--train-iters", "6", "--tst-bag-size", "3", "--tst-iters", "3",
-    "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "3",
-    "--eval-iters", "1", "--untie-embeddings-and-output-weights", *SMALL_GPT,
-]  # fmt: skip
+BASE = SWITCH_RUN
 
 
 def _train(argv: list[str], metrics: str) -> dict:

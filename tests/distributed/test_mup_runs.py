@@ -11,15 +11,9 @@ exactly (rel 1e-6), also with --use-checkpoint-args and no muP flag on the comma
 from __future__ import annotations
 
 import pytest
-from flags import SMALL_GPT
+from flags import SWITCH_RUN
 
-BASE = [
-    "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
-    "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "2",
-    "--global-batch-size", "8", "--train-iters", "6", "--tst-bag-size", "3", "--tst-iters", "3",
-    "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "3",
-    "--eval-iters", "1", "--untie-embeddings-and-output-weights", *SMALL_GPT,
-]  # fmt: skip
+BASE = SWITCH_RUN
 MUP = ["--use-mup", "--mup-base-hidden-size", "16", "--mup-embedding-mult", "2"]
 CONSTANT = ["--lr-decay-style", "constant", "--lr-warmup-iters", "0", "--train-iters", "2",
             "--tst-iters", "1"]  # fmt: skip

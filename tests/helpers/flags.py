@@ -25,3 +25,14 @@ def one_rank_gpt(vocab: int, seq: int, batch: int, layers: int) -> list[str]:
         "--hidden-dropout", "0", "--attention-dropout", "0", "--make-vocab-size-divisible-by",
         "1", "--position-embedding-type", "rope",
     ]  # fmt: skip
+
+
+# A 4-layer GPT through both phases on mock data (6 steps, the switch after 3, an evaluation at
+# 3 and 6), global batch 8: the two-rank runs of the Megatron-feature tests.
+SWITCH_RUN = [
+    "--mock-data", "--vocab-size", "512", "--num-layers", "4", "--hidden-size", "32",
+    "--num-attention-heads", "4", "--swiglu", "--seq-length", "8", "--micro-batch-size", "2",
+    "--global-batch-size", "8", "--train-iters", "6", "--tst-bag-size", "3", "--tst-iters", "3",
+    "--lr", "3e-3", "--lr-warmup-iters", "1", "--log-interval", "1", "--eval-interval", "3",
+    "--eval-iters", "1", "--untie-embeddings-and-output-weights", *SMALL_GPT,
+]  # fmt: skip
