@@ -2,7 +2,8 @@
 
 Each parameter's optimizer group has the learning rate and Adam epsilon muP's rules give
 it, classified here by name and shape (embeddings and the output layer, 1-D weights, hidden
-matrices): Adam, Adam with the distributed optimizer, SGD, and --decoupled-lr. A muP run
+matrices): Adam, Adam with the distributed optimizer, SGD, --decoupled-lr, and FSDP2 (whose
+wrapper keeps the parameters' marks). A muP run
 (width multiplier 2, embedding multiplier 2, an MTP depth) trains the same losses across
 the switch at DP 2, TP 2 and PP 2 (rel 1e-5), differs from the plain run, and resumes
 exactly (rel 1e-6), also with --use-checkpoint-args and no muP flag on the command line.
@@ -46,10 +47,12 @@ def _want(name: str, dim: int, hidden: tuple, embedding: tuple, vector: tuple) -
     return vector if dim <= 1 else hidden
 
 
-@pytest.mark.parametrize("case", ["adam", "adam-distributed", "sgd", "adam-decoupled"])
+@pytest.mark.parametrize("case", ["adam", "adam-distributed", "sgd", "adam-decoupled",
+                                  "adam-fsdp2"])  # fmt: skip
 def test_each_parameter_group_has_mups_rate_and_eps(world2, tmp_path, case):
     extra = {"adam": [], "adam-distributed": ["--use-distributed-optimizer"],
-             "sgd": ["--optimizer", "sgd"], "adam-decoupled": ["--decoupled-lr", "1e-2"]}[case]  # fmt: skip
+             "sgd": ["--optimizer", "sgd"], "adam-decoupled": ["--decoupled-lr", "1e-2"],
+             "adam-fsdp2": ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion"]}[case]  # fmt: skip
     run = world2.run(_groups, BASE + CONSTANT + MUP + extra, str(tmp_path / "m.jsonl"))[0]
     base, half = (3e-3, 1e-8), (1.5e-3, 0.5e-8)  # lr, eps; hidden: / width multiplier 2
     if case == "sgd":
