@@ -1192,8 +1192,7 @@ class Trainer:
         c, t = self.config, self.cfg.training
         m = c.mup_width_mult
         rates = (f"vector-like parameters at lr x {m:g}" if t.optimizer == "sgd"
-                 else f"hidden matrices at lr x {1 / m:g}"
-                 + (f", eps x {1 / m:g}" if t.optimizer == "adam" else ""))  # fmt: skip
+                 else f"hidden matrices at lr x {1 / m:g}, eps x {1 / m:g}")  # fmt: skip
         return (f"muP: width multiplier {m:g} (--hidden-size {c.hidden_size} / base "
                 f"{self.cfg.mup.mup_base_hidden_size or c.hidden_size}); {rates}; hidden init "
                 f"std / {math.sqrt(m):.4g}; logits x {c.mup_output_mult:g}, embeddings x "

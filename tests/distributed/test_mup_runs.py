@@ -31,6 +31,7 @@ def _groups(argv: list[str], metrics: str) -> dict:
     def look(trainer):
         groups = trainer.optimizer.param_groups
         seen["rates"] = {(g["lr"], g.get("eps")) for g in groups if g["params"]}
+        seen["line"] = trainer._mup_line()  # printed at the start of the run
         where = {id(p): (g["lr"], g.get("eps")) for g in groups for p in g["params"]}
         seen["by_name"] = {name: (*where.get(id(p), (None, None)), p.dim())
                            for chunk in trainer.raw_chunks
@@ -48,11 +49,13 @@ def _want(name: str, dim: int, hidden: tuple, embedding: tuple, vector: tuple) -
 
 
 @pytest.mark.parametrize("case", ["adam", "adam-distributed", "sgd", "adam-decoupled",
-                                  "adam-fsdp2"])  # fmt: skip
+                                  "adam-fsdp2", "adam-offload"])  # fmt: skip
 def test_each_parameter_group_has_mups_rate_and_eps(world2, tmp_path, case):
     extra = {"adam": [], "adam-distributed": ["--use-distributed-optimizer"],
              "sgd": ["--optimizer", "sgd"], "adam-decoupled": ["--decoupled-lr", "1e-2"],
-             "adam-fsdp2": ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion"]}[case]  # fmt: skip
+             "adam-fsdp2": ["--use-torch-fsdp2", "--no-gradient-accumulation-fusion"],
+             "adam-offload": ["--use-distributed-optimizer", "--optimizer-cpu-offload",
+                              "--use-precision-aware-optimizer"]}[case]  # fmt: skip
     run = world2.run(_groups, BASE + CONSTANT + MUP + extra, str(tmp_path / "m.jsonl"))[0]
     base, half = (3e-3, 1e-8), (1.5e-3, 0.5e-8)  # lr, eps; hidden: / width multiplier 2
     if case == "sgd":
@@ -62,7 +65,7 @@ def test_each_parameter_group_has_mups_rate_and_eps(world2, tmp_path, case):
         hidden, embedding, vector = half, (1e-2, 1e-8), base
     else:
         hidden, embedding, vector = half, base, base
-    if case == "adam-distributed":  # groups hold shards of fp32 copies: the rates only
+    if case in ("adam-distributed", "adam-offload"):  # groups hold shards: the rates only
         assert run["rates"] == {hidden, vector}
         return
     by_name = run["by_name"]
@@ -74,6 +77,11 @@ def test_each_parameter_group_has_mups_rate_and_eps(world2, tmp_path, case):
         if want[1] is not None:
             assert got[1] == pytest.approx(want[1], rel=1e-12), name
     assert run["rates"] == {hidden, embedding, vector}
+    rates = ("vector-like parameters at lr x 2" if case == "sgd"
+             else "hidden matrices at lr x 0.5, eps x 0.5")  # fmt: skip
+    assert run["line"] == (f"muP: width multiplier 2 (--hidden-size 32 / base 16); {rates}; "
+                           "hidden init std / 1.414; logits x 0.5, embeddings x 2, softmax "
+                           "scale 0.125")  # fmt: skip
 
 
 def _losses(argv: list[str], metrics: str) -> list[tuple[int, float]]:
