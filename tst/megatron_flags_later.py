@@ -25,6 +25,7 @@ LATER_ALIASES: dict[str, list[str]] = {
         "--no-ckpt-load-validate-sharding-integrity"
     ],
     "--disable-pad-vocab-size": ["--no-pad-vocab-size"],
+    "--disable-align-grad-reduce": ["--no-align-grad-reduce"],
 }
 
 # flag -> (nargs, reason)
@@ -244,7 +245,6 @@ _NEWER_FLAGS: dict[str, int | str] = {
     "--delta-offload-bytes-across-pp-ranks": 1,
     "--fine-grained-offloading-max-inflight-offloads": 1,
     "--ddp-param-name-patterns-for-fp32-local-accumulation": "+",
-    "--disable-align-grad-reduce": 0,
     "--ckpt-fully-parallel-save-process-group": 1,
     "--ckpt-fully-parallel-load-process-group": 1,
     "--dataloader-inter-document-masking": 0,
