@@ -147,19 +147,19 @@ def _vector_like(param, name: str) -> bool:
     return is_embedding_parameter(param, name) or param.dim() <= 1
 
 
-def mup_optimizer_overrides(width_mult: float, optimizer: str, lr: float, min_lr: float,
-                            adam_eps: float, decoupled_lr: float | None) -> dict:  # fmt: skip
+def mup_optimizer_overrides(config, width_mult: float) -> dict:
     """megatron-core ``ParamKey -> ParamGroupOverride`` entries for muP's learning rates and
-    Adam epsilon, Megatron-LM 0.19's rules: Adam's hidden matrices (not vector-like: more than
-    one dimension and not an embedding / output weight) at ``lr / m``, ``min_lr / m`` and
-    ``eps / m``; SGD's vector-like parameters at ``lr * m``, ``min_lr * m``. With
-    --decoupled-lr the embedding and output weights keep their decoupled rates. Empty at
-    ``m = 1``."""
+    Adam epsilon, Megatron-LM 0.19's rules, for the megatron-core ``OptimizerConfig``
+    ``config``: Adam's hidden matrices (not vector-like: more than one dimension and not an
+    embedding / output weight) at ``lr / m``, ``min_lr / m`` and ``eps / m``; SGD's
+    vector-like parameters at ``lr * m``, ``min_lr * m``. With --decoupled-lr the embedding
+    and output weights keep their decoupled rates. Empty at ``m = 1``."""
     from megatron.core.optimizer import ParamKey, ParamWithNamePredicate
 
     if width_mult == 1.0:
         return {}
-    decoupled = decoupled_lr is not None
+    optimizer, lr, min_lr = config.optimizer, config.lr, config.min_lr
+    decoupled = config.decoupled_lr is not None
 
     def decoupled_param(param) -> bool:
         return decoupled and getattr(param, "is_embedding_or_output_parameter", False)
@@ -171,7 +171,7 @@ def mup_optimizer_overrides(width_mult: float, optimizer: str, lr: float, min_lr
         ))  # fmt: skip
         return {key: {"max_lr": lr * width_mult, "min_lr": min_lr * width_mult}}
     rates = {"max_lr": lr / width_mult, "min_lr": min_lr / width_mult}
-    eps = {"eps": adam_eps / width_mult} if optimizer == "adam" else {}
+    eps = {"eps": config.adam_eps / width_mult} if optimizer == "adam" else {}
     hidden = ParamWithNamePredicate(name="mup_hidden", fn=lambda p, n: not _vector_like(p, n))
     if not decoupled:
         return {ParamKey(with_name_predicate=hidden): {**rates, **eps}}

@@ -119,21 +119,20 @@ def optimizer_config(cfg: Config):
     )
 
 
-def optimizer_overrides(cfg: Config, transformer_config) -> dict | None:
-    """Per-parameter-group settings for ``get_megatron_optimizer``: None (megatron-core's
-    standard ones: no weight decay on biases and 1-D weights, --decoupled-lr on the
-    embedding and output weights) unless muP adds its learning rates and Adam epsilon
-    (:func:`tst.config_mup.mup_optimizer_overrides`), as Megatron-LM 0.19 does."""
+def optimizer_overrides(opt_config, transformer_config) -> dict | None:
+    """Per-parameter-group settings for ``get_megatron_optimizer`` with ``opt_config`` (its
+    :func:`optimizer_config`): None (megatron-core's standard ones: no weight decay on biases
+    and 1-D weights, --decoupled-lr on the embedding and output weights) unless muP adds its
+    learning rates and Adam epsilon (:func:`tst.config_mup.mup_optimizer_overrides`), as
+    Megatron-LM 0.19 does."""
     from megatron.core.optimizer import get_standard_config_overrides
 
     from tst.config_mup import mup_optimizer_overrides
 
     if not getattr(transformer_config, "use_mup", False):
         return None
-    t = cfg.training
-    mup = mup_optimizer_overrides(transformer_config.mup_width_mult, t.optimizer, t.lr,
-                                  t.min_lr, t.adam_eps, t.decoupled_lr)  # fmt: skip
-    return {**get_standard_config_overrides(optimizer_config(cfg)), **mup}
+    mup = mup_optimizer_overrides(opt_config, transformer_config.mup_width_mult)
+    return {**get_standard_config_overrides(opt_config), **mup}
 
 
 def build_scheduler(optimizer, cfg: Config, plan: RunPlan, *, steps=None):

@@ -192,7 +192,7 @@ class Trainer:
         opt_config = optimizer_config(cfg)
         opt_config.timers = self.timers
         self.optimizer = get_megatron_optimizer(
-            opt_config, self.model, config_overrides=optimizer_overrides(cfg, self.config),
+            opt_config, self.model, config_overrides=optimizer_overrides(opt_config, self.config),
             use_gloo_process_groups=cfg.parallel.enable_gloo_process_groups,
             dump_param_to_param_group_map=t.dump_param_to_param_group_map,
         )  # fmt: skip
