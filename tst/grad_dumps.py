@@ -76,6 +76,11 @@ def save_grads(save_dir: str, grads: dict, iteration: int, label: str) -> str | 
     return path
 
 
+def _host(value):
+    """A tensor's own copy on the host (a CPU tensor's ``.cpu()`` is itself); else as is."""
+    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+
+
 def weight_grads(raw_chunks) -> dict:
     """Each parameter's reduced gradient (``main_grad``; under FSDP2 the sharded ``grad``
     gathered whole, collective over the data-parallel group), on the host, per model chunk."""
@@ -88,13 +93,21 @@ def weight_grads(raw_chunks) -> dict:
             if grad is None and param.grad is not None and is_sharded(param.grad):
                 grad = param.grad.full_tensor()
             if grad is not None:
-                grads[f"model_chunk{i}"][name] = grad.detach().cpu().clone()
+                grads[f"model_chunk{i}"][name] = _host(grad)
     return grads
 
 
 class _Hooks:
     def __init__(self):
         self._handles = []
+
+    def _attach(self, raw_chunks, types: tuple[type, ...], register) -> None:
+        """``register(module, hook)`` on every module of ``types``, with this recorder's
+        ``_hook("model_chunk<i>", module name)``."""
+        for i, chunk in enumerate(raw_chunks):
+            for name, module in chunk.named_modules():
+                if isinstance(module, types):
+                    self._handles.append(register(module, self._hook(f"model_chunk{i}", name)))
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -110,20 +123,15 @@ class DataGradRecorder(_Hooks):
     def __init__(self, raw_chunks):
         super().__init__()
         self.grads = defaultdict(dict)
-        types = _linear_types()
-        for i, chunk in enumerate(raw_chunks):
-            for name, module in chunk.named_modules():
-                if isinstance(module, types):
-                    self._handles.append(
-                        module.register_full_backward_hook(self._hook(f"model_chunk{i}", name))
-                    )
+        self._attach(raw_chunks, _linear_types(),
+                     lambda module, hook: module.register_full_backward_hook(hook))  # fmt: skip
 
     def _hook(self, chunk: str, name: str):
         def hook(module, grad_input, grad_output):
             for kind, grads in (("output", grad_output), ("input", grad_input)):
                 for k, grad in enumerate(grads):
                     if grad is not None:
-                        self.grads[chunk][f"{name}/{kind}{k}"] = grad.detach().cpu().clone()
+                        self.grads[chunk][f"{name}/{kind}{k}"] = _host(grad)
 
         return hook
 
@@ -137,17 +145,13 @@ def parameters(raw_chunks) -> dict:
     for i, chunk in enumerate(raw_chunks):
         for name, param in chunk.named_parameters():
             value = param.full_tensor() if is_sharded(param) else param
-            params[f"model_chunk{i}"][name] = value.detach().cpu().clone()
+            params[f"model_chunk{i}"][name] = _host(value)
     return params
 
 
 def _in_backward() -> bool:
     """Whether autograd's engine is running (a recomputed forward inside the backward)."""
     return torch._C._current_graph_task_id() != -1
-
-
-def _host(value):
-    return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
 
 
 class ActivationRecorder(_Hooks):
@@ -161,12 +165,9 @@ class ActivationRecorder(_Hooks):
 
         super().__init__()
         self.activations = defaultdict(dict)
-        types = (*_linear_types(), Router)
-        for i, chunk in enumerate(raw_chunks):
-            for name, module in chunk.named_modules():
-                if isinstance(module, types):
-                    self._handles.append(module.register_forward_hook(
-                        self._hook(f"model_chunk{i}", name), with_kwargs=True, prepend=True))  # fmt: skip
+        self._attach(raw_chunks, (*_linear_types(), Router),
+                     lambda module, hook: module.register_forward_hook(
+                         hook, with_kwargs=True, prepend=True))  # fmt: skip
 
     def _hook(self, chunk: str, name: str):
         def hook(module, args, kwargs, output):
@@ -224,9 +225,8 @@ class TokensPerExpertRecorder(_Hooks):
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"rank{rank}.jsonl")
         lines = []
-        for (block, mtp_idx, layer), counts in sorted(self.records.items(),
-                                                      key=lambda kv: (kv[0][0], kv[0][1] or 0,
-                                                                      kv[0][2])):  # fmt: skip
+        # (block, MTP depth or None, layer): a block's keys all have an MTP depth or none.
+        for (block, mtp_idx, layer), counts in sorted(self.records.items()):
             entry = {"iter": iteration, "block": block}
             if block == "mtp":
                 entry["mtp_idx"] = mtp_idx
