@@ -976,13 +976,12 @@ def step_batch_schedule(schedule: str, seq_length: int) -> tuple[tuple[int, int]
 
 # Megatron-LM's other --optimizer values (0.16.1's Muon; 0.19's Lion, SOAP, adaptive Muon):
 # refused in one line naming why (rather than argparse's bare "invalid choice").
+_MUON = ("the Muon optimizer is not supported yet (it needs NVIDIA's emerging_optimizers, "
+         "Python >= 3.12)")  # fmt: skip
 _LATER_OPTIMIZERS = {
-    "muon": "the Muon optimizer is not supported yet (it needs NVIDIA's emerging_optimizers, "
-    "Python >= 3.12)",
-    "dist_muon": "the Muon optimizer is not supported yet (it needs NVIDIA's "
-    "emerging_optimizers, Python >= 3.12)",
-    "adaptive_muon": "the Muon optimizer is not supported yet (it needs NVIDIA's "
-    "emerging_optimizers, Python >= 3.12)",
+    "muon": _MUON,
+    "dist_muon": _MUON,
+    "adaptive_muon": _MUON,
     "lion": "Lion is built on a newer megatron-core than the 0.16.1 this trainer runs on (its "
     "distributed optimizer's checkpoints hold Adam's two moments)",
     "soap": "SOAP is built on a newer megatron-core than the 0.16.1 this trainer runs on",
