@@ -42,6 +42,18 @@ def _groups(argv: list[str], metrics: str) -> dict:
     return seen
 
 
+def test_the_other_mup_flags_reach_the_run(world2, tmp_path):
+    """--mup-output-mult, --mup-base-head-dim, --mup-attn-scale-power and --mup-width-mult
+    given (their defaults: the test above) through pretrain_tst.main: the logits multiplier
+    as given, the softmax scale sqrt(4) / 8 ** 0.5, the width multiplier as computed."""
+    given = ["--mup-output-mult", "0.7", "--mup-base-head-dim", "4", "--mup-attn-scale-power",
+             "0.5", "--mup-width-mult", "2"]  # fmt: skip
+    run = world2.run(_groups, BASE + CONSTANT + MUP + given, str(tmp_path / "m.jsonl"))[0]
+    assert run["line"] == ("muP: width multiplier 2 (--hidden-size 32 / base 16); hidden "
+                           "matrices at lr x 0.5, eps x 0.5; hidden init std / 1.414; logits "
+                           "x 0.7, embeddings x 2, softmax scale 0.7071")  # fmt: skip
+
+
 def _want(name: str, dim: int, hidden: tuple, embedding: tuple, vector: tuple) -> tuple:
     if "embedding" in name or "output_layer" in name:
         return embedding

@@ -34,7 +34,8 @@ def _rotary(argv: list[str], metrics: str) -> tuple:
     def look(trainer):
         rotary = trainer.raw_chunks[0].rotary_pos_emb
         seen.append((type(rotary).__name__, rotary.scaling_factor,
-                     rotary.original_max_position_embeddings))  # fmt: skip
+                     rotary.original_max_position_embeddings, rotary.beta_fast,
+                     rotary.beta_slow, rotary.correction_range_round_to_int))  # fmt: skip
 
     with after_training(look):
         main_records(argv, metrics)
@@ -55,8 +56,13 @@ def test_yarn_layouts_agree_and_resume(world2, tmp_path):
                want, 1e-5, name)  # fmt: skip
     # What the run built: megatron-core's YaRN rotation with the flags' values (the forward
     # itself is checked against YaRN's formula in tests/unit/test_yarn.py).
+    # At the defaults of the other YaRN flags, and at values given for each.
     assert world2.run(_rotary, BASE + YARN, str(tmp_path / "rotary.jsonl"))[0] == (
-        "YarnRotaryEmbedding", 4.0, 8)  # fmt: skip
+        "YarnRotaryEmbedding", 4.0, 8, 32.0, 1.0, True)  # fmt: skip
+    given = ["--yarn-beta-fast", "8", "--yarn-beta-slow", "0.5",
+             "--no-yarn-correction-range-round-to-int"]  # fmt: skip
+    assert world2.run(_rotary, BASE + YARN + given, str(tmp_path / "given.jsonl"))[0] == (
+        "YarnRotaryEmbedding", 4.0, 8, 8.0, 0.5, False)  # fmt: skip
     ckpt = str(tmp_path / "ckpt")
     first = world2.run(_losses, BASE + YARN + ["--save", ckpt, "--exit-interval", "2"],
                        str(tmp_path / "a.jsonl"))[0]  # fmt: skip
